@@ -1,0 +1,241 @@
+"""The contract between the MoCo engine and the image domains.
+
+A domain (``domains.images``, ``domains.medical``, ``domains.satellite``) is a module with
+two functions:
+
+``build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData``
+    Unlabelled two-view data for MoCo. ``dataset[i]`` returns ``(view_q, view_k)``, two
+    float32 tensors of shape (C, H, W) with H = W = ``cfg.image_size``, already normalised
+    with ``PretrainData.normalization``; or ``None`` when sample ``i`` turned out to be
+    unreadable at load time (it is then dropped by :func:`collate_views` and counted).
+
+``build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
+normalization: Normalization | None) -> LabelledData``
+    Deterministic single-view data for kNN / linear probing. ``dataset[i]`` returns
+    ``(image, label)`` with image (C, H, W) float32, or ``None`` when unreadable.
+    ``normalization`` is the one stored in the pretraining checkpoint; when given, the domain
+    must use it instead of estimating its own, so evaluation sees the inputs training saw.
+
+Both raise :class:`fedmoco.errors.DataError` (one line naming the path and the problem)
+for a missing or empty folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from fedmoco.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DOMAINS: dict[str, str] = {
+    "images": "domains.images",
+    "medical": "domains.medical",
+    "satellite": "domains.satellite",
+}
+
+
+@dataclass
+class Normalization:
+    """Per-channel affine normalisation ``(x - mean) / std`` applied after domain scaling.
+
+    It is part of every checkpoint: fine-tuning must feed the encoder what it was trained on.
+    """
+
+    mean: list[float]
+    std: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise DataError(f"normalization: {len(self.mean)} means but {len(self.std)} stds")
+        if any(s <= 0 for s in self.std):
+            raise DataError(f"normalization: std must be > 0, got {self.std}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` of shape (C, H, W) or (N, C, H, W)."""
+        shape = (-1, 1, 1)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(map(float, self.mean)), "std": list(map(float, self.std))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Sequence[float]]) -> "Normalization":
+        return cls(mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]])
+
+
+@dataclass
+class DataConfig:
+    """What the engine asks of a domain.
+
+    ``options`` carries domain-specific settings (``--data-option key=value`` on the command
+    line, node_config in a federation); each domain documents and validates its own keys and
+    raises :class:`DataError` naming an unknown key.
+    """
+
+    image_size: int = 64
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainData:
+    dataset: Dataset
+    in_channels: int
+    normalization: Normalization
+    # Files excluded while scanning, by reason ("not DICOM": 3, ...). Load-time failures are
+    # counted by the training loop instead (see collate_views).
+    skipped: Counter = field(default_factory=Counter)
+    description: str = ""
+
+
+@dataclass
+class LabelledData:
+    dataset: Dataset
+    classes: list[str]
+    in_channels: int
+    normalization: Normalization
+    skipped: Counter = field(default_factory=Counter)
+
+
+def domain_module(name: str):
+    """Import the module implementing domain ``name`` (``images``, ``medical``, ``satellite``)."""
+    if name not in DOMAINS:
+        raise DataError(f"--domain: unknown domain {name!r}; choose one of {sorted(DOMAINS)}")
+    return importlib.import_module(DOMAINS[name])
+
+
+def build_pretrain_data(domain: str, root: Path | str, cfg: DataConfig) -> PretrainData:
+    """Check ``root`` and build the unlabelled two-view dataset of ``domain``."""
+    root = check_data_dir(root)
+    return domain_module(domain).build_pretrain_data(root, cfg)
+
+
+def build_labelled_data(
+    domain: str,
+    root: Path | str,
+    cfg: DataConfig,
+    labels_csv: Path | str | None = None,
+    normalization: Normalization | None = None,
+) -> LabelledData:
+    """Check ``root`` and build the labelled single-view dataset of ``domain``."""
+    root = check_data_dir(root)
+    if labels_csv is not None and not Path(labels_csv).is_file():
+        raise DataError(f"{labels_csv}: labels CSV does not exist")
+    return domain_module(domain).build_labelled_data(
+        root, cfg, Path(labels_csv) if labels_csv else None, normalization
+    )
+
+
+def check_data_dir(root: Path | str) -> Path:
+    """Return ``root`` as a Path; raise DataError if it is missing or not a folder."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: is not a folder")
+    return root
+
+
+def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
+    """All regular files under ``root`` (recursively, sorted, hidden ones skipped).
+
+    ``suffixes`` (lower-case, with dot) keeps only matching files. Raises DataError when
+    nothing is left, naming the folder.
+    """
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if suffixes is not None:
+        files = [p for p in files if p.suffix.lower() in suffixes]
+    if not files:
+        kinds = f" with suffix {', '.join(suffixes)}" if suffixes else ""
+        raise DataError(f"{root}: data folder is empty (no files{kinds})")
+    return files
+
+
+def read_labels(root: Path, files: Sequence[Path], labels_csv: Path | None) -> tuple[list[int], list[str]]:
+    """Labels for ``files`` under ``root``: from ``labels_csv`` or from sub-folder names.
+
+    The CSV has a header with columns ``path`` (relative to ``root`` or absolute) and
+    ``label``. Without a CSV the label is the first path component below ``root``.
+    Returns (label index per file, sorted class names). Raises DataError naming the file
+    that has no label.
+    """
+    if labels_csv is not None:
+        mapping: dict[Path, str] = {}
+        with open(labels_csv, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{labels_csv}: needs a header with columns 'path' and 'label'")
+            for row in reader:
+                p = Path(row["path"])
+                mapping[(p if p.is_absolute() else root / p).resolve()] = row["label"]
+        names = []
+        for f in files:
+            name = mapping.get(f.resolve())
+            if name is None:
+                raise DataError(f"{labels_csv}: no label for {f}")
+            names.append(name)
+    else:
+        names = []
+        for f in files:
+            rel = f.relative_to(root)
+            if len(rel.parts) < 2:
+                raise DataError(
+                    f"{f}: no label; put images in one sub-folder per class or pass --labels CSV"
+                )
+            names.append(rel.parts[0])
+    classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[n] for n in names], classes
+
+
+class TwoViews:
+    """Apply one random transform twice, independently, giving a (query, key) view pair."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(x), self.transform(x)
+
+
+def collate_views(batch: list[Any]) -> tuple[Any, int]:
+    """Stack samples, dropping the ``None`` of unreadable ones.
+
+    Returns ``(default_collate(kept), n_dropped)``; the first element is ``None`` when the
+    whole batch was unreadable. Counting here, in the main process, is what makes the
+    skipped-sample count right with several DataLoader workers.
+    """
+    kept = [b for b in batch if b is not None]
+    dropped = len(batch) - len(kept)
+    if not kept:
+        return None, dropped
+    return torch.utils.data.default_collate(kept), dropped
+
+
+def format_skipped(skipped: Counter) -> str:
+    """One summary line: ``skipped 4 files: 2 not DICOM, 1 no pixel data, 1 truncated``."""
+    total = sum(skipped.values())
+    if not total:
+        return "skipped 0 files"
+    parts = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    return f"skipped {total} files: {parts}"
