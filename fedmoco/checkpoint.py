@@ -1,0 +1,94 @@
+"""Atomic checkpoints: written to a temporary file in the same folder, then renamed.
+
+A crash mid-write leaves the previous checkpoint intact. Files load with
+``torch.load(weights_only=True)``, so a checkpoint received from elsewhere cannot run code;
+everything stored is therefore tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmoco.errors import CheckpointError
+
+FORMAT = "fedmoco-checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: Path | str) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load a fedmoco checkpoint; CheckpointError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fedmoco checkpoint")
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt['version']} is newer than this fedmoco")
+    return ckpt
+
+
+def check_compatible(path: Path | str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raise CheckpointError if the architecture-defining fields of two MoCo configs differ."""
+    keys = ("arch", "in_channels", "small_input", "norm", "dim", "mlp", "hidden_dim", "predictor", "queue_size")
+    diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {wanted.get(k)!r} (requested)"
+             for k in keys if saved.get(k) != wanted.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path}: checkpoint is for another model: " + "; ".join(diffs))
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as checkpoint-safe values (tensors and lists)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,128 @@
+"""Backbones for any input channel count, with normalisation that keeps MoCo honest.
+
+MoCo's key and query of one image must not share batch statistics, or the network can
+"cheat" by reading the positive from them (MoCo v1, Sec. 3.3). Shuffle BN needs several
+GPUs; on one device we offer split BN (moco's CIFAR demo: each of ``splits`` sub-batches
+is normalised alone, and :class:`fedmoco.moco.MoCo` shuffles keys across sub-batches) or
+GroupNorm, which has no batch statistics at all and is what Opacus DP-SGD requires.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from fedmoco.errors import ConfigError
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from ``splits`` disjoint sub-batches.
+
+    Input (N, C, H, W). The batch is viewed as (N/s, C*s, H, W) so one ``batch_norm`` call
+    normalises each sub-batch with its own mean and variance, as in moco's CIFAR demo.
+    When N is not divisible by ``splits`` the largest divisor of N below it is used
+    (a short last batch must not crash a run). Running statistics are the average over
+    sub-batches, so evaluation behaves like ordinary BatchNorm.
+    """
+
+    def __init__(self, num_features: int, splits: int = 8, **kw) -> None:
+        super().__init__(num_features, **kw)
+        self.splits = int(splits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        s = _largest_divisor(n, self.splits)
+        if not self.training or s == 1:
+            return super().forward(x)
+        mean_split = self.running_mean.repeat(s)
+        var_split = self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(-1, c * s, h, w), mean_split, var_split,
+            self.weight.repeat(s), self.bias.repeat(s),
+            True, self.momentum, self.eps,
+        ).view(n, c, h, w)
+        with torch.no_grad():
+            self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
+            self.running_var.copy_(var_split.view(s, c).mean(dim=0))
+            self.num_batches_tracked += 1
+        return out
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    for d in range(min(n, at_most), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def norm_layer(kind: str, splits: int = 8) -> Callable[[int], nn.Module]:
+    """A factory ``channels -> module`` for ``batch``, ``split-batch`` or ``group`` norm."""
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "split-batch":
+        return partial(SplitBatchNorm, splits=splits)
+    if kind == "group":
+        # 32 groups (Wu & He) where the width allows it; every width here is a multiple of 8.
+        return lambda c: nn.GroupNorm(math.gcd(32, c), c)
+    raise ConfigError(f"norm: unknown normalisation {kind!r}")
+
+
+class TinyCNN(nn.Module):
+    """A 4-layer CNN (about 0.1 M parameters) for tests and the CPU demo.
+
+    (N, C, H, W) -> (N, width * 4). Any H, W >= 8.
+    """
+
+    def __init__(self, in_channels: int, norm: Callable[[int], nn.Module], width: int = 32) -> None:
+        super().__init__()
+        chans = [in_channels, width, width * 2, width * 4, width * 4]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(cout), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = chans[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+def build_backbone(
+    arch: str,
+    in_channels: int,
+    *,
+    small_input: bool = False,
+    norm: str = "split-batch",
+    norm_splits: int = 8,
+) -> nn.Module:
+    """A randomly initialised backbone mapping (N, in_channels, H, W) -> (N, out_dim).
+
+    ``arch``: ``tiny`` (out_dim 128), ``resnet18`` (512) or ``resnet50`` (2048), the latter
+    two from torchvision with the classifier removed. ``small_input`` swaps the 7x7/2 stem
+    and max-pool for a 3x3/1 conv, which keeps spatial detail on images of 64 px or less.
+    No pretrained weights are ever downloaded.
+    """
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    make_norm = norm_layer(norm, norm_splits)
+    if arch == "tiny":
+        return TinyCNN(in_channels, make_norm)
+    if arch not in ("resnet18", "resnet50"):
+        raise ConfigError(f"arch: unknown architecture {arch!r}; choose tiny, resnet18 or resnet50")
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=make_norm)
+    if small_input:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net

@@ -1,0 +1,61 @@
+"""A FIFO ring buffer of L2-normalised key embeddings (MoCo's dictionary)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedmoco.errors import ConfigError
+
+
+class KeyQueue(nn.Module):
+    """Fixed-size FIFO of keys. ``enqueue`` accepts any batch size and wraps around.
+
+    Unlike moco's ``builder.py`` it does not assume ``size % batch == 0`` (the last batch of
+    an epoch is usually short), and unlike lightly's memory bank it starts empty, so no
+    random vectors pose as negatives and ``.keys`` only ever holds real keys.
+
+    Buffers (saved in ``state_dict``): ``buffer`` (size, dim), ``ptr`` and ``count`` scalars.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if int(size) < 1:
+            raise ConfigError(f"queue size K must be >= 1, got {size}")
+        if int(dim) < 1:
+            raise ConfigError(f"queue dim must be >= 1, got {dim}")
+        self.size = int(size)
+        self.dim = int(dim)
+        self.register_buffer("buffer", torch.zeros(self.size, self.dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.count)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The filled part, (n, dim), n = len(self). Order is storage order, not age."""
+        return self.buffer[: len(self)]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Insert ``keys`` (N, dim), overwriting the oldest entries once full."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"enqueue: expected keys of shape (N, {self.dim}), got {tuple(keys.shape)}")
+        keys = keys.detach().to(self.buffer.dtype)
+        if keys.shape[0] > self.size:  # only the newest `size` keys survive anyway
+            keys = keys[-self.size :]
+        n = keys.shape[0]
+        ptr = int(self.ptr)
+        first = min(n, self.size - ptr)
+        self.buffer[ptr : ptr + first] = keys[:first]
+        if n > first:  # wrap around to the start
+            self.buffer[: n - first] = keys[first:]
+        self.ptr.fill_((ptr + n) % self.size)
+        self.count.fill_(min(self.size, int(self.count) + n))
+
+    def reset(self) -> None:
+        self.buffer.zero_()
+        self.ptr.zero_()
+        self.count.zero_()
