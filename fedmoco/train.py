@@ -1,0 +1,191 @@
+"""The MoCo training loop, shared by centralized pretraining and the federation's clients.
+
+Kept apart from the data (torchgeo style): a :class:`Trainer` takes any DataLoader of
+``(view_q, view_k)`` batches built with :func:`make_loader`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fedmoco.config import TrainConfig
+from fedmoco.data import collate_views
+from fedmoco.metrics import JsonlLogger
+from fedmoco.moco import SCORE_BINS, MoCo, cosine_momentum, score_histogram
+
+log = logging.getLogger(__name__)
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool = True,
+                seed: int | None = None) -> DataLoader:
+    """A DataLoader of ``((view_q, view_k), n_dropped)`` batches (see ``collate_views``).
+
+    Full batches only when the data allows (drop_last), because split BN and the queue
+    behave best with constant batch size; pinned memory when training on CUDA.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset is empty")
+    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=min(cfg.batch_size, n),
+        shuffle=shuffle,
+        drop_last=n >= cfg.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        collate_fn=collate_views,
+        generator=gen,
+    )
+
+
+def build_optimizer(model: MoCo, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum over the trainable parameters (query encoder and predictor)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
+    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0 at ``total_steps``."""
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+@dataclass
+class EpochSummary:
+    """Means over the steps of one epoch (or one federated round's local epochs)."""
+
+    loss: float = float("nan")
+    steps: int = 0
+    images: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    pos_mean: float = float("nan")
+    neg_mean: float = float("nan")
+    neg_var: float = float("nan")
+    emb_std: float = float("nan")
+    pos_hist: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
+    neg_hist: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Runs MoCo steps on a device with AMP/channels_last on CUDA, logging JSON lines.
+
+    ``total_steps`` is the length of the whole optimisation (all epochs, or all federated
+    rounds times local epochs) so the LR and momentum schedules span it.
+    """
+
+    def __init__(self, model: MoCo, cfg: TrainConfig, device: torch.device, *, total_steps: int,
+                 steps_per_epoch: int, logger: JsonlLogger | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.channels_last = cfg.channels_last and device.type == "cuda"
+        self.model = model.to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.total_steps = total_steps
+        self.global_step = 0
+        self.logger = logger or JsonlLogger(None)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.global_step = int(state["global_step"])
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def train_epoch(self, loader: DataLoader, *, epoch: int = 0, extra_negatives: torch.Tensor | None = None,
+                    max_steps: int | None = None, desc: str | None = None) -> EpochSummary:
+        """One pass over ``loader`` (at most ``max_steps`` steps). Returns its means."""
+        self.model.train()
+        if extra_negatives is not None:
+            extra_negatives = extra_negatives.to(self.device)
+        max_steps = max_steps or self.cfg.max_steps_per_epoch
+        total = min(len(loader), max_steps) if max_steps else len(loader)
+        summary = EpochSummary()
+        sums = {"loss": 0.0, "pos_mean": 0.0, "neg_mean": 0.0, "neg_var": 0.0, "emb_std": 0.0}
+        start = time.perf_counter()
+        bar = tqdm(total=total, desc=desc or f"epoch {epoch}", disable=not self.progress, leave=False,
+                   unit="step", dynamic_ncols=True)
+        for batch, dropped in loader:
+            if summary.steps >= total:
+                break
+            summary.skipped += dropped
+            if batch is None or batch[0].shape[0] < 2:
+                continue  # a batch with <2 readable images has no negatives to contrast
+            t0 = time.perf_counter()
+            x_q, x_k = self._to_device(batch[0]), self._to_device(batch[1])
+            if self.cfg_momentum_schedule == "cosine":
+                self.model.momentum = cosine_momentum(self.model.cfg.momentum, self.global_step, self.total_steps)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                out = self.model(x_q, x_k, extra_negatives)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {self.global_step}; lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            n = x_q.shape[0]
+            dt = time.perf_counter() - t0
+            record = {"epoch": epoch, "step": self.global_step, "loss": float(loss.detach()),
+                      "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum,
+                      "images_per_s": n / dt if dt > 0 else float("nan"), **out.stats}
+            for key in sums:
+                sums[key] += record[key]
+            summary.pos_hist = _add(summary.pos_hist, score_histogram(out.pos_scores))
+            summary.neg_hist = _add(summary.neg_hist, score_histogram(out.neg_scores))
+            summary.steps += 1
+            summary.images += n
+            self.global_step += 1
+            if self.global_step % self.cfg.log_every == 0:
+                self.logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+            bar.update(1)
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+        if summary.steps:
+            for key, total_value in sums.items():
+                setattr(summary, key, total_value / summary.steps)
+        return summary
+
+    @property
+    def cfg_momentum_schedule(self) -> str:
+        return self.model.cfg.momentum_schedule
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)]
