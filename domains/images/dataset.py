@@ -1,0 +1,180 @@
+"""Image-folder datasets for pretraining (two views) and evaluation (one view + label)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from fedmoco.data import (
+    DataConfig,
+    LabelledData,
+    Normalization,
+    PretrainData,
+    TwoViews,
+    list_files,
+    read_labels,
+)
+from fedmoco.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+OPTIONS = {"channels": "auto", "crop_scale_min": 0.2}
+_NORM_SAMPLE = 64  # images used to estimate the per-channel mean/std
+
+
+def parse_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults merged with ``options``; DataError naming an unknown key or bad value."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise DataError(f"--data-option: unknown option(s) {sorted(unknown)} for domain 'images'; "
+                        f"known: {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+    if str(opts["channels"]) not in ("auto", "1", "3"):
+        raise DataError(f"--data-option channels: must be auto, 1 or 3, got {opts['channels']!r}")
+    scale = float(opts["crop_scale_min"])
+    if not 0 < scale <= 1:
+        raise DataError(f"--data-option crop_scale_min: must be in (0, 1], got {scale}")
+    opts["crop_scale_min"] = scale
+    return opts
+
+
+def load_image(path: Path, channels: int) -> torch.Tensor:
+    """Read ``path`` as a uint8 tensor (channels, H, W). 16-bit images are rescaled to 8 bit."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+            im = Image.fromarray(arr.astype(np.uint8))
+        im = im.convert("L" if channels == 1 else "RGB")
+        arr = np.array(im, dtype=np.uint8)
+    t = torch.from_numpy(arr)
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def _detect_channels(files: list[Path]) -> int:
+    for p in files[:_NORM_SAMPLE]:
+        try:
+            with Image.open(p) as im:  # header only: PIL decodes lazily
+                if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                    return 3
+        except (OSError, UnidentifiedImageError):
+            continue
+    return 1
+
+
+def moco_v2_transform(size: int, channels: int, scale_min: float, norm: Normalization) -> Callable:
+    """The MoCo v2 augmentation (crop, colour jitter, grayscale, blur, flip) on uint8 (C,H,W).
+
+    On one-channel images hue/saturation jitter and grayscale are meaningless and left out.
+    """
+    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1) if channels == 3 else T.ColorJitter(0.4, 0.4)
+    blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image, odd
+    ops: list[Any] = [
+        T.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True),
+        T.RandomApply([jitter], p=0.8),
+    ]
+    if channels == 3:
+        ops.append(T.RandomGrayscale(p=0.2))
+    ops += [
+        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(norm.mean, norm.std),
+    ]
+    return T.Compose(ops)
+
+
+def eval_transform(size: int, norm: Normalization) -> Callable:
+    """Deterministic view for evaluation: resize the short side, centre crop, normalise."""
+    return T.Compose([
+        T.Resize(size, antialias=True),
+        T.CenterCrop(size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(norm.mean, norm.std),
+    ])
+
+
+class ImageFolderDataset(Dataset):
+    """Files -> ``transform(image)`` (plus label if given); ``None`` for an unreadable file."""
+
+    def __init__(self, files: list[Path], channels: int, transform: Callable,
+                 labels: list[int] | None = None) -> None:
+        self.files = files
+        self.channels = channels
+        self.transform = transform
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_image(self.files[i], self.channels)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            log.warning("skipping %s: unreadable image (%s)", self.files[i], exc)
+            return None
+        out = self.transform(img)
+        return out if self.labels is None else (out, self.labels[i])
+
+
+def estimate_normalization(files: list[Path], channels: int, size: int) -> Normalization:
+    """Per-channel mean/std in [0, 1] units over up to 64 evenly spaced, resized images."""
+    step = max(1, len(files) // _NORM_SAMPLE)
+    resize = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
+    stack = []
+    for p in files[::step][:_NORM_SAMPLE]:
+        try:
+            stack.append(resize(load_image(p, channels)))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            continue
+    if not stack:
+        raise DataError(f"{files[0].parent}: none of the sampled images could be read")
+    x = torch.stack(stack)  # (n, C, H, W)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return Normalization(mean.tolist(), std.tolist())
+
+
+def _setup(root: Path, cfg: DataConfig) -> tuple[list[Path], dict[str, Any], int]:
+    opts = parse_options(cfg.options)
+    files = list_files(root, SUFFIXES)
+    channels = _detect_channels(files) if opts["channels"] == "auto" else int(opts["channels"])
+    return files, opts, channels
+
+
+def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
+    """Two MoCo v2 views per image of every PNG/JPEG/TIFF/BMP under ``root``."""
+    files, opts, channels = _setup(root, cfg)
+    norm = estimate_normalization(files, channels, cfg.image_size)
+    transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm))
+    return PretrainData(
+        dataset=ImageFolderDataset(files, channels, transform),
+        in_channels=channels,
+        normalization=norm,
+        skipped=Counter(),
+        description=f"{len(files)} images under {root} ({channels} channel(s))",
+    )
+
+
+def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
+                        normalization: Normalization | None) -> LabelledData:
+    """One centre view per image, labelled by sub-folder or ``labels_csv``."""
+    files, _, channels = _setup(root, cfg)
+    if normalization is not None:
+        channels = normalization.channels
+        if channels not in (1, 3):
+            raise DataError(f"{root}: the checkpoint expects {channels} channels; image folders give 1 or 3")
+    labels, classes = read_labels(root, files, labels_csv)
+    norm = normalization or estimate_normalization(files, channels, cfg.image_size)
+    ds = ImageFolderDataset(files, channels, eval_transform(cfg.image_size, norm), labels)
+    return LabelledData(dataset=ds, classes=classes, in_channels=channels, normalization=norm)

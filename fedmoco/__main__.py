@@ -1,0 +1,5 @@
+import sys
+
+from fedmoco.cli import main
+
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""The ``fedmoco`` command: pretrain, knn, linear-probe, plot, make-demo-data.
+
+User errors (FedmocoError) print one line naming the path or option, with no traceback,
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fedmoco.errors import ConfigError, FedmocoError
+
+log = logging.getLogger("fedmoco")
+
+# CLI flag -> MoCoConfig field; flags left unset keep the preset's (or checkpoint's) value.
+MOCO_FLAGS = {
+    "arch": str, "norm": str, "dim": int, "hidden_dim": int, "queue_size": int, "momentum": float,
+    "momentum_schedule": str, "temperature": float, "dual_view_weight": float,
+    "hard_negative_fraction": float, "pos_extrapolation_alpha": float, "neg_interpolation_alpha": float,
+    "mix_level": str, "norm_splits": int,
+}
+
+
+def parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["a=1", "b=lung"]`` -> ``{"a": 1, "b": "lung"}``; values are Python literals or strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--data-option: expected key=value, got {pair!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="MoCo pretraining on a data folder (centralized)")
+    p.add_argument("--domain", default="images", help="images | medical | satellite (default: images)")
+    p.add_argument("--data", required=True, type=Path, help="folder of unlabelled images")
+    p.add_argument("--out", type=Path, default=Path("runs/pretrain"), help="run folder (default: runs/pretrain)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--moco", default="v2", choices=["v1", "v2", "v3"], help="variant preset (default: v2)")
+    p.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"])
+    p.add_argument("--norm", choices=["batch", "split-batch", "group"])
+    p.add_argument("--norm-splits", type=int)
+    p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stem without max-pool (default: on for --image-size <= 64)")
+    p.add_argument("--dim", type=int, help="embedding dimension D (default 128)")
+    p.add_argument("--hidden-dim", type=int, help="MLP head width (default 2048)")
+    p.add_argument("--queue-size", type=int, help="K, negatives in the queue (default 4096)")
+    p.add_argument("--momentum", type=float, help="m of the key encoder (default: preset)")
+    p.add_argument("--momentum-schedule", choices=["constant", "cosine"])
+    p.add_argument("--temperature", type=float, help="T (default: preset)")
+    p.add_argument("--dual-view-weight", type=float, help="MoHN key-view loss weight w in [0, 1]")
+    p.add_argument("--hard-negative-fraction", type=float, help="MoHN: share of the queue kept, (0, 1]")
+    p.add_argument("--pos-extrapolation-alpha", type=float, help="alpha of lambda ~ Beta(a,a)+1 (0: off)")
+    p.add_argument("--neg-interpolation-alpha", type=float, help="alpha of lambda ~ Beta(a,a) (0: off)")
+    p.add_argument("--mix-level", choices=["feature", "dimension"])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="domain option (repeatable)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.06, help="for batch 256, scaled linearly (default 0.06)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _add_eval(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path, help="labelled folder (sub-folder per class) or with --labels")
+    p.add_argument("--labels", type=Path, help="CSV with columns path,label for --data")
+    p.add_argument("--test", type=Path, help="labelled test folder (default: split --data)")
+    p.add_argument("--test-labels", type=Path, help="CSV with columns path,label for --test")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="held-out share when no --test (default 0.3)")
+    p.add_argument("--domain", help="default: the checkpoint's domain")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="where results and plots go (default: CHECKPOINT_DIR/eval)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmoco", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_pretrain(sub)
+    knn = _add_eval(sub, "knn", "weighted kNN accuracy of a checkpoint's frozen encoder")
+    knn.add_argument("--k", type=int, default=200)
+    knn.add_argument("--t", type=float, default=0.1, help="kNN temperature (default 0.1)")
+    probe = _add_eval(sub, "linear-probe", "linear classifier on a checkpoint's frozen encoder")
+    probe.add_argument("--epochs", type=int, default=100)
+    probe.add_argument("--lr", type=float, default=0.1)
+    probe.add_argument("--weight-decay", type=float, default=0.0)
+    plot = sub.add_parser("plot", help="PNG loss curves and score histograms of a run folder")
+    plot.add_argument("run", type=Path, help="run folder holding metrics.jsonl")
+    plot.add_argument("--out", type=Path, help="default: RUN/plots")
+    demo = sub.add_parser("make-demo-data", help="write a generated demo archive")
+    demo.add_argument("--domain", default="images", choices=["images", "medical", "satellite"])
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--labelled", action="store_true", help="one sub-folder per class")
+    return parser
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedmoco.config import TrainConfig
+    from fedmoco.data import DataConfig
+    from fedmoco.device import select_device
+    from fedmoco.plots import plot_run
+    from fedmoco.pretrain import pretrain
+
+    overrides = {k: getattr(args, k) for k in MOCO_FLAGS if getattr(args, k) is not None}
+    if args.small_input is not None:
+        overrides["small_input"] = args.small_input
+    device = select_device(args.device)
+    train_cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, num_workers=args.workers, amp=not args.no_amp, seed=args.seed,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+    )
+    if args.image_size < 8:
+        raise ConfigError(f"--image-size must be >= 8, got {args.image_size}")
+    data_cfg = DataConfig(image_size=args.image_size, seed=args.seed, options=parse_options(args.data_option))
+    log.info("device: %s", device)
+    result = pretrain(args.domain, args.data, args.out, moco_overrides=overrides, train_cfg=train_cfg,
+                      data_cfg=data_cfg, moco_version=args.moco, device=device, resume=args.resume,
+                      progress=not args.quiet)
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.metrics}")
+    if result.skipped_scan or result.skipped_load:
+        print(f"skipped:    {result.skipped_scan} files while scanning, {result.skipped_load} samples while loading")
+    if not args.no_plots:
+        cfg = json.loads((args.out / "config.json").read_text())
+        plots = plot_run(result.metrics, args.out / "plots", embedding_dim=cfg["moco"]["dim"])
+        print(f"plots:      {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedmoco.checkpoint import load_checkpoint
+    from fedmoco.data import DataConfig, Normalization, build_labelled_data
+    from fedmoco.device import select_device
+    from fedmoco.evaluate import (ProbeConfig, confusion_matrix, extract_features, knn_predict, linear_probe,
+                                  stratified_split, topk_accuracy)
+    from fedmoco.plots import plot_confusion
+    from fedmoco.pretrain import model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    meta = ckpt["data"]
+    domain = args.domain or meta["domain"]
+    options = {**meta.get("options", {}), **parse_options(args.data_option)}
+    data_cfg = DataConfig(image_size=meta["image_size"], seed=args.seed, options=options)
+    norm = Normalization.from_dict(meta["normalization"])
+    device = select_device(args.device)
+    progress = not args.quiet
+
+    def features(root: Path, labels: Path | None):
+        data = build_labelled_data(domain, root, data_cfg, labels, norm)
+        if data.in_channels != model.cfg.in_channels:
+            from fedmoco.errors import CheckpointError
+            raise CheckpointError(f"{args.checkpoint}: encoder takes {model.cfg.in_channels} channel(s) but "
+                                  f"{root} gives {data.in_channels}")
+        f, y, skipped = extract_features(model.encoder_q.backbone, data.dataset, device=device,
+                                         batch_size=args.batch_size, num_workers=args.workers, progress=progress)
+        if skipped:
+            log.warning("%s: skipped %d unreadable samples", root, skipped)
+        return f, y, data.classes
+
+    train_f, train_y, classes = features(args.data, args.labels)
+    if args.test:
+        test_f, test_y, test_classes = features(args.test, args.test_labels)
+        if test_classes != classes:
+            raise ConfigError(f"{args.test}: classes {test_classes} differ from {args.data}'s {classes}")
+    else:
+        tr, te = stratified_split(train_y, args.test_fraction, args.seed)
+        if not te or not tr:
+            raise ConfigError(f"{args.data}: too few samples to split off a test set; pass --test")
+        train_f, train_y, test_f, test_y = train_f[tr], train_y[tr], train_f[te], train_y[te]
+
+    n_cls = len(classes)
+    if args.command == "knn":
+        scores = knn_predict(train_f, train_y, test_f, n_cls, k=args.k, temperature=args.t)
+        extra = {"k": min(args.k, len(train_y)), "t": args.t}
+    else:
+        cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+        clf = linear_probe(train_f, train_y, n_cls, cfg, progress=progress)
+        with torch.no_grad():
+            scores = clf(test_f)
+        extra = {"epochs": args.epochs, "lr": args.lr}
+    acc = topk_accuracy(scores, test_y)
+    cm = confusion_matrix(scores.argmax(1), test_y, n_cls)
+    out = args.out or args.checkpoint.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"method": args.command, **acc, **extra, "n_train": len(train_y), "n_test": len(test_y),
+              "classes": classes, "confusion": cm.tolist(), "checkpoint": str(args.checkpoint)}
+    (out / f"{args.command}.json").write_text(json.dumps(result, indent=2))
+    png = plot_confusion(cm, classes, out / f"{args.command}_confusion.png",
+                         f"{args.command}: top-1 {acc['top1']:.1f}%")
+    print(f"{args.command}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%  "
+          f"({len(train_y)} train / {len(test_y)} test, {n_cls} classes)")
+    print(f"results: {out / (args.command + '.json')}\nconfusion matrix: {png}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedmoco.plots import plot_run
+
+    metrics = args.run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(f"{metrics}: no metrics file; is {args.run} a fedmoco run folder?")
+    dim = None
+    if (args.run / "config.json").is_file():
+        dim = json.loads((args.run / "config.json").read_text())["moco"]["dim"]
+    for p in plot_run(metrics, args.out or args.run / "plots", embedding_dim=dim):
+        print(p)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    if args.domain == "images":
+        from domains.images import make_demo_images
+        path = make_demo_images(args.out, seed=args.seed)
+    elif args.domain == "medical":
+        from domains.medical.demo import make_demo_archive
+        path = make_demo_archive(args.out, seed=args.seed, **({"labelled": True} if args.labelled else {}))
+    else:
+        from domains.satellite.demo import make_demo_archive
+        path = make_demo_archive(args.out, seed=args.seed, labelled=args.labelled)
+    print(path)
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
+            "make-demo-data": cmd_demo_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedmoco`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        return COMMANDS[args.command](args)
+    except FedmocoError as exc:
+        print(f"fedmoco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Frozen-encoder evaluation: weighted kNN and a linear probe on backbone features."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fedmoco.data import collate_views
+from fedmoco.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset: Dataset, *, device: torch.device, batch_size: int = 128,
+                     num_workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Backbone features of a labelled dataset.
+
+    Returns (features (N, F) float32 on CPU, labels (N,) int64, number of unreadable samples
+    skipped). Samples that the dataset returns as ``None`` are dropped and counted.
+    """
+    backbone = backbone.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_views, pin_memory=device.type == "cuda")
+    feats, labels, skipped = [], [], 0
+    for batch, dropped in tqdm(loader, desc="features", disable=not progress, leave=False):
+        skipped += dropped
+        if batch is None:
+            continue
+        x, y = batch
+        feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    if not feats:
+        raise DataError("no readable labelled samples")
+    return torch.cat(feats), torch.cat(labels).long(), skipped
+
+
+def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN class scores (InstDisc / moco's CIFAR demo).
+
+    Features are L2-normalised; each of the k nearest training samples votes for its class
+    with weight exp(cos / T). train_f (M, F), train_y (M,), test_f (N, F) -> scores (N, C).
+    """
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    k = min(k, train_f.shape[0])
+    train_f = F.normalize(train_f, dim=1)
+    out = []
+    for start in range(0, test_f.shape[0], chunk):
+        q = F.normalize(test_f[start:start + chunk], dim=1)
+        sim, idx = (q @ train_f.t()).topk(k, dim=1)  # (n, k)
+        weights = (sim / temperature).exp()
+        one_hot = F.one_hot(train_y[idx], num_classes).float()  # (n, k, C)
+        out.append((weights.unsqueeze(-1) * one_hot).sum(dim=1))
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent for each k (capped at the number of classes)."""
+    res = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        hit = (scores.topk(kk, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
+        res[f"top{k}"] = 100.0 * hit.float().mean().item()
+    return res
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(C, C) counts; row = true class, column = predicted class."""
+    idx = labels * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 100
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    seed: int = 0
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, cfg: ProbeConfig,
+                 progress: bool = True) -> nn.Module:
+    """Train a linear classifier on frozen features (M, F) -> module mapping (N, F) -> (N, C).
+
+    Features are standardised with the training mean and std first (a BatchNorm without
+    affine, as in MAE/MoCo v3 probes), which makes one learning rate work across encoders.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    clf = nn.Linear(train_f.shape[1], num_classes)
+    opt = torch.optim.SGD(clf.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(train_f.shape[0] / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    x = (train_f - mean) / std
+    for _ in tqdm(range(cfg.epochs), desc="linear probe", disable=not progress, leave=False):
+        perm = torch.randperm(x.shape[0], generator=gen)
+        for i in range(0, x.shape[0], cfg.batch_size):
+            b = perm[i:i + cfg.batch_size]
+            loss = F.cross_entropy(clf(x[b]), train_y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return nn.Sequential(_Standardise(mean, std), clf).eval()
+
+
+class _Standardise(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def stratified_split(labels: list[int] | torch.Tensor, test_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, test) with ``test_fraction`` of every class in test (at least 1 each
+    class that has >= 2 samples)."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    labels = torch.as_tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
+        n_test = max(1, round(test_fraction * len(idx))) if len(idx) >= 2 else 0
+        test += idx[:n_test]
+        train += idx[n_test:]
+    return sorted(train), sorted(test)
+

@@ -1,0 +1,126 @@
+"""PNG plots of a run: loss curve, score statistics, score histograms, confusion matrix."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: sites and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedmoco.metrics import read_jsonl  # noqa: E402
+from fedmoco.moco import SCORE_BINS  # noqa: E402
+
+
+def plot_run(metrics_path: Path | str, out_dir: Path | str, embedding_dim: int | None = None) -> list[Path]:
+    """Draw ``loss.png``, ``scores.png`` and ``score_hist.png`` from a run's metrics.jsonl."""
+    records = list(read_jsonl(metrics_path))
+    steps = [r for r in records if "step" in r and "loss" in r]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if steps:
+        written.append(_plot_loss(steps, out / "loss.png"))
+        written.append(_plot_scores(steps, out / "scores.png", embedding_dim))
+    if epochs:
+        chosen = [epochs[0], epochs[-1]] if len(epochs) > 1 else epochs
+        series = [(f"epoch {e['epoch'] + 1}", e["pos_hist"], e["neg_hist"]) for e in chosen]
+        written.append(plot_score_histograms(series, out / "score_hist.png"))
+    return written
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if len(y) < window or window < 2:
+        return y
+    kernel = np.ones(window) / window
+    return np.convolve(y, kernel, mode="valid")
+
+
+def _plot_loss(steps: list[dict], path: Path) -> Path:
+    x = np.array([r["step"] for r in steps])
+    y = np.array([r["loss"] if r["loss"] is not None else np.nan for r in steps], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, y, alpha=0.35, label="loss")
+    w = max(1, len(y) // 20)
+    if w > 1:
+        ax.plot(x[w - 1:], _smooth(y, w), label=f"mean of {w} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("MoCo training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
+    x = np.array([r["step"] for r in steps])
+    get = lambda k: np.array([np.nan if r.get(k) is None else r[k] for r in steps], dtype=float)  # noqa: E731
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(x, get("pos_mean"), label="positive mean")
+    neg, sd = get("neg_mean"), np.sqrt(get("neg_var"))
+    a1.plot(x, neg, label="negative mean")
+    a1.fill_between(x, neg - sd, neg + sd, alpha=0.2, label="negative ±1 std")
+    a1.set_xlabel("step")
+    a1.set_ylabel("cosine score")
+    a1.set_title("score statistics")
+    a1.legend()
+    a2.plot(x, get("emb_std"), label="std of normalised embeddings")
+    if dim:
+        a2.axhline(1 / math.sqrt(dim), ls="--", c="grey", label=f"1/sqrt({dim}) (uniform)")
+    a2.set_xlabel("step")
+    a2.set_title("collapse monitor")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_score_histograms(series: Sequence[tuple[str, list[int], list[int]]], path: Path) -> Path:
+    """Overlaid positive/negative score histograms (fixed bins over [-1, 1]) per label."""
+    edges = np.linspace(-1, 1, SCORE_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, (label, pos, neg) in zip(axes[0], series):
+        for name, counts in (("positive", pos), ("negative", neg)):
+            c = np.asarray(counts, dtype=float)
+            if c.sum():
+                ax.bar(centres, c / c.sum(), width=edges[1] - edges[0], alpha=0.5, label=name)
+        ax.set_xlabel("cosine score q·k")
+        ax.set_ylabel("share of pairs")
+        ax.set_title(label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path | str, title: str) -> Path:
+    """Confusion matrix (rows: true, columns: predicted) with counts in the cells."""
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n + 2, 1.0 + 0.6 * n + 1))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    hi = matrix.max() if matrix.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > hi / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,171 @@
+"""Centralized pretraining: data + model + Trainer + an atomic checkpoint every epoch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
+from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.data import DataConfig, Normalization, build_pretrain_data, format_skipped
+from fedmoco.errors import CheckpointError, ConfigError
+from fedmoco.metrics import JsonlLogger, read_jsonl
+from fedmoco.moco import MoCo
+from fedmoco.train import Trainer, make_loader
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: Path
+    metrics: Path
+    epochs_done: int
+    final_loss: float
+    skipped_scan: int
+    skipped_load: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_checkpoint(model: MoCo, *, data: dict[str, Any], train_cfg: TrainConfig | None = None,
+                    trainer: Trainer | None = None, epoch: int = 0, extra: dict[str, Any] | None = None) -> dict:
+    """The checkpoint dictionary shared by pretraining and the federation server.
+
+    ``data`` holds ``domain``, ``image_size``, ``options`` and ``normalization`` (a dict),
+    everything fine-tuning needs to feed the encoder what it was trained on.
+    """
+    ckpt = {
+        "format": FORMAT,
+        "version": VERSION,
+        "moco_config": model.cfg.to_dict(),
+        "data": data,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": epoch,
+        "rng": rng_state(),
+    }
+    if train_cfg is not None:
+        ckpt["train_config"] = train_cfg.to_dict()
+    if trainer is not None:
+        ckpt["trainer"] = trainer.state_dict()
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> MoCo:
+    """Rebuild the MoCo model stored in ``ckpt`` (CPU)."""
+    try:
+        model = MoCo(MoCoConfig.from_dict(ckpt["moco_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: model does not load ({str(exc).splitlines()[0]})") from None
+    return model
+
+
+def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_overrides: dict[str, Any],
+             train_cfg: TrainConfig, data_cfg: DataConfig, moco_version: str = "v2",
+             device: torch.device, resume: bool = False, progress: bool = True) -> PretrainResult:
+    """Train MoCo on ``data_dir`` and checkpoint into ``out_dir`` after every epoch.
+
+    ``moco_overrides`` holds only the options the user set; with ``resume`` the rest come
+    from the checkpoint, and a set option that contradicts it raises CheckpointError.
+    """
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    saved = None
+    if resume:
+        saved = load_checkpoint(ckpt_path)
+        data_cfg = DataConfig(image_size=saved["data"]["image_size"], seed=data_cfg.seed,
+                              options=saved["data"]["options"])
+        if train_cfg.epochs != saved["train_config"]["epochs"]:
+            raise ConfigError(f"epochs: the run in {out} was planned for {saved['train_config']['epochs']} epochs; "
+                              f"a resumed run keeps its schedule (got --epochs {train_cfg.epochs})")
+        domain = saved["data"]["domain"]
+    elif ckpt_path.exists():
+        raise ConfigError(f"{ckpt_path}: a checkpoint already exists; pass --resume to continue it "
+                          "or choose another --out")
+
+    data = build_pretrain_data(domain, data_dir, data_cfg)
+    if saved is not None:
+        moco_cfg = MoCoConfig.from_dict({**saved["moco_config"], **moco_overrides})
+        check_compatible(ckpt_path, saved["moco_config"], {**moco_cfg.to_dict(), "in_channels": data.in_channels})
+        moco_cfg.in_channels = data.in_channels
+    else:
+        small = moco_overrides.pop("small_input", None)
+        if small is None:
+            small = data_cfg.image_size <= 64
+        moco_cfg = MoCoConfig.preset(moco_version, **moco_overrides, small_input=small, in_channels=data.in_channels)
+    if data.skipped:
+        log.warning("%s", format_skipped(data.skipped))
+    log.info("data: %s", data.description or f"{len(data.dataset)} samples")
+
+    seed_everything(train_cfg.seed)
+    model = MoCo(moco_cfg)
+    steps_per_epoch = len(make_loader(data.dataset, train_cfg, device))
+    if train_cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, train_cfg.max_steps_per_epoch)
+    logger = JsonlLogger(out / METRICS)
+    trainer = Trainer(model, train_cfg, device, total_steps=steps_per_epoch * train_cfg.epochs,
+                      steps_per_epoch=steps_per_epoch, logger=logger, progress=progress)
+    start_epoch = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        trainer.load_state_dict(saved["trainer"])
+        start_epoch = int(saved["epoch"])
+        set_rng_state(saved["rng"])
+        _truncate_metrics(out / METRICS, trainer.global_step)
+        log.info("resumed %s at epoch %d (step %d, queue %d keys)", ckpt_path, start_epoch,
+                 trainer.global_step, len(model.queue))
+    out.mkdir(parents=True, exist_ok=True)
+    data_meta = {"domain": domain, "image_size": data_cfg.image_size, "options": dict(data_cfg.options),
+                 "normalization": data.normalization.to_dict()}
+    (out / "config.json").write_text(json.dumps(
+        {"moco": moco_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_meta}, indent=2))
+
+    summary = None
+    skipped_load = 0
+    for epoch in range(start_epoch, train_cfg.epochs):
+        loader = make_loader(data.dataset, train_cfg, device, seed=train_cfg.seed + epoch)
+        summary = trainer.train_epoch(loader, epoch=epoch, desc=f"epoch {epoch + 1}/{train_cfg.epochs}")
+        skipped_load += summary.skipped
+        logger.log({"event": "epoch", "epoch": epoch, "step_end": trainer.global_step, **summary.to_dict()})
+        atomic_save(make_checkpoint(model, data=data_meta, train_cfg=train_cfg, trainer=trainer,
+                                    epoch=epoch + 1), ckpt_path)
+        log.info("epoch %d/%d: loss %.4f, pos %.3f, neg %.3f, emb std %.4f, %d images in %.1fs%s",
+                 epoch + 1, train_cfg.epochs, summary.loss, summary.pos_mean, summary.neg_mean,
+                 summary.emb_std, summary.images, summary.seconds,
+                 f", {summary.skipped} unreadable samples skipped" if summary.skipped else "")
+    return PretrainResult(
+        checkpoint=ckpt_path,
+        metrics=out / METRICS,
+        epochs_done=train_cfg.epochs,
+        final_loss=summary.loss if summary else float("nan"),
+        skipped_scan=sum(data.skipped.values()),
+        skipped_load=skipped_load,
+    )
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """Drop records logged after the checkpoint, so a resumed run does not log steps twice.
+
+    Step records carry ``step``; epoch records carry ``step_end``, the step count after them.
+    """
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r.get("step", r.get("step_end", 0) - 1) < global_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
