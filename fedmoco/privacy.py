@@ -1,0 +1,520 @@
+"""Differential privacy for the key embeddings a site shares with the server.
+
+Each round a site releases a Poisson sample (rate ``q``) of its images as noisy keys:
+``k~ = normalize(normalize(f(x)) + N(0, (z * SENSITIVITY)^2 I_D))``. ``f`` is the key
+encoder, ``z`` the noise multiplier, ``SENSITIVITY = 2`` the largest L2 distance between two
+unit vectors (replace-one adjacency: one image swapped for any other). Renormalising the
+noisy vector is post-processing and costs nothing.
+
+Accounting (why not Opacus' stock ``"rdp"`` accountant)
+-----------------------------------------------------
+Opacus' ``RDPAccountant`` analyses the *sampled Gaussian mechanism* of DP-SGD: the noisy
+SUM of the sampled gradients, where a record's presence is hidden inside the sum. Here
+every sampled record gets its OWN noisy vector, so whether record ``i`` was sampled is not
+hidden by anything; only the noise on its own key protects it. For one record's "slot"
+the two neighbouring output distributions are
+
+    P = (1 - q) * [not released] + q * N(f(x),  sigma^2 I)
+    Q = (1 - q) * [not released] + q * N(f(x'), sigma^2 I),   ||f(x) - f(x')|| <= 2,
+
+and, the atoms being disjoint, the Renyi divergence is exactly
+
+    D_alpha(P || Q) = log(1 - q + q * exp(alpha (alpha - 1) / (2 z^2))) / (alpha - 1).
+
+It is linear in ``q`` for small ``q``, whereas the sampled-Gaussian RDP is quadratic, so the
+stock accountant would under-state epsilon by a large factor (tests/fedmoco/test_privacy.py
+shows one round where the exact delta at Opacus' epsilon is over 100x the target delta).
+:class:`KeyReleaseRDPAccountant` is an Opacus ``RDPAccountant`` (same ``history``, same
+``step``, Opacus' own RDP -> (epsilon, delta) conversion) with this per-slot RDP; it is
+registered with Opacus as ``"fedmoco-key-rdp"``, so :func:`calibrate_noise` still goes
+through ``opacus.accountants.utils.get_noise_multiplier``. At ``q = 1`` it equals Opacus'
+``"rdp"`` exactly. Slots of different images are independent and only one differs between
+neighbouring data sets, so the bound holds for the whole release, whatever the data set size.
+
+See docs/privacy.md for the threat model and what the guarantee does and does not cover.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.accountants import RDPAccountant, register_accountant
+from opacus.accountants.analysis import rdp as opacus_rdp
+from opacus.accountants.utils import get_noise_multiplier
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from fedmoco.errors import ConfigError
+
+__all__ = [
+    "SENSITIVITY",
+    "ACCOUNTANT",
+    "KeyReleaseRDPAccountant",
+    "KeyPrivacyLedger",
+    "calibrate_noise",
+    "key_epsilon",
+    "privatize_keys",
+    "poisson_sample",
+    "release_keys",
+    "no_dp_metrics",
+]
+
+#: L2 sensitivity of one unit-norm key under replace-one adjacency: ||u - v|| <= 2.
+SENSITIVITY = 2.0
+#: Name under which :class:`KeyReleaseRDPAccountant` is registered with Opacus.
+ACCOUNTANT = "fedmoco-key-rdp"
+#: Format tag of :meth:`KeyPrivacyLedger.state_dict`, checked on load.
+LEDGER_FORMAT = "fedmoco-key-ledger/1"
+
+# Opacus' orders plus larger ones: small epsilons at large z pick large alphas, and without
+# them the conversion floors at epsilon ~ 0.1 for delta = 1e-5. More orders only tighten
+# the bound (the conversion takes the minimum over orders).
+ALPHAS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
+
+
+# -- accounting -----------------------------------------------------------------------------
+def _slot_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
+    """RDP at each order of ``steps`` Poisson-subsampled per-record Gaussian releases.
+
+    ``noise_multiplier`` z = sigma / SENSITIVITY (unitless), ``sample_rate`` q in (0, 1].
+    """
+    if noise_multiplier == 0:
+        return np.full(orders.shape, np.inf)
+    # log of E_Q[(P/Q)^alpha] for the Gaussian part: alpha (alpha - 1) Delta^2 / (2 sigma^2).
+    x = orders * (orders - 1) / (2.0 * noise_multiplier**2)
+    if sample_rate >= 1.0:
+        log_moment = x
+    else:  # log(1 - q + q e^x) without overflow for large alpha / small z
+        log_moment = np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + x)
+    return steps * log_moment / (orders - 1)
+
+
+class KeyReleaseRDPAccountant(RDPAccountant):
+    """Opacus RDP accountant for Poisson-sampled, individually noised key releases.
+
+    ``step(noise_multiplier=z, sample_rate=q)`` records one round's release; ``history``
+    is Opacus' list of ``(z, q, steps)``. Only :meth:`get_privacy_spent` differs from
+    :class:`opacus.accountants.RDPAccountant` (see the module docstring for the formula).
+    """
+
+    def get_privacy_spent(
+        self, *, delta: float, alphas: Sequence[float] | None = None
+    ) -> tuple[float, float]:
+        """(epsilon, best order) spent so far at ``delta``; (0, 0) before any step."""
+        if not self.history:
+            return 0.0, 0.0
+        orders = np.asarray(ALPHAS if alphas is None else alphas, dtype=float)
+        rdp = sum(_slot_rdp(z, q, n, orders) for z, q, n in self.history)
+        with warnings.catch_warnings():
+            # "Optimal order is the largest alpha": only means the bound could be tighter.
+            warnings.filterwarnings("ignore", message="Optimal order")
+            eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        return float(eps), float(best)
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return ACCOUNTANT
+
+
+# force=True: re-importing the module (e.g. importlib.reload in tests) must not fail.
+register_accountant(ACCOUNTANT, KeyReleaseRDPAccountant, force=True)
+
+
+def _is_real(x: Any) -> bool:
+    # numbers.Real admits numpy scalars; bool is excluded (True is not a budget).
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _check_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    if not (_is_real(epsilon) and math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigError(f"{name}: must be a finite number > 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+def _check_delta(delta: float) -> float:
+    if not (_is_real(delta) and 0 < delta < 1):
+        raise ConfigError(f"delta: must be in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def _check_sample_rate(sample_rate: float) -> float:
+    if not (_is_real(sample_rate) and 0 < sample_rate <= 1):
+        raise ConfigError(f"sample_rate: must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+def _check_noise_multiplier(noise_multiplier: float, allow_zero: bool) -> float:
+    ok = _is_real(noise_multiplier) and math.isfinite(noise_multiplier)
+    ok = ok and (noise_multiplier >= 0 if allow_zero else noise_multiplier > 0)
+    if not ok:
+        bound = ">= 0 (0 = no DP)" if allow_zero else "> 0"
+        raise ConfigError(f"noise_multiplier: must be a finite number {bound}, got {noise_multiplier!r}")
+    return float(noise_multiplier)
+
+
+def _check_count(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def key_epsilon(noise_multiplier: float, sample_rate: float, releases: int, delta: float) -> float:
+    """Epsilon of ``releases`` key releases at noise multiplier z and Poisson rate q.
+
+    The (epsilon, delta) guarantee per image at one site (replace-one adjacency).
+    Returns 0.0 for ``releases == 0`` and ``inf`` for z == 0.
+    """
+    _check_noise_multiplier(noise_multiplier, allow_zero=True)
+    _check_sample_rate(sample_rate)
+    _check_count(releases, "releases", 0)
+    _check_delta(delta)
+    acc = KeyReleaseRDPAccountant()
+    if releases:
+        acc.history = [(float(noise_multiplier), float(sample_rate), int(releases))]
+    return acc.get_epsilon(delta)
+
+
+def calibrate_noise(epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
+    """Noise multiplier z so that ``rounds`` key releases at rate q cost at most (epsilon, delta).
+
+    Uses ``opacus.accountants.utils.get_noise_multiplier(steps=rounds)`` with this module's
+    accountant (``accountant="fedmoco-key-rdp"``, see the module docstring for why not
+    ``"rdp"``). The result is the smallest z found by bisection whose epsilon is <= the
+    target and within 0.5 % of it. The per-coordinate noise std on a key is
+    ``z * SENSITIVITY``. Raises :class:`ConfigError` naming a bad argument, or when
+    epsilon is too small to reach at this delta.
+    """
+    epsilon = _check_epsilon(epsilon)
+    delta = _check_delta(delta)
+    rounds = _check_count(rounds, "rounds", 1)
+    sample_rate = _check_sample_rate(sample_rate)
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=rounds,
+                accountant=ACCOUNTANT,
+                # Opacus' default is 0.01 absolute, i.e. 10 % of epsilon = 0.1: make it relative.
+                epsilon_tolerance=0.005 * epsilon,
+            )
+        )
+    except ValueError as e:  # "The privacy budget is too low."
+        raise ConfigError(
+            f"epsilon: {epsilon} cannot be reached with delta={delta} (no noise multiplier "
+            f"up to 1e6 gets there); raise epsilon or delta ({e})"
+        ) from None
+
+
+# -- mechanism ------------------------------------------------------------------------------
+def _add_gaussian_noise(keys: Tensor, noise_multiplier: float, generator: torch.Generator | None) -> Tensor:
+    """Unit-normalised ``keys`` (n, D) plus N(0, (z * SENSITIVITY)^2) per coordinate, NOT
+    renormalised; float32 or float64 on ``keys.device``. Split out so tests can check the std."""
+    dtype = keys.dtype if keys.dtype == torch.float64 else torch.float32
+    unit = F.normalize(keys.detach().to(dtype), dim=1)
+    if noise_multiplier == 0 or unit.numel() == 0:
+        return unit
+    gen_device = generator.device if generator is not None else unit.device
+    # Drawn on the generator's device so a seeded CPU generator gives the same noise
+    # whether the keys live on CPU or GPU.
+    noise = torch.randn(unit.shape, generator=generator, dtype=dtype, device=gen_device)
+    return unit + noise.to(unit.device) * (noise_multiplier * SENSITIVITY)
+
+
+def privatize_keys(keys: Tensor, noise_multiplier: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian mechanism on keys: (n, D) -> (n, D) unit-norm rows, float32 (float64 kept).
+
+    Rows are L2-normalised first (that is what bounds the sensitivity by 2; a key that is
+    already unit-norm is unchanged), get i.i.d. N(0, (noise_multiplier * 2)^2) noise per
+    coordinate, and are renormalised (post-processing). ``noise_multiplier == 0`` means
+    explicitly NO differential privacy: the keys are only normalised. Never pass 0 to get
+    "a little" privacy; use :func:`calibrate_noise`.
+    """
+    if keys.dim() != 2:
+        raise ValueError(f"privatize_keys: expected keys of shape (n, D), got {tuple(keys.shape)}")
+    if not keys.is_floating_point():
+        raise ValueError(f"privatize_keys: expected floating-point keys, got {keys.dtype}")
+    noise_multiplier = _check_noise_multiplier(noise_multiplier, allow_zero=True)
+    return F.normalize(_add_gaussian_noise(keys, noise_multiplier, generator), dim=1)
+
+
+def poisson_sample(n: int, sample_rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """Indices (int64, ascending, shape (m,)) of a Poisson sample of ``range(n)``.
+
+    Each index is included independently with probability ``sample_rate``, so m is
+    Binomial(n, q) and may be 0. This independence is what the accountant assumes.
+    """
+    n = _check_count(n, "n", 0)
+    sample_rate = _check_sample_rate(sample_rate)
+    mask = torch.rand(n, generator=generator) < sample_rate
+    return torch.nonzero(mask, as_tuple=False).flatten()
+
+
+# -- ledger ---------------------------------------------------------------------------------
+class KeyPrivacyLedger:
+    """Per-site record of the epsilon spent on key releases, at a fixed (z, q, delta).
+
+    One :meth:`record_release` = one round's release (however many keys it held, even 0).
+    The state is five numbers and one count, so it survives a Flower ``Context.state``
+    ``ConfigRecord`` round trip exactly (:meth:`state_dict` / :meth:`load_state_dict`).
+    Not for "no DP": a ledger needs ``noise_multiplier > 0``; see :func:`no_dp_metrics`.
+    """
+
+    def __init__(self, epsilon_budget: float, delta: float, noise_multiplier: float, sample_rate: float) -> None:
+        self.epsilon_budget = _check_epsilon(epsilon_budget, "epsilon_budget")
+        self.delta = _check_delta(delta)
+        self.noise_multiplier = _check_noise_multiplier(noise_multiplier, allow_zero=False)
+        self.sample_rate = _check_sample_rate(sample_rate)
+        self._accountant = KeyReleaseRDPAccountant()
+
+    @property
+    def releases(self) -> int:
+        """Number of releases recorded so far."""
+        return sum(n for _, _, n in self._accountant.history)
+
+    def _epsilon_after(self, releases: int) -> float:
+        return key_epsilon(self.noise_multiplier, self.sample_rate, releases, self.delta)
+
+    def spent(self) -> float:
+        """Epsilon spent so far at ``self.delta`` (0.0 before the first release)."""
+        return self._accountant.get_epsilon(self.delta)
+
+    def would_exceed(self) -> bool:
+        """True if one more release would push epsilon above ``epsilon_budget``."""
+        return self._epsilon_after(self.releases + 1) > self.epsilon_budget
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the budget cannot pay for another release (same as :meth:`would_exceed`)."""
+        return self.would_exceed()
+
+    def record_release(self) -> float:
+        """Account one release (one accountant step); returns the new epsilon spent.
+
+        Records even when it goes over budget: the caller decides with
+        :meth:`would_exceed` before releasing, and a release that happened must be counted.
+        """
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.spent()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain str/int/float values (Flower ``ConfigRecord``-safe)."""
+        return {
+            "format": LEDGER_FORMAT,
+            "epsilon_budget": self.epsilon_budget,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "releases": self.releases,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` output; raises ConfigError if it is not one.
+
+        Restores (epsilon_budget, delta, z, q) too: the saved ledger is the truth about
+        what was spent at which noise level, even if the run's config changed since.
+        """
+        missing = {"format", "epsilon_budget", "delta", "noise_multiplier", "sample_rate", "releases"} - set(d)
+        if missing:
+            raise ConfigError(f"ledger state: missing {sorted(missing)}")
+        if d["format"] != LEDGER_FORMAT:
+            raise ConfigError(f"ledger state: format {d['format']!r}, expected {LEDGER_FORMAT!r}")
+        fresh = KeyPrivacyLedger(d["epsilon_budget"], d["delta"], d["noise_multiplier"], d["sample_rate"])
+        releases = _check_count(d["releases"], "releases", 0)
+        self.epsilon_budget, self.delta = fresh.epsilon_budget, fresh.delta
+        self.noise_multiplier, self.sample_rate = fresh.noise_multiplier, fresh.sample_rate
+        self._accountant = KeyReleaseRDPAccountant()
+        if releases:
+            self._accountant.history = [(self.noise_multiplier, self.sample_rate, releases)]
+
+    def to_metrics(self) -> dict[str, float]:
+        """The ``dp-keys-*`` entries of the site's MetricRecord (see docs/privacy.md)."""
+        return {
+            "dp-keys-epsilon": float(self.spent()),
+            "dp-keys-delta": float(self.delta),
+            "dp-keys-releases": float(self.releases),
+            "dp-keys-exhausted": 1.0 if self.exhausted else 0.0,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyPrivacyLedger(spent={self.spent():.4g} of {self.epsilon_budget:g}, delta={self.delta:g}, "
+            f"z={self.noise_multiplier:.4g}, q={self.sample_rate:g}, releases={self.releases})"
+        )
+
+
+def no_dp_metrics(releases: int) -> dict[str, float]:
+    """The ``dp-keys-*`` metrics of a site that releases keys WITHOUT noise (z = 0).
+
+    Epsilon is ``inf``: there is no guarantee. ``dp-keys-exhausted`` is 0 (nothing stops it).
+    """
+    return {
+        "dp-keys-epsilon": math.inf,
+        "dp-keys-delta": 0.0,
+        "dp-keys-releases": float(_check_count(releases, "releases", 0)),
+        "dp-keys-exhausted": 0.0,
+    }
+
+
+# -- release helper -------------------------------------------------------------------------
+def _image_of(item: Any) -> Tensor | None:
+    """The image (C, H, W) of a dataset item: a tensor, ``(view_q, view_k)`` (first view),
+    ``(image, label)``, or ``None`` for an unreadable sample."""
+    if item is None:
+        return None
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, Tensor) or item.dim() != 3:
+        raise ValueError(f"release_keys: dataset items must be (C, H, W) tensors or tuples starting with one, got {type(item).__name__}")
+    return item
+
+
+def _owner_module(encoder: Callable[[Tensor], Tensor]) -> nn.Module | None:
+    if isinstance(encoder, nn.Module):
+        return encoder
+    owner = getattr(encoder, "__self__", None)  # a bound method such as MoCo.encode_keys
+    return owner if isinstance(owner, nn.Module) else None
+
+
+@torch.no_grad()
+def _encode(
+    encoder: Callable[[Tensor], Tensor], dataset: Dataset, indices: list[int], batch_size: int, device: torch.device
+) -> tuple[list[Tensor | None], int | None]:
+    """Keys (D,) on CPU float32 per index (None where the sample is unreadable), and D."""
+    out: list[Tensor | None] = [None] * len(indices)
+    dim: int | None = None
+    for start in range(0, len(indices), batch_size):
+        chunk = range(start, min(start + batch_size, len(indices)))
+        images = {j: _image_of(dataset[indices[j]]) for j in chunk}
+        readable = [j for j in chunk if images[j] is not None]
+        if not readable:
+            continue
+        batch = torch.stack([images[j] for j in readable]).to(device)
+        keys = encoder(batch)
+        if keys.dim() != 2 or keys.shape[0] != len(readable):
+            raise ValueError(f"release_keys: encoder must map (B, C, H, W) to (B, D), got {tuple(keys.shape)}")
+        keys = F.normalize(keys.float(), dim=1).cpu()
+        dim = keys.shape[1]
+        for row, j in enumerate(readable):
+            out[j] = keys[row]
+    return out, dim
+
+
+def _probe_dim(encoder: Callable[[Tensor], Tensor], dataset: Dataset, device: torch.device) -> int:
+    # Only D, a property of the model, leaves this function; nothing data-dependent.
+    for i in range(len(dataset)):
+        image = _image_of(dataset[i])
+        if image is not None:
+            with torch.no_grad():
+                return int(encoder(image.unsqueeze(0).to(device)).shape[1])
+    raise ValueError("release_keys: cannot tell the key dimension (no readable image); pass key_dim")
+
+
+def release_keys(
+    encoder: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    ledger: KeyPrivacyLedger | None,
+    *,
+    noise_multiplier: float | None = None,
+    sample_rate: float | None = None,
+    max_keys: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    key_dim: int | None = None,
+) -> tuple[Tensor, str | None]:
+    """One round's key release of a site: ``(keys (n, D) float32 on CPU, None)``, or
+    ``(empty (0, D), reason)`` when the privacy budget cannot pay for it.
+
+    ``encoder``: images (B, C, H, W) -> keys (B, D), e.g. ``moco.encode_keys``. When it
+    is an ``nn.Module`` or a bound method of one, that module is put in ``eval()`` for the
+    encoding and restored afterwards: in train mode BatchNorm would mix the statistics of
+    the batch into every key, so one image would move other images' keys and the
+    per-key sensitivity of 2 would not hold. A plain callable must itself be per-sample.
+    ``dataset[i]``: an image (C, H, W), a view pair (first view used), an (image, label)
+    pair, or None (unreadable). An unreadable sampled image is released as a fixed
+    stand-in unit vector (e_0) plus the same noise rather than dropped: dropping would make
+    the number of released keys depend on the image's content.
+    ``noise_multiplier`` / ``sample_rate`` default to the ledger's and must match it.
+    ``ledger=None`` is allowed only with ``noise_multiplier=0``: the explicit no-DP mode.
+
+    ``generator`` (a CPU ``torch.Generator``) drives sampling, subset, order and noise.
+    ``key_dim`` (D) saves one forward pass when the budget is exhausted.
+
+    Steps: Poisson-sample indices at rate q; shuffle them; keep the first ``max_keys``
+    (a uniformly random subset); encode under ``torch.no_grad`` in batches of
+    ``batch_size`` on ``device``; privatise; ``ledger.record_release()``. A round in
+    which no image was sampled still counts as a release (an empty one).
+
+    Why the ``max_keys`` cap is sound: the subset is drawn with the generator only, from
+    the number of sampled indices (which does not depend on image contents), so the
+    choice of which images are released is independent of the data and each image is
+    still released with probability <= q. The accountant's bound for one image's slot,
+    log(1 - q' + q' e^x) / (alpha - 1), depends only on that probability q' and grows with
+    it, so q bounds the cost. (An order- or content-based cut, e.g. "first max_keys" of a
+    sorted or filtered list, would NOT be covered.) Cutting before encoding rather than
+    sub-sampling the noisy keys afterwards gives the same guarantee and skips needless
+    forward passes. The shuffle also keeps the release order unrelated to file order.
+    """
+    if ledger is None:
+        if noise_multiplier is None or noise_multiplier != 0:
+            raise ConfigError(
+                "noise_multiplier: a KeyPrivacyLedger is required unless noise_multiplier is 0 (explicit no-DP mode)"
+            )
+        if sample_rate is None:
+            raise ConfigError("sample_rate: required when no ledger is given")
+        z, q = 0.0, _check_sample_rate(sample_rate)
+    else:
+        z = ledger.noise_multiplier if noise_multiplier is None else _check_noise_multiplier(noise_multiplier, True)
+        q = ledger.sample_rate if sample_rate is None else _check_sample_rate(sample_rate)
+        if (z, q) != (ledger.noise_multiplier, ledger.sample_rate):
+            raise ConfigError(
+                f"noise_multiplier/sample_rate: ({z}, {q}) differ from the ledger's "
+                f"({ledger.noise_multiplier}, {ledger.sample_rate}); the ledger would account the wrong release"
+            )
+    if max_keys is not None:
+        max_keys = _check_count(max_keys, "max_keys", 1)
+    batch_size = _check_count(batch_size, "batch_size", 1)
+    if key_dim is not None:
+        key_dim = _check_count(key_dim, "key_dim", 1)
+    device = torch.device(device)
+
+    module = _owner_module(encoder)
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        if ledger is not None and ledger.would_exceed():
+            dim = key_dim if key_dim is not None else _probe_dim(encoder, dataset, device)
+            reason = f"privacy budget exhausted: spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g})"
+            return torch.zeros(0, dim), reason
+
+        indices = poisson_sample(len(dataset), q, generator)
+        # Random order = a uniform subset when cut, and a release order unrelated to file order.
+        indices = indices[torch.randperm(len(indices), generator=generator)]
+        if max_keys is not None:
+            indices = indices[:max_keys]
+        keys_list, dim = _encode(encoder, dataset, indices.tolist(), batch_size, device)
+        if key_dim is not None:
+            dim = key_dim
+        elif dim is None:  # nothing readable was sampled (or nothing at all)
+            dim = _probe_dim(encoder, dataset, device)
+        stand_in = torch.zeros(dim)
+        stand_in[0] = 1.0
+        clean = torch.stack([k if k is not None else stand_in for k in keys_list]) if keys_list else torch.zeros(0, dim)
+        if clean.shape[1] != dim:
+            raise ValueError(f"release_keys: encoder gives D={clean.shape[1]} but key_dim={dim}")
+        keys = privatize_keys(clean, z, generator)
+    finally:
+        if module is not None and was_training:
+            module.train()
+    if ledger is not None:
+        ledger.record_release()
+    return keys, None

@@ -1,0 +1,299 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+
+from fedmoco.config import MoCoConfig
+from fedmoco.errors import ConfigError
+from fedmoco.moco import MoCo
+from fedmoco.privacy import (
+    SENSITIVITY,
+    KeyPrivacyLedger,
+    KeyReleaseRDPAccountant,
+    _add_gaussian_noise,
+    calibrate_noise,
+    key_epsilon,
+    no_dp_metrics,
+    poisson_sample,
+    privatize_keys,
+    release_keys,
+)
+
+DELTA = 1e-5
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def _exact_delta_one_round(eps: float, z: float, q: float) -> float:
+    """Tight delta(eps) of ONE Poisson-sampled per-record Gaussian release.
+
+    Hockey-stick divergence of (1-q)[absent] + q N(a) vs (1-q)[absent] + q N(b) with
+    ||a - b|| / sigma = 1 / z: the absent atoms cancel for eps >= 0, leaving q times the
+    Gaussian mechanism's profile (Balle & Wang 2018, Thm 8)."""
+    mu = 1.0 / z
+    return q * (_phi(-eps / mu + mu / 2) - math.exp(eps) * _phi(-eps / mu - mu / 2))
+
+
+# -- calibrate_noise ----------------------------------------------------------------------
+@pytest.mark.parametrize("eps,rounds,q", [(1.0, 10, 0.01), (4.0, 100, 0.1), (8.0, 50, 1.0), (0.5, 20, 0.05)])
+def test_calibrated_z_reaches_target_through_opacus_steps(eps, rounds, q):
+    z = calibrate_noise(eps, DELTA, rounds, q)
+    acc = KeyReleaseRDPAccountant()
+    for _ in range(rounds):  # Opacus' own step(): history compaction as in training
+        acc.step(noise_multiplier=z, sample_rate=q)
+    assert acc.history == [(z, q, rounds)]
+    got = acc.get_epsilon(DELTA)
+    assert got <= eps
+    assert got >= 0.98 * eps  # tight, not a wildly over-noised z
+
+
+def test_full_participation_matches_opacus_rdp_exactly():
+    # At q = 1 there is no subsampling and both analyses are the plain Gaussian mechanism.
+    for z in (0.7, 2.0, 9.0):
+        ours, stock = KeyReleaseRDPAccountant(), RDPAccountant()
+        ours.history = stock.history = [(z, 1.0, 30)]
+        assert ours.get_epsilon(DELTA, alphas=RDPAccountant.DEFAULT_ALPHAS) == pytest.approx(
+            stock.get_epsilon(DELTA), rel=1e-12
+        )
+    stock_z = get_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=1.0, steps=20)
+    assert calibrate_noise(3.0, DELTA, 20, 1.0) == pytest.approx(stock_z, rel=0.02)
+
+
+@pytest.mark.parametrize("z,q", [(1.0, 0.01), (2.0, 0.05), (0.8, 0.1), (3.0, 0.5)])
+def test_one_round_epsilon_is_sound_and_opacus_sgm_is_not(z, q):
+    ours = key_epsilon(z, q, 1, DELTA)
+    assert _exact_delta_one_round(ours, z, q) <= DELTA
+    # Opacus' sampled-Gaussian (DP-SGD) accountant hides the record's presence in a sum;
+    # per-record releases have no sum, so its epsilon is too small for this mechanism.
+    stock = RDPAccountant()
+    stock.step(noise_multiplier=z, sample_rate=q)
+    assert _exact_delta_one_round(stock.get_epsilon(DELTA), z, q) > 10 * DELTA
+
+
+def test_noise_monotonicity():
+    zs = [calibrate_noise(e, DELTA, 50, 0.05) for e in (0.5, 1.0, 2.0, 8.0)]
+    assert zs == sorted(zs, reverse=True) and len(set(zs)) == 4
+    assert calibrate_noise(2.0, DELTA, 200, 0.05) > calibrate_noise(2.0, DELTA, 20, 0.05)
+    assert calibrate_noise(2.0, DELTA, 50, 0.5) > calibrate_noise(2.0, DELTA, 50, 0.01)
+    assert calibrate_noise(2.0, 1e-8, 50, 0.05) > calibrate_noise(2.0, 1e-4, 50, 0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-1.0), "epsilon"),
+        (dict(epsilon=math.inf), "epsilon"),
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.0), "delta"),
+        (dict(rounds=0), "rounds"),
+        (dict(rounds=2.5), "rounds"),
+        (dict(sample_rate=0.0), "sample_rate"),
+        (dict(sample_rate=1.5), "sample_rate"),
+        (dict(epsilon=1e-4, delta=1e-10), "epsilon"),  # unreachable: no z is enough
+    ],
+)
+def test_calibrate_validation_names_argument(kwargs, name):
+    args = dict(epsilon=2.0, delta=DELTA, rounds=10, sample_rate=0.1) | kwargs
+    with pytest.raises(ConfigError, match=rf"^{name}:"):
+        calibrate_noise(**args)
+
+
+# -- privatize_keys -----------------------------------------------------------------------
+def test_privatize_keys_shape_norm_determinism():
+    keys = torch.randn(64, 16) * 5  # not unit-norm on purpose: privatize normalises first
+    a = privatize_keys(keys, 1.3, _gen(7))
+    assert a.shape == (64, 16) and a.dtype == torch.float32
+    assert torch.allclose(a.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert torch.equal(a, privatize_keys(keys, 1.3, _gen(7)))
+    assert not torch.allclose(a, privatize_keys(keys, 1.3, _gen(8)))
+    assert torch.equal(a, F.normalize(_add_gaussian_noise(keys, 1.3, _gen(7)), dim=1))
+    assert privatize_keys(torch.zeros(0, 16), 1.3, _gen()).shape == (0, 16)
+
+
+def test_privatize_noise_std_is_z_times_sensitivity():
+    z = 0.75
+    keys = F.normalize(torch.randn(4000, 64, generator=_gen(1)), dim=1)
+    noise = _add_gaussian_noise(keys, z, _gen(2)) - keys
+    assert noise.mean().abs() < 0.01
+    assert noise.std().item() == pytest.approx(z * SENSITIVITY, rel=0.01)  # 256k samples
+
+
+def test_privatize_zero_is_explicit_no_dp():
+    keys = torch.randn(10, 8)
+    assert torch.allclose(privatize_keys(keys, 0.0), F.normalize(keys, dim=1))
+    with pytest.raises(ConfigError, match="^noise_multiplier:"):
+        privatize_keys(keys, -0.1)
+    with pytest.raises(ValueError, match=r"\(n, D\)"):
+        privatize_keys(torch.randn(8), 1.0)
+
+
+# -- poisson_sample -----------------------------------------------------------------------
+def test_poisson_sample_rate_and_form():
+    n, q = 200_000, 0.03
+    idx = poisson_sample(n, q, _gen(3))
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, torch.unique(idx)) and idx.min() >= 0 and idx.max() < n
+    sd = math.sqrt(n * q * (1 - q))
+    assert abs(len(idx) - n * q) < 4 * sd
+    assert torch.equal(idx, poisson_sample(n, q, _gen(3)))
+    assert torch.equal(poisson_sample(50, 1.0), torch.arange(50))
+    assert poisson_sample(0, 0.5).shape == (0,)
+    with pytest.raises(ConfigError, match="^sample_rate:"):
+        poisson_sample(10, 0.0)
+    with pytest.raises(ConfigError, match="^n:"):
+        poisson_sample(-1, 0.5)
+
+
+# -- KeyPrivacyLedger ---------------------------------------------------------------------
+def test_ledger_spent_monotone_and_would_exceed_flips_at_budget():
+    z, q = 1.5, 0.1
+    budget = key_epsilon(z, q, 5, DELTA)  # exactly five releases fit
+    ledger = KeyPrivacyLedger(budget, DELTA, z, q)
+    assert ledger.spent() == 0.0 and ledger.releases == 0
+    seen = [0.0]
+    for i in range(5):
+        assert not ledger.would_exceed() and not ledger.exhausted
+        seen.append(ledger.record_release())
+        assert ledger.releases == i + 1 and ledger.spent() == seen[-1]
+    assert all(b > a for a, b in zip(seen, seen[1:]))
+    assert ledger.spent() == budget
+    assert ledger.would_exceed() and ledger.exhausted
+
+
+def test_ledger_with_calibrated_z_allows_planned_rounds():
+    z = calibrate_noise(3.0, DELTA, 10, 0.05)
+    ledger = KeyPrivacyLedger(3.0, DELTA, z, 0.05)
+    for _ in range(10):
+        assert not ledger.would_exceed()
+        ledger.record_release()
+    assert ledger.spent() <= 3.0
+
+
+def test_ledger_state_round_trips_exactly_through_config_record():
+    from flwr.app import ConfigRecord
+
+    ledger = KeyPrivacyLedger(6.0, 1e-6, 0.9173, 0.037)
+    for _ in range(7):
+        ledger.record_release()
+    state = ledger.state_dict()
+    assert all(isinstance(v, (str, int, float)) for v in state.values())
+    restored = KeyPrivacyLedger(1.0, 0.5, 3.0, 1.0)  # different settings: state wins
+    restored.load_state_dict(dict(ConfigRecord(state)))
+    assert restored.spent() == ledger.spent()
+    assert restored.state_dict() == state
+    assert restored.to_metrics() == ledger.to_metrics()
+    restored.record_release()
+    ledger.record_release()
+    assert restored.spent() == ledger.spent()
+
+
+def test_ledger_metrics_and_validation():
+    ledger = KeyPrivacyLedger(8.0, DELTA, 2.0, 0.1)
+    ledger.record_release()
+    m = ledger.to_metrics()
+    assert set(m) == {"dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted"}
+    assert all(isinstance(v, float) for v in m.values())
+    assert m["dp-keys-epsilon"] == ledger.spent() and m["dp-keys-releases"] == 1.0
+    assert m["dp-keys-exhausted"] == 0.0
+    assert no_dp_metrics(3) == {
+        "dp-keys-epsilon": math.inf, "dp-keys-delta": 0.0, "dp-keys-releases": 3.0, "dp-keys-exhausted": 0.0
+    }
+    for args, name in [
+        ((0.0, DELTA, 1.0, 0.1), "epsilon_budget"),
+        ((1.0, 2.0, 1.0, 0.1), "delta"),
+        ((1.0, DELTA, 0.0, 0.1), "noise_multiplier"),
+        ((1.0, DELTA, 1.0, 0.0), "sample_rate"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{name}:"):
+            KeyPrivacyLedger(*args)
+    with pytest.raises(ConfigError, match="format"):
+        ledger.load_state_dict(ledger.state_dict() | {"format": "other/9"})
+    with pytest.raises(ConfigError, match="releases"):
+        ledger.load_state_dict(ledger.state_dict() | {"releases": -1})
+
+
+# -- release_keys -------------------------------------------------------------------------
+class _BNEncoder(nn.Module):
+    """Key encoder with BatchNorm: in train mode its keys would depend on the batch."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, dim), nn.BatchNorm1d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _images(n: int, seed: int = 0) -> list[torch.Tensor]:
+    return list(torch.rand(n, 1, 4, 4, generator=_gen(seed)))
+
+
+def test_release_keys_until_budget_then_empty_with_reason():
+    z, q = 1.0, 0.5
+    ledger = KeyPrivacyLedger(key_epsilon(z, q, 2, DELTA), DELTA, z, q)
+    enc = _BNEncoder()
+    data = [(im, im.flip(-1)) for im in _images(40)]  # view pairs
+    g = _gen(4)
+    for i in range(2):
+        keys, reason = release_keys(enc, data, ledger, generator=g)
+        assert reason is None and ledger.releases == i + 1
+        assert keys.dtype == torch.float32 and keys.shape[1] == 8 and 5 < keys.shape[0] < 35
+        assert torch.allclose(keys.norm(dim=1), torch.ones(len(keys)), atol=1e-5)
+    for _ in range(2):  # stays closed, and closing costs nothing
+        keys, reason = release_keys(enc, data, ledger, generator=g)
+        assert keys.shape == (0, 8)
+        assert reason.startswith("privacy budget exhausted: spent eps=") and ledger.releases == 2
+    keys, reason = release_keys(enc, data, ledger, key_dim=8)
+    assert keys.shape == (0, 8) and reason
+
+
+def test_release_keys_no_dp_mode_is_per_sample_and_restores_train_mode():
+    enc = _BNEncoder().train()
+    with torch.no_grad():  # give BN running stats that differ from any batch's own
+        enc.net[2].running_mean.fill_(0.3)
+        enc.net[2].running_var.fill_(2.0)
+    images = _images(12)
+    data = images[:5] + [None] + images[5:]  # one unreadable sample
+    keys, reason = release_keys(enc, data, None, noise_multiplier=0.0, sample_rate=1.0, batch_size=4, generator=_gen())
+    assert reason is None and enc.training
+    assert keys.shape == (13, 8)
+    enc.eval()
+    want = F.normalize(enc(torch.stack(images)), dim=1)
+    want = torch.cat([want, F.one_hot(torch.tensor([0]), 8).float()])  # unreadable -> e_0 stand-in
+    # Released in shuffled order: match every expected key to one released key.
+    sims = want @ keys.t()
+    assert torch.allclose(sims.max(dim=1).values, torch.ones(13), atol=1e-5)
+    assert torch.equal(sims.argmax(dim=1).sort().values, torch.arange(13))
+
+
+def test_release_keys_max_keys_and_real_moco():
+    cfg = MoCoConfig(arch="tiny", in_channels=1, small_input=True, queue_size=32, hidden_dim=32, dim=16, norm="group")
+    model = MoCo(cfg)
+    data = list(torch.rand(60, 1, 16, 16, generator=_gen(5)))
+    ledger = KeyPrivacyLedger(10.0, DELTA, 1.0, 1.0)
+    keys, reason = release_keys(model.encode_keys, data, ledger, max_keys=10, generator=_gen(6))
+    assert reason is None and keys.shape == (10, 16) and ledger.releases == 1
+    assert model.training  # restored after the eval() around encoding
+
+
+def test_release_keys_configuration_errors():
+    enc, data = _BNEncoder(), _images(4)
+    with pytest.raises(ConfigError, match="^noise_multiplier:"):
+        release_keys(enc, data, None, noise_multiplier=1.0, sample_rate=0.5)
+    ledger = KeyPrivacyLedger(1.0, DELTA, 2.0, 0.1)
+    with pytest.raises(ConfigError, match="^noise_multiplier/sample_rate:"):
+        release_keys(enc, data, ledger, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="^max_keys:"):
+        release_keys(enc, data, ledger, max_keys=0)
+    assert ledger.releases == 0
