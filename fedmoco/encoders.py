@@ -26,6 +26,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     Input (N, C, H, W). The batch is viewed as (N/s, C*s, H, W) so one ``batch_norm`` call
     normalises each sub-batch with its own mean and variance, as in moco's CIFAR demo.
+    Sub-batch b holds samples b, b+s, b+2s, ... (interleaved, from the reshape).
     When N is not divisible by ``splits`` the largest divisor of N below it is used
     (a short last batch must not crash a run). Running statistics are the average over
     sub-batches, so evaluation behaves like ordinary BatchNorm.

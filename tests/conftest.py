@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny generated data, so every test runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """Four shape classes x 12 generated RGB PNGs of 32 px, one sub-folder per class."""
+    from domains.images import make_demo_images
+
+    return make_demo_images(tmp_path_factory.mktemp("images"), n_per_class=12, size=32, seed=0)
+
+
+# Tiny model and short schedule for CLI runs.
+TINY_PRETRAIN = ["--arch", "tiny", "--hidden-dim", "32", "--dim", "16", "--queue-size", "64",
+                 "--image-size", "32", "--batch-size", "16", "--workers", "0", "--epochs", "2"]
+
+
+@pytest.fixture
+def tiny_pretrain_args():
+    return list(TINY_PRETRAIN)

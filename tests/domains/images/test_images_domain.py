@@ -1,0 +1,79 @@
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from domains.images import build_labelled_data, build_pretrain_data
+from fedmoco.data import DataConfig, Normalization, collate_views, format_skipped, read_labels
+from fedmoco.errors import DataError
+
+
+def test_pretrain_views_have_shape_and_differ(demo_images):
+    data = build_pretrain_data(demo_images, DataConfig(image_size=24))
+    assert data.in_channels == 3 and len(data.dataset) == 48
+    v1, v2 = data.dataset[0]
+    assert v1.shape == v2.shape == (3, 24, 24) and v1.dtype == torch.float32
+    assert not torch.equal(v1, v2)  # the two views are sampled independently
+
+
+def test_grayscale_and_16bit_tiff_are_read(tmp_path):
+    import numpy as np
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(tmp_path / "a" / "g.png")
+    Image.fromarray((np.arange(256, dtype=np.uint16) * 200).reshape(16, 16)).save(tmp_path / "a" / "h.tif")
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=8))
+    assert data.in_channels == 1
+    assert data.dataset[1][0].shape == (1, 8, 8)
+
+
+def test_unreadable_image_becomes_none_and_is_counted(tmp_path, demo_images):
+    import shutil
+
+    shutil.copytree(demo_images / "circle", tmp_path / "circle")
+    (tmp_path / "circle" / "broken.png").write_bytes(b"\x89PNG garbage")
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=16))
+    idx = [i for i, f in enumerate(data.dataset.files) if f.name == "broken.png"][0]
+    assert data.dataset[idx] is None
+    batch, dropped = collate_views([data.dataset[idx], data.dataset[idx + 1]])
+    assert dropped == 1 and batch[0].shape == (1, 3, 16, 16)
+
+
+def test_labels_from_folders_and_csv(tmp_path, demo_images):
+    data = build_labelled_data(demo_images, DataConfig(image_size=16), None, None)
+    assert data.classes == ["circle", "square", "stripes", "triangle"]
+    img, label = data.dataset[0]
+    assert img.shape == (3, 16, 16) and label == 0
+    files = sorted(demo_images.rglob("*.png"))[:3]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"{f.relative_to(demo_images)},{i % 2}\n" for i, f in enumerate(files)))
+    labels, classes = read_labels(demo_images, files, csv)
+    assert labels == [0, 1, 0] and classes == ["0", "1"]
+    csv.write_text("file,label\nx,1\n")
+    with pytest.raises(DataError, match="labels.csv: needs a header with columns 'path' and 'label'"):
+        read_labels(demo_images, files, csv)
+
+
+def test_given_normalization_is_used(demo_images):
+    norm = Normalization([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    data = build_labelled_data(demo_images, DataConfig(image_size=16), None, norm)
+    img, _ = data.dataset[0]
+    assert img.min() >= 0.0 and img.max() <= 1.0  # identity normalisation keeps [0, 1]
+
+
+def test_option_errors_name_the_option(demo_images):
+    with pytest.raises(DataError, match=r"unknown option\(s\) \['colour'\]"):
+        build_pretrain_data(demo_images, DataConfig(options={"colour": 1}))
+    with pytest.raises(DataError, match="crop_scale_min: must be in"):
+        build_pretrain_data(demo_images, DataConfig(options={"crop_scale_min": 2}))
+
+
+def test_empty_folder_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="data folder is empty"):
+        build_pretrain_data(tmp_path, DataConfig())
+
+
+def test_format_skipped_summary():
+    assert format_skipped(Counter({"not DICOM": 2, "truncated": 1})) == "skipped 3 files: 2 not DICOM, 1 truncated"

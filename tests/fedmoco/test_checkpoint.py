@@ -1,0 +1,60 @@
+import os
+
+import pytest
+import torch
+
+from fedmoco.checkpoint import FORMAT, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
+from fedmoco.errors import CheckpointError
+
+
+def test_atomic_save_round_trip_and_no_temp_files_left(tmp_path):
+    path = tmp_path / "sub" / "ck.pt"
+    atomic_save({"format": FORMAT, "version": 1, "x": torch.arange(3)}, path)
+    assert torch.equal(load_checkpoint(path)["x"], torch.arange(3))
+    assert os.listdir(path.parent) == ["ck.pt"]
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    atomic_save({"format": FORMAT, "version": 1, "x": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"format": FORMAT, "bad": Boom()}, path)
+    assert load_checkpoint(path)["x"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pt: checkpoint does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"state": 1}, other)
+    with pytest.raises(CheckpointError, match="other.pt: not a fedmoco checkpoint"):
+        load_checkpoint(other)
+
+
+def test_compatibility_names_each_difference():
+    with pytest.raises(CheckpointError, match="arch 'tiny' .* vs 'resnet18'.*in_channels 1 .* vs 3"):
+        check_compatible("c.pt", {"arch": "tiny", "in_channels": 1}, {"arch": "resnet18", "in_channels": 3})
+    check_compatible("c.pt", {"arch": "tiny"}, {"arch": "tiny"})
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    atomic_save({"format": FORMAT, "rng": state}, tmp_path / "r.pt")
+    a = (torch.rand(3), np.random.rand(), random.random())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    b = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]

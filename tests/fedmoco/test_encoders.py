@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from fedmoco.encoders import SplitBatchNorm, build_backbone
+from fedmoco.errors import ConfigError
+
+
+@pytest.mark.parametrize("arch,out_dim", [("tiny", 128), ("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("channels", [1, 3, 13])
+def test_backbones_take_any_channel_count(arch, out_dim, channels):
+    net = build_backbone(arch, channels, small_input=True, norm="group")
+    out = net(torch.randn(2, channels, 32, 32))
+    assert out.shape == (2, out_dim) and net.out_dim == out_dim
+
+
+def test_small_input_stem_keeps_resolution():
+    big = build_backbone("resnet18", 3, small_input=False)
+    small = build_backbone("resnet18", 3, small_input=True)
+    assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, torch.nn.MaxPool2d)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+
+
+def test_split_batchnorm_statistics_do_not_cross_sub_batches():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(4, splits=2).train()
+    x = torch.randn(8, 4, 3, 3)
+    y = bn(x)
+    x2 = x.clone()
+    x2[1::2] += 100.0  # change only sub-batch 1 (samples 1, 3, 5, 7)
+    y2 = SplitBatchNorm(4, splits=2).train()(x2)
+    assert torch.allclose(y[0::2], y2[0::2], atol=1e-5)  # sub-batch 0 unaffected
+    # each sub-batch is normalised on its own: zero mean per channel within it
+    assert torch.allclose(y[0::2].mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(y2[1::2].mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)
+    # odd batch falls back to a divisor of N rather than failing
+    assert SplitBatchNorm(4, splits=4).train()(torch.randn(6, 4, 2, 2)).shape == (6, 4, 2, 2)
+
+
+def test_split_batchnorm_eval_matches_plain_batchnorm_with_same_stats():
+    bn = SplitBatchNorm(3, splits=2)
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(4.0)
+    ref = torch.nn.BatchNorm2d(3).eval()
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.allclose(bn.eval()(x), ref(x))
+
+
+def test_unknown_arch_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown architecture 'vit'"):
+        build_backbone("vit", 3)
