@@ -169,8 +169,12 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
 def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
                         normalization: Normalization | None) -> LabelledData:
     """One centre view per image, labelled by sub-folder or ``labels_csv``."""
-    files, _, channels = _setup(root, cfg)
+    files, opts, channels = _setup(root, cfg)
     if normalization is not None:
+        # The checkpoint decides: grayscale and colour files are converted to its channel count.
+        if opts["channels"] != "auto" and int(opts["channels"]) != normalization.channels:
+            raise DataError(f"--data-option channels={opts['channels']} contradicts the checkpoint's "
+                            f"{normalization.channels}-channel encoder")
         channels = normalization.channels
         if channels not in (1, 3):
             raise DataError(f"{root}: the checkpoint expects {channels} channels; image folders give 1 or 3")

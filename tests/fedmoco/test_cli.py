@@ -1,0 +1,132 @@
+"""The fedmoco command as a user runs it: files written, resume, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedmoco.checkpoint import load_checkpoint
+from fedmoco.cli import main
+from fedmoco.metrics import read_jsonl
+from fedmoco.train import Trainer
+
+
+def test_pretrain_writes_checkpoint_metrics_and_plots(tmp_path, demo_images, tiny_pretrain_args, capsys):
+    out = tmp_path / "run"
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["moco_config"]["arch"] == "tiny" and ckpt["moco_config"]["in_channels"] == 3
+    assert {"optimizer", "scheduler", "scaler", "global_step"} <= set(ckpt["trainer"])
+    assert len(ckpt["data"]["normalization"]["mean"]) == 3
+    assert int(ckpt["model"]["queue.count"]) == 64  # 2 epochs x 3 steps x 16 keys, capped at K
+    records = list(read_jsonl(out / "metrics.jsonl"))
+    steps = [r for r in records if "step" in r]
+    assert len(steps) == 6 and {"loss", "pos_mean", "neg_mean", "neg_var", "emb_std"} <= set(steps[0])
+    assert [r["epoch"] for r in records if r.get("event") == "epoch"] == [0, 1]
+    for png in ("loss.png", "scores.png", "score_hist.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"checkpoint: {out / 'checkpoint.pt'}" in capsys.readouterr().out
+
+
+def test_resume_continues_with_same_queue_and_matches_uninterrupted_run(tmp_path, demo_images,
+                                                                        tiny_pretrain_args, monkeypatch):
+    args = ["-q", "pretrain", "--data", str(demo_images), *tiny_pretrain_args]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+
+    real_epoch = Trainer.train_epoch
+
+    def crash_in_second_epoch(self, loader, *, epoch=0, **kw):
+        if epoch == 1:
+            raise KeyboardInterrupt("power cut")
+        return real_epoch(self, loader, epoch=epoch, **kw)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "cut")])
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert saved["epoch"] == 1
+
+    resumed_queues = []
+    real_load = torch.nn.Module.load_state_dict
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+
+    def spy_load(module, state, *a, **kw):
+        res = real_load(module, state, *a, **kw)
+        if hasattr(module, "queue"):
+            resumed_queues.append(module.queue.buffer.clone())
+        return res
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", spy_load)
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert torch.equal(resumed_queues[0], saved["model"]["queue.buffer"])  # not a fresh random queue
+
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert cut["epoch"] == 2
+    for key in full["model"]:
+        assert torch.allclose(full["model"][key].float(), cut["model"][key].float(), atol=1e-5), key
+    steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "step" in r]
+    assert steps == list(range(6))  # no step logged twice
+
+
+def test_knn_and_linear_probe_report_and_plot(tmp_path, demo_images, tiny_pretrain_args, capsys):
+    out = tmp_path / "run"
+    main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args])
+    ck = str(out / "checkpoint.pt")
+    assert main(["-q", "knn", "--checkpoint", ck, "--data", str(demo_images)]) == 0
+    res = json.loads((out / "eval" / "knn.json").read_text())
+    assert res["n_train"] + res["n_test"] == 48 and 0 <= res["top1"] <= res["top5"] <= 100
+    assert res["k"] == res["n_train"]  # default k=200 capped at the training set
+    assert sum(map(sum, res["confusion"])) == res["n_test"]
+    assert (out / "eval" / "knn_confusion.png").exists()
+    assert main(["-q", "linear-probe", "--checkpoint", ck, "--data", str(demo_images), "--epochs", "5"]) == 0
+    assert "linear-probe: top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--queue-size", "0"], "queue_size (K) must be >= 1, got 0"),
+    (["--momentum", "1.0"], "momentum (m) must be in [0, 1), got 1.0"),
+    (["--temperature", "-1"], "temperature (T) must be > 0, got -1.0"),
+])
+def test_nonsense_hyperparameters_give_one_line(tmp_path, demo_images, capsys, extra, message):
+    rc = main(["-q", "pretrain", "--data", str(demo_images), "--out", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_data_folder_errors_name_the_path(tmp_path, capsys):
+    assert main(["-q", "pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert f"{tmp_path / 'nope'}: data folder does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "pretrain", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert f"{tmp_path / 'empty'}: data folder is empty" in capsys.readouterr().err
+
+
+def test_checkpoint_of_other_architecture_or_channels(tmp_path, demo_images, tiny_pretrain_args, capsys):
+    out = tmp_path / "run"
+    main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args])
+    capsys.readouterr()
+    rc = main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), "--resume", "--epochs", "2",
+               "--arch", "resnet18"])
+    assert rc == 2 and "checkpoint is for another model: arch 'tiny' (checkpoint) vs 'resnet18'" in capsys.readouterr().err
+    gray = tmp_path / "gray" / "a"
+    gray.mkdir(parents=True)
+    from PIL import Image
+    for i, f in enumerate(sorted((demo_images / "circle").glob("*.png"))[:4]):
+        Image.open(f).convert("L").save(gray / f"{i}.png")
+    rc = main(["-q", "knn", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(gray.parent),
+               "--data-option", "channels=1"])
+    # the checkpoint's normalisation fixes 3 channels; forcing 1 is refused with the reason
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint" in err and "channel" in err
+
+
+def test_errors_have_no_traceback_from_the_console_script(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedmoco", "pretrain", "--data", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"fedmoco pretrain: error: {tmp_path / 'missing'}: data folder does not exist"
+    assert "Traceback" not in proc.stderr
