@@ -1,0 +1,138 @@
+"""MoCo training-step throughput: fedmoco vs lightly's MoCo, side by side in one run.
+
+Both use the same torchvision ResNet-18 backbone, a 2-layer MLP head to 128-d, a queue of
+4096 negatives, SGD and the same batch; fedmoco adds split BN + key shuffling (lightly's
+single-device recipe uses plain BN). Each step: momentum update, query forward, key
+forward, loss, backward, SGD step, enqueue.
+
+    python benchmarks/moco_step.py --image-size 224 --batch-size 32 --steps 10
+    python benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 30
+
+Writes a markdown table to stdout (and to --out if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+
+def fedmoco_step_fn(args, device):
+    from fedmoco.config import MoCoConfig, TrainConfig
+    from fedmoco.moco import MoCo
+    from fedmoco.train import build_optimizer
+
+    model = MoCo(MoCoConfig(arch="resnet18", in_channels=3, queue_size=4096, norm="split-batch",
+                            small_input=args.image_size <= 64)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, TrainConfig(batch_size=args.batch_size))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    def step(x1, x2):
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss = model(x1, x2).loss
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def lightly_step_fn(args, device):
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    backbone = torchvision.models.resnet18(weights=None)
+    if args.image_size <= 64:
+        backbone.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        backbone.maxpool = torch.nn.Identity()
+    backbone.fc = torch.nn.Identity()
+    q = torch.nn.Sequential(backbone, MoCoProjectionHead(512, 2048, 128)).to(device)
+    k = copy.deepcopy(q)
+    deactivate_requires_grad(k)
+    if device.type == "cuda":
+        q, k = q.to(memory_format=torch.channels_last), k.to(memory_format=torch.channels_last)
+    crit = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128)).to(device)
+    opt = torch.optim.SGD(q.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    def step(x1, x2):
+        update_momentum(q, k, m=0.99)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            zq = q(x1)
+            with torch.no_grad():
+                zk = k(x2)
+            loss = crit(zq, zk)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def measure(step, args, device) -> tuple[float, float]:
+    x1 = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x2 = torch.randn_like(x1)
+    if device.type == "cuda":
+        x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step(x1, x2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(x1, x2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return args.steps * args.batch_size / dt, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    rows = []
+    for name, build in (("fedmoco", fedmoco_step_fn), ("lightly", lightly_step_fn)):
+        ips, peak = measure(build(args, device), args, device)
+        rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
+    text = "\n".join([
+        f"Command: `python benchmarks/moco_step.py --device {args.device} --image-size {args.image_size} "
+        f"--batch-size {args.batch_size} --steps {args.steps}`",
+        f"Machine: {machine}; torch {torch.__version__}",
+        "",
+        "| implementation | images/s (training step) | peak GPU memory (GiB) |",
+        "|---|---|---|",
+        *rows,
+    ])
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as fh:
+            fh.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
