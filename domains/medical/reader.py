@@ -1,0 +1,716 @@
+"""Read one DICOM file into float32 pixels in modality units, with technical metadata only.
+
+Two entry points share one validation path:
+
+* :func:`read_header` reads the header without loading pixel data (the folder scan uses it);
+* :func:`read_dicom` reads, validates and decodes (the dataset uses it per sample).
+
+Privacy: files are parsed with pydicom's ``specific_tags`` restricted to the technical tags in
+:data:`TECHNICAL_TAGS`, so patient, study and accession elements are skipped byte-wise by the
+parser and never become Python objects, and no error message can quote them. Pydicom warnings
+raised while reading are suppressed for the same reason (they may quote element values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import mmap
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from fedmoco.errors import DataError
+
+# Skip reasons: the keys of the scan's Counter and the second field of every error message.
+NOT_DICOM = "not DICOM"
+UNREADABLE = "unreadable"
+NO_PIXEL_DATA = "no pixel data"
+TRUNCATED = "truncated pixel data"
+NO_DECODER = "no decoder"
+INCONSISTENT = "inconsistent attributes"
+UNSUPPORTED = "unsupported image type"
+UNDECODABLE = "undecodable pixel data"
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = {tag_for_keyword(k): k for k in PIXEL_KEYWORDS}
+
+# Everything read_dicom may look at. Nothing here identifies a patient. SeriesInstanceUID is
+# read only to derive a one-way grouping key (see DicomHeader.series_key) and then dropped.
+TECHNICAL_TAGS: tuple[int, ...] = tuple(
+    tag_for_keyword(k)
+    for k in (
+        "SOPClassUID",
+        "Modality",
+        "SeriesInstanceUID",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PlanarConfiguration",
+        "NumberOfFrames",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "RescaleType",
+        "ModalityLUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SliceLocation",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "RedPaletteColorLookupTableDescriptor",
+        "GreenPaletteColorLookupTableDescriptor",
+        "BluePaletteColorLookupTableDescriptor",
+        "RedPaletteColorLookupTableData",
+        "GreenPaletteColorLookupTableData",
+        "BluePaletteColorLookupTableData",
+        "SegmentedRedPaletteColorLookupTableData",
+        "SegmentedGreenPaletteColorLookupTableData",
+        "SegmentedBluePaletteColorLookupTableData",
+        "ExtendedOffsetTable",
+        "ExtendedOffsetTableLengths",
+        *PIXEL_KEYWORDS,
+    )
+)
+
+# Pixel data above this size stays on disk until decoded; multi-frame files are then read one
+# frame at a time instead of whole (a 300-frame enhanced CT is 150 MB).
+_DEFER_BYTES = 64 * 1024
+
+# Which installed package decodes what; named in "no decoder" errors. See docs/medical.md.
+_JPEG12_HINT = (
+    "pylibjpeg-libjpeg, the only decoder of 12-bit JPEG Extended here; it is GPL-3.0 so "
+    "fedmoco ships it as the opt-in extra: pip install 'fedmoco[jpeg12]'"
+)
+DECODER_PACKAGES: dict[str, str] = {
+    JPEGBaseline8Bit: "pillow or python-gdcm",
+    JPEGExtended12Bit: "pillow or python-gdcm (8-bit samples); " + _JPEG12_HINT + " (12-bit)",
+    JPEGLossless: "python-gdcm (or pylibjpeg-libjpeg, extra 'jpeg12')",
+    JPEGLosslessSV1: "python-gdcm (or pylibjpeg-libjpeg, extra 'jpeg12')",
+    JPEGLSLossless: "pyjpegls or python-gdcm",
+    JPEGLSNearLossless: "pyjpegls or python-gdcm",
+    JPEG2000Lossless: "pylibjpeg-openjpeg, python-gdcm or pillow",
+    JPEG2000: "pylibjpeg-openjpeg, python-gdcm or pillow",
+    HTJ2KLossless: "pylibjpeg-openjpeg",
+    HTJ2KLosslessRPCL: "pylibjpeg-openjpeg",
+    HTJ2K: "pylibjpeg-openjpeg",
+    RLELossless: "pylibjpeg-rle (numpy alone also works)",
+}
+
+_GRAY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+
+
+class DicomReadError(DataError):
+    """A file that cannot become pixels. A ValueError (via DataError).
+
+    ``reason`` is one of the module's reason constants (``not DICOM``, ``no pixel data``,
+    ``truncated pixel data``, ``no decoder``, ``inconsistent attributes``, ...); the message is
+    ``"<path>: <reason>: <detail>"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str = "") -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{self.path}: {reason}" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self):  # DataLoader workers pickle exceptions; keep the three fields
+        return (type(self), (self.path, self.reason, self.detail))
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """Technical metadata of one DICOM image file. No patient-identifying field.
+
+    Units: ``pixel_spacing`` in mm (row spacing, column spacing); ``slice_positions`` in mm
+    along the slice normal, one per frame (``None`` where the file does not say);
+    ``window_center``/``window_width`` and ``value_range`` in the units of the decoded
+    pixels (modality units, e.g. HU for CT, after MONOCHROME1 inversion).
+    """
+
+    path: str
+    sop_class: str
+    transfer_syntax: str
+    modality: str
+    rows: int
+    columns: int
+    number_of_frames: int
+    channels: int  # 1 for grayscale, 3 for colour (decoded as RGB)
+    bits_stored: int
+    photometric_interpretation: str  # as stored in the file
+    pixel_spacing: tuple[float, float] | None
+    window_center: float | None
+    window_width: float | None
+    value_range: tuple[float, float] | None  # None for float pixel data
+    slice_positions: tuple[float | None, ...]
+    instance_number: int | None
+    # sha256 of SeriesInstanceUID, first 16 hex digits: groups slices for 2.5D stacking
+    # without keeping the UID itself (a DICOM UID is an identifier under PS3.15).
+    series_key: str | None
+
+    @property
+    def slice_position(self) -> float | None:
+        """Position in mm along the slice normal of the first frame, or None."""
+        return self.slice_positions[0] if self.slice_positions else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DicomHeader":
+        d = dict(d)
+        for key in ("pixel_spacing", "value_range", "slice_positions"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True, eq=False)
+class DicomImage(DicomHeader):
+    """A decoded DICOM image: :class:`DicomHeader` plus pixels.
+
+    ``pixels`` is float32, native byte order, shape (frames, channels, rows, columns), in
+    modality units: rescale slope/intercept (or the modality LUT) applied, so CT is in HU;
+    MONOCHROME1 inverted to the MONOCHROME2 convention (bright = high value) by reflecting
+    within ``value_range``; YBR and palette colour converted to RGB channels.
+    ``frames`` lists which frames of the file ``pixels`` holds, in order.
+    """
+
+    pixels: np.ndarray = None  # type: ignore[assignment]
+    frames: tuple[int, ...] = ()
+
+    def header(self) -> DicomHeader:
+        """The metadata without the pixels."""
+        return DicomHeader(**{f.name: getattr(self, f.name) for f in fields(DicomHeader)})
+
+
+def has_dicom_magic(path: str | os.PathLike) -> bool:
+    """True when ``path`` has the DICOM Part-10 marker ``DICM`` at byte 128 (reads 132 bytes).
+
+    Raises OSError when the file cannot be opened.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def read_header(path: str | os.PathLike) -> DicomHeader:
+    """Read and validate the technical header of ``path`` without decoding pixels.
+
+    Detects every failure that can be seen without decoding (not DICOM, no pixel data,
+    truncated uncompressed pixel data, missing decoder, inconsistent attributes).
+    Raises :class:`DicomReadError`, and no other exception.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds, size = _open(path)
+        return _validate(ds, path, size)[0]
+
+
+def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None) -> DicomImage:
+    """Decode ``path`` into a :class:`DicomImage` (pixels (F, C, rows, columns), float32).
+
+    ``frames`` selects frame indices (0-based) to decode; ``None`` decodes all. Decoding a
+    subset reads only those frames' bytes for uncompressed multi-frame files.
+    Raises :class:`DicomReadError` for any file that cannot become pixels, and no other
+    exception.
+    """
+    with warnings.catch_warnings():
+        # pydicom warns about odd element values, quoting them; nothing of that may leak.
+        warnings.simplefilter("ignore")
+        ds, size = _open(path)
+        header, rescale, stored_range = _validate(ds, path, size)
+        return _read_pixels(ds, path, header, rescale, stored_range, frames)
+
+
+def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
+    wanted = tuple(range(header.number_of_frames)) if frames is None else tuple(frames)
+    for f in wanted:
+        if not 0 <= f < header.number_of_frames:
+            raise DicomReadError(
+                path, INCONSISTENT, f"frame {f} requested, file has {header.number_of_frames}"
+            )
+    if not wanted:
+        raise DicomReadError(path, INCONSISTENT, "no frame requested")
+    try:
+        raw, photometric = _decode(ds, path, wanted)
+    except DicomReadError:
+        raise
+    except Exception as exc:  # decoder plugins raise many types; the contract allows one
+        raise DicomReadError(path, UNDECODABLE, _describe(exc)) from None
+    if raw.shape[1:3] != (header.rows, header.columns):
+        raise DicomReadError(
+            path, INCONSISTENT,
+            f"decoded frame is {raw.shape[1]}x{raw.shape[2]}, header says "
+            f"{header.rows}x{header.columns}",
+        )
+    pixels = _to_modality_units(raw, ds, header, rescale, stored_range, wanted, photometric)
+    return DicomImage(**header.to_dict(), pixels=pixels, frames=wanted)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open(path: str | os.PathLike) -> tuple[Dataset, int]:
+    """Parse the technical tags of ``path``; pixel data over 64 KiB is left on disk."""
+    try:
+        size = os.path.getsize(path)
+        magic = has_dicom_magic(path)
+    except OSError as exc:
+        raise DicomReadError(path, UNREADABLE, exc.strerror or type(exc).__name__) from None
+    if not magic:
+        raise DicomReadError(
+            path, NOT_DICOM,
+            "no 'DICM' marker at byte 128 (files without a Part-10 header are not accepted)",
+        )
+    try:
+        ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS), defer_size=_DEFER_BYTES)
+        if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+            # Deferred offsets point into the inflated stream, not the file: read it whole.
+            ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS))
+    except Exception as exc:  # a corrupt header can raise almost anything inside pydicom
+        raise DicomReadError(path, UNREADABLE, f"cannot parse the header ({_describe(exc)})") from None
+    return ds, size
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    value = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(value)) if value else None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception from pydicom or a plugin."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(
+    ds: Dataset, path, size: int
+) -> tuple[DicomHeader, list[tuple[float, float]], tuple[int, int]]:
+    """Check everything that can be checked without decoding.
+
+    Returns the header, the (slope, intercept) of every frame of the file and the range of
+    stored values allowed by BitsStored and PixelRepresentation.
+    """
+    sop = _sop_class(ds)
+    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        _raise_no_pixel_data(ds, path, sop)
+    tsyntax = _transfer_syntax(ds)
+    if tsyntax is None:
+        raise DicomReadError(path, INCONSISTENT, "the file meta has no TransferSyntaxUID")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if keyword == "PixelData" and not photometric:
+        raise DicomReadError(path, INCONSISTENT, "PhotometricInterpretation is missing")
+    rows = _int_attr(ds, path, "Rows", minimum=1)
+    columns = _int_attr(ds, path, "Columns", minimum=1)
+    frames = _int_attr(ds, path, "NumberOfFrames", minimum=1, default=1)
+    samples = _int_attr(ds, path, "SamplesPerPixel", minimum=1, default=1)
+    if keyword == "PixelData":
+        bits_allocated = _int_attr(ds, path, "BitsAllocated", minimum=1)
+        if bits_allocated not in (1, 8, 16, 32, 64):
+            raise DicomReadError(path, INCONSISTENT, f"BitsAllocated is {bits_allocated}")
+        bits_stored = _int_attr(ds, path, "BitsStored", minimum=1, default=bits_allocated)
+        if bits_stored > bits_allocated:
+            raise DicomReadError(
+                path, INCONSISTENT, f"BitsStored {bits_stored} > BitsAllocated {bits_allocated}"
+            )
+        signed = _int_attr(ds, path, "PixelRepresentation", minimum=0, default=0) == 1
+    else:  # float pixel data: 32 or 64 bits, no stored range
+        bits_allocated = 32 if keyword == "FloatPixelData" else 64
+        bits_stored, signed, photometric = bits_allocated, True, photometric or "MONOCHROME2"
+    if photometric in _GRAY:
+        if samples != 1:
+            raise DicomReadError(path, INCONSISTENT, f"{photometric} with SamplesPerPixel {samples}")
+    elif photometric in _COLOUR:
+        want = 1 if photometric == "PALETTE COLOR" else 3
+        if samples != want:
+            raise DicomReadError(path, INCONSISTENT, f"{photometric} with SamplesPerPixel {samples}")
+    else:
+        raise DicomReadError(path, UNSUPPORTED, f"PhotometricInterpretation {photometric!r}")
+
+    _check_decoder(path, tsyntax, bits_stored)
+    _check_length(ds, path, size, keyword, tsyntax, rows * columns, frames, samples,
+                  bits_allocated, photometric)
+
+    rescale = _rescale_per_frame(ds, path, frames)
+    if signed:
+        stored_range = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1)
+    else:
+        stored_range = (0, 2**bits_stored - 1)
+    if photometric == "PALETTE COLOR":
+        # The palette's entries, not the indices, become the pixels: their bit depth counts.
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        stored_range = (0, 2 ** _int_value(descriptor[2], path, "palette descriptor") - 1)
+    value_range = _value_range(stored_range, rescale[0], photometric, keyword)
+    center, width = _window(ds)
+    if photometric == "MONOCHROME1" and center is not None and value_range is not None:
+        center = value_range[0] + value_range[1] - center
+    header = DicomHeader(
+        path=str(path),
+        sop_class=sop,
+        transfer_syntax=str(tsyntax),
+        modality=str(ds.get("Modality", "") or "OT").strip().upper() or "OT",
+        rows=rows,
+        columns=columns,
+        number_of_frames=frames,
+        channels=1 if photometric in _GRAY else 3,
+        bits_stored=bits_stored,
+        photometric_interpretation=photometric,
+        pixel_spacing=_pixel_spacing(ds),
+        window_center=center,
+        window_width=width,
+        value_range=value_range,
+        slice_positions=_slice_positions(ds, frames),
+        instance_number=_optional_int(ds.get("InstanceNumber")),
+        series_key=_series_key(ds),
+    )
+    return header, rescale, stored_range
+
+
+def _sop_class(ds: Dataset) -> str:
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    if not uid:
+        return "unknown SOP class"
+    uid = UID(str(uid))
+    return f"{uid.name} ({uid})" if uid.name != str(uid) else str(uid)
+
+
+def _raise_no_pixel_data(ds: Dataset, path, sop: str) -> None:
+    # pydicom silently drops an encapsulated pixel data element that runs past the end of the
+    # file, so "no element" may really be "truncated": look for the element's tag on disk.
+    be = _transfer_syntax(ds) is not None and not _transfer_syntax(ds).is_little_endian
+    tags = [b"\x7f\xe0\x00\x10", b"\x7f\xf2\x00\x10"] if be else [b"\xe0\x7f\x10\x00"]
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            offset = max((mm.rfind(t) for t in tags), default=-1)
+    except (OSError, ValueError):
+        offset = -1
+    if offset > 132:
+        raise DicomReadError(
+            path, TRUNCATED,
+            f"the file ends inside the pixel data element that starts at byte {offset}",
+        )
+    raise DicomReadError(path, NO_PIXEL_DATA, f"SOP class {sop}")
+
+
+def _int_value(value: Any, path, what: str) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise DicomReadError(path, INCONSISTENT, f"{what} {str(value)[:20]!r} is not an integer") from None
+
+
+def _int_attr(ds: Dataset, path, keyword: str, *, minimum: int, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise DicomReadError(path, INCONSISTENT, f"{keyword} is missing")
+        return default
+    number = _int_value(value, path, keyword)
+    if number < minimum:
+        raise DicomReadError(path, INCONSISTENT, f"{keyword} is {number}")
+    return number
+
+
+def _check_decoder(path, tsyntax: UID, bits_stored: int) -> None:
+    if not tsyntax.is_transfer_syntax:
+        raise DicomReadError(path, INCONSISTENT, f"TransferSyntaxUID {str(tsyntax)!r} is not a transfer syntax")
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise DicomReadError(
+            path, NO_DECODER,
+            f"{tsyntax.name} ({tsyntax}): no pixel-data plugin for pydicom decodes this transfer syntax",
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise DicomReadError(
+            path, NO_DECODER,
+            f"{tsyntax.name} ({tsyntax}) needs {DECODER_PACKAGES.get(tsyntax, 'a pixel-data plugin')}"
+            + (f" (pydicom: {missing})" if missing else ""),
+        )
+    # Pillow and GDCM claim JPEG Extended but fail on 12-bit samples (checked file by file).
+    if tsyntax == JPEGExtended12Bit and bits_stored > 8 and "pylibjpeg" not in decoder.available_plugins:
+        raise DicomReadError(
+            path, NO_DECODER,
+            f"{tsyntax.name} ({tsyntax}) with {bits_stored}-bit samples needs {_JPEG12_HINT}",
+        )
+
+
+def _check_length(ds, path, size, keyword, tsyntax, pixels, frames, samples, bits, photometric) -> None:
+    raw = ds.get_item(keyword, keep_deferred=True)
+    if tsyntax.is_encapsulated:
+        return  # fragment lengths are checked by the decoder; pydicom drops a cut-off sequence
+    declared = getattr(raw, "length", None)
+    if declared is None or declared == 0xFFFFFFFF:
+        declared = len(raw.value or b"")
+    value = getattr(raw, "value", None)
+    if value is None:  # deferred: still on disk
+        available = max(0, min(declared, size - raw.value_tell))
+    else:
+        available = len(value)
+    if available < declared:
+        raise DicomReadError(
+            path, TRUNCATED, f"the file holds {available} of {declared} bytes of pixel data"
+        )
+    per_pixel = 2 if (photometric == "YBR_FULL_422" and samples == 3) else samples
+    expected = math.ceil(pixels * per_pixel * frames * bits / 8)
+    if declared < expected:
+        raise DicomReadError(
+            path, INCONSISTENT,
+            f"pixel data holds {declared} bytes but Rows, Columns, SamplesPerPixel, "
+            f"BitsAllocated and NumberOfFrames need {expected}",
+        )
+
+
+def _functional_item(ds: Dataset, group: str, frame: int | None) -> Dataset | None:
+    """First item of ``group`` (e.g. PixelValueTransformationSequence) for ``frame``.
+
+    Enhanced multi-frame objects keep per-frame values in PerFrameFunctionalGroupsSequence and
+    common ones in SharedFunctionalGroupsSequence; per-frame wins.
+    """
+    sources = []
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        if frame < len(per_frame):
+            sources.append(per_frame[frame])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        sources.append(ds.SharedFunctionalGroupsSequence[0])
+    for item in sources:
+        seq = item.get(group)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _rescale_per_frame(ds: Dataset, path, frames: int) -> list[tuple[float, float]]:
+    top = (ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    result = []
+    for f in range(frames):
+        item = _functional_item(ds, "PixelValueTransformationSequence", f)
+        slope, intercept = (item.get("RescaleSlope"), item.get("RescaleIntercept")) if item else top
+        try:
+            pair = (float(slope) if slope not in (None, "") else 1.0,
+                    float(intercept) if intercept not in (None, "") else 0.0)
+        except (TypeError, ValueError):
+            raise DicomReadError(path, INCONSISTENT, "RescaleSlope/RescaleIntercept is not a number") from None
+        if pair[0] == 0 or not all(map(math.isfinite, pair)):
+            raise DicomReadError(path, INCONSISTENT, f"RescaleSlope {pair[0]}, RescaleIntercept {pair[1]}")
+        result.append(pair)
+        if item is None and "PerFrameFunctionalGroupsSequence" not in ds:
+            return result * frames  # one value for every frame: skip the per-frame lookups
+    return result
+
+
+def _value_range(stored_range, rescale, photometric, keyword) -> tuple[float, float] | None:
+    """The representable range of stored values, in output units (first frame's rescale)."""
+    if keyword != "PixelData":
+        return None
+    lo, hi = stored_range
+    if photometric not in _GRAY:
+        return (float(lo), float(hi))
+    slope, intercept = rescale
+    a, b = lo * slope + intercept, hi * slope + intercept
+    return (float(min(a, b)), float(max(a, b)))
+
+
+def _first_number(value: Any) -> float | None:
+    """First value of a possibly multi-valued DS/IS element, or None."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _window(ds: Dataset) -> tuple[float | None, float | None]:
+    source: Dataset | None = ds
+    if "WindowCenter" not in ds:
+        source = _functional_item(ds, "FrameVOILUTSequence", 0)
+    if source is None:
+        return None, None
+    center, width = _first_number(source.get("WindowCenter")), _first_number(source.get("WindowWidth"))
+    if center is None or width is None or width <= 0:
+        return None, None
+    return center, width
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    value = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if value is None:
+        item = _functional_item(ds, "PixelMeasuresSequence", 0)
+        value = item.get("PixelSpacing") if item else None
+    try:
+        row, col = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
+
+
+def _slice_positions(ds: Dataset, frames: int) -> tuple[float | None, ...]:
+    """Position of each frame along the slice normal (mm), from the plane modules."""
+
+    def vector(value, n):
+        try:
+            v = np.asarray([float(x) for x in value], dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        return v if v.shape == (n,) and np.isfinite(v).all() else None
+
+    orientation = vector(ds.get("ImageOrientationPatient"), 6)
+    if orientation is None:
+        item = _functional_item(ds, "PlaneOrientationSequence", 0)
+        orientation = vector(item.get("ImageOrientationPatient"), 6) if item else None
+    normal = np.cross(orientation[:3], orientation[3:]) if orientation is not None else None
+    positions: list[float | None] = []
+    for f in range(frames):
+        position = vector(ds.get("ImagePositionPatient"), 3) if f == 0 else None
+        item = _functional_item(ds, "PlanePositionSequence", f)
+        if item is not None:
+            position = vector(item.get("ImagePositionPatient"), 3)
+        if position is not None and normal is not None:
+            positions.append(float(position @ normal))
+        elif frames == 1 and _first_number(ds.get("SliceLocation")) is not None:
+            positions.append(_first_number(ds.get("SliceLocation")))
+        else:
+            positions.append(None)
+    return tuple(positions)
+
+
+def _optional_int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _series_key(ds: Dataset) -> str | None:
+    uid = ds.get("SeriesInstanceUID")
+    if not uid:
+        return None
+    return hashlib.sha256(str(uid).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode(ds: Dataset, path, wanted: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """Decode ``wanted`` frames as (F, rows, columns, samples) in stored values."""
+    tsyntax = _transfer_syntax(ds)
+    decoder = get_decoder(tsyntax)
+    keyword = next(k for k in PIXEL_KEYWORDS if k in ds)
+    raw = ds.get_item(keyword, keep_deferred=True)
+    n_frames = _int_attr(ds, path, "NumberOfFrames", minimum=1, default=1)
+    whole = len(wanted) == n_frames and wanted == tuple(range(n_frames))
+    if getattr(raw, "value", b"") is None and not tsyntax.is_encapsulated:
+        # Deferred uncompressed data: decode straight from the file, one frame at a time.
+        opts = as_pixel_options(ds)
+        opts.update(pixel_keyword=keyword, pixel_vr=raw.VR or ("OW" if int(ds.get("BitsAllocated", 8)) > 8 else "OB"))
+        with open(path, "rb") as fh:
+            fh.seek(raw.value_tell)
+            arrays = []
+            for f in wanted:
+                arr, props = decoder.as_array(fh, index=f, **opts)
+                arrays.append(arr)
+        stack = np.stack(arrays)
+    elif whole:
+        stack, props = decoder.as_array(ds)
+        if n_frames == 1:
+            stack = stack[None]
+    else:
+        arrays = []
+        for f in wanted:
+            arr, props = decoder.as_array(ds, index=f)
+            arrays.append(arr)
+        stack = np.stack(arrays)
+    if stack.ndim == 3:
+        stack = stack[..., None]
+    photometric = str(props.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
+    return stack, photometric
+
+
+def _to_modality_units(
+    raw: np.ndarray,
+    ds: Dataset,
+    header: DicomHeader,
+    rescale: list[tuple[float, float]],
+    stored_range: tuple[int, int],
+    wanted: tuple[int, ...],
+    photometric: str,
+) -> np.ndarray:
+    """(F, rows, columns, samples) stored values -> (F, C, rows, columns) float32 output units."""
+    if photometric == "PALETTE COLOR":
+        raw = apply_color_lut(raw[..., 0], ds)
+    elif photometric.startswith("YBR"):
+        # Decoders normally return RGB already; this covers ones that leave YCbCr.
+        raw = convert_color_space(raw, "YBR_FULL", "RGB", per_frame=True)
+    if header.channels == 3:
+        return np.ascontiguousarray(np.asarray(raw, dtype=np.float32).transpose(0, 3, 1, 2))
+
+    gray = raw[..., 0]
+    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
+        # A lookup table instead of a linear rescale (some CR/XA): pydicom applies it.
+        out = np.asarray(apply_modality_lut(gray, ds), dtype=np.float32)
+        lut_range = (float(out.min()), float(out.max()))
+        if header.photometric_interpretation == "MONOCHROME1":
+            out = np.float32(sum(lut_range)) - out
+        return out[:, None]
+    # np.asarray to float32 also turns big-endian ('>i2') data into native order.
+    out = np.asarray(gray, dtype=np.float32)
+    slopes = np.asarray([rescale[f][0] for f in wanted], dtype=np.float32)[:, None, None]
+    intercepts = np.asarray([rescale[f][1] for f in wanted], dtype=np.float32)[:, None, None]
+    if (slopes != 1).any() or (intercepts != 0).any():
+        out = out * slopes + intercepts
+    if header.photometric_interpretation == "MONOCHROME1" and header.value_range is not None:
+        # Reflect within the representable range of each frame (lo + hi - x; rescale can vary
+        # per frame), so a known stored value maps to a known output value whatever the
+        # image content.
+        stored_lo, stored_hi = stored_range
+        out = (stored_lo + stored_hi) * slopes + 2 * intercepts - out
+    return np.ascontiguousarray(out[:, None])
