@@ -1,0 +1,232 @@
+"""Datasets over a folder of DICOM files, and the two domain entry points of fedmoco.data."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedmoco.data import (
+    DataConfig,
+    LabelledData,
+    Normalization,
+    PretrainData,
+    TwoViews,
+    format_skipped,
+    list_files,
+    read_labels,
+)
+from fedmoco.errors import DataError
+
+from .index import FileRecord, build_samples, cache_file, modality_counts, scan
+from .options import CT_PRESETS, MedicalOptions
+from .reader import INCONSISTENT, DicomImage, DicomReadError, read_dicom
+from .transforms import IMAGE, WINDOW, ViewPipeline, eval_pipeline, pretrain_pipeline
+
+log = logging.getLogger(__name__)
+
+# Fixed, not estimated: windowing already maps every modality to [0, 1], and in a federation
+# every hospital must feed the shared encoder the same scale, which per-site estimates
+# would break. 0.5/0.25 puts [0, 1] at [-2, 2].
+MEAN, STD = 0.5, 0.25
+# ITU-R BT.601 luma, the weights of PIL's "L" mode.
+_LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def default_normalization(channels: int) -> Normalization:
+    """Mean 0.5, std 0.25 per channel (inputs are windowed to [0, 1])."""
+    return Normalization(mean=[MEAN] * channels, std=[STD] * channels)
+
+
+class _DicomSamples(Dataset):
+    """Loads sample ``i`` as ``{"image": (C, H, W) float32 modality units, "window": ...}``.
+
+    Holds only the index: root, relative paths, modality and shape per file, and the sample
+    table (N, slices, 2) of (file, frame). Picklable for DataLoader workers.
+    """
+
+    def __init__(self, root: Path, records: list[FileRecord], samples: np.ndarray,
+                 opts: MedicalOptions) -> None:
+        self.root = Path(root)
+        self.records = records
+        self.samples = samples
+        self.opts = opts
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def file_of(self, i: int) -> Path:
+        """The file holding the centre slice of sample ``i``."""
+        return self.root / self.records[int(self.samples[i, len(self.samples[i]) // 2, 0])].path
+
+    def load(self, i: int) -> dict[str, Any] | None:
+        """Read sample ``i``; ``None`` (with a warning naming file and reason) if unreadable."""
+        refs = [(int(f), int(fr)) for f, fr in self.samples[i]]
+        wanted: dict[int, list[int]] = {}
+        for f, fr in refs:
+            wanted.setdefault(f, [])
+            if fr not in wanted[f]:
+                wanted[f].append(fr)
+        try:
+            images = {f: read_dicom(self.root / self.records[f].path, sorted(frames))
+                      for f, frames in wanted.items()}
+            planes = [self._plane(images[f], fr) for f, fr in refs]
+            if len({p.shape for p in planes}) > 1:
+                raise DicomReadError(self.file_of(i), INCONSISTENT,
+                                     "neighbouring slices differ in size since indexing")
+        except DicomReadError as exc:
+            log.warning("skipping sample %d: %s", i, exc)
+            return None
+        centre = images[refs[len(refs) // 2][0]]
+        image = np.concatenate(planes) if len(planes) > 1 else planes[0]
+        if self.opts.channels == 3 and image.shape[0] == 1:
+            image = np.repeat(image, 3, axis=0)
+        return {IMAGE: torch.from_numpy(np.ascontiguousarray(image)), WINDOW: self._window(centre)}
+
+    def _plane(self, image: DicomImage, frame: int) -> np.ndarray:
+        """Frame ``frame`` as (C, H, W): RGB becomes luma unless 3 channels are wanted."""
+        plane = image.pixels[image.frames.index(frame)]
+        if plane.shape[0] == 3 and self.opts.channels == 1:
+            plane = np.tensordot(_LUMA, plane, axes=1)[None]
+        return plane
+
+    def _window(self, image: DicomImage) -> tuple[float, float] | None:
+        """(centre, width) in the pixels' units, or None for percentiles."""
+        if image.channels == 3 and image.value_range is not None:
+            lo, hi = image.value_range
+            return ((lo + hi) / 2, hi - lo)
+        own = (image.window_center, image.window_width) if image.window_width else None
+        if image.modality == "CT":
+            choice = self.opts.ct_window
+            if choice in CT_PRESETS:
+                return CT_PRESETS[choice]
+            return own if choice == "file" else None
+        return own if self.opts.window == "file" else None
+
+
+class MedicalPretrainDataset(_DicomSamples):
+    """``dataset[i]`` -> (view_q, view_k), each (C, S, S) float32 normalised, or None."""
+
+    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline, seed: int) -> None:
+        super().__init__(root, records, samples, opts)
+        self.views = TwoViews(pipeline)
+        self.seed = seed
+        self._seeded_pid: int | None = None
+
+    def _ensure_seeded(self) -> None:
+        # MONAI transforms carry their own RandomState; forked DataLoader workers would
+        # otherwise all replay the same augmentations. torch gives each worker (and each
+        # epoch's workers) a distinct seed.
+        if self._seeded_pid == os.getpid():
+            return
+        info = torch.utils.data.get_worker_info()
+        self.views.transform.set_random_state(info.seed if info is not None else self.seed)
+        self._seeded_pid = os.getpid()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self._ensure_seeded()
+        sample = self.load(i)
+        return None if sample is None else self.views(sample)
+
+
+class MedicalLabelledDataset(_DicomSamples):
+    """``dataset[i]`` -> (image (C, S, S) float32 normalised, label int), or None."""
+
+    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline, labels: list[int]) -> None:
+        super().__init__(root, records, samples, opts)
+        self.pipeline = pipeline
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def label_of(self, i: int) -> int:
+        return int(self.labels[self.samples[i, len(self.samples[i]) // 2, 0]])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        sample = self.load(i)
+        return None if sample is None else (self.pipeline(sample), self.label_of(i))
+
+
+def index_folder(root: Path, opts: MedicalOptions) -> tuple[list[FileRecord], Counter]:
+    """Scan ``root`` (cached), keep the selected modalities; DataError if nothing usable."""
+    files = list_files(root)
+    cache = cache_file(root, opts.cache_dir or None) if opts.cache else None
+    records, skipped = scan(root, files, cache)
+    if opts.modalities:
+        kept = [r for r in records if r.modality in opts.modalities]
+        if len(kept) < len(records):
+            skipped[f"modality not in {','.join(opts.modalities)}"] += len(records) - len(kept)
+        records = kept
+    if not records:
+        raise DataError(f"{root}: no usable DICOM image among {len(files)} files; {format_skipped(skipped)}")
+    log.info("%s: %d DICOM files indexed; %s", root, len(records), format_skipped(skipped))
+    return records, skipped
+
+
+def _describe(records: list[FileRecord], n_samples: int, opts: MedicalOptions, skipped: Counter) -> str:
+    per_modality = ", ".join(f"{m} {n}" for m, n in sorted(modality_counts(records).items()))
+    return (
+        f"medical: {n_samples} samples from {len(records)} DICOM files ({per_modality}); "
+        f"{opts.in_channels} channel(s); CT window {opts.ct_window}, others {opts.window}; "
+        f"{format_skipped(skipped)}"
+    )
+
+
+def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
+    """Two-view MoCo data over the DICOM files under ``root`` (see fedmoco.data).
+
+    Every frame or slice is a sample; views are (C, cfg.image_size, cfg.image_size) float32,
+    windowed to [0, 1], augmented independently, normalised with mean 0.5 / std 0.25.
+    """
+    opts = MedicalOptions.parse(cfg.options)
+    records, skipped = index_folder(Path(root), opts)
+    samples = build_samples(records, opts.slices)
+    normalization = default_normalization(opts.in_channels)
+    pipeline = ViewPipeline(pretrain_pipeline(opts, cfg.image_size), normalization)
+    dataset = MedicalPretrainDataset(root, records, samples, opts, pipeline, cfg.seed)
+    return PretrainData(
+        dataset=dataset,
+        in_channels=opts.in_channels,
+        normalization=normalization,
+        skipped=skipped,
+        description=_describe(records, len(samples), opts, skipped),
+    )
+
+
+def build_labelled_data(
+    root: Path,
+    cfg: DataConfig,
+    labels_csv: Path | None,
+    normalization: Normalization | None,
+) -> LabelledData:
+    """Single deterministic view per sample with the label of its file (see fedmoco.data).
+
+    Labels come from ``labels_csv`` or the first sub-folder name; all frames of a file share
+    it. The view is the windowed image's centre square resized to cfg.image_size.
+    ``normalization`` (from the checkpoint) is used when given.
+    """
+    opts = MedicalOptions.parse(cfg.options)
+    root = Path(root)
+    records, skipped = index_folder(root, opts)
+    labels, classes = read_labels(root, [root / r.path for r in records], labels_csv)
+    if normalization is None:
+        normalization = default_normalization(opts.in_channels)
+    elif normalization.channels != opts.in_channels:
+        raise DataError(
+            f"normalization has {normalization.channels} channels but the medical options give "
+            f"{opts.in_channels} (slices={opts.slices}, channels={opts.channels})"
+        )
+    samples = build_samples(records, opts.slices)
+    pipeline = ViewPipeline(eval_pipeline(opts, cfg.image_size), normalization)
+    dataset = MedicalLabelledDataset(root, records, samples, opts, pipeline, labels)
+    return LabelledData(
+        dataset=dataset,
+        classes=classes,
+        in_channels=opts.in_channels,
+        normalization=normalization,
+        skipped=skipped,
+    )
