@@ -1,0 +1,553 @@
+"""Tile datasets over a folder of multispectral rasters (the satellite domain's data contract).
+
+Scanning reads metadata only, plus the windows needed to decide which tiles are usable; every
+read afterwards is one window through rasterio, so memory is bounded by the tile size. The
+datasets hold only picklable descriptions of the sources: each DataLoader worker opens its
+own rasterio handles on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from domains.satellite import bands as band_facts
+from domains.satellite.augment import eval_transform, pretrain_transform
+from domains.satellite.options import SatelliteOptions, parse_options
+from domains.satellite.reader import (
+    ALL_NODATA,
+    WRONG_BAND_COUNT,
+    RasterReadError,
+    RasterSource,
+    build_sources,
+    inspect_file,
+    is_sidecar,
+    select_bands,
+    shared_handles,
+)
+from fedmoco.data import (
+    DataConfig,
+    LabelledData,
+    Normalization,
+    PretrainData,
+    format_skipped,
+    list_files,
+    read_labels,
+)
+from fedmoco.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TOO_MUCH_NODATA = "too much nodata"
+# Smallest std kept in a Normalization: a band that is constant in the sample (a saturated or
+# empty band) must not turn tiny differences at fine-tuning time into huge inputs.
+MIN_STD = 1e-3
+
+Window = tuple[int, int, int, int]
+
+
+# ---------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class Layout:
+    """The channels every sample has: selected band positions per source, names, roles."""
+
+    positions: list[list[int]]  # per source, 0-based positions of the selected bands
+    names: list[str | None]  # of the selected bands (first source; defaults by band count)
+    wavelengths: list[float] | None  # nm per selected band, None when unknown
+    roles: dict[str, int]  # blue/green/red/nir -> channel position
+    indices: tuple[str, ...]
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.names)
+
+    @property
+    def in_channels(self) -> int:
+        return self.n_bands + len(self.indices)
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [n or f"band{i + 1}" for i, n in enumerate(self.names)] + [i.upper() for i in self.indices]
+
+
+@dataclass
+class Scan:
+    sources: list[RasterSource]
+    layout: Layout
+    skipped: Counter = field(default_factory=Counter)
+
+
+def _skip(skipped: Counter, exc: RasterReadError, n_files: int = 1) -> None:
+    log.warning("skipping %s", exc)
+    skipped[exc.reason] += n_files
+
+
+def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()) -> Scan:
+    """Find the usable rasters under ``root`` and the band layout they share.
+
+    Broken files are skipped and counted by reason. Raises DataError when nothing is left.
+    """
+    excluded = {p.resolve() for p in exclude}
+    files = [p for p in list_files(root) if not is_sidecar(p) and p.resolve() not in excluded]
+    skipped: Counter = Counter()
+    infos = []
+    for path in files:
+        try:
+            infos.append(inspect_file(path, opts.scale, opts.offset))
+        except RasterReadError as exc:
+            _skip(skipped, exc)
+    sources, errors = build_sources(infos, opts.resolution, opts.resampling)
+    for exc, n_files in errors:
+        _skip(skipped, exc, n_files)
+    kept: list[RasterSource] = []
+    positions: list[list[int]] = []
+    if opts.bands is None and sources:
+        # Without a selection every file must have the band count most files have.
+        common = Counter(s.count for s in sources).most_common(1)[0][0]
+    for source in sources:
+        try:
+            if opts.bands is None and source.count != common:
+                raise RasterReadError(
+                    source.name, WRONG_BAND_COUNT, f"{source.count} bands, most rasters here have {common}"
+                )
+            positions.append(select_bands(source, opts.bands))
+            kept.append(source)
+        except RasterReadError as exc:
+            _skip(skipped, exc, len(source.paths))
+    if not kept:
+        raise DataError(f"{root}: no usable raster ({format_skipped(skipped)})")
+    return Scan(kept, _layout(kept[0], positions, opts), skipped)
+
+
+def _layout(first: RasterSource, positions: list[list[int]], opts: SatelliteOptions) -> Layout:
+    names: list[str | None] = [first.bands[p].name for p in positions[0]]
+    if not any(names):
+        defaults = band_facts.default_names(first.count)
+        if defaults is not None:
+            names = [defaults[p] for p in positions[0]]
+    n = len(names)
+    if opts.wavelengths is not None:
+        if len(opts.wavelengths) != n:
+            raise DataError(
+                f"satellite data option wavelengths={','.join(map(str, opts.wavelengths))!r}: "
+                f"{len(opts.wavelengths)} values for {n} selected bands"
+            )
+        wavelengths: list[float] | None = list(opts.wavelengths)
+    else:
+        wavelengths = band_facts.infer_wavelengths(names)
+    roles = band_facts.infer_roles(names)
+    for role, band in opts.band_roles.items():
+        roles[role] = _role_position(first, positions[0], names, role, band)
+    for index in opts.indices:
+        missing = [r for r in ("nir", "red", "green") if r in _needs(index) and r not in roles]
+        if missing:
+            raise DataError(
+                f"satellite data option indices={index!r}: band role {missing[0]!r} unknown for bands "
+                f"{names}; give it with band_roles, e.g. band_roles=red=B04,nir=B08,green=B03"
+            )
+    return Layout(positions, names, wavelengths, roles, opts.indices)
+
+
+def _needs(index: str) -> tuple[str, ...]:
+    return {"ndvi": ("nir", "red"), "ndwi": ("green", "nir")}[index]
+
+
+def _role_position(source: RasterSource, selected: list[int], names, role: str, band: int | str) -> int:
+    if isinstance(band, int):
+        if band - 1 in selected:
+            return selected.index(band - 1)
+    else:
+        upper = [(n or "").upper() for n in names]
+        if band.upper() in upper:
+            return upper.index(band.upper())
+    raise DataError(f"satellite data option band_roles={role}={band}: band {band!r} is not among the selected bands")
+
+
+# ---------------------------------------------------------------------------- windows
+
+
+def tile_shape(source: RasterSource, tile: int) -> tuple[int, int]:
+    """(width, height) of a tile: ``tile`` pixels, or the whole raster side when smaller."""
+    return min(tile, source.grid.width), min(tile, source.grid.height)
+
+
+def grid_windows(source: RasterSource, tile: int, stride: int) -> list[Window]:
+    """Windows (col, row, w, h) of a regular grid, row by row; a remainder narrower than a
+    tile at the right or bottom edge is not covered (no padded tiles).
+
+    Count: (floor((W - w) / stride) + 1) * (floor((H - h) / stride) + 1).
+    """
+    w, h = tile_shape(source, tile)
+    return [
+        (col, row, w, h)
+        for row in range(0, source.grid.height - h + 1, stride)
+        for col in range(0, source.grid.width - w + 1, stride)
+    ]
+
+
+def random_window(source: RasterSource, tile: int, rng: np.random.Generator | None = None) -> Window:
+    """A uniformly placed tile inside the raster (torch's generator when ``rng`` is None)."""
+    w, h = tile_shape(source, tile)
+    span_x, span_y = source.grid.width - w + 1, source.grid.height - h + 1
+    if rng is None:
+        col, row = int(torch.randint(0, span_x, ())), int(torch.randint(0, span_y, ()))
+    else:
+        col, row = int(rng.integers(0, span_x)), int(rng.integers(0, span_y))
+    return col, row, w, h
+
+
+def nodata_fraction(tile: np.ma.MaskedArray) -> float:
+    """Share of pixels where any selected band is masked."""
+    return float(np.ma.getmaskarray(tile).any(axis=0).mean())
+
+
+@dataclass
+class TileReader:
+    """Reads one tile of one source as filled reflectance. Picklable: no handle inside."""
+
+    sources: list[RasterSource]
+    layout: Layout
+    gdal_cache_mb: int
+    fill: np.ndarray | None = None  # per-band value for masked pixels (the band means)
+
+    def read(self, i: int, window: Window) -> np.ma.MaskedArray:
+        """Masked reflectance (bands, h, w) of ``window`` in source ``i``; RasterReadError."""
+        handles = shared_handles(self.gdal_cache_mb)
+        return self.sources[i].read(window, self.layout.positions[i], handles)
+
+    def filled(self, tile: np.ma.MaskedArray) -> torch.Tensor:
+        """Tensor (bands, h, w) with masked pixels set to the band mean (0 once normalised)."""
+        fill = self.fill if self.fill is not None else np.zeros(tile.shape[0], np.float32)
+        data = np.where(np.ma.getmaskarray(tile), fill.reshape(-1, 1, 1), tile.data)
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+
+
+def usable_grid_windows(
+    reader: TileReader, tile: int, stride: int, max_nodata: float, skipped: Counter
+) -> tuple[list[int], list[tuple[int, Window]]]:
+    """Read every grid window once; keep those with at most ``max_nodata`` masked pixels.
+
+    Returns (kept source indices, [(source index, window)]). A source that fails to read, or
+    has no usable tile, is skipped and counted.
+    """
+    kept: list[int] = []
+    windows: list[tuple[int, Window]] = []
+    for i, source in enumerate(reader.sources):
+        mine: list[tuple[int, Window]] = []
+        fully_masked = 0
+        candidates = grid_windows(source, tile, stride)
+        try:
+            for window in candidates:
+                frac = nodata_fraction(reader.read(i, window))
+                fully_masked += frac == 1.0
+                if frac <= max_nodata:
+                    mine.append((i, window))
+        except RasterReadError as exc:
+            _skip(skipped, exc, len(source.paths))
+            continue
+        if not mine:
+            reason = ALL_NODATA if fully_masked == len(candidates) else TOO_MUCH_NODATA
+            detail = f"no {tile} px tile with at most {max_nodata:.0%} nodata"
+            _skip(skipped, RasterReadError(source.name, reason, detail), len(source.paths))
+            continue
+        kept.append(i)
+        windows.extend(mine)
+    return kept, windows
+
+
+def probe_random(
+    reader: TileReader, tile: int, max_nodata: float, tries: int, rng: np.random.Generator, skipped: Counter
+) -> list[int]:
+    """Keep the sources where one of ``tries`` random windows is usable (cheap on any size)."""
+    kept = []
+    for i, source in enumerate(reader.sources):
+        fully_masked = 0
+        try:
+            for _ in range(tries):
+                frac = nodata_fraction(reader.read(i, random_window(source, tile, rng)))
+                if frac <= max_nodata:
+                    kept.append(i)
+                    break
+                fully_masked += frac == 1.0
+            else:
+                reason = ALL_NODATA if fully_masked == tries else TOO_MUCH_NODATA
+                detail = f"no {tile} px tile with at most {max_nodata:.0%} nodata in {tries} random windows"
+                _skip(skipped, RasterReadError(source.name, reason, detail), len(source.paths))
+        except RasterReadError as exc:
+            _skip(skipped, exc, len(source.paths))
+    return kept
+
+
+def _subset(reader: TileReader, keep: list[int]) -> TileReader:
+    layout = reader.layout
+    sub = Layout([layout.positions[i] for i in keep], layout.names, layout.wavelengths, layout.roles, layout.indices)
+    return TileReader([reader.sources[i] for i in keep], sub, reader.gdal_cache_mb, reader.fill)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def estimate_normalization(
+    reader: TileReader, tiles: Iterator[tuple[int, Window]], n_tiles: int, max_nodata: float
+) -> Normalization:
+    """Per-channel mean and std (reflectance units; indices unitless) over valid pixels.
+
+    ``tiles`` yields candidate (source, window) pairs; the first ``n_tiles`` with at most
+    ``max_nodata`` nodata are used. Index channels count pixels where all their bands are
+    valid. Stds below MIN_STD are raised to it.
+    """
+    from domains.satellite.augment import AppendIndices
+
+    layout = reader.layout
+    append = AppendIndices(layout.indices, layout.roles)
+    total = np.zeros(layout.in_channels)
+    total_sq = np.zeros(layout.in_channels)
+    count = np.zeros(layout.in_channels)
+    used = 0
+    for i, window in tiles:
+        if used >= n_tiles:
+            break
+        tile = reader.read(i, window)
+        if nodata_fraction(tile) > max_nodata:
+            continue
+        used += 1
+        mask = np.ma.getmaskarray(tile)
+        values = append(torch.from_numpy(np.asarray(tile.data, np.float32))).double().numpy()
+        pair_masks = [mask[a] | mask[b] for a, b in append.pairs]
+        valid = ~np.concatenate([mask, np.stack(pair_masks)]) if pair_masks else ~mask
+        total += np.where(valid, values, 0).sum(axis=(1, 2))
+        total_sq += np.where(valid, values**2, 0).sum(axis=(1, 2))
+        count += valid.sum(axis=(1, 2))
+    if used == 0 or (count == 0).any():
+        raise DataError("satellite: no usable tile to estimate the per-band mean and std from")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return Normalization(mean=mean.tolist(), std=np.maximum(std, MIN_STD).tolist())
+
+
+def _sample_windows(pool: list[tuple[int, Window]], rng: np.random.Generator) -> Iterator[tuple[int, Window]]:
+    yield from (pool[j] for j in rng.permutation(len(pool)))
+
+
+def _random_tiles(reader: TileReader, weights: np.ndarray, tile: int, rng: np.random.Generator, limit: int):
+    p = weights / weights.sum()
+    for _ in range(limit):
+        i = int(rng.choice(len(p), p=p))
+        yield i, random_window(reader.sources[i], tile, rng)
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+class SatellitePretrainDataset(Dataset):
+    """Two augmented views of a tile: ``dataset[i]`` -> (view_q, view_k) or None.
+
+    Views are float32 (C, image_size, image_size), normalised. ``windows`` (grid sampling) fixes
+    the tile of each index; otherwise (random sampling) index i picks a source in proportion to
+    ``weights`` and a random window in it, redrawn up to ``max_tries`` times until its nodata
+    fraction is at most ``max_nodata``. With ``partners`` (temporal positives) the key view is
+    the same window of another acquisition of the same footprint.
+    """
+
+    def __init__(
+        self,
+        reader: TileReader,
+        transform,
+        tile: int,
+        max_nodata: float,
+        max_tries: int,
+        windows: list[tuple[int, Window]] | None = None,
+        weights: np.ndarray | None = None,
+        length: int = 0,
+        partners: dict[int, list[int]] | None = None,
+    ) -> None:
+        self.reader = reader
+        self.transform = transform
+        self.tile, self.max_nodata, self.max_tries = tile, max_nodata, max_tries
+        self.windows = windows
+        self.cumulative = None if weights is None else np.cumsum(weights)
+        self.length = len(windows) if windows is not None else length
+        self.partners = partners or {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _pick(self, index: int) -> tuple[int, Window, np.ma.MaskedArray]:
+        if self.windows is not None:
+            i, window = self.windows[index]
+            return i, window, self.reader.read(i, window)
+        i = int(np.searchsorted(self.cumulative, index % self.cumulative[-1], side="right"))
+        for _ in range(self.max_tries):
+            window = random_window(self.reader.sources[i], self.tile)
+            tile = self.reader.read(i, window)
+            if nodata_fraction(tile) <= self.max_nodata:
+                return i, window, tile
+        raise RasterReadError(
+            self.reader.sources[i].name,
+            TOO_MUCH_NODATA,
+            f"no tile with at most {self.max_nodata:.0%} nodata in {self.max_tries} random windows",
+        )
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        try:
+            i, window, tile = self._pick(index)
+            key_tile = tile
+            if self.partners.get(i):
+                j = self.partners[i][int(torch.randint(0, len(self.partners[i]), ()))]
+                other = self.reader.read(j, window)
+                # A cloudy or cut acquisition would teach nodata, not seasons: fall back.
+                if nodata_fraction(other) <= self.max_nodata:
+                    key_tile = other
+        except RasterReadError as exc:
+            log.warning("sample %d dropped: %s", index, exc)
+            return None
+        query = self.transform(self.reader.filled(tile))
+        key = self.transform(self.reader.filled(key_tile))
+        return query, key
+
+
+class SatelliteLabelledDataset(Dataset):
+    """Grid tiles with the label of their file: ``dataset[i]`` -> (image, label) or None.
+
+    Images are float32 (C, image_size, image_size), normalised, deterministic.
+    """
+
+    def __init__(self, reader: TileReader, transform, windows: list[tuple[int, Window]], labels: list[int]):
+        self.reader, self.transform, self.windows, self.labels = reader, transform, windows, labels
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int):
+        i, window = self.windows[index]
+        try:
+            tile = self.reader.read(i, window)
+        except RasterReadError as exc:
+            log.warning("sample %d dropped: %s", index, exc)
+            return None
+        return self.transform(self.reader.filled(tile)), self.labels[i]
+
+
+def temporal_partners(sources: Sequence[RasterSource]) -> dict[int, list[int]]:
+    """Per source, the other sources on the same grid with a different acquisition date."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sources):
+        if s.date is not None:
+            t = s.grid.transform
+            key = (s.grid.crs, s.grid.width, s.grid.height, tuple(round(v, 6) for v in t[:6]))
+            groups.setdefault(key, []).append(i)
+    out: dict[int, list[int]] = {}
+    for members in groups.values():
+        for i in members:
+            others = [j for j in members if sources[j].date != sources[i].date]
+            if others:
+                out[i] = others
+    return out
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _describe(reader: TileReader, extra: str, skipped: Counter) -> str:
+    products = sum(1 for s in reader.sources if len(s.paths) > 1)
+    layout = reader.layout
+    return (
+        f"satellite: {len(reader.sources)} rasters ({products} per-band products), "
+        f"{layout.in_channels} channels [{', '.join(layout.channel_names)}], {extra}; {format_skipped(skipped)}"
+    )
+
+
+def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
+    """Unlabelled two-view tiles from the rasters under ``root``.
+
+    in_channels = selected bands + indices. The Normalization (reflectance mean/std per
+    channel) is estimated from ``stats_tiles`` tiles drawn with ``cfg.seed``.
+    """
+    opts = parse_options(cfg.options)
+    tile = opts.tile(cfg.image_size)
+    scan = scan_folder(Path(root), opts)
+    skipped = scan.skipped
+    reader = TileReader(scan.sources, scan.layout, opts.gdal_cache_mb)
+    rng = np.random.default_rng(cfg.seed)
+    windows = None
+    if opts.sampling == "grid":
+        keep, windows = usable_grid_windows(reader, tile, opts.grid_stride(cfg.image_size), opts.max_nodata, skipped)
+    else:
+        keep = probe_random(reader, tile, opts.max_nodata, opts.max_tries, rng, skipped)
+    if not keep:
+        raise DataError(f"{root}: no raster has a usable tile ({format_skipped(skipped)})")
+    if windows is not None:
+        remap = {old: new for new, old in enumerate(keep)}
+        windows = [(remap[i], w) for i, w in windows]
+    reader = _subset(reader, keep)
+    weights = np.array([max(1, (s.grid.width * s.grid.height) // (tile * tile)) for s in reader.sources], float)
+    if windows is not None:
+        candidates = _sample_windows(windows, rng)
+    else:
+        candidates = _random_tiles(reader, weights, tile, rng, opts.stats_tiles * opts.max_tries)
+    normalization = estimate_normalization(reader, candidates, opts.stats_tiles, opts.max_nodata)
+    reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)
+    shared_handles().close()  # workers open their own handles; none are inherited open
+
+    wavelengths = reader.layout.wavelengths
+    if wavelengths is None and opts.haze_p > 0:
+        log.info("satellite: band wavelengths unknown, haze augmentation off (set the wavelengths option)")
+    transform = pretrain_transform(opts, cfg.image_size, normalization, wavelengths, reader.layout.roles)
+    partners = temporal_partners(reader.sources) if opts.temporal else {}
+    if opts.temporal and not partners:
+        log.warning("satellite: temporal=true but no two acquisitions of one footprint carry dates")
+    length = len(windows) if windows is not None else (opts.samples_per_epoch or int(weights.sum()))
+    dataset = SatellitePretrainDataset(
+        reader, transform, tile, opts.max_nodata, opts.max_tries, windows, weights, length, partners
+    )
+    extra = (
+        f"{len(windows)} grid tiles" if windows is not None else f"{length} random {tile} px tiles per epoch"
+    ) + (f", {len(partners)} rasters with temporal partners" if partners else "")
+    return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped))
+
+
+def build_labelled_data(
+    root: Path, cfg: DataConfig, labels_csv: Path | None, normalization: Normalization | None
+) -> LabelledData:
+    """Labelled grid tiles: each tile gets its file's label (sub-folder name or CSV).
+
+    For a per-band product the label is that of its first band file. With ``normalization``
+    (from the pretraining checkpoint) it is used as is; its channel count must match.
+    """
+    opts = parse_options(cfg.options)
+    tile = opts.tile(cfg.image_size)
+    root = Path(root)
+    scan = scan_folder(root, opts, exclude=[labels_csv] if labels_csv else [])
+    skipped = scan.skipped
+    if normalization is not None and normalization.channels != scan.layout.in_channels:
+        raise DataError(
+            f"{root}: the checkpoint's normalization has {normalization.channels} channels but the "
+            f"selected bands give {scan.layout.in_channels} ({', '.join(scan.layout.channel_names)})"
+        )
+    reader = TileReader(scan.sources, scan.layout, opts.gdal_cache_mb)
+    keep, windows = usable_grid_windows(reader, tile, opts.grid_stride(cfg.image_size), opts.max_nodata, skipped)
+    if not keep:
+        raise DataError(f"{root}: no raster has a usable tile ({format_skipped(skipped)})")
+    remap = {old: new for new, old in enumerate(keep)}
+    windows = [(remap[i], w) for i, w in windows]
+    reader = _subset(reader, keep)
+    labels, classes = read_labels(root, [Path(s.bands[0].path) for s in reader.sources], labels_csv)
+    if normalization is None:
+        rng = np.random.default_rng(cfg.seed)
+        normalization = estimate_normalization(reader, _sample_windows(windows, rng), opts.stats_tiles, opts.max_nodata)
+    reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)
+    shared_handles().close()
+    transform = eval_transform(opts, cfg.image_size, normalization, reader.layout.roles)
+    dataset = SatelliteLabelledDataset(reader, transform, windows, labels)
+    return LabelledData(dataset, classes, reader.layout.in_channels, normalization, skipped)

@@ -1,0 +1,234 @@
+"""The satellite domain's data options (``--data-option key=value``), parsed and validated.
+
+Values arrive as strings from the command line or as native values from a federation's
+node_config; both are accepted. Every option, its default and why, is in docs/satellite.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+from domains.satellite.reader import RESAMPLING_METHODS
+from fedmoco.errors import DataError
+
+INDICES = ("ndvi", "ndwi")
+ROLES = ("blue", "green", "red", "nir")
+
+
+@dataclass(frozen=True)
+class SatelliteOptions:
+    """Validated options. ``tile_size`` 0 means "same as the image size"."""
+
+    # reading
+    bands: tuple[int | str, ...] | None = None
+    scale: float | None = None
+    offset: float | None = None
+    resolution: float | None = None
+    resampling: str = "bilinear"
+    gdal_cache_mb: int = 64
+    # sampling
+    tile_size: int = 0
+    sampling: str = "random"
+    stride: int = 0
+    samples_per_epoch: int = 0
+    max_nodata: float = 0.1
+    max_tries: int = 20
+    stats_tiles: int = 256
+    temporal: bool = False
+    # extra channels
+    indices: tuple[str, ...] = ()
+    band_roles: Mapping[str, int | str] = field(default_factory=dict)
+    wavelengths: tuple[float, ...] | None = None
+    # augmentations
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    haze_p: float = 0.3
+    haze_max: float = 0.08
+    haze_exponent: float = 2.0
+    noise_p: float = 0.5
+    noise_std: float = 0.01
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    band_dropout: float = 0.1
+
+    def tile(self, image_size: int) -> int:
+        """Tile edge in pixels read from disk."""
+        return self.tile_size or image_size
+
+    def grid_stride(self, image_size: int) -> int:
+        """Grid step in pixels (defaults to the tile edge: non-overlapping tiles)."""
+        return self.stride or self.tile(image_size)
+
+
+def _bad(key: str, value: Any, why: str) -> DataError:
+    return DataError(f"satellite data option {key}={value!r}: {why}")
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    def parse(key: str, value: Any):
+        if isinstance(value, bool):
+            raise _bad(key, value, f"expected {'an integer' if kind is int else 'a number'}")
+        try:
+            if kind is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                out = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+            else:
+                out = float(value)
+        except (TypeError, ValueError):
+            raise _bad(key, value, f"expected {'an integer' if kind is int else 'a number'}") from None
+        if out != out:  # NaN
+            raise _bad(key, value, "expected a number")
+        if lo is not None and (out < lo or (lo_open and out == lo)):
+            raise _bad(key, value, f"must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and out > hi:
+            raise _bad(key, value, f"must be <= {hi}")
+        return out
+
+    return parse
+
+
+def _probability(key: str, value: Any) -> float:
+    return _number(float, 0.0, 1.0)(key, value)
+
+
+def _items(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _bad(key, value, "expected true or false")
+
+
+def _choice(*choices: str):
+    def parse(key: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise _bad(key, value, f"choose one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _bands(key: str, value: Any) -> tuple[int | str, ...] | None:
+    items = _items(value)
+    if not items:
+        raise _bad(key, value, "expected band indices (1-based) or band descriptions, comma-separated")
+    out: list[int | str] = []
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, int) or text.isdigit():
+            index = int(text)
+            if index < 1:
+                raise _bad(key, value, "band indices start at 1")
+            out.append(index)
+        elif text.lstrip("-").isdigit():
+            raise _bad(key, value, "band indices start at 1")
+        else:
+            out.append(text)
+    if len(set(map(str, out))) != len(out):
+        raise _bad(key, value, "a band is selected twice")
+    return tuple(out)
+
+
+def _indices(key: str, value: Any) -> tuple[str, ...]:
+    items = [str(v).strip().lower() for v in _items(value)]
+    if items in (["none"], []):
+        return ()
+    unknown = [i for i in items if i not in INDICES]
+    if unknown:
+        raise _bad(key, value, f"unknown index {unknown[0]!r}; choose from {', '.join(INDICES)}")
+    return tuple(dict.fromkeys(items))
+
+
+def _roles(key: str, value: Any) -> dict[str, int | str]:
+    pairs = value.items() if isinstance(value, Mapping) else (str(p).partition("=")[::2] for p in _items(value))
+    out: dict[str, int | str] = {}
+    for role, band in pairs:
+        role = str(role).strip().lower()
+        band = str(band).strip()
+        if role not in ROLES or not band:
+            raise _bad(key, value, f"expected role=band pairs with roles from {', '.join(ROLES)}, e.g. red=B04,nir=B08")
+        out[role] = int(band) if band.isdigit() else band
+    return out
+
+
+def _floats(key: str, value: Any) -> tuple[float, ...]:
+    return tuple(_number(float, 0.0, lo_open=True)(key, v) for v in _items(value))
+
+
+def _range(lo: float, hi: float):
+    def parse(key: str, value: Any) -> tuple[float, float]:
+        items = _items(value)
+        if len(items) != 2:
+            raise _bad(key, value, "expected two numbers min,max")
+        a, b = (_number(float)(key, v) for v in items)
+        if not lo < a <= b <= hi:
+            raise _bad(key, value, f"expected {lo} < min <= max <= {hi}")
+        return a, b
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "bands": _bands,
+    "scale": _number(float, 0.0, lo_open=True),
+    "offset": _number(float),
+    "resolution": _number(float, 0.0, lo_open=True),
+    "resampling": _choice(*RESAMPLING_METHODS),
+    "gdal_cache_mb": _number(int, 1),
+    "tile_size": _number(int, 8),
+    "sampling": _choice("random", "grid"),
+    "stride": _number(int, 1),
+    "samples_per_epoch": _number(int, 0),
+    "max_nodata": _probability,
+    "max_tries": _number(int, 1),
+    "stats_tiles": _number(int, 1),
+    "temporal": _bool,
+    "indices": _indices,
+    "band_roles": _roles,
+    "wavelengths": _floats,
+    "crop_scale": _range(0.0, 1.0),
+    "jitter_p": _probability,
+    "brightness": _number(float, 0.0, 1.0),
+    "contrast": _number(float, 0.0, 1.0),
+    "haze_p": _probability,
+    "haze_max": _number(float, 0.0, 1.0),
+    "haze_exponent": _number(float, 0.0, 8.0),
+    "noise_p": _probability,
+    "noise_std": _number(float, 0.0, 1.0),
+    "blur_p": _probability,
+    "blur_sigma": _range(0.0, 16.0),
+    "band_dropout": _number(float, 0.0, 0.9),
+}
+assert set(_PARSERS) == {f.name for f in fields(SatelliteOptions)}
+
+
+def parse_options(options: Mapping[str, Any] | None) -> SatelliteOptions:
+    """Validate ``DataConfig.options`` for the satellite domain.
+
+    Raises DataError naming an unknown key, or the option and value that is wrong.
+    """
+    parsed: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        name = str(key).strip().replace("-", "_")
+        if name not in _PARSERS:
+            raise DataError(
+                f"satellite data option {key!r} is unknown; known options: {', '.join(sorted(_PARSERS))}"
+            )
+        parsed[name] = _PARSERS[name](str(key), value)
+    return SatelliteOptions(**parsed)
