@@ -1,0 +1,258 @@
+"""The site's Flower ClientApp: E local epochs of MoCo, then weights, metrics and noisy keys.
+
+Per train message (server round r) a site:
+
+1. reads its settings: node_config (domain, data-path, dp-epsilon, dp-delta, ...) and the
+   run's hyper-parameters (run_config, see ``clients.task.RUN_DEFAULTS``);
+2. builds its dataset; a missing or empty data folder is answered with an error reply
+   (code :data:`SITE_DATA_UNAVAILABLE`) whose reason names the folder, and the round goes on
+   without the site;
+3. restores its state from ``Context.state`` (``clients.state``): its own key encoder,
+   local queue, optimizer and LR-schedule position, personal head, privacy ledger;
+4. loads the global query encoder + projection head (+ predictor), by replacement or by
+   FedEMA blending;
+5. trains ``local-epochs`` epochs of MoCo: negatives = its local queue + the global
+   negatives the server sent (record ``queue``, other sites' privatised keys);
+6. releases a Poisson sample of key embeddings with calibrated Gaussian noise, unless the
+   key budget is exhausted: then it sends an empty (0, D) keys array, says so in
+   ``dp-keys-exhausted``, and keeps training and sending weights;
+7. saves its state and replies with exactly the records of docs/privacy.md: ``arrays``,
+   ``keys``, ``metrics``. Never images, file names or DICOM attributes.
+
+The key encoder (run_config ``key-encoder``): ``local-ema`` (default) keeps each site's
+own momentum encoder across rounds, so it keeps moving slowly (m per step) towards the
+query encoder, which jumps to the global model at the start of every round. Its keys then
+stay consistent with the local queue it filled in earlier rounds, MoCo's reason for a
+momentum encoder. ``reset`` copies the freshly loaded global query encoder into the key
+encoder each round: all sites start the round with identical key encoders, but the local
+queue's older keys come from a different encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
+
+from clients.state import load_site_state, save_site_state
+from clients.task import (arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
+                          run_value, shared_arrays, site_data_path, train_config)
+from fedmoco.data import DataConfig, Normalization, build_pretrain_data
+from fedmoco.errors import DataError, FedmocoError
+from fedmoco.moco import MoCo
+from fedmoco.privacy import KeyPrivacyLedger, calibrate_noise, release_keys
+from fedmoco.train import EpochSummary, Trainer, make_loader
+
+log = logging.getLogger("flwr.fedmoco.client")  # printed by Flower's console handler
+
+#: Error code of a reply from a site that has no usable data (Flower's own codes are < 10).
+SITE_DATA_UNAVAILABLE = 100
+#: Error code of a reply from a site whose configuration does not fit the federation.
+SITE_MISCONFIGURED = 101
+
+app = ClientApp()
+
+
+class Renormalized(Dataset):
+    """Re-express a domain dataset's views in the federation's input normalisation.
+
+    The domain normalises with the site's own statistics ``src``; this maps each view back
+    to domain units and forward with ``dst`` (run_config ``input-mean`` / ``input-std``),
+    so every site feeds the shared encoder the same units. Items: (view_q, view_k) or None.
+    """
+
+    def __init__(self, dataset: Dataset, src: Normalization, dst: Normalization) -> None:
+        self.dataset = dataset
+        s_mean, s_std = torch.tensor(src.mean).view(-1, 1, 1), torch.tensor(src.std).view(-1, 1, 1)
+        d_mean, d_std = torch.tensor(dst.mean).view(-1, 1, 1), torch.tensor(dst.std).view(-1, 1, 1)
+        # x_dst = (x_src * s_std + s_mean - d_mean) / d_std = x_src * scale + shift
+        self.scale = s_std / d_std
+        self.shift = (s_mean - d_mean) / d_std
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        if item is None:
+            return None
+        return tuple(v * self.scale + self.shift for v in item)
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    log.error("site cannot train this round: %s", reason)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _secure_generator() -> torch.Generator:
+    """A generator seeded from the OS: the DP noise on keys must not be reproducible by
+    anyone who knows the run's seed (a server that can regenerate the noise subtracts it)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _global_negatives(msg: Message, dim: int) -> torch.Tensor | None:
+    """The server's sample of other sites' keys (M, D), or None when there is none."""
+    record = msg.content.array_records.get("queue")
+    if record is None or len(record) == 0:
+        return None
+    keys = torch.from_numpy(np.array(next(iter(record.values())).numpy(), dtype=np.float32, copy=True))
+    if keys.dim() != 2 or keys.shape[1] != dim or not torch.isfinite(keys).all():
+        # A server bug must not poison local training: contrast without global negatives.
+        log.warning("ignoring global negatives of shape %s (expected (M, %d), finite)", tuple(keys.shape), dim)
+        return None
+    return keys if keys.shape[0] else None
+
+
+def _site_settings(ctx: Context) -> dict[str, Any]:
+    """Per-site settings: node_config wins over run_config defaults."""
+    node, run = ctx.node_config, ctx.run_config
+    state_dir = str(node.get("state-dir", "")).strip()
+    return {
+        "domain": str(node.get("domain", run_value(run, "domain"))),
+        "data_path": site_data_path(node, run),
+        "options": parse_options(str(node.get("data-options", run_value(run, "data-options")))),
+        "epsilon": float(node.get("dp-epsilon", run_value(run, "dp-epsilon"))),
+        "delta": float(node.get("dp-delta", run_value(run, "dp-delta"))),
+        "state_dir": Path(state_dir).expanduser() if state_dir else None,
+        "device": torch.device(str(node.get("device", "cpu"))),
+    }
+
+
+def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:
+    """Step-weighted means of the epochs' statistics (NaN-aware)."""
+    out: dict[str, float] = {}
+    for key in ("loss", "pos_mean", "neg_mean", "neg_var", "emb_std"):
+        vals = [(getattr(s, key), s.steps) for s in summaries if s.steps and math.isfinite(getattr(s, key))]
+        total = sum(w for _, w in vals)
+        out[key] = sum(v * w for v, w in vals) / total if total else float("nan")
+    return out
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One federated round of local MoCo training at this site (see the module docstring)."""
+    t_start = time.perf_counter()
+    run = context.run_config
+    config = msg.content.config_records.get("config", {})
+    server_round = int(config.get("server-round", 1))
+    try:
+        site = _site_settings(context)
+        mcfg, tcfg = moco_config(run), train_config(run)
+    except FedmocoError as exc:
+        return _error_reply(msg, SITE_MISCONFIGURED, f"configuration: {exc}")
+
+    # -- data: a missing/empty folder is a clear error reply, not a crash ----------------
+    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"])
+    try:
+        data = build_pretrain_data(site["domain"], site["data_path"], data_cfg)
+        if len(data.dataset) < 2:  # type: ignore[arg-type]
+            raise DataError(f"{site['data_path']}: {len(data.dataset)} usable image(s); MoCo needs at least 2")
+    except DataError as exc:
+        return _error_reply(msg, SITE_DATA_UNAVAILABLE, f"site data unavailable: {exc}")
+    if data.in_channels != mcfg.in_channels:
+        return _error_reply(msg, SITE_MISCONFIGURED,
+                            f"site data at {site['data_path']} has {data.in_channels} channel(s) but the federation's "
+                            f"encoder takes {mcfg.in_channels} (run_config in-channels)")
+    dataset: Dataset = data.dataset
+    fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
+    fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
+    if fed_mean is not None or fed_std is not None:
+        target = Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
+        dataset = Renormalized(dataset, data.normalization, target)
+
+    # -- model: local state, then the global weights ---------------------------------------
+    saved = load_site_state(context.state, site["state_dir"])
+    torch.manual_seed(tcfg.seed + 7919 * server_round)  # augmentations and shuffles; never the DP noise
+    model = MoCo(mcfg)
+    if saved.model is not None:
+        model.load_state_dict(saved.model)
+    global_weights = arrays_to_tensors(msg.content.array_records["arrays"])
+    mu = load_shared(model, global_weights, keep_head=run_value(run, "personal-head") and saved.model is not None,
+                     fedema_lambda=run_value(run, "fedema-lambda") if saved.model is not None else 0.0)
+    if saved.model is None or run_value(run, "key-encoder") == "reset":
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    elif run_value(run, "key-encoder") != "local-ema":
+        return _error_reply(msg, SITE_MISCONFIGURED,
+                            f"configuration: key-encoder must be local-ema or reset, got {run_value(run, 'key-encoder')!r}")
+
+    # -- local training --------------------------------------------------------------------
+    loader = make_loader(dataset, tcfg, site["device"])
+    steps_per_epoch = min(len(loader), tcfg.max_steps_per_epoch or len(loader))
+    rounds = run_value(run, "num-server-rounds")
+    trainer = Trainer(model, tcfg, site["device"], total_steps=max(rounds * tcfg.epochs * steps_per_epoch, 1),
+                      steps_per_epoch=steps_per_epoch, progress=False)
+    if saved.trainer is not None:
+        trainer.load_state_dict(saved.trainer)
+    _follow_federation_schedule(trainer, (server_round - 1) * tcfg.epochs * steps_per_epoch)
+    negatives = _global_negatives(msg, mcfg.dim)
+    summaries = [trainer.train_epoch(loader, epoch=(server_round - 1) * tcfg.epochs + e, extra_negatives=negatives)
+                 for e in range(tcfg.epochs)]
+    train_seconds = sum(s.seconds for s in summaries)
+
+    # -- privatised keys -------------------------------------------------------------------
+    keys, ledger_metrics, ledger_state = _release(model, dataset, saved.ledger, site, run, mcfg.dim)
+
+    save_site_state(context.state, model, trainer.state_dict(), rounds_done=saved.rounds_done + 1,
+                    last_round=server_round, ledger=ledger_state, state_dir=site["state_dir"])
+    stats = _mean_summary(summaries)
+    metrics = {
+        "num-examples": len(dataset),  # type: ignore[arg-type]
+        "train-loss": stats["loss"], "pos-mean": stats["pos_mean"], "neg-mean": stats["neg_mean"],
+        "neg-var": stats["neg_var"], "emb-std": stats["emb_std"],
+        "seconds": train_seconds,
+        "skipped": sum(data.skipped.values()) + sum(s.skipped for s in summaries),
+        **ledger_metrics,
+    }
+    log.info("round %d: %d images, loss %.4f, %d keys sent, FedEMA mu %.3f, %.1f s (%.1f s training)",
+             server_round, metrics["num-examples"], stats["loss"], keys.shape[0], mu,
+             time.perf_counter() - t_start, train_seconds)
+    content = RecordDict({
+        "arrays": shared_arrays(model),
+        "keys": ArrayRecord({"keys": Array(keys.numpy().astype(np.float32))}),
+        "metrics": MetricRecord(metrics),
+    })
+    return Message(content, reply_to=msg)
+
+
+def _follow_federation_schedule(trainer: Trainer, step: int) -> None:
+    """Move the LR schedule to federation step ``step`` when the site's own count is behind
+    (first round, a site that joined late, a restarted run): the schedule spans the
+    federation's rounds, not the rounds this site happened to see."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        while trainer.global_step < step:
+            trainer.scheduler.step()
+            trainer.global_step += 1
+
+
+def _release(model: MoCo, dataset: Dataset, ledger_state: dict[str, Any] | None, site: dict[str, Any],
+             run: Any, dim: int) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
+    """This round's key release: (keys (n, D), dp-keys-* metrics, ledger state to save)."""
+    q = run_value(run, "key-sample-rate")
+    if ledger_state is not None:
+        # The saved (budget, delta, z, q) are the truth about what was spent, whatever the
+        # run_config says now.
+        ledger = KeyPrivacyLedger(*(ledger_state[k] for k in ("epsilon_budget", "delta", "noise_multiplier",
+                                                              "sample_rate")))
+        ledger.load_state_dict(ledger_state)
+    else:
+        z = calibrate_noise(site["epsilon"], site["delta"], run_value(run, "num-server-rounds"), q)
+        ledger = KeyPrivacyLedger(site["epsilon"], site["delta"], z, q)
+    if not run_value(run, "share-keys"):
+        return torch.zeros(0, dim), ledger.to_metrics(), ledger.state_dict()
+    keys, reason = release_keys(model.encode_keys, dataset, ledger, max_keys=run_value(run, "max-keys"),
+                                device=site["device"], generator=_secure_generator(), key_dim=dim)
+    if reason is not None:
+        log.warning("not sending keys: %s; training and sending weights continue", reason)
+    return keys, ledger.to_metrics(), ledger.state_dict()

@@ -1,0 +1,100 @@
+"""A site's state between rounds: in ``Context.state`` and, for the privacy ledger, on disk.
+
+In deployment every message starts a fresh ClientApp process, so nothing may live in
+module globals. What must survive from one round to the next lives in the node's
+``Context.state`` (a RecordDict the SuperNode keeps for the run):
+
+``fedmoco.model``   ArrayRecord: the whole MoCo state_dict: query encoder, the site's
+                    key encoder, the v3 predictor, and the local key queue (K, D).
+``fedmoco.trainer`` ConfigRecord ``{"blob": bytes}``: Trainer.state_dict() (SGD momentum,
+                    LR schedule position) through ``torch.save``; loaded with
+                    ``weights_only=True``, so it cannot run code.
+``fedmoco.site``    ConfigRecord: rounds done, the last server round seen, and the key
+                    privacy ledger (plain values, ``ledger.*`` entries).
+
+``Context.state`` is per run. The privacy budget is per site and must outlive a run (a
+restarted federation must not hand a site a fresh budget), so when the site sets
+node_config ``state-dir`` the ledger is also written there (``key-ledger.json``, atomic
+rename) and read back before the Context's copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedmoco.moco import MoCo
+
+MODEL, TRAINER, SITE = "fedmoco.model", "fedmoco.trainer", "fedmoco.site"
+LEDGER_FILE = "key-ledger.json"
+
+
+@dataclass
+class SiteState:
+    """What a site restored from its Context (``None``/0 on its first round)."""
+
+    model: dict[str, torch.Tensor] | None = None
+    trainer: dict[str, Any] | None = None
+    rounds_done: int = 0
+    last_round: int = 0
+    ledger: dict[str, Any] | None = None
+
+
+def load_site_state(state: RecordDict, state_dir: Path | None) -> SiteState:
+    """Read a site's state from ``state`` (Context.state); the ledger from ``state_dir`` first."""
+    out = SiteState()
+    if MODEL in state.array_records:
+        out.model = {k: torch.from_numpy(a.numpy().copy()) for k, a in state.array_records[MODEL].items()}
+    if TRAINER in state.config_records:
+        blob = state.config_records[TRAINER]["blob"]
+        out.trainer = torch.load(io.BytesIO(bytes(blob)), map_location="cpu", weights_only=True)
+    if SITE in state.config_records:
+        site = state.config_records[SITE]
+        out.rounds_done = int(site.get("rounds-done", 0))
+        out.last_round = int(site.get("last-round", 0))
+        ledger = {k[len("ledger."):]: v for k, v in site.items() if k.startswith("ledger.")}
+        out.ledger = ledger or None
+    if state_dir is not None and (state_dir / LEDGER_FILE).is_file():
+        # The on-disk ledger outlives runs; it is never behind the Context's copy because
+        # both are written at the end of every round that released keys.
+        out.ledger = json.loads((state_dir / LEDGER_FILE).read_text())
+    return out
+
+
+def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any], *, rounds_done: int,
+                    last_round: int, ledger: dict[str, Any] | None, state_dir: Path | None) -> None:
+    """Write a site's state into ``state`` (Context.state) and the ledger into ``state_dir``."""
+    state[MODEL] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
+                                for k, v in model.state_dict().items()})
+    buf = io.BytesIO()
+    torch.save(trainer_state, buf)
+    state[TRAINER] = ConfigRecord({"blob": buf.getvalue()})
+    site: dict[str, Any] = {"rounds-done": rounds_done, "last-round": last_round}
+    if ledger is not None:
+        site.update({f"ledger.{k}": v for k, v in ledger.items()})
+        if state_dir is not None:
+            write_json_atomic(state_dir / LEDGER_FILE, ledger)
+    state[SITE] = ConfigRecord(site)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename: a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

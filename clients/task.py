@@ -1,0 +1,241 @@
+"""What server and clients agree on: the run_config schema, the model, the shared arrays.
+
+Flower-quickstart style ``task.py``: building the MoCo model and its training config from a
+run's ``run_config``, and naming the part of the model the federation shares. Both
+``clients.app`` and ``server.app`` import it, so the two sides cannot disagree.
+
+Run config (``[tool.flwr.app.config]``, override with ``flwr run --run-config "k=v ..."``)
+-------------------------------------------------------------------------------------------
+See :data:`RUN_DEFAULTS` for every key and its default; docs/federation.md explains each.
+
+Node config (``flower-supernode --node-config 'k="v" ...'``), per site
+----------------------------------------------------------------------
+``domain`` (str), ``data-path`` (str), ``dp-epsilon`` (float), ``dp-delta`` (float),
+``data-options`` (str ``"k=v,k=v"``, domain options), ``state-dir`` (str, optional: where the
+site keeps its key-privacy ledger across runs), ``device`` (str, default ``cpu``).
+In simulation Flower sets ``partition-id``; a site without ``data-path`` then reads
+``<run_config demo-root>/site-<partition-id>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.errors import ConfigError
+from fedmoco.moco import MoCo
+
+#: Every run_config key with its default. pyproject's [tool.flwr.app.config] mirrors it;
+#: a key missing there (e.g. with flwr.simulation.run_simulation, which passes an empty
+#: run_config) falls back to this table.
+RUN_DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    # model (MoCoConfig)
+    "arch": "tiny",
+    "in-channels": 1,
+    "image-size": 64,
+    "small-input": True,
+    "norm": "group",  # no batch statistics: nothing site-specific hides in BN buffers
+    "dim": 128,
+    "hidden-dim": 512,
+    "mlp": True,
+    "predictor": False,
+    "symmetric": False,
+    "temperature": 0.2,
+    "momentum": 0.99,
+    "local-queue-size": 1024,
+    # local training (TrainConfig), per round
+    "local-epochs": 1,
+    "batch-size": 32,
+    "lr": 0.06,
+    "weight-decay": 5e-4,
+    "warmup-epochs": 0.0,
+    "max-steps-per-epoch": 0,  # 0 = whole epoch
+    "num-workers": 0,
+    "seed": 0,
+    "domain": "medical",  # a site's node_config "domain" wins
+    "data-options": "",  # "k=v,k=v"; a site's node_config "data-options" wins
+    "input-mean": "",  # "" = each site normalises with its own statistics
+    "input-std": "",
+    # the key encoder and client-side blending of the global model
+    "key-encoder": "local-ema",  # or "reset"
+    "fedema-lambda": 0.0,  # > 0: FedEMA divergence-aware blending of global into local
+    "personal-head": False,  # True: each site keeps its own projection head (FedCLR-style)
+    # key sharing and its privacy (a site's node_config dp-epsilon / dp-delta win)
+    "share-keys": True,
+    "key-sample-rate": 0.05,
+    "max-keys": 512,
+    "dp-epsilon": 8.0,
+    "dp-delta": 1e-5,
+    # server: global queue
+    "global-queue-size": 8192,
+    "queue-sample": 1024,
+    "exclude-own-keys": True,
+    # server: sampling, validation, aggregation
+    "fraction-train": 1.0,
+    "min-nodes": 2,  # nodes that must be connected before a round starts
+    "min-replies": 1,  # accepted replies a round needs to update the global model
+    "max-update-norm": 0.0,  # 0 = unbounded
+    "aggregation": "fedavg",  # fedavg | fedmedian | fedtrimmedavg | krum
+    "trim-beta": 0.2,
+    "krum-malicious": 0,
+    "model-dp-noise": 0.0,  # > 0: central DP on model updates (server-side clipping)
+    "model-dp-clip": 10.0,
+    "round-timeout": 3600.0,
+    # server: outputs
+    "out-dir": "runs/federation",
+    "resume": True,
+    "plots": True,
+    # simulation only: where each simulated site's data lives
+    "demo-root": "",
+}
+
+#: Prefixes of the state_dict entries the federation averages: the query encoder
+#: (backbone + projection head) and the v3 predictor when there is one.
+SHARED_PREFIXES = ("encoder_q.", "predictor.")
+HEAD_PREFIX = "encoder_q.head."
+
+
+def run_value(run_config: Mapping[str, Any], key: str) -> Any:
+    """``run_config[key]`` or its :data:`RUN_DEFAULTS` value, coerced to the default's type."""
+    if key not in RUN_DEFAULTS:
+        raise KeyError(f"unknown run_config key {key!r}")
+    default = RUN_DEFAULTS[key]
+    value = run_config.get(key, default)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            if float(value) != int(float(value)):
+                raise ValueError(value)
+            return int(float(value))
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run_config {key}: expected {type(default).__name__}, got {value!r}") from None
+
+
+def moco_config(run_config: Mapping[str, Any]) -> MoCoConfig:
+    """The federation's MoCo model from ``run_config`` (validated by MoCoConfig)."""
+    r = lambda k: run_value(run_config, k)  # noqa: E731
+    return MoCoConfig(
+        arch=r("arch"), in_channels=r("in-channels"), small_input=r("small-input"), norm=r("norm"),
+        dim=r("dim"), mlp=r("mlp"), hidden_dim=r("hidden-dim"), predictor=r("predictor"),
+        symmetric=r("symmetric"), queue_size=r("local-queue-size"), momentum=r("momentum"),
+        temperature=r("temperature"),
+    )
+
+
+def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
+    """One round of local training: ``local-epochs`` epochs (validated by TrainConfig)."""
+    r = lambda k: run_value(run_config, k)  # noqa: E731
+    cap = r("max-steps-per-epoch")
+    return TrainConfig(
+        epochs=r("local-epochs"), batch_size=r("batch-size"), lr=r("lr"), weight_decay=r("weight-decay"),
+        warmup_epochs=r("warmup-epochs"), num_workers=r("num-workers"), seed=r("seed"),
+        max_steps_per_epoch=cap if cap > 0 else None, amp=False, channels_last=False,
+    )
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (ints, floats and true/false converted)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in str(text).split(","))):
+        if "=" not in item:
+            raise ConfigError(f"data-options: expected key=value, got {item!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        out[k] = _scalar(v)
+    return out
+
+
+def _scalar(v: str) -> Any:
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_channels(text: str, channels: int, name: str) -> list[float] | None:
+    """``"0.5"`` or ``"0.4,0.5,0.6"`` -> one float per channel; ``""`` -> None."""
+    if not str(text).strip():
+        return None
+    values = [float(v) for v in str(text).split(",")]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ConfigError(f"run_config {name}: {len(values)} values for {channels} channels")
+    return values
+
+
+def is_shared(name: str) -> bool:
+    """Whether state_dict entry ``name`` is averaged by the federation.
+
+    BatchNorm's integer ``num_batches_tracked`` counters are left out: averaging a step
+    counter means nothing, and it would turn int64 into float64 under FedAvg.
+    """
+    return name.startswith(SHARED_PREFIXES) and not name.endswith("num_batches_tracked")
+
+
+def shared_state(model: MoCo) -> dict[str, torch.Tensor]:
+    """The shared part of ``model``'s state_dict (detached CPU tensors, in model order)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_shared(k)}
+
+
+def shared_arrays(model: MoCo) -> ArrayRecord:
+    """The shared weights as the ``arrays`` record of a message."""
+    return ArrayRecord({k: Array(v.numpy()) for k, v in shared_state(model).items()})
+
+
+def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+@torch.no_grad()
+def load_shared(model: MoCo, weights: Mapping[str, torch.Tensor], *, keep_head: bool = False,
+                fedema_lambda: float = 0.0) -> float:
+    """Load the global ``weights`` into the shared part of ``model``; returns FedEMA's mu.
+
+    ``keep_head``: leave ``encoder_q.head`` as it is (a site's personalised head).
+    ``fedema_lambda`` > 0 (FedEMA, Zhuang et al. 2022): instead of overwriting, blend
+    ``w = mu * w_local + (1 - mu) * w_global`` with ``mu = min(lambda * ||w_global -
+    w_local||_2, 1)`` over the blended entries: the further a site has drifted from the
+    federation, the more of its own model it keeps. mu is 0 when the weights are replaced.
+    """
+    state = model.state_dict()
+    names = [k for k in state if is_shared(k) and not (keep_head and k.startswith(HEAD_PREFIX))]
+    missing = [k for k in names if k not in weights]
+    if missing:
+        raise ValueError(f"global model lacks {len(missing)} shared entries (first: {missing[0]!r})")
+    mu = 0.0
+    if fedema_lambda > 0:
+        sq = sum(float((weights[k].float() - state[k].float()).pow(2).sum()) for k in names)
+        mu = min(fedema_lambda * sq ** 0.5, 1.0)
+    for k in names:
+        g = weights[k].to(device=state[k].device, dtype=state[k].dtype)
+        state[k].copy_(state[k] * mu + g * (1 - mu) if mu > 0 else g)
+    return mu
+
+
+def site_data_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
+    """The site's data folder: node_config ``data-path``, else (simulation)
+    ``<run_config demo-root>/site-<partition-id>``."""
+    if str(node_config.get("data-path", "")).strip():
+        return Path(str(node_config["data-path"])).expanduser()
+    root = run_value(run_config, "demo-root")
+    if root and "partition-id" in node_config:
+        return Path(root).expanduser() / f"site-{int(node_config['partition-id'])}"
+    raise ConfigError("node_config data-path is not set (and no run_config demo-root + partition-id to derive it)")

@@ -1,0 +1,147 @@
+"""The federation's Flower ServerApp: FedMoCo rounds, resumable, with a final encoder checkpoint.
+
+Outputs, under run_config ``out-dir`` (a relative path is resolved against the ServerApp
+process's working directory; pass an absolute one in deployment):
+
+``server-state.pt``  round checkpoint, rewritten atomically after every round: global
+                     model, global queue, round number, privacy ledger. A restarted server
+                     with ``resume=true`` (default) continues from it.
+``rounds.jsonl``     one JSON line per round (see ``FedMoCo._log_round``).
+``encoder.pt``       the aggregated encoder as a fedmoco checkpoint (``fedmoco knn
+                     --checkpoint``), written when the run ends.
+``plots/*.png``      loss, score statistics, epsilon per site, traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from clients.task import (moco_config, parse_channels, parse_options, run_value, shared_arrays, shared_state)
+from fedmoco.checkpoint import atomic_save, check_compatible
+from fedmoco.moco import MoCo
+from fedmoco.pretrain import make_checkpoint
+from server.plots import plot_federation
+from server.queue import GlobalKeyQueue
+from server.strategy import FedMoCo, ModelDP, load_server_state, make_aggregator
+from server.validation import ReplyLimits
+
+log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
+
+STATE_FILE, METRICS_FILE, ENCODER_FILE = "server-state.pt", "rounds.jsonl", "encoder.pt"
+
+app = ServerApp()
+
+
+@dataclass
+class FederationResult:
+    out_dir: Path
+    encoder: Path
+    state: Path
+    metrics: Path
+    plots: list[Path]
+    rounds_done: int
+    resumed_from: int
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: run the federation described by the run's ``run_config``."""
+    result = run_federation(grid, context.run_config)
+    print(f"aggregated encoder: {result.encoder}", flush=True)
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResult:
+    """Run (or resume) the federation on ``grid``; returns where everything was written."""
+    r = lambda k: run_value(run_config, k)  # noqa: E731
+    mcfg = moco_config(run_config)
+    out = Path(r("out-dir")).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, metrics_path = out / STATE_FILE, out / METRICS_FILE
+    total_rounds = r("num-server-rounds")
+
+    model = MoCo(mcfg)
+    arrays = shared_arrays(model)
+    queue = GlobalKeyQueue(r("global-queue-size"), mcfg.dim)
+    done, site_ledger, dp_state = 0, {}, None
+    saved = load_server_state(state_path) if r("resume") else None
+    if saved is not None:
+        check_compatible(state_path, saved["moco_config"], mcfg.to_dict())
+        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in saved["arrays"].items()})
+        queue.load_state_dict(saved["queue"])
+        done = int(saved["round"])
+        site_ledger = {int(k): v for k, v in saved["ledger"]["sites"].items()}
+        dp_state = saved["ledger"].get("model-dp")
+        log.info("resuming from %s after round %d: global queue holds %d keys from %d site(s)",
+                 state_path, done, len(queue), len(queue.counts_by_site()))
+    elif state_path.exists() and not r("resume"):
+        log.warning("%s exists but resume=false: starting over and overwriting it", state_path)
+
+    sampling = dict(fraction_train=r("fraction-train"), min_train_nodes=r("min-nodes"),
+                    min_available_nodes=r("min-nodes"))
+    model_dp = None
+    if r("model-dp-noise") > 0:
+        model_dp = ModelDP(noise=r("model-dp-noise"), clip=r("model-dp-clip"), delta=r("dp-delta"),
+                           releases=int(dp_state["releases"]) if dp_state else 0)
+    max_norm = r("max-update-norm")
+    strategy = FedMoCo(
+        queue=queue,
+        limits=ReplyLimits(key_dim=mcfg.dim, max_keys=r("max-keys"), max_update_norm=max_norm if max_norm > 0 else None),
+        queue_sample=r("queue-sample"), exclude_own_keys=r("exclude-own-keys"), min_replies=r("min-replies"),
+        aggregator=make_aggregator(r("aggregation"), trim_beta=r("trim-beta"), krum_malicious=r("krum-malicious"),
+                                   fraction_evaluate=0.0, **sampling),
+        model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,
+        checkpoint_extra={"moco_config": mcfg.to_dict(), "num_server_rounds": total_rounds},
+        site_ledger=site_ledger, **sampling,
+    )
+    if done < total_rounds:
+        result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total_rounds - done,
+                                timeout=r("round-timeout"))
+        arrays = result.arrays if len(result.arrays) else arrays
+    else:
+        log.info("all %d rounds were already done; writing the outputs again", total_rounds)
+
+    encoder = write_encoder(out / ENCODER_FILE, model, arrays, run_config, rounds=max(strategy.last_round, done),
+                            sites=strategy.site_ledger)
+    plots = plot_federation(metrics_path, out / "plots", dim=mcfg.dim) if r("plots") and metrics_path.exists() else []
+    log.info("aggregated encoder: %s", encoder)
+    return FederationResult(out_dir=out, encoder=encoder, state=state_path, metrics=metrics_path, plots=plots,
+                            rounds_done=max(strategy.last_round, done), resumed_from=done)
+
+
+def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapping[str, Any], *, rounds: int,
+                  sites: dict[int, dict[str, float]]) -> Path:
+    """The global model as a fedmoco checkpoint that ``fedmoco knn/linear-probe`` load.
+
+    The key encoder is a copy of the aggregated query encoder (sites' own key encoders
+    never leave them) and the queue is empty. ``data.normalization`` is the federation's
+    ``input-mean``/``input-std`` when set; otherwise ``None``: each site normalised with
+    its own statistics, and evaluation on a site's data should do the same.
+    """
+    weights = {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()}
+    state = model.state_dict()
+    missing = set(shared_state(model)) - set(weights)
+    if missing:
+        raise ValueError(f"aggregated model lacks {len(missing)} entries (first: {sorted(missing)[0]!r})")
+    with torch.no_grad():
+        for k, v in weights.items():
+            state[k].copy_(v)
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    channels = model.cfg.in_channels
+    mean = parse_channels(run_value(run_config, "input-mean"), channels, "input-mean")
+    std = parse_channels(run_value(run_config, "input-std"), channels, "input-std")
+    normalization = None
+    if mean is not None or std is not None:
+        normalization = {"mean": mean or [0.0] * channels, "std": std or [1.0] * channels}
+    data = {"domain": run_value(run_config, "domain"), "image_size": run_value(run_config, "image-size"),
+            "options": parse_options(run_value(run_config, "data-options")), "normalization": normalization}
+    ckpt = make_checkpoint(model, data=data, epoch=rounds,
+                           extra={"federation": {"rounds": rounds, "sites": {str(k): v for k, v in sites.items()}}})
+    return atomic_save(ckpt, path)

@@ -1,0 +1,120 @@
+"""The federation's global key queue: a FIFO of privatised keys that remembers their site.
+
+Each round every site sends a Poisson sample of its key embeddings, already privatised
+on the site (see ``fedmoco.privacy``). The server appends them here and hands every site a
+random sample of the queue as extra negatives, by default leaving out that site's own keys
+(a site already contrasts against its own data through its local queue, and its own noisy
+keys would be near-duplicates of its positives).
+
+Everything in :meth:`GlobalKeyQueue.state_dict` is a tensor or a plain Python value, so the
+round checkpoint loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedmoco.errors import ConfigError
+
+
+class GlobalKeyQueue:
+    """A ring buffer of ``size`` keys of dimension ``dim``, each tagged with its site.
+
+    Memory is fixed at construction: ``keys`` (size, dim) float32, ``owner`` and
+    ``round`` (size,) int64. Sites are Flower node ids (unsigned 64-bit, which do not fit
+    an int64 tensor), so ``owner`` holds an index into ``sites``, a list of node ids.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        if int(size) < 1:
+            raise ConfigError(f"global-queue-size must be >= 1, got {size}")
+        if int(dim) < 1:
+            raise ConfigError(f"dim must be >= 1, got {dim}")
+        self.size = int(size)
+        self.dim = int(dim)
+        self.keys = torch.zeros(self.size, self.dim)
+        self.owner = torch.full((self.size,), -1, dtype=torch.long)  # index into self.sites
+        self.round = torch.zeros(self.size, dtype=torch.long)  # server round the key arrived in
+        self.ptr = 0
+        self.count = 0
+        self.sites: list[int] = []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _site_index(self, node_id: int) -> int:
+        node_id = int(node_id)
+        try:
+            return self.sites.index(node_id)
+        except ValueError:
+            self._forget_absent_sites()
+            self.sites.append(node_id)
+            return len(self.sites) - 1
+
+    def _forget_absent_sites(self) -> None:
+        """Drop node ids that own no key any more, so ``sites`` cannot grow without bound
+        when nodes come and go (a restarted SuperNode gets a new id)."""
+        live = torch.unique(self.owner[self.owner >= 0]).tolist()
+        if len(live) == len(self.sites):
+            return
+        remap = torch.full((len(self.sites) + 1,), -1, dtype=torch.long)
+        for new, old in enumerate(live):
+            remap[old] = new
+        self.owner = torch.where(self.owner >= 0, remap[self.owner.clamp_min(0)], self.owner)
+        self.sites = [self.sites[i] for i in live]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, node_id: int, server_round: int) -> None:
+        """Append ``keys`` (n, dim) from site ``node_id``, overwriting the oldest once full."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"global queue: expected keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
+        n = keys.shape[0]
+        if n == 0:
+            return
+        if n > self.size:  # only the newest `size` keys would survive anyway
+            keys, n = keys[-self.size:], self.size
+        site = self._site_index(node_id)
+        idx = (torch.arange(n) + self.ptr) % self.size
+        self.keys[idx] = keys.detach().to(dtype=self.keys.dtype, device="cpu")
+        self.owner[idx] = site
+        self.round[idx] = int(server_round)
+        self.ptr = (self.ptr + n) % self.size
+        self.count = min(self.size, self.count + n)
+
+    def sample(self, n: int, *, exclude: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Up to ``n`` keys (m, dim), m <= n, drawn uniformly without replacement.
+
+        ``exclude``: a node id whose keys are left out (the receiving site's own).
+        """
+        eligible = self.owner[: self.count] >= 0
+        if exclude is not None and int(exclude) in self.sites:
+            eligible &= self.owner[: self.count] != self.sites.index(int(exclude))
+        idx = eligible.nonzero().squeeze(1)
+        if idx.numel() > n:
+            idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]
+        return self.keys[idx].clone()
+
+    def counts_by_site(self) -> dict[int, int]:
+        """Keys currently held per node id."""
+        owners = self.owner[: self.count]
+        return {node: int((owners == i).sum()) for i, node in enumerate(self.sites) if (owners == i).any()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "dim": self.dim, "keys": self.keys.clone(), "owner": self.owner.clone(),
+                "round": self.round.clone(), "ptr": self.ptr, "count": self.count, "sites": list(self.sites)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["size"]) != self.size or int(state["dim"]) != self.dim:
+            raise ConfigError(
+                f"global queue: checkpoint holds a ({state['size']}, {state['dim']}) queue but this run asks for "
+                f"({self.size}, {self.dim}); keep global-queue-size and dim when resuming"
+            )
+        self.keys = state["keys"].clone().float()
+        self.owner = state["owner"].clone().long()
+        self.round = state["round"].clone().long()
+        self.ptr = int(state["ptr"])
+        self.count = int(state["count"])
+        self.sites = [int(s) for s in state["sites"]]

@@ -1,0 +1,379 @@
+"""FedMoCo: Flower's FedAvg plus the global key queue, reply validation and round checkpoints.
+
+Per round (``Strategy.start`` drives it):
+
+``configure_train``
+    FedAvg samples the sites and builds the train messages (``arrays`` = global query
+    encoder + projection head (+ predictor), ``config``); each site's message then gets its
+    own ``queue`` record: up to ``queue_sample`` keys drawn from the global queue, without
+    that site's own keys when ``exclude_own_keys``.
+``aggregate_train``
+    Every reply is checked (``server.validation``); a failing one is dropped with a one-line
+    log naming the round, the node and the reasons; error replies (a site without data, a
+    client that raised) are logged the same way. The ``keys`` record is taken out of each
+    accepted reply (Flower's FedAvg accepts exactly one ArrayRecord). With at least
+    ``min_replies`` accepted replies the arrays are aggregated (FedAvg weighted by
+    ``num-examples``, or the robust ``aggregator``: FedMedian, FedTrimmedAvg, Krum; or
+    FedAvg with central DP, see :class:`ModelDP`) and the keys join the global queue;
+    otherwise the global model stays as it was. Then the round checkpoint is written
+    atomically and one JSON line of metrics is appended.
+
+Round numbers: a resumed run's ``Strategy.start`` counts from 1 again; ``round_offset``
+(the checkpoint's round) turns that into the federation's round number everywhere:
+logs, the ``server-round`` sent to sites, the checkpoint and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from opacus.accountants import RDPAccountant
+
+from fedmoco.checkpoint import atomic_save
+from fedmoco.errors import ConfigError
+from fedmoco.metrics import JsonlLogger
+from server.queue import GlobalKeyQueue
+from server.validation import KEYS, REQUIRED_METRICS, ReplyLimits, decode_arrays, validate_reply
+
+log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
+
+SERVER_STATE_FORMAT = "fedmoco-server-state"
+SERVER_STATE_VERSION = 1
+#: Per-site metrics copied into the round's JSON line.
+SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "seconds", "skipped",
+                "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted")
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord as it travels (serialised arrays, without framing)."""
+    return sum(len(a.data) for a in record.values())
+
+
+@dataclass
+class ModelDP:
+    """Central DP on model updates, site-level: clip, average with a fixed denominator, add noise.
+
+    Each accepted site's update ``u_i = w_i - w_global`` is clipped to L2 norm ``clip``;
+    the new model is ``w_global + (sum_i u_i + N(0, (noise * clip)^2 I)) / n``, where
+    ``n`` is the number of sites the round was SENT to, so a rejected or silent site counts
+    as a zero update and one site's influence stays bounded by ``clip / n`` whatever
+    happens to the others (Flower's DifferentialPrivacyServerSideFixedClipping divides by a
+    fixed count too, but around an example-weighted FedAvg whose sensitivity is larger).
+    Accounting: one Gaussian mechanism of noise multiplier ``noise`` per round under
+    add/remove-one-site adjacency, composed with Opacus' RDP accountant at ``sample_rate``
+    1 (no amplification by site sampling is claimed). Separate from the key ledgers.
+    """
+
+    noise: float
+    clip: float
+    delta: float
+    releases: int = 0
+    _acc: RDPAccountant = field(default_factory=RDPAccountant, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (self.noise > 0 and math.isfinite(self.noise)):
+            raise ConfigError(f"model-dp-noise must be > 0 to enable model DP, got {self.noise}")
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ConfigError(f"model-dp-clip must be > 0, got {self.clip}")
+        self._acc.history = [(self.noise, 1.0, self.releases)] if self.releases else []
+
+    def aggregate(self, reference: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], n_sent: int,
+                  generator: np.random.Generator) -> dict[str, np.ndarray]:
+        total = {k: np.zeros(v.shape, np.float64) for k, v in reference.items()}
+        for arrays in updates:
+            delta = {k: arrays[k].astype(np.float64) - reference[k] for k in reference}
+            norm = math.sqrt(sum(float(np.vdot(d, d)) for d in delta.values()))
+            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+            for k in total:
+                total[k] += delta[k] * scale
+        sigma = self.noise * self.clip
+        out = {k: (reference[k] + (total[k] + generator.normal(0.0, sigma, total[k].shape)) / n_sent)
+               .astype(reference[k].dtype) for k in reference}
+        self.releases += 1
+        self._acc.step(noise_multiplier=self.noise, sample_rate=1.0)
+        return out
+
+    def epsilon(self) -> float:
+        return float(self._acc.get_epsilon(self.delta)) if self.releases else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"noise": self.noise, "clip": self.clip, "delta": self.delta, "releases": self.releases}
+
+
+class FedMoCo(FedAvg):
+    """FedAvg with a global queue of privatised keys, reply validation and round checkpoints.
+
+    Parameters beyond FedAvg's (which set sampling; ``fraction_evaluate`` defaults to 0: the
+    sites have no evaluation step):
+
+    ``queue``: the global key queue (possibly restored from a checkpoint).
+    ``limits``: what a reply must satisfy (``server.validation.ReplyLimits``).
+    ``queue_sample``: global negatives sent to each site per round (M).
+    ``exclude_own_keys``: leave a site's own keys out of its sample.
+    ``min_replies``: accepted replies a round needs to update the model.
+    ``aggregator``: a FedAvg-family strategy (FedMedian, FedTrimmedAvg, Krum) that does the
+    array aggregation instead of FedAvg; built with the same sampling settings.
+    ``model_dp``: central DP on model updates (FedAvg only).
+    ``checkpoint_path``: where the round checkpoint goes (None: no checkpoint).
+    ``checkpoint_extra``: constant entries stored with every checkpoint (model config, ...).
+    ``metrics_path``: the JSON-lines file of per-round metrics (None: not written).
+    ``round_offset``: rounds already done (a resumed run).
+    ``site_ledger``: per-node privacy reports restored from a checkpoint.
+    """
+
+    def __init__(self, *, queue: GlobalKeyQueue, limits: ReplyLimits, queue_sample: int = 1024,
+                 exclude_own_keys: bool = True, min_replies: int = 1, aggregator: FedAvg | None = None,
+                 model_dp: ModelDP | None = None, checkpoint_path: Path | None = None,
+                 checkpoint_extra: dict[str, Any] | None = None, metrics_path: Path | None = None,
+                 round_offset: int = 0, site_ledger: dict[int, dict[str, float]] | None = None,
+                 expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
+                 fraction_evaluate: float = 0.0, **fedavg_kwargs: Any) -> None:
+        super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
+        if queue_sample < 0:
+            raise ConfigError(f"queue-sample must be >= 0, got {queue_sample}")
+        if min_replies < 1:
+            raise ConfigError(f"min-replies must be >= 1, got {min_replies}")
+        if model_dp is not None and aggregator is not None:
+            raise ConfigError("model DP (model-dp-noise > 0) is analysed for FedAvg only; use aggregation=fedavg")
+        if limits.key_dim != queue.dim:
+            raise ConfigError(f"key dimension {limits.key_dim} differs from the global queue's {queue.dim}")
+        self.queue = queue
+        self.limits = limits
+        self.queue_sample = int(queue_sample)
+        self.exclude_own_keys = exclude_own_keys
+        self.min_replies = int(min_replies)
+        self.aggregator = aggregator
+        self.model_dp = model_dp
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.metrics = JsonlLogger(metrics_path)
+        self.round_offset = int(round_offset)
+        self.site_ledger: dict[int, dict[str, float]] = dict(site_ledger or {})
+        self.expected_metrics = expected_metrics
+        # Sampling of global negatives and model-DP noise. Seeded from the OS unless a test
+        # asks for determinism: the DP noise must not be reproducible from the config.
+        self._torch_gen = torch.Generator().manual_seed(seed if seed is not None else
+                                                        int(np.random.SeedSequence().entropy % 2**63))
+        self._np_gen = np.random.default_rng(seed)
+        self._reference: dict[str, np.ndarray] = {}
+        self._current: ArrayRecord | None = None
+        self._round_started = 0.0
+        self._down: dict[int, dict[str, int]] = {}
+        self.last_round = self.round_offset
+
+    # -- helpers ------------------------------------------------------------------------
+    def global_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("FedMoCo: global queue %d x %d (%d keys held), %d negatives per site%s, min %d accepted "
+                 "replies, aggregation %s%s", self.queue.size, self.queue.dim, len(self.queue), self.queue_sample,
+                 " (own keys excluded)" if self.exclude_own_keys else "", self.min_replies,
+                 type(self.aggregator).__name__ if self.aggregator else "FedAvg",
+                 f", model DP z={self.model_dp.noise} C={self.model_dp.clip}" if self.model_dp else "")
+
+    # -- round: send ----------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's messages, each with its own ``queue`` record of global negatives."""
+        r = self.global_round(server_round)
+        self._round_started = time.perf_counter()
+        self._current = arrays
+        self._reference = decode_arrays(arrays)
+        base = (self.aggregator or super(FedMoCo, self)).configure_train(r, arrays, ConfigRecord(dict(config)), grid)
+        messages, self._down = [], {}
+        weight_bytes = array_bytes(arrays)
+        for msg in base:
+            node = msg.metadata.dst_node_id
+            sample = self.queue.sample(self.queue_sample, exclude=node if self.exclude_own_keys else None,
+                                       generator=self._torch_gen)
+            queue_record = ArrayRecord({"keys": Array(sample.numpy().astype(np.float32))})
+            content = RecordDict({"arrays": arrays, "config": msg.content["config"], "queue": queue_record})
+            messages.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node,
+                                    group_id=str(r)))
+            self._down[node] = {"weights": weight_bytes, "queue": array_bytes(queue_record),
+                                "queue-keys": int(sample.shape[0])}
+        log.info("round %d: sent the global model (%.2f MB) and up to %d global negatives to %d site(s)",
+                 r, weight_bytes / 2**20, self.queue_sample, len(messages))
+        return messages
+
+    # -- round: receive ---------------------------------------------------------------------
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, strip keys, aggregate the accepted replies, grow the queue, checkpoint."""
+        r = self.global_round(server_round)
+        replies = list(replies)
+        t_received = time.perf_counter()
+        accepted: list[tuple[Message, torch.Tensor]] = []
+        sites: list[dict[str, Any]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            site: dict[str, Any] = {"node": node, **self._down.get(node, {})}
+            sites.append(site)
+            if msg.has_error():
+                site.update(status="error", reason=str(msg.error.reason))
+                log.warning("round %d: node %d sent no update: %s", r, node, msg.error.reason)
+                continue
+            reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics)
+            if reasons:
+                site.update(status="rejected", reason="; ".join(reasons))
+                log.warning("round %d: rejected reply from node %d: %s", r, node, "; ".join(reasons))
+                continue
+            keys_record = msg.content.array_records[KEYS]
+            keys = torch.from_numpy(np.array(next(iter(keys_record.values())).numpy(), copy=True))
+            del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
+            metrics = msg.content.metric_records["metrics"]
+            site.update(status="accepted", **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics},
+                        **{"up-weights": array_bytes(msg.content.array_records["arrays"]),
+                           "up-keys": array_bytes(keys_record), "keys": int(keys.shape[0])})
+            self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-keys-")}
+            accepted.append((msg, keys))
+
+        arrays, agg_metrics = None, None
+        if len(accepted) < self.min_replies:
+            log.warning("round %d: %d accepted repl%s of %d, fewer than min-replies %d: the global model and "
+                        "queue stay as they were", r, len(accepted), "y" if len(accepted) == 1 else "ies",
+                        len(replies), self.min_replies)
+        else:
+            arrays, agg_metrics = self._aggregate(r, [m for m, _ in accepted], n_sent=max(len(self._down), 1))
+            if arrays is not None:
+                for msg, keys in accepted:
+                    self.queue.enqueue(keys, msg.metadata.src_node_id, r)
+        if arrays is not None:
+            self._current = arrays
+        self.last_round = r
+        self._save_checkpoint(r)
+        self._log_round(r, sites, agg_metrics, arrays is not None, t_received)
+        return arrays, agg_metrics
+
+    def _aggregate(self, r: int, replies: list[Message],
+                   n_sent: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.model_dp is not None:
+            updates = [decode_arrays(m.content.array_records["arrays"]) for m in replies]
+            ref64 = {k: v.astype(np.float64) for k, v in self._reference.items()}
+            new = self.model_dp.aggregate(ref64, updates, n_sent, self._np_gen)
+            arrays = ArrayRecord({k: Array(new[k].astype(self._reference[k].dtype)) for k in self._reference})
+            metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+            log.info("round %d: model DP: %d update(s) clipped to %g, noise z=%g, epsilon %.4g at delta %g",
+                     r, len(replies), self.model_dp.clip, self.model_dp.noise, self.model_dp.epsilon(),
+                     self.model_dp.delta)
+            return arrays, metrics
+        try:
+            arrays, metrics = (self.aggregator or super(FedMoCo, self)).aggregate_train(r, replies)
+        except (AggregationError, InconsistentMessageReplies, ValueError) as exc:
+            # e.g. Krum with too few replies for its malicious-node count: lose the round, not the run.
+            log.error("round %d: aggregation failed (%s: %s); the global model stays as it was",
+                      r, type(exc).__name__, exc)
+            return None, None
+        if arrays is None:
+            return None, metrics
+        # FedMedian/trimmed means compute in float64 for some inputs: keep the model's dtypes
+        # so that next round's replies are checked against what the sites really hold.
+        fixed = {}
+        for name, ref in self._reference.items():
+            a = arrays[name].numpy()
+            fixed[name] = Array(np.ascontiguousarray(a.astype(ref.dtype, copy=False)))
+        return ArrayRecord(fixed), metrics
+
+    # -- persistence and logs ----------------------------------------------------------------
+    def state_dict(self, server_round: int) -> dict[str, Any]:
+        """Everything a restarted server needs to resume after ``server_round``."""
+        arrays = self._current if self._current is not None else ArrayRecord()
+        return {
+            "format": SERVER_STATE_FORMAT,
+            "version": SERVER_STATE_VERSION,
+            "round": server_round,
+            "arrays": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()},
+            "queue": self.queue.state_dict(),
+            "ledger": {"sites": {int(k): dict(v) for k, v in self.site_ledger.items()},
+                       "model-dp": self.model_dp.state_dict() if self.model_dp else None},
+            **self.checkpoint_extra,
+        }
+
+    def _save_checkpoint(self, r: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        atomic_save(self.state_dict(r), self.checkpoint_path)
+
+    def _log_round(self, r: int, sites: list[dict[str, Any]], agg: MetricRecord | None, updated: bool,
+                   t_received: float) -> None:
+        ok = [s for s in sites if s.get("status") == "accepted"]
+        record: dict[str, Any] = {
+            "event": "round", "round": r, "updated": updated, "time": time.time(),
+            "round-seconds": t_received - self._round_started if self._round_started else float("nan"),
+            "aggregate-seconds": time.perf_counter() - t_received,
+            "sum-local-seconds": sum(s.get("seconds", 0.0) for s in ok),
+            "sent": len(self._down), "replies": len(sites), "accepted": len(ok),
+            "rejected": sum(s.get("status") == "rejected" for s in sites),
+            "errors": sum(s.get("status") == "error" for s in sites),
+            "examples": sum(s.get("num-examples", 0.0) for s in ok),
+            "queue-size": len(self.queue), "queue-sites": len(self.queue.counts_by_site()),
+            "server-rss-mb": current_rss_mb(),
+            "sites": sites,
+        }
+        if agg is not None:
+            record.update({k: float(v) for k, v in agg.items() if not isinstance(v, list)})
+        if self.model_dp is not None:
+            record["model-dp-epsilon"] = self.model_dp.epsilon()
+        self.metrics.log(record)
+        log.info("round %d: %d/%d replies accepted (%d rejected, %d errors), loss %s, global queue %d keys, "
+                 "round %.1f s vs %.1f s summed local training",
+                 r, len(ok), len(sites), record["rejected"], record["errors"],
+                 f"{record['train-loss']:.4f}" if "train-loss" in record else "n/a", len(self.queue),
+                 record["round-seconds"], record["sum-local-seconds"])
+
+
+def load_server_state(path: Path) -> dict[str, Any] | None:
+    """The round checkpoint at ``path``, or None if there is none; ConfigError if foreign."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != SERVER_STATE_FORMAT:
+        raise ConfigError(f"{path}: not a fedmoco server checkpoint")
+    if state.get("version", 0) > SERVER_STATE_VERSION:
+        raise ConfigError(f"{path}: server checkpoint version {state['version']} is newer than this fedmoco")
+    return state
+
+
+def make_aggregator(name: str, *, trim_beta: float, krum_malicious: int,
+                    **sampling: Any) -> FedAvg | None:
+    """The robust aggregator for run_config ``aggregation`` (None = plain FedAvg)."""
+    from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
+
+    name = name.lower()
+    if name == "fedavg":
+        return None
+    if name == "fedmedian":
+        return FedMedian(**sampling)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=trim_beta, **sampling)
+    if name == "krum":
+        return Krum(num_malicious_nodes=krum_malicious, **sampling)
+    raise ConfigError(f"aggregation: unknown {name!r}; choose fedavg, fedmedian, fedtrimmedavg or krum")
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (MiB): /proc on Linux, else the peak (getrusage)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

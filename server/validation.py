@@ -1,0 +1,194 @@
+"""Checks on every training reply before it may touch the global model or the global queue.
+
+Pure functions of a reply's :class:`~flwr.app.RecordDict` and the round's global model, so
+they are unit-tested without any Flower process. :func:`validate_reply` returns the list
+of reasons a reply is unacceptable (empty = accepted); each reason is one line that names
+the offending record, array or metric, what it is and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+#: Record names a ClientApp may put in its train reply (docs/privacy.md).
+ARRAYS, KEYS, METRICS = "arrays", "keys", "metrics"
+#: MetricRecord entries of every reply, and only these (docs/privacy.md).
+REQUIRED_METRICS: frozenset[str] = frozenset({
+    "num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "seconds", "skipped",
+    "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted",
+})
+# Statistics that are legitimately NaN: a round in which every step ran on an empty queue
+# has no finite negative scores, and one-image batches have no embedding std.
+_MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean"})
+# Epsilon is +inf for a site that releases keys without noise (fedmoco.privacy.no_dp_metrics).
+_MAY_BE_INF = frozenset({"dp-keys-epsilon"})
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What the server accepts.
+
+    ``max_update_norm``: bound on ||w_client - w_global||_2 over all shared arrays
+    (parameter units; ``None`` disables the check). ``key_dim``: D of the keys.
+    ``max_keys``: most keys one reply may carry. ``key_norm_tol``: keys are unit vectors
+    after privatisation, so |norm - 1| must be <= this.
+    """
+
+    key_dim: int
+    max_keys: int
+    max_update_norm: float | None = None
+    key_norm_tol: float = 1e-3
+
+
+def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> {name: ndarray}; raises ValueError naming an array that does not decode."""
+    out = {}
+    for name, arr in record.items():
+        try:
+            out[name] = arr.numpy()
+        except Exception as exc:  # corrupt bytes raise many types from numpy
+            raise ValueError(f"array {name!r} does not decode ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                 max_update_norm: float | None) -> list[str]:
+    """Names, shapes, dtypes and finiteness of ``arrays`` against the global ``reference``,
+    and the L2 norm of their difference (the client's update) against ``max_update_norm``."""
+    reasons = []
+    missing = [n for n in reference if n not in arrays]
+    unexpected = [n for n in arrays if n not in reference]
+    if missing:
+        reasons.append(f"arrays: missing {len(missing)} of {len(reference)} (first: {missing[0]!r})")
+    if unexpected:
+        reasons.append(f"arrays: {len(unexpected)} unexpected (first: {unexpected[0]!r})")
+    sq_norm = 0.0
+    comparable = True
+    for name, ref in reference.items():
+        if name not in arrays:
+            comparable = False
+            continue
+        a = arrays[name]
+        if a.shape != ref.shape:
+            reasons.append(f"arrays {name!r} has shape {_shape(a.shape)}, expected {_shape(ref.shape)}")
+            comparable = False
+            continue
+        if a.dtype != ref.dtype:
+            reasons.append(f"arrays {name!r} has dtype {a.dtype}, expected {ref.dtype}")
+            comparable = False
+            continue
+        if np.issubdtype(a.dtype, np.floating):
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                reasons.append(f"arrays {name!r} has {bad} non-finite value(s)")
+                comparable = False
+                continue
+            diff = a.astype(np.float64) - ref.astype(np.float64)
+            sq_norm += float(np.dot(diff.ravel(), diff.ravel()))
+    if comparable and max_update_norm is not None and math.sqrt(sq_norm) > max_update_norm:
+        reasons.append(f"arrays: update norm {math.sqrt(sq_norm):.4g} exceeds max-update-norm {max_update_norm:g}")
+    return reasons
+
+
+def check_keys(record: ArrayRecord | None, limits: ReplyLimits) -> list[str]:
+    """The privatised keys: one float32 array (n, D), n <= max_keys, finite, unit-norm rows."""
+    if record is None:
+        return [f"record {KEYS!r} is missing"]
+    if len(record) != 1:
+        return [f"keys: expected one array, got {len(record)}"]
+    try:
+        (name, k), = decode_arrays(record).items()
+    except ValueError as exc:
+        return [f"keys: {exc}"]
+    if k.ndim != 2 or k.shape[1] != limits.key_dim:
+        return [f"keys {name!r} has shape {_shape(k.shape)}, expected (n, {limits.key_dim})"]
+    if k.dtype != np.float32:
+        return [f"keys {name!r} has dtype {k.dtype}, expected float32"]
+    if k.shape[0] > limits.max_keys:
+        return [f"keys: {k.shape[0]} keys exceed max-keys {limits.max_keys}"]
+    if not np.isfinite(k).all():
+        return [f"keys: {int(k.size - np.count_nonzero(np.isfinite(k)))} non-finite value(s)"]
+    if k.shape[0]:
+        dev = np.abs(np.linalg.norm(k.astype(np.float64), axis=1) - 1.0)
+        if dev.max() > limits.key_norm_tol:
+            return [f"keys: {int((dev > limits.key_norm_tol).sum())} key(s) are not unit vectors "
+                    f"(largest |norm - 1| = {dev.max():.3g} > {limits.key_norm_tol:g})"]
+    return []
+
+
+def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIRED_METRICS) -> list[str]:
+    """Exactly the ``expected`` entries; scalars; finite where they must be; num-examples >= 1.
+
+    The exact key set matters beyond hygiene: Flower's FedAvg refuses a whole round
+    (``InconsistentMessageReplies``) if the accepted replies' metrics differ in keys.
+    """
+    if record is None:
+        return [f"record {METRICS!r} is missing"]
+    reasons = []
+    missing = sorted(expected - set(record))
+    unexpected = sorted(set(record) - expected)
+    if missing:
+        reasons.append(f"metrics: missing {', '.join(missing)}")
+    if unexpected:
+        reasons.append(f"metrics: unexpected {', '.join(unexpected)}")
+    for name, value in record.items():
+        if isinstance(value, list):
+            reasons.append(f"metrics {name!r} is a list, expected a number")
+            continue
+        v = float(value)
+        if math.isnan(v) and name not in _MAY_BE_NAN:
+            reasons.append(f"metrics {name!r} is NaN")
+        elif math.isinf(v) and name not in _MAY_BE_INF:
+            reasons.append(f"metrics {name!r} is {v}")
+    n = record.get("num-examples")
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and not (math.isfinite(n) and n >= 1):
+        reasons.append(f"metrics 'num-examples' is {n}, expected >= 1")
+    exhausted = record.get("dp-keys-exhausted")
+    if exhausted not in (None, 0, 1, 0.0, 1.0):
+        reasons.append(f"metrics 'dp-keys-exhausted' is {exhausted}, expected 0 or 1")
+    return reasons
+
+
+def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], limits: ReplyLimits,
+                   expected_metrics: frozenset[str] = REQUIRED_METRICS) -> list[str]:
+    """All reasons to reject one train reply (empty list: accept).
+
+    ``reference``: the global model sent this round, {name: ndarray}. Checks record names
+    (exactly ``arrays``, ``keys``, ``metrics``), the arrays (:func:`check_arrays`), the keys
+    (:func:`check_keys`) and the metrics (:func:`check_metrics`).
+    """
+    reasons = []
+    allowed = {ARRAYS: ArrayRecord, KEYS: ArrayRecord, METRICS: MetricRecord}
+    for name, record in content.items():
+        if name not in allowed:
+            reasons.append(f"record {name!r} ({type(record).__name__}) is not allowed")
+        elif not isinstance(record, allowed[name]):
+            reasons.append(f"record {name!r} is a {type(record).__name__}, expected {allowed[name].__name__}")
+    if reasons:
+        return reasons
+    if ARRAYS not in content:
+        reasons.append(f"record {ARRAYS!r} is missing")
+    else:
+        try:
+            arrays = decode_arrays(content.array_records[ARRAYS])
+        except ValueError as exc:
+            reasons.append(f"arrays: {exc}")
+        else:
+            reasons += check_arrays(arrays, reference, limits.max_update_norm)
+    reasons += check_keys(content.array_records.get(KEYS), limits)
+    metrics = content.metric_records.get(METRICS)
+    reasons += check_metrics(metrics, expected_metrics)
+    if not reasons and metrics is not None and metrics.get("dp-keys-exhausted") == 1:
+        n_keys = next(iter(content.array_records[KEYS].values())).shape[0]
+        if n_keys:
+            reasons.append(f"keys: {n_keys} keys sent although the site reports its key budget exhausted")
+    return reasons
