@@ -63,36 +63,37 @@ class SatelliteOptions:
         return self.stride or self.tile(image_size)
 
 
-def _bad(key: str, value: Any, why: str) -> DataError:
-    return DataError(f"satellite data option {key}={value!r}: {why}")
+class _Invalid(ValueError):
+    """Why a value is wrong; parse_options names the option and the whole value."""
 
 
 def _number(kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    def parse(key: str, value: Any):
+    what = "an integer" if kind is int else "a number"
+
+    def parse(value: Any):
         if isinstance(value, bool):
-            raise _bad(key, value, f"expected {'an integer' if kind is int else 'a number'}")
+            raise _Invalid(f"expected {what}")
         try:
             if kind is int:
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError
-                out = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+                out = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
             else:
                 out = float(value)
         except (TypeError, ValueError):
-            raise _bad(key, value, f"expected {'an integer' if kind is int else 'a number'}") from None
+            raise _Invalid(f"expected {what}") from None
         if out != out:  # NaN
-            raise _bad(key, value, "expected a number")
+            raise _Invalid(f"expected {what}")
         if lo is not None and (out < lo or (lo_open and out == lo)):
-            raise _bad(key, value, f"must be {'>' if lo_open else '>='} {lo}")
+            raise _Invalid(f"must be {'>' if lo_open else '>='} {lo}")
         if hi is not None and out > hi:
-            raise _bad(key, value, f"must be <= {hi}")
+            raise _Invalid(f"must be <= {hi}")
         return out
 
     return parse
 
 
-def _probability(key: str, value: Any) -> float:
-    return _number(float, 0.0, 1.0)(key, value)
+_probability = _number(float, 0.0, 1.0)
 
 
 def _items(value: Any) -> list[Any]:
@@ -103,7 +104,7 @@ def _items(value: Any) -> list[Any]:
     return [value]
 
 
-def _bool(key: str, value: Any) -> bool:
+def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -111,80 +112,77 @@ def _bool(key: str, value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise _bad(key, value, "expected true or false")
+    raise _Invalid("expected true or false")
 
 
 def _choice(*choices: str):
-    def parse(key: str, value: Any) -> str:
+    def parse(value: Any) -> str:
         text = str(value).strip().lower()
         if text not in choices:
-            raise _bad(key, value, f"choose one of {', '.join(choices)}")
+            raise _Invalid(f"choose one of {', '.join(choices)}")
         return text
 
     return parse
 
 
-def _bands(key: str, value: Any) -> tuple[int | str, ...] | None:
+def _bands(value: Any) -> tuple[int | str, ...]:
     items = _items(value)
     if not items:
-        raise _bad(key, value, "expected band indices (1-based) or band descriptions, comma-separated")
+        raise _Invalid("expected band indices (1-based) or band descriptions, comma-separated")
     out: list[int | str] = []
     for item in items:
         text = str(item).strip()
-        if isinstance(item, int) or text.isdigit():
-            index = int(text)
-            if index < 1:
-                raise _bad(key, value, "band indices start at 1")
-            out.append(index)
-        elif text.lstrip("-").isdigit():
-            raise _bad(key, value, "band indices start at 1")
+        if text.lstrip("-").isdigit():
+            if int(text) < 1:
+                raise _Invalid("band indices start at 1")
+            out.append(int(text))
         else:
             out.append(text)
-    if len(set(map(str, out))) != len(out):
-        raise _bad(key, value, "a band is selected twice")
+    if len({str(b).upper() for b in out}) != len(out):
+        raise _Invalid("a band is selected twice")
     return tuple(out)
 
 
-def _indices(key: str, value: Any) -> tuple[str, ...]:
+def _indices(value: Any) -> tuple[str, ...]:
     items = [str(v).strip().lower() for v in _items(value)]
     if items in (["none"], []):
         return ()
     unknown = [i for i in items if i not in INDICES]
     if unknown:
-        raise _bad(key, value, f"unknown index {unknown[0]!r}; choose from {', '.join(INDICES)}")
+        raise _Invalid(f"unknown index {unknown[0]!r}; choose from {', '.join(INDICES)}")
     return tuple(dict.fromkeys(items))
 
 
-def _roles(key: str, value: Any) -> dict[str, int | str]:
+def _roles(value: Any) -> dict[str, int | str]:
     pairs = value.items() if isinstance(value, Mapping) else (str(p).partition("=")[::2] for p in _items(value))
     out: dict[str, int | str] = {}
     for role, band in pairs:
-        role = str(role).strip().lower()
-        band = str(band).strip()
+        role, band = str(role).strip().lower(), str(band).strip()
         if role not in ROLES or not band:
-            raise _bad(key, value, f"expected role=band pairs with roles from {', '.join(ROLES)}, e.g. red=B04,nir=B08")
+            raise _Invalid(f"expected role=band pairs with roles from {', '.join(ROLES)}, e.g. red=B04,nir=B08")
         out[role] = int(band) if band.isdigit() else band
     return out
 
 
-def _floats(key: str, value: Any) -> tuple[float, ...]:
-    return tuple(_number(float, 0.0, lo_open=True)(key, v) for v in _items(value))
+def _floats(value: Any) -> tuple[float, ...]:
+    positive = _number(float, 0.0, lo_open=True)
+    return tuple(positive(v) for v in _items(value))
 
 
 def _range(lo: float, hi: float):
-    def parse(key: str, value: Any) -> tuple[float, float]:
+    def parse(value: Any) -> tuple[float, float]:
         items = _items(value)
         if len(items) != 2:
-            raise _bad(key, value, "expected two numbers min,max")
-        a, b = (_number(float)(key, v) for v in items)
+            raise _Invalid("expected two numbers min,max")
+        a, b = (_number(float)(v) for v in items)
         if not lo < a <= b <= hi:
-            raise _bad(key, value, f"expected {lo} < min <= max <= {hi}")
+            raise _Invalid(f"expected {lo} < min <= max <= {hi}")
         return a, b
 
     return parse
 
 
-_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+_PARSERS: dict[str, Callable[[Any], Any]] = {
     "bands": _bands,
     "scale": _number(float, 0.0, lo_open=True),
     "offset": _number(float),
@@ -230,5 +228,8 @@ def parse_options(options: Mapping[str, Any] | None) -> SatelliteOptions:
             raise DataError(
                 f"satellite data option {key!r} is unknown; known options: {', '.join(sorted(_PARSERS))}"
             )
-        parsed[name] = _PARSERS[name](str(key), value)
+        try:
+            parsed[name] = _PARSERS[name](value)
+        except _Invalid as why:
+            raise DataError(f"satellite data option {key}={value!r}: {why}") from None
     return SatelliteOptions(**parsed)

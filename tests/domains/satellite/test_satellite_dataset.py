@@ -1,0 +1,247 @@
+"""Tile datasets: window counts, nodata skipping, statistics, skipped files, workers, temporal pairs."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from domains.satellite import build_labelled_data, build_pretrain_data
+from domains.satellite.dataset import MIN_STD, grid_windows
+from domains.satellite.demo import CLASSES, from_origin, write_raster
+from domains.satellite.reader import open_source, shared_handles
+from fedmoco.data import DataConfig, Normalization, collate_views, format_skipped
+from fedmoco.errors import DataError
+
+BROKEN = Counter({"not a raster": 1, "unreadable": 1, "wrong band count": 1, "all nodata": 1})
+
+
+def cfg(size: int = 32, **options) -> DataConfig:
+    return DataConfig(image_size=size, seed=0, options=options)
+
+
+def constant_file(path, values, size=64, nodata_rows=0):
+    """uint16 file whose band b is values[b] reflectance everywhere, first rows nodata (0)."""
+    dn = np.empty((len(values), size, size), np.uint16)
+    for b, v in enumerate(values):
+        dn[b] = round(v * 10000)
+    dn[:, :nodata_rows] = 0
+    return write_raster(path, dn, transform=from_origin(0, 0, 10, 10), nodata=0)
+
+
+@pytest.mark.parametrize(
+    "width,height,tile,stride,expected",
+    [(256, 256, 64, 64, 16), (256, 256, 64, 32, 49), (200, 130, 64, 64, 6), (200, 130, 64, 32, 15), (40, 50, 64, 64, 1)],
+)
+def test_grid_window_count(tmp_path, width, height, tile, stride, expected):
+    # (floor((W - w) / stride) + 1) * (floor((H - h) / stride) + 1), w = min(tile, W)
+    path = write_raster(tmp_path / "g.tif", np.ones((1, height, width), np.uint16), transform=from_origin(0, 0, 10, 10))
+    windows = grid_windows(open_source(path), tile, stride)
+    assert len(windows) == expected
+    assert windows[0] == (0, 0, min(tile, width), min(tile, height))
+    assert all(c + w <= width and r + h <= height for c, r, w, h in windows)
+
+
+def nodata_quadrants(path):
+    """128 x 128, four 64 px tiles: top-left 50% nodata, top-right 6.25% (4 rows, in band 2
+    only), bottom two clean."""
+    dn = np.full((2, 128, 128), 1500, np.uint16)
+    dn[:, 0:32, 0:64] = 0
+    dn[1, 0:4, 64:128] = 0
+    return write_raster(path, dn, transform=from_origin(0, 0, 10, 10), nodata=0)
+
+
+@pytest.mark.parametrize("max_nodata,expected", [(0.0, 2), (0.05, 2), (0.1, 3), (0.5, 4), (1.0, 4)])
+def test_grid_skips_tiles_above_the_nodata_fraction(tmp_path, max_nodata, expected):
+    nodata_quadrants(tmp_path / "q.tif")
+    data = build_pretrain_data(tmp_path, cfg(64, sampling="grid", max_nodata=max_nodata))
+    assert len(data.dataset) == expected
+    assert sum(data.skipped.values()) == 0
+
+
+def test_files_without_a_usable_tile_are_skipped_by_reason(tmp_path):
+    nodata_quadrants(tmp_path / "ok.tif")
+    constant_file(tmp_path / "half.tif", [0.2, 0.2], size=64, nodata_rows=32)
+    constant_file(tmp_path / "empty.tif", [0.0, 0.0], size=64)
+    for sampling in ("grid", "random"):
+        data = build_pretrain_data(tmp_path, cfg(64, sampling=sampling))
+        assert data.skipped == Counter({"too much nodata": 1, "all nodata": 1}), sampling
+        assert format_skipped(data.skipped) in data.description
+
+
+def test_normalization_is_the_mean_and_std_of_valid_pixels(tmp_path):
+    constant_file(tmp_path / "a.tif", [0.1, 0.3], nodata_rows=4)  # 60 valid rows
+    constant_file(tmp_path / "b.tif", [0.3, 0.3])
+    data = build_pretrain_data(tmp_path, cfg(64, sampling="grid", stats_tiles=100))
+    n_a, n_b = 60 * 64, 64 * 64
+    mean = (n_a * 0.1 + n_b * 0.3) / (n_a + n_b)
+    std = np.sqrt((n_a * (0.1 - mean) ** 2 + n_b * (0.3 - mean) ** 2) / (n_a + n_b))
+    assert data.normalization.mean == pytest.approx([mean, 0.3], abs=1e-6)
+    assert data.normalization.std == pytest.approx([std, MIN_STD], abs=1e-6)
+
+
+def test_demo4_random_and_grid(demo4):
+    rnd = build_pretrain_data(demo4, cfg())
+    assert rnd.in_channels == 4 and rnd.normalization.channels == 4
+    assert rnd.skipped == BROKEN
+    # 6 good scenes of 128 px = 16 tiles of 32 px each
+    assert len(rnd.dataset) == 96
+    q, k = rnd.dataset[0]
+    assert q.shape == k.shape == (4, 32, 32) and q.dtype == torch.float32 and not torch.equal(q, k)
+    assert "6 rasters" in rnd.description and "skipped 4 files" in rnd.description
+
+    grid = build_pretrain_data(demo4, cfg(sampling="grid"))
+    # 16 + 16 + 16 + 16 tiles, float32 scene: top tile row has 4 NaN rows (12.5%) -> 12;
+    # striped scene: the 8-row stripe hits two tile rows (12.5% each) and the cut corner
+    # covers 51% of tile (0, 0) -> 16 - 8 - 1 = 7.  4 * 16 + 12 + 7 = 83.
+    assert len(grid.dataset) == 83
+    assert grid.skipped == BROKEN
+    assert len(build_pretrain_data(demo4, cfg(samples_per_epoch=10)).dataset) == 10
+
+
+def test_demo13_with_per_band_product(demo13):
+    data = build_pretrain_data(demo13, cfg())
+    assert data.in_channels == 13 and data.skipped == BROKEN
+    assert "7 rasters (1 per-band products)" in data.description
+    assert "B01, B02, B03, B04, B05, B06, B07, B08, B8A, B09, B10, B11, B12" in data.description
+    # the Sentinel-2 signatures: NIR (B08) brighter than red (B04) on average, B10 near zero
+    mean = data.normalization.mean
+    assert mean[7] > mean[3] and mean[10] < 0.02
+    q, k = data.dataset[len(data.dataset) - 1]
+    assert q.shape == (13, 32, 32)
+
+
+def test_bands_by_description_and_indices(demo13):
+    data = build_pretrain_data(demo13, cfg(bands="B02,B03,B04,B08", indices="ndvi,ndwi"))
+    assert data.in_channels == 6
+    # the undescribed 13-band files match by Sentinel-2 order; the 3-band file lacks B02
+    assert data.skipped == BROKEN - Counter({"wrong band count": 1}) + Counter({"missing band": 1})
+    assert "[B02, B03, B04, B08, NDVI, NDWI]" in data.description
+    assert -1 <= data.normalization.mean[4] <= 1
+    assert data.dataset[0][0].shape == (6, 32, 32)
+    by_index = build_pretrain_data(demo13, cfg(bands="2,3,4,8"))
+    assert by_index.normalization.mean == pytest.approx(data.normalization.mean[:4])
+
+
+def test_indices_need_band_roles(tmp_path):
+    write_raster(tmp_path / "x.tif", np.ones((3, 32, 32), np.uint16), transform=from_origin(0, 0, 10, 10))
+    with pytest.raises(DataError, match=r"indices='ndvi': band role 'nir' unknown"):
+        build_pretrain_data(tmp_path, cfg(indices="ndvi"))
+    data = build_pretrain_data(tmp_path, cfg(indices="ndvi", band_roles="red=1,nir=3"))
+    assert data.in_channels == 4
+
+
+def test_option_errors_surface_at_build(demo4):
+    with pytest.raises(DataError, match="'colour' is unknown"):
+        build_pretrain_data(demo4, cfg(colour=1))
+    with pytest.raises(DataError, match=r"wavelengths='490.0,560.0': 2 values for 4 selected bands"):
+        build_pretrain_data(demo4, cfg(wavelengths="490,560"))
+
+
+def test_empty_and_all_broken_folders(tmp_path):
+    with pytest.raises(DataError, match="data folder is empty"):
+        build_pretrain_data(tmp_path, cfg())
+    (tmp_path / "notes.tif").write_text("x")
+    with pytest.raises(DataError, match=r"no usable raster \(skipped 1 files: 1 not a raster\)"):
+        build_pretrain_data(tmp_path, cfg())
+
+
+def test_dataset_pickles_without_handles_and_runs_in_two_workers(demo4):
+    data = build_pretrain_data(demo4, cfg(samples_per_epoch=24))
+    assert not shared_handles()._open  # nothing left open for workers to inherit
+    blob = pickle.dumps(data.dataset)
+    assert b"DatasetReader" not in blob
+    clone = pickle.loads(blob)
+    assert clone[0][0].shape == (4, 32, 32)
+    loader = DataLoader(data.dataset, batch_size=8, num_workers=2, collate_fn=collate_views)
+    batches = list(loader)
+    assert len(batches) == 3
+    for (q, k), dropped in batches:
+        assert q.shape == k.shape == (8, 4, 32, 32) and dropped == 0
+
+
+def test_unreadable_window_at_load_time_gives_none_and_a_warning(tmp_path, demo4, caplog):
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
+    data = build_pretrain_data(root, cfg(sampling="grid"))
+    victim = root / "4band_uint16_tiled_deflate.tif"
+    victim.write_bytes(victim.read_bytes()[:2000])  # the disk lost the end of the file
+    with caplog.at_level(logging.WARNING, logger="domains.satellite"):
+        items = [data.dataset[i] for i in range(len(data.dataset))]
+    assert sum(item is None for item in items) == 16  # that scene's 16 tiles
+    assert f"{victim}: unreadable" in caplog.text
+    batch, dropped = collate_views(items[:20])
+    assert dropped == sum(item is None for item in items[:20])
+
+
+def test_temporal_positive_is_the_same_window_on_the_other_date(demo4):
+    neutral = dict(crop_scale="1,1", jitter_p=0, haze_p=0, noise_p=0, blur_p=0, band_dropout=0)
+    data = build_pretrain_data(demo4, cfg(sampling="grid", temporal=True, **neutral))
+    ds = data.dataset
+    assert "2 rasters with temporal partners" in data.description
+    names = [s.name for s in ds.reader.sources]
+    spring = next(i for i, n in enumerate(names) if n.endswith("4band_20230415.tif"))
+    summer = next(i for i, n in enumerate(names) if n.endswith("4band_20230815.tif"))
+    assert ds.partners == {spring: [summer], summer: [spring]}
+    index = next(j for j, (i, _) in enumerate(ds.windows) if i == spring)
+    window = ds.windows[index][1]
+    q, k = ds[index]
+
+    def normalised_means(i):
+        tile = ds.reader.filled(ds.reader.read(i, window))
+        return data.normalization.apply(tile).mean(dim=(1, 2))
+
+    # flips and rotations do not change band means; everything else is switched off
+    assert torch.allclose(q.mean(dim=(1, 2)), normalised_means(spring), atol=1e-4)
+    assert torch.allclose(k.mean(dim=(1, 2)), normalised_means(summer), atol=1e-4)
+    # spring vegetation has a weaker NIR plateau than late summer
+    assert k.mean(dim=(1, 2))[3] > q.mean(dim=(1, 2))[3]
+
+
+def test_same_seed_same_statistics(demo13):
+    a = build_pretrain_data(demo13, cfg())
+    b = build_pretrain_data(demo13, cfg())
+    assert a.normalization == b.normalization
+
+
+# --------------------------------------------------------------------------- labelled
+
+
+def test_labelled_from_sub_folders(labelled4):
+    data = build_labelled_data(labelled4, cfg(), None, None)
+    assert data.classes == sorted(CLASSES) and data.in_channels == 4
+    assert len(data.dataset) == 24  # 4 classes x 6 files x one 32 px tile
+    image, label = data.dataset[0]
+    assert image.shape == (4, 32, 32) and label == 0
+    again, _ = data.dataset[0]
+    assert torch.equal(image, again)
+    labels = Counter(data.dataset[i][1] for i in range(len(data.dataset)))
+    assert labels == Counter({0: 6, 1: 6, 2: 6, 3: 6})
+    # classes differ spectrally: water (index 3 after sorting) is darkest in NIR
+    water = data.classes.index("water")
+    nir = {c: np.mean([float(data.dataset[i][0][3].mean()) for i in range(24) if data.dataset[i][1] == c]) for c in range(4)}
+    assert min(nir, key=nir.get) == water
+
+
+def test_labelled_uses_the_checkpoint_normalization_and_checks_channels(labelled4):
+    norm = Normalization([0.1, 0.1, 0.1, 0.2], [0.05, 0.05, 0.05, 0.1])
+    data = build_labelled_data(labelled4, cfg(), None, norm)
+    assert data.normalization is norm
+    with pytest.raises(DataError, match=r"normalization has 13 channels but the selected bands give 4"):
+        build_labelled_data(labelled4, cfg(), None, Normalization([0.1] * 13, [0.1] * 13))
+
+
+def test_labelled_from_csv_with_tiles_sharing_the_file_label(tmp_path):
+    constant_file(tmp_path / "field.tif", [0.05, 0.4], size=64)
+    constant_file(tmp_path / "lake.tif", [0.06, 0.01], size=32)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nfield.tif,crop\nlake.tif,water\n")
+    data = build_labelled_data(tmp_path, cfg(), csv, None)  # the CSV in the folder is not a raster
+    assert data.classes == ["crop", "water"] and sum(data.skipped.values()) == 0
+    assert [data.dataset[i][1] for i in range(len(data.dataset))] == [0, 0, 0, 0, 1]
