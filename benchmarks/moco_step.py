@@ -1,8 +1,9 @@
 """MoCo training-step throughput: fedmoco vs lightly's MoCo, side by side in one run.
 
 Both use the same torchvision ResNet-18 backbone, a 2-layer MLP head to 128-d, a queue of
-4096 negatives, SGD and the same batch; fedmoco adds split BN + key shuffling (lightly's
-single-device recipe uses plain BN). Each step: momentum update, query forward, key
+4096 negatives, SGD and the same batch. fedmoco runs with each of its normalisations: split
+BN + key shuffling (its default, which keeps the positive pair out of shared batch
+statistics), plain BN (what lightly's single-device recipe does) and GroupNorm. Each step: momentum update, query forward, key
 forward, loss, backward, SGD step, enqueue.
 
     python benchmarks/moco_step.py --image-size 224 --batch-size 32 --steps 10
@@ -23,12 +24,12 @@ import torch
 import torchvision
 
 
-def fedmoco_step_fn(args, device):
+def fedmoco_step_fn(args, device, norm="split-batch"):
     from fedmoco.config import MoCoConfig, TrainConfig
     from fedmoco.moco import MoCo
     from fedmoco.train import build_optimizer
 
-    model = MoCo(MoCoConfig(arch="resnet18", in_channels=3, queue_size=4096, norm="split-batch",
+    model = MoCo(MoCoConfig(arch="resnet18", in_channels=3, queue_size=4096, norm=norm,
                             small_input=args.image_size <= 64)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -115,8 +116,14 @@ def main() -> None:
     else:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     rows = []
-    for name, build in (("fedmoco", fedmoco_step_fn), ("lightly", lightly_step_fn)):
-        ips, peak = measure(build(args, device), args, device)
+    variants = [
+        ("fedmoco, split BN + key shuffle (default)", lambda: fedmoco_step_fn(args, device, "split-batch")),
+        ("fedmoco, plain BN", lambda: fedmoco_step_fn(args, device, "batch")),
+        ("fedmoco, GroupNorm", lambda: fedmoco_step_fn(args, device, "group")),
+        ("lightly MoCo (plain BN)", lambda: lightly_step_fn(args, device)),
+    ]
+    for name, build in variants:
+        ips, peak = measure(build(), args, device)
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
     text = "\n".join([
         f"Command: `python benchmarks/moco_step.py --device {args.device} --image-size {args.image_size} "

@@ -171,23 +171,32 @@ class MoCo(nn.Module):
                           pos_scores=pos, neg_scores=neg)
 
 
-def score_stats(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
-    """Per-step diagnostics of the score-distribution seed.
+def score_stats(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-step diagnostics of the score-distribution seed, as 0-dim tensors.
 
     pos_mean: mean q.k+; neg_mean / neg_var: over all finite q.negative scores;
     emb_std: mean over dimensions of the std of normalised queries — a collapse monitor
     (about 1/sqrt(D) when healthy, near 0 when all embeddings coincide).
+    They stay on the device: reading them is a GPU sync, which the Trainer does once a step
+    for all of them together.
     """
-    finite = neg[torch.isfinite(neg)]
+    finite = torch.isfinite(neg)
+    count = finite.sum().clamp_min(1)
+    neg0 = torch.where(finite, neg, torch.zeros_like(neg)).float()
+    neg_mean = neg0.sum() / count
+    neg_var = torch.where(finite, (neg0 - neg_mean) ** 2, torch.zeros_like(neg0)).sum() / count
+    nan = torch.tensor(float("nan"), device=q.device)
     return {
-        "pos_mean": float(pos.mean()),
-        "neg_mean": float(finite.mean()) if finite.numel() else float("nan"),
-        "neg_var": float(finite.var(unbiased=False)) if finite.numel() else float("nan"),
-        "emb_std": float(q.float().std(dim=0).mean()) if q.shape[0] > 1 else float("nan"),
+        "pos_mean": pos.float().mean(),
+        "neg_mean": neg_mean if neg.numel() else nan,
+        "neg_var": neg_var if neg.numel() else nan,
+        "emb_std": q.float().std(dim=0).mean() if q.shape[0] > 1 else nan,
     }
 
 
-def score_histogram(scores: torch.Tensor) -> list[int]:
-    """Counts of finite cosine scores in SCORE_BINS equal bins over [-1, 1]."""
-    s = scores[torch.isfinite(scores)].float().clamp(-1, 1).cpu()
-    return torch.histc(s, bins=SCORE_BINS, min=-1.0, max=1.0).long().tolist()
+def score_histogram(scores: torch.Tensor) -> torch.Tensor:
+    """Counts (SCORE_BINS,) of finite cosine scores in equal bins over [-1, 1], on the
+    scores' device; -inf (masked) scores are not counted."""
+    s = scores.detach().float()
+    s = s.masked_fill(~torch.isfinite(s), float("nan")).clamp(-1.0, 1.0)  # histc ignores NaN
+    return torch.histc(s, bins=SCORE_BINS, min=-1.0, max=1.0)

@@ -7,6 +7,7 @@ Kept apart from the data (torchgeo style): a :class:`Trainer` takes any DataLoad
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,7 +136,10 @@ class Trainer:
         max_steps = max_steps or self.cfg.max_steps_per_epoch
         total = min(len(loader), max_steps) if max_steps else len(loader)
         summary = EpochSummary()
-        sums = {"loss": 0.0, "pos_mean": 0.0, "neg_mean": 0.0, "neg_var": 0.0, "emb_std": 0.0}
+        names = ["loss", "pos_mean", "neg_mean", "neg_var", "emb_std"]
+        sums = dict.fromkeys(names, 0.0)
+        pos_hist = torch.zeros(SCORE_BINS, device=self.device)
+        neg_hist = torch.zeros(SCORE_BINS, device=self.device)
         start = time.perf_counter()
         bar = tqdm(total=total, desc=desc or f"epoch {epoch}", disable=not self.progress, leave=False,
                    unit="step", dynamic_ncols=True)
@@ -147,27 +151,30 @@ class Trainer:
                 continue  # a batch with <2 readable images has no negatives to contrast
             t0 = time.perf_counter()
             x_q, x_k = self._to_device(batch[0]), self._to_device(batch[1])
-            if self.cfg_momentum_schedule == "cosine":
+            if self.model.cfg.momentum_schedule == "cosine":
                 self.model.momentum = cosine_momentum(self.model.cfg.momentum, self.global_step, self.total_steps)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 out = self.model(x_q, x_k, extra_negatives)
             loss = out.loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {self.global_step}; lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            pos_hist += score_histogram(out.pos_scores)
+            neg_hist += score_histogram(out.neg_scores)
+            # One device-to-host sync per step for the loss and all statistics together.
+            values = torch.stack([loss.detach().float()] + [out.stats[k] for k in names[1:]]).tolist()
+            record = dict(zip(names, values))
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss became {record['loss']} at step {self.global_step}; lower --lr")
             n = x_q.shape[0]
             dt = time.perf_counter() - t0
-            record = {"epoch": epoch, "step": self.global_step, "loss": float(loss.detach()),
+            record = {"epoch": epoch, "step": self.global_step, **record,
                       "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum,
-                      "images_per_s": n / dt if dt > 0 else float("nan"), **out.stats}
+                      "images_per_s": n / dt if dt > 0 else float("nan")}
             for key in sums:
                 sums[key] += record[key]
-            summary.pos_hist = _add(summary.pos_hist, score_histogram(out.pos_scores))
-            summary.neg_hist = _add(summary.neg_hist, score_histogram(out.neg_scores))
             summary.steps += 1
             summary.images += n
             self.global_step += 1
@@ -175,17 +182,11 @@ class Trainer:
                 self.logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
             bar.update(1)
+        summary.pos_hist = [int(v) for v in pos_hist.tolist()]
+        summary.neg_hist = [int(v) for v in neg_hist.tolist()]
         bar.close()
         summary.seconds = time.perf_counter() - start
         if summary.steps:
             for key, total_value in sums.items():
                 setattr(summary, key, total_value / summary.steps)
         return summary
-
-    @property
-    def cfg_momentum_schedule(self) -> str:
-        return self.model.cfg.momentum_schedule
-
-
-def _add(a: list[int], b: list[int]) -> list[int]:
-    return [x + y for x, y in zip(a, b)]

@@ -50,3 +50,23 @@ def test_split_batchnorm_eval_matches_plain_batchnorm_with_same_stats():
 def test_unknown_arch_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown architecture 'vit'"):
         build_backbone("vit", 3)
+
+
+def test_split_batchnorm_channels_last_path_matches_reshape_path():
+    torch.manual_seed(0)
+    a, b = SplitBatchNorm(4, splits=2).train(), SplitBatchNorm(4, splits=2).train()
+    with torch.no_grad():
+        a.weight.uniform_()
+        a.bias.uniform_()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4, 5, 5)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ya, yb = a(xa), b(xb)
+    assert yb.is_contiguous(memory_format=torch.channels_last)  # layout kept
+    assert torch.allclose(ya, yb, atol=1e-5)
+    assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+    assert torch.allclose(a.running_var, b.running_var, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-4)

@@ -65,11 +65,11 @@ def test_forward_loss_equals_info_nce_against_queue_and_enqueues():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert len(m.queue) == 16
     assert torch.allclose(m.queue.keys[8:], k, atol=1e-6)
-    assert out.stats["pos_mean"] == pytest.approx((q * k).sum(1).mean().item(), rel=1e-5)
+    assert float(out.stats["pos_mean"]) == pytest.approx((q * k).sum(1).mean().item(), rel=1e-5)
     neg = q @ queue_before.t()
-    assert out.stats["neg_mean"] == pytest.approx(neg.mean().item(), rel=1e-5)
-    assert out.stats["neg_var"] == pytest.approx(neg.var(unbiased=False).item(), rel=1e-4)
-    assert out.stats["emb_std"] == pytest.approx(q.std(0).mean().item(), rel=1e-5)
+    assert float(out.stats["neg_mean"]) == pytest.approx(neg.mean().item(), rel=1e-5)
+    assert float(out.stats["neg_var"]) == pytest.approx(neg.var(unbiased=False).item(), rel=1e-4)
+    assert float(out.stats["emb_std"]) == pytest.approx(q.std(0).mean().item(), rel=1e-5)
 
 
 def test_first_step_with_empty_queue_uses_other_keys_of_batch():
@@ -166,3 +166,13 @@ def test_presets():
     assert v3.predictor and v3.symmetric and v3.momentum_schedule == "cosine" and v3.arch == "tiny"
     with pytest.raises(ConfigError, match="unknown 'v9'"):
         MoCoConfig.preset("v9")
+
+
+def test_score_histogram_counts_finite_scores_in_fixed_bins():
+    from fedmoco.moco import SCORE_BINS, score_histogram
+
+    s = torch.tensor([[-1.0, 0.99, float("-inf")], [0.0, 0.01, 1.0]])
+    h = score_histogram(s)
+    assert h.shape == (SCORE_BINS,) and h.sum().item() == 5  # -inf is masked, not counted
+    assert h[0].item() == 1 and h[-1].item() == 2  # -1 in the first bin; 0.99 and 1.0 in the last
+    assert h[SCORE_BINS // 2].item() == 2  # 0.0 and 0.01 share the bin [0, 0.05)
