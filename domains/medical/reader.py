@@ -13,6 +13,7 @@ raised while reading are suppressed for the same reason (they may quote element 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import mmap
@@ -20,7 +21,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 from pydicom import dcmread
@@ -111,6 +112,12 @@ TECHNICAL_TAGS: tuple[int, ...] = tuple(
 # Pixel data above this size stays on disk until decoded; multi-frame files are then read one
 # frame at a time instead of whole (a 300-frame enhanced CT is 150 MB).
 _DEFER_BYTES = 64 * 1024
+
+# Plugins tried in this order; GDCM only where nothing else decodes the syntax (JPEG
+# lossless without the jpeg12 extra). On a corrupt JPEG 2000 codestream GDCM aborts the whole
+# process (an uncaught C++ exception) where pylibjpeg-openjpeg and Pillow raise a normal
+# error, and an abort is something no try/except can turn into a skipped file.
+_PLUGIN_PREFERENCE = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
 
 # Which installed package decodes what; named in "no decoder" errors. See docs/medical.md.
 _JPEG12_HINT = (
@@ -237,8 +244,7 @@ def read_header(path: str | os.PathLike) -> DicomHeader:
     truncated uncompressed pixel data, missing decoder, inconsistent attributes).
     Raises :class:`DicomReadError`, and no other exception.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _reading(path):
         ds, size = _open(path)
         return _validate(ds, path, size)[0]
 
@@ -251,9 +257,7 @@ def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None) -> 
     Raises :class:`DicomReadError` for any file that cannot become pixels, and no other
     exception.
     """
-    with warnings.catch_warnings():
-        # pydicom warns about odd element values, quoting them; nothing of that may leak.
-        warnings.simplefilter("ignore")
+    with _reading(path):
         ds, size = _open(path)
         header, rescale, stored_range = _validate(ds, path, size)
         return _read_pixels(ds, path, header, rescale, stored_range, frames)
@@ -272,7 +276,9 @@ def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
         raw, photometric = _decode(ds, path, wanted)
     except DicomReadError:
         raise
-    except Exception as exc:  # decoder plugins raise many types; the contract allows one
+    except _NOT_OURS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 plugins raise many types; the contract allows one
         raise DicomReadError(path, UNDECODABLE, _describe(exc)) from None
     if raw.shape[1:3] != (header.rows, header.columns):
         raise DicomReadError(
@@ -285,6 +291,28 @@ def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+# Decoders written in Rust (pylibjpeg-rle) signal a bad codestream with a pyo3
+# PanicException, which derives from BaseException; only these are left alone.
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextlib.contextmanager
+def _reading(path) -> Iterator[None]:
+    """Silence pydicom's warnings (they quote element values) and keep the one-type contract.
+
+    The specific checks raise DicomReadError with a precise reason; anything else a damaged
+    header provokes deep inside pydicom is still a file that cannot become pixels.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except (DicomReadError, *_NOT_OURS):
+            raise
+        except BaseException as exc:  # noqa: BLE001 (see _NOT_OURS)
+            raise DicomReadError(path, INCONSISTENT, _describe(exc)) from None
 
 
 def _open(path: str | os.PathLike) -> tuple[Dataset, int]:
@@ -304,7 +332,9 @@ def _open(path: str | os.PathLike) -> tuple[Dataset, int]:
         if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
             # Deferred offsets point into the inflated stream, not the file: read it whole.
             ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS))
-    except Exception as exc:  # a corrupt header can raise almost anything inside pydicom
+    except _NOT_OURS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 a corrupt header can raise almost anything
         raise DicomReadError(path, UNREADABLE, f"cannot parse the header ({_describe(exc)})") from None
     return ds, size
 
@@ -334,12 +364,14 @@ def _validate(
     stored values allowed by BitsStored and PixelRepresentation.
     """
     sop = _sop_class(ds)
-    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
-    if keyword is None:
-        _raise_no_pixel_data(ds, path, sop)
     tsyntax = _transfer_syntax(ds)
     if tsyntax is None:
         raise DicomReadError(path, INCONSISTENT, "the file meta has no TransferSyntaxUID")
+    if not tsyntax.is_transfer_syntax:
+        raise DicomReadError(path, INCONSISTENT, f"TransferSyntaxUID {str(tsyntax)[:64]!r} is not a transfer syntax")
+    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        _raise_no_pixel_data(ds, path, sop)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if keyword == "PixelData" and not photometric:
         raise DicomReadError(path, INCONSISTENT, "PhotometricInterpretation is missing")
@@ -417,10 +449,10 @@ def _sop_class(ds: Dataset) -> str:
     return f"{uid.name} ({uid})" if uid.name != str(uid) else str(uid)
 
 
-def _raise_no_pixel_data(ds: Dataset, path, sop: str) -> None:
+def _raise_no_pixel_data(ds: Dataset, path, sop: str) -> NoReturn:
     # pydicom silently drops an encapsulated pixel data element that runs past the end of the
     # file, so "no element" may really be "truncated": look for the element's tag on disk.
-    be = _transfer_syntax(ds) is not None and not _transfer_syntax(ds).is_little_endian
+    be = not _transfer_syntax(ds).is_little_endian
     tags = [b"\x7f\xe0\x00\x10", b"\x7f\xf2\x00\x10"] if be else [b"\xe0\x7f\x10\x00"]
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -455,8 +487,6 @@ def _int_attr(ds: Dataset, path, keyword: str, *, minimum: int, default: int | N
 
 
 def _check_decoder(path, tsyntax: UID, bits_stored: int) -> None:
-    if not tsyntax.is_transfer_syntax:
-        raise DicomReadError(path, INCONSISTENT, f"TransferSyntaxUID {str(tsyntax)!r} is not a transfer syntax")
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
@@ -659,16 +689,26 @@ def _decode(ds: Dataset, path, wanted: tuple[int, ...]) -> tuple[np.ndarray, str
                 arr, props = decoder.as_array(fh, index=f, **opts)
                 arrays.append(arr)
         stack = np.stack(arrays)
-    elif whole:
-        stack, props = decoder.as_array(ds)
-        if n_frames == 1:
-            stack = stack[None]
     else:
-        arrays = []
-        for f in wanted:
-            arr, props = decoder.as_array(ds, index=f)
-            arrays.append(arr)
-        stack = np.stack(arrays)
+        available = decoder.available_plugins
+        plugins = [p for p in _PLUGIN_PREFERENCE if p in available and p != "gdcm"]
+        plugins = plugins or (["gdcm"] if "gdcm" in available else [""])
+        failures = []
+        for plugin in plugins:
+            try:
+                if whole:
+                    stack, props = decoder.as_array(ds, decoding_plugin=plugin)
+                    stack = stack[None] if n_frames == 1 else stack
+                else:
+                    pairs = [decoder.as_array(ds, index=f, decoding_plugin=plugin) for f in wanted]
+                    stack, props = np.stack([a for a, _ in pairs]), pairs[0][1]
+                break
+            except _NOT_OURS:
+                raise
+            except BaseException as exc:  # noqa: BLE001 (see _NOT_OURS) the next plugin may cope
+                failures.append(f"{plugin or 'pydicom'}: {_describe(exc)}")
+        else:
+            raise DicomReadError(path, UNDECODABLE, "; ".join(failures))
     if stack.ndim == 3:
         stack = stack[..., None]
     photometric = str(props.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
