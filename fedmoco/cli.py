@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fedmoco.errors import ConfigError, FedmocoError
+from fedmoco.errors import CheckpointError, ConfigError, FedmocoError
 
 log = logging.getLogger("fedmoco")
 
@@ -178,7 +178,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def features(root: Path, labels: Path | None):
         data = build_labelled_data(domain, root, data_cfg, labels, norm)
         if data.in_channels != model.cfg.in_channels:
-            from fedmoco.errors import CheckpointError
             raise CheckpointError(f"{args.checkpoint}: encoder takes {model.cfg.in_channels} channel(s) but "
                                   f"{root} gives {data.in_channels}")
         f, y, skipped = extract_features(model.encoder_q.backbone, data.dataset, device=device,
