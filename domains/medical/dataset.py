@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -113,24 +112,16 @@ class _DicomSamples(Dataset):
 class MedicalPretrainDataset(_DicomSamples):
     """``dataset[i]`` -> (view_q, view_k), each (C, S, S) float32 normalised, or None."""
 
-    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline, seed: int) -> None:
+    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline) -> None:
         super().__init__(root, records, samples, opts)
         self.views = TwoViews(pipeline)
-        self.seed = seed
-        self._seeded_pid: int | None = None
-
-    def _ensure_seeded(self) -> None:
-        # MONAI transforms carry their own RandomState; forked DataLoader workers would
-        # otherwise all replay the same augmentations. torch gives each worker (and each
-        # epoch's workers) a distinct seed.
-        if self._seeded_pid == os.getpid():
-            return
-        info = torch.utils.data.get_worker_info()
-        self.views.transform.set_random_state(info.seed if info is not None else self.seed)
-        self._seeded_pid = os.getpid()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        self._ensure_seeded()
+        # MONAI transforms keep their own numpy RandomState, which forked DataLoader workers
+        # would all copy and replay, and which no checkpoint saves. Reseeding per sample from
+        # torch's generator fixes both: workers get torch's distinct per-worker seeds, and
+        # the engine's saved RNG state makes a resumed run augment as the uninterrupted one.
+        self.views.transform.set_random_state(int(torch.randint(0, 2**31 - 1, ())))
         sample = self.load(i)
         return None if sample is None else self.views(sample)
 
@@ -163,7 +154,7 @@ def index_folder(root: Path, opts: MedicalOptions) -> tuple[list[FileRecord], Co
         records = kept
     if not records:
         raise DataError(f"{root}: no usable DICOM image among {len(files)} files; {format_skipped(skipped)}")
-    log.info("%s: %d DICOM files indexed; %s", root, len(records), format_skipped(skipped))
+    log.info("%s: %d usable DICOM files", root, len(records))
     return records, skipped
 
 
@@ -187,7 +178,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     samples = build_samples(records, opts.slices)
     normalization = default_normalization(opts.in_channels)
     pipeline = ViewPipeline(pretrain_pipeline(opts, cfg.image_size), normalization)
-    dataset = MedicalPretrainDataset(root, records, samples, opts, pipeline, cfg.seed)
+    dataset = MedicalPretrainDataset(root, records, samples, opts, pipeline)
     return PretrainData(
         dataset=dataset,
         in_channels=opts.in_channels,
@@ -212,6 +203,8 @@ def build_labelled_data(
     opts = MedicalOptions.parse(cfg.options)
     root = Path(root)
     records, skipped = index_folder(root, opts)
+    if skipped:  # the pretraining loop reports PretrainData.skipped; evaluation does not
+        log.warning("%s: %s", root, format_skipped(skipped))
     labels, classes = read_labels(root, [root / r.path for r in records], labels_csv)
     if normalization is None:
         normalization = default_normalization(opts.in_channels)

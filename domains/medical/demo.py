@@ -305,6 +305,7 @@ def make_demo_archive(
             "AccessionNumber": f"ACC-DEMO-{tag}",
             "StudyInstanceUID": generate_uid(entropy_srcs=["study", tag]),
             "StudyDate": "20240101",
+            "StudyTime": "120000",  # GDCM stamps the current time when it is missing
         }
         ellipsoids = _jittered(kind, rng)
         fov = 250.0 if kind == "head" else 360.0

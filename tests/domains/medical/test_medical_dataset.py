@@ -1,0 +1,153 @@
+"""build_pretrain_data / build_labelled_data over generated folders."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from domains.medical import build_labelled_data, build_pretrain_data, write_dicom
+from fedmoco.data import DataConfig, Normalization, collate_views
+from fedmoco.errors import DataError
+
+QUIET = {"flip_prob": 0, "rotate_deg": 0, "crop_scale": 1.0, "window_level_jitter": 0,
+         "window_width_jitter": 0, "intensity_prob": 0, "gamma_prob": 0, "noise_prob": 0,
+         "smooth_prob": 0}
+
+
+def cfg(cache_dir, size=32, **options) -> DataConfig:
+    return DataConfig(image_size=size, seed=0, options={"cache_dir": str(cache_dir), **options})
+
+
+def ct_series(root, values_hu, series="1.2.3", size=16):
+    """Single-frame CT files of constant HU, one per value, at z = 0, 5, 10, ..."""
+    for s, value in enumerate(values_hu):
+        write_dicom(root / f"s{s}.dcm", np.full((size, size), value + 1024, np.uint16), bits_stored=12,
+                    attributes={"Modality": "CT", "RescaleIntercept": -1024, "RescaleSlope": 1,
+                                "SeriesInstanceUID": series, "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+                                "ImagePositionPatient": [0, 0, 5.0 * s]})
+    return root
+
+
+def unnormalise(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.25 + 0.5
+
+
+def test_pretrain_data_over_the_demo_archive(demo_archive, cache_dir):
+    data = build_pretrain_data(demo_archive, cfg(cache_dir))
+    assert len(data.dataset) == 28 and data.in_channels == 1
+    assert data.normalization.to_dict() == {"mean": [0.5], "std": [0.25]}
+    assert sum(data.skipped.values()) == 4
+    assert "28 samples from 23 DICOM files (CR 4, CT 24)" in data.description
+    for i in range(len(data.dataset)):
+        q, k = data.dataset[i]
+        assert q.shape == k.shape == (1, 32, 32) and q.dtype == torch.float32
+        assert 0.0 <= float(unnormalise(q).min()) and float(unnormalise(q).max()) <= 1.0 + 1e-6
+        assert not torch.equal(q, k)
+
+
+def test_ct_window_through_the_dataset_by_hand(tmp_path, cache_dir):
+    root = ct_series(tmp_path / "ct", [40, -160, 240])
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    values = [float(data.dataset[i][0].mean()) for i in range(3)]
+    assert values == [0.0, -2.0, 2.0]  # windowed 0.5, 0, 1 -> (x - 0.5) / 0.25
+    lung = build_pretrain_data(root, cfg(cache_dir, size=16, ct_window="lung", **QUIET))
+    # (HU + 1350) / 1500: 40 -> 0.92667 -> 1.70667
+    assert float(lung.dataset[0][0].mean()) == pytest.approx((1390 / 1500 - 0.5) / 0.25, abs=1e-5)
+
+
+def test_25d_channels_are_neighbouring_slices(tmp_path, cache_dir):
+    root = ct_series(tmp_path / "ct", [-160, -60, 40, 140])
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, slices=3, **QUIET))
+    assert data.in_channels == 3 and data.normalization.channels == 3
+    q, _ = data.dataset[1]  # centre z = 5: neighbours z = 0, 10
+    assert unnormalise(q).mean(dim=(1, 2)).tolist() == pytest.approx([0.0, 0.25, 0.5])
+    q, _ = data.dataset[3]  # the last slice repeats itself above
+    assert unnormalise(q).mean(dim=(1, 2)).tolist() == pytest.approx([0.5, 0.75, 0.75])
+
+
+def test_rgb_becomes_luma_and_gray_can_be_replicated(tmp_path, cache_dir):
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red: luma 0.299
+    write_dicom(tmp_path / "us" / "rgb.dcm", rgb, photometric="RGB", attributes={"Modality": "US"})
+    gray = build_pretrain_data(tmp_path / "us", cfg(cache_dir, size=8, **QUIET))
+    assert float(unnormalise(gray.dataset[0][0]).mean()) == pytest.approx(0.299, abs=1e-3)
+    colour = build_pretrain_data(tmp_path / "us", cfg(cache_dir, size=8, channels=3, **QUIET))
+    assert unnormalise(colour.dataset[0][0]).mean(dim=(1, 2)).tolist() == pytest.approx([1, 0, 0], abs=1e-3)
+    ct = build_pretrain_data(ct_series(tmp_path / "ct", [40]), cfg(cache_dir, size=8, channels=3, **QUIET))
+    assert ct.in_channels == 3 and unnormalise(ct.dataset[0][0]).mean(dim=(1, 2)).tolist() == [0.5] * 3
+
+
+def test_file_broken_after_indexing_gives_none_and_a_warning(tmp_path, demo_archive, cache_dir, caplog):
+    root = shutil.copytree(demo_archive, tmp_path / "copy")
+    data = build_pretrain_data(root, cfg(cache_dir))
+    i = next(i for i in range(len(data.dataset)) if data.dataset.file_of(i) == root / "patient_00/ct/slice_000.dcm")
+    victim = data.dataset.file_of(i)
+    victim.write_bytes(victim.read_bytes()[:-1000])  # uncompressed in the demo's rotation
+    with caplog.at_level(logging.WARNING):
+        assert data.dataset[i] is None
+    assert f"{victim}: truncated pixel data: the file holds 7192 of 8192 bytes" in caplog.text
+    batch, dropped = collate_views([data.dataset[i], data.dataset[i + 1]])
+    assert dropped == 1 and batch[0].shape == (1, 1, 32, 32)
+
+
+def test_same_torch_seed_same_views(demo_archive, cache_dir):
+    data = build_pretrain_data(demo_archive, cfg(cache_dir))
+    torch.manual_seed(5)
+    a = data.dataset[3]
+    torch.manual_seed(5)
+    b = data.dataset[3]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_dataloader_workers_pickle_and_augment_differently(tmp_path, cache_dir):
+    root = ct_series(tmp_path / "ct", [40])
+    shutil.copy(root / "s0.dcm", root / "s1.dcm")  # two identical images
+    data = build_pretrain_data(root, cfg(cache_dir, size=16))
+    pickle.loads(pickle.dumps(data.dataset))
+    loader = DataLoader(data.dataset, batch_size=1, num_workers=2, collate_fn=collate_views,
+                        generator=torch.Generator().manual_seed(0))
+    (first, _), (second, _) = list(loader)
+    assert not torch.equal(first[0], second[0])  # worker 0 and worker 1 did not replay each other
+
+
+def test_labelled_data_labels_by_folder(labelled_archive, cache_dir):
+    data = build_labelled_data(labelled_archive, cfg(cache_dir), None, None)
+    assert data.classes == ["abdomen", "chest", "head"] and data.in_channels == 1
+    ds = data.dataset
+    labels = [ds.label_of(i) for i in range(len(ds))]
+    for i in range(len(ds)):
+        folder = ds.file_of(i).relative_to(labelled_archive).parts[0]
+        assert data.classes[labels[i]] == folder
+    image, label = ds[0]
+    assert image.shape == (1, 32, 32) and label == labels[0]
+    torch.testing.assert_close(ds[0][0], image)  # a single deterministic view
+    assert sum(data.skipped.values()) == 4
+
+
+def test_labelled_data_from_csv_and_given_normalization(labelled_archive, tmp_path, cache_dir):
+    files = sorted(p for p in labelled_archive.rglob("*") if p.is_file() and "unsorted" not in p.parts)
+    csv_path = tmp_path / "labels.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        for p in files:
+            writer.writerow([p.relative_to(labelled_archive).as_posix(), "xray" if p.parent.name == "cr" else "ct"])
+    norm = Normalization([0.0], [1.0])
+    data = build_labelled_data(labelled_archive, cfg(cache_dir), csv_path, norm)
+    assert data.classes == ["ct", "xray"] and data.normalization is norm
+    image, _ = data.dataset[0]
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0  # identity normalisation
+    with pytest.raises(DataError, match="normalization has 3 channels but the medical options give 1"):
+        build_labelled_data(labelled_archive, cfg(cache_dir), None, Normalization([0.5] * 3, [0.25] * 3))
+
+
+def test_unknown_option_fails_before_any_scan(tmp_path):
+    with pytest.raises(DataError, match="--data-option windw: unknown option"):
+        build_pretrain_data(tmp_path, DataConfig(options={"windw": "lung"}))
