@@ -192,7 +192,7 @@ def is_shared(name: str) -> bool:
 
 def shared_state(model: MoCo) -> dict[str, torch.Tensor]:
     """The shared part of ``model``'s state_dict (detached CPU tensors, in model order)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_shared(k)}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_shared(k)}
 
 
 def shared_arrays(model: MoCo) -> ArrayRecord:

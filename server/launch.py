@@ -1,0 +1,126 @@
+"""Starting and stopping Flower's processes (SuperLink, SuperNodes, ``flwr``) from Python.
+
+Used by the simulation demo (``server.simulation``), the deployment example and the
+integration tests. Every process gets its own session (process group), so
+:func:`stop_process` ends it together with the children it spawned (SuperExec, ServerApp,
+Ray workers) by process-group id, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Sequence
+
+#: Folder of the running interpreter's console scripts (flwr, flower-superlink, ...).
+BIN_DIR = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's commands: this interpreter's bin/ first on PATH (the
+    SuperLink starts ``flower-superexec`` by name) and ``FLWR_HOME`` for its config and
+    installed apps, so nothing touches the user's ~/.flwr."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    env.update(extra or {})
+    return env
+
+
+def flower_command(name: str) -> str:
+    """Absolute path of Flower console script ``name`` next to this interpreter."""
+    path = BIN_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; install flwr into this environment (pip install 'flwr[simulation]')")
+    return str(path)
+
+
+def start_process(args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``args`` in a new session, stdout+stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh: IO[bytes] = open(log, "ab")
+    try:
+        return subprocess.Popen(list(args), env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        fh.close()  # the child holds its own descriptor
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc``, then SIGKILL what is left after ``timeout`` s."""
+    if proc.poll() is None or _group_alive(proc.pid):
+        _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+            time.sleep(0.1)
+        _signal_group(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, *, timeout: float = 60.0, log: Path | None = None) -> None:
+    """Poll ``http://127.0.0.1:PORT/health`` until it answers 200; raise if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before it was ready"
+                               + (f"; see {log}:\n{tail(log)}" if log else ""))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s" + (f"; see {log}:\n{tail(log)}" if log else ""))
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file ('' if it does not exist)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def write_connection(flwr_home: Path, name: str, address: str, *, root_certificates: Path | None = None) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection ``name`` (the default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    lines.append(f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

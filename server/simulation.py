@@ -1,0 +1,186 @@
+"""Federated simulation on this machine, offline: ``python -m server.simulation``.
+
+1. generates one demo archive per site (``domains.<domain>.demo``) under ``OUT/data/site-<i>``;
+2. starts a simulation SuperLink (``flower-superlink --insecure --simulation
+   --disable-runtime-dependency-installation``) on free ports, with its own ``FLWR_HOME``;
+   Flower's ``:local:`` connection would run ``uv sync`` per run and needs the internet;
+3. ``flwr run . fedmoco-sim --stream --federation-config "num-supernodes=N ..."
+   --run-config "demo-root=OUT/data out-dir=OUT/server ..."``: simulated site ``i``
+   (node_config ``partition-id`` = i) reads ``<demo-root>/site-<i>``;
+4. stops the SuperLink and everything it started (process group), even on failure.
+
+The satellite federation is the same command with ``--domain satellite`` (which sets
+run_config ``domain="satellite" in-channels=4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.launch import (flower_command, flower_env, free_port, start_process, stop_process, tail,
+                           wait_healthy, write_connection)
+
+#: Repository root: the Flower app (pyproject.toml with [tool.flwr.app]).
+APP_DIR = Path(__file__).resolve().parent.parent
+#: Input channels of each domain's demo archive.
+DEMO_CHANNELS = {"medical": 1, "satellite": 4, "images": 1}
+
+
+def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 64, seed: int = 0) -> list[Path]:
+    """One generated archive per site under ``root/site-<i>``; different seeds, different sites."""
+    paths = []
+    for i in range(n_sites):
+        out = root / f"site-{i}"
+        if out.exists():
+            shutil.rmtree(out)
+        if domain == "medical":
+            from domains.medical.demo import make_demo_archive
+            make_demo_archive(out, n_patients=4 + i, seed=seed + i, image_size=image_size)
+        elif domain == "satellite":
+            from domains.satellite.demo import make_demo_archive
+            make_demo_archive(out, bands=DEMO_CHANNELS["satellite"], seed=seed + i, tile_size=image_size)
+        elif domain == "images":
+            from domains.images import make_demo_images
+            make_demo_images(out, n_per_class=8 + 4 * i, size=image_size, seed=seed + i, rgb=False)
+        else:
+            raise ValueError(f"no demo archive for domain {domain!r}; choose one of {sorted(DEMO_CHANNELS)}")
+        paths.append(out)
+    return paths
+
+
+def toml_value(v: Any) -> str:
+    """A Python value as a TOML literal for ``--run-config``."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``'k=1 name="x"'`` -> ``{"k": 1, "name": "x"}`` (TOML values; bare words are strings)."""
+    out: dict[str, Any] = {}
+    for item in shlex.split(text, posix=False):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--run-config: expected key=value, got {item!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+@dataclass
+class SimulationResult:
+    encoder: Path
+    out_dir: Path
+    seconds: float
+    log: Path
+
+
+def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir: Path, cpus_per_site: float = 1.0,
+                   timeout: float = 600.0, app_dir: Path = APP_DIR, echo: bool = True) -> SimulationResult:
+    """Run the FedMoCo app in Flower's simulation runtime; ``run_config`` overrides pyproject's.
+
+    ``work_dir`` receives ``flwr-home/`` (SuperLink config and installed app) and the logs.
+    Raises RuntimeError (with the log's tail) if the run does not produce its encoder.
+    """
+    work_dir = work_dir.resolve()
+    flwr_home = work_dir / "flwr-home"
+    shutil.rmtree(flwr_home, ignore_errors=True)
+    port = free_port()
+    write_connection(flwr_home, "fedmoco-sim", f"127.0.0.1:{port}")
+    env = flower_env(flwr_home)
+    link_log, run_log = work_dir / "superlink.log", work_dir / "flwr-run.log"
+    for p in (link_log, run_log):
+        p.unlink(missing_ok=True)
+    out_dir = Path(str(run_config["out-dir"])).resolve()
+    encoder = out_dir / "encoder.pt"
+    encoder.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    superlink = start_process(
+        [flower_command("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+         "--host", "127.0.0.1", "--port", str(port)], env=env, log=link_log, cwd=work_dir)
+    try:
+        wait_healthy(port, superlink, log=link_log)
+        cmd = [flower_command("flwr"), "run", str(app_dir), "fedmoco-sim", "--stream",
+               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site:g}",
+               "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+        with open(run_log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    fh.write(line)
+                    if echo and _worth_echoing(line):
+                        sys.stdout.write(line.decode(errors="replace"))
+                        sys.stdout.flush()
+                proc.wait(timeout=max(timeout - (time.perf_counter() - t0), 1.0))
+            finally:
+                stop_process(proc)
+    finally:
+        stop_process(superlink)
+    if not encoder.is_file():
+        raise RuntimeError(f"the simulation ended without {encoder}; flwr run log {run_log}:\n{tail(run_log)}\n"
+                           f"SuperLink log {link_log}:\n{tail(link_log)}")
+    return SimulationResult(encoder=encoder, out_dir=out_dir, seconds=time.perf_counter() - t0, log=run_log)
+
+
+def _worth_echoing(line: bytes) -> bool:
+    # Flower streams every log line twice (its handler and the captured stream) and Ray adds
+    # its own noise; show the federation's one-line messages and errors once.
+    text = line.decode(errors="replace")
+    return ("fedmoco" in text or "round " in text or "ERROR" in text or "aggregated encoder" in text) \
+        and not text[:2].isdigit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server.simulation", description=__doc__.splitlines()[0])
+    p.add_argument("--domain", default="medical", choices=sorted(DEMO_CHANNELS))
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("demo-output/federation"))
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--run-config", default="", help="extra run_config overrides, 'k=v k2=\"text\"'")
+    p.add_argument("--timeout", type=float, default=600.0)
+    args = p.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
+    make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size)
+    run_config: dict[str, Any] = {
+        "domain": args.domain, "in-channels": DEMO_CHANNELS[args.domain], "image-size": args.image_size,
+        "num-server-rounds": args.rounds, "demo-root": str(out / "data"), "out-dir": str(out / "server"),
+        "min-nodes": args.sites, "local-epochs": 2, "batch-size": 16, "resume": False,
+    }
+    run_config.update(parse_overrides(args.run_config))
+    with tempfile.TemporaryDirectory(prefix="fedmoco-sim-") as tmp:
+        work = Path(tmp)
+        try:
+            result = run_simulation(run_config, num_supernodes=args.sites, work_dir=work, timeout=args.timeout)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        shutil.copy(result.log, out / "flwr-run.log")
+    print(f"\nfederated simulation: {args.sites} {args.domain} sites, {args.rounds} rounds in {result.seconds:.0f} s")
+    print(f"aggregated encoder:   {result.encoder}")
+    print(f"round metrics:        {out / 'server' / 'rounds.jsonl'}")
+    print(f"plots:                {out / 'server' / 'plots'}")
+    print(f"full log:             {out / 'flwr-run.log'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The ClientApp's train handler, called directly with built Messages and Contexts."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from client_test_helpers import (context, global_model, make_images_site, run_config, state_tensors,
+                                 train_message, unit_rows)
+
+from clients.app import SITE_DATA_UNAVAILABLE, SITE_MISCONFIGURED, Renormalized, train
+from clients.state import MODEL, SITE, TRAINER
+from clients.task import load_shared, shared_arrays, shared_state
+from fedmoco.data import Normalization
+from fedmoco.train import Trainer
+from server.validation import REQUIRED_METRICS, ReplyLimits, decode_arrays, validate_reply
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return make_images_site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """What the model looked like when local training started, per call."""
+    calls = []
+    original = Trainer.train_epoch
+
+    def spy(self, loader, **kw):
+        calls.append({"model": {k: v.clone() for k, v in self.model.state_dict().items()},
+                      "step": self.global_step, "negatives": kw.get("extra_negatives")})
+        return original(self, loader, **kw)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    return calls
+
+
+def test_reply_holds_exactly_weights_keys_and_metrics(site):
+    run = run_config()
+    sent = shared_arrays(global_model(run))
+    reply = train(train_message(sent, 1), context({"data-path": str(site)}, run))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "keys", "metrics"}
+    assert set(reply.content["metrics"].keys()) == set(REQUIRED_METRICS)
+    assert list(reply.content["arrays"].keys()) == list(sent.keys())
+    keys = reply.content["keys"]["keys"].numpy()
+    assert keys.dtype == np.float32 and keys.ndim == 2 and keys.shape[1] == 16 and keys.shape[0] <= 64
+    # what the server will check, with the server's own code
+    limits = ReplyLimits(key_dim=16, max_keys=64, max_update_norm=None)
+    assert validate_reply(reply.content, decode_arrays(sent), limits) == []
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 24 and m["dp-keys-releases"] == 1 and 0 < m["dp-keys-epsilon"] < 8
+    # it trained: the weights moved
+    diff = [np.abs(a.numpy() - sent[k].numpy()).max() for k, a in reply.content["arrays"].items()]
+    assert max(diff) > 0
+
+
+def test_missing_or_empty_data_folder_is_a_clear_error_reply(tmp_path, caplog):
+    run = run_config()
+    sent = shared_arrays(global_model(run))
+    missing = tmp_path / "no-such-site"
+    with caplog.at_level(logging.ERROR):
+        reply = train(train_message(sent, 1), context({"data-path": str(missing)}, run))
+    assert reply.has_error() and reply.error.code == SITE_DATA_UNAVAILABLE
+    assert reply.error.reason == f"site data unavailable: {missing}: data folder does not exist"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    reply = train(train_message(sent, 1), context({"data-path": str(empty)}, run))
+    assert reply.has_error() and reply.error.code == SITE_DATA_UNAVAILABLE
+    assert str(empty) in reply.error.reason and "empty" in reply.error.reason
+    no_path = train(train_message(sent, 1), context({}, run))
+    assert no_path.has_error() and no_path.error.code == SITE_MISCONFIGURED
+    assert "data-path" in no_path.error.reason
+
+
+def test_channel_mismatch_is_reported(site):
+    run = run_config(**{"in-channels": 3})
+    reply = train(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(site)}, run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert "1 channel(s) but the federation's encoder takes 3" in reply.error.reason
+
+
+def test_simulation_sites_find_their_data_by_partition_id(tmp_path):
+    make_images_site(tmp_path / "site-1", seed=1)
+    run = run_config(**{"demo-root": str(tmp_path)})
+    reply = train(train_message(shared_arrays(global_model(run)), 1), context({"partition-id": 1}, run))
+    assert not reply.has_error()
+
+
+def test_state_survives_rounds_in_the_context(site, captured):
+    run = run_config()
+    ctx = context({"data-path": str(site)}, run)
+    g = global_model(run)
+    train(train_message(shared_arrays(g), 1), ctx)
+    assert {MODEL, TRAINER, SITE} <= set(ctx.state.keys())
+    queue_after_1 = int(ctx.state[MODEL]["queue.count"].numpy())
+    assert queue_after_1 == 16  # 2 steps x batch 8
+    assert ctx.state[SITE]["rounds-done"] == 1
+    reply = train(train_message(shared_arrays(g), 2), ctx)
+    assert int(ctx.state[MODEL]["queue.count"].numpy()) == 32  # the local queue kept growing
+    assert captured[1]["step"] == 2  # the optimizer/schedule continued
+    assert reply.content["metrics"]["dp-keys-releases"] == 2  # the ledger continued
+
+
+def test_local_ema_key_encoder_is_kept_across_rounds(site, captured):
+    run = run_config(**{"key-encoder": "local-ema"})
+    ctx = context({"data-path": str(site)}, run)
+    g = global_model(run)
+    train(train_message(shared_arrays(g), 1), ctx)
+    saved_k = state_tensors(ctx.state[MODEL], "encoder_k.")
+    train(train_message(shared_arrays(global_model(run, seed=1)), 2), ctx)
+    at_start = captured[1]["model"]
+    for k, v in saved_k.items():
+        assert torch.equal(at_start[k], v), k
+    # and it is not a copy of the freshly loaded global query encoder
+    new_q = shared_state(global_model(run, seed=1))
+    assert not torch.equal(at_start["encoder_k.head.2.weight"], new_q["encoder_q.head.2.weight"])
+
+
+def test_reset_key_encoder_copies_the_global_query_encoder(site, captured):
+    run = run_config(**{"key-encoder": "reset"})
+    ctx = context({"data-path": str(site)}, run)
+    train(train_message(shared_arrays(global_model(run)), 1), ctx)
+    g2 = shared_state(global_model(run, seed=1))
+    train(train_message(shared_arrays(global_model(run, seed=1)), 2), ctx)
+    at_start = captured[1]["model"]
+    for k, v in g2.items():
+        assert torch.equal(at_start[k], v), k  # query encoder = global
+        assert torch.equal(at_start["encoder_k." + k[len("encoder_q."):]], v), k  # key encoder = global too
+
+
+def test_unknown_key_encoder_policy_is_refused(site):
+    run = run_config(**{"key-encoder": "frozen"})
+    ctx = context({"data-path": str(site)}, run)
+    train(train_message(shared_arrays(global_model(run)), 1), ctx)  # first round: always a copy
+    reply = train(train_message(shared_arrays(global_model(run)), 2), ctx)
+    assert reply.has_error() and "key-encoder must be local-ema or reset" in reply.error.reason
+
+
+def test_personal_head_stays_on_the_site(site, captured):
+    run = run_config(**{"personal-head": True})
+    ctx = context({"data-path": str(site)}, run)
+    train(train_message(shared_arrays(global_model(run)), 1), ctx)
+    own_head = state_tensors(ctx.state[MODEL], "encoder_q.head.")
+    g2 = shared_state(global_model(run, seed=1))
+    train(train_message(shared_arrays(global_model(run, seed=1)), 2), ctx)
+    at_start = captured[1]["model"]
+    for k, v in own_head.items():
+        assert torch.equal(at_start[k], v), k
+    assert torch.equal(at_start["encoder_q.backbone.features.0.weight"], g2["encoder_q.backbone.features.0.weight"])
+
+
+def test_fedema_blends_by_divergence():
+    run = run_config()
+    local, g = global_model(run, seed=0), global_model(run, seed=1)
+    weights = shared_state(g)
+    before = shared_state(local)
+    dist = float(torch.sqrt(sum((weights[k] - before[k]).pow(2).sum() for k in weights)))
+    lam = 0.5 / dist  # mu = 0.5: halfway
+    mu = load_shared(local, weights, fedema_lambda=lam)
+    assert mu == pytest.approx(0.5)
+    after = shared_state(local)
+    for k in weights:
+        assert torch.allclose(after[k], 0.5 * before[k] + 0.5 * weights[k], atol=1e-6)
+    far = global_model(run, seed=0)
+    assert load_shared(far, weights, fedema_lambda=1e9) == 1.0  # drifted far: keeps its own
+    assert torch.equal(shared_state(far)["encoder_q.head.2.weight"], before["encoder_q.head.2.weight"])
+    assert load_shared(global_model(run, seed=0), weights) == 0.0  # plain replacement
+
+
+def test_fedema_is_applied_from_the_second_round(site, captured):
+    run = run_config(**{"fedema-lambda": 1e9})  # mu = 1: the site keeps its own encoder
+    ctx = context({"data-path": str(site)}, run)
+    train(train_message(shared_arrays(global_model(run)), 1), ctx)
+    own = state_tensors(ctx.state[MODEL], "encoder_q.")
+    train(train_message(shared_arrays(global_model(run, seed=1)), 2), ctx)
+    for k, v in own.items():
+        assert torch.equal(captured[1]["model"][k], v), k
+
+
+def test_exhausted_budget_stops_keys_but_not_training(site, caplog):
+    run = run_config(**{"num-server-rounds": 1, "key-sample-rate": 0.5})  # budget planned for one release
+    ctx = context({"data-path": str(site), "dp-epsilon": 2.0}, run)
+    g = shared_arrays(global_model(run))
+    first = train(train_message(g, 1), ctx)
+    assert first.content["keys"]["keys"].shape[0] > 0
+    assert first.content["metrics"]["dp-keys-exhausted"] == 1.0  # nothing left for another release
+    with caplog.at_level(logging.WARNING):
+        second = train(train_message(g, 2), ctx)
+    assert not second.has_error()
+    assert second.content["keys"]["keys"].shape == (0, 16)
+    m = second.content["metrics"]
+    assert m["dp-keys-exhausted"] == 1.0 and m["dp-keys-releases"] == 1.0 and m["dp-keys-epsilon"] <= 2.0
+    assert "privacy budget exhausted" in caplog.text
+    moved = max(np.abs(a.numpy() - g[k].numpy()).max() for k, a in second.content["arrays"].items())
+    assert moved > 0  # still trained and sent weights
+
+
+def test_ledger_in_state_dir_outlives_the_run(site, tmp_path):
+    run = run_config()
+    node = {"data-path": str(site), "state-dir": str(tmp_path / "state")}
+    g = shared_arrays(global_model(run))
+    train(train_message(g, 1), context(node, run))
+    assert (tmp_path / "state" / "key-ledger.json").is_file()
+    fresh = context(node, run)  # a new run: empty Context.state
+    reply = train(train_message(g, 1), fresh)
+    assert reply.content["metrics"]["dp-keys-releases"] == 2.0
+
+
+def test_a_site_that_joins_late_follows_the_federation_lr_schedule(site, captured):
+    run = run_config()
+    train(train_message(shared_arrays(global_model(run)), 3), context({"data-path": str(site)}, run))
+    assert captured[0]["step"] == 2 * 2  # two earlier rounds x 2 steps
+
+
+def test_global_negatives_are_used_and_bad_ones_ignored(site, captured, caplog):
+    run = run_config()
+    g = shared_arrays(global_model(run))
+    train(train_message(g, 1, negatives=unit_rows(20)), context({"data-path": str(site)}, run))
+    assert captured[0]["negatives"].shape == (20, 16)
+    with caplog.at_level(logging.WARNING):
+        reply = train(train_message(g, 1, negatives=unit_rows(20, dim=8)), context({"data-path": str(site)}, run))
+    assert not reply.has_error() and captured[1]["negatives"] is None
+    assert "ignoring global negatives of shape (20, 8)" in caplog.text
+
+
+def test_key_noise_is_not_reproducible_from_the_seed(site):
+    run = run_config(**{"key-sample-rate": 1.0, "max-keys": 4})
+    g = shared_arrays(global_model(run))
+    a = train(train_message(g, 1), context({"data-path": str(site)}, run)).content["keys"]["keys"].numpy()
+    b = train(train_message(g, 1), context({"data-path": str(site)}, run)).content["keys"]["keys"].numpy()
+    assert a.shape == b.shape == (4, 16)
+    assert not np.allclose(a, b)
+
+
+def test_renormalized_maps_site_units_to_federation_units():
+    src, dst = Normalization([0.5], [0.25]), Normalization([0.2], [0.1])
+    raw = torch.rand(1, 4, 4)
+    view = (raw - 0.5) / 0.25
+    ds = Renormalized([(view, view), None], src, dst)
+    out = ds[0][0]
+    assert torch.allclose(out, (raw - 0.2) / 0.1, atol=1e-5)
+    assert ds[1] is None and len(ds) == 2

@@ -1,0 +1,83 @@
+"""A site's reply carries weights, noisy keys and numbers: never pixels, never DICOM identifiers.
+
+The ClientApp runs on a generated hospital archive whose files hold PatientName,
+PatientID, AccessionNumber and UIDs; every Message it returns is inspected record by
+record and as the bytes that would travel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from client_test_helpers import context, global_model, run_config, train_message
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from clients.app import app
+from clients.task import shared_arrays
+from server.validation import REQUIRED_METRICS
+
+IMAGE_SIZE = 64
+IDENTIFYING = ("PatientName", "PatientID", "AccessionNumber", "PatientBirthDate", "StudyInstanceUID",
+               "SeriesInstanceUID", "SOPInstanceUID")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    from domains.medical.demo import make_demo_archive
+
+    return make_demo_archive(tmp_path_factory.mktemp("hospital"), n_patients=3, seed=5, image_size=IMAGE_SIZE)
+
+
+def identifiers(root: Path) -> set[str]:
+    """Every identifying value in the archive, and its file and folder names (>= 6 characters:
+    shorter strings occur by chance in several MB of float bytes)."""
+    found: set[str] = set()
+    for path in root.rglob("*.dcm"):
+        found.update(n for n in (path.name, path.parent.name) if len(n) >= 6)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # the archive holds broken files on purpose
+            continue
+        for kw in IDENTIFYING:
+            value = str(getattr(ds, kw, "") or "")
+            if len(value) >= 6:
+                found.add(value)
+    return found
+
+
+def wire_bytes(msg) -> bytes:
+    """The message as it would travel: every object of its tree, serialised."""
+    return b"".join(obj.deflate() for obj in get_all_nested_objects(msg).values())
+
+
+def test_replies_hold_no_pixels_and_no_identifiers(archive):
+    ids = identifiers(archive)
+    assert any(i.startswith("Demo^Patient") for i in ids) and any(i.startswith("DEMO-") for i in ids)
+    run = run_config(**{"domain": "medical", "image-size": IMAGE_SIZE, "key-sample-rate": 1.0, "max-keys": 16,
+                        "max-steps-per-epoch": 1})
+    ctx = context({"data-path": str(archive)}, run)
+    g = shared_arrays(global_model(run))
+    replies = [app(train_message(g, r), ctx) for r in (1, 2)]
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        content = reply.content
+        assert set(content.keys()) == {"arrays", "keys", "metrics"}
+        assert not content.config_records  # no strings travel at all
+        assert isinstance(content["metrics"], MetricRecord) and set(content["metrics"]) == set(REQUIRED_METRICS)
+        for name, record in content.array_records.items():
+            assert isinstance(record, ArrayRecord)
+            for array_name, arr in record.items():
+                shape = tuple(arr.shape)
+                assert not (len(shape) >= 2 and shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)), (name, array_name, shape)
+                assert not (len(shape) == 4 and shape[1] == 1 and shape[2] >= 16 and shape[2] == shape[3]), \
+                    (name, array_name, shape)
+        assert content["keys"]["keys"].shape[1] == 16  # keys are (n, D) embeddings
+        blob = wire_bytes(reply)
+        for ident in ids:
+            assert ident.encode() not in blob, ident
+        assert str(archive).encode() not in blob
+        assert not np.isnan(content["metrics"]["train-loss"])

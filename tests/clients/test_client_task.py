@@ -1,0 +1,77 @@
+"""clients.task: the run_config schema both sides read, and the shared part of the model."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clients.task import (RUN_DEFAULTS, is_shared, moco_config, parse_channels, parse_options, run_value,
+                          shared_state, site_data_path, train_config)
+from fedmoco.errors import ConfigError
+from fedmoco.moco import MoCo
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_pyproject_run_config_matches_the_defaults():
+    # `flwr run --run-config` only overrides keys pyproject declares, and run_simulation
+    # passes none at all: the two tables must agree key by key and value by value.
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RUN_DEFAULTS
+
+
+def test_run_value_coerces_and_names_the_key():
+    assert run_value({"num-server-rounds": "5"}, "num-server-rounds") == 5
+    assert run_value({"lr": 1}, "lr") == 1.0 and isinstance(run_value({"lr": 1}, "lr"), float)
+    assert run_value({"mlp": "false"}, "mlp") is False
+    assert run_value({}, "arch") == "tiny"
+    with pytest.raises(ConfigError, match="run_config batch-size: expected int, got 'many'"):
+        run_value({"batch-size": "many"}, "batch-size")
+    with pytest.raises(ConfigError, match="local-epochs"):
+        run_value({"local-epochs": 1.5}, "local-epochs")
+    with pytest.raises(KeyError):
+        run_value({}, "no-such-key")
+
+
+def test_configs_from_run_config():
+    m = moco_config({"dim": 32, "local-queue-size": 256, "norm": "group"})
+    assert (m.dim, m.queue_size, m.norm, m.arch) == (32, 256, "group", "tiny")
+    t = train_config({"local-epochs": 2, "max-steps-per-epoch": 0})
+    assert t.epochs == 2 and t.max_steps_per_epoch is None and not t.amp
+    with pytest.raises(ConfigError, match="temperature"):
+        moco_config({"temperature": 0.0})
+
+
+def test_parse_helpers():
+    assert parse_options("window=brain, slices=3,flip=true,ratio=0.5") == {
+        "window": "brain", "slices": 3, "flip": True, "ratio": 0.5}
+    assert parse_options("") == {}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_options("justaword")
+    assert parse_channels("0.5", 3, "input-mean") == [0.5, 0.5, 0.5]
+    assert parse_channels("", 3, "input-mean") is None
+    with pytest.raises(ConfigError, match="2 values for 4 channels"):
+        parse_channels("0.1,0.2", 4, "input-std")
+
+
+def test_site_data_path(tmp_path):
+    assert site_data_path({"data-path": "/data/a"}, {}) == Path("/data/a")
+    assert site_data_path({"partition-id": 2}, {"demo-root": str(tmp_path)}) == tmp_path / "site-2"
+    with pytest.raises(ConfigError, match="data-path"):
+        site_data_path({"partition-id": 2}, {})
+
+
+def test_shared_part_is_query_encoder_head_and_predictor_without_counters():
+    model = MoCo(moco_config({"norm": "batch", "predictor": True, "dim": 8, "hidden-dim": 16}))
+    names = list(shared_state(model))
+    assert names and all(n.startswith(("encoder_q.", "predictor.")) for n in names)
+    assert any(n.startswith("encoder_q.head.") for n in names) and any(n.startswith("predictor.") for n in names)
+    assert not any(n.endswith("num_batches_tracked") for n in names)
+    assert any(n.endswith("running_mean") for n in names)  # BN statistics are averaged with the weights
+    assert not is_shared("encoder_k.head.0.weight") and not is_shared("queue.buffer")
+    # a copy, not a view of the live parameters
+    first = names[0]
+    shared_state(model)[first].add_(1.0)
+    assert not (shared_state(model)[first] == model.state_dict()[first] + 1).all()

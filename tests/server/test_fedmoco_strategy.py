@@ -1,0 +1,205 @@
+"""FedMoCo's configure_train / aggregate_train on hand-built messages (no processes)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
+from server_test_helpers import good_metrics, reply_content, reply_from, shifted, tiny_arrays, unit_keys
+
+from fedmoco.errors import ConfigError
+from server.queue import GlobalKeyQueue
+from server.strategy import FedMoCo, ModelDP, load_server_state
+from server.validation import ReplyLimits, decode_arrays
+
+SAMPLING = dict(min_train_nodes=3, min_available_nodes=3)
+
+
+def make_strategy(tmp_path=None, **kw) -> FedMoCo:
+    queue = kw.pop("queue", GlobalKeyQueue(64, 8))
+    limits = kw.pop("limits", ReplyLimits(key_dim=8, max_keys=16, max_update_norm=1e6))
+    return FedMoCo(queue=queue, limits=limits, queue_sample=kw.pop("queue_sample", 10), seed=0,
+                   checkpoint_path=(tmp_path / "state.pt") if tmp_path else None,
+                   metrics_path=(tmp_path / "rounds.jsonl") if tmp_path else None, **SAMPLING, **kw)
+
+
+def offsets(result, ref) -> dict[str, float]:
+    """Per array: the (constant) difference between an aggregate and the reference."""
+    a, r = decode_arrays(result), decode_arrays(ref)
+    return {k: float(np.mean(a[k] - r[k])) for k in r}
+
+
+def test_each_site_gets_its_own_sample_without_its_own_keys(grid3):
+    s = make_strategy()
+    s.queue.enqueue(torch.full((5, 8), 1.0), node_id=101, server_round=1)
+    s.queue.enqueue(torch.full((5, 8), 2.0), node_id=102, server_round=1)
+    ref = tiny_arrays()
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, ref, ConfigRecord({"lr": 0.1}), grid3)}
+    assert set(msgs) == {101, 102, 103}
+    sample = {n: m.content["queue"]["keys"].numpy() for n, m in msgs.items()}
+    assert (sample[101] == 2).all() and sample[101].shape == (5, 8)
+    assert (sample[102] == 1).all() and sample[102].shape == (5, 8)
+    assert sample[103].shape == (10, 8)  # queue_sample caps it
+    for m in msgs.values():
+        assert m.metadata.message_type == "train"
+        assert set(m.content.keys()) == {"arrays", "config", "queue"}
+        assert m.content["config"]["server-round"] == 1 and m.content["config"]["lr"] == 0.1
+        assert list(m.content["arrays"].keys()) == list(ref.keys())
+
+
+def test_own_keys_included_when_asked(grid3):
+    s = make_strategy(exclude_own_keys=False)
+    s.queue.enqueue(torch.full((5, 8), 1.0), node_id=101, server_round=1)
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, tiny_arrays(), ConfigRecord(), grid3)}
+    assert msgs[101].content["queue"]["keys"].shape == (5, 8)
+
+
+def test_fedavg_weighted_by_examples_and_keys_join_the_queue(grid3, tmp_path):
+    s = make_strategy(tmp_path)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(3, seed=1), good_metrics(10))),
+               reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(4, seed=2), good_metrics(30)))]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert all(v == pytest.approx(2.5, abs=1e-5) for v in offsets(arrays, ref).values())
+    assert all(a.numpy().dtype == np.float32 for a in arrays.values())
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    assert s.queue.counts_by_site() == {101: 3, 102: 4}
+    assert np.allclose(s.queue.keys[:3].numpy(), unit_keys(3, seed=1))
+    state = load_server_state(tmp_path / "state.pt")
+    assert state["round"] == 1
+    assert torch.allclose(state["arrays"][next(iter(ref.keys()))], torch.from_numpy(next(iter(arrays.values())).numpy()))
+    assert state["queue"]["count"] == 7
+    assert state["ledger"]["sites"][101]["dp-keys-epsilon"] == 1.0
+
+
+def test_bad_replies_are_rejected_with_a_reason_and_the_round_goes_on(grid3, tmp_path, caplog):
+    s = make_strategy(tmp_path)
+    ref = tiny_arrays()
+    s.configure_train(2, ref, ConfigRecord(), grid3)
+    name = "encoder_q.head.2.weight"
+    wrong = shifted(ref, 0.0)
+    from flwr.app import Array
+    wrong[name] = Array(np.zeros((16, 8), np.float32))
+    nan = shifted(ref, np.nan)
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2), good_metrics())),
+               reply_from(102, reply_content(wrong, unit_keys(2), good_metrics())),
+               reply_from(103, reply_content(nan, unit_keys(9, dim=8) * 0 + unit_keys(9), good_metrics())),
+               reply_from(104, reply_content(shifted(ref, 5.0), unit_keys(2, dim=16), good_metrics())),
+               reply_from(105, error="site data unavailable: /data/site-5: data folder does not exist")]
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        arrays, _ = s.aggregate_train(2, replies)
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in offsets(arrays, ref).values())
+    assert s.queue.counts_by_site() == {101: 2}
+    text = caplog.text
+    assert f"round 2: rejected reply from node 102: arrays '{name}' has shape (16, 8), expected (8, 16)" in text
+    assert "round 2: rejected reply from node 103: arrays 'encoder_q.backbone" in text and "non-finite" in text
+    assert "round 2: rejected reply from node 104: keys 'keys' has shape (2, 16), expected (n, 8)" in text
+    assert "round 2: node 105 sent no update: site data unavailable: /data/site-5" in text
+    import json
+    record = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
+    assert (record["accepted"], record["rejected"], record["errors"]) == (1, 3, 1)
+    assert {s["node"]: s["status"] for s in record["sites"]}[105] == "error"
+
+
+def test_too_few_accepted_replies_keep_the_model_and_queue(grid3, tmp_path, caplog):
+    s = make_strategy(tmp_path, min_replies=2)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2), good_metrics())),
+               reply_from(102, error="boom")]
+    with caplog.at_level(logging.WARNING, logger="flwr.fedmoco.server"):
+        arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is None and metrics is None
+    assert len(s.queue) == 0
+    assert "fewer than min-replies 2" in caplog.text
+    state = load_server_state(tmp_path / "state.pt")  # still checkpointed, with the old model
+    assert state["round"] == 1
+    assert np.array_equal(state["arrays"][next(iter(ref.keys()))].numpy(), next(iter(ref.values())).numpy())
+
+
+def test_round_offset_numbers_rounds_of_a_resumed_run(grid3, tmp_path):
+    s = make_strategy(tmp_path, round_offset=4)
+    ref = tiny_arrays()
+    msgs = list(s.configure_train(1, ref, ConfigRecord(), grid3))
+    assert {m.content["config"]["server-round"] for m in msgs} == {5}
+    assert {m.metadata.group_id for m in msgs} == {"5"}
+    s.aggregate_train(1, [reply_from(101, reply_content(ref, unit_keys(1), good_metrics()))])
+    assert load_server_state(tmp_path / "state.pt")["round"] == 5
+    assert s.queue.round[0] == 5
+
+
+@pytest.mark.parametrize("aggregator, expected", [
+    (FedMedian(**SAMPLING), 2.0),
+    (FedTrimmedAvg(beta=0.34, **SAMPLING), 2.0),
+    (Krum(num_malicious_nodes=0, **SAMPLING), None),  # picks one of the two close updates
+])
+def test_robust_aggregation_resists_an_outlier(grid3, aggregator, expected):
+    s = make_strategy(aggregator=aggregator)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(1), good_metrics(10))),
+               reply_from(102, reply_content(shifted(ref, 2.0), unit_keys(1), good_metrics(10))),
+               reply_from(103, reply_content(shifted(ref, 50.0), unit_keys(1), good_metrics(1000)))]
+    arrays, _ = s.aggregate_train(1, replies)
+    got = offsets(arrays, ref)
+    if expected is None:
+        assert {round(v, 4) for v in got.values()} in ({1.0}, {2.0})
+    else:
+        assert all(v == pytest.approx(expected, abs=1e-5) for v in got.values())
+    assert all(a.numpy().dtype == np.float32 for a in arrays.values())
+    assert s.queue.counts_by_site() == {101: 1, 102: 1, 103: 1}
+
+
+def test_a_failing_aggregator_loses_the_round_not_the_run(grid3, tmp_path, caplog, monkeypatch):
+    from flwr.serverapp.exception import AggregationError
+
+    agg = FedTrimmedAvg(beta=0.2, **SAMPLING)
+
+    def fail(server_round, replies):
+        raise AggregationError("Trimmed mean could not be computed")
+
+    monkeypatch.setattr(agg, "aggregate_train", fail)
+    s = make_strategy(tmp_path, aggregator=agg)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    with caplog.at_level(logging.ERROR, logger="flwr.fedmoco.server"):
+        arrays, _ = s.aggregate_train(1, [reply_from(101, reply_content(ref, unit_keys(1), good_metrics()))])
+    assert arrays is None and len(s.queue) == 0
+    assert "round 1: aggregation failed (AggregationError: Trimmed mean could not be computed)" in caplog.text
+    assert load_server_state(tmp_path / "state.pt")["round"] == 1
+
+
+def test_model_dp_clips_each_update_and_accounts_epsilon(grid3):
+    dp = ModelDP(noise=1e-6, clip=1.0, delta=1e-5)
+    s = make_strategy(model_dp=dp)
+    ref = tiny_arrays()
+    n_params = sum(a.numpy().size for a in ref.values())
+    s.configure_train(1, ref, ConfigRecord(), grid3)  # sent to 3 sites
+    big = 10.0 / np.sqrt(n_params)  # update norm 10 -> clipped to 1
+    replies = [reply_from(101, reply_content(shifted(ref, big), unit_keys(1), good_metrics(10))),
+               reply_from(102, reply_content(shifted(ref, big), unit_keys(1), good_metrics(1000)))]
+    arrays, _ = s.aggregate_train(1, replies)
+    # two clipped updates of norm 1, divided by the 3 sites the round was sent to
+    expected = 2 * (big / 10.0) / 3
+    assert all(v == pytest.approx(expected, rel=1e-3) for v in offsets(arrays, ref).values())
+    eps1 = dp.epsilon()
+    s.configure_train(2, arrays, ConfigRecord(), grid3)
+    s.aggregate_train(2, [reply_from(101, reply_content(arrays, unit_keys(1), good_metrics()))])
+    assert 0 < eps1 < dp.epsilon() and dp.releases == 2
+    with pytest.raises(ConfigError, match="FedAvg only"):
+        make_strategy(model_dp=ModelDP(noise=1.0, clip=1.0, delta=1e-5), aggregator=FedMedian(**SAMPLING))
+
+
+def test_model_dp_noise_has_the_calibrated_scale(grid3):
+    dp = ModelDP(noise=2.0, clip=0.5, delta=1e-5)
+    s = make_strategy(model_dp=dp)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    arrays, _ = s.aggregate_train(1, [reply_from(101, reply_content(ref, unit_keys(1), good_metrics()))])
+    diff = np.concatenate([(decode_arrays(arrays)[k] - v).ravel() for k, v in decode_arrays(ref).items()])
+    assert diff.std() == pytest.approx(2.0 * 0.5 / 3, rel=0.05)  # z * C / n_sent

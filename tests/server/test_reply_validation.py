@@ -1,0 +1,127 @@
+"""validate_reply: every way a reply can be wrong gives a one-line reason naming it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from server_test_helpers import good_metrics, reply_content, shifted, tiny_arrays, unit_keys
+
+from server.validation import ReplyLimits, decode_arrays, validate_reply
+
+LIMITS = ReplyLimits(key_dim=8, max_keys=16, max_update_norm=5.0)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return tiny_arrays()
+
+
+def check(content: RecordDict, ref: ArrayRecord, limits: ReplyLimits = LIMITS) -> list[str]:
+    return validate_reply(content, decode_arrays(ref), limits)
+
+
+def replace(arrays: ArrayRecord, name: str, value: np.ndarray) -> ArrayRecord:
+    out = ArrayRecord({k: a for k, a in arrays.items()})
+    out[name] = Array(value)
+    return out
+
+
+def test_a_good_reply_passes(ref):
+    assert check(reply_content(ref, unit_keys(5), good_metrics()), ref) == []
+    # no keys at all (budget exhausted) is fine too
+    assert check(reply_content(ref, np.zeros((0, 8), np.float32), good_metrics(**{"dp-keys-exhausted": 1.0})),
+                 ref) == []
+
+
+def test_wrong_shape_names_the_array_and_both_shapes(ref):
+    name = "encoder_q.head.2.weight"
+    assert ref[name].shape == (8, 16)
+    bad = replace(ref, name, np.zeros((16, 8), np.float32))
+    assert check(reply_content(bad, unit_keys(2), good_metrics()), ref) == [
+        f"arrays '{name}' has shape (16, 8), expected (8, 16)"]
+
+
+def test_dtype_nan_missing_and_unexpected_arrays(ref):
+    name = next(iter(ref.keys()))
+    as64 = replace(ref, name, ref[name].numpy().astype(np.float64))
+    assert check(reply_content(as64, unit_keys(2), good_metrics()), ref) == [
+        f"arrays '{name}' has dtype float64, expected float32"]
+    nan = ref[name].numpy().copy()
+    nan.flat[0] = np.nan
+    nan.flat[1] = np.inf
+    assert check(reply_content(replace(ref, name, nan), unit_keys(2), good_metrics()), ref) == [
+        f"arrays '{name}' has 2 non-finite value(s)"]
+    fewer = ArrayRecord({k: a for k, a in ref.items() if k != name})
+    extra = replace(ref, "encoder_k.secret", np.zeros(3, np.float32))
+    assert check(reply_content(fewer, unit_keys(2), good_metrics()), ref)[0].startswith("arrays: missing 1 of")
+    assert check(reply_content(extra, unit_keys(2), good_metrics()), ref) == [
+        "arrays: 1 unexpected (first: 'encoder_k.secret')"]
+
+
+def test_update_norm_bound(ref):
+    n_params = sum(a.numpy().size for a in ref.values())
+    step = 6.0 / np.sqrt(n_params)  # update norm 6 > 5
+    reasons = check(reply_content(shifted(ref, step), unit_keys(2), good_metrics()), ref)
+    assert len(reasons) == 1 and "update norm 6" in reasons[0] and "max-update-norm 5" in reasons[0]
+    assert check(reply_content(shifted(ref, step / 2), unit_keys(2), good_metrics()), ref) == []
+    unbounded = ReplyLimits(key_dim=8, max_keys=16, max_update_norm=None)
+    assert check(reply_content(shifted(ref, 100.0), unit_keys(2), good_metrics()), ref, unbounded) == []
+
+
+@pytest.mark.parametrize("keys, reason", [
+    (unit_keys(3, dim=16), "keys 'keys' has shape (3, 16), expected (n, 8)"),
+    (unit_keys(3).reshape(-1), "keys 'keys' has shape (24,), expected (n, 8)"),
+    (unit_keys(17), "keys: 17 keys exceed max-keys 16"),
+    (unit_keys(3) * 2, "keys: 3 key(s) are not unit vectors (largest |norm - 1| = 1 > 0.001)"),
+    (np.full((2, 8), np.nan, np.float32), "keys: 16 non-finite value(s)"),
+])
+def test_bad_keys(ref, keys, reason):
+    content = RecordDict({"arrays": ref, "keys": ArrayRecord({"keys": Array(keys.astype(np.float32))}),
+                          "metrics": MetricRecord(good_metrics())})
+    assert check(content, ref) == [reason]
+
+
+def test_keys_record_shape_and_dtype(ref):
+    two = RecordDict({"arrays": ref, "keys": ArrayRecord({"a": Array(unit_keys(1)), "b": Array(unit_keys(1))}),
+                      "metrics": MetricRecord(good_metrics())})
+    assert check(two, ref) == ["keys: expected one array, got 2"]
+    f64 = reply_content(ref, unit_keys(2), good_metrics())
+    f64["keys"] = ArrayRecord({"keys": Array(unit_keys(2).astype(np.float64))})
+    assert check(f64, ref) == ["keys 'keys' has dtype float64, expected float32"]
+    no_keys = RecordDict({"arrays": ref, "metrics": MetricRecord(good_metrics())})
+    assert check(no_keys, ref) == ["record 'keys' is missing"]
+
+
+def test_metrics(ref):
+    m = good_metrics()
+    del m["train-loss"]
+    m["patient-count"] = 3
+    assert check(reply_content(ref, unit_keys(2), m), ref) == [
+        "metrics: missing train-loss", "metrics: unexpected patient-count"]
+    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"num-examples": 0})), ref) == [
+        "metrics 'num-examples' is 0, expected >= 1"]
+    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"train-loss": float("nan")})), ref) == [
+        "metrics 'train-loss' is NaN"]
+    # a round whose steps all ran on an empty queue has no negative scores: NaN is legitimate
+    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"neg-mean": float("nan")})), ref) == []
+    no_release = good_metrics(**{"dp-keys-releases": 0.0, "dp-keys-epsilon": 0.0})
+    assert "accounts no release" in check(reply_content(ref, unit_keys(2), no_release), ref)[0]
+
+
+def test_unexpected_records_are_refused(ref):
+    content = reply_content(ref, unit_keys(2), good_metrics())
+    content["images"] = ArrayRecord({"x": Array(np.zeros((1, 1, 16, 16), np.float32))})
+    content["config"] = ConfigRecord({"PatientName": "Demo^Patient"})
+    assert check(content, ref) == ["record 'images' (ArrayRecord) is not allowed",
+                                   "record 'config' (ConfigRecord) is not allowed"]
+    swapped = RecordDict({"arrays": MetricRecord({"a": 1.0}), "keys": ArrayRecord(), "metrics": MetricRecord({})})
+    assert check(swapped, ref)[0] == "record 'arrays' is a MetricRecord, expected ArrayRecord"
+
+
+def test_undecodable_array(ref):
+    name = next(iter(ref.keys()))
+    bad = ArrayRecord({k: a for k, a in ref.items()})
+    bad[name] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=b"garbage")
+    reasons = check(reply_content(bad, unit_keys(2), good_metrics()), ref)
+    assert len(reasons) == 1 and reasons[0].startswith(f"arrays: array '{name}' does not decode")
