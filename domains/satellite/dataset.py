@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from domains.satellite import bands as band_facts
-from domains.satellite.augment import eval_transform, pretrain_transform
+from domains.satellite.augment import AppendIndices, eval_transform, pretrain_transform
 from domains.satellite.options import SatelliteOptions, parse_options
 from domains.satellite.reader import (
     ALL_NODATA,
@@ -305,8 +305,6 @@ def estimate_normalization(
     ``max_nodata`` nodata are used. Index channels count pixels where all their bands are
     valid. Stds below MIN_STD are raised to it.
     """
-    from domains.satellite.augment import AppendIndices
-
     layout = reader.layout
     append = AppendIndices(layout.indices, layout.roles)
     total = np.zeros(layout.in_channels)

@@ -1,0 +1,41 @@
+"""Shared by the satellite benchmarks: a description of the machine and library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_lines() -> list[str]:
+    """Markdown bullet lines: CPU, cores, OS, Python and the versions that shape the numbers."""
+    import numpy
+    import rasterio
+    import torch
+    import torchvision
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [
+        f"- CPU: {cpu_model()}, {cores} cores available",
+        f"- OS: {platform.platform()}",
+        f"- Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), torchvision {torchvision.__version__}",
+        f"- rasterio {rasterio.__version__}, GDAL {rasterio.__gdal_version__}",
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines

@@ -1,0 +1,222 @@
+"""Peak memory while sampling tiles from ever larger scenes: it must not grow with the scene.
+
+Writes 13-band uint16 scenes of 2500^2, 5000^2 and 10000^2 pixels (tiled 256 px, deflate +
+horizontal predictor, like Sentinel-2 COGs) block by block under /tmp, never holding a scene in
+memory. Then, for each scene, a fresh subprocess builds the satellite dataset on it (random
+sampling: metadata scan, nodata probe, band statistics from 256 tiles) and draws N random
+64 px tiles through ``dataset[i]`` (read + two augmented views). The child reports its peak
+resident set size (ru_maxrss).
+
+Each scene is sampled twice: with the domain's default ``gdal_cache_mb=64`` and with GDAL's
+own default block cache (5% of RAM), to show why the domain caps it.
+
+    python benchmarks/satellite_memory.py --sizes 2500 5000 10000 --samples 500
+
+Writes benchmarks/results/satellite_memory.md (or --out). Scenes go to --workdir (default
+/tmp/fedmoco-sat-memory) and are deleted afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+BLOCK = 256
+BANDS = 13
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux /proc)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def write_scene(path: Path, size: int, seed: int = 0) -> float:
+    """Write a size x size x 13 scene one 256 px block at a time; returns seconds taken.
+
+    Blocks are rolled copies of a few synthetic land-cover blocks plus fresh noise, so the
+    file compresses like real imagery rather than like constant or white-noise data.
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    from domains.satellite.demo import from_origin, synthetic_scene, to_dn
+
+    rng = np.random.default_rng(seed)
+    pool = [to_dn(synthetic_scene(rng, BLOCK, BLOCK, BANDS)[0]) for _ in range(4)]
+    start = time.perf_counter()
+    profile = dict(
+        driver="GTiff", width=size, height=size, count=BANDS, dtype="uint16", crs="EPSG:32632",
+        transform=from_origin(300_000.0, 5_100_000.0, 10.0, 10.0), nodata=0, tiled=True,
+        blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", predictor=2, zlevel=1, num_threads=2,
+        BIGTIFF="IF_SAFER",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, size, BLOCK):
+            for col in range(0, size, BLOCK):
+                h, w = min(BLOCK, size - row), min(BLOCK, size - col)
+                base = pool[int(rng.integers(len(pool)))]
+                block = np.roll(base, int(rng.integers(BLOCK)), axis=2)[:, :h, :w]
+                block = block + rng.integers(0, 16, block.shape, dtype=np.uint16)
+                dst.write(block, window=Window(col, row, w, h))
+        for i in range(BANDS):
+            dst.set_band_description(i + 1, f"B{i + 1:02d}")
+    return time.perf_counter() - start
+
+
+def child(folder: Path, samples: int, cache_mb: int | None) -> dict:
+    """Build the dataset over ``folder`` and draw ``samples`` tiles; measure memory."""
+    import logging
+
+    import rasterio
+    import torch
+
+    from domains.satellite import build_pretrain_data
+    from fedmoco.data import DataConfig
+
+    logging.disable(logging.WARNING)
+    torch.manual_seed(0)
+    # One intra-op thread, as torch gives each DataLoader worker: on a busy 2-core machine two
+    # OpenMP threads spin against other jobs and make small tensor ops 10-30x slower.
+    torch.set_num_threads(1)
+    rasterio.Env().__enter__()  # GDAL initialised before the baseline, as in a worker
+    gdal_default = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
+    cache = cache_mb if cache_mb is not None else int(gdal_default) >> 20
+    baseline = rss_mb()
+    t0 = time.perf_counter()
+    options = {"samples_per_epoch": samples, "gdal_cache_mb": cache}
+    data = build_pretrain_data(folder, DataConfig(image_size=64, seed=0, options=options))
+    built = time.perf_counter()
+    after_build = rss_mb()
+    ok = 0
+    for i in range(len(data.dataset)):
+        ok += data.dataset[i] is not None
+    done = time.perf_counter()
+    return {
+        "baseline_mb": baseline,
+        "after_build_mb": after_build,
+        "end_mb": rss_mb(),
+        "peak_mb": peak_rss_mb(),
+        "gdal_cache_mb": cache,
+        "build_s": built - t0,
+        "per_sample_ms": 1000 * (done - built) / max(1, len(data.dataset)),
+        "samples_ok": ok,
+        "channels": data.in_channels,
+    }
+
+
+def run_child(folder: Path, samples: int, cache_mb: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(folder), "--samples", str(samples)]
+    if cache_mb is not None:
+        cmd += ["--cache-mb", str(cache_mb)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000])
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedmoco-sat-memory"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated scenes")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "satellite_memory.md")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-mb", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.samples, args.cache_mb)))
+        return 0
+
+    from satellite_common import machine_lines, markdown_table
+
+    rows = []
+    load_before = os.getloadavg()
+    try:
+        for size in args.sizes:
+            folder = args.workdir / f"scene{size}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"scene_{size}.tif"
+            if not path.exists():
+                seconds = write_scene(path, size)
+                print(f"wrote {path} ({path.stat().st_size / 2**20:,.0f} MiB) in {seconds:.0f} s", flush=True)
+            raw_mb = size * size * BANDS * 2 / 2**20
+            for label, cache in (("domain default", 64), ("GDAL default", None)):
+                r = run_child(folder, args.samples, cache)
+                rows.append(
+                    [
+                        f"{size:,} x {size:,}",
+                        f"{raw_mb:,.0f}",
+                        f"{path.stat().st_size / 2**20:,.0f}",
+                        f"{r['gdal_cache_mb']:,} ({label})",
+                        f"{r['baseline_mb']:,.0f}",
+                        f"{r['after_build_mb']:,.0f}",
+                        f"{r['peak_mb']:,.0f}",
+                        f"{r['peak_mb'] - r['baseline_mb']:,.0f}",
+                        f"{r['build_s']:.1f}",
+                        f"{r['per_sample_ms']:.1f}",
+                        f"{r['samples_ok']}/{args.samples}",
+                    ]
+                )
+                print(rows[-1], flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+    command = "python benchmarks/satellite_memory.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    lines = [
+        "# Satellite: peak memory while sampling tiles from large scenes",
+        "",
+        f"Command: `{command}`",
+        "",
+        *machine_lines(),
+        f"- Load average (1 min): {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+        "",
+        f"Each scene: one GeoTIFF, {BANDS} bands uint16, tiled {BLOCK} px, deflate (level 1) + predictor 2, written "
+        f"block by block. Each row is a fresh process that imports torch/rasterio (*baseline*), builds the "
+        f"satellite dataset on the scene's folder with random sampling (*after build*: metadata scan, nodata "
+        f"probe, band mean/std from 256 tiles) and then draws {args.samples} random 64 px tiles through "
+        f"`dataset[i]` (window read + two augmented 64 px views) with one torch thread, as in a DataLoader "
+        f"worker. *peak* is ru_maxrss of that process; *growth* = peak - baseline.",
+        "",
+        *markdown_table(
+            ["scene (px)", "raw MiB", "file MiB", "GDAL block cache MiB", "baseline MiB", "after build MiB",
+             "peak MiB", "growth MiB", "build s", "ms / sample", "samples"],
+            rows,
+        ),
+        "",
+        "Reading: with the domain's cap the peak stays flat as the scene grows 16-fold (2500^2 to 10000^2): "
+        "memory is set by the tile, the open handles and the capped block cache, not by the scene. With GDAL's "
+        "default cache (5% of RAM) every newly touched 256 px block of the compressed file stays decoded in "
+        "memory, so the peak rises with the number of distinct blocks sampled, i.e. with scene size and "
+        "sample count, up to that 5% - hence the `gdal_cache_mb` option (docs/satellite.md).",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
