@@ -26,7 +26,7 @@ from fedmoco.errors import DataError
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
 from .options import CT_PRESETS, MedicalOptions
 from .reader import INCONSISTENT, DicomImage, DicomReadError, read_dicom
-from .transforms import IMAGE, WINDOW, ViewPipeline, eval_pipeline, pretrain_pipeline
+from .transforms import IMAGE, WINDOW, ViewPipeline, eval_pipeline, one_thread, pretrain_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,9 @@ class MedicalPretrainDataset(_DicomSamples):
         # torch's generator fixes both: workers get torch's distinct per-worker seeds, and
         # the engine's saved RNG state makes a resumed run augment as the uninterrupted one.
         self.views.transform.set_random_state(int(torch.randint(0, 2**31 - 1, ())))
-        sample = self.load(i)
-        return None if sample is None else self.views(sample)
+        with one_thread():
+            sample = self.load(i)
+            return None if sample is None else self.views(sample)
 
 
 class MedicalLabelledDataset(_DicomSamples):
@@ -138,8 +139,9 @@ class MedicalLabelledDataset(_DicomSamples):
         return int(self.labels[self.samples[i, len(self.samples[i]) // 2, 0]])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        sample = self.load(i)
-        return None if sample is None else (self.pipeline(sample), self.label_of(i))
+        with one_thread():
+            sample = self.load(i)
+            return None if sample is None else (self.pipeline(sample), self.label_of(i))
 
 
 def index_folder(root: Path, opts: MedicalOptions) -> tuple[list[FileRecord], Counter]:
