@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -39,3 +40,15 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that produced a report, as a user would type it."""
+    return f"python benchmarks/{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def write_report(out: Path, lines: list[str]) -> None:
+    """Write the markdown report and echo it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.samples, args.cache_mb)))
         return 0
 
-    from satellite_common import machine_lines, markdown_table
+    from satellite_common import command_line, machine_lines, markdown_table, write_report
 
     rows = []
     load_before = os.getloadavg()
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
 
-    command = "python benchmarks/satellite_memory.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("satellite_memory.py", argv)
     lines = [
         "# Satellite: peak memory while sampling tiles from large scenes",
         "",
@@ -212,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample count, up to that 5% - hence the `gdal_cache_mb` option (docs/satellite.md).",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from domains.satellite import build_pretrain_data, make_demo_archive  # noqa: E402
 from domains.satellite.dataset import random_window  # noqa: E402
 from fedmoco.data import DataConfig, collate_views  # noqa: E402
-from satellite_common import machine_lines, markdown_table  # noqa: E402
+from satellite_common import command_line, machine_lines, markdown_table, write_report  # noqa: E402
 
 
 def read_rate(data, n: int, seed: int = 0) -> float:
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
             print(rows[-1], flush=True)
-    command = "python benchmarks/satellite_throughput.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("satellite_throughput.py", argv)
     lines = [
         "# Satellite tile throughput",
         "",
@@ -142,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "warped views on every read.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 
