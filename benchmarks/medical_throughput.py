@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         + [[f"MoCo training step ({moco_what}), batch {args.batch_size}, "
                             f"median of {args.moco_steps} steps after 2 warm-up", spread(moco)]]),
         "",
-        f"Data pipeline / MoCo step: {best_loader / step:.1f}x with the better DataLoader setting, "
+        f"Data pipeline / MoCo step: {best_loader / step:.1f}x with the fastest setting above, "
         f"{statistics.median(rates['0 workers']) / step:.1f}x even in the main process. "
         + ("The data pipeline is not the bottleneck." if min(best_loader, statistics.median(rates['0 workers']))
            >= step else "WARNING: the data pipeline is slower than the training step."),
