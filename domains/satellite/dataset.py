@@ -110,12 +110,11 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
         _skip(skipped, exc, n_files)
     kept: list[RasterSource] = []
     positions: list[list[int]] = []
-    if opts.bands is None and sources:
-        # Without a selection every file must have the band count most files have.
-        common = Counter(s.count for s in sources).most_common(1)[0][0]
+    # Without a selection every file must have the band count most files have.
+    common = Counter(s.count for s in sources).most_common(1)[0][0] if opts.bands is None and sources else None
     for source in sources:
         try:
-            if opts.bands is None and source.count != common:
+            if common is not None and source.count != common:
                 raise RasterReadError(
                     source.name, WRONG_BAND_COUNT, f"{source.count} bands, most rasters here have {common}"
                 )
@@ -146,9 +145,9 @@ def _layout(first: RasterSource, positions: list[list[int]], opts: SatelliteOpti
         wavelengths = band_facts.infer_wavelengths(names)
     roles = band_facts.infer_roles(names)
     for role, band in opts.band_roles.items():
-        roles[role] = _role_position(first, positions[0], names, role, band)
+        roles[role] = _role_position(positions[0], names, role, band)
     for index in opts.indices:
-        missing = [r for r in ("nir", "red", "green") if r in _needs(index) and r not in roles]
+        missing = [r for r in AppendIndices.NEEDS[index] if r not in roles]
         if missing:
             raise DataError(
                 f"satellite data option indices={index!r}: band role {missing[0]!r} unknown for bands "
@@ -157,11 +156,8 @@ def _layout(first: RasterSource, positions: list[list[int]], opts: SatelliteOpti
     return Layout(positions, names, wavelengths, roles, opts.indices)
 
 
-def _needs(index: str) -> tuple[str, ...]:
-    return {"ndvi": ("nir", "red"), "ndwi": ("green", "nir")}[index]
-
-
-def _role_position(source: RasterSource, selected: list[int], names, role: str, band: int | str) -> int:
+def _role_position(selected: list[int], names: list[str | None], role: str, band: int | str) -> int:
+    """Channel position of the band given for ``role``: a 1-based file index or a name."""
     if isinstance(band, int):
         if band - 1 in selected:
             return selected.index(band - 1)
@@ -314,7 +310,11 @@ def estimate_normalization(
     for i, window in tiles:
         if used >= n_tiles:
             break
-        tile = reader.read(i, window)
+        try:
+            tile = reader.read(i, window)
+        except RasterReadError as exc:  # a file that broke after the scan must not stop the build
+            log.warning("statistics: %s", exc)
+            continue
         if nodata_fraction(tile) > max_nodata:
             continue
         used += 1
@@ -400,19 +400,26 @@ class SatellitePretrainDataset(Dataset):
             raise IndexError(index)
         try:
             i, window, tile = self._pick(index)
-            key_tile = tile
-            if self.partners.get(i):
-                j = self.partners[i][int(torch.randint(0, len(self.partners[i]), ()))]
-                other = self.reader.read(j, window)
-                # A cloudy or cut acquisition would teach nodata, not seasons: fall back.
-                if nodata_fraction(other) <= self.max_nodata:
-                    key_tile = other
         except RasterReadError as exc:
             log.warning("sample %d dropped: %s", index, exc)
             return None
         query = self.transform(self.reader.filled(tile))
-        key = self.transform(self.reader.filled(key_tile))
+        key = self.transform(self.reader.filled(self._key_tile(i, window, tile)))
         return query, key
+
+    def _key_tile(self, i: int, window: Window, tile: np.ma.MaskedArray) -> np.ma.MaskedArray:
+        """The same window on another date when temporal partners exist, else ``tile``."""
+        partners = self.partners.get(i)
+        if not partners:
+            return tile
+        j = partners[int(torch.randint(0, len(partners), ()))]
+        try:
+            other = self.reader.read(j, window)
+        except RasterReadError as exc:
+            log.warning("temporal partner not used: %s", exc)
+            return tile
+        # A cut swath or masked clouds would teach nodata, not seasons: keep the query's date.
+        return other if nodata_fraction(other) <= self.max_nodata else tile
 
 
 class SatelliteLabelledDataset(Dataset):
