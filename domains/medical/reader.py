@@ -199,14 +199,6 @@ class DicomHeader:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DicomHeader":
-        d = dict(d)
-        for key in ("pixel_spacing", "value_range", "slice_positions"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
 
 @dataclass(frozen=True, eq=False)
 class DicomImage(DicomHeader):
@@ -274,9 +266,7 @@ def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
         raise DicomReadError(path, INCONSISTENT, "no frame requested")
     try:
         raw, photometric = _decode(ds, path, wanted)
-    except DicomReadError:
-        raise
-    except _NOT_OURS:
+    except (DicomReadError, *_NOT_OURS):
         raise
     except BaseException as exc:  # noqa: BLE001 plugins raise many types; the contract allows one
         raise DicomReadError(path, UNDECODABLE, _describe(exc)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +240,11 @@ def expect(path, reason: str, *fragments: str, header_too: bool = True) -> Dicom
     return err.value
 
 
-def test_error_is_a_value_error_and_a_data_error():
+def test_error_is_a_value_error_and_a_data_error_and_pickles():
     assert issubclass(DicomReadError, ValueError) and issubclass(DicomReadError, DataError)
+    err = pickle.loads(pickle.dumps(DicomReadError("/x.dcm", "no decoder", "JPEG-LS")))
+    assert (err.path, err.reason, err.detail, str(err)) == ("/x.dcm", "no decoder", "JPEG-LS",
+                                                            "/x.dcm: no decoder: JPEG-LS")
 
 
 def test_not_dicom(tmp_path):
