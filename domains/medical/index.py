@@ -52,6 +52,7 @@ class FileRecord:
 
     @classmethod
     def from_header(cls, rel: str, header: DicomHeader) -> "FileRecord":
+        """The index fields of ``header``, for the file at ``rel`` below the data root."""
         return cls(
             path=rel,
             modality=header.modality,
@@ -66,6 +67,7 @@ class FileRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FileRecord":
+        """Inverse of ``dataclasses.asdict`` (JSON turns the positions tuple into a list)."""
         return cls(**{**d, "positions": tuple(d["positions"])})
 
 

@@ -62,6 +62,7 @@ class MedicalOptions:
 
     @classmethod
     def names(cls) -> list[str]:
+        """Every option key, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
@@ -87,6 +88,7 @@ class MedicalOptions:
 
     @property
     def in_channels(self) -> int:
+        """Channels of every view: ``slices`` when stacking, else ``channels``."""
         return self.slices if self.slices > 1 else self.channels
 
     def _check(self) -> None:

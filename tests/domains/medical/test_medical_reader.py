@@ -327,6 +327,12 @@ def test_inconsistent_attributes(tmp_path):
     expect(path, "inconsistent attributes", "MONOCHROME2 with SamplesPerPixel 3")
 
 
+def test_unsupported_photometric_interpretation(tmp_path):
+    path = write_dicom(tmp_path / "hsv.dcm", np.zeros((4, 4, 3), np.uint8), photometric="HSV",
+                       attributes={"Modality": "OT"})
+    expect(path, "unsupported image type", "PhotometricInterpretation 'HSV'")
+
+
 def test_corrupt_codestream_is_undecodable(tmp_path):
     path = ct(tmp_path / "j2k.dcm", transfer_syntax=JPEG2000Lossless)
     ds = pydicom.dcmread(path)
