@@ -87,6 +87,7 @@ class Grid:
         return float(abs(self.transform.a))
 
     def same_as(self, other: "Grid") -> bool:
+        """True when both grids have the same CRS, size and transform (to 1e-9)."""
         return (
             self.crs == other.crs
             and self.width == other.width
@@ -129,14 +130,17 @@ class RasterSource:
 
     @property
     def paths(self) -> list[str]:
+        """The files behind this source (one, or one per band)."""
         return sorted({b.path for b in self.bands})
 
     @property
     def count(self) -> int:
+        """Number of bands."""
         return len(self.bands)
 
     @property
     def names(self) -> list[str | None]:
+        """Band descriptions, None where a band has none."""
         return [b.name for b in self.bands]
 
     def read(
@@ -244,10 +248,12 @@ class HandleCache:
         return entry[-1]
 
     def evict(self, path: str) -> None:
+        """Close every handle on ``path`` (after a read error, so a retry reopens the file)."""
         for key in [k for k in self._open if k[0] == path]:
             _close_all(self._open.pop(key))
 
     def close(self) -> None:
+        """Close this process's handles; handles inherited through fork are only forgotten."""
         if self._pid == os.getpid():
             for entry in self._open.values():
                 _close_all(entry)
