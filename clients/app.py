@@ -124,6 +124,7 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         "delta": float(node.get("dp-delta", run_value(run, "dp-delta"))),
         "state_dir": Path(state_dir).expanduser() if state_dir else None,
         "device": torch.device(str(node.get("device", "cpu"))),
+        "threads": int(node.get("threads", 0)),
     }
 
 
@@ -149,6 +150,9 @@ def train(msg: Message, context: Context) -> Message:
         mcfg, tcfg = moco_config(run), train_config(run)
     except FedmocoError as exc:
         return _error_reply(msg, SITE_MISCONFIGURED, f"configuration: {exc}")
+
+    if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
+        torch.set_num_threads(site["threads"])
 
     # -- data: a missing/empty folder is a clear error reply, not a crash ----------------
     data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"])

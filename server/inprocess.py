@@ -33,9 +33,9 @@ Handler = Callable[[Message, Context], Message]
 class InProcessGrid(Grid):
     """Sites = ``{node_id: (handler, Context)}``; ``handler`` is a ClientApp or a function.
 
-    ``fail_on_round``: raise ``KeyboardInterrupt`` when the server starts sending round
-    ``fail_on_round`` (counted by this grid's send_and_receive calls): a server killed
-    between rounds, for restart tests.
+    ``fail_on_round``: raise ``KeyboardInterrupt`` when the server starts sending its
+    ``fail_on_round``-th non-empty batch of messages (its n-th round of this process): a
+    server killed between rounds, for restart tests.
     ``timings``: per-delivery seconds, ``(round, node, seconds)``.
     """
 
@@ -76,10 +76,13 @@ class InProcessGrid(Grid):
         raise NotImplementedError("InProcessGrid delivers synchronously: use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:  # e.g. the evaluate step of a strategy with fraction_evaluate=0
+            return []
         self.calls += 1
         if self.fail_on_round is not None and self.calls >= self.fail_on_round:
-            raise KeyboardInterrupt(f"server stopped before round {self.calls}")
-        self.sent = list(messages)
+            raise KeyboardInterrupt(f"server stopped before sending round {self.calls}")
+        self.sent = messages
         self.replies = []
         for msg in self.sent:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex

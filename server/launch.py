@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -90,16 +91,19 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, *, timeout: float = 60.0, log: Path | None = None) -> None:
-    """Poll ``http://127.0.0.1:PORT/health`` until it answers 200; raise if ``proc`` dies or time runs out."""
+def wait_healthy(port: int, proc: subprocess.Popen, *, timeout: float = 60.0, log: Path | None = None,
+                 cafile: Path | None = None) -> None:
+    """Poll ``http(s)://127.0.0.1:PORT/health`` until it answers 200; raise if ``proc`` dies or
+    time runs out. ``cafile``: the CA of a TLS SuperLink (then https, verified)."""
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{port}/health"
+    url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/health"
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before it was ready"
                                + (f"; see {log}:\n{tail(log)}" if log else ""))
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, OSError):
