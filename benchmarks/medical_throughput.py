@@ -39,7 +39,7 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from pydicom.uid import UID  # noqa: E402
-from satellite_common import cpu_model, markdown_table  # noqa: E402  (generic helpers)
+from satellite_common import command_line, cpu_model, markdown_table, write_report  # noqa: E402  (generic)
 from torch.utils.data import DataLoader  # noqa: E402
 
 from domains.medical import build_pretrain_data, make_demo_archive, read_dicom  # noqa: E402
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     best_loader = max(statistics.median(r) for k, r in rates.items() if "workers" in k)
     step = statistics.median(moco)
-    command = "python benchmarks/medical_throughput.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("medical_throughput.py", argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         "# Medical data pipeline throughput",
@@ -187,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "of the time a step needs. *0 workers, 1 thread* is what each DataLoader worker runs with.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 
