@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import mmap
 import os
@@ -286,23 +287,30 @@ def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
 # Decoders written in Rust (pylibjpeg-rle) signal a bad codestream with a pyo3
 # PanicException, which derives from BaseException; only these are left alone.
 _NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+_PYDICOM_LOG = logging.getLogger("pydicom")
 
 
 @contextlib.contextmanager
 def _reading(path) -> Iterator[None]:
-    """Silence pydicom's warnings (they quote element values) and keep the one-type contract.
+    """Silence pydicom's warnings and logs (they quote values) and keep the one-type contract.
 
     The specific checks raise DicomReadError with a precise reason; anything else a damaged
     header provokes deep inside pydicom is still a file that cannot become pixels.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    # pydicom also logs what it warns ("End of file reached before delimiter ...", plugin
+    # errors): one line per broken file would bury the one-line skip summary.
+    level = _PYDICOM_LOG.level
+    _PYDICOM_LOG.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
-        except (DicomReadError, *_NOT_OURS):
-            raise
-        except BaseException as exc:  # noqa: BLE001 (see _NOT_OURS)
-            raise DicomReadError(path, INCONSISTENT, _describe(exc)) from None
+    except (DicomReadError, *_NOT_OURS):
+        raise
+    except BaseException as exc:  # noqa: BLE001 (see _NOT_OURS)
+        raise DicomReadError(path, INCONSISTENT, _describe(exc)) from None
+    finally:
+        _PYDICOM_LOG.setLevel(level)
 
 
 def _open(path: str | os.PathLike) -> tuple[Dataset, int]:
