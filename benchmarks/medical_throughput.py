@@ -39,7 +39,7 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from pydicom.uid import UID  # noqa: E402
-from satellite_common import command_line, cpu_model, markdown_table, write_report  # noqa: E402  (generic)
+from common import command_line, cpu_model, markdown_table, write_report  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from domains.medical import build_pretrain_data, make_demo_archive, read_dicom  # noqa: E402

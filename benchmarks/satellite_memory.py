@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.samples, args.cache_mb)))
         return 0
 
-    from satellite_common import command_line, machine_lines, markdown_table, write_report
+    from common import command_line, machine_lines, markdown_table, write_report
 
     rows = []
     load_before = os.getloadavg()

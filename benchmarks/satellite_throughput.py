@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from domains.satellite import build_pretrain_data, make_demo_archive  # noqa: E402
 from domains.satellite.dataset import random_window  # noqa: E402
 from fedmoco.data import DataConfig, collate_views  # noqa: E402
-from satellite_common import command_line, machine_lines, markdown_table, write_report  # noqa: E402
+from common import command_line, machine_lines, markdown_table, write_report  # noqa: E402
 
 
 def read_rate(data, n: int, seed: int = 0) -> float:

@@ -19,6 +19,7 @@ from fedmoco.data import (
     TwoViews,
     format_skipped,
     list_files,
+    one_thread,
     read_labels,
 )
 from fedmoco.errors import DataError
@@ -26,7 +27,7 @@ from fedmoco.errors import DataError
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
 from .options import CT_PRESETS, MedicalOptions
 from .reader import INCONSISTENT, DicomImage, DicomReadError, read_dicom
-from .transforms import IMAGE, WINDOW, ViewPipeline, eval_pipeline, one_thread, pretrain_pipeline
+from .transforms import IMAGE, WINDOW, ViewPipeline, eval_pipeline, pretrain_pipeline
 
 log = logging.getLogger(__name__)
 

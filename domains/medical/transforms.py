@@ -35,7 +35,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from fedmoco.data import Normalization
+from fedmoco.data import Normalization, one_thread
 
 from .options import MedicalOptions
 
@@ -205,25 +205,6 @@ def _plain_tensors() -> Iterator[None]:
         yield
     finally:
         set_track_meta(previous)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run per-sample tensor ops on one intra-op thread, then restore the setting.
-
-    The ops are small; with 2 threads on a busy 2-core machine each one waits for a
-    descheduled OpenMP thread: 190-270 ms per sample instead of 8-13 ms, measured in the main
-    process (DataLoader workers already run on one thread). Switching costs under a microsecond.
-    """
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class ViewPipeline:

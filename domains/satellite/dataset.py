@@ -39,6 +39,7 @@ from fedmoco.data import (
     PretrainData,
     format_skipped,
     list_files,
+    one_thread,
     read_labels,
 )
 from fedmoco.errors import DataError
@@ -403,9 +404,9 @@ class SatellitePretrainDataset(Dataset):
         except RasterReadError as exc:
             log.warning("sample %d dropped: %s", index, exc)
             return None
-        query = self.transform(self.reader.filled(tile))
-        key = self.transform(self.reader.filled(self._key_tile(i, window, tile)))
-        return query, key
+        key_tile = self._key_tile(i, window, tile)
+        with one_thread():
+            return self.transform(self.reader.filled(tile)), self.transform(self.reader.filled(key_tile))
 
     def _key_tile(self, i: int, window: Window, tile: np.ma.MaskedArray) -> np.ma.MaskedArray:
         """The same window on another date when temporal partners exist, else ``tile``."""
@@ -441,7 +442,8 @@ class SatelliteLabelledDataset(Dataset):
         except RasterReadError as exc:
             log.warning("sample %d dropped: %s", index, exc)
             return None
-        return self.transform(self.reader.filled(tile)), self.labels[i]
+        with one_thread():
+            return self.transform(self.reader.filled(tile)), self.labels[i]
 
 
 def temporal_partners(sources: Sequence[RasterSource]) -> dict[int, list[int]]:

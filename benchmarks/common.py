@@ -1,4 +1,4 @@
-"""Shared by the satellite benchmarks: a description of the machine and library versions."""
+"""Shared by the benchmarks: a description of the machine and library versions, report writing."""
 
 from __future__ import annotations
 
