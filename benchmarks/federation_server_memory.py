@@ -77,11 +77,15 @@ def measure(arch: str, sites: int, rounds: int, keys_per_site: int, queue_size: 
         del grid
 
     rss = np.array([r["server-rss-mb"] for r in records])
-    second_half = rss[len(rss) // 2:]
-    slope = float(np.polyfit(np.arange(len(second_half)), second_half, 1)[0]) if len(second_half) > 1 else 0.0
     weights_mb = records[0]["sites"][0]["weights"] / 2**20
-    # Growth is what would sink a long run; allocator noise moves RSS by a few MB either way.
-    verdict = "flat, no growth" if slope < 0.5 else "GROWING"
+    # RSS swings by tens of MB from round to round (the allocator returning a round's replies
+    # or not), so a line fit is meaningless; compare the peaks of two later windows instead.
+    # A server that kept one reply per round would grow by weights_mb per round.
+    q = max(len(rss) // 4, 1)
+    early, late = rss[q:2 * q], rss[-q:]
+    growth = float(late.max() - early.max())
+    span = len(rss) - 2 * q + 1 if len(rss) >= 2 * q else 1
+    verdict = "flat" if growth < weights_mb * span / 2 else "GROWING"
     lines = [
         f"## {arch} encoder, {sites} sites, {rounds} rounds",
         "",
@@ -96,8 +100,9 @@ def measure(arch: str, sites: int, rounds: int, keys_per_site: int, queue_size: 
     lines += [
         "",
         f"- RSS after round 1: {rss[0]:.1f} MB; peak {rss.max():.1f} MB; after round {len(rss)}: {rss[-1]:.1f} MB.",
-        f"- Second half of the run: {second_half.min():.1f} to {second_half.max():.1f} MB, "
-        f"slope {slope:+.2f} MB per round: {verdict}.",
+        f"- Peak RSS over rounds {q + 1}-{2 * q}: {early.max():.1f} MB; over rounds {len(rss) - q + 1}-{len(rss)}: "
+        f"{late.max():.1f} MB ({growth:+.1f} MB). Keeping one {weights_mb:.2f} MB reply per round would add "
+        f"{weights_mb * span:.0f} MB between those windows: {verdict}.",
         f"- Round checkpoint: {ckpt_mb:.1f} MB on disk. {rounds} rounds took {seconds:.1f} s "
         f"({seconds / rounds:.2f} s per round, of which the synthetic sites' replies are a part).",
         "",

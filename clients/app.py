@@ -189,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
                             f"configuration: key-encoder must be local-ema or reset, got {run_value(run, 'key-encoder')!r}")
 
     # -- local training --------------------------------------------------------------------
-    loader = make_loader(dataset, tcfg, site["device"])
+    loader = make_loader(dataset, tcfg, site["device"], seed=tcfg.seed + 7919 * server_round)  # new order each round
     steps_per_epoch = min(len(loader), tcfg.max_steps_per_epoch or len(loader))
     rounds = run_value(run, "num-server-rounds")
     trainer = Trainer(model, tcfg, site["device"], total_steps=max(rounds * tcfg.epochs * steps_per_epoch, 1),

@@ -81,10 +81,11 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     written.append(_save(fig, out / "privacy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("up-weights", "weights up"), ("up-keys", "keys up"), ("weights", "weights down"),
+    for key, label in (("up-arrays", "weights up"), ("up-keys", "keys up"), ("weights", "weights down"),
                        ("queue", "global negatives down")):
-        per_round = [sum(_num(s.get(key, 0)) for s in r.get("sites", [])) / max(len(r.get("sites", [])), 1)
-                     for r in records]
+        # mean over the sites that sent / received this record in the round
+        per_round = [sum(vals) / len(vals) if (vals := [_num(s[key]) for s in r.get("sites", []) if key in s])
+                     else math.nan for r in records]
         ax.plot(rounds, [v / 1024 for v in per_round], marker="o", label=label)
     ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
     ax.legend(fontsize=7)

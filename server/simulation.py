@@ -16,6 +16,7 @@ run_config ``domain="satellite" in-channels=4``).
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
@@ -138,12 +139,17 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
     return SimulationResult(encoder=encoder, out_dir=out_dir, seconds=time.perf_counter() - t0, log=run_log)
 
 
+# Flower streams every log line twice: once through its handler, once from the captured
+# stream with a "MM/DD/YYYY HH:MM:SS:LEVEL:" prefix. The second copy is skipped.
+_DUPLICATE = re.compile(r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
+
+
 def _worth_echoing(line: bytes) -> bool:
-    # Flower streams every log line twice (its handler and the captured stream) and Ray adds
-    # its own noise; show the federation's one-line messages and errors once.
+    """The federation's one-line messages and errors, once; not Ray's or Flower's chatter."""
     text = line.decode(errors="replace")
-    return ("fedmoco" in text or "round " in text or "ERROR" in text or "aggregated encoder" in text) \
-        and not text[:2].isdigit()
+    if _DUPLICATE.search(text):
+        return False
+    return any(s in text for s in ("round ", "ERROR", "aggregated encoder", "resuming", "site data"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "domain": args.domain, "in-channels": DEMO_CHANNELS[args.domain], "image-size": args.image_size,
         "num-server-rounds": args.rounds, "demo-root": str(out / "data"), "out-dir": str(out / "server"),
         "min-nodes": args.sites, "local-epochs": 2, "batch-size": 16, "resume": False,
+        # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
+        "key-sample-rate": 0.3,
     }
     run_config.update(parse_overrides(args.run_config))
     with tempfile.TemporaryDirectory(prefix="fedmoco-sim-") as tmp:

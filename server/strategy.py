@@ -229,6 +229,9 @@ class FedMoCo(FedAvg):
                 site.update(status="error", reason=str(msg.error.reason))
                 log.warning("round %d: node %d sent no update: %s", r, node, msg.error.reason)
                 continue
+            # What the site uploaded, accepted or not (the traffic happened either way).
+            site.update({f"up-{name}": array_bytes(rec) for name, rec in msg.content.array_records.items()
+                         if name in ("arrays", KEYS)})
             reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics)
             if reasons:
                 site.update(status="rejected", reason="; ".join(reasons))
@@ -238,9 +241,8 @@ class FedMoCo(FedAvg):
             keys = torch.from_numpy(np.array(next(iter(keys_record.values())).numpy(), copy=True))
             del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
             metrics = msg.content.metric_records["metrics"]
-            site.update(status="accepted", **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics},
-                        **{"up-weights": array_bytes(msg.content.array_records["arrays"]),
-                           "up-keys": array_bytes(keys_record), "keys": int(keys.shape[0])})
+            site.update(status="accepted", keys=int(keys.shape[0]),
+                        **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics})
             self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-keys-")}
             accepted.append((msg, keys))
 
