@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,8 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
+from common import command_line, machine_lines, write_report  # noqa: E402
 
 from clients.task import RUN_DEFAULTS, moco_config, shared_arrays  # noqa: E402
 from fedmoco.moco import MoCo  # noqa: E402
@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "federation_rounds.md")
     args = p.parse_args(argv)
     lines = ["# Federated rounds: traffic and time", "",
-             f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}. `python benchmarks/federation_rounds.py --sites {args.sites} "
-             f"--rounds {args.rounds}`.", "",
+             f"`{command_line('federation_rounds.py', argv)}`, {time.strftime('%Y-%m-%d')}:", "",
+             *machine_lines(), "",
              "The first round of a simulation includes starting Ray and its actors; every round of a deployment "
              "includes starting one fresh ClientApp process per site (Flower's deployment runtime runs each "
              "message in a new process, which imports torch and rebuilds the site's state from Context.state).",
@@ -132,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             command, records = deployment(args, Path(tmp) / "deployment")
             lines += summarise("Deployment runtime on loopback (TLS)", command, records)
     lines += weights_table()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,9 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import command_line, machine_lines, write_report  # noqa: E402
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 from clients.task import RUN_DEFAULTS  # noqa: E402
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Server memory over rounds",
         "",
-        f"`python benchmarks/federation_server_memory.py --sites {args.sites} --rounds {args.rounds} "
-        f"--arch {' '.join(args.arch)}` on {platform.machine()}, {os.cpu_count()} CPU(s), torch "
-        f"{torch.__version__}, {time.strftime('%Y-%m-%d')}.",
+        f"`{command_line('federation_server_memory.py', argv)}`, {time.strftime('%Y-%m-%d')}:",
+        "",
+        *machine_lines(),
         "",
         "The real ServerApp code (`run_federation`: FedMoCo, reply validation, global key queue, atomic "
         "round checkpoint, JSON-lines log) against in-process sites that reply instantly with real-shaped "
@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for arch in args.arch:
         lines += measure(arch, args.sites, args.rounds, args.keys_per_site, args.global_queue_size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

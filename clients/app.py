@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,11 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
-from clients.state import load_site_state, save_site_state
+from clients.state import SiteState, load_site_state, save_site_state
 from clients.task import (arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
                           run_value, shared_arrays, site_data_path, train_config)
-from fedmoco.data import DataConfig, Normalization, build_pretrain_data
+from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.data import DataConfig, Normalization, PretrainData, build_pretrain_data
 from fedmoco.errors import DataError, FedmocoError
 from fedmoco.moco import MoCo
 from fedmoco.privacy import KeyPrivacyLedger, calibrate_noise, release_keys
@@ -86,11 +88,6 @@ class Renormalized(Dataset):
         if item is None:
             return None
         return tuple(v * self.scale + self.shift for v in item)
-
-
-def _error_reply(msg: Message, code: int, reason: str) -> Message:
-    log.error("site cannot train this round: %s", reason)
-    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def _secure_generator() -> torch.Generator:
@@ -138,57 +135,34 @@ def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:
     return out
 
 
+class SiteUnavailable(Exception):
+    """This round cannot run at this site; ``code`` and the message go into the error reply."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One federated round of local MoCo training at this site (see the module docstring)."""
     t_start = time.perf_counter()
     run = context.run_config
-    config = msg.content.config_records.get("config", {})
-    server_round = int(config.get("server-round", 1))
+    server_round = int(msg.content.config_records.get("config", {}).get("server-round", 1))
     try:
-        site = _site_settings(context)
-        mcfg, tcfg = moco_config(run), train_config(run)
-    except FedmocoError as exc:
-        return _error_reply(msg, SITE_MISCONFIGURED, f"configuration: {exc}")
-
+        site, mcfg, tcfg = _settings(context)
+        data, dataset = _site_data(site, run, mcfg, tcfg)
+    except SiteUnavailable as exc:
+        log.error("site cannot train this round: %s", exc)
+        return Message(Error(code=exc.code, reason=str(exc)), reply_to=msg)
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
 
-    # -- data: a missing/empty folder is a clear error reply, not a crash ----------------
-    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"])
-    try:
-        data = build_pretrain_data(site["domain"], site["data_path"], data_cfg)
-        if len(data.dataset) < 2:  # type: ignore[arg-type]
-            raise DataError(f"{site['data_path']}: {len(data.dataset)} usable image(s); MoCo needs at least 2")
-    except DataError as exc:
-        return _error_reply(msg, SITE_DATA_UNAVAILABLE, f"site data unavailable: {exc}")
-    if data.in_channels != mcfg.in_channels:
-        return _error_reply(msg, SITE_MISCONFIGURED,
-                            f"site data at {site['data_path']} has {data.in_channels} channel(s) but the federation's "
-                            f"encoder takes {mcfg.in_channels} (run_config in-channels)")
-    dataset: Dataset = data.dataset
-    fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
-    fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
-    if fed_mean is not None or fed_std is not None:
-        target = Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
-        dataset = Renormalized(dataset, data.normalization, target)
-
-    # -- model: local state, then the global weights ---------------------------------------
     saved = load_site_state(context.state, site["state_dir"])
     torch.manual_seed(tcfg.seed + 7919 * server_round)  # augmentations and shuffles; never the DP noise
-    model = MoCo(mcfg)
-    if saved.model is not None:
-        model.load_state_dict(saved.model)
-    global_weights = arrays_to_tensors(msg.content.array_records["arrays"])
-    mu = load_shared(model, global_weights, keep_head=run_value(run, "personal-head") and saved.model is not None,
-                     fedema_lambda=run_value(run, "fedema-lambda") if saved.model is not None else 0.0)
-    if saved.model is None or run_value(run, "key-encoder") == "reset":
-        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
-    elif run_value(run, "key-encoder") != "local-ema":
-        return _error_reply(msg, SITE_MISCONFIGURED,
-                            f"configuration: key-encoder must be local-ema or reset, got {run_value(run, 'key-encoder')!r}")
+    model, mu = _restore_model(saved, msg, run, mcfg)
 
-    # -- local training --------------------------------------------------------------------
+    # -- local training: E epochs against the local queue + the global negatives --------
     loader = make_loader(dataset, tcfg, site["device"], seed=tcfg.seed + 7919 * server_round)  # new order each round
     steps_per_epoch = min(len(loader), tcfg.max_steps_per_epoch or len(loader))
     rounds = run_value(run, "num-server-rounds")
@@ -202,9 +176,7 @@ def train(msg: Message, context: Context) -> Message:
                  for e in range(tcfg.epochs)]
     train_seconds = sum(s.seconds for s in summaries)
 
-    # -- privatised keys -------------------------------------------------------------------
     keys, ledger_metrics, ledger_state = _release(model, dataset, saved.ledger, site, run, mcfg.dim)
-
     save_site_state(context.state, model, trainer.state_dict(), rounds_done=saved.rounds_done + 1,
                     last_round=server_round, ledger=ledger_state, state_dir=site["state_dir"])
     stats = _mean_summary(summaries)
@@ -227,12 +199,62 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _settings(context: Context) -> tuple[dict[str, Any], MoCoConfig, TrainConfig]:
+    """Site settings, model and training config; SiteUnavailable(SITE_MISCONFIGURED) if invalid."""
+    try:
+        site = _site_settings(context)
+        mcfg, tcfg = moco_config(context.run_config), train_config(context.run_config)
+        policy = run_value(context.run_config, "key-encoder")
+    except FedmocoError as exc:
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {exc}") from None
+    if policy not in ("local-ema", "reset"):
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: key-encoder must be local-ema or reset, "
+                                                  f"got {policy!r}")
+    return site, mcfg, tcfg
+
+
+def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConfig) -> tuple[PretrainData, Dataset]:
+    """The site's data and the dataset to train on (in federation units when the run fixes
+    them). A missing/empty folder or a channel mismatch is SiteUnavailable, not a crash."""
+    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"])
+    try:
+        data = build_pretrain_data(site["domain"], site["data_path"], data_cfg)
+        if len(data.dataset) < 2:  # type: ignore[arg-type]
+            raise DataError(f"{site['data_path']}: {len(data.dataset)} usable image(s); MoCo needs at least 2")
+    except DataError as exc:
+        raise SiteUnavailable(SITE_DATA_UNAVAILABLE, f"site data unavailable: {exc}") from None
+    if data.in_channels != mcfg.in_channels:
+        raise SiteUnavailable(SITE_MISCONFIGURED,
+                              f"site data at {site['data_path']} has {data.in_channels} channel(s) but the "
+                              f"federation's encoder takes {mcfg.in_channels} (run_config in-channels)")
+    dataset: Dataset = data.dataset
+    fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
+    fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
+    if fed_mean is not None or fed_std is not None:
+        target = Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
+        dataset = Renormalized(dataset, data.normalization, target)
+    return data, dataset
+
+
+def _restore_model(saved: SiteState, msg: Message, run: Any, mcfg: MoCoConfig) -> tuple[MoCo, float]:
+    """The site's MoCo: its saved state, then the global weights (replaced or FedEMA-blended,
+    head kept with personal-head), then the key-encoder policy. Returns (model, FedEMA mu)."""
+    model = MoCo(mcfg)
+    if saved.model is not None:
+        model.load_state_dict(saved.model)
+    first_round = saved.model is None
+    mu = load_shared(model, arrays_to_tensors(msg.content.array_records["arrays"]),
+                     keep_head=run_value(run, "personal-head") and not first_round,
+                     fedema_lambda=0.0 if first_round else run_value(run, "fedema-lambda"))
+    if first_round or run_value(run, "key-encoder") == "reset":
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    return model, mu
+
+
 def _follow_federation_schedule(trainer: Trainer, step: int) -> None:
     """Move the LR schedule to federation step ``step`` when the site's own count is behind
     (first round, a site that joined late, a restarted run): the schedule spans the
     federation's rounds, not the rounds this site happened to see."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
         while trainer.global_step < step:

@@ -14,16 +14,14 @@ module globals. What must survive from one round to the next lives in the node's
 
 ``Context.state`` is per run. The privacy budget is per site and must outlive a run (a
 restarted federation must not hand a site a fresh budget), so when the site sets
-node_config ``state-dir`` the ledger is also written there (``key-ledger.json``, atomic
-rename) and read back before the Context's copy.
+node_config ``state-dir`` the ledger is also written there (``key-ledger.pt``, plain values,
+written atomically by ``fedmoco.checkpoint.atomic_save``) and read back before the Context's
+copy.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +29,11 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedmoco.checkpoint import atomic_save
 from fedmoco.moco import MoCo
 
 MODEL, TRAINER, SITE = "fedmoco.model", "fedmoco.trainer", "fedmoco.site"
-LEDGER_FILE = "key-ledger.json"
+LEDGER_FILE = "key-ledger.pt"
 
 
 @dataclass
@@ -65,7 +64,7 @@ def load_site_state(state: RecordDict, state_dir: Path | None) -> SiteState:
     if state_dir is not None and (state_dir / LEDGER_FILE).is_file():
         # The on-disk ledger outlives runs; it is never behind the Context's copy because
         # both are written at the end of every round that released keys.
-        out.ledger = json.loads((state_dir / LEDGER_FILE).read_text())
+        out.ledger = dict(torch.load(state_dir / LEDGER_FILE, map_location="cpu", weights_only=True))
     return out
 
 
@@ -81,20 +80,6 @@ def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any
     if ledger is not None:
         site.update({f"ledger.{k}": v for k, v in ledger.items()})
         if state_dir is not None:
-            write_json_atomic(state_dir / LEDGER_FILE, ledger)
+            atomic_save(dict(ledger), state_dir / LEDGER_FILE)
     state[SITE] = ConfigRecord(site)
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,7 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.task import RUN_DEFAULTS, moco_config, shared_arrays
+from clients.task import RUN_DEFAULTS, moco_config
 from fedmoco.moco import MoCo
 
 #: A model and schedule small enough for a round in well under a second.

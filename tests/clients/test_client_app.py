@@ -134,10 +134,9 @@ def test_reset_key_encoder_copies_the_global_query_encoder(site, captured):
 
 def test_unknown_key_encoder_policy_is_refused(site):
     run = run_config(**{"key-encoder": "frozen"})
-    ctx = context({"data-path": str(site)}, run)
-    train(train_message(shared_arrays(global_model(run)), 1), ctx)  # first round: always a copy
-    reply = train(train_message(shared_arrays(global_model(run)), 2), ctx)
-    assert reply.has_error() and "key-encoder must be local-ema or reset" in reply.error.reason
+    reply = train(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(site)}, run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert "key-encoder must be local-ema or reset, got 'frozen'" in reply.error.reason
 
 
 def test_personal_head_stays_on_the_site(site, captured):
@@ -204,7 +203,7 @@ def test_ledger_in_state_dir_outlives_the_run(site, tmp_path):
     node = {"data-path": str(site), "state-dir": str(tmp_path / "state")}
     g = shared_arrays(global_model(run))
     train(train_message(g, 1), context(node, run))
-    assert (tmp_path / "state" / "key-ledger.json").is_file()
+    assert (tmp_path / "state" / "key-ledger.pt").is_file()
     fresh = context(node, run)  # a new run: empty Context.state
     reply = train(train_message(g, 1), fresh)
     assert reply.content["metrics"]["dp-keys-releases"] == 2.0

@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +107,7 @@ def test_two_sites_two_rounds_over_tls(deployment):
     # both ledgers advanced once per round: Context.state survived between the per-message
     # ClientApp processes, and hospital-a's ledger is also on its disk
     assert sorted(s["dp-keys-releases"] for s in rounds[1]["sites"]) == [2.0, 2.0]
-    assert (root / "state" / "hospital-a" / "key-ledger.json").is_file()
+    assert (root / "state" / "hospital-a" / "key-ledger.pt").is_file()
     assert seconds < 120
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from fedmoco.data import one_thread
+
 from server.inprocess import InProcessGrid
 
 
@@ -24,11 +26,6 @@ def _task_identity():
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    """Tiny models train fastest on one thread, and on a shared 2-core machine two threads
-    spin against each other (20x slower conv2d under load); restored for other tests."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Tiny models: one intra-op thread (see fedmoco.data.one_thread), restored afterwards."""
+    with one_thread():
+        yield
