@@ -24,14 +24,14 @@ import torch
 import torchvision
 
 
-def fedmoco_step_fn(args, device, norm="split-batch"):
+def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True):
     from fedmoco.config import MoCoConfig, TrainConfig
     from fedmoco.moco import MoCo
     from fedmoco.train import build_optimizer
 
     model = MoCo(MoCoConfig(arch="resnet18", in_channels=3, queue_size=4096, norm=norm,
                             small_input=args.image_size <= 64)).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, TrainConfig(batch_size=args.batch_size))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -79,11 +79,12 @@ def lightly_step_fn(args, device):
     return step
 
 
-def measure(step, args, device) -> tuple[float, float]:
+def measure(step, args, device, channels_last: bool = True) -> tuple[float, float]:
     x1 = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     x2 = torch.randn_like(x1)
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step(x1, x2)
@@ -117,13 +118,15 @@ def main() -> None:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     rows = []
     variants = [
-        ("fedmoco, split BN + key shuffle (default)", lambda: fedmoco_step_fn(args, device, "split-batch")),
+        ("fedmoco, split BN + key shuffle, channels_last", lambda: fedmoco_step_fn(args, device, "split-batch")),
+        ("fedmoco, split BN + key shuffle, NCHW", lambda: fedmoco_step_fn(args, device, "split-batch", False)),
         ("fedmoco, plain BN", lambda: fedmoco_step_fn(args, device, "batch")),
-        ("fedmoco, GroupNorm", lambda: fedmoco_step_fn(args, device, "group")),
+        ("fedmoco, GroupNorm, channels_last", lambda: fedmoco_step_fn(args, device, "group")),
+        ("fedmoco, GroupNorm, NCHW", lambda: fedmoco_step_fn(args, device, "group", False)),
         ("lightly MoCo (plain BN)", lambda: lightly_step_fn(args, device)),
     ]
     for name, build in variants:
-        ips, peak = measure(build(), args, device)
+        ips, peak = measure(build(), args, device, channels_last="NCHW" not in name)
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
     text = "\n".join([
         f"Command: `python benchmarks/moco_step.py --device {args.device} --image-size {args.image_size} "

@@ -41,8 +41,6 @@ class SplitBatchNorm(nn.BatchNorm2d):
         s = _largest_divisor(n, self.splits)
         if not self.training or s == 1:
             return super().forward(x)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return self._forward_channels_last(x, s)
         mean_split = self.running_mean.repeat(s)
         var_split = self.running_var.repeat(s)
         out = F.batch_norm(
@@ -53,24 +51,6 @@ class SplitBatchNorm(nn.BatchNorm2d):
         with torch.no_grad():
             self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
             self.running_var.copy_(var_split.view(s, c).mean(dim=0))
-            self.num_batches_tracked += 1
-        return out
-
-    def _forward_channels_last(self, x: torch.Tensor, s: int) -> torch.Tensor:
-        """The same statistics without the reshape, which would copy a channels_last tensor
-        into NCHW and drop every later layer off the fast channels_last kernels on CUDA."""
-        n, c, h, w = x.shape
-        x5 = x.view(n // s, s, c, h, w)  # splitting the batch dim keeps channels_last strides
-        var, mean = torch.var_mean(x5.float(), dim=(0, 3, 4), unbiased=False, keepdim=True)  # (1, s, c, 1, 1)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1, 1)
-        shift = self.bias.view(1, 1, c, 1, 1) - mean * scale
-        out = (x5 * scale.to(x.dtype) + shift.to(x.dtype)).view(n, c, h, w)
-        with torch.no_grad():
-            m = (n // s) * h * w
-            unbiased = var.view(s, c) * (m / max(m - 1, 1))
-            momentum = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.view(s, c).mean(dim=0), momentum)
-            self.running_var.lerp_(unbiased.mean(dim=0), momentum)
             self.num_batches_tracked += 1
         return out
 
