@@ -171,7 +171,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     domain = args.domain or meta["domain"]
     options = {**meta.get("options", {}), **parse_options(args.data_option)}
     data_cfg = DataConfig(image_size=meta["image_size"], seed=args.seed, options=options)
-    norm = Normalization.from_dict(meta["normalization"])
+    # A federated encoder may carry no normalisation (each site normalised its own data):
+    # the domain then estimates it on the evaluation data, as the data contract allows.
+    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else None
     device = select_device(args.device)
     progress = not args.quiet
 

@@ -130,3 +130,17 @@ def test_errors_have_no_traceback_from_the_console_script(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"fedmoco pretrain: error: {tmp_path / 'missing'}: data folder does not exist"
     assert "Traceback" not in proc.stderr
+
+
+def test_knn_on_checkpoint_without_normalization_estimates_it(tmp_path, demo_images, tiny_pretrain_args, capsys):
+    # A federated encoder carries no normalisation (each site normalised its own data).
+    from fedmoco.checkpoint import atomic_save
+
+    out = tmp_path / "run"
+    main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args])
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt["data"]["normalization"] = None
+    atomic_save(ckpt, tmp_path / "federated.pt")
+    assert main(["-q", "knn", "--checkpoint", str(tmp_path / "federated.pt"), "--data", str(demo_images),
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "knn.json").read_text())["n_test"] > 0
