@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fedmoco.data import one_thread
-
 from server.inprocess import InProcessGrid
 
 
@@ -22,10 +20,3 @@ def _task_identity():
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
     yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (see fedmoco.data.one_thread), restored afterwards."""
-    with one_thread():
-        yield
