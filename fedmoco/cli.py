@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, required=True)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--labelled", action="store_true", help="one sub-folder per class")
+    demo.add_argument("--bands", type=int, default=4, choices=[4, 13], help="satellite only (default 4)")
     return parser
 
 
@@ -247,7 +248,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         path = make_demo_archive(args.out, seed=args.seed, **({"labelled": True} if args.labelled else {}))
     else:
         from domains.satellite.demo import make_demo_archive
-        path = make_demo_archive(args.out, seed=args.seed, labelled=args.labelled)
+        path = make_demo_archive(args.out, bands=args.bands, seed=args.seed, labelled=args.labelled)
     print(path)
     return 0
 
