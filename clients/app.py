@@ -49,6 +49,7 @@ from clients.task import (arrays_to_tensors, load_shared, moco_config, parse_cha
                           run_value, shared_arrays, site_data_path, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import DataConfig, Normalization, PretrainData, build_pretrain_data
+from fedmoco.device import select_device
 from fedmoco.errors import DataError, FedmocoError
 from fedmoco.moco import MoCo
 from fedmoco.privacy import KeyPrivacyLedger, calibrate_noise, release_keys
@@ -120,7 +121,8 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         "epsilon": float(node.get("dp-epsilon", run_value(run, "dp-epsilon"))),
         "delta": float(node.get("dp-delta", run_value(run, "dp-delta"))),
         "state_dir": Path(state_dir).expanduser() if state_dir else None,
-        "device": torch.device(str(node.get("device", "cpu"))),
+        # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
+        "device": select_device(str(node.get("device", "auto"))),
         "threads": int(node.get("threads", 0)),
     }
 

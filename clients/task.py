@@ -12,7 +12,7 @@ Node config (``flower-supernode --node-config 'k="v" ...'``), per site
 ----------------------------------------------------------------------
 ``domain`` (str), ``data-path`` (str), ``dp-epsilon`` (float), ``dp-delta`` (float),
 ``data-options`` (str ``"k=v,k=v"``, domain options), ``state-dir`` (str, optional: where the
-site keeps its key-privacy ledger across runs), ``device`` (str, default ``cpu``),
+site keeps its key-privacy ledger across runs), ``device`` (str, default ``auto``: cuda, then mps, then cpu),
 ``threads`` (int, torch intra-op threads; 0 = torch's default).
 In simulation Flower sets ``partition-id``; a site without ``data-path`` then reads
 ``<run_config demo-root>/site-<partition-id>``.
