@@ -254,6 +254,19 @@ def collate_views(batch: list[Any]) -> tuple[Any, int]:
     return torch.utils.data.default_collate(kept), dropped
 
 
+def parse_bool(value: Any) -> bool:
+    """A bool, or ``1/0 true/false yes/no on/off`` in any case (domain options from a command
+    line or node_config arrive as text); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def format_skipped(skipped: Counter) -> str:
     """One summary line: ``skipped 4 files: 2 not DICOM, 1 no pixel data, 1 truncated``."""
     total = sum(skipped.values())

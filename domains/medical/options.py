@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from fedmoco.data import parse_bool
 from fedmoco.errors import DataError
 
 # CT windows as (centre, width) in HU. Soft tissue and lung follow common radiology presets;
@@ -138,14 +139,7 @@ class MedicalOptions:
 def _convert(default: Any, raw: Any) -> Any:
     """Convert ``raw`` to the type of ``default``; ValueError/TypeError when impossible."""
     if isinstance(default, bool):
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(raw)
+        return parse_bool(raw)
     if isinstance(default, int):
         if isinstance(raw, float) and not raw.is_integer():
             raise ValueError(raw)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from domains.satellite.reader import RESAMPLING_METHODS
+from fedmoco.data import parse_bool
 from fedmoco.errors import DataError
 
 INDICES = ("ndvi", "ndwi")
@@ -105,14 +106,10 @@ def _items(value: Any) -> list[Any]:
 
 
 def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise _Invalid("expected true or false")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise _Invalid("expected true or false") from None
 
 
 def _choice(*choices: str):
