@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 
 
 def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True):
@@ -115,7 +119,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         machine = torch.cuda.get_device_name()
     else:
-        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        machine = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     rows = []
     variants = [
         ("fedmoco, split BN + key shuffle, channels_last", lambda: fedmoco_step_fn(args, device, "split-batch")),
@@ -125,6 +129,8 @@ def main() -> None:
         ("fedmoco, GroupNorm, NCHW", lambda: fedmoco_step_fn(args, device, "group", False)),
         ("lightly MoCo (plain BN)", lambda: lightly_step_fn(args, device)),
     ]
+    if device.type != "cuda":  # memory layouts differ on CUDA only
+        variants = [(n.replace(", NCHW", ""), b) for n, b in variants if "channels_last" not in n]
     for name, build in variants:
         ips, peak = measure(build(), args, device, channels_last="NCHW" not in name)
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
