@@ -160,7 +160,8 @@ def train(msg: Message, context: Context) -> Message:
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
 
-    saved = load_site_state(context.state, site["state_dir"])
+    saved = load_site_state(context.state, site["state_dir"], server_round=server_round,
+                            model_config=mcfg.to_dict())
     torch.manual_seed(tcfg.seed + 7919 * server_round)  # augmentations and shuffles; never the DP noise
     model, mu = _restore_model(saved, msg, run, mcfg)
 
@@ -180,7 +181,8 @@ def train(msg: Message, context: Context) -> Message:
 
     keys, ledger_metrics, ledger_state = _release(model, dataset, saved.ledger, site, run, mcfg.dim)
     save_site_state(context.state, model, trainer.state_dict(), rounds_done=saved.rounds_done + 1,
-                    last_round=server_round, ledger=ledger_state, state_dir=site["state_dir"])
+                    last_round=server_round, ledger=ledger_state, state_dir=site["state_dir"],
+                    model_config=mcfg.to_dict())
     stats = _mean_summary(summaries)
     metrics = {
         "num-examples": len(dataset),  # type: ignore[arg-type]

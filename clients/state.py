@@ -17,11 +17,19 @@ restarted federation must not hand a site a fresh budget), so when the site sets
 node_config ``state-dir`` the ledger is also written there (``key-ledger.pt``, plain values,
 written atomically by ``fedmoco.checkpoint.atomic_save``) and read back before the Context's
 copy.
+
+With ``state-dir`` the whole site state is also written there after every round
+(``site-state.pt``, atomically). A restarted ``flwr run`` gives every site an empty
+Context; when the server then resumes at round r > 1 and the file holds round r - 1 or
+earlier of a model with the same configuration, the site continues from it (local queue,
+key encoder, optimizer and schedule) instead of starting cold. A new run (round 1) or
+another model never picks it up.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +40,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedmoco.checkpoint import atomic_save
 from fedmoco.moco import MoCo
 
+log = logging.getLogger("flwr.fedmoco.client")
+
 MODEL, TRAINER, SITE = "fedmoco.model", "fedmoco.trainer", "fedmoco.site"
 LEDGER_FILE = "key-ledger.pt"
+STATE_FILE = "site-state.pt"
 
 
 @dataclass
@@ -47,9 +58,18 @@ class SiteState:
     ledger: dict[str, Any] | None = None
 
 
-def load_site_state(state: RecordDict, state_dir: Path | None) -> SiteState:
-    """Read a site's state from ``state`` (Context.state); the ledger from ``state_dir`` first."""
+def load_site_state(state: RecordDict, state_dir: Path | None, *, server_round: int = 1,
+                    model_config: dict[str, Any] | None = None) -> SiteState:
+    """Read a site's state from ``state`` (Context.state); the ledger from ``state_dir`` first.
+
+    An empty Context in a resumed run (``server_round`` > 1) falls back to the state saved
+    in ``state_dir`` if it is from an earlier round of a model with ``model_config``.
+    """
     out = SiteState()
+    if MODEL not in state.array_records and state_dir is not None and server_round > 1:
+        disk = _load_disk_state(state_dir, server_round, model_config)
+        if disk is not None:
+            out = disk
     if MODEL in state.array_records:
         out.model = {k: torch.from_numpy(a.numpy().copy()) for k, a in state.array_records[MODEL].items()}
     if TRAINER in state.config_records:
@@ -68,9 +88,25 @@ def load_site_state(state: RecordDict, state_dir: Path | None) -> SiteState:
     return out
 
 
+def _load_disk_state(state_dir: Path, server_round: int, model_config: dict[str, Any] | None) -> SiteState | None:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file must not stop the site: it starts cold
+        log.warning("ignoring %s: not readable (%s)", path, exc)
+        return None
+    if saved.get("model_config") != model_config or saved.get("last_round", 0) >= server_round:
+        return None
+    return SiteState(model=saved["model"], trainer=saved["trainer"], rounds_done=saved["rounds_done"],
+                     last_round=saved["last_round"])
+
+
 def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any], *, rounds_done: int,
-                    last_round: int, ledger: dict[str, Any] | None, state_dir: Path | None) -> None:
-    """Write a site's state into ``state`` (Context.state) and the ledger into ``state_dir``."""
+                    last_round: int, ledger: dict[str, Any] | None, state_dir: Path | None,
+                    model_config: dict[str, Any] | None = None) -> None:
+    """Write a site's state into ``state`` (Context.state) and, with ``state_dir``, to disk."""
     state[MODEL] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
                                 for k, v in model.state_dict().items()})
     buf = io.BytesIO()
@@ -82,4 +118,8 @@ def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any
         if state_dir is not None:
             atomic_save(dict(ledger), state_dir / LEDGER_FILE)
     state[SITE] = ConfigRecord(site)
+    if state_dir is not None:
+        atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "trainer": trainer_state, "rounds_done": rounds_done, "last_round": last_round,
+                     "model_config": model_config}, state_dir / STATE_FILE)
 

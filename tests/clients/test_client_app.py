@@ -209,6 +209,30 @@ def test_ledger_in_state_dir_outlives_the_run(site, tmp_path):
     assert reply.content["metrics"]["dp-keys-releases"] == 2.0
 
 
+def test_restarted_run_resumes_site_state_from_state_dir(site, tmp_path, captured):
+    run = run_config()
+    node = {"data-path": str(site), "state-dir": str(tmp_path / "state")}
+    g = shared_arrays(global_model(run))
+    first = context(node, run)
+    train(train_message(g, 1), first)
+    train(train_message(g, 2), first)
+    queue_after_2 = first.state[MODEL]["queue.buffer"].numpy().copy()
+    assert (tmp_path / "state" / "site-state.pt").is_file()
+
+    # `flwr run` again: the server resumes at round 3, every site's Context is empty.
+    restarted = context(node, run)
+    train(train_message(g, 3), restarted)
+    assert np.array_equal(captured[-1]["model"]["queue.buffer"].numpy(), queue_after_2)
+    assert restarted.state[SITE]["rounds-done"] == 3
+
+    # a brand-new run (round 1) starts cold, and so does a model of another configuration
+    train(train_message(g, 1), context(node, run))
+    assert int(captured[-1]["model"]["queue.count"]) == 0
+    other = run_config(**{"local-queue-size": 48})
+    train(train_message(shared_arrays(global_model(other)), 5), context(node, other))
+    assert int(captured[-1]["model"]["queue.count"]) == 0
+
+
 def test_a_site_that_joins_late_follows_the_federation_lr_schedule(site, captured):
     run = run_config()
     train(train_message(shared_arrays(global_model(run)), 3), context({"data-path": str(site)}, run))
