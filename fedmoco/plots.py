@@ -34,6 +34,13 @@ def plot_run(metrics_path: Path | str, out_dir: Path | str, embedding_dim: int |
     return written
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     if len(y) < window or window < 2:
         return y
@@ -53,10 +60,7 @@ def _plot_loss(steps: list[dict], path: Path) -> Path:
     ax.set_ylabel("InfoNCE loss")
     ax.set_title("MoCo training loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
@@ -77,10 +81,7 @@ def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
     a2.set_xlabel("step")
     a2.set_title("collapse monitor")
     a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_score_histograms(series: Sequence[tuple[str, list[int], list[int]]], path: Path) -> Path:
@@ -97,10 +98,7 @@ def plot_score_histograms(series: Sequence[tuple[str, list[int], list[int]]], pa
         ax.set_ylabel("share of pairs")
         ax.set_title(label)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path | str, title: str) -> Path:
@@ -119,8 +117,4 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path | str,
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > hi / 2 else "black")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, Path(path))
