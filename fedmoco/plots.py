@@ -34,7 +34,8 @@ def plot_run(metrics_path: Path | str, out_dir: Path | str, embedding_dim: int |
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as a 100 dpi PNG and close ``fig``; returns ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -60,7 +61,7 @@ def _plot_loss(steps: list[dict], path: Path) -> Path:
     ax.set_ylabel("InfoNCE loss")
     ax.set_title("MoCo training loss")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
@@ -81,7 +82,7 @@ def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
     a2.set_xlabel("step")
     a2.set_title("collapse monitor")
     a2.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_score_histograms(series: Sequence[tuple[str, list[int], list[int]]], path: Path) -> Path:
@@ -98,7 +99,7 @@ def plot_score_histograms(series: Sequence[tuple[str, list[int], list[int]]], pa
         ax.set_ylabel("share of pairs")
         ax.set_title(label)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path | str, title: str) -> Path:
@@ -117,4 +118,4 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path | str,
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > hi / 2 else "black")
     fig.colorbar(im, ax=ax)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

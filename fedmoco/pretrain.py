@@ -14,7 +14,7 @@ import torch
 
 from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import DataConfig, Normalization, build_pretrain_data, format_skipped
+from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
 from fedmoco.errors import CheckpointError, ConfigError
 from fedmoco.metrics import JsonlLogger, read_jsonl
 from fedmoco.moco import MoCo

@@ -6,7 +6,6 @@ Kept apart from the data (torchgeo style): a :class:`Trainer` takes any DataLoad
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ from fedmoco.config import TrainConfig
 from fedmoco.data import collate_views
 from fedmoco.metrics import JsonlLogger
 from fedmoco.moco import SCORE_BINS, MoCo, cosine_momentum, score_histogram
-
-log = logging.getLogger(__name__)
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool = True,

@@ -6,12 +6,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # the ServerApp runs headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fedmoco.metrics import read_jsonl  # noqa: E402
+from fedmoco.metrics import read_jsonl
+from fedmoco.plots import save_figure  # also selects the headless Agg backend
 
 
 def round_records(metrics_path: Path | str) -> list[dict[str, Any]]:
@@ -60,7 +58,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     ax.plot(rounds, [_num(r.get("train-loss")) for r in records], "k-o", label="weighted mean")
     ax.set(xlabel="round", ylabel="InfoNCE loss", title="Local training loss per round")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out / "loss.png"))
+    written.append(save_figure(fig, out / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style in (("pos-mean", "g-o"), ("neg-mean", "r-o"), ("emb-std", "b-o")):
@@ -69,7 +67,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
     ax.set(xlabel="round", ylabel="cosine score / std", title="Score statistics (weighted over sites)")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out / "scores.png"))
+    written.append(save_figure(fig, out / "scores.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for node, (xs, ys) in _site_series(records, "dp-keys-epsilon").items():
@@ -78,7 +76,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         ax.plot(rounds, [_num(r.get("model-dp-epsilon")) for r in records], "k--", label="model updates (central)")
     ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent on keys, per site")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out / "privacy.png"))
+    written.append(save_figure(fig, out / "privacy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("up-arrays", "weights up"), ("up-keys", "keys up"), ("weights", "weights down"),
@@ -89,12 +87,5 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         ax.plot(rounds, [v / 1024 for v in per_round], marker="o", label=label)
     ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out / "traffic.png"))
+    written.append(save_figure(fig, out / "traffic.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -21,7 +21,6 @@ import mmap
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
