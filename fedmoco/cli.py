@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from fedmoco.errors import CheckpointError, ConfigError, FedmocoError
+from fedmoco.keys import add_keygen_parser, cmd_keygen
 
 log = logging.getLogger("fedmoco")
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--labelled", action="store_true", help="one sub-folder per class")
     demo.add_argument("--bands", type=int, default=4, choices=[4, 13], help="satellite only (default 4)")
+    add_keygen_parser(sub)
     return parser
 
 
@@ -255,6 +257,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
             "make-demo-data": cmd_demo_data}
+COMMANDS["keygen"] = cmd_keygen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
