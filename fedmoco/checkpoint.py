@@ -47,7 +47,11 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        # torch's unpickling messages run to several paragraphs; the user gets one line.
+        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        if "Weights only load failed" in why:
+            why = "not a PyTorch file, or it holds objects other than tensors and plain values"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedmoco checkpoint")
     if ckpt.get("version", 0) > VERSION:

@@ -112,9 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--lr", type=float, default=0.1)
     probe.add_argument("--weight-decay", type=float, default=0.0)
-    plot = sub.add_parser("plot", help="PNG loss curves and score histograms of a run folder")
-    plot.add_argument("run", type=Path, help="run folder holding metrics.jsonl")
+    plot = sub.add_parser("plot", help="PNG plots of a pretraining run or a federation server out-dir")
+    plot.add_argument("run", type=Path, help="run folder (metrics.jsonl) or federation out-dir (rounds.jsonl)")
     plot.add_argument("--out", type=Path, help="default: RUN/plots")
+    export = sub.add_parser("export", help="write the encoder as torchvision state_dict, TorchScript and JSON")
+    export.add_argument("checkpoint", type=Path, help="fedmoco checkpoint (federated encoder.pt or a run's)")
+    export.add_argument("--out", type=Path, required=True, help="folder for backbone.pt, encoder.ts, encoder.json")
+    embed = sub.add_parser("embed", help="one backbone embedding per image: FILE.npy plus FILE.csv of paths")
+    embed.add_argument("checkpoint", type=Path)
+    embed.add_argument("--data", type=Path, required=True, help="folder of images (any layout)")
+    embed.add_argument("--out", type=Path, required=True, help="FILE: writes FILE.npy and FILE.csv")
+    embed.add_argument("--domain", help="default: the checkpoint's domain")
+    embed.add_argument("--data-option", action="append", metavar="KEY=VALUE")
+    embed.add_argument("--batch-size", type=int, default=128)
+    embed.add_argument("--workers", type=int, default=0)
+    embed.add_argument("--device", default="auto")
     demo = sub.add_parser("make-demo-data", help="write a generated demo archive")
     demo.add_argument("--domain", default="images", choices=["images", "medical", "satellite"])
     demo.add_argument("--out", type=Path, required=True)
@@ -230,14 +242,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedmoco.plots import plot_run
 
+    if (args.run / "rounds.jsonl").is_file() and not (args.run / "metrics.jsonl").is_file():
+        from fedmoco.federation_plots import plot_federation_dir
+        for p in plot_federation_dir(args.run, args.out or args.run / "plots"):
+            print(p)
+        return 0
     metrics = args.run / "metrics.jsonl"
     if not metrics.is_file():
-        raise ConfigError(f"{metrics}: no metrics file; is {args.run} a fedmoco run folder?")
+        raise ConfigError(f"{args.run}: neither metrics.jsonl (a pretraining run) nor rounds.jsonl "
+                          "(a federation server out-dir) is there")
     dim = None
     if (args.run / "config.json").is_file():
         dim = json.loads((args.run / "config.json").read_text())["moco"]["dim"]
     for p in plot_run(metrics, args.out or args.run / "plots", embedding_dim=dim):
         print(p)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedmoco.export import export_encoder
+
+    result = export_encoder(args.checkpoint, args.out)
+    if result.backbone:
+        print(f"torchvision state_dict: {result.backbone}")
+    print(f"TorchScript:            {result.torchscript}")
+    print(f"description:            {result.info}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from fedmoco.device import select_device
+    from fedmoco.embed import embed_folder
+
+    result = embed_folder(args.checkpoint, args.data, args.out, domain=args.domain,
+                          options=parse_options(args.data_option), batch_size=args.batch_size,
+                          num_workers=args.workers, device=select_device(args.device), progress=not args.quiet)
+    print(f"{result.n} embeddings of dimension {result.dim}" +
+          (f" ({result.skipped} unreadable samples skipped)" if result.skipped else ""))
+    print(f"embeddings: {result.array}\nsamples:    {result.table}")
     return 0
 
 
@@ -256,7 +298,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
-            "make-demo-data": cmd_demo_data}
+            "make-demo-data": cmd_demo_data, "export": cmd_export, "embed": cmd_embed}
 COMMANDS["keygen"] = cmd_keygen
 
 

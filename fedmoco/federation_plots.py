@@ -1,0 +1,113 @@
+"""PNG plots of a federated run from its ``rounds.jsonl`` (matplotlib, Agg backend).
+
+Lives in the core package so ``fedmoco plot SERVER_OUT_DIR`` can draw a finished federation
+without importing the server; ``server.plots`` re-exports it for the ServerApp.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from fedmoco.metrics import read_jsonl
+from fedmoco.plots import save_figure  # also selects the headless Agg backend
+
+
+def round_records(metrics_path: Path | str) -> list[dict[str, Any]]:
+    """One record per round, the last one written (a resumed run may repeat a round)."""
+    by_round: dict[int, dict[str, Any]] = {}
+    for rec in read_jsonl(metrics_path):
+        if rec.get("event") == "round":
+            by_round[int(rec["round"])] = rec
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def _site_series(records: list[dict[str, Any]], key: str) -> dict[int, tuple[list[int], list[float]]]:
+    series: dict[int, tuple[list[int], list[float]]] = {}
+    for rec in records:
+        for site in rec.get("sites", []):
+            if site.get("status") == "accepted" and key in site:
+                xs, ys = series.setdefault(int(site["node"]), ([], []))
+                xs.append(rec["round"])
+                ys.append(_num(site[key]))
+    return series
+
+
+def _site_label(node: int, order: dict[int, int]) -> str:
+    return f"site {order[node]} (node …{str(node)[-4:]})"
+
+
+def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int | None = None) -> list[Path]:
+    """Draw ``loss.png``, ``scores.png``, ``privacy.png`` and ``traffic.png``; return their paths."""
+    records = round_records(metrics_path)
+    if not records:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rounds = [r["round"] for r in records]
+    nodes = sorted({int(s["node"]) for r in records for s in r.get("sites", [])})
+    order = {n: i for i, n in enumerate(nodes)}
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for node, (xs, ys) in _site_series(records, "train-loss").items():
+        ax.plot(xs, ys, marker=".", alpha=0.5, label=_site_label(node, order))
+    ax.plot(rounds, [_num(r.get("train-loss")) for r in records], "k-o", label="weighted mean")
+    ax.set(xlabel="round", ylabel="InfoNCE loss", title="Local training loss per round")
+    ax.legend(fontsize=7)
+    written.append(save_figure(fig, out / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("pos-mean", "g-o"), ("neg-mean", "r-o"), ("emb-std", "b-o")):
+        ax.plot(rounds, [_num(r.get(key)) for r in records], style, label=key)
+    if dim:
+        ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
+    ax.set(xlabel="round", ylabel="cosine score / std", title="Score statistics (weighted over sites)")
+    ax.legend(fontsize=7)
+    written.append(save_figure(fig, out / "scores.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for node, (xs, ys) in _site_series(records, "dp-keys-epsilon").items():
+        ax.plot(xs, ys, marker="o", label=_site_label(node, order))
+    if any("model-dp-epsilon" in r for r in records):
+        ax.plot(rounds, [_num(r.get("model-dp-epsilon")) for r in records], "k--", label="model updates (central)")
+    ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent on keys, per site")
+    ax.legend(fontsize=7)
+    written.append(save_figure(fig, out / "privacy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("up-arrays", "weights up"), ("up-keys", "keys up"), ("weights", "weights down"),
+                       ("queue", "global negatives down")):
+        # mean over the sites that sent / received this record in the round
+        per_round = [sum(vals) / len(vals) if (vals := [_num(s[key]) for s in r.get("sites", []) if key in s])
+                     else math.nan for r in records]
+        ax.plot(rounds, [v / 1024 for v in per_round], marker="o", label=label)
+    ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
+    ax.legend(fontsize=7)
+    written.append(save_figure(fig, out / "traffic.png"))
+    return written
+
+
+def plot_federation_dir(server_dir: Path | str, out_dir: Path | str) -> list[Path]:
+    """Plot a federation server's out-dir (``rounds.jsonl``; ``encoder.pt`` gives D if present)."""
+    from fedmoco.checkpoint import load_checkpoint
+    from fedmoco.errors import CheckpointError, ConfigError
+
+    server_dir = Path(server_dir)
+    dim = None
+    if (server_dir / "encoder.pt").is_file():
+        try:
+            dim = int(load_checkpoint(server_dir / "encoder.pt")["moco_config"]["dim"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            dim = None  # the reference line is optional; the plots are not
+    written = plot_federation(server_dir / "rounds.jsonl", out_dir, dim=dim)
+    if not written:
+        raise ConfigError(f"{server_dir / 'rounds.jsonl'}: holds no finished round to plot")
+    return written

@@ -1,0 +1,167 @@
+"""Taking the encoder elsewhere: export to torchvision/TorchScript, embed a folder, plot a federation."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fedmoco.checkpoint import atomic_save
+from fedmoco.cli import main
+from fedmoco.config import MoCoConfig
+from fedmoco.moco import MoCo
+from fedmoco.pretrain import make_checkpoint
+
+MEDICAL = {"domain": "medical", "image_size": 32, "options": {"ct_window": "lung"}, "normalization": None}
+
+
+def _checkpoint(path, *, arch, channels, small, norm="split-batch", data=None):
+    """A MoCo checkpoint whose BN running statistics moved away from their initial values."""
+    torch.manual_seed(0)
+    model = MoCo(MoCoConfig(arch=arch, in_channels=channels, small_input=small, norm=norm, norm_splits=2,
+                            dim=8, hidden_dim=16, queue_size=16))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.encoder_q.backbone(torch.randn(8, channels, 32, 32) * 2 + 0.5)
+    data = data or {"domain": "images", "image_size": 32, "options": {},
+                    "normalization": {"mean": [0.4] * channels, "std": [0.2] * channels}}
+    atomic_save(make_checkpoint(model, data=data, epoch=3), path)
+    return model.encoder_q.backbone.eval()
+
+
+def _plain_resnet18(channels, small):
+    """What the README tells a torchvision user to build."""
+    net = torchvision.models.resnet18()
+    if small:
+        net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif channels != 3:
+        net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    return net
+
+
+@pytest.mark.parametrize("channels,small,size", [(1, True, 32), (3, False, 64)])
+def test_export_loads_into_plain_torchvision_and_torchscript_with_identical_features(tmp_path, channels, small, size):
+    reference = _checkpoint(tmp_path / "ckpt.pt", arch="resnet18", channels=channels, small=small)
+    assert main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")]) == 0
+
+    net = _plain_resnet18(channels, small)
+    state = torch.load(tmp_path / "export" / "backbone.pt", weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    net.fc = nn.Identity()
+    net.eval()
+    scripted = torch.jit.load(str(tmp_path / "export" / "encoder.ts"))
+    x = torch.randn(4, channels, size, size)
+    with torch.no_grad():
+        expected = reference(x)
+        assert expected.shape == (4, 512)
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-5)
+
+    info = json.loads((tmp_path / "export" / "encoder.json").read_text())
+    assert info["arch"] == "resnet18" and info["channels"] == channels and info["small_input"] is small
+    assert info["image_size"] == 32 and info["feature_dim"] == 512 and info["torchvision"] == "resnet18"
+    assert info["input"]["normalization"] == {"mean": [0.4] * channels, "std": [0.2] * channels}
+
+
+def test_export_tiny_is_torchscript_only_and_records_the_medical_windowing(tmp_path, capsys):
+    reference = _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=MEDICAL)
+    assert main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")]) == 0
+    assert not (tmp_path / "export" / "backbone.pt").exists()
+    assert "torchvision state_dict" not in capsys.readouterr().out
+    scripted = torch.jit.load(str(tmp_path / "export" / "encoder.ts"))
+    x = torch.randn(3, 1, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), reference(x), rtol=1e-5, atol=1e-5)
+    info = json.loads((tmp_path / "export" / "encoder.json").read_text())
+    assert info["arch"] == "tiny" and info["torchvision"] is None and info["feature_dim"] == 128
+    window = info["input"]["windowing"]["ct"]
+    assert (window["preset"], window["center_hu"], window["width_hu"]) == ("lung", -600.0, 1500.0)
+    # a federated encoder records no normalisation; the medical domain's fixed one is stated
+    assert info["input"]["normalization"] == {"mean": [0.5], "std": [0.25]}
+
+
+def test_export_group_norm_resnet_loads_with_groupnorm_layers(tmp_path):
+    import math
+    reference = _checkpoint(tmp_path / "ckpt.pt", arch="resnet18", channels=4, small=True, norm="group")
+    main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")])
+    info = json.loads((tmp_path / "export" / "encoder.json").read_text())
+    assert info["norm"] == "group"
+    net = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(math.gcd(32, c), c))
+    net.conv1, net.maxpool = nn.Conv2d(4, 64, 3, 1, 1, bias=False), nn.Identity()
+    res = net.load_state_dict(torch.load(tmp_path / "export" / "backbone.pt", weights_only=True), strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
+    net.fc = nn.Identity()
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    assert main(["export", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedmoco export: error:") and str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_embed_writes_one_row_per_image_with_its_relative_path(tmp_path, demo_images):
+    reference = _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=3, small=True)
+    (demo_images.parent / "stray").mkdir(exist_ok=True)
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(demo_images),
+                 "--out", str(tmp_path / "emb" / "features.npy")]) == 0
+    feats = np.load(tmp_path / "emb" / "features.npy")
+    with open(tmp_path / "emb" / "features.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert feats.shape == (48, 128) and feats.dtype == np.float32 and len(rows) == 48
+    assert [int(r["row"]) for r in rows] == list(range(48))
+    assert rows[0]["path"] == "circle/circle_000.png" and rows[0]["region"] == ""
+    # row 5's features are those of the file the CSV names, through the recorded normalisation
+    from domains.images.dataset import eval_transform, load_image
+    from fedmoco.data import Normalization
+    norm = Normalization([0.4] * 3, [0.2] * 3)
+    x = eval_transform(32, norm)(load_image(demo_images / rows[5]["path"], 3))
+    with torch.no_grad():
+        np.testing.assert_allclose(feats[5], reference(x[None])[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_embed_names_dicom_frames(tmp_path):
+    from domains.medical.demo import make_demo_archive
+    data = make_demo_archive(tmp_path / "dicom", n_patients=3, image_size=32, n_slices=2)
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=MEDICAL)
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
+    with open(tmp_path / "e.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == np.load(tmp_path / "e.npy").shape[0] == 3 * 2 + 3  # CT slices + one CR each
+    assert all(r["region"].startswith("frame=") for r in rows)
+    assert all((data / r["path"]).is_file() and not r["path"].startswith("/") for r in rows)
+    assert not any(r["path"].startswith("misc/") for r in rows)  # broken files skipped while indexing
+
+
+def _round(r, loss):
+    site = {"node": 1234567, "status": "accepted", "train-loss": loss, "dp-keys-epsilon": 0.5 * r,
+            "up-arrays": 2048, "up-keys": 512, "weights": 2048, "queue": 256}
+    return {"event": "round", "round": r, "train-loss": loss, "pos-mean": 0.9, "neg-mean": 0.1,
+            "emb-std": 0.08, "sites": [site]}
+
+
+def test_plot_takes_a_federation_server_out_dir(tmp_path, capsys):
+    server = tmp_path / "server"
+    server.mkdir()
+    (server / "rounds.jsonl").write_text("".join(json.dumps(_round(r, 5.0 - r)) + "\n" for r in (1, 2, 3)))
+    assert main(["plot", str(server)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(p.rsplit("/", 1)[-1] for p in printed) == ["loss.png", "privacy.png", "scores.png", "traffic.png"]
+    for p in printed:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_the_folder_when_it_holds_neither_metrics_file(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path) in err and "rounds.jsonl" in err and len(err.splitlines()) == 1
