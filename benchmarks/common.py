@@ -1,11 +1,16 @@
-"""Shared by the benchmarks: a description of the machine and library versions, report writing."""
+"""Shared by the benchmarks: a description of the machine and library versions, report writing,
+and the suite's conventions (``--device``, one JSON line of headline figures per script)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -19,6 +24,84 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def gpu_name(device: str = "cpu") -> str:
+    """The CUDA device's name when ``device`` is CUDA and one is visible, else ``none``."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "none"
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What every table records: CPU model, cores, GPU, torch version, date (UTC)."""
+    import torch
+
+    return {"cpu": cpu_model(), "cores": cores(), "gpu": gpu_name(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def machine_line(device: str = "cpu") -> str:
+    """One markdown line: ``Machine: CPU, N cores, GPU ...; torch X; date``."""
+    m = machine_info(device)
+    return f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}; torch {m['torch']}; {m['date']}"
+
+
+def add_device_arg(parser: Any, default: str = "cpu") -> None:
+    """The suite's uniform ``--device`` option (cpu | cuda | cuda:N)."""
+    parser.add_argument("--device", default=default, help=f"cpu | cuda | cuda:N (default {default})")
+
+
+def check_device(device: str) -> str:
+    """``device`` if usable; exits with one line (status 2) when CUDA is asked for but absent."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {device}: no CUDA device is visible to torch", file=sys.stderr)
+        raise SystemExit(2)
+    return str(device)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def emit_json(record: dict[str, Any]) -> str:
+    """Print the headline figures as ONE JSON line ending in ``}`` (the suite's convention:
+    ``run_all.py`` and CI read the last such line of a script's output). ``bench`` names
+    the script; NaN/inf become null so the line is strict JSON. Returns the line."""
+    if "bench" not in record:
+        raise ValueError("a benchmark's JSON line needs a 'bench' key")
+    line = json.dumps(_plain(record), sort_keys=False, allow_nan=False)
+    print(line, flush=True)
+    return line
+
+
+def last_json_line(text: str) -> dict[str, Any] | None:
+    """The last line of ``text`` that parses as a JSON object with a ``bench`` key."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and "bench" in obj:
+                return obj
+    return None
+
+
 def machine_lines() -> list[str]:
     """Markdown bullet lines: CPU, cores, OS, Python and the versions that shape the numbers."""
     import numpy
@@ -26,9 +109,8 @@ def machine_lines() -> list[str]:
     import torch
     import torchvision
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
-        f"- CPU: {cpu_model()}, {cores} cores available",
+        f"- CPU: {cpu_model()}, {cores()} cores available; GPU: {gpu_name('cuda')}",
         f"- OS: {platform.platform()}",
         f"- Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads), torchvision {torchvision.__version__}",

@@ -7,6 +7,13 @@ Options (``DataConfig.options`` / ``--data-option key=value``):
 
 ``channels``: ``auto`` (default: 3 if any of the first 64 images is colour, else 1), 1 or 3.
 ``crop_scale_min``: lower bound of RandomResizedCrop's area scale, default 0.2 (MoCo v2).
+``flip``: random horizontal flip, default true; ``flip=false`` for text, laterality markers
+or any class that a mirror image changes.
+``offset`` / ``ramp`` / ``noise``: shortcut-resistant intensity nuisance per view, in [0, 1]
+of full scale (defaults 0.2 / 0.3 / 0.05; 0 turns each off): a random additive offset, a
+linear ramp in a random direction and Gaussian pixel noise, each applied with p = 0.8, so
+the two views of an image cannot be matched by background level, illumination gradient or
+noise grain (``IntensityNuisance``; the effect is measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from fedmoco.data import (
     PretrainData,
     TwoViews,
     list_files,
+    parse_bool,
     read_labels,
 )
 from fedmoco.errors import DataError
@@ -27,7 +28,9 @@ from fedmoco.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-OPTIONS = {"channels": "auto", "crop_scale_min": 0.2}
+OPTIONS = {"channels": "auto", "crop_scale_min": 0.2, "flip": True, "offset": 0.2, "ramp": 0.3, "noise": 0.05}
+#: Options that are strengths in [0, 1] of full scale (0 turns the augmentation off).
+_STRENGTHS = ("offset", "ramp", "noise")
 _NORM_SAMPLE = 64  # images used to estimate the per-channel mean/std
 
 
@@ -44,6 +47,17 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if not 0 < scale <= 1:
         raise DataError(f"--data-option crop_scale_min: must be in (0, 1], got {scale}")
     opts["crop_scale_min"] = scale
+    try:
+        opts["flip"] = parse_bool(opts["flip"])
+    except ValueError:
+        raise DataError(f"--data-option flip: must be true or false, got {opts['flip']!r}") from None
+    for key in _STRENGTHS:
+        try:
+            opts[key] = float(opts[key])
+        except (TypeError, ValueError):
+            opts[key] = float("nan")
+        if not 0 <= opts[key] <= 1:
+            raise DataError(f"--data-option {key}: must be a number in [0, 1] (0 turns it off), got {options[key]!r}")
     return opts
 
 
@@ -72,10 +86,52 @@ def _detect_channels(files: list[Path]) -> int:
     return 1
 
 
-def moco_v2_transform(size: int, channels: int, scale_min: float, norm: Normalization) -> Callable:
-    """The MoCo v2 augmentation (crop, colour jitter, grayscale, blur, flip) on uint8 (C,H,W).
+class IntensityNuisance(torch.nn.Module):
+    """Shortcut-resistant intensity noise on a float view (C, H, W) in [0, 1] units.
+
+    Each call adds, with probability ``p`` each: a global offset ~ U(-offset, offset), a
+    linear ramp in a uniformly random direction with peak-to-peak ~ U(0, ramp), and
+    Gaussian pixel noise with std ~ U(0, noise). Values are not clipped (the encoder sees
+    them after normalisation anyway). The same offset and ramp go to every channel.
+
+    Why: MoCo's two views of one image share its background level, illumination gradient
+    and noise grain, which ColorJitter (multiplicative) and blur leave recognisable; a
+    network can then match views by background instead of content (measured on the glyphs
+    benchmark, docs/benchmarks.md). Drawing these per view makes them useless as a match.
+    """
+
+    def __init__(self, offset: float = 0.2, ramp: float = 0.3, noise: float = 0.05, p: float = 0.8) -> None:
+        super().__init__()
+        self.offset, self.ramp, self.noise, self.p = float(offset), float(ramp), float(noise), float(p)
+
+    def _on(self) -> bool:
+        return bool(torch.rand(()) < self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.offset > 0 and self._on():
+            out = out + (torch.rand(()) * 2 - 1) * self.offset
+        if self.ramp > 0 and self._on():
+            h, w = x.shape[-2:]
+            angle = torch.rand(()) * 2 * torch.pi
+            yy = torch.linspace(-0.5, 0.5, h).view(h, 1)
+            xx = torch.linspace(-0.5, 0.5, w).view(1, w)
+            # projection on the unit direction spans at most sqrt(2) across the image; divide
+            # by it so the peak-to-peak never exceeds the drawn amplitude
+            grad = (torch.cos(angle) * xx + torch.sin(angle) * yy) / 2 ** 0.5
+            out = out + torch.rand(()) * self.ramp * grad
+        if self.noise > 0 and self._on():
+            out = out + torch.randn_like(x) * (torch.rand(()) * self.noise)
+        return out
+
+
+def moco_v2_transform(size: int, channels: int, scale_min: float, norm: Normalization, *, flip: bool = True,
+                      offset: float = 0.0, ramp: float = 0.0, noise: float = 0.0) -> Callable:
+    """The MoCo v2 augmentation (crop, colour jitter, grayscale, blur, flip) on uint8 (C,H,W),
+    then, when any strength is > 0, :class:`IntensityNuisance` before normalising.
 
     On one-channel images hue/saturation jitter and grayscale are meaningless and left out.
+    ``flip=False`` drops the horizontal flip (text, laterality, chiral shapes).
     """
     jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1) if channels == 3 else T.ColorJitter(0.4, 0.4)
     blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image, odd
@@ -87,10 +143,13 @@ def moco_v2_transform(size: int, channels: int, scale_min: float, norm: Normaliz
         ops.append(T.RandomGrayscale(p=0.2))
     ops += [
         T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(norm.mean, norm.std),
     ]
+    if flip:
+        ops.append(T.RandomHorizontalFlip())
+    ops.append(T.ToDtype(torch.float32, scale=True))
+    if offset > 0 or ramp > 0 or noise > 0:
+        ops.append(IntensityNuisance(offset, ramp, noise))
+    ops.append(T.Normalize(norm.mean, norm.std))
     return T.Compose(ops)
 
 
@@ -156,7 +215,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Two MoCo v2 views per image of every PNG/JPEG/TIFF/BMP under ``root``."""
     files, opts, channels = _setup(root, cfg)
     norm = estimate_normalization(files, channels, cfg.image_size)
-    transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm))
+    transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm,
+                                           flip=opts["flip"], offset=opts["offset"], ramp=opts["ramp"],
+                                           noise=opts["noise"]))
     return PretrainData(
         dataset=ImageFolderDataset(files, channels, transform),
         in_channels=channels,
@@ -181,4 +242,4 @@ def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
     labels, classes = read_labels(root, files, labels_csv)
     norm = normalization or estimate_normalization(files, channels, cfg.image_size)
     ds = ImageFolderDataset(files, channels, eval_transform(cfg.image_size, norm), labels)
-    return LabelledData(dataset=ds, classes=classes, in_channels=channels, normalization=norm)
+    return LabelledData(dataset=ds, classes=classes, in_channels=channels, normalization=norm, sample_labels=labels)

@@ -169,13 +169,10 @@ def pretrain_transform(
     sizes), then indices, normalisation and band dropout. Haze is left out when
     ``wavelengths`` is None.
     """
-    steps: list[nn.Module] = [
-        v2.RandomResizedCrop(image_size, scale=opts.crop_scale, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        RandomRot90(),
-        PerBandBrightnessContrast(opts.brightness, opts.contrast, p=opts.jitter_p),
-    ]
+    steps: list[nn.Module] = [v2.RandomResizedCrop(image_size, scale=opts.crop_scale, antialias=True)]
+    if opts.flip:  # overhead views have no preferred orientation, unless option flip=false says so
+        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
+    steps.append(PerBandBrightnessContrast(opts.brightness, opts.contrast, p=opts.jitter_p))
     if wavelengths is not None and opts.haze_p > 0 and opts.haze_max > 0:
         steps.append(Haze(wavelengths, opts.haze_max, opts.haze_exponent, p=opts.haze_p))
     if opts.blur_p > 0:

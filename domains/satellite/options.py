@@ -42,6 +42,7 @@ class SatelliteOptions:
     band_roles: Mapping[str, int | str] = field(default_factory=dict)
     wavelengths: tuple[float, ...] | None = None
     # augmentations
+    flip: bool = True  # flips and 90-degree rotations; off for oblique views or sun-angle shadows
     crop_scale: tuple[float, float] = (0.2, 1.0)
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -197,6 +198,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "indices": _indices,
     "band_roles": _roles,
     "wavelengths": _floats,
+    "flip": _bool,
     "crop_scale": _range(0.0, 1.0),
     "jitter_p": _probability,
     "brightness": _number(float, 0.0, 1.0),
