@@ -82,6 +82,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "min-nodes": 2,  # nodes that must be connected before a round starts
     "min-replies": 1,  # accepted replies a round needs to update the global model
     "max-update-norm": 0.0,  # 0 = unbounded
+    "max-examples-per-site": 100_000,  # a site's FedAvg weight counts at most this many examples
+    "site-example-caps": "",  # "name=N,name2=M": per-site caps by site name or node id
     "aggregation": "fedavg",  # fedavg | fedmedian | fedtrimmedavg | krum
     "trim-beta": 0.2,
     "krum-malicious": 0,

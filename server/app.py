@@ -31,7 +31,7 @@ from fedmoco.pretrain import make_checkpoint
 from server.plots import plot_federation
 from server.queue import GlobalKeyQueue
 from server.strategy import FedMoCo, ModelDP, load_server_state, make_aggregator
-from server.validation import ReplyLimits
+from server.validation import ExampleCaps, ReplyLimits
 
 log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
 
@@ -99,7 +99,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
                                    fraction_evaluate=0.0, **sampling),
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,
         checkpoint_extra={"moco_config": mcfg.to_dict(), "num_server_rounds": total_rounds},
-        site_ledger=site_ledger, **sampling,
+        site_ledger=site_ledger, example_caps=ExampleCaps.parse(r("max-examples-per-site"), r("site-example-caps")),
+        **sampling,
     )
     if done < total_rounds:
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total_rounds - done,

@@ -47,7 +47,7 @@ from fedmoco.checkpoint import atomic_save
 from fedmoco.errors import ConfigError
 from fedmoco.metrics import JsonlLogger
 from server.queue import GlobalKeyQueue
-from server.validation import KEYS, REQUIRED_METRICS, ReplyLimits, decode_arrays, validate_reply
+from server.validation import KEYS, REQUIRED_METRICS, ExampleCaps, ReplyLimits, decode_arrays, validate_reply
 
 log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
 
@@ -133,6 +133,8 @@ class FedMoCo(FedAvg):
     ``metrics_path``: the JSON-lines file of per-round metrics (None: not written).
     ``round_offset``: rounds already done (a resumed run).
     ``site_ledger``: per-node privacy reports restored from a checkpoint.
+    ``example_caps``: the most examples each site's FedAvg weight counts for; a larger
+    ``num-examples`` is clipped to the cap before aggregation (docs/federation.md).
     """
 
     def __init__(self, *, queue: GlobalKeyQueue, limits: ReplyLimits, queue_sample: int = 1024,
@@ -141,7 +143,8 @@ class FedMoCo(FedAvg):
                  checkpoint_extra: dict[str, Any] | None = None, metrics_path: Path | None = None,
                  round_offset: int = 0, site_ledger: dict[int, dict[str, float]] | None = None,
                  expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
-                 fraction_evaluate: float = 0.0, **fedavg_kwargs: Any) -> None:
+                 fraction_evaluate: float = 0.0, example_caps: ExampleCaps | None = None,
+                 **fedavg_kwargs: Any) -> None:
         super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
         if queue_sample < 0:
             raise ConfigError(f"queue-sample must be >= 0, got {queue_sample}")
@@ -164,6 +167,7 @@ class FedMoCo(FedAvg):
         self.round_offset = int(round_offset)
         self.site_ledger: dict[int, dict[str, float]] = dict(site_ledger or {})
         self.expected_metrics = expected_metrics
+        self.example_caps = example_caps if example_caps is not None else ExampleCaps()
         # Sampling of global negatives and model-DP noise. Seeded from the OS unless a test
         # asks for determinism: the DP noise must not be reproducible from the config.
         self._torch_gen = torch.Generator().manual_seed(seed if seed is not None else
@@ -232,7 +236,9 @@ class FedMoCo(FedAvg):
             # What the site uploaded, accepted or not (the traffic happened either way).
             site.update({f"up-{name}": array_bytes(rec) for name, rec in msg.content.array_records.items()
                          if name in ("arrays", KEYS)})
-            reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics)
+            measured: dict[str, float] = {}
+            reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics, measured)
+            site.update(measured)
             if reasons:
                 site.update(status="rejected", reason="; ".join(reasons))
                 log.warning("round %d: rejected reply from node %d: %s", r, node, "; ".join(reasons))
@@ -241,6 +247,7 @@ class FedMoCo(FedAvg):
             keys = torch.from_numpy(np.array(next(iter(keys_record.values())).numpy(), copy=True))
             del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
             metrics = msg.content.metric_records["metrics"]
+            self._cap_examples(r, node, metrics, site)
             site.update(status="accepted", keys=int(keys.shape[0]),
                         **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics})
             self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-keys-")}
@@ -262,6 +269,16 @@ class FedMoCo(FedAvg):
         self._save_checkpoint(r)
         self._log_round(r, sites, agg_metrics, arrays is not None, t_received)
         return arrays, agg_metrics
+
+    def _cap_examples(self, r: int, node: int, metrics: MetricRecord, site: dict[str, Any]) -> None:
+        """Clip a validated reply's ``num-examples`` (its FedAvg weight) to the site's cap."""
+        claimed = float(metrics["num-examples"])
+        cap = self.example_caps.cap(node, site.get("site"))
+        if claimed > cap:
+            metrics["num-examples"] = cap
+            site["num-examples-claimed"] = claimed
+            log.warning("round %d: node %d claims %.6g examples; its weight counts %d (its cap: "
+                        "max-examples-per-site / site-example-caps)", r, node, claimed, cap)
 
     def _aggregate(self, r: int, replies: list[Message],
                    n_sent: int) -> tuple[ArrayRecord | None, MetricRecord | None]:

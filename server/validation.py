@@ -9,11 +9,13 @@ the offending record, array or metric, what it is and what was expected.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedmoco.errors import ConfigError
 
 #: Record names a ClientApp may put in its train reply (docs/privacy.md).
 ARRAYS, KEYS, METRICS = "arrays", "keys", "metrics"
@@ -27,6 +29,56 @@ REQUIRED_METRICS: frozenset[str] = frozenset({
 _MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean"})
 # Epsilon is +inf for a site that releases keys without noise (fedmoco.privacy.no_dp_metrics).
 _MAY_BE_INF = frozenset({"dp-keys-epsilon"})
+
+
+#: Largest ``num-examples`` a site's weight counts for unless the coordinator says otherwise
+#: (run_config ``max-examples-per-site``). A claim above a site's cap is clipped, not
+#: rejected (docs/federation.md, "Hostile sites").
+DEFAULT_MAX_EXAMPLES = 100_000
+
+
+@dataclass(frozen=True)
+class ExampleCaps:
+    """The most examples each site's FedAvg weight may count for.
+
+    ``default``: the cap of every site (run_config ``max-examples-per-site``);
+    ``per_site``: caps by site name or node id (run_config ``site-example-caps``,
+    ``"name=N,name2=M"``), which win over the default. With caps c_i, a site's share of a
+    FedAvg round is at most ``c_i / (c_i + sum of the other sites' counts)`` whatever it claims.
+    """
+
+    default: int = DEFAULT_MAX_EXAMPLES
+    per_site: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, cap in {"max-examples-per-site": self.default, **self.per_site}.items():
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ConfigError(f"site-example-caps {name}={cap!r}: expected an integer >= 1"
+                                  if name in self.per_site else f"max-examples-per-site: expected an integer >= 1, "
+                                                                f"got {cap!r}")
+
+    @classmethod
+    def parse(cls, default: int, spec: str) -> "ExampleCaps":
+        """From run_config: ``default`` and ``spec`` = ``"name=N,name2=M"`` (names or node ids)."""
+        per_site: dict[str, int] = {}
+        for item in (p.strip() for p in str(spec).split(",")):
+            if not item:
+                continue
+            name, sep, value = item.partition("=")
+            name = name.strip().strip('"')
+            try:
+                if not sep or not name:
+                    raise ValueError
+                per_site[name] = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"site-example-caps: {item!r} is not name=N with N an integer") from None
+        return cls(int(default), per_site)
+
+    def cap(self, node_id: int, name: str | None = None) -> int:
+        """The cap of the site ``name`` (when known) or node ``node_id``."""
+        if name is not None and name in self.per_site:
+            return self.per_site[name]
+        return self.per_site.get(str(node_id), self.default)
 
 
 @dataclass(frozen=True)
@@ -61,7 +113,7 @@ def _shape(shape) -> str:
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                 max_update_norm: float | None) -> list[str]:
+                 max_update_norm: float | None, measured: dict[str, float] | None = None) -> list[str]:
     """Names, shapes, dtypes and finiteness of ``arrays`` against the global ``reference``,
     and the L2 norm of their difference (the client's update) against ``max_update_norm``."""
     reasons = []
@@ -94,6 +146,8 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
                 continue
             diff = a.astype(np.float64) - ref.astype(np.float64)
             sq_norm += float(np.dot(diff.ravel(), diff.ravel()))
+    if comparable and measured is not None:
+        measured["update-norm"] = math.sqrt(sq_norm)
     if comparable and max_update_norm is not None and math.sqrt(sq_norm) > max_update_norm:
         reasons.append(f"arrays: update norm {math.sqrt(sq_norm):.4g} exceeds max-update-norm {max_update_norm:g}")
     return reasons
@@ -149,22 +203,33 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
             reasons.append(f"metrics {name!r} is NaN")
         elif math.isinf(v) and name not in _MAY_BE_INF:
             reasons.append(f"metrics {name!r} is {v}")
-    n = record.get("num-examples")
-    if isinstance(n, (int, float)) and not isinstance(n, bool) and not (math.isfinite(n) and n >= 1):
-        reasons.append(f"metrics 'num-examples' is {n}, expected >= 1")
+    reasons += check_num_examples(record.get("num-examples"))
     exhausted = record.get("dp-keys-exhausted")
     if exhausted not in (None, 0, 1, 0.0, 1.0):
         reasons.append(f"metrics 'dp-keys-exhausted' is {exhausted}, expected 0 or 1")
     return reasons
 
 
+def check_num_examples(n: Any) -> list[str]:
+    """``num-examples`` is a FedAvg weight: a whole number >= 1. 12.5, 0 and -3 are lies no
+    honest site tells, so they reject the reply; a too-large whole number is clipped to the
+    site's cap by the strategy instead (:class:`ExampleCaps`)."""
+    if n is None or isinstance(n, list) or not math.isfinite(float(n)):
+        return []  # missing, a list or non-finite: check_metrics reports those
+    if float(n) < 1 or not float(n).is_integer():
+        return [f"metrics 'num-examples' is {n}, expected a whole number >= 1"]
+    return []
+
+
 def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], limits: ReplyLimits,
-                   expected_metrics: frozenset[str] = REQUIRED_METRICS) -> list[str]:
+                   expected_metrics: frozenset[str] = REQUIRED_METRICS,
+                   measured: dict[str, float] | None = None) -> list[str]:
     """All reasons to reject one train reply (empty list: accept).
 
     ``reference``: the global model sent this round, {name: ndarray}. Checks record names
     (exactly ``arrays``, ``keys``, ``metrics``), the arrays (:func:`check_arrays`), the keys
-    (:func:`check_keys`) and the metrics (:func:`check_metrics`).
+    (:func:`check_keys`) and the metrics (:func:`check_metrics`). ``measured``, when given,
+    receives ``update-norm``: ||w_client - w_global||_2 when the arrays are comparable.
     """
     reasons = []
     allowed = {ARRAYS: ArrayRecord, KEYS: ArrayRecord, METRICS: MetricRecord}
@@ -183,7 +248,7 @@ def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], lim
         except ValueError as exc:
             reasons.append(f"arrays: {exc}")
         else:
-            reasons += check_arrays(arrays, reference, limits.max_update_norm)
+            reasons += check_arrays(arrays, reference, limits.max_update_norm, measured)
     reasons += check_keys(content.array_records.get(KEYS), limits)
     metrics = content.metric_records.get(METRICS)
     reasons += check_metrics(metrics, expected_metrics)

@@ -99,8 +99,13 @@ def test_metrics(ref):
     m["patient-count"] = 3
     assert check(reply_content(ref, unit_keys(2), m), ref) == [
         "metrics: missing train-loss", "metrics: unexpected patient-count"]
-    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"num-examples": 0})), ref) == [
-        "metrics 'num-examples' is 0, expected >= 1"]
+    for lie in (0, -3, 12.5):
+        assert check(reply_content(ref, unit_keys(2), good_metrics(**{"num-examples": lie})), ref) == [
+            f"metrics 'num-examples' is {lie}, expected a whole number >= 1"]
+    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"num-examples": float("nan")})), ref) == [
+        "metrics 'num-examples' is NaN"]
+    # A whole number, however large, passes validation; the strategy clips it to the site's cap.
+    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"num-examples": 1e300})), ref) == []
     assert check(reply_content(ref, unit_keys(2), good_metrics(**{"train-loss": float("nan")})), ref) == [
         "metrics 'train-loss' is NaN"]
     # a round whose steps all ran on an empty queue has no negative scores: NaN is legitimate

@@ -1,0 +1,114 @@
+"""A site that lies about num-examples cannot take over FedAvg.
+
+Two honest sites move every weight by +1 (10 examples) and +3 (30 examples); the liar moves
+it by +50. Each test compares the aggregate with the hand-computed weighted mean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+from server_test_helpers import good_metrics, reply_content, reply_from, shifted, tiny_arrays, unit_keys
+
+from fedmoco.errors import ConfigError
+from server.queue import GlobalKeyQueue
+from server.strategy import FedMoCo
+from server.validation import DEFAULT_MAX_EXAMPLES, ExampleCaps, ReplyLimits, decode_arrays
+
+LIAR_SHIFT = 50.0
+
+
+def strategy(tmp_path, caps: ExampleCaps | None = None) -> FedMoCo:
+    return FedMoCo(queue=GlobalKeyQueue(64, 8), limits=ReplyLimits(key_dim=8, max_keys=16, max_update_norm=None),
+                   queue_sample=4, seed=0, metrics_path=tmp_path / "rounds.jsonl", example_caps=caps,
+                   min_train_nodes=3, min_available_nodes=3)
+
+
+def one_round(s: FedMoCo, grid, liars: dict[int, float]):
+    """Honest 101 (+1, 10 ex.) and 102 (+3, 30 ex.), and liars {node: claimed num-examples}."""
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid)
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))),
+               reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2), good_metrics(30)))]
+    replies += [reply_from(node, reply_content(shifted(ref, LIAR_SHIFT), unit_keys(2, seed=node), good_metrics(n)))
+                for node, n in liars.items()]
+    arrays, _ = s.aggregate_train(1, replies)
+    a, r = decode_arrays(arrays), decode_arrays(ref)
+    offsets = np.array([float(np.mean(a[k] - r[k])) for k in r])
+    return offsets
+
+
+def last_round(tmp_path) -> dict:
+    return json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
+
+
+def test_1e300_examples_count_as_the_site_cap(grid3, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s = strategy(tmp_path, ExampleCaps.parse(1000, "103=20"))
+    offsets = one_round(s, grid3, {103: 1e300})
+    expected = (10 * 1.0 + 30 * 3.0 + 20 * LIAR_SHIFT) / 60  # the liar weighs 20, its cap
+    assert np.allclose(offsets, expected, atol=1e-4)
+    site = {x["node"]: x for x in last_round(tmp_path)["sites"]}[103]
+    assert (site["status"], site["num-examples"], site["num-examples-claimed"]) == ("accepted", 20, 1e300)
+    assert "node 103 claims 1e+300 examples; its weight counts 20" in caplog.text
+
+
+def test_two_sites_at_1_7e308_neither_zero_the_model_nor_take_it_over(grid3, tmp_path):
+    # Unclipped, 1.7e308 + 1.7e308 overflows to inf and every weight factor becomes 0.
+    s = strategy(tmp_path, ExampleCaps(default=40))
+    offsets = one_round(s, grid3, {103: 1.7e308, 104: 1.7e308})
+    expected = (10 * 1.0 + 30 * 3.0 + 40 * LIAR_SHIFT + 40 * LIAR_SHIFT) / 120
+    assert np.isfinite(offsets).all() and np.allclose(offsets, expected, atol=1e-4)
+    assert last_round(tmp_path)["examples"] == 10 + 30 + 40 + 40
+
+
+def test_the_default_cap_bounds_the_share_as_documented(grid3, tmp_path):
+    s = strategy(tmp_path)
+    offsets = one_round(s, grid3, {103: 1e300})
+    share = DEFAULT_MAX_EXAMPLES / (DEFAULT_MAX_EXAMPLES + 40)
+    assert np.allclose(offsets, (1 - share) * 2.5 + share * LIAR_SHIFT, atol=1e-3)
+
+
+@pytest.mark.parametrize("claim, shown", [(float("nan"), "is NaN"), (-5, "is -5, expected a whole number >= 1"),
+                                          (0, "is 0, expected a whole number >= 1"),
+                                          (12.5, "is 12.5, expected a whole number >= 1"),
+                                          (float("inf"), "is inf")])
+def test_nonsense_counts_reject_the_reply(grid3, tmp_path, caplog, claim, shown):
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s = strategy(tmp_path)
+    offsets = one_round(s, grid3, {103: claim})
+    assert np.allclose(offsets, 2.5, atol=1e-5)  # the honest weighted mean, (10*1 + 30*3) / 40
+    assert f"rejected reply from node 103: metrics 'num-examples' {shown}" in caplog.text
+    assert last_round(tmp_path)["rejected"] == 1
+
+
+def test_caps_by_site_name_win_over_node_id_and_default():
+    caps = ExampleCaps.parse(500, ' hospital-a=20 , 7=30, "b"=40')
+    assert caps.cap(7) == 30 and caps.cap(8) == 500 and caps.cap(7, "hospital-a") == 20 and caps.cap(9, "b") == 40
+    assert caps.cap(7, "unknown") == 30
+
+
+@pytest.mark.parametrize("default, spec, message", [
+    (0, "", "max-examples-per-site: expected an integer >= 1, got 0"),
+    (10, "a=0", "site-example-caps a=0: expected an integer >= 1"),
+    (10, "a=1.5", "site-example-caps: 'a=1.5' is not name=N with N an integer"),
+    (10, "a", "site-example-caps: 'a' is not name=N with N an integer"),
+])
+def test_bad_caps_are_config_errors(default, spec, message):
+    with pytest.raises(ConfigError) as err:
+        ExampleCaps.parse(default, spec)
+    assert str(err.value) == message
+
+
+def test_update_norm_is_recorded_per_site(grid3, tmp_path):
+    s = strategy(tmp_path)
+    one_round(s, grid3, {})
+    n_params = sum(a.numpy().size for a in tiny_arrays().values())
+    norms = {x["node"]: x["update-norm"] for x in last_round(tmp_path)["sites"]}
+    assert norms[101] == pytest.approx(math.sqrt(n_params) * 1.0, rel=1e-5)
+    assert norms[102] == pytest.approx(math.sqrt(n_params) * 3.0, rel=1e-5)
