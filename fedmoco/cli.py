@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from fedmoco.errors import CheckpointError, ConfigError, FedmocoError
+from fedmoco.appsign import add_sign_app_parser, cmd_sign_app
+from fedmoco.keys import add_keygen_parser, cmd_keygen
 from fedmoco.keys import add_keygen_parser, cmd_keygen
 
 log = logging.getLogger("fedmoco")
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--labelled", action="store_true", help="one sub-folder per class")
     demo.add_argument("--bands", type=int, default=4, choices=[4, 13], help="satellite only (default 4)")
     add_keygen_parser(sub)
+    add_sign_app_parser(sub)
     return parser
 
 
@@ -300,6 +303,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
             "make-demo-data": cmd_demo_data, "export": cmd_export, "embed": cmd_embed}
 COMMANDS["keygen"] = cmd_keygen
+COMMANDS["sign-app"] = cmd_sign_app
 
 
 def main(argv: Sequence[str] | None = None) -> int:

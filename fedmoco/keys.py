@@ -134,7 +134,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     private_path = public_path.with_suffix("")
     mode = stat.S_IMODE(private_path.stat().st_mode)
     print(f"{'wrote' if created else 'kept '} {private_path} (private, mode {mode:04o}: never copy it off this machine)")
-    print(f"{'wrote' if created else 'kept '} {public_path} (public: send this file to the coordinator)"
-          if args.key_type == "ecdsa-p384" else
-          f"{'wrote' if created else 'kept '} {public_path} (public: send this file to every site)")
+    verb = "wrote" if created else "kept "
+    if args.key_type == "ecdsa-p384":
+        print(f"{verb} {public_path} (public: send this file to the coordinator)")
+    else:
+        public_line = public_path.read_text().strip()
+        print(f"{verb} {public_path} (public: send this file to every site)")
+        print(f"each site's trusted-entities YAML line (sign with --key-id {args.name}):")
+        print(f'{args.name}: "{public_line}"')
     return 0

@@ -1,0 +1,95 @@
+"""A Flower SuperNode that runs only apps signed by a key the site trusts.
+
+    python -m clients.supernode --trusted-entities /etc/fedmoco/trusted-entities.yaml \\
+        [every other flower-supernode option]
+
+``trusted-entities.yaml`` is Flower's format, one line per trusted signer::
+
+    fedmoco-coordinator: "ssh-ed25519 AAAA... "
+
+Why this exists: ``flower-supernode --trusted-entities`` (Flower 1.42) accepts only FABs
+whose signatures the SuperLink fetched from Flower Hub; an app the coordinator sends with
+``flwr run .`` never carries one, so it would be refused too. This launcher runs Flower's
+own SuperNode with one change: the check it makes on every new run's FAB, before storing it
+or starting any of its code, is :func:`fedmoco.appsign.verify_fab` (a signature made by
+``fedmoco sign-app`` inside the FAB) instead of Flower's Hub record. A FAB that fails is
+answered with Flower's "The FAB could not be verified" error reply, and its code never runs.
+
+It refuses to start without ``--trusted-entities``, and refuses to start if the Flower
+functions it hooks have changed shape (a newer Flower): it never runs unchecked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+from typing import Any, Callable
+
+from fedmoco.appsign import verify_fab
+
+log = logging.getLogger("fedmoco.supernode")
+_HOOKED = "flwr.supernode.start_client_internal"
+
+
+def install_fab_check() -> None:
+    """Make Flower's SuperNode verify every FAB with :func:`fedmoco.appsign.verify_fab`."""
+    sci = importlib.import_module(_HOOKED)
+    pull = getattr(sci, "_pull_and_store_message", None)
+    if getattr(pull, "_fedmoco_checked", False):
+        return
+    if pull is None or not hasattr(sci, "_verify_fab"):
+        raise RuntimeError(f"{_HOOKED}: this Flower release lacks the FAB check fedmoco hooks; not starting")
+    params = inspect.signature(pull).parameters
+    if not {"get_fab", "trusted_entities"} <= set(params):
+        raise RuntimeError(f"{_HOOKED}._pull_and_store_message changed its parameters; not starting")
+
+    def pull_and_store(*args: Any, **kwargs: Any):
+        get_fab: Callable = kwargs["get_fab"]  # Flower passes it by keyword
+
+        def get_fab_for_check(fab_hash: str, run_id: int):
+            fab = get_fab(fab_hash, run_id)
+            # Flower refuses a FAB without a Hub licence record before it calls
+            # _verify_fab; the signature check below replaces both.
+            fab.verifications = {"valid_license": "fedmoco-signature"}
+            return fab
+
+        kwargs["get_fab"] = get_fab_for_check
+        return pull(*args, **kwargs)
+
+    def verify(fab, trusted_entities: dict[str, str]) -> bool:
+        reason = verify_fab(fab.content, trusted_entities)
+        if reason is not None:
+            print(f"fedmoco: refused app {fab.hash_str[:12]}: {reason}", file=sys.stderr, flush=True)
+            return False
+        print(f"fedmoco: app {fab.hash_str[:12]} verified (signed by a trusted entity)", file=sys.stderr, flush=True)
+        return True
+
+    pull_and_store._fedmoco_checked = True  # type: ignore[attr-defined]
+    sci._pull_and_store_message = pull_and_store
+    sci._verify_fab = verify
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start Flower's SuperNode with the fedmoco FAB check; exit 2 without --trusted-entities."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a == "--trusted-entities" or a.startswith("--trusted-entities=") for a in argv) \
+            and not {"-h", "--help", "-V", "--version"} & set(argv):
+        print("clients.supernode: error: --trusted-entities YAML is required (the coordinator's app-signing "
+              "public key); without it use flower-supernode", file=sys.stderr)
+        return 2
+    try:
+        install_fab_check()
+    except RuntimeError as exc:
+        print(f"clients.supernode: error: {exc}", file=sys.stderr)
+        return 2
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Coordinator-signed Flower apps: ``fedmoco sign-app`` and the check a site's SuperNode runs.
+
+Why not Flower's own signing: in Flower 1.42 ``flower-supernode --trusted-entities`` only
+accepts FABs whose signatures the SuperLink fetched from Flower Hub (``flwr app review``
+uploads them there); for a FAB sent with ``flwr run .`` the SuperLink records no signature,
+so a SuperNode with ``--trusted-entities`` refuses every private app. Here the signature
+travels inside the FAB instead, as ``fedmoco-app-signature.json``, in the same record shape
+Flower uses (``{key_id: {"signature": base64url, "signed_at": unix seconds}}``), Ed25519
+over ``signed_at`` (8 bytes big-endian) + ``sha256(manifest)``, with the same trusted-entities
+YAML (``key_id: "ssh-ed25519 AAAA..."``) as Flower.
+
+The manifest is computed from the FAB's bytes, never taken from it: every zip entry except
+the signature file and Flower's ``.info/CONTENT`` (which lists the signature file itself),
+sorted, one ``name NUL sha256`` line each. Adding, removing, renaming or changing any
+file therefore breaks the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedmoco.errors import ConfigError
+
+SIGNATURE_FILE = "fedmoco-app-signature.json"
+_UNSIGNED_ENTRIES = frozenset({SIGNATURE_FILE, ".info/CONTENT"})
+
+
+def fab_manifest_digest(fab: bytes) -> tuple[bytes, int]:
+    """``(sha256 of the canonical manifest, number of files it covers)`` of FAB bytes."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+        names = [n for n in zf.namelist() if n not in _UNSIGNED_ENTRIES]
+        if len(set(names)) != len(names):
+            raise ValueError("the FAB holds two entries with the same name")
+        lines = sorted(f"{n}\0{hashlib.sha256(zf.read(n)).hexdigest()}" for n in names)
+    return hashlib.sha256("\n".join(lines).encode()).digest(), len(lines)
+
+
+def _message(digest: bytes, signed_at: int) -> bytes:
+    # Flower's create_message_to_sign layout: timestamp (8 bytes big-endian) + digest
+    return signed_at.to_bytes(8, "big") + digest
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable OpenSSH private key ({exc})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an Ed25519 key; make one with: fedmoco keygen --type ed25519")
+    return key
+
+
+def build_fab(app_dir: Path) -> bytes:
+    """The FAB ``flwr run APP_DIR`` sends, built by Flower's own builder."""
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        return build_fab_from_disk(app_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"{app_dir}: cannot build the Flower app ({exc})") from None
+
+
+def sign_app(app_dir: Path, key_path: Path, key_id: str) -> tuple[Path, int]:
+    """Write ``APP_DIR/fedmoco-app-signature.json`` signing the FAB of ``app_dir``.
+
+    Returns ``(signature file, number of files signed)``. Re-run it after every change to
+    the app: a FAB built from changed files no longer verifies.
+    """
+    if not key_id or any(c.isspace() for c in key_id) or ":" in key_id:
+        raise ConfigError(f"--key-id {key_id!r}: use one word without spaces or colons")
+    key = _load_signing_key(key_path)
+    digest, n_files = fab_manifest_digest(build_fab(app_dir))
+    signed_at = int(time.time())
+    record = {key_id: {"signature": _b64url(key.sign(_message(digest, signed_at))), "signed_at": signed_at}}
+    out = app_dir / SIGNATURE_FILE
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    # the signature file itself must travel in the FAB (not excluded by .gitignore or rules)
+    with zipfile.ZipFile(io.BytesIO(build_fab(app_dir))) as zf:
+        if SIGNATURE_FILE not in zf.namelist():
+            raise ConfigError(f"{out}: written, but the app's FAB leaves it out (.gitignore?); sites would refuse it")
+    return out, n_files
+
+
+def verify_fab(fab: bytes, trusted: dict[str, str]) -> str | None:
+    """None if a key in ``trusted`` (key id -> OpenSSH Ed25519 public line) signed ``fab``;
+    otherwise the reason it is refused (one line)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            if SIGNATURE_FILE not in zf.namelist():
+                return f"the app is not signed (no {SIGNATURE_FILE}); the coordinator signs it with fedmoco sign-app"
+            records = json.loads(zf.read(SIGNATURE_FILE))
+        digest, _ = fab_manifest_digest(fab)
+    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError) as exc:
+        return f"the app is not a readable FAB or signature file ({exc})"
+    if not isinstance(records, dict):
+        return f"{SIGNATURE_FILE} is not a JSON object"
+    signers = [k for k in records if k in trusted]
+    if not signers:
+        return f"signed by {sorted(records)!r}, none of which is a trusted entity ({sorted(trusted)!r})"
+    for key_id in signers:
+        rec = records[key_id]
+        try:
+            public = serialization.load_ssh_public_key(trusted[key_id].encode())
+            signature = base64.urlsafe_b64decode(rec["signature"] + "=" * (-len(rec["signature"]) % 4))
+            if not isinstance(public, ed25519.Ed25519PublicKey):
+                continue
+            public.verify(signature, _message(digest, int(rec["signed_at"])))
+            return None
+        except (InvalidSignature, KeyError, TypeError, ValueError):
+            continue
+    return f"the signature of {', '.join(signers)} does not match the app's files (changed after signing?)"
+
+
+def add_sign_app_parser(sub):
+    """Register ``fedmoco sign-app`` on an argparse sub-parser collection."""
+    p = sub.add_parser("sign-app", help="sign the Flower app (coordinator) so sites' SuperNodes run it",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("app", type=Path, nargs="?", default=Path("."), help="the app folder given to flwr run (default: .)")
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (fedmoco keygen --type ed25519)")
+    p.add_argument("--key-id", required=True, help="the name sites give this key in their trusted-entities YAML")
+    return p
+
+
+def cmd_sign_app(args) -> int:
+    """``fedmoco sign-app``: sign, then say what the sites need."""
+    out, n_files = sign_app(args.app, args.key, args.key_id)
+    print(f"wrote {out} ({n_files} files signed as {args.key_id!r}); run flwr run {args.app} now, "
+          "and sign again after any change")
+    return 0

@@ -1,0 +1,169 @@
+"""A Flower SuperLink whose Control API only the coordinator's machine can reach.
+
+    python -m server.superlink --fleet-host 0.0.0.0 --fleet-port 9092 \\
+        --host 127.0.0.1 --port 9093 [every other flower-superlink option]
+
+Why this exists: ``flower-superlink`` 1.42 serves the Fleet API (SuperNodes), the Control
+API (``flwr run``, ``flwr ls``, ``flwr supernode register``) and the Runtime API (the
+ServerApp's own connection) on one HTTP port, ``--host:--port``. ``--fleet-api-address`` and
+``--control-api-address`` are deprecated and no longer separate them, and the Control API's
+only authentication (OIDC accounts) needs Flower Enterprise. Whoever can reach that one
+port can therefore register a node and start a run that executes code on this machine.
+
+This launcher runs the very same SuperLink (Flower's own argument parsing, app, state,
+SuperExec) with two listeners on one shared state:
+
+* ``--host:--port`` (must be a loopback or otherwise private address): every API, for
+  ``flwr`` on this machine and for the ServerApp process the SuperLink starts;
+* ``--fleet-host:--fleet-port`` (the address sites reach): only the Fleet API's request
+  paths and ``/health``. Any other path gets 404 before it reaches Flower.
+
+Both listeners use the SuperLink's TLS certificate. Stop it with SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+log = logging.getLogger("fedmoco.superlink")
+
+
+def fleet_paths() -> frozenset[str]:
+    """Exact request paths of Flower's Fleet API (what a SuperNode calls) plus ``/health``."""
+    from flwr.superlink.routers.fleet.router import router
+
+    return frozenset({route.path for route in router.routes} | {"/health"})
+
+
+class FleetOnly:
+    """ASGI wrapper passing only ``allowed`` exact paths to ``app``; everything else 404.
+
+    Exact matching (no prefixes) means no ``..``, ``//`` or percent-encoding trick can turn
+    an allowed path into a Control or Runtime one. Lifespan events are not forwarded: the
+    loopback listener owns the SuperLink's start-up and shut-down.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return
+        if scope["type"] == "http" and not scope.get("root_path") and scope["path"] in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = b"not served on the fleet address\n"
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def is_private_bind(host: str) -> bool:
+    """True for a loopback or private (RFC 1918 / ULA) address or ``localhost``; False for
+    wildcard and public addresses (and for names, which could resolve to anything)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return not ip.is_unspecified and (ip.is_loopback or ip.is_private)
+
+
+def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m server.superlink", add_help=False)
+    p.add_argument("--fleet-host", required=True, help="address SuperNodes connect to (e.g. 0.0.0.0)")
+    p.add_argument("--fleet-port", type=int, required=True, help="port SuperNodes connect to (e.g. 9092)")
+    p.add_argument("--allow-public-control", action="store_true", help=argparse.SUPPRESS)
+    if "-h" in argv or "--help" in argv:
+        p.print_help()
+        print("\nEvery other option is flower-superlink's (see flower-superlink --help); "
+              "--host/--port are the coordinator-only address.")
+        raise SystemExit(0)
+    return p.parse_known_args(argv)
+
+
+class _Server:
+    """uvicorn.Server without its own signal handling: both listeners stop together."""
+
+    def __new__(cls, config):  # a factory, so uvicorn is imported only when serving
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return Server(config)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """Parse flower-superlink's options plus ``--fleet-host/--fleet-port`` and serve both listeners."""
+    import importlib
+
+    import uvicorn
+    from flwr.superlink.main import create_app
+    from flwr.supercore.logger import console_handler
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+
+    # the module, not the function of the same name that flwr.superlink.cli exports
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    argv = sys.argv[1:] if argv is None else argv
+    ours, flower_argv = _split_args(argv)
+    # Flower's own parser (it reads sys.argv): same options, same checks, same messages
+    sys.argv = ["flower-superlink", *flower_argv]
+    config = fs._parse_superlink_lifespan_config()
+    if not ours.allow_public_control and not is_private_bind(config.host):
+        print(f"server.superlink: error: --host {config.host}: the Control API must listen on a loopback or "
+              "private address (e.g. --host 127.0.0.1); sites connect to --fleet-host", file=sys.stderr)
+        return 2
+    if (config.host, config.port) == (ours.fleet_host, ours.fleet_port):
+        print("server.superlink: error: --fleet-host/--fleet-port must differ from --host/--port", file=sys.stderr)
+        return 2
+    if config.database in (":flwr-in-memory:", ":memory:"):
+        log.warning("no --database: registered SuperNodes and runs are forgotten when the SuperLink restarts")
+
+    app = create_app(config, fs.SuperLinkLifespan)
+    ssl = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
+    log_config = get_uvicorn_log_config(console_handler.level)
+    control = _Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=True,
+                                     log_config=log_config, workers=1, **ssl))
+    fleet = _Server(uvicorn.Config(FleetOnly(app, fleet_paths()), host=ours.fleet_host, port=ours.fleet_port,
+                                   lifespan="off", access_log=True, log_config=log_config, workers=1, **ssl))
+    print(f"server.superlink: Control, Runtime and Fleet API on {config.host}:{config.port} (coordinator only); "
+          f"Fleet API only on {ours.fleet_host}:{ours.fleet_port} (sites)", flush=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(control, "should_exit", True)
+                                    or setattr(fleet, "should_exit", True))
+        # the control listener first: its lifespan starts the SuperLink's state and SuperExec
+        control_task = asyncio.create_task(control.serve())
+        while not control.started and not control_task.done():
+            await asyncio.sleep(0.05)
+        fleet_task = asyncio.create_task(fleet.serve())
+        await asyncio.wait([control_task, fleet_task], return_when=asyncio.FIRST_COMPLETED)
+        control.should_exit = fleet.should_exit = True
+        await asyncio.gather(control_task, fleet_task, return_exceptions=True)
+
+    asyncio.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

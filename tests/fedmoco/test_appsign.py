@@ -1,0 +1,107 @@
+"""``fedmoco sign-app`` and the SuperNode's check: only the signed files, by a trusted key."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from fedmoco.appsign import SIGNATURE_FILE, build_fab, sign_app, verify_fab
+from fedmoco.cli import main
+from fedmoco.errors import ConfigError
+from fedmoco.keys import keygen
+
+PYPROJECT = """\
+[project]
+name = "tinyapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmoco"
+
+[tool.flwr.app.components]
+serverapp = "tinyapp.server:app"
+clientapp = "tinyapp.client:app"
+
+[tool.flwr.app.config]
+rounds = 1
+"""
+
+
+@pytest.fixture()
+def app(tmp_path):
+    root = tmp_path / "app"
+    (root / "tinyapp").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    (root / "tinyapp" / "__init__.py").write_text("")
+    (root / "tinyapp" / "client.py").write_text("app = None\n")
+    (root / "tinyapp" / "server.py").write_text("app = None\n")
+    return root
+
+
+@pytest.fixture()
+def signer(tmp_path):
+    public, _ = keygen(tmp_path / "keys", "coordinator", "ed25519")
+    return tmp_path / "keys" / "coordinator", {"coordinator": public.read_text().strip()}
+
+
+def _rezip(fab: bytes, change) -> bytes:
+    """A copy of ``fab`` with ``change(name, data) -> (name, data) | None`` applied to each entry."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(fab)) as src, zipfile.ZipFile(out, "w") as dst:
+        for name in src.namelist():
+            res = change(name, src.read(name))
+            if res is not None:
+                dst.writestr(*res)
+    return out.getvalue()
+
+
+def test_signed_app_verifies_and_an_unsigned_one_does_not(app, signer, capsys):
+    key, trusted = signer
+    unsigned = build_fab(app)
+    assert "not signed" in verify_fab(unsigned, trusted)
+    assert main(["sign-app", str(app), "--key", str(key), "--key-id", "coordinator"]) == 0
+    assert "4 files signed as 'coordinator'" in capsys.readouterr().out  # pyproject + 3 modules
+    fab = build_fab(app)  # what flwr run sends: rebuilt, with the signature inside
+    assert SIGNATURE_FILE in zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert verify_fab(fab, trusted) is None
+
+
+def test_any_change_after_signing_is_refused(app, signer):
+    key, trusted = signer
+    sign_app(app, key, "coordinator")
+    fab = build_fab(app)
+    tampered = _rezip(fab, lambda n, d: (n, d + b"import os; os.system('id')\n") if n.endswith("client.py") else (n, d))
+    assert "does not match the app's files" in verify_fab(tampered, trusted)
+    extra = io.BytesIO(fab)
+    with zipfile.ZipFile(extra, "a") as zf:
+        zf.writestr("tinyapp/evil.py", "import os\n")
+    assert "does not match" in verify_fab(extra.getvalue(), trusted)
+    removed = _rezip(fab, lambda n, d: None if n.endswith("server.py") else (n, d))
+    assert "does not match" in verify_fab(removed, trusted)
+    # the same change made on disk and re-built is refused too, until signed again
+    (app / "tinyapp" / "client.py").write_text("app = 1\n")
+    assert "does not match" in verify_fab(build_fab(app), trusted)
+    sign_app(app, key, "coordinator")
+    assert verify_fab(build_fab(app), trusted) is None
+
+
+def test_untrusted_signer_is_refused(app, signer, tmp_path):
+    _, trusted = signer
+    keygen(tmp_path / "other", "coordinator", "ed25519")
+    sign_app(app, tmp_path / "other" / "coordinator", "coordinator")  # same id, another key
+    assert "does not match" in verify_fab(build_fab(app), trusted)
+    sign_app(app, tmp_path / "other" / "coordinator", "someone")
+    assert "none of which is a trusted entity" in verify_fab(build_fab(app), trusted)
+
+
+def test_sign_app_needs_an_ed25519_key(app, tmp_path, capsys):
+    keygen(tmp_path / "k", "site")  # an EC SuperNode key
+    assert main(["sign-app", str(app), "--key", str(tmp_path / "k" / "site"), "--key-id", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedmoco sign-app: error: {tmp_path / 'k' / 'site'}: not an Ed25519 key; "
+                   "make one with: fedmoco keygen --type ed25519")
+    with pytest.raises(ConfigError, match="--key-id 'a b'"):
+        sign_app(app, tmp_path / "k" / "site", "a b")
