@@ -109,6 +109,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1  # steps between JSON-lines metric records
     max_steps_per_epoch: int | None = None  # cap for demos and smoke tests
+    # Two views per batch from the decoded-sample cache (fedmoco.gpu_augment): "auto" = on
+    # CUDA only, "on" = also on CPU (in the DataLoader workers), "off" = per-sample views.
+    batch_augment: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,6 +123,8 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        if self.batch_augment not in ("auto", "on", "off"):
+            raise ConfigError(f"batch_augment must be auto, on or off, got {self.batch_augment!r}")
         if self.max_steps_per_epoch is not None:
             _check(self.max_steps_per_epoch >= 1, "max_steps_per_epoch", self.max_steps_per_epoch, ">= 1")
 

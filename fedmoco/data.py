@@ -92,6 +92,9 @@ class DataConfig:
     image_size: int = 64
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    # Decoded-sample cache (fedmoco.cache): on by default; ``--no-cache`` / run_config cache=false.
+    cache: bool = True
+    cache_dir: str | None = None  # None: $FEDMOCO_CACHE_DIR, else $XDG_CACHE_HOME/fedmoco, else ~/.cache/fedmoco
 
 
 @dataclass
@@ -112,6 +115,9 @@ class LabelledData:
     in_channels: int
     normalization: Normalization
     skipped: Counter = field(default_factory=Counter)
+    # Label index of every sample (-1: file not in the labels CSV), known without loading
+    # images so evaluation can select labelled samples; None makes callers load each sample.
+    sample_labels: Sequence[int] | None = None
 
 
 def domain_module(name: str):
@@ -136,11 +142,28 @@ def build_labelled_data(
 ) -> LabelledData:
     """Check ``root`` and build the labelled single-view dataset of ``domain``."""
     root = check_data_dir(root)
-    if labels_csv is not None and not Path(labels_csv).is_file():
-        raise DataError(f"{labels_csv}: labels CSV does not exist")
+    if labels_csv is not None:
+        check_text_file(labels_csv, "labels CSV")
     return domain_module(domain).build_labelled_data(
         root, cfg, Path(labels_csv) if labels_csv else None, normalization
     )
+
+
+def check_text_file(path: Path | str, what: str) -> None:
+    """DataError naming ``path`` unless it is an existing UTF-8 text file (a binary file
+    handed to ``--labels`` must not end in a decoding traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    try:
+        if b"\0" in head:
+            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason != "unexpected end of data":  # a multi-byte character cut by the 64 KiB read
+            raise DataError(f"{path}: {what} is not a UTF-8 text file (binary data at byte {exc.start})") from None
 
 
 def check_data_dir(root: Path | str) -> Path:
@@ -176,25 +199,15 @@ def read_labels(root: Path, files: Sequence[Path], labels_csv: Path | None) -> t
     """Labels for ``files`` under ``root``: from ``labels_csv`` or from sub-folder names.
 
     The CSV has a header with columns ``path`` (relative to ``root`` or absolute) and
-    ``label``. Without a CSV the label is the first path component below ``root``.
-    Returns (label index per file, sorted class names). Raises DataError naming the file
-    that has no label.
+    ``label``. It may cover only part of the folder: a file without a row gets label -1
+    (unlabelled; evaluation uses labelled samples only). A row naming a file that does not
+    exist raises DataError. Without a CSV the label is the first path component below
+    ``root`` (a DICOM class folder may hold patient/study/series folders).
+    Returns (label index per file, or -1; sorted class names of the labelled files).
     """
     if labels_csv is not None:
-        mapping: dict[Path, str] = {}
-        with open(labels_csv, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{labels_csv}: needs a header with columns 'path' and 'label'")
-            for row in reader:
-                p = Path(row["path"])
-                mapping[(p if p.is_absolute() else root / p).resolve()] = row["label"]
-        names = []
-        for f in files:
-            name = mapping.get(f.resolve())
-            if name is None:
-                raise DataError(f"{labels_csv}: no label for {f}")
-            names.append(name)
+        mapping = _csv_labels(root, labels_csv)
+        names = [mapping.get(f.resolve()) for f in files]
     else:
         names = []
         for f in files:
@@ -204,9 +217,29 @@ def read_labels(root: Path, files: Sequence[Path], labels_csv: Path | None) -> t
                     f"{f}: no label; put images in one sub-folder per class or pass --labels CSV"
                 )
             names.append(rel.parts[0])
-    classes = sorted(set(names))
+    classes = sorted({n for n in names if n is not None})
     index = {c: i for i, c in enumerate(classes)}
-    return [index[n] for n in names], classes
+    return [-1 if n is None else index[n] for n in names], classes
+
+
+def _csv_labels(root: Path, labels_csv: Path) -> dict[Path, str]:
+    """``{resolved file path: label}`` of a ``path,label`` CSV; DataError for unknown paths."""
+    mapping: dict[Path, str] = {}
+    missing: list[str] = []
+    with open(labels_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{labels_csv}: needs a header with columns 'path' and 'label'")
+        for row in reader:
+            p = Path(row["path"])
+            full = (p if p.is_absolute() else root / p).resolve()
+            if not full.is_file():
+                missing.append(row["path"])
+            mapping[full] = row["label"]
+    if missing:
+        raise DataError(f"{labels_csv}: {len(missing)} row(s) name files that do not exist under {root} "
+                        f"(first: {missing[0]})")
+    return mapping
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ GroupNorm, which has no batch statistics at all and is what Opacus DP-SGD requir
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 from typing import Callable
 
@@ -26,7 +27,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     Input (N, C, H, W). The batch is viewed as (N/s, C*s, H, W) so one ``batch_norm`` call
     normalises each sub-batch with its own mean and variance, as in moco's CIFAR demo.
-    Sub-batch b holds samples b, b+s, b+2s, ... (interleaved, from the reshape).
+    Sub-batch b holds samples b, b+s, b+2s, ... (interleaved, from the reshape) for NCHW
+    input, and the b-th contiguous block of samples for channels_last input (see _chunked).
     When N is not divisible by ``splits`` the largest divisor of N below it is used
     (a short last batch must not crash a run). Running statistics are the average over
     sub-batches, so evaluation behaves like ordinary BatchNorm.
@@ -38,9 +40,15 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        s = _largest_divisor(n, self.splits)
+        s = largest_divisor(n, self.splits)
         if not self.training or s == 1:
+            if self.training and n > 1 and self.splits > 1:
+                warnings.warn(f"SplitBatchNorm: a batch of {n} cannot be split; it is normalised as one "
+                              "batch (the Trainer trims such batches so this never happens in MoCo)",
+                              stacklevel=2)
             return super().forward(x)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return self._chunked(x, s)
         mean_split = self.running_mean.repeat(s)
         var_split = self.running_var.repeat(s)
         out = F.batch_norm(
@@ -48,14 +56,30 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.weight.repeat(s), self.bias.repeat(s),
             True, self.momentum, self.eps,
         ).view(n, c, h, w)
-        with torch.no_grad():
-            self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
-            self.running_var.copy_(var_split.view(s, c).mean(dim=0))
-            self.num_batches_tracked += 1
+        self._store_running(mean_split.view(s, c), var_split.view(s, c))
         return out
 
+    def _chunked(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """channels_last input: sub-batch b = samples [b*n/s, (b+1)*n/s), one cuDNN NHWC batch
+        norm each. The reshape trick above needs NCHW memory, and converting layouts around
+        every norm layer costs more than the extra launches (benchmarks/moco_step.py)."""
+        chunks = x.chunk(s)
+        means = self.running_mean.expand(s, -1).clone()
+        vars_ = self.running_var.expand(s, -1).clone()
+        outs = [F.batch_norm(chunk, means[b], vars_[b], self.weight, self.bias, True, self.momentum, self.eps)
+                for b, chunk in enumerate(chunks)]
+        self._store_running(means, vars_)
+        return torch.cat(outs).contiguous(memory_format=torch.channels_last)
 
-def _largest_divisor(n: int, at_most: int) -> int:
+    @torch.no_grad()
+    def _store_running(self, means: torch.Tensor, vars_: torch.Tensor) -> None:
+        self.running_mean.copy_(means.mean(dim=0))
+        self.running_var.copy_(vars_.mean(dim=0))
+        self.num_batches_tracked += 1
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest d <= ``at_most`` that divides ``n`` (1 when none above 1 does)."""
     for d in range(min(n, at_most), 0, -1):
         if n % d == 0:
             return d

@@ -47,10 +47,18 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) 
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum m must be in [0, 1], got {m}")
-    for pk, pq in zip(key_encoder.parameters(), query_encoder.parameters(), strict=True):
-        pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
-    for bk, bq in zip(key_encoder.buffers(), query_encoder.buffers(), strict=True):
-        bk.copy_(bq)
+    keys, queries = list(key_encoder.parameters()), list(query_encoder.parameters())
+    if len(keys) != len(queries):
+        raise ValueError(f"key encoder has {len(keys)} parameters, query encoder {len(queries)}")
+    # One fused call per list instead of a kernel per tensor: ResNet-18 has ~120 parameters
+    # and ~60 buffers, and per-tensor launches were a visible share of an H100 step.
+    if keys:
+        torch._foreach_lerp_(keys, [q.detach() for q in queries], 1.0 - m)
+    buffers_k, buffers_q = list(key_encoder.buffers()), list(query_encoder.buffers())
+    if len(buffers_k) != len(buffers_q):
+        raise ValueError(f"key encoder has {len(buffers_k)} buffers, query encoder {len(buffers_q)}")
+    if buffers_k:
+        torch._foreach_copy_(buffers_k, buffers_q)
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
@@ -99,6 +107,8 @@ class MoCo(nn.Module):
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         # Shuffle so each key is normalised with a different sub-batch than its query
         # (the single-device stand-in for shuffle BN); a no-op for GroupNorm statistics.
+        if self.cfg.norm != "split-batch":  # no sub-batches to mix: the shuffle would be pure cost
+            return F.normalize(self.encoder_k(x), dim=1)
         perm = torch.randperm(x.shape[0], device=x.device)
         k = F.normalize(self.encoder_k(x[perm]), dim=1)
         return k[torch.argsort(perm)]  # (N, D), back in batch order

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class PretrainResult:
     final_loss: float
     skipped_scan: int
     skipped_load: int
+    resumed_from: int = 0  # epochs done before this call
+    already_done: bool = False  # a resumed run that had nothing left to train
 
 
 def seed_everything(seed: int) -> None:
@@ -79,26 +82,33 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
 
 def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_overrides: dict[str, Any],
              train_cfg: TrainConfig, data_cfg: DataConfig, moco_version: str = "v2",
-             device: torch.device, resume: bool = False, progress: bool = True) -> PretrainResult:
+             device: torch.device, resume: bool = False, progress: bool = True,
+             explicit: frozenset[str] | None = None) -> PretrainResult:
     """Train MoCo on ``data_dir`` and checkpoint into ``out_dir`` after every epoch.
 
     ``moco_overrides`` holds only the options the user set; with ``resume`` the rest come
     from the checkpoint, and a set option that contradicts it raises CheckpointError.
+    ``explicit`` names the settings the user gave (``domain``, ``image_size`` and
+    TrainConfig fields; None: all of them): on resume the others come from the checkpoint
+    (see :func:`resumed_settings`). A resumed run whose epochs are all done trains nothing
+    and returns with ``already_done`` set.
     """
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     saved = None
     if resume:
         saved = load_checkpoint(ckpt_path)
-        data_cfg = DataConfig(image_size=saved["data"]["image_size"], seed=data_cfg.seed,
-                              options=saved["data"]["options"])
-        if train_cfg.epochs != saved["train_config"]["epochs"]:
-            raise ConfigError(f"epochs: the run in {out} was planned for {saved['train_config']['epochs']} epochs; "
-                              f"a resumed run keeps its schedule (got --epochs {train_cfg.epochs})")
-        domain = saved["data"]["domain"]
+        domain, train_cfg, data_cfg = resumed_settings(saved, ckpt_path, domain, train_cfg, data_cfg, explicit)
+        if int(saved["epoch"]) >= train_cfg.epochs:
+            return PretrainResult(checkpoint=ckpt_path, metrics=out / METRICS, epochs_done=int(saved["epoch"]),
+                                  final_loss=_last_epoch_loss(out / METRICS), skipped_scan=0, skipped_load=0,
+                                  already_done=True)
     elif ckpt_path.exists():
         raise ConfigError(f"{ckpt_path}: a checkpoint already exists; pass --resume to continue it "
                           "or choose another --out")
+    if train_cfg.warmup_epochs > train_cfg.epochs:
+        raise ConfigError(f"--warmup-epochs {train_cfg.warmup_epochs:g} is longer than the run (--epochs "
+                          f"{train_cfg.epochs}): the learning rate would never reach --lr")
 
     data = build_pretrain_data(domain, data_dir, data_cfg)
     if saved is not None:
@@ -125,8 +135,12 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
     start_epoch = 0
     if saved is not None:
         model.load_state_dict(saved["model"])
-        trainer.load_state_dict(saved["trainer"])
+        replan = train_cfg.epochs != int(saved["train_config"]["epochs"])
+        _load_trainer(trainer, saved["trainer"], replan=replan)
         start_epoch = int(saved["epoch"])
+        if replan:
+            log.info("extending the run from %d to %d epochs: the cosine schedule is re-planned over %d steps",
+                     saved["train_config"]["epochs"], train_cfg.epochs, trainer.total_steps)
         set_rng_state(saved["rng"])
         _truncate_metrics(out / METRICS, trainer.global_step)
         log.info("resumed %s at epoch %d (step %d, queue %d keys)", ckpt_path, start_epoch,
@@ -139,8 +153,10 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
 
     summary = None
     skipped_load = 0
+    # One loader for all epochs: its workers persist, and Trainer.train_epoch reshuffles it
+    # with the epoch's seed (fedmoco.train.EpochShuffle), so a resumed epoch keeps its order.
+    loader = make_loader(data.dataset, train_cfg, device, seed=train_cfg.seed)
     for epoch in range(start_epoch, train_cfg.epochs):
-        loader = make_loader(data.dataset, train_cfg, device, seed=train_cfg.seed + epoch)
         summary = trainer.train_epoch(loader, epoch=epoch, desc=f"epoch {epoch + 1}/{train_cfg.epochs}")
         skipped_load += summary.skipped
         logger.log({"event": "epoch", "epoch": epoch, "step_end": trainer.global_step, **summary.to_dict()})
@@ -157,7 +173,81 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
         final_loss=summary.loss if summary else float("nan"),
         skipped_scan=sum(data.skipped.values()),
         skipped_load=skipped_load,
+        resumed_from=start_epoch,
     )
+
+
+#: TrainConfig fields that say how a run executes, not what it computes: a resumed run
+#: takes them from the command line, whatever the checkpoint says.
+RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", "extra"})
+
+
+def resumed_settings(saved: dict[str, Any], path: Path, domain: str, train_cfg: TrainConfig,
+                     data_cfg: DataConfig, explicit: frozenset[str] | None) -> tuple[str, TrainConfig, DataConfig]:
+    """The (domain, TrainConfig, DataConfig) of a resumed run.
+
+    Settings the user did not give come from the checkpoint. ``epochs`` may grow (never
+    below the epochs already done); runtime fields (:data:`RUNTIME_FIELDS`) follow the
+    request; any other given setting that differs from the checkpoint is a CheckpointError
+    naming each conflict, since the run's schedule and data were planned with it.
+    """
+    given = (lambda name: True) if explicit is None else (lambda name: name in explicit)
+    s_data, s_train = saved["data"], TrainConfig.from_dict(saved["train_config"])
+    conflicts = []
+    if given("domain") and domain != s_data["domain"]:
+        conflicts.append(f"--domain {domain} (the run's: {s_data['domain']})")
+    if given("image_size") and data_cfg.image_size != s_data["image_size"]:
+        conflicts.append(f"--image-size {data_cfg.image_size} (the run's: {s_data['image_size']})")
+    merged: dict[str, Any] = {}
+    for name, old in s_train.to_dict().items():
+        new = getattr(train_cfg, name)
+        if name in RUNTIME_FIELDS or (name == "epochs" and given(name)):
+            merged[name] = new
+        else:
+            if given(name) and new != old:
+                conflicts.append(f"--{name.replace('_', '-')} {new} (the run's: {old})")
+            merged[name] = old
+    if conflicts:
+        raise CheckpointError(f"{path}: a resumed run keeps its settings; conflicting: {'; '.join(conflicts)}. "
+                              "Drop these options, or choose another --out for a new run")
+    done = int(saved["epoch"])
+    if merged["epochs"] < done:
+        raise ConfigError(f"--epochs {merged['epochs']}: the run in {path.parent} has already done {done} epochs")
+    train = TrainConfig.from_dict(merged)
+    data = DataConfig(image_size=s_data["image_size"], seed=train.seed,
+                      options={**s_data.get("options", {}), **data_cfg.options})
+    return s_data["domain"], train, data
+
+
+def _load_trainer(trainer: Trainer, state: dict[str, Any], *, replan: bool) -> None:
+    """Restore optimizer, scaler and step; the LR schedule too unless ``replan``.
+
+    A run extended on resume re-plans its cosine decay over the new length: the fresh
+    scheduler is stepped to the saved step, so the LR is what an uninterrupted run of the
+    new length would use from here on (the saved scheduler would end at the old length).
+    """
+    if not replan:
+        trainer.load_state_dict(state)
+        return
+    step = int(state["global_step"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        for _ in range(step):
+            trainer.scheduler.step()
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    trainer.optimizer.load_state_dict(state["optimizer"])  # momentum buffers, but the re-planned LR
+    for group, lr in zip(trainer.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.global_step = step
+
+
+def _last_epoch_loss(metrics: Path) -> float:
+    """Loss of the last epoch record in ``metrics`` (NaN when there is none)."""
+    if not metrics.exists():
+        return float("nan")
+    losses = [r["loss"] for r in read_jsonl(metrics) if r.get("event") == "epoch" and "loss" in r]
+    return float(losses[-1]) if losses else float("nan")
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:

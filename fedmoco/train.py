@@ -6,6 +6,7 @@ Kept apart from the data (torchgeo style): a :class:`Trainer` takes any DataLoad
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,33 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fedmoco.config import TrainConfig
-from fedmoco.data import collate_views
+from fedmoco.data import collate_views, one_thread
+from fedmoco.encoders import largest_divisor
 from fedmoco.metrics import JsonlLogger
 from fedmoco.moco import SCORE_BINS, MoCo, cosine_momentum, score_histogram
+
+log = logging.getLogger(__name__)
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A permutation of ``range(n)`` drawn from ``seed + epoch``: :meth:`set_epoch` before each pass.
+
+    It lets one DataLoader (and its persistent workers) serve every epoch while each epoch,
+    and a resumed run's epoch, still gets the order its seed fixes.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool = True,
@@ -26,24 +51,124 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, shu
     """A DataLoader of ``((view_q, view_k), n_dropped)`` batches (see ``collate_views``).
 
     Full batches only when the data allows (drop_last), because split BN and the queue
-    behave best with constant batch size; pinned memory when training on CUDA.
+    behave best with constant batch size; pinned memory when training on CUDA. Workers are
+    persistent: reuse the loader across epochs (``set_loader_epoch``) rather than paying a
+    worker start per epoch. When the dataset offers batched views (``fedmoco.gpu_augment``)
+    and ``cfg.batch_augment`` allows it, the loader yields raw cached batches and
+    :class:`Trainer` makes the two views on the device.
     """
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset is empty")
-    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    seed = cfg.seed if seed is None else seed
     workers = cfg.num_workers
+    collate = collate_views
+    batched = batched_views_for(dataset, cfg, device)
+    if batched is not None:
+        dataset, collate = batched
     return DataLoader(
         dataset,
         batch_size=min(cfg.batch_size, n),
-        shuffle=shuffle,
+        sampler=EpochShuffle(n, seed) if shuffle else None,
         drop_last=n >= cfg.batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        collate_fn=collate_views,
-        generator=gen,
+        persistent_workers=workers > 0,
+        collate_fn=collate,
     )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Give the loader's shuffle the order of ``epoch`` (no-op for an unshuffled loader)."""
+    if isinstance(getattr(loader, "sampler", None), EpochShuffle):
+        loader.sampler.set_epoch(epoch)
+
+
+def batched_views_for(dataset: Dataset, cfg: TrainConfig, device: torch.device):
+    """(base dataset, collate) when the two views are made per batch, else None.
+
+    Datasets that keep a decoded-sample cache expose ``batched_views()`` -> (dataset of
+    cached base samples, BatchViews module) or None. On CUDA the collate only stacks and the
+    Trainer runs the module on the device; on CPU it runs inside the collate, in the workers.
+    """
+    mode = cfg.batch_augment
+    use = device.type == "cuda" if mode == "auto" else mode == "on"
+    offer = getattr(dataset, "batched_views", None)
+    if not use or offer is None:
+        return None
+    found = offer()
+    if found is None:
+        return None
+    base, views = found
+    if device.type == "cuda":
+        return base, BaseCollate(views)
+    return base, CpuViewsCollate(views)
+
+
+class BaseCollate:
+    """Stack cached base samples; the Trainer turns them into views on the device."""
+
+    def __init__(self, views: torch.nn.Module) -> None:
+        self.views = views
+
+    def __call__(self, batch: list[Any]) -> tuple[Any, int]:
+        stacked, dropped = collate_views(batch)
+        return (BaseBatch(stacked) if stacked is not None else None), dropped
+
+
+class CpuViewsCollate(BaseCollate):
+    """Stack cached base samples and make both views here (in the DataLoader worker)."""
+
+    def __call__(self, batch: list[Any]) -> tuple[Any, int]:
+        stacked, dropped = collate_views(batch)
+        if stacked is None:
+            return None, dropped
+        with torch.no_grad(), one_thread():
+            return self.views(stacked), dropped
+
+
+class BaseBatch:
+    """A batch of cached base samples still to be augmented (see :class:`BaseCollate`)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __getitem__(self, i: int) -> Any:  # batch[0].shape[0] is the batch size, as for views
+        first = self.data[0] if isinstance(self.data, (tuple, list)) else self.data
+        if i != 0:
+            raise IndexError(i)
+        return first
+
+    def pin_memory(self) -> "BaseBatch":
+        return BaseBatch(_map_tensors(self.data, lambda t: t.pin_memory()))
+
+    def to(self, device: torch.device) -> Any:
+        return _map_tensors(self.data, lambda t: t.to(device, non_blocking=True))
+
+
+def _map_tensors(data: Any, fn) -> Any:
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, (tuple, list)):
+        return type(data)(_map_tensors(d, fn) for d in data)
+    if isinstance(data, dict):
+        return {k: _map_tensors(v, fn) for k, v in data.items()}
+    return data
+
+
+def guarded_size(n: int, splits: int) -> int:
+    """The largest batch size m <= ``n`` that split BN can divide into at least
+    ``max(2, min(splits // 2, m // 2))`` equal sub-batches (0 when none).
+
+    A prime batch (31 = 32 minus one unreadable image) would otherwise fall back to one
+    whole-batch BN and reintroduce the leak split BN exists to prevent; dropping one image
+    instead (31 -> 30, 6 sub-batches of 5) keeps the guard on for every step.
+    """
+    for m in range(n, 1, -1):
+        # A batch smaller than the splits may use fewer (a 3-image batch: 3 sub-batches of 1).
+        if largest_divisor(m, splits) >= max(2, min(splits // 2, m // 2)):
+            return m
+    return 0
 
 
 def build_optimizer(model: MoCo, cfg: TrainConfig) -> torch.optim.SGD:
@@ -108,6 +233,10 @@ class Trainer:
         self.global_step = 0
         self.logger = logger or JsonlLogger(None)
         self.progress = progress
+        self.splits = model.cfg.norm_splits if model.cfg.norm == "split-batch" else 0
+        if model.cfg.norm == "batch":
+            log.warning("norm=batch on one device: query and key batches share batch statistics, which "
+                        "lets MoCo match pairs by them (MoCo v1, Sec. 3.3); use split-batch or group")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -127,12 +256,28 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _guard(self, x_q: torch.Tensor, x_k: torch.Tensor):
+        """Trim a short batch so split BN still divides it (see :func:`guarded_size`);
+        (None, None) when too few images are left to keep the guard."""
+        if not self.splits:
+            return x_q, x_k
+        n = x_q.shape[0]
+        m = guarded_size(n, self.splits)
+        if m < 2:
+            return None, None
+        if m < n:
+            log.debug("batch of %d trimmed to %d so split BN keeps %d sub-batches", n, m,
+                      largest_divisor(m, self.splits))
+            x_q, x_k = x_q[:m], x_k[:m]
+        return x_q, x_k
+
     def train_epoch(self, loader: DataLoader, *, epoch: int = 0, extra_negatives: torch.Tensor | None = None,
                     max_steps: int | None = None, desc: str | None = None) -> EpochSummary:
         """One pass over ``loader`` (at most ``max_steps`` steps). Returns its means."""
         self.model.train()
         if extra_negatives is not None:
             extra_negatives = extra_negatives.to(self.device)
+        set_loader_epoch(loader, epoch)
         max_steps = max_steps or self.cfg.max_steps_per_epoch
         total = min(len(loader), max_steps) if max_steps else len(loader)
         summary = EpochSummary()
@@ -150,7 +295,12 @@ class Trainer:
             if batch is None or batch[0].shape[0] < 2:
                 continue  # a batch with <2 readable images has no negatives to contrast
             t0 = time.perf_counter()
-            x_q, x_k = self._to_device(batch[0]), self._to_device(batch[1])
+            if isinstance(batch, BaseBatch):  # cached base samples: both views made on the device
+                with torch.no_grad():
+                    batch = loader.collate_fn.views(batch.to(self.device))
+            x_q, x_k = self._guard(self._to_device(batch[0]), self._to_device(batch[1]))
+            if x_q is None:
+                continue
             if self.model.cfg.momentum_schedule == "cosine":
                 self.model.momentum = cosine_momentum(self.model.cfg.momentum, self.global_step, self.total_steps)
             with torch.autocast(self.device.type, enabled=self.use_amp):

@@ -1,0 +1,114 @@
+"""The training loop's guards: split BN stays on for every batch, loaders persist across epochs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.encoders import SplitBatchNorm
+from fedmoco.moco import MoCo
+from fedmoco.train import EpochShuffle, Trainer, guarded_size, make_loader
+
+
+def _model(norm="split-batch", splits=4):
+    torch.manual_seed(0)
+    cfg = MoCoConfig(arch="tiny", in_channels=1, small_input=True, queue_size=64, hidden_dim=32, dim=16,
+                     norm=norm, norm_splits=splits)
+    return MoCo(cfg)
+
+
+def _dependents(fn, x: torch.Tensor) -> list[set[int]]:
+    """For each output row i, the input rows j whose change moves row i."""
+    base = fn(x)
+    deps: list[set[int]] = [set() for _ in range(len(x))]
+    for j in range(len(x)):
+        x2 = x.clone()
+        x2[j] += 3.0 * torch.randn_like(x2[j])
+        moved = (fn(x2) - base).abs().amax(dim=1) > 1e-5
+        for i in torch.nonzero(moved).flatten().tolist():
+            deps[i].add(j)
+    return deps
+
+
+def test_positive_pair_never_shares_batch_statistics():
+    model = _model(splits=4).train()
+    x = torch.rand(16, 1, 12, 12)
+    with torch.no_grad():
+        q_deps = _dependents(model._query, x)
+        torch.manual_seed(1)
+        # _key draws a fresh shuffle per call: fix it by reseeding before each call.
+        k_deps = _dependents(lambda t: (torch.manual_seed(1), model._key(t))[1], x)
+    for i in range(16):
+        assert len(q_deps[i]) == 4 and i in q_deps[i]  # its own sub-batch only, not all 16
+        assert len(k_deps[i]) == 4 and i in k_deps[i]
+        # The query of image i and its positive key are normalised with different groups.
+        assert q_deps[i] != k_deps[i]
+    # With plain BN every output depends on the whole batch: the leak the guard removes.
+    plain = _model(norm="batch").train()
+    with torch.no_grad():
+        assert all(len(d) == 16 for d in _dependents(plain._query, x))
+
+
+def test_guarded_size_keeps_at_least_half_the_splits():
+    assert guarded_size(32, 8) == 32
+    assert guarded_size(31, 8) == 30  # 31 is prime: drop one image, 6 sub-batches of 5
+    assert guarded_size(29, 8) == 28
+    assert guarded_size(17, 4) == 16
+    assert guarded_size(3, 8) == 3  # 3 sub-batches of one
+    assert guarded_size(1, 8) == 0
+
+
+def test_prime_batch_is_trimmed_and_still_split(caplog):
+    model = _model(splits=8)
+    seen = []
+    bn = next(m for m in model.encoder_q.modules() if isinstance(m, SplitBatchNorm))
+    bn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    x = torch.rand(31, 1, 12, 12)
+    loader = [((x, x.clone()), 1)]  # 32 minus one unreadable image
+    trainer = Trainer(model, TrainConfig(batch_size=32, epochs=1, num_workers=0), torch.device("cpu"),
+                      total_steps=1, steps_per_epoch=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole-batch fallback warns; it must not happen
+        summary = trainer.train_epoch(loader)
+    assert seen == [30]
+    assert summary.images == 30 and summary.steps == 1 and summary.skipped == 1
+
+
+def test_split_batchnorm_warns_when_it_cannot_split():
+    bn = SplitBatchNorm(2, splits=4).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn(torch.randn(7, 2, 3, 3))  # 7 has a divisor <= 4 only in 1: whole-batch BN
+    assert any("cannot be split" in str(w.message) for w in caught)
+
+
+def test_plain_batch_norm_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedmoco.train"):
+        Trainer(_model(norm="batch"), TrainConfig(num_workers=0), torch.device("cpu"), total_steps=1,
+                steps_per_epoch=1, progress=False)
+    assert "norm=batch on one device" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedmoco.train"):
+        Trainer(_model(norm="group"), TrainConfig(num_workers=0), torch.device("cpu"), total_steps=1,
+                steps_per_epoch=1, progress=False)
+    assert "norm=batch" not in caplog.text
+
+
+def test_epoch_shuffle_is_fixed_by_seed_and_epoch():
+    s = EpochShuffle(50, seed=3)
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    s.set_epoch(0)
+    assert list(s) == first and first != second and sorted(second) == list(range(50))
+
+
+def test_loader_workers_persist_across_epochs():
+    data = [(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))] * 8
+    loader = make_loader(data, TrainConfig(batch_size=4, num_workers=1), torch.device("cpu"))
+    assert loader.persistent_workers
+    assert not make_loader(data, TrainConfig(batch_size=4, num_workers=0), torch.device("cpu")).persistent_workers
