@@ -8,8 +8,11 @@ everything stored is therefore tensors and plain Python values.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +47,36 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt/foreign files
-        # torch's unpickling messages run to several paragraphs; the user gets one line.
-        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        if "Weights only load failed" in why:
-            why = "not a PyTorch file, or it holds objects other than tensors and plain values"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {why})") from None
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedmoco checkpoint")
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt['version']} is newer than this fedmoco")
     return ckpt
+
+
+def read_torch_file(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; CheckpointError with one line saying
+    what is wrong with the file otherwise.
+
+    PyTorch's own message for a refused file advises ``weights_only=False``, which would let
+    the file run code: fedmoco never does that, so its message must not suggest it.
+    """
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since PyTorch 1.6; fedmoco writes nothing else.
+        raise CheckpointError(f"{path}: not a readable {what}: not a PyTorch file "
+                              "(damaged, truncated or another format)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter of the weights-only unpickler
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: not a readable {what}: it holds Python objects other than tensors and plain "
+                              "values, which fedmoco refuses to load because loading them can run code") from None
+    except Exception as exc:  # torch raises many types for damaged archives
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: not a readable {what}: damaged PyTorch file "
+                              f"({type(exc).__name__}{': ' + first if first else ''})") from None
 
 
 def check_compatible(path: Path | str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:

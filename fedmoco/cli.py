@@ -10,6 +10,8 @@ import argparse
 import ast
 import json
 import logging
+import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,10 +50,11 @@ def parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="MoCo pretraining on a data folder (centralized)")
-    p.add_argument("--domain", default="images", help="images | medical | satellite (default: images)")
+    p.add_argument("--domain", help="images | medical | satellite (default: images; on --resume: the run's)")
     p.add_argument("--data", required=True, type=Path, help="folder of unlabelled images")
     p.add_argument("--out", type=Path, default=Path("runs/pretrain"), help="run folder (default: runs/pretrain)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with its settings; a larger --epochs extends the run")
     p.add_argument("--moco", default="v2", choices=["v1", "v2", "v3"], help="variant preset (default: v2)")
     p.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"])
     p.add_argument("--norm", choices=["batch", "split-batch", "group"])
@@ -69,16 +72,17 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--pos-extrapolation-alpha", type=float, help="alpha of lambda ~ Beta(a,a)+1 (0: off)")
     p.add_argument("--neg-interpolation-alpha", type=float, help="alpha of lambda ~ Beta(a,a) (0: off)")
     p.add_argument("--mix-level", choices=["feature", "dimension"])
-    p.add_argument("--image-size", type=int, default=64)
+    # Defaults of the options a resumed run takes from its checkpoint: PRETRAIN_DEFAULTS.
+    p.add_argument("--image-size", type=int, help="default 64")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="domain option (repeatable)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.06, help="for batch 256, scaled linearly (default 0.06)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, help="default 10")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--lr", type=float, help="for batch 256, scaled linearly (default 0.06)")
+    p.add_argument("--weight-decay", type=float, help="default 5e-4")
+    p.add_argument("--warmup-epochs", type=float, help="default 1")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--no-plots", action="store_true")
@@ -140,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Defaults of the pretrain options that a resumed run takes from its checkpoint instead.
+PRETRAIN_DEFAULTS: dict[str, Any] = {"domain": "images", "image_size": 64, "epochs": 10, "batch_size": 64,
+                                     "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0, "seed": 0}
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedmoco.config import TrainConfig
     from fedmoco.data import DataConfig
@@ -150,19 +159,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in MOCO_FLAGS if getattr(args, k) is not None}
     if args.small_input is not None:
         overrides["small_input"] = args.small_input
+    # What the user gave: on --resume the rest comes from the checkpoint, not from defaults.
+    explicit = frozenset(k for k in PRETRAIN_DEFAULTS if getattr(args, k) is not None)
+    explicit |= {"max_steps_per_epoch"} if args.max_steps_per_epoch is not None else set()
+    v = {k: d if getattr(args, k) is None else getattr(args, k) for k, d in PRETRAIN_DEFAULTS.items()}
     device = select_device(args.device)
     train_cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, num_workers=args.workers, amp=not args.no_amp, seed=args.seed,
+        epochs=v["epochs"], batch_size=v["batch_size"], lr=v["lr"], weight_decay=v["weight_decay"],
+        warmup_epochs=v["warmup_epochs"], num_workers=args.workers, amp=not args.no_amp, seed=v["seed"],
         max_steps_per_epoch=args.max_steps_per_epoch,
     )
-    if args.image_size < 8:
-        raise ConfigError(f"--image-size must be >= 8, got {args.image_size}")
-    data_cfg = DataConfig(image_size=args.image_size, seed=args.seed, options=parse_options(args.data_option))
+    if v["image_size"] < 8:
+        raise ConfigError(f"--image-size must be >= 8, got {v['image_size']}")
+    data_cfg = DataConfig(image_size=v["image_size"], seed=v["seed"], options=parse_options(args.data_option))
     log.info("device: %s", device)
-    result = pretrain(args.domain, args.data, args.out, moco_overrides=overrides, train_cfg=train_cfg,
+    result = pretrain(v["domain"], args.data, args.out, moco_overrides=overrides, train_cfg=train_cfg,
                       data_cfg=data_cfg, moco_version=args.moco, device=device, resume=args.resume,
-                      progress=not args.quiet)
+                      progress=not args.quiet, explicit=explicit)
+    if result.already_done:
+        print(f"nothing to do: the run in {args.out} has finished all {result.epochs_done} epochs; "
+              f"pass --epochs N > {result.epochs_done} with --resume to train further")
+        print(f"checkpoint: {result.checkpoint}")
+        return 0
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics:    {result.metrics}")
     if result.skipped_scan or result.skipped_load:
@@ -187,19 +205,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt["data"]
     domain = args.domain or meta["domain"]
-    options = {**meta.get("options", {}), **parse_options(args.data_option)}
+    # The checkpoint's options and normalisation describe its own domain's data only.
+    same_domain = domain == meta["domain"]
+    options = {**(meta.get("options", {}) if same_domain else {}), **parse_options(args.data_option)}
     data_cfg = DataConfig(image_size=meta["image_size"], seed=args.seed, options=options)
     # A federated encoder may carry no normalisation (each site normalised its own data):
     # the domain then estimates it on the evaluation data, as the data contract allows.
-    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else None
+    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
     device = select_device(args.device)
     progress = not args.quiet
 
     def features(root: Path, labels: Path | None):
         data = build_labelled_data(domain, root, data_cfg, labels, norm)
         if data.in_channels != model.cfg.in_channels:
-            raise CheckpointError(f"{args.checkpoint}: encoder takes {model.cfg.in_channels} channel(s) but "
-                                  f"{root} gives {data.in_channels}")
+            raise CheckpointError(f"{args.checkpoint}: the encoder was trained on {meta['domain']} data with "
+                                  f"{model.cfg.in_channels} channel(s) but {root} read as {domain} gives "
+                                  f"{data.in_channels}")
         f, y, skipped = extract_features(model.encoder_q.backbone, data.dataset, device=device,
                                          batch_size=args.batch_size, num_workers=args.workers, progress=progress)
         if skipped:
@@ -300,6 +321,47 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Range of numeric options, by argparse dest, wherever a command has them: (rule, test).
+NUMBER_RULES: dict[str, tuple[str, Any]] = {
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "epochs": (">= 1", lambda v: v >= 1),
+    "lr": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    "weight_decay": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+    "warmup_epochs": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+    "workers": (">= 0", lambda v: v >= 0),
+    "max_steps_per_epoch": (">= 1", lambda v: v >= 1),
+    "k": (">= 1", lambda v: v >= 1),
+    "t": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    "test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """ConfigError naming the first numeric option outside its range (:data:`NUMBER_RULES`),
+    before any data or checkpoint is read."""
+    for dest, (rule, ok) in NUMBER_RULES.items():
+        value = getattr(args, dest, None)
+        if value is not None and not isinstance(value, bool) and not ok(value):
+            raise ConfigError(f"--{dest.replace('_', '-')} must be {rule}, got {value!r}")
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted pretrain run left behind and the command that continues it."""
+    from fedmoco.checkpoint import load_checkpoint
+    from fedmoco.pretrain import CHECKPOINT
+
+    ckpt = args.out / CHECKPOINT
+    if not ckpt.is_file():
+        return "no epoch had finished, so no checkpoint was written; run the same command again"
+    again = shlex.join(["fedmoco", "pretrain", "--data", str(args.data), "--out", str(args.out)])
+    try:
+        saved = load_checkpoint(ckpt)
+        done = f"epoch {saved['epoch']} of {saved['train_config']['epochs']}"
+    except (FedmocoError, KeyError):
+        done = "the last finished epoch"
+    return f"{ckpt} holds {done}; resume with: {again} --resume"
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
             "make-demo-data": cmd_demo_data, "export": cmd_export, "embed": cmd_embed}
 COMMANDS["keygen"] = cmd_keygen
@@ -312,10 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
+        check_numbers(args)
         return COMMANDS[args.command](args)
     except FedmocoError as exc:
         print(f"fedmoco {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = f"; {_resume_hint(args)}" if args.command == "pretrain" else ""
+        print(f"\nfedmoco {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
     if resume:
         saved = load_checkpoint(ckpt_path)
         domain, train_cfg, data_cfg = resumed_settings(saved, ckpt_path, domain, train_cfg, data_cfg, explicit)
+        check_compatible(ckpt_path, saved["moco_config"], {**saved["moco_config"], **moco_overrides})
         if int(saved["epoch"]) >= train_cfg.epochs:
             return PretrainResult(checkpoint=ckpt_path, metrics=out / METRICS, epochs_done=int(saved["epoch"]),
                                   final_loss=_last_epoch_loss(out / METRICS), skipped_scan=0, skipped_load=0,

@@ -1,0 +1,185 @@
+"""Bad input to the fedmoco command ends in one line naming the option or file, exit 2
+(130 for Ctrl-C), never a traceback; runs resume as a user expects (issue 10)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fedmoco.checkpoint import atomic_save, load_checkpoint
+from fedmoco.cli import main
+from fedmoco.metrics import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, demo_images):
+    """A finished 2-epoch tiny pretraining run (3 steps per epoch)."""
+    from conftest import TINY_PRETRAIN
+
+    out = tmp_path_factory.mktemp("bad-input") / "run"
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), "--no-plots", *TINY_PRETRAIN]) == 0
+    return out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("command,extra,message", [
+    ("knn", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("knn", ["--k", "0"], "--k must be >= 1, got 0"),
+    ("linear-probe", ["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    ("linear-probe", ["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    ("linear-probe", ["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    ("linear-probe", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ("linear-probe", ["--epochs", "-5"], "--epochs must be >= 1, got -5"),
+])
+def test_evaluation_numbers_out_of_range(run_dir, demo_images, capsys, command, extra, message):
+    rc = main(["-q", command, "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(demo_images), *extra])
+    assert rc == 2
+    assert one_error_line(capsys) == f"fedmoco {command}: error: {message}"
+    assert not (run_dir / "eval" / f"{command}.json").exists()  # no result printed or written
+
+
+def test_binary_labels_file(run_dir, demo_images, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"path,label\n" + bytes(range(256)) * 4)
+    rc = main(["-q", "linear-probe", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(demo_images),
+               "--labels", str(labels)])
+    assert rc == 2
+    assert one_error_line(capsys) == (f"fedmoco linear-probe: error: {labels}: labels CSV is not a UTF-8 text "
+                                      "file (binary data at byte 11)")
+
+
+def test_random_bytes_checkpoint(demo_images, tmp_path, capsys):
+    junk = tmp_path / "encoder.pt"
+    junk.write_bytes(os.urandom(4096))
+    assert main(["-q", "knn", "--checkpoint", str(junk), "--data", str(demo_images)]) == 2
+    line = one_error_line(capsys)
+    assert line == (f"fedmoco knn: error: {junk}: not a readable checkpoint: not a PyTorch file "
+                    "(damaged, truncated or another format)")
+    assert "weights_only" not in line
+
+
+def test_checkpoint_with_python_objects_is_refused_without_weights_only_advice(tmp_path, capsys, demo_images):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "fedmoco-checkpoint", "x": os.system}, evil)  # loading it could run code
+    assert main(["-q", "knn", "--checkpoint", str(evil), "--data", str(demo_images)]) == 2
+    line = one_error_line(capsys)
+    assert "holds Python objects other than tensors" in line and "weights_only" not in line
+
+
+def test_other_domain_checkpoint_names_domains_not_options(run_dir, tmp_path, capsys):
+    """An encoder of 4-band satellite tiles evaluated on medical data: the message is about
+    domains and channels, not about a --data-option the user never passed."""
+    from domains.medical.demo import make_demo_archive
+
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    ckpt["data"].update(domain="satellite", options={"bands": "1,2,3"}, normalization=None)
+    sat = tmp_path / "satellite.pt"
+    atomic_save(ckpt, sat)
+    med = make_demo_archive(tmp_path / "med", n_patients=2, image_size=32, n_slices=2, labelled=True)
+    assert main(["-q", "knn", "--checkpoint", str(sat), "--data", str(med), "--domain", "medical"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"fedmoco knn: error: {sat}: the encoder was trained on satellite data with 3 channel(s) "
+                    f"but {med} read as medical gives 1")
+
+
+def test_warmup_longer_than_the_run(demo_images, tmp_path, capsys, tiny_pretrain_args):
+    rc = main(["-q", "pretrain", "--data", str(demo_images), "--out", str(tmp_path / "r"), *tiny_pretrain_args,
+               "--warmup-epochs", "5", "--epochs", "1"])
+    assert rc == 2
+    assert one_error_line(capsys) == ("fedmoco pretrain: error: --warmup-epochs 5 is longer than the run "
+                                      "(--epochs 1): the learning rate would never reach --lr")
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+def _lrs(path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in read_jsonl(path) if "step" in r}
+
+
+def test_resume_can_extend_epochs_and_follows_the_longer_schedule(demo_images, tmp_path, tiny_pretrain_args,
+                                                                   capsys):
+    base = ["-q", "pretrain", "--data", str(demo_images), "--no-plots", *tiny_pretrain_args]
+    assert main([*base, "--out", str(tmp_path / "short")]) == 0  # 2 epochs
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--no-plots", "--out", str(tmp_path / "short"),
+                 "--resume", "--epochs", "3"]) == 0  # settings come from the checkpoint
+    assert main([*base, "--out", str(tmp_path / "long"), "--epochs", "3"]) == 0
+    ckpt = load_checkpoint(tmp_path / "short" / "checkpoint.pt")
+    assert ckpt["epoch"] == 3 and ckpt["train_config"]["epochs"] == 3
+    assert ckpt["train_config"]["batch_size"] == 16  # not the CLI default 64
+    short, long = _lrs(tmp_path / "short" / "metrics.jsonl"), _lrs(tmp_path / "long" / "metrics.jsonl")
+    assert sorted(short) == list(range(9))
+    # the first two epochs followed the 2-epoch plan, the third the 3-epoch plan
+    assert short[5] < long[5]
+    for step in (6, 7, 8):
+        assert short[step] == pytest.approx(long[step], rel=1e-9)
+
+
+def test_resume_of_a_finished_run_says_so(run_dir, demo_images, capsys):
+    before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(run_dir), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"nothing to do: the run in {run_dir} has finished all 2 epochs; "
+                                   "pass --epochs N > 2 with --resume to train further")
+    assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--image-size", "48"], "--image-size 48 (the run's: 32)"),
+    (["--domain", "medical"], "--domain medical (the run's: images)"),
+    (["--batch-size", "8"], "--batch-size 8 (the run's: 16)"),
+])
+def test_resume_with_conflicting_settings(run_dir, demo_images, capsys, extra, message):
+    rc = main(["-q", "pretrain", "--data", str(demo_images), "--out", str(run_dir), "--resume", "--epochs", "3",
+               *extra])
+    assert rc == 2
+    line = one_error_line(capsys)
+    assert line == (f"fedmoco pretrain: error: {run_dir / 'checkpoint.pt'}: a resumed run keeps its settings; "
+                    f"conflicting: {message}. Drop these options, or choose another --out for a new run")
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_cannot_shrink_below_done_epochs(run_dir, demo_images, capsys):
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(run_dir), "--resume",
+                 "--epochs", "1"]) == 2
+    assert one_error_line(capsys) == (f"fedmoco pretrain: error: --epochs 1: the run in {run_dir} has already "
+                                      "done 2 epochs")
+
+
+def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path):
+    """A real SIGINT to the console script once the first epoch is checkpointed."""
+    from conftest import TINY_PRETRAIN
+
+    out = tmp_path / "run"
+    args = [a if a != "2" else "500" for a in TINY_PRETRAIN]  # --epochs 500: still running when interrupted
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoco", "-q", "pretrain", "--data", str(demo_images),
+                             "--out", str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "checkpoint.pt").exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fedmoco pretrain: interrupted; {out / 'checkpoint.pt'} holds epoch ")
+    assert last.endswith(f"of 500; resume with: fedmoco pretrain --data {demo_images} --out {out} --resume")
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
