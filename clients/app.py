@@ -5,8 +5,9 @@ Per train message (server round r) a site:
 1. reads its settings: node_config (domain, data-path, dp-epsilon, dp-delta, ...) and the
    run's hyper-parameters (run_config, see ``clients.task.RUN_DEFAULTS``);
 2. builds its dataset; a missing or empty data folder is answered with an error reply
-   (code :data:`SITE_DATA_UNAVAILABLE`) whose reason names the folder, and the round goes on
-   without the site;
+   (code :data:`SITE_DATA_UNAVAILABLE`), and the round goes on without the site. An error
+   reply carries a code and a reason without paths or exception text; the details (which
+   folder, which file, the traceback) go only to the site's own log;
 3. restores its state from ``Context.state`` (``clients.state``): its own key encoder,
    local queue, optimizer and LR-schedule position, personal head, privacy ledger;
 4. loads the global query encoder + projection head (+ predictor), by replacement or by
@@ -33,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -61,6 +63,8 @@ log = logging.getLogger("flwr.fedmoco.client")  # printed by Flower's console ha
 SITE_DATA_UNAVAILABLE = 100
 #: Error code of a reply from a site whose configuration does not fit the federation.
 SITE_MISCONFIGURED = 101
+#: Error code of a reply from a site whose training raised an unexpected exception.
+SITE_FAILED = 102
 
 app = ClientApp()
 
@@ -138,16 +142,52 @@ def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:
 
 
 class SiteUnavailable(Exception):
-    """This round cannot run at this site; ``code`` and the message go into the error reply."""
+    """This round cannot run at this site. ``code`` and the message go into the error reply
+    (paths scrubbed, :func:`public_reason`); ``detail`` (may name files) only into the site's log."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.code = code
+        self.detail = detail
+
+
+# Anything with a slash or backslash in it: absolute and relative paths, Windows paths.
+_PATHLIKE = re.compile(r"""[^\s'"`]*[/\\][^\s'"`]*""")
+
+
+def public_reason(text: str) -> str:
+    """``text`` as it may leave the site: every path-like token replaced by ``<path>``, one
+    line, at most 300 characters. The server logs reasons and writes them to rounds.jsonl, so
+    a folder named after a patient must not reach it (docs/privacy.md)."""
+    return " ".join(_PATHLIKE.sub("<path>", text).split())[:300]
+
+
+def _error_reply(msg: Message, exc: SiteUnavailable) -> Message:
+    """The error reply for ``exc``; its full story goes to the site's log only."""
+    log.error("site cannot train this round: %s%s", exc, f" ({exc.detail})" if exc.detail else "")
+    return Message(Error(code=exc.code, reason=public_reason(str(exc))), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One federated round of local MoCo training at this site (see the module docstring)."""
+    """One federated round of local MoCo training at this site (see the module docstring).
+
+    Never raises: an exception becomes an error reply (code :data:`SITE_FAILED`) naming only
+    the exception's type, where Flower's runtime would forward the exception's text, which
+    may hold a path or a file name, to the server.
+    """
+    try:
+        return _train_round(msg, context)
+    except SiteUnavailable as exc:
+        return _error_reply(msg, exc)
+    except Exception as exc:  # noqa: BLE001 anything else: the site's log has the traceback
+        log.exception("training failed at this site")
+        return _error_reply(msg, SiteUnavailable(
+            SITE_FAILED, f"training failed at the site ({type(exc).__name__}); the site's log has the details"))
+
+
+def _train_round(msg: Message, context: Context) -> Message:
+    """The round itself (see the module docstring); SiteUnavailable when it cannot run."""
     t_start = time.perf_counter()
     run = context.run_config
     server_round = int(msg.content.config_records.get("config", {}).get("server-round", 1))
@@ -155,8 +195,7 @@ def train(msg: Message, context: Context) -> Message:
         site, mcfg, tcfg = _settings(context)
         data, dataset = _site_data(site, run, mcfg, tcfg)
     except SiteUnavailable as exc:
-        log.error("site cannot train this round: %s", exc)
-        return Message(Error(code=exc.code, reason=str(exc)), reply_to=msg)
+        return _error_reply(msg, exc)
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
 
@@ -226,11 +265,11 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
         if len(data.dataset) < 2:  # type: ignore[arg-type]
             raise DataError(f"{site['data_path']}: {len(data.dataset)} usable image(s); MoCo needs at least 2")
     except DataError as exc:
-        raise SiteUnavailable(SITE_DATA_UNAVAILABLE, f"site data unavailable: {exc}") from None
+        raise SiteUnavailable(SITE_DATA_UNAVAILABLE, _data_unavailable(site["data_path"], str(exc)), str(exc)) from None
     if data.in_channels != mcfg.in_channels:
         raise SiteUnavailable(SITE_MISCONFIGURED,
-                              f"site data at {site['data_path']} has {data.in_channels} channel(s) but the "
-                              f"federation's encoder takes {mcfg.in_channels} (run_config in-channels)")
+                              f"site data has {data.in_channels} channel(s) but the federation's encoder "
+                              f"takes {mcfg.in_channels} (run_config in-channels)", str(site["data_path"]))
     dataset: Dataset = data.dataset
     fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
     fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
@@ -238,6 +277,16 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
         target = Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
         dataset = Renormalized(dataset, data.normalization, target)
     return data, dataset
+
+
+def _data_unavailable(path: Path, detail: str) -> str:
+    """Why the data cannot be used, in words that name no folder or file (skip counts by
+    reason and option names stay: they say what to fix without saying where)."""
+    if not path.exists():
+        return "site data unavailable: the data folder (node_config data-path) does not exist"
+    if not path.is_dir():
+        return "site data unavailable: node_config data-path is not a folder"
+    return "site data unavailable: " + public_reason(detail.replace(str(path), "<data-path>"))
 
 
 def _restore_model(saved: SiteState, msg: Message, run: Any, mcfg: MoCoConfig) -> tuple[MoCo, float]:

@@ -81,3 +81,68 @@ def test_replies_hold_no_pixels_and_no_identifiers(archive):
             assert ident.encode() not in blob, ident
         assert str(archive).encode() not in blob
         assert not np.isnan(content["metrics"]["train-loss"])
+
+
+# -- error replies: a code and a reason, never a path or an exception's text ---------------
+PATIENT = "Doe^Jane_1957"
+
+
+def test_missing_folder_reply_names_no_path(tmp_path, caplog):
+    from clients.app import SITE_DATA_UNAVAILABLE
+
+    missing = tmp_path / PATIENT / "ct-export"
+    run = run_config(**{"domain": "medical", "image-size": IMAGE_SIZE})
+    with caplog.at_level("ERROR", logger="flwr.fedmoco.client"):
+        reply = app(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(missing)}, run))
+    assert reply.has_error() and reply.error.code == SITE_DATA_UNAVAILABLE
+    assert reply.error.reason == "site data unavailable: the data folder (node_config data-path) does not exist"
+    assert PATIENT.encode() not in wire_bytes(reply) and str(tmp_path).encode() not in wire_bytes(reply)
+    assert str(missing) in caplog.text  # the site's admin still learns which folder
+
+
+def test_folder_without_usable_images_reply_names_no_file(tmp_path, caplog):
+    from clients.app import SITE_DATA_UNAVAILABLE
+
+    site = tmp_path / PATIENT
+    site.mkdir()
+    (site / f"{PATIENT}.dcm").write_bytes(b"not a dicom file")
+    run = run_config(**{"domain": "medical", "image-size": IMAGE_SIZE})
+    with caplog.at_level("ERROR", logger="flwr.fedmoco.client"):
+        reply = app(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(site)}, run))
+    assert reply.has_error() and reply.error.code == SITE_DATA_UNAVAILABLE
+    assert reply.error.reason.startswith("site data unavailable: <data-path>") and "1 not DICOM" in reply.error.reason
+    assert PATIENT.encode() not in wire_bytes(reply)
+    assert str(site) in caplog.text
+
+
+def test_an_exception_becomes_a_reply_without_its_text(archive, monkeypatch, caplog):
+    import clients.app as client_app
+    from clients.app import SITE_FAILED
+
+    secret = f"/pacs/export/{PATIENT}/series-7/IM0001.dcm"
+
+    def explode(*args, **kwargs):
+        raise RuntimeError(f"{secret}: decoder crashed")
+
+    monkeypatch.setattr(client_app, "_restore_model", explode)
+    run = run_config(**{"domain": "medical", "image-size": IMAGE_SIZE, "max-steps-per-epoch": 1})
+    with caplog.at_level("ERROR", logger="flwr.fedmoco.client"):
+        reply = app(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(archive)}, run))
+    assert reply.has_error() and reply.error.code == SITE_FAILED
+    assert reply.error.reason == "training failed at the site (RuntimeError); the site's log has the details"
+    blob = wire_bytes(reply)
+    assert PATIENT.encode() not in blob and b"decoder crashed" not in blob and b"/pacs" not in blob
+    assert secret in caplog.text and "Traceback" in caplog.text
+
+
+@pytest.mark.parametrize("text, public", [
+    ("configuration: data-options: expected key=value, got 'cache_dir=/home/Doe^Jane/c'",
+     "configuration: data-options: expected key=value, got '<path>'"),
+    ("C:\\PACS\\Doe^Jane\\a.dcm: unreadable", "<path> unreadable"),
+    ("relative Doe^Jane/scan.dcm and ./x", "relative <path> and <path>"),
+    ("two\nlines", "two lines"),
+])
+def test_public_reason_scrubs_paths(text, public):
+    from clients.app import public_reason
+
+    assert public_reason(text) == public
