@@ -14,9 +14,13 @@ Per train message (server round r) a site:
    FedEMA blending;
 5. trains ``local-epochs`` epochs of MoCo: negatives = its local queue + the global
    negatives the server sent (record ``queue``, other sites' privatised keys);
-6. releases a Poisson sample of key embeddings with calibrated Gaussian noise, unless the
-   key budget is exhausted: then it sends an empty (0, D) keys array, says so in
-   ``dp-keys-exhausted``, and keeps training and sending weights;
+6. before training, releases DP summaries computed with the global weights it received
+   (public): noisy per-centre sums of a Poisson sample of its embeddings (run_config
+   ``key-release=prototypes``, default) or one noisy key per sampled image (``keys``). The
+   budget is node_config ``dp-epsilon``/``dp-delta`` only and is paid from the site's own
+   file-locked ledger (``ledger-path`` or ``state-dir``); without a ledger, a budget, or
+   with the budget spent, it sends an empty (0, D) array, reports why in ``dp-status``, and
+   keeps training and sending weights;
 7. saves its state and replies with exactly the records of docs/privacy.md: ``arrays``,
    ``keys``, ``metrics``. Never images, file names or DICOM attributes.
 
@@ -46,15 +50,18 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
+from clients.ledger import ledger_path, locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
 from clients.task import (arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
                           run_value, shared_arrays, site_data_path, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import DataConfig, Normalization, PretrainData, build_pretrain_data
 from fedmoco.device import select_device
-from fedmoco.errors import DataError, FedmocoError
+from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
-from fedmoco.privacy import KeyPrivacyLedger, calibrate_noise, release_keys
+from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta, no_ledger_metrics
+from fedmoco.moco import Encoder
+from fedmoco.privacy import choose_centres, privatize_keys, release_prototypes, sample_embeddings
 from fedmoco.train import EpochSummary, Trainer, make_loader
 
 log = logging.getLogger("flwr.fedmoco.client")  # printed by Flower's console handler
@@ -65,6 +72,10 @@ SITE_DATA_UNAVAILABLE = 100
 SITE_MISCONFIGURED = 101
 #: Error code of a reply from a site whose training raised an unexpected exception.
 SITE_FAILED = 102
+#: A site's delta when its node_config gives none (checked against 1 / its image count).
+DEFAULT_DELTA = 1e-5
+#: The release modes of run_config ``key-release``.
+KEY_RELEASE_MODES = ("prototypes", "keys", "none")
 
 app = ClientApp()
 
@@ -114,6 +125,18 @@ def _global_negatives(msg: Message, dim: int) -> torch.Tensor | None:
     return keys if keys.shape[0] else None
 
 
+def _node_float(node: Any, key: str, default: float | None) -> float | None:
+    if key not in node:
+        return default
+    try:
+        value = float(node[key])
+    except (TypeError, ValueError):
+        raise ConfigError(f"node_config {key}: expected a number, got {node[key]!r}") from None
+    if not value > 0:
+        raise ConfigError(f"node_config {key}: must be > 0, got {node[key]!r}")
+    return value
+
+
 def _site_settings(ctx: Context) -> dict[str, Any]:
     """Per-site settings: node_config wins over run_config defaults."""
     node, run = ctx.node_config, ctx.run_config
@@ -122,8 +145,10 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         "domain": str(node.get("domain", run_value(run, "domain"))),
         "data_path": site_data_path(node, run),
         "options": parse_options(str(node.get("data-options", run_value(run, "data-options")))),
-        "epsilon": float(node.get("dp-epsilon", run_value(run, "dp-epsilon"))),
-        "delta": float(node.get("dp-delta", run_value(run, "dp-delta"))),
+        # The privacy budget is the site's: node_config only, never run_config (docs/privacy.md).
+        "epsilon": _node_float(node, "dp-epsilon", None),
+        "delta": _node_float(node, "dp-delta", DEFAULT_DELTA),
+        "ledger_path": ledger_path(node),
         "state_dir": Path(state_dir).expanduser() if state_dir else None,
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
         "device": select_device(str(node.get("device", "auto"))),
@@ -199,9 +224,19 @@ def _train_round(msg: Message, context: Context) -> Message:
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
 
+    try:
+        _check_dp_settings(site, run, len(dataset))  # type: ignore[arg-type]
+    except SiteUnavailable as exc:
+        return _error_reply(msg, exc)
+
     saved = load_site_state(context.state, site["state_dir"], server_round=server_round,
                             model_config=mcfg.to_dict())
     torch.manual_seed(tcfg.seed + 7919 * server_round)  # augmentations and shuffles; never the DP noise
+    negatives = _global_negatives(msg, mcfg.dim)
+    # The release comes first and only sees what the server sent (public): it cannot depend on
+    # local training, and its budget is spent before anything else can fail.
+    keys, ledger_metrics = _release(msg, dataset, negatives, site, run, mcfg, server_round,
+                                    rounds_done=saved.rounds_done)
     model, mu = _restore_model(saved, msg, run, mcfg)
 
     # -- local training: E epochs against the local queue + the global negatives --------
@@ -213,15 +248,12 @@ def _train_round(msg: Message, context: Context) -> Message:
     if saved.trainer is not None:
         trainer.load_state_dict(saved.trainer)
     _follow_federation_schedule(trainer, (server_round - 1) * tcfg.epochs * steps_per_epoch)
-    negatives = _global_negatives(msg, mcfg.dim)
     summaries = [trainer.train_epoch(loader, epoch=(server_round - 1) * tcfg.epochs + e, extra_negatives=negatives)
                  for e in range(tcfg.epochs)]
     train_seconds = sum(s.seconds for s in summaries)
 
-    keys, ledger_metrics, ledger_state = _release(model, dataset, saved.ledger, site, run, mcfg.dim)
     save_site_state(context.state, model, trainer.state_dict(), rounds_done=saved.rounds_done + 1,
-                    last_round=server_round, ledger=ledger_state, state_dir=site["state_dir"],
-                    model_config=mcfg.to_dict())
+                    last_round=server_round, state_dir=site["state_dir"], model_config=mcfg.to_dict())
     stats = _mean_summary(summaries)
     metrics = {
         "num-examples": len(dataset),  # type: ignore[arg-type]
@@ -231,8 +263,9 @@ def _train_round(msg: Message, context: Context) -> Message:
         "skipped": sum(data.skipped.values()) + sum(s.skipped for s in summaries),
         **ledger_metrics,
     }
-    log.info("round %d: %d images, loss %.4f, %d keys sent, FedEMA mu %.3f, %.1f s (%.1f s training)",
-             server_round, metrics["num-examples"], stats["loss"], keys.shape[0], mu,
+    log.info("round %d: %d images, loss %.4f, %d %s sent, FedEMA mu %.3f, %.1f s (%.1f s training)",
+             server_round, metrics["num-examples"], stats["loss"], keys.shape[0],
+             run_value(run, "key-release") if keys.shape[0] else "summaries", mu,
              time.perf_counter() - t_start, train_seconds)
     content = RecordDict({
         "arrays": shared_arrays(model),
@@ -315,23 +348,103 @@ def _follow_federation_schedule(trainer: Trainer, step: int) -> None:
             trainer.global_step += 1
 
 
-def _release(model: MoCo, dataset: Dataset, ledger_state: dict[str, Any] | None, site: dict[str, Any],
-             run: Any, dim: int) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
-    """This round's key release: (keys (n, D), dp-keys-* metrics, ledger state to save)."""
-    q = run_value(run, "key-sample-rate")
-    if ledger_state is not None:
-        # The saved (budget, delta, z, q) are the truth about what was spent, whatever the
-        # run_config says now.
-        ledger = KeyPrivacyLedger(*(ledger_state[k] for k in ("epsilon_budget", "delta", "noise_multiplier",
-                                                              "sample_rate")))
-        ledger.load_state_dict(ledger_state)
-    else:
-        z = calibrate_noise(site["epsilon"], site["delta"], run_value(run, "num-server-rounds"), q)
-        ledger = KeyPrivacyLedger(site["epsilon"], site["delta"], z, q)
-    if not run_value(run, "share-keys"):
-        return torch.zeros(0, dim), ledger.to_metrics(), ledger.state_dict()
-    keys, reason = release_keys(model.encode_keys, dataset, ledger, max_keys=run_value(run, "max-keys"),
-                                device=site["device"], generator=_secure_generator(), key_dim=dim)
-    if reason is not None:
-        log.warning("not sending keys: %s; training and sending weights continue", reason)
-    return keys, ledger.to_metrics(), ledger.state_dict()
+def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int) -> None:
+    """Refuse (SITE_MISCONFIGURED) a release mode or delta that cannot be honoured."""
+    mode = run_value(run, "key-release")
+    if mode not in KEY_RELEASE_MODES:
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: key-release must be one of "
+                                                  f"{', '.join(KEY_RELEASE_MODES)}, got {mode!r}")
+    if mode == "prototypes" and run_value(run, "prototype-centres") < 1:
+        raise SiteUnavailable(SITE_MISCONFIGURED, "configuration: prototype-centres must be >= 1")
+    ignored = [k for k in ("dp-epsilon", "dp-delta") if k in run]
+    if ignored:
+        log.warning("run_config %s ignored: a site's privacy budget comes from its own node_config only",
+                    ", ".join(ignored))
+    if mode != "none" and site["epsilon"] is not None and math.isfinite(site["epsilon"]):
+        try:
+            check_site_delta(site["delta"], n_images)
+        except ConfigError as exc:
+            raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {exc}") from None
+
+
+def _public_encoder(msg: Message, mcfg: MoCoConfig, device: torch.device) -> Encoder:
+    """The global query encoder (backbone + head) exactly as received this round: public, the
+    same at every site, untouched by local training. Releases are computed with it."""
+    received = arrays_to_tensors(msg.content.array_records["arrays"])
+    encoder = Encoder(mcfg)
+    weights = {k[len("encoder_q."):]: v for k, v in received.items() if k.startswith("encoder_q.")}
+    missing = [k for k in encoder.load_state_dict(weights, strict=False).missing_keys
+               if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"global model lacks {len(missing)} encoder entries (first: {missing[0]!r})")
+    return encoder.to(device).eval()
+
+
+def _refuse(status: int, detail: str = "") -> dict[str, float]:
+    log.warning("not sending summaries: %s%s; training and sending weights continue", DP_STATUS[status], detail)
+    return no_ledger_metrics(status)
+
+
+def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, site: dict[str, Any], run: Any,
+             mcfg: MoCoConfig, server_round: int, *, rounds_done: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """This round's release ((n, D) unit rows, possibly n = 0) and its ``dp-*`` metrics.
+
+    The budget (epsilon, delta) comes from node_config; the ledger from node_config
+    ``ledger-path`` / ``state-dir``. The noise is planned so that the rest of this run's
+    rounds fit in what the ledger has left, and the release is paid for before it is made.
+    """
+    mode, dim = run_value(run, "key-release"), mcfg.dim
+    empty = torch.zeros(0, dim)
+    if mode == "none":
+        return empty, no_ledger_metrics(2)
+    if site["epsilon"] is None:
+        return empty, _refuse(4)
+    q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")
+    if math.isinf(site["epsilon"]):
+        log.warning("dp-epsilon=inf: releasing %s WITHOUT noise; NOT private, for benchmarks only", mode)
+        out = _make_release(mode, 0.0, q, msg, dataset, negatives, site, run, mcfg, server_round)
+        return out, no_ledger_metrics(1, releases=rounds_done + 1)
+    if site["ledger_path"] is None:
+        return empty, _refuse(3)
+    rounds_left = max(run_value(run, "num-server-rounds") - server_round + 1, 1)
+    try:
+        with locked_ledger(site["ledger_path"]) as box:
+            ledger = box["ledger"] or SiteLedger(mode, site["epsilon"], site["delta"])
+            box["ledger"] = ledger
+            if ledger.mechanism != mode:
+                refused = _refuse(6, f" ({ledger.mechanism!r} at {site['ledger_path']})")
+                return empty, {**refused, **ledger.to_metrics(False)}
+            for note in ledger.tighten(site["epsilon"], site["delta"]):
+                log.warning("privacy ledger %s: %s", site["ledger_path"], note)
+            z = ledger.plan(rounds_left, q)
+            if z is not None:
+                ledger.record(z, q)  # paid before the release: a crash can only over-count
+    except ConfigError as exc:  # unreadable or unwritable ledger: never a fresh budget
+        log.error("privacy ledger: %s", exc)
+        return empty, _refuse(7, f" ({exc})")
+    exhausted = ledger.plan(1, q) is None
+    if z is None:
+        detail = f": spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g})"
+        return empty, {**_refuse(5, detail), **ledger.to_metrics(True)}
+    out = _make_release(mode, z, q, msg, dataset, negatives, site, run, mcfg, server_round)
+    log.info("released %d %s at z=%.4g, q=%g: eps %.4g of %g spent (delta %g, %s)", out.shape[0], mode, z, q,
+             ledger.spent(), ledger.epsilon_budget, ledger.delta, ledger.adjacency)
+    return out, {**ledger.to_metrics(exhausted), "dp-status": 0.0}
+
+
+def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset, negatives: torch.Tensor | None,
+                  site: dict[str, Any], run: Any, mcfg: MoCoConfig, server_round: int) -> torch.Tensor:
+    """The noisy vectors themselves, from the public encoder (see docs/privacy.md)."""
+    encoder = _public_encoder(msg, mcfg, site["device"])
+    generator = _secure_generator()
+    if mode == "keys":
+        clean = sample_embeddings(encoder, dataset, q, max_items=run_value(run, "max-keys"), device=site["device"],
+                                  generator=generator, key_dim=mcfg.dim, unreadable="stand-in")
+        return privatize_keys(clean, z, generator)
+    # Centres from public inputs only: what the server sent, then directions from the run's seed.
+    # At most max-keys of them: the server refuses a reply with more rows than that.
+    n_centres = min(run_value(run, "prototype-centres"), run_value(run, "max-keys"))
+    centres = choose_centres(negatives, n_centres, mcfg.dim,
+                             seed=run_value(run, "seed") * 1_000_003 + server_round)
+    return release_prototypes(encoder, dataset, centres, z, q, min_cosine=run_value(run, "prototype-min-cosine"),
+                              device=site["device"], generator=generator)

@@ -1,4 +1,4 @@
-"""A site's state between rounds: in ``Context.state`` and, for the privacy ledger, on disk.
+"""A site's state between rounds: in ``Context.state`` and, with ``state-dir``, on disk.
 
 In deployment every message starts a fresh ClientApp process, so nothing may live in
 module globals. What must survive from one round to the next lives in the node's
@@ -9,14 +9,10 @@ module globals. What must survive from one round to the next lives in the node's
 ``fedmoco.trainer`` ConfigRecord ``{"blob": bytes}``: Trainer.state_dict() (SGD momentum,
                     LR schedule position) through ``torch.save``; loaded with
                     ``weights_only=True``, so it cannot run code.
-``fedmoco.site``    ConfigRecord: rounds done, the last server round seen, and the key
-                    privacy ledger (plain values, ``ledger.*`` entries).
+``fedmoco.site``    ConfigRecord: rounds done and the last server round seen.
 
-``Context.state`` is per run. The privacy budget is per site and must outlive a run (a
-restarted federation must not hand a site a fresh budget), so when the site sets
-node_config ``state-dir`` the ledger is also written there (``key-ledger.pt``, plain values,
-written atomically by ``fedmoco.checkpoint.atomic_save``) and read back before the Context's
-copy.
+The privacy ledger is NOT here: ``Context.state`` is per run and lives in the SuperNode's
+memory, and a budget must outlive both. It is a file on the site's disk (``clients.ledger``).
 
 With ``state-dir`` the whole site state is also written there after every round
 (``site-state.pt``, atomically). A restarted ``flwr run`` gives every site an empty
@@ -43,7 +39,6 @@ from fedmoco.moco import MoCo
 log = logging.getLogger("flwr.fedmoco.client")
 
 MODEL, TRAINER, SITE = "fedmoco.model", "fedmoco.trainer", "fedmoco.site"
-LEDGER_FILE = "key-ledger.pt"
 STATE_FILE = "site-state.pt"
 
 
@@ -55,12 +50,11 @@ class SiteState:
     trainer: dict[str, Any] | None = None
     rounds_done: int = 0
     last_round: int = 0
-    ledger: dict[str, Any] | None = None
 
 
 def load_site_state(state: RecordDict, state_dir: Path | None, *, server_round: int = 1,
                     model_config: dict[str, Any] | None = None) -> SiteState:
-    """Read a site's state from ``state`` (Context.state); the ledger from ``state_dir`` first.
+    """Read a site's state from ``state`` (Context.state).
 
     An empty Context in a resumed run (``server_round`` > 1) falls back to the state saved
     in ``state_dir`` if it is from an earlier round of a model with ``model_config``.
@@ -79,12 +73,6 @@ def load_site_state(state: RecordDict, state_dir: Path | None, *, server_round: 
         site = state.config_records[SITE]
         out.rounds_done = int(site.get("rounds-done", 0))
         out.last_round = int(site.get("last-round", 0))
-        ledger = {k[len("ledger."):]: v for k, v in site.items() if k.startswith("ledger.")}
-        out.ledger = ledger or None
-    if state_dir is not None and (state_dir / LEDGER_FILE).is_file():
-        # The on-disk ledger outlives runs; it is never behind the Context's copy because
-        # both are written at the end of every round that released keys.
-        out.ledger = dict(torch.load(state_dir / LEDGER_FILE, map_location="cpu", weights_only=True))
     return out
 
 
@@ -104,7 +92,7 @@ def _load_disk_state(state_dir: Path, server_round: int, model_config: dict[str,
 
 
 def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any], *, rounds_done: int,
-                    last_round: int, ledger: dict[str, Any] | None, state_dir: Path | None,
+                    last_round: int, state_dir: Path | None,
                     model_config: dict[str, Any] | None = None) -> None:
     """Write a site's state into ``state`` (Context.state) and, with ``state_dir``, to disk."""
     state[MODEL] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
@@ -113,10 +101,6 @@ def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any
     torch.save(trainer_state, buf)
     state[TRAINER] = ConfigRecord({"blob": buf.getvalue()})
     site: dict[str, Any] = {"rounds-done": rounds_done, "last-round": last_round}
-    if ledger is not None:
-        site.update({f"ledger.{k}": v for k, v in ledger.items()})
-        if state_dir is not None:
-            atomic_save(dict(ledger), state_dir / LEDGER_FILE)
     state[SITE] = ConfigRecord(site)
     if state_dir is not None:
         atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},

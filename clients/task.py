@@ -10,9 +10,12 @@ See :data:`RUN_DEFAULTS` for every key and its default; docs/federation.md expla
 
 Node config (``flower-supernode --node-config 'k="v" ...'``), per site
 ----------------------------------------------------------------------
-``domain`` (str), ``data-path`` (str), ``dp-epsilon`` (float), ``dp-delta`` (float),
-``data-options`` (str ``"k=v,k=v"``, domain options), ``state-dir`` (str, optional: where the
-site keeps its key-privacy ledger across runs), ``device`` (str, default ``auto``: cuda, then mps, then cpu),
+``domain`` (str), ``data-path`` (str), ``dp-epsilon`` (float or ``inf`` = no noise, benchmarks
+only; unset = share nothing), ``dp-delta`` (float, default 1e-5), ``ledger-path`` (str: the
+site's privacy ledger file; default ``<state-dir>/privacy-ledger.json``; without either the
+site shares weights only), ``data-options`` (str ``"k=v,k=v"``, domain options),
+``state-dir`` (str, optional: training state for resumed runs, and the ledger),
+``device`` (str, default ``auto``: cuda, then mps, then cpu),
 ``threads`` (int, torch intra-op threads; 0 = torch's default).
 In simulation Flower sets ``partition-id``; a site without ``data-path`` then reads
 ``<run_config demo-root>/site-<partition-id>``.
@@ -67,14 +70,16 @@ RUN_DEFAULTS: dict[str, Any] = {
     "key-encoder": "local-ema",  # or "reset"
     "fedema-lambda": 0.0,  # > 0: FedEMA divergence-aware blending of global into local
     "personal-head": False,  # True: each site keeps its own projection head (FedCLR-style)
-    # key sharing and its privacy (a site's node_config dp-epsilon / dp-delta win)
-    "share-keys": True,
-    "key-sample-rate": 0.05,
-    "max-keys": 512,
-    "dp-epsilon": 8.0,
-    "dp-delta": 1e-5,
+    # what a site shares besides weights (its budget is node_config dp-epsilon / dp-delta only)
+    "key-release": "prototypes",  # prototypes | keys | none
+    "prototype-sample-rate": 1.0,  # Poisson rate q of the images summarised per round
+    "prototype-centres": 32,  # C public centres: at most C noisy sums per site and round
+    "prototype-min-cosine": 0.5,  # drop noisy sums whose estimated cosine with the true sum is lower
+    "key-sample-rate": 0.05,  # key-release=keys: Poisson rate q of per-image keys
+    "max-keys": 512,  # most vectors one reply may carry (keys; prototype-centres is capped to it too)
     # server: global queue
     "global-queue-size": 8192,
+    "global-queue-max-age": 5,  # rounds a summary stays in the queue (0 = until overwritten)
     "queue-sample": 1024,
     "exclude-own-keys": True,
     # server: sampling, validation, aggregation
@@ -89,6 +94,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "krum-malicious": 0,
     "model-dp-noise": 0.0,  # > 0: central DP on model updates (server-side clipping)
     "model-dp-clip": 10.0,
+    "model-dp-delta": 1e-5,  # delta of the server's central model DP (not a site's budget)
     "round-timeout": 3600.0,
     # server: outputs
     "out-dir": "runs/federation",

@@ -36,13 +36,15 @@ See docs/privacy.md for the threat model and what the guarantee does and does no
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy import special
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant, register_accountant
 from opacus.accountants.analysis import rdp as opacus_rdp
@@ -63,6 +65,19 @@ __all__ = [
     "poisson_sample",
     "release_keys",
     "no_dp_metrics",
+    "sample_embeddings",
+    "PROTOTYPE_ACCOUNTANT",
+    "PrototypeRDPAccountant",
+    "sampled_gaussian_rdp",
+    "calibrate_prototype_noise",
+    "prototype_epsilon",
+    "assign_to_centres",
+    "noisy_prototype_sums",
+    "privatize_prototypes",
+    "select_prototypes",
+    "seeded_centres",
+    "choose_centres",
+    "release_prototypes",
 ]
 
 #: L2 sensitivity of one unit-norm key under replace-one adjacency: ||u - v|| <= 2.
@@ -407,7 +422,27 @@ def _encode(
     return out, dim
 
 
+@contextlib.contextmanager
+def _eval_mode(encoder: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """``eval()`` for the module behind ``encoder`` (if any), restored afterwards: BatchNorm
+    in train mode would mix the batch into every embedding (no per-image sensitivity)."""
+    module = _owner_module(encoder)
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if module is not None and was_training:
+            module.train()
+
+
 def _probe_dim(encoder: Callable[[Tensor], Tensor], dataset: Dataset, device: torch.device) -> int:
+    with _eval_mode(encoder):
+        return _probe_dim_eval(encoder, dataset, device)
+
+
+def _probe_dim_eval(encoder: Callable[[Tensor], Tensor], dataset: Dataset, device: torch.device) -> int:
     # Only D, a property of the model, leaves this function; nothing data-dependent.
     for i in range(len(dataset)):
         image = _image_of(dataset[i])
@@ -415,6 +450,53 @@ def _probe_dim(encoder: Callable[[Tensor], Tensor], dataset: Dataset, device: to
             with torch.no_grad():
                 return int(encoder(image.unsqueeze(0).to(device)).shape[1])
     raise ValueError("release_keys: cannot tell the key dimension (no readable image); pass key_dim")
+
+
+def sample_embeddings(
+    encoder: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    sample_rate: float,
+    *,
+    max_items: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    key_dim: int | None = None,
+    unreadable: str = "stand-in",
+) -> Tensor:
+    """Unit embeddings (m, D) float32 on CPU of a Poisson sample (rate ``sample_rate``) of
+    ``dataset``, in random order, cut to the first ``max_items`` (a uniformly random subset).
+
+    ``encoder``: images (B, C, H, W) -> (B, D); an ``nn.Module`` (or a bound method of one)
+    is put in ``eval()`` while encoding and restored afterwards, since BatchNorm in train
+    mode would mix other images of the batch into each embedding and break the per-image
+    sensitivity. ``unreadable``: ``"stand-in"`` releases an unreadable sampled image as the
+    fixed unit vector e_0 (per-record keys: the number of keys must not depend on image
+    contents), ``"drop"`` leaves it out (prototype sums: an image that contributes nothing
+    is within the unit sensitivity). ``generator`` drives sampling, order and the cut.
+    """
+    if unreadable not in ("stand-in", "drop"):
+        raise ValueError(f"unreadable: 'stand-in' or 'drop', got {unreadable!r}")
+    q = _check_sample_rate(sample_rate)
+    device = torch.device(device)
+    with _eval_mode(encoder):
+        indices = poisson_sample(len(dataset), q, generator)
+        # Random order = a uniform subset when cut, and a release order unrelated to file order.
+        indices = indices[torch.randperm(len(indices), generator=generator)]
+        if max_items is not None:
+            indices = indices[:max_items]
+        rows, dim = _encode(encoder, dataset, indices.tolist(), batch_size, device)
+        if key_dim is not None:
+            if dim is not None and dim != key_dim:
+                raise ValueError(f"release: encoder gives D={dim} but key_dim={key_dim}")
+            dim = key_dim
+        elif dim is None:  # nothing readable was sampled (or nothing at all)
+            dim = _probe_dim_eval(encoder, dataset, device)
+    if unreadable == "drop":
+        rows = [r for r in rows if r is not None]
+    stand_in = torch.zeros(dim)
+    stand_in[0] = 1.0
+    return torch.stack([r if r is not None else stand_in for r in rows]) if rows else torch.zeros(0, dim)
 
 
 def release_keys(
@@ -486,35 +568,234 @@ def release_keys(
         key_dim = _check_count(key_dim, "key_dim", 1)
     device = torch.device(device)
 
-    module = _owner_module(encoder)
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
-    try:
-        if ledger is not None and ledger.would_exceed():
-            dim = key_dim if key_dim is not None else _probe_dim(encoder, dataset, device)
-            reason = f"privacy budget exhausted: spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g})"
-            return torch.zeros(0, dim), reason
-
-        indices = poisson_sample(len(dataset), q, generator)
-        # Random order = a uniform subset when cut, and a release order unrelated to file order.
-        indices = indices[torch.randperm(len(indices), generator=generator)]
-        if max_keys is not None:
-            indices = indices[:max_keys]
-        keys_list, dim = _encode(encoder, dataset, indices.tolist(), batch_size, device)
-        if key_dim is not None:
-            dim = key_dim
-        elif dim is None:  # nothing readable was sampled (or nothing at all)
-            dim = _probe_dim(encoder, dataset, device)
-        stand_in = torch.zeros(dim)
-        stand_in[0] = 1.0
-        clean = torch.stack([k if k is not None else stand_in for k in keys_list]) if keys_list else torch.zeros(0, dim)
-        if clean.shape[1] != dim:
-            raise ValueError(f"release_keys: encoder gives D={clean.shape[1]} but key_dim={dim}")
-        keys = privatize_keys(clean, z, generator)
-    finally:
-        if module is not None and was_training:
-            module.train()
+    if ledger is not None and ledger.would_exceed():
+        dim = key_dim if key_dim is not None else _probe_dim(encoder, dataset, device)
+        reason = f"privacy budget exhausted: spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g})"
+        return torch.zeros(0, dim), reason
+    clean = sample_embeddings(encoder, dataset, q, max_items=max_keys, batch_size=batch_size, device=device,
+                              generator=generator, key_dim=key_dim, unreadable="stand-in")
+    keys = privatize_keys(clean, z, generator)
     if ledger is not None:
         ledger.record_release()
     return keys, None
+
+
+# -- DP prototypes: noisy per-centre sums ----------------------------------------------------
+#: Name under which :class:`PrototypeRDPAccountant` is registered with Opacus.
+PROTOTYPE_ACCOUNTANT = "fedmoco-prototype-rdp"
+# The integer orders among Opacus' default ones. Fewer orders can only raise epsilon (the
+# conversion takes the minimum over orders), so this is never below the stock accountant.
+PROTOTYPE_ORDERS = np.array([a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()], dtype=float)
+
+
+def sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
+    """RDP of ``steps`` Poisson-subsampled Gaussian SUM releases at integer ``orders``
+    (add/remove adjacency, sensitivity 1): Mironov, Talwar & Zhang (2019), the formula of
+    Opacus' ``_compute_log_a_int``, vectorised. Opacus' own loop over its fractional orders
+    takes 0.3-3 s per evaluation at q < 1, too slow for a ledger that plans every round."""
+    z = noise_multiplier
+    if z == 0:
+        return np.full(orders.shape, np.inf)
+    if sample_rate >= 1.0:
+        return steps * orders / (2 * z**2)
+    out = np.empty(len(orders))
+    log_q, log_1mq = math.log(sample_rate), math.log1p(-sample_rate)
+    for j, a in enumerate(orders.astype(int)):
+        k = np.arange(a + 1, dtype=float)
+        terms = (special.gammaln(a + 1) - special.gammaln(k + 1) - special.gammaln(a - k + 1)
+                 + k * log_q + (a - k) * log_1mq + (k * k - k) / (2 * z**2))
+        out[j] = special.logsumexp(terms) / (a - 1)
+    return steps * out
+
+
+class PrototypeRDPAccountant(RDPAccountant):
+    """Opacus' RDP accountant for the subsampled Gaussian sum mechanism (the analysis of its
+    stock ``"rdp"`` accountant), evaluated fast at the stock integer orders: ``history`` of
+    ``(z, q, steps)``, ``step()``, and Opacus' RDP -> (epsilon, delta) conversion unchanged."""
+
+    def get_privacy_spent(self, *, delta: float, alphas: Sequence[float] | None = None) -> tuple[float, float]:
+        if not self.history:
+            return 0.0, 0.0
+        orders = PROTOTYPE_ORDERS if alphas is None else np.asarray([a for a in alphas if float(a).is_integer()])
+        rdp = sum(sampled_gaussian_rdp(z, q, n, orders) for z, q, n in self.history)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order")
+            eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        return float(eps), float(best)
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return PROTOTYPE_ACCOUNTANT
+
+
+register_accountant(PROTOTYPE_ACCOUNTANT, PrototypeRDPAccountant, force=True)
+
+
+def calibrate_prototype_noise(epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
+    """Noise multiplier z so that ``rounds`` prototype releases at Poisson rate q cost at most
+    (epsilon, delta) under add/remove-one-image adjacency.
+
+    A release is the subsampled Gaussian SUM mechanism with L2 sensitivity 1 (one image moves
+    one centre's sum by at most a unit vector), the mechanism Opacus' stock ``"rdp"``
+    accountant analyses. ``get_noise_multiplier(steps=rounds)`` with
+    :class:`PrototypeRDPAccountant` (same analysis, stock integer orders) and a relative
+    tolerance: by the stock accountant the result spends between 0.9 and 1.0 times epsilon
+    (tests). The per-coordinate noise std on each sum is z itself (sensitivity 1). Raises
+    ConfigError naming a bad argument, or when epsilon cannot be reached at this delta.
+    """
+    epsilon = _check_epsilon(epsilon)
+    delta = _check_delta(delta)
+    rounds = _check_count(rounds, "rounds", 1)
+    sample_rate = _check_sample_rate(sample_rate)
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=rounds, accountant=PROTOTYPE_ACCOUNTANT,
+                                          epsilon_tolerance=0.005 * epsilon))
+    except ValueError as e:  # "The privacy budget is too low."
+        raise ConfigError(f"epsilon: {epsilon} cannot be reached with delta={delta} for {rounds} prototype "
+                          f"release(s); raise epsilon or delta ({e})") from None
+
+
+def prototype_epsilon(noise_multiplier: float, sample_rate: float, releases: int, delta: float) -> float:
+    """Epsilon (add/remove adjacency, at ``delta``) of ``releases`` prototype releases
+    (:class:`PrototypeRDPAccountant`). 0.0 for no release, ``inf`` for z == 0."""
+    z = _check_noise_multiplier(noise_multiplier, allow_zero=True)
+    q = _check_sample_rate(sample_rate)
+    releases = _check_count(releases, "releases", 0)
+    delta = _check_delta(delta)
+    if releases == 0:
+        return 0.0
+    if z == 0:
+        return math.inf
+    acc = PrototypeRDPAccountant()
+    acc.history = [(z, q, releases)]
+    return float(acc.get_epsilon(delta))
+
+
+def _check_rows(x: Tensor, name: str, dim: int | None = None) -> Tensor:
+    if x.dim() != 2 or (dim is not None and x.shape[1] != dim) or not x.is_floating_point():
+        want = f"(n, {dim})" if dim is not None else "(n, D)"
+        raise ValueError(f"{name}: expected a floating-point tensor of shape {want}, got {tuple(x.shape)} {x.dtype}")
+    return x
+
+
+def assign_to_centres(embeddings: Tensor, centres: Tensor) -> Tensor:
+    """Index (n,) int64 of the centre with the largest cosine for each embedding (n, D).
+
+    The partition is sound only when ``centres`` (C, D) do not depend on the data being
+    released (public seed, earlier DP releases): see docs/privacy.md.
+    """
+    _check_rows(centres, "centres")
+    _check_rows(embeddings, "embeddings", centres.shape[1])
+    if len(centres) == 0:
+        raise ValueError("centres: need at least one centre")
+    if len(embeddings) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return (F.normalize(embeddings.float(), dim=1) @ F.normalize(centres.float(), dim=1).T).argmax(dim=1)
+
+
+def noisy_prototype_sums(embeddings: Tensor, centres: Tensor, noise_multiplier: float,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The Gaussian sum mechanism over ALL C centres: ``(noisy sums (C, D) float32, counts (C,))``.
+
+    Each embedding is L2-normalised (what bounds its contribution by 1), added to the sum
+    of its nearest centre, and every coordinate of every sum gets N(0, z^2): an empty
+    centre's row is pure noise. ``counts`` are EXACT and must never be released; they are
+    returned for measurement only. ``noise_multiplier == 0`` = no DP (exact sums).
+    """
+    z = _check_noise_multiplier(noise_multiplier, allow_zero=True)
+    owner = assign_to_centres(embeddings, centres)
+    unit = F.normalize(embeddings.detach().float().cpu(), dim=1)
+    sums = torch.zeros(centres.shape[0], centres.shape[1]).index_add_(0, owner, unit)
+    counts = torch.bincount(owner, minlength=centres.shape[0])
+    if z > 0:
+        sums = sums + torch.randn(sums.shape, generator=generator) * z
+    return sums, counts
+
+
+def privatize_prototypes(embeddings: Tensor, centres: Tensor, noise_multiplier: float,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Assign + sum + noise + normalise: (n, D) unit rows, (C, D) centres -> (C', D) unit rows.
+
+    One row per centre that received at least one embedding, in centre order, before any
+    threshold: ``normalize(sum of its embeddings + N(0, z^2 I_D))``. The noise is drawn for
+    all C centres, so with the same generator state these rows equal the corresponding
+    rows of :func:`noisy_prototype_sums` / :func:`release_prototypes`. Note that WHICH rows
+    come back depends on the exact counts: a site never releases this selection; it
+    releases :func:`select_prototypes` of all C noisy sums (docs/privacy.md).
+    """
+    sums, counts = noisy_prototype_sums(embeddings, centres, noise_multiplier, generator)
+    return F.normalize(sums[counts > 0], dim=1)
+
+
+def select_prototypes(noisy_sums: Tensor, noise_multiplier: float, dim_noise: int | None = None,
+                      min_cosine: float = 0.5) -> Tensor:
+    """Post-processing of noisy sums (C, D): keep the rows whose estimated cosine with their
+    noise-free sum is at least ``min_cosine``, normalised: (P, D) unit rows, P <= C.
+
+    ||s + n||^2 has expectation ||s||^2 + z^2 D, so sqrt(max(||v||^2 - z^2 D, 0)) / ||v||
+    estimates the cosine from the noisy row alone (no exact count is used). With z == 0
+    (no DP) only the empty (zero) rows are dropped.
+    """
+    _check_rows(noisy_sums, "noisy_sums")
+    z = _check_noise_multiplier(noise_multiplier, allow_zero=True)
+    d = noisy_sums.shape[1] if dim_noise is None else int(dim_noise)
+    sq = noisy_sums.double().pow(2).sum(dim=1)
+    if z == 0:
+        keep = sq > 0
+    else:
+        est = (sq - z * z * d).clamp_min(0).sqrt() / sq.sqrt().clamp_min(1e-30)
+        keep = est >= min_cosine
+    return F.normalize(noisy_sums[keep].float(), dim=1)
+
+
+def seeded_centres(count: int, dim: int, seed: int) -> Tensor:
+    """``count`` directions (count, dim), uniform on the sphere from a public ``seed``."""
+    g = torch.Generator().manual_seed(int(seed) % (2**63))
+    return F.normalize(torch.randn(_check_count(count, "count", 1), _check_count(dim, "dim", 1), generator=g), dim=1)
+
+
+def choose_centres(received: Tensor | None, count: int, dim: int, seed: int) -> Tensor:
+    """C public centres (count, dim): a spread-out subset of the prototypes the server sent
+    (farthest-point: each next one least similar to those chosen), filled up with
+    :func:`seeded_centres`. Depends only on public inputs, never on this site's data."""
+    seeded = seeded_centres(count, dim, seed)
+    if received is None or len(received) == 0:
+        return seeded
+    pool = F.normalize(_check_rows(received, "received", dim).float(), dim=1)
+    chosen = [0]
+    best = pool @ pool[0]  # largest cosine of each row with the chosen set
+    while len(chosen) < min(count, len(pool)):
+        nxt = int(best.argmin())
+        if best[nxt] >= 1 - 1e-6:  # only duplicates left
+            break
+        chosen.append(nxt)
+        best = torch.maximum(best, pool @ pool[nxt])
+    return torch.cat([pool[chosen], seeded[: count - len(chosen)]])
+
+
+def release_prototypes(
+    encoder: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    centres: Tensor,
+    noise_multiplier: float,
+    sample_rate: float,
+    *,
+    min_cosine: float = 0.5,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One round's prototype release: (P, D) float32 unit rows on CPU, P <= C.
+
+    Poisson sample at rate q, embed with ``encoder`` (must be PUBLIC at release time: the
+    global weights received this round), L2-normalise, sum per public centre, add
+    N(0, z^2) per coordinate (:func:`noisy_prototype_sums`), keep rows by their noisy
+    norm (:func:`select_prototypes`) and normalise. Unreadable images are left out. The
+    caller accounts the release (one step of the subsampled Gaussian at (z, q)).
+    """
+    dim = _check_rows(centres, "centres").shape[1]
+    emb = sample_embeddings(encoder, dataset, sample_rate, batch_size=batch_size, device=device,
+                            generator=generator, key_dim=dim, unreadable="drop")
+    sums, _ = noisy_prototype_sums(emb, centres, noise_multiplier, generator)
+    return select_prototypes(sums, noise_multiplier, min_cosine=min_cosine)

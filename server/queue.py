@@ -1,10 +1,13 @@
-"""The federation's global key queue: a FIFO of privatised keys that remembers their site.
+"""The federation's global queue: a FIFO of privatised summaries that remembers site and round.
 
-Each round every site sends a Poisson sample of its key embeddings, already privatised
-on the site (see ``fedmoco.privacy``). The server appends them here and hands every site a
-random sample of the queue as extra negatives, by default leaving out that site's own keys
-(a site already contrasts against its own data through its local queue, and its own noisy
-keys would be near-duplicates of its positives).
+Each round every site sends DP summaries of its embeddings, privatised on the site (noisy
+per-centre prototypes by default, or per-image noisy keys; see ``fedmoco.privacy`` and
+docs/privacy.md). The server appends them here, tagged with the sending node and the
+round, drops those older than ``max_age`` rounds (:meth:`GlobalKeyQueue.expire`: they were
+computed by an encoder the federation has since moved away from), and hands every site a
+random sample as extra negatives, by default leaving out that site's own (a site already
+contrasts against its own data through its local queue, and its own summaries would be
+near-duplicates of its positives).
 
 Everything in :meth:`GlobalKeyQueue.state_dict` is a tensor or a plain Python value, so the
 round checkpoint loads with ``torch.load(weights_only=True)``.
@@ -42,7 +45,22 @@ class GlobalKeyQueue:
         self.sites: list[int] = []
 
     def __len__(self) -> int:
-        return self.count
+        """Entries held now (expired slots excluded)."""
+        return int((self.owner[: self.count] >= 0).sum())
+
+    @torch.no_grad()
+    def expire(self, current_round: int, max_age: int) -> int:
+        """Drop entries that arrived more than ``max_age`` rounds before ``current_round``
+        (so an entry from round r serves rounds r+1 .. r+max_age); ``max_age`` 0 keeps all.
+        Returns how many were dropped. Dropped slots are refilled by later enqueues."""
+        if int(max_age) < 0:
+            raise ConfigError(f"global-queue-max-age must be >= 0, got {max_age}")
+        if max_age == 0:
+            return 0
+        live = self.owner[: self.count] >= 0
+        stale = live & (self.round[: self.count] < int(current_round) - int(max_age))
+        self.owner[: self.count][stale] = -1
+        return int(stale.sum())
 
     def _site_index(self, node_id: int) -> int:
         node_id = int(node_id)

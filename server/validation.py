@@ -16,19 +16,20 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedmoco.errors import ConfigError
+from fedmoco.ledger import DP_STATUS
 
 #: Record names a ClientApp may put in its train reply (docs/privacy.md).
 ARRAYS, KEYS, METRICS = "arrays", "keys", "metrics"
 #: MetricRecord entries of every reply, and only these (docs/privacy.md).
 REQUIRED_METRICS: frozenset[str] = frozenset({
     "num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "seconds", "skipped",
-    "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted",
+    "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted", "dp-keys-budget", "dp-status",
 })
 # Statistics that are legitimately NaN: a round in which every step ran on an empty queue
 # has no finite negative scores, and one-image batches have no embedding std.
 _MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean"})
-# Epsilon is +inf for a site that releases keys without noise (fedmoco.privacy.no_dp_metrics).
-_MAY_BE_INF = frozenset({"dp-keys-epsilon"})
+# Epsilon and budget are +inf for a site that releases without noise (fedmoco.ledger.no_ledger_metrics).
+_MAY_BE_INF = frozenset({"dp-keys-epsilon", "dp-keys-budget"})
 
 
 #: Largest ``num-examples`` a site's weight counts for unless the coordinator says otherwise
@@ -207,6 +208,9 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
     exhausted = record.get("dp-keys-exhausted")
     if exhausted not in (None, 0, 1, 0.0, 1.0):
         reasons.append(f"metrics 'dp-keys-exhausted' is {exhausted}, expected 0 or 1")
+    status = record.get("dp-status")
+    if status is not None and status not in DP_STATUS:
+        reasons.append(f"metrics 'dp-status' is {status}, expected one of {sorted(DP_STATUS)}")
     return reasons
 
 

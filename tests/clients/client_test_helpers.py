@@ -62,3 +62,8 @@ def make_images_site(root: Path, seed: int = 0) -> Path:
     from domains.images import make_demo_images
 
     return make_demo_images(root, n_per_class=6, size=32, seed=seed, rgb=False)
+
+
+def dp_node(site: Path, ledger: Path, **over: Any) -> dict[str, Any]:
+    """A site's node_config that shares DP summaries: its budget and its own ledger file."""
+    return {"data-path": str(site), "dp-epsilon": 8.0, "dp-delta": 1e-5, "ledger-path": str(ledger), **over}

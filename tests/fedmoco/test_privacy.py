@@ -297,3 +297,128 @@ def test_release_keys_configuration_errors():
     with pytest.raises(ConfigError, match="^max_keys:"):
         release_keys(enc, data, ledger, max_keys=0)
     assert ledger.releases == 0
+
+
+# -- DP prototypes ---------------------------------------------------------------------------
+from fedmoco.privacy import (  # noqa: E402
+    calibrate_prototype_noise,
+    choose_centres,
+    noisy_prototype_sums,
+    privatize_prototypes,
+    prototype_epsilon,
+    release_prototypes,
+    seeded_centres,
+    select_prototypes,
+)
+
+
+@pytest.mark.parametrize("eps,rounds,q", [(1.5, 10, 1.0), (1.5, 10, 0.2), (8.0, 10, 0.5), (0.5, 3, 1.0)])
+def test_prototype_noise_spends_90_to_100_percent_by_stock_rdp(eps, rounds, q):
+    z = calibrate_prototype_noise(eps, DELTA, rounds, q)
+    acc = RDPAccountant()  # Opacus' stock accountant, not ours
+    acc.history = [(z, q, rounds)]
+    spent = acc.get_epsilon(DELTA)
+    assert 0.9 * eps <= spent <= eps
+    # our fast accountant (stock analysis, stock integer orders) is never below the stock one
+    assert spent <= prototype_epsilon(z, q, rounds, DELTA) <= 1.03 * spent
+
+
+@pytest.mark.parametrize("q,z", [(0.5, 1.3), (0.05, 0.9), (1.0, 3.0), (0.2, 20.0)])
+def test_fast_prototype_rdp_equals_opacus_at_integer_orders(q, z):
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from fedmoco.privacy import PROTOTYPE_ORDERS, sampled_gaussian_rdp
+
+    ours = sampled_gaussian_rdp(z, q, 7, PROTOTYPE_ORDERS)
+    stock = compute_rdp(q=q, noise_multiplier=z, steps=7, orders=list(PROTOTYPE_ORDERS))
+    assert ours == pytest.approx(stock, rel=1e-9)
+
+
+def test_prototype_noise_reference_value_and_errors():
+    # privacy-maths.md: eps 1.5, 10 rounds, q = 1 -> z = 8.8 (Opacus rdp, delta 1e-5)
+    assert calibrate_prototype_noise(1.5, 1e-5, 10, 1.0) == pytest.approx(8.83, abs=0.01)
+    assert prototype_epsilon(3.0, 0.5, 0, DELTA) == 0.0 and prototype_epsilon(0.0, 0.5, 2, DELTA) == math.inf
+    with pytest.raises(ConfigError, match="epsilon"):
+        calibrate_prototype_noise(0.0, DELTA, 10, 1.0)
+    with pytest.raises(ConfigError, match="delta"):
+        calibrate_prototype_noise(1.0, 1.5, 10, 1.0)
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        calibrate_prototype_noise(1e-4, 1e-12, 10, 1.0)
+
+
+def _clustered(n_per: int, centres: torch.Tensor, spread: float, seed: int = 0) -> torch.Tensor:
+    g = _gen(seed)
+    rows = [F.normalize(c + spread * torch.randn(n_per, c.numel(), generator=g), dim=1) for c in centres]
+    return torch.cat(rows)
+
+
+def test_noise_on_the_sums_has_std_z_and_the_sums_are_exact_underneath():
+    centres = seeded_centres(8, 32, seed=1)
+    emb = _clustered(50, centres, 0.3)
+    z = 2.5
+    noisy, counts = noisy_prototype_sums(emb, centres, z, _gen(2))
+    exact, counts0 = noisy_prototype_sums(emb, centres, 0.0)
+    assert torch.equal(counts, counts0) and counts.sum() == 400
+    # hand reference: the exact sums are the per-centre sums of the unit rows
+    owner = (emb @ centres.T).argmax(1)
+    for c in range(8):
+        assert torch.allclose(exact[c], emb[owner == c].sum(0), atol=1e-5)
+    noise = torch.cat([(noisy_prototype_sums(emb, centres, z, _gen(s))[0] - exact).flatten() for s in range(20)])
+    assert noise.std().item() == pytest.approx(z, rel=0.03) and abs(noise.mean().item()) < 0.1
+    # the noise is there for every centre, empty or not (an empty centre is pure noise)
+    noisy_big, _ = noisy_prototype_sums(emb[:1], seeded_centres(200, 32, 3), 1.0, _gen(4))
+    assert noisy_big.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_privatize_prototypes_rows_for_nonempty_centres_in_order():
+    centres = seeded_centres(6, 16, seed=5)
+    emb = torch.cat([_clustered(30, centres[[0]], 0.2), _clustered(10, centres[[3]], 0.2, seed=1)])
+    out = privatize_prototypes(emb, centres, 0.0)
+    assert out.shape == (2, 16)
+    assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(out[0], F.normalize(emb[:30].sum(0), dim=0), atol=1e-5)
+    assert torch.allclose(out[1], F.normalize(emb[30:].sum(0), dim=0), atol=1e-5)
+    noisy = privatize_prototypes(emb, centres, 1.0, _gen(7))
+    sums, _ = noisy_prototype_sums(emb, centres, 1.0, _gen(7))
+    assert torch.allclose(noisy, F.normalize(sums[[0, 3]], dim=1))
+    # a non-unit embedding counts as its direction only (sensitivity 1)
+    assert torch.allclose(privatize_prototypes(emb * 100, centres, 0.0), out, atol=1e-5)
+
+
+def test_select_prototypes_drops_pure_noise_keeps_signal():
+    z, d = 3.0, 64
+    g = _gen(8)
+    signal = torch.zeros(50, d)
+    signal[:, 0] = 200.0  # n rho = 200 >> z sqrt(D) = 24: estimated cosine ~ 0.99
+    rows = torch.cat([signal, torch.zeros(200, d)]) + z * torch.randn(250, d, generator=g)
+    kept = select_prototypes(rows, z, min_cosine=0.5)
+    assert 50 <= kept.shape[0] <= 50 + 200 * 0.1
+    assert torch.allclose(kept.norm(dim=1), torch.ones(kept.shape[0]), atol=1e-5)
+    assert select_prototypes(torch.cat([signal[:3], torch.zeros(4, d)]), 0.0).shape == (3, d)
+
+
+def test_centres_come_from_public_inputs_only():
+    received = F.normalize(torch.randn(40, 16, generator=_gen(9)), dim=1)
+    a = choose_centres(received, 8, 16, seed=11)
+    assert torch.equal(a, choose_centres(received.clone(), 8, 16, seed=11))  # deterministic
+    assert ((a @ received.T).max(dim=1).values > 1 - 1e-6).all()  # all from what was sent
+    assert (a @ a.T - torch.eye(8)).max() < 0.99  # spread out, no duplicates
+    few = choose_centres(received[:3], 8, 16, seed=11)
+    assert torch.allclose((few[:3] @ received[:3].T).max(dim=1).values, torch.ones(3))
+    assert torch.equal(few[3:], seeded_centres(8, 16, 11)[:5])
+    assert torch.equal(choose_centres(None, 8, 16, seed=11), seeded_centres(8, 16, 11))
+
+
+def test_release_prototypes_uses_the_given_encoder_per_sample():
+    enc = _BNEncoder(dim=8)
+    data = [(im, im) for im in _images(60)]
+    centres = seeded_centres(4, 8, 0)
+    out = release_prototypes(enc, data, centres, 0.0, 1.0)
+    assert enc.training  # restored
+    enc.eval()
+    with torch.no_grad():
+        emb = F.normalize(enc(torch.stack([d[0] for d in data])), dim=1)
+    assert torch.allclose(out, privatize_prototypes(emb, centres, 0.0), atol=1e-5)
+    data[5] = None  # unreadable: left out of the sums
+    out2 = release_prototypes(enc, data, centres, 0.0, 1.0)
+    assert torch.allclose(out2, privatize_prototypes(torch.cat([emb[:5], emb[6:]]), centres, 0.0), atol=1e-5)

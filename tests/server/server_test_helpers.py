@@ -23,7 +23,7 @@ def tiny_arrays(seed: int = 0) -> ArrayRecord:
 def good_metrics(n: int = 10, **over: float) -> dict[str, float]:
     m = {k: 0.5 for k in REQUIRED_METRICS}
     m.update({"num-examples": n, "dp-keys-epsilon": 1.0, "dp-keys-delta": 1e-5, "dp-keys-releases": 1.0,
-              "dp-keys-exhausted": 0.0, "skipped": 0})
+              "dp-keys-exhausted": 0.0, "dp-keys-budget": 8.0, "dp-status": 0.0, "skipped": 0})
     m.update(over)
     return m
 

@@ -1,0 +1,101 @@
+"""The site's privacy ledger on its own disk: one JSON file, file-locked, written atomically.
+
+The budget belongs to the site, so the ledger lives where only the site admin decides:
+node_config ``ledger-path`` (a file), or ``<state-dir>/privacy-ledger.json``. Nothing the
+server sends can point it elsewhere or reset it, and it outlives runs, server restarts and
+SuperNode restarts (``Context.state`` lives in the SuperNode's memory and does not).
+
+:func:`locked_ledger` holds an exclusive ``fcntl`` lock on ``<ledger>.lock`` from reading
+to writing, so two runs (or two SuperNodes) that share a ledger serialise their spending;
+the JSON is replaced atomically (temp file, fsync, rename), so a crash leaves either the old
+or the new ledger, never a torn one. An unreadable ledger is an error, never a fresh budget.
+
+A ``key-ledger.pt`` left by an older fedmoco in the same ``state-dir`` (per-record keys, one
+fixed (z, q)) is carried over into the new file, so its spending is not forgotten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmoco.errors import ConfigError
+from fedmoco.ledger import SiteLedger
+
+LEDGER_FILE = "privacy-ledger.json"
+LEGACY_LEDGER_FILE = "key-ledger.pt"
+
+
+def ledger_path(node_config: Mapping[str, Any]) -> Path | None:
+    """node_config ``ledger-path``, else ``<state-dir>/privacy-ledger.json``, else None."""
+    explicit = str(node_config.get("ledger-path", "")).strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    state_dir = str(node_config.get("state-dir", "")).strip()
+    return Path(state_dir).expanduser() / LEDGER_FILE if state_dir else None
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    # fedmoco.checkpoint.atomic_save writes torch pickles; the ledger is JSON so that a site
+    # admin can read what was spent with any tool.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def read_ledger(path: Path) -> SiteLedger | None:
+    """The ledger at ``path`` (or carried over from a legacy ``key-ledger.pt`` beside it), or
+    None if the site has none yet. ConfigError naming the file if it cannot be read."""
+    if path.is_file():
+        try:
+            return SiteLedger.from_state_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: privacy ledger unreadable ({exc}); fix or remove it deliberately") from None
+    legacy = path.parent / LEGACY_LEDGER_FILE
+    if legacy.is_file():
+        try:
+            d = torch.load(legacy, map_location="cpu", weights_only=True)
+            history = [(float(d["noise_multiplier"]), float(d["sample_rate"]), int(d["releases"]))]
+            return SiteLedger("keys", float(d["epsilon_budget"]), float(d["delta"]),
+                              [h for h in history if h[2] > 0])
+        except Exception as exc:  # noqa: BLE001 - any damage: refuse, never start afresh
+            raise ConfigError(f"{legacy}: old privacy ledger unreadable ({exc})") from None
+    return None
+
+
+@contextlib.contextmanager
+def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
+    """Exclusive access to the ledger at ``path``: yields ``{"ledger": SiteLedger | None}``;
+    whatever ``"ledger"`` holds on exit is written back atomically (unless an exception
+    escaped). Blocks while another process holds the lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            box: dict[str, Any] = {"ledger": read_ledger(path)}
+            yield box
+            if box["ledger"] is not None:
+                _write_json_atomic(box["ledger"].state_dict(), path)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

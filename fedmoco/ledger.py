@@ -1,0 +1,192 @@
+"""A site's privacy budget across rounds, runs and restarts: what was spent, and what is left.
+
+:class:`SiteLedger` is the accounting only (plain values in, plain values out); the file
+it lives in, its lock and its atomic writes are ``clients.ledger``. One ledger holds one
+release mechanism, because the two are stated under different adjacencies:
+
+``prototypes``  noisy per-centre sums; add/remove one image; the subsampled Gaussian sum
+                mechanism (sensitivity 1), Opacus' stock RDP analysis at its integer
+                orders (``fedmoco.privacy.PrototypeRDPAccountant``).
+``keys``        one noisy key per sampled image; replace-one image; the exact per-slot
+                accountant ``fedmoco-key-rdp`` of :mod:`fedmoco.privacy`.
+
+Each release is one ``(z, q, 1)`` step in an Opacus-style history, so releases at
+different noise levels (a new run with a different number of rounds, a tightened budget)
+compose exactly in RDP. Before each round the site asks :meth:`SiteLedger.plan` for the
+noise that lets the remaining rounds of this run fit in what is left, and spends before it
+releases (:meth:`record`), so a crash between the two can only over-count.
+
+``DP_STATUS`` are the codes of the ``dp-status`` metric a site reports every round, so
+the coordinator learns why a site sent no summaries without any free text in the reply.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from fedmoco.errors import ConfigError
+from fedmoco.privacy import (KeyReleaseRDPAccountant, PrototypeRDPAccountant, _check_count, _check_delta,
+                             _check_epsilon, _check_noise_multiplier, _check_sample_rate, calibrate_noise,
+                             calibrate_prototype_noise)
+
+LEDGER_FORMAT = "fedmoco-privacy-ledger/2"
+MECHANISMS = {"prototypes": "add/remove one image", "keys": "replace one image"}
+#: Largest delta a site may state (and it must also be below 1 / its number of images).
+MAX_DELTA = 1e-3
+
+#: ``dp-status`` metric: code -> why (the server logs and records the text).
+DP_STATUS: dict[int, str] = {
+    0: "released under the site's differential-privacy budget",
+    1: "released WITHOUT noise (dp-epsilon=inf): not private, for benchmarks only",
+    2: "nothing to release: run_config key-release=none",
+    3: "sharing refused: no persistent ledger (set node_config ledger-path or state-dir)",
+    4: "sharing refused: no budget (set node_config dp-epsilon)",
+    5: "privacy budget exhausted",
+    6: "sharing refused: the ledger was started for another key-release mode",
+    7: "sharing refused: the privacy ledger could not be read or written",
+}
+
+
+def check_site_delta(delta: float, n_images: int) -> float:
+    """A site's delta: in (0, MAX_DELTA] and below 1 / n_images (else one image may leak
+    with probability delta and still 'satisfy' the guarantee). ConfigError naming dp-delta."""
+    try:
+        delta = _check_delta(delta)
+    except ConfigError:
+        raise ConfigError(f"node_config dp-delta: must be in (0, {MAX_DELTA:g}], got {delta!r}") from None
+    if delta > MAX_DELTA or delta >= 1.0 / max(n_images, 1):
+        raise ConfigError(f"node_config dp-delta: {delta:g} is too large for {n_images} images; "
+                          f"use at most {MAX_DELTA:g} and less than 1/{n_images} (e.g. 1e-5)")
+    return delta
+
+
+class SiteLedger:
+    """Budget (epsilon, delta) of one mechanism, and the history of releases paid from it."""
+
+    def __init__(self, mechanism: str, epsilon_budget: float, delta: float,
+                 history: list[tuple[float, float, int]] | None = None) -> None:
+        if mechanism not in MECHANISMS:
+            raise ConfigError(f"ledger mechanism: {mechanism!r}, expected one of {sorted(MECHANISMS)}")
+        self.mechanism = mechanism
+        self.epsilon_budget = _check_epsilon(epsilon_budget, "epsilon_budget")
+        self.delta = _check_delta(delta)
+        self.history = [(_check_noise_multiplier(z, False), _check_sample_rate(q), _check_count(n, "releases", 1))
+                        for z, q, n in (history or [])]
+
+    @property
+    def adjacency(self) -> str:
+        return MECHANISMS[self.mechanism]
+
+    @property
+    def releases(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
+        acc = PrototypeRDPAccountant() if self.mechanism == "prototypes" else KeyReleaseRDPAccountant()
+        acc.history = list(history)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order")
+            return float(acc.get_epsilon(self.delta))
+
+    def spent(self) -> float:
+        """Epsilon spent so far, at ``self.delta``, under ``self.adjacency``."""
+        return self._epsilon(self.history)
+
+    def plan(self, rounds: int, sample_rate: float) -> float | None:
+        """The smallest noise multiplier z (to 0.5 % of epsilon) with which ``rounds`` more
+        releases at rate q fit in the budget, or None when not even one release fits."""
+        rounds = _check_count(rounds, "rounds", 1)
+        q = _check_sample_rate(sample_rate)
+        for n in (rounds, 1):  # can't plan all remaining rounds: at least pay for the next one
+            z = self._fit(n, q)
+            if z is not None:
+                return z
+        return None
+
+    def _fit(self, rounds: int, q: float) -> float | None:
+        if not self.history:
+            calibrate = calibrate_prototype_noise if self.mechanism == "prototypes" else calibrate_noise
+            try:
+                return calibrate(self.epsilon_budget, self.delta, rounds, q)
+            except ConfigError:
+                return None
+        # Same bisection as Opacus' get_noise_multiplier, on top of what was already spent.
+        fits = lambda z: self._epsilon(self.history + [(z, q, rounds)]) <= self.epsilon_budget  # noqa: E731
+        hi = 10.0
+        while not fits(hi):
+            hi *= 2
+            if hi > 1e6:
+                return None
+        lo = 0.0
+        while self.epsilon_budget - self._epsilon(self.history + [(hi, q, rounds)]) > 0.005 * self.epsilon_budget:
+            mid = (lo + hi) / 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo < 1e-6 * hi:
+                break
+        return hi
+
+    def record(self, noise_multiplier: float, sample_rate: float) -> float:
+        """Account one release at (z, q); returns epsilon spent after it."""
+        z, q = _check_noise_multiplier(noise_multiplier, False), _check_sample_rate(sample_rate)
+        if self.history and self.history[-1][:2] == (z, q):
+            self.history[-1] = (z, q, self.history[-1][2] + 1)
+        else:
+            self.history.append((z, q, 1))
+        return self.spent()
+
+    def tighten(self, epsilon: float, delta: float) -> list[str]:
+        """Lower the budget to (epsilon, delta) where that is tighter; never loosen.
+        Returns what changed / what was refused, one line each, for the site's log."""
+        notes = []
+        epsilon, delta = _check_epsilon(epsilon, "dp-epsilon"), _check_delta(delta)
+        if epsilon < self.epsilon_budget:
+            notes.append(f"budget tightened: epsilon {self.epsilon_budget:g} -> {epsilon:g}")
+            self.epsilon_budget = epsilon
+        elif epsilon > self.epsilon_budget:
+            notes.append(f"dp-epsilon {epsilon:g} ignored: the ledger's budget {self.epsilon_budget:g} is never loosened")
+        if delta < self.delta:
+            notes.append(f"budget tightened: delta {self.delta:g} -> {delta:g}")
+            self.delta = delta
+        elif delta > self.delta:
+            notes.append(f"dp-delta {delta:g} ignored: the ledger's delta {self.delta:g} is never loosened")
+        return notes
+
+    def to_metrics(self, exhausted: bool) -> dict[str, float]:
+        """``dp-keys-*`` entries of the reply (values of the ledger, not of the images)."""
+        return {"dp-keys-epsilon": self.spent(), "dp-keys-delta": self.delta,
+                "dp-keys-releases": float(self.releases), "dp-keys-exhausted": 1.0 if exhausted else 0.0,
+                "dp-keys-budget": self.epsilon_budget}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe plain values."""
+        return {"format": LEDGER_FORMAT, "mechanism": self.mechanism, "adjacency": self.adjacency,
+                "epsilon_budget": self.epsilon_budget, "delta": self.delta,
+                "history": [{"noise_multiplier": z, "sample_rate": q, "releases": n} for z, q, n in self.history],
+                "epsilon_spent": self.spent()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> "SiteLedger":
+        """Inverse of :meth:`state_dict`; ConfigError if ``d`` is not one."""
+        if not isinstance(d, dict) or d.get("format") != LEDGER_FORMAT:
+            raise ConfigError(f"ledger: format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
+                              f"expected {LEDGER_FORMAT!r}")
+        try:
+            history = [(float(h["noise_multiplier"]), float(h["sample_rate"]), int(h["releases"])) for h in d["history"]]
+            return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]), history)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def no_ledger_metrics(status: int, releases: int = 0) -> dict[str, float]:
+    """``dp-*`` metrics of a round without a ledger (status 1-4, 7): no spending reported."""
+    inf = status == 1
+    return {"dp-keys-epsilon": math.inf if inf else 0.0, "dp-keys-delta": 0.0,
+            "dp-keys-releases": float(releases), "dp-keys-exhausted": 0.0,
+            "dp-keys-budget": math.inf if inf else 0.0, "dp-status": float(status)}
