@@ -88,13 +88,14 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
                     min_available_nodes=r("min-nodes"))
     model_dp = None
     if r("model-dp-noise") > 0:
-        model_dp = ModelDP(noise=r("model-dp-noise"), clip=r("model-dp-clip"), delta=r("dp-delta"),
+        model_dp = ModelDP(noise=r("model-dp-noise"), clip=r("model-dp-clip"), delta=r("model-dp-delta"),
                            releases=int(dp_state["releases"]) if dp_state else 0)
     max_norm = r("max-update-norm")
     strategy = FedMoCo(
         queue=queue,
         limits=ReplyLimits(key_dim=mcfg.dim, max_keys=r("max-keys"), max_update_norm=max_norm if max_norm > 0 else None),
-        queue_sample=r("queue-sample"), exclude_own_keys=r("exclude-own-keys"), min_replies=r("min-replies"),
+        queue_sample=r("queue-sample"), exclude_own_keys=r("exclude-own-keys"),
+        queue_max_age=r("global-queue-max-age"), min_replies=r("min-replies"),
         aggregator=make_aggregator(r("aggregation"), trim_beta=r("trim-beta"), krum_malicious=r("krum-malicious"),
                                    fraction_evaluate=0.0, **sampling),
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,

@@ -45,6 +45,7 @@ from opacus.accountants import RDPAccountant
 
 from fedmoco.checkpoint import atomic_save
 from fedmoco.errors import ConfigError
+from fedmoco.ledger import DP_STATUS
 from fedmoco.metrics import JsonlLogger
 from server.queue import GlobalKeyQueue
 from server.validation import KEYS, REQUIRED_METRICS, ExampleCaps, ReplyLimits, decode_arrays, validate_reply
@@ -55,7 +56,8 @@ SERVER_STATE_FORMAT = "fedmoco-server-state"
 SERVER_STATE_VERSION = 1
 #: Per-site metrics copied into the round's JSON line.
 SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "seconds", "skipped",
-                "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted")
+                "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted", "dp-keys-budget",
+                "dp-status")
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -133,6 +135,8 @@ class FedMoCo(FedAvg):
     ``metrics_path``: the JSON-lines file of per-round metrics (None: not written).
     ``round_offset``: rounds already done (a resumed run).
     ``site_ledger``: per-node privacy reports restored from a checkpoint.
+    ``queue_max_age``: rounds a summary may serve as a negative after the round it arrived
+    in; older ones are dropped before each round's sampling (0 = kept until overwritten).
     ``example_caps``: the most examples each site's FedAvg weight counts for; a larger
     ``num-examples`` is clipped to the cap before aggregation (docs/federation.md).
     """
@@ -144,7 +148,7 @@ class FedMoCo(FedAvg):
                  round_offset: int = 0, site_ledger: dict[int, dict[str, float]] | None = None,
                  expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
                  fraction_evaluate: float = 0.0, example_caps: ExampleCaps | None = None,
-                 **fedavg_kwargs: Any) -> None:
+                 queue_max_age: int = 0, **fedavg_kwargs: Any) -> None:
         super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
         if queue_sample < 0:
             raise ConfigError(f"queue-sample must be >= 0, got {queue_sample}")
@@ -158,6 +162,10 @@ class FedMoCo(FedAvg):
         self.limits = limits
         self.queue_sample = int(queue_sample)
         self.exclude_own_keys = exclude_own_keys
+        if int(queue_max_age) < 0:
+            raise ConfigError(f"global-queue-max-age must be >= 0, got {queue_max_age}")
+        self.queue_max_age = int(queue_max_age)
+        self._expired = 0
         self.min_replies = int(min_replies)
         self.aggregator = aggregator
         self.model_dp = model_dp
@@ -202,6 +210,7 @@ class FedMoCo(FedAvg):
         base = (self.aggregator or super(FedMoCo, self)).configure_train(r, arrays, ConfigRecord(dict(config)), grid)
         messages, self._down = [], {}
         weight_bytes = array_bytes(arrays)
+        self._expired = self.queue.expire(r, self.queue_max_age)
         for msg in base:
             node = msg.metadata.dst_node_id
             sample = self.queue.sample(self.queue_sample, exclude=node if self.exclude_own_keys else None,
@@ -250,7 +259,8 @@ class FedMoCo(FedAvg):
             self._cap_examples(r, node, metrics, site)
             site.update(status="accepted", keys=int(keys.shape[0]),
                         **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics})
-            self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-keys-")}
+            self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-")}
+            self._note_dp_status(r, node, site)
             accepted.append((msg, keys))
 
         arrays, agg_metrics = None, None
@@ -269,6 +279,18 @@ class FedMoCo(FedAvg):
         self._save_checkpoint(r)
         self._log_round(r, sites, agg_metrics, arrays is not None, t_received)
         return arrays, agg_metrics
+
+    @staticmethod
+    def _note_dp_status(r: int, node: int, site: dict[str, Any]) -> None:
+        """Say why an accepted site sent no DP summaries (its ``dp-status``), in the log and the JSON line."""
+        code = int(site.get("dp-status", 0))
+        if code == 0:
+            return
+        site["dp-reason"] = DP_STATUS.get(code, f"unknown dp-status {code}")
+        spent = (f" (spent eps {site['dp-keys-epsilon']:.4g} of {site['dp-keys-budget']:g})"
+                 if code == 5 and "dp-keys-budget" in site else "")
+        level = logging.INFO if code == 2 else logging.WARNING
+        log.log(level, "round %d: node %d sent no DP summaries: %s%s", r, node, site["dp-reason"], spent)
 
     def _cap_examples(self, r: int, node: int, metrics: MetricRecord, site: dict[str, Any]) -> None:
         """Clip a validated reply's ``num-examples`` (its FedAvg weight) to the site's cap."""
@@ -342,6 +364,10 @@ class FedMoCo(FedAvg):
             "errors": sum(s.get("status") == "error" for s in sites),
             "examples": sum(s.get("num-examples", 0.0) for s in ok),
             "queue-size": len(self.queue), "queue-sites": len(self.queue.counts_by_site()),
+            "queue-added": sum(s.get("keys", 0) for s in ok) if updated else 0, "queue-expired": self._expired,
+            "up-bytes": sum(s.get("up-arrays", 0) + s.get("up-keys", 0) for s in sites),
+            "down-bytes": sum(d.get("weights", 0) + d.get("queue", 0) for d in self._down.values()),
+            "dp-sharing": sum(s.get("dp-status") in (0, 1) for s in ok),
             "server-rss-mb": current_rss_mb(),
             "sites": sites,
         }

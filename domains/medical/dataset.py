@@ -22,12 +22,23 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
+from fedmoco.cache import SampleCache, file_stamps, open_cache
 from fedmoco.errors import DataError
 
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
 from .options import CT_PRESETS, MedicalOptions
 from .reader import INCONSISTENT, DicomImage, DicomReadError, read_dicom
-from .transforms import IMAGE, WINDOW, ViewPipeline, eval_pipeline, pretrain_pipeline
+from .transforms import (
+    BASE_OPTIONS,
+    IMAGE,
+    WINDOW,
+    ViewPipeline,
+    base_size,
+    eval_pipeline,
+    from_base,
+    pretrain_pipeline,
+    to_base,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +122,30 @@ class _DicomSamples(Dataset):
 
 
 class MedicalPretrainDataset(_DicomSamples):
-    """``dataset[i]`` -> (view_q, view_k), each (C, S, S) float32 normalised, or None."""
+    """``dataset[i]`` -> (view_q, view_k), each (C, S, S) float32 normalised, or None.
 
-    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline) -> None:
+    With a :class:`fedmoco.cache.SampleCache` the decoded, windowed, resized base of each
+    sample is stored on first use and read back afterwards (``transforms.to_base``).
+    """
+
+    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline,
+                 cache: SampleCache | None = None, image_size: int = 0) -> None:
         super().__init__(root, records, samples, opts)
         self.views = TwoViews(pipeline)
+        self.cache = cache
+        self.image_size = image_size
+
+    def base(self, i: int) -> tuple[np.ndarray, int] | None:
+        """Cached base of sample ``i`` (decoded and stored on a miss), or None if unreadable."""
+        hit = self.cache.get(i)
+        if hit is not None:
+            return hit
+        sample = self.load(i)
+        if sample is None:
+            return None
+        base, tag = to_base(sample, self.opts, self.cache.shape[-1])
+        self.cache.put(i, base, tag)
+        return base, tag
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         # MONAI transforms keep their own numpy RandomState, which forked DataLoader workers
@@ -124,8 +154,38 @@ class MedicalPretrainDataset(_DicomSamples):
         # the engine's saved RNG state makes a resumed run augment as the uninterrupted one.
         self.views.transform.set_random_state(int(torch.randint(0, 2**31 - 1, ())))
         with one_thread():
-            sample = self.load(i)
+            if self.cache is None:
+                sample = self.load(i)
+            else:
+                found = self.base(i)
+                sample = None if found is None else from_base(*found)
             return None if sample is None else self.views(sample)
+
+    def batched_views(self) -> tuple[Dataset, torch.nn.Module] | None:
+        """(dataset of cached bases, module making both views per batch), or None without a
+        cache or with elastic deformation (not available per batch)."""
+        if self.cache is None or self.opts.elastic_prob > 0:
+            return None
+        from fedmoco.gpu_augment import MedicalViews  # only sites that batch their views pay the import
+
+        return MedicalBases(self), MedicalViews(self.opts, self.image_size, self.views.transform.normalization)
+
+
+class MedicalBases(Dataset):
+    """``dataset[i]`` -> (base float16 (C, W, W) in window units, tag int), or None."""
+
+    def __init__(self, source: MedicalPretrainDataset) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        with one_thread():
+            found = self.source.base(i)
+        if found is None:
+            return None
+        return torch.from_numpy(np.array(found[0])), found[1]
 
 
 class MedicalLabelledDataset(_DicomSamples):
@@ -170,6 +230,19 @@ def _describe(records: list[FileRecord], n_samples: int, opts: MedicalOptions, s
     )
 
 
+def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, opts: MedicalOptions,
+                  cfg: DataConfig) -> SampleCache | None:
+    """The decoded-sample cache of this folder and these options, or None when turned off
+    (``DataConfig.cache`` false, or the medical option ``cache=false``)."""
+    if not (cfg.cache and opts.cache):
+        return None
+    size = base_size(opts, cfg.image_size)
+    options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size}
+    stamps = file_stamps(root, [root / r.path for r in records])
+    return open_cache(root, "medical", len(samples), (opts.in_channels, size, size), "float16", options, stamps,
+                      cfg.cache_dir or opts.cache_dir or None)
+
+
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Two-view MoCo data over the DICOM files under ``root`` (see fedmoco.data).
 
@@ -181,7 +254,8 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     samples = build_samples(records, opts.slices)
     normalization = default_normalization(opts.in_channels)
     pipeline = ViewPipeline(pretrain_pipeline(opts, cfg.image_size), normalization)
-    dataset = MedicalPretrainDataset(root, records, samples, opts, pipeline)
+    cache = _sample_cache(Path(root), records, samples, opts, cfg)
+    dataset = MedicalPretrainDataset(root, records, samples, opts, pipeline, cache, cfg.image_size)
     return PretrainData(
         dataset=dataset,
         in_channels=opts.in_channels,
@@ -225,4 +299,5 @@ def build_labelled_data(
         in_channels=opts.in_channels,
         normalization=normalization,
         skipped=skipped,
+        sample_labels=[dataset.label_of(i) for i in range(len(dataset))],
     )

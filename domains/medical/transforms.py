@@ -52,7 +52,8 @@ class RandWindowd(RandomizableTransform, MapTransform):
     it from ``data["window"]`` and delegates the mapping to ``ScaleIntensityRange``.
 
     ``level_jitter`` shifts the centre by ``U(-j, j) * width``; ``width_jitter`` scales the
-    width by ``1 + U(-j, j)``. Percentile windows are never jittered.
+    width by ``1 + U(-j, j)``. Percentile windows are never jittered, nor is a window given
+    as ``(centre, width, False)`` (a cached base already windowed by percentiles).
     """
 
     def __init__(
@@ -88,8 +89,9 @@ class RandWindowd(RandomizableTransform, MapTransform):
                 scale = ScaleIntensityRange(lo, hi, b_min=0.0, b_max=1.0, clip=True)
             else:
                 centre, width = float(window[0]), float(window[1])
-                centre += self.level_jitter * self._level_u * width
-                width *= 1.0 + self.width_jitter * self._width_u
+                if len(window) < 3 or window[2]:
+                    centre += self.level_jitter * self._level_u * width
+                    width *= 1.0 + self.width_jitter * self._width_u
                 scale = ScaleIntensityRange(
                     centre - width / 2, centre + width / 2, b_min=0.0, b_max=1.0, clip=True
                 )
@@ -144,6 +146,54 @@ class SquareCentreCropd(MapTransform):
             side = min(d[key].shape[-2:])
             d[key] = CenterSpatialCrop((side, side))(d[key])
         return d
+
+
+# -- cached bases (fedmoco.cache) ---------------------------------------------------------
+# A base is the sample windowed to *window units*: t = (x - (centre - width / 2)) / width, so
+# the nominal window is [0, 1] and a jittered window is an affine map of t. Values are kept
+# over the range any jittered window can reach (window_reach), so jitter sees exactly what it
+# would see in modality units. Percentile windows are applied in full (never jittered).
+JITTERED, FIXED = 1, 2  # cache tags
+BASE_WINDOW = (0.5, 1.0)  # the nominal window in window units
+# Options that shape a base; a change rebuilds the cache. The rest are augmentations.
+BASE_OPTIONS = ("modalities", "slices", "channels", "ct_window", "window", "percentiles", "crop_scale",
+                "window_level_jitter", "window_width_jitter")
+
+
+def base_size(opts: MedicalOptions, image_size: int) -> int:
+    """Side of a cached base: the smallest crop (``crop_scale`` of the area) still spans
+    ``image_size`` pixels, so the views are never upsampled from the cache."""
+    return int(math.ceil(image_size / math.sqrt(opts.crop_scale)))
+
+
+def window_reach(opts: MedicalOptions) -> tuple[float, float]:
+    """(low, high) in window units that the most extreme jittered window can map to [0, 1]."""
+    half = (1.0 + opts.window_width_jitter) / 2
+    return 0.5 - opts.window_level_jitter - half, 0.5 + opts.window_level_jitter + half
+
+
+def to_base(sample: Mapping[str, Any], opts: MedicalOptions, size: int) -> tuple[np.ndarray, int]:
+    """A loaded sample -> (float16 (C, size, size) in window units, tag JITTERED or FIXED)."""
+    image = torch.as_tensor(sample[IMAGE], dtype=torch.float32)
+    window = sample.get(WINDOW)
+    if window is None:
+        lo, hi = percentile_window(image, opts.percentiles)
+        t, tag = ((image - lo) / (hi - lo)).clamp(0.0, 1.0), FIXED
+    else:
+        centre, width = float(window[0]), float(window[1])
+        reach = window_reach(opts)
+        t, tag = ((image - (centre - width / 2)) / width).clamp(*reach), JITTERED
+    h, w = t.shape[-2:]
+    mode = "area" if h >= size and w >= size else "bilinear"
+    t = torch.nn.functional.interpolate(t[None], size=(size, size), mode=mode,
+                                        **({"align_corners": False} if mode == "bilinear" else {}))[0]
+    return t.to(torch.float16).numpy(), tag
+
+
+def from_base(base: np.ndarray, tag: int) -> dict[str, Any]:
+    """The sample dict the pipelines expect, from a cached base."""
+    window = BASE_WINDOW if tag == JITTERED else (*BASE_WINDOW, False)
+    return {IMAGE: torch.from_numpy(np.asarray(base, dtype=np.float32)), WINDOW: window}
 
 
 def pretrain_pipeline(opts: MedicalOptions, image_size: int) -> Compose:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from domains.satellite import bands as band_facts
 from domains.satellite.augment import AppendIndices, eval_transform, pretrain_transform
@@ -42,6 +44,7 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
+from fedmoco.cache import SampleCache, file_stamps, open_cache
 from fedmoco.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -215,9 +218,17 @@ class TileReader:
     layout: Layout
     gdal_cache_mb: int
     fill: np.ndarray | None = None  # per-band value for masked pixels (the band means)
+    # Per source, its selected bands as float16 reflectance with NaN where masked
+    # (fedmoco.cache); reads come from it instead of GDAL once filled.
+    cache: list[SampleCache] | None = None
 
     def read(self, i: int, window: Window) -> np.ma.MaskedArray:
         """Masked reflectance (bands, h, w) of ``window`` in source ``i``; RasterReadError."""
+        if self.cache is not None:
+            hit = self.cache[i].get(0)
+            if hit is not None:
+                col, row, w, h = window
+                return np.ma.masked_invalid(hit[0][:, row:row + h, col:col + w].astype(np.float32), copy=False)
         handles = shared_handles(self.gdal_cache_mb)
         return self.sources[i].read(window, self.layout.positions[i], handles)
 
@@ -284,10 +295,53 @@ def probe_random(
     return kept
 
 
+# Rows read per GDAL call while filling the cache: bounds memory to bands x rows x width.
+_FILL_ROWS = 512
+
+
+def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: DataConfig) -> None:
+    """Give ``reader`` its decoded-raster cache (``fedmoco.cache``), filling what is missing.
+
+    One cached array per source: its selected bands on the common grid, reflectance as
+    float16 (relative error <= 2^-11, far below the augmentations' noise and jitter), NaN
+    where masked. Filled now, in row blocks, once per folder and options; a source that fails
+    to read stays uncached and is read through GDAL (and skipped there, as without a cache).
+    """
+    if not (cfg.cache and opts.cache):
+        return
+    options = {"bands": opts.bands, "scale": opts.scale, "offset": opts.offset, "resolution": opts.resolution,
+               "resampling": opts.resampling}
+    caches = []
+    for i, source in enumerate(reader.sources):
+        shape = (len(reader.layout.positions[i]), source.grid.height, source.grid.width)
+        stamps = file_stamps(root, source.paths)
+        cache = open_cache(root, f"satellite{i}", 1, shape, "float16",
+                           {**options, "positions": reader.layout.positions[i]}, stamps, cfg.cache_dir or None)
+        if cache is None:
+            return  # no room or no folder: every source goes through GDAL
+        caches.append(cache)
+    todo = [i for i, c in enumerate(caches) if c.get(0) is None]
+    handles = shared_handles(reader.gdal_cache_mb)
+    for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo, leave=False):
+        source, cache = reader.sources[i], caches[i]
+        block = np.empty(cache.shape, np.float16)
+        try:
+            for row in range(0, source.grid.height, _FILL_ROWS):
+                h = min(_FILL_ROWS, source.grid.height - row)
+                tile = source.read((0, row, source.grid.width, h), reader.layout.positions[i], handles)
+                block[:, row:row + h] = np.where(np.ma.getmaskarray(tile), np.nan, tile.data)
+        except RasterReadError as exc:
+            log.warning("not cached, read from disk each time: %s", exc)
+            continue
+        cache.put(0, block)
+    reader.cache = caches
+
+
 def _subset(reader: TileReader, keep: list[int]) -> TileReader:
     layout = reader.layout
     sub = Layout([layout.positions[i] for i in keep], layout.names, layout.wavelengths, layout.roles, layout.indices)
-    return TileReader([reader.sources[i] for i in keep], sub, reader.gdal_cache_mb, reader.fill)
+    cache = [reader.cache[i] for i in keep] if reader.cache is not None else None
+    return TileReader([reader.sources[i] for i in keep], sub, reader.gdal_cache_mb, reader.fill, cache)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -376,6 +430,7 @@ class SatellitePretrainDataset(Dataset):
         self.cumulative = None if weights is None else np.cumsum(weights)
         self.length = len(windows) if windows is not None else length
         self.partners = partners or {}
+        self.make_views = None  # () -> fedmoco.gpu_augment.SatelliteViews, set by build_pretrain_data
 
     def __len__(self) -> int:
         return self.length
@@ -408,6 +463,12 @@ class SatellitePretrainDataset(Dataset):
         with one_thread():
             return self.transform(self.reader.filled(tile)), self.transform(self.reader.filled(key_tile))
 
+    def batched_views(self):
+        """(dataset of filled tiles, SatelliteViews) when the rasters are cached, else None."""
+        if self.reader.cache is None or self.make_views is None:
+            return None
+        return SatelliteTiles(self), self.make_views()
+
     def _key_tile(self, i: int, window: Window, tile: np.ma.MaskedArray) -> np.ma.MaskedArray:
         """The same window on another date when temporal partners exist, else ``tile``."""
         partners = self.partners.get(i)
@@ -421,6 +482,41 @@ class SatellitePretrainDataset(Dataset):
             return tile
         # A cut swath or masked clouds would teach nodata, not seasons: keep the query's date.
         return other if nodata_fraction(other) <= self.max_nodata else tile
+
+
+class SatelliteTiles(Dataset):
+    """The tiles of a :class:`SatellitePretrainDataset` before augmentation, for batched views.
+
+    ``dataset[i]`` -> filled reflectance (bands, t, t) float32, or a (query, key) pair of them
+    when the source dataset has temporal partners; None when unreadable. A raster smaller
+    than the tile is resized to it so that every tile of a batch has one shape.
+    """
+
+    def __init__(self, source: SatellitePretrainDataset) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _filled(self, tile: np.ma.MaskedArray) -> torch.Tensor:
+        x = self.source.reader.filled(tile)
+        t = self.source.tile
+        if x.shape[-2:] != (t, t):
+            x = torch.nn.functional.interpolate(x[None], size=(t, t), mode="bilinear", align_corners=False)[0]
+        return x
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self.source):
+            raise IndexError(index)
+        try:
+            i, window, tile = self.source._pick(index)
+        except RasterReadError as exc:
+            log.warning("sample %d dropped: %s", index, exc)
+            return None
+        with one_thread():
+            if not self.source.partners:
+                return self._filled(tile)
+            return self._filled(tile), self._filled(self.source._key_tile(i, window, tile))
 
 
 class SatelliteLabelledDataset(Dataset):
@@ -475,6 +571,12 @@ def _describe(reader: TileReader, extra: str, skipped: Counter) -> str:
     )
 
 
+def _satellite_views(*args):
+    from fedmoco.gpu_augment import SatelliteViews  # only sites that batch their views pay the import
+
+    return SatelliteViews(*args)
+
+
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Unlabelled two-view tiles from the rasters under ``root``.
 
@@ -498,6 +600,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
         remap = {old: new for new, old in enumerate(keep)}
         windows = [(remap[i], w) for i, w in windows]
     reader = _subset(reader, keep)
+    attach_cache(reader, Path(root), opts, cfg)
     weights = np.array([max(1, (s.grid.width * s.grid.height) // (tile * tile)) for s in reader.sources], float)
     if windows is not None:
         candidates = _sample_windows(windows, rng)
@@ -518,6 +621,8 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     dataset = SatellitePretrainDataset(
         reader, transform, tile, opts.max_nodata, opts.max_tries, windows, weights, length, partners
     )
+    dataset.make_views = partial(_satellite_views, opts, cfg.image_size, normalization, wavelengths,
+                                 reader.layout.roles)
     extra = (
         f"{len(windows)} grid tiles" if windows is not None else f"{length} random {tile} px tiles per epoch"
     ) + (f", {len(partners)} rasters with temporal partners" if partners else "")
@@ -557,4 +662,5 @@ def build_labelled_data(
     shared_handles().close()
     transform = eval_transform(opts, cfg.image_size, normalization, reader.layout.roles)
     dataset = SatelliteLabelledDataset(reader, transform, windows, labels)
-    return LabelledData(dataset, classes, reader.layout.in_channels, normalization, skipped)
+    return LabelledData(dataset, classes, reader.layout.in_channels, normalization, skipped,
+                        sample_labels=[labels[i] for i, _ in windows])

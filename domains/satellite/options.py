@@ -28,6 +28,7 @@ class SatelliteOptions:
     resolution: float | None = None
     resampling: str = "bilinear"
     gdal_cache_mb: int = 64
+    cache: bool = True  # decoded-raster cache (fedmoco.cache); false reads every tile through GDAL
     # sampling
     tile_size: int = 0
     sampling: str = "random"
@@ -187,6 +188,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "resolution": _number(float, 0.0, lo_open=True),
     "resampling": _choice(*RESAMPLING_METHODS),
     "gdal_cache_mb": _number(int, 1),
+    "cache": _bool,
     "tile_size": _number(int, 8),
     "sampling": _choice("random", "grid"),
     "stride": _number(int, 1),

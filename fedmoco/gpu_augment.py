@@ -1,0 +1,296 @@
+"""Both MoCo views of a whole batch at once, from cached bases, on the batch's device.
+
+The per-sample pipelines (MONAI for medical, torchvision v2 for satellite) draw one set of
+random parameters per call, so on a GPU they would run once per image. These modules draw
+every parameter per sample, with the distributions of the per-sample pipelines, and apply
+them with batched tensor ops: the geometry (crop, resize, flip, rotation) in one
+``grid_sample`` per view, blur as one grouped convolution with a kernel per
+sample (MONAI's erf kernel for medical, torchvision's sampled kernel for satellite), the rest
+elementwise. Torch functionals rather than kornia: the semantics must match the CPU pipelines
+exactly, which is easier to prove with each parameter drawn here (see
+tests/fedmoco/test_gpu_augment.py).
+
+Input: a collated batch of bases (``MedicalBases`` / satellite tiles). Output ``(view_q,
+view_k)``, each (B, C, S, S) float32, normalised. Known differences from the CPU pipelines,
+all sub-pixel: the crop is resampled bilinearly (MONAI resizes a shrinking crop with area
+averaging; crops of a cached base shrink by at most 1/sqrt(crop_scale)), and one grid sample
+does crop and rotation together instead of two interpolations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# -- parameter draws ------------------------------------------------------------------------
+
+
+def coin(p: float, n: int, device: torch.device) -> torch.Tensor:
+    """(n,) bool, each True with probability p."""
+    return torch.rand(n, device=device) < p
+
+
+def uniform(lo: float, hi: float, n: int, device: torch.device, *shape: int) -> torch.Tensor:
+    """(n, *shape) float32 uniform in [lo, hi)."""
+    return lo + (hi - lo) * torch.rand(n, *shape, device=device)
+
+
+def randint(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Integers uniform in [lo, hi] (inclusive), elementwise."""
+    return (lo + torch.floor(torch.rand(lo.shape, device=lo.device) * (hi - lo + 1))).clamp(max=hi)
+
+
+# -- geometry -------------------------------------------------------------------------------
+
+
+def resample(x: torch.Tensor, box: torch.Tensor, size: int, matrix: torch.Tensor | None = None,
+             zero_outside: bool = False) -> torch.Tensor:
+    """Crop ``box`` (B, 4: top, left, height, width in pixels) of each image of ``x``
+    (B, C, H, W), resize it to ``size`` and move it by ``matrix`` (B, 2, 2), in one bilinear
+    grid sample. ``matrix`` maps output to crop coordinates (x = column, y = row, both in
+    [-1, 1] over the resized crop): flips and quarter turns are exact pixel permutations, a
+    rotation is :func:`rotation_matrix`. ``zero_outside`` zeroes output pixels
+    that come from outside the crop (a rotation's corners, as MONAI's zero padding does).
+    Returns (B, C, size, size).
+    """
+    b, _, h, w = x.shape
+    dev, dt = x.device, torch.float32
+    top, left, ch, cw = box.to(dt).unbind(1)
+    lin = (torch.arange(size, device=dev, dtype=dt) + 0.5) / size * 2 - 1  # pixel centres
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    ox, oy = xx.expand(b, -1, -1), yy.expand(b, -1, -1)
+    if matrix is not None:
+        m = matrix.to(dt).view(b, 2, 2, 1, 1)
+        ox, oy = m[:, 0, 0] * ox + m[:, 0, 1] * oy, m[:, 1, 0] * ox + m[:, 1, 1] * oy
+    sx = (left.view(-1, 1, 1) + (ox + 1) / 2 * cw.view(-1, 1, 1)) / w * 2 - 1
+    sy = (top.view(-1, 1, 1) + (oy + 1) / 2 * ch.view(-1, 1, 1)) / h * 2 - 1
+    grid = torch.stack([sx, sy], dim=-1)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    if zero_outside:
+        inside = (ox.abs() <= 1 + 1e-6) & (oy.abs() <= 1 + 1e-6)
+        out = out * inside.unsqueeze(1).to(out.dtype)
+    return out
+
+
+def flip_matrix(hflip: torch.Tensor, vflip: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 2, 2) output->source map of horizontal (and vertical) flips."""
+    sx = 1.0 - 2.0 * hflip.float()
+    sy = torch.ones_like(sx) if vflip is None else 1.0 - 2.0 * vflip.float()
+    return torch.diag_embed(torch.stack([sx, sy], dim=1))
+
+
+def rotation_matrix(angle: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 2) output->source map of MONAI's ``Rotate(angle)`` (radians, about the centre)."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+
+
+def quarter_turn_matrix(k: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 2) output->source map of ``torch.rot90(x, k, dims=(-2, -1))``: exact integers."""
+    # rot90 by 1: out[r, c] = in[c, W-1-r], i.e. source (x, y) = (-y_out, x_out).
+    return rotation_matrix(-k.float() * (math.pi / 2)).round()
+
+
+def blur(x: torch.Tensor, kernels_y: torch.Tensor, kernels_x: torch.Tensor, pad_mode: str) -> torch.Tensor:
+    """Separable blur of each image of ``x`` (B, C, H, W) with its own 1-D kernels (B, K),
+    K odd, as one grouped convolution per axis. ``pad_mode``: ``constant`` (zeros) or ``reflect``."""
+    b, c, h, w = x.shape
+    k = kernels_x.shape[1]
+    r = k // 2
+    flat = x.reshape(1, b * c, h, w)
+    wy = kernels_y.repeat_interleave(c, dim=0).view(b * c, 1, k, 1).to(x.dtype)
+    wx = kernels_x.repeat_interleave(c, dim=0).view(b * c, 1, 1, k).to(x.dtype)
+    flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode=pad_mode), wy, groups=b * c)
+    flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode=pad_mode), wx, groups=b * c)
+    return flat.view(b, c, h, w)
+
+
+def erf_kernels(sigma: torch.Tensor, tail: int) -> torch.Tensor:
+    """MONAI's ``gaussian_1d(approx="erf")`` per sigma, on a common support of ±``tail``: (B, 2*tail+1)."""
+    t = torch.arange(-tail, tail + 1, device=sigma.device, dtype=torch.float32)
+    s = (0.70710678 / sigma.abs().clamp_min(1e-6)).view(-1, 1)
+    return (0.5 * (torch.erf(s * (t + 0.5)) - torch.erf(s * (t - 0.5)))).clamp(min=0)
+
+
+def sampled_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's Gaussian kernel (sampled, normalised) per sigma: (B, size)."""
+    t = torch.linspace(-(size - 1) * 0.5, (size - 1) * 0.5, size, device=sigma.device)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+# -- medical --------------------------------------------------------------------------------
+
+
+class MedicalViews(nn.Module):
+    """Two views per base of the medical pipeline (``domains.medical.transforms.pretrain_pipeline``).
+
+    Bases: (B, C, W, W) float16 in window units and (B,) tags (1: jittered window, 2: fixed).
+    Same steps and parameter distributions as the MONAI pipeline, in its order: window
+    (level/width jitter) -> crop (each side >= sqrt(crop_scale) of the base, uniform integer
+    size and position) -> resize -> horizontal flip -> rotation -> scale -> shift -> gamma ->
+    Gaussian smoothing -> Gaussian noise -> clip to [0, 1] -> normalise.
+    """
+
+    def __init__(self, opts: Any, image_size: int, normalization: Any) -> None:
+        super().__init__()
+        self.opts, self.size = opts, int(image_size)
+        self.register_buffer("mean", torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.tail = int(max(opts.smooth_sigma[1] * 4.0, 0.5) + 0.5)  # MONAI's truncation at 4 sigma
+
+    def forward(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        base, tags = batch
+        x = base.float()
+        jittered = (torch.as_tensor(tags, device=x.device) == 1)
+        return self.view(x, jittered), self.view(x, jittered)
+
+    def sample_params(self, n: int, side: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Random parameters of n views of bases with ``side`` pixels (what tests compare)."""
+        o = self.opts
+        lo = torch.full((n, 2), math.ceil(math.sqrt(o.crop_scale) * side), device=device, dtype=torch.float32)
+        size = randint(lo, torch.full_like(lo, side))
+        start = randint(torch.zeros_like(size), side - size)
+        rotate = coin(o.rotate_prob if o.rotate_deg > 0 else 0.0, n, device)
+        angle = uniform(-math.radians(o.rotate_deg), math.radians(o.rotate_deg), n, device)
+        return {
+            "level_u": uniform(-1, 1, n, device), "width_u": uniform(-1, 1, n, device),
+            "box": torch.cat([start[:, :1], start[:, 1:], size[:, :1], size[:, 1:]], dim=1),
+            "flip": coin(o.flip_prob, n, device),
+            "angle": torch.where(rotate, angle, torch.zeros_like(angle)),
+            "scale": torch.where(coin(o.intensity_prob, n, device),
+                                 uniform(-o.intensity_scale, o.intensity_scale, n, device), torch.zeros(n, device=device)),
+            "shift": torch.where(coin(o.intensity_prob, n, device),
+                                 uniform(-o.intensity_shift, o.intensity_shift, n, device), torch.zeros(n, device=device)),
+            "gamma": torch.where(coin(o.gamma_prob, n, device),
+                                 uniform(o.gamma[0], o.gamma[1], n, device), torch.ones(n, device=device)),
+            "smooth": coin(o.smooth_prob, n, device),
+            "sigma": uniform(o.smooth_sigma[0], o.smooth_sigma[1], n, device, 2),
+            "noise_std": torch.where(coin(o.noise_prob, n, device),
+                                     uniform(0, o.noise_std, n, device), torch.zeros(n, device=device)),
+        }
+
+    def view(self, x: torch.Tensor, jittered: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None,
+             normalise: bool = True) -> torch.Tensor:
+        """One random view of bases ``x`` (B, C, W, W) float32; ``params`` fixes the draws."""
+        o, n = self.opts, x.shape[0]
+        p = params or self.sample_params(n, x.shape[-1], x.device)
+        # Window jitter in window units: centre 0.5 + lj * u, width 1 + wj * u (none for fixed windows).
+        centre = 0.5 + torch.where(jittered, o.window_level_jitter * p["level_u"], 0.0)
+        width = 1.0 + torch.where(jittered, o.window_width_jitter * p["width_u"], 0.0)
+        x = ((x - (centre - width / 2).view(-1, 1, 1, 1)) / width.view(-1, 1, 1, 1)).clamp(0, 1)
+        # Output = rotate(flip(resized crop)): source = flip(rotate^-1(output)).
+        rotating = bool((p["angle"] != 0).any())
+        matrix = flip_matrix(p["flip"]) @ rotation_matrix(p["angle"]) if rotating else flip_matrix(p["flip"])
+        x = resample(x, p["box"], self.size, matrix, zero_outside=rotating)
+        x = x * (1 + p["scale"]).view(-1, 1, 1, 1) + p["shift"].view(-1, 1, 1, 1)
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        rng = x.amax(dim=(1, 2, 3), keepdim=True) - lo
+        x = ((x - lo) / (rng + 1e-7)).clamp_min(0) ** p["gamma"].view(-1, 1, 1, 1) * rng + lo
+        if bool(p["smooth"].any()):
+            on = p["smooth"]
+            sigma = p["sigma"][on]
+            x = x.clone()
+            x[on] = blur(x[on], erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail), "constant")
+        x = x + torch.randn_like(x) * p["noise_std"].view(-1, 1, 1, 1)
+        x = x.clamp(0, 1)
+        return (x - self.mean) / self.std if normalise else x
+
+
+# -- satellite ------------------------------------------------------------------------------
+
+
+class SatelliteViews(nn.Module):
+    """Two views per tile of the satellite pipeline (``domains.satellite.augment.pretrain_transform``).
+
+    Tiles: (B, C, t, t) reflectance, or a pair (query tiles, key tiles) with temporal
+    positives. Steps and distributions as in the torchvision pipeline: RandomResizedCrop
+    (scale, ratio 3/4..4/3, 10 tries then the whole tile) -> horizontal and vertical flips ->
+    rotation by k * 90 degrees -> per-band brightness/contrast -> haze -> Gaussian blur
+    (reflect padding) -> Gaussian noise -> indices -> normalise -> band dropout.
+    """
+
+    def __init__(self, opts: Any, image_size: int, normalization: Any, wavelengths: Sequence[float] | None,
+                 roles: Mapping[str, int]) -> None:
+        super().__init__()
+        from domains.satellite.augment import HAZE_REFERENCE_NM, AppendIndices, blur_kernel_size
+
+        self.opts, self.size = opts, int(image_size)
+        self.indices = AppendIndices(opts.indices, roles)
+        self.register_buffer("mean", torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.haze = wavelengths is not None and opts.haze_p > 0 and opts.haze_max > 0
+        haze = [(HAZE_REFERENCE_NM / w) ** opts.haze_exponent for w in wavelengths] if self.haze else []
+        self.register_buffer("haze_weights", torch.tensor(haze, dtype=torch.float32).view(1, -1, 1, 1))
+        self.kernel = min(blur_kernel_size(opts.blur_sigma[1]), image_size - 1 + image_size % 2)
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, (tuple, list)):
+            q, k = batch
+        else:
+            q = k = batch
+        return self.view(q.float()), self.view(k.float())
+
+    def sample_params(self, n: int, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
+        o = self.opts
+        c = self.mean.shape[1] - len(self.indices.pairs)
+        area = float(h * w)
+        # torchvision's RandomResizedCrop.make_params, 10 tries per sample at once.
+        tries = 10
+        target = area * uniform(o.crop_scale[0], o.crop_scale[1], n, device, tries)
+        log_r = uniform(math.log(3 / 4), math.log(4 / 3), n, device, tries)
+        ratio = torch.exp(log_r)
+        cw = torch.round(torch.sqrt(target * ratio))
+        ch = torch.round(torch.sqrt(target / ratio))
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = torch.where(ok.any(dim=1), ok.float().argmax(dim=1), torch.full((n,), -1, device=device))
+        pick = first.clamp_min(0).view(-1, 1)
+        cw = torch.where(first >= 0, cw.gather(1, pick).squeeze(1), torch.full((n,), float(w), device=device))
+        ch = torch.where(first >= 0, ch.gather(1, pick).squeeze(1), torch.full((n,), float(h), device=device))
+        top = torch.floor(torch.rand(n, device=device) * (h - ch + 1))
+        left = torch.floor(torch.rand(n, device=device) * (w - cw + 1))
+        jitter = coin(o.jitter_p, n, device).view(-1, 1)
+        gain = torch.where(jitter, 1 + uniform(-1, 1, n, device, c) * o.brightness, torch.ones(n, c, device=device))
+        stretch = torch.where(jitter, 1 + uniform(-1, 1, n, device, c) * o.contrast, torch.ones(n, c, device=device))
+        drop = torch.rand(n, self.mean.shape[1], device=device) < o.band_dropout
+        all_dropped = drop.all(dim=1)
+        keep = torch.randint(0, drop.shape[1], (n,), device=device)
+        drop[all_dropped, keep[all_dropped]] = False
+        return {
+            "box": torch.stack([top, left, ch, cw], dim=1),
+            "hflip": coin(0.5 if o.flip else 0.0, n, device), "vflip": coin(0.5 if o.flip else 0.0, n, device),
+            "rot90": torch.randint(0, 4 if o.flip else 1, (n,), device=device),
+            "gain": gain, "stretch": stretch,
+            "haze": torch.where(coin(o.haze_p, n, device), uniform(0, o.haze_max, n, device),
+                                torch.zeros(n, device=device)),
+            "blur": coin(o.blur_p, n, device),
+            "sigma": uniform(o.blur_sigma[0], o.blur_sigma[1], n, device),
+            "noise_std": torch.where(coin(o.noise_p, n, device) if o.noise_std > 0 else torch.zeros(n, dtype=torch.bool, device=device),
+                                     uniform(0, o.noise_std, n, device), torch.zeros(n, device=device)),
+            "drop": drop if o.band_dropout > 0 else torch.zeros_like(drop),
+        }
+
+    def view(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One random view of tiles ``x`` (B, bands, h, w) in reflectance; ``params`` fixes the draws."""
+        n = x.shape[0]
+        p = params or self.sample_params(n, x.shape[-2], x.shape[-1], x.device)
+        # Output = rot90(vflip(hflip(resized crop))): source = hflip(vflip(rot90^-1(output))).
+        matrix = flip_matrix(p["hflip"], p["vflip"]) @ quarter_turn_matrix(p["rot90"])
+        x = resample(x, p["box"], self.size, matrix)
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        x = ((x - mean) * p["stretch"][..., None, None] + mean) * p["gain"][..., None, None]
+        if self.haze:
+            x = x + p["haze"].view(-1, 1, 1, 1) * self.haze_weights
+        if self.opts.blur_p > 0 and bool(p["blur"].any()):
+            on = p["blur"]
+            k = sampled_kernels(p["sigma"][on], self.kernel)
+            x = x.clone()
+            x[on] = blur(x[on], k, k, "reflect")
+        x = x + torch.randn_like(x) * p["noise_std"].view(-1, 1, 1, 1)
+        x = self.indices(x)
+        x = (x - self.mean) / self.std
+        return x * (~p["drop"]).to(x.dtype)[..., None, None]

@@ -1,0 +1,71 @@
+"""The decoded-sample cache file: filled lazily, shared across processes, invalidated by any change."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from fedmoco.cache import file_stamps, open_cache
+
+
+def _open(root, tmp_path, stamps, **options):
+    return open_cache(root, "test", 5, (2, 3, 3), "float16", {"size": 3, **options}, stamps, tmp_path / "c")
+
+
+def test_samples_round_trip_and_survive_reopening(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"x" * 10)
+    stamps = file_stamps(root, [root / "a.bin"])
+    cache = _open(root, tmp_path, stamps)
+    assert cache.get(0) is None and cache.filled() == 0
+    sample = np.arange(18, dtype=np.float32).reshape(2, 3, 3) / 7
+    cache.put(3, sample, tag=2)
+    again = pickle.loads(pickle.dumps(_open(root, tmp_path, stamps)))  # what a DataLoader worker gets
+    got, tag = again.get(3)
+    assert tag == 2 and again.filled() == 1
+    np.testing.assert_allclose(got, sample, rtol=1e-3)
+    assert again.get(2) is None
+
+
+def test_change_of_file_or_options_rebuilds_and_deletes_the_old_cache(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    f = root / "a.bin"
+    f.write_bytes(b"x" * 10)
+    first = _open(root, tmp_path, file_stamps(root, [f]))
+    first.put(0, np.ones((2, 3, 3)))
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched
+    touched = _open(root, tmp_path, file_stamps(root, [f]))
+    assert touched.path != first.path and not first.path.exists() and touched.filled() == 0
+    touched.put(0, np.ones((2, 3, 3)))
+    f.write_bytes(b"y" * 11)  # modified
+    modified = _open(root, tmp_path, file_stamps(root, [f]))
+    assert modified.path != touched.path and modified.filled() == 0
+    modified.put(0, np.ones((2, 3, 3)))
+    other = _open(root, tmp_path, file_stamps(root, [f]), window="file")  # other options
+    assert other.path != modified.path and other.filled() == 0
+    assert sorted(p.name for p in (tmp_path / "c" / "samples").iterdir()) == [other.path.name]
+
+
+def test_cache_holds_no_path_or_file_name(tmp_path):
+    root = tmp_path / "patient_DOE_JOHN"
+    root.mkdir()
+    f = root / "1.2.840.113619.2.55.dcm"
+    f.write_bytes(b"x")
+    cache = _open(root, tmp_path, file_stamps(root, [f]))
+    cache.put(1, np.full((2, 3, 3), 0.5))
+    blob = cache.path.read_bytes()
+    assert b"DOE" not in blob and b"113619" not in blob
+    assert "DOE" not in cache.path.name and "113619" not in cache.path.name
+
+
+def test_unwritable_cache_folder_means_no_cache(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    blocker = tmp_path / "c"
+    blocker.write_text("a file where the cache folder should be")
+    assert open_cache(root, "test", 1, (1,), "uint8", {}, [], blocker) is None
