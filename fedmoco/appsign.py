@@ -74,6 +74,21 @@ def build_fab(app_dir: Path) -> bytes:
         raise ConfigError(f"{app_dir}: cannot build the Flower app ({exc})") from None
 
 
+def copy_app_files(app_dir: Path, dest: Path) -> Path:
+    """Write the files ``flwr run APP_DIR`` would send (without any signature) into ``dest``:
+    a copy to sign and run while ``app_dir`` stays unchanged."""
+    with zipfile.ZipFile(io.BytesIO(build_fab(app_dir))) as zf:
+        for name in zf.namelist():
+            if name in _UNSIGNED_ENTRIES or name.startswith(".info/"):
+                continue
+            target = (dest / name).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise ConfigError(f"{app_dir}: the app holds a path outside its folder: {name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+    return dest
+
+
 def sign_app(app_dir: Path, key_path: Path, key_id: str) -> tuple[Path, int]:
     """Write ``APP_DIR/fedmoco-app-signature.json`` signing the FAB of ``app_dir``.
 

@@ -31,6 +31,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 Scope = MutableMapping[str, Any]
@@ -136,6 +137,8 @@ def serve(argv: list[str] | None = None) -> int:
         return 2
     if config.database in (":flwr-in-memory:", ":memory:"):
         log.warning("no --database: registered SuperNodes and runs are forgotten when the SuperLink restarts")
+    elif "://" not in config.database:
+        Path(config.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
     app = create_app(config, fs.SuperLinkLifespan)
     ssl = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}

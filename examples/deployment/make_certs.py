@@ -1,23 +1,22 @@
 #!/usr/bin/env python
-"""Credentials for a FedMoCo deployment: a CA, the SuperLink's TLS certificate, site keys.
+"""TLS credentials of a FedMoCo SuperLink: a CA and the SuperLink's certificate.
 
-    python examples/deployment/make_certs.py OUT --host superlink.example.org --host 10.0.0.5 \
-        --site hospital-a --site hospital-b
+    python examples/deployment/make_certs.py OUT --host superlink.example.org --host 10.0.0.5
 
-writes into OUT (private keys mode 0600):
+writes into OUT (private keys mode 0600, written atomically):
 
 ``ca.crt`` / ``ca.key``          a self-signed certificate authority. ``ca.crt`` goes to every
                                  site and to whoever runs ``flwr``; ``ca.key`` stays offline.
 ``server.crt`` / ``server.key``  the SuperLink's TLS certificate, signed by the CA, valid for
-                                 every ``--host`` (DNS names and IP addresses as SANs).
-``<site>`` / ``<site>.pub``      one SuperNode authentication key pair per ``--site``: an EC
-                                 P-384 key in OpenSSH format, the form Flower's
-                                 ``flower-supernode --auth-supernode-private-key`` and
-                                 ``flwr supernode register <site>.pub`` expect. The private key
-                                 stays on the site; only the ``.pub`` travels to the operator.
+                                 every ``--host`` (DNS names and IP addresses as SANs)
+                                 and for 127.0.0.1 / localhost (the coordinator-only port).
+
+It makes no site keys: each site makes its own authentication key pair on its own machine
+(``fedmoco keygen``) and sends only the public half, so no private key ever travels.
 
 Uses the ``cryptography`` package (a Flower dependency), so it runs wherever Flower does;
-``openssl`` is not needed. Existing files are left alone unless ``--force``.
+``openssl`` is not needed. An existing complete pair is kept unless ``--force``; half a pair
+(a key without its certificate, or the reverse) is an error.
 """
 
 from __future__ import annotations
@@ -34,15 +33,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmoco.errors import ConfigError
+from fedmoco.keys import PUBLIC_MODE, write_secret
 
-def _write(path: Path, data: bytes, *, private: bool, force: bool) -> None:
-    if path.exists() and not force:
-        print(f"kept     {path} (exists; --force to replace)")
-        return
-    # Private keys are created 0600 from the start, not chmod-ed after the write.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+
+def _write(path: Path, data: bytes, *, private: bool) -> None:
+    write_secret(path, data, 0o600 if private else PUBLIC_MODE)
     print(f"wrote    {path}")
 
 
@@ -94,58 +90,51 @@ def make_server_cert(ca_key, ca_cert: x509.Certificate, hosts: list[str],
     return key, cert
 
 
-def make_site_key() -> tuple[bytes, bytes]:
-    """(private key, public key) of one SuperNode, both OpenSSH-encoded EC P-384."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public + b"\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("out", type=Path, help="folder for the credentials")
     p.add_argument("--host", action="append", default=[],
-                   help="DNS name or IP address sites use to reach the SuperLink (repeat); default 127.0.0.1, localhost")
-    p.add_argument("--site", action="append", default=[], help="a site that gets an authentication key pair (repeat)")
+                   help="DNS name or IP address sites use to reach the SuperLink (repeat); 127.0.0.1 and localhost are always added")
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
     p.add_argument("--force", action="store_true", help="replace existing files")
     args = p.parse_args(argv)
-    hosts = args.host or ["127.0.0.1", "localhost"]
+    # 127.0.0.1/localhost always: the coordinator's flwr and the SuperLink's own ServerApp
+    # process reach the Control and Runtime APIs over loopback, and verify this certificate
+    hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-
-    ca_crt, ca_key_path = out / "ca.crt", out / "ca.key"
-    if ca_crt.exists() and ca_key_path.exists() and not args.force:
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-        print(f"kept     {ca_crt} (exists; --force to replace)")
+    try:
+        keep_ca = _keep(out / "ca.key", out / "ca.crt", force=args.force)
+        # a new CA invalidates the old server certificate
+        keep_server = keep_ca and _keep(out / "server.key", out / "server.crt", force=args.force)
+    except ConfigError as exc:
+        print(f"make_certs.py: error: {exc}", file=sys.stderr)
+        return 2
+    if keep_ca:
+        ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     else:
         ca_key, ca_cert = make_ca(args.days)
-        _write(ca_key_path, _pem_key(ca_key), private=True, force=True)
-        _write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), private=False, force=True)
-    # A key and its certificate (or public key) are written together or not at all.
-    if _keep(out / "server.key", out / "server.crt", force=args.force):
+        _write(out / "ca.key", _pem_key(ca_key), private=True)
+        _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    if not keep_server:
         server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts, args.days)
-        _write(out / "server.key", _pem_key(server_key), private=True, force=True)
-        _write(out / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM), private=False, force=True)
-    for site in args.site:
-        if not site or "/" in site or site.startswith("."):
-            p.error(f"--site {site!r}: use a plain name")
-        if _keep(out / site, out / f"{site}.pub", force=args.force):
-            private, public = make_site_key()
-            _write(out / site, private, private=True, force=True)
-            _write(out / f"{site}.pub", public, private=False, force=True)
+        _write(out / "server.key", _pem_key(server_key), private=True)
+        _write(out / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     return 0
 
 
-def _keep(*paths: Path, force: bool) -> bool:
-    """True when the pair must be (re)generated; reports a pair that is kept."""
-    if force or not any(p.exists() for p in paths):
-        return True
-    print(f"kept     {', '.join(str(p) for p in paths)} (exist; --force to replace)")
-    return False
+def _keep(key: Path, cert: Path, *, force: bool) -> bool:
+    """True if a complete pair is there and kept (its key set to 0600); False if it must be
+    made; ConfigError for half a pair."""
+    if force or not (key.exists() or cert.exists()):
+        return False
+    if not (key.exists() and cert.exists()):
+        present, missing = (key, cert) if key.exists() else (cert, key)
+        raise ConfigError(f"{missing}: missing, but {present} exists (half a pair); restore it, or run with --force")
+    os.chmod(key, 0o600)
+    print(f"kept     {key}, {cert} (exist; --force to replace)")
+    return True
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from fedmoco.appsign import SIGNATURE_FILE, build_fab, sign_app, verify_fab
+from fedmoco.appsign import SIGNATURE_FILE, build_fab, copy_app_files, sign_app, verify_fab
 from fedmoco.cli import main
 from fedmoco.errors import ConfigError
 from fedmoco.keys import keygen
@@ -105,3 +105,13 @@ def test_sign_app_needs_an_ed25519_key(app, tmp_path, capsys):
                    "make one with: fedmoco keygen --type ed25519")
     with pytest.raises(ConfigError, match="--key-id 'a b'"):
         sign_app(app, tmp_path / "k" / "site", "a b")
+
+
+def test_a_signed_copy_runs_while_the_source_stays_unchanged(app, signer, tmp_path):
+    key, trusted = signer
+    before = sorted(p.relative_to(app) for p in app.rglob("*"))
+    copy = copy_app_files(app, tmp_path / "copy")
+    sign_app(copy, key, "coordinator")
+    assert sorted(p.relative_to(app) for p in app.rglob("*")) == before
+    assert verify_fab(build_fab(copy), trusted) is None
+    assert "not signed" in verify_fab(build_fab(app), trusted)
