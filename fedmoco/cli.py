@@ -1,4 +1,4 @@
-"""The ``fedmoco`` command: pretrain, knn, linear-probe, plot, make-demo-data.
+"""The ``fedmoco`` command: pretrain, finetune, knn, linear-probe, plot, make-demo-data.
 
 User errors (FedmocoError) print one line naming the path or option, with no traceback,
 and exit with status 2.
@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from fedmoco.errors import CheckpointError, ConfigError, FedmocoError
+from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.appsign import add_sign_app_parser, cmd_sign_app
-from fedmoco.keys import add_keygen_parser, cmd_keygen
+from fedmoco.eval_cli import add_finetune_parser
 from fedmoco.keys import add_keygen_parser, cmd_keygen
 
 log = logging.getLogger("fedmoco")
@@ -118,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--lr", type=float, default=0.1)
     probe.add_argument("--weight-decay", type=float, default=0.0)
+    add_finetune_parser(sub, _add_eval)
     plot = sub.add_parser("plot", help="PNG plots of a pretraining run or a federation server out-dir")
     plot.add_argument("run", type=Path, help="run folder (metrics.jsonl) or federation out-dir (rounds.jsonl)")
     plot.add_argument("--out", type=Path, help="default: RUN/plots")
@@ -193,74 +192,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fedmoco.checkpoint import load_checkpoint
-    from fedmoco.data import DataConfig, Normalization, build_labelled_data
-    from fedmoco.device import select_device
-    from fedmoco.evaluate import (ProbeConfig, confusion_matrix, extract_features, knn_predict, linear_probe,
-                                  stratified_split, topk_accuracy)
-    from fedmoco.plots import plot_confusion
-    from fedmoco.pretrain import model_from_checkpoint
+    """knn / linear-probe: see fedmoco.eval_cli.cmd_frozen."""
+    from fedmoco.eval_cli import cmd_frozen
 
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint)
-    meta = ckpt["data"]
-    domain = args.domain or meta["domain"]
-    # The checkpoint's options and normalisation describe its own domain's data only.
-    same_domain = domain == meta["domain"]
-    options = {**(meta.get("options", {}) if same_domain else {}), **parse_options(args.data_option)}
-    data_cfg = DataConfig(image_size=meta["image_size"], seed=args.seed, options=options)
-    # A federated encoder may carry no normalisation (each site normalised its own data):
-    # the domain then estimates it on the evaluation data, as the data contract allows.
-    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
-    device = select_device(args.device)
-    progress = not args.quiet
+    return cmd_frozen(args)
 
-    def features(root: Path, labels: Path | None):
-        data = build_labelled_data(domain, root, data_cfg, labels, norm)
-        if data.in_channels != model.cfg.in_channels:
-            raise CheckpointError(f"{args.checkpoint}: the encoder was trained on {meta['domain']} data with "
-                                  f"{model.cfg.in_channels} channel(s) but {root} read as {domain} gives "
-                                  f"{data.in_channels}")
-        f, y, skipped = extract_features(model.encoder_q.backbone, data.dataset, device=device,
-                                         batch_size=args.batch_size, num_workers=args.workers, progress=progress)
-        if skipped:
-            log.warning("%s: skipped %d unreadable samples", root, skipped)
-        return f, y, data.classes
 
-    train_f, train_y, classes = features(args.data, args.labels)
-    if args.test:
-        test_f, test_y, test_classes = features(args.test, args.test_labels)
-        if test_classes != classes:
-            raise ConfigError(f"{args.test}: classes {test_classes} differ from {args.data}'s {classes}")
-    else:
-        tr, te = stratified_split(train_y, args.test_fraction, args.seed)
-        if not te or not tr:
-            raise ConfigError(f"{args.data}: too few samples to split off a test set; pass --test")
-        train_f, train_y, test_f, test_y = train_f[tr], train_y[tr], train_f[te], train_y[te]
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from fedmoco.eval_cli import cmd_finetune as run
 
-    n_cls = len(classes)
-    if args.command == "knn":
-        scores = knn_predict(train_f, train_y, test_f, n_cls, k=args.k, temperature=args.t)
-        extra = {"k": min(args.k, len(train_y)), "t": args.t}
-    else:
-        cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
-        clf = linear_probe(train_f, train_y, n_cls, cfg, progress=progress)
-        with torch.no_grad():
-            scores = clf(test_f)
-        extra = {"epochs": args.epochs, "lr": args.lr}
-    acc = topk_accuracy(scores, test_y)
-    cm = confusion_matrix(scores.argmax(1), test_y, n_cls)
-    out = args.out or args.checkpoint.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"method": args.command, **acc, **extra, "n_train": len(train_y), "n_test": len(test_y),
-              "classes": classes, "confusion": cm.tolist(), "checkpoint": str(args.checkpoint)}
-    (out / f"{args.command}.json").write_text(json.dumps(result, indent=2))
-    png = plot_confusion(cm, classes, out / f"{args.command}_confusion.png",
-                         f"{args.command}: top-1 {acc['top1']:.1f}%")
-    print(f"{args.command}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%  "
-          f"({len(train_y)} train / {len(test_y)} test, {n_cls} classes)")
-    print(f"results: {out / (args.command + '.json')}\nconfusion matrix: {png}")
-    return 0
+    return run(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -365,6 +306,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
             "make-demo-data": cmd_demo_data, "export": cmd_export, "embed": cmd_embed}
 COMMANDS["keygen"] = cmd_keygen
+COMMANDS["finetune"] = cmd_finetune
 COMMANDS["sign-app"] = cmd_sign_app
 
 

@@ -54,7 +54,8 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
         raise ConfigError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
-    k = min(k, train_f.shape[0])
+    if k > train_f.shape[0]:
+        raise ConfigError(f"k={k} exceeds the {train_f.shape[0]} training samples; see effective_k")
     train_f = F.normalize(train_f, dim=1)
     out = []
     for start in range(0, test_f.shape[0], chunk):
@@ -66,20 +67,41 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     return torch.cat(out)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy in percent for each k (capped at the number of classes)."""
-    res = {}
-    for k in ks:
-        kk = min(k, scores.shape[1])
-        hit = (scores.topk(kk, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
-        res[f"top{k}"] = 100.0 * hit.float().mean().item()
-    return res
+def effective_k(k: int, n_train: int) -> tuple[int, str | None]:
+    """The k used for ``n_train`` training samples, and a note when it differs from ``k``.
+
+    With k >= n_train every test image has the same neighbours (all training images), so the
+    weighted vote is close to the majority class whatever the features: a figure that looks
+    like a result and is not. Then k = round(sqrt(n_train)) (at least 1), the usual rule of
+    thumb for kNN, and the note says so.
+    """
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    if n_train < 1:
+        raise DataError("kNN: the training split is empty")
+    if k < n_train:
+        return k, None
+    used = max(1, round(math.sqrt(n_train)))
+    return used, (f"--k {k} >= {n_train} training images would vote every test image into the majority "
+                  f"class; using k = round(sqrt({n_train})) = {used}")
 
 
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """(C, C) counts; row = true class, column = predicted class."""
-    idx = labels * num_classes + pred
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
+def frozen_report(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy (top-5 only with more than 5 classes), per-class and macro AUROC, confusion
+    matrix and n_test of class probabilities (N, C) (normalised kNN votes, softmax of logits)."""
+    from sklearn.metrics import accuracy_score, top_k_accuracy_score
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    from fedmoco.diagnostics import point_metrics
+
+    p, y = probs.float().numpy(), labels.numpy()
+    out = {"accuracy": float(accuracy_score(y, p.argmax(1)))}
+    if num_classes > 5:
+        out["top5"] = float(top_k_accuracy_score(y, p, k=5, labels=np.arange(num_classes)))
+    m = point_metrics(p, y, [0.5] * num_classes, multi_label=False)
+    out.update(auroc=m["auroc"], per_class_auroc=m["per_class_auroc"], n_test=int(len(y)),
+               confusion=sk_confusion(y, p.argmax(1), labels=np.arange(num_classes)).tolist())
+    return out
 
 
 @dataclass
@@ -125,21 +147,3 @@ class _Standardise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-
-def stratified_split(labels: list[int] | torch.Tensor, test_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices (train, test) with ``test_fraction`` of every class in test (at least 1 each
-    class that has >= 2 samples)."""
-    if not 0 < test_fraction < 1:
-        raise ConfigError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    labels = torch.as_tensor(labels)
-    gen = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
-        n_test = max(1, round(test_fraction * len(idx))) if len(idx) >= 2 else 0
-        test += idx[:n_test]
-        train += idx[n_test:]
-    return sorted(train), sorted(test)
-

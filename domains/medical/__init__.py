@@ -17,6 +17,7 @@ from .dataset import (
     default_normalization,
 )
 from .demo import make_demo_archive, write_dicom
+from .groups import group_keys
 from .options import CT_PRESETS, MedicalOptions
 from .reader import DicomHeader, DicomImage, DicomReadError, read_dicom, read_header
 
@@ -31,6 +32,7 @@ __all__ = [
     "build_labelled_data",
     "build_pretrain_data",
     "default_normalization",
+    "group_keys",
     "make_demo_archive",
     "read_dicom",
     "read_header",

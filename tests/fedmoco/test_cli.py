@@ -76,8 +76,9 @@ def test_knn_and_linear_probe_report_and_plot(tmp_path, demo_images, tiny_pretra
     ck = str(out / "checkpoint.pt")
     assert main(["-q", "knn", "--checkpoint", ck, "--data", str(demo_images)]) == 0
     res = json.loads((out / "eval" / "knn.json").read_text())
-    assert res["n_train"] + res["n_test"] == 48 and 0 <= res["top1"] <= res["top5"] <= 100
-    assert res["k"] == res["n_train"]  # default k=200 capped at the training set
+    assert res["n_train"] + res["n_test"] == 48 and 0 <= res["accuracy"] <= 1 and "top5" not in res  # 4 classes
+    assert res["k"] == round(res["n_train"] ** 0.5)  # k=200 >= training set: the sqrt rule, not a majority vote
+    assert set(res["random_init"]) >= {"accuracy", "auroc", "n_test"}
     assert sum(map(sum, res["confusion"])) == res["n_test"]
     assert (out / "eval" / "knn_confusion.png").exists()
     assert main(["-q", "linear-probe", "--checkpoint", ck, "--data", str(demo_images), "--epochs", "5"]) == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedmoco.errors import ConfigError
-from fedmoco.evaluate import ProbeConfig, confusion_matrix, knn_predict, linear_probe, stratified_split, topk_accuracy
+from fedmoco.evaluate import ProbeConfig, effective_k, frozen_report, knn_predict, linear_probe
 
 
 def test_weighted_knn_by_hand():
@@ -15,21 +15,28 @@ def test_weighted_knn_by_hand():
     # 2 nearest: cos 1.0 (class 0) and 0.8 (class 1)
     assert scores[0, 0].item() == pytest.approx(math.exp(1.0 / 0.5))
     assert scores[0, 1].item() == pytest.approx(math.exp(0.8 / 0.5))
-    # k larger than the training set is capped
-    assert knn_predict(train, labels, test, 2, k=200, temperature=0.1).shape == (1, 2)
+    # k larger than the training set is refused, not silently turned into a majority vote
+    with pytest.raises(ConfigError, match="k=200 exceeds the 3 training samples"):
+        knn_predict(train, labels, test, 2, k=200, temperature=0.1)
     with pytest.raises(ConfigError, match="k must be >= 1"):
         knn_predict(train, labels, test, 2, k=0)
 
 
-def test_topk_accuracy_and_confusion():
-    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
-    labels = torch.tensor([0, 1, 2])
-    acc = topk_accuracy(scores, labels, ks=(1, 2, 5))
-    assert acc["top1"] == pytest.approx(100 / 3)
-    assert acc["top2"] == pytest.approx(100.0)
-    assert acc["top5"] == pytest.approx(100.0)  # capped at 3 classes
-    cm = confusion_matrix(scores.argmax(1), labels, 3)
-    assert cm.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+def test_effective_k_says_when_k_covers_the_training_set():
+    assert effective_k(3, 20) == (3, None)
+    k, note = effective_k(200, 20)
+    assert k == 4 and "--k 200 >= 20 training images" in note and "round(sqrt(20)) = 4" in note
+    assert effective_k(5, 1)[0] == 1
+
+
+def test_frozen_report_top5_only_above_five_classes():
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
+    rep = frozen_report(probs, torch.tensor([0, 1, 2]), 3)
+    assert rep["accuracy"] == pytest.approx(1 / 3) and "top5" not in rep and rep["n_test"] == 3
+    assert rep["confusion"] == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    probs7 = torch.eye(7) * 0.5 + torch.linspace(0.07, 0.01, 7)  # distinct scores, true class first
+    rep7 = frozen_report(probs7, torch.tensor([0, 1, 2, 3, 4, 5, 0]), 7)
+    assert rep7["accuracy"] == pytest.approx(6 / 7) and rep7["top5"] == pytest.approx(1.0)
 
 
 def test_linear_probe_separates_separable_features():
@@ -38,13 +45,3 @@ def test_linear_probe_separates_separable_features():
     x = torch.randn(60, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float() * 5
     clf = linear_probe(x, y, 3, ProbeConfig(epochs=30, lr=0.1), progress=False)
     assert (clf(x).argmax(1) == y).float().mean().item() == 1.0
-
-
-def test_stratified_split_keeps_every_class():
-    labels = [0] * 10 + [1] * 4 + [2] * 1
-    tr, te = stratified_split(labels, 0.25, seed=0)
-    assert sorted(tr + te) == list(range(15))
-    assert [labels[i] for i in te].count(0) == 2 and [labels[i] for i in te].count(1) == 1
-    assert 14 in tr  # a single-sample class stays in train
-    with pytest.raises(ConfigError, match="--test-fraction"):
-        stratified_split(labels, 1.0)

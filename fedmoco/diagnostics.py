@@ -1,0 +1,259 @@
+"""Diagnostic metrics of a classifier's scores: AUROC, sensitivity/specificity at an operating
+point chosen on validation data, accuracy, bootstrap 95% CIs, and their ROC/confusion PNGs.
+
+Scores are probabilities: (N, C) softmax rows for single-label data with C classes, or (N, L)
+independent sigmoid outputs for multi-label data with L labels. Targets are (N,) class ids or
+(N, L) 0/1. Every metric comes from scikit-learn; only the choice of operating point and the
+(group) bootstrap are written here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, multilabel_confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import top_k_accuracy_score
+
+from fedmoco.errors import ConfigError
+
+METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How a per-class threshold is chosen on validation scores.
+
+    ``youden``: maximise sensitivity + specificity - 1 (Youden's J).
+    ``specificity=0.9``: the highest sensitivity whose specificity is at least 0.9.
+    """
+
+    rule: str = "youden"
+    specificity: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "OperatingPoint":
+        text = text.strip().lower()
+        if text == "youden":
+            return cls("youden")
+        key, sep, value = text.partition("=")
+        if sep and key.strip() == "specificity":
+            try:
+                spec = float(value)
+            except ValueError:
+                spec = -1.0
+            if 0 < spec < 1:
+                return cls("specificity", spec)
+        raise ConfigError(f"--operating-point: expected 'youden' or 'specificity=X' with 0 < X < 1, got {text!r}")
+
+    def __str__(self) -> str:
+        return self.rule if self.specificity is None else f"specificity={self.specificity:g}"
+
+
+def one_vs_rest(targets: np.ndarray, num_outputs: int) -> np.ndarray:
+    """(N,) class ids -> (N, C) 0/1; (N, L) multi-label targets are returned as int."""
+    targets = np.asarray(targets)
+    if targets.ndim == 2:
+        return targets.astype(np.int64)
+    return (targets[:, None] == np.arange(num_outputs)[None, :]).astype(np.int64)
+
+
+def choose_threshold(y: np.ndarray, score: np.ndarray, point: OperatingPoint) -> float | None:
+    """The score threshold (predict positive when score >= threshold) for one binary column.
+
+    ``y`` (N,) 0/1, ``score`` (N,). None when ``y`` holds a single class (no ROC exists).
+    """
+    if len(np.unique(y)) < 2:
+        return None
+    fpr, tpr, thr = roc_curve(y, score)
+    if point.rule == "youden":
+        i = int(np.argmax(tpr - fpr))
+    else:
+        ok = np.flatnonzero(1 - fpr >= point.specificity - 1e-12)
+        i = int(ok[np.argmax(tpr[ok])])
+    # roc_curve's first threshold is +inf ("nothing positive"); keep it finite for JSON.
+    return float(thr[i]) if np.isfinite(thr[i]) else float(np.nextafter(score.max(), np.inf))
+
+
+def choose_thresholds(val_targets: np.ndarray, val_scores: np.ndarray, point: OperatingPoint) -> list[float]:
+    """One threshold per class/label column chosen on validation data; 0.5 for a column whose
+    validation set holds one class only (no ROC to choose on)."""
+    y = one_vs_rest(val_targets, val_scores.shape[1])
+    out = []
+    for j in range(val_scores.shape[1]):
+        t = choose_threshold(y[:, j], val_scores[:, j], point)
+        out.append(0.5 if t is None else t)
+    return out
+
+
+def sensitivity_specificity(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(TP / (TP + FN), TN / (TN + FP)) of binary ``y`` and ``pred``; NaN for an empty class."""
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    sens = tp / (tp + fn) if tp + fn else math.nan
+    spec = tn / (tn + fp) if tn + fp else math.nan
+    return float(sens), float(spec)
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else math.nan
+
+
+def point_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[float], *,
+                  multi_label: bool, positive: int | None = None) -> dict[str, Any]:
+    """Accuracy, AUROC, sensitivity and specificity of one evaluation set.
+
+    Single-label: accuracy of the arg-max class; per-class one-vs-rest AUROC, ``auroc`` their
+    macro mean. With two classes sensitivity/specificity are those of class ``positive``
+    (default 1) at its threshold; with more, the macro mean of per-class one-vs-rest values.
+    Multi-label: per-label AUROC and sensitivity/specificity at each label's threshold,
+    macro means; ``accuracy`` is the mean per-label accuracy, ``subset_accuracy`` the share of
+    samples with every label right. Top-5 accuracy is added only with more than 5 classes.
+    """
+    n_out = scores.shape[1]
+    y = one_vs_rest(targets, n_out)
+    pred = (scores >= np.asarray(thresholds)[None, :]).astype(np.int64)
+    per_auc = [_auc(y[:, j], scores[:, j]) for j in range(n_out)]
+    rates = [sensitivity_specificity(y[:, j], pred[:, j]) for j in range(n_out)]
+    out: dict[str, Any] = {}
+    if multi_label:
+        out["accuracy"] = float((pred == y).mean())
+        out["subset_accuracy"] = float((pred == y).all(axis=1).mean())
+    else:
+        out["accuracy"] = float(accuracy_score(targets, scores.argmax(1)))
+        if n_out > 5:
+            out["top5"] = float(top_k_accuracy_score(targets, scores, k=5, labels=np.arange(n_out)))
+    cols = [positive if positive is not None else 1] if (n_out == 2 and not multi_label) else range(n_out)
+    out["auroc"] = _nanmean([per_auc[j] for j in (range(n_out) if len(cols) > 1 else cols)])
+    out["sensitivity"] = _nanmean([rates[j][0] for j in cols])
+    out["specificity"] = _nanmean([rates[j][1] for j in cols])
+    out["per_class_auroc"] = per_auc
+    out["per_class_sensitivity"] = [r[0] for r in rates]
+    out["per_class_specificity"] = [r[1] for r in rates]
+    return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    v = np.asarray(values, dtype=float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+
+
+def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[float], *, multi_label: bool,
+                 positive: int | None, groups: np.ndarray | None, resamples: int = 1000,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """Percentile 95% intervals of :data:`METRICS` over ``resamples`` bootstrap draws.
+
+    With ``groups`` the draw resamples whole groups (a cluster bootstrap): slices of one patient
+    are not independent, and resampling them one by one would make intervals too narrow.
+    Thresholds stay fixed (they were chosen on validation data). Draws where a metric is
+    undefined (a class absent) are left out of that metric's interval.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    members = None
+    if groups is not None:
+        _, inv = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inv.reshape(-1) == g) for g in range(inv.max() + 1)]
+    draws: dict[str, list[float]] = {m: [] for m in METRICS}
+    for _ in range(resamples):
+        if members is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        m = point_metrics(scores[idx], targets[idx], thresholds, multi_label=multi_label, positive=positive)
+        for k in METRICS:
+            draws[k].append(m[k])
+    out = {}
+    for k, v in draws.items():
+        v = np.asarray(v, dtype=float)
+        v = v[np.isfinite(v)]
+        out[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
+    return out
+
+
+def diagnose(scores: np.ndarray, targets: np.ndarray, *, val_scores: np.ndarray, val_targets: np.ndarray,
+             point: OperatingPoint, multi_label: bool, positive: int | None = None,
+             groups: np.ndarray | None = None, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The full report of one test set: thresholds chosen on (val_scores, val_targets), point
+    metrics on the test set, bootstrap CIs, the confusion matrix and ``n_test``.
+
+    scores (N, K) probabilities, targets (N,) or (N, K); the same shapes for validation.
+    """
+    thresholds = choose_thresholds(val_targets, val_scores, point)
+    report = point_metrics(scores, targets, thresholds, multi_label=multi_label, positive=positive)
+    report["n_test"] = int(len(targets))
+    report["thresholds"] = thresholds
+    report["operating_point"] = str(point)
+    if resamples:
+        report["ci95"] = bootstrap_ci(scores, targets, thresholds, multi_label=multi_label, positive=positive,
+                                      groups=groups, resamples=resamples, seed=seed)
+        report["bootstrap"] = {"resamples": resamples, "unit": "sample" if groups is None else "group"}
+    report["confusion"] = confusion(scores, targets, thresholds, multi_label=multi_label, positive=positive).tolist()
+    return report
+
+
+def confusion(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[float], *, multi_label: bool,
+              positive: int | None = None) -> np.ndarray:
+    """Single-label: (C, C) counts, rows true, columns predicted (arg-max; with two classes
+    the operating point decides, consistently with sensitivity/specificity). Multi-label:
+    (L, 2, 2) per label, [[TN, FP], [FN, TP]]."""
+    n_out = scores.shape[1]
+    if multi_label:
+        pred = (scores >= np.asarray(thresholds)[None, :]).astype(np.int64)
+        return multilabel_confusion_matrix(np.asarray(targets).astype(np.int64), pred)
+    if n_out == 2:
+        pos = 1 if positive is None else positive
+        pred = np.where(scores[:, pos] >= thresholds[pos], pos, 1 - pos)
+    else:
+        pred = scores.argmax(1)
+    return confusion_matrix(targets, pred, labels=np.arange(n_out))
+
+
+def plot_roc(scores: np.ndarray, targets: np.ndarray, names: Sequence[str], path: Path | str, *,
+             thresholds: Sequence[float] | None = None, title: str = "ROC") -> Path:
+    """One ROC curve per class/label (the positive class only for binary single-label data),
+    the chance diagonal, and the operating point of each curve; n in the title."""
+    from fedmoco.plots import plt, save_figure
+
+    y = one_vs_rest(targets, scores.shape[1])
+    cols = [1] if (scores.shape[1] == 2 and np.asarray(targets).ndim == 1) else range(scores.shape[1])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", label="chance")
+    for j in cols:
+        if not 0 < y[:, j].sum() < len(y):
+            continue
+        fpr, tpr, _ = roc_curve(y[:, j], scores[:, j])
+        line, = ax.plot(fpr, tpr, label=f"{names[j]} (AUROC {roc_auc_score(y[:, j], scores[:, j]):.3f})")
+        if thresholds is not None:
+            sens, spec = sensitivity_specificity(y[:, j], (scores[:, j] >= thresholds[j]).astype(int))
+            ax.plot([1 - spec], [sens], "o", c=line.get_color())
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(f"{title}, n = {len(y)}")
+    ax.legend(loc="lower right", fontsize="small")
+    return save_figure(fig, Path(path))
+
+
+def plot_confusion_png(matrix: np.ndarray, names: Sequence[str], path: Path | str, title: str) -> Path:
+    """Confusion-matrix PNG with n (the number of test samples) in the title; a row of 2x2
+    panels for multi-label (L, 2, 2) matrices."""
+    from fedmoco.plots import plot_confusion, plt, save_figure
+
+    matrix = np.asarray(matrix)
+    if matrix.ndim == 2:
+        return plot_confusion(matrix, names, path, f"{title}, n = {int(matrix.sum())}")
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 3), squeeze=False)
+    for ax, m, name in zip(axes[0], matrix, names):
+        ax.imshow(m, cmap="Blues")
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, int(m[i, j]), ha="center", va="center")
+        ax.set_xticks([0, 1], ["no", "yes"])
+        ax.set_yticks([0, 1], ["no", "yes"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name)
+    fig.suptitle(f"{title}, n = {int(matrix[0].sum())}")
+    return save_figure(fig, Path(path))

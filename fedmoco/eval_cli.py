@@ -1,0 +1,240 @@
+"""The evaluation commands of ``fedmoco``: finetune, knn and linear-probe.
+
+cli.py registers the parsers and dispatches here; everything they share (checkpoint, input
+pipeline recorded at pretraining, label table, grouped splits, random-init baseline) lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmoco.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger("fedmoco")
+
+
+def add_finetune_parser(sub, add_eval) -> argparse.ArgumentParser:
+    """``fedmoco finetune``: the options of linear-probe plus the fine-tuning protocol's."""
+    p = add_eval(sub, "finetune", "fine-tune a checkpoint's encoder end to end on labelled data, vs random init")
+    p.set_defaults(batch_size=32)
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs per run (default 20)")
+    p.add_argument("--label-fraction", type=float, nargs="+", default=[1.0], metavar="F",
+                   help="share(s) of the labelled training pool to train on, e.g. 0.01 0.1 1.0 (default 1.0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and fraction (default 0)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (default 1e-3)")
+    p.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone LR = lr x this (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-frozen-epochs", type=int, default=1, help="first epochs train the head only (default 1)")
+    p.add_argument("--class-weighting", choices=["balanced", "none"], default="balanced")
+    p.add_argument("--patience", type=int, default=5, help="early stopping on validation AUROC (default 5)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="grouped validation share (default 0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the test/validation splits (default 0)")
+    p.add_argument("--multi-label", action="store_true", help="labels CSV columns are independent 0/1 labels")
+    p.add_argument("--label-column", action="append", metavar="NAME",
+                   help="label column(s) of --labels (default: every column but path and group)")
+    p.add_argument("--operating-point", default="youden", help="youden | specificity=0.9 (chosen on validation)")
+    p.add_argument("--positive-class", help="binary tasks: the class whose sensitivity is reported "
+                                            "(default: the second in sorted order)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    return p
+
+
+@dataclass
+class EvalInputs:
+    ckpt: dict[str, Any]
+    model: Any
+    data: Any
+    test: Any | None
+    domain: str
+    data_meta: dict[str, Any]
+
+
+def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalInputs:
+    """Checkpoint, its recorded input pipeline, and the labelled --data (and --test) sets."""
+    from fedmoco.checkpoint import load_checkpoint
+    from fedmoco.cli import parse_options
+    from fedmoco.data import DataConfig, Normalization
+    from fedmoco.labels import build_labelled_set, check_classes, load_label_table
+    from fedmoco.pretrain import model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    meta = ckpt["data"]
+    domain = args.domain or meta["domain"]
+    # The checkpoint's options and normalisation describe its own domain's data only.
+    same_domain = domain == meta["domain"]
+    options = {**((meta.get("options") or {}) if same_domain else {}), **parse_options(args.data_option)}
+    cfg = DataConfig(image_size=meta["image_size"], seed=getattr(args, "split_seed", args.seed), options=options)
+    # A federated encoder may carry no normalisation (each site normalised its own data): the
+    # domain then estimates it on the labelled data, as the data contract allows.
+    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
+    columns = getattr(args, "label_column", None)
+
+    def load(root: Path, labels: Path | None):
+        table = load_label_table(root, labels, domain, multi_label=multi_label, label_columns=columns)
+        data = build_labelled_set(domain, root, table, cfg, norm)
+        if data.in_channels != model.cfg.in_channels:
+            raise CheckpointError(f"{args.checkpoint}: the encoder was trained on {meta['domain']} data with "
+                                  f"{model.cfg.in_channels} channel(s) but {root} read as {domain} gives "
+                                  f"{data.in_channels}")
+        return data
+
+    data = load(args.data, args.labels)
+    check_classes(data, args.data)
+    test = None
+    if args.test:
+        test = load(args.test, args.test_labels)
+        if test.names != data.names:
+            raise DataError(f"{args.test}: classes {test.names} differ from {args.data}'s {data.names}")
+    data_meta = {"domain": domain, "image_size": cfg.image_size, "options": options,
+                 "normalization": data.normalization.to_dict()}
+    return EvalInputs(ckpt, model, data, test, domain, data_meta)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from fedmoco.device import select_device
+    from fedmoco.finetune import (FinetuneConfig, ProtocolConfig, config_dict, make_split, prepare_samples,
+                                  run_protocol, save_finetuned, write_report)
+
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
+                         warmup_frozen_epochs=args.warmup_frozen_epochs, class_weighting=args.class_weighting,
+                         patience=args.patience, workers=args.workers, amp=not args.no_amp)
+    protocol = ProtocolConfig(label_fractions=args.label_fraction, seeds=args.seeds, test_fraction=args.test_fraction,
+                              val_fraction=args.val_fraction, split_seed=args.split_seed,
+                              operating_point=args.operating_point, bootstrap=args.bootstrap)
+    device = select_device(args.device)
+    inputs = load_inputs(args, multi_label=args.multi_label)
+    data = inputs.data
+    if args.positive_class is not None:
+        if data.multi_label or args.positive_class not in data.names or len(data.names) != 2:
+            raise ConfigError(f"--positive-class {args.positive_class!r}: not one of the two classes {data.names}")
+        protocol.positive = data.names.index(args.positive_class)
+    progress = not args.quiet
+    samples = prepare_samples(data, workers=args.workers, progress=progress)
+    test_samples = prepare_samples(inputs.test, workers=args.workers, progress=progress) if inputs.test else None
+    split = make_split(samples, protocol, test_samples)
+    log.info("device: %s; %d labelled samples: %d training pool, %d validation, %d test (grouped by %s)",
+             device, len(samples.targets), len(split.train), len(split.val),
+             len(test_samples.targets) if test_samples else len(split.test), data.group_source)
+    result = run_protocol(inputs.model.encoder_q.backbone, inputs.ckpt["moco_config"], data, samples, split,
+                          test_samples=test_samples, cfg=cfg, protocol=protocol, device=device, progress=progress)
+    out = args.out or args.checkpoint.parent / "finetune"
+    extra = {"checkpoint": str(args.checkpoint), "domain": inputs.domain,
+             "positive_class": (data.names[protocol.positive if protocol.positive is not None else 1]
+                                if len(data.names) == 2 and not data.multi_label else None),
+             "split": {"grouped_by": data.group_source, "n_pool": int(len(split.train)), "n_val": int(len(split.val)),
+                       "n_test": int(len(test_samples.targets) if test_samples else len(split.test)),
+                       "unlabelled_samples_left_out": data.unlabelled_files,
+                       "skipped_unreadable": samples.skipped + (test_samples.skipped if test_samples else 0)},
+             "config": config_dict(cfg, protocol), "device": str(device)}
+    report = write_report(out, result, data, protocol, extra)
+    model_path = save_finetuned(out / "model.pt", result["models"]["pretrained"], names=data.names,
+                                multi_label=data.multi_label, thresholds=report["thresholds"],
+                                moco_config=inputs.ckpt["moco_config"], data_meta=inputs.data_meta)
+    _print_summary(report, data.names)
+    print(f"results:    {out / 'results.json'}\nmodel:      {model_path}")
+    print("plots:      " + ", ".join(report["plots"].values()))
+    return 0
+
+
+def _fmt(report: dict[str, Any], key: str) -> str:
+    v = report.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return f"{key} n/a"
+    ci = report.get("ci95", {}).get(key)
+    ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and all(c is not None and math.isfinite(c) for c in ci) else ""
+    return f"{key} {v:.3f}{ci_txt}"
+
+
+def _print_summary(report: dict[str, Any], names: list[str]) -> None:
+    keys = ["auroc", "sensitivity", "specificity", "accuracy"] + (["top5"] if "top5" in report else [])
+    frac = report["label_fraction"]
+    for label, r in (("pretrained ", report), ("random init", report["random_init"])):
+        print(f"finetune {label}: " + ", ".join(_fmt(r, k) for k in keys) +
+              f" (label fraction {frac:g}, n_test {r['n_test']}, {len(names)} {'labels' if report['multi_label'] else 'classes'})")
+
+
+# ------------------------------------------------------------------------------ frozen encoders
+
+
+def cmd_frozen(args: argparse.Namespace) -> int:
+    """``knn`` and ``linear-probe`` on frozen backbone features, pretrained and random init."""
+    from fedmoco.device import select_device
+    from fedmoco.diagnostics import plot_confusion_png
+    from fedmoco.evaluate import ProbeConfig, effective_k, extract_features, frozen_report, knn_predict, linear_probe
+    from fedmoco.finetune import fresh_backbone, prepare_samples
+    from fedmoco.splits import grouped_split
+
+    device = select_device(args.device)
+    inputs = load_inputs(args)
+    data, progress = inputs.data, not args.quiet
+    if data.multi_label:
+        raise ConfigError(f"{args.labels}: {args.command} takes one label column; use fedmoco finetune for multi-label")
+    samples = prepare_samples(data, workers=args.workers, progress=progress)
+    test_samples = prepare_samples(inputs.test, workers=args.workers, progress=progress) if inputs.test else None
+    if test_samples is None:
+        tr, te = grouped_split(samples.targets, samples.groups, args.test_fraction, args.seed)
+        if not len(tr) or not len(te):
+            raise DataError(f"{args.data}: too few samples to split off a test set; pass --test")
+    out = args.out or args.checkpoint.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    n_cls = len(data.names)
+    results: dict[str, Any] = {}
+    for init in ("pretrained", "random_init"):
+        backbone = (inputs.model.encoder_q.backbone if init == "pretrained"
+                    else fresh_backbone(inputs.ckpt["moco_config"], args.seed))
+
+        def feats(s):
+            f, rows, _ = extract_features(backbone, s.dataset, device=device, batch_size=args.batch_size,
+                                          num_workers=0, progress=progress)
+            lookup = {int(r): i for i, r in enumerate(s.rows)}
+            return f, torch.as_tensor(s.targets[[lookup[int(r)] for r in rows]])
+
+        f, y = feats(samples)
+        if test_samples is None:
+            train_f, train_y, test_f, test_y = f[tr], y[tr], f[te], y[te]
+        else:
+            (train_f, train_y), (test_f, test_y) = (f, y), feats(test_samples)
+        if args.command == "knn":
+            k, note = effective_k(args.k, len(train_y))
+            if note and init == "pretrained":
+                log.warning("%s", note)
+            votes = knn_predict(train_f, train_y, test_f, n_cls, k=k, temperature=args.t)
+            probs = votes / votes.sum(1, keepdim=True)
+            extra = {"k": k, "k_requested": args.k, "t": args.t}
+        else:
+            cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+            clf = linear_probe(train_f, train_y, n_cls, cfg, progress=progress)
+            with torch.no_grad():
+                probs = clf(test_f).softmax(1)
+            extra = {"epochs": args.epochs, "lr": args.lr}
+            if init == "pretrained":
+                from fedmoco.checkpoint import atomic_save
+                atomic_save({"format": "fedmoco-linear-probe", "version": 1, "classes": data.names,
+                             "state_dict": clf.state_dict(), "moco_config": inputs.ckpt["moco_config"],
+                             "data": inputs.data_meta}, out / "linear-probe.pt")
+        results[init] = {**frozen_report(probs, test_y, n_cls), **extra, "n_train": len(train_y)}
+    report = {"method": args.command, **results["pretrained"], "random_init": results["random_init"],
+              "classes": data.names, "grouped_by": data.group_source, "checkpoint": str(args.checkpoint)}
+    (out / f"{args.command}.json").write_text(json.dumps(report, indent=2))
+    png = plot_confusion_png(np.asarray(report["confusion"]), data.names, out / f"{args.command}_confusion.png",
+                             f"{args.command}: accuracy {report['accuracy']:.3f}")
+    for label, r in (("", report), (" random init", report["random_init"])):
+        top5 = f"  top-5 {r['top5']:.2%}" if "top5" in r else ""
+        print(f"{args.command}{label}: top-1 {r['accuracy']:.2%}{top5}  AUROC {r['auroc']:.3f}  "
+              f"({r['n_train']} train / {r['n_test']} test, {n_cls} classes)")
+    print(f"results: {out / (args.command + '.json')}\nconfusion matrix: {png}")
+    if args.command == "linear-probe":
+        print(f"classifier: {out / 'linear-probe.pt'}")
+    return 0

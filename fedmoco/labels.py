@@ -1,0 +1,288 @@
+"""Labelled evaluation data: a label table (CSV or class folders) joined to a domain's samples.
+
+A labels CSV has a ``path`` column (relative to ``--data``, absolute, or a file's own id: its
+name without extension), an optional ``group`` column (patient, scene, ...) and one or more
+label columns. One label column gives single-label classes; several (or ``--multi-label``)
+give multi-label data with 0/1 values. Rows may cover only part of the folder: the other files
+are left out. Without a CSV, the first sub-folder names the class.
+
+Every sample gets a group key for grouped splits: the CSV ``group``, else the domain's own
+(DICOM PatientID, falling back to StudyInstanceUID), else its file. Keys are hashed with a
+salt drawn once per run the moment they are read, and only the hashes are kept: no raw key is
+written, logged or plotted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from fedmoco.data import DataConfig, Normalization, build_labelled_data, check_data_dir, domain_module, list_files
+from fedmoco.data import check_text_file, parse_bool
+from fedmoco.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PATH_COLUMNS = ("path", "id")
+GROUP_COLUMN = "group"
+# Drawn once per process: group hashes are comparable within a run and meaningless outside it.
+RUN_SALT = secrets.token_bytes(16)
+
+
+def hash_group(value: str, salt: bytes = RUN_SALT) -> str:
+    """Salted BLAKE2b digest (hex) of a group key; the raw key is not kept anywhere."""
+    return hashlib.blake2b(value.encode("utf-8"), key=salt, digest_size=12).hexdigest()
+
+
+@dataclass
+class LabelTable:
+    """One row per labelled file.
+
+    ``targets`` is (R,) int class ids into ``names`` (single-label) or (R, L) float 0/1 with
+    ``names`` the label columns (multi-label). ``groups`` holds salted hashes or None.
+    """
+
+    paths: list[Path]
+    targets: np.ndarray
+    names: list[str]
+    multi_label: bool
+    groups: list[str | None]
+    source: str
+    unlabelled_rows: int = 0
+
+
+@dataclass
+class LabelledSet:
+    """Labelled samples ready for splits: ``dataset[i]`` -> (image (C, H, W), table row), and
+    per sample ``targets`` ((N,) or (N, L)), hashed ``groups`` (N,) and ``files`` (N,) row ids."""
+
+    dataset: Dataset
+    targets: np.ndarray
+    groups: np.ndarray
+    rows: np.ndarray
+    names: list[str]
+    multi_label: bool
+    in_channels: int
+    normalization: Normalization
+    group_source: str
+    unlabelled_files: int
+
+
+def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
+                     label_columns: Sequence[str] | None = None) -> LabelTable:
+    """Parse a labels CSV (see module doc); DataError naming the file and row for bad input."""
+    root = check_data_dir(root)
+    check_text_file(labels_csv, "labels CSV")  # exists, and no binary file reaches the csv module
+    with open(labels_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+        fh.seek(0)
+        header = next(csv.reader(fh), [])
+    path_col = next((c for c in PATH_COLUMNS if c in header), None)
+    if path_col is None:
+        raise DataError(f"{labels_csv}: needs a header with a 'path' column and one or more label columns")
+    cols = list(label_columns) if label_columns else [c for c in header if c not in (path_col, GROUP_COLUMN)]
+    unknown = [c for c in cols if c not in header]
+    if unknown or not cols:
+        raise DataError(f"{labels_csv}: label column(s) {unknown or '(none)'} not in the header {header}")
+    multi = multi_label or len(cols) > 1
+    resolver = _PathResolver(root)
+    paths, values, groups, missing, blank = [], [], [], [], 0
+    for line, row in enumerate(rows, start=2):
+        path = resolver(row[path_col] or "")
+        if path is None:
+            missing.append(row[path_col])
+            continue
+        cells = [(row.get(c) or "").strip() for c in cols]
+        if not multi:
+            if not cells[0]:
+                blank += 1
+                continue
+            values.append(cells[0])
+        else:
+            try:
+                values.append([float(parse_bool(v)) for v in cells])
+            except ValueError:
+                raise DataError(f"{labels_csv}: line {line}: multi-label columns {cols} need 0/1 values, "
+                                f"got {cells}") from None
+        paths.append(path)
+        g = (row.get(GROUP_COLUMN) or "").strip()
+        groups.append(hash_group(g) if g else None)
+    if missing:
+        raise DataError(f"{labels_csv}: {len(missing)} row(s) name files that do not exist under {root} "
+                        f"(first: {missing[0]!r})")
+    if not paths:
+        raise DataError(f"{labels_csv}: no labelled rows")
+    dupes = len(paths) - len(set(paths))
+    if dupes:
+        raise DataError(f"{labels_csv}: {dupes} file(s) are listed more than once")
+    if multi:
+        targets, names = np.asarray(values, dtype=np.float32), cols
+    else:
+        names = sorted(set(values))
+        index = {n: i for i, n in enumerate(names)}
+        targets = np.asarray([index[v] for v in values], dtype=np.int64)
+    return LabelTable(paths, targets, names, multi, groups, f"{labels_csv}", unlabelled_rows=blank)
+
+
+class _PathResolver:
+    """CSV path -> existing file: relative to root, absolute, or a unique file-name stem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._stems: dict[str, Path | None] | None = None
+
+    def __call__(self, text: str) -> Path | None:
+        if not text:
+            return None
+        p = Path(text)
+        full = p if p.is_absolute() else self.root / p
+        if full.is_file():
+            return full.resolve()
+        if self._stems is None:
+            self._stems = {}
+            for f in list_files(self.root):
+                self._stems[f.stem] = None if f.stem in self._stems else f.resolve()
+        return self._stems.get(text)
+
+
+def folder_label_table(root: Path, domain: str) -> LabelTable:
+    """Class = first sub-folder below ``root``, for every file under it.
+
+    DataError when no file sits in a sub-folder, or (images domain) when a class folder holds
+    sub-folders: that layout means ``--data`` points at the wrong level. DICOM and raster
+    classes legitimately hold patient/series or product folders; there a class made of one
+    patient is caught later (see :func:`check_classes`).
+    """
+    root = check_data_dir(root)
+    files = list_files(root)
+    paths, values = [], []
+    for f in files:
+        rel = f.relative_to(root)
+        if len(rel.parts) < 2:
+            continue
+        if domain == "images" and len(rel.parts) > 2:
+            raise DataError(f"{root / rel.parts[0]}: class folder holds sub-folders ({rel.parts[1]}/); point "
+                            "--data at the folder whose sub-folders are the classes, or pass --labels CSV")
+        paths.append(f.resolve())
+        values.append(rel.parts[0])
+    if not paths:
+        raise DataError(f"{root}: no class sub-folders; put images in one sub-folder per class or pass --labels CSV")
+    names = sorted(set(values))
+    index = {n: i for i, n in enumerate(names)}
+    targets = np.asarray([index[v] for v in values], dtype=np.int64)
+    return LabelTable(paths, targets, names, False, [None] * len(paths), f"{root} (class folders)")
+
+
+def load_label_table(root: Path, labels_csv: Path | None, domain: str, *, multi_label: bool = False,
+                     label_columns: Sequence[str] | None = None) -> LabelTable:
+    """The table of ``labels_csv`` when given, else of the class folders under ``root``."""
+    if labels_csv is not None:
+        return read_label_table(root, labels_csv, multi_label=multi_label, label_columns=label_columns)
+    if multi_label:
+        raise DataError("--multi-label needs --labels CSV with one 0/1 column per label")
+    return folder_label_table(root, domain)
+
+
+def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConfig,
+                       normalization: Normalization | None) -> LabelledSet:
+    """Join ``table`` to the domain's samples of ``root`` (files not in it are left out).
+
+    The domain reads a temporary ``path,label`` CSV whose label is the table row, so every
+    sample (a frame, slice or tile) carries the row of its file; targets and groups follow.
+    """
+    root = check_data_dir(root)
+    with tempfile.TemporaryDirectory(prefix="fedmoco-labels-") as tmp:
+        csv_path = Path(tmp) / "rows.csv"
+        with open(csv_path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label"])
+            w.writerows([str(p), f"{i:09d}"] for i, p in enumerate(table.paths))
+        data = build_labelled_data(domain, root, cfg, csv_path, normalization)
+    row_of_class = np.asarray([int(c) for c in data.classes], dtype=np.int64)
+    sample_labels = data.sample_labels
+    if sample_labels is None:  # a domain that does not expose them: read every sample once
+        sample_labels = [-1 if s is None else s[1] for s in (data.dataset[i] for i in range(len(data.dataset)))]
+    sample_labels = np.asarray(sample_labels, dtype=np.int64)
+    keep = np.flatnonzero(sample_labels >= 0)
+    if not len(keep):
+        raise DataError(f"{table.source}: none of its files is a usable {domain} sample under {root}")
+    rows = row_of_class[sample_labels[keep]]
+    used = set(rows.tolist())
+    unusable = len(table.paths) - len(used)
+    if unusable:
+        log.warning("%s: %d labelled file(s) are not usable %s samples (unreadable or not images) and are left out",
+                    table.source, unusable, domain)
+    groups, source = _groups(domain, table, rows)
+    dataset = _RowDataset(data.dataset, keep, row_of_class)
+    n_files = len({int(r) for r in rows})
+    log.info("labelled: %d samples from %d files, %d groups (%s)", len(keep), n_files, len(set(groups)), source)
+    return LabelledSet(dataset=dataset, targets=table.targets[rows], groups=np.asarray(groups), rows=rows,
+                       names=table.names, multi_label=table.multi_label, in_channels=data.in_channels,
+                       normalization=data.normalization, group_source=source,
+                       unlabelled_files=int((sample_labels < 0).sum()))
+
+
+def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str], str]:
+    """Hashed group per sample: CSV group, else the domain's (patient), else the file."""
+    per_row: list[str | None] = list(table.groups)
+    source = "csv group column" if any(g is not None for g in per_row) else "file"
+    hook = getattr(domain_module(domain), "group_keys", None)
+    if source == "file" and hook is not None:
+        wanted = sorted({int(r) for r in rows})
+        found = hook([table.paths[r] for r in wanted], RUN_SALT)
+        for r, g in zip(wanted, found):
+            per_row[r] = g
+        if any(g is not None for g in found):
+            source = getattr(hook, "source", domain)
+    return [per_row[r] if per_row[r] is not None else hash_group(f"file:{table.paths[r]}") for r in rows], source
+
+
+class _RowDataset(Dataset):
+    """The labelled samples of a domain dataset: ``[i]`` -> (image, table row) or None."""
+
+    def __init__(self, base: Dataset, keep: np.ndarray, row_of_class: np.ndarray) -> None:
+        self.base, self.keep, self.row_of_class = base, keep, row_of_class
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int):
+        item = self.base[int(self.keep[i])]
+        return None if item is None else (item[0], int(self.row_of_class[item[1]]))
+
+
+def check_classes(data: LabelledSet, root: Path) -> None:
+    """Refuse data nothing can be learnt or tested on: one class, or classes that each hold a
+    single group (a grouped split can then test no class; with DICOM this is ``--data``
+    pointing inside one class folder, whose patient folders became classes)."""
+    n_groups = len(np.unique(data.groups))
+    if n_groups < 2:
+        raise DataError(f"{root}: all {len(data.targets)} labelled samples belong to one group "
+                        f"({data.group_source}); a held-out test set needs at least 2")
+    if data.multi_label:
+        present = data.targets.sum(0)
+        if not ((present > 0) & (present < len(data.targets))).any():
+            raise DataError(f"{root}: every label is all 0 or all 1; nothing to learn")
+        return
+    classes = np.unique(data.targets)
+    if len(classes) < 2:
+        name = data.names[int(classes[0])]
+        raise DataError(f"{root}: only one class ({name!r}) among the labelled samples; need at least 2")
+    per_class = [len(np.unique(data.groups[data.targets == c])) for c in classes]
+    if all(n == 1 for n in per_class):
+        what = "file" if data.group_source == "file" else f"group ({data.group_source})"
+        hint = {"patient": "--data probably points inside one class folder (its patient folders became classes)",
+                "file": "label more files, or give a CSV 'group' column"}.get(
+                    data.group_source, "each class needs samples of at least 2 groups")
+        raise DataError(f"{root}: each class ({', '.join(data.names[int(c)] for c in classes[:3])}"
+                        f"{', ...' if len(classes) > 3 else ''}) holds exactly one {what}, so no class can be in "
+                        f"both train and test; {hint}")

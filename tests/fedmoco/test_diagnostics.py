@@ -1,0 +1,97 @@
+"""AUROC, sensitivity, specificity and operating points against hand-computed values."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedmoco.diagnostics import (OperatingPoint, bootstrap_ci, choose_threshold, diagnose, plot_confusion_png,
+                                 plot_roc, point_metrics)
+from fedmoco.errors import ConfigError
+
+# Binary test set: 4 negatives, 4 positives; scores of the positive class.
+Y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+P1 = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.3, 0.6])
+SCORES = np.stack([1 - P1, P1], axis=1)
+
+
+def test_binary_auroc_sensitivity_specificity_by_hand():
+    # AUROC = share of (positive, negative) pairs ranked right: 0.7 beats 3, 0.9 beats 4,
+    # 0.3 beats 1, 0.6 beats 3 -> 11 / 16.
+    m = point_metrics(SCORES, Y, [0.5, 0.5], multi_label=False)
+    assert m["auroc"] == pytest.approx(11 / 16)
+    # At threshold 0.5: TP = 3 (0.7, 0.9, 0.6), FN = 1 (0.3), FP = 1 (0.8), TN = 3.
+    assert m["sensitivity"] == pytest.approx(3 / 4) and m["specificity"] == pytest.approx(3 / 4)
+    # Accuracy is of the arg-max class: same as threshold 0.5 here -> 6 / 8.
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert "top5" not in m
+
+
+def test_operating_points_chosen_on_validation():
+    # Youden: validation separable at 0.5 (J = 1).
+    assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.2, 0.4, 0.5, 0.9]), OperatingPoint.parse("youden")) == 0.5
+    # specificity >= 0.9 with 4 negatives means no false positive: threshold above 0.7 -> 0.8.
+    spec = OperatingPoint.parse("specificity=0.9")
+    y, s = np.array([0, 0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.7, 0.6, 0.8])
+    assert choose_threshold(y, s, spec) == 0.8
+    assert choose_threshold(np.array([1, 1]), np.array([0.2, 0.3]), spec) is None  # no ROC on one class
+    with pytest.raises(ConfigError, match="--operating-point"):
+        OperatingPoint.parse("sensitivity=0.9")
+    # The threshold from validation decides the test metrics: 0.65 -> TP 2 (0.7, 0.9), FP 1 (0.8).
+    val_scores = np.stack([1 - np.array([0.2, 0.6, 0.65, 0.9]), np.array([0.2, 0.6, 0.65, 0.9])], 1)
+    r = diagnose(SCORES, Y, val_scores=val_scores, val_targets=np.array([0, 0, 1, 1]),
+                 point=OperatingPoint.parse("youden"), multi_label=False, resamples=0)
+    assert r["thresholds"][1] == pytest.approx(0.65)
+    assert r["sensitivity"] == pytest.approx(2 / 4) and r["specificity"] == pytest.approx(3 / 4)
+    assert r["n_test"] == 8 and r["confusion"] == [[3, 1], [2, 2]]
+
+
+def test_multiclass_macro_auroc_and_top5_only_above_five_classes():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    s = np.array([[.6, .3, .1], [.2, .5, .3], [.1, .2, .7], [.3, .4, .3], [.5, .4, .1], [.2, .2, .6]])
+    m = point_metrics(s, y, [0.5] * 3, multi_label=False)
+    # class 0 vs rest: positives .6, .3; negatives .2, .1, .5, .2 -> .6 beats 4, .3 beats 3 -> 7/8
+    assert m["per_class_auroc"][0] == pytest.approx(7 / 8)
+    assert m["auroc"] == pytest.approx(np.mean(m["per_class_auroc"]))
+    assert "top5" not in m
+    rng = np.random.default_rng(0)
+    y7 = np.arange(14) % 7
+    s7 = rng.dirichlet(np.ones(7), 14)
+    assert "top5" in point_metrics(s7, y7, [0.5] * 7, multi_label=False)
+
+
+def test_multilabel_auroc_per_label():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    s = np.array([[.9, .2], [.3, .8], [.6, .4], [.7, .1]])
+    m = point_metrics(s, y, [0.5, 0.5], multi_label=True)
+    # label 0: positives .9, .6 vs negatives .3, .7 -> .9 beats 2, .6 beats 1 -> 3/4; label 1: 4/4
+    assert m["per_class_auroc"] == pytest.approx([0.75, 1.0]) and m["auroc"] == pytest.approx(0.875)
+    # at 0.5: label 0 TP 2 FP 1 (0.7) TN 1; label 1 TP 1 (0.8) FN 1 (0.4) TN 2
+    assert m["sensitivity"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["specificity"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["subset_accuracy"] == pytest.approx(2 / 4)  # rows 0 and 1 are all right
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_resamples_groups():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 50)
+    p = np.clip(y * 0.3 + rng.uniform(0, 0.7, 100), 0, 1)
+    s = np.stack([1 - p, p], 1)
+    point = point_metrics(s, y, [0.5, 0.5], multi_label=False)
+    ci = bootstrap_ci(s, y, [0.5, 0.5], multi_label=False, positive=None, groups=None, resamples=200, seed=0)
+    for k in ("auroc", "accuracy", "sensitivity", "specificity"):
+        assert ci[k][0] <= point[k] <= ci[k][1]
+    # 10 samples per group: the cluster bootstrap is wider than the per-sample one
+    groups = np.arange(100) // 10
+    wide = bootstrap_ci(s, y, [0.5, 0.5], multi_label=False, positive=None, groups=groups, resamples=200, seed=0)
+    assert wide["auroc"][1] - wide["auroc"][0] >= 0.5 * (ci["auroc"][1] - ci["auroc"][0])
+    json.dumps(ci)
+
+
+def test_plots_have_n_in_the_title(tmp_path):
+    r = diagnose(SCORES, Y, val_scores=SCORES, val_targets=Y, point=OperatingPoint(), multi_label=False, resamples=0)
+    roc = plot_roc(SCORES, Y, ["normal", "lesion"], tmp_path / "roc.png", thresholds=r["thresholds"])
+    cm = plot_confusion_png(np.asarray(r["confusion"]), ["normal", "lesion"], tmp_path / "cm.png", "test")
+    assert roc.stat().st_size > 1000 and cm.stat().st_size > 1000
+    ml = plot_confusion_png(np.zeros((2, 2, 2)) + 1, ["a", "b"], tmp_path / "ml.png", "multi")
+    assert ml.exists()

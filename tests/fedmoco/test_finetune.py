@@ -1,0 +1,154 @@
+"""fedmoco finetune end to end on generated images, and the one-line errors of bad labelled input."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoco.checkpoint import atomic_save
+from fedmoco.cli import main
+from fedmoco.config import MoCoConfig
+from fedmoco.moco import MoCo
+from fedmoco.pretrain import make_checkpoint
+
+FAST = ["--epochs", "2", "--batch-size", "8", "--bootstrap", "20", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny images-domain checkpoint (random weights stand in for a pretrained encoder)."""
+    torch.manual_seed(0)
+    model = MoCo(MoCoConfig.preset("v2", arch="tiny", dim=16, hidden_dim=32, queue_size=64, small_input=True,
+                                   in_channels=3))
+    data = {"domain": "images", "image_size": 32, "options": {},
+            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    return atomic_save(make_checkpoint(model, data=data), tmp_path / "ckpt" / "checkpoint.pt")
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _partial_labels(demo_images, path, n=36, multi=False):
+    """Labels for ``n`` of the 48 demo images (all classes), two images of a class per group."""
+    files = sorted(demo_images.rglob("*.png"))
+    files = [f for i, f in enumerate(files) if n == len(files) or i % 4 != 3][:n]
+    rows = []
+    for i, f in enumerate(files):
+        rel, cls = f.relative_to(demo_images).as_posix(), f.parent.name
+        group = f"patient-{cls}-{i // 2}"
+        rows.append([rel, group, int(cls in ("circle", "square")), int(cls == "stripes")] if multi
+                    else [rel, group, cls])
+    header = ["path", "group", "round_or_square", "striped"] if multi else ["path", "group", "label"]
+    return _write_csv(path, header, rows)
+
+
+def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, checkpoint, capsys):
+    labels = _partial_labels(demo_images, tmp_path / "labels.csv")  # covers 36 of 48 images
+    out = tmp_path / "ft"
+    rc = main(["-q", "finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(labels),
+               "--out", str(out), "--label-fraction", "0.5", "1.0", "--seeds", "0", "1", *FAST])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("accuracy", "auroc", "sensitivity", "specificity", "n_test"):
+        assert key in res and key in res["random_init"]
+        assert key == "n_test" or 0 <= res[key] <= 1
+    split = res["split"]
+    assert split["n_pool"] + split["n_val"] + split["n_test"] == 36  # only labelled rows are used
+    assert res["n_test"] == split["n_test"] and split["grouped_by"] == "csv group column"
+    assert set(res["label_fractions"]) == {"0.5", "1"}
+    point = res["label_fractions"]["0.5"]["pretrained"]
+    assert set(point["seeds"]) == {"0", "1"} and set(point["mean"]) >= {"auroc", "accuracy"}
+    assert point["seeds"]["0"]["n_train"] < res["label_fractions"]["1"]["pretrained"]["seeds"]["0"]["n_train"]
+    assert res["classes"] == ["circle", "square", "stripes", "triangle"] and "top5" not in res
+    assert len(res["ci95"]["auroc"]) == 2
+    for png in ("roc.png", "confusion.png", "roc_random_init.png", "confusion_random_init.png",
+                "label_efficiency.png"):
+        assert (out / png).stat().st_size > 1000
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["classes"] == res["classes"] and saved["head"]["weight"].shape == (4, 128)
+    text = (out / "results.json").read_text()
+    assert "patient-" not in text  # group keys are never written out
+    assert "finetune pretrained : auroc" in capsys.readouterr().out
+
+
+def test_finetune_multilabel_and_federated_checkpoint_without_normalization(tmp_path, demo_images, checkpoint):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["data"]["normalization"] = None  # as a federation's encoder.pt without input-mean/std
+    atomic_save(ckpt, tmp_path / "encoder.pt")
+    labels = _partial_labels(demo_images, tmp_path / "ml.csv", n=48, multi=True)
+    out = tmp_path / "ml"
+    assert main(["-q", "finetune", "--checkpoint", str(tmp_path / "encoder.pt"), "--data", str(demo_images),
+                 "--labels", str(labels), "--out", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["multi_label"] and res["classes"] == ["round_or_square", "striped"]
+    assert len(res["per_class_auroc"]) == 2 and "subset_accuracy" in res["label_fractions"]["1"]["pretrained"]["mean"]
+
+
+def _run(args, capsys):
+    rc = main(["-q", *args])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("command", ["finetune", "knn"])
+def test_bad_labelled_input_gives_one_line(tmp_path, demo_images, checkpoint, capsys, command):
+    base = [command, "--checkpoint", str(checkpoint), "--data", str(demo_images), *(FAST if command == "finetune" else [])]
+    files = sorted(demo_images.rglob("*.png"))
+    rel = [f.relative_to(demo_images).as_posix() for f in files]
+    cases = {
+        "one class": (_write_csv(tmp_path / "one.csv", ["path", "label"], [[r, "circle"] for r in rel[:10]]),
+                      "only one class ('circle') among the labelled samples"),
+        "unknown path": (_write_csv(tmp_path / "unknown.csv", ["path", "label"],
+                                    [[r, "a"] for r in rel[:5]] + [["circle/nope.png", "b"]]),
+                         "1 row(s) name files that do not exist under"),
+        "one group": (_write_csv(tmp_path / "group.csv", ["path", "group", "label"],
+                                 [[r, "same-patient", f.parent.name] for r, f in zip(rel, files)]),
+                      "belong to one group"),
+    }
+    for name, (csv_path, message) in cases.items():
+        rc, err = _run([*base, "--labels", str(csv_path), "--out", str(tmp_path / name)], capsys)
+        assert rc == 2 and message in err and err.count("\n") == 1, (name, err)
+    # a class folder holding sub-folders: --data points at the wrong level
+    nested = tmp_path / "nested" / "circle" / "patient1"
+    nested.mkdir(parents=True)
+    (nested / "a.png").write_bytes(files[0].read_bytes())
+    (tmp_path / "nested" / "square").mkdir()
+    (tmp_path / "nested" / "square" / "b.png").write_bytes(files[-1].read_bytes())
+    rc, err = _run([command, "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nested")], capsys)
+    assert rc == 2 and "circle: class folder holds sub-folders (patient1/)" in err and err.count("\n") == 1
+
+
+def test_knn_refuses_multilabel_and_empty_train(tmp_path, demo_images, checkpoint, capsys):
+    labels = _partial_labels(demo_images, tmp_path / "ml.csv", n=48, multi=True)
+    rc, err = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(labels)], capsys)
+    assert rc == 2 and "takes one label column; use fedmoco finetune for multi-label" in err
+
+
+def test_only_labelled_rows_and_patient_groups_from_dicom(tmp_path):
+    """The DICOM patient is read for grouping only, hashed at once; frames of one patient share a group."""
+    from domains.medical import make_demo_archive
+    from fedmoco.data import DataConfig
+    from fedmoco.labels import build_labelled_set, load_label_table
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=2, labelled=True)
+    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts)
+    labelled = [p for p in files if p.parent.name == "ct"]  # only the CT slices are labelled
+    csv_path = _write_csv(tmp_path / "labels.csv", ["path", "label"],
+                          [[p.relative_to(root).as_posix(), p.parts[-4]] for p in labelled])
+    table = load_label_table(root, csv_path, "medical")
+    cfg = DataConfig(image_size=32, options={"cache": False})
+    data = build_labelled_set("medical", root, table, cfg, None)
+    assert data.group_source == "patient"
+    assert len(data.targets) == len(labelled)  # CR files (unlabelled) are left out
+    patient_dir = [table.paths[r].parts[-3] for r in data.rows]
+    for g in set(data.groups.tolist()):
+        assert len({p for p, gg in zip(patient_dir, data.groups) if gg == g}) == 1  # one group = one patient
+    assert len(set(data.groups.tolist())) == len(set(patient_dir))
+    assert not any("DEMO-" in g for g in data.groups)  # hashed, never the PatientID itself
