@@ -137,6 +137,13 @@ def _node_float(node: Any, key: str, default: float | None) -> float | None:
     return value
 
 
+def _node_count(node: Any, key: str) -> int:
+    value = _node_float(node, key, 0.0) or 0.0
+    if value != int(value):
+        raise ConfigError(f"node_config {key}: expected a whole number, got {node[key]!r}")
+    return int(value)
+
+
 def _site_settings(ctx: Context) -> dict[str, Any]:
     """Per-site settings: node_config wins over run_config defaults."""
     node, run = ctx.node_config, ctx.run_config
@@ -148,6 +155,7 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         # The privacy budget is the site's: node_config only, never run_config (docs/privacy.md).
         "epsilon": _node_float(node, "dp-epsilon", None),
         "delta": _node_float(node, "dp-delta", DEFAULT_DELTA),
+        "dp_rounds": _node_count(node, "dp-rounds"),  # 0: the run's num-server-rounds
         "ledger_path": ledger_path(node),
         "state_dir": Path(state_dir).expanduser() if state_dir else None,
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
@@ -406,25 +414,28 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
         return out, no_ledger_metrics(1, releases=rounds_done + 1)
     if site["ledger_path"] is None:
         return empty, _refuse(3)
-    rounds_left = max(run_value(run, "num-server-rounds") - server_round + 1, 1)
+    planned = site["dp_rounds"] or run_value(run, "num-server-rounds")
     try:
         with locked_ledger(site["ledger_path"]) as box:
-            ledger = box["ledger"] or SiteLedger(mode, site["epsilon"], site["delta"])
+            ledger = box["ledger"] or SiteLedger(mode, site["epsilon"], site["delta"], planned)
             box["ledger"] = ledger
             if ledger.mechanism != mode:
                 refused = _refuse(6, f" ({ledger.mechanism!r} at {site['ledger_path']})")
                 return empty, {**refused, **ledger.to_metrics(False)}
-            for note in ledger.tighten(site["epsilon"], site["delta"]):
+            notes = ledger.tighten(site["epsilon"], site["delta"])
+            notes += ledger.replan(site["dp_rounds"]) if site["dp_rounds"] else []
+            for note in notes:
                 log.warning("privacy ledger %s: %s", site["ledger_path"], note)
-            z = ledger.plan(rounds_left, q)
+            z = ledger.next_noise(q)
             if z is not None:
                 ledger.record(z, q)  # paid before the release: a crash can only over-count
     except ConfigError as exc:  # unreadable or unwritable ledger: never a fresh budget
         log.error("privacy ledger: %s", exc)
         return empty, _refuse(7, f" ({exc})")
-    exhausted = ledger.plan(1, q) is None
+    exhausted = ledger.next_noise(q) is None
     if z is None:
-        detail = f": spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g})"
+        detail = (f": spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g}) in "
+                  f"{ledger.releases} of {ledger.planned_releases} planned releases")
         return empty, {**_refuse(5, detail), **ledger.to_metrics(True)}
     out = _make_release(mode, z, q, msg, dataset, negatives, site, run, mcfg, server_round)
     log.info("released %d %s at z=%.4g, q=%g: eps %.4g of %g spent (delta %g, %s)", out.shape[0], mode, z, q,

@@ -77,7 +77,8 @@ def read_ledger(path: Path) -> SiteLedger | None:
         try:
             d = torch.load(legacy, map_location="cpu", weights_only=True)
             history = [(float(d["noise_multiplier"]), float(d["sample_rate"]), int(d["releases"]))]
-            return SiteLedger("keys", float(d["epsilon_budget"]), float(d["delta"]),
+            # The old ledger planned (z, q) once; its releases so far are the plan's minimum.
+            return SiteLedger("keys", float(d["epsilon_budget"]), float(d["delta"]), max(int(d["releases"]), 1),
                               [h for h in history if h[2] > 0])
         except Exception as exc:  # noqa: BLE001 - any damage: refuse, never start afresh
             raise ConfigError(f"{legacy}: old privacy ledger unreadable ({exc})") from None

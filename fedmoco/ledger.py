@@ -10,11 +10,16 @@ release mechanism, because the two are stated under different adjacencies:
 ``keys``        one noisy key per sampled image; replace-one image; the exact per-slot
                 accountant ``fedmoco-key-rdp`` of :mod:`fedmoco.privacy`.
 
-Each release is one ``(z, q, 1)`` step in an Opacus-style history, so releases at
-different noise levels (a new run with a different number of rounds, a tightened budget)
-compose exactly in RDP. Before each round the site asks :meth:`SiteLedger.plan` for the
-noise that lets the remaining rounds of this run fit in what is left, and spends before it
-releases (:meth:`record`), so a crash between the two can only over-count.
+The budget is planned over ``planned_releases`` releases (node_config ``dp-rounds``, else
+the ``num-server-rounds`` of the run that opened the ledger), across runs. Before each
+round the site asks :meth:`SiteLedger.next_noise` for the noise with which the releases
+still planned fit in what is left (the same z every round unless the budget was tightened,
+the plan changed or q changed) and spends before it releases (:meth:`record`), so a crash
+between the two can only over-count. Each release is one ``(z, q, 1)`` step in an
+Opacus-style history, so releases at different noise levels compose exactly in RDP. Once
+the planned releases are made, or the next one no longer fits, the ledger is exhausted:
+without a plan, any leftover epsilon would "fit" one more release at an enormous z, i.e.
+pure noise sent for nothing.
 
 ``DP_STATUS`` are the codes of the ``dp-status`` metric a site reports every round, so
 the coordinator learns why a site sent no summaries without any free text in the reply.
@@ -56,22 +61,25 @@ def check_site_delta(delta: float, n_images: int) -> float:
         delta = _check_delta(delta)
     except ConfigError:
         raise ConfigError(f"node_config dp-delta: must be in (0, {MAX_DELTA:g}], got {delta!r}") from None
-    if delta > MAX_DELTA or delta >= 1.0 / max(n_images, 1):
-        raise ConfigError(f"node_config dp-delta: {delta:g} is too large for {n_images} images; "
-                          f"use at most {MAX_DELTA:g} and less than 1/{n_images} (e.g. 1e-5)")
+    if delta > MAX_DELTA:
+        raise ConfigError(f"node_config dp-delta: must be in (0, {MAX_DELTA:g}], got {delta:g} (e.g. 1e-5)")
+    if delta >= 1.0 / max(n_images, 1):
+        raise ConfigError(f"node_config dp-delta: {delta:g} is too large for {n_images} images; it must be "
+                          f"below one over the number of images (e.g. 1e-5)")
     return delta
 
 
 class SiteLedger:
     """Budget (epsilon, delta) of one mechanism, and the history of releases paid from it."""
 
-    def __init__(self, mechanism: str, epsilon_budget: float, delta: float,
+    def __init__(self, mechanism: str, epsilon_budget: float, delta: float, planned_releases: int,
                  history: list[tuple[float, float, int]] | None = None) -> None:
         if mechanism not in MECHANISMS:
             raise ConfigError(f"ledger mechanism: {mechanism!r}, expected one of {sorted(MECHANISMS)}")
         self.mechanism = mechanism
         self.epsilon_budget = _check_epsilon(epsilon_budget, "epsilon_budget")
         self.delta = _check_delta(delta)
+        self.planned_releases = _check_count(planned_releases, "dp-rounds", 1)
         self.history = [(_check_noise_multiplier(z, False), _check_sample_rate(q), _check_count(n, "releases", 1))
                         for z, q, n in (history or [])]
 
@@ -96,16 +104,16 @@ class SiteLedger:
         """Epsilon spent so far, at ``self.delta``, under ``self.adjacency``."""
         return self._epsilon(self.history)
 
-    def plan(self, rounds: int, sample_rate: float) -> float | None:
-        """The smallest noise multiplier z (to 0.5 % of epsilon) with which ``rounds`` more
-        releases at rate q fit in the budget, or None when not even one release fits."""
-        rounds = _check_count(rounds, "rounds", 1)
+    @property
+    def remaining(self) -> int:
+        """Releases still planned."""
+        return max(self.planned_releases - self.releases, 0)
+
+    def next_noise(self, sample_rate: float) -> float | None:
+        """The smallest noise multiplier z (to 0.5 % of epsilon) with which the remaining
+        planned releases at rate q fit in the budget; None when the ledger is exhausted."""
         q = _check_sample_rate(sample_rate)
-        for n in (rounds, 1):  # can't plan all remaining rounds: at least pay for the next one
-            z = self._fit(n, q)
-            if z is not None:
-                return z
-        return None
+        return self._fit(self.remaining, q) if self.remaining else None
 
     def _fit(self, rounds: int, q: float) -> float | None:
         if not self.history:
@@ -141,6 +149,16 @@ class SiteLedger:
             self.history.append((z, q, 1))
         return self.spent()
 
+    def replan(self, planned_releases: int) -> list[str]:
+        """Set the number of planned releases (node_config ``dp-rounds``): the site's choice of
+        how to spread its budget. It changes the noise, never the budget."""
+        planned_releases = _check_count(planned_releases, "dp-rounds", 1)
+        if planned_releases == self.planned_releases:
+            return []
+        note = f"planned releases {self.planned_releases} -> {planned_releases} (dp-rounds)"
+        self.planned_releases = planned_releases
+        return [note]
+
     def tighten(self, epsilon: float, delta: float) -> list[str]:
         """Lower the budget to (epsilon, delta) where that is tighter; never loosen.
         Returns what changed / what was refused, one line each, for the site's log."""
@@ -168,7 +186,7 @@ class SiteLedger:
         """JSON-safe plain values."""
         return {"format": LEDGER_FORMAT, "mechanism": self.mechanism, "adjacency": self.adjacency,
                 "epsilon_budget": self.epsilon_budget, "delta": self.delta,
-                "history": [{"noise_multiplier": z, "sample_rate": q, "releases": n} for z, q, n in self.history],
+                "planned_releases": self.planned_releases, "history": [{"noise_multiplier": z, "sample_rate": q, "releases": n} for z, q, n in self.history],
                 "epsilon_spent": self.spent()}
 
     @classmethod
@@ -179,7 +197,8 @@ class SiteLedger:
                               f"expected {LEDGER_FORMAT!r}")
         try:
             history = [(float(h["noise_multiplier"]), float(h["sample_rate"]), int(h["releases"])) for h in d["history"]]
-            return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]), history)
+            return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]),
+                       int(d["planned_releases"]), history)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
 

@@ -1,0 +1,244 @@
+"""The site owns its privacy budget: node_config only, a persistent file-locked ledger, tighten-only.
+
+Runs the real ClientApp handler (and, for whole runs, the real ServerApp code over
+``server.inprocess.InProcessGrid``). A fresh ``Context`` is what a SuperNode restart or a new
+``flwr run`` gives a site: ``Context.state`` is empty, only the site's disk remembers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from client_test_helpers import context, dp_node, global_model, make_images_site, run_config, train_message
+
+import clients.app as client_module
+from clients.app import SITE_MISCONFIGURED, train
+from clients.ledger import LEDGER_FILE, ledger_path, locked_ledger, read_ledger
+from clients.task import shared_arrays
+from fedmoco.errors import ConfigError
+from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta
+from fedmoco.privacy import calibrate_prototype_noise, key_epsilon, prototype_epsilon
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return make_images_site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="module")
+def sent():
+    return shared_arrays(global_model(run_config()))
+
+
+def metrics(reply) -> dict[str, float]:
+    assert not reply.has_error(), reply.error
+    return dict(reply.content["metrics"])
+
+
+def n_sent(reply) -> int:
+    return reply.content["keys"]["keys"].shape[0]
+
+
+# -- the budget comes from node_config only -----------------------------------------------------
+def test_run_config_cannot_set_epsilon(site, sent, tmp_path, caplog):
+    run = run_config(**{"dp-epsilon": 100.0, "dp-delta": 0.5})  # what a server might try
+    node = {"data-path": str(site), "ledger-path": str(tmp_path / "l.json")}  # the site set no budget
+    with caplog.at_level(logging.WARNING):
+        m = metrics(reply := train(train_message(sent, 1), context(node, run)))
+    assert n_sent(reply) == 0 and m["dp-status"] == 4 and m["dp-keys-epsilon"] == 0.0
+    assert "run_config dp-epsilon, dp-delta ignored" in caplog.text and DP_STATUS[4] in caplog.text
+    # with the site's own budget, the run_config values change nothing
+    node["dp-epsilon"] = 1.0
+    m = metrics(train(train_message(sent, 1), context(node, run)))
+    assert m["dp-status"] == 0 and m["dp-keys-budget"] == 1.0 and m["dp-keys-delta"] == 1e-5
+    assert read_ledger(tmp_path / "l.json").epsilon_budget == 1.0
+
+
+def test_sharing_refused_without_a_persistent_ledger(site, sent, caplog):
+    node = {"data-path": str(site), "dp-epsilon": 8.0}  # budget, but nowhere to keep the ledger
+    with caplog.at_level(logging.WARNING):
+        reply = train(train_message(sent, 1), context(node, run_config()))
+    m = metrics(reply)
+    assert n_sent(reply) == 0 and m["dp-status"] == 3 and m["dp-keys-releases"] == 0
+    assert "sharing refused: no persistent ledger (set node_config ledger-path or state-dir)" in caplog.text
+    moved = max(np.abs(a.numpy() - sent[k].numpy()).max() for k, a in reply.content["arrays"].items())
+    assert moved > 0  # trained and sent weights all the same
+
+
+@pytest.mark.parametrize("delta,message", [(0.5, "must be in (0, 0.001], got 0.5"), (0.01, "must be in (0, 0.001]"),
+                                           (0, "must be > 0"), ("x", "expected a number")])
+def test_insane_delta_is_a_clear_error_reply(site, sent, tmp_path, delta, message):
+    node = dp_node(site, tmp_path / "l.json", **{"dp-delta": delta})
+    reply = train(train_message(sent, 1), context(node, run_config()))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert "dp-delta" in reply.error.reason and message in reply.error.reason
+    assert not (tmp_path / "l.json").exists()  # nothing spent
+
+
+def test_delta_must_be_below_one_over_the_image_count():
+    assert check_site_delta(1e-5, 90_000) == 1e-5
+    with pytest.raises(ConfigError, match="dp-delta: 0.0001 is too large for 20000 images"):
+        check_site_delta(1e-4, 20_000)
+
+
+def test_ledger_path_defaults_to_state_dir():
+    assert ledger_path({"state-dir": "/s"}).as_posix() == f"/s/{LEDGER_FILE}"
+    assert ledger_path({"state-dir": "/s", "ledger-path": "/l/x.json"}).as_posix() == "/l/x.json"
+    assert ledger_path({}) is None
+
+
+# -- persistence: new runs, SuperNode restarts, two runs sharing the ledger ---------------------
+def test_ledger_persists_across_a_supernode_restart_and_a_new_run(site, sent, tmp_path):
+    run = run_config(**{"num-server-rounds": 3})
+    node = dp_node(site, tmp_path / "ledger.json", **{"dp-epsilon": 4.0})
+    ctx = context(node, run)
+    eps = [metrics(train(train_message(sent, r), ctx))["dp-keys-epsilon"] for r in (1, 2)]
+    restarted = context(node, run)  # SuperNode restart mid-run: Context.state is gone
+    m3 = metrics(train(train_message(sent, 3), restarted))
+    assert m3["dp-keys-releases"] == 3 and eps[0] < eps[1] < m3["dp-keys-epsilon"] <= 4.0
+    z = calibrate_prototype_noise(4.0, 1e-5, 3, 1.0)  # planned for 3 rounds and kept
+    assert m3["dp-keys-epsilon"] == pytest.approx(prototype_epsilon(z, 1.0, 3, 1e-5), rel=0.01)
+    # a new `flwr run` (round 1 again, fresh Context): the budget is not handed back
+    m = metrics(train(train_message(sent, 1), context(node, run)))
+    assert m["dp-status"] == 5 and m["dp-keys-releases"] == 3 and m["dp-keys-exhausted"] == 1
+    saved = json.loads((tmp_path / "ledger.json").read_text())
+    assert saved["mechanism"] == "prototypes" and saved["adjacency"] == "add/remove one image"
+    assert sum(h["releases"] for h in saved["history"]) == 3 and saved["epsilon_spent"] <= 4.0
+
+
+def test_exhausted_budget_is_reported_and_training_goes_on(site, sent, tmp_path, caplog):
+    run = run_config(**{"num-server-rounds": 1, "key-release": "keys", "key-sample-rate": 0.5})
+    ctx = context(dp_node(site, tmp_path / "l.json", **{"dp-epsilon": 2.0}), run)
+    first = train(train_message(sent, 1), ctx)
+    assert n_sent(first) > 0 and metrics(first)["dp-keys-exhausted"] == 1.0  # planned for one release
+    with caplog.at_level(logging.WARNING):
+        second = train(train_message(sent, 2), ctx)
+    m = metrics(second)
+    assert n_sent(second) == 0 and m["dp-status"] == 5 and m["dp-keys-exhausted"] == 1.0
+    assert m["dp-keys-releases"] == 1.0 and 1.9 <= m["dp-keys-epsilon"] <= 2.0 and m["dp-keys-budget"] == 2.0
+    assert "privacy budget exhausted: spent eps=" in caplog.text
+
+
+def test_the_ledger_is_locked_from_read_to_write(tmp_path):
+    path = tmp_path / "l.json"
+    order: list[str] = []
+
+    def spend(tag: str, hold: float) -> None:
+        with locked_ledger(path) as box:
+            ledger = box["ledger"] or SiteLedger("prototypes", 8.0, 1e-5, 10)
+            order.append(f"{tag} read {ledger.releases}")
+            time.sleep(hold)
+            ledger.record(2.0, 1.0)
+            box["ledger"] = ledger
+            order.append(f"{tag} wrote")
+
+    first = threading.Thread(target=spend, args=("a", 0.5))
+    first.start()
+    time.sleep(0.1)
+    spend("b", 0.0)  # must wait for a: flock on separate open files conflicts even in one process
+    first.join()
+    assert order == ["a read 0", "a wrote", "b read 1", "b wrote"]
+    assert read_ledger(path).releases == 2  # no lost update
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.json.lock"]  # no temp files left
+
+
+def test_an_unreadable_ledger_refuses_sharing_and_is_not_reset(site, sent, tmp_path, caplog):
+    path = tmp_path / "l.json"
+    path.write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        m = metrics(train(train_message(sent, 1), context(dp_node(site, path), run_config())))
+    assert m["dp-status"] == 7 and f"{path}: privacy ledger unreadable" in caplog.text
+    assert path.read_text() == "{not json"
+
+
+def test_a_legacy_key_ledger_is_carried_over(tmp_path):
+    torch.save({"format": "fedmoco-key-ledger/1", "epsilon_budget": 6.0, "delta": 1e-6, "noise_multiplier": 0.9,
+                "sample_rate": 0.05, "releases": 7}, tmp_path / "key-ledger.pt")
+    ledger = read_ledger(tmp_path / LEDGER_FILE)
+    assert (ledger.mechanism, ledger.epsilon_budget, ledger.delta, ledger.history) == ("keys", 6.0, 1e-6,
+                                                                                      [(0.9, 0.05, 7)])
+    assert ledger.spent() == pytest.approx(key_epsilon(0.9, 0.05, 7, 1e-6))
+
+
+def test_a_ledger_of_the_other_mode_refuses_sharing(site, sent, tmp_path):
+    node = dp_node(site, tmp_path / "l.json")
+    metrics(train(train_message(sent, 1), context(node, run_config(**{"key-release": "keys"}))))
+    m = metrics(train(train_message(sent, 2), context(node, run_config())))
+    assert m["dp-status"] == 6 and m["dp-keys-releases"] == 1  # the keys spending is still reported
+
+
+# -- tighten, never loosen -------------------------------------------------------------------
+def test_a_tightened_budget_applies_and_a_looser_one_is_ignored(site, sent, tmp_path, caplog):
+    run = run_config(**{"num-server-rounds": 10})
+    path = tmp_path / "l.json"
+    m1 = metrics(train(train_message(sent, 1), context(dp_node(site, path, **{"dp-epsilon": 8.0}), run)))
+    assert m1["dp-keys-budget"] == 8.0
+    with caplog.at_level(logging.WARNING):
+        m2 = metrics(train(train_message(sent, 2), context(dp_node(site, path, **{"dp-epsilon": 4.0}), run)))
+    assert m2["dp-keys-budget"] == 4.0 and m2["dp-status"] == 0 and m2["dp-keys-epsilon"] <= 4.0
+    assert "budget tightened: epsilon 8 -> 4" in caplog.text
+    # the noise was re-planned for the 9 rounds left in the tighter budget: more noise than before
+    history = read_ledger(path).history
+    assert len(history) == 2 and history[1][0] > history[0][0]
+    m3 = metrics(train(train_message(sent, 3), context(dp_node(site, path, **{"dp-epsilon": 50.0}), run)))
+    assert m3["dp-keys-budget"] == 4.0 and "dp-epsilon 50 ignored" in caplog.text
+    # tightening below what is already spent closes the ledger
+    m4 = metrics(train(train_message(sent, 4), context(dp_node(site, path, **{"dp-epsilon": 0.01}), run)))
+    assert m4["dp-status"] == 5 and m4["dp-keys-budget"] == 0.01
+
+
+def test_site_ledger_accounting_and_round_trip():
+    ledger = SiteLedger("prototypes", 1.5, 1e-5, 10)
+    z = ledger.next_noise(1.0)
+    assert z == pytest.approx(calibrate_prototype_noise(1.5, 1e-5, 10, 1.0))
+    for _ in range(10):
+        ledger.record(z, 1.0)
+    assert ledger.history == [(z, 1.0, 10)] and 1.45 <= ledger.spent() <= 1.5
+    assert ledger.next_noise(1.0) is None  # the plan is done
+    assert ledger.replan(11) and ledger.remaining == 1
+    assert ledger.next_noise(1.0) > 10 * z  # what is left pays for one more only at far more noise
+    again = SiteLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    assert again.history == ledger.history and again.spent() == ledger.spent()
+    mixed = SiteLedger("prototypes", 3.0, 1e-5, 7, [(4.0, 0.5, 2)])
+    z2 = mixed.next_noise(0.5)  # what is left after spending at z=4, for the 5 more planned releases
+    mixed_after = SiteLedger("prototypes", 3.0, 1e-5, 7, [(4.0, 0.5, 2), (z2, 0.5, 5)])
+    assert 2.9 <= mixed_after.spent() <= 3.0
+    with pytest.raises(ConfigError, match="mechanism"):
+        SiteLedger("gradients", 1.0, 1e-5, 1)
+    with pytest.raises(ConfigError, match="format"):
+        SiteLedger.from_state_dict({"format": "something else"})
+
+
+def test_infinite_epsilon_releases_without_noise_and_says_so(site, sent, tmp_path, caplog):
+    node = {"data-path": str(site), "dp-epsilon": "inf"}  # benchmark setting: no ledger needed
+    with caplog.at_level(logging.WARNING):
+        m = metrics(reply := train(train_message(sent, 1), context(node, run_config())))
+    assert m["dp-status"] == 1 and m["dp-keys-epsilon"] == float("inf") and n_sent(reply) > 0
+    assert "NOT private" in caplog.text
+
+
+# -- the release depends only on what the server sent -----------------------------------------
+@pytest.mark.parametrize("mode", ["prototypes", "keys"])
+def test_released_vectors_do_not_depend_on_local_training(site, sent, tmp_path, monkeypatch, mode):
+    """Same received weights + same noise => same release, whatever the site's local state."""
+    monkeypatch.setattr(client_module, "_secure_generator", lambda: torch.Generator().manual_seed(123))
+    run = run_config(**{"key-release": mode, "key-sample-rate": 1.0, "personal-head": True,
+                        "prototype-min-cosine": 0.0})
+    trained = context(dp_node(site, tmp_path / "a.json"), run)
+    train(train_message(shared_arrays(global_model(run, seed=5)), 1), trained)  # local model, head and queue
+    (tmp_path / "b.json").write_text((tmp_path / "a.json").read_text())  # same spending so far
+    fresh = context(dp_node(site, tmp_path / "b.json", **{"threads": 1}), {**run, "lr": 0.5})  # other training
+    out_trained = train(train_message(sent, 2), trained)
+    out_fresh = train(train_message(sent, 2), fresh)
+    a, b = out_trained.content["keys"]["keys"].numpy(), out_fresh.content["keys"]["keys"].numpy()
+    assert a.shape[0] > 0 and np.array_equal(a, b)
+    # ... while what the two sites trained differs
+    diff = max(np.abs(out_trained.content["arrays"][k].numpy() - out_fresh.content["arrays"][k].numpy()).max()
+               for k in sent.keys())
+    assert diff > 1e-4
