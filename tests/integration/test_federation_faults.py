@@ -129,7 +129,9 @@ def test_wrong_shapes_rejected_and_min_replies_keeps_the_model(tmp_path, sites_r
 
 def test_a_stopped_server_resumes_at_round_2_with_the_same_queue(tmp_path, sites_root, monkeypatch):
     run = run_config(tmp_path, sites_root, **{"num-server-rounds": 3, "min-nodes": 2})
-    contexts = {n: make_context(n, {"partition-id": n - 100}, run) for n in (100, 101)}
+    # sites that share DP summaries: their own budget and ledger (docs/privacy.md)
+    contexts = {n: make_context(n, {"partition-id": n - 100, "dp-epsilon": 8.0,
+                                    "ledger-path": str(tmp_path / f"ledger-{n}.json")}, run) for n in (100, 101)}
     crashing = InProcessGrid({n: (client_app, c) for n, c in contexts.items()}, fail_on_round=2)
     with pytest.raises(KeyboardInterrupt):
         run_federation(crashing, run)
