@@ -143,6 +143,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 multi_label=data.multi_label, thresholds=report["thresholds"],
                                 moco_config=inputs.ckpt["moco_config"], data_meta=inputs.data_meta)
     _print_summary(report, data.names)
+    for w in report["warnings"]:
+        print(f"warning:    {w}")
     print(f"results:    {out / 'results.json'}\nmodel:      {model_path}")
     print("plots:      " + ", ".join(report["plots"].values()))
     return 0

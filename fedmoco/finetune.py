@@ -109,9 +109,14 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+# Offset of the random-init baseline's seeds, so that --seeds 0 does not rebuild the weights of
+# a checkpoint that was itself initialised with torch.manual_seed(0) and never trained.
+RANDOM_INIT_SEED_OFFSET = 1_000_003
+
+
 def fresh_backbone(moco_config: dict[str, Any], seed: int) -> nn.Module:
     """A randomly initialised backbone of the checkpoint's architecture (the baseline)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(RANDOM_INIT_SEED_OFFSET + seed)
     return MoCo(MoCoConfig.from_dict(moco_config)).encoder_q.backbone
 
 
@@ -318,12 +323,17 @@ def make_split(samples: Samples, protocol: ProtocolConfig, test_samples: Samples
 
 
 def _check_classes_present(targets: np.ndarray, idx: np.ndarray, names: Sequence[str], where: str,
-                           multi_label: bool) -> None:
+                           multi_label: bool) -> str | None:
+    """A warning (logged and returned for results.json) when a split lacks a class."""
     if multi_label or not len(idx):
-        return
+        return None
     missing = sorted(set(range(len(names))) - set(np.unique(targets[idx]).tolist()))
-    if missing:
-        log.warning("%s split lacks class(es) %s (too few groups to stratify)", where, [names[m] for m in missing])
+    if not missing:
+        return None
+    msg = (f"the {where} split lacks class(es) {[names[m] for m in missing]}: too few groups (patients, "
+           f"scenes, files) of them to put some in every split; their metrics are undefined or meaningless")
+    log.warning("%s", msg)
+    return msg
 
 
 def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: LabelledSet, samples: Samples,
@@ -342,9 +352,9 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
     lookup_val = {int(r): i for i, r in enumerate(samples.rows)}
     lookup_test = {int(r): i for i, r in enumerate(test_src.rows)}
     val_ds = subset_of(samples, split.val)
-    for where, idx in (("test", test_idx), ("validation", split.val)):
-        _check_classes_present(test_src.targets if where == "test" else samples.targets, idx, data.names, where,
-                               data.multi_label)
+    warnings = [w for where, src, idx in (("training", samples, split.train), ("validation", samples, split.val),
+                                          ("test", test_src, test_idx))
+                if (w := _check_classes_present(src.targets, idx, data.names, where, data.multi_label))]
     runs: dict[str, Any] = {}
     models: dict[str, Classifier] = {}
     largest = max(protocol.label_fractions)
@@ -374,7 +384,7 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
                     models[init] = model.cpu()
                     report["_scores"] = (tp, test_src.targets[ti])
         runs[f"{fraction:g}"] = {init: summarise(reports) for init, reports in per_init.items()}
-    return {"runs": runs, "models": models}
+    return {"runs": runs, "models": models, "warnings": warnings}
 
 
 def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -409,7 +419,8 @@ def write_report(out: Path, result: dict[str, Any], data: LabelledSet, protocol:
     main_key = f"{max(protocol.label_fractions):g}"
     report = {**headline(runs[main_key], "pretrained"), "random_init": headline(runs[main_key], "random_init"),
               "label_fraction": float(main_key), "label_fractions": runs, "classes": data.names,
-              "multi_label": data.multi_label, "operating_point": protocol.operating_point, **extra}
+              "multi_label": data.multi_label, "operating_point": protocol.operating_point,
+              "warnings": result["warnings"], **extra}
     plots = {}
     for init in ("pretrained", "random_init"):
         first = next(iter(runs[main_key][init]["seeds"].values()))

@@ -19,7 +19,7 @@ FAST = ["--epochs", "2", "--batch-size", "8", "--bootstrap", "20", "--workers", 
 @pytest.fixture
 def checkpoint(tmp_path):
     """A tiny images-domain checkpoint (random weights stand in for a pretrained encoder)."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the seed the random-init baseline must not reproduce
     model = MoCo(MoCoConfig.preset("v2", arch="tiny", dim=16, hidden_dim=32, queue_size=64, small_input=True,
                                    in_channels=3))
     data = {"domain": "images", "image_size": 32, "options": {},
@@ -73,6 +73,11 @@ def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, 
         assert (out / png).stat().st_size > 1000
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["classes"] == res["classes"] and saved["head"]["weight"].shape == (4, 128)
+    from fedmoco.finetune import fresh_backbone
+    ck = torch.load(checkpoint, weights_only=True)
+    first = "encoder_q.backbone.features.0.weight"
+    assert not torch.equal(fresh_backbone(ck["moco_config"], 0).state_dict()["features.0.weight"], ck["model"][first])
+    assert res["warnings"] == [] or all("split lacks" in w for w in res["warnings"])
     text = (out / "results.json").read_text()
     assert "patient-" not in text  # group keys are never written out
     assert "finetune pretrained : auroc" in capsys.readouterr().out
