@@ -11,8 +11,10 @@ two functions:
 
 ``build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
 normalization: Normalization | None) -> LabelledData``
-    Deterministic single-view data for kNN / linear probing. ``dataset[i]`` returns
-    ``(image, label)`` with image (C, H, W) float32, or ``None`` when unreadable.
+    Deterministic single-view data for evaluation. ``dataset[i]`` returns ``(image, label)``
+    with image (C, H, W) float32, or ``None`` when unreadable; label -1 marks a file the
+    labels CSV does not list. ``LabelledData.sample_labels`` gives every sample's label
+    without loading it (fedmoco.labels selects the labelled samples with it).
     ``normalization`` is the one stored in the pretraining checkpoint; when given, the domain
     must use it instead of estimating its own, so evaluation sees the inputs training saw.
 

@@ -88,10 +88,21 @@ def test_bootstrap_interval_brackets_the_estimate_and_resamples_groups():
     json.dumps(ci)
 
 
-def test_plots_have_n_in_the_title(tmp_path):
+def test_plots_have_n_in_the_title(tmp_path, monkeypatch):
+    import fedmoco.plots
+
+    titles = []
+    real = fedmoco.plots.save_figure
+
+    def spy(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return real(fig, path)
+
+    monkeypatch.setattr(fedmoco.plots, "save_figure", spy)
     r = diagnose(SCORES, Y, val_scores=SCORES, val_targets=Y, point=OperatingPoint(), multi_label=False, resamples=0)
     roc = plot_roc(SCORES, Y, ["normal", "lesion"], tmp_path / "roc.png", thresholds=r["thresholds"])
     cm = plot_confusion_png(np.asarray(r["confusion"]), ["normal", "lesion"], tmp_path / "cm.png", "test")
     assert roc.stat().st_size > 1000 and cm.stat().st_size > 1000
+    assert "ROC, n = 8" in titles and "test, n = 8" in titles
     ml = plot_confusion_png(np.zeros((2, 2, 2)) + 1, ["a", "b"], tmp_path / "ml.png", "multi")
     assert ml.exists()

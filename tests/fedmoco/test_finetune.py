@@ -157,3 +157,15 @@ def test_only_labelled_rows_and_patient_groups_from_dicom(tmp_path):
         assert len({p for p, gg in zip(patient_dir, data.groups) if gg == g}) == 1  # one group = one patient
     assert len(set(data.groups.tolist())) == len(set(patient_dir))
     assert not any("DEMO-" in g for g in data.groups)  # hashed, never the PatientID itself
+
+
+def test_linear_probe_saves_its_classifier(tmp_path, demo_images, checkpoint, capsys):
+    out = tmp_path / "probe"
+    assert main(["-q", "linear-probe", "--checkpoint", str(checkpoint), "--data", str(demo_images),
+                 "--epochs", "3", "--out", str(out)]) == 0
+    saved = torch.load(out / "linear-probe.pt", weights_only=True)
+    assert saved["classes"] == ["circle", "square", "stripes", "triangle"]
+    assert saved["state_dict"]["1.weight"].shape == (4, 128)  # standardise, then linear
+    res = json.loads((out / "linear-probe.json").read_text())
+    assert res["grouped_by"] == "file" and "auroc" in res and "auroc" in res["random_init"]
+    assert "classifier:" in capsys.readouterr().out
