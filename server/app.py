@@ -10,6 +10,11 @@ process's working directory; pass an absolute one in deployment):
 ``encoder.pt``       the aggregated encoder as a fedmoco checkpoint (``fedmoco knn
                      --checkpoint``), written when the run ends.
 ``plots/*.png``      loss, score statistics, epsilon per site, traffic.
+``previous-runs/``   an earlier run's outputs, moved aside when a fresh run starts here.
+
+Each run has an identity (``server.runs``): a fresh run gets a new ``run-id``; ``resume=true``
+continues the run in ``out-dir`` only when its ``config-hash`` matches, else it is refused.
+A run in which no round updated the global model raises FederationFailed (no encoder).
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.task import (moco_config, parse_channels, parse_options, run_value, shared_arrays, shared_state)
 from fedmoco.checkpoint import atomic_save, check_compatible
+from fedmoco.errors import FedmocoError
 from fedmoco.moco import MoCo
 from fedmoco.pretrain import make_checkpoint
 from server.plots import plot_federation
 from server.queue import GlobalKeyQueue
 from server.strategy import FedMoCo, ModelDP, load_server_state, make_aggregator
+from server.runs import (FederationFailed, RunIdentity, check_resume, move_previous_run, new_identity,
+                         no_update_message, validate_run_config)
 from server.validation import ExampleCaps, ReplyLimits
 
 log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
@@ -54,12 +62,17 @@ class FederationResult:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: run the federation described by the run's ``run_config``."""
-    result = run_federation(grid, context.run_config)
+    try:
+        result = run_federation(grid, context.run_config)
+    except FedmocoError as exc:  # bad run_config, another run in out-dir, no round updated the model
+        log.error("federation stopped: %s", exc)
+        raise
     print(f"aggregated encoder: {result.encoder}", flush=True)
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResult:
     """Run (or resume) the federation on ``grid``; returns where everything was written."""
+    validate_run_config(run_config)
     r = lambda k: run_value(run_config, k)  # noqa: E731
     mcfg = moco_config(run_config)
     out = Path(r("out-dir")).expanduser().resolve()
@@ -72,7 +85,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     queue = GlobalKeyQueue(r("global-queue-size"), mcfg.dim)
     done, site_ledger, dp_state = 0, {}, None
     saved = load_server_state(state_path) if r("resume") else None
+    identity = None
     if saved is not None:
+        identity = check_resume(out, saved, run_config)  # refuses another configuration's run
         check_compatible(state_path, saved["moco_config"], mcfg.to_dict())
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in saved["arrays"].items()})
         queue.load_state_dict(saved["queue"])
@@ -81,8 +96,13 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         dp_state = saved["ledger"].get("model-dp")
         log.info("resuming from %s after round %d: global queue holds %d keys from %d site(s)",
                  state_path, done, len(queue), len(queue.counts_by_site()))
-    elif state_path.exists() and not r("resume"):
-        log.warning("%s exists but resume=false: starting over and overwriting it", state_path)
+    else:
+        moved = move_previous_run(out)
+        if moved is not None:
+            log.warning("%s held an earlier run: its outputs were moved to %s; this run starts fresh", out, moved)
+    identity = identity or new_identity(run_config)
+    log.info("run %s (config %s)%s", identity.run_id, identity.config_hash,
+             f", resumed after round {done}" if done else "")
 
     sampling = dict(fraction_train=r("fraction-train"), min_train_nodes=r("min-nodes"),
                     min_available_nodes=r("min-nodes"))
@@ -99,7 +119,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         aggregator=make_aggregator(r("aggregation"), trim_beta=r("trim-beta"), krum_malicious=r("krum-malicious"),
                                    fraction_evaluate=0.0, **sampling),
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,
-        checkpoint_extra={"moco_config": mcfg.to_dict(), "num_server_rounds": total_rounds},
+        checkpoint_extra={"moco_config": mcfg.to_dict(), "num_server_rounds": total_rounds,
+                          "run-identity": identity.to_dict()}, run_id=identity.run_id,
         site_ledger=site_ledger, example_caps=ExampleCaps.parse(r("max-examples-per-site"), r("site-example-caps")),
         **sampling,
     )
@@ -107,11 +128,13 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total_rounds - done,
                                 timeout=r("round-timeout"))
         arrays = result.arrays if len(result.arrays) else arrays
+        if not strategy.updated_rounds:
+            raise FederationFailed(no_update_message(strategy.last_sites, total_rounds - done, metrics_path))
     else:
         log.info("all %d rounds were already done; writing the outputs again", total_rounds)
 
     encoder = write_encoder(out / ENCODER_FILE, model, arrays, run_config, rounds=max(strategy.last_round, done),
-                            sites=strategy.site_ledger)
+                            sites=strategy.site_ledger, identity=identity)
     plots = plot_federation(metrics_path, out / "plots", dim=mcfg.dim) if r("plots") and metrics_path.exists() else []
     log.info("aggregated encoder: %s", encoder)
     return FederationResult(out_dir=out, encoder=encoder, state=state_path, metrics=metrics_path, plots=plots,
@@ -119,7 +142,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
 
 
 def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapping[str, Any], *, rounds: int,
-                  sites: dict[int, dict[str, float]]) -> Path:
+                  sites: dict[int, dict[str, float]], identity: RunIdentity | None = None) -> Path:
     """The global model as a fedmoco checkpoint that ``fedmoco knn/linear-probe`` load.
 
     The key encoder is a copy of the aggregated query encoder (sites' own key encoders
@@ -145,5 +168,7 @@ def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapp
     data = {"domain": run_value(run_config, "domain"), "image_size": run_value(run_config, "image-size"),
             "options": parse_options(run_value(run_config, "data-options")), "normalization": normalization}
     ckpt = make_checkpoint(model, data=data, epoch=rounds,
-                           extra={"federation": {"rounds": rounds, "sites": {str(k): v for k, v in sites.items()}}})
+                           extra={"federation": {"rounds": rounds, "sites": {str(k): v for k, v in sites.items()},
+                                                 **({"run-id": identity.run_id, "config-hash": identity.config_hash}
+                                                    if identity else {})}})
     return atomic_save(ckpt, path)

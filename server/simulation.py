@@ -28,13 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmoco.errors import ConfigError, FedmocoError
+from fedmoco.metrics import read_jsonl
 from server.launch import (flower_command, flower_env, free_port, start_process, stop_process, tail,
                            wait_healthy, write_connection)
+from server.runs import last_run_id, no_update_message, validate_run_config
 
 #: Repository root: the Flower app (pyproject.toml with [tool.flwr.app]).
 APP_DIR = Path(__file__).resolve().parent.parent
 #: Input channels of each domain's demo archive.
 DEMO_CHANNELS = {"medical": 1, "satellite": 4, "images": 1}
+#: Smallest image size each demo generator writes (measured: JPEG 2000 encoding of the
+#: medical archive fails below 32 px, satellite tiles need 16).
+DEMO_MIN_SIZE = {"medical": 32, "satellite": 16, "images": 8}
 
 
 def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 64, seed: int = 0) -> list[Path]:
@@ -73,8 +79,8 @@ def parse_overrides(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in shlex.split(text, posix=False):
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--run-config: expected key=value, got {item!r}")
+        if not sep or not key:
+            raise ConfigError(f"--run-config: expected key=value pairs separated by spaces, got {item!r}")
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
@@ -162,24 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", default="", help="extra run_config overrides, 'k=v k2=\"text\"'")
     p.add_argument("--timeout", type=float, default=600.0)
     args = p.parse_args(argv)
+    try:
+        run_config = simulation_run_config(args)
+    except FedmocoError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
     make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size)
-    run_config: dict[str, Any] = {
-        "domain": args.domain, "in-channels": DEMO_CHANNELS[args.domain], "image-size": args.image_size,
-        "num-server-rounds": args.rounds, "demo-root": str(out / "data"), "out-dir": str(out / "server"),
-        "min-nodes": args.sites, "local-epochs": 2, "batch-size": 16, "resume": False,
-        # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
-        "key-sample-rate": 0.3,
-    }
-    run_config.update(parse_overrides(args.run_config))
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="fedmoco-sim-") as tmp:
         work = Path(tmp)
         try:
             result = run_simulation(run_config, num_supernodes=args.sites, work_dir=work, timeout=args.timeout)
         except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            if (work / "flwr-run.log").exists():
+                shutil.copy(work / "flwr-run.log", out / "flwr-run.log")
+            failed = no_update_line(out / "server" / "rounds.jsonl", since=started)
+            print(f"{p.prog}: error: {failed or exc}", file=sys.stderr)
             return 1
         shutil.copy(result.log, out / "flwr-run.log")
     print(f"\nfederated simulation: {args.sites} {args.domain} sites, {args.rounds} rounds in {result.seconds:.0f} s")
@@ -188,6 +195,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plots:                {out / 'server' / 'plots'}")
     print(f"full log:             {out / 'flwr-run.log'}")
     return 0
+
+
+def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run_config of ``python -m server.simulation ARGS``, validated (ConfigError)."""
+    for flag, value in (("--sites", args.sites), ("--rounds", args.rounds)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.image_size < DEMO_MIN_SIZE[args.domain]:
+        raise ConfigError(f"--image-size must be >= {DEMO_MIN_SIZE[args.domain]} for the generated {args.domain} "
+                          f"archives, got {args.image_size}")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    out = args.out.resolve()
+    run_config: dict[str, Any] = {
+        "domain": args.domain, "in-channels": DEMO_CHANNELS[args.domain], "image-size": args.image_size,
+        "num-server-rounds": args.rounds, "demo-root": str(out / "data"), "out-dir": str(out / "server"),
+        "min-nodes": args.sites, "local-epochs": 2, "batch-size": 16, "resume": False,
+        # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
+        "key-sample-rate": 0.3,
+    }
+    run_config.update(parse_overrides(args.run_config))
+    validate_run_config(run_config)
+    return run_config
+
+
+def no_update_line(metrics: Path, *, since: float = 0.0) -> str | None:
+    """One line when the last run in ``metrics`` (rounds.jsonl), logging after ``since``
+    (UNIX time), updated the model in no round; None otherwise."""
+    run_id = last_run_id(metrics)
+    if run_id is None:
+        return None
+    records = [r for r in read_jsonl(metrics) if r.get("event") == "round" and r.get("run-id") == run_id
+               and float(r.get("time", 0)) >= since]
+    if not records or any(r.get("updated") for r in records):
+        return None
+    return no_update_message(records[-1].get("sites", []), len(records), metrics)
 
 
 if __name__ == "__main__":

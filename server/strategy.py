@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from opacus.accountants import RDPAccountant
 
-from fedmoco.checkpoint import atomic_save
+from fedmoco.checkpoint import atomic_save, read_torch_file
 from fedmoco.errors import ConfigError
 from fedmoco.ledger import DP_STATUS
 from fedmoco.metrics import JsonlLogger
@@ -139,6 +139,7 @@ class FedMoCo(FedAvg):
     in; older ones are dropped before each round's sampling (0 = kept until overwritten).
     ``example_caps``: the most examples each site's FedAvg weight counts for; a larger
     ``num-examples`` is clipped to the cap before aggregation (docs/federation.md).
+    ``run_id``: the run's identity (``server.runs``), written on every line of the metrics.
     """
 
     def __init__(self, *, queue: GlobalKeyQueue, limits: ReplyLimits, queue_sample: int = 1024,
@@ -148,7 +149,7 @@ class FedMoCo(FedAvg):
                  round_offset: int = 0, site_ledger: dict[int, dict[str, float]] | None = None,
                  expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
                  fraction_evaluate: float = 0.0, example_caps: ExampleCaps | None = None,
-                 queue_max_age: int = 0, **fedavg_kwargs: Any) -> None:
+                 queue_max_age: int = 0, run_id: str | None = None, **fedavg_kwargs: Any) -> None:
         super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
         if queue_sample < 0:
             raise ConfigError(f"queue-sample must be >= 0, got {queue_sample}")
@@ -186,6 +187,9 @@ class FedMoCo(FedAvg):
         self._round_started = 0.0
         self._down: dict[int, dict[str, int]] = {}
         self.last_round = self.round_offset
+        self.run_id = run_id  # server.runs: written on every rounds.jsonl line
+        self.updated_rounds: list[int] = []  # rounds of this session that changed the global model
+        self.last_sites: list[dict[str, Any]] = []  # the last round's per-site outcomes
 
     # -- helpers ------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -355,7 +359,7 @@ class FedMoCo(FedAvg):
                    t_received: float) -> None:
         ok = [s for s in sites if s.get("status") == "accepted"]
         record: dict[str, Any] = {
-            "event": "round", "round": r, "updated": updated, "time": time.time(),
+            "event": "round", "round": r, "run-id": self.run_id, "updated": updated, "time": time.time(),
             "round-seconds": t_received - self._round_started if self._round_started else float("nan"),
             "aggregate-seconds": time.perf_counter() - t_received,
             "sum-local-seconds": sum(s.get("seconds", 0.0) for s in ok),
@@ -376,6 +380,9 @@ class FedMoCo(FedAvg):
         if self.model_dp is not None:
             record["model-dp-epsilon"] = self.model_dp.epsilon()
         self.metrics.log(record)
+        self.last_sites = sites
+        if updated:
+            self.updated_rounds.append(r)
         log.info("round %d: %d/%d replies accepted (%d rejected, %d errors), loss %s, global queue %d keys, "
                  "round %.1f s vs %.1f s summed local training",
                  r, len(ok), len(sites), record["rejected"], record["errors"],
@@ -387,7 +394,7 @@ def load_server_state(path: Path) -> dict[str, Any] | None:
     """The round checkpoint at ``path``, or None if there is none; ConfigError if foreign."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path, "server checkpoint")
     if not isinstance(state, dict) or state.get("format") != SERVER_STATE_FORMAT:
         raise ConfigError(f"{path}: not a fedmoco server checkpoint")
     if state.get("version", 0) > SERVER_STATE_VERSION:

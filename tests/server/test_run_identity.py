@@ -1,0 +1,146 @@
+"""Every federation run has an identity: a fresh run starts fresh (the old run is moved
+aside, never appended to), a resume continues the same run, a resume of another
+configuration is refused, and a run in which no round updated the model fails.
+Real ServerApp code and real ClientApp handlers, in this process (server.inprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.app import app as client_app
+from clients.task import RUN_DEFAULTS
+from fedmoco.checkpoint import load_checkpoint
+from fedmoco.errors import ConfigError
+from server.app import run_federation
+from server.inprocess import InProcessGrid, make_context
+from server.runs import FederationFailed, config_hash, identity_config, validate_run_config
+from server.strategy import load_server_state
+
+RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 8, "hidden-dim": 16, "image-size": 16, "local-queue-size": 32,
+       "batch-size": 8, "max-steps-per-epoch": 1, "domain": "images", "key-sample-rate": 0.5, "max-keys": 16,
+       "queue-sample": 16, "global-queue-size": 64, "plots": False, "min-nodes": 2, "num-server-rounds": 1}
+
+
+@pytest.fixture(scope="module")
+def sites_root(tmp_path_factory) -> Path:
+    from domains.images import make_demo_images
+
+    root = tmp_path_factory.mktemp("sites")
+    for i in range(2):
+        make_demo_images(root / f"site-{i}", n_per_class=3, size=16, seed=i, rgb=False)
+    return root
+
+
+def federate(out: Path, sites_root: Path, node_config=None, **over):
+    run = {**RUN, "demo-root": str(sites_root), "out-dir": str(out), **over}
+    sites = {n: (client_app, make_context(n, {"partition-id": n - 100, **(node_config or {})}, run))
+             for n in (100, 101)}
+    return run_federation(InProcessGrid(sites), run)
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_fresh_run_has_an_identity_everywhere(tmp_path, sites_root):
+    result = federate(tmp_path / "srv", sites_root, **{"num-server-rounds": 2})
+    state = load_server_state(result.state)
+    ident = state["run-identity"]
+    assert ident["config-hash"] == config_hash(identity_config({**RUN, "num-server-rounds": 2}))
+    assert [(r["round"], r["run-id"]) for r in lines(result.out_dir)] == [(1, ident["run-id"]), (2, ident["run-id"])]
+    fed = load_checkpoint(result.encoder)["federation"]
+    assert (fed["run-id"], fed["config-hash"]) == (ident["run-id"], ident["config-hash"])
+
+
+def test_fresh_run_into_a_used_out_dir_moves_the_old_run_aside(tmp_path, sites_root):
+    out = tmp_path / "srv"
+    first = federate(out, sites_root)
+    old_id = load_server_state(first.state)["run-identity"]["run-id"]
+    old_lines = (out / "rounds.jsonl").read_text()
+    second = federate(out, sites_root, resume=False)
+    new_id = load_server_state(second.state)["run-identity"]["run-id"]
+    assert new_id != old_id
+    assert [r["run-id"] for r in lines(out)] == [new_id]  # not appended to the old file
+    (backup,) = (out / "previous-runs").iterdir()
+    assert backup.name.endswith(f"-{old_id}")
+    assert (backup / "rounds.jsonl").read_text() == old_lines
+    assert {p.name for p in backup.iterdir()} == {"rounds.jsonl", "server-state.pt", "encoder.pt"}
+
+
+def test_resume_continues_the_same_run(tmp_path, sites_root):
+    out = tmp_path / "srv"
+    first = federate(out, sites_root)
+    run_id = load_server_state(first.state)["run-identity"]["run-id"]
+    second = federate(out, sites_root, **{"num-server-rounds": 2, "resume": True})
+    assert second.resumed_from == 1 and second.rounds_done == 2
+    assert [(r["round"], r["run-id"]) for r in lines(out)] == [(1, run_id), (2, run_id)]
+    assert not (out / "previous-runs").exists()
+
+
+def test_resume_of_another_configuration_is_refused(tmp_path, sites_root):
+    out = tmp_path / "srv"
+    first = federate(out, sites_root)
+    run_id = load_server_state(first.state)["run-identity"]["run-id"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConfigError) as err:
+        federate(out, sites_root, **{"num-server-rounds": 2, "resume": True, "global-queue-size": 128})
+    assert str(err.value) == (f"{out}: resume=true, but run {run_id} there has another configuration "
+                              "(global-queue-size 64 (saved) vs 128 (now)); use another out-dir, or resume=false "
+                              f"to start a new run there (the old one is moved to {out / 'previous-runs'})")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+
+
+def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
+    out = tmp_path / "srv"
+    with pytest.raises(FederationFailed) as err:
+        federate(out, sites_root, {"data-path": str(tmp_path / "nowhere")}, **{"num-server-rounds": 2})
+    msg = str(err.value)
+    assert msg.startswith("no round updated the global model (2 round(s); last round: node 10")
+    assert "node 100: error (site data unavailable" in msg and "node 101: error (site data unavailable" in msg
+    assert msg.endswith(f"no encoder was written; see {out / 'rounds.jsonl'}")
+    assert not (out / "encoder.pt").exists()
+    assert [r["updated"] for r in lines(out)] == [False, False]
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"aggregation": "foo"}, "aggregation: unknown 'foo'; choose fedavg, fedmedian, fedtrimmedavg or krum"),
+    ({"image-size": 3}, "run_config image-size must be >= 8, got 3"),
+    ({"num-server-rounds": 0}, "run_config num-server-rounds must be >= 1, got 0"),
+    ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),
+    ({"lr": "abc"}, "run_config lr: expected float, got 'abc'"),
+    ({"warmup-epochs": 5.0}, "run_config warmup-epochs 5 is longer than the federation's 1 local epochs "
+                             "(num-server-rounds x local-epochs)"),
+])
+def test_run_config_errors_name_the_key(over, message):
+    with pytest.raises(ConfigError) as err:
+        validate_run_config({**RUN, **over})
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--run-config", "bogus"], "--run-config: expected key=value pairs separated by spaces, got 'bogus'"),
+    (["--image-size", "3"], "--image-size must be >= 32 for the generated medical archives, got 3"),
+    (["--run-config", 'aggregation="foo"'],
+     "aggregation: unknown 'foo'; choose fedavg, fedmedian, fedtrimmedavg or krum"),
+    (["--sites", "0"], "--sites must be >= 1, got 0"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+])
+def test_simulation_bad_input_is_one_line_before_anything_starts(tmp_path, capsys, args, message):
+    from server.simulation import main as simulation
+
+    assert simulation(["--out", str(tmp_path / "sim"), *args]) == 2
+    assert capsys.readouterr().err == f"python -m server.simulation: error: {message}\n"
+    assert not (tmp_path / "sim").exists()  # no data generated, no SuperLink started
+
+
+def test_simulation_console_script_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "server.simulation", "--out", str(tmp_path / "sim"),
+                           "--run-config", "bogus"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "python -m server.simulation: error: --run-config: expected key=value pairs separated by spaces, got 'bogus'"]
