@@ -37,7 +37,7 @@ def add_finetune_parser(sub, add_eval) -> argparse.ArgumentParser:
     p.add_argument("--class-weighting", choices=["balanced", "none"], default="balanced")
     p.add_argument("--patience", type=int, default=5, help="early stopping on validation AUROC (default 5)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="grouped validation share (default 0.2)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the test/validation splits (default 0)")
+    p.add_argument("--split-seed", type=int, help="seed of the test/validation splits (default: --seed)")
     p.add_argument("--multi-label", action="store_true", help="labels CSV columns are independent 0/1 labels")
     p.add_argument("--label-column", action="append", metavar="NAME",
                    help="label column(s) of --labels (default: every column but path and group)")
@@ -106,6 +106,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from fedmoco.finetune import (FinetuneConfig, ProtocolConfig, config_dict, make_split, prepare_samples,
                                   run_protocol, save_finetuned, write_report)
 
+    if args.split_seed is None:
+        args.split_seed = args.seed
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
                          warmup_frozen_epochs=args.warmup_frozen_epochs, class_weighting=args.class_weighting,

@@ -145,9 +145,11 @@ class Samples:
 
 
 def prepare_samples(data: LabelledSet, *, workers: int = 0, progress: bool = True,
-                    max_cache_bytes: int = MAX_CACHE_BYTES) -> Samples:
-    """Decode every labelled sample once into memory when it fits in ``max_cache_bytes``;
-    otherwise stream from the domain dataset. Unreadable samples are dropped and counted."""
+                    max_cache_bytes: int | None = None) -> Samples:
+    """Decode every labelled sample once into memory when it fits in ``max_cache_bytes``
+    (default :data:`MAX_CACHE_BYTES`); otherwise stream from the domain dataset. Unreadable
+    samples are dropped and counted."""
+    max_cache_bytes = MAX_CACHE_BYTES if max_cache_bytes is None else max_cache_bytes
     first = next((data.dataset[i] for i in range(min(len(data.dataset), 8)) if data.dataset[i] is not None), None)
     if first is None:
         raise DataError("none of the first labelled samples could be read")

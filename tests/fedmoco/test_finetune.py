@@ -83,7 +83,9 @@ def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, 
     assert "finetune pretrained : auroc" in capsys.readouterr().out
 
 
-def test_finetune_multilabel_and_federated_checkpoint_without_normalization(tmp_path, demo_images, checkpoint):
+def test_finetune_multilabel_and_federated_checkpoint_without_normalization(tmp_path, demo_images, checkpoint,
+                                                                            monkeypatch):
+    monkeypatch.setattr("fedmoco.finetune.MAX_CACHE_BYTES", 0)  # the streaming path, as for a large set
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["data"]["normalization"] = None  # as a federation's encoder.pt without input-mean/std
     atomic_save(ckpt, tmp_path / "encoder.pt")
