@@ -1,0 +1,132 @@
+"""Shared by feed_medical.py and feed_satellite.py: how fast a site's data feed makes MoCo pairs.
+
+Three CPU figures, each in ONE process on ONE intra-op thread, so they are per core:
+
+* ``baseline``: today's path, no cache: read + decode + two per-sample views (``dataset[i]``);
+* ``cached``: the same per-sample views, bases read from the decoded-sample cache;
+* ``batched``: cached bases + both views per batch (``fedmoco.gpu_augment``) on the CPU, as
+  DataLoader workers make them with ``batch_augment=on``.
+
+With ``--device cuda`` also: the feed on the GPU (cached bases through a DataLoader with
+workers, pinned, copied, both views made on the GPU; synchronised) against the MoCo
+ResNet-18 training step at the same image size, which is what the feed must keep up with.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedmoco.data import collate_views, one_thread
+
+
+class Repeat(Dataset):
+    """``dataset`` repeated to at least ``n`` items (small demo archives, big GPU batches)."""
+
+    def __init__(self, dataset: Dataset, n: int) -> None:
+        self.dataset, self.n = dataset, max(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i % len(self.dataset)]
+
+
+def timed(fn: Callable[[], int], repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) of items/s over ``repeats`` calls of ``fn`` (which returns items done)."""
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), min(rates), max(rates)
+
+
+def per_sample_rate(dataset: Dataset, n: int, repeats: int) -> tuple[float, float, float]:
+    """Pairs/s of ``dataset[i]`` (two views each), main process, one thread."""
+    def run() -> int:
+        done = 0
+        for i in range(n):
+            done += dataset[i % len(dataset)] is not None
+        return done
+
+    with one_thread():
+        run()  # warm-up: fills the cache when there is one, page cache, lazy imports
+        return timed(run, repeats)
+
+
+def batched_cpu_rate(bases: Dataset, views: torch.nn.Module, n: int, batch: int,
+                     repeats: int) -> tuple[float, float, float]:
+    """Pairs/s of cached bases collated and turned into two views per batch, one thread."""
+    def run() -> int:
+        done = 0
+        for start in range(0, n, batch):
+            stacked, _ = collate_views([bases[i % len(bases)] for i in range(start, min(start + batch, n))])
+            with torch.no_grad():
+                q, _ = views(stacked)
+            done += q.shape[0]
+        return done
+
+    with one_thread():
+        run()
+        return timed(run, repeats)
+
+
+def gpu_feed_rate(bases: Dataset, views: torch.nn.Module, device: torch.device, batch: int, steps: int,
+                  workers: int) -> float:
+    """Pairs/s delivered on the GPU: loader workers read cached bases, the GPU makes the views."""
+    from fedmoco.train import BaseBatch
+
+    views = views.to(device)
+    loader = DataLoader(Repeat(bases, batch * (steps + 2)), batch_size=batch, shuffle=True, num_workers=workers,
+                        pin_memory=True, drop_last=True, persistent_workers=workers > 0,
+                        collate_fn=lambda b: BaseBatch(collate_views(b)[0]), prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    for _ in range(2):  # warm-up: workers start, CUDA kernels load
+        with torch.no_grad():
+            views(next(it).to(device))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = 0
+    for _ in range(steps):
+        with torch.no_grad():
+            q, _ = views(next(it).to(device))
+        done += q.shape[0]
+    torch.cuda.synchronize()
+    return done / (time.perf_counter() - t0)
+
+
+def step_rate(in_channels: int, image_size: int, batch: int, device: torch.device, steps: int,
+              norm: str = "split-batch") -> float:
+    """Images/s of fedmoco's MoCo step (ResNet-18, AMP, the Trainer's memory format)."""
+    from fedmoco.config import MoCoConfig, TrainConfig
+    from fedmoco.moco import MoCo
+    from fedmoco.train import Trainer
+
+    torch.backends.cudnn.benchmark = True
+    model = MoCo(MoCoConfig(arch="resnet18", in_channels=in_channels, norm=norm, queue_size=4096))
+    trainer = Trainer(model, TrainConfig(batch_size=batch), device, total_steps=steps + 3, steps_per_epoch=steps + 3,
+                      progress=False)
+    x = torch.randn(batch, in_channels, image_size, image_size, device=device)  # the feed is timed apart
+    loader = [((x, x.clone()), 0)] * (steps + 3)
+    trainer.train_epoch(loader[:3])  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    trainer.train_epoch(loader[3:])
+    torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def fmt(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:,.0f} ({r[1]:,.0f}-{r[2]:,.0f})"
+
+
+def load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"

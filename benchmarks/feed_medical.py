@@ -1,0 +1,114 @@
+"""Medical data feed: pairs/s per core without and with the decoded-sample cache, and on a GPU.
+
+Generates a synthetic hospital archive (``make_demo_archive``: 512 px CT slices and CRs in
+the demo's mix of transfer syntaxes, JPEG 2000 included) and measures, at 224 px, what
+``benchmarks/feed_common.py`` describes: per-core CPU rates for today's path, the cached
+per-sample path and cached bases with batched views; with ``--device cuda`` the GPU feed
+against the MoCo ResNet-18 step.
+
+    python benchmarks/feed_medical.py [--quick] [--device cuda]
+
+Writes benchmarks/results/feed_medical.md (or --out) and prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
+from feed_common import batched_cpu_rate, fmt, gpu_feed_rate, load_note, per_sample_rate, step_rate  # noqa: E402
+
+from domains.medical import make_demo_archive  # noqa: E402
+from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_device_arg(p)
+    p.add_argument("--quick", action="store_true", help="small archive, 2 timed passes (about a minute on CPU)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32, help="CPU batch for batched views (default 32)")
+    p.add_argument("--gpu-batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="GPU feed loader workers")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feed_medical.md")
+    args = p.parse_args(argv)
+    device = torch.device(check_device(args.device))
+    patients, repeats = (2, 2) if args.quick else (8, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_demo_archive(Path(tmp) / "archive", n_patients=patients, image_size=512, n_slices=8, seed=0)
+        cache_dir = str(Path(tmp) / "cache")
+        plain = build_pretrain_data("medical", root, DataConfig(image_size=args.image_size, cache=False)).dataset
+        cached = build_pretrain_data("medical", root, DataConfig(image_size=args.image_size, cache_dir=cache_dir)).dataset
+        n = len(plain)
+        before = load_note()
+        base_rate = per_sample_rate(plain, n, repeats)
+        cached_rate = per_sample_rate(cached, n, repeats)
+        bases, views = cached.batched_views()
+        batched_rate = batched_cpu_rate(bases, views, n, args.batch_size, repeats)
+        after = load_note()
+        gpu = {}
+        if device.type == "cuda":
+            steps = 10 if args.quick else 30
+            gpu["feed"] = gpu_feed_rate(bases, views, device, args.gpu_batch_size, steps, args.workers)
+            gpu["step"] = step_rate(1, args.image_size, args.gpu_batch_size, device, steps)
+    rows = [
+        ["today: read + decode + window + 2 views (no cache)", fmt(base_rate), "1.0x"],
+        ["cache: cached base + 2 per-sample views (MONAI)", fmt(cached_rate), f"{cached_rate[0] / base_rate[0]:.1f}x"],
+        ["cache + batched views on the CPU (fedmoco.gpu_augment)", fmt(batched_rate),
+         f"{batched_rate[0] / base_rate[0]:.1f}x"],
+    ]
+    lines = [
+        "# Medical data feed: decoded-sample cache and batched views",
+        "",
+        f"Command: `{command_line('feed_medical.py', argv)}`",
+        "",
+        machine_line(args.device),
+        "",
+        f"Archive: `make_demo_archive(n_patients={patients}, image_size=512, n_slices=8)`: {n} samples (512 px CT "
+        f"in several transfer syntaxes incl. JPEG 2000, MONOCHROME1 CRs), views at {args.image_size} px.",
+        "",
+        "Pairs/s per core: one process, one intra-op thread, median of the timed passes (min-max) after a "
+        "warm-up pass that also fills the cache. A pair = the two views MoCo consumes per image.",
+        "",
+        *markdown_table(["path", "pairs/s per core", "vs today"], rows),
+        "",
+        f"Machine load: {before} before, {after} after. The 2 cores are shared with other jobs, so absolute "
+        "rates vary by tens of percent between runs; the three rows are measured back to back.",
+    ]
+    if gpu:
+        lines += [
+            "",
+            f"## GPU ({torch.cuda.get_device_name()})",
+            "",
+            *markdown_table(["what", "pairs/s"], [
+                [f"feed: cached bases, {args.workers} loader workers, views on the GPU, batch {args.gpu_batch_size}",
+                 f"{gpu['feed']:,.0f}"],
+                [f"MoCo step: ResNet-18, 1 channel, split BN, AMP, batch {args.gpu_batch_size}", f"{gpu['step']:,.0f}"],
+            ]),
+            "",
+            f"Feed / step: {gpu['feed'] / gpu['step']:.2f}x (>= 1 means the GPU never waits for data).",
+        ]
+    write_report(args.out, lines)
+    record = {"bench": "feed_medical", "image_size": args.image_size,
+              "pairs_per_s_per_core": round(batched_rate[0], 1),
+              "cached_per_sample_pairs_per_s_per_core": round(cached_rate[0], 1),
+              "baseline_pairs_per_s_per_core": round(base_rate[0], 1),
+              "speedup": round(batched_rate[0] / base_rate[0], 2)}
+    if gpu:
+        record |= {"gpu_feed_pairs_per_s": round(gpu["feed"]), "gpu_step_images_per_s": round(gpu["step"]),
+                   "feed_over_step": round(gpu["feed"] / gpu["step"], 2)}
+    emit_json(record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
