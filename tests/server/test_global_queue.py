@@ -82,3 +82,72 @@ def test_site_list_does_not_grow_when_nodes_come_and_go():
         q.enqueue(torch.randn(4, 2), node_id=node, server_round=node)
     assert len(q.sites) <= 2
     assert q.counts_by_site() == {99: 4}
+
+
+# -- ageing out, and the queue in a whole federation -------------------------------------------
+def test_stale_entries_age_out_and_their_slots_are_reused():
+    q = GlobalKeyQueue(10, 4)
+    q.enqueue(keys(3, 1), node_id=11, server_round=1)
+    q.enqueue(keys(2, 2), node_id=22, server_round=2)
+    assert q.expire(current_round=3, max_age=2) == 0  # round 1 serves rounds 2 and 3
+    assert q.expire(current_round=4, max_age=2) == 3 and len(q) == 2
+    assert q.counts_by_site() == {22: 2}
+    assert q.sample(10).tolist() == keys(2, 2).tolist()  # only the fresh ones are handed out
+    assert q.expire(current_round=99, max_age=0) == 0 and len(q) == 2  # 0 = never
+    q.enqueue(keys(8, 3), node_id=33, server_round=4)  # wraps over the expired slots
+    assert len(q) == 10 and q.counts_by_site() == {22: 2, 33: 8}
+    with pytest.raises(ConfigError, match="global-queue-max-age"):
+        q.expire(5, -1)
+
+
+def _federation(tmp_path, sites_root, run, nodes):
+    from clients.app import app as client_app
+    from server.app import run_federation
+    from server.inprocess import InProcessGrid, make_context
+
+    contexts = {n: make_context(n, cfg, run) for n, cfg in nodes.items()}
+    return run_federation(InProcessGrid({n: (client_app, c) for n, c in contexts.items()}), run)
+
+
+def test_prototypes_flow_through_the_queue_tagged_and_reasons_are_recorded(tmp_path):
+    import json
+
+    from clients.task import RUN_DEFAULTS
+    from domains.images import make_demo_images
+
+    for i in range(3):
+        make_demo_images(tmp_path / "data" / f"site-{i}", n_per_class=5, size=32, seed=i, rgb=False)
+    run = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
+           "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 2, "min-nodes": 3,
+           "prototype-centres": 8, "prototype-min-cosine": 0.0, "plots": False, "global-queue-max-age": 1,
+           "demo-root": str(tmp_path / "data"), "out-dir": str(tmp_path / "run1"), "resume": False}
+    ledgers = {n: str(tmp_path / f"ledger-{n}.json") for n in (100, 101)}
+    nodes = {100: {"partition-id": 0, "dp-epsilon": 8.0, "ledger-path": ledgers[100], "dp-rounds": 4},
+             101: {"partition-id": 1, "dp-epsilon": 8.0, "ledger-path": ledgers[101], "dp-rounds": 4},
+             102: {"partition-id": 2}}  # no budget: weights only
+    result = _federation(tmp_path, tmp_path / "data", run, nodes)
+    recs = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    sites = {s["node"]: s for s in recs[0]["sites"]}
+    assert sites[100]["keys"] == sites[101]["keys"] == 8 and sites[102]["keys"] == 0
+    assert sites[102]["dp-status"] == 4
+    assert sites[102]["dp-reason"] == "sharing refused: no budget (set node_config dp-epsilon)"
+    assert recs[0]["queue-added"] == 16 and recs[0]["queue-size"] == 16 and recs[0]["dp-sharing"] == 2
+    assert recs[0]["up-bytes"] > 0 and recs[0]["down-bytes"] > 0
+    # round 2: each sharing site got only the other's prototypes; round 1's aged out after it
+    assert {s["node"]: s["queue-keys"] for s in recs[1]["sites"]} == {100: 8, 101: 8, 102: 16}
+    state = torch.load(result.state, weights_only=True)
+    assert set(state["queue"]["round"][state["queue"]["owner"] >= 0].tolist()) == {1, 2}
+    assert recs[1]["queue-expired"] == 0
+
+    # a second `flwr run` with fresh Contexts (SuperNodes restarted too): the ledgers continue
+    run2 = {**run, "out-dir": str(tmp_path / "run2")}
+    result2 = _federation(tmp_path, tmp_path / "data", run2, nodes)
+    recs2 = [json.loads(line) for line in result2.metrics.read_text().splitlines()]
+    assert [{s["node"]: s["dp-keys-releases"] for s in r["sites"]}[100] for r in recs2] == [3.0, 4.0]
+    assert {s["node"]: s["dp-keys-exhausted"] for s in recs2[1]["sites"]} == {100: 1.0, 101: 1.0, 102: 0.0}
+    # a third run: both budgets are spent (4 planned releases made), and the coordinator is told
+    result3 = _federation(tmp_path, tmp_path / "data", {**run, "out-dir": str(tmp_path / "run3"),
+                                                        "num-server-rounds": 1}, nodes)
+    last = json.loads(result3.metrics.read_text().splitlines()[-1])
+    reasons = {s["node"]: s.get("dp-reason") for s in last["sites"]}
+    assert reasons[100] == reasons[101] == "privacy budget exhausted" and last["queue-added"] == 0
