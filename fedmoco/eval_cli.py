@@ -26,6 +26,11 @@ def add_finetune_parser(sub, add_eval) -> argparse.ArgumentParser:
     """``fedmoco finetune``: the options of linear-probe plus the fine-tuning protocol's."""
     p = add_eval(sub, "finetune", "fine-tune a checkpoint's encoder end to end on labelled data, vs random init")
     p.set_defaults(batch_size=32)
+    for action in p._actions:  # the shared options' help, where finetune's defaults differ
+        if action.dest == "out":
+            action.help = "where results, model and plots go (default: CHECKPOINT_DIR/finetune)"
+        elif action.dest == "batch_size":
+            action.help = "default 32"
     p.add_argument("--epochs", type=int, default=20, help="maximum epochs per run (default 20)")
     p.add_argument("--label-fraction", type=float, nargs="+", default=[1.0], metavar="F",
                    help="share(s) of the labelled training pool to train on, e.g. 0.01 0.1 1.0 (default 1.0)")

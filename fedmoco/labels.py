@@ -221,14 +221,30 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     if unusable:
         log.warning("%s: %d labelled file(s) are not usable %s samples (unreadable or not images) and are left out",
                     table.source, unusable, domain)
+    targets, names = table.targets[rows], table.names
+    if not table.multi_label:
+        targets, names = _drop_empty_classes(targets, names, table.source)
     groups, source = _groups(domain, table, rows)
     dataset = _RowDataset(data.dataset, keep, row_of_class)
     n_files = len({int(r) for r in rows})
     log.info("labelled: %d samples from %d files, %d groups (%s)", len(keep), n_files, len(set(groups)), source)
-    return LabelledSet(dataset=dataset, targets=table.targets[rows], groups=np.asarray(groups), rows=rows,
-                       names=table.names, multi_label=table.multi_label, in_channels=data.in_channels,
+    return LabelledSet(dataset=dataset, targets=targets, groups=np.asarray(groups), rows=rows,
+                       names=names, multi_label=table.multi_label, in_channels=data.in_channels,
                        normalization=data.normalization, group_source=source,
                        unlabelled_files=int((sample_labels < 0).sum()))
+
+
+def _drop_empty_classes(targets: np.ndarray, names: list[str], source: str) -> tuple[np.ndarray, list[str]]:
+    """Leave out classes none of whose files gave a usable sample (a folder of reports, say),
+    renumbering the rest; a model cannot learn, nor a test measure, a class with no image."""
+    present = np.unique(targets)
+    if len(present) == len(names):
+        return targets, names
+    log.warning("%s: class(es) %s have no usable sample and are left out", source,
+                [n for i, n in enumerate(names) if i not in set(present.tolist())])
+    remap = np.full(len(names), -1, dtype=np.int64)
+    remap[present] = np.arange(len(present))
+    return remap[targets], [names[i] for i in present]
 
 
 def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str], str]:
