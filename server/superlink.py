@@ -117,17 +117,29 @@ def serve(argv: list[str] | None = None) -> int:
     import importlib
 
     import uvicorn
-    from flwr.superlink.main import create_app
-    from flwr.supercore.logger import console_handler
-    from flwr.supercore.http_logging import get_uvicorn_log_config
 
-    # the module, not the function of the same name that flwr.superlink.cli exports
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    try:
+        from flwr.supercore.http_logging import get_uvicorn_log_config
+        from flwr.supercore.logger import console_handler
+        from flwr.superlink.main import create_app
+
+        # the module, not the function of the same name that flwr.superlink.cli exports
+        fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+        fs._parse_superlink_lifespan_config, fs.SuperLinkLifespan  # noqa: B018 (present?)
+    except (ImportError, AttributeError):
+        import flwr
+
+        print(f"server.superlink: error: Flower {flwr.__version__} lacks the SuperLink parts this launcher "
+              "uses (written for Flower 1.42's HTTP SuperLink)", file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else argv
     ours, flower_argv = _split_args(argv)
     # Flower's own parser (it reads sys.argv): same options, same checks, same messages
-    sys.argv = ["flower-superlink", *flower_argv]
-    config = fs._parse_superlink_lifespan_config()
+    saved_argv, sys.argv = sys.argv, ["flower-superlink", *flower_argv]
+    try:
+        config = fs._parse_superlink_lifespan_config()
+    finally:
+        sys.argv = saved_argv
     if not ours.allow_public_control and not is_private_bind(config.host):
         print(f"server.superlink: error: --host {config.host}: the Control API must listen on a loopback or "
               "private address (e.g. --host 127.0.0.1); sites connect to --fleet-host", file=sys.stderr)

@@ -1,23 +1,34 @@
-"""A real deployment on 127.0.0.1: TLS SuperLink with SuperNode authentication, two sites.
+"""A real, secured deployment on 127.0.0.1, and the outsider it must refuse.
 
-Exactly the steps of docs/federation.md: credentials from examples/deployment/make_certs.py,
-``flower-superlink`` with TLS and ``--enable-supernode-auth``, ``flwr supernode register``
-for each site's public key, one ``flower-supernode`` per site with its node_config, then
-``flwr run``. Every process is started in its own process group and stopped by that id
-in the fixture's ``finally``, whatever happens.
+The steps of docs/federation.md, in order: TLS credentials from
+examples/deployment/make_certs.py; each site's key pair made by ``fedmoco keygen`` (only the
+``.pub`` is used by the coordinator); the coordinator's Ed25519 app-signing key and
+``fedmoco sign-app``; ``python -m server.superlink`` with TLS, SuperNode authentication and
+``--database``, its Control API on one port (loopback only in a real deployment) and the
+Fleet API alone on the sites' port; ``flwr supernode register`` of each site's public key;
+one ``python -m clients.supernode --trusted-entities`` per site; ``flwr run`` of the signed app.
+
+The outsider holds ``ca.crt`` and a key of its own, and reaches only the sites' port: it is
+refused at ``flwr supernode register``, ``flwr ls``, ``flwr run`` and as a SuperNode. An
+unsigned app started by the coordinator is refused by every SuperNode before any of its
+code runs. Every process is started in its own process group and stopped by that id.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from fedmoco.appsign import copy_app_files
 from fedmoco.checkpoint import load_checkpoint
+from fedmoco.cli import main as fedmoco_main
 from fedmoco.pretrain import model_from_checkpoint
 from server.launch import (flower_command, flower_env, free_port, start_process, stop_process, tail, wait_healthy,
                            write_connection)
@@ -27,74 +38,108 @@ from server.strategy import load_server_state
 pytestmark = pytest.mark.slow
 MAKE_CERTS = APP_DIR / "examples" / "deployment" / "make_certs.py"
 SITES = ("hospital-a", "hospital-b")
+SIGNER = "fedmoco-coordinator"
+SMALL_RUN = ('image-size=32 batch-size=16 max-steps-per-epoch=2 key-sample-rate=0.3 dim=32 hidden-dim=64 '
+             'min-nodes=2 round-timeout=240.0')
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], env: dict[str, str], timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _fedmoco(*args: str) -> subprocess.CompletedProcess:
+    """``fedmoco ARGS`` in this process (the same code as the console script, without a
+    torch import per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = fedmoco_main(list(args))
+    return subprocess.CompletedProcess(["fedmoco", *args], rc, out.getvalue(), err.getvalue())
+
+
+def _start_superlink(root: Path, certs: Path, control_port: int, fleet_port: int) -> subprocess.Popen:
+    log = root / "superlink.log"
+    link = start_process(
+        [sys.executable, "-m", "server.superlink", "--fleet-host", "127.0.0.1", "--fleet-port", str(fleet_port),
+         "--host", "127.0.0.1", "--port", str(control_port), "--database", str(root / "superlink" / "state.db"),
+         "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+         "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
+         "--disable-runtime-dependency-installation"],
+        env=flower_env(root / "home-link", {"PYTHONPATH": str(APP_DIR)}), log=log, cwd=root)
+    wait_healthy(control_port, link, log=log, cafile=certs / "ca.crt")
+    wait_healthy(fleet_port, link, log=log, cafile=certs / "ca.crt")
+    return link
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """SuperLink (TLS + SuperNode auth) and one SuperNode per registered site."""
+    """SuperLink (TLS, SuperNode auth, --database, Control API apart) and one checked SuperNode per site."""
     from domains.medical.demo import make_demo_archive
 
     root = tmp_path_factory.mktemp("deployment")
     certs = root / "certs"
-    made = subprocess.run([sys.executable, str(MAKE_CERTS), str(certs), *(f"--site={s}" for s in (*SITES, "rogue"))],
-                          capture_output=True, text=True, timeout=60)
+    made = subprocess.run([sys.executable, str(MAKE_CERTS), str(certs)], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    port = free_port()
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    # each site, and the outsider, make their own key pair on their own machine
+    for who in (*SITES, "outsider"):
+        made = _fedmoco("keygen", "--out", str(root / who / "keys"), "--name", who)
+        assert made.returncode == 0 and "send this file to the coordinator" in made.stdout, made.stderr
+    # the coordinator's app-signing key; its public line goes into every site's trusted-entities
+    made = _fedmoco("keygen", "--out", str(root / "coordinator" / "keys"), "--name", SIGNER, "--type", "ed25519")
+    assert made.returncode == 0, made.stderr
+    trusted_line = made.stdout.strip().splitlines()[-1]
+    assert trusted_line.startswith(f'{SIGNER}: "ssh-ed25519 ')
+    app = copy_app_files(APP_DIR, root / "coordinator" / "app")
+    signed = _fedmoco("sign-app", str(app), "--key", str(root / "coordinator" / "keys" / SIGNER), "--key-id", SIGNER)
+    assert signed.returncode == 0, signed.stderr
+
+    control_port, fleet_port = free_port(), free_port()
     cli_env = flower_env(root / "home-cli")
-    write_connection(root / "home-cli", "fedmoco-tls", f"127.0.0.1:{port}", root_certificates=certs / "ca.crt")
+    write_connection(root / "home-cli", "fedmoco-tls", f"127.0.0.1:{control_port}", root_certificates=certs / "ca.crt")
     procs: list[subprocess.Popen] = []
     try:
-        link_log = root / "superlink.log"
-        link = start_process(
-            [flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-             "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
-             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=flower_env(root / "home-link"), log=link_log, cwd=root)
-        procs.append(link)
-        wait_healthy(port, link, log=link_log, cafile=certs / "ca.crt")
-        for site in SITES:
-            reg = _run([flower_command("flwr"), "supernode", "register", str(certs / f"{site}.pub"), "fedmoco-tls"],
-                       cli_env)
+        procs.append(_start_superlink(root, certs, control_port, fleet_port))
+        for site in SITES:  # only the public key reaches the coordinator
+            reg = _run([flower_command("flwr"), "supernode", "register", str(root / site / "keys" / f"{site}.pub"),
+                        "fedmoco-tls"], cli_env)
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
         nodes = {}
         for i, site in enumerate(SITES):
-            data = make_demo_archive(root / "data" / site, n_patients=3, seed=10 + i, image_size=32)
-            # hospital-a keeps its privacy ledger on disk; hospital-b only in Context.state
-            node_config = f'domain="medical" data-path="{data}" dp-epsilon={4.0 + i} threads=1'
-            if i == 0:
-                node_config += f' state-dir="{root / "state" / site}"'
+            data = make_demo_archive(root / site / "data", n_patients=3, seed=10 + i, image_size=32)
+            (root / site / "trusted-entities.yaml").write_text(trusted_line + "\n")
+            # each site keeps its privacy ledger and training state on its own disk
+            node_config = (f'site-name="{site}" domain="medical" data-path="{data}" dp-epsilon={4.0 + i} '
+                           f'threads=1 state-dir="{root / site / "state"}"')
             log = root / f"supernode-{site}.log"
             proc = start_process(
-                [flower_command("flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                 "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(certs / site),
+                [sys.executable, "-m", "clients.supernode", "--superlink", f"127.0.0.1:{fleet_port}",
+                 "--trusted-entities", str(root / site / "trusted-entities.yaml"),
+                 "--root-certificates", str(certs / "ca.crt"),
+                 "--auth-supernode-private-key", str(root / site / "keys" / site),
                  "--port", str(free_port()), "--node-config", node_config],
-                env=flower_env(root / f"home-{site}"), log=log, cwd=root)
+                env=flower_env(root / site / "flwr-home", {"PYTHONPATH": str(APP_DIR)}), log=log, cwd=root)
             procs.append(proc)
             nodes[site] = (proc, log)
-        yield {"root": root, "certs": certs, "port": port, "cli_env": cli_env, "nodes": nodes, "procs": procs,
-               "link_log": link_log}
+        yield {"root": root, "certs": certs, "control_port": control_port, "fleet_port": fleet_port, "app": app,
+               "cli_env": cli_env, "nodes": nodes, "procs": procs}
     finally:
         for proc in reversed(procs):
             stop_process(proc)
 
 
-def test_two_sites_two_rounds_over_tls(deployment):
+def _node_logs(deployment) -> str:
+    return "\n".join(f"--- {site}:\n{tail(log)}" for site, (_, log) in deployment["nodes"].items())
+
+
+def test_two_sites_two_rounds_of_the_signed_app(deployment):
     root = deployment["root"]
     out = root / "server"
-    run_config = (f'num-server-rounds=2 out-dir="{out}" min-nodes=2 image-size=32 batch-size=16 '
-                  'max-steps-per-epoch=2 key-sample-rate=0.3 dim=32 hidden-dim=64 round-timeout=120.0')
-    t0 = time.perf_counter()
-    run = _run([flower_command("flwr"), "run", str(APP_DIR), "fedmoco-tls", "--stream", "--run-config", run_config],
-               deployment["cli_env"], timeout=150)
-    seconds = time.perf_counter() - t0
-    logs = "\n".join(f"--- {site}:\n{tail(log)}" for site, (_, log) in deployment["nodes"].items())
-    assert (out / "encoder.pt").is_file(), f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\n{logs}"
+    run = _run([flower_command("flwr"), "run", str(deployment["app"]), "fedmoco-tls", "--stream", "--run-config",
+                f'num-server-rounds=2 out-dir="{out}" {SMALL_RUN}'], deployment["cli_env"], timeout=400)
+    assert (out / "encoder.pt").is_file(), f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\n{_node_logs(deployment)}"
     assert "round 2: 2/2 replies accepted" in run.stdout
+    for _, log in deployment["nodes"].values():
+        assert "verified (signed by a trusted entity)" in log.read_text(errors="replace")
     model = model_from_checkpoint(load_checkpoint(out / "encoder.pt"), out / "encoder.pt")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = load_server_state(out / "server-state.pt")
@@ -104,21 +149,52 @@ def test_two_sites_two_rounds_over_tls(deployment):
     assert all(abs(float(n) - 1) < 1e-3 for n in state["queue"]["keys"][: state["queue"]["count"]].norm(dim=1))
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["accepted"] for r in rounds] == [2, 2]
-    # both ledgers advanced once per round: Context.state survived between the per-message
-    # ClientApp processes, and hospital-a's ledger is also on its disk
+    # both ledgers advanced once per round, across the per-message ClientApp processes, on each site's disk
     assert sorted(s["dp-keys-releases"] for s in rounds[1]["sites"]) == [2.0, 2.0]
-    assert (root / "state" / "hospital-a" / "key-ledger.pt").is_file()
-    assert seconds < 120
+    assert all(any((root / site / "state").glob("*ledger*")) for site in SITES)
+
+
+def _outsider_env(deployment) -> dict[str, str]:
+    """An outsider's flwr: ca.crt, and the only address it can reach, the sites' port."""
+    home = deployment["root"] / "outsider" / "flwr-home"
+    write_connection(home, "target", f"127.0.0.1:{deployment['fleet_port']}",
+                     root_certificates=deployment["certs"] / "ca.crt")
+    return flower_env(home)
+
+
+def _runs(deployment) -> list[dict]:
+    listing = _run([flower_command("flwr"), "ls", "fedmoco-tls", "--format", "json"], deployment["cli_env"])
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    return json.loads(listing.stdout)["runs"]
+
+
+def test_outsider_is_refused_at_register_ls_and_run(deployment):
+    env, root = _outsider_env(deployment), deployment["root"]
+    runs_before = _runs(deployment)
+    register = _run([flower_command("flwr"), "supernode", "register",
+                     str(root / "outsider" / "keys" / "outsider.pub"), "target"], env)
+    assert register.returncode != 0 and "registered successfully" not in register.stdout
+    assert "404 Not Found" in register.stdout + register.stderr
+    listing = _run([flower_command("flwr"), "ls", "target"], env)
+    assert listing.returncode != 0 and "404 Not Found" in listing.stdout + listing.stderr
+    run = _run([flower_command("flwr"), "run", str(deployment["app"]), "target"], env)
+    assert run.returncode != 0 and "404 Not Found" in run.stdout + run.stderr
+    # nothing reached the SuperLink: no new run, no new node
+    assert len(_runs(deployment)) == len(runs_before)
+    nodes = _run([flower_command("flwr"), "supernode", "list", "fedmoco-tls", "--format", "json"],
+                 deployment["cli_env"])
+    assert nodes.returncode == 0 and len(json.loads(nodes.stdout)["nodes"]) == 2, nodes.stdout + nodes.stderr
 
 
 def test_unregistered_supernode_is_refused(deployment):
-    root, certs = deployment["root"], deployment["certs"]
-    log = root / "supernode-rogue.log"
+    root = deployment["root"]
+    log = root / "supernode-outsider.log"
     rogue = start_process(
-        [flower_command("flower-supernode"), "--superlink", f"127.0.0.1:{deployment['port']}",
-         "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(certs / "rogue"),
+        [flower_command("flower-supernode"), "--superlink", f"127.0.0.1:{deployment['fleet_port']}",
+         "--root-certificates", str(deployment["certs"] / "ca.crt"),
+         "--auth-supernode-private-key", str(root / "outsider" / "keys" / "outsider"),
          "--port", str(free_port()), "--max-retries", "1", "--node-config", 'domain="medical" data-path="/nonexistent"'],
-        env=flower_env(root / "home-rogue"), log=log, cwd=root)
+        env=flower_env(root / "outsider" / "supernode-home"), log=log, cwd=root)
     deployment["procs"].append(rogue)  # stopped by the fixture even if this test fails
     try:
         rogue.wait(timeout=60)
@@ -126,9 +202,32 @@ def test_unregistered_supernode_is_refused(deployment):
         pytest.fail(f"the unregistered SuperNode was not refused within 60 s:\n{tail(log)}")
     assert rogue.returncode != 0
     assert "Failed to activate SuperNode" in log.read_text(errors="replace")
-    # the registered sites are connected, the rogue never was
     listing = _run([flower_command("flwr"), "supernode", "list", "fedmoco-tls", "--format", "json"],
                    deployment["cli_env"])
     assert listing.returncode == 0, listing.stderr
     nodes = json.loads(listing.stdout)["nodes"]
     assert len(nodes) == 2 and {n["status"] for n in nodes} == {"online"}, listing.stdout
+
+
+def test_supernodes_refuse_an_unsigned_app(deployment):
+    root = deployment["root"]
+    unsigned = copy_app_files(APP_DIR, root / "coordinator" / "app-unsigned")  # the same files, no signature
+    out = root / "server-unsigned"
+    run = _run([flower_command("flwr"), "run", str(unsigned), "fedmoco-tls", "--stream", "--run-config",
+                f'num-server-rounds=1 out-dir="{out}" {SMALL_RUN}'], deployment["cli_env"], timeout=120)
+    for site, (_, log) in deployment["nodes"].items():
+        text = log.read_text(errors="replace")
+        assert "refused app" in text and "the app is not signed" in text, f"{site}:\n{tail(log)}"
+    assert not (out / "encoder.pt").exists(), run.stdout[-2000:]
+    assert "0/2 replies accepted" in run.stdout or "replies accepted" not in run.stdout, run.stdout[-2000:]
+
+
+def test_registrations_survive_a_superlink_restart(deployment):
+    """--database: the restarted SuperLink still knows both sites (and refuses no one it registered)."""
+    root, procs = deployment["root"], deployment["procs"]
+    stop_process(procs[0])
+    procs[0] = _start_superlink(root, deployment["certs"], deployment["control_port"], deployment["fleet_port"])
+    listing = _run([flower_command("flwr"), "supernode", "list", "fedmoco-tls", "--format", "json"],
+                   deployment["cli_env"])
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    assert len(json.loads(listing.stdout)["nodes"]) == 2, listing.stdout

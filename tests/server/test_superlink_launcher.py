@@ -1,0 +1,68 @@
+"""server.superlink: the sites' listener passes only Fleet API paths; the Control API stays private."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.superlink import FleetOnly, fleet_paths, is_private_bind, serve
+
+
+def _call(app, path: str, *, kind: str = "http", root_path: str = "") -> tuple[int | None, list[str]]:
+    """(status sent, paths the wrapped app saw) for one request to ``app``."""
+    seen: list[str] = []
+    sent: list[dict] = []
+
+    async def inner(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": kind, "path": path, "root_path": root_path, "method": "POST", "headers": []}
+    asyncio.run(FleetOnly(inner, app)(scope, receive, send))
+    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+    return status, seen
+
+
+def test_fleet_paths_are_flowers_fleet_routes_and_health():
+    paths = fleet_paths()
+    assert {"/v1/fleet/pull-messages", "/v1/fleet/push-messages", "/v1/fleet/get-fab", "/health"} <= paths
+    assert all(p == "/health" or p.startswith("/v1/fleet/") for p in paths)
+
+
+@pytest.mark.parametrize("path", ["/v1/control/start-run", "/v1/control/register-node", "/v1/control/list-runs",
+                                  "/v1/runtime/acquire-task", "/docs", "/openapi.json", "/v1/fleet/",
+                                  "/v1/fleet/../control/start-run", "/v1/fleet/pull-messages/../../control/start-run",
+                                  "//v1/fleet/pull-messages", "/v1/fleet/pull-messages/"])
+def test_everything_but_fleet_paths_gets_404(path):
+    status, seen = _call(fleet_paths(), path)
+    assert status == 404 and seen == []
+
+
+def test_fleet_paths_pass_through():
+    for path in ("/v1/fleet/register-node", "/v1/fleet/pull-messages", "/health"):
+        assert _call(fleet_paths(), path) == (200, [path])
+    # a root_path (proxy prefix) would shift what Starlette routes on: refused
+    assert _call(fleet_paths(), "/v1/fleet/pull-messages", root_path="/x") == (404, [])
+
+
+@pytest.mark.parametrize("host,private", [("127.0.0.1", True), ("::1", True), ("localhost", True),
+                                          ("10.1.2.3", True), ("192.168.0.5", True), ("0.0.0.0", False),
+                                          ("::", False), ("8.8.8.8", False), ("superlink.example.org", False)])
+def test_control_address_must_be_private(host, private):
+    assert is_private_bind(host) is private
+
+
+def test_public_control_address_is_refused_before_anything_starts(capsys, tmp_path):
+    rc = serve(["--fleet-host", "127.0.0.1", "--fleet-port", "1", "--host", "0.0.0.0", "--port", "2", "--insecure",
+                "--database", str(tmp_path / "db")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("server.superlink: error: --host 0.0.0.0: the Control API must listen on a loopback")
