@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import command_line, machine_lines, write_report  # noqa: E402
+from common import add_device_arg, check_device, command_line, emit_json, machine_lines, write_report  # noqa: E402
 
 from clients.task import RUN_DEFAULTS, moco_config, shared_arrays  # noqa: E402
 from fedmoco.moco import MoCo  # noqa: E402
@@ -75,6 +75,17 @@ def summarise(title: str, command: str, records: list[dict]) -> list[str]:
               f"(overhead {statistics.fmean(walls) - statistics.fmean(sums) / max(1, len(records[0]['sites'])):.1f} s "
               "over a perfectly parallel round).", ""]
     return lines
+
+
+def round_headline(name: str, records: list[dict]) -> dict[str, float]:
+    """Mean round wall time, summed local training and KiB per site, over the rounds after the first."""
+    later = records[1:] or records
+    ok = [[s for s in r["sites"] if s.get("status") == "accepted"] for r in later]
+    wall = statistics.fmean(r["round-seconds"] for r in later)
+    train = statistics.fmean(sum(s["seconds"] for s in sites) for sites in ok)
+    traffic = statistics.fmean(sum(s.get(k, 0) for k in ("weights", "queue", "up-arrays", "up-keys")) / len(sites)
+                               for sites in ok if sites)
+    return {f"{name}_round_s": wall, f"{name}_train_s": train, f"{name}_kib_per_site_round": traffic / 1024}
 
 
 def weights_table() -> list[str]:
@@ -116,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-deployment", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "federation_rounds.md")
+    p.add_argument("--quick", action="store_true", help="2 sites, 3 rounds, no deployment run")
+    add_device_arg(p)
     args = p.parse_args(argv)
+    check_device(args.device)
+    if args.quick:
+        args.sites, args.rounds, args.no_deployment = min(args.sites, 2), min(args.rounds, 3), True
+    headline: dict = {}
     lines = ["# Federated rounds: traffic and time", "",
              f"`{command_line('federation_rounds.py', argv)}`, {time.strftime('%Y-%m-%d')}:", "",
              *machine_lines(), "",
@@ -127,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmoco-rounds-") as tmp:
         command, records = simulation(args, Path(tmp) / "simulation")
         lines += summarise("Simulation runtime (Ray)", command, records)
+        headline.update(round_headline("simulation", records))
         if not args.no_deployment:
             command, records = deployment(args, Path(tmp) / "deployment")
             lines += summarise("Deployment runtime on loopback (TLS)", command, records)
+            headline.update(round_headline("deployment", records))
     lines += weights_table()
     write_report(args.out, lines)
+    emit_json({"bench": "federation_rounds", "sites": args.sites, "rounds": args.rounds, **headline})
     return 0
 
 

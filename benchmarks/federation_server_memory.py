@@ -28,13 +28,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import command_line, machine_lines, write_report  # noqa: E402
+from common import add_device_arg, check_device, command_line, emit_json, machine_lines, write_report  # noqa: E402
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 from clients.task import RUN_DEFAULTS  # noqa: E402
 from server.app import run_federation  # noqa: E402
 from server.inprocess import InProcessGrid, make_context  # noqa: E402
 from server.strategy import current_rss_mb  # noqa: E402
+
+
+#: Headline figures per encoder, filled in by measure() for the JSON line.
+HEADLINE: dict = {}
 
 
 class SyntheticSite:
@@ -86,6 +90,9 @@ def measure(arch: str, sites: int, rounds: int, keys_per_site: int, queue_size: 
     growth = float(late.max() - early.max())
     span = len(rss) - 2 * q + 1 if len(rss) >= 2 * q else 1
     verdict = "flat" if growth < weights_mb * span / 2 else "GROWING"
+    HEADLINE[f"{arch}_rss_growth_mb"] = growth
+    HEADLINE[f"{arch}_peak_rss_mb"] = float(rss.max())
+    HEADLINE[f"{arch}_flat"] = verdict == "flat"
     lines = [
         f"## {arch} encoder, {sites} sites, {rounds} rounds",
         "",
@@ -118,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys-per-site", type=int, default=200, help="mean keys a site sends per round")
     p.add_argument("--global-queue-size", type=int, default=8192)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "federation_server_memory.md")
+    p.add_argument("--quick", action="store_true", help="8 sites, 8 rounds")
+    add_device_arg(p)  # the server aggregates on the CPU; accepted for the suite
     args = p.parse_args(argv)
+    check_device(args.device)
+    if args.quick:
+        args.sites, args.rounds = min(args.sites, 8), min(args.rounds, 8)
     torch.set_num_threads(1)
     lines = [
         "# Server memory over rounds",
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch:
         lines += measure(arch, args.sites, args.rounds, args.keys_per_site, args.global_queue_size)
     write_report(args.out, lines)
+    emit_json({"bench": "federation_server_memory", "sites": args.sites, "rounds": args.rounds, **HEADLINE})
     return 0
 
 

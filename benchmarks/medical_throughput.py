@@ -39,7 +39,8 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from pydicom.uid import UID  # noqa: E402
-from common import command_line, cpu_model, markdown_table, write_report  # noqa: E402
+from common import (add_device_arg, check_device, command_line, cpu_model, emit_json, gpu_name,  # noqa: E402
+                    markdown_table, write_report)
 from torch.utils.data import DataLoader  # noqa: E402
 
 from domains.medical import build_pretrain_data, make_demo_archive, read_dicom  # noqa: E402
@@ -80,15 +81,16 @@ def pair_rates(dataset, workers: int, batch: int, repeats: int) -> list[float]:
     return rates
 
 
-def moco_rate(image_size: int, batch: int, steps: int, warmup: int = 2) -> tuple[list[float], str]:
-    """Pairs per second of MoCo ResNet-18 training steps on CPU, and what was measured."""
+def moco_rate(image_size: int, batch: int, steps: int, warmup: int = 2,
+              device: str = "cpu") -> tuple[list[float], str]:
+    """Pairs per second of MoCo ResNet-18 training steps on ``device``, and what was measured."""
     from fedmoco.config import MoCoConfig, TrainConfig
     from fedmoco.moco import MoCo
     from fedmoco.train import build_optimizer
 
-    model = MoCo(MoCoConfig(arch="resnet18", in_channels=1, queue_size=4096)).train()
+    model = MoCo(MoCoConfig(arch="resnet18", in_channels=1, queue_size=4096)).to(device).train()
     opt = build_optimizer(model, TrainConfig(batch_size=batch))
-    x_q, x_k = torch.randn(batch, 1, image_size, image_size), torch.randn(batch, 1, image_size, image_size)
+    x_q, x_k = (torch.randn(batch, 1, image_size, image_size, device=device) for _ in range(2))
     rates = []
     for step in range(warmup + steps):
         start = time.perf_counter()
@@ -96,6 +98,8 @@ def moco_rate(image_size: int, batch: int, steps: int, warmup: int = 2) -> tuple
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()  # the step is asynchronous on CUDA
         if step >= warmup:
             rates.append(batch / (time.perf_counter() - start))
     return rates, "fedmoco.moco.MoCo, ResNet-18, 1 channel, split BN (8 splits), MLP head, queue 4096, SGD"
@@ -116,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (default 3)")
     parser.add_argument("--moco-steps", type=int, default=5, help="timed MoCo steps after 2 warm-up steps")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "medical_throughput.md")
+    parser.add_argument("--quick", action="store_true", help="4 patients, 1 timed epoch, 2 MoCo steps")
+    add_device_arg(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
+    if args.quick:
+        args.patients, args.repeats, args.moco_steps = min(args.patients, 4), 1, min(args.moco_steps, 2)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedmoco-med-bench-") as tmp:
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         rates["2 workers"] = pair_rates(data.dataset, 2, args.batch_size, args.repeats)
         print(rates, flush=True)
-    moco, moco_what = moco_rate(args.image_size, args.batch_size, args.moco_steps)
+    moco, moco_what = moco_rate(args.image_size, args.batch_size, args.moco_steps, device=args.device)
     print(moco, flush=True)
     load_after = os.getloadavg()
 
@@ -149,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{command}`",
         "",
-        f"- CPU: {cpu_model()}, {cores} cores available",
-        f"- Python {sys.version.split()[0]}, numpy {np.__version__}, torch {torch.__version__} "
+        f"- CPU: {cpu_model()}, {cores} cores available; GPU: {gpu_name(args.device)} (MoCo step on {args.device})",
+        f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; Python {sys.version.split()[0]}, numpy {np.__version__}, torch {torch.__version__} "
         f"({threads} intra-op threads), torchvision {torchvision.__version__}, MONAI {monai.__version__}, "
         f"pydicom {pydicom.__version__}",
         f"- Load average (1 min): {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end "
@@ -187,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     write_report(args.out, lines)
+    emit_json({"bench": "medical_throughput", "device": args.device, "cores": cores,
+               "pairs_per_s": {k: statistics.median(r) for k, r in rates.items()},
+               "pairs_per_s_per_core": best_loader / cores, "moco_step_pairs_per_s": step,
+               "feed_over_step": best_loader / step})
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
+from common import check_device, cpu_model, emit_json, machine_line  # noqa: E402
 
 
 def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True):
@@ -112,7 +112,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up")
     args = p.parse_args()
+    check_device(args.device)
+    if args.quick:
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -120,7 +124,7 @@ def main() -> None:
         machine = torch.cuda.get_device_name()
     else:
         machine = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    rows = []
+    rows, rates = [], {}
     variants = [
         ("fedmoco, split BN + key shuffle, channels_last", lambda: fedmoco_step_fn(args, device, "split-batch")),
         ("fedmoco, split BN + key shuffle, NCHW", lambda: fedmoco_step_fn(args, device, "split-batch", False)),
@@ -134,10 +138,12 @@ def main() -> None:
     for name, build in variants:
         ips, peak = measure(build(), args, device, channels_last="NCHW" not in name)
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
+        rates[name] = ips
     text = "\n".join([
         f"Command: `python benchmarks/moco_step.py --device {args.device} --image-size {args.image_size} "
         f"--batch-size {args.batch_size} --steps {args.steps}`",
         f"Machine: {machine}; torch {torch.__version__}",
+        machine_line(args.device),
         "",
         "| implementation | images/s (training step) | peak GPU memory (GiB) |",
         "|---|---|---|",
@@ -148,6 +154,13 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as fh:
             fh.write(text + "\n\n")
+    best = lambda key: max((v for n, v in rates.items() if key in n), default=float("nan"))  # noqa: E731
+    split, plain, lightly = best("split BN"), best("plain BN"), best("lightly")
+    emit_json({"bench": "moco_step", "device": args.device, "image_size": args.image_size,
+               "batch_size": args.batch_size, "split_bn_images_per_s": split, "plain_bn_images_per_s": plain,
+               "group_norm_images_per_s": best("GroupNorm"), "lightly_images_per_s": lightly,
+               # the leak guard's cost: extra step time of split BN over plain BN (issue 11 target <= 0.10)
+               "leak_guard_cost": plain / split - 1, "plain_bn_over_lightly": plain / lightly})
 
 
 if __name__ == "__main__":

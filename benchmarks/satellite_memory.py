@@ -141,14 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "satellite_memory.md")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-mb", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="one 2500^2 scene, 100 samples")
+    parser.add_argument("--device", default="cpu", help="accepted for the suite; reading runs on the CPU")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.samples = [min(args.sizes)], min(args.samples, 100)
     if args.child:
         print(json.dumps(child(args.child, args.samples, args.cache_mb)))
         return 0
 
-    from common import command_line, machine_lines, markdown_table, write_report
+    from common import check_device, command_line, emit_json, machine_lines, markdown_table, write_report
 
-    rows = []
+    check_device(args.device)
+    rows, headline = [], {}
     load_before = os.getloadavg()
     try:
         for size in args.sizes:
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                 )
                 print(rows[-1], flush=True)
+                if cache == 64:
+                    headline[f"peak_mb_{size}"] = r["peak_mb"]
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     write_report(args.out, lines)
+    emit_json({"bench": "satellite_memory", **headline,
+               "peak_growth_mb": max(headline.values()) - min(headline.values())})
     return 0
 
 

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from domains.satellite import build_pretrain_data, make_demo_archive  # noqa: E402
 from domains.satellite.dataset import random_window  # noqa: E402
 from fedmoco.data import DataConfig, collate_views  # noqa: E402
-from common import command_line, machine_lines, markdown_table, write_report  # noqa: E402
+from common import (add_device_arg, check_device, command_line, cores, emit_json,  # noqa: E402
+                    machine_lines, markdown_table, write_report)
 
 
 def read_rate(data, n: int, seed: int = 0) -> float:
@@ -80,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "satellite_throughput.md")
+    parser.add_argument("--quick", action="store_true", help="128 samples, 1 timed epoch")
+    add_device_arg(parser)  # the feed runs on the CPU whatever the device; accepted for the suite
     args = parser.parse_args(argv)
+    check_device(args.device)
+    if args.quick:
+        args.samples, args.repeats = min(args.samples, 128), 1
     torch.manual_seed(0)
     load_before = os.getloadavg()
-    rows = []
+    rows, headline = [], {}
     with tempfile.TemporaryDirectory(prefix="fedmoco-sat-bench-") as tmp:
         for bands in (4, 13):
             root = make_demo_archive(Path(tmp) / f"demo{bands}", bands=bands, seed=0, tile_size=64)
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
             print(rows[-1], flush=True)
+            headline[f"pairs_per_s_{bands}_bands"] = max(statistics.median(r[0]) for r in rates.values())
     command = command_line("satellite_throughput.py", argv)
     lines = [
         "# Satellite tile throughput",
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     write_report(args.out, lines)
+    emit_json({"bench": "satellite_throughput", "device": args.device, **headline,
+               **{f"{k}_per_core": v / cores() for k, v in headline.items()}})
     return 0
 
 

@@ -1,0 +1,306 @@
+"""Run every benchmark and write docs/benchmarks.md: ``make bench`` (quick) or the full suite.
+
+Every script in benchmarks/ that is not a helper is run as its own process, with the
+suite's conventions: ``--device D`` (cpu | cuda), ``--quick`` where the script has it, and
+``--out`` into this run's results folder. Each script prints its headline figures as one
+JSON line ending in ``}``; this runner reads the last such line, checks the targets of the
+issues against it, and writes docs/benchmarks.md:
+
+1. this run: per benchmark its status, wall time and JSON headline;
+2. the targets: met, missed (with the measured figure and the reason), or not measured;
+3. every benchmark's table: the full run's (benchmarks/results/NAME.md, each with its
+   command, machine and date) and, for a benchmark without a full run, this run's.
+
+    python benchmarks/run_all.py --quick                 # make bench: under 10 minutes on 2 cores
+    python benchmarks/run_all.py --device cuda --jobs 8  # full suite on a GPU box
+
+Quick results go to benchmarks/results/quick/; a full run writes benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from common import last_json_line, machine_line, markdown_table  # noqa: E402
+
+#: Modules in benchmarks/ that are libraries of the suite, not benchmarks.
+HELPERS = {"common", "feed_common", "labelled_task", "run_all"}
+
+
+@dataclass
+class Bench:
+    """How the suite runs one script. ``quick`` / ``full``: extra arguments per mode;
+    ``parallel``: the script takes ``--jobs``; ``out_flag``: its report option."""
+
+    name: str
+    quick: list[str] = field(default_factory=lambda: ["--quick"])
+    full: list[str] = field(default_factory=list)
+    parallel: bool = False
+    timeout_quick: int = 300
+    timeout_full: int = 3 * 3600
+
+
+#: Known scripts and their arguments; any other benchmarks/*.py runs with --quick (when
+#: the script has that option) or with no arguments.
+REGISTRY = {b.name: b for b in [
+    Bench("moco_step", quick=["--quick", "--image-size", "64", "--batch-size", "32"],
+          full=["--image-size", "224", "--batch-size", "32", "--steps", "10"]),
+    Bench("medical_throughput"),
+    Bench("satellite_throughput"),
+    Bench("satellite_memory"),
+    Bench("federation_rounds", timeout_quick=400),
+    Bench("federation_server_memory"),
+    Bench("update_norms", quick=["--rounds", "2", "--archs", "tiny"]),
+    Bench("quality", parallel=True, timeout_quick=420),
+    Bench("global_queue_benefit", parallel=True, timeout_quick=300),
+]}
+
+
+@dataclass
+class Target:
+    """One target of the issues, checked against a benchmark's JSON line.
+
+    ``value(record)`` -> the measured figure (None when the record lacks it); ``ok(v)`` ->
+    met or not; ``why`` explains a miss: the reason we know of, to be read with the
+    benchmark's own notes.
+    """
+
+    issue: str
+    text: str
+    bench: str
+    value: Callable[[dict], float | None]
+    ok: Callable[[float], bool]
+    fmt: str = "{:.2f}"
+    needs_cuda: bool = False
+    why: str = ""
+
+
+def _get(*keys: str) -> Callable[[dict], float | None]:
+    def value(record: dict) -> float | None:
+        for key in keys:
+            if record.get(key) is not None:
+                return float(record[key])
+        return None
+    return value
+
+
+def _diff(a: str, b: str) -> Callable[[dict], float | None]:
+    def value(record: dict) -> float | None:
+        if record.get(a) is None or record.get(b) is None:
+            return None
+        return float(record[a]) - float(record[b])
+    return value
+
+
+def _ratio(a: str, b: str) -> Callable[[dict], float | None]:
+    def value(record: dict) -> float | None:
+        if not record.get(a) or not record.get(b):
+            return None
+        return float(record[a]) / float(record[b])
+    return value
+
+
+TARGETS = [
+    Target("11.1", "decoded-sample cache: cached read + 2 views >= 10x today's pairs/s per core, medical",
+           "feed_medical", _get("speedup"), lambda v: v >= 10, "{:.1f}x",
+           why="see the feed benchmark's notes (CPU-bound augmentation after decoding)"),
+    Target("11.1", "decoded-sample cache: cached read + 2 views >= 10x today's pairs/s per core, satellite",
+           "feed_satellite", _get("speedup"), lambda v: v >= 10, "{:.1f}x",
+           why="see the feed benchmark's notes"),
+    Target("11.2", "GPU feed >= ResNet-18 step rate at 224 px", "feed_medical", _get("feed_over_step"),
+           lambda v: v >= 1.0, "{:.2f}x", needs_cuda=True, why="see feed_medical's GPU section"),
+    Target("11.3", "leak guard (split BN) costs <= 10% over plain BN on the GPU", "moco_step",
+           _get("leak_guard_cost"), lambda v: v <= 0.10, "{:+.0%}", needs_cuda=True,
+           why="split BN normalises 8 sub-batches with their own statistics: more, smaller kernels"),
+    Target("11.3", "fedmoco with plain BN >= 1.0x lightly's step rate on the GPU", "moco_step",
+           _get("plain_bn_over_lightly"), lambda v: v >= 1.0, "{:.2f}x", needs_cuda=True,
+           why="fedmoco's step also computes score statistics and histograms for its diagnostics"),
+    Target("11.4", "our share of a deployment round <= 1 s", "round_overhead",
+           _get("our_share_s", "ours_s", "fedmoco_share_s"), lambda v: v <= 1.0, "{:.2f} s",
+           why="see round_overhead's breakdown"),
+    Target("11.6", "fedmoco MoCo learns as well as lightly's at equal budget (kNN within 2 points or better)",
+           "quality", _diff("fedmoco_knn", "lightly_knn"), lambda v: v >= -2.0, "{:+.1f} points",
+           why="see quality.md's reading"),
+    Target("11.6", "fedmoco's wall time per epoch on par with lightly's (<= 1.05x)", "quality",
+           _ratio("fedmoco_s_per_epoch", "lightly_s_per_epoch"), lambda v: v <= 1.05, "{:.2f}x",
+           why="timed on a shared machine; see quality.md"),
+    Target("11.6", "the glyphs task is hard for raw pixels (kNN <= 25%, chance 12.5%)", "quality",
+           _get("raw_knn"), lambda v: v <= 25.0, "{:.1f}%"),
+    Target("11.6", "shortcut-resistant views help (kNN with offset/ramp/noise > without)", "quality",
+           _diff("fedmoco_knn", "no_nuisance_knn"), lambda v: v > 0, "{:+.1f} points",
+           why="see quality.md's recipe table"),
+    Target("8.3", "DP prototypes at eps=1.5 over 10 rounds, 4,000 images: mean cosine >= 0.8 (buckets >= 200)",
+           "prototype_signal", _get("cosine_eps1.5", "prototype_cosine", "cosine"), lambda v: v >= 0.8, "{:.3f}",
+           why="see prototype_signal.md"),
+    Target("8.7", "global negatives help: best DP release beats no global negatives (kNN)",
+           "global_queue_benefit", _get("best_minus_none_knn"), lambda v: v > 0, "{:+.1f} points",
+           why="see global_queue_benefit.md"),
+]
+
+
+def discover() -> list[str]:
+    """Benchmark names: the registry's order first, then any other script, sorted."""
+    scripts = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in HELPERS)
+    known = [n for n in REGISTRY if n in scripts]
+    return known + [n for n in scripts if n not in REGISTRY]
+
+
+def bench_args(name: str, quick: bool, device: str, jobs: int, out: Path) -> list[str]:
+    bench = REGISTRY.get(name)
+    if bench is None:
+        text = (BENCH / f"{name}.py").read_text()
+        bench = Bench(name, quick=["--quick"] if "--quick" in text else [])
+    args = list(bench.quick if quick else bench.full) + ["--device", device, "--out", str(out)]
+    if bench.parallel and jobs > 1:
+        args += ["--jobs", str(jobs)]
+    return args
+
+
+def run_one(name: str, args: list[str], timeout: int, log: Path) -> dict[str, Any]:
+    """Run one script; returns status, wall seconds, its JSON line and the log's tail."""
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), *args]
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        output, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        output, rc = output + f"\n[run_all] timed out after {timeout} s", None
+    log.write_text(output)
+    record = last_json_line(output)
+    status = "ok" if rc == 0 and record else ("timed out" if rc is None else
+                                               f"exit {rc}" if rc else "no JSON line")
+    return {"name": name, "command": "python benchmarks/" + " ".join([f"{name}.py", *args]), "status": status,
+            "seconds": time.perf_counter() - t0, "record": record, "tail": output.strip().splitlines()[-3:]}
+
+
+def check_targets(runs: dict[str, dict], device: str, quick: bool) -> list[list[str]]:
+    rows = []
+    for t in TARGETS:
+        run = runs.get(t.bench)
+        record = run["record"] if run else None
+        value = t.value(record) if record else None
+        if run is None:
+            verdict, measured = "not measured", f"no benchmarks/{t.bench}.py in this checkout yet"
+        elif t.needs_cuda and not device.startswith("cuda"):
+            verdict, measured = "not measured", "needs --device cuda (a GPU box); this run is CPU only"
+        elif value is None:
+            verdict, measured = "not measured", f"{t.bench} did not report it ({run['status']})"
+        elif t.ok(value):
+            verdict, measured = "met", t.fmt.format(value)
+        else:
+            reason = t.why + ("; quick mode: small task, 1 seed, few epochs" if quick else "")
+            verdict, measured = "MISSED", f"{t.fmt.format(value)} — {reason}"
+        rows.append([t.issue, t.text, verdict, measured])
+    return rows
+
+
+def demote(markdown: str) -> str:
+    """Headings one level down, so a report nests under docs/benchmarks.md's sections."""
+    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", markdown, flags=re.M)
+
+
+def write_docs(out: Path, runs: dict[str, dict], args: argparse.Namespace, results: Path, total: float) -> None:
+    mode = "quick" if args.quick else "full"
+    lines = [
+        "# Benchmarks",
+        "",
+        "`make bench` runs `python benchmarks/run_all.py --quick` (every benchmark in a small configuration, "
+        "under 10 minutes on 2 CPU cores) and rewrites this page. The full suite is "
+        "`python benchmarks/run_all.py --device cuda --jobs 8` on a GPU box; each benchmark also runs on its own "
+        "(commands in each table). Every script accepts `--device cpu|cuda` and prints its headline figures as one "
+        "JSON line ending in `}` (the last line of its output that starts with `{\"bench\"`), which this runner "
+        "reads to check the targets below.",
+        "",
+        f"## This run ({mode})",
+        "",
+        "`" + " ".join(["python benchmarks/run_all.py", *args.argv]) + "`",
+        "",
+        machine_line(args.device) + f"; total {total:.0f} s; reports in `{results.relative_to(ROOT)}/`",
+        "",
+        *markdown_table(["benchmark", "status", "wall (s)", "headline (JSON line)"],
+                        [[f"`{r['name']}`", r["status"], f"{r['seconds']:.0f}",
+                          f"`{json.dumps(r['record'])}`" if r["record"] else " ".join(r["tail"])[-200:]]
+                         for r in runs.values()]),
+        "",
+        "## Targets",
+        "",
+        "Checked against the JSON lines of this run. A quick run measures small configurations on a shared "
+        "machine: a target it misses is re-checked in the full tables below before anything is concluded.",
+        "",
+        *markdown_table(["issue", "target", "verdict", "measured (and reason when missed)"],
+                        check_targets(runs, args.device, args.quick)),
+        "",
+        "## Tables",
+        "",
+        "Each table names the command, machine and date that produced it. Where a full run exists "
+        "(`benchmarks/results/NAME.md`) it is shown; otherwise this run's.",
+        "",
+    ]
+    for name in runs:
+        full = BENCH / "results" / f"{name}.md"
+        this = results / f"{name}.md"
+        variants = sorted((BENCH / "results").glob(f"{name}_*.md"))  # e.g. moco_step_cpu.md, moco_step_h100.md
+        shown = [full] if full.exists() else variants or ([this] if this.exists() else [])
+        lines += [f"### {name}", ""]
+        if not shown:
+            lines += [f"No report: {runs[name]['status']}.", ""]
+        for path in shown:
+            lines += [f"From `{path.relative_to(ROOT)}`:", "", demote(demote(path.read_text().strip())), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small configurations (make bench)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, passed to every benchmark")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes for the benchmarks that take --jobs")
+    p.add_argument("--only", help="comma-separated benchmark names")
+    p.add_argument("--skip", help="comma-separated benchmark names to leave out")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    names = discover()
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    if args.skip:
+        names = [n for n in names if n not in args.skip.split(",")]
+    results = BENCH / "results" / ("quick" if args.quick else "")
+    results.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict] = {}
+    start = time.perf_counter()
+    for name in names:
+        out = results / f"{name}.md"
+        out.unlink(missing_ok=True)  # some scripts append
+        bench = REGISTRY.get(name, Bench(name))
+        timeout = bench.timeout_quick if args.quick else bench.timeout_full
+        print(f"[run_all] {name} ...", flush=True)
+        runs[name] = run_one(name, bench_args(name, args.quick, args.device, args.jobs, out), timeout,
+                             results / f"{name}.log")
+        r = runs[name]
+        print(f"[run_all] {name}: {r['status']} in {r['seconds']:.0f} s; {json.dumps(r['record'])}", flush=True)
+    total = time.perf_counter() - start
+    write_docs(args.docs, runs, args, results, total)
+    failed = [n for n, r in runs.items() if r["status"] != "ok"]
+    print(f"[run_all] {len(runs) - len(failed)}/{len(runs)} benchmarks ok in {total:.0f} s; wrote {args.docs}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

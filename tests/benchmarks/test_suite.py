@@ -1,0 +1,84 @@
+"""The benchmark suite's shared pieces: the JSON-line convention, the glyphs task, site splits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from common import emit_json, last_json_line  # noqa: E402
+from labelled_task import (CLASSES, TaskSize, dirichlet_partition, iid_partition, make_task, read_labels,  # noqa: E402
+                           render, split_sites)
+
+
+def test_json_line_is_strict_one_line_and_found_last(capsys):
+    line = emit_json({"bench": "x", "rate": float("nan"), "nested": {"a": 1.234567}, "ok": True})
+    out = capsys.readouterr().out
+    assert out == line + "\n" and line.endswith("}") and "\n" not in line
+    assert json.loads(line) == {"bench": "x", "rate": None, "nested": {"a": 1.2346}, "ok": True}
+    text = 'noise\n{"bench": "a", "v": 1}\n{"not": "a bench"}\n{"bench": "b", "v": 2}\ntrailing words'
+    assert last_json_line(text) == {"bench": "b", "v": 2}
+    assert last_json_line("no json here") is None
+    with pytest.raises(ValueError, match="'bench' key"):
+        emit_json({"rate": 1})
+
+
+def test_glyph_classes_render_differently_and_mirror_pairs_are_mirrors():
+    img = render("disk", np.random.default_rng(0))
+    assert img.shape == (32, 32) and img.dtype == np.uint8
+    # same generator state -> same nuisance; L and J differ only by the mirrored glyph
+    a, b = render("L", np.random.default_rng(7)), render("J", np.random.default_rng(7))
+    assert not np.array_equal(a, b)
+    assert len(CLASSES) == 8
+
+
+def test_dirichlet_partition_covers_every_image_once_with_skew():
+    labels = [c for c in "abcdefgh" for _ in range(100)]
+    parts = dirichlet_partition(labels, 4, alpha=0.5, seed=3, min_size=10)
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(800)) and min(len(p) for p in parts) >= 10
+    # label skew: some site has a class share far from the uniform 1/8
+    shares = [max(sum(labels[i] == c for i in p) / len(p) for c in "abcdefgh") for p in parts]
+    assert max(shares) > 0.25
+    assert dirichlet_partition(labels, 4, 0.5, seed=3) == parts  # reproducible
+    iid = iid_partition(800, 4, seed=0)
+    assert sorted(i for p in iid for i in p) == list(range(800)) and {len(p) for p in iid} == {200}
+
+
+def test_task_folders_and_site_split_read_back(tmp_path):
+    root = make_task(tmp_path / "glyphs", TaskSize(pool=5, eval_train=2, eval_test=2))
+    names, labels = read_labels(root / "pool")
+    assert len(names) == 40 and sorted(set(labels)) == sorted(CLASSES)
+    assert all((root / "pool" / n).is_file() for n in names)
+    sites = split_sites(root, "iid", n_sites=4, seed=0)
+    site_names = [n for s in sites for n in read_labels(s)[0]]
+    assert sorted(site_names) == sorted(names)
+    assert all(len(list(s.glob("*.png"))) == len(read_labels(s)[0]) for s in sites)
+
+
+def test_every_benchmark_accepts_device_and_quick_or_is_registered():
+    from run_all import HELPERS, REGISTRY
+
+    for script in sorted(BENCH.glob("*.py")):
+        if script.stem in HELPERS:
+            continue
+        text = script.read_text()
+        assert "--device" in text or "add_device_arg" in text, f"{script.name} lacks --device"
+        assert "emit_json" in text, f"{script.name} prints no JSON line"
+        assert "--quick" in text or script.stem in REGISTRY, f"{script.name}: no --quick and no run_all entry"
+
+
+def test_cuda_without_a_gpu_is_one_line_and_exit_2():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--device", "cuda", "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "--device cuda: no CUDA device is visible to torch"
