@@ -388,6 +388,127 @@ def _item(**attributes: Any) -> Dataset:
     return item
 
 
+# --------------------------------------------------------------------------- nodule task
+
+NODULE_CLASSES = ("normal", "nodule")
+# Lungs of the chest phantom, in its normalised coordinates (see _ANATOMY["chest"]).
+_LUNGS = ((-0.40, -0.02), (0.40, -0.02))
+_LUNG_RADII = (0.30, 0.42)
+_FOV_MM = 360.0  # chest field of view: one normalised unit is 180 mm
+
+
+def _lung_point(rng: np.random.Generator, margin: float) -> tuple[float, float]:
+    """A point well inside a random lung (``margin`` < 1 shrinks the lung ellipse)."""
+    cx, cy = _LUNGS[int(rng.integers(2))]
+    angle, radius = rng.uniform(0, 2 * np.pi), margin * np.sqrt(rng.uniform())
+    return cx + radius * _LUNG_RADII[0] * np.cos(angle), cy + radius * _LUNG_RADII[1] * np.sin(angle)
+
+
+def _vessels(rng: np.random.Generator, n: int) -> list[tuple[float, ...]]:
+    """Pulmonary vessels: thin contrast-free blood tubes (+40 HU, 3-6 mm) running along z,
+    which an axial slice cuts as small round spots in both classes."""
+    out = []
+    for _ in range(n):
+        x, y = _lung_point(rng, 0.85)
+        r = rng.uniform(1.5, 3.0) / (_FOV_MM / 2)
+        out.append((x, y, 0.0, r, r, 3.0, rng.uniform(30, 50)))
+    return out
+
+
+def nodule_slices(
+    rng: np.random.Generator, n_slices: int, image_size: int, noise: float, *, prevalence: float = 0.5,
+    vessels: int = 6,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """One patient's axial chest CT (n_slices, S, S) in HU, each slice's label, and the
+    lesion masks (n_slices, S, S) bool.
+
+    Each slice independently holds solid lesions with probability ``prevalence``: one to
+    three nodules or small masses of 20-40 mm diameter at 10-70 HU with a lobulated edge, inside
+    lung parenchyma at about -850 HU. The phantom's anatomy, the pulmonary vessels (which
+    cut every slice as small soft-tissue spots) and the scanner noise (``noise`` HU) vary
+    per patient. Lesion size is large for a screening task on purpose: at 64 px over a
+    360 mm field of view one pixel is 5.6 mm.
+    """
+    anatomy = _jittered("chest", rng)
+    table = np.concatenate([anatomy, np.asarray(_vessels(rng, vessels)).reshape(-1, 7)])
+    coords = np.linspace(-1, 1, image_size)
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    zs = np.linspace(-0.5, 0.5, n_slices)
+    volume, labels, masks = [], [], []
+    for z in zs:
+        hu = _hu(table, x, y, np.full_like(x, z))
+        has = bool(rng.uniform() < prevalence)
+        inside = np.zeros_like(hu, dtype=bool)
+        for _ in range(int(rng.integers(1, 4)) if has else 0):  # 1-3 lesions, as with metastases
+            cx, cy = _lung_point(rng, 0.6)
+            r = rng.uniform(10.0, 20.0) / (_FOV_MM / 2)
+            # lobulation: the radius varies with the angle (solid nodules are rarely perfect discs)
+            theta = np.arctan2(y - cy, x - cx)
+            bumps = 1 + 0.15 * np.sin(int(rng.integers(3, 7)) * theta + rng.uniform(0, 2 * np.pi))
+            lesion = np.hypot(x - cx, y - cy) <= r * bumps
+            hu = np.where(lesion, rng.uniform(10, 70), hu)
+            inside |= lesion
+        volume.append(hu)
+        labels.append(NODULE_CLASSES[int(has)])
+        masks.append(inside)
+    vol = np.stack(volume)
+    return vol + rng.normal(0, noise, vol.shape), labels, np.stack(masks)
+
+
+def make_nodule_archive(
+    out_dir: str | os.PathLike,
+    *,
+    n_patients: int = 12,
+    n_slices: int = 8,
+    image_size: int = 64,
+    seed: int = 0,
+    prevalence: float = 0.5,
+    labels: bool = True,
+    first_patient: int = 0,
+) -> Path:
+    """A synthetic chest-CT archive for the nodule-detection task; returns ``out_dir``.
+
+    Writes ``out_dir/dicom/patient_XXX/slice_YYY.dcm`` (single-frame CT, HU through
+    RescaleSlope/Intercept, transfer syntaxes rotating as in :func:`make_demo_archive`) and,
+    with ``labels``, ``out_dir/labels.csv`` with columns ``path,label,group``: ``path``
+    relative to ``out_dir/dicom``, ``label`` ``nodule`` or ``normal`` (see
+    :func:`nodule_slices`), ``group`` the synthetic patient id (slices of one patient must
+    never straddle a train/test split). ``first_patient`` offsets the patient numbers so
+    several archives (sites, the labelled set) never share an id. Everything is synthetic;
+    the output is a pure function of the arguments.
+    """
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    noise = float(rng.uniform(8, 20))
+    rows = []
+    for p in range(first_patient, first_patient + n_patients):
+        pid = f"SYN-{p:04d}"
+        vol, slice_labels, _ = nodule_slices(rng, n_slices, image_size, noise, prevalence=prevalence)
+        signed = p % 2 == 1
+        stored = np.clip(np.rint(vol if signed else vol + 1024), -1024 if signed else 0, 3071 if signed else 4095)
+        stored = stored.astype(np.int16 if signed else np.uint16)
+        attrs = {"PatientName": f"Synthetic^{pid}", "PatientID": pid, "Modality": "CT",
+                 "StudyInstanceUID": generate_uid(entropy_srcs=["nodule-study", str(seed), pid]),
+                 "SeriesInstanceUID": generate_uid(entropy_srcs=["nodule-series", str(seed), pid]),
+                 "StudyDate": "20240101", "StudyTime": "120000", "BodyPartExamined": "CHEST",
+                 "PixelSpacing": [_FOV_MM / image_size] * 2, "SliceThickness": 5.0,
+                 "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+                 "RescaleSlope": 1, "RescaleIntercept": 0 if signed else -1024, "RescaleType": "HU",
+                 "WindowCenter": -600, "WindowWidth": 1500}
+        for s in range(n_slices):
+            rel = Path(f"patient_{p:03d}") / f"slice_{s:03d}.dcm"
+            write_dicom(out / "dicom" / rel, stored[s], transfer_syntax=_DEMO_SYNTAXES[(p + s) % 4 * 2],
+                        bits_stored=16 if signed else 12, uid_seed=f"{seed}-{pid}",
+                        attributes={**attrs, "InstanceNumber": s + 1,
+                                    "ImagePositionPatient": [-_FOV_MM / 2, -_FOV_MM / 2, 5.0 * s]})
+            rows.append((rel.as_posix(), slice_labels[s], pid))
+    if labels:
+        out.mkdir(parents=True, exist_ok=True)
+        lines = ["path,label,group"] + [",".join(r) for r in rows]
+        (out / "labels.csv").write_text("\n".join(lines) + "\n")
+    return out
+
+
 def demo_syntaxes() -> Sequence[UID]:
     """The transfer syntaxes the demo archive rotates through."""
     return _DEMO_SYNTAXES

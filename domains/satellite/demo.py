@@ -34,6 +34,7 @@ SIGNATURES = np.array(
     ],
     np.float32,
 )
+SENTINEL2_WAVELENGTHS = np.array([SENTINEL2[b][0] for b in SENTINEL2_ORDER], np.float32)  # nm
 # Blue, green, red, NIR of a 4-band product are Sentinel-2 B02, B03, B04, B08.
 FOUR_BAND_COLUMNS = [SENTINEL2_ORDER.index(b) for b in ("B02", "B03", "B04", "B08")]
 CRS = "EPSG:32632"
@@ -269,6 +270,128 @@ def make_demo_archive(
         _band_file_product(out_dir, rng, t, site_bias, x0 + 5 * size * 10.0)
     _broken_files(out_dir, rng, bands, t, at(6))
     return out_dir
+
+
+# --------------------------------------------------------------------------- land-cover task
+
+
+def _class_texture(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
+    """(size, size) multiplicative texture of one land-cover class, around 1.
+
+    water: smooth with faint wind ripples; vegetation: parcels with crop rows at a random
+    angle; bare soil: fine speckle and moisture blotches; urban: blocks of roofs split by
+    darker streets and shadows (the highest-frequency texture).
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    if cls == 0:
+        return 1 + 0.03 * np.sin(along / rng.uniform(1.5, 3.0)) + 0.02 * _smooth_field(rng, 1, size, size, 4)[0]
+    if cls == 1:
+        rows = 1 + 0.12 * np.sin(2 * np.pi * along / rng.uniform(3.0, 6.0))
+        parcels = 1 + 0.15 * np.sign(_smooth_field(rng, 1, size, size, max(3, size // 16))[0])
+        return rows * parcels
+    if cls == 2:
+        return 1 + 0.10 * rng.standard_normal((size, size)) + 0.15 * _smooth_field(rng, 1, size, size, max(3, size // 12))[0]
+    block = int(rng.integers(5, 9))
+    street = (((xx.astype(int) % block) < 2) | ((yy.astype(int) % block) < 2)).astype(np.float32)
+    roofs = rng.uniform(0.7, 1.4, size=(size // block + 2, size // block + 2))
+    roof = roofs[(yy // block).astype(int), (xx // block).astype(int)]
+    return roof * (1 - 0.55 * street) * (1 + 0.05 * rng.standard_normal((size, size)))
+
+
+def _class_spectrum(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """One patch's 13-band spectrum of ``cls``: the library curve with its natural variants
+    (turbid water, dry or stressed vegetation, wet or dry soil, bright or dark roofs)."""
+    sig = SIGNATURES[cls].copy()
+    if cls == 0:
+        sig[1:5] += rng.uniform(0.0, 0.04) * np.array([0.6, 1.0, 0.9, 0.5], np.float32)  # sediment
+    elif cls == 1:
+        vigour = rng.uniform(0.55, 1.1)
+        sig[5:10] *= vigour  # red edge and NIR plateau
+        sig[3] *= 2.0 - vigour  # stressed canopies reflect more red
+    elif cls == 2:
+        sig *= rng.uniform(0.6, 1.15)  # moisture darkens soil across the spectrum
+    else:
+        sig *= rng.uniform(0.7, 1.3)
+    return sig * np.exp(rng.normal(0.0, 0.05, sig.shape)).astype(np.float32)
+
+
+def landcover_patch(
+    rng: np.random.Generator, size: int, n_bands: int, cls: int, *, dominance: tuple[float, float] = (0.45, 0.7),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectance (n_bands, size, size) float32 of a patch meant to be dominated by ``cls``,
+    and its class map (size, size).
+
+    ``cls`` covers a random share in ``dominance``; other classes fill the rest in smooth
+    blobs (one of them may end up larger: the label is the map's majority, see
+    :func:`make_landcover_archive`). Each class has its own spectrum variant and texture; the patch gets an
+    illumination gain and an additive haze that falls with wavelength (both per patch), so
+    brightness alone does not give the class away.
+    """
+    fields = _smooth_field(rng, 4, size, size, cells=max(3, size // 16))
+    share = rng.uniform(*dominance)
+    others = np.argmax(np.delete(fields, cls, axis=0), axis=0)
+    others = np.arange(4)[np.arange(4) != cls][others]
+    cut = np.quantile(fields[cls], 1.0 - share)
+    classes = np.where(fields[cls] >= cut, cls, others)
+    cube = np.zeros((13, size, size), np.float32)
+    for c in range(4):
+        mask = classes == c
+        if mask.any():
+            cube[:, mask] = (_class_spectrum(rng, c)[:, None] * _class_texture(rng, c, size)[mask][None])
+    # Sun angle, atmosphere and sensor gain differ between acquisitions far more than classes
+    # differ in brightness: a brightness-only classifier must fail.
+    haze = rng.uniform(0.0, 0.08) * (SENTINEL2_WAVELENGTHS[0] / SENTINEL2_WAVELENGTHS) ** 2
+    cube = cube * rng.uniform(0.6, 1.5) + haze[:, None, None].astype(np.float32)
+    cube += rng.normal(0.0, 0.004, cube.shape).astype(np.float32)
+    if n_bands == 4:
+        cube = cube[FOUR_BAND_COLUMNS]
+    return np.clip(cube, 0.0005, 1.5).astype(np.float32), classes
+
+
+def make_landcover_archive(
+    out_dir: Path | str, *, n_scenes: int = 4, patches: int = 4, patch_size: int = 32, bands: int = 4,
+    seed: int = 0, labels: bool = True, first_scene: int = 0,
+) -> Path:
+    """A synthetic land-cover archive for the classification task; returns ``out_dir``.
+
+    With ``labels``: ``out_dir/patches/scene_XXX/patch_YY.tif`` (``patches`` x ``patches``
+    GeoTIFF patches of ``patch_size`` px per scene, uint16 DN = reflectance x 10000) and
+    ``out_dir/labels.csv`` with columns ``path,label,group``: ``label`` the class covering most
+    of the patch (water, vegetation, bare_soil, urban; see :func:`landcover_patch`), ``group`` the scene
+    (neighbouring patches must never straddle a train/test split). Without ``labels``:
+    one mosaic GeoTIFF per scene, ``out_dir/scene_XXX.tif``, for unlabelled pretraining.
+    ``first_scene`` offsets scene numbers and footprints so archives never share a scene.
+    Everything is synthetic; the output is a pure function of the arguments.
+    """
+    if bands not in (4, 13):
+        raise ValueError(f"bands={bands}: the demo archive has 4 or 13 bands")
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    names = _band_names(bands)
+    rows = []
+    for s in range(first_scene, first_scene + n_scenes):
+        x0, y0 = 400_000.0 + 20_000.0 * s, 5_200_000.0
+        made = [[landcover_patch(rng, patch_size, bands, int(c)) for c in row]
+                for row in rng.integers(4, size=(patches, patches))]
+        cubes = [[cube for cube, _ in row] for row in made]
+        majority = [[int(np.bincount(m.ravel(), minlength=4).argmax()) for _, m in row] for row in made]
+        if not labels:
+            mosaic = np.concatenate([np.concatenate(row, axis=2) for row in cubes], axis=1)
+            write_raster(out / f"scene_{s:03d}.tif", to_dn(mosaic), transform=from_origin(x0, y0, 10.0, 10.0),
+                         nodata=0, descriptions=names)
+            continue
+        for i, row in enumerate(cubes):
+            for j, cube in enumerate(row):
+                rel = Path(f"scene_{s:03d}") / f"patch_{i * patches + j:02d}.tif"
+                transform = from_origin(x0 + 10.0 * patch_size * j, y0 - 10.0 * patch_size * i, 10.0, 10.0)
+                write_raster(out / "patches" / rel, to_dn(cube), transform=transform, nodata=0, descriptions=names)
+                rows.append((rel.as_posix(), CLASSES[majority[i][j]], f"scene_{s:03d}"))
+    if labels:
+        lines = ["path,label,group"] + [",".join(r) for r in rows]
+        (out / "labels.csv").write_text("\n".join(lines) + "\n")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
