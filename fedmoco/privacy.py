@@ -78,6 +78,7 @@ __all__ = [
     "seeded_centres",
     "choose_centres",
     "release_prototypes",
+    "prototypes_from_sample",
 ]
 
 #: L2 sensitivity of one unit-norm key under replace-one adjacency: ||u - v|| <= 2.
@@ -797,5 +798,13 @@ def release_prototypes(
     dim = _check_rows(centres, "centres").shape[1]
     emb = sample_embeddings(encoder, dataset, sample_rate, batch_size=batch_size, device=device,
                             generator=generator, key_dim=dim, unreadable="drop")
-    sums, _ = noisy_prototype_sums(emb, centres, noise_multiplier, generator)
+    return prototypes_from_sample(emb, centres, noise_multiplier, min_cosine=min_cosine, generator=generator)
+
+
+def prototypes_from_sample(sample: Tensor, centres: Tensor, noise_multiplier: float, *, min_cosine: float = 0.5,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """The release from an already drawn sample of embeddings (m, D): noisy sums over all C
+    centres, kept by noisy norm, normalised -> (P, D). :func:`release_prototypes` after
+    encoding; the privacy audit calls it on embeddings directly."""
+    sums, _ = noisy_prototype_sums(sample, centres, noise_multiplier, generator)
     return select_prototypes(sums, noise_multiplier, min_cosine=min_cosine)
