@@ -85,7 +85,7 @@ class _DicomSamples(Dataset):
             if fr not in wanted[f]:
                 wanted[f].append(fr)
         try:
-            images = {f: read_dicom(self.root / self.records[f].path, sorted(frames))
+            images = {f: read_dicom(self.root / self.records[f].path, sorted(frames), self.opts.limits)
                       for f, frames in wanted.items()}
             planes = [self._plane(images[f], fr) for f, fr in refs]
             if len({p.shape for p in planes}) > 1:
@@ -209,7 +209,7 @@ def index_folder(root: Path, opts: MedicalOptions) -> tuple[list[FileRecord], Co
     """Scan ``root`` (cached), keep the selected modalities; DataError if nothing usable."""
     files = list_files(root)
     cache = cache_file(root, opts.cache_dir or None) if opts.cache else None
-    records, skipped = scan(root, files, cache)
+    records, skipped = scan(root, files, cache, opts.limits)
     if opts.modalities:
         kept = [r for r in records if r.modality in opts.modalities]
         if len(kept) < len(records):

@@ -25,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .reader import NO_DECODER, UNREADABLE, DicomHeader, DicomReadError, read_header
+from .reader import DEFAULT_LIMITS, NO_DECODER, UNREADABLE, DicomHeader, DicomLimits, DicomReadError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,15 @@ def cache_file(root: Path, cache_dir: Path | str | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "medical-index" / f"{key}.json"
 
 
-def scan(root: Path, files: Iterable[Path], cache_path: Path | None) -> tuple[list[FileRecord], Counter]:
+def scan(root: Path, files: Iterable[Path], cache_path: Path | None,
+         limits: DicomLimits = DEFAULT_LIMITS) -> tuple[list[FileRecord], Counter]:
     """Index ``files`` (under ``root``): usable records in file order, and skips by reason.
 
-    ``cache_path`` None disables the cache. Never raises for a bad file; an unwritable cache
-    is logged once and ignored.
+    ``cache_path`` None disables the cache. ``limits``: files whose header asks for more are
+    skipped as ``too large`` before any per-frame work; a cache written under other limits
+    is not used. Never raises for a bad file; an unwritable cache is logged once and ignored.
     """
-    cached = _load(cache_path) if cache_path else {}
+    cached = _load(cache_path, limits) if cache_path else {}
     entries: dict[str, dict] = {}
     records: list[FileRecord] = []
     skipped: Counter = Counter()
@@ -110,12 +112,12 @@ def scan(root: Path, files: Iterable[Path], cache_path: Path | None) -> tuple[li
         if entry is None or {k: entry.get(k) for k in stamp} != stamp:
             entry = dict(stamp)
             try:
-                entry["record"] = asdict(FileRecord.from_header(rel, read_header(path)))
+                entry["record"] = asdict(FileRecord.from_header(rel, read_header(path, limits)))
             except DicomReadError as exc:
                 entry["skip"], entry["detail"] = exc.reason, exc.detail
             fresh += 1
             if cache_path and fresh % _SAVE_EVERY == 0:
-                _save(cache_path, root, {**cached, **entries, rel: entry})
+                _save(cache_path, root, {**cached, **entries, rel: entry}, limits)
         if "record" in entry:
             records.append(FileRecord.from_dict(entry["record"]))
         else:
@@ -126,11 +128,11 @@ def scan(root: Path, files: Iterable[Path], cache_path: Path | None) -> tuple[li
         if n % 5000 == 0:
             log.info("indexed %d files (%d read, %.0f s)", n, fresh, time.monotonic() - started)
     if cache_path and (fresh or set(entries) != set(cached)):
-        _save(cache_path, root, entries)
+        _save(cache_path, root, entries, limits)
     return records, skipped
 
 
-def _load(path: Path) -> dict[str, dict]:
+def _load(path: Path, limits: DicomLimits) -> dict[str, dict]:
     try:
         with open(path) as fh:
             data = json.load(fh)
@@ -141,15 +143,19 @@ def _load(path: Path) -> dict[str, dict]:
         return {}
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         return {}
+    if data.get("limits") != asdict(limits):
+        # Which files are too large depends on the limits: changed limits, fresh headers.
+        return {}
     return data.get("files", {})
 
 
-def _save(path: Path, root: Path, entries: dict[str, dict]) -> None:
+def _save(path: Path, root: Path, entries: dict[str, dict], limits: DicomLimits) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
-            json.dump({"version": CACHE_VERSION, "root": str(root.resolve()), "files": entries}, fh)
+            json.dump({"version": CACHE_VERSION, "root": str(root.resolve()), "limits": asdict(limits),
+                       "files": entries}, fh)
         os.replace(tmp, path)  # atomic: a crash never leaves half a cache
     except OSError as exc:
         log.warning("%s: cannot write the index cache (%s); the next run rescans", path, exc)

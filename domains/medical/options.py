@@ -13,6 +13,8 @@ from typing import Any, Mapping
 from fedmoco.data import parse_bool
 from fedmoco.errors import DataError
 
+from .reader import DEFAULT_LIMITS, DicomLimits
+
 # CT windows as (centre, width) in HU. Soft tissue and lung follow common radiology presets;
 # bone uses a wide window so cortex and marrow both keep contrast.
 CT_PRESETS: dict[str, tuple[float, float]] = {
@@ -57,6 +59,10 @@ class MedicalOptions:
     elastic_prob: float = 0.0
     elastic_magnitude: tuple[float, float] = (1.0, 2.0)
     elastic_spacing: float = 0.25  # control-point spacing as a fraction of the image size
+    # --- memory limits per file, checked from the header (reader.DicomLimits)
+    max_frame_pixels: int = DEFAULT_LIMITS.max_frame_pixels
+    max_frames: int = DEFAULT_LIMITS.max_frames
+    max_decoded_mb: float = DEFAULT_LIMITS.max_decoded_mb
     # --- index cache
     cache: bool = True
     cache_dir: str = ""  # empty: $FEDMOCO_CACHE_DIR, else $XDG_CACHE_HOME/fedmoco, else ~/.cache/fedmoco
@@ -86,6 +92,11 @@ class MedicalOptions:
         opts = cls(**values)
         opts._check()
         return opts
+
+    @property
+    def limits(self) -> DicomLimits:
+        """The per-file memory limits the reader enforces."""
+        return DicomLimits(self.max_frame_pixels, self.max_frames, self.max_decoded_mb)
 
     @property
     def in_channels(self) -> int:
@@ -134,6 +145,9 @@ class MedicalOptions:
             raise bad("elastic_magnitude", "needs 0 <= low <= high")
         if not 0.0 < self.elastic_spacing <= 1.0:
             raise bad("elastic_spacing", "must be in (0, 1]")
+        for key in ("max_frame_pixels", "max_frames", "max_decoded_mb"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be > 0")
 
 
 def _convert(default: Any, raw: Any) -> Any:

@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator, NoReturn, Sequence
 
@@ -58,6 +59,7 @@ NO_DECODER = "no decoder"
 INCONSISTENT = "inconsistent attributes"
 UNSUPPORTED = "unsupported image type"
 UNDECODABLE = "undecodable pixel data"
+TOO_LARGE = "too large"
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAGS = {tag_for_keyword(k): k for k in PIXEL_KEYWORDS}
@@ -219,6 +221,46 @@ class DicomImage(DicomHeader):
         return DicomHeader(**{f.name: getattr(self, f.name) for f in fields(DicomHeader)})
 
 
+@dataclass(frozen=True)
+class DicomLimits:
+    """What one file may ask of memory, checked from the header before anything is decoded
+    or indexed (medical data options of the same names; docs/medical.md).
+
+    ``max_frame_pixels``: Rows x Columns of one frame. The default, 2**25 (33.5 M, 5792**2),
+    is above full-field mammography (4096 x 5120 = 21 M) and far below what a forged header
+    can declare (65535**2 = 4.3 G). ``max_frames``: NumberOfFrames of one file (enhanced CT
+    and MR series have hundreds to a few thousand). ``max_decoded_mb``: MiB that one read may
+    hold at once, the decoder's stored values plus the float32 pixels made from them.
+    """
+
+    max_frame_pixels: int = 2**25
+    max_frames: int = 10_000
+    max_decoded_mb: float = 512.0
+
+    def frame_bytes(self, rows: int, columns: int, samples: int, bits_allocated: int) -> int:
+        """Bytes one decoded frame occupies: stored values plus their float32 copy."""
+        return rows * columns * samples * (max(bits_allocated, 8) // 8 + 4)
+
+    def check_header(self, path, rows: int, columns: int, frames: int, samples: int, bits_allocated: int) -> None:
+        """Raise DicomReadError(TOO_LARGE) when the header asks for more than the limits allow."""
+        if frames > self.max_frames:
+            raise DicomReadError(path, TOO_LARGE, f"NumberOfFrames {frames} is over max_frames {self.max_frames}")
+        if rows * columns > self.max_frame_pixels:
+            raise DicomReadError(path, TOO_LARGE, f"Rows x Columns = {rows} x {columns} = {rows * columns} pixels "
+                                                  f"per frame is over max_frame_pixels {self.max_frame_pixels}")
+        self.check_read(path, self.frame_bytes(rows, columns, samples, bits_allocated), 1)
+
+    def check_read(self, path, frame_bytes: int, n_frames: int) -> None:
+        """Raise DicomReadError(TOO_LARGE) when ``n_frames`` decoded frames exceed max_decoded_mb."""
+        total = frame_bytes * n_frames
+        if total > self.max_decoded_mb * 2**20:
+            raise DicomReadError(path, TOO_LARGE, f"decoding {n_frames} frame(s) needs {total / 2**20:.0f} MiB, "
+                                                  f"over max_decoded_mb {self.max_decoded_mb:g}")
+
+
+DEFAULT_LIMITS = DicomLimits()
+
+
 def has_dicom_magic(path: str | os.PathLike) -> bool:
     """True when ``path`` has the DICOM Part-10 marker ``DICM`` at byte 128 (reads 132 bytes).
 
@@ -229,33 +271,56 @@ def has_dicom_magic(path: str | os.PathLike) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def read_header(path: str | os.PathLike) -> DicomHeader:
+def read_header(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -> DicomHeader:
     """Read and validate the technical header of ``path`` without decoding pixels.
 
     Detects every failure that can be seen without decoding (not DICOM, no pixel data,
-    truncated uncompressed pixel data, missing decoder, inconsistent attributes).
-    Raises :class:`DicomReadError`, and no other exception.
+    truncated uncompressed pixel data, missing decoder, inconsistent attributes, and a
+    file ``too large`` for ``limits``). Raises :class:`DicomReadError`, and no other exception.
     """
     with _reading(path):
-        ds, size = _open(path)
-        return _validate(ds, path, size)[0]
+        ds, st = _open(path)
+        return _validate(ds, path, st.st_size, limits)[0]
 
 
-def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None) -> DicomImage:
+def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None,
+               limits: DicomLimits = DEFAULT_LIMITS) -> DicomImage:
     """Decode ``path`` into a :class:`DicomImage` (pixels (F, C, rows, columns), float32).
 
     ``frames`` selects frame indices (0-based) to decode; ``None`` decodes all. Decoding a
-    subset reads only those frames' bytes for uncompressed multi-frame files.
+    subset reads only those frames' bytes for uncompressed multi-frame files. ``limits``
+    are checked before decoding (:class:`DicomLimits`).
     Raises :class:`DicomReadError` for any file that cannot become pixels, and no other
     exception.
     """
     with _reading(path):
-        ds, size = _open(path)
-        header, rescale, stored_range = _validate(ds, path, size)
-        return _read_pixels(ds, path, header, rescale, stored_range, frames)
+        ds, st = _open(path)
+        header, rescale, stored_range = _validated(ds, path, st, limits)
+        return _read_pixels(ds, path, header, rescale, stored_range, frames, limits)
 
 
-def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
+# Validation results per (file, size, mtime, limits), this process only. Validating an
+# enhanced multi-frame file walks its per-frame functional groups, O(frames); without the
+# cache every one-frame sample paid it again, O(frames**2) per epoch (1.8 s per sample of a
+# 1000-frame file, measured). Entries hold headers only, a few KB each.
+_VALIDATED: OrderedDict[tuple, tuple] = OrderedDict()
+_VALIDATED_MAX = 256
+
+
+def _validated(ds: Dataset, path, st: os.stat_result, limits: DicomLimits) -> tuple:
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns, limits)
+    hit = _VALIDATED.get(key)
+    if hit is not None:
+        _VALIDATED.move_to_end(key)
+        return hit
+    result = _validate(ds, path, st.st_size, limits)
+    _VALIDATED[key] = result
+    while len(_VALIDATED) > _VALIDATED_MAX:
+        _VALIDATED.popitem(last=False)
+    return result
+
+
+def _read_pixels(ds, path, header, rescale, stored_range, frames, limits: DicomLimits) -> DicomImage:
     wanted = tuple(range(header.number_of_frames)) if frames is None else tuple(frames)
     for f in wanted:
         if not 0 <= f < header.number_of_frames:
@@ -264,6 +329,9 @@ def _read_pixels(ds, path, header, rescale, stored_range, frames) -> DicomImage:
             )
     if not wanted:
         raise DicomReadError(path, INCONSISTENT, "no frame requested")
+    bits = int(ds.get("BitsAllocated", 0) or 0) if "PixelData" in ds else (32 if "FloatPixelData" in ds else 64)
+    samples = 3 if header.channels == 3 else 1
+    limits.check_read(path, limits.frame_bytes(header.rows, header.columns, samples, bits), len(wanted))
     try:
         raw, photometric = _decode(ds, path, wanted)
     except (DicomReadError, *_NOT_OURS):
@@ -312,10 +380,10 @@ def _reading(path) -> Iterator[None]:
         _PYDICOM_LOG.setLevel(level)
 
 
-def _open(path: str | os.PathLike) -> tuple[Dataset, int]:
+def _open(path: str | os.PathLike) -> tuple[Dataset, os.stat_result]:
     """Parse the technical tags of ``path``; pixel data over 64 KiB is left on disk."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
         magic = has_dicom_magic(path)
     except OSError as exc:
         raise DicomReadError(path, UNREADABLE, exc.strerror or type(exc).__name__) from None
@@ -333,7 +401,7 @@ def _open(path: str | os.PathLike) -> tuple[Dataset, int]:
         raise
     except BaseException as exc:  # noqa: BLE001 a corrupt header can raise almost anything
         raise DicomReadError(path, UNREADABLE, f"cannot parse the header ({_describe(exc)})") from None
-    return ds, size
+    return ds, st
 
 
 def _transfer_syntax(ds: Dataset) -> UID | None:
@@ -353,9 +421,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _validate(
-    ds: Dataset, path, size: int
+    ds: Dataset, path, size: int, limits: DicomLimits = DEFAULT_LIMITS
 ) -> tuple[DicomHeader, list[tuple[float, float]], tuple[int, int]]:
-    """Check everything that can be checked without decoding.
+    """Check everything that can be checked without decoding; the ``limits`` before any
+    per-frame work, so a forged NumberOfFrames costs nothing.
 
     Returns the header, the (slope, intercept) of every frame of the file and the range of
     stored values allowed by BitsStored and PixelRepresentation.
@@ -389,6 +458,7 @@ def _validate(
     else:  # float pixel data: 32 or 64 bits, no stored range
         bits_allocated = 32 if keyword == "FloatPixelData" else 64
         bits_stored, signed, photometric = bits_allocated, True, photometric or "MONOCHROME2"
+    limits.check_header(path, rows, columns, frames, samples, bits_allocated)
     if photometric in _GRAY:
         if samples != 1:
             raise DicomReadError(path, INCONSISTENT, f"{photometric} with SamplesPerPixel {samples}")
@@ -509,7 +579,15 @@ def _check_decoder(path, tsyntax: UID, bits_stored: int) -> None:
 def _check_length(ds, path, size, keyword, tsyntax, pixels, frames, samples, bits, photometric) -> None:
     raw = ds.get_item(keyword, keep_deferred=True)
     if tsyntax.is_encapsulated:
-        return  # fragment lengths are checked by the decoder; pydicom drops a cut-off sequence
+        # Fragment lengths are checked by the decoder (pydicom drops a cut-off sequence), but
+        # every frame needs at least one 8-byte item header: a 680-byte file cannot hold the
+        # 2,000,000 frames its header may claim.
+        value = getattr(raw, "value", None)
+        held = len(value) if value is not None else max(0, size - raw.value_tell)
+        if frames * 8 > held:
+            raise DicomReadError(path, INCONSISTENT, f"NumberOfFrames {frames} cannot fit in {held} bytes of "
+                                                     f"encapsulated pixel data (8 bytes per frame at least)")
+        return
     declared = getattr(raw, "length", None)
     if declared is None or declared == 0xFFFFFFFF:
         declared = len(raw.value or b"")

@@ -106,7 +106,7 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     infos = []
     for path in files:
         try:
-            infos.append(inspect_file(path, opts.scale, opts.offset))
+            infos.append(inspect_file(path, opts.scale, opts.offset, opts.max_block_mb))
         except RasterReadError as exc:
             _skip(skipped, exc)
     sources, errors = build_sources(infos, opts.resolution, opts.resampling)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-from domains.satellite.reader import RESAMPLING_METHODS
+from domains.satellite.reader import DEFAULT_MAX_BLOCK_MB, RESAMPLING_METHODS
 from fedmoco.data import parse_bool
 from fedmoco.errors import DataError
 
@@ -28,6 +28,7 @@ class SatelliteOptions:
     resolution: float | None = None
     resampling: str = "bilinear"
     gdal_cache_mb: int = 64
+    max_block_mb: float = DEFAULT_MAX_BLOCK_MB
     cache: bool = True  # decoded-raster cache (fedmoco.cache); false reads every tile through GDAL
     # sampling
     tile_size: int = 0
@@ -188,6 +189,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "resolution": _number(float, 0.0, lo_open=True),
     "resampling": _choice(*RESAMPLING_METHODS),
     "gdal_cache_mb": _number(int, 1),
+    "max_block_mb": _number(float, 0.0, lo_open=True),
     "cache": _bool,
     "tile_size": _number(int, 8),
     "sampling": _choice("random", "grid"),

@@ -40,6 +40,13 @@ ALL_NODATA = "all nodata"
 MISSING_BAND = "missing band"
 MISMATCHED_BAND_FILES = "mismatched band files"
 NOT_GEOREFERENCED = "not georeferenced"
+TOO_LARGE = "too large"
+
+#: Default of the ``max_block_mb`` data option: the most MiB one block of every band may
+#: take decoded. GDAL decodes whole blocks (tiles or strips), even for a 64 x 64 window, so a
+#: 518-byte single-strip deflate file of 40000 x 40000 uint16 costs 3 GB to read one tile.
+#: 256 MiB admits a whole untiled 10980 x 10980 uint16 Sentinel-2 band (230 MiB).
+DEFAULT_MAX_BLOCK_MB = 256.0
 
 RESAMPLING_METHODS: dict[str, Resampling] = {
     m: Resampling[m]
@@ -407,11 +414,29 @@ def _date_of(path: str, tags: dict[str, str]) -> dt.date | None:
     return None
 
 
-def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: float | None = None) -> FileInfo:
+def block_bytes(src) -> int:
+    """Bytes of one decoded block of every band of the open dataset ``src``: what GDAL holds
+    at least to read any window (block height x width x dtype size, summed over bands)."""
+    return sum(h * w * np.dtype(dtype).itemsize for (h, w), dtype in zip(src.block_shapes, src.dtypes))
+
+
+def check_blocks(path: str, src, max_block_mb: float) -> None:
+    """RasterReadError(TOO_LARGE) when one block of every band exceeds ``max_block_mb`` MiB."""
+    need = block_bytes(src)
+    if need > max_block_mb * 2**20:
+        (h, w), dtype = src.block_shapes[0], src.dtypes[0]
+        raise RasterReadError(path, TOO_LARGE, f"one block is {w} x {h} pixels x {src.count} band(s) of {dtype}, "
+                                               f"{need / 2**20:.0f} MiB decoded, over max_block_mb {max_block_mb:g}; "
+                                               "GDAL decodes whole blocks even for a small window")
+
+
+def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: float | None = None,
+                 max_block_mb: float = DEFAULT_MAX_BLOCK_MB) -> FileInfo:
     """Open ``path`` and describe it: bands, scaling, grid, acquisition date.
 
     ``scale``/``offset`` override what the file says (reflectance = DN * scale + offset).
-    Raises RasterReadError: not a raster, unreadable, or wrong band count (no bands).
+    Raises RasterReadError: not a raster, unreadable, wrong band count (no bands), or too
+    large (a block of every band over ``max_block_mb`` MiB, checked before any pixel is read).
     """
     path = str(path)
     with open_raster(path) as src:
@@ -420,6 +445,7 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
             subs = len(src.subdatasets)
             detail = f"file has no bands{f' but {subs} subdatasets' if subs else ''}"
             raise RasterReadError(path, WRONG_BAND_COUNT, detail)
+        check_blocks(path, src, max_block_mb)
         try:
             crs = src.crs.to_wkt() if src.crs else None
             grid = Grid(crs, src.transform, src.width, src.height)
@@ -582,13 +608,14 @@ def open_source(
     offset: float | None = None,
     resolution: float | None = None,
     resampling: str = "bilinear",
+    max_block_mb: float = DEFAULT_MAX_BLOCK_MB,
 ) -> RasterSource:
     """A source for a raster file, or for a folder holding one product as per-band files."""
     path = Path(path)
     if not path.is_dir():
-        return file_source(inspect_file(path, scale, offset), resolution, resampling)
+        return file_source(inspect_file(path, scale, offset, max_block_mb), resolution, resampling)
     files = sorted(p for p in path.rglob("*") if p.is_file() and not is_sidecar(p))
-    infos = [inspect_file(p, scale, offset) for p in files]
+    infos = [inspect_file(p, scale, offset, max_block_mb) for p in files]
     sources, errors = build_sources(infos, resolution, resampling)
     if errors:
         raise errors[0][0]
@@ -618,6 +645,7 @@ def read_tile(
     offset: float | None = None,
     resolution: float | None = None,
     resampling: str = "bilinear",
+    max_block_mb: float = DEFAULT_MAX_BLOCK_MB,
 ) -> np.ma.MaskedArray:
     """Read a window of a multispectral raster as reflectance.
 
@@ -629,14 +657,16 @@ def read_tile(
     ``scale``/``offset``: reflectance = DN * scale + offset, overriding the file's scale/offset
     metadata (GDAL band scale/offset, else CF ``scale_factor``/``add_offset`` tags); the default
     without metadata is DN / 10000 for uint16, unchanged for floats.
+    ``max_block_mb``: files whose blocks (all bands) decode to more MiB are refused unread.
 
     Returns a float32 masked array (bands, H, W) in reflectance (unitless, ~0..1); nodata and
     non-finite pixels are masked. Raises RasterReadError naming the file and the reason: not a
-    raster, unreadable, wrong band count, missing band, all nodata.
+    raster, unreadable, wrong band count, missing band, all nodata, too large.
     """
     if resampling not in RESAMPLING_METHODS:
         raise ValueError(f"resampling {resampling!r}: choose one of {sorted(RESAMPLING_METHODS)}")
-    source = open_source(path, scale=scale, offset=offset, resolution=resolution, resampling=resampling)
+    source = open_source(path, scale=scale, offset=offset, resolution=resolution, resampling=resampling,
+                         max_block_mb=max_block_mb)
     positions = select_bands(source, bands)
     tile = source.read(as_window(window), positions)
     if tile.mask.all():

@@ -1,0 +1,130 @@
+"""A raster whose one block decodes to gigabytes is refused before any pixel is read.
+
+The bomb is built byte by byte here: a GeoTIFF (UTM 33N) of 40000 x 40000 uint16 stored as
+one deflate strip of a few bytes. GDAL decodes whole strips, so without the check reading a
+64 x 64 window allocates the 3.2 GB strip.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from domains.satellite.options import parse_options
+from domains.satellite.reader import TOO_LARGE, RasterReadError, block_bytes, inspect_file, read_tile
+
+ROOT = Path(__file__).resolve().parents[3]
+PEAK_MB = 150
+
+
+def strip_bomb(path: Path, size: int = 40000) -> Path:
+    """A single-strip deflate GeoTIFF of ``size`` x ``size`` uint16 in about 500 bytes."""
+    data = zlib.compress(b"\0" * 64, 9)  # the strip's data: far less than it declares
+    geo = struct.pack("<3d", 10.0, 10.0, 0.0)  # ModelPixelScale
+    tie = struct.pack("<6d", 0, 0, 0, 500000.0, 4000000.0, 0.0)  # ModelTiepoint
+    keys = struct.pack("<16H", 1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633)  # GeoKeyDirectory
+    # (tag, type, count, value or payload); type 3 SHORT, 4 LONG, 12 DOUBLE
+    entries = [(256, 4, 1, size), (257, 4, 1, size), (258, 3, 1, 16), (259, 3, 1, 8), (262, 3, 1, 1),
+               (273, 4, 1, None), (277, 3, 1, 1), (278, 4, 1, size), (279, 4, 1, len(data)), (284, 3, 1, 1),
+               (339, 3, 1, 1), (33550, 12, 3, geo), (33922, 12, 6, tie), (34735, 3, 16, keys)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    payload_at = 8 + ifd_size
+    payloads, body = {}, b""
+    for tag, _, _, value in entries:
+        if isinstance(value, bytes):
+            payloads[tag] = payload_at + len(body)
+            body += value
+    strip_at = payload_at + len(body)
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        if tag == 273:
+            value = strip_at
+        if isinstance(value, bytes):
+            ifd += struct.pack("<HHII", tag, kind, count, payloads[tag])
+        elif kind == 3:
+            ifd += struct.pack("<HHIHH", tag, kind, count, value, 0)
+        else:
+            ifd += struct.pack("<HHII", tag, kind, count, value)
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + body + data)
+    return path
+
+
+def test_the_bomb_is_what_it_claims(tmp_path):
+    path = strip_bomb(tmp_path / "bomb.tif")
+    assert path.stat().st_size < 600
+    with rasterio.open(path) as src:
+        assert (src.width, src.height, src.count, src.dtypes[0]) == (40000, 40000, 1, "uint16")
+        assert src.block_shapes == [(40000, 40000)] and src.compression.name == "deflate"
+        assert src.crs.to_epsg() == 32633
+        assert block_bytes(src) == 40000 * 40000 * 2
+
+
+def test_the_strip_bomb_is_refused_with_its_reason(tmp_path):
+    path = strip_bomb(tmp_path / "bomb.tif")
+    with pytest.raises(RasterReadError) as err:
+        read_tile(path, (0, 0, 64, 64))
+    assert err.value.reason == TOO_LARGE
+    assert str(err.value) == (f"{path}: too large (one block is 40000 x 40000 pixels x 1 band(s) of uint16, "
+                              "3052 MiB decoded, over max_block_mb 256; GDAL decodes whole blocks even for a "
+                              "small window)")
+
+
+def test_refusing_the_bomb_keeps_memory_bounded(tmp_path):
+    path = strip_bomb(tmp_path / "bomb.tif")
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from domains.satellite.reader import RasterReadError, read_tile
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read_tile({str(path)!r}, (0, 0, 64, 64))
+            reason = None
+        except RasterReadError as exc:
+            reason = exc.reason
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"reason": reason, "delta_mb": (after - before) / 1024}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["reason"] == TOO_LARGE and result["delta_mb"] < PEAK_MB, result
+
+
+def test_the_limit_is_a_data_option_and_counts_every_band(tmp_path):
+    path = tmp_path / "ok.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=256, height=256, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10), tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate") as dst:
+        dst.write(np.ones((4, 256, 256), np.uint16))
+    assert len(inspect_file(path).bands) == 4
+    # one 256 x 256 block of 4 uint16 bands is 0.5 MiB
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(path, max_block_mb=0.4)
+    assert err.value.reason == TOO_LARGE and "256 x 256 pixels x 4 band(s) of uint16, 0 MiB" in str(err.value)
+    assert read_tile(path, (0, 0, 8, 8), max_block_mb=0.6).shape == (4, 8, 8)
+    assert parse_options({"max_block_mb": "0.4"}).max_block_mb == 0.4
+    with pytest.raises(Exception) as err:
+        parse_options({"max_block_mb": "0"})
+    assert "max_block_mb" in str(err.value) and "must be > 0" in str(err.value)
+
+
+def test_a_folder_scan_skips_the_bomb_and_keeps_the_good_file(tmp_path):
+    from domains.satellite.dataset import scan_folder
+
+    strip_bomb(tmp_path / "bomb.tif")
+    with rasterio.open(tmp_path / "ok.tif", "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10)) as dst:
+        dst.write(np.full((4, 64, 64), 1000, np.uint16))
+    scan = scan_folder(tmp_path, parse_options({}))
+    assert [Path(s.name).name for s in scan.sources] == ["ok.tif"]
+    assert scan.skipped == {TOO_LARGE: 1}
