@@ -140,16 +140,22 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
 
 
-def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[float], *, multi_label: bool,
-                 positive: int | None, groups: np.ndarray | None, resamples: int = 1000,
+def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[float] | np.ndarray, *,
+                 multi_label: bool, positive: int | None, groups: np.ndarray | None, resamples: int = 1000,
                  seed: int = 0) -> dict[str, list[float]]:
     """Percentile 95% intervals of :data:`METRICS` over ``resamples`` bootstrap draws.
 
+    ``scores`` (N, K) with ``thresholds`` (K,); or (R, N, K) with (R, K) for R runs (seeds)
+    scored on the same test set: each draw then scores every run and averages them, giving
+    the interval of the mean over runs that results.json reports.
     With ``groups`` the draw resamples whole groups (a cluster bootstrap): slices of one patient
     are not independent, and resampling them one by one would make intervals too narrow.
     Thresholds stay fixed (they were chosen on validation data). Draws where a metric is
     undefined (a class absent) are left out of that metric's interval.
     """
+    runs = np.asarray(scores)
+    runs = runs[None] if runs.ndim == 2 else runs
+    run_thresholds = np.atleast_2d(np.asarray(thresholds, dtype=float))
     rng = np.random.default_rng(seed)
     n = len(targets)
     members = None
@@ -162,9 +168,10 @@ def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[f
             idx = rng.integers(0, n, n)
         else:
             idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        m = point_metrics(scores[idx], targets[idx], thresholds, multi_label=multi_label, positive=positive)
+        ms = [point_metrics(r[idx], targets[idx], t, multi_label=multi_label, positive=positive)
+              for r, t in zip(runs, run_thresholds)]
         for k in METRICS:
-            draws[k].append(m[k])
+            draws[k].append(_nanmean([m[k] for m in ms]))
     out = {}
     for k, v in draws.items():
         v = np.asarray(v, dtype=float)

@@ -362,6 +362,7 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
     largest = max(protocol.label_fractions)
     for fraction in protocol.label_fractions:
         per_init: dict[str, dict[str, Any]] = {"pretrained": {}, "random_init": {}}
+        scored: dict[str, list[tuple]] = {"pretrained": [], "random_init": []}
         for seed in protocol.seeds:
             pool = subsample_groups(samples.targets[split.train], samples.groups[split.train], fraction, seed)
             train_idx = split.train[pool]
@@ -375,9 +376,8 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
                 vy = samples.targets[[lookup_val[int(r)] for r in vr]]
                 ti = [lookup_test[int(r)] for r in tr]
                 report = diagnose(tp, test_src.targets[ti], val_scores=vp, val_targets=vy, point=point,
-                                  multi_label=data.multi_label, positive=protocol.positive,
-                                  groups=test_src.groups[ti],
-                                  resamples=protocol.bootstrap if fraction == largest else 0, seed=seed)
+                                  multi_label=data.multi_label, positive=protocol.positive, resamples=0)
+                scored[init].append((tp, test_src.targets[ti], test_src.groups[ti], report["thresholds"]))
                 report.update(n_train=int(len(train_idx)), n_val=int(len(vr)),
                               n_train_groups=int(len(np.unique(samples.groups[train_idx]))),
                               best_epoch=hist["best_epoch"], epochs_run=hist["epochs_run"])
@@ -386,7 +386,25 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
                     models[init] = model.cpu()
                     report["_scores"] = (tp, test_src.targets[ti])
         runs[f"{fraction:g}"] = {init: summarise(reports) for init, reports in per_init.items()}
+        if fraction == largest and protocol.bootstrap:
+            for init, runs_scored in scored.items():
+                runs[f"{fraction:g}"][init]["ci95"] = seed_mean_ci(runs_scored, data.multi_label, protocol)
+                runs[f"{fraction:g}"][init]["bootstrap"] = {"resamples": protocol.bootstrap, "unit": "group",
+                                                            "of": "mean over seeds"}
     return {"runs": runs, "models": models, "warnings": warnings}
+
+
+def seed_mean_ci(scored: list[tuple], multi_label: bool, protocol: ProtocolConfig) -> dict[str, list[float]]:
+    """Group-bootstrap 95% CIs of the mean over seeds (every seed is scored on the same test
+    set; see :func:`fedmoco.diagnostics.bootstrap_ci`)."""
+    from fedmoco.diagnostics import bootstrap_ci
+
+    targets, groups = scored[0][1], scored[0][2]
+    if any(not np.array_equal(t, targets) for _, t, _, _ in scored):
+        raise RuntimeError("seeds were scored on different test samples")
+    return bootstrap_ci(np.stack([s for s, _, _, _ in scored]), targets, np.stack([t for *_, t in scored]),
+                        multi_label=multi_label, positive=protocol.positive, groups=groups,
+                        resamples=protocol.bootstrap, seed=protocol.split_seed)
 
 
 def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -403,13 +421,14 @@ def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def headline(fraction_runs: dict[str, Any], init: str) -> dict[str, Any]:
     """Top-level keys of results.json for one init: the mean over seeds of accuracy, auroc,
-    sensitivity, specificity (and top5), their std, n_test, and the first seed's CIs."""
+    sensitivity, specificity (and top5), their std, n_test, and the bootstrap CIs of the mean."""
     s = fraction_runs[init]
     first = next(iter(s["seeds"].values()))
     out = {**s["mean"], "std": s["std"], "n_test": first["n_test"], "n_train": first["n_train"],
            "per_class_auroc": first["per_class_auroc"], "thresholds": first["thresholds"]}
-    if "ci95" in first:
-        out["ci95"] = first["ci95"]
+    if "ci95" in s:
+        out["ci95"] = s["ci95"]
+        out["bootstrap"] = s["bootstrap"]
     return out
 
 

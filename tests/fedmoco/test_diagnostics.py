@@ -106,3 +106,17 @@ def test_plots_have_n_in_the_title(tmp_path, monkeypatch):
     assert "ROC, n = 8" in titles and "test, n = 8" in titles
     ml = plot_confusion_png(np.zeros((2, 2, 2)) + 1, ["a", "b"], tmp_path / "ml.png", "multi")
     assert ml.exists()
+
+
+def test_bootstrap_of_several_runs_brackets_their_mean():
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 40)
+    runs = []
+    for _ in range(3):
+        p = np.clip(y * 0.25 + rng.uniform(0, 0.75, 80), 0, 1)
+        runs.append(np.stack([1 - p, p], 1))
+    thr = np.full((3, 2), 0.5)
+    mean = np.mean([point_metrics(r, y, t, multi_label=False)["sensitivity"] for r, t in zip(runs, thr)])
+    ci = bootstrap_ci(np.stack(runs), y, thr, multi_label=False, positive=None, groups=np.arange(80) // 4,
+                      resamples=200, seed=0)
+    assert ci["sensitivity"][0] <= mean <= ci["sensitivity"][1]
