@@ -22,7 +22,8 @@ Per train message (server round r) a site:
    with the budget spent, it sends an empty (0, D) array, reports why in ``dp-status``, and
    keeps training and sending weights;
 7. saves its state and replies with exactly the records of docs/privacy.md: ``arrays``,
-   ``keys``, ``metrics``. Never images, file names or DICOM attributes.
+   ``keys``, ``metrics``, and ``site`` (its ``site-name``) when it has one. Never images,
+   file names or DICOM attributes. Unreadable files, by reason, go to the site's own log.
 
 The key encoder (run_config ``key-encoder``): ``local-ema`` (default) keeps each site's
 own momentum encoder across rounds, so it keeps moving slowly (m per step) towards the
@@ -46,16 +47,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
 from clients.ledger import ledger_path, locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
-                          run_value, shared_arrays, site_data_path, train_config)
+from clients.task import (SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
+                          run_value, shared_arrays, site_data_path, site_name, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import DataConfig, Normalization, PretrainData, build_pretrain_data
+from fedmoco.data import DataConfig, Normalization, PretrainData, build_pretrain_data, format_skipped
 from fedmoco.device import select_device
 from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
@@ -161,6 +162,7 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
         "device": select_device(str(node.get("device", "auto"))),
         "threads": int(node.get("threads", 0)),
+        "name": site_name(node),  # shown by the server instead of the node id
     }
 
 
@@ -275,12 +277,25 @@ def _train_round(msg: Message, context: Context) -> Message:
              server_round, metrics["num-examples"], stats["loss"], keys.shape[0],
              run_value(run, "key-release") if keys.shape[0] else "summaries", mu,
              time.perf_counter() - t_start, train_seconds)
+    _log_skipped(server_round, data, summaries)
     content = RecordDict({
         "arrays": shared_arrays(model),
         "keys": ArrayRecord({"keys": Array(keys.numpy().astype(np.float32))}),
         "metrics": MetricRecord(metrics),
     })
+    if site["name"]:
+        content[SITE_RECORD] = ConfigRecord({"name": site["name"]})
     return Message(content, reply_to=msg)
+
+
+def _log_skipped(server_round: int, data: PretrainData, summaries: list[EpochSummary]) -> None:
+    """The round's unreadable files by reason, in the site's own log: the admin sees them
+    here every round; the server only gets the count (metric ``skipped``)."""
+    at_load = sum(s.skipped for s in summaries)
+    parts = [format_skipped(data.skipped)] if data.skipped else []
+    parts += [f"{at_load} sample(s) could not be read while training"] if at_load else []
+    if parts:
+        log.warning("round %d: %s", server_round, "; ".join(parts))
 
 
 def _settings(context: Context) -> tuple[dict[str, Any], MoCoConfig, TrainConfig]:

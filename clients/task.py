@@ -17,12 +17,15 @@ site shares weights only), ``data-options`` (str ``"k=v,k=v"``, domain options),
 ``state-dir`` (str, optional: training state for resumed runs, and the ledger),
 ``device`` (str, default ``auto``: cuda, then mps, then cpu),
 ``threads`` (int, torch intra-op threads; 0 = torch's default).
+``site-name`` (str, optional: how the server's logs, rounds.jsonl and plots name this site;
+1-32 characters of ``A-Za-z0-9._-``; default ``site-<partition-id>`` in simulation, else the node id).
 In simulation Flower sets ``partition-id``; a site without ``data-path`` then reads
 ``<run_config demo-root>/site-<partition-id>``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -248,3 +251,29 @@ def site_data_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
     if root and "partition-id" in node_config:
         return Path(root).expanduser() / f"site-{int(node_config['partition-id'])}"
     raise ConfigError("node_config data-path is not set (and no run_config demo-root + partition-id to derive it)")
+
+
+#: A site name: short, letters, digits, ``.``, ``_`` and ``-`` only, so it can never be a
+#: path (no separators; ``.`` and ``..`` refused) and prints safely in logs and plots.
+SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
+#: The record of a train reply that carries the site's name (docs/privacy.md).
+SITE_RECORD = "site"
+
+
+def check_site_name(name: Any, where: str = "node_config site-name") -> str:
+    """``name`` if it is a valid site name (:data:`SITE_NAME`); ConfigError naming ``where``."""
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{where}: {str(name)[:40]!r} is not a site name: 1 to 32 characters of "
+                          "A-Z a-z 0-9 . _ - (not . or ..)")
+    return name
+
+
+def site_name(node_config: Mapping[str, Any]) -> str | None:
+    """The site's name: node_config ``site-name``, else (simulation) ``site-<partition-id>``,
+    else None (the server then shows the node id). Stable across runs, unlike node ids."""
+    name = str(node_config.get("site-name", "")).strip()
+    if name:
+        return check_site_name(name)
+    if "partition-id" in node_config:
+        return f"site-{int(node_config['partition-id'])}"
+    return None

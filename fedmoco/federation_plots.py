@@ -29,19 +29,24 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-def _site_series(records: list[dict[str, Any]], key: str) -> dict[int, tuple[list[int], list[float]]]:
-    series: dict[int, tuple[list[int], list[float]]] = {}
+def _site_series(records: list[dict[str, Any]], key: str) -> dict[str | int, tuple[list[int], list[float]]]:
+    series: dict[str | int, tuple[list[int], list[float]]] = {}
     for rec in records:
         for site in rec.get("sites", []):
             if site.get("status") == "accepted" and key in site:
-                xs, ys = series.setdefault(int(site["node"]), ([], []))
+                xs, ys = series.setdefault(_site_key(site), ([], []))
                 xs.append(rec["round"])
                 ys.append(_num(site[key]))
     return series
 
 
-def _site_label(node: int, order: dict[int, int]) -> str:
-    return f"site {order[node]} (node …{str(node)[-4:]})"
+def _site_key(site: dict[str, Any]) -> str | int:
+    """A site's node_config site-name when it reported one (stable across runs), else its node id."""
+    return str(site["site"]) if site.get("site") else int(site["node"])
+
+
+def _site_label(node: str | int, order: dict[str | int, int]) -> str:
+    return node if isinstance(node, str) else f"site {order[node]} (node …{str(node)[-4:]})"
 
 
 def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int | None = None) -> list[Path]:
@@ -52,7 +57,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rounds = [r["round"] for r in records]
-    nodes = sorted({int(s["node"]) for r in records for s in r.get("sites", [])})
+    nodes = sorted({_site_key(s) for r in records for s in r.get("sites", [])}, key=str)
     order = {n: i for i, n in enumerate(nodes)}
     written = []
 

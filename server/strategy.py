@@ -48,7 +48,9 @@ from fedmoco.errors import ConfigError
 from fedmoco.ledger import DP_STATUS
 from fedmoco.metrics import JsonlLogger
 from server.queue import GlobalKeyQueue
-from server.validation import KEYS, REQUIRED_METRICS, ExampleCaps, ReplyLimits, decode_arrays, validate_reply
+from clients.task import SITE_RECORD
+from server.validation import (KEYS, REQUIRED_METRICS, ExampleCaps, ReplyLimits, decode_arrays, site_name_of,
+                               validate_reply)
 
 log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
 
@@ -190,6 +192,7 @@ class FedMoCo(FedAvg):
         self.run_id = run_id  # server.runs: written on every rounds.jsonl line
         self.updated_rounds: list[int] = []  # rounds of this session that changed the global model
         self.last_sites: list[dict[str, Any]] = []  # the last round's per-site outcomes
+        self.site_names: dict[int, str] = {}  # node id -> node_config site-name, as the sites reported it
 
     # -- helpers ------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -242,9 +245,10 @@ class FedMoCo(FedAvg):
             node = msg.metadata.src_node_id
             site: dict[str, Any] = {"node": node, **self._down.get(node, {})}
             sites.append(site)
+            who = self._name_site(node, None if msg.has_error() else site_name_of(msg.content), site)
             if msg.has_error():
                 site.update(status="error", reason=str(msg.error.reason))
-                log.warning("round %d: node %d sent no update: %s", r, node, msg.error.reason)
+                log.warning("round %d: %s sent no update: %s", r, who, msg.error.reason)
                 continue
             # What the site uploaded, accepted or not (the traffic happened either way).
             site.update({f"up-{name}": array_bytes(rec) for name, rec in msg.content.array_records.items()
@@ -254,8 +258,10 @@ class FedMoCo(FedAvg):
             site.update(measured)
             if reasons:
                 site.update(status="rejected", reason="; ".join(reasons))
-                log.warning("round %d: rejected reply from node %d: %s", r, node, "; ".join(reasons))
+                log.warning("round %d: rejected reply from %s: %s", r, who, "; ".join(reasons))
                 continue
+            if SITE_RECORD in msg.content:
+                del msg.content[SITE_RECORD]  # the name is recorded; FedAvg gets the model records only
             keys_record = msg.content.array_records[KEYS]
             keys = torch.from_numpy(np.array(next(iter(keys_record.values())).numpy(), copy=True))
             del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
@@ -295,6 +301,17 @@ class FedMoCo(FedAvg):
                  if code == 5 and "dp-keys-budget" in site else "")
         level = logging.INFO if code == 2 else logging.WARNING
         log.log(level, "round %d: node %d sent no DP summaries: %s%s", r, node, site["dp-reason"], spent)
+
+    def _name_site(self, node: int, name: str | None, site: dict[str, Any]) -> str:
+        """Record the site's name (from this reply, else from an earlier one) in ``site`` and
+        return how logs call it: ``name (node N)``, or ``node N`` for a site without a name."""
+        if name:
+            self.site_names[int(node)] = name
+        name = name or self.site_names.get(int(node))
+        if name:
+            site["site"] = name
+            return f"{name} (node {node})"
+        return f"node {node}"
 
     def _cap_examples(self, r: int, node: int, metrics: MetricRecord, site: dict[str, Any]) -> None:
         """Clip a validated reply's ``num-examples`` (its FedAvg weight) to the site's cap."""

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from clients.task import SITE_RECORD, check_site_name
 from fedmoco.errors import ConfigError
 from fedmoco.ledger import DP_STATUS
 
@@ -225,18 +226,38 @@ def check_num_examples(n: Any) -> list[str]:
     return []
 
 
+def check_site(record: ConfigRecord | None) -> list[str]:
+    """The optional ``site`` record: exactly ``{"name": <site name>}`` (clients.task.SITE_NAME)."""
+    if record is None:
+        return []
+    if set(record) != {"name"}:
+        return [f"site: expected exactly one entry 'name', got {sorted(record)[:5]}"]
+    try:
+        check_site_name(record["name"], "site name")
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+def site_name_of(content: RecordDict) -> str | None:
+    """The site name a reply carries, when it carries a valid one."""
+    record = content.config_records.get(SITE_RECORD)
+    return str(record["name"]) if record is not None and not check_site(record) else None
+
+
 def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], limits: ReplyLimits,
                    expected_metrics: frozenset[str] = REQUIRED_METRICS,
                    measured: dict[str, float] | None = None) -> list[str]:
     """All reasons to reject one train reply (empty list: accept).
 
     ``reference``: the global model sent this round, {name: ndarray}. Checks record names
-    (exactly ``arrays``, ``keys``, ``metrics``), the arrays (:func:`check_arrays`), the keys
+    (exactly ``arrays``, ``keys``, ``metrics``, optionally ``site``: :func:`check_site`), the
+    arrays (:func:`check_arrays`), the keys
     (:func:`check_keys`) and the metrics (:func:`check_metrics`). ``measured``, when given,
     receives ``update-norm``: ||w_client - w_global||_2 when the arrays are comparable.
     """
     reasons = []
-    allowed = {ARRAYS: ArrayRecord, KEYS: ArrayRecord, METRICS: MetricRecord}
+    allowed = {ARRAYS: ArrayRecord, KEYS: ArrayRecord, METRICS: MetricRecord, SITE_RECORD: ConfigRecord}
     for name, record in content.items():
         if name not in allowed:
             reasons.append(f"record {name!r} ({type(record).__name__}) is not allowed")
@@ -254,6 +275,7 @@ def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], lim
         else:
             reasons += check_arrays(arrays, reference, limits.max_update_norm, measured)
     reasons += check_keys(content.array_records.get(KEYS), limits)
+    reasons += check_site(content.config_records.get(SITE_RECORD))
     metrics = content.metric_records.get(METRICS)
     reasons += check_metrics(metrics, expected_metrics)
     if not reasons and metrics is not None:

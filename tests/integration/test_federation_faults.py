@@ -97,9 +97,9 @@ def test_faulty_sites_are_dropped_and_the_run_completes(tmp_path, sites_root, ca
     assert statuses(recs[2]) == {100: "accepted", 101: "accepted", 102: "accepted", 103: "rejected"}
     assert all(r["updated"] for r in recs)
     text = caplog.text
-    assert "round 1: rejected reply from node 102: arrays 'encoder_q.head.2.weight' has 1 non-finite value(s)" in text
-    assert "round 2: node 101 sent no update: <class 'RuntimeError'>:<'simulated crash" in text
-    assert "round 1: rejected reply from node 103: keys 'keys' has shape (5, 17), expected (n, 16)" in text
+    assert "round 1: rejected reply from site-2 (node 102): arrays 'encoder_q.head.2.weight' has 1 non-finite value(s)" in text
+    assert "round 2: site-1 (node 101) sent no update: <class 'RuntimeError'>:<'simulated crash" in text
+    assert "round 1: rejected reply from site-3 (node 103): keys 'keys' has shape (5, 17), expected (n, 16)" in text
     # the site that crashed lost its round, not its state: its Context is as after round 1
     assert grid.sites[101][1].state["fedmoco.site"]["rounds-done"] == 2  # rounds 1 and 3
     # nothing from the bad replies reached the queue, and the model is finite
