@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,9 @@ def deployment(tmp_path_factory):
     assert made.returncode == 0, made.stderr
     trusted_line = made.stdout.strip().splitlines()[-1]
     assert trusted_line.startswith(f'{SIGNER}: "ssh-ed25519 ')
-    app = copy_app_files(APP_DIR, root / "coordinator" / "app")
+    # the files flwr run sends from this repository, once unsigned and once signed
+    unsigned = copy_app_files(APP_DIR, root / "coordinator" / "app-unsigned")
+    app = Path(shutil.copytree(unsigned, root / "coordinator" / "app"))
     signed = _fedmoco("sign-app", str(app), "--key", str(root / "coordinator" / "keys" / SIGNER), "--key-id", SIGNER)
     assert signed.returncode == 0, signed.stderr
 
@@ -121,7 +124,7 @@ def deployment(tmp_path_factory):
             procs.append(proc)
             nodes[site] = (proc, log)
         yield {"root": root, "certs": certs, "control_port": control_port, "fleet_port": fleet_port, "app": app,
-               "cli_env": cli_env, "nodes": nodes, "procs": procs}
+               "unsigned_app": unsigned, "cli_env": cli_env, "nodes": nodes, "procs": procs}
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -211,9 +214,8 @@ def test_unregistered_supernode_is_refused(deployment):
 
 def test_supernodes_refuse_an_unsigned_app(deployment):
     root = deployment["root"]
-    unsigned = copy_app_files(APP_DIR, root / "coordinator" / "app-unsigned")  # the same files, no signature
     out = root / "server-unsigned"
-    run = _run([flower_command("flwr"), "run", str(unsigned), "fedmoco-tls", "--stream", "--run-config",
+    run = _run([flower_command("flwr"), "run", str(deployment["unsigned_app"]), "fedmoco-tls", "--stream", "--run-config",
                 f'num-server-rounds=1 out-dir="{out}" {SMALL_RUN}'], deployment["cli_env"], timeout=120)
     for site, (_, log) in deployment["nodes"].items():
         text = log.read_text(errors="replace")
