@@ -1,9 +1,10 @@
 """Labelled evaluation data: a label table (CSV or class folders) joined to a domain's samples.
 
 A labels CSV has a ``path`` column (relative to ``--data``, absolute, or a file's own id: its
-name without extension), an optional ``group`` column (patient, scene, ...) and one or more
-label columns. One label column gives single-label classes; several (or ``--multi-label``)
-give multi-label data with 0/1 values. Rows may cover only part of the folder: the other files
+name without extension; a folder, such as a study or a band product, labels every file under
+it), an optional ``group`` column (patient, scene, ...) and one or more label columns. One
+label column gives single-label classes; several (or ``--multi-label``) give multi-label
+data with 0/1 values. Rows may cover only part of the folder: the other files
 are left out. Without a CSV, the first sub-folder names the class.
 
 Every sample gets a group key for grouped splits: the CSV ``group``, else the domain's own
@@ -97,8 +98,8 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
     resolver = _PathResolver(root)
     paths, values, groups, missing, blank = [], [], [], [], 0
     for line, row in enumerate(rows, start=2):
-        path = resolver(row[path_col] or "")
-        if path is None:
+        found = resolver(row[path_col] or "")
+        if found is None:
             missing.append(row[path_col])
             continue
         cells = [(row.get(c) or "").strip() for c in cols]
@@ -106,16 +107,18 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
             if not cells[0]:
                 blank += 1
                 continue
-            values.append(cells[0])
+            value = cells[0]
         else:
             try:
-                values.append([float(parse_bool(v)) for v in cells])
+                value = [float(parse_bool(v)) for v in cells]
             except ValueError:
                 raise DataError(f"{labels_csv}: line {line}: multi-label columns {cols} need 0/1 values, "
                                 f"got {cells}") from None
-        paths.append(path)
         g = (row.get(GROUP_COLUMN) or "").strip()
-        groups.append(hash_group(g) if g else None)
+        for path in found:
+            paths.append(path)
+            values.append(value)
+            groups.append(hash_group(g) if g else None)
     if missing:
         raise DataError(f"{labels_csv}: {len(missing)} row(s) name files that do not exist under {root} "
                         f"(first: {missing[0]!r})")
@@ -140,18 +143,23 @@ class _PathResolver:
         self.root = root
         self._stems: dict[str, Path | None] | None = None
 
-    def __call__(self, text: str) -> Path | None:
+    def __call__(self, text: str) -> list[Path] | None:
+        """The file(s) a CSV path names: a folder (a study, series or band product) names every
+        file under it; None when nothing matches."""
         if not text:
             return None
         p = Path(text)
         full = p if p.is_absolute() else self.root / p
         if full.is_file():
-            return full.resolve()
+            return [full.resolve()]
+        if full.is_dir():
+            return [f.resolve() for f in list_files(full)]
         if self._stems is None:
             self._stems = {}
             for f in list_files(self.root):
                 self._stems[f.stem] = None if f.stem in self._stems else f.resolve()
-        return self._stems.get(text)
+        found = self._stems.get(text)
+        return None if found is None else [found]
 
 
 def folder_label_table(root: Path, domain: str) -> LabelTable:

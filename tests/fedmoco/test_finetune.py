@@ -171,3 +171,18 @@ def test_linear_probe_saves_its_classifier(tmp_path, demo_images, checkpoint, ca
     res = json.loads((out / "linear-probe.json").read_text())
     assert res["grouped_by"] == "file" and "auroc" in res and "auroc" in res["random_init"]
     assert "classifier:" in capsys.readouterr().out
+
+
+def test_a_csv_row_may_label_a_whole_folder(tmp_path):
+    """One row per patient folder (a study, a series) labels every file under it."""
+    from domains.medical import make_demo_archive
+    from fedmoco.labels import read_label_table
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=3, seed=2, image_size=32, n_slices=2, labelled=True)
+    patients = sorted(p for p in root.glob("*/patient_*") if p.is_dir())
+    csv_path = _write_csv(tmp_path / "studies.csv", ["path", "label"],
+                          [[p.relative_to(root).as_posix(), p.parent.name] for p in patients])
+    table = read_label_table(root, csv_path)
+    files = sorted(f.resolve() for p in patients for f in p.rglob("*") if f.is_file())
+    assert sorted(table.paths) == files
+    assert [table.names[t] for t in table.targets] == [p.relative_to(root.resolve()).parts[0] for p in table.paths]
