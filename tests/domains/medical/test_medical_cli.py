@@ -26,7 +26,8 @@ def test_pretrain_then_knn_on_dicom_folders(demo_archive, labelled_archive, tmp_
                "--k", "5"])
     assert rc == 0
     result = json.loads((run / "eval" / "knn.json").read_text())
-    assert result["classes"] == ["abdomen", "chest", "head"] and 0 <= result["top1"] <= 100
+    assert result["classes"] == ["abdomen", "chest", "head"] and 0 <= result["accuracy"] <= 1
+    assert result["grouped_by"] == "patient"  # slices of one patient never straddle train and test
     assert result["n_train"] + result["n_test"] == 42  # 6 patients x (6 CT slices + 1 CR)
 
 
