@@ -320,8 +320,9 @@ class FedMoCo(FedAvg):
         if claimed > cap:
             metrics["num-examples"] = cap
             site["num-examples-claimed"] = claimed
-            log.warning("round %d: node %d claims %.6g examples; its weight counts %d (its cap: "
-                        "max-examples-per-site / site-example-caps)", r, node, claimed, cap)
+            who = f"{site['site']} (node {node})" if site.get("site") else f"node {node}"
+            log.warning("round %d: %s claims %.6g examples; its weight counts %d (its cap: "
+                        "max-examples-per-site / site-example-caps)", r, who, claimed, cap)
 
     def _aggregate(self, r: int, replies: list[Message],
                    n_sent: int) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -87,6 +87,24 @@ def test_nonsense_counts_reject_the_reply(grid3, tmp_path, caplog, claim, shown)
     assert last_round(tmp_path)["rejected"] == 1
 
 
+def test_a_named_site_gets_the_cap_set_for_its_name(grid3, tmp_path, caplog):
+    from flwr.app import ConfigRecord as Config
+
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s = strategy(tmp_path, ExampleCaps.parse(1000, "hospital-c=20,103=999"))
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    liar = reply_content(shifted(ref, LIAR_SHIFT), unit_keys(2, seed=3), good_metrics(1e300))
+    liar["site"] = Config({"name": "hospital-c"})
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))),
+               reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2), good_metrics(30))),
+               reply_from(103, liar)]
+    arrays, _ = s.aggregate_train(1, replies)
+    a, r = decode_arrays(arrays), decode_arrays(ref)
+    assert np.allclose([float(np.mean(a[k] - r[k])) for k in r], (10 + 90 + 20 * LIAR_SHIFT) / 60, atol=1e-4)
+    assert "hospital-c (node 103) claims 1e+300 examples; its weight counts 20" in caplog.text
+
+
 def test_caps_by_site_name_win_over_node_id_and_default():
     caps = ExampleCaps.parse(500, ' hospital-a=20 , 7=30, "b"=40')
     assert caps.cap(7) == 30 and caps.cap(8) == 500 and caps.cap(7, "hospital-a") == 20 and caps.cap(9, "b") == 40
