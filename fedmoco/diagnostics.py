@@ -219,13 +219,14 @@ def confusion(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[floa
 
 
 def plot_roc(scores: np.ndarray, targets: np.ndarray, names: Sequence[str], path: Path | str, *,
-             thresholds: Sequence[float] | None = None, title: str = "ROC") -> Path:
+             thresholds: Sequence[float] | None = None, title: str = "ROC", positive: int | None = None) -> Path:
     """One ROC curve per class/label (the positive class only for binary single-label data),
     the chance diagonal, and the operating point of each curve; n in the title."""
     from fedmoco.plots import plt, save_figure
 
     y = one_vs_rest(targets, scores.shape[1])
-    cols = [1] if (scores.shape[1] == 2 and np.asarray(targets).ndim == 1) else range(scores.shape[1])
+    binary = scores.shape[1] == 2 and np.asarray(targets).ndim == 1
+    cols = [1 if positive is None else positive] if binary else range(scores.shape[1])
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", label="chance")
     for j in cols:

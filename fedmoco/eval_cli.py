@@ -127,6 +127,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if data.multi_label or args.positive_class not in data.names or len(data.names) != 2:
             raise ConfigError(f"--positive-class {args.positive_class!r}: not one of the two classes {data.names}")
         protocol.positive = data.names.index(args.positive_class)
+    elif len(data.names) == 2 and not data.multi_label:
+        protocol.positive = default_positive(data.names)
+        log.info("positive class: %s (set --positive-class to choose)", data.names[protocol.positive])
     progress = not args.quiet
     samples = prepare_samples(data, workers=args.workers, progress=progress)
     test_samples = prepare_samples(inputs.test, workers=args.workers, progress=progress) if inputs.test else None
@@ -138,8 +141,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           test_samples=test_samples, cfg=cfg, protocol=protocol, device=device, progress=progress)
     out = args.out or args.checkpoint.parent / "finetune"
     extra = {"checkpoint": str(args.checkpoint), "domain": inputs.domain,
-             "positive_class": (data.names[protocol.positive if protocol.positive is not None else 1]
-                                if len(data.names) == 2 and not data.multi_label else None),
+             "positive_class": data.names[protocol.positive] if protocol.positive is not None else None,
              "split": {"grouped_by": data.group_source, "n_pool": int(len(split.train)), "n_val": int(len(split.val)),
                        "n_test": int(len(test_samples.targets) if test_samples else len(split.test)),
                        "unlabelled_samples_left_out": data.unlabelled_files,
@@ -155,6 +157,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"results:    {out / 'results.json'}\nmodel:      {model_path}")
     print("plots:      " + ", ".join(report["plots"].values()))
     return 0
+
+
+# Class names that mean "no finding": in a binary task the other class is the positive one.
+NEGATIVE_NAMES = {"normal", "negative", "healthy", "benign", "control", "absent", "none", "no", "false", "0",
+                  "no_finding", "no finding", "nofinding", "background", "other"}
+
+
+def default_positive(names: list[str]) -> int:
+    """Index of the positive class of a binary task: the class that is not a "no finding"
+    name (normal, negative, healthy, ...) when exactly one is; else the second in sorted order."""
+    negative = [n.strip().lower().replace("-", "_") in NEGATIVE_NAMES for n in names]
+    if sum(negative) == 1:
+        return negative.index(False)
+    return 1
 
 
 def _fmt(report: dict[str, Any], key: str) -> str:

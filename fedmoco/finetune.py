@@ -449,7 +449,8 @@ def write_report(out: Path, result: dict[str, Any], data: LabelledSet, protocol:
         suffix = "" if init == "pretrained" else "_random_init"
         label = "pretrained encoder" if init == "pretrained" else "random-init encoder"
         plots[f"roc{suffix}"] = str(plot_roc(scores, targets, data.names, out / f"roc{suffix}.png",
-                                             thresholds=first["thresholds"], title=f"ROC, {label}"))
+                                             thresholds=first["thresholds"], title=f"ROC, {label}",
+                                             positive=protocol.positive))
         plots[f"confusion{suffix}"] = str(plot_confusion_png(np.asarray(first["confusion"]), data.names,
                                                               out / f"confusion{suffix}.png", label))
     plots["label_efficiency"] = str(plot_label_efficiency(runs, out / "label_efficiency.png", n_test=report["n_test"]))

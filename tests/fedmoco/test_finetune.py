@@ -186,3 +186,11 @@ def test_a_csv_row_may_label_a_whole_folder(tmp_path):
     files = sorted(f.resolve() for p in patients for f in p.rglob("*") if f.is_file())
     assert sorted(table.paths) == files
     assert [table.names[t] for t in table.targets] == [p.relative_to(root.resolve()).parts[0] for p in table.paths]
+
+
+def test_default_positive_class_is_the_finding():
+    from fedmoco.eval_cli import default_positive
+
+    assert default_positive(["nodule", "normal"]) == 0  # sorted order would pick "normal"
+    assert default_positive(["Healthy", "pneumonia"]) == 1
+    assert default_positive(["crop", "water"]) == 1  # no "no finding" name: the second class
