@@ -20,6 +20,7 @@ from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.appsign import add_sign_app_parser, cmd_sign_app
 from fedmoco.eval_cli import add_finetune_parser
 from fedmoco.keys import add_keygen_parser, cmd_keygen
+from fedmoco.site_check import add_check_site_parser, cmd_check_site
 
 log = logging.getLogger("fedmoco")
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bands", type=int, default=4, choices=[4, 13], help="satellite only (default 4)")
     add_keygen_parser(sub)
     add_sign_app_parser(sub)
+    add_check_site_parser(sub)
     return parser
 
 
@@ -308,6 +310,7 @@ COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval,
 COMMANDS["keygen"] = cmd_keygen
 COMMANDS["finetune"] = cmd_finetune
 COMMANDS["sign-app"] = cmd_sign_app
+COMMANDS["check-site"] = cmd_check_site
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,220 @@
+"""``fedmoco check-site``: a dry run a site admin does before joining a federation.
+
+It reads the data folder exactly as the site's ClientApp will (the domain's
+``build_pretrain_data``), then trains nothing that is kept: it times a few real MoCo steps of
+the configured encoder on this machine's device, data loading included, and reports
+
+* usable images (samples) and the files skipped while scanning, by reason;
+* channels, the size the images arrive in (from file headers) and the input size;
+* the seconds per step and the time one local epoch is expected to take.
+
+Nothing is written and nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
+from fedmoco.errors import DataError
+from fedmoco.moco import MoCo
+from fedmoco.train import Trainer, make_loader
+
+#: The federation's model and batch defaults (clients.task.RUN_DEFAULTS; a test keeps them
+#: equal). fedmoco's core may not import clients/, hence the copy.
+FEDERATION_DEFAULTS: dict[str, Any] = {"arch": "tiny", "norm": "group", "dim": 128, "hidden-dim": 512,
+                                       "small-input": True, "image-size": 64, "batch-size": 32,
+                                       "local-queue-size": 1024}
+
+
+@dataclass
+class SiteReport:
+    """What ``check-site`` found; times in seconds."""
+
+    domain: str
+    data: Path
+    usable: int
+    skipped: Counter
+    channels: int
+    image_size: int
+    source_sizes: Counter = field(default_factory=Counter)  # (height, width) -> files
+    description: str = ""
+    device: str = "cpu"
+    batch_size: int = 0
+    steps_per_epoch: int = 0
+    steps_timed: int = 0
+    seconds_per_step: float = float("nan")
+    skipped_while_timing: int = 0
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.seconds_per_step * self.steps_per_epoch
+
+    def lines(self) -> list[str]:
+        """The report as printed, one fact per line."""
+        sizes = _format_sizes(self.source_sizes)
+        out = [
+            f"site check: {self.domain} data in {self.data}",
+            f"usable images:   {self.usable}" + (f" ({self.description})" if self.description else ""),
+            f"skipped files:   {format_skipped(self.skipped) if self.skipped else 'none'}",
+            f"channels:        {self.channels}",
+            f"image sizes:     {sizes}",
+            f"input size:      {self.image_size} x {self.image_size} px (run_config image-size)",
+        ]
+        if self.steps_timed:
+            out += [
+                f"time per step:   {self.seconds_per_step:.3f} s on {self.device} (batch {self.batch_size}, "
+                f"mean of {self.steps_timed} timed steps, reading and augmentation included)",
+                f"time per epoch:  about {_format_seconds(self.seconds_per_epoch)} "
+                f"({self.steps_per_epoch} steps of {self.batch_size} images)",
+            ]
+        if self.skipped_while_timing:
+            out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
+                       "count them every round")
+        return out
+
+
+def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | None = None, image_size: int = 64,
+               model: MoCoConfig | None = None, batch_size: int = 32, device: torch.device | None = None,
+               steps: int = 3, workers: int = 0) -> SiteReport:
+    """Scan ``data_dir`` as the site's ClientApp will and time ``steps`` MoCo steps of
+    ``model`` (default: the federation's default encoder) on ``device`` (default CPU).
+
+    Raises DataError when the folder holds fewer than two usable images (MoCo needs two).
+    """
+    data_dir = Path(data_dir)
+    data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=dict(options or {})))
+    usable = len(data.dataset)  # type: ignore[arg-type]
+    if usable < 2:
+        raise DataError(f"{data_dir}: {usable} usable image(s); MoCo needs at least 2"
+                        + (f" ({format_skipped(data.skipped)})" if data.skipped else ""))
+    report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=data.skipped,
+                        channels=data.in_channels, image_size=image_size, source_sizes=source_sizes(data.dataset),
+                        description=data.description)
+    if steps > 0:
+        _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
+    return report
+
+
+def default_model(channels: int) -> MoCoConfig:
+    """The federation's default encoder (:data:`FEDERATION_DEFAULTS`) for ``channels`` inputs."""
+    d = FEDERATION_DEFAULTS
+    return MoCoConfig(arch=d["arch"], norm=d["norm"], dim=d["dim"], hidden_dim=d["hidden-dim"],
+                      small_input=d["small-input"], queue_size=d["local-queue-size"], in_channels=channels)
+
+
+def _time_steps(report: SiteReport, dataset, model: MoCoConfig | None, batch_size: int, device: torch.device,
+                steps: int, workers: int) -> None:
+    """Fill the timing fields of ``report``: the first step (allocation, cuDNN autotune) is
+    run but not timed; each timed step spans fetching its batch and training on it."""
+    cfg = model or default_model(report.channels)
+    cfg.in_channels = report.channels
+    tcfg = TrainConfig(epochs=1, batch_size=max(2, batch_size), num_workers=workers)
+    loader = make_loader(dataset, tcfg, device)
+    trainer = Trainer(MoCo(cfg), tcfg, device, total_steps=steps + 1, steps_per_epoch=steps + 1, progress=False)
+    report.device, report.batch_size, report.steps_per_epoch = str(device), loader.batch_size or 0, len(loader)
+    times: list[float] = []
+    batches = iter(_cycle(loader))
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        summary = trainer.train_epoch([next(batches)], max_steps=1)  # one batch: fetch + step
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        report.skipped_while_timing += summary.skipped
+        if i:  # the first step is warm-up
+            times.append(time.perf_counter() - t0)
+    report.steps_timed = len(times)
+    report.seconds_per_step = statistics.fmean(times) if times else float("nan")
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def source_sizes(dataset) -> Counter:
+    """(height, width) -> number of files, from file headers where the domain's dataset
+    exposes them (images: the files; medical: the DICOM index; satellite: the raster grids)."""
+    sizes: Counter = Counter()
+    if hasattr(dataset, "records"):  # medical: the index holds rows/columns per file
+        sizes.update((int(r.rows), int(r.columns)) for r in dataset.records)
+    elif hasattr(dataset, "reader") and hasattr(dataset.reader, "sources"):  # satellite
+        sizes.update((int(s.grid.height), int(s.grid.width)) for s in dataset.reader.sources)
+    elif hasattr(dataset, "files"):  # images: PIL reads only the header here
+        from PIL import Image
+
+        for f in dataset.files:
+            try:
+                with Image.open(f) as im:
+                    sizes[(im.height, im.width)] += 1
+            except (OSError, ValueError):
+                continue  # unreadable: counted by the training loop, not here
+    return sizes
+
+
+def _format_sizes(sizes: Counter) -> str:
+    if not sizes:
+        return "not known for this domain"
+    if len(sizes) <= 3:
+        return ", ".join(f"{h} x {w} ({n} file{'s' if n != 1 else ''})" for (h, w), n in sizes.most_common())
+    areas = sorted(((h * w, (h, w)) for (h, w), n in sizes.items() for _ in range(n)))
+    pick = lambda q: areas[min(int(q * len(areas)), len(areas) - 1)][1]  # noqa: E731
+    return (f"{len(sizes)} different sizes over {sum(sizes.values())} files: smallest {pick(0)[0]} x {pick(0)[1]}, "
+            f"median {pick(0.5)[0]} x {pick(0.5)[1]}, largest {pick(1.0)[0]} x {pick(1.0)[1]}")
+
+
+def _format_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def add_check_site_parser(sub) -> None:
+    """Register ``fedmoco check-site`` on the CLI's sub-parsers."""
+    d = FEDERATION_DEFAULTS
+    p = sub.add_parser("check-site", help="dry run for a site admin: usable images, skipped files by reason, "
+                                          "channels, sizes, expected time per epoch")
+    p.add_argument("--domain", required=True, help="images | medical | satellite (the federation's domain)")
+    p.add_argument("--data", required=True, type=Path, help="the folder node_config data-path will name")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="domain option (repeatable)")
+    p.add_argument("--image-size", type=int, default=d["image-size"],
+                   help=f"run_config image-size (default {d['image-size']})")
+    p.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"], default=d["arch"],
+                   help=f"run_config arch (default {d['arch']})")
+    p.add_argument("--norm", choices=["batch", "split-batch", "group"], default=d["norm"],
+                   help=f"run_config norm (default {d['norm']})")
+    p.add_argument("--batch-size", type=int, default=d["batch-size"],
+                   help=f"run_config batch-size (default {d['batch-size']})")
+    p.add_argument("--steps", type=int, default=3, help="MoCo steps to time after one warm-up step (0: no timing)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (node_config device)")
+
+
+def cmd_check_site(args) -> int:
+    """``fedmoco check-site``: print the report; exit 0 when the site can train."""
+    from fedmoco.cli import parse_options
+    from fedmoco.device import select_device
+    from fedmoco.errors import ConfigError
+
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if args.image_size < 8:
+        raise ConfigError(f"--image-size must be >= 8, got {args.image_size}")
+    d = FEDERATION_DEFAULTS
+    model = MoCoConfig(arch=args.arch, norm=args.norm, dim=d["dim"], hidden_dim=d["hidden-dim"],
+                       small_input=args.image_size <= 64, queue_size=d["local-queue-size"])
+    report = check_site(args.domain, args.data, options=parse_options(args.data_option), image_size=args.image_size,
+                        model=model, batch_size=args.batch_size, device=select_device(args.device),
+                        steps=args.steps, workers=args.workers)
+    print("\n".join(report.lines()))
+    return 0

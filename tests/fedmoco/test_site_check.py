@@ -1,0 +1,65 @@
+"""``fedmoco check-site``: what a site admin sees before joining, checked on generated archives."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmoco.cli import main
+from fedmoco.site_check import FEDERATION_DEFAULTS, check_site
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory):
+    """A generated hospital archive: 28 usable CT/CR frames of 32 px in 23 files, and 4 broken or
+    non-image files (2 without pixel data, 1 not DICOM, 1 truncated)."""
+    from domains.medical.demo import make_demo_archive
+
+    return make_demo_archive(tmp_path_factory.mktemp("hospital"), image_size=32)
+
+
+def test_report_of_a_hospital_archive(hospital, capsys):
+    rc = main(["-q", "check-site", "--domain", "medical", "--data", str(hospital), "--image-size", "32",
+               "--batch-size", "8", "--steps", "2", "--device", "cpu"])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"site check: medical data in {hospital}"
+    assert lines[1].startswith("usable images:   28 (medical: 28 samples from 23 DICOM files")
+    assert lines[2] == "skipped files:   skipped 4 files: 2 no pixel data, 1 not DICOM, 1 truncated pixel data"
+    assert lines[3] == "channels:        1"
+    assert lines[4] == "image sizes:     32 x 32 (23 files)"
+    assert lines[5] == "input size:      32 x 32 px (run_config image-size)"
+    assert lines[6].startswith("time per step:   ") and "on cpu (batch 8, mean of 2 timed steps" in lines[6]
+    assert lines[7].startswith("time per epoch:  about ") and lines[7].endswith("(3 steps of 8 images)")
+
+
+def test_expected_epoch_is_steps_times_measured_step(hospital):
+    report = check_site("medical", hospital, image_size=32, batch_size=8, steps=1)
+    assert (report.usable, report.steps_per_epoch, report.steps_timed) == (28, 3, 1)  # 28 // 8 full batches
+    assert report.seconds_per_step > 0
+    assert report.seconds_per_epoch == pytest.approx(3 * report.seconds_per_step)
+
+
+def test_no_timing_with_zero_steps(hospital):
+    report = check_site("medical", hospital, image_size=32, steps=0)
+    assert report.steps_timed == 0 and not any(line.startswith("time per") for line in report.lines())
+
+
+def test_too_few_images_is_one_line(tmp_path, capsys):
+    from domains.images import make_demo_images
+
+    one = tmp_path / "one"
+    make_demo_images(tmp_path / "demo", n_per_class=1, size=16, seed=0)
+    (one / "a").mkdir(parents=True)
+    first = sorted((tmp_path / "demo").rglob("*.png"))[0]
+    (one / "a" / first.name).write_bytes(first.read_bytes())
+    assert main(["-q", "check-site", "--domain", "images", "--data", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedmoco check-site: error: {one}: 1 usable image(s); MoCo needs at least 2\n"
+    assert main(["-q", "check-site", "--domain", "images", "--data", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"fedmoco check-site: error: {tmp_path / 'missing'}: data folder does not exist\n"
+
+
+def test_defaults_are_the_federations():
+    from clients.task import RUN_DEFAULTS
+
+    assert FEDERATION_DEFAULTS == {k: RUN_DEFAULTS[k] for k in FEDERATION_DEFAULTS}
