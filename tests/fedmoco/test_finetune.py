@@ -194,3 +194,24 @@ def test_default_positive_class_is_the_finding():
     assert default_positive(["nodule", "normal"]) == 0  # sorted order would pick "normal"
     assert default_positive(["Healthy", "pneumonia"]) == 1
     assert default_positive(["crop", "water"]) == 1  # no "no finding" name: the second class
+
+
+def test_satellite_scene_groups_keep_acquisitions_of_one_footprint_together(tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from domains.satellite import group_keys
+
+    def write(name, origin, crs="EPSG:32633"):
+        profile = {"driver": "GTiff", "width": 16, "height": 16, "count": 4, "dtype": "uint16",
+                   "crs": crs, "transform": from_origin(*origin, 10, 10)}
+        with rasterio.open(tmp_path / name, "w", **profile) as dst:
+            dst.write(np.full((4, 16, 16), 1000, np.uint16))
+        return tmp_path / name
+
+    spring, autumn = write("t1_2023-04.tif", (500000, 4600000)), write("t1_2023-10.tif", (500000, 4600000))
+    other = write("t2_2023-04.tif", (600000, 4600000))
+    keys = group_keys([spring, autumn, other], b"s" * 16)
+    assert keys[0] == keys[1] != keys[2]
+    assert group_keys([spring], b"t" * 16) != keys[:1]  # salted: not comparable across runs
+    assert group_keys([tmp_path / "missing.tif"], b"s" * 16) == [None]
