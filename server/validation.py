@@ -53,11 +53,14 @@ class ExampleCaps:
     per_site: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, cap in {"max-examples-per-site": self.default, **self.per_site}.items():
-            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-                raise ConfigError(f"site-example-caps {name}={cap!r}: expected an integer >= 1"
-                                  if name in self.per_site else f"max-examples-per-site: expected an integer >= 1, "
-                                                                f"got {cap!r}")
+        def bad(cap: Any) -> bool:
+            return isinstance(cap, bool) or not isinstance(cap, int) or cap < 1
+
+        if bad(self.default):
+            raise ConfigError(f"max-examples-per-site: expected an integer >= 1, got {self.default!r}")
+        for name, cap in self.per_site.items():
+            if bad(cap):
+                raise ConfigError(f"site-example-caps {name}={cap!r}: expected an integer >= 1")
 
     @classmethod
     def parse(cls, default: int, spec: str) -> "ExampleCaps":
