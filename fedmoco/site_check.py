@@ -63,7 +63,7 @@ class SiteReport:
         sizes = _format_sizes(self.source_sizes)
         out = [
             f"site check: {self.domain} data in {self.data}",
-            f"usable images:   {self.usable}" + (f" ({self.description})" if self.description else ""),
+            f"usable images:   {self.usable}" + (f"; {self.description}" if self.description else ""),
             f"skipped files:   {format_skipped(self.skipped) if self.skipped else 'none'}",
             f"channels:        {self.channels}",
             f"image sizes:     {sizes}",

@@ -83,7 +83,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     model = MoCo(mcfg)
     arrays = shared_arrays(model)
     queue = GlobalKeyQueue(r("global-queue-size"), mcfg.dim)
-    done, site_ledger, dp_state = 0, {}, None
+    done, site_ledger, dp_state, site_names = 0, {}, None, {}
     saved = load_server_state(state_path) if r("resume") else None
     identity = None
     if saved is not None:
@@ -94,6 +94,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         done = int(saved["round"])
         site_ledger = {int(k): v for k, v in saved["ledger"]["sites"].items()}
         dp_state = saved["ledger"].get("model-dp")
+        site_names = saved.get("site-names", {})
         log.info("resuming from %s after round %d: global queue holds %d keys from %d site(s)",
                  state_path, done, len(queue), len(queue.counts_by_site()))
     else:
@@ -120,7 +121,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
                                    fraction_evaluate=0.0, **sampling),
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,
         checkpoint_extra={"moco_config": mcfg.to_dict(), "num_server_rounds": total_rounds,
-                          "run-identity": identity.to_dict()}, run_id=identity.run_id,
+                          "run-identity": identity.to_dict()}, run_id=identity.run_id, site_names=site_names,
         site_ledger=site_ledger, example_caps=ExampleCaps.parse(r("max-examples-per-site"), r("site-example-caps")),
         **sampling,
     )

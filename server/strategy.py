@@ -142,6 +142,7 @@ class FedMoCo(FedAvg):
     ``example_caps``: the most examples each site's FedAvg weight counts for; a larger
     ``num-examples`` is clipped to the cap before aggregation (docs/federation.md).
     ``run_id``: the run's identity (``server.runs``), written on every line of the metrics.
+    ``site_names``: node id -> site name restored from a checkpoint.
     """
 
     def __init__(self, *, queue: GlobalKeyQueue, limits: ReplyLimits, queue_sample: int = 1024,
@@ -151,7 +152,8 @@ class FedMoCo(FedAvg):
                  round_offset: int = 0, site_ledger: dict[int, dict[str, float]] | None = None,
                  expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
                  fraction_evaluate: float = 0.0, example_caps: ExampleCaps | None = None,
-                 queue_max_age: int = 0, run_id: str | None = None, **fedavg_kwargs: Any) -> None:
+                 queue_max_age: int = 0, run_id: str | None = None, site_names: dict[int, str] | None = None,
+                 **fedavg_kwargs: Any) -> None:
         super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
         if queue_sample < 0:
             raise ConfigError(f"queue-sample must be >= 0, got {queue_sample}")
@@ -192,7 +194,9 @@ class FedMoCo(FedAvg):
         self.run_id = run_id  # server.runs: written on every rounds.jsonl line
         self.updated_rounds: list[int] = []  # rounds of this session that changed the global model
         self.last_sites: list[dict[str, Any]] = []  # the last round's per-site outcomes
-        self.site_names: dict[int, str] = {}  # node id -> node_config site-name, as the sites reported it
+        # node id -> node_config site-name, as the sites reported it (kept in the checkpoint, so a
+        # restarted server names a site whose first reply after the restart is an error)
+        self.site_names: dict[int, str] = {int(k): str(v) for k, v in (site_names or {}).items()}
 
     # -- helpers ------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -363,6 +367,7 @@ class FedMoCo(FedAvg):
             "round": server_round,
             "arrays": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()},
             "queue": self.queue.state_dict(),
+            "site-names": dict(self.site_names),
             "ledger": {"sites": {int(k): dict(v) for k, v in self.site_ledger.items()},
                        "model-dp": self.model_dp.state_dict() if self.model_dp else None},
             **self.checkpoint_extra,

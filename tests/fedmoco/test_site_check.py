@@ -23,7 +23,7 @@ def test_report_of_a_hospital_archive(hospital, capsys):
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"site check: medical data in {hospital}"
-    assert lines[1].startswith("usable images:   28 (medical: 28 samples from 23 DICOM files")
+    assert lines[1].startswith("usable images:   28; medical: 28 samples from 23 DICOM files")
     assert lines[2] == "skipped files:   skipped 4 files: 2 no pixel data, 1 not DICOM, 1 truncated pixel data"
     assert lines[3] == "channels:        1"
     assert lines[4] == "image sizes:     32 x 32 (23 files)"

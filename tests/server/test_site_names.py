@@ -35,11 +35,13 @@ def sites_root(tmp_path_factory) -> Path:
     return root
 
 
-def federate(out: Path, sites_root: Path, names: dict[int, str | None]):
-    run = {**RUN, "demo-root": str(sites_root), "out-dir": str(out), "resume": False}
-    sites = {n: (client_app, make_context(n, {"data-path": str(sites_root / f"site-{i}"),
-                                              **({"site-name": name} if name else {})}, run))
-             for i, (n, name) in enumerate(names.items())}
+def federate(out: Path, sites_root: Path, names: dict[int, str | None], missing: int | None = None, **over):
+    """Sites ``names`` (node -> site-name) on the generated archives; node ``missing`` gets a
+    data-path that does not exist."""
+    run = {**RUN, "demo-root": str(sites_root), "out-dir": str(out), "resume": False, **over}
+    paths = {n: sites_root / (f"site-{i}" if n != missing else "gone") for i, n in enumerate(names)}
+    sites = {n: (client_app, make_context(n, {"data-path": str(paths[n]), **({"site-name": name} if name else {})},
+                                          run)) for n, name in names.items()}
     return run_federation(InProcessGrid(sites), run)
 
 
@@ -102,3 +104,12 @@ def test_server_rejects_a_bad_site_record(record, reason):
     reasons = validate_reply(content, reference, limits)
     assert len(reasons) == 1 and reasons[0].startswith(reason)
     assert site_name_of(content) is None
+
+
+def test_a_restarted_server_still_names_a_site_whose_reply_is_an_error(tmp_path, sites_root):
+    out = tmp_path / "srv"
+    federate(out, sites_root, {100: "hospital-a", 101: "clinic-b"}, **{"num-server-rounds": 1})
+    # the server restarts and resumes; clinic-b's data folder has gone: its replies are errors
+    federate(out, sites_root, {100: "hospital-a", 101: "clinic-b"}, missing=101,
+             **{"num-server-rounds": 2, "resume": True})
+    assert sorted(site_entries(out)[1]) == [(100, "hospital-a", "accepted"), (101, "clinic-b", "error")]
