@@ -6,10 +6,10 @@ instance shortcut (two crops of one image share it):
 
 - background level (uniform 0.10-0.60 of full scale), a linear ramp in a random direction
   (peak-to-peak up to 0.45), and a noise texture with a random grain (Gaussian noise
-  blurred with sigma 0-1.5 px, amplitude 0.02-0.08): each image's background is its own;
-- glyph contrast (0.15-0.35 above the background), size (radius 5-9 px), position
+  blurred with sigma 0-1.5 px, amplitude 0.02-0.06): each image's background is its own;
+- glyph contrast (0.15-0.35 above the background), size (radius 7-11 px), position
   (anywhere inside the frame) and rotation (+-15 degrees);
-- two dim distractor strokes per image (a short line of random length and angle at 40%
+- a dim distractor stroke per image (a short line of random length and angle at 40%
   of the glyph's contrast), so "where is the brightest edge" is not the answer either.
 
 Eight classes: disk, ring, square, plus, triangle pointing left, triangle pointing right,
@@ -54,6 +54,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit_json  # noqa: E402
 
+#: Bumped whenever the generator changes, so cached task folders are not reused across versions.
+VERSION = 2
 CLASSES = ("disk", "ring", "square", "plus", "tri_left", "tri_right", "L", "J")
 SIZE = 32
 _SS = 4  # supersampling factor: glyph edges are anti-aliased by a box filter
@@ -68,13 +70,13 @@ class TaskSize:
     eval_test: int = 100
 
 
-QUICK = TaskSize(pool=150, eval_train=60, eval_test=60)
+QUICK = TaskSize(pool=75, eval_train=40, eval_test=40)
 
 
 def _glyph_mask(cls: str, rng: np.random.Generator) -> np.ndarray:
     """Anti-aliased glyph coverage in [0, 1], (SIZE, SIZE) float32, random size/pose/position."""
     big = SIZE * _SS
-    r = rng.uniform(5, 9) * _SS
+    r = rng.uniform(7, 11) * _SS
     cx, cy = (rng.uniform(r + _SS, big - r - _SS) for _ in range(2))
     im = Image.new("L", (big, big), 0)
     d = ImageDraw.Draw(im)
@@ -136,9 +138,9 @@ def render(cls: str, rng: np.random.Generator) -> np.ndarray:
     ang = rng.uniform(0, 2 * np.pi)
     ramp = rng.uniform(0, 0.45) * (np.cos(ang) * xx + np.sin(ang) * yy) / 0.7071
     noise = _blur(rng.standard_normal((SIZE, SIZE)).astype(np.float32), rng.uniform(0, 1.5))
-    noise *= rng.uniform(0.02, 0.08) / max(float(noise.std()), 1e-6)
+    noise *= rng.uniform(0.02, 0.06) / max(float(noise.std()), 1e-6)
     contrast = rng.uniform(0.15, 0.35)
-    img = level + ramp + noise + contrast * (_glyph_mask(cls, rng) + 0.4 * _distractors(rng))
+    img = level + ramp + noise + contrast * (_glyph_mask(cls, rng) + 0.4 * _distractors(rng, 1))
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

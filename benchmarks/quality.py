@@ -48,12 +48,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import add_device_arg, check_device, emit_json, machine_line, write_report  # noqa: E402
-from labelled_task import QUICK, TaskSize, make_task, split_sites  # noqa: E402
+from labelled_task import QUICK, VERSION, TaskSize, make_task, split_sites  # noqa: E402
 
 #: The views every MoCo row trains on: the images recipe, flip off (mirrored classes).
 RECIPE = {"flip": False}
 NO_NUISANCE = {"flip": False, "offset": 0.0, "ramp": 0.0, "noise": 0.0}
 FLIP_ON = {"flip": True}
+
+
+#: Short ids of the rows (for --rows) -> their names in the tables.
+ROW_IDS = {"raw": "raw pixels", "random": "random init", "lightly": "lightly MoCo", "fedmoco": "fedmoco MoCo",
+           "fed-iid": "fedmoco federated, IID, 4 sites", "fed-dirichlet": "fedmoco federated, Dirichlet 0.5, 4 sites",
+           "no-nuisance": "fedmoco MoCo, no offset/ramp/noise", "flip-on": "fedmoco MoCo, flip on (images default)"}
+ROW_IDS_BY_NAME = {v: k for k, v in ROW_IDS.items()}
 
 
 @dataclass
@@ -427,6 +434,9 @@ def task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", default="group", choices=["group", "split-batch", "batch"])
     p.add_argument("--lr", type=float, default=Setup.lr, help=f"for batch 256, scaled linearly (default {Setup.lr})")
     p.add_argument("--crop-scale-min", type=float, help="images option crop_scale_min for every row (default 0.2)")
+    p.add_argument("--pool-per-class", type=int, help="pretraining images per class (default 300; 75 quick)")
+    p.add_argument("--batch-size", type=int, default=Setup.batch_size)
+    p.add_argument("--queue-size", type=int, default=Setup.queue_size, help="K")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedmoco-bench"),
                    help="where the task and per-run results are cached (default /tmp/fedmoco-bench)")
     add_device_arg(p)
@@ -435,20 +445,23 @@ def task_args(p: argparse.ArgumentParser) -> None:
 def task_setup(args: argparse.Namespace) -> tuple[Path, Setup, int, TaskSize]:
     check_device(args.device)
     size = QUICK if args.quick else TaskSize()
+    if args.pool_per_class:
+        size = replace(size, pool=args.pool_per_class)
     seeds = args.seeds or (1 if args.quick else 3)
-    setup = Setup(epochs=args.epochs or (8 if args.quick else 30), norm=args.norm, workers=args.workers,
-                  threads=args.threads, device=args.device, lr=args.lr)
+    setup = Setup(epochs=args.epochs or (3 if args.quick else 30), norm=args.norm, workers=args.workers,
+                  threads=args.threads, device=args.device, lr=args.lr,
+                  batch_size=args.batch_size, queue_size=args.queue_size)
     if args.crop_scale_min is not None:
         for recipe in (RECIPE, NO_NUISANCE, FLIP_ON):
             recipe["crop_scale_min"] = args.crop_scale_min
-    root = make_task(args.work / ("glyphs-quick" if args.quick else "glyphs"), size)
+    root = make_task(args.work / f"glyphs-v{VERSION}-{size.pool}-{size.eval_train}-{size.eval_test}", size)
     return root, setup, seeds, size
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     task_args(p)
-    p.add_argument("--rows", help="comma-separated subset of rows to run (default: all)")
+    p.add_argument("--rows", help=f"comma-separated row ids to run (default: all): {', '.join(ROW_IDS)}")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.md")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -473,7 +486,11 @@ def main(argv: list[str] | None = None) -> int:
                                                            options=dict(FLIP_ON)),
     }
     wanted = set(args.rows.split(",")) if args.rows else None
-    chosen = {k: v for k, v in {**main_rows, **recipe_rows}.items() if wanted is None or k in wanted}
+    unknown = (wanted or set()) - set(ROW_IDS)
+    if unknown:
+        p.error(f"--rows: unknown row id(s) {sorted(unknown)}; choose from {', '.join(ROW_IDS)}")
+    chosen = {k: v for k, v in {**main_rows, **recipe_rows}.items()
+              if wanted is None or ROW_IDS_BY_NAME[k] in wanted}
     # Slowest first, so parallel workers finish together.
     order = sorted((j for js in chosen.values() for j in js),
                    key=lambda j: {"federated": 0, "lightly": 1, "fedmoco": 1}.get(j.kind, 2))

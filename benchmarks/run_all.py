@@ -9,7 +9,8 @@ issues against it, and writes docs/benchmarks.md:
 1. this run: per benchmark its status, wall time and JSON headline;
 2. the targets: met, missed (with the measured figure and the reason), or not measured;
 3. every benchmark's table: the full run's (benchmarks/results/NAME.md, each with its
-   command, machine and date) and, for a benchmark without a full run, this run's.
+   command, machine and date) and, for a benchmark without a full run, this run's; then
+   benchmarks/notes/NAME.md, the hand-written reading of those figures, when there is one.
 
     python benchmarks/run_all.py --quick                 # make bench: under 10 minutes on 2 cores
     python benchmarks/run_all.py --device cuda --jobs 8  # full suite on a GPU box
@@ -56,7 +57,7 @@ class Bench:
 #: Known scripts and their arguments; any other benchmarks/*.py runs with --quick (when
 #: the script has that option) or with no arguments.
 REGISTRY = {b.name: b for b in [
-    Bench("moco_step", quick=["--quick", "--image-size", "64", "--batch-size", "32"],
+    Bench("moco_step", quick=["--quick", "--image-size", "32", "--batch-size", "16"],
           full=["--image-size", "224", "--batch-size", "32", "--steps", "10"]),
     Bench("medical_throughput"),
     Bench("satellite_throughput"),
@@ -195,7 +196,9 @@ def check_targets(runs: dict[str, dict], device: str, quick: bool) -> list[list[
         record = run["record"] if run else None
         value = t.value(record) if record else None
         if run is None:
-            verdict, measured = "not measured", f"no benchmarks/{t.bench}.py in this checkout yet"
+            exists = (BENCH / f"{t.bench}.py").exists()
+            verdict, measured = "not measured", (f"{t.bench} was not part of this run" if exists
+                                                 else f"no benchmarks/{t.bench}.py in this checkout yet")
         elif t.needs_cuda and not device.startswith("cuda"):
             verdict, measured = "not measured", "needs --device cuda (a GPU box); this run is CPU only"
         elif value is None:
@@ -261,6 +264,9 @@ def write_docs(out: Path, runs: dict[str, dict], args: argparse.Namespace, resul
             lines += [f"No report: {runs[name]['status']}.", ""]
         for path in shown:
             lines += [f"From `{path.relative_to(ROOT)}`:", "", demote(demote(path.read_text().strip())), ""]
+        notes = BENCH / "notes" / f"{name}.md"  # hand-written reading of the measured tables
+        if notes.exists():
+            lines += [demote(demote(notes.read_text().strip())), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated benchmark names")
     p.add_argument("--skip", help="comma-separated benchmark names to leave out")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--budget", type=float, help="seconds for the whole suite; a benchmark gets at most what is "
+                   "left, and one that cannot start is reported as not run (default: 570 with --quick, none)")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     names = discover()
@@ -284,11 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
     start = time.perf_counter()
+    budget = args.budget if args.budget is not None else (570.0 if args.quick else None)
     for name in names:
         out = results / f"{name}.md"
         out.unlink(missing_ok=True)  # some scripts append
         bench = REGISTRY.get(name, Bench(name))
         timeout = bench.timeout_quick if args.quick else bench.timeout_full
+        if budget is not None:
+            left = budget - (time.perf_counter() - start)
+            if left < 20:
+                runs[name] = {"name": name, "command": "", "status": f"not run: the {budget:.0f} s budget was spent",
+                              "seconds": 0.0, "record": None, "tail": []}
+                print(f"[run_all] {name}: {runs[name]['status']}", flush=True)
+                continue
+            timeout = int(min(timeout, left))
         print(f"[run_all] {name} ...", flush=True)
         runs[name] = run_one(name, bench_args(name, args.quick, args.device, args.jobs, out), timeout,
                              results / f"{name}.log")
