@@ -69,7 +69,7 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
     from fedmoco.checkpoint import load_checkpoint
     from fedmoco.cli import parse_options
     from fedmoco.data import DataConfig, Normalization
-    from fedmoco.labels import build_labelled_set, check_classes, load_label_table
+    from fedmoco.labels import build_labelled_set, check_classes, check_disjoint, load_label_table
     from fedmoco.pretrain import model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -101,6 +101,7 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
         test = load(args.test, args.test_labels)
         if test.names != data.names:
             raise DataError(f"{args.test}: classes {test.names} differ from {args.data}'s {data.names}")
+        check_disjoint(data, test, args.data, args.test)
     data_meta = {"domain": domain, "image_size": cfg.image_size, "options": options,
                  "normalization": data.normalization.to_dict()}
     return EvalInputs(ckpt, model, data, test, domain, data_meta)

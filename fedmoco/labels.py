@@ -310,3 +310,13 @@ def check_classes(data: LabelledSet, root: Path) -> None:
         raise DataError(f"{root}: each class ({', '.join(data.names[int(c)] for c in classes[:3])}"
                         f"{', ...' if len(classes) > 3 else ''}) holds exactly one {what}, so no class can be in "
                         f"both train and test; {hint}")
+
+
+def check_disjoint(train: LabelledSet, test: LabelledSet, train_root: Path, test_root: Path) -> None:
+    """Refuse a separate test set that shares a group (patient, scene, file) with the training
+    data: it would be a leak the grouped split exists to prevent. Hashes share the run's salt,
+    so they compare; the message gives counts only."""
+    shared = set(train.groups.tolist()) & set(test.groups.tolist())
+    if shared:
+        raise DataError(f"{test_root}: {len(shared)} group(s) ({test.group_source}) of the test set also occur in "
+                        f"{train_root}; a test set must hold other patients/scenes/files")

@@ -122,6 +122,9 @@ def test_bad_labelled_input_gives_one_line(tmp_path, demo_images, checkpoint, ca
     for name, (csv_path, message) in cases.items():
         rc, err = _run([*base, "--labels", str(csv_path), "--out", str(tmp_path / name)], capsys)
         assert rc == 2 and message in err and err.count("\n") == 1, (name, err)
+    # a separate --test holding the training files
+    rc, err = _run([*base, "--test", str(demo_images), "--out", str(tmp_path / "leak")], capsys)
+    assert rc == 2 and "48 group(s) (file) of the test set also occur in" in err and err.count("\n") == 1
     # a class folder holding sub-folders: --data points at the wrong level
     nested = tmp_path / "nested" / "circle" / "patient1"
     nested.mkdir(parents=True)
