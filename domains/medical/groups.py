@@ -8,12 +8,13 @@ The raw identifier never leaves :func:`group_keys`; nothing here logs or stores 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+
+from fedmoco.labels import hash_group
 
 _TAGS = ["PatientID", "StudyInstanceUID"]
 
@@ -31,7 +32,7 @@ def group_keys(paths: Sequence[Path], salt: bytes) -> list[str | None]:
         for tag in _TAGS:
             value = str(ds.get(tag, "") or "").strip()
             if value:
-                out.append(hashlib.blake2b(f"{tag}:{value}".encode(), key=salt, digest_size=12).hexdigest())
+                out.append(hash_group(f"{tag}:{value}", salt))
                 break
         else:
             out.append(None)

@@ -6,11 +6,11 @@ that puts one in train and the other in test measures memory of a place, not lan
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
 from domains.satellite.reader import RasterReadError, open_raster
+from fedmoco.labels import hash_group
 
 
 def group_keys(paths: Sequence[Path], salt: bytes) -> list[str | None]:
@@ -29,7 +29,7 @@ def group_keys(paths: Sequence[Path], salt: bytes) -> list[str | None]:
         except (RasterReadError, OSError):
             out.append(None)
             continue
-        out.append(hashlib.blake2b(key.encode(), key=salt, digest_size=12).hexdigest())
+        out.append(hash_group(key, salt))
     return out
 
 
