@@ -165,3 +165,22 @@ def test_plot_names_the_folder_when_it_holds_neither_metrics_file(tmp_path, caps
     assert main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert str(tmp_path) in err and "rounds.jsonl" in err and len(err.splitlines()) == 1
+
+
+def test_readme_torchvision_snippet_runs_on_an_export(tmp_path, monkeypatch):
+    """The README's "Take the encoder elsewhere" code, word for word, on a resnet18 export."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Take the encoder elsewhere"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    reference = _checkpoint(tmp_path / "ckpt.pt", arch="resnet18", channels=1, small=True)
+    assert main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hospitals-encoder")]) == 0
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert isinstance(scope["encoder"], torchvision.models.ResNet)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["encoder"](x), reference(x), rtol=1e-5, atol=1e-5)
+    assert scope["features"].shape == (1, 512)
