@@ -76,7 +76,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     # what a site shares besides weights (its budget is node_config dp-epsilon / dp-delta only)
     "key-release": "prototypes",  # prototypes | keys | none
     "prototype-sample-rate": 1.0,  # Poisson rate q of the images summarised per round
-    "prototype-centres": 32,  # C public centres: at most C noisy sums per site and round
+    "prototype-centres": 8,  # C public centres: at most C noisy sums per site and round (prototype_signal.py)
     "prototype-min-cosine": 0.5,  # drop noisy sums whose estimated cosine with the true sum is lower
     "key-sample-rate": 0.05,  # key-release=keys: Poisson rate q of per-image keys
     "max-keys": 512,  # most vectors one reply may carry (keys; prototype-centres is capped to it too)

@@ -50,7 +50,8 @@ def _site_label(node: str | int, order: dict[str | int, int]) -> str:
 
 
 def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int | None = None) -> list[Path]:
-    """Draw ``loss.png``, ``scores.png``, ``privacy.png`` and ``traffic.png``; return their paths."""
+    """Draw ``loss.png``, ``scores.png``, ``privacy.png``, ``traffic.png`` and (when the rounds
+    record it) ``queue.png``; return their paths."""
     records = round_records(metrics_path)
     if not records:
         return []
@@ -97,6 +98,17 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "traffic.png"))
+
+    if any("queue-added" in r for r in records):  # the global queue of DP summaries (docs/privacy.md)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, [_num(r.get("queue-size")) for r in records], "k-o", label="held after the round")
+        ax.bar([x - 0.2 for x in rounds], [_num(r.get("queue-added")) for r in records], width=0.4,
+               color="g", alpha=0.6, label="added")
+        ax.bar([x + 0.2 for x in rounds], [_num(r.get("queue-expired")) for r in records], width=0.4,
+               color="r", alpha=0.6, label="aged out")
+        ax.set(xlabel="round", ylabel="DP summaries (prototypes or keys)", title="Global queue per round")
+        ax.legend(fontsize=7)
+        written.append(save_figure(fig, out / "queue.png"))
     return written
 
 

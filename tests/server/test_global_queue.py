@@ -138,6 +138,10 @@ def test_prototypes_flow_through_the_queue_tagged_and_reasons_are_recorded(tmp_p
     state = torch.load(result.state, weights_only=True)
     assert set(state["queue"]["round"][state["queue"]["owner"] >= 0].tolist()) == {1, 2}
     assert recs[1]["queue-expired"] == 0
+    from server.plots import plot_federation
+
+    drawn = plot_federation(result.metrics, tmp_path / "plots", dim=16)
+    assert tmp_path / "plots" / "queue.png" in drawn and (tmp_path / "plots" / "queue.png").stat().st_size > 1000
 
     # a second `flwr run` with fresh Contexts (SuperNodes restarted too): the ledgers continue
     run2 = {**run, "out-dir": str(tmp_path / "run2")}
