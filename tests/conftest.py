@@ -31,3 +31,9 @@ TINY_PRETRAIN = ["--arch", "tiny", "--hidden-dim", "32", "--dim", "16", "--queue
 @pytest.fixture
 def tiny_pretrain_args():
     return list(TINY_PRETRAIN)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_flags():
+    """TINY_PRETRAIN for module- or session-scoped fixtures (a tuple: no test can change it)."""
+    return tuple(TINY_PRETRAIN)

@@ -18,12 +18,11 @@ from fedmoco.metrics import read_jsonl
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_images):
+def run_dir(tmp_path_factory, demo_images, tiny_pretrain_flags):
     """A finished 2-epoch tiny pretraining run (3 steps per epoch)."""
-    from conftest import TINY_PRETRAIN
-
     out = tmp_path_factory.mktemp("bad-input") / "run"
-    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), "--no-plots", *TINY_PRETRAIN]) == 0
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), "--no-plots",
+                 *tiny_pretrain_flags]) == 0
     return out
 
 
@@ -157,12 +156,10 @@ def test_resume_cannot_shrink_below_done_epochs(run_dir, demo_images, capsys):
                                       "done 2 epochs")
 
 
-def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path):
+def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_pretrain_args):
     """A real SIGINT to the console script once the first epoch is checkpointed."""
-    from conftest import TINY_PRETRAIN
-
     out = tmp_path / "run"
-    args = [a if a != "2" else "500" for a in TINY_PRETRAIN]  # --epochs 500: still running when interrupted
+    args = [a if a != "2" else "500" for a in tiny_pretrain_args]  # --epochs 500: still running when interrupted
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fedmoco", "-q", "pretrain", "--data", str(demo_images),
                              "--out", str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -144,3 +144,21 @@ def test_simulation_console_script_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "python -m server.simulation: error: --run-config: expected key=value pairs separated by spaces, got 'bogus'"]
+
+
+def test_simulation_names_a_run_without_updates_in_one_line(tmp_path):
+    """What ``python -m server.simulation`` prints (exit 1) when the ServerApp failed that way."""
+    from server.simulation import no_update_line
+
+    metrics = tmp_path / "rounds.jsonl"
+    old = {"event": "round", "round": 1, "run-id": "old", "updated": True, "time": 10.0, "sites": []}
+    failed = [{"event": "round", "round": r, "run-id": "new", "updated": False, "time": 20.0 + r,
+               "sites": [{"node": 5, "site": "north", "status": "error", "reason": "site data unavailable"}]}
+              for r in (1, 2)]
+    metrics.write_text("".join(json.dumps(x) + "\n" for x in [old, *failed]))
+    assert no_update_line(metrics, since=15.0) == (
+        "no round updated the global model (2 round(s); last round: north: error (site data unavailable)); "
+        f"no encoder was written; see {metrics}")
+    assert no_update_line(metrics, since=30.0) is None  # nothing this run logged: another failure
+    metrics.write_text(json.dumps({**failed[0], "updated": True}) + "\n")
+    assert no_update_line(metrics) is None
