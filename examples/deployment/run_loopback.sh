@@ -8,6 +8,11 @@
 #
 #   examples/deployment/run_loopback.sh [WORK_DIR]      (default: ./deployment-demo)
 #
+# Optional environment: DOMAIN (medical | satellite | images, default medical), SITES
+# (space-separated names, default "hospital-a hospital-b"), SITE_DATA_ROOT (each site reads
+# SITE_DATA_ROOT/<site>; default: a generated demo archive per site), RUN_CONFIG (extra
+# run-config pairs for flwr run), FLEET_PORT / CONTROL_PORT (default 9092 / 9093).
+#
 # Everything it starts is stopped on exit (Ctrl-C included), by process-group id.
 set -euo pipefail
 
@@ -19,7 +24,8 @@ export PATH="$VENV_BIN:$PATH"   # the SuperLink starts flower-superexec by name
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 FLEET_PORT="${FLEET_PORT:-9092}"     # the sites' port (public in a real deployment)
 CONTROL_PORT="${CONTROL_PORT:-9093}" # the coordinator's port (loopback only)
-SITES=(hospital-a hospital-b)
+DOMAIN="${DOMAIN:-medical}"
+read -r -a SITES <<<"${SITES:-hospital-a hospital-b}"
 SIGNER=fedmoco-coordinator
 
 PIDS=()
@@ -82,17 +88,22 @@ done
 echo "== 6. each site: SuperNode that runs only the signed app, with its own data, budget and state"
 i=0
 for site in "${SITES[@]}"; do
-  "$PY" -c "from domains.medical.demo import make_demo_archive as m; m('$WORK/$site/data', seed=$i)"
+  if [ -n "${SITE_DATA_ROOT:-}" ]; then
+    DATA="$SITE_DATA_ROOT/$site"
+  else
+    DATA="$WORK/$site/data"
+    "$PY" -m fedmoco.cli make-demo-data --domain "$DOMAIN" --out "$DATA" --seed "$i" >/dev/null
+  fi
   FLWR_HOME="$WORK/$site/flwr-home" start "$WORK/supernode-$site.log" "$PY" -m clients.supernode \
     --superlink "127.0.0.1:$FLEET_PORT" --root-certificates "$WORK/certs/ca.crt" \
     --auth-supernode-private-key "$WORK/$site/keys/$site" \
     --trusted-entities "$WORK/$site/trusted-entities.yaml" --host 127.0.0.1 --port "$((FLEET_PORT + 10 + i))" \
-    --node-config "site-name=\"$site\" domain=\"medical\" data-path=\"$WORK/$site/data\" dp-epsilon=8.0 dp-delta=1e-5 state-dir=\"$WORK/$site/state\""
+    --node-config "site-name=\"$site\" domain=\"$DOMAIN\" data-path=\"$DATA\" dp-epsilon=8.0 dp-delta=1e-5 state-dir=\"$WORK/$site/state\""
   i=$((i + 1))
 done
 
 echo "== 7. coordinator: the federation"
 FLWR_HOME="$WORK/coordinator/flwr-home" flwr run "$WORK/coordinator/app" fedmoco --stream \
-  --run-config "num-server-rounds=2 min-nodes=${#SITES[@]} out-dir=\"$WORK/server\""
+  --run-config "num-server-rounds=2 min-nodes=${#SITES[@]} out-dir=\"$WORK/server\" ${RUN_CONFIG:-}"
 echo
 echo "aggregated encoder: $WORK/server/encoder.pt"
