@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ from fedmoco.ledger import SiteLedger
 
 LEDGER_FILE = "privacy-ledger.json"
 LEGACY_LEDGER_FILE = "key-ledger.pt"
+#: JSON so that the site admin can read what was spent with any tool; not secret, not shared.
+LEDGER_MODE = 0o644
 
 
 def ledger_path(node_config: Mapping[str, Any]) -> Path | None:
@@ -41,27 +41,6 @@ def ledger_path(node_config: Mapping[str, Any]) -> Path | None:
         return Path(explicit).expanduser()
     state_dir = str(node_config.get("state-dir", "")).strip()
     return Path(state_dir).expanduser() / LEDGER_FILE if state_dir else None
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    # fedmoco.checkpoint.atomic_save writes torch pickles; the ledger is JSON so that a site
-    # admin can read what was spent with any tool.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)
 
 
 def read_ledger(path: Path) -> SiteLedger | None:
@@ -97,6 +76,9 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
             box: dict[str, Any] = {"ledger": read_ledger(path)}
             yield box
             if box["ledger"] is not None:
-                _write_json_atomic(box["ledger"].state_dict(), path)
+                from fedmoco.keys import write_secret  # lazy: it imports cryptography
+
+                text = json.dumps(box["ledger"].state_dict(), indent=1, sort_keys=True) + "\n"
+                write_secret(path, text.encode(), mode=LEDGER_MODE)  # atomic: temp file, fsync, rename
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -111,13 +111,16 @@ def _slot_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: n
     return steps * log_moment / (orders - 1)
 
 
-class KeyReleaseRDPAccountant(RDPAccountant):
-    """Opacus RDP accountant for Poisson-sampled, individually noised key releases.
+class _HistoryRDPAccountant(RDPAccountant):
+    """An Opacus ``RDPAccountant`` (same ``history`` of ``(z, q, steps)``, same ``step()``, Opacus'
+    own RDP -> (epsilon, delta) conversion) whose RDP per history entry is :meth:`_rdp`."""
 
-    ``step(noise_multiplier=z, sample_rate=q)`` records one round's release; ``history``
-    is Opacus' list of ``(z, q, steps)``. Only :meth:`get_privacy_spent` differs from
-    :class:`opacus.accountants.RDPAccountant` (see the module docstring for the formula).
-    """
+    @staticmethod
+    def _rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _orders(self, alphas: Sequence[float] | None) -> np.ndarray:
+        return np.asarray(ALPHAS if alphas is None else alphas, dtype=float)
 
     def get_privacy_spent(
         self, *, delta: float, alphas: Sequence[float] | None = None
@@ -125,13 +128,24 @@ class KeyReleaseRDPAccountant(RDPAccountant):
         """(epsilon, best order) spent so far at ``delta``; (0, 0) before any step."""
         if not self.history:
             return 0.0, 0.0
-        orders = np.asarray(ALPHAS if alphas is None else alphas, dtype=float)
-        rdp = sum(_slot_rdp(z, q, n, orders) for z, q, n in self.history)
+        orders = self._orders(alphas)
+        rdp = sum(self._rdp(z, q, n, orders) for z, q, n in self.history)
         with warnings.catch_warnings():
             # "Optimal order is the largest alpha": only means the bound could be tighter.
             warnings.filterwarnings("ignore", message="Optimal order")
             eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
         return float(eps), float(best)
+
+
+class KeyReleaseRDPAccountant(_HistoryRDPAccountant):
+    """Opacus RDP accountant for Poisson-sampled, individually noised key releases.
+
+    ``step(noise_multiplier=z, sample_rate=q)`` records one round's release; ``history``
+    is Opacus' list of ``(z, q, steps)``. Only the RDP differs from
+    :class:`opacus.accountants.RDPAccountant` (see the module docstring for the formula).
+    """
+
+    _rdp = staticmethod(_slot_rdp)
 
     @classmethod
     def mechanism(cls) -> str:
@@ -609,20 +623,17 @@ def sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: int
     return steps * out
 
 
-class PrototypeRDPAccountant(RDPAccountant):
+class PrototypeRDPAccountant(_HistoryRDPAccountant):
     """Opacus' RDP accountant for the subsampled Gaussian sum mechanism (the analysis of its
     stock ``"rdp"`` accountant), evaluated fast at the stock integer orders: ``history`` of
     ``(z, q, steps)``, ``step()``, and Opacus' RDP -> (epsilon, delta) conversion unchanged."""
 
-    def get_privacy_spent(self, *, delta: float, alphas: Sequence[float] | None = None) -> tuple[float, float]:
-        if not self.history:
-            return 0.0, 0.0
-        orders = PROTOTYPE_ORDERS if alphas is None else np.asarray([a for a in alphas if float(a).is_integer()])
-        rdp = sum(sampled_gaussian_rdp(z, q, n, orders) for z, q, n in self.history)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order")
-            eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-        return float(eps), float(best)
+    _rdp = staticmethod(sampled_gaussian_rdp)
+
+    def _orders(self, alphas: Sequence[float] | None) -> np.ndarray:
+        if alphas is None:
+            return PROTOTYPE_ORDERS
+        return np.asarray([a for a in alphas if float(a).is_integer()], dtype=float)
 
     @classmethod
     def mechanism(cls) -> str:
