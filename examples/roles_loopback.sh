@@ -6,7 +6,8 @@
 # 1. site admins' data: one synthetic unlabelled archive per site, and a labelled set held
 #    by the data scientist (python -m fedmoco.demo --data-only);
 # 2. coordinator and sites: examples/deployment/run_loopback.sh (certificates, SuperLink,
-#    one SuperNode per site on its own folder, flwr run), given the sites' folders;
+#    one SuperNode per site on its own folder, flwr run, 2 rounds), given the sites' folders
+#    (SITE_DATA_ROOT), the domain and the example's run config;
 # 3. data scientist: fedmoco finetune (pretrained vs random init), fedmoco export.
 set -euo pipefail
 
@@ -31,7 +32,8 @@ RUN_CONFIG="$(sed -n 's/^run config: //p' "$WORK/data.txt")"
 mkdir -p "$WORK/site-data"
 i=0
 for site in $SITES; do  # each site's folder under its own name
-  ln -sfn "$WORK/data/sites/site-$i" "$WORK/site-data/$site"
+  rm -rf "$WORK/site-data/$site"
+  mv "$WORK/data/sites/site-$i" "$WORK/site-data/$site"
   i=$((i + 1))
 done
 

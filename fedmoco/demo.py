@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     _, labelled = make_example_data(args.domain, root, args.sites, quick=args.quick)
     if args.data_only:
         print(f"labelled set: {labelled / task.data_subdir} with {labelled / 'labels.csv'}")
-        print("run config: " + run_config_text({"domain": args.domain, "num-server-rounds": args.rounds,
-                                                 **task.run_config}))
+        # the deployment script sets the rounds, min-nodes and out-dir itself (a key given twice
+        # is a TOML error in flwr run --run-config)
+        print("run config: " + run_config_text({"domain": args.domain, **task.run_config}))
         return 0
     print(f"== coordinator: federated pretraining, {args.rounds} rounds", flush=True)
     encoder = federate(args.domain, root, args.sites, 1 if args.quick else args.rounds)
