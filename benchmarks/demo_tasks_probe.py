@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--domain", choices=sorted(TASKS), default="satellite")
     p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--device", default="cpu", help="accepted for the benchmark suite (benchmarks/run_all.py)")
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--momentum", type=float, default=0.99)
