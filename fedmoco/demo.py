@@ -5,17 +5,20 @@ The three roles, on one machine and offline:
 1. the **site admins**: each site holds its own unlabelled archive (chest CT for the
    hospitals, 4-band GeoTIFF scenes for the satellite sites), generated here;
 2. the **coordinator**: a Flower simulation (its own SuperLink) in which the sites pretrain a
-   tiny encoder together for a few rounds, sharing weights and DP-noised keys only;
+   tiny encoder together for a few rounds, sharing weights and metrics (simulated sites
+   have no node_config privacy budget, so they share no keys; the loopback deployment
+   gives each site dp-epsilon=8 and they do);
 3. the **data scientist**: ``fedmoco finetune`` of the aggregated encoder on a small
    labelled set the federation never saw, against the same architecture from random init,
    then ``fedmoco export``.
 
-**All data is synthetic.** The labelled tasks carry a real, learnable signal: solid
-pulmonary nodules (12-40 mm, 10-70 HU, in lung at about -850 HU) present or absent per CT
-slice, grouped by patient (:func:`domains.medical.demo.make_nodule_archive`); the dominant
+**All data is synthetic.** The labelled tasks carry a real, learnable signal: one to three
+solid lung lesions (20-40 mm, 10-70 HU, in lung at about -850 HU) present or absent per CT
+slice, grouped by patient (:func:`domains.medical.demo.make_nodule_archive`); the majority
 land-cover class (water, vegetation, bare soil, urban) of 320 m patches with library
-reflectance spectra, their natural variants and class textures, grouped by scene
-(:func:`domains.satellite.demo.make_landcover_archive`).
+reflectance spectra, their natural variants, class textures, illumination and haze, grouped
+by scene (:func:`domains.satellite.demo.make_landcover_archive`). docs/examples.md records
+whether pretraining beats random init on each.
 
 ``python -m fedmoco.demo --domain satellite --out eo-demo`` runs the satellite version;
 ``--quick`` shrinks everything for CI.
@@ -79,13 +82,13 @@ def _satellite_labelled(out: Path, quick: bool) -> Path:
 _SHORT_RUN = {"local-epochs": 3, "batch-size": 32, "local-queue-size": 64, "lr": 0.2, "key-sample-rate": 0.3}
 
 TASKS: dict[str, Task] = {
-    "medical": Task("medical", "hospital", "solid pulmonary nodule present or absent in a chest CT slice",
+    "medical": Task("medical", "hospital", "lung lesion present or absent in a chest CT slice",
                     _medical_site, _medical_labelled, "dicom",
                     # 48 slices per hospital: batches of 16 give 3 steps per local epoch
                     # crops keep >= 80% of the slice, so a lesion is rarely cut out of one view only
                     {**_SHORT_RUN, "in-channels": 1, "image-size": 64, "batch-size": 16,
                      "data-options": "crop_scale=0.8"}),
-    "satellite": Task("satellite", "ground-station", "dominant land cover of a 4-band patch",
+    "satellite": Task("satellite", "ground-station", "majority land cover of a 4-band patch (4 classes)",
                       _satellite_site, _satellite_labelled, "patches",
                       # a station's 3 scenes hold 48 grid tiles; draw 128 random tiles per local epoch
                       {**_SHORT_RUN, "in-channels": 4, "image-size": 32, "data-options": "samples_per_epoch=128"}),
