@@ -240,14 +240,14 @@ def write_docs(out: Path, runs: dict[str, dict], args: argparse.Namespace, resul
         "JSON line ending in `}` (the last line of its output that starts with `{\"bench\"`), which this runner "
         "reads to check the targets below.",
         "",
-        f"## This run ({mode})",
+        f"## This run ({'saved JSON lines, nothing re-run' if args.collect else mode})",
         "",
         "`" + " ".join(["python benchmarks/run_all.py", *args.argv]) + "`",
         "",
         machine_line(args.device) + f"; total {total:.0f} s; reports in `{results.relative_to(ROOT)}/`",
         "",
         *markdown_table(["benchmark", "status", "wall (s)", "headline (JSON line)"],
-                        [[f"`{r['name']}`", r["status"], f"{r['seconds']:.0f}",
+                        [[f"`{r['name']}`", r["status"], "–" if r["seconds"] != r["seconds"] else f"{r['seconds']:.0f}",
                           f"`{json.dumps(r['record'])}`" if r["record"] else " ".join(r["tail"])[-200:]]
                          for r in runs.values()]),
         "",
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, passed to every benchmark")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes for the benchmarks that take --jobs")
     p.add_argument("--only", help="comma-separated benchmark names")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: rewrite the page from the saved reports and JSON lines (results/NAME.json)")
     p.add_argument("--skip", help="comma-separated benchmark names to leave out")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--budget", type=float, help="seconds for the whole suite; a benchmark gets at most what is "
@@ -304,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     start = time.perf_counter()
     budget = args.budget if args.budget is not None else (570.0 if args.quick else None)
-    for name in names:
+    for name in names if args.collect else []:
+        saved = results / f"{name}.json"
+        record = json.loads(saved.read_text()) if saved.exists() else None
+        runs[name] = {"name": name, "command": "", "record": record, "tail": ["no saved JSON line"],
+                      "status": "saved" if record else "no saved run", "seconds": float("nan")}
+    for name in [] if args.collect else names:
         out = results / f"{name}.md"
         out.unlink(missing_ok=True)  # some scripts append
         bench = REGISTRY.get(name, Bench(name))
@@ -321,10 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = run_one(name, bench_args(name, args.quick, args.device, args.jobs, out), timeout,
                              results / f"{name}.log")
         r = runs[name]
+        if r["record"]:
+            (results / f"{name}.json").write_text(json.dumps(r["record"]) + "\n")
         print(f"[run_all] {name}: {r['status']} in {r['seconds']:.0f} s; {json.dumps(r['record'])}", flush=True)
     total = time.perf_counter() - start
     write_docs(args.docs, runs, args, results, total)
-    failed = [n for n, r in runs.items() if r["status"] != "ok"]
+    failed = [] if args.collect else [n for n, r in runs.items() if r["status"] != "ok"]
     print(f"[run_all] {len(runs) - len(failed)}/{len(runs)} benchmarks ok in {total:.0f} s; wrote {args.docs}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
