@@ -2,7 +2,7 @@
 
 ``fedmoco.audit.membership_audit`` on a site of ``--images`` embeddings (synthetic clusters
 in D = 128, cluster resultant length 0.5, as in ``prototype_signal.py``), for DP prototypes
-(q = 1, C public seeded centres, with the release's noisy-norm threshold and without it,
+(q = 1, C = 8 public seeded centres as by default, with the release's noisy-norm threshold and without it,
 which audits the raw noisy sums) and per-record keys (their default q = 0.05, max-keys 512),
 over ``--rounds`` releases planned for (epsilon, delta). Two canaries: an outlier (a
 direction no image is near: alone in its bucket, the worst case for the sums) and an
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from common import command_line, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
 from fedmoco.audit import auc_standard_error, membership_audit  # noqa: E402
 from fedmoco.privacy import seeded_centres  # noqa: E402
-from prototype_signal import synthetic  # noqa: E402
+from prototype_signal import DEFAULT_C, synthetic  # noqa: E402
 
 DELTA = 1e-5
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--trials", type=int, default=500)
-    p.add_argument("--centres", type=int, default=32)
+    p.add_argument("--centres", type=int, default=DEFAULT_C, help="C (default: run_config prototype-centres)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy_audit.md")
     args = p.parse_args(argv)
     if args.quick:
