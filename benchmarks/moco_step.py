@@ -155,7 +155,7 @@ def main() -> None:
         with open(args.out, "a") as fh:
             fh.write(text + "\n\n")
     best = lambda key: max((v for n, v in rates.items() if key in n), default=float("nan"))  # noqa: E731
-    split, plain, lightly = best("split BN"), best("plain BN"), best("lightly")
+    split, plain, lightly = best("split BN"), best("fedmoco, plain BN"), best("lightly")
     emit_json({"bench": "moco_step", "device": args.device, "image_size": args.image_size,
                "batch_size": args.batch_size, "split_bn_images_per_s": split, "plain_bn_images_per_s": plain,
                "group_norm_images_per_s": best("GroupNorm"), "lightly_images_per_s": lightly,
