@@ -4,7 +4,14 @@
 # step, and batched views on CUDA against the same views on the CPU.
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
 # Results: $OUT/*.md and $OUT/gpu_check.jsonl (one JSON line per benchmark).
+# The lent machines have torch but not monai/pydicom/rasterio/lightly: carry them as wheels
+# in .whl-f (see docs/engine.md, "Checking the CUDA path"); they are installed here if present.
 set -u
+if ls .whl-f/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-f/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD PYTHON=python3
+fi
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-.venv/bin/python}

@@ -487,7 +487,7 @@ class SatellitePretrainDataset(Dataset):
 class SatelliteTiles(Dataset):
     """The tiles of a :class:`SatellitePretrainDataset` before augmentation, for batched views.
 
-    ``dataset[i]`` -> filled reflectance (bands, t, t) float32, or a (query, key) pair of them
+    ``dataset[i]`` -> filled reflectance (bands, t, t) float16, or a (query, key) pair of them
     when the source dataset has temporal partners; None when unreadable. A raster smaller
     than the tile is resized to it so that every tile of a batch has one shape.
     """
@@ -503,7 +503,7 @@ class SatelliteTiles(Dataset):
         t = self.source.tile
         if x.shape[-2:] != (t, t):
             x = torch.nn.functional.interpolate(x[None], size=(t, t), mode="bilinear", align_corners=False)[0]
-        return x
+        return x.half()  # what the cache holds: half the bytes through worker IPC and the host-device copy
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self.source):
