@@ -315,7 +315,8 @@ def _settings(context: Context) -> tuple[dict[str, Any], MoCoConfig, TrainConfig
 def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConfig) -> tuple[PretrainData, Dataset]:
     """The site's data and the dataset to train on (in federation units when the run fixes
     them). A missing/empty folder or a channel mismatch is SiteUnavailable, not a crash."""
-    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"])
+    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"],
+                          cache=bool(run.get("cache", True)))  # run_config cache=false: decode every round
     try:
         data = build_pretrain_data(site["domain"], site["data_path"], data_cfg)
         if len(data.dataset) < 2:  # type: ignore[arg-type]

@@ -84,6 +84,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode every sample every epoch instead of using the decoded-sample cache")
+    p.add_argument("--batch-augment", choices=("auto", "on", "off"), default="auto",
+                   help="both views per batch from the cache: auto = on CUDA only (default)")
     p.add_argument("--no-plots", action="store_true")
 
 
@@ -168,11 +172,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train_cfg = TrainConfig(
         epochs=v["epochs"], batch_size=v["batch_size"], lr=v["lr"], weight_decay=v["weight_decay"],
         warmup_epochs=v["warmup_epochs"], num_workers=args.workers, amp=not args.no_amp, seed=v["seed"],
-        max_steps_per_epoch=args.max_steps_per_epoch,
+        max_steps_per_epoch=args.max_steps_per_epoch, batch_augment=args.batch_augment,
     )
     if v["image_size"] < 8:
         raise ConfigError(f"--image-size must be >= 8, got {v['image_size']}")
-    data_cfg = DataConfig(image_size=v["image_size"], seed=v["seed"], options=parse_options(args.data_option))
+    data_cfg = DataConfig(image_size=v["image_size"], seed=v["seed"], options=parse_options(args.data_option),
+                          cache=not args.no_cache)
     log.info("device: %s", device)
     result = pretrain(v["domain"], args.data, args.out, moco_overrides=overrides, train_cfg=train_cfg,
                       data_cfg=data_cfg, moco_version=args.moco, device=device, resume=args.resume,
