@@ -83,7 +83,8 @@ def round_headline(name: str, records: list[dict]) -> dict[str, float]:
     ok = [[s for s in r["sites"] if s.get("status") == "accepted"] for r in later]
     wall = statistics.fmean(r["round-seconds"] for r in later)
     train = statistics.fmean(sum(s["seconds"] for s in sites) for sites in ok)
-    traffic = statistics.fmean(sum(s.get(k, 0) for k in ("weights", "queue", "up-arrays", "up-keys")) / len(sites)
+    keys = ("weights", "queue", "up-arrays", "up-keys")
+    traffic = statistics.fmean(sum(site.get(k, 0) for site in sites for k in keys) / len(sites)
                                for sites in ok if sites)
     return {f"{name}_round_s": wall, f"{name}_train_s": train, f"{name}_kib_per_site_round": traffic / 1024}
 

@@ -64,7 +64,7 @@ REGISTRY = {b.name: b for b in [
     Bench("satellite_memory"),
     Bench("federation_rounds", timeout_quick=400),
     Bench("federation_server_memory"),
-    Bench("update_norms", quick=["--rounds", "2", "--archs", "tiny"]),
+    Bench("update_norms", quick=["--archs", "tiny", "--steps", "1,3,10"]),
     Bench("demo_tasks_probe", quick=["--epochs", "2"]),
     Bench("quality", parallel=True, timeout_quick=420),
     Bench("global_queue_benefit", parallel=True, timeout_quick=300),
@@ -174,9 +174,11 @@ def discover() -> list[str]:
 def bench_args(name: str, quick: bool, device: str, jobs: int, out: Path) -> list[str]:
     bench = REGISTRY.get(name)
     if bench is None:
-        text = (BENCH / f"{name}.py").read_text()
-        bench = Bench(name, quick=["--quick"] if "--quick" in text else [])
-    args = list(bench.quick if quick else bench.full) + ["--device", device, "--out", str(out)]
+        bench = Bench(name, quick=["--quick"] if "--quick" in (BENCH / f"{name}.py").read_text() else [])
+    text = (BENCH / f"{name}.py").read_text()
+    # every script takes --device (the suite's convention); a report path only where it has one
+    args = list(bench.quick if quick else bench.full) + ["--device", device]
+    args += ["--out", str(out)] if '"--out"' in text else []
     if bench.parallel and jobs > 1:
         args += ["--jobs", str(jobs)]
     return args
