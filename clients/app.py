@@ -62,7 +62,6 @@ from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
 from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta, no_ledger_metrics
 from fedmoco.moco import Encoder
-from fedmoco.privacy import choose_centres, privatize_keys, release_prototypes, sample_embeddings
 from fedmoco.train import EpochSummary, Trainer, make_loader
 
 log = logging.getLogger("flwr.fedmoco.client")  # printed by Flower's console handler
@@ -462,6 +461,10 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
 def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset, negatives: torch.Tensor | None,
                   site: dict[str, Any], run: Any, mcfg: MoCoConfig, server_round: int) -> torch.Tensor:
     """The noisy vectors themselves, from the public encoder (see docs/privacy.md)."""
+    # Imported here, not at the top: fedmoco.privacy loads Opacus (2-3 s per round on a busy
+    # 2-core box), and only a site that releases needs it (docs/federation.md, round overhead).
+    from fedmoco.privacy import choose_centres, privatize_keys, release_prototypes, sample_embeddings
+
     encoder = _public_encoder(msg, mcfg, site["device"])
     generator = _secure_generator()
     if mode == "keys":

@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from fedmoco.errors import ConfigError
@@ -141,6 +140,10 @@ def build_backbone(
         return TinyCNN(in_channels, make_norm)
     if arch not in ("resnet18", "resnet50"):
         raise ConfigError(f"arch: unknown architecture {arch!r}; choose tiny, resnet18 or resnet50")
+    # Imported here: torchvision's package import pulls in torch._dynamo (1-2 s on a busy
+    # 2-core box), paid again by every round of a deployed site (a fresh process per message).
+    import torchvision.models
+
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=make_norm)
     if small_input:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)

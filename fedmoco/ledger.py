@@ -29,12 +29,22 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import ModuleType
 from typing import Any
 
 from fedmoco.errors import ConfigError
-from fedmoco.privacy import (KeyReleaseRDPAccountant, PrototypeRDPAccountant, _check_count, _check_delta,
-                             _check_epsilon, _check_noise_multiplier, _check_sample_rate, calibrate_noise,
-                             calibrate_prototype_noise)
+
+
+def _privacy() -> ModuleType:
+    """fedmoco.privacy, imported on first use. It imports Opacus, whose package pulls in
+    DP-SGD, scipy.stats and torch.distributed (2-3 s on a busy 2-core box); every round of a
+    deployed site is a fresh process, and a site that releases nothing (key-release=none, no
+    budget) only needs DP_STATUS and no_ledger_metrics. (Not importlib's LazyLoader: torch
+    walks sys.modules and would trigger it anyway.)"""
+    import fedmoco.privacy
+
+    return fedmoco.privacy
+
 
 LEDGER_FORMAT = "fedmoco-privacy-ledger/2"
 MECHANISMS = {"prototypes": "add/remove one image", "keys": "replace one image"}
@@ -58,7 +68,7 @@ def check_site_delta(delta: float, n_images: int) -> float:
     """A site's delta: in (0, MAX_DELTA] and below 1 / n_images (else one image may leak
     with probability delta and still 'satisfy' the guarantee). ConfigError naming dp-delta."""
     try:
-        delta = _check_delta(delta)
+        delta = _privacy()._check_delta(delta)
     except ConfigError:
         raise ConfigError(f"node_config dp-delta: must be in (0, {MAX_DELTA:g}], got {delta!r}") from None
     if delta > MAX_DELTA:
@@ -77,10 +87,11 @@ class SiteLedger:
         if mechanism not in MECHANISMS:
             raise ConfigError(f"ledger mechanism: {mechanism!r}, expected one of {sorted(MECHANISMS)}")
         self.mechanism = mechanism
-        self.epsilon_budget = _check_epsilon(epsilon_budget, "epsilon_budget")
-        self.delta = _check_delta(delta)
-        self.planned_releases = _check_count(planned_releases, "dp-rounds", 1)
-        self.history = [(_check_noise_multiplier(z, False), _check_sample_rate(q), _check_count(n, "releases", 1))
+        self.epsilon_budget = _privacy()._check_epsilon(epsilon_budget, "epsilon_budget")
+        self.delta = _privacy()._check_delta(delta)
+        self.planned_releases = _privacy()._check_count(planned_releases, "dp-rounds", 1)
+        self.history = [(_privacy()._check_noise_multiplier(z, False), _privacy()._check_sample_rate(q),
+                         _privacy()._check_count(n, "releases", 1))
                         for z, q, n in (history or [])]
 
     @property
@@ -94,7 +105,8 @@ class SiteLedger:
     def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
         if not history:
             return 0.0
-        acc = PrototypeRDPAccountant() if self.mechanism == "prototypes" else KeyReleaseRDPAccountant()
+        privacy = _privacy()
+        acc = privacy.PrototypeRDPAccountant() if self.mechanism == "prototypes" else privacy.KeyReleaseRDPAccountant()
         acc.history = list(history)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order")
@@ -112,12 +124,13 @@ class SiteLedger:
     def next_noise(self, sample_rate: float) -> float | None:
         """The smallest noise multiplier z (to 0.5 % of epsilon) with which the remaining
         planned releases at rate q fit in the budget; None when the ledger is exhausted."""
-        q = _check_sample_rate(sample_rate)
+        q = _privacy()._check_sample_rate(sample_rate)
         return self._fit(self.remaining, q) if self.remaining else None
 
     def _fit(self, rounds: int, q: float) -> float | None:
         if not self.history:
-            calibrate = calibrate_prototype_noise if self.mechanism == "prototypes" else calibrate_noise
+            calibrate = (_privacy().calibrate_prototype_noise if self.mechanism == "prototypes"
+                         else _privacy().calibrate_noise)
             try:
                 return calibrate(self.epsilon_budget, self.delta, rounds, q)
             except ConfigError:
@@ -142,7 +155,7 @@ class SiteLedger:
 
     def record(self, noise_multiplier: float, sample_rate: float) -> float:
         """Account one release at (z, q); returns epsilon spent after it."""
-        z, q = _check_noise_multiplier(noise_multiplier, False), _check_sample_rate(sample_rate)
+        z, q = _privacy()._check_noise_multiplier(noise_multiplier, False), _privacy()._check_sample_rate(sample_rate)
         if self.history and self.history[-1][:2] == (z, q):
             self.history[-1] = (z, q, self.history[-1][2] + 1)
         else:
@@ -152,7 +165,7 @@ class SiteLedger:
     def replan(self, planned_releases: int) -> list[str]:
         """Set the number of planned releases (node_config ``dp-rounds``): the site's choice of
         how to spread its budget. It changes the noise, never the budget."""
-        planned_releases = _check_count(planned_releases, "dp-rounds", 1)
+        planned_releases = _privacy()._check_count(planned_releases, "dp-rounds", 1)
         if planned_releases == self.planned_releases:
             return []
         note = f"planned releases {self.planned_releases} -> {planned_releases} (dp-rounds)"
@@ -163,7 +176,7 @@ class SiteLedger:
         """Lower the budget to (epsilon, delta) where that is tighter; never loosen.
         Returns what changed / what was refused, one line each, for the site's log."""
         notes = []
-        epsilon, delta = _check_epsilon(epsilon, "dp-epsilon"), _check_delta(delta)
+        epsilon, delta = _privacy()._check_epsilon(epsilon, "dp-epsilon"), _privacy()._check_delta(delta)
         if epsilon < self.epsilon_budget:
             notes.append(f"budget tightened: epsilon {self.epsilon_budget:g} -> {epsilon:g}")
             self.epsilon_budget = epsilon
