@@ -6,6 +6,7 @@ import csv
 import logging
 import pickle
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -52,14 +53,22 @@ def test_pretrain_data_over_the_demo_archive(demo_archive, cache_dir):
         assert not torch.equal(q, k)
 
 
-def test_ct_window_through_the_dataset_by_hand(tmp_path, cache_dir):
+@pytest.mark.parametrize("sample_cache", [False, True])
+def test_ct_window_through_the_dataset_by_hand(tmp_path, cache_dir, sample_cache):
     root = ct_series(tmp_path / "ct", [40, -160, 240])
-    data = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    data = build_pretrain_data(root, replace(cfg(cache_dir, size=16, **QUIET), cache=sample_cache))
+    assert (data.dataset.cache is not None) == sample_cache
     values = [float(data.dataset[i][0].mean()) for i in range(3)]
-    assert values == [0.0, -2.0, 2.0]  # windowed 0.5, 0, 1 -> (x - 0.5) / 0.25
-    lung = build_pretrain_data(root, cfg(cache_dir, size=16, ct_window="lung", **QUIET))
-    # (HU + 1350) / 1500: 40 -> 0.92667 -> 1.70667
-    assert float(lung.dataset[0][0].mean()) == pytest.approx((1390 / 1500 - 0.5) / 0.25, abs=1e-5)
+    assert values == [0.0, -2.0, 2.0]  # windowed 0.5, 0, 1 -> (x - 0.5) / 0.25 (exact in float16 too)
+    lung = build_pretrain_data(root, replace(cfg(cache_dir, size=16, ct_window="lung", **QUIET), cache=sample_cache))
+    # (HU + 1350) / 1500: 40 -> 0.92667 -> 1.70667. Decoded exactly without the sample cache;
+    # the cache stores window units as float16 (docs/engine.md): half a float16 step at 0.93
+    # is 2**-12 window units, 2**-10 after (x - 0.5) / 0.25.
+    expected = (1390 / 1500 - 0.5) / 0.25
+    got = float(lung.dataset[0][0].mean())
+    assert got == pytest.approx(expected, abs=2**-10 if sample_cache else 1e-5)
+    if sample_cache:
+        assert got == pytest.approx((float(np.float16(1390 / 1500)) - 0.5) / 0.25, abs=1e-6)
 
 
 def test_25d_channels_are_neighbouring_slices(tmp_path, cache_dir):

@@ -19,8 +19,17 @@ IDENTIFIERS = {
     "PatientBirthDate": "19510823",
     "AccessionNumber": "ACC7734119Q",
 }
-# What must never appear: each value, and each component of the name.
+# What must never appear: each value, and each component of the name. Each patient's
+# PatientID is IDENTIFIERS["PatientID"] plus its folder number, so the needle is a prefix of
+# every stamped ID, and knn / linear-probe still see one group per patient (one shared ID
+# would make the whole archive one patient, which their grouped split rightly refuses).
 NEEDLES = sorted({*IDENTIFIERS.values(), "Quixote", "Dulcinea", "Toboso"})
+
+
+def identifiers_for(path) -> dict[str, str]:
+    """IDENTIFIERS, with the PatientID of the patient_NN folder ``path`` sits in (99 outside one)."""
+    patient = next((part.removeprefix("patient_") for part in path.parts if part.startswith("patient_")), "99")
+    return {**IDENTIFIERS, "PatientID": IDENTIFIERS["PatientID"] + patient}
 
 
 def stamp_identifiers(root) -> int:
@@ -29,7 +38,7 @@ def stamp_identifiers(root) -> int:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if path.name == "truncated.dcm":  # cannot be re-saved: write a fresh cut-off one
             pixels = np.full((64, 64), 1000, np.uint16)
-            write_dicom(path, pixels, attributes={"Modality": "CT", **IDENTIFIERS})
+            write_dicom(path, pixels, attributes={"Modality": "CT", **identifiers_for(path)})
             path.write_bytes(path.read_bytes()[:-3000])
             stamped += 1
             continue
@@ -37,7 +46,7 @@ def stamp_identifiers(root) -> int:
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError:
             continue
-        for keyword, value in IDENTIFIERS.items():
+        for keyword, value in identifiers_for(path).items():
             setattr(ds, keyword, value)
         ds.save_as(path)
         stamped += 1
@@ -61,8 +70,9 @@ def log_sink():
 
 
 def test_no_identifier_in_anything_a_run_writes(tmp_path, tiny_pretrain_args, capsys, log_sink):
-    data = make_demo_archive(tmp_path / "hospital", n_patients=3, labelled=True)
-    assert stamp_identifiers(data) == 2 * 6 + 1 + 3 + 3  # 2 CT series, 1 multi-frame, 3 CR, 3 junk
+    # Two patients per class folder: the grouped split needs each class in two patient groups.
+    data = make_demo_archive(tmp_path / "hospital", n_patients=6, labelled=True)
+    assert stamp_identifiers(data) == 5 * 6 + 1 + 6 + 3  # 5 CT series, 1 multi-frame, 6 CR, 3 junk
     # positive control: the search finds them where they are
     assert all(n.encode() in next(data.rglob("IM0001")).read_bytes() for n in IDENTIFIERS.values())
 

@@ -6,7 +6,9 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
+from domains.satellite.reader import RasterReadError, RasterSource
 from fedmoco.data import DataConfig, build_pretrain_data
 
 
@@ -51,3 +53,29 @@ def torch_stack(items):
     import torch
 
     return torch.stack(items)
+
+
+def test_statistics_come_from_the_rasters_not_the_float16_cache(demo4, tmp_path):
+    cached = _data(demo4, tmp_path / "c")
+    assert cached.dataset.reader.cache is not None
+    plain = _data(demo4, tmp_path / "c", cache="false")
+    assert cached.normalization.to_dict() == plain.normalization.to_dict()
+
+
+def test_a_raster_changed_during_the_run_is_not_served_from_the_cache(demo4, tmp_path, monkeypatch):
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
+    reader = _data(root, tmp_path / "c", sampling="grid").dataset.reader
+    assert reader.cache is not None and all(c.filled() == 1 for c in reader.cache)
+    victim = root / "4band_uint16_tiled_deflate.tif"
+    i = next(j for j, s in enumerate(reader.sources) if s.paths == [str(victim)])
+    victim.write_bytes(victim.read_bytes()[:2000])  # truncated after the cache was filled
+    with pytest.raises(RasterReadError, match="unreadable"):
+        reader.read(i, (0, 0, 16, 16))
+
+    def no_gdal(*args, **kwargs):
+        raise AssertionError("read through GDAL")
+
+    monkeypatch.setattr(RasterSource, "read", no_gdal)
+    other = (i + 1) % len(reader.sources)
+    assert reader.read(other, (0, 0, 16, 16)).shape == (reader.sources[other].count, 16, 16)  # still cached
