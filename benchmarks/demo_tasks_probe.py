@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     print("| task | pretrained AUROC / acc | random init AUROC / acc |")
     print(f"| {args.domain} | {pre[0]:.3f} / {100 * pre[1]:.1f}% | {rnd[0]:.3f} / {100 * rnd[1]:.1f}% |")
-    emit_json({"benchmark": "demo_tasks_probe", "domain": args.domain, "pretrained_auroc": pre[0],
+    emit_json({"bench": "demo_tasks_probe", "domain": args.domain, "pretrained_auroc": pre[0],
                "pretrained_accuracy": pre[1], "random_auroc": rnd[0], "random_accuracy": rnd[1],
                "epochs": args.epochs, "queue_size": args.queue_size, "lr": args.lr})
     return 0

@@ -417,17 +417,17 @@ def _vessels(rng: np.random.Generator, n: int) -> list[tuple[float, ...]]:
 
 def nodule_slices(
     rng: np.random.Generator, n_slices: int, image_size: int, noise: float, *, prevalence: float = 0.5,
-    vessels: int = 6,
+    vessels: int = 6, lesion_mm: tuple[float, float] = (20.0, 40.0),
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """One patient's axial chest CT (n_slices, S, S) in HU, each slice's label, and the
     lesion masks (n_slices, S, S) bool.
 
     Each slice independently holds solid lesions with probability ``prevalence``: one to
-    three nodules or small masses of 20-40 mm diameter at 10-70 HU with a lobulated edge, inside
-    lung parenchyma at about -850 HU. The phantom's anatomy, the pulmonary vessels (which
-    cut every slice as small soft-tissue spots) and the scanner noise (``noise`` HU) vary
-    per patient. Lesion size is large for a screening task on purpose: at 64 px over a
-    360 mm field of view one pixel is 5.6 mm.
+    three nodules or small masses of ``lesion_mm`` diameter (uniform, default 20-40 mm) at
+    10-70 HU with a lobulated edge, inside lung parenchyma at about -850 HU. The phantom's
+    anatomy, the pulmonary vessels (which cut every slice as small soft-tissue spots) and the
+    scanner noise (``noise`` HU) vary per patient. Lesion size is large for a screening task
+    on purpose: at 64 px over a 360 mm field of view one pixel is 5.6 mm.
     """
     anatomy = _jittered("chest", rng)
     table = np.concatenate([anatomy, np.asarray(_vessels(rng, vessels)).reshape(-1, 7)])
@@ -441,7 +441,7 @@ def nodule_slices(
         inside = np.zeros_like(hu, dtype=bool)
         for _ in range(int(rng.integers(1, 4)) if has else 0):  # 1-3 lesions, as with metastases
             cx, cy = _lung_point(rng, 0.6)
-            r = rng.uniform(10.0, 20.0) / (_FOV_MM / 2)
+            r = rng.uniform(*lesion_mm) / 2 / (_FOV_MM / 2)
             # lobulation: the radius varies with the angle (solid nodules are rarely perfect discs)
             theta = np.arctan2(y - cy, x - cx)
             bumps = 1 + 0.15 * np.sin(int(rng.integers(3, 7)) * theta + rng.uniform(0, 2 * np.pi))
@@ -465,6 +465,7 @@ def make_nodule_archive(
     prevalence: float = 0.5,
     labels: bool = True,
     first_patient: int = 0,
+    lesion_mm: tuple[float, float] = (20.0, 40.0),
 ) -> Path:
     """A synthetic chest-CT archive for the nodule-detection task; returns ``out_dir``.
 
@@ -473,7 +474,8 @@ def make_nodule_archive(
     with ``labels``, ``out_dir/labels.csv`` with columns ``path,label,group``: ``path``
     relative to ``out_dir/dicom``, ``label`` ``nodule`` or ``normal`` (see
     :func:`nodule_slices`), ``group`` the synthetic patient id (slices of one patient must
-    never straddle a train/test split). ``first_patient`` offsets the patient numbers so
+    never straddle a train/test split). ``lesion_mm``: the lesions' diameter range, mm
+    (:func:`nodule_slices`). ``first_patient`` offsets the patient numbers so
     several archives (sites, the labelled set) never share an id. Everything is synthetic;
     the output is a pure function of the arguments.
     """
@@ -483,7 +485,8 @@ def make_nodule_archive(
     rows = []
     for p in range(first_patient, first_patient + n_patients):
         pid = f"SYN-{p:04d}"
-        vol, slice_labels, _ = nodule_slices(rng, n_slices, image_size, noise, prevalence=prevalence)
+        vol, slice_labels, _ = nodule_slices(rng, n_slices, image_size, noise, prevalence=prevalence,
+                                             lesion_mm=lesion_mm)
         signed = p % 2 == 1
         stored = np.clip(np.rint(vol if signed else vol + 1024), -1024 if signed else 0, 3071 if signed else 4095)
         stored = stored.astype(np.int16 if signed else np.uint16)
