@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fedmoco.data import one_thread
@@ -13,6 +15,19 @@ def _one_torch_thread():
     machine much faster (see fedmoco.data.one_thread)."""
     with one_thread():
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Index and sample caches go to a folder of this session, not the user's ~/.cache/fedmoco
+    (subprocesses inherit it through the environment)."""
+    before = os.environ.get("FEDMOCO_CACHE_DIR")
+    os.environ["FEDMOCO_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedmoco-cache"))
+    yield
+    if before is None:
+        os.environ.pop("FEDMOCO_CACHE_DIR", None)
+    else:
+        os.environ["FEDMOCO_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")
