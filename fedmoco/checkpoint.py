@@ -7,10 +7,8 @@ everything stored is therefore tensors and plain Python values.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmoco.atomic import atomic_write
 from fedmoco.errors import CheckpointError
 
 FORMAT = "fedmoco-checkpoint"
@@ -27,19 +26,7 @@ VERSION = 1
 
 def atomic_save(obj: Any, path: Path | str) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from fedmoco.atomic import atomic_write
 from fedmoco.errors import ConfigError
 
 #: Key types: what Flower expects where the key is used.
@@ -45,19 +45,7 @@ def write_secret(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> Path:
     any byte is written, then renamed over ``path``: whatever the mode of a file that was
     there, the result has ``mode`` and no reader ever sees a partial key.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(data), mode=mode)
 
 
 def generate_key_pair(key_type: str = "ecdsa-p384") -> tuple[bytes, bytes]:
