@@ -225,18 +225,12 @@ def _train_round(msg: Message, context: Context) -> Message:
     t_start = time.perf_counter()
     run = context.run_config
     server_round = int(msg.content.config_records.get("config", {}).get("server-round", 1))
-    try:
-        site, mcfg, tcfg = _settings(context)
-        data, dataset = _site_data(site, run, mcfg, tcfg)
-    except SiteUnavailable as exc:
-        return _error_reply(msg, exc)
+    site, mcfg, tcfg = _settings(context)  # SiteUnavailable: train() turns it into the error reply
+    data, dataset = _site_data(site, run, mcfg, tcfg)
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
 
-    try:
-        _check_dp_settings(site, run, len(dataset))  # type: ignore[arg-type]
-    except SiteUnavailable as exc:
-        return _error_reply(msg, exc)
+    _check_dp_settings(site, run, len(dataset))  # type: ignore[arg-type]
 
     saved = load_site_state(context.state, site["state_dir"], server_round=server_round,
                             model_config=mcfg.to_dict())
