@@ -270,11 +270,11 @@ class FedMoCo(FedAvg):
             keys = torch.from_numpy(np.array(next(iter(keys_record.values())).numpy(), copy=True))
             del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
             metrics = msg.content.metric_records["metrics"]
-            self._cap_examples(r, node, metrics, site)
+            self._cap_examples(r, node, who, metrics, site)
             site.update(status="accepted", keys=int(keys.shape[0]),
                         **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics})
             self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-")}
-            self._note_dp_status(r, node, site)
+            self._note_dp_status(r, who, site)
             accepted.append((msg, keys))
 
         arrays, agg_metrics = None, None
@@ -295,7 +295,7 @@ class FedMoCo(FedAvg):
         return arrays, agg_metrics
 
     @staticmethod
-    def _note_dp_status(r: int, node: int, site: dict[str, Any]) -> None:
+    def _note_dp_status(r: int, who: str, site: dict[str, Any]) -> None:
         """Say why an accepted site sent no DP summaries (its ``dp-status``), in the log and the JSON line."""
         code = int(site.get("dp-status", 0))
         if code == 0:
@@ -304,7 +304,7 @@ class FedMoCo(FedAvg):
         spent = (f" (spent eps {site['dp-keys-epsilon']:.4g} of {site['dp-keys-budget']:g})"
                  if code == 5 and "dp-keys-budget" in site else "")
         level = logging.INFO if code == 2 else logging.WARNING
-        log.log(level, "round %d: node %d sent no DP summaries: %s%s", r, node, site["dp-reason"], spent)
+        log.log(level, "round %d: %s sent no DP summaries: %s%s", r, who, site["dp-reason"], spent)
 
     def _name_site(self, node: int, name: str | None, site: dict[str, Any]) -> str:
         """Record the site's name (from this reply, else from an earlier one) in ``site`` and
@@ -317,14 +317,13 @@ class FedMoCo(FedAvg):
             return f"{name} (node {node})"
         return f"node {node}"
 
-    def _cap_examples(self, r: int, node: int, metrics: MetricRecord, site: dict[str, Any]) -> None:
+    def _cap_examples(self, r: int, node: int, who: str, metrics: MetricRecord, site: dict[str, Any]) -> None:
         """Clip a validated reply's ``num-examples`` (its FedAvg weight) to the site's cap."""
         claimed = float(metrics["num-examples"])
         cap = self.example_caps.cap(node, site.get("site"))
         if claimed > cap:
             metrics["num-examples"] = cap
             site["num-examples-claimed"] = claimed
-            who = f"{site['site']} (node {node})" if site.get("site") else f"node {node}"
             log.warning("round %d: %s claims %.6g examples; its weight counts %d (its cap: "
                         "max-examples-per-site / site-example-caps)", r, who, claimed, cap)
 
