@@ -236,7 +236,8 @@ def plot_roc(scores: np.ndarray, targets: np.ndarray, names: Sequence[str], path
         line, = ax.plot(fpr, tpr, label=f"{names[j]} (AUROC {roc_auc_score(y[:, j], scores[:, j]):.3f})")
         if thresholds is not None:
             sens, spec = sensitivity_specificity(y[:, j], (scores[:, j] >= thresholds[j]).astype(int))
-            ax.plot([1 - spec], [sens], "o", c=line.get_color())
+            ax.plot([1 - spec], [sens], "o", c=line.get_color(),
+                    label=f"{names[j]}: operating point (chosen on validation)")
     ax.set_xlabel("1 - specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
     ax.set_title(f"{title}, n = {len(y)}")
