@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if "key-release" not in RUN_DEFAULTS:
         print("this checkout has no run_config key-release (DP prototypes, issue 8) yet", file=sys.stderr)
         return 2
-    jobs = [Job(row=row, kind="federated", seed=s, root=str(root), setup=setup, split="dirichlet",
-                run_extra=run_extra, node_extra=node_extra)
-            for row, (run_extra, node_extra) in SETTINGS.items() for s in range(seeds)]
-    jobs += [Job(row=CEILING, kind="fedmoco", seed=s, root=str(root), setup=setup) for s in range(seeds)]
+    # Seed-major order: a run cut short still leaves every row with the same seeds done.
+    jobs = []
+    for s in range(seeds):
+        jobs += [Job(row=row, kind="federated", seed=s, root=str(root), setup=setup, split="dirichlet",
+                     run_extra=run_extra, node_extra=node_extra)
+                 for row, (run_extra, node_extra) in SETTINGS.items()]
+        jobs.append(Job(row=CEILING, kind="fedmoco", seed=s, root=str(root), setup=setup))
     results = run_jobs(jobs, args.work / "runs" / ("quick" if args.quick else "full"), args.jobs)
 
     none_knn = summary(results, "no global negatives", "knn")
