@@ -178,8 +178,13 @@ def check_data_dir(root: Path | str) -> Path:
     return root
 
 
+#: A site's own settings (budget, ledger, name) at the top of its data folder: never data.
+SITE_SETTINGS_FILE = "fedmoco-site.toml"
+
+
 def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
-    """All regular files under ``root`` (recursively, sorted, hidden ones skipped).
+    """All regular files under ``root`` (recursively, sorted, hidden ones and the site's
+    settings file ``root/fedmoco-site.toml`` skipped: not data, never read as an image).
 
     ``suffixes`` (lower-case, with dot) keeps only matching files. Raises DataError when
     nothing is left, naming the folder.
@@ -188,6 +193,7 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
         p
         for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p != root / SITE_SETTINGS_FILE
     )
     if suffixes is not None:
         files = [p for p in files if p.suffix.lower() in suffixes]
