@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fedmoco.demo
+	$(PY) -m examples.demo
 
 # pytest exits 5 when it collects no test; that is a broken suite here, so say so and fail.
 test: $(STAMP)

@@ -1,7 +1,7 @@
 """Do the examples' generated tasks reward pretraining? A centralized stand-in, probed.
 
 For the hospitals' lung-lesion task or the stations' land-cover task
-(:mod:`fedmoco.demo`): pool three sites' unlabelled archives, pretrain the examples' tiny
+(:mod:`examples.demo`): pool three sites' unlabelled archives, pretrain the examples' tiny
 GroupNorm encoder with ``fedmoco pretrain``, then fit a logistic-regression probe on frozen
 backbone features of the labelled set with grouped k-fold cross-validation (no patient or
 scene on both sides), and do the same from a random-init encoder of that architecture.
@@ -30,13 +30,15 @@ from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# examples/ is not installed (it drives server/, which the core never imports): import it from the checkout
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from common import emit_json, machine_line  # noqa: E402
 
 from fedmoco.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from fedmoco.cli import main as cli  # noqa: E402
 from fedmoco.config import MoCoConfig  # noqa: E402
 from fedmoco.data import DataConfig, build_labelled_data  # noqa: E402
-from fedmoco.demo import TASKS, make_example_data  # noqa: E402
+from examples.demo import TASKS, make_example_data  # noqa: E402
 from fedmoco.evaluate import extract_features  # noqa: E402
 from fedmoco.moco import MoCo  # noqa: E402
 from fedmoco.pretrain import make_checkpoint, model_from_checkpoint  # noqa: E402

@@ -4,7 +4,7 @@
 #   examples/roles_loopback.sh medical|satellite [WORK_DIR]
 #
 # 1. site admins' data: one synthetic unlabelled archive per site, and a labelled set held
-#    by the data scientist (python -m fedmoco.demo --data-only);
+#    by the data scientist (python -m examples.demo --data-only);
 # 2. coordinator and sites: examples/deployment/run_loopback.sh (certificates, SuperLink,
 #    one SuperNode per site on its own folder, flwr run, 2 rounds), given the sites' folders
 #    (SITE_DATA_ROOT), the domain and the example's run config;
@@ -27,7 +27,7 @@ if ! grep -q 'SITE_DATA_ROOT' "$DEPLOY"; then
 fi
 
 echo "== site admins: synthetic data (one folder per site) and the data scientist's labelled set"
-"$PY" -m fedmoco.demo --domain "$DOMAIN" --out "$WORK/data" --sites 2 --data-only | tee "$WORK/data.txt"
+(cd "$REPO" && "$PY" -m examples.demo --domain "$DOMAIN" --out "$WORK/data" --sites 2 --data-only) | tee "$WORK/data.txt"
 RUN_CONFIG="$(sed -n 's/^run config: //p' "$WORK/data.txt")"
 mkdir -p "$WORK/site-data"
 i=0

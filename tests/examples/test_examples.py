@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedmoco.demo import TASKS, main
+# examples/ is run from the checkout (python -m examples.demo), not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.demo import TASKS, main  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,10 @@ reflectance spectra, their natural variants, class textures, illumination and ha
 by scene (:func:`domains.satellite.demo.make_landcover_archive`). docs/examples.md records
 whether pretraining beats random init on each.
 
-``python -m fedmoco.demo --domain satellite --out eo-demo`` runs the satellite version;
-``--quick`` shrinks everything for CI.
+``python -m examples.demo --domain satellite --out eo-demo`` runs the satellite version;
+``--quick`` shrinks everything for CI. It lives in ``examples/``, not in the ``fedmoco`` core,
+because it drives the coordinator's simulation (``server.simulation``), which the core never
+imports; run it from the repository root.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def run_config_text(config: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedmoco.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     p.add_argument("--domain", default="medical", choices=sorted(TASKS))
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--sites", type=int, default=3)
