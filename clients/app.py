@@ -2,8 +2,10 @@
 
 Per train message (server round r) a site:
 
-1. reads its settings: node_config (domain, data-path, dp-epsilon, dp-delta, ...) and the
-   run's hyper-parameters (run_config, see ``clients.task.RUN_DEFAULTS``);
+1. reads its settings: node_config (domain, data-path, dp-epsilon, dp-delta, ...), its own
+   settings file ``<data-path>/fedmoco-site.toml`` for the site-owned keys node_config leaves
+   unset (budget, ledger, state-dir, site-name), and the run's hyper-parameters (run_config,
+   see ``clients.task.RUN_DEFAULTS``);
 2. builds its dataset; a missing or empty data folder is answered with an error reply
    (code :data:`SITE_DATA_UNAVAILABLE`), and the round goes on without the site. An error
    reply carries a code and a reason without paths or exception text; the details (which
@@ -17,8 +19,9 @@ Per train message (server round r) a site:
 6. before training, releases DP summaries computed with the global weights it received
    (public): noisy per-centre sums of a Poisson sample of its embeddings (run_config
    ``key-release=prototypes``, default) or one noisy key per sampled image (``keys``). The
-   budget is node_config ``dp-epsilon``/``dp-delta`` only and is paid from the site's own
-   file-locked ledger (``ledger-path`` or ``state-dir``); without a ledger, a budget, or
+   budget is the site's own ``dp-epsilon``/``dp-delta`` (node_config or settings file, never
+   run_config) and is paid from its file-locked ledger (``ledger-path`` or ``state-dir``,
+   outside the data folder); without a ledger, a budget, or
    with the budget spent, it sends an empty (0, D) array, reports why in ``dp-status``, and
    keeps training and sending weights;
 7. saves its state and replies with exactly the records of docs/privacy.md: ``arrays``,
@@ -53,10 +56,12 @@ from torch.utils.data import Dataset
 
 from clients.ledger import ledger_path, locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
-                          run_value, shared_arrays, site_data_path, site_name, train_config)
+from clients.task import (SITE_RECORD, arrays_to_tensors, check_outside_data, load_shared, moco_config,
+                          parse_channels, parse_options, run_value, setting_label, shared_arrays, site_config,
+                          site_data_path, site_name, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import DataConfig, Normalization, PretrainData, build_pretrain_data, format_skipped
+from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, build_pretrain_data,
+                          format_skipped)
 from fedmoco.device import select_device
 from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
@@ -126,43 +131,60 @@ def _global_negatives(msg: Message, dim: int) -> torch.Tensor | None:
 
 
 def _node_float(node: Any, key: str, default: float | None) -> float | None:
+    """A positive number from the site's own settings (node_config or its settings file);
+    ConfigError naming where it was set."""
     if key not in node:
         return default
+    where = setting_label(node, key)
     try:
+        if isinstance(node[key], bool):  # float(True) == 1.0: a flag is not a budget
+            raise TypeError
         value = float(node[key])
     except (TypeError, ValueError):
-        raise ConfigError(f"node_config {key}: expected a number, got {node[key]!r}") from None
+        raise ConfigError(f"{where}: expected a number, got {node[key]!r}") from None
     if not value > 0:
-        raise ConfigError(f"node_config {key}: must be > 0, got {node[key]!r}")
+        raise ConfigError(f"{where}: must be > 0, got {node[key]!r}")
     return value
 
 
 def _node_count(node: Any, key: str) -> int:
     value = _node_float(node, key, 0.0) or 0.0
     if value != int(value):
-        raise ConfigError(f"node_config {key}: expected a whole number, got {node[key]!r}")
+        raise ConfigError(f"{setting_label(node, key)}: expected a whole number, got {node[key]!r}")
     return int(value)
 
 
 def _site_settings(ctx: Context) -> dict[str, Any]:
-    """Per-site settings: node_config wins over run_config defaults."""
+    """Per-site settings: node_config wins over run_config defaults. The site-owned ones
+    (budget, ledger, state, name) come from node_config, else from the site's settings file
+    ``<data-path>/fedmoco-site.toml`` (clients.task.site_config), never from run_config."""
     node, run = ctx.node_config, ctx.run_config
-    state_dir = str(node.get("state-dir", "")).strip()
-    return {
+    data_path = site_data_path(node, run)
+    own = site_config(node, data_path)
+    if own.from_file():
+        log.info("site settings from %s: %s", data_path / SITE_SETTINGS_FILE, ", ".join(own.from_file()))
+    state_dir = str(own.get("state-dir", "")).strip()
+    settings = {
         "domain": str(node.get("domain", run_value(run, "domain"))),
-        "data_path": site_data_path(node, run),
+        "data_path": data_path,
         "options": parse_options(str(node.get("data-options", run_value(run, "data-options")))),
-        # The privacy budget is the site's: node_config only, never run_config (docs/privacy.md).
-        "epsilon": _node_float(node, "dp-epsilon", None),
-        "delta": _node_float(node, "dp-delta", DEFAULT_DELTA),
-        "dp_rounds": _node_count(node, "dp-rounds"),  # 0: the run's num-server-rounds
-        "ledger_path": ledger_path(node),
+        # The privacy budget is the site's: its node_config or settings file, never run_config (docs/privacy.md).
+        "epsilon": _node_float(own, "dp-epsilon", None),
+        "delta": _node_float(own, "dp-delta", DEFAULT_DELTA),
+        "delta_label": setting_label(own, "dp-delta"),  # where it was set, for the check against n
+        "dp_rounds": _node_count(own, "dp-rounds"),  # 0: the run's num-server-rounds
+        "ledger_path": ledger_path(own),
         "state_dir": Path(state_dir).expanduser() if state_dir else None,
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
         "device": select_device(str(node.get("device", "auto"))),
         "threads": int(node.get("threads", 0)),
-        "name": site_name(node),  # shown by the server instead of the node id
+        "name": site_name(own),  # shown by the server instead of the node id
     }
+    # A ledger in the data folder would be reset whenever the data is re-exported (docs/privacy.md).
+    check_outside_data(settings["ledger_path"], data_path,
+                       setting_label(own, "ledger-path" if str(own.get("ledger-path", "")).strip() else "state-dir"))
+    check_outside_data(settings["state_dir"], data_path, setting_label(own, "state-dir"))
+    return settings
 
 
 def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:
@@ -381,7 +403,8 @@ def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int) -> None:
         try:
             check_site_delta(site["delta"], n_images)
         except ConfigError as exc:
-            raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {exc}") from None
+            text = str(exc).replace("node_config dp-delta", site["delta_label"], 1)  # the file, when set there
+            raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {text}") from None
 
 
 def _public_encoder(msg: Message, mcfg: MoCoConfig, device: torch.device) -> Encoder:
