@@ -87,7 +87,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="decode every sample every epoch instead of using the decoded-sample cache")
     p.add_argument("--batch-augment", choices=("auto", "on", "off"), default="auto",
-                   help="both views per batch from the cache: auto = on CUDA only (default)")
+                   help="both views per batch from the cache: auto = on wherever the data offers it (default)")
     p.add_argument("--no-plots", action="store_true")
 
 

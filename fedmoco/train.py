@@ -90,9 +90,12 @@ def batched_views_for(dataset: Dataset, cfg: TrainConfig, device: torch.device):
     Datasets that keep a decoded-sample cache expose ``batched_views()`` -> (dataset of
     cached base samples, BatchViews module) or None. On CUDA the collate only stacks and the
     Trainer runs the module on the device; on CPU it runs inside the collate, in the workers.
+    ``auto`` batches wherever the dataset offers it, CPU included: per core it is faster than
+    the per-sample pipelines (benchmarks/results/feed_*.md), and a fresh round's process then
+    never imports MONAI or torchvision (benchmarks/results/round_overhead.md).
     """
     mode = cfg.batch_augment
-    use = device.type == "cuda" if mode == "auto" else mode == "on"
+    use = mode in ("auto", "on")
     offer = getattr(dataset, "batched_views", None)
     if not use or offer is None:
         return None

@@ -9,17 +9,23 @@
 Options, windowing, augmentations and decoders: docs/medical.md.
 """
 
-from .dataset import (
-    MedicalLabelledDataset,
-    MedicalPretrainDataset,
-    build_labelled_data,
-    build_pretrain_data,
-    default_normalization,
-)
-from .demo import make_demo_archive, write_dicom
-from .groups import group_keys
-from .options import CT_PRESETS, MedicalOptions
-from .reader import DicomHeader, DicomImage, DicomReadError, read_dicom, read_header
+from domains import lazy_exports
+
+# Loaded on first use (PEP 562): every federated round is a fresh process, and a site pays
+# only for the submodules it touches (the demo writer and MONAI's pipelines are not needed to
+# train from the cache).
+_WHERE = {
+    "MedicalLabelledDataset": ".dataset", "MedicalPretrainDataset": ".dataset", "build_labelled_data": ".dataset",
+    "build_pretrain_data": ".dataset", "default_normalization": ".dataset",
+    "make_demo_archive": ".demo", "write_dicom": ".demo",
+    "group_keys": ".groups",
+    "CT_PRESETS": ".options", "MedicalOptions": ".options",
+    "DicomHeader": ".reader", "DicomImage": ".reader", "DicomReadError": ".reader", "read_dicom": ".reader",
+    "read_header": ".reader",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 __all__ = [
     "CT_PRESETS",

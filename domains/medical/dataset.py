@@ -28,17 +28,10 @@ from fedmoco.errors import DataError
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
 from .options import CT_PRESETS, MedicalOptions
 from .reader import INCONSISTENT, DicomImage, DicomReadError, read_dicom
-from .transforms import (
-    BASE_OPTIONS,
-    IMAGE,
-    WINDOW,
-    ViewPipeline,
-    base_size,
-    eval_pipeline,
-    from_base,
-    pretrain_pipeline,
-    to_base,
-)
+from .base import BASE_OPTIONS, IMAGE, WINDOW, base_size, from_base, to_base
+
+# .transforms (MONAI) is imported where a per-sample pipeline is built: a site whose views are
+# made per batch from the cache (fedmoco.gpu_augment) never loads MONAI (3-7 s per round).
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +121,26 @@ class MedicalPretrainDataset(_DicomSamples):
     sample is stored on first use and read back afterwards (``transforms.to_base``).
     """
 
-    def __init__(self, root, records, samples, opts, pipeline: ViewPipeline,
-                 cache: SampleCache | None = None, image_size: int = 0) -> None:
+    def __init__(self, root, records, samples, opts, pipeline=None,
+                 cache: SampleCache | None = None, image_size: int = 0,
+                 normalization: Normalization | None = None) -> None:
+        """``pipeline``: a ``transforms.ViewPipeline``, or None to build the MONAI pipeline of
+        ``opts`` at ``image_size`` on the first per-sample view (batched views never need it)."""
         super().__init__(root, records, samples, opts)
-        self.views = TwoViews(pipeline)
+        self.normalization = normalization or (pipeline.normalization if pipeline is not None
+                                               else default_normalization(opts.in_channels))
+        self._views = None if pipeline is None else TwoViews(pipeline)
         self.cache = cache
         self.image_size = image_size
+
+    @property
+    def views(self) -> TwoViews:
+        """The per-sample view pair (MONAI), built on first use."""
+        if self._views is None:
+            from .transforms import ViewPipeline, pretrain_pipeline
+
+            self._views = TwoViews(ViewPipeline(pretrain_pipeline(self.opts, self.image_size), self.normalization))
+        return self._views
 
     def base(self, i: int) -> tuple[np.ndarray, int] | None:
         """Cached base of sample ``i`` (decoded and stored on a miss), or None if unreadable."""
@@ -168,7 +175,7 @@ class MedicalPretrainDataset(_DicomSamples):
             return None
         from fedmoco.gpu_augment import MedicalViews  # only sites that batch their views pay the import
 
-        return MedicalBases(self), MedicalViews(self.opts, self.image_size, self.views.transform.normalization)
+        return MedicalBases(self), MedicalViews(self.opts, self.image_size, self.normalization)
 
 
 class MedicalBases(Dataset):
@@ -253,9 +260,8 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     records, skipped = index_folder(Path(root), opts)
     samples = build_samples(records, opts.slices)
     normalization = default_normalization(opts.in_channels)
-    pipeline = ViewPipeline(pretrain_pipeline(opts, cfg.image_size), normalization)
     cache = _sample_cache(Path(root), records, samples, opts, cfg)
-    dataset = MedicalPretrainDataset(root, records, samples, opts, pipeline, cache, cfg.image_size)
+    dataset = MedicalPretrainDataset(root, records, samples, opts, None, cache, cfg.image_size, normalization)
     return PretrainData(
         dataset=dataset,
         in_channels=opts.in_channels,
@@ -291,6 +297,8 @@ def build_labelled_data(
             f"{opts.in_channels} (slices={opts.slices}, channels={opts.channels})"
         )
     samples = build_samples(records, opts.slices)
+    from .transforms import ViewPipeline, eval_pipeline  # every labelled sample goes through MONAI
+
     pipeline = ViewPipeline(eval_pipeline(opts, cfg.image_size), normalization)
     dataset = MedicalLabelledDataset(root, records, samples, opts, pipeline, labels)
     return LabelledData(

@@ -5,10 +5,19 @@ Implements the data contract of :mod:`fedmoco.data` (``build_pretrain_data``,
 See docs/satellite.md for the data options.
 """
 
-from domains.satellite.dataset import build_labelled_data, build_pretrain_data
-from domains.satellite.demo import make_demo_archive
-from domains.satellite.groups import group_keys
-from domains.satellite.reader import RasterReadError, read_tile
+from domains import lazy_exports
+
+# Loaded on first use (PEP 562): every federated round is a fresh process, and a site pays
+# only for the submodules it touches (torchvision's per-sample transforms are not needed to
+# train from the cache with batched views).
+_WHERE = {
+    "build_labelled_data": "domains.satellite.dataset", "build_pretrain_data": "domains.satellite.dataset",
+    "make_demo_archive": "domains.satellite.demo", "group_keys": "domains.satellite.groups",
+    "RasterReadError": "domains.satellite.reader", "read_tile": "domains.satellite.reader",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 __all__ = ["RasterReadError", "build_labelled_data", "build_pretrain_data", "group_keys", "make_demo_archive",
            "read_tile"]

@@ -1,7 +1,8 @@
 """Augmentations for multispectral tiles: small composable transforms on (C, H, W) tensors.
 
 Geometric operations and blur come from torchvision.transforms.v2, which handles any channel
-count. The radiometric ones are hand-written because torchvision's are RGB-only (ColorJitter
+count; it is imported where a pipeline is built, because importing torchvision loads its models
+and torch._dynamo (2-4 s), which a site making its views per batch (fedmoco.gpu_augment) never needs. The radiometric ones are hand-written because torchvision's are RGB-only (ColorJitter
 mixes channels through hue/saturation, Grayscale assumes RGB weights): here brightness and
 contrast are drawn per band, haze follows the wavelength of each band, and band dropout acts
 on whole channels. All randomness comes from torch's generator, which DataLoader seeds per
@@ -15,7 +16,6 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from domains.satellite.options import SatelliteOptions
 from fedmoco.data import Normalization
@@ -169,6 +169,8 @@ def pretrain_transform(
     sizes), then indices, normalisation and band dropout. Haze is left out when
     ``wavelengths`` is None.
     """
+    from torchvision.transforms import v2
+
     steps: list[nn.Module] = [v2.RandomResizedCrop(image_size, scale=opts.crop_scale, antialias=True)]
     if opts.flip:  # overhead views have no preferred orientation, unless option flip=false says so
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
@@ -192,6 +194,8 @@ def eval_transform(
     opts: SatelliteOptions, image_size: int, normalization: Normalization, roles: Mapping[str, int]
 ) -> v2.Compose:
     """The deterministic view: reflectance tile -> normalised (C, image_size, image_size)."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.Resize((image_size, image_size), antialias=True),

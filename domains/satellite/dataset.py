@@ -441,7 +441,7 @@ class SatellitePretrainDataset(Dataset):
         partners: dict[int, list[int]] | None = None,
     ) -> None:
         self.reader = reader
-        self.transform = transform
+        self._transform = transform  # or a () -> transform factory, called on the first per-sample view
         self.tile, self.max_nodata, self.max_tries = tile, max_nodata, max_tries
         self.windows = windows
         self.cumulative = None if weights is None else np.cumsum(weights)
@@ -451,6 +451,13 @@ class SatellitePretrainDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def transform(self):
+        """The per-sample view (torchvision v2), built on first use: batched views never need it."""
+        if isinstance(self._transform, partial):
+            self._transform = self._transform()
+        return self._transform
 
     def _pick(self, index: int) -> tuple[int, Window, np.ma.MaskedArray]:
         if self.windows is not None:
@@ -633,7 +640,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     wavelengths = reader.layout.wavelengths
     if wavelengths is None and opts.haze_p > 0:
         log.info("satellite: band wavelengths unknown, haze augmentation off (set the wavelengths option)")
-    transform = pretrain_transform(opts, cfg.image_size, normalization, wavelengths, reader.layout.roles)
+    transform = partial(pretrain_transform, opts, cfg.image_size, normalization, wavelengths, reader.layout.roles)
     partners = temporal_partners(reader.sources) if opts.temporal else {}
     if opts.temporal and not partners:
         log.warning("satellite: temporal=true but no two acquisitions of one footprint carry dates")
