@@ -1,6 +1,10 @@
 """Federated simulation on this machine, offline: ``python -m server.simulation``.
 
-1. generates one demo archive per site (``domains.<domain>.demo``) under ``OUT/data/site-<i>``;
+1. generates one demo archive per site (``domains.<domain>.demo``) under ``OUT/data/site-<i>``
+   and, playing each site's admin, its settings file ``OUT/data/site-<i>/fedmoco-site.toml``:
+   a privacy budget (:data:`DEMO_BUDGET`) and a ledger outside the data folder,
+   ``OUT/site-state/site-<i>/privacy-ledger.json`` (``--no-site-budget``: no file, the sites
+   then share weights only);
 2. starts a simulation SuperLink (``flower-superlink --insecure --simulation
    --disable-runtime-dependency-installation``) on free ports, with its own ``FLWR_HOME``;
    Flower's ``:local:`` connection would run ``uv sync`` per run and needs the internet;
@@ -26,8 +30,11 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from clients.ledger import LEDGER_FILE
+from clients.task import SITE_FILE_KEYS
+from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.metrics import read_jsonl
 from server.launch import (flower_command, flower_env, free_port, start_process, stop_process, tail,
@@ -43,8 +50,23 @@ DEMO_CHANNELS = {"medical": 1, "satellite": 4, "images": 1}
 DEMO_MIN_SIZE = {"medical": 32, "satellite": 16, "images": 8}
 
 
-def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 64, seed: int = 0) -> list[Path]:
-    """One generated archive per site under ``root/site-<i>``; different seeds, different sites."""
+#: The budget each simulated site's admin gives it (its fedmoco-site.toml). epsilon 8 is the
+#: loopback deployment's (examples/deployment), so both demos share alike. Demo sites hold
+#: 28-42 images, far below the hundreds per bucket a prototype needs at epsilon 1.5
+#: (docs/privacy.md); measured on 3 medical demo sites, 3 rounds, the global queue gained
+#: 3, 3, 6 prototypes per round at epsilon 8 and 3, 2, 1 at epsilon 1.5. delta 1e-5 is the
+#: default and below 1 / n at every demo site. A real site sets its own budget.
+DEMO_BUDGET: dict[str, float] = {"dp-epsilon": 8.0, "dp-delta": 1e-5}
+
+
+def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 64, seed: int = 0,
+                    budget: Mapping[str, float] | None = DEMO_BUDGET, state_root: Path | None = None) -> list[Path]:
+    """One generated archive per site under ``root/site-<i>``; different seeds, different sites.
+
+    With a ``budget`` each site also gets its settings file (:func:`write_site_settings`)
+    with a ledger under ``state_root/site-<i>`` (default ``root/../site-state``), outside its
+    data; ``budget=None``: no settings file, the site shares weights only.
+    """
     paths = []
     for i in range(n_sites):
         out = root / f"site-{i}"
@@ -62,7 +84,34 @@ def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 
         else:
             raise ValueError(f"no demo archive for domain {domain!r}; choose one of {sorted(DEMO_CHANNELS)}")
         paths.append(out)
+    if budget is not None:
+        write_site_settings(paths, (root.parent / "site-state") if state_root is None else state_root, budget)
     return paths
+
+
+def write_site_settings(site_dirs: list[Path], state_root: Path,
+                        budget: Mapping[str, float] = DEMO_BUDGET) -> list[Path]:
+    """Play each site's admin: write ``<site_dirs[i]>/fedmoco-site.toml`` with ``budget`` and the
+    ledger ``state_root/site-<i>/privacy-ledger.json`` (absolute, outside the data folder).
+
+    The generated data is new, so a ledger left there by an earlier demo (about data that no
+    longer exists) is removed with its folder: a new site starts with its whole budget.
+    Returns the settings files' paths.
+    """
+    unknown = sorted(set(budget) - set(SITE_FILE_KEYS))
+    if unknown:
+        raise ValueError(f"not site settings: {', '.join(unknown)}")
+    files = []
+    for i, site in enumerate(site_dirs):
+        state = (state_root / f"site-{i}").resolve()
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True)
+        settings = {**budget, "ledger-path": str(state / LEDGER_FILE)}
+        path = site / SITE_SETTINGS_FILE
+        path.write_text("# this site's own settings (docs/privacy.md); node_config wins over them\n"
+                        + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
+        files.append(path)
+    return files
 
 
 def toml_value(v: Any) -> str:
@@ -167,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--run-config", default="", help="extra run_config overrides, 'k=v k2=\"text\"'")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--no-site-budget", action="store_true",
+                   help="give the generated sites no privacy budget (no fedmoco-site.toml): weights only, "
+                        "no global queue")
     args = p.parse_args(argv)
     try:
         run_config = simulation_run_config(args)
@@ -176,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
-    make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size)
+    make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size,
+                    budget=None if args.no_site_budget else DEMO_BUDGET, state_root=out / "site-state")
+    if not args.no_site_budget:
+        print(f"site budgets: epsilon {DEMO_BUDGET['dp-epsilon']:g}, delta {DEMO_BUDGET['dp-delta']:g} per site "
+              f"(data/site-<i>/{SITE_SETTINGS_FILE}), ledgers under {out / 'site-state'}", flush=True)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="fedmoco-sim-") as tmp:
         work = Path(tmp)

@@ -1,0 +1,90 @@
+"""Simulated sites own a budget: ``make_demo_sites`` plays each site's admin (fedmoco-site.toml).
+
+Flower's simulation gives a site no node_config but ``partition-id``/``num-partitions``, so
+the budget and ledger of ``python -m server.simulation`` come from the settings file the
+generator writes in each site's data folder. Here the real ServerApp code and ClientApp run
+over ``server.inprocess.InProcessGrid`` with exactly that node_config, on generated sites.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clients.app import app as client_app
+from clients.ledger import LEDGER_FILE, read_ledger
+from clients.task import RUN_DEFAULTS
+from fedmoco.data import SITE_SETTINGS_FILE
+from fedmoco.cli import main as cli
+from server.app import run_federation
+from server.inprocess import InProcessGrid, make_context
+from server.simulation import DEMO_BUDGET, make_demo_sites, write_site_settings
+
+RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
+       "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 2, "min-nodes": 2,
+       "prototype-centres": 4, "plots": False, "resume": False}
+
+
+def simulate(tmp_path: Path, **sites_kwargs) -> list[dict]:
+    """Two generated sites, a two-round federation as Flower's simulation runs it; rounds.jsonl."""
+    make_demo_sites("images", tmp_path / "data", 2, image_size=32, **sites_kwargs)
+    run = {**RUN, "demo-root": str(tmp_path / "data"), "out-dir": str(tmp_path / "server")}
+    # what Flower's simulation puts in a simulated node's node_config, and nothing else
+    sites = {100 + i: (client_app, make_context(100 + i, {"partition-id": i, "num-partitions": 2}, run))
+             for i in range(2)}
+    run_federation(InProcessGrid(sites), run)
+    return [json.loads(line) for line in (tmp_path / "server" / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_simulated_sites_share_prototypes_from_their_own_budget(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        rounds = simulate(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["dp-sharing"] == 2 and r["queue-added"] > 0
+        assert {s["site"]: s["dp-status"] for s in r["sites"]} == {"site-0": 0.0, "site-1": 0.0}
+        assert all(s["keys"] > 0 and s["dp-keys-budget"] == DEMO_BUDGET["dp-epsilon"] for s in r["sites"])
+    assert 0 < rounds[0]["queue-size"] < rounds[1]["queue-size"] == rounds[0]["queue-added"] + rounds[1]["queue-added"]
+    # round 2: each site got the other's prototypes as negatives (its own are excluded)
+    assert {s["site"]: s["queue-keys"] for s in rounds[1]["sites"]} == {
+        "site-0": next(s["keys"] for s in rounds[0]["sites"] if s["site"] == "site-1"),
+        "site-1": next(s["keys"] for s in rounds[0]["sites"] if s["site"] == "site-0")}
+    assert "no budget" not in caplog.text and "sent no DP summaries" not in caplog.text
+    # each ledger lies outside its data folder and holds this run's two releases
+    for i in range(2):
+        ledger_file = tmp_path / "site-state" / f"site-{i}" / LEDGER_FILE
+        ledger = read_ledger(ledger_file)
+        assert ledger.releases == 2 and ledger.epsilon_budget == DEMO_BUDGET["dp-epsilon"]
+        assert 0 < ledger.spent() <= DEMO_BUDGET["dp-epsilon"]
+        assert not ledger_file.resolve().is_relative_to((tmp_path / "data").resolve())
+        assert sorted(p.name for p in (tmp_path / "data" / f"site-{i}").iterdir() if p.is_file()) == [SITE_SETTINGS_FILE]
+    # the coordinator's `fedmoco plot` of the server's out-dir shows the queue
+    assert cli(["plot", str(tmp_path / "server")]) == 0
+    assert (tmp_path / "server" / "plots" / "queue.png").stat().st_size > 0
+
+
+def test_without_a_site_budget_the_sites_share_weights_only(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="flwr.fedmoco.server"):
+        rounds = simulate(tmp_path, budget=None)  # python -m server.simulation --no-site-budget
+    assert not list((tmp_path / "data").glob(f"*/{SITE_SETTINGS_FILE}"))
+    assert all(r["queue-size"] == 0 and r["dp-sharing"] == 0 for r in rounds)
+    assert {s["dp-status"] for r in rounds for s in r["sites"]} == {4.0}
+    assert "no budget" in caplog.text
+
+
+def test_settings_file_written_as_a_site_admin_would(tmp_path):
+    sites = make_demo_sites("images", tmp_path / "data", 2, image_size=16, state_root=tmp_path / "state")
+    for i, site in enumerate(sites):
+        settings = tomllib.loads((site / SITE_SETTINGS_FILE).read_text())
+        ledger = tmp_path.resolve() / "state" / f"site-{i}" / LEDGER_FILE
+        assert settings == {**DEMO_BUDGET, "ledger-path": str(ledger)}
+    # regenerated data is a new site: the old ledger goes with the old data
+    (tmp_path / "state" / "site-0" / LEDGER_FILE).write_text("{}")
+    write_site_settings(sites, tmp_path / "state")
+    assert not (tmp_path / "state" / "site-0" / LEDGER_FILE).exists()
+    with pytest.raises(ValueError, match="not site settings: key-release"):
+        write_site_settings(sites, tmp_path / "state", {"dp-epsilon": 1.0, "key-release": "keys"})
