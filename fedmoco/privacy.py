@@ -77,6 +77,7 @@ __all__ = [
     "select_prototypes",
     "seeded_centres",
     "choose_centres",
+    "merge_centres",
     "release_prototypes",
     "prototypes_from_sample",
 ]
@@ -784,6 +785,69 @@ def choose_centres(received: Tensor | None, count: int, dim: int, seed: int) -> 
         chosen.append(nxt)
         best = torch.maximum(best, pool @ pool[nxt])
     return torch.cat([pool[chosen], seeded[: count - len(chosen)]])
+
+
+def merge_centres(prototypes: Tensor, count: int, weights: Tensor | None = None, *, iterations: int = 25,
+                  restarts: int = 4, seed: int = 0) -> Tensor:
+    """Merge released prototypes (M, D) into at most ``count`` unit centres (k, D), float32.
+
+    Weighted spherical k-means: ``restarts`` k-means++ starts (drawn from a generator seeded
+    with the public ``seed``), each followed by up to ``iterations`` Lloyd steps that assign
+    every row to its most similar centre, exactly as a site assigns its embeddings
+    (:func:`assign_to_centres`), and set each centre to the normalised weighted sum of its
+    rows; the start with the least weighted loss sum w (1 - cos) wins (one stray prototype
+    then does not take a centre from two real clusters). ``weights`` (M,) >= 0, default all
+    1; rows of weight 0 are ignored. The same input and seed give the same centres. k <
+    ``count`` only when fewer distinct rows carry weight; sites top them up with seeded
+    directions (:func:`choose_centres`).
+
+    Used by the server on the prototypes the sites RELEASED (post-processing of DP outputs),
+    so centres built from it are public: released prototypes point at the bucket means of the
+    partition they were released on, and Lloyd's iteration carried over rounds moves the
+    centres towards the data's clusters, which raises each bucket's resultant length
+    (docs/privacy.md). Hand-written rather than scikit-learn's KMeans: that one is Euclidean
+    with unnormalised centroids, while the site's partition is by cosine.
+    """
+    pool = _check_rows(prototypes, "prototypes").detach().float().cpu()
+    count = _check_count(count, "count", 1)
+    w = torch.ones(len(pool)) if weights is None else weights.detach().float().cpu().reshape(-1)
+    if w.shape[0] != len(pool) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights: expected {len(pool)} finite values >= 0, got shape {tuple(w.shape)}")
+    keep = (w > 0) & (pool.norm(dim=1) > 0)
+    pool, w = F.normalize(pool[keep], dim=1), w[keep] / w[keep].sum().clamp_min(1e-30)
+    if len(pool) == 0:
+        return torch.zeros(0, prototypes.shape[1])
+    g = torch.Generator().manual_seed(int(seed) % (2**63))
+    best, best_loss = pool[:0], math.inf
+    for _ in range(_check_count(restarts, "restarts", 1)):
+        centres = _kmeans_pp(pool, w, count, g)
+        for _ in range(int(iterations)):
+            owner = (pool @ centres.T).argmax(dim=1)
+            sums = torch.zeros_like(centres).index_add_(0, owner, pool * w[:, None])
+            empty = sums.norm(dim=1) == 0  # a centre that lost every row keeps its place
+            sums[empty] = centres[empty]
+            moved = F.normalize(sums, dim=1)
+            if torch.equal(moved, centres):
+                break
+            centres = moved
+        loss = float((w * (1 - (pool @ centres.T).max(dim=1).values)).sum())
+        if loss < best_loss - 1e-9:
+            best, best_loss = centres, loss
+    return best
+
+
+def _kmeans_pp(pool: Tensor, w: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding on unit rows: each next centre drawn with probability proportional to
+    weight x squared distance to the nearest chosen one; stops early when only copies are left."""
+    chosen = [int(torch.multinomial(w, 1, generator=generator))]
+    near = pool @ pool[chosen[0]]  # largest cosine of each row with the chosen set
+    while len(chosen) < count:
+        p = w * (2 - 2 * near).clamp_min(0)
+        if float(p.sum()) <= 1e-12:
+            break
+        chosen.append(int(torch.multinomial(p, 1, generator=generator)))
+        near = torch.maximum(near, pool @ pool[chosen[-1]])
+    return pool[chosen]
 
 
 def release_prototypes(

@@ -9,6 +9,12 @@ random sample as extra negatives, by default leaving out that site's own (a site
 contrasts against its own data through its local queue, and its own summaries would be
 near-duplicates of its positives).
 
+The server also merges the prototypes it holds into C **public centres**
+(:meth:`GlobalKeyQueue.centres`, ``fedmoco.privacy.merge_centres``) and sends them to every
+site, which assigns its next release's embeddings to them. They are computed from released
+(DP) vectors and their round tags only, i.e. post-processing, and they drift towards the
+data's clusters round by round (docs/privacy.md).
+
 Everything in :meth:`GlobalKeyQueue.state_dict` is a tensor or a plain Python value, so the
 round checkpoint loads with ``torch.load(weights_only=True)``.
 """
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 
 from fedmoco.errors import ConfigError
+from fedmoco.privacy import merge_centres
 
 
 class GlobalKeyQueue:
@@ -114,6 +121,29 @@ class GlobalKeyQueue:
         if idx.numel() > n:
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]
         return self.keys[idx].clone()
+
+    @torch.no_grad()
+    def centres(self, count: int, *, half_life: float = 1.0) -> torch.Tensor:
+        """Public centres for the sites' next prototype release: (k, dim) unit rows, k <= count.
+
+        The live entries (every site's, the receiver's own included: they are its earlier DP
+        releases, public like the rest) merged by ``merge_centres`` (weighted spherical
+        k-means), each weighted 0.5 ** (age / ``half_life``) where age is how many rounds
+        before the newest entry it arrived (0: the newest round only): newer prototypes come
+        from an encoder closer to the one the sites release with now. Depends only on the
+        released vectors and their round tags; deterministic (the k-means++ starts are seeded
+        by the newest round number). (0, dim) when the queue is empty.
+        """
+        if not float(half_life) >= 0:
+            raise ConfigError(f"centre half-life must be >= 0, got {half_life}")
+        live = self.owner[: self.count] >= 0
+        if not bool(live.any()):
+            return torch.zeros(0, self.dim)
+        rounds = self.round[: self.count][live].double()
+        age = rounds.max() - rounds
+        weights = (age == 0).double() if half_life == 0 else 0.5 ** (age / float(half_life))
+        # k-means++ starts seeded by the newest round: public, and different starts in later rounds
+        return merge_centres(self.keys[: self.count][live], count, weights.float(), seed=int(rounds.max()))
 
     def counts_by_site(self) -> dict[int, int]:
         """Keys currently held per node id."""

@@ -6,7 +6,9 @@ Per round (``Strategy.start`` drives it):
     FedAvg samples the sites and builds the train messages (``arrays`` = global query
     encoder + projection head (+ predictor), ``config``); each site's message then gets its
     own ``queue`` record: up to ``queue_sample`` keys drawn from the global queue, without
-    that site's own keys when ``exclude_own_keys``.
+    that site's own keys when ``exclude_own_keys``, and a ``centres`` record: the
+    ``prototype_centres`` public centres merged from the queue (``GlobalKeyQueue.centres``),
+    the same for every site, to which it assigns its next prototype release.
 ``aggregate_train``
     Every reply is checked (``server.validation``); a failing one is dropped with a one-line
     log naming the round, the node and the reasons; error replies (a site without data, a
@@ -137,6 +139,7 @@ class FedMoCo(FedAvg):
     ``metrics_path``: the JSON-lines file of per-round metrics (None: not written).
     ``round_offset``: rounds already done (a resumed run).
     ``site_ledger``: per-node privacy reports restored from a checkpoint.
+    ``prototype_centres``: centres sent for the sites' prototype release (their C).
     ``queue_max_age``: rounds a summary may serve as a negative after the round it arrived
     in; older ones are dropped before each round's sampling (0 = kept until overwritten).
     ``example_caps``: the most examples each site's FedAvg weight counts for; a larger
@@ -153,7 +156,7 @@ class FedMoCo(FedAvg):
                  expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
                  fraction_evaluate: float = 0.0, example_caps: ExampleCaps | None = None,
                  queue_max_age: int = 0, run_id: str | None = None, site_names: dict[int, str] | None = None,
-                 **fedavg_kwargs: Any) -> None:
+                 prototype_centres: int = 8, **fedavg_kwargs: Any) -> None:
         super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
         if queue_sample < 0:
             raise ConfigError(f"queue-sample must be >= 0, got {queue_sample}")
@@ -166,6 +169,9 @@ class FedMoCo(FedAvg):
         self.queue = queue
         self.limits = limits
         self.queue_sample = int(queue_sample)
+        if int(prototype_centres) < 1:
+            raise ConfigError(f"prototype-centres must be >= 1, got {prototype_centres}")
+        self.prototype_centres = int(prototype_centres)
         self.exclude_own_keys = exclude_own_keys
         if int(queue_max_age) < 0:
             raise ConfigError(f"global-queue-max-age must be >= 0, got {queue_max_age}")
@@ -222,16 +228,20 @@ class FedMoCo(FedAvg):
         messages, self._down = [], {}
         weight_bytes = array_bytes(arrays)
         self._expired = self.queue.expire(r, self.queue_max_age)
+        # One set for all sites, from released vectors only (post-processing; docs/privacy.md).
+        centres = self.queue.centres(self.prototype_centres)
+        centres_record = ArrayRecord({"centres": Array(centres.numpy().astype(np.float32))})
         for msg in base:
             node = msg.metadata.dst_node_id
             sample = self.queue.sample(self.queue_sample, exclude=node if self.exclude_own_keys else None,
                                        generator=self._torch_gen)
             queue_record = ArrayRecord({"keys": Array(sample.numpy().astype(np.float32))})
-            content = RecordDict({"arrays": arrays, "config": msg.content["config"], "queue": queue_record})
+            content = RecordDict({"arrays": arrays, "config": msg.content["config"], "queue": queue_record,
+                                  "centres": centres_record})
             messages.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node,
                                     group_id=str(r)))
             self._down[node] = {"weights": weight_bytes, "queue": array_bytes(queue_record),
-                                "queue-keys": int(sample.shape[0])}
+                                "queue-keys": int(sample.shape[0]), "centres": array_bytes(centres_record)}
         log.info("round %d: sent the global model (%.2f MB) and up to %d global negatives to %d site(s)",
                  r, weight_bytes / 2**20, self.queue_sample, len(messages))
         return messages
@@ -392,7 +402,8 @@ class FedMoCo(FedAvg):
             "queue-size": len(self.queue), "queue-sites": len(self.queue.counts_by_site()),
             "queue-added": sum(s.get("keys", 0) for s in ok) if updated else 0, "queue-expired": self._expired,
             "up-bytes": sum(s.get("up-arrays", 0) + s.get("up-keys", 0) for s in sites),
-            "down-bytes": sum(d.get("weights", 0) + d.get("queue", 0) for d in self._down.values()),
+            "down-bytes": sum(d.get("weights", 0) + d.get("queue", 0) + d.get("centres", 0)
+                              for d in self._down.values()),
             "dp-sharing": sum(s.get("dp-status") in (0, 1) for s in ok),
             "server-rss-mb": current_rss_mb(),
             "sites": sites,

@@ -46,7 +46,9 @@ def test_each_site_gets_its_own_sample_without_its_own_keys(grid3):
     assert sample[103].shape == (10, 8)  # queue_sample caps it
     for m in msgs.values():
         assert m.metadata.message_type == "train"
-        assert set(m.content.keys()) == {"arrays", "config", "queue"}
+        assert set(m.content.keys()) == {"arrays", "config", "queue", "centres"}
+        # one set of public centres for every site, merged from the whole queue (both sites' rows)
+        assert np.array_equal(m.content["centres"]["centres"].numpy(), s.queue.centres(s.prototype_centres).numpy())
         assert m.content["config"]["server-round"] == 1 and m.content["config"]["lr"] == 0.1
         assert list(m.content["arrays"].keys()) == list(ref.keys())
 
