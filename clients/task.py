@@ -362,11 +362,17 @@ def read_site_file(path: Path) -> dict[str, str | int | float]:
 
 def site_config(node_config: Mapping[str, Any], data_path: Path) -> SiteConfig:
     """The site's own settings: node_config, then ``data_path/fedmoco-site.toml`` for each
-    :data:`SITE_FILE_KEYS` key node_config leaves unset (absent or blank). The file is
-    optional; ConfigError naming it when it is invalid (:func:`read_site_file`)."""
+    :data:`SITE_FILE_KEYS` key node_config leaves unset (absent or blank). The ledger's place
+    comes from one source: a node_config that names ``ledger-path`` or ``state-dir`` also
+    overrides the file's ``ledger-path`` (else node_config's state-dir would hold training
+    state while the file moved the ledger elsewhere). The file is optional; ConfigError naming
+    it when it is invalid (:func:`read_site_file`)."""
     path = data_path / SITE_SETTINGS_FILE
     from_file = read_site_file(path) if path.is_file() else {}
-    unset = [k for k in from_file if not str(node_config.get(k, "")).strip()]
+    is_set = lambda k: bool(str(node_config.get(k, "")).strip())  # noqa: E731
+    if is_set("state-dir"):
+        from_file.pop("ledger-path", None)
+    unset = [k for k in from_file if not is_set(k)]
     return SiteConfig({**node_config, **{k: from_file[k] for k in unset}}, {k: str(path) for k in unset})
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from clients.ledger import LEDGER_FILE
+from clients.ledger import LEDGER_FILE, read_ledger
 from clients.task import SITE_FILE_KEYS
 from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError, FedmocoError
@@ -112,6 +112,34 @@ def write_site_settings(site_dirs: list[Path], state_root: Path,
                         + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
         files.append(path)
     return files
+
+
+def queue_summary(metrics: Path, state_root: Path | None = None) -> str:
+    """One line on the global queue after the last round in ``metrics`` (a server's
+    rounds.jsonl): prototypes held, from how many sites, added that round, and (with
+    ``state_root``, as :func:`write_site_settings` lays it out) each site's ledger:
+    epsilon spent of its budget. Says why when no site shared."""
+    rounds = [r for r in read_jsonl(metrics) if r.get("event") == "round"] if metrics.is_file() else []
+    if not rounds:
+        return f"global queue: no finished round in {metrics}"
+    last = rounds[-1]
+    line = (f"global queue: {last.get('queue-size', 0)} DP summaries from {last.get('queue-sites', 0)} site(s) after "
+            f"round {last['round']} ({last.get('queue-added', 0)} added in it, {last.get('dp-sharing', 0)} of "
+            f"{last.get('accepted', 0)} sites sharing)")
+    spent = []
+    for ledger_file in sorted(state_root.glob(f"site-*/{LEDGER_FILE}")) if state_root else []:
+        try:
+            ledger = read_ledger(ledger_file)
+        except ConfigError:
+            ledger = None
+        if ledger is not None:
+            spent.append(f"{ledger_file.parent.name} {ledger.spent():.3g}/{ledger.epsilon_budget:g}")
+    if spent:
+        line += f"; epsilon spent per site: {', '.join(spent)} (delta {ledger.delta:g})"
+    reasons = sorted({s["dp-reason"] for s in last.get("sites", []) if s.get("dp-reason")})
+    if not last.get("dp-sharing") and reasons:
+        line += f"; not sharing: {'; '.join(reasons)}"
+    return line
 
 
 def toml_value(v: Any) -> str:
@@ -248,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfederated simulation: {args.sites} {args.domain} sites, {args.rounds} rounds in {result.seconds:.0f} s")
     print(f"aggregated encoder:   {result.encoder}")
     print(f"round metrics:        {out / 'server' / 'rounds.jsonl'}")
+    print(queue_summary(out / "server" / "rounds.jsonl", out / "site-state"))
     print(f"plots:                {out / 'server' / 'plots'}")
     print(f"full log:             {out / 'flwr-run.log'}")
     return 0

@@ -72,6 +72,21 @@ def test_node_config_wins_over_the_file_key_by_key(site, sent, tmp_path):
     assert own.label("dp-delta") == f"{site / SITE_SETTINGS_FILE}: dp-delta" and own.from_file() == ["dp-delta"]
 
 
+def test_a_node_config_state_dir_keeps_the_ledger_beside_it(site, sent, tmp_path):
+    # the ledger's place comes from one source: node_config's state-dir beats the file's ledger-path
+    write_settings(site, 'dp-epsilon = 4.0\nledger-path = "../file-ledger.json"\n')
+    node = {"data-path": str(site), "state-dir": str(tmp_path / "state")}
+    m = metrics(train(train_message(sent, 1), context(node, run_config())))
+    assert m["dp-status"] == 0 and read_ledger(tmp_path / "state" / "privacy-ledger.json").epsilon_budget == 4.0
+    assert not (tmp_path / "file-ledger.json").exists()
+    # the other way round: the file's state-dir holds the state, node_config's ledger-path the ledger
+    write_settings(site, 'dp-epsilon = 4.0\nstate-dir = "../file-state"\n')
+    node = {"data-path": str(site), "ledger-path": str(tmp_path / "node-ledger.json")}
+    metrics(train(train_message(sent, 1), context(node, run_config())))
+    assert (tmp_path / "node-ledger.json").is_file() and not (tmp_path / "file-state" / "privacy-ledger.json").exists()
+    assert any((tmp_path / "file-state").iterdir())  # the training state
+
+
 def test_run_config_cannot_set_the_budget_beside_the_file(site, sent, tmp_path, caplog):
     write_settings(site, 'dp-epsilon = 1.0\nledger-path = "../ledger.json"\n')
     run = run_config(**{"dp-epsilon": 100.0, "dp-delta": 0.5})

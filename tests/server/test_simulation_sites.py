@@ -22,7 +22,7 @@ from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.cli import main as cli
 from server.app import run_federation
 from server.inprocess import InProcessGrid, make_context
-from server.simulation import DEMO_BUDGET, make_demo_sites, write_site_settings
+from server.simulation import DEMO_BUDGET, make_demo_sites, queue_summary, write_site_settings
 
 RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
        "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 2, "min-nodes": 2,
@@ -62,6 +62,13 @@ def test_simulated_sites_share_prototypes_from_their_own_budget(tmp_path, caplog
         assert 0 < ledger.spent() <= DEMO_BUDGET["dp-epsilon"]
         assert not ledger_file.resolve().is_relative_to((tmp_path / "data").resolve())
         assert sorted(p.name for p in (tmp_path / "data" / f"site-{i}").iterdir() if p.is_file()) == [SITE_SETTINGS_FILE]
+    # the demo's closing line, from rounds.jsonl and the ledgers
+    spent = [f"site-{i} {read_ledger(tmp_path / 'site-state' / f'site-{i}' / LEDGER_FILE).spent():.3g}/8"
+             for i in range(2)]
+    assert queue_summary(tmp_path / "server" / "rounds.jsonl", tmp_path / "site-state") == (
+        f"global queue: {rounds[1]['queue-size']} DP summaries from 2 site(s) after round 2 "
+        f"({rounds[1]['queue-added']} added in it, 2 of 2 sites sharing); epsilon spent per site: "
+        f"{', '.join(spent)} (delta 1e-05)")
     # the coordinator's `fedmoco plot` of the server's out-dir shows the queue
     assert cli(["plot", str(tmp_path / "server")]) == 0
     assert (tmp_path / "server" / "plots" / "queue.png").stat().st_size > 0
@@ -74,6 +81,9 @@ def test_without_a_site_budget_the_sites_share_weights_only(tmp_path, caplog):
     assert all(r["queue-size"] == 0 and r["dp-sharing"] == 0 for r in rounds)
     assert {s["dp-status"] for r in rounds for s in r["sites"]} == {4.0}
     assert "no budget" in caplog.text
+    assert queue_summary(tmp_path / "server" / "rounds.jsonl", tmp_path / "site-state") == (
+        "global queue: 0 DP summaries from 0 site(s) after round 2 (0 added in it, 0 of 2 sites sharing); "
+        "not sharing: sharing refused: no budget (set node_config dp-epsilon)")
 
 
 def test_settings_file_written_as_a_site_admin_would(tmp_path):
