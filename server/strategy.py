@@ -401,6 +401,9 @@ class FedMoCo(FedAvg):
             "examples": sum(s.get("num-examples", 0.0) for s in ok),
             "queue-size": len(self.queue), "queue-sites": len(self.queue.counts_by_site()),
             "queue-added": sum(s.get("keys", 0) for s in ok) if updated else 0, "queue-expired": self._expired,
+            # the round's DP-summary traffic: received from accepted sites, handed out as negatives
+            "keys-received": sum(s.get("keys", 0) for s in ok),
+            "queue-sent": sum(d.get("queue-keys", 0) for d in self._down.values()),
             "up-bytes": sum(s.get("up-arrays", 0) + s.get("up-keys", 0) for s in sites),
             "down-bytes": sum(d.get("weights", 0) + d.get("queue", 0) + d.get("centres", 0)
                               for d in self._down.values()),
@@ -416,10 +419,12 @@ class FedMoCo(FedAvg):
         self.last_sites = sites
         if updated:
             self.updated_rounds.append(r)
-        log.info("round %d: %d/%d replies accepted (%d rejected, %d errors), loss %s, global queue %d keys, "
+        log.info("round %d: %d/%d replies accepted (%d rejected, %d errors), loss %s, global queue %d keys "
+                 "(%d received from %d sharing site(s), %d sent as negatives), "
                  "round %.1f s vs %.1f s summed local training",
                  r, len(ok), len(sites), record["rejected"], record["errors"],
                  f"{record['train-loss']:.4f}" if "train-loss" in record else "n/a", len(self.queue),
+                 record["keys-received"], record["dp-sharing"], record["queue-sent"],
                  record["round-seconds"], record["sum-local-seconds"])
 
 

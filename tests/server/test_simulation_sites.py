@@ -49,6 +49,9 @@ def test_simulated_sites_share_prototypes_from_their_own_budget(tmp_path, caplog
         assert {s["site"]: s["dp-status"] for s in r["sites"]} == {"site-0": 0.0, "site-1": 0.0}
         assert all(s["keys"] > 0 and s["dp-keys-budget"] == DEMO_BUDGET["dp-epsilon"] for s in r["sites"])
     assert 0 < rounds[0]["queue-size"] < rounds[1]["queue-size"] == rounds[0]["queue-added"] + rounds[1]["queue-added"]
+    # the round's traffic in DP summaries: up from the sites, down as global negatives
+    assert [r["keys-received"] for r in rounds] == [r["queue-added"] for r in rounds]
+    assert [r["queue-sent"] for r in rounds] == [0, rounds[0]["queue-size"]]  # each got the other's
     # round 2: each site got the other's prototypes as negatives (its own are excluded)
     assert {s["site"]: s["queue-keys"] for s in rounds[1]["sites"]} == {
         "site-0": next(s["keys"] for s in rounds[0]["sites"] if s["site"] == "site-1"),
