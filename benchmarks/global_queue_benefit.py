@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import emit_json, machine_line, write_report  # noqa: E402
-from quality import Job, run_jobs, summary, table, task_args, task_setup  # noqa: E402
+from quality import Job, run_jobs, seed_range, summary, table, task_args, task_setup  # noqa: E402
 
 DELTA = 1e-5
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Seed-major order: a run cut short still leaves every row with the same seeds done.
     jobs = []
-    for s in range(seeds):
+    for s in seed_range(args, seeds):
         jobs += [Job(row=row, kind="federated", seed=s, root=str(root), setup=setup, split="dirichlet",
                      run_extra=run_extra, node_extra=node_extra)
                  for row, (run_extra, node_extra) in SETTINGS.items()]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         f"m = {setup.momentum}, T = {setup.temperature}, tiny CNN ({setup.norm} norm); the run_config defaults "
         "for the release (prototype sample rate, centres, queue sample); delta = 1e-5 per site, spent over all "
         "rounds. The ceiling trains on all pool images in one place with the same budget.",
-        f"- Seeds 0..{seeds - 1}, mean ± std.",
+        f"- Seeds {args.first_seed}..{seeds - 1}, mean ± std.",
         "",
         *table(results, [*SETTINGS, CEILING], time_col=None),
         "",

@@ -427,6 +427,9 @@ def task_args(p: argparse.ArgumentParser) -> None:
     """Options shared with global_queue_benefit.py."""
     p.add_argument("--quick", action="store_true", help="smaller task, fewer epochs, 1 seed (the make bench mode)")
     p.add_argument("--seeds", type=int, help="seeds per row (default 3; 1 with --quick)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="run only seeds FIRST..SEEDS-1: spreads one table over several processes or machines "
+                        "sharing --work; a later run with the defaults builds the whole table from the cache")
     p.add_argument("--epochs", type=int, help="passes over the pool (= rounds when federated); default 30, 8 quick")
     p.add_argument("--jobs", type=int, default=1, help="configurations run in parallel processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
@@ -458,6 +461,13 @@ def task_setup(args: argparse.Namespace) -> tuple[Path, Setup, int, TaskSize]:
     return root, setup, seeds, size
 
 
+def seed_range(args: argparse.Namespace, seeds: int) -> range:
+    """The seeds this process runs (``--first-seed``)."""
+    if not 0 <= args.first_seed < seeds:
+        raise SystemExit(f"--first-seed {args.first_seed}: must be in 0..{seeds - 1}")
+    return range(args.first_seed, seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     task_args(p)
@@ -468,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     root, setup, seeds, size = task_setup(args)
 
     def jobs_for(row: str, kind: str, **kw) -> list[Job]:
-        return [Job(row=row, kind=kind, seed=s, root=str(root), setup=setup, **kw) for s in range(seeds)]
+        return [Job(row=row, kind=kind, seed=s, root=str(root), setup=setup, **kw) for s in seed_range(args, seeds)]
 
     main_rows = {
         "raw pixels": jobs_for("raw pixels", "raw")[:1],  # deterministic: one seed says it all
@@ -512,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Budget: {setup.epochs} passes over the pool (federated: {setup.epochs} rounds x 1 local epoch), "
         f"batch {setup.batch_size}, K = {setup.queue_size}, m = {setup.momentum}, T = {setup.temperature}, "
         f"SGD lr {setup.scaled_lr:g} (cosine, no warm-up), weight decay {setup.weight_decay}, tiny CNN with "
-        f"{setup.norm} norm, MLP head {setup.hidden_dim} -> {setup.dim}; seeds 0..{seeds - 1} (mean ± std).",
+        f"{setup.norm} norm, MLP head {setup.hidden_dim} -> {setup.dim}; seeds {args.first_seed}..{seeds - 1} (mean ± std).",
         f"- Evaluation: weighted kNN (k = {setup.knn_k}, T = 0.1) and a linear probe ({setup.probe_epochs} epochs) "
         "on frozen backbone features. Chance is 12.5%.",
         "- s/epoch: wall time of one pass over the pool including loader start; federated rows: one round's "
