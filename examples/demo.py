@@ -5,9 +5,9 @@ The three roles, on one machine and offline:
 1. the **site admins**: each site holds its own unlabelled archive (chest CT for the
    hospitals, 4-band GeoTIFF scenes for the satellite sites), generated here;
 2. the **coordinator**: a Flower simulation (its own SuperLink) in which the sites pretrain a
-   tiny encoder together for a few rounds, sharing weights and metrics (simulated sites
-   have no node_config privacy budget, so they share no keys; the loopback deployment
-   gives each site dp-epsilon=8 and they do);
+   tiny encoder together for a few rounds, sharing weights, metrics and DP prototypes (each
+   site admin's ``fedmoco-site.toml`` gives its site epsilon 8 and a ledger under
+   ``OUT/site-state``, as node_config does in the loopback deployment);
 3. the **data scientist**: ``fedmoco finetune`` of the aggregated encoder on a small
    labelled set the federation never saw, against the same architecture from random init,
    then ``fedmoco export``.
@@ -101,7 +101,10 @@ def make_example_data(domain: str, root: Path, sites: int, *, quick: bool = Fals
     """Generate ``root/sites/site-<i>`` (unlabelled, one per site) and ``root/labelled``
     (images plus ``labels.csv`` with path,label,group); returns (site folders, labelled folder)."""
     task = TASKS[domain]
+    from server.simulation import write_site_settings
+
     site_dirs = [task.make_site(root / "sites" / f"site-{i}", i, quick) for i in range(sites)]
+    write_site_settings(site_dirs, root / "site-state")  # each admin's budget and ledger (docs/privacy.md)
     return site_dirs, task.make_labelled(root / "labelled", quick)
 
 
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     cli(["export", str(encoder), "--out", str(root / "export")])
     print()
     print("\n".join(summary_lines(results, task)))
+    from server.simulation import queue_summary
+    print(queue_summary(root / "server" / "rounds.jsonl", root / "site-state"))
     print(f"report: {root / 'finetune' / 'results.json'} (ROC, confusion matrices, label-efficiency plot beside it)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; aggregated encoder: {encoder}")
     return 0
