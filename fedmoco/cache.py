@@ -160,6 +160,42 @@ def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, 
     return cache
 
 
+def _memo_path(root: Path, kind: str, key: dict[str, Any], cache_dir: Path | str | None) -> tuple[Path, str]:
+    prefix = f"{kind}-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **key}, sort_keys=True, default=str).encode())
+    return Path(cache_dir or default_cache_dir()) / "memo" / f"{prefix}-{digest.hexdigest()[:16]}.json", prefix
+
+
+def read_memo(root: Path, kind: str, key: dict[str, Any], cache_dir: Path | str | None = None) -> dict | None:
+    """A small JSON result computed earlier from data folder ``root`` under exactly ``key``
+    (which must hold the source files' stamps and every option the result depends on), else None.
+
+    For results that are deterministic given ``key`` but cost a pass over the data, such as a
+    satellite site's band statistics: every federated round is a fresh process that would
+    otherwise recompute them. Aggregates only: no path, no identifier.
+    """
+    path, _ = _memo_path(root, kind, key, cache_dir)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_memo(root: Path, kind: str, key: dict[str, Any], value: dict, cache_dir: Path | str | None = None) -> None:
+    """Store ``value`` for :func:`read_memo` atomically, replacing this folder's older memos of
+    ``kind``; an unwritable cache folder is logged and ignored (the result is recomputed)."""
+    from fedmoco.atomic import atomic_write
+
+    path, prefix = _memo_path(root, kind, key, cache_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{prefix}-*.json"):
+            stale.unlink(missing_ok=True)
+        atomic_write(path, lambda fh: fh.write(json.dumps(value).encode()))
+    except OSError as exc:
+        log.warning("%s: cannot write the cache memo (%s); it is recomputed next time", path.parent, exc)
+
+
 def _free_bytes(folder: Path) -> int:
     st = os.statvfs(folder)
     return st.f_bavail * st.f_frsize

@@ -27,13 +27,21 @@ from fedmoco.errors import DataError
 
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
 from .options import CT_PRESETS, MedicalOptions
-from .reader import INCONSISTENT, DicomImage, DicomReadError, read_dicom
+from .dicom_types import INCONSISTENT, DicomImage, DicomReadError
 from .base import BASE_OPTIONS, IMAGE, WINDOW, base_size, from_base, to_base
 
 # .transforms (MONAI) is imported where a per-sample pipeline is built: a site whose views are
 # made per batch from the cache (fedmoco.gpu_augment) never loads MONAI (3-7 s per round).
 
 log = logging.getLogger(__name__)
+
+def read_dicom(path: Path, frames: list[int], limits) -> DicomImage:
+    """:func:`.reader.read_dicom`, importing pydicom only when a sample is decoded (not when
+    every sample comes from the sample cache)."""
+    from .reader import read_dicom as read
+
+    return read(path, frames, limits)
+
 
 # Fixed, not estimated: windowing already maps every modality to [0, 1], and in a federation
 # every hospital must feed the shared encoder the same scale, which per-site estimates

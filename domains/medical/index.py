@@ -25,7 +25,14 @@ from typing import Iterable
 
 import numpy as np
 
-from .reader import DEFAULT_LIMITS, NO_DECODER, UNREADABLE, DicomHeader, DicomLimits, DicomReadError, read_header
+from .dicom_types import DEFAULT_LIMITS, NO_DECODER, UNREADABLE, DicomHeader, DicomLimits, DicomReadError
+
+
+def read_header(path: Path, limits: DicomLimits = DEFAULT_LIMITS) -> DicomHeader:
+    """:func:`.reader.read_header`, importing pydicom only when a file is not in the index cache."""
+    from .reader import read_header as read
+
+    return read(path, limits)
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from fedmoco.data import parse_bool
 from fedmoco.errors import DataError
 
-from .reader import DEFAULT_LIMITS, DicomLimits
+from .dicom_types import DEFAULT_LIMITS, DicomLimits
 
 # CT windows as (centre, width) in HU. Soft tissue and lung follow common radiology presets;
 # bone uses a wide window so cortex and marrow both keep contrast.

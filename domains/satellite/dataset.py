@@ -8,13 +8,14 @@ own rasterio handles on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
-from fedmoco.cache import SampleCache, file_stamps, open_cache
+from fedmoco.cache import SampleCache, file_stamps, open_cache, read_memo, write_memo
 from fedmoco.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -225,13 +226,43 @@ class TileReader:
 
     def read(self, i: int, window: Window) -> np.ma.MaskedArray:
         """Masked reflectance (bands, h, w) of ``window`` in source ``i``; RasterReadError."""
-        if self.cache is not None and _unchanged(self.sources[i]):
-            hit = self.cache[i].get(0)
-            if hit is not None:
-                col, row, w, h = window
-                return np.ma.masked_invalid(hit[0][:, row:row + h, col:col + w].astype(np.float32), copy=False)
+        raw = self._cached(i, window)
+        if raw is not None:
+            return np.ma.masked_invalid(raw.astype(np.float32), copy=False)
         handles = shared_handles(self.gdal_cache_mb)
         return self.sources[i].read(window, self.layout.positions[i], handles)
+
+    def read_filled(self, i: int, window: Window) -> tuple[torch.Tensor, float]:
+        """(float16 tensor (bands, h, w) as :meth:`filled` gives it, nodata fraction).
+
+        From the cache this skips the masked array and the float32 round trip of :meth:`read`
+        (the batched-views feed reads float16 and sends float16): the same values, since the
+        cache holds float16 and a fill is cast to float16 either way.
+        """
+        raw = self._cached(i, window)
+        if raw is None:
+            tile = self.read(i, window)
+            return self.filled(tile).half(), nodata_fraction(tile)
+        raw = np.array(raw)  # out of the memmap, C-contiguous
+        # Non-finite float16 = all exponent bits set; numpy's float16 isfinite is emulated and
+        # took most of a cached read (0.5 ms of 0.8 ms per 13-band 64 px tile).
+        bad = (raw.view(np.uint16) & 0x7C00) == 0x7C00
+        if not bad.any():
+            return torch.from_numpy(raw), 0.0
+        fill = self.fill if self.fill is not None else np.zeros(raw.shape[0], np.float32)
+        data = np.where(bad, fill.astype(np.float16).reshape(-1, 1, 1), raw)
+        return torch.from_numpy(data), float(bad.any(axis=0).mean())
+
+    def _cached(self, i: int, window: Window) -> np.ndarray | None:
+        """The cached float16 window (NaN where masked; a memmap view), or None: not cached,
+        or the source's files changed since the scan."""
+        if self.cache is None or not _unchanged(self.sources[i]):
+            return None
+        hit = self.cache[i].get(0)
+        if hit is None:
+            return None
+        col, row, w, h = window
+        return hit[0][:, row:row + h, col:col + w]
 
     def filled(self, tile: np.ma.MaskedArray) -> torch.Tensor:
         """Tensor (bands, h, w) with masked pixels set to the band mean (0 once normalised)."""
@@ -404,6 +435,24 @@ def estimate_normalization(
     return Normalization(mean=mean.tolist(), std=np.maximum(std, MIN_STD).tolist())
 
 
+def _cached_statistics(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions, cfg: DataConfig,
+                       estimate) -> Normalization:
+    """``estimate()``, or its earlier result for the same files (path, size, mtime), options,
+    image size and seed: the estimate reads ``stats_tiles`` windows through GDAL (about a
+    second per round on 2 cores), and it is deterministic given those. Only with the cache on."""
+    if not (cfg.cache and opts.cache):
+        return estimate()
+    key = {"stamps": file_stamps(root, [p for s in sources for p in s.paths]),
+           "options": dataclasses.asdict(opts), "image_size": cfg.image_size, "seed": cfg.seed}
+    cache_dir = cfg.cache_dir or None
+    found = read_memo(root, "satellite-stats", key, cache_dir)
+    if found is not None:
+        return Normalization.from_dict(found)
+    normalization = estimate()
+    write_memo(root, "satellite-stats", key, normalization.to_dict(), cache_dir)
+    return normalization
+
+
 def _sample_windows(pool: list[tuple[int, Window]], rng: np.random.Generator) -> Iterator[tuple[int, Window]]:
     yield from (pool[j] for j in rng.permutation(len(pool)))
 
@@ -459,15 +508,18 @@ class SatellitePretrainDataset(Dataset):
             self._transform = self._transform()
         return self._transform
 
-    def _pick(self, index: int) -> tuple[int, Window, np.ma.MaskedArray]:
+    def _pick(self, index: int, filled: bool = False) -> tuple[int, Window, Any]:
+        """(source, window, tile): a masked tile (``reader.read``), or with ``filled`` a
+        (float16 tensor, nodata fraction) pair (``reader.read_filled``)."""
+        read, fraction = self._reading(filled)
         if self.windows is not None:
             i, window = self.windows[index]
-            return i, window, self.reader.read(i, window)
+            return i, window, read(i, window)
         i = int(np.searchsorted(self.cumulative, index % self.cumulative[-1], side="right"))
         for _ in range(self.max_tries):
             window = random_window(self.reader.sources[i], self.tile)
-            tile = self.reader.read(i, window)
-            if nodata_fraction(tile) <= self.max_nodata:
+            tile = read(i, window)
+            if fraction(tile) <= self.max_nodata:
                 return i, window, tile
         raise RasterReadError(
             self.reader.sources[i].name,
@@ -493,19 +545,26 @@ class SatellitePretrainDataset(Dataset):
             return None
         return SatelliteTiles(self), self.make_views()
 
-    def _key_tile(self, i: int, window: Window, tile: np.ma.MaskedArray) -> np.ma.MaskedArray:
+    def _reading(self, filled: bool):
+        """(read(i, window), nodata fraction of what read returns) for :meth:`_pick`."""
+        if filled:
+            return self.reader.read_filled, lambda pair: pair[1]
+        return self.reader.read, nodata_fraction
+
+    def _key_tile(self, i: int, window: Window, tile: Any, filled: bool = False) -> Any:
         """The same window on another date when temporal partners exist, else ``tile``."""
         partners = self.partners.get(i)
         if not partners:
             return tile
+        read, fraction = self._reading(filled)
         j = partners[int(torch.randint(0, len(partners), ()))]
         try:
-            other = self.reader.read(j, window)
+            other = read(j, window)
         except RasterReadError as exc:
             log.warning("temporal partner not used: %s", exc)
             return tile
         # A cut swath or masked clouds would teach nodata, not seasons: keep the query's date.
-        return other if nodata_fraction(other) <= self.max_nodata else tile
+        return other if fraction(other) <= self.max_nodata else tile
 
 
 class SatelliteTiles(Dataset):
@@ -522,25 +581,26 @@ class SatelliteTiles(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _filled(self, tile: np.ma.MaskedArray) -> torch.Tensor:
-        x = self.source.reader.filled(tile)
-        t = self.source.tile
+    def _filled(self, pair: tuple[torch.Tensor, float]) -> torch.Tensor:
+        # float16, what the cache holds: half the bytes through worker IPC and the host-device copy
+        x, t = pair[0], self.source.tile
         if x.shape[-2:] != (t, t):
-            x = torch.nn.functional.interpolate(x[None], size=(t, t), mode="bilinear", align_corners=False)[0]
-        return x.half()  # what the cache holds: half the bytes through worker IPC and the host-device copy
+            x = torch.nn.functional.interpolate(x[None].float(), size=(t, t), mode="bilinear",
+                                                align_corners=False)[0].half()
+        return x
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self.source):
             raise IndexError(index)
         try:
-            i, window, tile = self.source._pick(index)
+            i, window, tile = self.source._pick(index, filled=True)
         except RasterReadError as exc:
             log.warning("sample %d dropped: %s", index, exc)
             return None
         with one_thread():
             if not self.source.partners:
                 return self._filled(tile)
-            return self._filled(tile), self._filled(self.source._key_tile(i, window, tile))
+            return self._filled(tile), self._filled(self.source._key_tile(i, window, tile, filled=True))
 
 
 class SatelliteLabelledDataset(Dataset):
@@ -632,7 +692,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     # Statistics from the rasters' own pixels, before the cache is attached: the float16 cache
     # would shift them (by up to 2^-11 relative), and a checkpoint's normalization must not
     # depend on whether a site's cache was on.
-    normalization = estimate_normalization(reader, candidates, opts.stats_tiles, opts.max_nodata)
+    normalization = _cached_statistics(Path(root), scan.sources, opts, cfg,
+                                       lambda: estimate_normalization(reader, candidates, opts.stats_tiles,
+                                                                      opts.max_nodata))
     attach_cache(reader, Path(root), opts, cfg)
     reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)
     shared_handles().close()  # workers open their own handles; none are inherited open

@@ -79,3 +79,48 @@ def test_a_raster_changed_during_the_run_is_not_served_from_the_cache(demo4, tmp
     monkeypatch.setattr(RasterSource, "read", no_gdal)
     other = (i + 1) % len(reader.sources)
     assert reader.read(other, (0, 0, 16, 16)).shape == (reader.sources[other].count, 16, 16)  # still cached
+
+
+def test_filled_float16_reads_equal_the_masked_path(demo4, tmp_path):
+    """read_filled (the batched feed's read) gives bit for bit what filled(read()).half() gives,
+    masked pixels included, and the same nodata fraction."""
+    import torch
+
+    from domains.satellite.dataset import nodata_fraction
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
+    reader = _data(root, tmp_path / "c").dataset.reader
+    before = reader.read_filled(0, (3, 2, 20, 16))[1]
+    hit = reader.cache[0].get(0)[0]
+    hit[1, 4:9, 6:8] = np.nan  # masked pixels in band 2 (as the cache stores nodata)
+    hit[0, 4, 6] = np.inf
+    for i, window in [(0, (3, 2, 20, 16)), (0, (0, 0, 8, 8)), (1, (3, 5, 20, 16))]:
+        tile = reader.read(i, window)
+        fast, fraction = reader.read_filled(i, window)
+        assert fast.dtype == torch.float16
+        torch.testing.assert_close(fast, reader.filled(tile).half(), atol=0, rtol=0)
+        assert fraction == nodata_fraction(tile)
+    assert reader.read_filled(0, (3, 2, 20, 16))[1] > before  # the injected pixels count as nodata
+
+
+def test_band_statistics_are_remembered_until_a_file_changes(demo4, tmp_path, monkeypatch):
+    import domains.satellite.dataset as sat
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
+    calls = []
+    original = sat.estimate_normalization
+    monkeypatch.setattr(sat, "estimate_normalization", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = _data(root, tmp_path / "c").normalization
+    again = _data(root, tmp_path / "c").normalization
+    assert len(calls) == 1 and again == first  # the second round reads the memo
+    _data(root, tmp_path / "c", stats_tiles=7)
+    assert len(calls) == 2  # another option: estimated again
+    victim = sorted(root.rglob("*.tif"))[0]
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _data(root, tmp_path / "c").normalization == first and len(calls) == 3  # a touched file: again
+    _data(root, tmp_path / "c", cache="false")
+    assert len(calls) == 4  # cache off: nothing remembered
+    assert len(list((tmp_path / "c" / "memo").glob("*.json"))) == 1  # older memos of the folder removed
