@@ -158,6 +158,38 @@ def test_prototypes_flow_through_the_queue_tagged_and_reasons_are_recorded(tmp_p
     assert reasons[100] == reasons[101] == "privacy budget exhausted" and last["queue-added"] == 0
 
 
+def test_sites_release_on_the_centres_the_server_merged(tmp_path, monkeypatch):
+    """End to end (in-process grid, clients/app.py): round 1 on seeded directions, round 2 on
+    exactly the centres the server merged from round 1's releases, the same at every site."""
+    import fedmoco.privacy as privacy
+    from clients.task import RUN_DEFAULTS
+    from domains.images import make_demo_images
+
+    sent, used = [], []
+    merge = GlobalKeyQueue.centres
+    monkeypatch.setattr(GlobalKeyQueue, "centres",
+                        lambda self, *a, **k: sent.append(merge(self, *a, **k)) or sent[-1])
+    release = privacy.release_prototypes
+    monkeypatch.setattr(privacy, "release_prototypes",
+                        lambda enc, data, centres, *a, **k: used.append(centres) or release(enc, data, centres, *a, **k))
+    for i in range(2):
+        make_demo_images(tmp_path / "data" / f"site-{i}", n_per_class=5, size=32, seed=i, rgb=False)
+    run = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
+           "batch-size": 8, "max-steps-per-epoch": 1, "domain": "images", "num-server-rounds": 2, "min-nodes": 2,
+           "prototype-centres": 4, "prototype-min-cosine": 0.0, "plots": False, "seed": 3,
+           "demo-root": str(tmp_path / "data"), "out-dir": str(tmp_path / "run"), "resume": False}
+    nodes = {n: {"partition-id": i, "dp-epsilon": 8.0, "ledger-path": str(tmp_path / f"ledger-{n}.json"),
+                 "dp-rounds": 2} for i, n in enumerate((100, 101))}
+    _federation(tmp_path, tmp_path / "data", run, nodes)
+    assert [len(c) for c in sent] == [0, 4]  # round 1: nothing released yet; round 2: 4 merged centres
+    assert len(used) == 4
+    seeded = privacy.seeded_centres(4, 16, seed=3 * 1_000_003 + 1)
+    assert all(torch.equal(c, seeded) for c in used[:2])
+    for c in used[2:]:  # choose_centres may reorder them; every one is a merged centre
+        assert c.shape == (4, 16) and torch.allclose((c @ sent[1].T).max(dim=1).values, torch.ones(4), atol=1e-5)
+        assert torch.allclose((c @ sent[1].T).max(dim=0).values, torch.ones(4), atol=1e-5)
+
+
 def _clusters(n: int, mu: torch.Tensor, rho: float, seed: int) -> torch.Tensor:
     """n unit rows around the unit directions ``mu`` with mean resultant length ~ rho."""
     g = torch.Generator().manual_seed(seed)
