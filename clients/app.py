@@ -117,15 +117,17 @@ def _secure_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def _global_negatives(msg: Message, dim: int) -> torch.Tensor | None:
-    """The server's sample of other sites' keys (M, D), or None when there is none."""
-    record = msg.content.array_records.get("queue")
+def _global_negatives(msg: Message, dim: int, name: str = "queue") -> torch.Tensor | None:
+    """The server's sample of other sites' keys (M, D) (record ``queue``), or its public
+    centres (record ``centres``), or None when there is none."""
+    record = msg.content.array_records.get(name)
     if record is None or len(record) == 0:
         return None
     keys = torch.from_numpy(np.array(next(iter(record.values())).numpy(), dtype=np.float32, copy=True))
     if keys.dim() != 2 or keys.shape[1] != dim or not torch.isfinite(keys).all():
         # A server bug must not poison local training: contrast without global negatives.
-        log.warning("ignoring global negatives of shape %s (expected (M, %d), finite)", tuple(keys.shape), dim)
+        log.warning("ignoring %s of shape %s (expected (M, %d), finite)",
+                    "global negatives" if name == "queue" else f"the server's {name}", tuple(keys.shape), dim)
         return None
     return keys if keys.shape[0] else None
 
@@ -488,10 +490,12 @@ def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset,
         clean = sample_embeddings(encoder, dataset, q, max_items=run_value(run, "max-keys"), device=site["device"],
                                   generator=generator, key_dim=mcfg.dim, unreadable="stand-in")
         return privatize_keys(clean, z, generator)
-    # Centres from public inputs only: what the server sent, then directions from the run's seed.
-    # At most max-keys of them: the server refuses a reply with more rows than that.
+    # Centres from public inputs only: the centres the server merged from earlier releases (else
+    # its sample of them), then directions from the run's seed. At most max-keys of them: the
+    # server refuses a reply with more rows than that.
     n_centres = min(run_value(run, "prototype-centres"), run_value(run, "max-keys"))
-    centres = choose_centres(negatives, n_centres, mcfg.dim,
+    merged = _global_negatives(msg, mcfg.dim, "centres")
+    centres = choose_centres(merged if merged is not None else negatives, n_centres, mcfg.dim,
                              seed=run_value(run, "seed") * 1_000_003 + server_round)
     return release_prototypes(encoder, dataset, centres, z, q, min_cosine=run_value(run, "prototype-min-cosine"),
                               device=site["device"], generator=generator)
