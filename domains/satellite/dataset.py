@@ -232,26 +232,27 @@ class TileReader:
         handles = shared_handles(self.gdal_cache_mb)
         return self.sources[i].read(window, self.layout.positions[i], handles)
 
-    def read_filled(self, i: int, window: Window) -> tuple[torch.Tensor, float]:
-        """(float16 tensor (bands, h, w) as :meth:`filled` gives it, nodata fraction).
+    def read_filled(self, i: int, window: Window, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, float]:
+        """(tensor (bands, h, w) as ``filled(read(i, window)).to(dtype)`` gives it, nodata fraction).
 
-        From the cache this skips the masked array and the float32 round trip of :meth:`read`
-        (the batched-views feed reads float16 and sends float16): the same values, since the
-        cache holds float16 and a fill is cast to float16 either way.
+        From the cache this skips the masked array and numpy's float16 arithmetic (emulated,
+        slower than reading the file through GDAL): the same values, since the cache holds
+        float16 (exact in float32) and the fill is rounded to float16 only for a float16 result.
         """
         raw = self._cached(i, window)
         if raw is None:
             tile = self.read(i, window)
-            return self.filled(tile).half(), nodata_fraction(tile)
+            return self.filled(tile).to(dtype), nodata_fraction(tile)
         raw = np.array(raw)  # out of the memmap, C-contiguous
         # Non-finite float16 = all exponent bits set; numpy's float16 isfinite is emulated and
         # took most of a cached read (0.5 ms of 0.8 ms per 13-band 64 px tile).
         bad = (raw.view(np.uint16) & 0x7C00) == 0x7C00
         if not bad.any():
-            return torch.from_numpy(raw), 0.0
+            return torch.from_numpy(raw).to(dtype), 0.0
         fill = self.fill if self.fill is not None else np.zeros(raw.shape[0], np.float32)
-        data = np.where(bad, fill.astype(np.float16).reshape(-1, 1, 1), raw)
-        return torch.from_numpy(data), float(bad.any(axis=0).mean())
+        # the fill as filled() then .to(dtype) would give it: float16-rounded only for float16
+        fill = fill.astype(np.float16 if dtype == torch.float16 else np.float32).reshape(-1, 1, 1)
+        return torch.from_numpy(np.where(bad, fill, raw)).to(dtype), float(bad.any(axis=0).mean())
 
     def _cached(self, i: int, window: Window) -> np.ndarray | None:
         """The cached float16 window (NaN where masked; a memmap view), or None: not cached,
@@ -508,9 +509,9 @@ class SatellitePretrainDataset(Dataset):
             self._transform = self._transform()
         return self._transform
 
-    def _pick(self, index: int, filled: bool = False) -> tuple[int, Window, Any]:
-        """(source, window, tile): a masked tile (``reader.read``), or with ``filled`` a
-        (float16 tensor, nodata fraction) pair (``reader.read_filled``)."""
+    def _pick(self, index: int, filled: torch.dtype | None = None) -> tuple[int, Window, Any]:
+        """(source, window, tile): a masked tile (``reader.read``), or with ``filled`` (a dtype)
+        a (filled tensor, nodata fraction) pair (``reader.read_filled``)."""
         read, fraction = self._reading(filled)
         if self.windows is not None:
             i, window = self.windows[index]
@@ -531,13 +532,13 @@ class SatellitePretrainDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         try:
-            i, window, tile = self._pick(index)
+            i, window, tile = self._pick(index, filled=torch.float32)
         except RasterReadError as exc:
             log.warning("sample %d dropped: %s", index, exc)
             return None
-        key_tile = self._key_tile(i, window, tile)
+        key_tile = self._key_tile(i, window, tile, filled=torch.float32)
         with one_thread():
-            return self.transform(self.reader.filled(tile)), self.transform(self.reader.filled(key_tile))
+            return self.transform(tile[0]), self.transform(key_tile[0])
 
     def batched_views(self):
         """(dataset of filled tiles, SatelliteViews) when the rasters are cached, else None."""
@@ -545,13 +546,13 @@ class SatellitePretrainDataset(Dataset):
             return None
         return SatelliteTiles(self), self.make_views()
 
-    def _reading(self, filled: bool):
+    def _reading(self, filled: torch.dtype | None):
         """(read(i, window), nodata fraction of what read returns) for :meth:`_pick`."""
-        if filled:
-            return self.reader.read_filled, lambda pair: pair[1]
+        if filled is not None:
+            return partial(self.reader.read_filled, dtype=filled), lambda pair: pair[1]
         return self.reader.read, nodata_fraction
 
-    def _key_tile(self, i: int, window: Window, tile: Any, filled: bool = False) -> Any:
+    def _key_tile(self, i: int, window: Window, tile: Any, filled: torch.dtype | None = None) -> Any:
         """The same window on another date when temporal partners exist, else ``tile``."""
         partners = self.partners.get(i)
         if not partners:
@@ -593,14 +594,14 @@ class SatelliteTiles(Dataset):
         if not 0 <= index < len(self.source):
             raise IndexError(index)
         try:
-            i, window, tile = self.source._pick(index, filled=True)
+            i, window, tile = self.source._pick(index, filled=torch.float16)
         except RasterReadError as exc:
             log.warning("sample %d dropped: %s", index, exc)
             return None
         with one_thread():
             if not self.source.partners:
                 return self._filled(tile)
-            return self._filled(tile), self._filled(self.source._key_tile(i, window, tile, filled=True))
+            return self._filled(tile), self._filled(self.source._key_tile(i, window, tile, filled=torch.float16))
 
 
 class SatelliteLabelledDataset(Dataset):

@@ -101,6 +101,8 @@ def test_filled_float16_reads_equal_the_masked_path(demo4, tmp_path):
         assert fast.dtype == torch.float16
         torch.testing.assert_close(fast, reader.filled(tile).half(), atol=0, rtol=0)
         assert fraction == nodata_fraction(tile)
+        wide, _ = reader.read_filled(i, window, dtype=torch.float32)  # the per-sample views' read
+        torch.testing.assert_close(wide, reader.filled(tile), atol=0, rtol=0)
     assert reader.read_filled(0, (3, 2, 20, 16))[1] > before  # the injected pixels count as nodata
 
 
