@@ -208,11 +208,15 @@ def split_sites(root: Path, kind: str, n_sites: int = 4, alpha: float = 0.5, see
         if not (site / "labels.csv").exists():
             site.mkdir(parents=True, exist_ok=True)
             for j in part:
-                target = site / names[j]
-                if not target.exists():
-                    os.link(root / "pool" / names[j], target)
-            with open(site / "labels.csv", "w", newline="") as fh:
+                try:  # parallel jobs of one seed split the same folder: a link already made is fine
+                    os.link(root / "pool" / names[j], site / names[j])
+                except FileExistsError:
+                    pass
+            # labels.csv marks the site complete, so it appears whole (rename) and last
+            tmp = site / f".labels.csv.{os.getpid()}"
+            with open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerows([("path", "label"), *((names[j], labels[j]) for j in part)])
+            os.replace(tmp, site / "labels.csv")
         sites.append(site)
     return sites
 
