@@ -311,7 +311,8 @@ def report_lines(args: argparse.Namespace, argv: list[str] | None, rows: list[li
                    f"for {glyph_info['epochs']} epochs on {glyph_info['pool']} generated glyph images "
                    f"(benchmarks/labelled_task.py, 8 classes; {glyph_info['train_seconds']:.0f} s of training on "
                    f"one core, last epoch's InfoNCE loss {glyph_info['final_loss']:.2f}), then {args.sites} sites of 4,000 fresh glyph images each embedded by its query "
-                   "encoder (first view)")
+                   "encoder (first view; its augmentation is not seeded, so a fresh embedding pass moves the "
+                   "glyphs rows by about +-0.01-0.03; the embeddings are cached beside the encoder)")
     width = max((len(v) for v in trajectories.values()), default=0)
     traj = [[name, eps, *(f"{v:.3f}" for v in vals)] for (name, eps), vals in trajectories.items()]
     return [
