@@ -47,6 +47,11 @@ def test_example_simulation_walks_all_three_roles(tmp_path, domain, capsys):
     results = json.loads((out / "finetune" / "results.json").read_text())
     for key in ("accuracy", "auroc", "sensitivity", "specificity", "n_test"):
         assert key in results and key in results["random_init"]
+    if TASKS[domain].make_test is not None:  # scored on the separate held-out archive, all of it
+        with open(out / "test" / "labels.csv") as fh:
+            test_rows = list(csv.DictReader(fh))
+        assert results["n_test"] == results["split"]["n_test"] == len(test_rows)
+        assert not {r["group"] for r in test_rows} & {r["group"] for r in rows}
     info = json.loads((out / "export" / "encoder.json").read_text())
     scripted = torch.jit.load(str(out / "export" / "encoder.ts"))
     x = torch.zeros(2, info["channels"], info["image_size"], info["image_size"])

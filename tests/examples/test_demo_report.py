@@ -1,0 +1,31 @@
+"""examples/demo.py without a federation: the closing report's figures and a bad option."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # examples/ runs from the checkout
+
+from examples.demo import TASKS, main, summary_lines  # noqa: E402
+
+
+def test_report_gives_mean_std_ci_and_gain_per_metric():
+    pre = {"auroc": 0.75, "accuracy": 0.7, "std": {"auroc": 0.02, "accuracy": 0.01},
+           "ci95": {"auroc": [0.70, 0.80]}, "n_test": 320, "n_train": 96,
+           "config": {"protocol": {"seeds": [0, 1, 2]}}}
+    rnd = {"auroc": 0.6, "accuracy": 0.65, "std": {"auroc": 0.05, "accuracy": 0.03}, "ci95": {"auroc": [0.55, 0.66]}}
+    lines = summary_lines({**pre, "random_init": rnd}, TASKS["medical"])
+    assert lines[0].startswith("task: lung lesion present or absent in a chest CT slice (synthetic data), "
+                               "320 test images, 96 labelled training images; mean ± std over 3 fine-tuning seed(s)")
+    assert lines[1].split() == ["auroc", "pretrained", "0.750", "±", "0.020", "[0.700,", "0.800]", "random", "init",
+                                "0.600", "±", "0.050", "[0.550,", "0.660]", "gain", "+0.150"]
+    assert lines[2].split()[-1] == "+0.050" and "[" not in lines[2]  # no CI computed: none shown
+    assert len(lines) == 3  # sensitivity/specificity absent from both: no row
+
+
+def test_bad_run_config_is_one_line_exit_2_before_any_work(tmp_path, capsys):
+    assert main(["--run-config", "momentum", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m examples.demo: --run-config: expected key=value pairs separated by spaces, got 'momentum'"]
+    assert not (tmp_path / "out").exists()
