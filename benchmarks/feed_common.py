@@ -38,32 +38,19 @@ class Repeat(Dataset):
         return self.dataset[i % len(self.dataset)]
 
 
-def timed(fn: Callable[[], int], repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) of items/s over ``repeats`` calls of ``fn`` (which returns items done)."""
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), min(rates), max(rates)
-
-
-def per_sample_rate(dataset: Dataset, n: int, repeats: int) -> tuple[float, float, float]:
-    """Pairs/s of ``dataset[i]`` (two views each), main process, one thread."""
+def per_sample_pass(dataset: Dataset, n: int) -> Callable[[], int]:
+    """One pass of ``dataset[i]`` (two views each) over ``n`` indices; returns pairs made."""
     def run() -> int:
         done = 0
         for i in range(n):
             done += dataset[i % len(dataset)] is not None
         return done
 
-    with one_thread():
-        run()  # warm-up: fills the cache when there is one, page cache, lazy imports
-        return timed(run, repeats)
+    return run
 
 
-def batched_cpu_rate(bases: Dataset, views: torch.nn.Module, n: int, batch: int,
-                     repeats: int) -> tuple[float, float, float]:
-    """Pairs/s of cached bases collated and turned into two views per batch, one thread."""
+def batched_pass(bases: Dataset, views: torch.nn.Module, n: int, batch: int) -> Callable[[], int]:
+    """One pass of cached bases collated and turned into two views per batch; returns pairs made."""
     def run() -> int:
         done = 0
         for start in range(0, n, batch):
@@ -73,9 +60,24 @@ def batched_cpu_rate(bases: Dataset, views: torch.nn.Module, n: int, batch: int,
             done += q.shape[0]
         return done
 
+    return run
+
+
+def interleaved_rates(passes: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[float, float, float]]:
+    """(median, min, max) pairs/s of each pass on one intra-op thread, after one warm-up pass
+    each (fills the caches, page cache, lazy imports). The passes take turns, round by round:
+    on a shared machine the load then drifts over all of them alike, and their ratios (the
+    figures to read) hold even when the absolute rates move by tens of percent."""
+    rates: dict[str, list[float]] = {name: [] for name in passes}
     with one_thread():
-        run()
-        return timed(run, repeats)
+        for run in passes.values():
+            run()
+        for _ in range(repeats):
+            for name, run in passes.items():
+                t0 = time.perf_counter()
+                n = run()
+                rates[name].append(n / (time.perf_counter() - t0))
+    return {name: (statistics.median(r), min(r), max(r)) for name, r in rates.items()}
 
 
 def gpu_feed_rate(bases: Dataset, views: torch.nn.Module, device: torch.device, batch: int, steps: int,
