@@ -110,18 +110,24 @@ def _federation(tmp_path, sites_root, run, nodes):
     return run_federation(InProcessGrid({n: (client_app, c) for n, c in contexts.items()}), run)
 
 
-def test_prototypes_flow_through_the_queue_tagged_and_reasons_are_recorded(tmp_path):
-    import json
-
+def _demo_sites_and_run(tmp_path, n_sites: int, **over) -> dict:
+    """``n_sites`` tiny generated image sites under tmp_path/data and a 2-round run_config for them."""
     from clients.task import RUN_DEFAULTS
     from domains.images import make_demo_images
 
-    for i in range(3):
+    for i in range(n_sites):
         make_demo_images(tmp_path / "data" / f"site-{i}", n_per_class=5, size=32, seed=i, rgb=False)
-    run = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
-           "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 2, "min-nodes": 3,
-           "prototype-centres": 8, "prototype-min-cosine": 0.0, "plots": False, "global-queue-max-age": 1,
-           "demo-root": str(tmp_path / "data"), "out-dir": str(tmp_path / "run1"), "resume": False}
+    return {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
+            "batch-size": 8, "domain": "images", "num-server-rounds": 2, "min-nodes": n_sites,
+            "prototype-min-cosine": 0.0, "plots": False, "demo-root": str(tmp_path / "data"),
+            "out-dir": str(tmp_path / "run"), "resume": False, **over}
+
+
+def test_prototypes_flow_through_the_queue_tagged_and_reasons_are_recorded(tmp_path):
+    import json
+
+    run = _demo_sites_and_run(tmp_path, 3, **{"max-steps-per-epoch": 2, "prototype-centres": 8,
+                                              "global-queue-max-age": 1, "out-dir": str(tmp_path / "run1")})
     ledgers = {n: str(tmp_path / f"ledger-{n}.json") for n in (100, 101)}
     nodes = {100: {"partition-id": 0, "dp-epsilon": 8.0, "ledger-path": ledgers[100], "dp-rounds": 4},
              101: {"partition-id": 1, "dp-epsilon": 8.0, "ledger-path": ledgers[101], "dp-rounds": 4},
@@ -162,8 +168,6 @@ def test_sites_release_on_the_centres_the_server_merged(tmp_path, monkeypatch):
     """End to end (in-process grid, clients/app.py): round 1 on seeded directions, round 2 on
     exactly the centres the server merged from round 1's releases, the same at every site."""
     import fedmoco.privacy as privacy
-    from clients.task import RUN_DEFAULTS
-    from domains.images import make_demo_images
 
     sent, used = [], []
     merge = GlobalKeyQueue.centres
@@ -172,12 +176,7 @@ def test_sites_release_on_the_centres_the_server_merged(tmp_path, monkeypatch):
     release = privacy.release_prototypes
     monkeypatch.setattr(privacy, "release_prototypes",
                         lambda enc, data, centres, *a, **k: used.append(centres) or release(enc, data, centres, *a, **k))
-    for i in range(2):
-        make_demo_images(tmp_path / "data" / f"site-{i}", n_per_class=5, size=32, seed=i, rgb=False)
-    run = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
-           "batch-size": 8, "max-steps-per-epoch": 1, "domain": "images", "num-server-rounds": 2, "min-nodes": 2,
-           "prototype-centres": 4, "prototype-min-cosine": 0.0, "plots": False, "seed": 3,
-           "demo-root": str(tmp_path / "data"), "out-dir": str(tmp_path / "run"), "resume": False}
+    run = _demo_sites_and_run(tmp_path, 2, **{"max-steps-per-epoch": 1, "prototype-centres": 4, "seed": 3})
     nodes = {n: {"partition-id": i, "dp-epsilon": 8.0, "ledger-path": str(tmp_path / f"ledger-{n}.json"),
                  "dp-rounds": 2} for i, n in enumerate((100, 101))}
     _federation(tmp_path, tmp_path / "data", run, nodes)
