@@ -117,7 +117,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         limits=ReplyLimits(key_dim=mcfg.dim, max_keys=r("max-keys"), max_update_norm=max_norm if max_norm > 0 else None),
         queue_sample=r("queue-sample"), exclude_own_keys=r("exclude-own-keys"),
         queue_max_age=r("global-queue-max-age"), min_replies=r("min-replies"),
-        prototype_centres=min(r("prototype-centres"), r("max-keys")),  # the sites' C (clients/app.py)
+        # the sites' C (clients/app.py); merging per-record keys into centres would be wasted work
+        prototype_centres=min(r("prototype-centres"), r("max-keys")) if r("key-release") == "prototypes" else 0,
         aggregator=make_aggregator(r("aggregation"), trim_beta=r("trim-beta"), krum_malicious=r("krum-malicious"),
                                    fraction_evaluate=0.0, **sampling),
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,

@@ -139,7 +139,8 @@ class FedMoCo(FedAvg):
     ``metrics_path``: the JSON-lines file of per-round metrics (None: not written).
     ``round_offset``: rounds already done (a resumed run).
     ``site_ledger``: per-node privacy reports restored from a checkpoint.
-    ``prototype_centres``: centres sent for the sites' prototype release (their C).
+    ``prototype_centres``: centres sent for the sites' prototype release (their C; 0: none,
+    when the sites do not release prototypes).
     ``queue_max_age``: rounds a summary may serve as a negative after the round it arrived
     in; older ones are dropped before each round's sampling (0 = kept until overwritten).
     ``example_caps``: the most examples each site's FedAvg weight counts for; a larger
@@ -169,8 +170,8 @@ class FedMoCo(FedAvg):
         self.queue = queue
         self.limits = limits
         self.queue_sample = int(queue_sample)
-        if int(prototype_centres) < 1:
-            raise ConfigError(f"prototype-centres must be >= 1, got {prototype_centres}")
+        if int(prototype_centres) < 0:
+            raise ConfigError(f"prototype-centres must be >= 0, got {prototype_centres}")
         self.prototype_centres = int(prototype_centres)
         self.exclude_own_keys = exclude_own_keys
         if int(queue_max_age) < 0:
@@ -229,7 +230,8 @@ class FedMoCo(FedAvg):
         weight_bytes = array_bytes(arrays)
         self._expired = self.queue.expire(r, self.queue_max_age)
         # One set for all sites, from released vectors only (post-processing; docs/privacy.md).
-        centres = self.queue.centres(self.prototype_centres)
+        centres = (self.queue.centres(self.prototype_centres) if self.prototype_centres
+                   else torch.zeros(0, self.queue.dim))
         centres_record = ArrayRecord({"centres": Array(centres.numpy().astype(np.float32))})
         for msg in base:
             node = msg.metadata.dst_node_id

@@ -53,6 +53,16 @@ def test_each_site_gets_its_own_sample_without_its_own_keys(grid3):
         assert list(m.content["arrays"].keys()) == list(ref.keys())
 
 
+def test_no_centres_are_merged_when_the_sites_release_no_prototypes(grid3, monkeypatch):
+    s = make_strategy(prototype_centres=0)  # server/app.py: key-release keys or none
+    s.queue.enqueue(torch.from_numpy(unit_keys(5)), node_id=101, server_round=1)
+    monkeypatch.setattr(GlobalKeyQueue, "centres", lambda *a, **k: pytest.fail("merged centres for no one"))
+    msgs = list(s.configure_train(2, tiny_arrays(), ConfigRecord(), grid3))
+    assert all(m.content["centres"]["centres"].shape == (0, 8) for m in msgs)
+    with pytest.raises(ConfigError, match="prototype-centres"):
+        make_strategy(prototype_centres=-1)
+
+
 def test_own_keys_included_when_asked(grid3):
     s = make_strategy(exclude_own_keys=False)
     s.queue.enqueue(torch.full((5, 8), 1.0), node_id=101, server_round=1)
