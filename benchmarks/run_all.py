@@ -156,9 +156,15 @@ TARGETS = [
     Target("11.6", "shortcut-resistant views help (kNN with offset/ramp/noise > without)", "quality",
            _diff("fedmoco_knn", "no_nuisance_knn"), lambda v: v > 0, "{:+.1f} points",
            why="see quality.md's recipe table"),
-    Target("8.3", "DP prototypes at eps=1.5 over 10 rounds, 4,000 images: mean cosine >= 0.8 (buckets >= 200)",
+    Target("8.3", "DP prototypes at eps=1.5 over 10 rounds, 4,000 images: mean cosine >= 0.8 (buckets >= 200), "
+           "from a site's 5th release on (server-merged centres), worst embedding setting",
            "prototype_signal", _prefix("cos_big_eps1.5_n4000_C"),
            lambda v: v >= 0.8, "{:.3f}", why="see prototype_signal.md"),
+    Target("8.3", "the same at a site's first release (seeded centres: nothing public about the data yet)",
+           "prototype_signal", _prefix("round1_cos_big_eps1.5_n4000_C"),
+           lambda v: v >= 0.8, "{:.3f}",
+           why="diffuse embeddings (rho 0.5) in buckets of random public directions: the bucket mean is short "
+               "(resultant 0.22); the server's merged centres fix it from the 2nd release (prototype_signal.md)"),
     Target("8.8", "privacy audit: the canary attack's AUC stays within the (epsilon, delta) bound",
            "privacy_audit", _get("all_within_bound"), lambda v: v >= 1.0, "{:.0f} (1 = every setting within)",
            why="see privacy_audit.md"),
