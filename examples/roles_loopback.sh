@@ -42,6 +42,11 @@ DOMAIN="$DOMAIN" SITES="$SITES" SITE_DATA_ROOT="$WORK/site-data" RUN_CONFIG="$RU
   "$DEPLOY" "$WORK/deployment"
 
 echo "== data scientist: fine-tune the aggregated encoder, then export it"
+TEST_ARGS=()  # the hospitals' example has a separate held-out archive of 40 patients
+if [ -f "$WORK/data/test/labels.csv" ]; then
+  TEST_ARGS=(--test "$WORK/data/test/$IMAGES" --test-labels "$WORK/data/test/labels.csv")
+fi
 "$PY" -m fedmoco.cli finetune --checkpoint "$WORK/deployment/server/encoder.pt" \
-  --data "$WORK/data/labelled/$IMAGES" --labels "$WORK/data/labelled/labels.csv" --epochs 15 --out "$WORK/finetune"
+  --data "$WORK/data/labelled/$IMAGES" --labels "$WORK/data/labelled/labels.csv" "${TEST_ARGS[@]}" \
+  --seeds 0 1 2 --epochs 15 --out "$WORK/finetune"
 "$PY" -m fedmoco.cli export "$WORK/deployment/server/encoder.pt" --out "$WORK/export"
