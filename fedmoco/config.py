@@ -109,8 +109,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1  # steps between JSON-lines metric records
     max_steps_per_epoch: int | None = None  # cap for demos and smoke tests
-    # Two views per batch from the decoded-sample cache (fedmoco.gpu_augment): "auto" = on
-    # CUDA only, "on" = also on CPU (in the DataLoader workers), "off" = per-sample views.
+    # Two views per batch from the decoded-sample cache (fedmoco.gpu_augment): "auto" and "on" =
+    # wherever the dataset offers them (on CPU in the DataLoader workers; faster per core than
+    # the per-sample pipelines, see fedmoco.train.batched_views_for), "off" = per-sample views.
     batch_augment: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
