@@ -86,12 +86,17 @@ class ExampleCaps:
         return self.per_site.get(str(node_id), self.default)
 
 
+#: BatchNorm buffers left out of the update norm (see check_arrays).
+RUNNING_STATS = ("running_mean", "running_var")
+
+
 @dataclass(frozen=True)
 class ReplyLimits:
     """What the server accepts.
 
-    ``max_update_norm``: bound on ||w_client - w_global||_2 over all shared arrays
-    (parameter units; ``None`` disables the check). ``key_dim``: D of the keys.
+    ``max_update_norm``: bound on ||w_client - w_global||_2 over the shared learned
+    parameters, BatchNorm running statistics excluded (parameter units; ``None`` disables
+    the check). ``key_dim``: D of the keys.
     ``max_keys``: most keys one reply may carry. ``key_norm_tol``: keys are unit vectors
     after privatisation, so |norm - 1| must be <= this.
     """
@@ -148,6 +153,16 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
             if bad:
                 reasons.append(f"arrays {name!r} has {bad} non-finite value(s)")
                 comparable = False
+                continue
+            if name.endswith(RUNNING_STATS):
+                # BatchNorm's running statistics follow the site's input scale, not its
+                # learning rate: one round on raw CT can move running_var by thousands,
+                # so counting them would refuse every honest BN site (measured, norm=batch).
+                # They are bounded by the aggregation like any array; a variance below
+                # zero is a lie.
+                if name.endswith("running_var") and float(a.min(initial=0.0)) < 0:
+                    reasons.append(f"arrays {name!r} has a negative variance")
+                    comparable = False
                 continue
             diff = a.astype(np.float64) - ref.astype(np.float64)
             sq_norm += float(np.dot(diff.ravel(), diff.ravel()))

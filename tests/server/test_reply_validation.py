@@ -130,3 +130,29 @@ def test_undecodable_array(ref):
     bad[name] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=b"garbage")
     reasons = check(reply_content(bad, unit_keys(2), good_metrics()), ref)
     assert len(reasons) == 1 and reasons[0].startswith(f"arrays: array '{name}' does not decode")
+
+
+def test_batchnorm_running_stats_are_outside_the_update_norm():
+    """An honest BN site moves running_var by its input scale, far past any step-size bound;
+    the bound is on learned parameters. A negative variance is still refused."""
+    import torch
+
+    from clients.task import moco_config, shared_arrays
+    from fedmoco.moco import MoCo
+    from server_test_helpers import TINY
+
+    torch.manual_seed(0)
+    ref = shared_arrays(MoCo(moco_config({**TINY, "norm": "batch"})))
+    stats = [n for n in ref.keys() if n.endswith("running_var")]
+    assert stats, "a batch-norm model shares its running statistics"
+    site = ArrayRecord({k: a for k, a in ref.items()})
+    for name in stats:  # HU-scale inputs: variances in the thousands
+        site[name] = Array(ref[name].numpy() + 4000.0)
+    assert check(reply_content(site, unit_keys(2), good_metrics()), ref) == []
+    lying = replace(site, stats[0], np.full_like(ref[stats[0]].numpy(), -1.0))
+    assert check(reply_content(lying, unit_keys(2), good_metrics()), ref) == [
+        f"arrays '{stats[0]}' has a negative variance"]
+    # a real parameter step still counts
+    n_params = sum(ref[k].numpy().size for k in ref.keys() if not k.endswith(("running_mean", "running_var")))
+    assert "update norm" in check(reply_content(shifted(ref, 6.0 / np.sqrt(n_params)), unit_keys(2),
+                                                good_metrics()), ref)[0]
