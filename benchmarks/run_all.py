@@ -126,6 +126,16 @@ def _ratio(a: str, b: str) -> Callable[[dict], float | None]:
     return value
 
 
+def _benefit(record: dict) -> float | None:
+    """The best federated release's smaller gain over no global negatives (kNN, probe)."""
+    best = record.get("best_federated")
+    try:
+        return min(float(record[f"{best}_knn"]) - float(record["none_knn"]),
+                   float(record[f"{best}_probe"]) - float(record["none_probe"]))
+    except (KeyError, TypeError):
+        return None
+
+
 TARGETS = [
     Target("11.1", "decoded-sample cache: cached read + 2 views >= 10x today's pairs/s per core, medical",
            "feed_medical", _get("speedup"), lambda v: v >= 10, "{:.1f}x",
@@ -168,9 +178,10 @@ TARGETS = [
     Target("8.8", "privacy audit: the canary attack's AUC stays within the (epsilon, delta) bound",
            "privacy_audit", _get("all_within_bound"), lambda v: v >= 1.0, "{:.0f} (1 = every setting within)",
            why="see privacy_audit.md"),
-    Target("8.7", "global negatives help: best DP release beats no global negatives (kNN)",
-           "global_queue_benefit", _get("best_minus_none_knn"), lambda v: v > 0, "{:+.1f} points",
-           why="see global_queue_benefit.md"),
+    Target("8.7", "global negatives help: the best release (by kNN) beats no global negatives by kNN and by probe",
+           "global_queue_benefit", _benefit, lambda v: v > 0, "{:+.1f} points (the smaller of the two gains)",
+           why="DP prototypes lower the probe, the more so the less noise they carry; per-record keys are noise "
+               "(+kNN, -probe, both inside the seed spread); see global_queue_benefit.md"),
 ]
 
 

@@ -84,7 +84,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "fedema-lambda": 0.0,  # > 0: FedEMA divergence-aware blending of global into local
     "personal-head": False,  # True: each site keeps its own projection head (FedCLR-style)
     # what a site shares besides weights (its budget is node_config dp-epsilon / dp-delta only)
-    "key-release": "prototypes",  # prototypes | keys | none
+    # none (default: measured best, benchmarks/notes/global_queue_benefit.md) | prototypes | keys
+    "key-release": "none",
     "prototype-sample-rate": 1.0,  # Poisson rate q of the images summarised per round
     "prototype-centres": 8,  # C public centres: at most C noisy sums per site and round (prototype_signal.py)
     "prototype-min-cosine": 0.5,  # drop noisy sums whose estimated cosine with the true sum is lower

@@ -21,6 +21,7 @@ TINY_RUN: dict[str, Any] = {
     **RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
     "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 3,
     "key-sample-rate": 0.25, "max-keys": 64,
+    "key-release": "prototypes",  # these tests exercise sharing; the run default is none
 }
 
 

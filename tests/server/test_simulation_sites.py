@@ -26,7 +26,7 @@ from server.simulation import DEMO_BUDGET, make_demo_sites, queue_summary, write
 
 RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
        "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 2, "min-nodes": 2,
-       "prototype-centres": 4, "plots": False, "resume": False}
+       "prototype-centres": 4, "key-release": "prototypes", "plots": False, "resume": False}
 
 
 def simulate(tmp_path: Path, **sites_kwargs) -> list[dict]:
