@@ -24,7 +24,8 @@ def test_satellite_simulation_end_to_end(tmp_path):
     make_demo_sites("satellite", data, 2, image_size=32)
     run = {"domain": "satellite", "in-channels": DEMO_CHANNELS["satellite"], "image-size": 32,
            "num-server-rounds": 2, "demo-root": str(data), "out-dir": str(tmp_path / "server"), "min-nodes": 2,
-           "batch-size": 16, "max-steps-per-epoch": 2, "dim": 32, "hidden-dim": 64, "key-sample-rate": 0.2}
+           "batch-size": 16, "max-steps-per-epoch": 2, "dim": 32, "hidden-dim": 64, "key-sample-rate": 0.2,
+           "key-release": "prototypes"}  # the sharing path, end to end (the default is none)
     result = run_simulation(run, num_supernodes=2, work_dir=tmp_path, timeout=240, echo=False)
     ckpt = load_checkpoint(result.encoder)
     assert ckpt["data"]["domain"] == "satellite" and ckpt["moco_config"]["in_channels"] == 4
