@@ -41,7 +41,7 @@ MAKE_CERTS = APP_DIR / "examples" / "deployment" / "make_certs.py"
 SITES = ("hospital-a", "hospital-b")
 SIGNER = "fedmoco-coordinator"
 SMALL_RUN = ('image-size=32 batch-size=16 max-steps-per-epoch=2 key-sample-rate=0.3 dim=32 hidden-dim=64 '
-             'min-nodes=2 round-timeout=240.0')
+             'min-nodes=2 round-timeout=240.0 key-release="prototypes"')  # sharing on: the default is none
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
