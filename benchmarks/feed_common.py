@@ -14,14 +14,17 @@ ResNet-18 training step at the same image size, which is what the feed must keep
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common import markdown_table
 from fedmoco.data import collate_views, one_thread
 
 
@@ -132,3 +135,39 @@ def fmt(r: tuple[float, float, float]) -> str:
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def add_feed_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options both feed benchmarks share (GPU batch, loader workers, report path)."""
+    p.add_argument("--gpu-batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="GPU feed loader workers")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / f"{name}.md")
+
+
+def rate_rows(labels: tuple[str, str, str], rates: dict[str, tuple[float, float, float]]) -> list[list[str]]:
+    """Table rows for today's path, cached per-sample views and cached batched views, each with
+    its ratio to today's rate. ``rates``: the ``interleaved_rates`` of base, cached, batched."""
+    base = rates["base"][0]
+    return [[label, fmt(rates[key]), f"{rates[key][0] / base:.1f}x"]
+            for label, key in zip(labels, ("base", "cached", "batched"))]
+
+
+def gpu_lines(heading: str, feed_what: str, step_what: str, gpu: dict[str, float]) -> list[str]:
+    """The report's GPU section: feed and step rates (pairs/s) and their ratio."""
+    return ["", f"## {heading}", "",
+            *markdown_table(["what", "pairs/s"], [[feed_what, f"{gpu['feed']:,.0f}"], [step_what, f"{gpu['step']:,.0f}"]]),
+            "", f"Feed / step: {gpu['feed'] / gpu['step']:.2f}x (>= 1 means the GPU never waits for data)."]
+
+
+def feed_record(bench: str, rates: dict[str, tuple[float, float, float]], gpu: dict[str, float],
+                **extra: Any) -> dict[str, Any]:
+    """The benchmark's JSON headline: per-core rates, the speed-up over today and the GPU figures."""
+    record = {"bench": bench, **extra,
+              "pairs_per_s_per_core": round(rates["batched"][0], 1),
+              "cached_per_sample_pairs_per_s_per_core": round(rates["cached"][0], 1),
+              "baseline_pairs_per_s_per_core": round(rates["base"][0], 1),
+              "speedup": round(rates["batched"][0] / rates["base"][0], 2)}
+    if gpu:
+        record |= {"gpu_feed_pairs_per_s": round(gpu["feed"]), "gpu_step_images_per_s": round(gpu["step"]),
+                   "feed_over_step": round(gpu["feed"] / gpu["step"], 2)}
+    return record

@@ -14,7 +14,6 @@ Writes benchmarks/results/feed_medical.md (or --out) and prints one JSON line la
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +24,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (batched_pass, fmt, gpu_feed_rate, interleaved_rates, load_note,  # noqa: E402
-                         per_sample_pass, step_rate)
+from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
+                         interleaved_rates, load_note, per_sample_pass, rate_rows, step_rate)
 
 from domains.medical import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -38,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small archive, 2 timed passes (about a minute on CPU)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32, help="CPU batch for batched views (default 32)")
-    p.add_argument("--gpu-batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="GPU feed loader workers")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feed_medical.md")
+    add_feed_args(p, "feed_medical")
     args = p.parse_args(argv)
     device = torch.device(check_device(args.device))
     patients, repeats = (2, 2) if args.quick else (8, 5)
@@ -54,19 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         bases, views = cached.batched_views()
         rates = interleaved_rates({"base": per_sample_pass(plain, n), "cached": per_sample_pass(cached, n),
                                    "batched": batched_pass(bases, views, n, args.batch_size)}, repeats)
-        base_rate, cached_rate, batched_rate = rates["base"], rates["cached"], rates["batched"]
         after = load_note()
         gpu = {}
         if device.type == "cuda":
             steps = 10 if args.quick else 30
             gpu["feed"] = gpu_feed_rate(bases, views, device, args.gpu_batch_size, steps, args.workers)
             gpu["step"] = step_rate(1, args.image_size, args.gpu_batch_size, device, steps)
-    rows = [
-        ["today: read + decode + window + 2 views (no cache)", fmt(base_rate), "1.0x"],
-        ["cache: cached base + 2 per-sample views (MONAI)", fmt(cached_rate), f"{cached_rate[0] / base_rate[0]:.1f}x"],
-        ["cache + batched views on the CPU (fedmoco.gpu_augment)", fmt(batched_rate),
-         f"{batched_rate[0] / base_rate[0]:.1f}x"],
-    ]
+    rows = rate_rows(("today: read + decode + window + 2 views (no cache)",
+                      "cache: cached base + 2 per-sample views (MONAI)",
+                      "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)
     lines = [
         "# Medical data feed: decoded-sample cache and batched views",
         "",
@@ -87,28 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         "rates vary by tens of percent between runs; the three rows take turns, so their ratios hold.",
     ]
     if gpu:
-        lines += [
-            "",
-            f"## GPU ({torch.cuda.get_device_name()})",
-            "",
-            *markdown_table(["what", "pairs/s"], [
-                [f"feed: cached bases, {args.workers} loader workers, views on the GPU, batch {args.gpu_batch_size}",
-                 f"{gpu['feed']:,.0f}"],
-                [f"MoCo step: ResNet-18, 1 channel, split BN, AMP, batch {args.gpu_batch_size}", f"{gpu['step']:,.0f}"],
-            ]),
-            "",
-            f"Feed / step: {gpu['feed'] / gpu['step']:.2f}x (>= 1 means the GPU never waits for data).",
-        ]
+        lines += gpu_lines(f"GPU ({torch.cuda.get_device_name()})",
+                           f"feed: cached bases, {args.workers} loader workers, views on the GPU, batch {args.gpu_batch_size}",
+                           f"MoCo step: ResNet-18, 1 channel, split BN, AMP, batch {args.gpu_batch_size}", gpu)
     write_report(args.out, lines)
-    record = {"bench": "feed_medical", "image_size": args.image_size,
-              "pairs_per_s_per_core": round(batched_rate[0], 1),
-              "cached_per_sample_pairs_per_s_per_core": round(cached_rate[0], 1),
-              "baseline_pairs_per_s_per_core": round(base_rate[0], 1),
-              "speedup": round(batched_rate[0] / base_rate[0], 2)}
-    if gpu:
-        record |= {"gpu_feed_pairs_per_s": round(gpu["feed"]), "gpu_step_images_per_s": round(gpu["step"]),
-                   "feed_over_step": round(gpu["feed"] / gpu["step"], 2)}
-    emit_json(record)
+    emit_json(feed_record("feed_medical", rates, gpu, image_size=args.image_size))
     return 0
 
 

@@ -14,7 +14,6 @@ Writes benchmarks/results/feed_satellite.md (or --out) and prints one JSON line 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +24,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (batched_pass, fmt, gpu_feed_rate, interleaved_rates, load_note,  # noqa: E402
-                         per_sample_pass, step_rate)
+from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
+                         interleaved_rates, load_note, per_sample_pass, rate_rows, step_rate)
 
 from domains.satellite import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -40,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gpu-image-size", type=int, default=224)
-    p.add_argument("--gpu-batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="GPU feed loader workers")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feed_satellite.md")
+    add_feed_args(p, "feed_satellite")
     args = p.parse_args(argv)
     device = torch.device(check_device(args.device))
     n, repeats = (256, 2) if args.quick else (args.samples, 5)
@@ -59,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         bases, views = cached.batched_views()
         rates = interleaved_rates({"base": per_sample_pass(plain, n), "cached": per_sample_pass(cached, n),
                                    "batched": batched_pass(bases, views, n, args.batch_size)}, repeats)
-        base_rate, cached_rate, batched_rate = rates["base"], rates["cached"], rates["batched"]
         after = load_note()
         gpu = {}
         if device.type == "cuda":
@@ -69,13 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             steps = 10 if args.quick else 30
             gpu["feed"] = gpu_feed_rate(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
             gpu["step"] = step_rate(channels, args.gpu_image_size, args.gpu_batch_size, device, steps)
-    rows = [
-        ["today: GDAL read + two per-sample views (no cache)", fmt(base_rate), "1.0x"],
-        ["cache: cached window + two per-sample views (torchvision)", fmt(cached_rate),
-         f"{cached_rate[0] / base_rate[0]:.1f}x"],
-        ["cache + batched views on the CPU (fedmoco.gpu_augment)", fmt(batched_rate),
-         f"{batched_rate[0] / base_rate[0]:.1f}x"],
-    ]
+    rows = rate_rows(("today: GDAL read + two per-sample views (no cache)",
+                      "cache: cached window + two per-sample views (torchvision)",
+                      "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)
     lines = [
         "# Satellite data feed: raster cache and batched views",
         "",
@@ -96,29 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         "measured in turns, pass by pass, so their ratios are the figure to read.",
     ]
     if gpu:
-        lines += [
-            "",
-            f"## GPU ({torch.cuda.get_device_name()}), {args.gpu_image_size} px tiles",
-            "",
-            *markdown_table(["what", "pairs/s"], [
-                [f"feed: cached rasters, {args.workers} loader workers, views on the GPU, batch {args.gpu_batch_size}",
-                 f"{gpu['feed']:,.0f}"],
-                [f"MoCo step: ResNet-18, {channels} channels, split BN, AMP, batch {args.gpu_batch_size}",
-                 f"{gpu['step']:,.0f}"],
-            ]),
-            "",
-            f"Feed / step: {gpu['feed'] / gpu['step']:.2f}x (>= 1 means the GPU never waits for data).",
-        ]
+        lines += gpu_lines(f"GPU ({torch.cuda.get_device_name()}), {args.gpu_image_size} px tiles",
+                           f"feed: cached rasters, {args.workers} loader workers, views on the GPU, "
+                           f"batch {args.gpu_batch_size}",
+                           f"MoCo step: ResNet-18, {channels} channels, split BN, AMP, batch {args.gpu_batch_size}",
+                           gpu)
     write_report(args.out, lines)
-    record = {"bench": "feed_satellite", "image_size": args.image_size, "bands": channels,
-              "pairs_per_s_per_core": round(batched_rate[0], 1),
-              "cached_per_sample_pairs_per_s_per_core": round(cached_rate[0], 1),
-              "baseline_pairs_per_s_per_core": round(base_rate[0], 1),
-              "speedup": round(batched_rate[0] / base_rate[0], 2)}
-    if gpu:
-        record |= {"gpu_feed_pairs_per_s": round(gpu["feed"]), "gpu_step_images_per_s": round(gpu["step"]),
-                   "feed_over_step": round(gpu["feed"] / gpu["step"], 2)}
-    emit_json(record)
+    emit_json(feed_record("feed_satellite", rates, gpu, image_size=args.image_size, bands=channels))
     return 0
 
 
