@@ -333,7 +333,7 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
     """The site's data and the dataset to train on (in federation units when the run fixes
     them). A missing/empty folder or a channel mismatch is SiteUnavailable, not a crash."""
     data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"],
-                          cache=bool(run.get("cache", True)))  # run_config cache=false: decode every round
+                          cache=run_value(run, "cache"))
     try:
         data = build_pretrain_data(site["domain"], site["data_path"], data_cfg)
         if len(data.dataset) < 2:  # type: ignore[arg-type]
@@ -403,10 +403,9 @@ def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int) -> None:
                     ", ".join(ignored))
     if mode != "none" and site["epsilon"] is not None and math.isfinite(site["epsilon"]):
         try:
-            check_site_delta(site["delta"], n_images)
+            check_site_delta(site["delta"], n_images, site["delta_label"])
         except ConfigError as exc:
-            text = str(exc).replace("node_config dp-delta", site["delta_label"], 1)  # the file, when set there
-            raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {text}") from None
+            raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {exc}") from None
 
 
 def _public_encoder(msg: Message, mcfg: MoCoConfig, device: torch.device) -> Encoder:

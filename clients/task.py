@@ -74,6 +74,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "warmup-epochs": 0.0,
     "max-steps-per-epoch": 0,  # 0 = whole epoch
     "num-workers": 0,
+    "cache": True,  # false: no decoded-sample cache, every round decodes afresh
     "seed": 0,
     "domain": "medical",  # a site's node_config "domain" wins
     "data-options": "",  # "k=v,k=v"; a site's node_config "data-options" wins

@@ -64,17 +64,18 @@ DP_STATUS: dict[int, str] = {
 }
 
 
-def check_site_delta(delta: float, n_images: int) -> float:
+def check_site_delta(delta: float, n_images: int, where: str = "node_config dp-delta") -> float:
     """A site's delta: in (0, MAX_DELTA] and below 1 / n_images (else one image may leak
-    with probability delta and still 'satisfy' the guarantee). ConfigError naming dp-delta."""
+    with probability delta and still 'satisfy' the guarantee). ConfigError naming ``where``
+    (node_config's key, or the site's settings file and key)."""
     try:
         delta = _privacy()._check_delta(delta)
     except ConfigError:
-        raise ConfigError(f"node_config dp-delta: must be in (0, {MAX_DELTA:g}], got {delta!r}") from None
+        raise ConfigError(f"{where}: must be in (0, {MAX_DELTA:g}], got {delta!r}") from None
     if delta > MAX_DELTA:
-        raise ConfigError(f"node_config dp-delta: must be in (0, {MAX_DELTA:g}], got {delta:g} (e.g. 1e-5)")
+        raise ConfigError(f"{where}: must be in (0, {MAX_DELTA:g}], got {delta:g} (e.g. 1e-5)")
     if delta >= 1.0 / max(n_images, 1):
-        raise ConfigError(f"node_config dp-delta: {delta:g} is too large for {n_images} images; it must be "
+        raise ConfigError(f"{where}: {delta:g} is too large for {n_images} images; it must be "
                           f"below one over the number of images (e.g. 1e-5)")
     return delta
 
