@@ -132,6 +132,16 @@ def _global_negatives(msg: Message, dim: int, name: str = "queue") -> torch.Tens
     return keys if keys.shape[0] else None
 
 
+def _cancel_centres(msg: Message, negatives: torch.Tensor | None, run: Any, dim: int) -> torch.Tensor | None:
+    """The buckets for false-negative cancellation (C, D): the server's public centres, else the
+    global negatives themselves (each query then skips only the one nearest its key); None when
+    ``cancel-false-negatives`` is off or there are no global negatives."""
+    if negatives is None or not run_value(run, "cancel-false-negatives"):
+        return None
+    centres = _global_negatives(msg, dim, "centres")
+    return centres if centres is not None else negatives
+
+
 def _node_float(node: Any, key: str, default: float | None) -> float | None:
     """A positive number from the site's own settings (node_config or its settings file);
     ConfigError naming where it was set."""
@@ -275,7 +285,9 @@ def _train_round(msg: Message, context: Context) -> Message:
     if saved.trainer is not None:
         trainer.load_state_dict(saved.trainer)
     _follow_federation_schedule(trainer, (server_round - 1) * tcfg.epochs * steps_per_epoch)
-    summaries = [trainer.train_epoch(loader, epoch=(server_round - 1) * tcfg.epochs + e, extra_negatives=negatives)
+    centres = _cancel_centres(msg, negatives, run, mcfg.dim)
+    summaries = [trainer.train_epoch(loader, epoch=(server_round - 1) * tcfg.epochs + e, extra_negatives=negatives,
+                                     extra_centres=centres)
                  for e in range(tcfg.epochs)]
     train_seconds = sum(s.seconds for s in summaries)
 

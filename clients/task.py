@@ -92,6 +92,9 @@ RUN_DEFAULTS: dict[str, Any] = {
     "prototype-min-cosine": 0.5,  # drop noisy sums whose estimated cosine with the true sum is lower
     "key-sample-rate": 0.05,  # key-release=keys: Poisson rate q of per-image keys
     "max-keys": 512,  # most vectors one reply may carry (keys; prototype-centres is capped to it too)
+    # each query skips the global negatives in its key's bucket of the public centres (its own
+    # kind, a false negative); false: every global negative counts (global_queue_benefit.md)
+    "cancel-false-negatives": True,
     # server: global queue
     "global-queue-size": 8192,
     "global-queue-max-age": 5,  # rounds a summary stays in the queue (0 = until overwritten)

@@ -41,23 +41,48 @@ def nce_from_scores(l_pos: torch.Tensor, l_neg: torch.Tensor, temperature: float
 
 
 def hard_negative_scores(
-    anchor: torch.Tensor, scorer: torch.Tensor, negatives: torch.Tensor, fraction: float
+    anchor: torch.Tensor, scorer: torch.Tensor, negatives: torch.Tensor, fraction: float,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores of ``scorer`` against the hardest ``fraction`` of ``negatives`` per row.
 
     "Hardest" means most cosine-similar to ``anchor`` (the query, in MoHN), so the filter
     keeps the negatives that are closest to the anchor and drops the easy, far ones.
     anchor, scorer: (N, D); negatives: (K, D) -> (N, ceil(fraction * K)) scores
-    ``scorer_i . n_j`` for the j kept for row i.
+    ``scorer_i . n_j`` for the j kept for row i. ``exclude`` (N, K) bool marks pairs that are
+    not negatives (cancelled false negatives): their score is -inf, which
+    :func:`nce_from_scores` leaves out of the denominator, and the filter ranks them last.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     n_keep = max(1, math.ceil(fraction * negatives.shape[0])) if negatives.shape[0] else 0
     scores = scorer @ negatives.t()  # (N, K)
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
     if n_keep == negatives.shape[0]:
         return scores
-    idx = (anchor @ negatives.t()).topk(n_keep, dim=1).indices  # (N, n_keep)
+    ranking = anchor @ negatives.t()
+    if exclude is not None:
+        ranking = ranking.masked_fill(exclude, float("-inf"))
+    idx = ranking.topk(n_keep, dim=1).indices  # (N, n_keep)
     return scores.gather(1, idx)
+
+
+def same_bucket_mask(keys: torch.Tensor, extra: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Global negatives that share a key's bucket: (N, M) bool, True where ``extra[j]`` and
+    ``keys[i]`` have the same nearest centre.
+
+    keys: (N, D), extra: (M, D), centres: (C, D), all unit rows. A DP prototype is the mean
+    of one bucket of other sites' images; when it is the query's own bucket it is mostly
+    images like the query, a false negative that pushes the query away from its own kind
+    (benchmarks/notes/global_queue_benefit.md). Cancelling it keeps the prototypes of the
+    other buckets, which are the negatives a label-skewed site lacks (false-negative
+    cancellation, Huynh et al. 2022, with the public centres as the bucket definition).
+    """
+    c = centres.to(keys.dtype)
+    own = (keys @ c.t()).argmax(dim=1)  # (N,)
+    theirs = (extra.to(keys.dtype) @ c.t()).argmax(dim=1)  # (M,)
+    return own[:, None] == theirs[None, :]
 
 
 def dual_view_info_nce(

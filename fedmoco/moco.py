@@ -17,7 +17,7 @@ from fedmoco.config import MoCoConfig
 from fedmoco.encoders import build_backbone
 from fedmoco.feature_transforms import random_extrapolation, random_interpolation
 from fedmoco.heads import prediction_head, projection_head
-from fedmoco.losses import hard_negative_scores, nce_from_scores
+from fedmoco.losses import hard_negative_scores, nce_from_scores, same_bucket_mask
 from fedmoco.queue import KeyQueue
 
 # Fixed bins for score histograms, so histograms of different epochs and sites add up.
@@ -82,9 +82,11 @@ class MoCoOutput:
 class MoCo(nn.Module):
     """Momentum contrast with a queue of keys (v1/v2), optionally v3-style heads and loss.
 
-    ``forward(x_q, x_k, extra_negatives)`` updates the key encoder with momentum
-    ``self.momentum``, computes the loss and enqueues the new keys. ``extra_negatives``
-    (M, D) are negatives that are used but never enqueued: the federation's global keys.
+    ``forward(x_q, x_k, extra_negatives, extra_centres)`` updates the key encoder with
+    momentum ``self.momentum``, computes the loss and enqueues the new keys.
+    ``extra_negatives`` (M, D) are negatives that are used but never enqueued: the
+    federation's global keys or prototypes. With ``extra_centres`` (C, D), each query skips
+    the extra negatives in its key's bucket of those centres (false-negative cancellation).
     """
 
     def __init__(self, cfg: MoCoConfig) -> None:
@@ -134,9 +136,21 @@ class MoCo(nn.Module):
             neg = random_interpolation(neg, self.cfg.neg_interpolation_alpha, self.cfg.mix_level)
         return neg  # (M, D)
 
-    def _contrast(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor):
-        """Loss of queries q against keys k, plus the scores for diagnostics."""
+    def _cancel_mask(self, k: torch.Tensor, negatives: torch.Tensor, n_extra: int,
+                     centres: torch.Tensor | None) -> torch.Tensor | None:
+        """(N, M) bool over all negatives: True for the extra (global) negatives in the bucket
+        of each key; the local queue's columns are never cancelled. None when nothing is."""
+        if centres is None or n_extra == 0 or centres.numel() == 0:
+            return None
+        extra = same_bucket_mask(k.detach(), negatives[-n_extra:], centres.to(k.device))  # (N, n_extra)
+        return F.pad(extra, (negatives.shape[0] - n_extra, 0), value=False)
+
+    def _contrast(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, n_extra: int = 0,
+                  centres: torch.Tensor | None = None):
+        """Loss of queries q against keys k, plus the scores for diagnostics. The last
+        ``n_extra`` negatives are global ones, cancelled per key bucket when ``centres``."""
         cfg = self.cfg
+        exclude = self._cancel_mask(k, negatives, n_extra, centres)
         q_pos, k_pos = q, k
         if cfg.pos_extrapolation_alpha > 0:
             q_pos, k_pos = random_extrapolation(q, k, cfg.pos_extrapolation_alpha, cfg.mix_level)
@@ -144,7 +158,7 @@ class MoCo(nn.Module):
         if negatives.shape[0]:
             use_filter = cfg.dual_view_weight == 0.0 and cfg.hard_negative_fraction < 1.0
             frac = cfg.hard_negative_fraction if use_filter else 1.0
-            l_neg = hard_negative_scores(q.detach(), q, negatives, frac)  # (N, K')
+            l_neg = hard_negative_scores(q.detach(), q, negatives, frac, exclude)  # (N, K')
         else:
             # Empty queue (first step of a run): the other keys of the batch are the
             # negatives, rather than the random vectors moco starts its queue with.
@@ -153,25 +167,28 @@ class MoCo(nn.Module):
         loss = nce_from_scores(l_pos, l_neg, cfg.temperature)
         if cfg.dual_view_weight > 0 and negatives.shape[0]:
             l_pos_k = (k_pos * q_pos).sum(dim=1, keepdim=True)
-            l_neg_k = hard_negative_scores(q.detach(), k, negatives, cfg.hard_negative_fraction)
+            l_neg_k = hard_negative_scores(q.detach(), k, negatives, cfg.hard_negative_fraction, exclude)
             loss_k = nce_from_scores(l_pos_k, l_neg_k, cfg.temperature)
             loss = (1 - cfg.dual_view_weight) * loss + cfg.dual_view_weight * loss_k
         return loss, l_pos.detach().squeeze(1), l_neg.detach()
 
     def forward(
-        self, x_q: torch.Tensor, x_k: torch.Tensor, extra_negatives: torch.Tensor | None = None
+        self, x_q: torch.Tensor, x_k: torch.Tensor, extra_negatives: torch.Tensor | None = None,
+        extra_centres: torch.Tensor | None = None,
     ) -> MoCoOutput:
-        """x_q, x_k: (N, C, H, W) two views of N images. Returns loss and diagnostics."""
+        """x_q, x_k: (N, C, H, W) two views of N images; extra_negatives (M, D) and
+        extra_centres (C, D) unit rows or None. Returns loss and diagnostics."""
         with torch.no_grad():
             momentum_update(self.encoder_k, self.encoder_q, self.momentum)
         negatives = self._negatives(extra_negatives, x_q.device)
+        n_extra = extra_negatives.shape[0] if extra_negatives is not None and extra_negatives.numel() else 0
         q = self._query(x_q)
         k = self._key(x_k)
-        loss, pos, neg = self._contrast(q, k, negatives)
+        loss, pos, neg = self._contrast(q, k, negatives, n_extra, extra_centres)
         new_keys = [k]
         if self.cfg.symmetric:
             q2, k2 = self._query(x_k), self._key(x_q)
-            loss2, _, _ = self._contrast(q2, k2, negatives)
+            loss2, _, _ = self._contrast(q2, k2, negatives, n_extra, extra_centres)
             loss = 0.5 * (loss + loss2)
             new_keys.append(k2)
         if self.training:

@@ -275,11 +275,15 @@ class Trainer:
         return x_q, x_k
 
     def train_epoch(self, loader: DataLoader, *, epoch: int = 0, extra_negatives: torch.Tensor | None = None,
-                    max_steps: int | None = None, desc: str | None = None) -> EpochSummary:
-        """One pass over ``loader`` (at most ``max_steps`` steps). Returns its means."""
+                    extra_centres: torch.Tensor | None = None, max_steps: int | None = None,
+                    desc: str | None = None) -> EpochSummary:
+        """One pass over ``loader`` (at most ``max_steps`` steps). Returns its means.
+        ``extra_negatives`` (M, D) and ``extra_centres`` (C, D): see :class:`fedmoco.moco.MoCo`."""
         self.model.train()
         if extra_negatives is not None:
             extra_negatives = extra_negatives.to(self.device)
+        if extra_centres is not None:
+            extra_centres = extra_centres.to(self.device)
         set_loader_epoch(loader, epoch)
         max_steps = max_steps or self.cfg.max_steps_per_epoch
         total = min(len(loader), max_steps) if max_steps else len(loader)
@@ -307,7 +311,7 @@ class Trainer:
             if self.model.cfg.momentum_schedule == "cosine":
                 self.model.momentum = cosine_momentum(self.model.cfg.momentum, self.global_step, self.total_steps)
             with torch.autocast(self.device.type, enabled=self.use_amp):
-                out = self.model(x_q, x_k, extra_negatives)
+                out = self.model(x_q, x_k, extra_negatives, extra_centres)
             loss = out.loss
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

@@ -40,13 +40,15 @@ def global_model(run: dict[str, Any], seed: int = 0) -> MoCo:
 
 
 def train_message(arrays: ArrayRecord, server_round: int, *, node_id: int = 7,
-                  negatives: np.ndarray | None = None) -> Message:
-    """A train instruction as FedMoCo sends it (arrays, config, queue)."""
+                  negatives: np.ndarray | None = None, centres: np.ndarray | None = None) -> Message:
+    """A train instruction as FedMoCo sends it (arrays, config, queue, and centres if given)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
     if negatives is None:
         negatives = np.zeros((0, 16), np.float32)
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round}),
                           "queue": ArrayRecord({"keys": Array(negatives.astype(np.float32))})})
+    if centres is not None:
+        content["centres"] = ArrayRecord({"centres": Array(centres.astype(np.float32))})
     return Message(content, dst_node_id=node_id, message_type="train")
 
 

@@ -31,7 +31,8 @@ def captured(monkeypatch):
 
     def spy(self, loader, **kw):
         calls.append({"model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                      "step": self.global_step, "negatives": kw.get("extra_negatives")})
+                      "step": self.global_step, "negatives": kw.get("extra_negatives"),
+                      "centres": kw.get("extra_centres")})
         return original(self, loader, **kw)
 
     monkeypatch.setattr(Trainer, "train_epoch", spy)
@@ -221,6 +222,21 @@ def test_global_negatives_are_used_and_bad_ones_ignored(site, captured, caplog):
         reply = train(train_message(g, 1, negatives=unit_rows(20, dim=8)), context({"data-path": str(site)}, run))
     assert not reply.has_error() and captured[1]["negatives"] is None
     assert "ignoring global negatives of shape (20, 8)" in caplog.text
+
+
+def test_false_negative_cancellation_buckets_by_the_servers_centres(site, captured):
+    g = shared_arrays(global_model(run_config()))
+    negatives, centres = unit_rows(20), unit_rows(4, seed=1)
+    train(train_message(g, 1, negatives=negatives, centres=centres), context({"data-path": str(site)}, run_config()))
+    assert np.allclose(captured[0]["centres"].numpy(), centres)
+    # No centres from the server: the global negatives are their own buckets.
+    train(train_message(g, 1, negatives=negatives), context({"data-path": str(site)}, run_config()))
+    assert np.allclose(captured[1]["centres"].numpy(), negatives)
+    # Turned off, or nothing to cancel: no buckets.
+    off = run_config(**{"cancel-false-negatives": False})
+    train(train_message(g, 1, negatives=negatives, centres=centres), context({"data-path": str(site)}, off))
+    train(train_message(g, 1, centres=centres), context({"data-path": str(site)}, run_config()))
+    assert captured[2]["centres"] is None and captured[3]["centres"] is None
 
 
 def test_key_noise_is_not_reproducible_from_the_seed(site, tmp_path):

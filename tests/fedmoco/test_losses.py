@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmoco.losses import dual_view_info_nce, hard_negative_scores, info_nce
+from fedmoco.losses import dual_view_info_nce, hard_negative_scores, info_nce, nce_from_scores, same_bucket_mask
 
 
 def _unit(*shape, seed=0):
@@ -80,3 +80,27 @@ def test_dual_view_loss_is_weighted_sum_of_two_directions():
     assert dual_view_info_nce(q, k, neg, T, 0.0).item() == pytest.approx(loss_q.item())
     with pytest.raises(ValueError, match="weight"):
         dual_view_info_nce(q, k, neg, T, 1.5)
+
+
+def test_same_bucket_mask_by_hand():
+    # Centres on the two axes; keys and global negatives assigned to the nearer one.
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = F.normalize(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), dim=1)  # buckets 0, 1
+    extra = F.normalize(torch.tensor([[0.1, 0.9], [0.7, 0.3], [1.0, -0.2]]), dim=1)  # buckets 1, 0, 0
+    mask = same_bucket_mask(keys, extra, centres)
+    assert mask.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_excluded_negatives_leave_the_denominator_and_rank_last():
+    q = torch.tensor([[1.0, 0.0]])
+    neg = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    exclude = torch.tensor([[True, False, False]])
+    scores = hard_negative_scores(q, q, neg, 1.0, exclude)
+    assert scores[0, 0] == float("-inf") and scores[0, 1:].tolist() == [0.0, -1.0]
+    # Keeping the hardest 2 of 3: the cancelled one (the most similar) is not among them.
+    kept = hard_negative_scores(q, q, neg, 2 / 3, exclude)
+    assert sorted(kept[0].tolist()) == [-1.0, 0.0]
+    # InfoNCE over the remaining negatives equals the loss without the cancelled one.
+    k = torch.tensor([[0.6, 0.8]])
+    masked = nce_from_scores((q * k).sum(1, keepdim=True), scores, 0.5)
+    assert masked.item() == pytest.approx(info_nce(q, k, neg[1:], 0.5).item(), rel=1e-6)

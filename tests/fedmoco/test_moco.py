@@ -99,6 +99,29 @@ def test_extra_negatives_are_used_but_not_enqueued():
     assert len(m.queue) == 16  # only the 8 new local keys were added
 
 
+def test_global_negatives_in_the_keys_own_bucket_are_cancelled():
+    torch.manual_seed(0)
+    m = MoCo(_cfg(momentum=0.0))
+    x_q, x_k = _views()
+    m(x_q, x_k)
+    queue_before = m.queue.keys.clone()
+    state = {n: t.clone() for n, t in m.state_dict().items()}
+    k = F.normalize(m.encoder_k(x_k), dim=1)
+    # Two global negatives: one far away, one the mean of the batch's keys (every key's own
+    # bucket when the centres are the two negatives themselves).
+    far = F.normalize(-k.mean(0, keepdim=True) + 0.1 * torch.randn(1, 16), dim=1)
+    own = F.normalize(k.mean(0, keepdim=True), dim=1)
+    extra = torch.cat([far, own])
+    out = m(x_q, x_k, extra_negatives=extra, extra_centres=extra)
+    q = F.normalize(m.encoder_q(x_q), dim=1)
+    expected = info_nce(q, k, torch.cat([queue_before, far]), m.cfg.temperature)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Without centres both count, and the own-bucket prototype raises the loss.
+    m2 = MoCo(_cfg(momentum=0.0))
+    m2.load_state_dict(state)
+    assert m2(x_q, x_k, extra_negatives=extra).loss.item() > out.loss.item()
+
+
 def test_symmetric_v3_loss_is_mean_of_both_directions_with_predictor():
     torch.manual_seed(0)
     m = MoCo(_cfg(momentum=0.0, predictor=True, symmetric=True))
