@@ -9,7 +9,9 @@ and differs only in what the sites release and get back as extra negatives:
 
 - no global negatives (run_config ``key-release=none``);
 - DP prototypes (``key-release=prototypes``, the per-centre noisy sums of fedmoco.privacy)
-  at node_config ``dp-epsilon`` = 1.5, 8 and inf (no noise: a control, never private);
+  at node_config ``dp-epsilon`` = 1.5, 8 and inf (no noise: a control, never private), with
+  false-negative cancellation (each query skips the prototypes of its key's own bucket of
+  the server's public centres), and at 8 without it (the control for the cancellation);
 - per-record DP keys at epsilon = 8 (``key-release=keys``);
 - centralized MoCo on the union of the sites' images, as the ceiling.
 
@@ -38,20 +40,25 @@ from quality import Job, run_jobs, seed_range, summary, table, task_args, task_s
 DELTA = 1e-5
 
 #: row -> (run_config overrides, node_config overrides for every site)
+PROTO = {"key-release": "prototypes", "cancel-false-negatives": True}
 SETTINGS: dict[str, tuple[dict, dict]] = {
     # Same job as quality.py's "fedmoco federated, Dirichlet 0.5" row (key-release=none is the
     # benchmark's run_config default there), so the two tables share one set of runs.
     "no global negatives": ({}, {}),
-    "DP prototypes, eps=1.5": ({"key-release": "prototypes"}, {"dp-epsilon": 1.5, "dp-delta": DELTA}),
-    "DP prototypes, eps=8": ({"key-release": "prototypes"}, {"dp-epsilon": 8.0, "dp-delta": DELTA}),
-    "DP prototypes, eps=inf (no noise, control)": ({"key-release": "prototypes"},
-                                                   {"dp-epsilon": float("inf"), "dp-delta": DELTA}),
-    "per-record DP keys, eps=8": ({"key-release": "keys"}, {"dp-epsilon": 8.0, "dp-delta": DELTA}),
+    "DP prototypes, eps=1.5": (PROTO, {"dp-epsilon": 1.5, "dp-delta": DELTA}),
+    "DP prototypes, eps=8": (PROTO, {"dp-epsilon": 8.0, "dp-delta": DELTA}),
+    "DP prototypes, eps=inf (no noise, control)": (PROTO, {"dp-epsilon": float("inf"), "dp-delta": DELTA}),
+    # The control for false-negative cancellation: every prototype counts as a negative,
+    # including the one of the query's own bucket (the previous table's behaviour).
+    "DP prototypes, eps=8, no cancellation": ({**PROTO, "cancel-false-negatives": False},
+                                              {"dp-epsilon": 8.0, "dp-delta": DELTA}),
+    "per-record DP keys, eps=8": ({"key-release": "keys", "cancel-false-negatives": True},
+                                  {"dp-epsilon": 8.0, "dp-delta": DELTA}),
 }
 CEILING = "centralized MoCo on the union (ceiling)"
 #: short names of the rows in the JSON line
-SHORT = dict(zip([*SETTINGS, CEILING], ["none", "proto_eps1.5", "proto_eps8", "proto_epsinf", "keys_eps8",
-                                        "centralized"]))
+SHORT = dict(zip([*SETTINGS, CEILING], ["none", "proto_eps1.5", "proto_eps8", "proto_epsinf", "proto_eps8_nocancel",
+                                        "keys_eps8", "centralized"]))
 
 
 def main(argv: list[str] | None = None) -> int:
