@@ -54,11 +54,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
-from clients.ledger import ledger_path, locked_ledger
+from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (SITE_RECORD, arrays_to_tensors, check_outside_data, load_shared, moco_config,
-                          parse_channels, parse_options, run_value, setting_label, shared_arrays, site_config,
-                          site_data_path, site_name, train_config)
+from clients.task import (SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
+                          run_value, shared_arrays, site_config, site_data_path, site_name, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, build_pretrain_data,
                           format_skipped)
@@ -67,6 +66,7 @@ from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
 from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta, no_ledger_metrics
 from fedmoco.moco import Encoder
+from fedmoco.site_settings import privacy_settings
 from fedmoco.train import EpochSummary, Trainer, make_loader
 
 log = logging.getLogger("flwr.fedmoco.client")  # printed by Flower's console handler
@@ -77,8 +77,6 @@ SITE_DATA_UNAVAILABLE = 100
 SITE_MISCONFIGURED = 101
 #: Error code of a reply from a site whose training raised an unexpected exception.
 SITE_FAILED = 102
-#: A site's delta when its node_config gives none (checked against 1 / its image count).
-DEFAULT_DELTA = 1e-5
 #: The release modes of run_config ``key-release``.
 KEY_RELEASE_MODES = ("prototypes", "keys", "none")
 
@@ -142,30 +140,6 @@ def _cancel_centres(msg: Message, negatives: torch.Tensor | None, run: Any, dim:
     return centres if centres is not None else negatives
 
 
-def _node_float(node: Any, key: str, default: float | None) -> float | None:
-    """A positive number from the site's own settings (node_config or its settings file);
-    ConfigError naming where it was set."""
-    if key not in node:
-        return default
-    where = setting_label(node, key)
-    try:
-        if isinstance(node[key], bool):  # float(True) == 1.0: a flag is not a budget
-            raise TypeError
-        value = float(node[key])
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number, got {node[key]!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{where}: must be > 0, got {node[key]!r}")
-    return value
-
-
-def _node_count(node: Any, key: str) -> int:
-    value = _node_float(node, key, 0.0) or 0.0
-    if value != int(value):
-        raise ConfigError(f"{setting_label(node, key)}: expected a whole number, got {node[key]!r}")
-    return int(value)
-
-
 def _site_settings(ctx: Context) -> dict[str, Any]:
     """Per-site settings: node_config wins over run_config defaults. The site-owned ones
     (budget, ledger, state, name) come from node_config, else from the site's settings file
@@ -175,28 +149,18 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
     own = site_config(node, data_path)
     if own.from_file():
         log.info("site settings from %s: %s", data_path / SITE_SETTINGS_FILE, ", ".join(own.from_file()))
-    state_dir = str(own.get("state-dir", "")).strip()
-    settings = {
+    return {
         "domain": str(node.get("domain", run_value(run, "domain"))),
         "data_path": data_path,
         "options": parse_options(str(node.get("data-options", run_value(run, "data-options")))),
-        # The privacy budget is the site's: its node_config or settings file, never run_config (docs/privacy.md).
-        "epsilon": _node_float(own, "dp-epsilon", None),
-        "delta": _node_float(own, "dp-delta", DEFAULT_DELTA),
-        "delta_label": setting_label(own, "dp-delta"),  # where it was set, for the check against n
-        "dp_rounds": _node_count(own, "dp-rounds"),  # 0: the run's num-server-rounds
-        "ledger_path": ledger_path(own),
-        "state_dir": Path(state_dir).expanduser() if state_dir else None,
+        # The privacy budget is the site's: its node_config or settings file, never run_config
+        # (docs/privacy.md): epsilon, delta, delta_label, dp_rounds, ledger_path, state_dir.
+        **privacy_settings(own, data_path),
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
         "device": select_device(str(node.get("device", "auto"))),
         "threads": int(node.get("threads", 0)),
         "name": site_name(own),  # shown by the server instead of the node id
     }
-    # A ledger in the data folder would be reset whenever the data is re-exported (docs/privacy.md).
-    check_outside_data(settings["ledger_path"], data_path,
-                       setting_label(own, "ledger-path" if str(own.get("ledger-path", "")).strip() else "state-dir"))
-    check_outside_data(settings["state_dir"], data_path, setting_label(own, "state-dir"))
-    return settings
 
 
 def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:

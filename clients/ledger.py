@@ -27,20 +27,11 @@ import torch
 
 from fedmoco.errors import ConfigError
 from fedmoco.ledger import SiteLedger
+from fedmoco.site_settings import LEDGER_FILE, ledger_path  # noqa: F401 re-exported
 
-LEDGER_FILE = "privacy-ledger.json"
 LEGACY_LEDGER_FILE = "key-ledger.pt"
 #: JSON so that the site admin can read what was spent with any tool; not secret, not shared.
 LEDGER_MODE = 0o644
-
-
-def ledger_path(node_config: Mapping[str, Any]) -> Path | None:
-    """node_config ``ledger-path``, else ``<state-dir>/privacy-ledger.json``, else None."""
-    explicit = str(node_config.get("ledger-path", "")).strip()
-    if explicit:
-        return Path(explicit).expanduser()
-    state_dir = str(node_config.get("state-dir", "")).strip()
-    return Path(state_dir).expanduser() / LEDGER_FILE if state_dir else None
 
 
 def read_ledger(path: Path) -> SiteLedger | None:

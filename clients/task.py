@@ -32,9 +32,6 @@ resolved against the file's folder. See :func:`site_config` and docs/privacy.md.
 
 from __future__ import annotations
 
-import re
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,8 +40,11 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError
+# The site's own settings live in the core so that `fedmoco check-site` reads them as a round does.
+from fedmoco.site_settings import (SITE_FILE_KEYS, SITE_NAME, SITE_PATH_KEYS, SITE_RECORD,  # noqa: F401 re-exported
+                                   SiteConfig, check_outside_data, check_site_name, read_site_file, setting_label,
+                                   site_config, site_name)
 from fedmoco.moco import MoCo
 
 #: Every run_config key with its default. pyproject's [tool.flwr.app.config] mirrors it;
@@ -269,125 +269,3 @@ def site_data_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
     if root and "partition-id" in node_config:
         return Path(root).expanduser() / f"site-{int(node_config['partition-id'])}"
     raise ConfigError("node_config data-path is not set (and no run_config demo-root + partition-id to derive it)")
-
-
-#: A site name: short, letters, digits, ``.``, ``_`` and ``-`` only, so it can never be a
-#: path (no separators; ``.`` and ``..`` refused) and prints safely in logs and plots.
-SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
-#: The record of a train reply that carries the site's name (docs/privacy.md).
-SITE_RECORD = "site"
-
-
-def check_site_name(name: Any, where: str = "node_config site-name") -> str:
-    """``name`` if it is a valid site name (:data:`SITE_NAME`); ConfigError naming ``where``."""
-    if not isinstance(name, str) or not SITE_NAME.fullmatch(name) or name in (".", ".."):
-        raise ConfigError(f"{where}: {str(name)[:40]!r} is not a site name: 1 to 32 characters of "
-                          "A-Z a-z 0-9 . _ - (not . or ..)")
-    return name
-
-
-def site_name(node_config: Mapping[str, Any]) -> str | None:
-    """The site's name: ``site-name`` (node_config or, in a :class:`SiteConfig`, the site's
-    settings file), else (simulation) ``site-<partition-id>``, else None (the server then
-    shows the node id). Stable across runs, unlike node ids."""
-    name = str(node_config.get("site-name", "")).strip()
-    if name:
-        return check_site_name(name, setting_label(node_config, "site-name"))
-    if "partition-id" in node_config:
-        return f"site-{int(node_config['partition-id'])}"
-    return None
-
-
-#: What a site's settings file may set: the site admin's own settings (budget, ledger, state,
-#: name). How the SuperNode runs (domain, data-path, device, ...) stays in node_config and what
-#: the federation decides in run_config, so a file in the data folder can change neither.
-SITE_FILE_KEYS = ("dp-epsilon", "dp-delta", "dp-rounds", "ledger-path", "state-dir", "site-name")
-#: Settings holding a path: a relative one is resolved against the settings file's folder.
-SITE_PATH_KEYS = ("ledger-path", "state-dir")
-
-
-class SiteConfig(Mapping[str, Any]):
-    """A site's node_config, completed by its settings file for the keys node_config lacks.
-
-    Maps key -> value like node_config does (so every node_config reader takes it);
-    :meth:`label` says where a key's value came from, for error messages.
-    """
-
-    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
-        self._values = dict(values)
-        self._sources = dict(sources)  # key -> path of the settings file (absent: node_config)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def from_file(self) -> list[str]:
-        """The keys whose values come from the settings file."""
-        return sorted(self._sources)
-
-    def label(self, key: str) -> str:
-        """``node_config KEY`` or ``FILE: KEY``: where ``key``'s value was set."""
-        return f"{self._sources[key]}: {key}" if key in self._sources else f"node_config {key}"
-
-
-def setting_label(config: Mapping[str, Any], key: str) -> str:
-    """Where ``key`` of a site's settings was set (see :meth:`SiteConfig.label`)."""
-    return config.label(key) if isinstance(config, SiteConfig) else f"node_config {key}"
-
-
-def read_site_file(path: Path) -> dict[str, str | int | float]:
-    """The settings in the site's ``fedmoco-site.toml`` at ``path``: only :data:`SITE_FILE_KEYS`,
-    scalar values, relative paths resolved against the file's folder. ConfigError (one line
-    naming the file and the key) for an unreadable file, invalid TOML, an unknown key or a
-    value that is not a number or a string. Values are checked further where they are used,
-    by the same rules as node_config's."""
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the site settings file ({' '.join(str(exc).split())})") from None
-    out: dict[str, str | int | float] = {}
-    for key, value in table.items():
-        if key not in SITE_FILE_KEYS:
-            raise ConfigError(f"{path}: {key}: not a site setting; this file may set only {', '.join(SITE_FILE_KEYS)} "
-                              "(the rest belongs in node_config or the run's config)")
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{path}: {key}: expected a number or a string, got {type(value).__name__}")
-        if key in SITE_PATH_KEYS and str(value).strip():
-            # As Docker Compose and Cargo do: a path in a file means the same wherever the
-            # SuperNode was started from.
-            value = str(path.parent / Path(str(value).strip()).expanduser())
-        out[key] = value
-    return out
-
-
-def site_config(node_config: Mapping[str, Any], data_path: Path) -> SiteConfig:
-    """The site's own settings: node_config, then ``data_path/fedmoco-site.toml`` for each
-    :data:`SITE_FILE_KEYS` key node_config leaves unset (absent or blank). The ledger's place
-    comes from one source: a node_config that names ``ledger-path`` or ``state-dir`` also
-    overrides the file's ``ledger-path`` (else node_config's state-dir would hold training
-    state while the file moved the ledger elsewhere). The file is optional; ConfigError naming
-    it when it is invalid (:func:`read_site_file`)."""
-    path = data_path / SITE_SETTINGS_FILE
-    from_file = read_site_file(path) if path.is_file() else {}
-    is_set = lambda k: bool(str(node_config.get(k, "")).strip())  # noqa: E731
-    if is_set("state-dir"):
-        from_file.pop("ledger-path", None)
-    unset = [k for k in from_file if not is_set(k)]
-    return SiteConfig({**node_config, **{k: from_file[k] for k in unset}}, {k: str(path) for k in unset})
-
-
-def check_outside_data(path: Path | None, data_path: Path, label: str) -> None:
-    """ConfigError when ``path`` (the ledger or the state folder) lies inside the data folder:
-    data folders get re-exported and replaced wholesale, which would silently reset the
-    privacy budget, are often read-only mounts, and are scanned as data (docs/privacy.md)."""
-    if path is None:
-        return
-    resolved, data = path.expanduser().resolve(), data_path.expanduser().resolve()
-    if resolved == data or resolved.is_relative_to(data):
-        raise ConfigError(f"{label}: {path} is inside the data folder; keep the privacy ledger and the site's "
-                          "state outside it (docs/privacy.md)")

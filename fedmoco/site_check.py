@@ -6,13 +6,19 @@ the configured encoder on this machine's device, data loading included, and repo
 
 * usable images (samples) and the files skipped while scanning, by reason;
 * channels, the size the images arrive in (from file headers) and the input size;
-* the seconds per step and the time one local epoch is expected to take.
+* the seconds per step and the time one local epoch is expected to take;
+* the privacy settings in the folder's ``fedmoco-site.toml``, checked by the rules a round
+  applies (budget, delta against the number of images, ledger outside the data folder), and
+  what the ledger has spent so far. node_config, which this dry run cannot see, wins over
+  the file key by key.
 
 Nothing is written and nothing leaves the machine.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -23,8 +29,8 @@ from typing import Any
 import torch
 
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
-from fedmoco.errors import DataError
+from fedmoco.data import SITE_SETTINGS_FILE, DataConfig, build_pretrain_data, format_skipped
+from fedmoco.errors import ConfigError, DataError
 from fedmoco.moco import MoCo
 from fedmoco.train import Trainer, make_loader
 
@@ -53,6 +59,7 @@ class SiteReport:
     steps_timed: int = 0
     seconds_per_step: float = float("nan")
     skipped_while_timing: int = 0
+    privacy: list[str] = field(default_factory=list)  # the settings file's budget and ledger, one fact per line
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -79,7 +86,7 @@ class SiteReport:
         if self.skipped_while_timing:
             out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
                        "count them every round")
-        return out
+        return out + self.privacy
 
 
 def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | None = None, image_size: int = 64,
@@ -98,10 +105,50 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         + (f" ({format_skipped(data.skipped)})" if data.skipped else ""))
     report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=data.skipped,
                         channels=data.in_channels, image_size=image_size, source_sizes=source_sizes(data.dataset),
-                        description=data.description)
+                        description=data.description, privacy=privacy_lines(data_dir, usable))
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
     return report
+
+
+def privacy_lines(data_dir: Path, usable: int) -> list[str]:
+    """The site's privacy settings from ``data_dir/fedmoco-site.toml`` as a round reads them,
+    and its ledger's spending, one fact per line. ConfigError (one line naming the file and
+    key) for anything a round would refuse: an unknown key, a bad budget, a delta too large
+    for ``usable`` images, a ledger or state folder inside the data folder, an unreadable ledger."""
+    from fedmoco.ledger import check_site_delta
+    from fedmoco.site_settings import privacy_settings, site_config
+
+    path = data_dir / SITE_SETTINGS_FILE
+    if not path.is_file():
+        return [f"privacy:         no {SITE_SETTINGS_FILE} here: unless node_config sets dp-epsilon and a ledger "
+                "(ledger-path or state-dir), this site sends weights and metrics only"]
+    own = site_config({}, data_dir)
+    p = privacy_settings(own, data_dir)
+    lines = [f"privacy:         settings from {path} ({', '.join(own.from_file()) or 'no keys'}); "
+             "node_config wins key by key"]
+    if p["epsilon"] is None:
+        return lines + ["budget:          no dp-epsilon: this site sends weights and metrics only"]
+    if math.isfinite(p["epsilon"]):
+        check_site_delta(p["delta"], usable, p["delta_label"])
+    rounds = f"{p['dp_rounds']} releases" if p["dp_rounds"] else "the run's num-server-rounds (no dp-rounds)"
+    lines.append(f"budget:          epsilon {p['epsilon']:g}, delta {p['delta']:g}, planned over {rounds}"
+                 + ("" if math.isfinite(p["epsilon"]) else " (inf: no noise, never private; a control only)"))
+    ledger = p["ledger_path"]
+    if ledger is None:
+        return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "
+                        "(dp-status 3) and the site sends weights only"]
+    if not ledger.is_file():
+        return lines + [f"ledger:          {ledger} (none yet: the first release creates it)"]
+    from fedmoco.ledger import SiteLedger
+
+    try:
+        book = SiteLedger.from_state_dict(json.loads(ledger.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{ledger}: privacy ledger unreadable ({exc}); fix or remove it deliberately") from None
+    return lines + [f"ledger:          {ledger}: {book.mechanism}, spent epsilon {book.spent():.3g} of "
+                    f"{book.epsilon_budget:g} (delta {book.delta:g}) in {book.releases} of "
+                    f"{book.planned_releases} planned releases"]
 
 
 def default_model(channels: int) -> MoCoConfig:

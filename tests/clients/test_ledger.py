@@ -66,7 +66,7 @@ def test_sharing_refused_without_a_persistent_ledger(site, sent, caplog):
         reply = train(train_message(sent, 1), context(node, run_config()))
     m = metrics(reply)
     assert n_sent(reply) == 0 and m["dp-status"] == 3 and m["dp-keys-releases"] == 0
-    assert "sharing refused: no persistent ledger (set node_config ledger-path or state-dir)" in caplog.text
+    assert "sharing refused: no persistent ledger (set ledger-path or state-dir, in node_config or fedmoco-site.toml)" in caplog.text
     moved = max(np.abs(a.numpy() - sent[k].numpy()).max() for k, a in reply.content["arrays"].items())
     assert moved > 0  # trained and sent weights all the same
 

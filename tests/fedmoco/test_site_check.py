@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedmoco.cli import main
@@ -63,3 +65,60 @@ def test_defaults_are_the_federations():
     from clients.task import RUN_DEFAULTS
 
     assert FEDERATION_DEFAULTS == {k: RUN_DEFAULTS[k] for k in FEDERATION_DEFAULTS}
+
+
+@pytest.fixture
+def images_site(tmp_path):
+    """A small images-domain site folder (8 usable images) and a state folder beside it."""
+    from domains.images import make_demo_images
+
+    make_demo_images(tmp_path / "data", n_per_class=2, size=16, seed=0)
+    return tmp_path / "data"
+
+
+def _privacy(report):
+    return [line for line in report.lines() if line.split(":")[0] in ("privacy", "budget", "ledger")]
+
+
+def test_privacy_lines_without_a_settings_file(images_site):
+    lines = _privacy(check_site("images", images_site, image_size=16, steps=0))
+    assert lines == ["privacy:         no fedmoco-site.toml here: unless node_config sets dp-epsilon and a ledger "
+                     "(ledger-path or state-dir), this site sends weights and metrics only"]
+
+
+def test_privacy_lines_read_the_settings_file_and_the_ledger(images_site, tmp_path):
+    from fedmoco.ledger import SiteLedger
+    from fedmoco.site_settings import LEDGER_FILE
+
+    (images_site / "fedmoco-site.toml").write_text('dp-epsilon = 8\ndp-delta = 1e-5\ndp-rounds = 10\n'
+                                                   'state-dir = "../state"\n')
+    lines = _privacy(check_site("images", images_site, image_size=16, steps=0))
+    assert lines[1] == "budget:          epsilon 8, delta 1e-05, planned over 10 releases"
+    ledger = (images_site / ".." / "state" / LEDGER_FILE)
+    assert lines[2] == f"ledger:          {ledger} (none yet: the first release creates it)"
+    # After two releases the report shows what they spent, as the accountant computes it.
+    book = SiteLedger("prototypes", 8.0, 1e-5, 10)
+    book.record(3.0, 1.0)
+    book.record(3.0, 1.0)
+    ledger.parent.mkdir()
+    ledger.write_text(json.dumps(book.state_dict()))
+    spent = book.spent()
+    assert _privacy(check_site("images", images_site, image_size=16, steps=0))[2] == (
+        f"ledger:          {ledger}: prototypes, spent epsilon {spent:.3g} of 8 (delta 1e-05) in "
+        f"{book.releases} of 10 planned releases")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('dp-epsilon = 8\nledger-path = "ledger.json"\n',
+     "{file}: ledger-path: {data}/ledger.json is inside the data folder"),
+    ('dp-epsilon = 8\ndp-delta = 0.5\nstate-dir = "../s"\n', "{file}: dp-delta: must be in (0, 0.001], got 0.5"),
+    ('dp-epsilon = -1\n', "{file}: dp-epsilon: must be > 0, got -1"),
+    ('epsilon = 8\n', "{file}: epsilon: not a site setting"),
+])
+def test_a_settings_file_a_round_would_refuse_is_one_line(images_site, capsys, text, message):
+    file = images_site / "fedmoco-site.toml"
+    file.write_text(text)
+    assert main(["-q", "check-site", "--domain", "images", "--data", str(images_site), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmoco check-site: error: " + message.format(file=file, data=images_site))
+    assert err.count("\n") == 1

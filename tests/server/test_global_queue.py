@@ -137,7 +137,7 @@ def test_prototypes_flow_through_the_queue_tagged_and_reasons_are_recorded(tmp_p
     sites = {s["node"]: s for s in recs[0]["sites"]}
     assert sites[100]["keys"] == sites[101]["keys"] == 8 and sites[102]["keys"] == 0
     assert sites[102]["dp-status"] == 4
-    assert sites[102]["dp-reason"] == "sharing refused: no budget (set node_config dp-epsilon)"
+    assert sites[102]["dp-reason"] == "sharing refused: no budget (set dp-epsilon, in node_config or fedmoco-site.toml)"
     assert recs[0]["queue-added"] == 16 and recs[0]["queue-size"] == 16 and recs[0]["dp-sharing"] == 2
     assert recs[0]["up-bytes"] > 0 and recs[0]["down-bytes"] > 0
     # round 2: each sharing site got only the other's prototypes; round 1's aged out after it

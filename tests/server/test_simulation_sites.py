@@ -86,7 +86,7 @@ def test_without_a_site_budget_the_sites_share_weights_only(tmp_path, caplog):
     assert "no budget" in caplog.text
     assert queue_summary(tmp_path / "server" / "rounds.jsonl", tmp_path / "site-state") == (
         "global queue: 0 DP summaries from 0 site(s) after round 2 (0 added in it, 0 of 2 sites sharing); "
-        "not sharing: sharing refused: no budget (set node_config dp-epsilon)")
+        "not sharing: sharing refused: no budget (set dp-epsilon, in node_config or fedmoco-site.toml)")
 
 
 def test_settings_file_written_as_a_site_admin_would(tmp_path):
