@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -131,15 +132,21 @@ class MedicalPretrainDataset(_DicomSamples):
 
     def __init__(self, root, records, samples, opts, pipeline=None,
                  cache: SampleCache | None = None, image_size: int = 0,
-                 normalization: Normalization | None = None) -> None:
+                 normalization: Normalization | None = None,
+                 stamps: list[tuple[int, int]] | None = None) -> None:
         """``pipeline``: a ``transforms.ViewPipeline``, or None to build the MONAI pipeline of
-        ``opts`` at ``image_size`` on the first per-sample view (batched views never need it)."""
+        ``opts`` at ``image_size`` on the first per-sample view (batched views never need it).
+        ``stamps``: (size, mtime_ns) of each record's file when the cache was keyed (required
+        with ``cache``): a cached base is served only while its files still match."""
         super().__init__(root, records, samples, opts)
         self.normalization = normalization or (pipeline.normalization if pipeline is not None
                                                else default_normalization(opts.in_channels))
         self._views = None if pipeline is None else TwoViews(pipeline)
         self.cache = cache
         self.image_size = image_size
+        if cache is not None and (stamps is None or len(stamps) != len(records)):
+            raise ValueError("a sample cache needs the (size, mtime_ns) stamp of every record")
+        self.stamps = None if stamps is None else [tuple(s) for s in stamps]
 
     @property
     def views(self) -> TwoViews:
@@ -151,8 +158,16 @@ class MedicalPretrainDataset(_DicomSamples):
         return self._views
 
     def base(self, i: int) -> tuple[np.ndarray, int] | None:
-        """Cached base of sample ``i`` (decoded and stored on a miss), or None if unreadable."""
-        hit = self.cache.get(i)
+        """Cached base of sample ``i`` (decoded and stored on a miss), or None if unreadable.
+
+        A hit is served only while the sample's files keep the size and mtime they had when
+        the cache was keyed (one ``os.stat`` per file and read, about a microsecond): a file
+        rewritten during a run is decoded again, its new base stored and its stamp renewed
+        (in this process; the next run keys a new cache anyway). A file now gone or broken
+        gives None, as without a cache.
+        """
+        changed = self._changed_files(i)
+        hit = None if changed else self.cache.get(i)
         if hit is not None:
             return hit
         sample = self.load(i)
@@ -160,7 +175,23 @@ class MedicalPretrainDataset(_DicomSamples):
             return None
         base, tag = to_base(sample, self.opts, self.cache.shape[-1])
         self.cache.put(i, base, tag)
+        for f, stamp in changed.items():
+            self.stamps[f] = stamp
         return base, tag
+
+    def _changed_files(self, i: int) -> dict[int, tuple[int, int]]:
+        """{record: its (size, mtime_ns) now} for the files of sample ``i`` that differ from
+        their stamp (a missing file has stamp (-1, -1))."""
+        changed = {}
+        for f in {int(f) for f in self.samples[i, :, 0]}:
+            try:
+                st = os.stat(self.root / self.records[f].path)
+                now = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                now = (-1, -1)
+            if now != self.stamps[f]:
+                changed[f] = now
+        return changed
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         # MONAI transforms keep their own numpy RandomState, which forked DataLoader workers
@@ -246,16 +277,18 @@ def _describe(records: list[FileRecord], n_samples: int, opts: MedicalOptions, s
 
 
 def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, opts: MedicalOptions,
-                  cfg: DataConfig) -> SampleCache | None:
-    """The decoded-sample cache of this folder and these options, or None when turned off
-    (``DataConfig.cache`` false, or the medical option ``cache=false``)."""
+                  cfg: DataConfig) -> tuple[SampleCache | None, list[tuple[int, int]] | None]:
+    """(the decoded-sample cache of this folder and these options, (size, mtime_ns) per
+    record as keyed), or (None, None) when turned off (``DataConfig.cache`` false, or the
+    medical option ``cache=false``) or when the cache cannot be created."""
     if not (cfg.cache and opts.cache):
-        return None
+        return None, None
     size = base_size(opts, cfg.image_size)
     options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size}
     stamps = file_stamps(root, [root / r.path for r in records])
-    return open_cache(root, "medical", len(samples), (opts.in_channels, size, size), "float16", options, stamps,
-                      cfg.cache_dir or opts.cache_dir or None)
+    cache = open_cache(root, "medical", len(samples), (opts.in_channels, size, size), "float16", options, stamps,
+                       cfg.cache_dir or opts.cache_dir or None)
+    return (None, None) if cache is None else (cache, [(s[1], s[2]) for s in stamps])
 
 
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
@@ -268,8 +301,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     records, skipped = index_folder(Path(root), opts)
     samples = build_samples(records, opts.slices)
     normalization = default_normalization(opts.in_channels)
-    cache = _sample_cache(Path(root), records, samples, opts, cfg)
-    dataset = MedicalPretrainDataset(root, records, samples, opts, None, cache, cfg.image_size, normalization)
+    cache, stamps = _sample_cache(Path(root), records, samples, opts, cfg)
+    dataset = MedicalPretrainDataset(root, records, samples, opts, None, cache, cfg.image_size, normalization,
+                                     stamps)
     return PretrainData(
         dataset=dataset,
         in_channels=opts.in_channels,

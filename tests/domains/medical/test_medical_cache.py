@@ -76,3 +76,42 @@ def test_cache_can_be_turned_off(demo_archive, cache_dir, off):
     ds = build_pretrain_data("medical", demo_archive, DataConfig(image_size=32, options=options, **off)).dataset
     assert ds.cache is None and ds.batched_views() is None
     assert ds[0][0].shape == (1, 32, 32)
+
+
+def test_a_file_rewritten_during_the_run_is_decoded_again(demo_archive, cache_dir, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo_archive, root)
+    ds = _data(root, cache_dir).dataset
+    old = [ds.base(i) for i in range(len(ds))]
+    # Two single-file samples of one shape whose bases differ: copy one file over the other.
+    by_shape = {}
+    for i in range(len(ds)):
+        files = {int(f) for f in ds.samples[i, :, 0]}
+        rec = ds.records[next(iter(files))]
+        if len(files) == 1 and rec.frames == 1:
+            by_shape.setdefault((rec.rows, rec.columns, rec.modality), []).append(i)
+    a, b = next((s[0], s[-1]) for s in by_shape.values()
+                if len(s) > 1 and not np.array_equal(old[s[0]][0], old[s[-1]][0]))
+    target = root / ds.records[int(ds.samples[a, 0, 0])].path
+    shutil.copyfile(root / ds.records[int(ds.samples[b, 0, 0])].path, target)
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new mtime even on a coarse clock
+
+    decoded = []
+    real = medical_dataset.read_dicom
+    monkeypatch.setattr(medical_dataset, "read_dicom", lambda path, *a, **kw: decoded.append(path) or real(path, *a, **kw))
+    base, tag = ds.base(a)  # same dataset, same cache file: the run goes on
+    assert decoded == [target]
+    np.testing.assert_array_equal(base, old[b][0])  # the new content, not the stale cached base
+    assert tag == old[b][1]
+    np.testing.assert_array_equal(ds.base(a)[0], old[b][0])
+    assert len(decoded) == 1  # stored and re-stamped: read from the cache again
+    for i in range(len(ds)):  # the other samples are still served from the cache
+        if i != a:
+            np.testing.assert_array_equal(ds.base(i)[0], old[i][0])
+    assert len(decoded) == 1
+
+    target.unlink()  # a file gone mid-run: skipped like an unreadable one, not served stale
+    assert ds.base(a) is None
