@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.transforms import RandScaleCropd, Rotate
 from torchvision.transforms import v2
 
@@ -20,8 +21,8 @@ from domains.medical.transforms import JITTERED, ViewPipeline, from_base, pretra
 from domains.satellite.augment import pretrain_transform
 from domains.satellite.options import parse_options
 from fedmoco.data import Normalization
-from fedmoco.gpu_augment import (MedicalViews, SatelliteViews, quarter_turn_matrix, resample,
-                                 rotation_matrix)
+from fedmoco.gpu_augment import (MedicalViews, SatelliteViews, _affine_grid, add_noise_, adjust_contrast_,
+                                 quarter_turn_matrix, resample, rotate, rotation_matrix)
 
 
 def test_quarter_turns_and_flips_are_exact():
@@ -50,13 +51,90 @@ def _norm(c=1):
     return Normalization([0.5] * c, [0.25] * c)
 
 
-def test_medical_views_equal_monai_with_random_steps_off():
+def _views(opts, size, per_image):
+    views = MedicalViews(opts, size, _norm())
+    views.per_image = per_image
+    return views
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_medical_views_equal_monai_with_random_steps_off(per_image):
     opts = _medical(crop_scale=1.0, flip_prob=0, rotate_prob=0, intensity_prob=0, gamma_prob=0, noise_prob=0,
                     smooth_prob=0, window_level_jitter=0, window_width_jitter=0)
     base = (torch.rand(1, 24, 24) * 1.4 - 0.2).half()  # window units, beyond [0, 1] on purpose
     cpu = ViewPipeline(pretrain_pipeline(opts, 24), _norm())(from_base(base.numpy(), JITTERED))
-    batched = MedicalViews(opts, 24, _norm()).view(base[None].float(), torch.tensor([True]))[0]
+    batched = _views(opts, 24, per_image).view(base[None].float(), torch.tensor([True]))[0]
     torch.testing.assert_close(batched, cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_affine_grid_is_torchs():
+    theta = torch.randn(5, 2, 3)
+    torch.testing.assert_close(_affine_grid(theta, 17), F.affine_grid(theta, (5, 1, 17, 17), align_corners=False),
+                               atol=1e-5, rtol=0)
+
+
+def test_rotate_matches_monai_including_the_zero_padded_corners():
+    x = torch.rand(2, 1, 40, 40)
+    angles = torch.tensor([math.radians(15), math.radians(-7)])
+    out = rotate(x, angles)
+    for i in range(2):
+        ref = Rotate(float(angles[i]), keep_size=True, padding_mode="zeros")(x[i])
+        torch.testing.assert_close(out[i], torch.as_tensor(ref), atol=1e-4, rtol=0)
+
+
+def test_per_image_geometry_equals_the_batched_grid_and_monai_order():
+    """The CPU path (window the crop, resize, flip, then rotate) against the batched path (one
+    grid sample from the windowed base) and MONAI's steps, with the same parameters."""
+    torch.manual_seed(1)
+    opts = _medical(intensity_prob=0, gamma_prob=0, noise_prob=0, smooth_prob=0)
+    views = MedicalViews(opts, 32, _norm())
+    # smooth bases (detail far above a pixel): one interpolation and two then differ by little
+    base = F.interpolate(torch.rand(6, 1, 5, 5), size=(46, 46), mode="bilinear", align_corners=False) * 1.4 - 0.2
+    jittered = torch.tensor([True, True, False, True, False, True])
+    p = views.sample_params(6, 46, torch.device("cpu"))
+    p["angle"][:3] = 0  # three images without rotation, three with
+    p["angle"][3:] = torch.tensor([0.1, -0.15, 0.05])
+    p["flip"][:] = torch.tensor([True, False, True, True, False, False])
+    outs = {}
+    for per_image in (True, False):
+        views.per_image = per_image
+        outs[per_image] = views.view(base, jittered, p, normalise=False)
+    torch.testing.assert_close(outs[True][:3], outs[False][:3], atol=1e-4, rtol=0)  # crop + resize + flip: exact
+    inner = (slice(None), slice(None), slice(8, 24), slice(8, 24))
+    diff = (outs[True][3:] - outs[False][3:])[inner].abs()  # one interpolation against two
+    assert diff.max() < 0.05 and diff.mean() < 0.005, (diff.max(), diff.mean())
+    # MONAI's order on image 3: window, crop, resize, flip, rotate with zero padding.
+    top, left, h, w = p["box"][3].long().tolist()
+    gain = 1 / (1 + opts.window_width_jitter * p["width_u"][3])
+    centre = 0.5 + opts.window_level_jitter * p["level_u"][3]
+    crop = ((base[3, :, top:top + h, left:left + w] - (centre - 0.5 / gain)) * gain).clamp(0, 1)
+    resized = F.interpolate(crop[None], size=(32, 32), mode="bilinear", align_corners=False)[0].flip(-1)
+    ref = torch.as_tensor(Rotate(float(p["angle"][3]), keep_size=True, padding_mode="zeros")(resized)).clamp(0, 1)
+    torch.testing.assert_close(outs[True][3], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_adjust_contrast_is_monais_and_leaves_gamma_one_alone(per_image):
+    from monai.transforms import AdjustContrast
+
+    x = torch.rand(3, 1, 20, 20)
+    x[1, :, :8] = x[1].min()  # a flat region at the image minimum: t = 0 exactly, 0 ** gamma = 0
+    gamma = torch.tensor([1.0, 0.8, 1.25])
+    out = adjust_contrast_(x.clone(), gamma, per_image)
+    torch.testing.assert_close(out[0], x[0])
+    for i in (1, 2):
+        torch.testing.assert_close(out[i], torch.as_tensor(AdjustContrast(float(gamma[i]))(x[i])), atol=1e-5, rtol=1e-5)
+    assert (out[1, :, :8] == x[1].min()).all()
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_add_noise_has_each_images_std_and_spares_the_others(per_image):
+    torch.manual_seed(0)
+    x = torch.zeros(3, 2, 64, 64)
+    out = add_noise_(x, torch.tensor([0.0, 0.02, 0.1]), per_image)
+    assert (out[0] == 0).all()
+    assert abs(float(out[1].std()) - 0.02) < 0.001 and abs(float(out[2].std()) - 0.1) < 0.005
+    assert abs(float(out[2].mean())) < 0.005
 
 
 def _monai_crop_sizes(opts, side, n):
@@ -94,7 +172,8 @@ def _pixel_stats(views: torch.Tensor) -> tuple[float, float, float]:
     return float(views.mean()), float(views.std()), float((views <= views.min() + 1e-6).float().mean())
 
 
-def test_medical_output_distribution_matches_monai():
+@pytest.mark.parametrize("per_image", [True, False])
+def test_medical_output_distribution_matches_monai(per_image):
     torch.manual_seed(0)
     opts = _medical()
     yy, xx = torch.meshgrid(torch.linspace(-0.2, 1.2, 46), torch.linspace(-0.2, 1.2, 46), indexing="ij")
@@ -105,8 +184,8 @@ def test_medical_output_distribution_matches_monai():
         pipe.set_random_state(seed)
         cpu.append(pipe(from_base(base.numpy(), JITTERED)))
     cpu = torch.stack(cpu)
-    batched = MedicalViews(opts, 32, _norm()).view(base[None].float().expand(300, -1, -1, -1),
-                                                   torch.ones(300, dtype=torch.bool))
+    batched = _views(opts, 32, per_image).view(base[None].float().expand(300, -1, -1, -1),
+                                               torch.ones(300, dtype=torch.bool))
     for a, b in zip(_pixel_stats(cpu), _pixel_stats(batched)):
         assert abs(a - b) < 0.06, (_pixel_stats(cpu), _pixel_stats(batched))
     # The mean image (where the ramp sits on average) agrees too.
