@@ -52,15 +52,22 @@ def per_sample_pass(dataset: Dataset, n: int) -> Callable[[], int]:
     return run
 
 
-def batched_pass(bases: Dataset, views: torch.nn.Module, n: int, batch: int) -> Callable[[], int]:
-    """One pass of cached bases collated and turned into two views per batch; returns pairs made."""
+def batched_pass(bases: Dataset, views: torch.nn.Module, n: int, batch: int,
+                 split: dict[str, float] | None = None) -> Callable[[], int]:
+    """One pass of cached bases collated and turned into two views per batch; returns pairs made.
+    ``split``, when given, accumulates the seconds spent in "read + collate" and in "views"."""
     def run() -> int:
         done = 0
         for start in range(0, n, batch):
+            t0 = time.perf_counter()
             stacked, _ = collate_views([bases[i % len(bases)] for i in range(start, min(start + batch, n))])
+            t1 = time.perf_counter()
             with torch.no_grad():
                 q, _ = views(stacked)
             done += q.shape[0]
+            if split is not None:
+                split["read + collate"] = split.get("read + collate", 0.0) + t1 - t0
+                split["views"] = split.get("views", 0.0) + time.perf_counter() - t1
         return done
 
     return run
@@ -128,6 +135,32 @@ def step_rate(in_channels: int, image_size: int, batch: int, device: torch.devic
     return steps * batch / (time.perf_counter() - t0)
 
 
+def profile_lines(bases: Dataset, views: torch.nn.Module, n: int, batch: int, what: str,
+                  rows: int = 10) -> list[str]:
+    """Report section: where the cached batched path spends its time on one intra-op thread.
+    First the split of unprofiled passes between reading + collating the cached bases and
+    making the views (ms a pair); then the torch operators of one profiled pass by self CPU
+    time, as shares of all operator time (the profiler's own per-call overhead is left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    split: dict[str, float] = {}
+    with one_thread():
+        batched_pass(bases, views, n, batch)()  # warm
+        timed = batched_pass(bases, views, n, batch, split)
+        pairs = sum(timed() for _ in range(3))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            batched_pass(bases, views, n, batch)()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    table = [[f"`{e.key}`", str(e.count), f"{100 * e.self_cpu_time_total / total:.0f}%"] for e in ops[:rows]]
+    table.append(["other operators", "", f"{100 * sum(e.self_cpu_time_total for e in ops[rows:]) / total:.0f}%"])
+    return ["", f"## Where the time goes: {what}", "",
+            "Unprofiled, 3 passes: " + ", ".join(f"{k} {1000 * v / pairs:.2f} ms a pair" for k, v in split.items())
+            + ". One profiled pass, torch.profiler self CPU time of each operator as a share of all "
+            "operator time:", "",
+            *markdown_table(["operator", "calls", "share"], table)]
+
+
 def fmt(r: tuple[float, float, float]) -> str:
     return f"{r[0]:,.0f} ({r[1]:,.0f}-{r[2]:,.0f})"
 
@@ -142,6 +175,8 @@ def add_feed_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--gpu-batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="GPU feed loader workers")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / f"{name}.md")
+    p.add_argument("--profile", action="store_true",
+                   help="add a table of where the cached batched path spends its time (torch.profiler)")
 
 
 def rate_rows(labels: tuple[str, str, str], rates: dict[str, tuple[float, float, float]]) -> list[list[str]]:

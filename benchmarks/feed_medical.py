@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
 from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
-                         interleaved_rates, load_note, per_sample_pass, rate_rows, step_rate)
+                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate)
 
 from domains.medical import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         rates = interleaved_rates({"base": per_sample_pass(plain, n), "cached": per_sample_pass(cached, n),
                                    "batched": batched_pass(bases, views, n, args.batch_size)}, repeats)
         after = load_note()
+        profiled = profile_lines(bases, views, n, args.batch_size,
+                                 "cached bases + batched views on the CPU") if args.profile else []
         gpu = {}
         if device.type == "cuda":
             steps = 10 if args.quick else 30
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine load: {before} before, {after} after. The 2 cores are shared with other jobs, so absolute "
         "rates vary by tens of percent between runs; the three rows take turns, so their ratios hold.",
     ]
+    lines += profiled
     if gpu:
         lines += gpu_lines(f"GPU ({torch.cuda.get_device_name()})",
                            f"feed: cached bases, {args.workers} loader workers, views on the GPU, batch {args.gpu_batch_size}",
