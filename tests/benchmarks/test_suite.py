@@ -37,6 +37,27 @@ def test_glyph_classes_render_differently_and_mirror_pairs_are_mirrors():
     assert len(CLASSES) == 8
 
 
+def _border_share(masks: list[np.ndarray]) -> float:
+    """Share of glyph masks with coverage on the frame's outermost pixels."""
+    def touches(m):
+        return bool(m[0].max() > 0.5 or m[-1].max() > 0.5 or m[:, 0].max() > 0.5 or m[:, -1].max() > 0.5)
+    return float(np.mean([touches(m) for m in masks]))
+
+
+def test_v3_glyphs_cross_the_frame_yet_stay_mostly_inside(monkeypatch):
+    import labelled_task
+
+    rng = np.random.default_rng(0)
+    masks = [labelled_task._glyph_mask(c, rng) for c in ("disk", "square") * 100]
+    # v3 (EDGE 0.5): many glyphs touch or cross the frame, which is what defeats raw pixels
+    assert _border_share(masks) > 0.25
+    # at least half the radius stays inside: a disk or square never loses most of its area
+    assert min(float(m.sum()) for m in masks) > 0.3 * 7 ** 2 * np.pi / 2
+    monkeypatch.setattr(labelled_task, "EDGE", 1.0)  # v2's placement: whole glyph inside
+    rng = np.random.default_rng(0)
+    assert _border_share([labelled_task._glyph_mask(c, rng) for c in ("disk", "square") * 100]) == 0.0
+
+
 def test_dirichlet_partition_covers_every_image_once_with_skew():
     labels = [c for c in "abcdefgh" for _ in range(100)]
     parts = dirichlet_partition(labels, 4, alpha=0.5, seed=3, min_size=10)
