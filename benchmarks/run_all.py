@@ -139,10 +139,12 @@ def _benefit(record: dict) -> float | None:
 TARGETS = [
     Target("11.1", "decoded-sample cache: cached read + 2 views >= 10x today's pairs/s per core, medical",
            "feed_medical", _get("speedup"), lambda v: v >= 10, "{:.1f}x",
-           why="see the feed benchmark's notes (CPU-bound augmentation after decoding)"),
+           why="after decoding is cached, the two views are the cost: rotation, noise draws, resizes "
+               "(feed_medical.md's profile)"),
     Target("11.1", "decoded-sample cache: cached read + 2 views >= 10x today's pairs/s per core, satellite",
            "feed_satellite", _get("speedup"), lambda v: v >= 10, "{:.1f}x",
-           why="see the feed benchmark's notes"),
+           why="at 64 px decoding is cheap, so caching saves little; crop/resize, blur and noise of the "
+               "views take the time (feed_satellite.md's profile)"),
     Target("11.2", "GPU feed >= ResNet-18 step rate at 224 px", "feed_medical", _get("feed_over_step"),
            lambda v: v >= 1.0, "{:.2f}x", needs_cuda=True, why="see feed_medical's GPU section"),
     Target("11.3", "leak guard (split BN) costs <= 10% over plain BN on the GPU", "moco_step",
@@ -162,7 +164,7 @@ TARGETS = [
            why="timed on a shared machine; see quality.md"),
     Target("11.6", "the glyphs task is hard for raw pixels (kNN <= 25%, chance 12.5%)", "quality",
            _get("raw_knn"), lambda v: v <= 25.0, "{:.1f}%",
-           why="glyphs v2 has larger glyphs so that a short CPU budget can learn; v1 gave 18.8% (quality notes)"),
+           why="glyphs v3 lets glyphs cross the frame, which raw pixels do not tolerate (quality notes, task v3 design)"),
     Target("11.6", "shortcut-resistant views help (kNN with offset/ramp/noise > without)", "quality",
            _diff("fedmoco_knn", "no_nuisance_knn"), lambda v: v > 0, "{:+.1f} points",
            why="see quality.md's recipe table"),
