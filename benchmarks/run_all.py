@@ -161,7 +161,8 @@ TARGETS = [
            why="see quality.md's reading"),
     Target("11.6", "fedmoco's wall time per epoch on par with lightly's (<= 1.05x)", "quality",
            _ratio("fedmoco_s_per_epoch", "lightly_s_per_epoch"), lambda v: v <= 1.05, "{:.2f}x",
-           why="timed on a shared machine; see quality.md"),
+           why="timed at different loads on a shared 2-core machine; the side-by-side idle pair gave 0.95x "
+               "(quality notes)"),
     Target("11.6", "the glyphs task is hard for raw pixels (kNN <= 25%, chance 12.5%)", "quality",
            _get("raw_knn"), lambda v: v <= 25.0, "{:.1f}%",
            why="glyphs v3 lets glyphs cross the frame, which raw pixels do not tolerate (quality notes, task v3 design)"),
@@ -182,8 +183,9 @@ TARGETS = [
            why="see privacy_audit.md"),
     Target("8.7", "global negatives help: the best release (by kNN) beats no global negatives by kNN and by probe",
            "global_queue_benefit", _benefit, lambda v: v > 0, "{:+.1f} points (the smaller of the two gains)",
-           why="DP prototypes lower the probe, the more so the less noise they carry; per-record keys are noise "
-               "(+kNN, -probe, both inside the seed spread); see global_queue_benefit.md"),
+           why="no release beats none: prototypes repel a site's queries from other sites' data, which a "
+               "label-skewed site cannot learn to separate anyway; the federated gap is optimisation "
+               "(global_queue_benefit.md)"),
 ]
 
 
