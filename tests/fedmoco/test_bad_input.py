@@ -161,9 +161,11 @@ def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_p
     out = tmp_path / "run"
     args = [a if a != "2" else "500" for a in tiny_pretrain_args]  # --epochs 500: still running when interrupted
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A user's Ctrl-C comes from a terminal, where SIGINT has its default action. A suite run in
+    # the background of a non-interactive shell inherits SIGINT ignored, and so would the child.
     proc = subprocess.Popen([sys.executable, "-m", "fedmoco", "-q", "pretrain", "--data", str(demo_images),
                              "--out", str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
