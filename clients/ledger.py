@@ -23,36 +23,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from fedmoco.errors import ConfigError
-from fedmoco.ledger import SiteLedger
+from fedmoco.ledger import LEGACY_LEDGER_FILE, SiteLedger, read_ledger  # noqa: F401 re-exported
 from fedmoco.site_settings import LEDGER_FILE, ledger_path  # noqa: F401 re-exported
 
-LEGACY_LEDGER_FILE = "key-ledger.pt"
 #: JSON so that the site admin can read what was spent with any tool; not secret, not shared.
 LEDGER_MODE = 0o644
-
-
-def read_ledger(path: Path) -> SiteLedger | None:
-    """The ledger at ``path`` (or carried over from a legacy ``key-ledger.pt`` beside it), or
-    None if the site has none yet. ConfigError naming the file if it cannot be read."""
-    if path.is_file():
-        try:
-            return SiteLedger.from_state_dict(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: privacy ledger unreadable ({exc}); fix or remove it deliberately") from None
-    legacy = path.parent / LEGACY_LEDGER_FILE
-    if legacy.is_file():
-        try:
-            d = torch.load(legacy, map_location="cpu", weights_only=True)
-            history = [(float(d["noise_multiplier"]), float(d["sample_rate"]), int(d["releases"]))]
-            # The old ledger planned (z, q) once; its releases so far are the plan's minimum.
-            return SiteLedger("keys", float(d["epsilon_budget"]), float(d["delta"]), max(int(d["releases"]), 1),
-                              [h for h in history if h[2] > 0])
-        except Exception as exc:  # noqa: BLE001 - any damage: refuse, never start afresh
-            raise ConfigError(f"{legacy}: old privacy ledger unreadable ({exc})") from None
-    return None
 
 
 @contextlib.contextmanager

@@ -27,8 +27,10 @@ the coordinator learns why a site sent no summaries without any free text in the
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -47,6 +49,8 @@ def _privacy() -> ModuleType:
 
 
 LEDGER_FORMAT = "fedmoco-privacy-ledger/2"
+#: The per-record ledger of an older fedmoco, carried over by :func:`read_ledger`.
+LEGACY_LEDGER_FILE = "key-ledger.pt"
 MECHANISMS = {"prototypes": "add/remove one image", "keys": "replace one image"}
 #: Largest delta a site may state (and it must also be below 1 / its number of images).
 MAX_DELTA = 1e-3
@@ -223,3 +227,26 @@ def no_ledger_metrics(status: int, releases: int = 0) -> dict[str, float]:
     return {"dp-keys-epsilon": math.inf if inf else 0.0, "dp-keys-delta": 0.0,
             "dp-keys-releases": float(releases), "dp-keys-exhausted": 0.0,
             "dp-keys-budget": math.inf if inf else 0.0, "dp-status": float(status)}
+
+
+def read_ledger(path: Path) -> SiteLedger | None:
+    """The ledger at ``path`` (or carried over from a legacy ``key-ledger.pt`` beside it), or
+    None if the site has none yet. ConfigError naming the file if it cannot be read."""
+    if path.is_file():
+        try:
+            return SiteLedger.from_state_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: privacy ledger unreadable ({exc}); fix or remove it deliberately") from None
+    legacy = path.parent / LEGACY_LEDGER_FILE
+    if legacy.is_file():
+        try:
+            import torch  # only for a ledger left by an older fedmoco
+
+            d = torch.load(legacy, map_location="cpu", weights_only=True)
+            history = [(float(d["noise_multiplier"]), float(d["sample_rate"]), int(d["releases"]))]
+            # The old ledger planned (z, q) once; its releases so far are the plan's minimum.
+            return SiteLedger("keys", float(d["epsilon_budget"]), float(d["delta"]), max(int(d["releases"]), 1),
+                              [h for h in history if h[2] > 0])
+        except Exception as exc:  # noqa: BLE001 - any damage: refuse, never start afresh
+            raise ConfigError(f"{legacy}: old privacy ledger unreadable ({exc})") from None
+    return None

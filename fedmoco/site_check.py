@@ -17,7 +17,6 @@ Nothing is written and nothing leaves the machine.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -30,7 +29,7 @@ import torch
 
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import SITE_SETTINGS_FILE, DataConfig, build_pretrain_data, format_skipped
-from fedmoco.errors import ConfigError, DataError
+from fedmoco.errors import DataError
 from fedmoco.moco import MoCo
 from fedmoco.train import Trainer, make_loader
 
@@ -116,7 +115,7 @@ def privacy_lines(data_dir: Path, usable: int) -> list[str]:
     and its ledger's spending, one fact per line. ConfigError (one line naming the file and
     key) for anything a round would refuse: an unknown key, a bad budget, a delta too large
     for ``usable`` images, a ledger or state folder inside the data folder, an unreadable ledger."""
-    from fedmoco.ledger import check_site_delta
+    from fedmoco.ledger import check_site_delta, read_ledger
     from fedmoco.site_settings import privacy_settings, site_config
 
     path = data_dir / SITE_SETTINGS_FILE
@@ -138,14 +137,9 @@ def privacy_lines(data_dir: Path, usable: int) -> list[str]:
     if ledger is None:
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "
                         "(dp-status 3) and the site sends weights only"]
-    if not ledger.is_file():
+    book = read_ledger(ledger)  # as a round reads it, an older fedmoco's ledger included
+    if book is None:
         return lines + [f"ledger:          {ledger} (none yet: the first release creates it)"]
-    from fedmoco.ledger import SiteLedger
-
-    try:
-        book = SiteLedger.from_state_dict(json.loads(ledger.read_text()))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{ledger}: privacy ledger unreadable ({exc}); fix or remove it deliberately") from None
     return lines + [f"ledger:          {ledger}: {book.mechanism}, spent epsilon {book.spent():.3g} of "
                     f"{book.epsilon_budget:g} (delta {book.delta:g}) in {book.releases} of "
                     f"{book.planned_releases} planned releases"]
