@@ -489,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     task_args(p)
     p.add_argument("--rows", help=f"comma-separated row ids to run (default: all): {', '.join(ROW_IDS)}")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.md")
+    p.add_argument("--timing-work", type=Path, metavar="DIR",
+                   help="also time fedmoco's and lightly's first seed side by side, the only two jobs running, "
+                        "cached under DIR (the table's s/epoch comes from whatever else shared the cores)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     root, setup, seeds, size = task_setup(args)
@@ -521,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
     order = sorted((j for js in chosen.values() for j in js),
                    key=lambda j: {"federated": 0, "lightly": 1, "fedmoco": 1}.get(j.kind, 2))
     results = run_jobs(order, args.work / "runs" / ("quick" if args.quick else "full"), args.jobs)
+    pair: list[dict[str, Any]] = []
+    load_before = "load average %.1f / %.1f (1 / 5 min) on %d CPUs" % (*os.getloadavg()[:2], os.cpu_count() or 0)
+    if args.timing_work:
+        # A fresh cache, so the pair is trained (and timed) again rather than read back from
+        # runs timed while up to --jobs other configurations shared the cores.
+        pair = run_jobs([jobs_for("fedmoco MoCo", "fedmoco")[0], jobs_for("lightly MoCo", "lightly")[0]],
+                        args.timing_work / "runs" / ("quick" if args.quick else "full"), 2)
 
     cmd = "python benchmarks/quality.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     fed, lig = summary(results, "fedmoco MoCo", "knn"), summary(results, "lightly MoCo", "knn")
@@ -551,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         *table(results, ["fedmoco MoCo", *recipe_rows], time_col=None),
         "",
     ]
+    pair_t = {r["row"]: r["s_per_epoch"] for r in pair}
+    if pair:
+        lines += ["## Wall time per epoch, timed side by side", "",
+                  f"`--timing-work {args.timing_work}`: seed {pair[0]['seed']} of fedmoco's and lightly's MoCo trained "
+                  "again in two processes started together, one core each, nothing else of this benchmark running "
+                  f"({load_before} when they started).", "",
+                  *table(pair, ["fedmoco MoCo", "lightly MoCo"]), "",
+                  f"fedmoco / lightly: {pair_t['fedmoco MoCo'] / pair_t['lightly MoCo']:.2f}x.", ""]
     write_report(args.out, lines)
     emit_json({"bench": "quality", "quick": bool(args.quick), "seeds": seeds, "epochs": setup.epochs,
                **{f"{k}_knn": summary(results, row, "knn") for k, row in (
@@ -562,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                "fedmoco_probe": summary(results, "fedmoco MoCo", "probe"),
                "lightly_probe": summary(results, "lightly MoCo", "probe"),
                "fedmoco_minus_lightly_knn": None if fed is None or lig is None else fed - lig,
-               "fedmoco_s_per_epoch": fed_t, "lightly_s_per_epoch": lig_t})
+               "fedmoco_s_per_epoch": fed_t, "lightly_s_per_epoch": lig_t,
+               "pair_fedmoco_s_per_epoch": pair_t.get("fedmoco MoCo"),
+               "pair_lightly_s_per_epoch": pair_t.get("lightly MoCo")})
     return 0
 
 

@@ -66,7 +66,7 @@ REGISTRY = {b.name: b for b in [
     Bench("federation_server_memory"),
     Bench("update_norms", quick=["--archs", "tiny", "--steps", "1,3,10"]),
     Bench("demo_tasks_probe", quick=["--epochs", "2"]),
-    Bench("quality", parallel=True, timeout_quick=420),
+    Bench("quality", full=["--timing-work", "/tmp/fedmoco-bench/timing"], parallel=True, timeout_quick=420),
     Bench("global_queue_benefit", parallel=True, timeout_quick=300),
 ]}
 
@@ -126,6 +126,13 @@ def _ratio(a: str, b: str) -> Callable[[dict], float | None]:
     return value
 
 
+def _first(*values: Callable[[dict], float | None]) -> Callable[[dict], float | None]:
+    """The first of ``values`` that the record has."""
+    def value(record: dict) -> float | None:
+        return next((v for v in (f(record) for f in values) if v is not None), None)
+    return value
+
+
 def _benefit(record: dict) -> float | None:
     """The best federated release's smaller gain over no global negatives (kNN, probe)."""
     best = record.get("best_federated")
@@ -159,10 +166,11 @@ TARGETS = [
     Target("11.6", "fedmoco MoCo learns as well as lightly's at equal budget (kNN within 2 points or better)",
            "quality", _diff("fedmoco_knn", "lightly_knn"), lambda v: v >= -2.0, "{:+.1f} points",
            why="see quality.md's reading"),
-    Target("11.6", "fedmoco's wall time per epoch on par with lightly's (<= 1.05x)", "quality",
-           _ratio("fedmoco_s_per_epoch", "lightly_s_per_epoch"), lambda v: v <= 1.05, "{:.2f}x",
-           why="timed at different loads on a shared 2-core machine; the side-by-side idle pair gave 0.95x "
-               "(quality notes)"),
+    Target("11.6", "fedmoco's wall time per epoch on par with lightly's (<= 1.05x; the side-by-side pair of "
+           "--timing-work when the run has one)", "quality",
+           _first(_ratio("pair_fedmoco_s_per_epoch", "pair_lightly_s_per_epoch"),
+                  _ratio("fedmoco_s_per_epoch", "lightly_s_per_epoch")), lambda v: v <= 1.05, "{:.2f}x",
+           why="without --timing-work the table's runs are timed at whatever load the other jobs made"),
     Target("11.6", "the glyphs task is hard for raw pixels (kNN <= 25%, chance 12.5%)", "quality",
            _get("raw_knn"), lambda v: v <= 25.0, "{:.1f}%",
            why="glyphs v3 lets glyphs cross the frame, which raw pixels do not tolerate (quality notes, task v3 design)"),

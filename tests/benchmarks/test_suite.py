@@ -106,3 +106,15 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "--device cuda: no CUDA device is visible to torch"
+
+
+def test_timing_target_reads_the_side_by_side_pair_before_the_loaded_table():
+    from run_all import TARGETS
+
+    target = next(t for t in TARGETS if t.issue == "11.6" and "wall time" in t.text)
+    loaded = {"fedmoco_s_per_epoch": 13.6, "lightly_s_per_epoch": 8.0}
+    assert target.value(loaded) == pytest.approx(1.7)
+    assert not target.ok(target.value(loaded))
+    paired = {**loaded, "pair_fedmoco_s_per_epoch": 5.8, "pair_lightly_s_per_epoch": 5.8}
+    assert target.value(paired) == pytest.approx(1.0)
+    assert target.ok(target.value(paired))
