@@ -44,19 +44,39 @@ from fedmoco.moco import MoCo  # noqa: E402
 from fedmoco.pretrain import make_checkpoint, model_from_checkpoint  # noqa: E402
 
 
-def probe(checkpoint: Path, domain: str, images: Path, labels: Path, folds: int) -> tuple[float, float]:
-    """Grouped-CV (macro AUROC, accuracy) of a logistic probe on the checkpoint's frozen features."""
+def _features(checkpoint: Path, domain: str, images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen backbone features (n, D) and labels (n,) of a labelled folder, in file order."""
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     cfg = DataConfig(image_size=ckpt["data"]["image_size"], options=ckpt["data"]["options"])
     data = build_labelled_data(domain, images, cfg, labels, None)
     feats, y, _ = extract_features(model.encoder_q.backbone, data.dataset, device=torch.device("cpu"),
                                    progress=False)
+    return feats.numpy(), y.numpy()
+
+
+def _auroc(y: np.ndarray, p: np.ndarray, classes: np.ndarray) -> float:
+    return float(roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else
+                 roc_auc_score(y, p, multi_class="ovr", labels=classes))
+
+
+def held_out(checkpoint: Path, domain: str, train: tuple[Path, Path], test: tuple[Path, Path]) -> float:
+    """Macro AUROC on a separate labelled archive of a logistic probe fitted on the whole
+    labelled set (frozen features): no fold of 30 images decides it."""
+    f, y = _features(checkpoint, domain, *train)
+    ft, yt = _features(checkpoint, domain, *test)
+    scale = StandardScaler().fit(f)
+    clf = LogisticRegression(max_iter=2000, C=0.1).fit(scale.transform(f), y)
+    return _auroc(yt, clf.predict_proba(scale.transform(ft)), clf.classes_)
+
+
+def probe(checkpoint: Path, domain: str, images: Path, labels: Path, folds: int) -> tuple[float, float]:
+    """Grouped-CV (macro AUROC, accuracy) of a logistic probe on the checkpoint's frozen features."""
+    f, y = _features(checkpoint, domain, images, labels)
     # the labelled datasets keep file order, and every file here is one sample: map groups by path
     with open(labels) as fh:
         group_of = {r["path"]: r["group"] for r in csv.DictReader(fh)}
     groups = np.array([group_of[p] for p in sorted(group_of)])
-    f, y = feats.numpy(), y.numpy()
     if len(groups) != len(y):
         raise RuntimeError(f"{labels}: {len(groups)} labelled files but {len(y)} samples; expected one per file")
     aucs, accs = [], []
@@ -65,8 +85,7 @@ def probe(checkpoint: Path, domain: str, images: Path, labels: Path, folds: int)
         clf = LogisticRegression(max_iter=2000, C=0.1).fit(scale.transform(f[tr]), y[tr])
         p = clf.predict_proba(scale.transform(f[te]))
         accs.append(float((clf.classes_[p.argmax(1)] == y[te]).mean()))
-        aucs.append(roc_auc_score(y[te], p[:, 1]) if p.shape[1] == 2 else
-                    roc_auc_score(y[te], p, multi_class="ovr", labels=clf.classes_))
+        aucs.append(_auroc(y[te], p, clf.classes_))
     return float(np.mean(aucs)), float(np.mean(accs))
 
 
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--momentum", type=float, default=0.99)
+    p.add_argument("--norm", default="group", choices=["group", "batch", "split-batch"])
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--data-option", action="append", default=[])
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder)")
@@ -94,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.data_option:
         options += ["--data-option", kv]
     rc = cli(["-q", "pretrain", "--domain", args.domain, "--data", str(pool), "--out", str(work / "run"),
-              "--arch", "tiny", "--norm", "group", "--hidden-dim", "512", "--image-size", str(size),
-              "--epochs", str(args.epochs), "--batch-size", "32", "--workers", "0", "--no-plots",
+              "--arch", "tiny", "--norm", args.norm, "--hidden-dim", "512", "--image-size", str(size),
+              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", "0", "--no-plots",
               "--lr", str(args.lr), "--queue-size", str(args.queue_size), "--momentum", str(args.momentum), *options])
     if rc:
         return rc
@@ -105,12 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = labelled / task.data_subdir, labelled / "labels.csv"
     pre = probe(work / "run" / "checkpoint.pt", args.domain, images, labels, args.folds)
     rnd = probe(work / "random.pt", args.domain, images, labels, args.folds)
+    test = labelled.parent / "test"  # the hospitals' 40 held-out patients (examples.demo)
+    held: dict[str, float] = {}
+    if task.make_test is not None:
+        pair = (test / task.data_subdir, test / "labels.csv")
+        held = {name: held_out(work / ckpt_name, args.domain, (images, labels), pair)
+                for name, ckpt_name in (("pretrained", "run/checkpoint.pt"), ("random", "random.pt"))}
     print(machine_line())
-    print("| task | pretrained AUROC / acc | random init AUROC / acc |")
-    print(f"| {args.domain} | {pre[0]:.3f} / {100 * pre[1]:.1f}% | {rnd[0]:.3f} / {100 * rnd[1]:.1f}% |")
+    print("| task | pretrained AUROC / acc | random init AUROC / acc |" + (" held-out AUROC, pretrained / random |"
+                                                                          if held else ""))
+    print(f"| {args.domain} | {pre[0]:.3f} / {100 * pre[1]:.1f}% | {rnd[0]:.3f} / {100 * rnd[1]:.1f}% |"
+          + (f" {held['pretrained']:.3f} / {held['random']:.3f} |" if held else ""))
     emit_json({"bench": "demo_tasks_probe", "domain": args.domain, "pretrained_auroc": pre[0],
                "pretrained_accuracy": pre[1], "random_auroc": rnd[0], "random_accuracy": rnd[1],
-               "epochs": args.epochs, "queue_size": args.queue_size, "lr": args.lr})
+               "held_out_pretrained_auroc": held.get("pretrained"), "held_out_random_auroc": held.get("random"),
+               "epochs": args.epochs, "queue_size": args.queue_size, "lr": args.lr, "norm": args.norm,
+               "batch_size": args.batch_size})
     return 0
 
 

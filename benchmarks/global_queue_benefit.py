@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     task_args(p)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "global_queue_benefit.md")
+    p.add_argument("--rows", help="comma-separated short row names to run (default: all): " + ", ".join(SHORT.values()))
     args = p.parse_args(argv)
     start = time.perf_counter()
+    wanted = set(args.rows.split(",")) if args.rows else set(SHORT.values())
+    if wanted - set(SHORT.values()):
+        p.error(f"--rows: unknown row(s) {sorted(wanted - set(SHORT.values()))}; choose from {', '.join(SHORT.values())}")
     root, setup, seeds, size = task_setup(args)
+    fed_setup = replace(setup, lr=args.fed_lr) if args.fed_lr else setup
 
     from clients.task import RUN_DEFAULTS
 
@@ -77,15 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     # Seed-major order: a run cut short still leaves every row with the same seeds done.
     jobs = []
     for s in seed_range(args, seeds):
-        jobs += [Job(row=row, kind="federated", seed=s, root=str(root), setup=setup, split="dirichlet",
+        jobs += [Job(row=row, kind="federated", seed=s, root=str(root), setup=fed_setup, split="dirichlet",
                      run_extra=run_extra, node_extra=node_extra)
-                 for row, (run_extra, node_extra) in SETTINGS.items()]
-        jobs.append(Job(row=CEILING, kind="fedmoco", seed=s, root=str(root), setup=setup))
+                 for row, (run_extra, node_extra) in SETTINGS.items() if SHORT[row] in wanted]
+        if SHORT[CEILING] in wanted:
+            jobs.append(Job(row=CEILING, kind="fedmoco", seed=s, root=str(root), setup=setup))
     results = run_jobs(jobs, args.work / "runs" / ("quick" if args.quick else "full"), args.jobs)
 
     none_knn = summary(results, "no global negatives", "knn")
-    releases = [row for row in SETTINGS if row != "no global negatives"]  # the best *release* against none
-    best = max(releases, key=lambda row: summary(results, row, "knn") or float("-inf"))
+    releases = [row for row in SETTINGS if row != "no global negatives" and SHORT[row] in wanted]
+    # the best *release* against none
+    best = max(releases, key=lambda row: summary(results, row, "knn") or float("-inf")) if releases else None
     cmd = "python benchmarks/global_queue_benefit.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     knn = {row: summary(results, row, "knn") for row in [*SETTINGS, CEILING]}
@@ -99,19 +107,21 @@ def main(argv: list[str] | None = None) -> int:
         f"- Task: glyphs (benchmarks/labelled_task.py), 8 classes, pool {size.pool * 8} images split over 4 sites "
         f"by Dirichlet(0.5) label skew (a new split per seed); kNN/probe fitted on {size.eval_train * 8} and scored "
         f"on {size.eval_test * 8} held-out images. Chance is 12.5%.",
-        f"- Federation: {setup.epochs} rounds x 1 local epoch, batch {setup.batch_size}, local K = {setup.queue_size}, "
+        f"- Federation: {setup.epochs} rounds x 1 local epoch, batch {setup.batch_size}, client lr "
+        f"{fed_setup.scaled_lr:g} ({fed_setup.lr:g} per 256), local K = {setup.queue_size}, "
         f"m = {setup.momentum}, T = {setup.temperature}, tiny CNN ({setup.norm} norm); the run_config defaults "
         "for the release (prototype sample rate, centres, queue sample); delta = 1e-5 per site, spent over all "
         "rounds. The ceiling trains on all pool images in one place with the same budget.",
         f"- Seeds {args.first_seed}..{seeds - 1}, mean ± std.",
         "",
-        *table(results, [*SETTINGS, CEILING], time_col=None),
+        *table(results, [row for row in [*SETTINGS, CEILING] if SHORT[row] in wanted], time_col=None),
         "",
     ]
     write_report(args.out, lines)
     emit_json({"bench": "global_queue_benefit", "quick": bool(args.quick), "seeds": seeds,
-               "rounds": setup.epochs, "best_federated": SHORT[best],
-               "best_minus_none_knn": None if none_knn is None or knn[best] is None else knn[best] - none_knn,
+               "rounds": setup.epochs, "fed_lr": fed_setup.lr, "best_federated": SHORT[best] if best else None,
+               "best_minus_none_knn": None if none_knn is None or best is None or knn[best] is None
+               else knn[best] - none_knn,
                **{f"{SHORT[row]}_knn": v for row, v in knn.items()},
                **{f"{SHORT[row]}_probe": summary(results, row, "probe") for row in knn}})
     return 0

@@ -454,6 +454,10 @@ def task_args(p: argparse.ArgumentParser) -> None:
                    help=f"images option crop_scale_min for every row (default {RECIPE['crop_scale_min']})")
     p.add_argument("--pool-per-class", type=int,
                    help=f"pretraining images per class (default {TaskSize().pool}; {QUICK.pool} quick)")
+    p.add_argument("--fed-lr", type=float,
+                   help="the federated rows' client lr per 256 (default: --lr). FedAvg of N sites' updates moves "
+                        "the model about as one step of an N-times larger batch, so the linear scaling rule "
+                        "suggests N x --lr (benchmarks/notes/global_queue_benefit.md)")
     p.add_argument("--batch-size", type=int, default=Setup.batch_size)
     p.add_argument("--queue-size", type=int, default=Setup.queue_size, help="K")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedmoco-bench"),
@@ -496,8 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     root, setup, seeds, size = task_setup(args)
 
+    fed_setup = replace(setup, lr=args.fed_lr) if args.fed_lr else setup
+
     def jobs_for(row: str, kind: str, **kw) -> list[Job]:
-        return [Job(row=row, kind=kind, seed=s, root=str(root), setup=setup, **kw) for s in seed_range(args, seeds)]
+        return [Job(row=row, kind=kind, seed=s, root=str(root), setup=fed_setup if kind == "federated" else setup,
+                    **kw) for s in seed_range(args, seeds)]
 
     main_rows = {
         "raw pixels": jobs_for("raw pixels", "raw")[:1],  # deterministic: one seed says it all
@@ -545,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- Task: benchmarks/labelled_task.py, 8 glyph classes, 32 px grayscale; pool {size.pool * 8} unlabelled "
         f"images, kNN/probe fitted on {size.eval_train * 8} and scored on {size.eval_test * 8} held-out images.",
-        f"- Budget: {setup.epochs} passes over the pool (federated: {setup.epochs} rounds x 1 local epoch), "
+        f"- Budget: {setup.epochs} passes over the pool (federated: {setup.epochs} rounds x 1 local epoch"
+        + (f", client lr {fed_setup.scaled_lr:g}" if fed_setup is not setup else "") + "), "
         f"batch {setup.batch_size}, K = {setup.queue_size}, m = {setup.momentum}, T = {setup.temperature}, "
         f"SGD lr {setup.scaled_lr:g} (cosine, no warm-up), weight decay {setup.weight_decay}, tiny CNN with "
         f"{setup.norm} norm, MLP head {setup.hidden_dim} -> {setup.dim}; seeds {args.first_seed}..{seeds - 1} (mean ± std).",
