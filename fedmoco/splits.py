@@ -26,6 +26,22 @@ def strata(targets: np.ndarray) -> np.ndarray:
     return ids.reshape(-1).astype(np.int64)
 
 
+def group_ids(groups: np.ndarray) -> np.ndarray:
+    """(N,) int64 group ids numbered in order of each group's first sample.
+
+    The keys themselves are hashes salted afresh every run (fedmoco.labels), so their sorted
+    order changes from run to run; numbering by first appearance in the (sorted) file list
+    makes a seeded split the same in every run, whatever the salt.
+    """
+    groups = np.asarray(groups)
+    if groups.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
 def grouped_split(targets: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
                   what: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """Split sample indices into (rest, held_out) with about ``fraction`` of the groups held out.
@@ -37,7 +53,7 @@ def grouped_split(targets: np.ndarray, groups: np.ndarray, fraction: float, seed
     """
     if not 0 < fraction < 1:
         raise ConfigError(f"--{what}-fraction must be in (0, 1), got {fraction}")
-    groups = np.asarray(groups)
+    groups = group_ids(groups)
     n = len(groups)
     uniq = np.unique(groups)
     if len(uniq) < 2:
@@ -65,8 +81,7 @@ def subsample_groups(targets: np.ndarray, groups: np.ndarray, fraction: float, s
     if fraction >= 1:
         return np.arange(n)
     rng = np.random.default_rng(seed)
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
+    uniq, inverse = np.unique(group_ids(groups), return_inverse=True)
     inverse = inverse.reshape(-1)
     targets = np.asarray(targets)
     chosen: set[int] = set()

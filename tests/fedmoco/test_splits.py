@@ -36,6 +36,20 @@ def test_grouped_split_is_seeded():
     assert not np.array_equal(a[1], c[1])
 
 
+def test_splits_are_the_same_whatever_the_runs_salt():
+    # group keys are hashed with a salt drawn afresh every run: a seeded split must not move
+    from fedmoco.labels import hash_group
+    from fedmoco.splits import group_ids
+
+    labels, groups = _patients()
+    salted = [np.array([hash_group(g, salt) for g in groups]) for salt in (b"run-one", b"run-two")]
+    assert sorted(salted[0]) != sorted(salted[1])
+    a, b = (grouped_split(labels, s, 0.25, 5) for s in salted)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert np.array_equal(subsample_groups(labels, salted[0], 0.3, 2), subsample_groups(labels, salted[1], 0.3, 2))
+    assert group_ids(np.array(["z", "z", "a", "m", "a"])).tolist() == [0, 0, 1, 2, 1]  # order of first sample
+
+
 def test_grouped_split_refuses_one_group_and_bad_fraction():
     with pytest.raises(DataError, match="all 4 labelled samples belong to one group"):
         grouped_split(np.array([0, 1, 0, 1]), np.array(["a"] * 4), 0.3, 0)
