@@ -2,8 +2,9 @@
 
 A site's release is the real mechanism (``fedmoco.privacy``): Poisson sample at rate q,
 assign each unit embedding to one of C public centres, sum per centre, add N(0, z^2) per
-coordinate with z calibrated so that ``--rounds`` releases cost (epsilon, delta)
-(``calibrate_prototype_noise``), normalise. For every centre that got at least one
+coordinate with z scheduled so that ``--rounds`` releases cost (epsilon, delta)
+(``prototype_noise_schedule``: the first release gets ``--first-share`` times the privacy of
+each later one, as the ledger plans it), normalise. For every centre that got at least one
 embedding, the released row is compared with the normalised noise-free sum of its bucket
 (the same sample through ``noisy_prototype_sums`` with z and with z = 0). Reported: the mean
 cosine over buckets of >= ``--min-bucket`` images (the issue's target: >= 0.8 at epsilon =
@@ -58,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from clients.task import RUN_DEFAULTS  # noqa: E402
 from common import command_line, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
-from fedmoco.privacy import (calibrate_noise, calibrate_prototype_noise, choose_centres,  # noqa: E402
+from fedmoco.privacy import (calibrate_noise, choose_centres, prototype_noise_schedule,  # noqa: E402
                              noisy_prototype_sums, poisson_sample, privatize_keys, select_prototypes)
 from server.queue import GlobalKeyQueue  # noqa: E402
 
@@ -172,12 +173,14 @@ def measure(emb: torch.Tensor, centres: torch.Tensor, z: float, q: float, min_bu
             "rho_big": float(rho[big].mean()) if big.any() else float("nan")}
 
 
-def federation(sites: list[torch.Tensor], c: int, z: float, q: float, releases: int, min_cosine: float,
+def federation(sites: list[torch.Tensor], c: int, zs: list[float], q: float, min_cosine: float,
                max_age: int, min_bucket: int, seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
     """The server loop: every round each site releases on the centres it chose from what the
     server sent (``choose_centres``, as clients/app.py), the server enqueues the kept rows and
-    merges its queue into C centres (``GlobalKeyQueue.centres``). Returns the centres site 0
-    used in each of ``releases`` rounds and site 0's measured release in each round."""
+    merges its queue into C centres (``GlobalKeyQueue.centres``). ``zs``: the noise multiplier
+    of each release (the ledger's schedule, first release first). Returns the centres site 0
+    used in each round and site 0's measured release in each round."""
+    releases = len(zs)
     dim = sites[0].shape[1]
     queue = GlobalKeyQueue(RUN_DEFAULTS["global-queue-size"], dim)
     g = torch.Generator().manual_seed(1_000 + seed)
@@ -187,6 +190,7 @@ def federation(sites: list[torch.Tensor], c: int, z: float, q: float, releases: 
         sent = queue.centres(c)
         centres = choose_centres(sent if len(sent) else None, c, dim, seed=7 + r - 1)  # round 1: seed 7 = seeded
         used.append(centres)
+        z = zs[r - 1]
         measured.append(measure(sites[0], centres, z, q, min_bucket, min_cosine, seed=3 + r))
         for node, emb in enumerate(sites):
             noisy, _ = noisy_prototype_sums(emb[poisson_sample(len(emb), q, g)], centres, z, g)
@@ -212,6 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=4, help="sites of the same distribution in the server loop")
     p.add_argument("--max-age", type=int, default=RUN_DEFAULTS["global-queue-max-age"])
     p.add_argument("--sample-rate", type=float, default=1.0, help="prototype Poisson rate q")
+    p.add_argument("--first-share", type=float, default=RUN_DEFAULTS["prototype-first-share"],
+                   help="the first release's share of the budget relative to each later one (run_config "
+                        "prototype-first-share; 1 = every release alike)")
     p.add_argument("--key-sample-rate", type=float, default=0.05, help="per-record keys' q (their default)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--rho", type=float, action="append", help="synthetic: a cluster's mean resultant length "
@@ -268,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         sites = make(n)
         if len(sites[0]) < n:
             continue  # a real folder smaller than this size
-        z = calibrate_prototype_noise(eps, DELTA, args.rounds, args.sample_rate)
+        z_first, z_rest = prototype_noise_schedule(eps, DELTA, args.rounds, args.sample_rate, args.first_share)
         kz, kcos = keys_cosine(sites[0], eps, args.rounds, args.key_sample_rate, seed=5)
-        _, measured = federation(sites, c, z, args.sample_rate, args.rounds, args.min_cosine, args.max_age,
-                                 args.min_bucket)
+        _, measured = federation(sites, c, [z_first] + [z_rest] * (args.rounds - 1), args.sample_rate,
+                                 args.min_cosine, args.max_age, args.min_bucket)
         if c == DEFAULT_C and n == 4000:
             trajectories[(name, eps)] = [m["cos_big"] for m in measured]
         for source, m in (("seeded", measured[0]), ("server", measured[args.release - 1])):
@@ -325,7 +332,9 @@ def report_lines(args: argparse.Namespace, argv: list[str] | None, rows: list[li
         "Length of the mean of a site's 4,000 embeddings (0: spread over the sphere, 1: collapsed to one "
         "point): " + ", ".join(f"{k} {v:.2f}" for k, v in spread.items()) + ".",
         "",
-        f"delta = {DELTA:g}, {args.rounds} releases planned (z from `calibrate_prototype_noise`), prototype q = "
+        f"delta = {DELTA:g}, {args.rounds} releases planned (z from `prototype_noise_schedule`: the first release "
+        f"gets {args.first_share:g} times the privacy of each later one, so its z is smaller and the others' larger "
+        f"than the uniform `calibrate_prototype_noise`), prototype q = "
         f"{args.sample_rate}, per-record keys q = {args.key_sample_rate} (their default), calibrated for the same "
         f"(epsilon, delta, rounds). {args.sites} sites of the same distribution and size; the measured site is "
         "site 0.",
@@ -366,14 +375,15 @@ def missed_lines(results: list[dict], args: argparse.Namespace) -> list[str]:
               + (f"{r['cos_big']:.3f} (bucket rho {r['rho_big']:.2f}, {r['n_big']} big buckets)"
                  if r["n_big"] else "no bucket of >= 200 images") for r in missed]
     return lines + ["", "Why: a released sum of n unit vectors with resultant length rho has cosine about "
-                    "n rho / sqrt(n^2 rho^2 + z^2 D) with its noise-free direction, so at z = 8.83 and D = 128 a "
-                    "bucket needs n rho >= 133. In round 1 (`seeded`) the public random centres cut across "
-                    "clusters and a bucket's rho is well below its clusters' (0.22 for clusters of 0.5): the first "
-                    "release of diffuse embeddings misses whatever the server does, since nothing public about the "
-                    "data exists yet. From the second round on the server's merged centres follow the clusters "
-                    "and rho rises (0.36-0.50 at cluster rho 0.5). More centres split a 4,000-image site into "
-                    "smaller buckets (C = 32: ~125 images each), so even whole-cluster buckets stay below n rho = "
-                    "133 at cluster rho 0.5: that is why the default is C = 8."]
+                    "n rho / sqrt(n^2 rho^2 + z^2 D) with its noise-free direction, so a cosine of 0.8 needs "
+                    "n rho >= (4/3) z sqrt(D): 133 at the uniform z = 8.83 (eps 1.5, 10 releases, D = 128), 99 "
+                    "for the first release at its front-loaded z = 6.55 and 140 for the later ones at 9.26 "
+                    "(prototype-first-share 2). In round 1 (`seeded`) the public random centres cut across "
+                    "clusters and a bucket's rho is well below its clusters' (0.22 for clusters of 0.5); that is "
+                    "what the larger first share pays for. From the second round on the server's merged centres "
+                    "follow the clusters and rho rises (0.36-0.50 at cluster rho 0.5). More centres split a "
+                    "4,000-image site into smaller buckets (C = 32: ~125 images each), so even whole-cluster "
+                    "buckets stay below the bound at cluster rho 0.5: that is why the default is C = 8."]
 
 
 if __name__ == "__main__":

@@ -435,7 +435,7 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
             notes += ledger.replan(site["dp_rounds"]) if site["dp_rounds"] else []
             for note in notes:
                 log.warning("privacy ledger %s: %s", site["ledger_path"], note)
-            z = ledger.next_noise(q)
+            z = ledger.next_noise(q, run_value(run, "prototype-first-share") if mode == "prototypes" else 1.0)
             if z is not None:
                 ledger.record(z, q)  # paid before the release: a crash can only over-count
     except ConfigError as exc:  # unreadable or unwritable ledger: never a fresh budget

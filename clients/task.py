@@ -90,6 +90,9 @@ RUN_DEFAULTS: dict[str, Any] = {
     "prototype-sample-rate": 1.0,  # Poisson rate q of the images summarised per round
     "prototype-centres": 8,  # C public centres: at most C noisy sums per site and round (prototype_signal.py)
     "prototype-min-cosine": 0.5,  # drop noisy sums whose estimated cosine with the true sum is lower
+    # the site's first release (on seeded centres) gets this many times the privacy of each later
+    # one; the total stays the site's budget (fedmoco.privacy.prototype_noise_schedule)
+    "prototype-first-share": 2.0,
     "key-sample-rate": 0.05,  # key-release=keys: Poisson rate q of per-image keys
     "max-keys": 512,  # most vectors one reply may carry (keys; prototype-centres is capped to it too)
     # each query skips the global negatives in its key's bucket of the public centres (its own

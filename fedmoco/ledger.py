@@ -126,11 +126,26 @@ class SiteLedger:
         """Releases still planned."""
         return max(self.planned_releases - self.releases, 0)
 
-    def next_noise(self, sample_rate: float) -> float | None:
+    def next_noise(self, sample_rate: float, first_share: float = 1.0) -> float | None:
         """The smallest noise multiplier z (to 0.5 % of epsilon) with which the remaining
-        planned releases at rate q fit in the budget; None when the ledger is exhausted."""
+        planned releases at rate q fit in the budget; None when the ledger is exhausted.
+
+        ``first_share`` (prototypes only, run_config ``prototype-first-share``): the ledger's
+        first release gets that many times the privacy of each later one
+        (:func:`fedmoco.privacy.prototype_noise_schedule`); the later ones then share what is
+        left evenly, as without it. It moves budget between releases, never adds to it."""
         q = _privacy()._check_sample_rate(sample_rate)
-        return self._fit(self.remaining, q) if self.remaining else None
+        if not self.remaining:
+            return None
+        if not self.history and self.mechanism == "prototypes" and first_share != 1.0 and self.remaining > 1:
+            try:
+                return _privacy().prototype_noise_schedule(self.epsilon_budget, self.delta, self.remaining, q,
+                                                           first_share)[0]
+            except ConfigError as exc:
+                if "prototype-first-share" in str(exc):
+                    raise
+                return None
+        return self._fit(self.remaining, q)
 
     def _fit(self, rounds: int, q: float) -> float | None:
         if not self.history:

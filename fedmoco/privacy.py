@@ -70,6 +70,7 @@ __all__ = [
     "PrototypeRDPAccountant",
     "sampled_gaussian_rdp",
     "calibrate_prototype_noise",
+    "prototype_noise_schedule",
     "prototype_epsilon",
     "assign_to_centres",
     "noisy_prototype_sums",
@@ -667,6 +668,46 @@ def calibrate_prototype_noise(epsilon: float, delta: float, rounds: int, sample_
     except ValueError as e:  # "The privacy budget is too low."
         raise ConfigError(f"epsilon: {epsilon} cannot be reached with delta={delta} for {rounds} prototype "
                           f"release(s); raise epsilon or delta ({e})") from None
+
+
+def prototype_noise_schedule(epsilon: float, delta: float, rounds: int, sample_rate: float,
+                             first_share: float = 1.0) -> tuple[float, float]:
+    """Noise multipliers (z_first, z_rest) for ``rounds`` prototype releases whose first gets
+    ``first_share`` times the privacy of each later one: z_rest = z_first * sqrt(first_share).
+
+    Why: a site's first release is bucketed by seeded public directions, which cut diffuse
+    embeddings into short bucket means; later releases use the server's merged centres and
+    have signal to spare (benchmarks/results/prototype_signal.md). For the Gaussian mechanism
+    RDP is alpha / (2 z^2) per release, so at q = 1 a share s spends s times a later release's
+    RDP on the first; at q < 1 the same ratio of z is kept and the accountant does the rest.
+    Together the releases cost at most (epsilon, delta) by :class:`PrototypeRDPAccountant`
+    (between 0.9 and 1.0 times epsilon, tests). ``first_share`` 1 (or one round) gives
+    ``calibrate_prototype_noise`` for both. Raises ConfigError naming a bad argument.
+    """
+    if not (math.isfinite(first_share) and first_share >= 1.0):
+        raise ConfigError(f"prototype-first-share must be a number >= 1, got {first_share!r}")
+    z = calibrate_prototype_noise(epsilon, delta, rounds, sample_rate)
+    if rounds == 1 or first_share == 1.0:
+        return z, z
+    q, root = float(sample_rate), math.sqrt(first_share)
+
+    def spent(z_first: float) -> float:
+        acc = PrototypeRDPAccountant()
+        acc.history = [(z_first, q, 1), (z_first * root, q, rounds - 1)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order")
+            return float(acc.get_epsilon(delta))
+
+    # Bisection on z_first as in Opacus' get_noise_multiplier: the uniform z is an upper bound
+    # (every later release is noisier than it), z / sqrt(first_share) a lower one.
+    lo, hi = z / root, z
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        if spent(mid) <= epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi, hi * root
 
 
 def prototype_epsilon(noise_multiplier: float, sample_rate: float, releases: int, delta: float) -> float:

@@ -154,6 +154,7 @@ RANGES: dict[str, tuple[str, Any]] = {
     "fedema-lambda": (">= 0", lambda v: v >= 0),
     "max-steps-per-epoch": (">= 0 (0 = whole epoch)", lambda v: v >= 0),
     "global-queue-max-age": (">= 0", lambda v: v >= 0),
+    "prototype-first-share": (">= 1 (1 = every release alike)", lambda v: v >= 1 and v != float("inf")),
 }
 
 

@@ -242,3 +242,20 @@ def test_released_vectors_do_not_depend_on_local_training(site, sent, tmp_path, 
     diff = max(np.abs(out_trained.content["arrays"][k].numpy() - out_fresh.content["arrays"][k].numpy()).max()
                for k in sent.keys())
     assert diff > 1e-4
+
+
+def test_first_share_front_loads_the_first_release_and_keeps_the_budget():
+    from fedmoco.privacy import prototype_noise_schedule
+
+    ledger = SiteLedger("prototypes", 1.5, 1e-5, 10)
+    z_first, z_rest = prototype_noise_schedule(1.5, 1e-5, 10, 1.0, 2.0)
+    assert ledger.next_noise(1.0, 2.0) == z_first
+    ledger.record(z_first, 1.0)
+    # the share applies to the ledger's first release only; the rest share what is left evenly
+    z_next = ledger.next_noise(1.0, 2.0)
+    assert z_next == pytest.approx(z_rest, rel=0.01)
+    for _ in range(9):
+        ledger.record(z_next, 1.0)
+    assert 1.4 <= ledger.spent() <= 1.5 and ledger.next_noise(1.0, 2.0) is None
+    keys = SiteLedger("keys", 1.5, 1e-5, 10)  # per-record keys have no centres: no front-loading
+    assert keys.next_noise(0.05, 2.0) == keys.next_noise(0.05)

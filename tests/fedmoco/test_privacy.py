@@ -476,3 +476,32 @@ def test_centres_aligned_with_the_clusters_carry_more_signal_than_random_ones():
     assert 0.6 < random_cos < 0.82
     assert aligned_cos > random_cos + 0.08 and aligned_cos > 0.85
 
+
+
+@pytest.mark.parametrize("eps,rounds,q,share", [(1.5, 10, 1.0, 2.0), (1.5, 10, 0.2, 2.0), (8.0, 5, 1.0, 3.0)])
+def test_front_loaded_schedule_spends_90_to_100_percent_by_stock_rdp(eps, rounds, q, share):
+    from fedmoco.privacy import prototype_noise_schedule
+
+    z_first, z_rest = prototype_noise_schedule(eps, DELTA, rounds, q, share)
+    uniform = calibrate_prototype_noise(eps, DELTA, rounds, q)
+    assert z_rest == pytest.approx(z_first * math.sqrt(share))
+    assert z_first < uniform < z_rest  # less noise first, more later: budget moved, not added
+    acc = RDPAccountant()  # Opacus' stock accountant composes the two noise levels
+    acc.history = [(z_first, q, 1), (z_rest, q, rounds - 1)]
+    assert 0.9 * eps <= acc.get_epsilon(DELTA) <= eps
+
+
+def test_front_loaded_schedule_reference_and_errors():
+    from fedmoco.privacy import prototype_noise_schedule
+
+    # q = 1: RDP is alpha / (2 z^2) a release. With z_rest^2 = 2 z1^2 the ten releases cost
+    # (1 + 9 / 2) / z1^2 = 10 / z^2 at the uniform z = 8.83, so z1 = z * sqrt(0.55) = 6.55 and
+    # z_rest = z * sqrt(1.1) = 9.26 (to the calibration's 0.5 % of epsilon)
+    z_first, z_rest = prototype_noise_schedule(1.5, 1e-5, 10, 1.0, 2.0)
+    assert z_first == pytest.approx(8.83 * math.sqrt(0.55), rel=0.01)
+    assert z_rest == pytest.approx(8.83 * math.sqrt(1.1), rel=0.01)
+    assert prototype_noise_schedule(1.5, 1e-5, 10, 1.0, 1.0) == (calibrate_prototype_noise(1.5, 1e-5, 10, 1.0),) * 2
+    assert prototype_noise_schedule(1.5, 1e-5, 1, 1.0, 4.0)[0] == calibrate_prototype_noise(1.5, 1e-5, 1, 1.0)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="prototype-first-share must be a number >= 1"):
+            prototype_noise_schedule(1.5, 1e-5, 10, 1.0, bad)

@@ -111,6 +111,8 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     ({"aggregation": "foo"}, "aggregation: unknown 'foo'; choose fedavg, fedmedian, fedtrimmedavg or krum"),
     ({"image-size": 3}, "run_config image-size must be >= 8, got 3"),
     ({"num-server-rounds": 0}, "run_config num-server-rounds must be >= 1, got 0"),
+    ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
+                                     "got 0.5"),
     ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),
     ({"lr": "abc"}, "run_config lr: expected float, got 'abc'"),
     ({"warmup-epochs": 5.0}, "run_config warmup-epochs 5 is longer than the federation's 1 local epochs "
