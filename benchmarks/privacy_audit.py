@@ -33,6 +33,7 @@ from common import command_line, emit_json, machine_lines, markdown_table, write
 from fedmoco.audit import auc_standard_error, membership_audit  # noqa: E402
 from fedmoco.privacy import seeded_centres  # noqa: E402
 from prototype_signal import DEFAULT_C, synthetic  # noqa: E402
+from clients.task import RUN_DEFAULTS  # noqa: E402
 
 DELTA = 1e-5
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--trials", type=int, default=500)
     p.add_argument("--centres", type=int, default=DEFAULT_C, help="C (default: run_config prototype-centres)")
+    p.add_argument("--first-share", type=float, default=RUN_DEFAULTS["prototype-first-share"],
+                   help="prototypes: the first release's share of the budget, as the ledger plans it")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy_audit.md")
     args = p.parse_args(argv)
     if args.quick:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             for canary_name, canary in canaries.items():
                 r = membership_audit(mode, data, canary, epsilon=eps, delta=DELTA, rounds=args.rounds,
                                      sample_rate=q, trials=args.trials, centres=centres, min_cosine=min_cos,
-                                     max_keys=max_keys, seed=11)
+                                     max_keys=max_keys, first_share=args.first_share, seed=11)
                 se = auc_standard_error(r.auc, r.trials, r.trials)
                 label = mode if mode == "keys" else f"prototypes (threshold {min_cos})"
                 results.append({**r.to_dict(), "canary": canary_name, "min_cosine": min_cos})
@@ -77,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"A site of {args.images} embeddings (D = {dim}, 16 clusters, resultant 0.5), {args.rounds} releases "
         f"planned for (epsilon, delta = {DELTA:g}), {args.trials} trials per world (canary in / out), "
-        f"C = {args.centres} seeded centres. Adjacency as each mechanism is stated: prototypes add/remove the "
+        f"C = {args.centres} seeded centres; prototypes on the ledger's schedule (the first release gets "
+        f"{args.first_share:g} times the privacy of each later one; `z` is the first release's). "
+        "Adjacency as each mechanism is stated: prototypes add/remove the "
         "canary; keys replace one image by the canary. `AUC bound`: the largest AUC any test can reach "
         "against an (epsilon, delta)-DP mechanism; `eps shown`: the 95 % Clopper-Pearson lower bound on "
         "epsilon the attack demonstrates. `within`: AUC <= bound + 3 standard errors.",

@@ -37,8 +37,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedmoco.data import one_thread
 from fedmoco.errors import ConfigError
-from fedmoco.privacy import (calibrate_noise, calibrate_prototype_noise, key_epsilon, poisson_sample,
-                             privatize_keys, prototype_epsilon, prototypes_from_sample)
+from fedmoco.privacy import (PrototypeRDPAccountant, calibrate_noise, key_epsilon, poisson_sample, privatize_keys,
+                             prototype_noise_schedule, prototypes_from_sample)
 
 MODES = ("prototypes", "keys")
 
@@ -122,14 +122,16 @@ def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
 def membership_audit(mode: str, embeddings: torch.Tensor, canary: torch.Tensor, *, epsilon: float, delta: float,
                      rounds: int, sample_rate: float, trials: int, centres: torch.Tensor | None = None,
                      min_cosine: float = 0.5, max_keys: int | None = None, noise_multiplier: float | None = None,
-                     seed: int = 0) -> AuditResult:
+                     first_share: float = 1.0, seed: int = 0) -> AuditResult:
     """Run the attack ``trials`` times per world and compare its AUC with the DP bound.
 
     ``embeddings`` (n, D): the site's data as the public encoder embeds it; ``canary`` (D,).
     ``centres`` (C, D): the public centres (prototypes only). z is calibrated for
     (epsilon, delta, rounds, q) as the site would (``noise_multiplier`` overrides it, e.g. 0
     to check that the attack finds an unprotected canary); the bound uses the epsilon the
-    site's accountant states for that z.
+    site's accountant states for that z. ``first_share`` (prototypes): the ledger's schedule,
+    the first release at the smaller z of ``prototype_noise_schedule`` and the rest at the
+    larger (``AuditResult.noise_multiplier`` is then the first release's).
     """
     if mode not in MODES:
         raise ConfigError(f"audit mode: {mode!r}, expected one of {MODES}")
@@ -138,18 +140,25 @@ def membership_audit(mode: str, embeddings: torch.Tensor, canary: torch.Tensor, 
     data = F.normalize(embeddings.float(), dim=1)
     c = F.normalize(canary.float(), dim=0)
     if mode == "prototypes":
-        z = calibrate_prototype_noise(epsilon, delta, rounds, sample_rate) if noise_multiplier is None \
-            else noise_multiplier
-        stated = prototype_epsilon(z, sample_rate, rounds, delta)
+        if noise_multiplier is not None:
+            zs = [noise_multiplier] * rounds
+        else:
+            z_first, z_rest = prototype_noise_schedule(epsilon, delta, rounds, sample_rate, first_share)
+            zs = [z_first] + [z_rest] * (rounds - 1)
+        acc = PrototypeRDPAccountant()
+        acc.history = [(z, sample_rate, 1) for z in zs]
+        stated = math.inf if min(zs) == 0 else float(acc.get_epsilon(delta))
         worlds = {"in": torch.cat([data, c[None]]), "out": data}
     else:
         z = calibrate_noise(epsilon, delta, rounds, sample_rate) if noise_multiplier is None else noise_multiplier
+        zs = [z] * rounds
         stated = key_epsilon(z, sample_rate, rounds, delta)
         worlds = {"in": torch.cat([c[None], data[1:]]), "out": data}
+    z = zs[0]
     gen = torch.Generator().manual_seed(seed)
     with one_thread():  # thousands of tiny releases: threads only contend
-        scores = {w: np.array([sum(_round_score(mode, d, c, centres, z, sample_rate, min_cosine, max_keys, gen)
-                                   for _ in range(rounds)) for _ in range(trials)]) for w, d in worlds.items()}
+        scores = {w: np.array([sum(_round_score(mode, d, c, centres, zr, sample_rate, min_cosine, max_keys, gen)
+                                   for zr in zs) for _ in range(trials)]) for w, d in worlds.items()}
     y = np.r_[np.ones(trials), np.zeros(trials)]
     auc = float(roc_auc_score(y, np.r_[scores["in"], scores["out"]]))
     return AuditResult(mode=mode, epsilon=stated, delta=delta, rounds=rounds, sample_rate=sample_rate,

@@ -44,6 +44,16 @@ def test_audit_stays_within_the_bound(site, mode, q, min_cosine):
     assert r.empirical_epsilon <= r.epsilon  # what the attack demonstrates never exceeds the claim
 
 
+def test_audit_of_the_front_loaded_schedule_stays_within_the_bound(site):
+    """The ledger's default schedule (first release at less noise, the rest at more): the same
+    total epsilon, and the attack stays inside its bound."""
+    data, canary, centres = site
+    r = membership_audit("prototypes", data, canary, epsilon=2.0, delta=DELTA, rounds=3, sample_rate=1.0,
+                         trials=300, centres=centres, min_cosine=0.0, first_share=2.0, seed=3)
+    assert r.noise_multiplier < calibrate_prototype_noise(2.0, DELTA, 3, 1.0)  # the first release's z
+    assert 1.8 <= r.epsilon <= 2.0 and r.within_bound and r.empirical_epsilon <= r.epsilon
+
+
 def test_the_audit_catches_a_mechanism_noisier_on_paper_than_in_fact(site):
     """Noise 10x below what epsilon = 2 needs: the same attack then beats the epsilon = 2 bound."""
     data, canary, centres = site
