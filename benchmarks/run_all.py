@@ -202,7 +202,8 @@ TARGETS = [
     Target("8.7", "global negatives help: the best release (by kNN) beats no global negatives by kNN and by probe",
            "global_queue_benefit", _benefit, lambda v: v > 0, "{:+.1f} points (the smaller of the two gains)",
            why="no release beats none: prototypes repel a site's queries from other sites' data, which a "
-               "label-skewed site cannot learn to separate anyway; the federated gap is optimisation "
+               "label-skewed site cannot learn to separate anyway; with the client lr scaled by the number of "
+               "sites the IID gap closes but the label-skew gap stays, and prototypes do not close it either "
                "(global_queue_benefit.md)"),
 ]
 
