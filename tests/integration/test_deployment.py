@@ -157,6 +157,39 @@ def test_two_sites_two_rounds_of_the_signed_app(deployment):
     assert all(any((root / site / "state").glob("*ledger*")) for site in SITES)
 
 
+def test_a_new_flwr_run_cannot_reset_a_sites_budget(deployment):
+    """The budget belongs to the site: a new run (new run id, new out-dir, new ClientApp
+    processes) finds each site's ledger on its disk. The ledger's plan (the num-server-rounds
+    of the run that opened it, docs/privacy.md) is spent, so the new run gets no release, and
+    the coordinator is told why, with the site's own figures."""
+    from fedmoco.ledger import read_ledger
+    from fedmoco.site_settings import LEDGER_FILE
+
+    root = deployment["root"]
+    ledgers = {site: root / site / "state" / LEDGER_FILE for site in SITES}
+
+    def flwr_run(out: Path) -> list[dict]:
+        run = _run([flower_command("flwr"), "run", str(deployment["app"]), "fedmoco-tls", "--stream",
+                    "--run-config", f'num-server-rounds=1 out-dir="{out}" {SMALL_RUN}'], deployment["cli_env"],
+                   timeout=400)
+        assert (out / "encoder.pt").is_file(), f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\n{_node_logs(deployment)}"
+        return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+    if not all(path.is_file() for path in ledgers.values()):  # run alone: open the ledgers first
+        flwr_run(root / "server-opening-run")
+    before = {site: read_ledger(path) for site, path in ledgers.items()}
+    rounds = flwr_run(root / "server-new-run")
+    for site, path in ledgers.items():
+        after = read_ledger(path)
+        assert after.history == before[site].history and after.spent() == before[site].spent()
+        assert after.epsilon_budget == 4.0 + SITES.index(site)  # the site's node_config, not the run's
+    reported = {s["site"]: s for s in rounds[0]["sites"]}
+    for site in SITES:
+        assert reported[site]["dp-reason"] == "privacy budget exhausted" and reported[site]["dp-status"] == 5.0
+        assert reported[site]["dp-keys-releases"] == before[site].releases
+        assert reported[site]["dp-keys-epsilon"] == pytest.approx(before[site].spent())
+
+
 def _outsider_env(deployment) -> dict[str, str]:
     """An outsider's flwr: ca.crt, and the only address it can reach, the sites' port."""
     home = deployment["root"] / "outsider" / "flwr-home"
