@@ -60,19 +60,17 @@ def _auroc(y: np.ndarray, p: np.ndarray, classes: np.ndarray) -> float:
                  roc_auc_score(y, p, multi_class="ovr", labels=classes))
 
 
-def held_out(checkpoint: Path, domain: str, train: tuple[Path, Path], test: tuple[Path, Path]) -> float:
-    """Macro AUROC on a separate labelled archive of a logistic probe fitted on the whole
-    labelled set (frozen features): no fold of 30 images decides it."""
-    f, y = _features(checkpoint, domain, *train)
-    ft, yt = _features(checkpoint, domain, *test)
+def held_out(f: np.ndarray, y: np.ndarray, ft: np.ndarray, yt: np.ndarray) -> float:
+    """Macro AUROC on a separate labelled archive (features ``ft``, labels ``yt``) of a logistic
+    probe fitted on the whole labelled set (``f``, ``y``): no fold of 30 images decides it."""
     scale = StandardScaler().fit(f)
     clf = LogisticRegression(max_iter=2000, C=0.1).fit(scale.transform(f), y)
     return _auroc(yt, clf.predict_proba(scale.transform(ft)), clf.classes_)
 
 
-def probe(checkpoint: Path, domain: str, images: Path, labels: Path, folds: int) -> tuple[float, float]:
-    """Grouped-CV (macro AUROC, accuracy) of a logistic probe on the checkpoint's frozen features."""
-    f, y = _features(checkpoint, domain, images, labels)
+def probe(f: np.ndarray, y: np.ndarray, labels: Path, folds: int) -> tuple[float, float]:
+    """Grouped-CV (macro AUROC, accuracy) of a logistic probe on frozen features ``f`` (n, D)
+    with labels ``y`` (n,) of the files listed in ``labels``, in file order."""
     # the labelled datasets keep file order, and every file here is one sample: map groups by path
     with open(labels) as fh:
         group_of = {r["path"]: r["group"] for r in csv.DictReader(fh)}
@@ -124,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     atomic_save(make_checkpoint(MoCo(MoCoConfig.from_dict(ckpt["moco_config"])), data=ckpt["data"]), work / "random.pt")
     images, labels = labelled / task.data_subdir, labelled / "labels.csv"
-    pre = probe(work / "run" / "checkpoint.pt", args.domain, images, labels, args.folds)
-    rnd = probe(work / "random.pt", args.domain, images, labels, args.folds)
     test = labelled.parent / "test"  # the hospitals' 40 held-out patients (examples.demo)
+    scores: dict[str, tuple[float, float]] = {}
     held: dict[str, float] = {}
-    if task.make_test is not None:
-        pair = (test / task.data_subdir, test / "labels.csv")
-        held = {name: held_out(work / ckpt_name, args.domain, (images, labels), pair)
-                for name, ckpt_name in (("pretrained", "run/checkpoint.pt"), ("random", "random.pt"))}
+    for name, ckpt in (("pretrained", work / "run" / "checkpoint.pt"), ("random", work / "random.pt")):
+        f, y = _features(ckpt, args.domain, images, labels)  # once per encoder, for both probes
+        scores[name] = probe(f, y, labels, args.folds)
+        if task.make_test is not None:
+            held[name] = held_out(f, y, *_features(ckpt, args.domain, test / task.data_subdir, test / "labels.csv"))
+    pre, rnd = scores["pretrained"], scores["random"]
     print(machine_line())
     print("| task | pretrained AUROC / acc | random init AUROC / acc |" + (" held-out AUROC, pretrained / random |"
                                                                           if held else ""))

@@ -532,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                    key=lambda j: {"federated": 0, "lightly": 1, "fedmoco": 1}.get(j.kind, 2))
     results = run_jobs(order, args.work / "runs" / ("quick" if args.quick else "full"), args.jobs)
     pair: list[dict[str, Any]] = []
-    load_before = "load average %.1f / %.1f (1 / 5 min) on %d CPUs" % (*os.getloadavg()[:2], os.cpu_count() or 0)
     if args.timing_work:
+        load_before = "load average %.1f / %.1f (1 / 5 min) on %d CPUs" % (*os.getloadavg()[:2], os.cpu_count() or 0)
         # A fresh cache, so the pair is trained (and timed) again rather than read back from
         # runs timed while up to --jobs other configurations shared the cores.
         pair = run_jobs([jobs_for("fedmoco MoCo", "fedmoco")[0], jobs_for("lightly MoCo", "lightly")[0]],

@@ -37,7 +37,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedmoco.data import one_thread
 from fedmoco.errors import ConfigError
-from fedmoco.privacy import (PrototypeRDPAccountant, calibrate_noise, key_epsilon, poisson_sample, privatize_keys,
+from fedmoco.privacy import (calibrate_noise, key_epsilon, poisson_sample, privatize_keys, prototype_history_epsilon,
                              prototype_noise_schedule, prototypes_from_sample)
 
 MODES = ("prototypes", "keys")
@@ -145,9 +145,7 @@ def membership_audit(mode: str, embeddings: torch.Tensor, canary: torch.Tensor, 
         else:
             z_first, z_rest = prototype_noise_schedule(epsilon, delta, rounds, sample_rate, first_share)
             zs = [z_first] + [z_rest] * (rounds - 1)
-        acc = PrototypeRDPAccountant()
-        acc.history = [(z, sample_rate, 1) for z in zs]
-        stated = math.inf if min(zs) == 0 else float(acc.get_epsilon(delta))
+        stated = prototype_history_epsilon([(zs[0], sample_rate, 1), (zs[-1], sample_rate, rounds - 1)], delta)
         worlds = {"in": torch.cat([data, c[None]]), "out": data}
     else:
         z = calibrate_noise(epsilon, delta, rounds, sample_rate) if noise_multiplier is None else noise_multiplier

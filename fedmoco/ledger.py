@@ -137,13 +137,12 @@ class SiteLedger:
         q = _privacy()._check_sample_rate(sample_rate)
         if not self.remaining:
             return None
-        if not self.history and self.mechanism == "prototypes" and first_share != 1.0 and self.remaining > 1:
+        share = _privacy().check_first_share(first_share)
+        if not self.history and self.mechanism == "prototypes" and share != 1.0 and self.remaining > 1:
             try:
                 return _privacy().prototype_noise_schedule(self.epsilon_budget, self.delta, self.remaining, q,
-                                                           first_share)[0]
-            except ConfigError as exc:
-                if "prototype-first-share" in str(exc):
-                    raise
+                                                           share)[0]
+            except ConfigError:  # the budget cannot be reached at this delta, as in _fit
                 return None
         return self._fit(self.remaining, q)
 

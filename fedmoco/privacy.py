@@ -71,6 +71,7 @@ __all__ = [
     "sampled_gaussian_rdp",
     "calibrate_prototype_noise",
     "prototype_noise_schedule",
+    "prototype_history_epsilon",
     "prototype_epsilon",
     "assign_to_centres",
     "noisy_prototype_sums",
@@ -670,6 +671,29 @@ def calibrate_prototype_noise(epsilon: float, delta: float, rounds: int, sample_
                           f"release(s); raise epsilon or delta ({e})") from None
 
 
+def check_first_share(first_share: float) -> float:
+    """``prototype-first-share`` as a float >= 1 (finite); ConfigError naming it otherwise."""
+    if not (isinstance(first_share, numbers.Real) and math.isfinite(first_share) and first_share >= 1.0):
+        raise ConfigError(f"prototype-first-share must be a number >= 1, got {first_share!r}")
+    return float(first_share)
+
+
+def prototype_history_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon (add/remove adjacency, at ``delta``) of prototype releases made at
+    ``history`` = [(z, q, releases), ...] (:class:`PrototypeRDPAccountant`); ``inf`` if any
+    of them had z == 0, 0.0 for none."""
+    history = [h for h in history if h[2] > 0]
+    if not history:
+        return 0.0
+    if min(z for z, _, _ in history) == 0:
+        return math.inf
+    acc = PrototypeRDPAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order")
+        return float(acc.get_epsilon(delta))
+
+
 def prototype_noise_schedule(epsilon: float, delta: float, rounds: int, sample_rate: float,
                              first_share: float = 1.0) -> tuple[float, float]:
     """Noise multipliers (z_first, z_rest) for ``rounds`` prototype releases whose first gets
@@ -684,19 +708,14 @@ def prototype_noise_schedule(epsilon: float, delta: float, rounds: int, sample_r
     (between 0.9 and 1.0 times epsilon, tests). ``first_share`` 1 (or one round) gives
     ``calibrate_prototype_noise`` for both. Raises ConfigError naming a bad argument.
     """
-    if not (math.isfinite(first_share) and first_share >= 1.0):
-        raise ConfigError(f"prototype-first-share must be a number >= 1, got {first_share!r}")
+    first_share = check_first_share(first_share)
     z = calibrate_prototype_noise(epsilon, delta, rounds, sample_rate)
     if rounds == 1 or first_share == 1.0:
         return z, z
     q, root = float(sample_rate), math.sqrt(first_share)
 
     def spent(z_first: float) -> float:
-        acc = PrototypeRDPAccountant()
-        acc.history = [(z_first, q, 1), (z_first * root, q, rounds - 1)]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order")
-            return float(acc.get_epsilon(delta))
+        return prototype_history_epsilon([(z_first, q, 1), (z_first * root, q, rounds - 1)], delta)
 
     # Bisection on z_first as in Opacus' get_noise_multiplier: the uniform z is an upper bound
     # (every later release is noisier than it), z / sqrt(first_share) a lower one.
@@ -717,13 +736,7 @@ def prototype_epsilon(noise_multiplier: float, sample_rate: float, releases: int
     q = _check_sample_rate(sample_rate)
     releases = _check_count(releases, "releases", 0)
     delta = _check_delta(delta)
-    if releases == 0:
-        return 0.0
-    if z == 0:
-        return math.inf
-    acc = PrototypeRDPAccountant()
-    acc.history = [(z, q, releases)]
-    return float(acc.get_epsilon(delta))
+    return prototype_history_epsilon([(z, q, releases)], delta)
 
 
 def _check_rows(x: Tensor, name: str, dim: int | None = None) -> Tensor:
