@@ -122,14 +122,19 @@ def make_example_data(domain: str, root: Path, sites: int, *, quick: bool = Fals
     return site_dirs, task.make_labelled(root / "labelled", quick)
 
 
+def federation_run_config(domain: str, root: Path, sites: int, rounds: int,
+                          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run_config of the coordinator's simulation: the example's settings, then ``overrides``."""
+    return {"domain": domain, "num-server-rounds": rounds, "demo-root": str((root / "sites").resolve()),
+            "out-dir": str((root / "server").resolve()), "min-nodes": sites, "resume": False,
+            **TASKS[domain].run_config, **(overrides or {})}
+
+
 def federate(domain: str, root: Path, sites: int, rounds: int, *, overrides: dict[str, Any] | None = None) -> Path:
     """The coordinator's simulation over ``root/sites/site-<i>``; returns the aggregated encoder."""
     from server.simulation import run_simulation
 
-    task = TASKS[domain]
-    run_config = {"domain": domain, "num-server-rounds": rounds, "demo-root": str((root / "sites").resolve()),
-                  "out-dir": str((root / "server").resolve()), "min-nodes": sites, "resume": False,
-                  **task.run_config, **(overrides or {})}
+    run_config = federation_run_config(domain, root, sites, rounds, overrides)
     work = root / "flower"
     work.mkdir(parents=True, exist_ok=True)
     result = run_simulation(run_config, num_supernodes=sites, work_dir=work)
@@ -191,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="only generate the data and print the federation's run config (for a deployment)")
     args = p.parse_args(argv)
     from fedmoco.errors import FedmocoError
+    from server.runs import validate_run_config
     from server.simulation import parse_overrides
-    try:  # before any work: a typo here should not cost a generated archive
+    task = TASKS[args.domain]
+    root = args.out.resolve()
+    try:  # before any work: a typo or a bad value here should not cost a generated archive
         overrides = parse_overrides(args.run_config)
+        validate_run_config(federation_run_config(args.domain, root, args.sites, 1 if args.quick else args.rounds,
+                                                  overrides))
     except FedmocoError as e:
         print(f"{p.prog}: {e}", file=sys.stderr)
         return 2
-    task = TASKS[args.domain]
-    root = args.out.resolve()
     start = time.perf_counter()
 
     print(f"== site admins: {args.sites} {task.site_name} archives (synthetic) under {root / 'sites'}", flush=True)

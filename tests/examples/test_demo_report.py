@@ -29,3 +29,13 @@ def test_bad_run_config_is_one_line_exit_2_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["python -m examples.demo: --run-config: expected key=value pairs separated by spaces, got 'momentum'"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_run_config_value_is_one_line_exit_2_before_any_work(tmp_path, capsys):
+    # checked by the server's own validation before any archive is generated, not mid-simulation
+    out = tmp_path / "out"
+    assert main(["--run-config", 'key-release="prototypes" prototype-first-share=0.5', "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m examples.demo: run_config prototype-first-share must be >= 1 (1 = every release "
+                   "alike), got 0.5"]
+    assert not out.exists()
