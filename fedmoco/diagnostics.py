@@ -140,6 +140,43 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
 
 
+def _bootstrap_draws(targets: np.ndarray, groups: np.ndarray | None, resamples: int, seed: int):
+    """Index arrays of ``resamples`` bootstrap draws of the test set: samples, or whole groups
+    (a cluster bootstrap) with ``groups``. The same seed gives the same draws."""
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    members = None
+    if groups is not None:
+        _, inv = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inv.reshape(-1) == g) for g in range(inv.max() + 1)]
+    for _ in range(resamples):
+        if members is None:
+            yield rng.integers(0, n, n)
+        else:
+            yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
+def _runs(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    runs = np.asarray(scores)
+    return (runs[None] if runs.ndim == 2 else runs), np.atleast_2d(np.asarray(thresholds, dtype=float))
+
+
+def _mean_over_runs(runs: np.ndarray, run_thresholds: np.ndarray, targets: np.ndarray, idx: np.ndarray, *,
+                    multi_label: bool, positive: int | None) -> dict[str, float]:
+    ms = [point_metrics(r[idx], targets[idx], t, multi_label=multi_label, positive=positive)
+          for r, t in zip(runs, run_thresholds)]
+    return {k: _nanmean([m[k] for m in ms]) for k in METRICS}
+
+
+def _percentile_ci(draws: dict[str, list[float]]) -> dict[str, list[float]]:
+    out = {}
+    for k, v in draws.items():
+        v = np.asarray(v, dtype=float)
+        v = v[np.isfinite(v)]
+        out[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
+    return out
+
+
 def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[float] | np.ndarray, *,
                  multi_label: bool, positive: int | None, groups: np.ndarray | None, resamples: int = 1000,
                  seed: int = 0) -> dict[str, list[float]]:
@@ -153,31 +190,49 @@ def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[f
     Thresholds stay fixed (they were chosen on validation data). Draws where a metric is
     undefined (a class absent) are left out of that metric's interval.
     """
-    runs = np.asarray(scores)
-    runs = runs[None] if runs.ndim == 2 else runs
-    run_thresholds = np.atleast_2d(np.asarray(thresholds, dtype=float))
-    rng = np.random.default_rng(seed)
-    n = len(targets)
-    members = None
-    if groups is not None:
-        _, inv = np.unique(np.asarray(groups), return_inverse=True)
-        members = [np.flatnonzero(inv.reshape(-1) == g) for g in range(inv.max() + 1)]
+    runs, run_thresholds = _runs(scores, thresholds)
     draws: dict[str, list[float]] = {m: [] for m in METRICS}
-    for _ in range(resamples):
-        if members is None:
-            idx = rng.integers(0, n, n)
-        else:
-            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        ms = [point_metrics(r[idx], targets[idx], t, multi_label=multi_label, positive=positive)
-              for r, t in zip(runs, run_thresholds)]
+    for idx in _bootstrap_draws(targets, groups, resamples, seed):
+        for k, v in _mean_over_runs(runs, run_thresholds, targets, idx, multi_label=multi_label,
+                                    positive=positive).items():
+            draws[k].append(v)
+    return _percentile_ci(draws)
+
+
+def bootstrap_gain_ci(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray, baseline_scores: np.ndarray,
+                      baseline_thresholds: Sequence[float] | np.ndarray, targets: np.ndarray, *, multi_label: bool,
+                      positive: int | None, groups: np.ndarray | None, resamples: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of the gain of one model over a baseline scored on the same test set.
+
+    ``scores``/``baseline_scores`` are (N, K) or (R, N, K) as in :func:`bootstrap_ci`. Every
+    draw resamples the test set (whole groups with ``groups``) once and scores both models on
+    it, so the interval is that of the difference (mean over runs of the model minus that of
+    the baseline) on a common resample, a paired comparison. Two marginal intervals that
+    overlap do not mean the difference is noise: both models err on the same hard patients,
+    and the paired interval removes that shared variation.
+
+    Returns ``{"ci95": {metric: [lo, hi]} of the gain, "p_no_gain": {metric: share of draws
+    whose gain is <= 0}, "model": ..., "baseline": ...}``, the last two being each model's own
+    intervals from the same draws (equal to :func:`bootstrap_ci` with the same ``seed``).
+    """
+    runs, run_thresholds = _runs(scores, thresholds)
+    base, base_thresholds = _runs(baseline_scores, baseline_thresholds)
+    draws: dict[str, dict[str, list[float]]] = {w: {m: [] for m in METRICS} for w in ("model", "baseline", "gain")}
+    for idx in _bootstrap_draws(targets, groups, resamples, seed):
+        a = _mean_over_runs(runs, run_thresholds, targets, idx, multi_label=multi_label, positive=positive)
+        b = _mean_over_runs(base, base_thresholds, targets, idx, multi_label=multi_label, positive=positive)
         for k in METRICS:
-            draws[k].append(_nanmean([m[k] for m in ms]))
-    out = {}
-    for k, v in draws.items():
+            draws["model"][k].append(a[k])
+            draws["baseline"][k].append(b[k])
+            draws["gain"][k].append(a[k] - b[k])
+    p_no_gain = {}
+    for k, v in draws["gain"].items():
         v = np.asarray(v, dtype=float)
         v = v[np.isfinite(v)]
-        out[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
-    return out
+        p_no_gain[k] = float((v <= 0).mean()) if len(v) else math.nan
+    return {"ci95": _percentile_ci(draws["gain"]), "p_no_gain": p_no_gain,
+            "model": _percentile_ci(draws["model"]), "baseline": _percentile_ci(draws["baseline"])}
 
 
 def diagnose(scores: np.ndarray, targets: np.ndarray, *, val_scores: np.ndarray, val_targets: np.ndarray,

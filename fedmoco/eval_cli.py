@@ -174,13 +174,14 @@ def default_positive(names: list[str]) -> int:
     return 1
 
 
-def _fmt(report: dict[str, Any], key: str) -> str:
+def _fmt(report: dict[str, Any], key: str, signed: bool = False) -> str:
     v = report.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return f"{key} n/a"
+    f = "+.3f" if signed else ".3f"
     ci = report.get("ci95", {}).get(key)
-    ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and all(c is not None and math.isfinite(c) for c in ci) else ""
-    return f"{key} {v:.3f}{ci_txt}"
+    ci_txt = f" [{ci[0]:{f}}, {ci[1]:{f}}]" if ci and all(c is not None and math.isfinite(c) for c in ci) else ""
+    return f"{key} {v:{f}}{ci_txt}"
 
 
 def _print_summary(report: dict[str, Any], names: list[str]) -> None:
@@ -189,6 +190,17 @@ def _print_summary(report: dict[str, Any], names: list[str]) -> None:
     for label, r in (("pretrained ", report), ("random init", report["random_init"])):
         print(f"finetune {label}: " + ", ".join(_fmt(r, k) for k in keys) +
               f" (label fraction {frac:g}, n_test {r['n_test']}, {len(names)} {'labels' if report['multi_label'] else 'classes'})")
+    gain = report.get("gain", {})
+    if "auroc" in gain:
+        # the paired interval: both encoders scored on the same resampled patients
+        p_no = gain.get("p_no_gain", {}).get("auroc")
+        print("finetune gain       : " + ", ".join(_fmt(gain, k, signed=True) for k in keys if k in gain)
+              + (f" (paired bootstrap; share of draws with no AUROC gain {p_no:.3f})" if p_no is not None else ""))
+        per_seed = gain.get("per_seed", {})
+        if len(per_seed) > 1:
+            wins = sum(g["auroc"] > 0 for g in per_seed.values())
+            print(f"finetune gain       : AUROC higher in {wins} of {len(per_seed)} seeds ("
+                  + ", ".join(f"seed {s} {g['auroc']:+.3f}" for s, g in per_seed.items()) + ")")
 
 
 # ------------------------------------------------------------------------------ frozen encoders

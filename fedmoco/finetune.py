@@ -387,24 +387,35 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
                     report["_scores"] = (tp, test_src.targets[ti])
         runs[f"{fraction:g}"] = {init: summarise(reports) for init, reports in per_init.items()}
         if fraction == largest and protocol.bootstrap:
-            for init, runs_scored in scored.items():
-                runs[f"{fraction:g}"][init]["ci95"] = seed_mean_ci(runs_scored, data.multi_label, protocol)
+            paired = seed_mean_gain(scored["pretrained"], scored["random_init"], data.multi_label, protocol)
+            for init, which in (("pretrained", "model"), ("random_init", "baseline")):
+                runs[f"{fraction:g}"][init]["ci95"] = paired.pop(which)
                 runs[f"{fraction:g}"][init]["bootstrap"] = {"resamples": protocol.bootstrap, "unit": "group",
                                                             "of": "mean over seeds"}
+            # a gain in every seed, or one lucky seed: the paired CI above is conditioned on these seeds
+            paired["per_seed"] = {seed: {m: per_init["pretrained"][seed][m] - per_init["random_init"][seed][m]
+                                         for m in METRICS} for seed in per_init["pretrained"]}
+            runs[f"{fraction:g}"]["gain"] = paired
     return {"runs": runs, "models": models, "warnings": warnings}
 
 
-def seed_mean_ci(scored: list[tuple], multi_label: bool, protocol: ProtocolConfig) -> dict[str, list[float]]:
-    """Group-bootstrap 95% CIs of the mean over seeds (every seed is scored on the same test
-    set; see :func:`fedmoco.diagnostics.bootstrap_ci`)."""
-    from fedmoco.diagnostics import bootstrap_ci
+def seed_mean_gain(scored: list[tuple], baseline: list[tuple], multi_label: bool,
+                   protocol: ProtocolConfig) -> dict[str, Any]:
+    """Pretrained minus random init (means over seeds) with its paired group-bootstrap 95% CI,
+    the share of draws without a gain, and each init's own CI of its mean over seeds from the
+    same draws (``model``, ``baseline``; :func:`fedmoco.diagnostics.bootstrap_gain_ci`). Every
+    seed of both inits is scored on the same test set."""
+    from fedmoco.diagnostics import bootstrap_gain_ci
 
     targets, groups = scored[0][1], scored[0][2]
-    if any(not np.array_equal(t, targets) for _, t, _, _ in scored):
+    if any(not np.array_equal(t, targets) for _, t, _, _ in [*scored, *baseline]):
         raise RuntimeError("seeds were scored on different test samples")
-    return bootstrap_ci(np.stack([s for s, _, _, _ in scored]), targets, np.stack([t for *_, t in scored]),
-                        multi_label=multi_label, positive=protocol.positive, groups=groups,
-                        resamples=protocol.bootstrap, seed=protocol.split_seed)
+    stack = lambda runs: (np.stack([s for s, _, _, _ in runs]), np.stack([t for *_, t in runs]))  # noqa: E731
+    (a, ta), (b, tb) = stack(scored), stack(baseline)
+    out = bootstrap_gain_ci(a, ta, b, tb, targets, multi_label=multi_label, positive=protocol.positive,
+                            groups=groups, resamples=protocol.bootstrap, seed=protocol.split_seed)
+    return {**out, "bootstrap": {"resamples": protocol.bootstrap, "unit": "group", "paired": True,
+                                 "of": "mean over seeds, pretrained minus random init"}}
 
 
 def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -442,6 +453,8 @@ def write_report(out: Path, result: dict[str, Any], data: LabelledSet, protocol:
               "label_fraction": float(main_key), "label_fractions": runs, "classes": data.names,
               "multi_label": data.multi_label, "operating_point": protocol.operating_point,
               "warnings": result["warnings"], **extra}
+    gain = {m: report[m] - report["random_init"][m] for m in METRICS if m in report and m in report["random_init"]}
+    report["gain"] = {**gain, **runs[main_key].get("gain", {})}
     plots = {}
     for init in ("pretrained", "random_init"):
         first = next(iter(runs[main_key][init]["seeds"].values()))

@@ -39,3 +39,16 @@ def test_a_bad_run_config_value_is_one_line_exit_2_before_any_work(tmp_path, cap
     assert err == ["python -m examples.demo: run_config prototype-first-share must be >= 1 (1 = every release "
                    "alike), got 0.5"]
     assert not out.exists()
+
+
+def test_report_gives_the_paired_gain_interval_and_says_whether_it_clears_zero():
+    pre = {"auroc": 0.75, "std": {"auroc": 0.02}, "ci95": {"auroc": [0.70, 0.80]}, "n_test": 320, "n_train": 96,
+           "gain": {"auroc": 0.15, "ci95": {"auroc": [0.05, 0.24]},
+                    "per_seed": {"0": {"auroc": 0.2}, "1": {"auroc": -0.01}, "2": {"auroc": 0.26}}}}
+    rnd = {"auroc": 0.6, "std": {"auroc": 0.05}, "ci95": {"auroc": [0.55, 0.66]}}
+    lines = summary_lines({**pre, "random_init": rnd}, TASKS["medical"])
+    assert lines[1].split()[-3:] == ["+0.150", "[+0.050,", "+0.240]"]
+    assert lines[-1].endswith("the AUROC gain is above zero, and higher in 2 of 3 fine-tuning seeds")
+    pre["gain"]["ci95"]["auroc"] = [-0.01, 0.24]
+    assert summary_lines({**pre, "random_init": rnd}, TASKS["medical"])[-1].endswith(
+        "is not clear of zero, and higher in 2 of 3 fine-tuning seeds")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fedmoco.diagnostics import (OperatingPoint, bootstrap_ci, choose_threshold, diagnose, plot_confusion_png,
+from fedmoco.diagnostics import (OperatingPoint, bootstrap_ci, bootstrap_gain_ci, choose_threshold, diagnose, plot_confusion_png,
                                  plot_roc, point_metrics)
 from fedmoco.errors import ConfigError
 
@@ -120,3 +120,40 @@ def test_bootstrap_of_several_runs_brackets_their_mean():
     ci = bootstrap_ci(np.stack(runs), y, thr, multi_label=False, positive=None, groups=np.arange(80) // 4,
                       resamples=200, seed=0)
     assert ci["sensitivity"][0] <= mean <= ci["sensitivity"][1]
+
+
+def test_gain_of_a_model_over_itself_is_exactly_zero_and_of_a_perfect_over_an_inverted_one_is_one():
+    thr = [0.5, 0.5]
+    same = bootstrap_gain_ci(SCORES, thr, SCORES, thr, Y, multi_label=False, positive=None, groups=None,
+                             resamples=100, seed=0)
+    assert same["ci95"]["auroc"] == [0.0, 0.0] and same["p_no_gain"]["auroc"] == 1.0
+    perfect = np.stack([1 - Y, Y], 1).astype(float)
+    inverted = perfect[:, ::-1].copy()
+    # every draw holding both classes: AUROC 1 against 0; draws with one class are left out
+    flip = bootstrap_gain_ci(perfect, thr, inverted, thr, Y, multi_label=False, positive=None,
+                             groups=np.arange(8) // 2, resamples=100, seed=0)
+    assert flip["ci95"]["auroc"] == [1.0, 1.0] and flip["p_no_gain"]["auroc"] == 0.0
+    assert flip["ci95"]["sensitivity"] == [1.0, 1.0] and flip["ci95"]["specificity"] == [1.0, 1.0]
+
+
+def test_paired_gain_is_clear_of_zero_where_the_two_marginal_intervals_overlap():
+    # Both models find the same patients hard (shared difficulty); the model ranks a little
+    # better on every patient. Marginal intervals carry the shared variation, the paired one not.
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(30), 6)
+    y = rng.integers(0, 2, 180)
+    hard = rng.normal(0, 1.0, 30)[groups]
+    base = y * 0.6 - hard * (2 * y - 1) * 0.5 + rng.normal(0, 0.6, 180)
+    model = base + y * 0.25
+    prob = lambda z: np.stack([1 - 1 / (1 + np.exp(-z)), 1 / (1 + np.exp(-z))], 1)  # noqa: E731
+    thr = [0.5, 0.5]
+    kw = dict(multi_label=False, positive=None, groups=groups, resamples=150, seed=0)
+    gain = bootstrap_gain_ci(prob(model), thr, prob(base), thr, y, **kw)
+    # each model's own interval comes from the same draws as bootstrap_ci's
+    assert gain["baseline"] == bootstrap_ci(prob(base), y, thr, **kw)
+    assert gain["model"]["auroc"][0] < gain["baseline"]["auroc"][1], "the marginal intervals should overlap here"
+    point = (point_metrics(prob(model), y, thr, multi_label=False)["auroc"]
+             - point_metrics(prob(base), y, thr, multi_label=False)["auroc"])
+    lo, hi = gain["ci95"]["auroc"]
+    assert 0 < lo <= point <= hi
+    assert gain["p_no_gain"]["auroc"] < 0.025

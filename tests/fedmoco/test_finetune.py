@@ -68,6 +68,15 @@ def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, 
     assert point["seeds"]["0"]["n_train"] < res["label_fractions"]["1"]["pretrained"]["seeds"]["0"]["n_train"]
     assert res["classes"] == ["circle", "square", "stripes", "triangle"] and "top5" not in res
     assert len(res["ci95"]["auroc"]) == 2
+    # the gain over random init, with its paired interval, from the same draws as both CIs
+    gain = res["gain"]
+    assert gain["auroc"] == pytest.approx(res["auroc"] - res["random_init"]["auroc"])
+    lo, hi = gain["ci95"]["auroc"]
+    assert lo <= hi and 0 <= gain["p_no_gain"]["auroc"] <= 1 and gain["bootstrap"]["paired"] is True
+    assert res["label_fractions"]["1"]["gain"]["ci95"] == gain["ci95"]
+    pre, rnd = res["label_fractions"]["1"]["pretrained"]["seeds"], res["label_fractions"]["1"]["random_init"]["seeds"]
+    assert {s: g["auroc"] for s, g in gain["per_seed"].items()} == pytest.approx(
+        {s: pre[s]["auroc"] - rnd[s]["auroc"] for s in ("0", "1")})
     for png in ("roc.png", "confusion.png", "roc_random_init.png", "confusion_random_init.png",
                 "label_efficiency.png"):
         assert (out / png).stat().st_size > 1000
@@ -80,7 +89,8 @@ def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, 
     assert res["warnings"] == [] or all("split lacks" in w for w in res["warnings"])
     text = (out / "results.json").read_text()
     assert "patient-" not in text  # group keys are never written out
-    assert "finetune pretrained : auroc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "finetune pretrained : auroc" in printed and f"finetune gain       : auroc {gain['auroc']:+.3f}" in printed
 
 
 def test_finetune_multilabel_and_federated_checkpoint_without_normalization(tmp_path, demo_images, checkpoint,
