@@ -124,7 +124,9 @@ def test_adjust_contrast_is_monais_and_leaves_gamma_one_alone(per_image):
     torch.testing.assert_close(out[0], x[0])
     for i in (1, 2):
         torch.testing.assert_close(out[i], torch.as_tensor(AdjustContrast(float(gamma[i]))(x[i])), atol=1e-5, rtol=1e-5)
-    assert (out[1, :, :8] == x[1].min()).all()
+    # the region at the minimum stays there: 0 ** gamma = 0, up to the floor that keeps log and exp
+    # off their slow paths (at most e^-69 of the range, see adjust_contrast_)
+    assert (out[1, :, :8] - x[1].min()).abs().max() <= 1e-29
 
 
 @pytest.mark.parametrize("per_image", [True, False])
