@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedmoco.errors import DataError
+from fedmoco.site_settings import SITE_SETTINGS_FILE  # re-exported: the scan skips it
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,6 @@ def check_data_dir(root: Path | str) -> Path:
     if not root.is_dir():
         raise DataError(f"{root}: is not a folder")
     return root
-
-
-#: A site's own settings (budget, ledger, name) at the top of its data folder: never data.
-SITE_SETTINGS_FILE = "fedmoco-site.toml"
 
 
 def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:

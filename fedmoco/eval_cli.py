@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+# numpy and torch are imported in the commands: this module also builds the finetune parser,
+# and `fedmoco --help` should not wait for torch.
 from fedmoco.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger("fedmoco")
@@ -208,6 +207,9 @@ def _print_summary(report: dict[str, Any], names: list[str]) -> None:
 
 def cmd_frozen(args: argparse.Namespace) -> int:
     """``knn`` and ``linear-probe`` on frozen backbone features, pretrained and random init."""
+    import numpy as np
+    import torch
+
     from fedmoco.device import select_device
     from fedmoco.diagnostics import plot_confusion_png
     from fedmoco.evaluate import ProbeConfig, effective_k, extract_features, frozen_report, knn_predict, linear_probe

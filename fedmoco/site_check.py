@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import SITE_SETTINGS_FILE, DataConfig, build_pretrain_data, format_skipped
 from fedmoco.errors import DataError
-from fedmoco.moco import MoCo
-from fedmoco.train import Trainer, make_loader
+from fedmoco.site_settings import SITE_SETTINGS_FILE
+
+# torch, the data pipeline and the model are imported where they are used: this module also
+# builds the `check-site` parser, and `fedmoco --help` should not wait seconds for torch.
 
 #: The federation's model and batch defaults (clients.task.RUN_DEFAULTS; a test keeps them
 #: equal). fedmoco's core may not import clients/, hence the copy.
@@ -66,6 +65,8 @@ class SiteReport:
 
     def lines(self) -> list[str]:
         """The report as printed, one fact per line."""
+        from fedmoco.data import format_skipped
+
         sizes = _format_sizes(self.source_sizes)
         out = [
             f"site check: {self.domain} data in {self.data}",
@@ -96,6 +97,10 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
 
     Raises DataError when the folder holds fewer than two usable images (MoCo needs two).
     """
+    import torch
+
+    from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
+
     data_dir = Path(data_dir)
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=dict(options or {})))
     usable = len(data.dataset)  # type: ignore[arg-type]
@@ -158,6 +163,11 @@ def _time_steps(report: SiteReport, dataset, model: MoCoConfig | None, batch_siz
     run but not timed; each timed step spans fetching its batch and training on it."""
     cfg = model or default_model(report.channels)
     cfg.in_channels = report.channels
+    import torch
+
+    from fedmoco.moco import MoCo
+    from fedmoco.train import Trainer, make_loader
+
     tcfg = TrainConfig(epochs=1, batch_size=max(2, batch_size), num_workers=workers)
     loader = make_loader(dataset, tcfg, device)
     trainer = Trainer(MoCo(cfg), tcfg, device, total_steps=steps + 1, steps_per_epoch=steps + 1, progress=False)

@@ -2,7 +2,7 @@
 
 The privacy budget, the ledger's place, the state folder and the site's name belong to the
 site admin (docs/privacy.md). They come from node_config, else from
-``<data-path>/fedmoco-site.toml`` (:data:`fedmoco.data.SITE_SETTINGS_FILE`), never from the
+``<data-path>/fedmoco-site.toml`` (:data:`SITE_SETTINGS_FILE`), never from the
 run's config. The ClientApp (clients/app.py) and ``fedmoco check-site`` read them with the
 same functions, so the dry run refuses exactly what a real round would.
 """
@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError
+
+#: A site's own settings (budget, ledger, name) at the top of its data folder: never data.
+SITE_SETTINGS_FILE = "fedmoco-site.toml"
 
 #: Where a site keeps its ledger inside ``state-dir`` when ``ledger-path`` is not set.
 LEDGER_FILE = "privacy-ledger.json"

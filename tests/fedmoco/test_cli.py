@@ -144,3 +144,14 @@ def test_knn_on_checkpoint_without_normalization_estimates_it(tmp_path, demo_ima
     assert main(["-q", "knn", "--checkpoint", str(tmp_path / "federated.pt"), "--data", str(demo_images),
                  "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "knn.json").read_text())["n_test"] > 0
+
+
+def test_help_does_not_import_torch():
+    # `fedmoco --help` (and a typo's usage line) should answer at once, not after torch's
+    # seconds-long import: the parsers are built from modules that import torch lazily
+    code = ("import sys, contextlib, io\nfrom fedmoco.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
