@@ -428,7 +428,7 @@ def table(results: list[dict[str, Any]], rows: list[str], time_col: str | None =
             line.append(mean_std([r["s_per_epoch"] for r in rs]) if rs[0]["s_per_epoch"] == rs[0]["s_per_epoch"]
                         else "–")
         body.append(line)
-    return markdown_table(header, body)
+    return markdown_table(header, body) if body else []  # no row measured (--rows): no empty header
 
 
 def summary(results: list[dict[str, Any]], row: str, key: str) -> float | None:
@@ -564,11 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table(results, list(main_rows)),
         "",
-        "## Views: the shortcut-resistant recipe and the flip option",
-        "",
-        *table(results, ["fedmoco MoCo", *recipe_rows], time_col=None),
-        "",
     ]
+    views = [r for r in results if r["row"] in recipe_rows]
+    if views:
+        lines += ["## Views: the shortcut-resistant recipe and the flip option", "",
+                  *table(results, ["fedmoco MoCo", *recipe_rows], time_col=None), ""]
     pair_t = {r["row"]: r["s_per_epoch"] for r in pair}
     if pair:
         lines += ["## Wall time per epoch, timed side by side", "",
