@@ -142,13 +142,17 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def _bootstrap_draws(targets: np.ndarray, groups: np.ndarray | None, resamples: int, seed: int):
     """Index arrays of ``resamples`` bootstrap draws of the test set: samples, or whole groups
-    (a cluster bootstrap) with ``groups``. The same seed gives the same draws."""
+    (a cluster bootstrap) with ``groups``. The same seed gives the same draws, whatever the
+    run's salt: groups are numbered by first appearance (:func:`fedmoco.splits.group_ids`), as
+    the splits number them, not in the order of their salted hashes."""
+    from fedmoco.splits import group_ids
+
     rng = np.random.default_rng(seed)
     n = len(targets)
     members = None
     if groups is not None:
-        _, inv = np.unique(np.asarray(groups), return_inverse=True)
-        members = [np.flatnonzero(inv.reshape(-1) == g) for g in range(inv.max() + 1)]
+        ids = group_ids(groups)
+        members = [np.flatnonzero(ids == g) for g in range(ids.max() + 1)]
     for _ in range(resamples):
         if members is None:
             yield rng.integers(0, n, n)

@@ -157,3 +157,18 @@ def test_paired_gain_is_clear_of_zero_where_the_two_marginal_intervals_overlap()
     lo, hi = gain["ci95"]["auroc"]
     assert 0 < lo <= point <= hi
     assert gain["p_no_gain"]["auroc"] < 0.025
+
+
+def test_group_bootstrap_is_the_same_whatever_the_runs_salt():
+    # group keys are hashes salted afresh every run: the same patients under other names (here
+    # in the opposite sorted order) must give the same draws, hence the same intervals
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 30)
+    p = np.clip(y * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)
+    s = np.stack([1 - p, p], 1)
+    patient = np.arange(60) // 3
+    one_salt = np.array([f"h{g:02d}" for g in patient])
+    other_salt = np.array([f"h{99 - g:02d}" for g in patient])
+    kw = dict(multi_label=False, positive=None, resamples=100, seed=0)
+    assert bootstrap_ci(s, y, [0.5, 0.5], groups=one_salt, **kw) == bootstrap_ci(s, y, [0.5, 0.5], groups=other_salt,
+                                                                                   **kw)
