@@ -565,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         *table(results, list(main_rows)),
         "",
     ]
-    views = [r for r in results if r["row"] in recipe_rows]
-    if views:
+    if any(r["row"] in recipe_rows for r in results):
         lines += ["## Views: the shortcut-resistant recipe and the flip option", "",
                   *table(results, ["fedmoco MoCo", *recipe_rows], time_col=None), ""]
     pair_t = {r["row"]: r["s_per_epoch"] for r in pair}

@@ -170,17 +170,18 @@ def summary_lines(results: dict[str, Any], task: Task) -> list[str]:
         return (f"{r[key]:.3f} ± {r.get('std', {}).get(key, 0.0):.3f}"
                 + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
 
+    gain = results.get("gain", {})
     for key in ("auroc", "accuracy", "sensitivity", "specificity"):
         if key in results and key in rnd:
-            gain = results.get("gain", {})
             ci = gain.get("ci95", {}).get(key)
             lines.append(f"  {key:<12} pretrained {cell(results, key)}   random init {cell(rnd, key)}   "
                          f"gain {results[key] - rnd[key]:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
-    if "auroc" in results.get("gain", {}).get("ci95", {}):
-        lo = results["gain"]["ci95"]["auroc"][0]
-        per_seed = results["gain"].get("per_seed", {})
-        wins = (f", and higher in {sum(g['auroc'] > 0 for g in per_seed.values())} of {len(per_seed)} fine-tuning seeds"
-                if per_seed else "")
+    if "auroc" in gain.get("ci95", {}):
+        from fedmoco.finetune import seeds_ahead
+
+        lo = gain["ci95"]["auroc"][0]
+        ahead, seeds = seeds_ahead(gain)
+        wins = f", and higher in {ahead} of {seeds} fine-tuning seeds" if seeds else ""
         lines.append("  gain: pretrained minus random init on the same test patients, with its paired group-bootstrap "
                      f"95% CI; the AUROC gain is {'above' if lo > 0 else 'not clear of'} zero{wins}")
     return lines

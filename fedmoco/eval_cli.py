@@ -195,11 +195,12 @@ def _print_summary(report: dict[str, Any], names: list[str]) -> None:
         p_no = gain.get("p_no_gain", {}).get("auroc")
         print("finetune gain       : " + ", ".join(_fmt(gain, k, signed=True) for k in keys if k in gain)
               + (f" (paired bootstrap; share of draws with no AUROC gain {p_no:.3f})" if p_no is not None else ""))
-        per_seed = gain.get("per_seed", {})
-        if len(per_seed) > 1:
-            wins = sum(g["auroc"] > 0 for g in per_seed.values())
-            print(f"finetune gain       : AUROC higher in {wins} of {len(per_seed)} seeds ("
-                  + ", ".join(f"seed {s} {g['auroc']:+.3f}" for s, g in per_seed.items()) + ")")
+        from fedmoco.finetune import seeds_ahead
+
+        wins, seeds = seeds_ahead(gain)
+        if seeds > 1:
+            print(f"finetune gain       : AUROC higher in {wins} of {seeds} seeds ("
+                  + ", ".join(f"seed {s} {g['auroc']:+.3f}" for s, g in gain["per_seed"].items()) + ")")
 
 
 # ------------------------------------------------------------------------------ frozen encoders

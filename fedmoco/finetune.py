@@ -418,6 +418,13 @@ def seed_mean_gain(scored: list[tuple], baseline: list[tuple], multi_label: bool
                                  "of": "mean over seeds, pretrained minus random init"}}
 
 
+def seeds_ahead(gain: dict[str, Any], metric: str = "auroc") -> tuple[int, int]:
+    """(seeds in which the pretrained encoder's ``metric`` beat random init's, seeds) of a
+    ``gain`` block of results.json; (0, 0) without per-seed gains."""
+    per_seed = gain.get("per_seed", {})
+    return sum(g[metric] is not None and g[metric] > 0 for g in per_seed.values()), len(per_seed)
+
+
 def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and std (over seeds, ddof 0) of the headline metrics, plus every seed's report."""
     out: dict[str, Any] = {"mean": {}, "std": {}, "seeds": reports}
