@@ -42,7 +42,7 @@ DOMAIN="$DOMAIN" SITES="$SITES" SITE_DATA_ROOT="$WORK/site-data" RUN_CONFIG="$RU
   "$DEPLOY" "$WORK/deployment"
 
 echo "== data scientist: fine-tune the aggregated encoder, then export it"
-TEST_ARGS=()  # the hospitals' example has a separate held-out archive of 40 patients
+TEST_ARGS=()  # each example has a separate held-out archive (80 patients, 24 scenes)
 if [ -f "$WORK/data/test/labels.csv" ]; then
   TEST_ARGS=(--test "$WORK/data/test/$IMAGES" --test-labels "$WORK/data/test/labels.csv")
 fi
