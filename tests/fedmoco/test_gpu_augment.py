@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import RandScaleCropd, Rotate
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from domains.medical.options import MedicalOptions
 from domains.medical.transforms import JITTERED, ViewPipeline, from_base, pretrain_pipeline
@@ -22,15 +23,28 @@ from domains.satellite.augment import pretrain_transform
 from domains.satellite.options import parse_options
 from fedmoco.data import Normalization
 from fedmoco.gpu_augment import (MedicalViews, SatelliteViews, _affine_grid, add_noise_, adjust_contrast_,
-                                 quarter_turn_matrix, resample, rotate, rotation_matrix)
+                                 reflect_blur_matrix, resample, resize_weights, rotate, rotation_matrix)
 
 
-def test_quarter_turns_and_flips_are_exact():
-    x = torch.rand(4, 3, 10, 10)
-    box = torch.tensor([[0, 0, 10, 10]] * 4)
-    for k in range(4):
-        out = resample(x, box, 10, quarter_turn_matrix(torch.full((4,), k)))
-        torch.testing.assert_close(out, torch.rot90(x, k, dims=(-2, -1)), atol=1e-6, rtol=0)  # pixel centres onto centres
+def test_resize_weights_by_hand():
+    # A 2-pixel crop at pixel 1 of a 4-pixel axis, enlarged to 4: output centres fall at 0.25,
+    # 0.75, 1.25, 1.75 crop pixels; bilinear between the crop's pixel centres (0.5, 1.5),
+    # the crop's edge pixel repeated beyond them, nothing from outside the crop.
+    w = resize_weights(torch.tensor([1]), torch.tensor([2]), 4, 4)[0]
+    expected = torch.tensor([[0, 1, 0, 0], [0, 0.75, 0.25, 0], [0, 0.25, 0.75, 0], [0, 0, 1, 0]])
+    torch.testing.assert_close(w, expected)
+    # Shrinking 4 pixels to 2 averages pairs (the antialiased triangle spans 2 pixels each way).
+    w = resize_weights(torch.tensor([0]), torch.tensor([4]), 4, 2)[0]
+    torch.testing.assert_close(w, torch.tensor([[3, 3, 1, 0], [0, 1, 3, 3]]) / 7)
+    # Same size: the identity.
+    torch.testing.assert_close(resize_weights(torch.tensor([0]), torch.tensor([5]), 5, 5)[0], torch.eye(5))
+
+
+def test_reflect_blur_matrix_by_hand():
+    k = reflect_blur_matrix(torch.tensor([[0.25, 0.5, 0.25]]), 4)[0]
+    # reflect padding: pixel -1 reads pixel 1, pixel 4 reads pixel 2
+    expected = torch.tensor([[0.5, 0.5, 0, 0], [0.25, 0.5, 0.25, 0], [0, 0.25, 0.5, 0.25], [0, 0, 0.5, 0.5]])
+    torch.testing.assert_close(k, expected)
 
 
 def test_rotation_matches_monai():
@@ -205,6 +219,41 @@ def test_satellite_views_equal_torchvision_with_random_steps_off():
     cpu = pretrain_transform(opts, 32, norm, None, {})(x)
     batched = SatelliteViews(opts, 32, norm, None, {}).view(x[None])[0]
     torch.testing.assert_close(batched, cpu, atol=1e-5, rtol=1e-5)
+
+
+def _torchvision_view(x, p, i, views, size, norm):
+    """View i of tile x by torchvision's functionals with the drawn parameters ``p``, in the
+    order of domains.satellite.augment.pretrain_transform (noise left out)."""
+    top, left, h, w = p["box"][i].long().tolist()
+    y = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+    if p["hflip"][i]:
+        y = TF.horizontal_flip(y)
+    if p["vflip"][i]:
+        y = TF.vertical_flip(y)
+    y = torch.rot90(y, int(p["rot90"][i]), dims=(-2, -1))
+    stretch, gain = p["stretch"][i].view(-1, 1, 1), p["gain"][i].view(-1, 1, 1)
+    mean = y.mean(dim=(-2, -1), keepdim=True)
+    y = ((y - mean) * stretch + mean) * gain + p["haze"][i] * views.haze_weights[0]
+    if p["blur"][i]:
+        sigma = float(p["sigma"][i])
+        y = TF.gaussian_blur(y, [views.kernel] * 2, [sigma, sigma])
+    return TF.normalize(y, norm.mean, norm.std) * (~p["drop"][i]).float().view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("tile", [32, 48, 20])  # the crop enlarged, shrunk (antialiased) or both
+def test_satellite_views_are_torchvisions_for_the_same_draws(tile, per_image):
+    torch.manual_seed(tile)
+    norm = Normalization([0.1, 0.2, 0.3], [0.2, 0.1, 0.3])
+    views = SatelliteViews(_satellite(), 32, norm, [490.0, 560.0, 665.0], {})
+    views.per_image = per_image
+    x = torch.rand(48, 3, tile, tile)
+    p = views.sample_params(48, tile, tile, torch.device("cpu"))
+    p["noise_std"].zero_()
+    # every quarter turn, flip and blur occurs in 48 draws
+    assert set(p["rot90"].tolist()) == {0, 1, 2, 3} and p["hflip"].any() and p["vflip"].any() and p["blur"].any()
+    ref = torch.stack([_torchvision_view(x[i], p, i, views, 32, norm) for i in range(48)])
+    torch.testing.assert_close(views.view(x, p), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_satellite_parameter_and_output_distributions_match_torchvision():
