@@ -116,14 +116,6 @@ def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     return grid
 
 
-def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """MONAI's ``Rotate(angle, keep_size=True, padding_mode="zeros")`` of each image of ``x``
-    (B, C, S, S) by its own ``angle`` (B,) in radians, as one bilinear grid sample."""
-    theta = torch.cat([rotation_matrix(angle.to(torch.float32)), torch.zeros(len(angle), 2, 1, device=x.device)], dim=2)
-    grid = _affine_grid(theta, x.shape[-1]).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 def flip_matrix(hflip: torch.Tensor) -> torch.Tensor:
     """(B, 2, 2) output->source map of horizontal flips (B,) bool."""
     sx = 1.0 - 2.0 * hflip.float()
@@ -186,10 +178,41 @@ def blur(x: torch.Tensor, kernels_y: torch.Tensor, kernels_x: torch.Tensor, pad_
 
 
 def erf_kernels(sigma: torch.Tensor, tail: int) -> torch.Tensor:
-    """MONAI's ``gaussian_1d(approx="erf")`` per sigma, on a common support of ±``tail``: (B, 2*tail+1)."""
+    """MONAI's ``gaussian_1d(approx="erf")`` per sigma (B,), on a common support of ±``tail``:
+    (B, 2*tail+1), zero beyond each sigma's own :func:`erf_tail` as MONAI truncates it."""
     t = torch.arange(-tail, tail + 1, device=sigma.device, dtype=torch.float32)
     s = (0.70710678 / sigma.abs().clamp_min(1e-6)).view(-1, 1)
-    return (0.5 * (torch.erf(s * (t + 0.5)) - torch.erf(s * (t - 0.5)))).clamp(min=0)
+    k = (0.5 * (torch.erf(s * (t + 0.5)) - torch.erf(s * (t - 0.5)))).clamp(min=0)
+    own = (sigma.abs() * 4.0).clamp_min(0.5).add(0.5).floor().view(-1, 1)
+    return k.masked_fill_(t.abs() > own, 0)
+
+
+def erf_tail(sigma: float) -> int:
+    """Half-width in pixels of MONAI's erf kernel for ``sigma`` (``gaussian_1d``, truncated at 4 sigma)."""
+    return int(max(abs(sigma) * 4.0, 0.5) + 0.5)
+
+
+def smooth_(img: torch.Tensor, kernel_y: Sequence[float], kernel_x: Sequence[float]) -> torch.Tensor:
+    """Separable filter of one image ``img`` (C, H, W) in place, zero padding (MONAI's
+    ``separable_filtering``), with centred odd-length kernels for rows and columns.
+
+    As sums of shifted slices: for one image of a few hundred pixels a side, with kernels
+    of 3-9 taps, this ran 2.7x faster on a CPU core than one grouped convolution over the
+    chosen images of a batch (oneDNN's depthwise path), and each image keeps its own kernel
+    length instead of the longest one's.
+    """
+    rows = _shifted_sum(img, kernel_y, -2)
+    return _shifted_sum(rows, kernel_x, -1, out=img)
+
+
+def _shifted_sum(src: torch.Tensor, kernel: Sequence[float], dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = sum_d kernel[r + d] * src[i + d] along ``dim``, zero outside ``src`` (r = len // 2)."""
+    r, n = len(kernel) // 2, src.shape[dim]
+    out = torch.mul(src, kernel[r], out=out)
+    for d in range(1, min(r, n - 1) + 1):
+        out.narrow(dim, 0, n - d).add_(src.narrow(dim, d, n - d), alpha=kernel[r + d])
+        out.narrow(dim, d, n - d).add_(src.narrow(dim, 0, n - d), alpha=kernel[r - d])
+    return out
 
 
 def sampled_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -217,10 +240,11 @@ class MedicalViews(nn.Module):
         self.opts, self.size = opts, int(image_size)
         self.register_buffer("mean", torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.tail = int(max(opts.smooth_sigma[1] * 4.0, 0.5) + 0.5)  # MONAI's truncation at 4 sigma
+        self.tail = erf_tail(opts.smooth_sigma[1])  # the longest kernel's half-width
         # Geometry image by image (True) or as one batched grid sample (False); None: image by
         # image on a CPU, batched elsewhere (a GPU would launch a handful of kernels per image).
         self.per_image: bool | None = None
+        self._planes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         base, tags = batch
@@ -281,8 +305,14 @@ class MedicalViews(nn.Module):
         adjust_contrast_(x, p["gamma"], per_image)
         if bool(p["smooth"].any()):
             sigma = p["sigma"][p["smooth"]]
-            blur_chosen_(x, p["smooth"], erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail),
-                         "constant")
+            ky, kx = erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail)
+            if per_image:
+                for j, i in enumerate(_chosen(p["smooth"])):
+                    ty, tx = (erf_tail(float(v)) for v in sigma[j])
+                    smooth_(x[i], ky[j, self.tail - ty:self.tail + ty + 1].tolist(),
+                            kx[j, self.tail - tx:self.tail + tx + 1].tolist())
+            else:
+                blur_chosen_(x, p["smooth"], ky, kx, "constant")
         add_noise_(x, p["noise_std"], per_image)
         x = x.clamp_(0, 1)
         return x.sub_(self.mean).div_(self.std) if normalise else x
@@ -305,6 +335,7 @@ class MedicalViews(nn.Module):
         out = x.new_empty(n, c, self.size, self.size)
         flips, gains, offsets = p["flip"].tolist(), gain.tolist(), offset.tolist()
         angles = p["angle"].tolist()
+        planes = self._rotation_planes(x.device)
         for i, (top, left, h, w) in enumerate(p["box"].long().tolist()):
             crop = x[i, :, top:top + h, left:left + w]
             # A flip commutes with the resize (align_corners=False samples mirror-symmetric
@@ -315,8 +346,25 @@ class MedicalViews(nn.Module):
                               align_corners=False)[0]
             # rotated one by one, while the resized crop is still in cache (a batched grid sample
             # of the stacked crops was slower on a CPU core, with two more copies)
-            out[i] = rotate(y[None], p["angle"][i:i + 1])[0] if angles[i] != 0 else y
+            if angles[i] != 0:
+                # the rotation's grid, cos(a) * (x, y) + sin(a) * (y, -x), from planes made once:
+                # building it anew (rotation_matrix, affine grid) took 300 us an image, more than the
+                # grid sample
+                grid = torch.mul(planes[0], math.cos(angles[i])).add_(planes[1], alpha=math.sin(angles[i]))
+                out[i] = F.grid_sample(y[None], grid[None], mode="bilinear", padding_mode="zeros",
+                                       align_corners=False)[0]
+            else:
+                out[i] = y
         return out
+
+    def _rotation_planes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Planes (S, S, 2) (x, y) and (y, -x) of the output pixel centres in grid coordinates:
+        MONAI's rotation by angle a samples at cos(a) * the first + sin(a) * the second
+        (:func:`rotation_matrix`). Made once per device."""
+        if device not in self._planes:
+            theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]], device=device)
+            self._planes[device] = tuple(_affine_grid(theta, self.size))
+        return self._planes[device]
 
 
 # Steps applied to some images of a batch only. On a CPU they run in place, image by image:

@@ -23,7 +23,7 @@ from domains.satellite.augment import pretrain_transform
 from domains.satellite.options import parse_options
 from fedmoco.data import Normalization
 from fedmoco.gpu_augment import (MedicalViews, SatelliteViews, _affine_grid, add_noise_, adjust_contrast_,
-                                 reflect_blur_matrix, resample, resize_weights, rotate, rotation_matrix)
+                                 reflect_blur_matrix, resample, resize_weights, rotation_matrix)
 
 
 def test_resize_weights_by_hand():
@@ -87,12 +87,16 @@ def test_affine_grid_is_torchs():
                                atol=1e-5, rtol=0)
 
 
-def test_rotate_matches_monai_including_the_zero_padded_corners():
+def test_per_image_rotation_matches_monai_including_the_zero_padded_corners():
+    opts = _medical(crop_scale=1.0, flip_prob=0, rotate_prob=1.0, intensity_prob=0, gamma_prob=0, noise_prob=0,
+                    smooth_prob=0, window_level_jitter=0, window_width_jitter=0)
+    views = _views(opts, 40, per_image=True)
     x = torch.rand(2, 1, 40, 40)
-    angles = torch.tensor([math.radians(15), math.radians(-7)])
-    out = rotate(x, angles)
+    p = views.sample_params(2, 40, torch.device("cpu"))
+    p["angle"] = torch.tensor([math.radians(15), math.radians(-7)])
+    out = views.view(x, torch.ones(2, dtype=torch.bool), p, normalise=False)
     for i in range(2):
-        ref = Rotate(float(angles[i]), keep_size=True, padding_mode="zeros")(x[i])
+        ref = Rotate(float(p["angle"][i]), keep_size=True, padding_mode="zeros")(x[i])
         torch.testing.assert_close(out[i], torch.as_tensor(ref), atol=1e-4, rtol=0)
 
 
@@ -141,6 +145,24 @@ def test_adjust_contrast_is_monais_and_leaves_gamma_one_alone(per_image):
     # the region at the minimum stays there: 0 ** gamma = 0, up to the floor that keeps log and exp
     # off their slow paths (at most e^-69 of the range, see adjust_contrast_)
     assert (out[1, :, :8] - x[1].min()).abs().max() <= 1e-29
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_smoothing_is_monais_gaussian_smooth(per_image):
+    from monai.transforms import GaussianSmooth
+
+    torch.manual_seed(0)
+    opts = _medical(crop_scale=1.0, flip_prob=0, rotate_prob=0, intensity_prob=0, gamma_prob=0, noise_prob=0,
+                    smooth_prob=1.0, window_level_jitter=0, window_width_jitter=0)
+    views = _views(opts, 24, per_image)
+    base = torch.rand(4, 1, 24, 24)
+    p = views.sample_params(4, 24, torch.device("cpu"))
+    # kernels of 3, 5, 7 and 9 taps (MONAI truncates each at its own 4 sigma), and unequal axes
+    p["sigma"] = torch.tensor([[0.25, 0.3], [0.5, 1.0], [0.8, 0.4], [1.0, 1.0]])
+    out = views.view(base, torch.ones(4, dtype=torch.bool), p, normalise=False)
+    for i in range(4):
+        ref = GaussianSmooth(sigma=p["sigma"][i].tolist(), approx="erf")(base[i])
+        torch.testing.assert_close(out[i], torch.as_tensor(ref).clamp(0, 1), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("per_image", [True, False])
