@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import check_device, cpu_model, emit_json, machine_line  # noqa: E402
 
 
-def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True):
+def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True, compiled=False):
     from fedmoco.config import MoCoConfig, TrainConfig
     from fedmoco.moco import MoCo
     from fedmoco.train import build_optimizer
@@ -37,6 +37,12 @@ def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True):
                             small_input=args.image_size <= 64)).to(device)
     if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compiled:
+        # torch.compile of both encoders (in place: parameter names, so checkpoints, unchanged),
+        # one of issue 11's options for a cheaper leak guard: Inductor fuses split BN's
+        # statistics and normalisation and picks the layouts itself
+        model.encoder_q.compile()
+        model.encoder_k.compile()
     opt = build_optimizer(model, TrainConfig(batch_size=args.batch_size))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
@@ -113,6 +119,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path)
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up")
+    p.add_argument("--compile", action="store_true",
+                   help="also time split BN and plain BN with torch.compile'd encoders (compiling takes minutes)")
+    p.add_argument("--only", metavar="TEXT", help="time only the rows whose name contains TEXT (e.g. torch.compile)")
     args = p.parse_args()
     check_device(args.device)
     if args.quick:
@@ -135,6 +144,14 @@ def main() -> None:
     ]
     if device.type != "cuda":  # memory layouts differ on CUDA only
         variants = [(n.replace(", NCHW", ""), b) for n, b in variants if "channels_last" not in n]
+    if args.compile:
+        variants += [
+            ("fedmoco, split BN + key shuffle, NCHW, torch.compile",
+             lambda: fedmoco_step_fn(args, device, "split-batch", False, compiled=True)),
+            ("fedmoco, plain BN, torch.compile", lambda: fedmoco_step_fn(args, device, "batch", compiled=True)),
+        ]
+    if args.only:
+        variants = [(n, b) for n, b in variants if args.only in n]
     for name, build in variants:
         ips, peak = measure(build(), args, device, channels_last="NCHW" not in name)
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
