@@ -537,9 +537,9 @@ class SatelliteViews(nn.Module):
         }
 
     def view(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """One random view of tiles ``x`` (B, bands, h, w) float32 reflectance; ``params`` fixes
-        the draws. Returns (B, C, S, S) float32, normalised."""
-        n = x.shape[0]
+        """One random view of tiles ``x`` (B, bands, h, w) reflectance (float16 or float32);
+        ``params`` fixes the draws. Returns (B, C, S, S) float32, normalised."""
+        n, x = x.shape[0], x.float()
         p = params or self.sample_params(n, x.shape[-2], x.shape[-1], x.device)
         x, mean = self.geometry(x, p)
         # Contrast about the band mean, gain, then haze: ((x - m) * s + m) * g + h is one affine
