@@ -131,6 +131,23 @@ def test_per_image_geometry_equals_the_batched_grid_and_monai_order():
     torch.testing.assert_close(outs[True][3], ref, atol=1e-4, rtol=0)
 
 
+def test_window_deferred_into_the_intensity_step_gives_the_same_views():
+    """The CPU path clamps an unrotated crop and applies the window's gain and offset together
+    with the intensity scale and shift, after the resize: the same images as windowing first."""
+    torch.manual_seed(3)
+    opts = _medical(rotate_prob=0, intensity_prob=1.0, gamma_prob=0, noise_prob=0, smooth_prob=0)
+    views = MedicalViews(opts, 32, _norm())
+    base = torch.rand(8, 1, 46, 46) * 1.6 - 0.3  # beyond the window on both sides
+    jittered = torch.rand(8) < 0.5
+    p = views.sample_params(8, 46, torch.device("cpu"))
+    assert (p["scale"] != 0).all() and (p["shift"] != 0).all()
+    outs = {}
+    for per_image in (True, False):
+        views.per_image = per_image
+        outs[per_image] = views.view(base, jittered, p, normalise=False)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("per_image", [True, False])
 def test_adjust_contrast_is_monais_and_leaves_gamma_one_alone(per_image):
     from monai.transforms import AdjustContrast
