@@ -70,6 +70,15 @@ def main(grid: Grid, context: Context) -> None:
     print(f"aggregated encoder: {result.encoder}", flush=True)
 
 
+def initial_model(mcfg: Any, seed: int) -> MoCo:
+    """The federation's round-0 model, a function of the run's ``seed``: two runs of one
+    configuration start from the same weights, as the sites' draws already follow the seed.
+    Drawn from a forked RNG, so the server process's own torch RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return MoCo(mcfg)
+
+
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResult:
     """Run (or resume) the federation on ``grid``; returns where everything was written."""
     validate_run_config(run_config)
@@ -80,7 +89,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     state_path, metrics_path = out / STATE_FILE, out / METRICS_FILE
     total_rounds = r("num-server-rounds")
 
-    model = MoCo(mcfg)
+    model = initial_model(mcfg, r("seed"))
     arrays = shared_arrays(model)
     queue = GlobalKeyQueue(r("global-queue-size"), mcfg.dim)
     done, site_ledger, dp_state, site_names = 0, {}, None, {}

@@ -164,3 +164,18 @@ def test_simulation_names_a_run_without_updates_in_one_line(tmp_path):
     assert no_update_line(metrics, since=30.0) is None  # nothing this run logged: another failure
     metrics.write_text(json.dumps({**failed[0], "updated": True}) + "\n")
     assert no_update_line(metrics) is None
+
+
+def test_same_seed_same_federation_another_seed_another(tmp_path, sites_root):
+    """The round-0 model follows the run's seed (server.app.initial_model), as the sites' draws
+    do: one configuration run twice gives the same encoder; another seed, another one."""
+    import torch
+
+    def encoder(out: Path, **over) -> dict:
+        return load_checkpoint(federate(out, sites_root, **over).encoder)["model"]
+
+    first, again = encoder(tmp_path / "a"), encoder(tmp_path / "b")
+    other = encoder(tmp_path / "c", seed=1)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
