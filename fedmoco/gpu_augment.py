@@ -313,10 +313,12 @@ class MedicalViews(nn.Module):
             sigma = p["sigma"][p["smooth"]]
             ky, kx = erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail)
             if per_image:
-                for j, i in enumerate(_chosen(p["smooth"])):
-                    ty, tx = (erf_tail(float(v)) for v in sigma[j])
-                    smooth_(x[i], ky[j, self.tail - ty:self.tail + ty + 1].tolist(),
-                            kx[j, self.tail - tx:self.tail + tx + 1].tolist())
+                # each kernel cut to its own length: beyond it erf_kernels holds zeros
+                rows, cols = ky.tolist(), kx.tolist()
+                for j, (i, (sy, sx)) in enumerate(zip(_chosen(p["smooth"]), sigma.tolist())):
+                    ty, tx = erf_tail(sy), erf_tail(sx)
+                    smooth_(x[i], rows[j][self.tail - ty:self.tail + ty + 1],
+                            cols[j][self.tail - tx:self.tail + tx + 1])
             else:
                 blur_chosen_(x, p["smooth"], ky, kx, "constant")
         add_noise_(x, p["noise_std"], per_image)
