@@ -161,13 +161,13 @@ def _time_steps(report: SiteReport, dataset, model: MoCoConfig | None, batch_siz
                 steps: int, workers: int) -> None:
     """Fill the timing fields of ``report``: the first step (allocation, cuDNN autotune) is
     run but not timed; each timed step spans fetching its batch and training on it."""
-    cfg = model or default_model(report.channels)
-    cfg.in_channels = report.channels
     import torch
 
     from fedmoco.moco import MoCo
     from fedmoco.train import Trainer, make_loader
 
+    cfg = model or default_model(report.channels)
+    cfg.in_channels = report.channels
     tcfg = TrainConfig(epochs=1, batch_size=max(2, batch_size), num_workers=workers)
     loader = make_loader(dataset, tcfg, device)
     trainer = Trainer(MoCo(cfg), tcfg, device, total_steps=steps + 1, steps_per_epoch=steps + 1, progress=False)
