@@ -204,15 +204,15 @@ def score_stats(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[s
     pos_mean: mean q.k+; neg_mean / neg_var: over all finite q.negative scores;
     emb_std: mean over dimensions of the std of normalised queries — a collapse monitor
     (about 1/sqrt(D) when healthy, near 0 when all embeddings coincide).
-    They stay on the device: reading them is a GPU sync, which the Trainer does once a step
-    for all of them together.
+    They stay on the device, and none of them is read here: reading one is a GPU sync, which
+    the Trainer does for all of them together, every few steps on a GPU.
     """
     finite = torch.isfinite(neg)
     count = finite.sum().clamp_min(1)
     neg0 = torch.where(finite, neg, torch.zeros_like(neg)).float()
     neg_mean = neg0.sum() / count
     neg_var = torch.where(finite, (neg0 - neg_mean) ** 2, torch.zeros_like(neg0)).sum() / count
-    nan = torch.tensor(float("nan"), device=q.device)
+    nan = torch.full((), float("nan"), device=q.device)  # a fill, not a host-to-device copy
     return {
         "pos_mean": pos.float().mean(),
         "neg_mean": neg_mean if neg.numel() else nan,

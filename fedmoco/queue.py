@@ -16,6 +16,10 @@ class KeyQueue(nn.Module):
     random vectors pose as negatives and ``.keys`` only ever holds real keys.
 
     Buffers (saved in ``state_dict``): ``buffer`` (size, dim), ``ptr`` and ``count`` scalars.
+    The write position and fill level are also kept as Python ints, so that ``len``, ``keys``
+    and ``enqueue`` never read a device value: on a GPU each such read stalls the host until
+    every queued kernel has run, twice per MoCo step (``benchmarks/moco_step.py``). The
+    buffers are written alongside for checkpoints, and read back once on ``load_state_dict``.
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -29,9 +33,15 @@ class KeyQueue(nn.Module):
         self.register_buffer("buffer", torch.zeros(self.size, self.dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._ptr = 0
+        self._count = 0
 
     def __len__(self) -> int:
-        return int(self.count)
+        return self._count
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ptr, self._count = int(self.ptr), int(self.count)  # one read per load, not per step
 
     @property
     def keys(self) -> torch.Tensor:
@@ -47,15 +57,18 @@ class KeyQueue(nn.Module):
         if keys.shape[0] > self.size:  # only the newest `size` keys survive anyway
             keys = keys[-self.size :]
         n = keys.shape[0]
-        ptr = int(self.ptr)
+        ptr = self._ptr
         first = min(n, self.size - ptr)
         self.buffer[ptr : ptr + first] = keys[:first]
         if n > first:  # wrap around to the start
             self.buffer[: n - first] = keys[first:]
-        self.ptr.fill_((ptr + n) % self.size)
-        self.count.fill_(min(self.size, int(self.count) + n))
+        self._ptr = (ptr + n) % self.size
+        self._count = min(self.size, self._count + n)
+        self.ptr.fill_(self._ptr)  # fills from Python numbers: queued, never waited for
+        self.count.fill_(self._count)
 
     def reset(self) -> None:
         self.buffer.zero_()
         self.ptr.zero_()
         self.count.zero_()
+        self._ptr = self._count = 0
