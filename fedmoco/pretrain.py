@@ -236,7 +236,7 @@ def _load_trainer(trainer: Trainer, state: dict[str, Any], *, replan: bool) -> N
         for _ in range(step):
             trainer.scheduler.step()
     lrs = [g["lr"] for g in trainer.optimizer.param_groups]
-    trainer.optimizer.load_state_dict(state["optimizer"])  # momentum buffers, but the re-planned LR
+    trainer.load_optimizer_state(state["optimizer"])  # momentum buffers, but the re-planned LR
     for group, lr in zip(trainer.optimizer.param_groups, lrs):
         group["lr"] = lr
     trainer.scaler.load_state_dict(state["scaler"])

@@ -24,6 +24,11 @@ from fedmoco.moco import SCORE_BINS, MoCo, cosine_momentum, score_histogram
 
 log = logging.getLogger(__name__)
 
+# The per-step statistics, in the order the Trainer stacks them.
+STAT_NAMES = ("loss", "pos_mean", "neg_mean", "neg_var", "emb_std")
+# Steps between reads of those statistics on CUDA (see Trainer.read_every).
+READ_EVERY_CUDA = 16
+
 
 class EpochShuffle(torch.utils.data.Sampler[int]):
     """A permutation of ``range(n)`` drawn from ``seed + epoch``: :meth:`set_epoch` before each pass.
@@ -174,10 +179,16 @@ def guarded_size(n: int, splits: int) -> int:
     return 0
 
 
-def build_optimizer(model: MoCo, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters (query encoder and predictor)."""
+def build_optimizer(model: MoCo, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.SGD:
+    """SGD with momentum over the trainable parameters (query encoder and predictor).
+
+    ``fused`` (the Trainer's choice on CUDA): one kernel for all parameters, and AMP's
+    GradScaler hands it the inf check as a tensor instead of reading it on the host
+    every step (an unfused optimizer makes the scaler sync with the GPU once per step).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay,
+                           fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
@@ -229,7 +240,8 @@ class Trainer:
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(model, cfg)
+        self.fused = device.type == "cuda"
+        self.optimizer = build_optimizer(model, cfg, fused=self.fused)
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps, steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.total_steps = total_steps
@@ -237,6 +249,10 @@ class Trainer:
         self.logger = logger or JsonlLogger(None)
         self.progress = progress
         self.splits = model.cfg.norm_splits if model.cfg.norm == "split-batch" else 0
+        # Steps between reads of the loss and statistics. A read waits for the device to
+        # finish every queued kernel, so on a GPU it happens every few steps (the host keeps
+        # queueing the next steps meanwhile); on a CPU there is nothing to overlap.
+        self.read_every = READ_EVERY_CUDA if device.type == "cuda" else 1
         if model.cfg.norm == "batch":
             log.warning("norm=batch on one device: query and key batches share batch statistics, which "
                         "lets MoCo match pairs by them (MoCo v1, Sec. 3.3); use split-batch or group")
@@ -250,10 +266,17 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Momentum buffers and hyper-parameters from ``state``; the kernel choice (``fused``)
+        stays this device's, since a state saved on another device carries that one's."""
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.fused or None
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -288,10 +311,10 @@ class Trainer:
         max_steps = max_steps or self.cfg.max_steps_per_epoch
         total = min(len(loader), max_steps) if max_steps else len(loader)
         summary = EpochSummary()
-        names = ["loss", "pos_mean", "neg_mean", "neg_var", "emb_std"]
-        sums = dict.fromkeys(names, 0.0)
+        sums = dict.fromkeys(STAT_NAMES, 0.0)
         pos_hist = torch.zeros(SCORE_BINS, device=self.device)
         neg_hist = torch.zeros(SCORE_BINS, device=self.device)
+        pending: list[tuple[dict[str, Any], torch.Tensor]] = []  # steps whose statistics are unread
         start = time.perf_counter()
         bar = tqdm(total=total, desc=desc or f"epoch {epoch}", disable=not self.progress, leave=False,
                    unit="step", dynamic_ncols=True)
@@ -320,25 +343,15 @@ class Trainer:
             self.scheduler.step()
             pos_hist += score_histogram(out.pos_scores)
             neg_hist += score_histogram(out.neg_scores)
-            # One device-to-host sync per step for the loss and all statistics together.
-            values = torch.stack([loss.detach().float()] + [out.stats[k] for k in names[1:]]).tolist()
-            record = dict(zip(names, values))
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss became {record['loss']} at step {self.global_step}; lower --lr")
-            n = x_q.shape[0]
-            dt = time.perf_counter() - t0
-            record = {"epoch": epoch, "step": self.global_step, **record,
-                      "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum,
-                      "images_per_s": n / dt if dt > 0 else float("nan")}
-            for key in sums:
-                sums[key] += record[key]
+            values = torch.stack([loss.detach().float()] + [out.stats[k] for k in STAT_NAMES[1:]])  # (5,)
+            pending.append(({"epoch": epoch, "step": self.global_step, "images": x_q.shape[0], "t0": t0,
+                             "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum}, values))
             summary.steps += 1
-            summary.images += n
+            summary.images += x_q.shape[0]
             self.global_step += 1
-            if self.global_step % self.cfg.log_every == 0:
-                self.logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-            bar.update(1)
+            if len(pending) >= self.read_every:
+                self._read(pending, sums, bar)
+        self._read(pending, sums, bar)
         summary.pos_hist = [int(v) for v in pos_hist.tolist()]
         summary.neg_hist = [int(v) for v in neg_hist.tolist()]
         bar.close()
@@ -347,3 +360,29 @@ class Trainer:
             for key, total_value in sums.items():
                 setattr(summary, key, total_value / summary.steps)
         return summary
+
+    def _read(self, pending: list[tuple[dict[str, Any], torch.Tensor]], sums: dict[str, float], bar) -> None:
+        """Read the statistics of the ``pending`` steps in one device-to-host copy, check the
+        loss, add them to ``sums``, log every ``log_every``-th step and empty ``pending``.
+
+        Each record's ``images_per_s`` is that of the steps read together: their images over
+        the wall time from the first one's start to this read (one step on a CPU).
+        """
+        if not pending:
+            return
+        rows = torch.stack([values for _, values in pending]).tolist()  # the one sync
+        seconds = time.perf_counter() - pending[0][0]["t0"]
+        rate = sum(meta["images"] for meta, _ in pending) / seconds if seconds > 0 else float("nan")
+        for (meta, _), row in zip(pending, rows):
+            stats = dict(zip(STAT_NAMES, row))
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"loss became {stats['loss']} at step {meta['step']}; lower --lr")
+            for key in sums:
+                sums[key] += stats[key]
+            record = {"epoch": meta["epoch"], "step": meta["step"], **stats, "lr": meta["lr"],
+                      "momentum": meta["momentum"], "images_per_s": rate}
+            if (meta["step"] + 1) % self.cfg.log_every == 0:
+                self.logger.log(record)
+        bar.set_postfix(loss=f"{rows[-1][0]:.3f}", img_s=f"{rate:.0f}")
+        bar.update(len(pending))
+        pending.clear()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
+import pytest
 import torch
 
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.encoders import SplitBatchNorm
+from fedmoco.metrics import JsonlLogger, read_jsonl
 from fedmoco.moco import MoCo
 from fedmoco.train import EpochShuffle, Trainer, guarded_size, make_loader
 
@@ -112,3 +115,55 @@ def test_loader_workers_persist_across_epochs():
     loader = make_loader(data, TrainConfig(batch_size=4, num_workers=1), torch.device("cpu"))
     assert loader.persistent_workers
     assert not make_loader(data, TrainConfig(batch_size=4, num_workers=0), torch.device("cpu")).persistent_workers
+
+
+def _run_epoch(tmp_path, read_every: int, *, log_every: int = 1, poison: int | None = None):
+    torch.manual_seed(0)
+    model = _model(norm="group")
+    data = [(torch.rand(1, 12, 12), torch.rand(1, 12, 12)) for _ in range(40)]
+    if poison is not None:
+        data[poison] = (torch.full((1, 12, 12), float("nan")), torch.full((1, 12, 12), float("nan")))
+    cfg = TrainConfig(batch_size=4, num_workers=0, lr=0.05, log_every=log_every)
+    path = tmp_path / f"metrics-{read_every}-{log_every}-{poison}.jsonl"
+    trainer = Trainer(model, cfg, torch.device("cpu"), total_steps=10, steps_per_epoch=10,
+                      logger=JsonlLogger(path), progress=False)
+    trainer.read_every = read_every  # what a CUDA Trainer uses (READ_EVERY_CUDA), here on CPU
+    summary = trainer.train_epoch(make_loader(data, cfg, torch.device("cpu")))
+    return summary, list(read_jsonl(path)) if path.exists() else []
+
+
+def test_reading_statistics_every_few_steps_logs_the_same_records(tmp_path):
+    one, rec_one = _run_epoch(tmp_path, 1)
+    four, rec_four = _run_epoch(tmp_path, 4)  # 10 steps: reads after steps 4, 8 and at the end
+    assert [r["step"] for r in rec_four] == list(range(10))
+    for a, b in zip(rec_one, rec_four):
+        for key in ("epoch", "step", "loss", "pos_mean", "neg_mean", "neg_var", "emb_std", "lr", "momentum"):
+            assert a[key] == b[key], key
+        assert b["images_per_s"] > 0
+    # steps read together share one rate: their images over their common wall time
+    assert rec_four[0]["images_per_s"] == rec_four[3]["images_per_s"] != rec_four[4]["images_per_s"]
+    assert four.steps == one.steps == 10 and four.images == 40
+    assert math.isclose(four.loss, one.loss) and four.neg_hist == one.neg_hist
+    _, every_third = _run_epoch(tmp_path, 4, log_every=3)
+    assert [r["step"] for r in every_third] == [2, 5, 8]
+
+
+def test_a_diverged_loss_is_reported_with_its_step_when_read_late(tmp_path):
+    messages = []
+    for read_every in (1, 4):
+        with pytest.raises(FloatingPointError, match=r"loss became nan at step \d; lower --lr") as err:
+            _run_epoch(tmp_path, read_every, poison=17)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]  # the first bad step, however late it was read
+
+
+def test_optimizer_state_from_another_device_keeps_this_devices_kernel():
+    model = _model(norm="group")
+    cfg = TrainConfig(batch_size=4)
+    cpu = Trainer(model, cfg, torch.device("cpu"), total_steps=4, steps_per_epoch=4, progress=False)
+    assert not cpu.fused and cpu.optimizer.param_groups[0]["fused"] is None
+    saved = cpu.state_dict()
+    saved["optimizer"]["param_groups"][0]["fused"] = True  # as a CUDA Trainer saves it
+    cpu.load_state_dict(saved)
+    assert cpu.optimizer.param_groups[0]["fused"] is None
+    assert torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, fused=True).param_groups[0]["fused"]
