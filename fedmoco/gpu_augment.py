@@ -56,14 +56,16 @@ def randint(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def resample(x: torch.Tensor, box: torch.Tensor, size: int, matrix: torch.Tensor | None = None,
-             zero_outside: bool | torch.Tensor = False) -> torch.Tensor:
+             zero_outside: bool | torch.Tensor = False, per_image: bool | None = None) -> torch.Tensor:
     """Crop ``box`` (B, 4: top, left, height, width in pixels) of each image of ``x``
     (B, C, H, W), resize it to ``size`` and move it by ``matrix`` (B, 2, 2), in one bilinear
     grid sample. ``matrix`` maps output to crop coordinates (x = column, y = row, both in
     [-1, 1] over the resized crop): flips and quarter turns are exact pixel permutations, a
     rotation is :func:`rotation_matrix`. ``zero_outside`` (True, or (B,) bool: which images)
     zeroes output pixels that come from outside the crop (a rotation's corners, as MONAI's
-    zero padding does). Returns (B, C, size, size).
+    zero padding does). ``per_image`` (None: on a CPU) zeroes them image by image, for the
+    chosen images only; otherwise the mask is made for the whole batch, where a flip-only
+    image's is all ones, so nothing is read back from the device. Returns (B, C, size, size).
     """
     b, c, h, w = x.shape
     dt = torch.float32
@@ -75,20 +77,28 @@ def resample(x: torch.Tensor, box: torch.Tensor, size: int, matrix: torch.Tensor
     theta = torch.cat([scale * m, shift], dim=2)  # (B, 2, 3)
     grid = _affine_grid(theta, size).to(x.dtype)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if zero_outside is False:
+        return out
     if isinstance(zero_outside, bool):
         zero_outside = torch.full((b,), zero_outside, dtype=torch.bool, device=x.device)
-    if bool(zero_outside.any()):
+    if _image_by_image(x, per_image):
         # only the images that need it: the mask's planes and compares cost as much as the sample
-        theta_m = torch.cat([m[zero_outside], torch.zeros(int(zero_outside.sum()), 2, 1, device=x.device, dtype=dt)],
-                            dim=2)
-        u, v = _affine_planes(theta_m, size)
-        inside = (torch.maximum(u.abs_(), v.abs_()) <= 1 + 1e-6).unsqueeze(1).to(out.dtype)
-        if _image_by_image(x, None):
-            for j, i in enumerate(_chosen(zero_outside)):
+        chosen = _chosen(zero_outside)
+        if chosen:
+            inside = _inside(m[chosen], size).to(out.dtype)
+            for j, i in enumerate(chosen):
                 out[i].mul_(inside[j])
-        else:
-            out[zero_outside] *= inside
+    else:
+        out.mul_(_inside(m, size) | ~zero_outside.view(-1, 1, 1, 1))
     return out
+
+
+def _inside(matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, S, S) bool: which output pixels of :func:`resample` map into the crop under
+    ``matrix`` (B, 2, 2); all of them for flips and quarter turns."""
+    theta = torch.cat([matrix, matrix.new_zeros(matrix.shape[0], 2, 1)], dim=2)
+    u, v = _affine_planes(theta, size)
+    return (torch.maximum(u.abs_(), v.abs_()) <= 1 + 1e-6).unsqueeze(1)
 
 
 def _affine_planes(theta: torch.Tensor, size: int,
@@ -303,24 +313,27 @@ class MedicalViews(nn.Module):
             # twice as slow on a CPU core; x is shared by both views, so the multiply makes the copy)
             x = (x * gain.view(-1, 1, 1, 1)).add_(offset.view(-1, 1, 1, 1)).clamp_(0, 1)
             # Output = rotate(flip(resized crop)): source = flip(rotate^-1(output)).
-            rotating = p["angle"] != 0
-            matrix = flip_matrix(p["flip"]) @ rotation_matrix(p["angle"]) if bool(rotating.any()) \
-                else flip_matrix(p["flip"])
-            x = resample(x, p["box"], self.size, matrix, zero_outside=rotating)
+            # (angle 0 gives the identity rotation exactly: cos 0 = 1, sin 0 = 0)
+            matrix = flip_matrix(p["flip"]) @ rotation_matrix(p["angle"])
+            x = resample(x, p["box"], self.size, matrix, zero_outside=p["angle"] != 0, per_image=False)
         x = x.mul_(scale.view(-1, 1, 1, 1)).add_(shift.view(-1, 1, 1, 1))  # x: resample's own
         adjust_contrast_(x, p["gamma"], per_image)
-        if bool(p["smooth"].any()):
-            sigma = p["sigma"][p["smooth"]]
-            ky, kx = erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail)
-            if per_image:
+        if per_image:
+            chosen = _chosen(p["smooth"])
+            if chosen:
+                sigma = p["sigma"][chosen]
+                ky, kx = erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail)
                 # each kernel cut to its own length: beyond it erf_kernels holds zeros
                 rows, cols = ky.tolist(), kx.tolist()
-                for j, (i, (sy, sx)) in enumerate(zip(_chosen(p["smooth"]), sigma.tolist())):
+                for j, (i, (sy, sx)) in enumerate(zip(chosen, sigma.tolist())):
                     ty, tx = erf_tail(sy), erf_tail(sx)
                     smooth_(x[i], rows[j][self.tail - ty:self.tail + ty + 1],
                             cols[j][self.tail - tx:self.tail + tx + 1])
-            else:
-                blur_chosen_(x, p["smooth"], ky, kx, "constant")
+        elif o.smooth_prob > 0:
+            # every image blurred, the chosen ones kept: no read of which were chosen
+            sigma = p["sigma"]
+            blurred = blur(x, erf_kernels(sigma[:, 0], self.tail), erf_kernels(sigma[:, 1], self.tail), "constant")
+            x = torch.where(p["smooth"].view(-1, 1, 1, 1), blurred, x)
         add_noise_(x, p["noise_std"], per_image)
         x = x.clamp_(0, 1)
         return x.sub_(self.mean).div_(self.std) if normalise else x
@@ -388,7 +401,9 @@ class MedicalViews(nn.Module):
 
 # Steps applied to some images of a batch only. On a CPU they run in place, image by image:
 # indexing the batch with a mask copies the chosen images out and back (a fifth of a view's
-# time on one core). On a GPU one masked op beats a kernel launch (and a sync) per image.
+# time on one core). On a GPU they run on the whole batch and torch.where keeps the chosen
+# images' results: a kernel launch per image, or a boolean index (whose size the host must
+# read), would stall the host until the device has run everything queued before it.
 
 
 def _image_by_image(x: torch.Tensor, per_image: bool | None) -> bool:
@@ -425,30 +440,22 @@ def adjust_contrast_(x: torch.Tensor, gamma: torch.Tensor, per_image: bool | Non
             g = float(gamma[i])
             floor = max(_TINY, math.exp(-80.0 / g))
             y.sub_(lo).mul_(1.0 / (float(rng) + 1e-7)).clamp_min_(floor).log_().mul_(g).exp_().mul_(rng).add_(lo)
-    elif bool(on.any()):
-        y = x[on]
-        lo = y.amin(dim=(1, 2, 3), keepdim=True)
-        rng = y.amax(dim=(1, 2, 3), keepdim=True) - lo
-        x[on] = ((y - lo) / (rng + 1e-7)).clamp_min_(0) ** gamma[on].view(-1, 1, 1, 1) * rng + lo
+    else:
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        rng = x.amax(dim=(1, 2, 3), keepdim=True) - lo
+        y = ((x - lo) / (rng + 1e-7)).clamp_min_(0) ** gamma.view(-1, 1, 1, 1) * rng + lo
+        x.copy_(torch.where(on.view(-1, 1, 1, 1), y, x))
     return x
 
 
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
-def blur_chosen_(x: torch.Tensor, on: torch.Tensor, kernels_y: torch.Tensor, kernels_x: torch.Tensor,
-                 pad_mode: str) -> torch.Tensor:
-    """:func:`blur` in place on the images of ``x`` (B, C, H, W) where ``on`` (B,) is True, with
-    the kernels (n_on, K) in the order of those images: one grouped convolution for all of them
-    (one convolution per image was 5x slower on a CPU core: oneDNN sets each call up anew)."""
-    chosen = on.nonzero().flatten()
-    return x.index_copy_(0, chosen, blur(x.index_select(0, chosen), kernels_y, kernels_x, pad_mode))
-
-
 def add_noise_(x: torch.Tensor, std: torch.Tensor, per_image: bool | None = None) -> torch.Tensor:
     """Add N(0, std[i]^2) noise per pixel to each image i of ``x`` (B, ...) with std[i] > 0,
-    in place: one draw for all noisy images (on a CPU added image by image with ``alpha``: no
-    scaled copy, no gather/scatter)."""
+    in place. On a CPU one draw for the noisy images, added image by image with ``alpha`` (no
+    scaled copy, no gather/scatter); otherwise one draw for the whole batch, scaled by each
+    image's std (0: unchanged), so that which images are noisy is never read back."""
     on = std > 0
     if _image_by_image(x, per_image):
         noisy = _chosen(on)
@@ -456,9 +463,8 @@ def add_noise_(x: torch.Tensor, std: torch.Tensor, per_image: bool | None = None
             noise = torch.randn(len(noisy), *x.shape[1:], dtype=x.dtype)
             for j, i in enumerate(noisy):
                 x[i].add_(noise[j], alpha=float(std[i]))
-    elif bool(on.any()):
-        y = x[on]
-        x[on] = y + torch.randn_like(y) * std[on].view(-1, *[1] * (x.dim() - 1))
+    else:
+        x.add_(torch.randn_like(x) * std.view(-1, *[1] * (x.dim() - 1)))
     return x
 
 
@@ -523,7 +529,8 @@ class SatelliteViews(nn.Module):
         drop = torch.rand(n, self.mean.shape[1], device=device) < o.band_dropout
         all_dropped = drop.all(dim=1)
         keep = torch.randint(0, drop.shape[1], (n,), device=device)
-        drop[all_dropped, keep[all_dropped]] = False
+        # where all bands dropped, keep band `keep` (no boolean index: nothing read back)
+        drop &= ~(all_dropped.view(-1, 1) & (torch.arange(drop.shape[1], device=device) == keep.view(-1, 1)))
         return {
             "box": torch.stack([top, left, ch, cw], dim=1),
             "hflip": coin(0.5 if o.flip else 0.0, n, device), "vflip": coin(0.5 if o.flip else 0.0, n, device),
@@ -559,7 +566,7 @@ class SatelliteViews(nn.Module):
         x = self.indices(x)
         # Normalise and drop bands in one pass: ((x - mean) / std) * keep.
         scale = (1 / self.std).expand(n, -1, 1, 1)
-        if bool(p["drop"].any()):
+        if self.opts.band_dropout > 0:
             scale = scale * (~p["drop"]).to(x.dtype)[..., None, None]
         return x.mul_(scale).sub_(self.mean * scale)  # in place: x is geometry's, or indices' fresh copy
 
@@ -591,12 +598,20 @@ class SatelliteViews(nn.Module):
         k = p["rot90"]
         rows = torch.where((p["vflip"] ^ ((k == 2) | (k == 3))).view(-1, 1, 1), rows.flip(1), rows)
         cols = torch.where((p["hflip"] ^ ((k == 1) | (k == 2))).view(-1, 1, 1), cols.flip(1), cols)
-        if self.opts.blur_p > 0 and bool(p["blur"].any()):
-            on = p["blur"]
-            kernel = reflect_blur_matrix(sampled_kernels(p["sigma"][on], self.kernel), s)
-            rows[on], cols[on] = kernel @ rows[on], kernel @ cols[on]  # torch.where's own copies
         turned = (k % 2 == 1)
-        if _image_by_image(x, self.per_image):
+        per_image = _image_by_image(x, self.per_image)
+        if self.opts.blur_p > 0:
+            on = p["blur"]
+            if per_image:
+                chosen = _chosen(on)
+                if chosen:
+                    kernel = reflect_blur_matrix(sampled_kernels(p["sigma"][chosen], self.kernel), s)
+                    rows[chosen], cols[chosen] = kernel @ rows[chosen], kernel @ cols[chosen]  # torch.where's copies
+            else:  # every image's blur matrix, the chosen ones kept: nothing read back
+                kernel = reflect_blur_matrix(sampled_kernels(p["sigma"], self.kernel), s)
+                rows = torch.where(on.view(-1, 1, 1), kernel @ rows, rows)
+                cols = torch.where(on.view(-1, 1, 1), kernel @ cols, cols)
+        if per_image:
             # Image by image, on the crop's pixels only: first the crop's columns of all bands
             # and rows as one matrix product (C * h, w) @ (w, S), then its rows, band by band,
             # with the turn's transpose folded into that product.
@@ -610,6 +625,4 @@ class SatelliteViews(nn.Module):
                     torch.matmul(a, z, out=out[i])
             return out, mean
         out = torch.matmul(torch.matmul(rows.unsqueeze(1), x), cols.transpose(1, 2).unsqueeze(1))
-        if bool(turned.any()):
-            out[turned] = out[turned].transpose(-1, -2)
-        return out, mean
+        return torch.where(turned.view(-1, 1, 1, 1), out.transpose(-1, -2), out), mean

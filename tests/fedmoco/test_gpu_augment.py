@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from monai.transforms import RandScaleCropd, Rotate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -324,3 +325,46 @@ def test_satellite_flip_option_is_honoured(flip):
         500, 16, 16, torch.device("cpu"))
     moved = p["hflip"].any() or p["vflip"].any() or (p["rot90"] != 0).any()
     assert bool(moved) == (flip == "true")
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every tensor-to-Python read; on a GPU each one waits for all queued work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in {"item", "tolist", "__int__", "__bool__", "__float__", "__index__",
+                                              "nonzero"}:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_views_never_read_a_device_value():
+    """The path a GPU takes (per_image False): every random step on, yet nothing the host must
+    wait for, so the views queue behind the previous training step instead of draining it."""
+    torch.manual_seed(0)
+    med = _views(_medical(rotate_prob=0.5, smooth_prob=0.5, gamma_prob=0.5, noise_prob=0.5), 24, per_image=False)
+    bases = (torch.rand(16, 1, 32, 32).half(), torch.tensor([1, 2] * 8))
+    sat = SatelliteViews(_satellite(band_dropout=0.5, blur_p=0.5), 16, Normalization([0.1] * 3, [0.2] * 3),
+                         [490.0, 560.0, 665.0], {})
+    sat.per_image = False
+    tiles = torch.rand(16, 3, 20, 20)
+    with _HostReads() as spy:
+        med_q, med_k = med(bases)
+        sat_q, sat_k = sat(tiles)
+    assert spy.reads == []
+    assert med_q.shape == med_k.shape == (16, 1, 24, 24) and sat_q.shape == sat_k.shape == (16, 3, 16, 16)
+    assert torch.isfinite(med_q).all() and torch.isfinite(sat_q).all()
+
+
+def test_band_dropout_keeps_one_band_where_it_drew_all():
+    torch.manual_seed(0)
+    views = SatelliteViews(_satellite(band_dropout=0.9), 16, Normalization([0.1] * 3, [0.2] * 3), None, {})
+    p = views.sample_params(2000, 20, 20, torch.device("cpu"))
+    assert not p["drop"].all(dim=1).any()
+    # P(all 3 dropped) = 0.729: those rows keep exactly one band, uniformly chosen
+    kept_one = (~p["drop"]).sum(dim=1) == 1
+    assert abs(kept_one.float().mean() - (0.729 + 3 * 0.9**2 * 0.1)) < 0.03
+    assert (~p["drop"][kept_one]).float().mean(dim=0).sub(1 / 3).abs().max() < 0.04
