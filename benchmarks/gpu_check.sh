@@ -30,7 +30,8 @@ run moco_step 150 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 -
 run views_cuda_vs_cpu 60 "$PY" benchmarks/views_device_check.py
 run feed_medical 120 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$OUT/feed_medical_gpu.md"
 run feed_satellite 120 "$PY" benchmarks/feed_satellite.py --device cuda --quick --workers 12 --out "$OUT/feed_satellite_gpu.md"
-# Last, as it may run out of time: split BN and plain BN with torch.compile'd encoders (issue
-# 11's option for a cheaper leak guard; compiling both takes minutes).
+# Last, as it may run out of time: split BN (NCHW, then channels_last) and plain BN with
+# torch.compile'd encoders (issue 11's option for a cheaper leak guard; compiling takes minutes,
+# and each row is printed to the log as soon as it is measured).
 run moco_step_compiled 360 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
   --compile --only torch.compile --out "$OUT/moco_step_compiled.md"
