@@ -165,7 +165,14 @@ class MedicalPretrainDataset(_DicomSamples):
         rewritten during a run is decoded again, its new base stored and its stamp renewed
         (in this process; the next run keys a new cache anyway). A file now gone or broken
         gives None, as without a cache.
+
+        Without a cache (turned off, or no room for one) the same base is made from a fresh
+        decode: the batched views, and so a seeded run's random draws, do not depend on
+        whether a cache could be built.
         """
+        if self.cache is None:
+            sample = self.load(i)
+            return None if sample is None else to_base(sample, self.opts, base_size(self.opts, self.image_size))
         changed = self._changed_files(i)
         hit = None if changed else self.cache.get(i)
         if hit is not None:
@@ -208,9 +215,10 @@ class MedicalPretrainDataset(_DicomSamples):
             return None if sample is None else self.views(sample)
 
     def batched_views(self) -> tuple[Dataset, torch.nn.Module] | None:
-        """(dataset of cached bases, module making both views per batch), or None without a
-        cache or with elastic deformation (not available per batch)."""
-        if self.cache is None or self.opts.elastic_prob > 0:
+        """(dataset of bases, module making both views per batch), or None with elastic
+        deformation (not available per batch). The bases come from the cache when there is
+        one, else from a decode per read (:meth:`base`)."""
+        if self.opts.elastic_prob > 0:
             return None
         from fedmoco.gpu_augment import MedicalViews  # only sites that batch their views pay the import
 

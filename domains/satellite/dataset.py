@@ -541,8 +541,11 @@ class SatellitePretrainDataset(Dataset):
             return self.transform(tile[0]), self.transform(key_tile[0])
 
     def batched_views(self):
-        """(dataset of filled tiles, SatelliteViews) when the rasters are cached, else None."""
-        if self.reader.cache is None or self.make_views is None:
+        """(dataset of filled float16 tiles, SatelliteViews), or None for a dataset built without
+        them. The tiles come from the raster cache when there is one, else from GDAL reads
+        rounded to the cache's float16: the same tiles, so a seeded run's draws do not depend
+        on whether a cache could be built."""
+        if self.make_views is None:
             return None
         return SatelliteTiles(self), self.make_views()
 

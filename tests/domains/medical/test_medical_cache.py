@@ -10,7 +10,9 @@ import torch
 
 import domains.medical.dataset as medical_dataset
 from domains.medical.transforms import FIXED, JITTERED
+from fedmoco.config import TrainConfig
 from fedmoco.data import DataConfig, build_pretrain_data
+from fedmoco.train import make_loader
 
 
 def _data(root, cache_dir, **kw):
@@ -74,8 +76,26 @@ def test_touching_a_file_or_changing_options_rebuilds(demo_archive, cache_dir, t
 def test_cache_can_be_turned_off(demo_archive, cache_dir, off):
     options = {"cache_dir": str(cache_dir), **off.pop("options", {})}
     ds = build_pretrain_data("medical", demo_archive, DataConfig(image_size=32, options=options, **off)).dataset
-    assert ds.cache is None and ds.batched_views() is None
+    assert ds.cache is None and not list(cache_dir.rglob("*.cache"))
     assert ds[0][0].shape == (1, 32, 32)
+
+
+def test_without_a_cache_the_batched_views_see_the_same_bases_and_draws(demo_archive, cache_dir):
+    """A cache that is off, or could not be built (no room on its volume), must not change a
+    seeded run: the bases are decoded per read, as the cache would have stored them."""
+    cached = _data(demo_archive, cache_dir).dataset
+    plain = _data(demo_archive, cache_dir, cache=False).dataset
+    assert cached.cache is not None and plain.cache is None
+    for i in range(len(cached)):
+        (a, tag_a), (b, tag_b) = cached.base(i), plain.base(i)
+        assert a.dtype == b.dtype == np.float16 and tag_a == tag_b
+        np.testing.assert_array_equal(a, b)
+    batches = []
+    for ds in (cached, plain):
+        loader = make_loader(ds, TrainConfig(batch_size=4, num_workers=0), torch.device("cpu"), seed=3)
+        torch.manual_seed(0)
+        batches.append(next(iter(loader))[0])
+    assert all(torch.equal(x, y) for x, y in zip(*batches))
 
 
 def test_a_file_rewritten_during_the_run_is_decoded_again(demo_archive, cache_dir, tmp_path, monkeypatch):
