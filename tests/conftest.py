@@ -52,3 +52,56 @@ def tiny_pretrain_args():
 def tiny_pretrain_flags():
     """TINY_PRETRAIN for module- or session-scoped fixtures (a tuple: no test can change it)."""
     return tuple(TINY_PRETRAIN)
+
+
+class HostReads:
+    """A context that records every tensor-to-Python read (``item``, ``tolist``, ``int(t)``,
+    ``bool(t)``, ``nonzero``, ...) in ``.reads``. On a GPU each one stalls the host until the
+    device has run everything queued, so code meant to stay asynchronous is checked with it
+    on CPU tensors."""
+
+    READS = frozenset({"item", "tolist", "__int__", "__bool__", "__float__", "__index__", "nonzero"})
+
+    def __init__(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        reads: list[str] = []
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in HostReads.READS:
+                    reads.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.reads = reads
+        self._mode = _Mode()
+
+    def __enter__(self) -> "HostReads":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+@pytest.fixture
+def host_reads():
+    """``with host_reads() as spy: ...`` then ``spy.reads`` (see :class:`HostReads`)."""
+    return HostReads
+
+
+@pytest.fixture
+def first_batch():
+    """``first_batch(dataset)``: the first training batch of ``make_loader`` (batch 4, no
+    workers, shuffle seed 3) after ``torch.manual_seed(0)``: what a seeded run starts with."""
+    import torch
+
+    from fedmoco.config import TrainConfig
+    from fedmoco.train import make_loader
+
+    def first(dataset):
+        loader = make_loader(dataset, TrainConfig(batch_size=4, num_workers=0), torch.device("cpu"), seed=3)
+        torch.manual_seed(0)
+        return next(iter(loader))[0]
+
+    return first

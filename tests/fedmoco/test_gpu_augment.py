@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from monai.transforms import RandScaleCropd, Rotate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -327,21 +326,8 @@ def test_satellite_flip_option_is_honoured(flip):
     assert bool(moved) == (flip == "true")
 
 
-class _HostReads(TorchFunctionMode):
-    """Records every tensor-to-Python read; on a GPU each one waits for all queued work."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in {"item", "tolist", "__int__", "__bool__", "__float__", "__index__",
-                                              "nonzero"}:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def test_batched_views_never_read_a_device_value():
+def test_batched_views_never_read_a_device_value(host_reads):
     """The path a GPU takes (per_image False): every random step on, yet nothing the host must
     wait for, so the views queue behind the previous training step instead of draining it."""
     torch.manual_seed(0)
@@ -351,7 +337,7 @@ def test_batched_views_never_read_a_device_value():
                          [490.0, 560.0, 665.0], {})
     sat.per_image = False
     tiles = torch.rand(16, 3, 20, 20)
-    with _HostReads() as spy:
+    with host_reads() as spy:
         med_q, med_k = med(bases)
         sat_q, sat_k = sat(tiles)
     assert spy.reads == []

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from fedmoco.config import MoCoConfig
 from fedmoco.errors import ConfigError
@@ -202,31 +201,16 @@ def test_score_histogram_counts_finite_scores_in_fixed_bins():
     assert h[SCORE_BINS // 2].item() == 2  # 0.0 and 0.01 share the bin [0, 0.05)
 
 
-class _HostReads(TorchFunctionMode):
-    """Records every tensor-to-Python read (``item``, ``int(t)``, ``bool(t)``, ...). On a GPU
-    each one stalls the host until the device has run everything queued."""
-
-    READS = {"item", "tolist", "__int__", "__bool__", "__float__", "__index__"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("norm", ["split-batch", "group"])
-def test_a_step_never_reads_a_device_value(norm):
+def test_a_step_never_reads_a_device_value(norm, host_reads):
     m = MoCo(_cfg(norm=norm, queue_size=20)).train()  # 20: the third step's keys wrap around
     opt = torch.optim.SGD(m.encoder_q.parameters(), lr=0.1)
     extra = F.normalize(torch.randn(6, 16), dim=1)
     centres = F.normalize(torch.randn(3, 16), dim=1)
     for step in range(4):
         x_q, x_k = _views(seed=step)
-        with _HostReads() as spy:
+        with host_reads() as spy:
             out = m(x_q, x_k, extra, centres)
             opt.zero_grad()
             out.loss.backward()
