@@ -56,16 +56,15 @@ def randint(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def resample(x: torch.Tensor, box: torch.Tensor, size: int, matrix: torch.Tensor | None = None,
-             zero_outside: bool | torch.Tensor = False, per_image: bool | None = None) -> torch.Tensor:
+             zero_outside: bool | torch.Tensor = False) -> torch.Tensor:
     """Crop ``box`` (B, 4: top, left, height, width in pixels) of each image of ``x``
     (B, C, H, W), resize it to ``size`` and move it by ``matrix`` (B, 2, 2), in one bilinear
     grid sample. ``matrix`` maps output to crop coordinates (x = column, y = row, both in
     [-1, 1] over the resized crop): flips and quarter turns are exact pixel permutations, a
     rotation is :func:`rotation_matrix`. ``zero_outside`` (True, or (B,) bool: which images)
     zeroes output pixels that come from outside the crop (a rotation's corners, as MONAI's
-    zero padding does). ``per_image`` (None: on a CPU) zeroes them image by image, for the
-    chosen images only; otherwise the mask is made for the whole batch, where a flip-only
-    image's is all ones, so nothing is read back from the device. Returns (B, C, size, size).
+    zero padding does), with one mask for the whole batch: a flip-only image's is all ones,
+    so which images rotate is never read back from the device. Returns (B, C, size, size).
     """
     b, c, h, w = x.shape
     dt = torch.float32
@@ -79,26 +78,11 @@ def resample(x: torch.Tensor, box: torch.Tensor, size: int, matrix: torch.Tensor
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if zero_outside is False:
         return out
-    if isinstance(zero_outside, bool):
-        zero_outside = torch.full((b,), zero_outside, dtype=torch.bool, device=x.device)
-    if _image_by_image(x, per_image):
-        # only the images that need it: the mask's planes and compares cost as much as the sample
-        chosen = _chosen(zero_outside)
-        if chosen:
-            inside = _inside(m[chosen], size).to(out.dtype)
-            for j, i in enumerate(chosen):
-                out[i].mul_(inside[j])
-    else:
-        out.mul_(_inside(m, size) | ~zero_outside.view(-1, 1, 1, 1))
-    return out
-
-
-def _inside(matrix: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 1, S, S) bool: which output pixels of :func:`resample` map into the crop under
-    ``matrix`` (B, 2, 2); all of them for flips and quarter turns."""
-    theta = torch.cat([matrix, matrix.new_zeros(matrix.shape[0], 2, 1)], dim=2)
-    u, v = _affine_planes(theta, size)
-    return (torch.maximum(u.abs_(), v.abs_()) <= 1 + 1e-6).unsqueeze(1)
+    u, v = _affine_planes(torch.cat([m, torch.zeros(b, 2, 1, device=x.device, dtype=dt)], dim=2), size)
+    inside = (torch.maximum(u.abs_(), v.abs_()) <= 1 + 1e-6).unsqueeze(1)  # (B, 1, S, S)
+    if not isinstance(zero_outside, bool):
+        inside |= ~zero_outside.view(-1, 1, 1, 1)
+    return out.mul_(inside)
 
 
 def _affine_planes(theta: torch.Tensor, size: int,
@@ -315,7 +299,7 @@ class MedicalViews(nn.Module):
             # Output = rotate(flip(resized crop)): source = flip(rotate^-1(output)).
             # (angle 0 gives the identity rotation exactly: cos 0 = 1, sin 0 = 0)
             matrix = flip_matrix(p["flip"]) @ rotation_matrix(p["angle"])
-            x = resample(x, p["box"], self.size, matrix, zero_outside=p["angle"] != 0, per_image=False)
+            x = resample(x, p["box"], self.size, matrix, zero_outside=p["angle"] != 0)
         x = x.mul_(scale.view(-1, 1, 1, 1)).add_(shift.view(-1, 1, 1, 1))  # x: resample's own
         adjust_contrast_(x, p["gamma"], per_image)
         if per_image:

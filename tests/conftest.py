@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from torch.overrides import TorchFunctionMode
 
 from fedmoco.data import one_thread
 
@@ -54,7 +55,7 @@ def tiny_pretrain_flags():
     return tuple(TINY_PRETRAIN)
 
 
-class HostReads:
+class HostReads(TorchFunctionMode):
     """A context that records every tensor-to-Python read (``item``, ``tolist``, ``int(t)``,
     ``bool(t)``, ``nonzero``, ...) in ``.reads``. On a GPU each one stalls the host until the
     device has run everything queued, so code meant to stay asynchronous is checked with it
@@ -63,25 +64,13 @@ class HostReads:
     READS = frozenset({"item", "tolist", "__int__", "__bool__", "__float__", "__index__", "nonzero"})
 
     def __init__(self) -> None:
-        from torch.overrides import TorchFunctionMode
+        super().__init__()
+        self.reads: list[str] = []
 
-        reads: list[str] = []
-
-        class _Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if getattr(func, "__name__", "") in HostReads.READS:
-                    reads.append(func.__name__)
-                return func(*args, **(kwargs or {}))
-
-        self.reads = reads
-        self._mode = _Mode()
-
-    def __enter__(self) -> "HostReads":
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture

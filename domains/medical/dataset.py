@@ -158,7 +158,7 @@ class MedicalPretrainDataset(_DicomSamples):
         return self._views
 
     def base(self, i: int) -> tuple[np.ndarray, int] | None:
-        """Cached base of sample ``i`` (decoded and stored on a miss), or None if unreadable.
+        """Base of sample ``i`` from the cache (decoded and stored on a miss), or None if unreadable.
 
         A hit is served only while the sample's files keep the size and mtime they had when
         the cache was keyed (one ``os.stat`` per file and read, about a microsecond): a file
