@@ -218,14 +218,20 @@ def discover() -> list[str]:
     return known + [n for n in scripts if n not in REGISTRY]
 
 
+def takes_option(text: str, option: str) -> bool:
+    """Whether a script's source ``text`` declares ``option`` to argparse (not merely mentions
+    it: a script may pass ``--out`` on to a command it runs)."""
+    return re.search(r"add_argument\(\s*[\"']" + re.escape(option) + r"[\"']", text) is not None
+
+
 def bench_args(name: str, quick: bool, device: str, jobs: int, out: Path) -> list[str]:
+    text = (BENCH / f"{name}.py").read_text()
     bench = REGISTRY.get(name)
     if bench is None:
-        bench = Bench(name, quick=["--quick"] if "--quick" in (BENCH / f"{name}.py").read_text() else [])
-    text = (BENCH / f"{name}.py").read_text()
+        bench = Bench(name, quick=["--quick"] if takes_option(text, "--quick") else [])
     # every script takes --device (the suite's convention); a report path only where it has one
     args = list(bench.quick if quick else bench.full) + ["--device", device]
-    args += ["--out", str(out)] if '"--out"' in text else []
+    args += ["--out", str(out)] if takes_option(text, "--out") else []
     if bench.parallel and jobs > 1:
         args += ["--jobs", str(jobs)]
     return args

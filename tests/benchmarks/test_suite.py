@@ -1,6 +1,7 @@
 """The benchmark suite's shared pieces: the JSON-line convention, the glyphs task, site splits."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,24 @@ def test_timing_target_reads_the_side_by_side_pair_before_the_loaded_table():
     paired = {**loaded, "pair_fedmoco_s_per_epoch": 5.8, "pair_lightly_s_per_epoch": 5.8}
     assert target.value(paired) == pytest.approx(1.0)
     assert target.ok(target.value(paired))
+
+
+def test_the_suite_passes_each_script_only_options_it_declares(tmp_path):
+    """`make bench` must not hand a script an option its parser lacks: demo_tasks_probe passes
+    `--out` on to `fedmoco pretrain`, which once made the suite give it `--out` too (exit 2).
+    Each script's own `--help` is the reference (options may come from shared helpers)."""
+    from run_all import bench_args, discover, takes_option
+
+    assert takes_option('p.add_argument("--out", type=Path)', "--out")
+    assert not takes_option('cli(["pretrain", "--out", str(work)])', "--out")
+    names = discover()
+    procs = {n: subprocess.Popen([sys.executable, str(BENCH / f"{n}.py"), "--help"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for n in names}
+    for name in names:
+        out, _ = procs[name].communicate(timeout=120)
+        assert procs[name].returncode == 0, out
+        declared = set(re.findall(r"(--[a-z][a-z0-9-]*)", out))
+        for quick in (True, False):
+            flags = [a for a in bench_args(name, quick, "cpu", 4, tmp_path / "r.md") if a.startswith("--")]
+            missing = [f for f in flags if f not in declared]
+            assert not missing, f"{name} (quick={quick}) is given {missing}"
