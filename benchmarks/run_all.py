@@ -224,8 +224,16 @@ def takes_option(text: str, option: str) -> bool:
     return re.search(r"add_argument\(\s*[\"']" + re.escape(option) + r"[\"']", text) is not None
 
 
-def bench_args(name: str, quick: bool, device: str, jobs: int, out: Path) -> list[str]:
+def parser_text(name: str) -> str:
+    """The source that builds a script's parser: the script, plus each helper module of the
+    suite it imports (the feed benchmarks declare ``--out`` in feed_common.add_feed_args)."""
     text = (BENCH / f"{name}.py").read_text()
+    used = [h for h in sorted(HELPERS) if re.search(rf"^\s*(from|import)\s+{h}\b", text, flags=re.M)]
+    return "\n".join([text, *((BENCH / f"{h}.py").read_text() for h in used)])
+
+
+def bench_args(name: str, quick: bool, device: str, jobs: int, out: Path) -> list[str]:
+    text = parser_text(name)
     bench = REGISTRY.get(name)
     if bench is None:
         bench = Bench(name, quick=["--quick"] if takes_option(text, "--quick") else [])

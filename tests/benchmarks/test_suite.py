@@ -140,3 +140,19 @@ def test_the_suite_passes_each_script_only_options_it_declares(tmp_path):
             flags = [a for a in bench_args(name, quick, "cpu", 4, tmp_path / "r.md") if a.startswith("--")]
             missing = [f for f in flags if f not in declared]
             assert not missing, f"{name} (quick={quick}) is given {missing}"
+            # and a script with a report option writes this run's report, never the committed
+            # full run's (the feed benchmarks once overwrote benchmarks/results/feed_*.md)
+            if "--out" in declared:
+                assert "--out" in flags, f"{name} (quick={quick}) is not given --out"
+
+
+def test_server_memory_sites_reply_as_real_sites_do(tmp_path):
+    """The synthetic sites of federation_server_memory must send what the server requires (every
+    metric of REQUIRED_METRICS): when the metric set grew, the benchmark's replies were all rejected."""
+    import federation_server_memory as fsm
+
+    lines = fsm.measure("tiny", sites=2, rounds=2, keys_per_site=8, queue_size=64)
+    rows = [line for line in lines if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 2
+    assert all(row.rstrip(" |").endswith("| 2") for row in rows), rows  # both sites accepted each round
+    assert fsm.HEADLINE["tiny_peak_rss_mb"] > 0
