@@ -97,11 +97,18 @@ def _child(domain: str, data: Path, state_dir: Path) -> None:
     next(iter(loader))  # a new pass: the small demo folders hold one batch
     tb2 = time.perf_counter()
     imported = [m for m in WATCHED if m in sys.modules]
-    from fedmoco.ledger import SiteLedger  # a site releasing summaries: plan and price this round's noise
+    # A site releasing DP prototypes: its ledger file (first round: plan the releases with the
+    # accountant; later rounds: follow the plan), this round's noise and metrics, and the
+    # release mechanism's import (what clients.app._release does before it encodes).
+    from clients.ledger import locked_ledger
+    from fedmoco.ledger import SiteLedger
 
-    ledger = SiteLedger("prototypes", 1.0, 1e-5, 3)
-    ledger.record(ledger.next_noise(1.0), 1.0)
-    ledger.spent()
+    with locked_ledger(state_dir / "privacy-ledger.json") as box:
+        ledger = box["ledger"] = box["ledger"] or SiteLedger("prototypes", 1.5, 1e-5, 50)
+        ledger.record(ledger.next_noise(1.0, 2.0), 1.0)
+    ledger.to_metrics(ledger.next_noise(1.0) is None)
+    from fedmoco.privacy import release_prototypes  # noqa: F401
+
     t9 = time.perf_counter()
     print(json.dumps({
         "torch_flwr_import_s": t1 - t0, "app_import_s": t2 - t1, "domain_import_s": t3 - t2,
@@ -109,7 +116,7 @@ def _child(domain: str, data: Path, state_dir: Path) -> None:
         "restore_context_s": t7 - t6, "restore_disk_s": t8 - t7, "ledger_s": t9 - t8,
         "first_batch_s": tb1 - tb0, "second_batch_s": tb2 - tb1,
         "first_batch_once_s": max(0.0, (tb1 - tb0) - (tb2 - tb1)),
-        "imported": imported,
+        "imported": imported, "imported_after_ledger": [m for m in WATCHED if m in sys.modules],
     }))
 
 
@@ -146,9 +153,12 @@ def measure(repeats: int, work: Path) -> dict:
         cache, state = work / f"cache-{domain}", work / f"state-{domain}"
         cold = _run_child(domain, data, state, cache)  # builds the index cache
         warm = [_run_child(domain, data, state, cache) for _ in range(repeats)]
-        row = {k: _median([w[k] for w in warm]) for k in warm[0] if k != "imported"}
+        row = {k: _median([w[k] for w in warm]) for k in warm[0] if not k.startswith("imported")}
         row["data_build_cold_s"] = cold["data_build_s"]
+        row["ledger_first_s"] = cold["ledger_s"]
         row["imported"] = warm[0]["imported"]
+        row["imported_after_ledger"] = sorted(set(warm[0]["imported_after_ledger"]) - set(warm[0]["imported"]))
+        row["imported_after_first_ledger"] = sorted(set(cold["imported_after_ledger"]) - set(cold["imported"]))
         row["our_share_s"] = (row["app_import_s"] + row["domain_import_s"] + row["data_build_s"]
                               + row["model_build_s"] + row["restore_context_s"] + row["first_batch_once_s"])
         row["our_share_dp_s"] = row["our_share_s"] + row["ledger_s"]
@@ -185,12 +195,19 @@ def report(res: dict, argv: list[str] | None, load: tuple[float, float, float]) 
             ("first_batch_once_s", "first batch's one-time cost (first - second)"),
             ("our_share_s", "**our share per round** (app + domain + cached scan + model + restore + "
                             "first batch's one-time cost)"),
-            ("ledger_s", "privacy ledger: plan + price the round's noise (first use loads Opacus)"),
+            ("ledger_first_s", "privacy ledger, a site's first round: plan its releases (the accountant: "
+                               "Opacus), record, metrics, import the mechanism"),
+            ("ledger_s", "privacy ledger, later rounds: follow the plan in the ledger file, record, metrics, "
+                         "import the mechanism"),
             ("our_share_dp_s", "**our share, site releasing DP summaries**")]
     for key, label in keys:
         lines.append(f"| {label} | {res['medical'][key]:.2f} s | {res['satellite'][key]:.2f} s |")
     lines.append(f"| heavy modules imported (after two batches, before the ledger) | {', '.join(res['medical']['imported']) or 'none'} | "
                  f"{', '.join(res['satellite']['imported']) or 'none'} |")
+    for key, label in [("imported_after_first_ledger", "imported by the ledger, first round"),
+                       ("imported_after_ledger", "imported by the ledger, later rounds")]:
+        lines.append(f"| {label} | {', '.join(res['medical'][key]) or 'none'} | "
+                     f"{', '.join(res['satellite'][key]) or 'none'} |")
     lines += ["", "A domain package loads its submodules on first use, and a site training from its caches "
               "makes both views per batch (`batch_augment=auto`, CPU included), so a later round imports "
               "neither MONAI (its package import loads all of MONAI: networks, torchvision, scipy, "
@@ -200,7 +217,11 @@ def report(res: dict, argv: list[str] | None, load: tuple[float, float, float]) 
               "its band statistics from the memo (`fedmoco.cache.read_memo`) instead of ~256 GDAL windows. "
               "Still paid where used: MONAI or torchvision when `batch_augment=off` (or elastic deformation) "
               "and the per-sample pipelines run, torchvision for a ResNet encoder (`arch=resnet*`; the run "
-              "default is the tiny encoder), Opacus for a site that releases summaries (the ledger row)."]
+              "default is the tiny encoder). A site that releases DP summaries loads Opacus once per plan: its "
+              "ledger plans the releases still to come with the accountant and keeps, in the ledger file, each "
+              "release's noise and the epsilon after it, so a later round reads them instead of accounting "
+              "(`fedmoco.ledger.SiteLedger.next_noise`); a new budget, delta, number of releases or sample "
+              "rate makes a new plan."]
     return lines
 
 
@@ -221,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                "our_share_medical_s": res["medical"]["our_share_s"],
                "our_share_satellite_s": res["satellite"]["our_share_s"],
                "our_share_dp_s": max(res["medical"]["our_share_dp_s"], res["satellite"]["our_share_dp_s"]),
+               "ledger_first_round_s": max(res["medical"]["ledger_first_s"], res["satellite"]["ledger_first_s"]),
                "flower_process_s": res["flwr_clientapp_help_s"],
                "torch_import_s": res["medical"]["torch_flwr_import_s"],
                "supernode_idle_poll_s": SUPERNODE_IDLE_POLL_S, "load_avg_1min": load[0]})

@@ -88,7 +88,7 @@ class SiteLedger:
     """Budget (epsilon, delta) of one mechanism, and the history of releases paid from it."""
 
     def __init__(self, mechanism: str, epsilon_budget: float, delta: float, planned_releases: int,
-                 history: list[tuple[float, float, int]] | None = None) -> None:
+                 history: list[tuple[float, float, int]] | None = None, plan: dict[str, Any] | None = None) -> None:
         if mechanism not in MECHANISMS:
             raise ConfigError(f"ledger mechanism: {mechanism!r}, expected one of {sorted(MECHANISMS)}")
         self.mechanism = mechanism
@@ -98,6 +98,8 @@ class SiteLedger:
         self.history = [(_privacy()._check_noise_multiplier(z, False), _privacy()._check_sample_rate(q),
                          _privacy()._check_count(n, "releases", 1))
                         for z, q, n in (history or [])]
+        #: The releases planned ahead and the epsilon after each (see :meth:`next_noise`).
+        self.plan = _checked_plan(plan)
 
     @property
     def adjacency(self) -> str:
@@ -118,8 +120,23 @@ class SiteLedger:
             return float(acc.get_epsilon(self.delta))
 
     def spent(self) -> float:
-        """Epsilon spent so far, at ``self.delta``, under ``self.adjacency``."""
+        """Epsilon spent so far, at ``self.delta``, under ``self.adjacency``: read from the plan
+        while the history follows it, else computed by the accountant."""
+        k = self._plan_offset()
+        if k is not None and self.plan["delta"] == self.delta:
+            return self.plan["epsilon"][k]
         return self._epsilon(self.history)
+
+    def _plan_offset(self) -> int | None:
+        """How many of the plan's releases the history holds (the history being exactly the
+        plan's base and then those releases), or None when the history left the plan."""
+        if self.plan is None:
+            return None
+        q, base = self.plan["sample_rate"], [tuple(h) for h in self.plan["base"]]
+        for k in range(len(self.plan["noise"]) + 1):
+            if _compress(base + [(z, q, 1) for z in self.plan["noise"][:k]]) == self.history:
+                return k
+        return None
 
     @property
     def remaining(self) -> int:
@@ -138,13 +155,46 @@ class SiteLedger:
         if not self.remaining:
             return None
         share = _privacy().check_first_share(first_share)
-        if not self.history and self.mechanism == "prototypes" and share != 1.0 and self.remaining > 1:
+        k = self._plan_offset() if self._plan_holds(q, share) else None
+        if k is None:
+            self._make_plan(q, share)
+            k = 0
+        noise = self.plan["noise"]
+        return noise[k] if k < len(noise) else None
+
+    def _plan_holds(self, q: float, share: float) -> bool:
+        """Whether the saved plan was made for this budget, delta, number of releases and q
+        (and, before a ledger's first release, for this first share)."""
+        p = self.plan
+        if p is None or (p["epsilon_budget"], p["delta"], p["planned_releases"], p["sample_rate"]) != (
+                self.epsilon_budget, self.delta, self.planned_releases, q):
+            return False
+        return bool(self.history) or p["first_share"] == share
+
+    def _make_plan(self, q: float, share: float) -> None:
+        """Plan the remaining releases and price each prefix of them (the accountant's work,
+        which imports Opacus: once per plan, not once per round).
+
+        Why a plan: every round of a deployed site is a fresh process, and pricing a round
+        from scratch costs the Opacus import (2-5 s, benchmarks/results/round_overhead.md),
+        more than the rest of a round's fixed cost. With the plan in the ledger file, a round
+        that follows it reads its z and the epsilon after it. A tightened budget, a new delta,
+        a new number of planned releases or a new q makes a new plan on top of the history."""
+        base, remaining = list(self.history), self.remaining
+        if not base and self.mechanism == "prototypes" and share != 1.0 and remaining > 1:
             try:
-                return _privacy().prototype_noise_schedule(self.epsilon_budget, self.delta, self.remaining, q,
-                                                           share)[0]
+                first, rest = _privacy().prototype_noise_schedule(self.epsilon_budget, self.delta, remaining, q,
+                                                                  share)
+                noise = [first] + [rest] * (remaining - 1)
             except ConfigError:  # the budget cannot be reached at this delta, as in _fit
-                return None
-        return self._fit(self.remaining, q)
+                noise = []
+        else:
+            z = self._fit(remaining, q)
+            noise = [] if z is None else [z] * remaining
+        epsilon = [self._epsilon(_compress(base + [(z, q, 1) for z in noise[:k]])) for k in range(len(noise) + 1)]
+        self.plan = {"epsilon_budget": self.epsilon_budget, "delta": self.delta,
+                     "planned_releases": self.planned_releases, "sample_rate": q, "first_share": share,
+                     "base": [list(h) for h in base], "noise": noise, "epsilon": epsilon}
 
     def _fit(self, rounds: int, q: float) -> float | None:
         if not self.history:
@@ -175,10 +225,7 @@ class SiteLedger:
     def record(self, noise_multiplier: float, sample_rate: float) -> float:
         """Account one release at (z, q); returns epsilon spent after it."""
         z, q = _privacy()._check_noise_multiplier(noise_multiplier, False), _privacy()._check_sample_rate(sample_rate)
-        if self.history and self.history[-1][:2] == (z, q):
-            self.history[-1] = (z, q, self.history[-1][2] + 1)
-        else:
-            self.history.append((z, q, 1))
+        self.history = _compress(self.history + [(z, q, 1)])
         return self.spent()
 
     def replan(self, planned_releases: int) -> list[str]:
@@ -219,7 +266,7 @@ class SiteLedger:
         return {"format": LEDGER_FORMAT, "mechanism": self.mechanism, "adjacency": self.adjacency,
                 "epsilon_budget": self.epsilon_budget, "delta": self.delta,
                 "planned_releases": self.planned_releases, "history": [{"noise_multiplier": z, "sample_rate": q, "releases": n} for z, q, n in self.history],
-                "epsilon_spent": self.spent()}
+                "epsilon_spent": self.spent(), **({"plan": self.plan} if self.plan is not None else {})}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> "SiteLedger":
@@ -230,9 +277,43 @@ class SiteLedger:
         try:
             history = [(float(h["noise_multiplier"]), float(h["sample_rate"]), int(h["releases"])) for h in d["history"]]
             return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]),
-                       int(d["planned_releases"]), history)
+                       int(d["planned_releases"]), history, d.get("plan"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _compress(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Consecutive entries with the same (z, q) merged into one: Opacus' history form."""
+    out: list[tuple[float, float, int]] = []
+    for z, q, n in history:
+        if out and out[-1][:2] == (z, q):
+            out[-1] = (z, q, out[-1][2] + n)
+        else:
+            out.append((z, q, n))
+    return out
+
+
+def _checked_plan(plan: Any) -> dict[str, Any] | None:
+    """A plan read from a ledger file, or None when it is absent or not well formed.
+
+    The plan is derived data: the history is what was spent. A malformed plan is dropped and
+    made again by the accountant (a slower round), never trusted; one that claims less than
+    nothing spent, decreasing epsilon or more than the budget is malformed."""
+    if plan is None:
+        return None
+    try:
+        p = {"epsilon_budget": float(plan["epsilon_budget"]), "delta": float(plan["delta"]),
+             "planned_releases": int(plan["planned_releases"]), "sample_rate": float(plan["sample_rate"]),
+             "first_share": float(plan["first_share"]),
+             "base": [[float(z), float(q), int(n)] for z, q, n in plan["base"]],
+             "noise": [float(z) for z in plan["noise"]], "epsilon": [float(e) for e in plan["epsilon"]]}
+    except (KeyError, TypeError, ValueError):
+        return None
+    eps = p["epsilon"]
+    ok = (len(eps) == len(p["noise"]) + 1 and all(math.isfinite(e) and e >= 0 for e in eps)
+          and all(b >= a for a, b in zip(eps, eps[1:])) and all(math.isfinite(z) and z > 0 for z in p["noise"])
+          and (not p["noise"] or eps[-1] <= p["epsilon_budget"] * (1 + 1e-9)))
+    return p if ok else None
 
 
 def no_ledger_metrics(status: int, releases: int = 0) -> dict[str, float]:

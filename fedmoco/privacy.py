@@ -44,11 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from scipy import special
 import torch.nn.functional as F
-from opacus.accountants import RDPAccountant, register_accountant
-from opacus.accountants.analysis import rdp as opacus_rdp
-from opacus.accountants.utils import get_noise_multiplier
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -84,6 +80,20 @@ __all__ = [
     "prototypes_from_sample",
 ]
 
+#: Names of :mod:`fedmoco.accountants` (Opacus subclasses) reachable from this module too.
+_ACCOUNTANT_CLASSES = ("KeyReleaseRDPAccountant", "PrototypeRDPAccountant", "_HistoryRDPAccountant")
+
+
+def __getattr__(name: str) -> Any:
+    """The Opacus accountant classes, imported on first use (PEP 562): the release mechanisms
+    of this module must not pay for Opacus (see OPACUS_DEFAULT_ALPHAS)."""
+    if name in _ACCOUNTANT_CLASSES:
+        import fedmoco.accountants
+
+        return getattr(fedmoco.accountants, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: L2 sensitivity of one unit-norm key under replace-one adjacency: ||u - v|| <= 2.
 SENSITIVITY = 2.0
 #: Name under which :class:`KeyReleaseRDPAccountant` is registered with Opacus.
@@ -91,10 +101,16 @@ ACCOUNTANT = "fedmoco-key-rdp"
 #: Format tag of :meth:`KeyPrivacyLedger.state_dict`, checked on load.
 LEDGER_FORMAT = "fedmoco-key-ledger/1"
 
+#: ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS`` (Opacus 1.5-1.6; a test compares them), copied
+#: so that the release mechanisms below load without Opacus: its package import takes 2-3 s and
+#: every round of a deployed site is a fresh process. Only accounting imports it
+#: (:mod:`fedmoco.accountants`), and a site's ledger plans its releases ahead (fedmoco.ledger).
+OPACUS_DEFAULT_ALPHAS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
 # Opacus' orders plus larger ones: small epsilons at large z pick large alphas, and without
 # them the conversion floors at epsilon ~ 0.1 for delta = 1e-5. More orders only tighten
 # the bound (the conversion takes the minimum over orders).
-ALPHAS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
+ALPHAS: list[float] = OPACUS_DEFAULT_ALPHAS + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
 
 
 # -- accounting -----------------------------------------------------------------------------
@@ -112,51 +128,6 @@ def _slot_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: n
     else:  # log(1 - q + q e^x) without overflow for large alpha / small z
         log_moment = np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + x)
     return steps * log_moment / (orders - 1)
-
-
-class _HistoryRDPAccountant(RDPAccountant):
-    """An Opacus ``RDPAccountant`` (same ``history`` of ``(z, q, steps)``, same ``step()``, Opacus'
-    own RDP -> (epsilon, delta) conversion) whose RDP per history entry is :meth:`_rdp`."""
-
-    @staticmethod
-    def _rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def _orders(self, alphas: Sequence[float] | None) -> np.ndarray:
-        return np.asarray(ALPHAS if alphas is None else alphas, dtype=float)
-
-    def get_privacy_spent(
-        self, *, delta: float, alphas: Sequence[float] | None = None
-    ) -> tuple[float, float]:
-        """(epsilon, best order) spent so far at ``delta``; (0, 0) before any step."""
-        if not self.history:
-            return 0.0, 0.0
-        orders = self._orders(alphas)
-        rdp = sum(self._rdp(z, q, n, orders) for z, q, n in self.history)
-        with warnings.catch_warnings():
-            # "Optimal order is the largest alpha": only means the bound could be tighter.
-            warnings.filterwarnings("ignore", message="Optimal order")
-            eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-        return float(eps), float(best)
-
-
-class KeyReleaseRDPAccountant(_HistoryRDPAccountant):
-    """Opacus RDP accountant for Poisson-sampled, individually noised key releases.
-
-    ``step(noise_multiplier=z, sample_rate=q)`` records one round's release; ``history``
-    is Opacus' list of ``(z, q, steps)``. Only the RDP differs from
-    :class:`opacus.accountants.RDPAccountant` (see the module docstring for the formula).
-    """
-
-    _rdp = staticmethod(_slot_rdp)
-
-    @classmethod
-    def mechanism(cls) -> str:
-        return ACCOUNTANT
-
-
-# force=True: re-importing the module (e.g. importlib.reload in tests) must not fail.
-register_accountant(ACCOUNTANT, KeyReleaseRDPAccountant, force=True)
 
 
 def _is_real(x: Any) -> bool:
@@ -207,6 +178,8 @@ def key_epsilon(noise_multiplier: float, sample_rate: float, releases: int, delt
     _check_sample_rate(sample_rate)
     _check_count(releases, "releases", 0)
     _check_delta(delta)
+    from fedmoco.accountants import KeyReleaseRDPAccountant
+
     acc = KeyReleaseRDPAccountant()
     if releases:
         acc.history = [(float(noise_multiplier), float(sample_rate), int(releases))]
@@ -227,6 +200,10 @@ def calibrate_noise(epsilon: float, delta: float, rounds: int, sample_rate: floa
     delta = _check_delta(delta)
     rounds = _check_count(rounds, "rounds", 1)
     sample_rate = _check_sample_rate(sample_rate)
+    from opacus.accountants.utils import get_noise_multiplier
+
+    import fedmoco.accountants  # noqa: F401 registers ACCOUNTANT with Opacus
+
     try:
         return float(
             get_noise_multiplier(
@@ -305,6 +282,8 @@ class KeyPrivacyLedger:
         self.delta = _check_delta(delta)
         self.noise_multiplier = _check_noise_multiplier(noise_multiplier, allow_zero=False)
         self.sample_rate = _check_sample_rate(sample_rate)
+        from fedmoco.accountants import KeyReleaseRDPAccountant
+
         self._accountant = KeyReleaseRDPAccountant()
 
     @property
@@ -363,7 +342,7 @@ class KeyPrivacyLedger:
         releases = _check_count(d["releases"], "releases", 0)
         self.epsilon_budget, self.delta = fresh.epsilon_budget, fresh.delta
         self.noise_multiplier, self.sample_rate = fresh.noise_multiplier, fresh.sample_rate
-        self._accountant = KeyReleaseRDPAccountant()
+        self._accountant = type(fresh._accountant)()
         if releases:
             self._accountant.history = [(self.noise_multiplier, self.sample_rate, releases)]
 
@@ -603,7 +582,7 @@ def release_keys(
 PROTOTYPE_ACCOUNTANT = "fedmoco-prototype-rdp"
 # The integer orders among Opacus' default ones. Fewer orders can only raise epsilon (the
 # conversion takes the minimum over orders), so this is never below the stock accountant.
-PROTOTYPE_ORDERS = np.array([a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()], dtype=float)
+PROTOTYPE_ORDERS = np.array([a for a in OPACUS_DEFAULT_ALPHAS if float(a).is_integer()], dtype=float)
 
 
 def sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
@@ -616,6 +595,8 @@ def sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: int
         return np.full(orders.shape, np.inf)
     if sample_rate >= 1.0:
         return steps * orders / (2 * z**2)
+    from scipy import special  # accounting only: the release mechanisms need no scipy
+
     out = np.empty(len(orders))
     log_q, log_1mq = math.log(sample_rate), math.log1p(-sample_rate)
     for j, a in enumerate(orders.astype(int)):
@@ -624,26 +605,6 @@ def sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: int
                  + k * log_q + (a - k) * log_1mq + (k * k - k) / (2 * z**2))
         out[j] = special.logsumexp(terms) / (a - 1)
     return steps * out
-
-
-class PrototypeRDPAccountant(_HistoryRDPAccountant):
-    """Opacus' RDP accountant for the subsampled Gaussian sum mechanism (the analysis of its
-    stock ``"rdp"`` accountant), evaluated fast at the stock integer orders: ``history`` of
-    ``(z, q, steps)``, ``step()``, and Opacus' RDP -> (epsilon, delta) conversion unchanged."""
-
-    _rdp = staticmethod(sampled_gaussian_rdp)
-
-    def _orders(self, alphas: Sequence[float] | None) -> np.ndarray:
-        if alphas is None:
-            return PROTOTYPE_ORDERS
-        return np.asarray([a for a in alphas if float(a).is_integer()], dtype=float)
-
-    @classmethod
-    def mechanism(cls) -> str:
-        return PROTOTYPE_ACCOUNTANT
-
-
-register_accountant(PROTOTYPE_ACCOUNTANT, PrototypeRDPAccountant, force=True)
 
 
 def calibrate_prototype_noise(epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
@@ -662,6 +623,10 @@ def calibrate_prototype_noise(epsilon: float, delta: float, rounds: int, sample_
     delta = _check_delta(delta)
     rounds = _check_count(rounds, "rounds", 1)
     sample_rate = _check_sample_rate(sample_rate)
+    from opacus.accountants.utils import get_noise_multiplier
+
+    import fedmoco.accountants  # noqa: F401 registers PROTOTYPE_ACCOUNTANT with Opacus
+
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=rounds, accountant=PROTOTYPE_ACCOUNTANT,
@@ -687,6 +652,8 @@ def prototype_history_epsilon(history: Sequence[tuple[float, float, int]], delta
         return 0.0
     if min(z for z, _, _ in history) == 0:
         return math.inf
+    from fedmoco.accountants import PrototypeRDPAccountant
+
     acc = PrototypeRDPAccountant()
     acc.history = list(history)
     with warnings.catch_warnings():

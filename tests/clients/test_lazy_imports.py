@@ -126,3 +126,26 @@ def test_per_sample_views_still_load_their_library(tmp_path):
             f"torch.device('cpu'))))\n"
             f"assert q.shape == (2, 1, 32, 32)")
     assert "monai" in _watched_after(code, tmp_path, ["monai"])
+
+
+def test_a_dp_round_that_follows_its_plan_loads_no_opacus(tmp_path):
+    """A site releasing DP prototypes pays the accountant (Opacus) when it plans, in its first
+    round; later rounds read their noise and epsilon from the ledger file's plan, and the release
+    mechanisms themselves need neither Opacus nor scipy."""
+    ledger = tmp_path / "ledger.json"
+    first = (f"from pathlib import Path\nfrom clients.ledger import locked_ledger\n"
+             f"from fedmoco.ledger import SiteLedger\n"
+             f"with locked_ledger(Path({str(ledger)!r})) as box:\n"
+             f"    box['ledger'] = l = box['ledger'] or SiteLedger('prototypes', 1.5, 1e-5, 5)\n"
+             f"    l.record(l.next_noise(1.0, 2.0), 1.0)\n")
+    later = first + ("m = l.to_metrics(l.next_noise(1.0) is None)\nassert m['dp-keys-releases'] == 2.0\n"
+                     "import torch\nfrom fedmoco.privacy import privatize_prototypes, seeded_centres\n"
+                     "c = seeded_centres(4, 8, seed=0)\n"
+                     "assert privatize_prototypes(torch.nn.functional.normalize(torch.randn(16, 8), dim=1), c, 3.0)"
+                     ".shape[1] == 8\n")
+    assert "opacus" in _watched_after(first, tmp_path, ["opacus"])
+    assert not _watched_after(later, tmp_path, ["opacus", "scipy"])
+    import json as _json
+
+    state = _json.loads(ledger.read_text())
+    assert state["history"][-1]["releases"] == 1 and len(state["plan"]["noise"]) == 5

@@ -259,3 +259,64 @@ def test_first_share_front_loads_the_first_release_and_keeps_the_budget():
     assert 1.4 <= ledger.spent() <= 1.5 and ledger.next_noise(1.0, 2.0) is None
     keys = SiteLedger("keys", 1.5, 1e-5, 10)  # per-record keys have no centres: no front-loading
     assert keys.next_noise(0.05, 2.0) == keys.next_noise(0.05)
+
+
+def _accounted(ledger: SiteLedger) -> float:
+    """Epsilon of the ledger's history by the accountant, ignoring any plan."""
+    return SiteLedger(ledger.mechanism, ledger.epsilon_budget, ledger.delta, ledger.planned_releases,
+                      ledger.history)._epsilon(ledger.history)
+
+
+@pytest.mark.parametrize("mode, q, share", [("prototypes", 1.0, 2.0), ("keys", 0.05, 1.0)])
+def test_a_planned_ledger_prices_every_round_as_the_accountant_does(mode, q, share):
+    """The plan (made once, saved in the ledger file) stands in for the accountant in later rounds:
+    each round's z and the epsilon after it are the accountant's, through a JSON round trip a round."""
+    ledger = SiteLedger(mode, 1.5, 1e-5, 6)
+    zs = []
+    for _ in range(6):
+        ledger = SiteLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))  # a fresh process
+        z = ledger.next_noise(q, share)
+        zs.append(z)
+        ledger.record(z, q)
+        assert ledger.spent() == pytest.approx(_accounted(ledger), rel=1e-12)
+    assert ledger.next_noise(q) is None and 1.4 <= ledger.spent() <= 1.5
+    assert zs[1:] == [zs[1]] * 5 and (zs[0] < zs[1] if share > 1 else zs[0] == zs[1])
+    saved = json.loads(json.dumps(ledger.state_dict()))
+    assert saved["plan"]["noise"] == zs and saved["epsilon_spent"] == ledger.spent()
+
+
+def test_a_changed_budget_or_rate_makes_a_new_plan_on_top_of_what_was_spent():
+    ledger = SiteLedger("prototypes", 2.0, 1e-5, 6)
+    z = ledger.next_noise(1.0)
+    ledger.record(z, 1.0)
+    ledger.tighten(1.0, 1e-5)
+    z_tight = ledger.next_noise(1.0)
+    assert z_tight > z and ledger.plan["epsilon_budget"] == 1.0 and ledger.plan["base"] == [[z, 1.0, 1]]
+    for _ in range(5):
+        ledger.record(z_tight, 1.0)
+        assert ledger.spent() == pytest.approx(_accounted(ledger), rel=1e-12)
+    assert 0.95 <= ledger.spent() <= 1.0
+    rate = SiteLedger("prototypes", 2.0, 1e-5, 6)
+    rate.record(rate.next_noise(1.0), 1.0)
+    assert rate.next_noise(0.5) < rate.next_noise(1.0)  # a new q is a new plan, each the accountant's
+    assert rate.plan["sample_rate"] == 1.0
+
+
+def test_a_history_off_the_plan_or_a_forged_plan_is_priced_by_the_accountant():
+    ledger = SiteLedger("prototypes", 1.5, 1e-5, 4)
+    z = ledger.next_noise(1.0)
+    ledger.record(z / 2, 1.0)  # not what the plan said: half the noise
+    assert ledger.spent() == pytest.approx(_accounted(ledger), rel=1e-12) and ledger.spent() > 1.5 / 4
+    ledger = SiteLedger("prototypes", 1.5, 1e-5, 4)
+    ledger.record(ledger.next_noise(1.0), 1.0)
+    truth = ledger.spent()
+    for forge in ({"epsilon": [0.0] * 5}, {"epsilon": [0.0, 2.0, 1.0, 1.2, 1.4]}, {"noise": "many"},
+                  {"epsilon": [0.0, 0.4, 0.8, 1.2, 9.0]}):
+        state = ledger.state_dict()
+        state["plan"] = {**state["plan"], **forge}
+        if forge == {"epsilon": [0.0] * 5}:  # well formed: it is believed only while the history follows it
+            state["history"] = [{"noise_multiplier": 1.0, "sample_rate": 1.0, "releases": 1}]
+        again = SiteLedger.from_state_dict(state)
+        assert again.spent() == pytest.approx(_accounted(again), rel=1e-12)
+        assert again.spent() > 0
+    assert SiteLedger.from_state_dict(ledger.state_dict()).spent() == truth

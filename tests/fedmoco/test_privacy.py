@@ -505,3 +505,18 @@ def test_front_loaded_schedule_reference_and_errors():
     for bad in (0.5, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="prototype-first-share must be a number >= 1"):
             prototype_noise_schedule(1.5, 1e-5, 10, 1.0, bad)
+
+
+def test_the_copied_orders_are_opacus_own_and_the_classes_are_its_accountants():
+    """fedmoco.privacy keeps Opacus' default orders without importing Opacus (fedmoco.accountants
+    does); the copy must stay Opacus' list, and the lazily reached classes Opacus accountants."""
+    from opacus.accountants import RDPAccountant, create_accountant
+
+    import fedmoco.privacy as privacy
+
+    assert privacy.OPACUS_DEFAULT_ALPHAS == RDPAccountant.DEFAULT_ALPHAS
+    assert issubclass(privacy.KeyReleaseRDPAccountant, RDPAccountant)
+    assert issubclass(privacy.PrototypeRDPAccountant, RDPAccountant)
+    assert isinstance(create_accountant(privacy.PROTOTYPE_ACCOUNTANT), privacy.PrototypeRDPAccountant)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        privacy.Nope  # noqa: B018
