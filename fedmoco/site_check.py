@@ -17,6 +17,7 @@ Nothing is written and nothing leaves the machine.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -28,6 +29,8 @@ from typing import Any
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.errors import DataError
 from fedmoco.site_settings import SITE_SETTINGS_FILE
+
+log = logging.getLogger(__name__)
 
 # torch, the data pipeline and the model are imported where they are used: this module also
 # builds the `check-site` parser, and `fedmoco --help` should not wait seconds for torch.
@@ -103,12 +106,14 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
 
     data_dir = Path(data_dir)
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=dict(options or {})))
-    usable = len(data.dataset)  # type: ignore[arg-type]
+    skipped = Counter(data.skipped)
+    sizes = source_sizes(data.dataset, skipped)  # image folders: header problems join the skipped files
+    usable = len(data.dataset) - (sum(skipped.values()) - sum(data.skipped.values()))  # type: ignore[arg-type]
     if usable < 2:
         raise DataError(f"{data_dir}: {usable} usable image(s); MoCo needs at least 2"
-                        + (f" ({format_skipped(data.skipped)})" if data.skipped else ""))
-    report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=data.skipped,
-                        channels=data.in_channels, image_size=image_size, source_sizes=source_sizes(data.dataset),
+                        + (f" ({format_skipped(skipped)})" if skipped else ""))
+    report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=skipped,
+                        channels=data.in_channels, image_size=image_size, source_sizes=sizes,
                         description=data.description, privacy=privacy_lines(data_dir, usable))
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
@@ -191,23 +196,36 @@ def _cycle(loader):
         yield from loader
 
 
-def source_sizes(dataset) -> Counter:
+def source_sizes(dataset, skipped: Counter | None = None) -> Counter:
     """(height, width) -> number of files, from file headers where the domain's dataset
-    exposes them (images: the files; medical: the DICOM index; satellite: the raster grids)."""
+    exposes them (images: the files; medical: the DICOM index; satellite: the raster grids).
+
+    Image folders have no index that skips files when it is built (training skips and counts
+    them batch by batch), so here each header that a round would refuse is counted in
+    ``skipped`` by reason: over the ``max_pixels`` data option (a forged header declaring
+    65535 x 65535 pixels is refused before anything is decoded), not an image, unreadable."""
+    from PIL import UnidentifiedImageError
+
     sizes: Counter = Counter()
     if hasattr(dataset, "records"):  # medical: the index holds rows/columns per file
         sizes.update((int(r.rows), int(r.columns)) for r in dataset.records)
     elif hasattr(dataset, "reader") and hasattr(dataset.reader, "sources"):  # satellite
         sizes.update((int(s.grid.height), int(s.grid.width)) for s in dataset.reader.sources)
-    elif hasattr(dataset, "files"):  # images: PIL reads only the header here
-        from PIL import Image
-
-        for f in dataset.files:
+    elif hasattr(dataset, "header"):  # images: PIL reads only the header here
+        for i in range(len(dataset)):
             try:
-                with Image.open(f) as im:
-                    sizes[(im.height, im.width)] += 1
-            except (OSError, ValueError):
-                continue  # unreadable: counted by the training loop, not here
+                sizes[dataset.header(i)] += 1
+            except ValueError:
+                reason = "declared size over max_pixels"
+            except UnidentifiedImageError:
+                reason = "not an image"
+            except OSError:
+                reason = "unreadable"
+            else:
+                continue
+            log.warning("%s: %s", dataset.files[i], reason)
+            if skipped is not None:
+                skipped[reason] += 1
     return sizes
 
 

@@ -14,6 +14,11 @@ of full scale (defaults 0.2 / 0.3 / 0.05; 0 turns each off): a random additive o
 linear ramp in a random direction and Gaussian pixel noise, each applied with p = 0.8, so
 the two views of an image cannot be matched by background level, illumination gradient or
 noise grain (``IntensityNuisance``; the effect is measured in docs/benchmarks.md).
+``max_pixels``: width x height a file's header may declare, checked before anything is
+decoded, default 2**25 (33.5 M, as for DICOM frames). A larger file is skipped and counted
+like an unreadable one: a 700-byte PNG may claim 65535 x 65535 pixels (4.3 G), which PIL
+would try to allocate (its own bomb check stops only beyond 179 M). ``fedmoco check-site``
+counts such files by reason from their headers.
 """
 
 from __future__ import annotations

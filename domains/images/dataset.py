@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,11 @@ from fedmoco.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-OPTIONS = {"channels": "auto", "crop_scale_min": 0.2, "flip": True, "offset": 0.2, "ramp": 0.3, "noise": 0.05}
+OPTIONS = {"channels": "auto", "crop_scale_min": 0.2, "flip": True, "offset": 0.2, "ramp": 0.3, "noise": 0.05,
+           "max_pixels": 2**25}
+#: Default ``max_pixels``: width x height one file may declare before anything is decoded. 2**25
+#: (33.5 M, 5792**2) as for DICOM frames (domains/medical/dicom_types.py): above a 24-megapixel
+#: photograph, far below the 65535**2 a 700-byte forged PNG header can claim.
 #: Options that are strengths in [0, 1] of full scale (0 turns the augmentation off).
 _STRENGTHS = ("offset", "ramp", "noise")
 _NORM_SAMPLE = 64  # images used to estimate the per-channel mean/std
@@ -48,6 +53,12 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         raise DataError(f"--data-option crop_scale_min: must be in (0, 1], got {scale}")
     opts["crop_scale_min"] = scale
     try:
+        opts["max_pixels"] = int(opts["max_pixels"])
+    except (TypeError, ValueError):
+        opts["max_pixels"] = 0
+    if opts["max_pixels"] < 1:
+        raise DataError(f"--data-option max_pixels: must be a whole number >= 1, got {options['max_pixels']!r}")
+    try:
         opts["flip"] = parse_bool(opts["flip"])
     except ValueError:
         raise DataError(f"--data-option flip: must be true or false, got {opts['flip']!r}") from None
@@ -61,9 +72,30 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def load_image(path: Path, channels: int) -> torch.Tensor:
-    """Read ``path`` as a uint8 tensor (channels, H, W). 16-bit images are rescaled to 8 bit."""
-    with Image.open(path) as im:
+def open_image(path: Path, max_pixels: int = OPTIONS["max_pixels"]) -> Image.Image:
+    """``Image.open(path)`` (header only: PIL decodes lazily) that refuses, before any decoding,
+    a header declaring more than ``max_pixels`` pixels: ValueError naming the size and the
+    option. PIL's own bomb check (an error beyond 2 x ``Image.MAX_IMAGE_PIXELS``) becomes
+    the same ValueError; its warning below that is ours to decide, so it is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ValueError(f"the header declares over {2 * Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression "
+                             f"bomb limit), over max_pixels {max_pixels}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ValueError(f"the header declares {w} x {h} = {w * h} pixels, over max_pixels {max_pixels} "
+                         f"(--data-option max_pixels)")
+    return im
+
+
+def load_image(path: Path, channels: int, max_pixels: int = OPTIONS["max_pixels"]) -> torch.Tensor:
+    """Read ``path`` as a uint8 tensor (channels, H, W). 16-bit images are rescaled to 8 bit.
+    ValueError for a header declaring over ``max_pixels`` pixels (:func:`open_image`)."""
+    with open_image(path, max_pixels) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = np.asarray(im, dtype=np.float32)
             lo, hi = float(arr.min()), float(arr.max())
@@ -75,13 +107,13 @@ def load_image(path: Path, channels: int) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
 
 
-def _detect_channels(files: list[Path]) -> int:
+def _detect_channels(files: list[Path], max_pixels: int = OPTIONS["max_pixels"]) -> int:
     for p in files[:_NORM_SAMPLE]:
         try:
-            with Image.open(p) as im:  # header only: PIL decodes lazily
+            with open_image(p, max_pixels) as im:
                 if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
                     return 3
-        except (OSError, UnidentifiedImageError):
+        except (OSError, UnidentifiedImageError, ValueError):
             continue
     return 1
 
@@ -167,18 +199,24 @@ class ImageFolderDataset(Dataset):
     """Files -> ``transform(image)`` (plus label if given); ``None`` for an unreadable file."""
 
     def __init__(self, files: list[Path], channels: int, transform: Callable,
-                 labels: list[int] | None = None) -> None:
+                 labels: list[int] | None = None, max_pixels: int = OPTIONS["max_pixels"]) -> None:
         self.files = files
-        self.channels = channels
+        self.channels, self.max_pixels = channels, max_pixels
         self.transform = transform
         self.labels = labels
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def header(self, i: int) -> tuple[int, int]:
+        """(height, width) of file ``i`` from its header; ValueError over ``max_pixels``,
+        OSError (PIL's UnidentifiedImageError included) when it is not a readable image."""
+        with open_image(self.files[i], self.max_pixels) as im:
+            return im.height, im.width
+
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.files[i], self.channels)
+            img = load_image(self.files[i], self.channels, self.max_pixels)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             log.warning("skipping %s: unreadable image (%s)", self.files[i], exc)
             return None
@@ -186,14 +224,16 @@ class ImageFolderDataset(Dataset):
         return out if self.labels is None else (out, self.labels[i])
 
 
-def estimate_normalization(files: list[Path], channels: int, size: int) -> Normalization:
-    """Per-channel mean/std in [0, 1] units over up to 64 evenly spaced, resized images."""
+def estimate_normalization(files: list[Path], channels: int, size: int,
+                           max_pixels: int = OPTIONS["max_pixels"]) -> Normalization:
+    """Per-channel mean/std in [0, 1] units over up to 64 evenly spaced, resized images
+    (unreadable ones and those over ``max_pixels`` left out)."""
     step = max(1, len(files) // _NORM_SAMPLE)
     resize = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
     stack = []
     for p in files[::step][:_NORM_SAMPLE]:
         try:
-            stack.append(resize(load_image(p, channels)))
+            stack.append(resize(load_image(p, channels, max_pixels)))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             continue
     if not stack:
@@ -207,19 +247,19 @@ def estimate_normalization(files: list[Path], channels: int, size: int) -> Norma
 def _setup(root: Path, cfg: DataConfig) -> tuple[list[Path], dict[str, Any], int]:
     opts = parse_options(cfg.options)
     files = list_files(root, SUFFIXES)
-    channels = _detect_channels(files) if opts["channels"] == "auto" else int(opts["channels"])
+    channels = _detect_channels(files, opts["max_pixels"]) if opts["channels"] == "auto" else int(opts["channels"])
     return files, opts, channels
 
 
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Two MoCo v2 views per image of every PNG/JPEG/TIFF/BMP under ``root``."""
     files, opts, channels = _setup(root, cfg)
-    norm = estimate_normalization(files, channels, cfg.image_size)
+    norm = estimate_normalization(files, channels, cfg.image_size, opts["max_pixels"])
     transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm,
                                            flip=opts["flip"], offset=opts["offset"], ramp=opts["ramp"],
                                            noise=opts["noise"]))
     return PretrainData(
-        dataset=ImageFolderDataset(files, channels, transform),
+        dataset=ImageFolderDataset(files, channels, transform, max_pixels=opts["max_pixels"]),
         in_channels=channels,
         normalization=norm,
         skipped=Counter(),
@@ -240,6 +280,6 @@ def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
         if channels not in (1, 3):
             raise DataError(f"{root}: the checkpoint expects {channels} channels; image folders give 1 or 3")
     labels, classes = read_labels(root, files, labels_csv)
-    norm = normalization or estimate_normalization(files, channels, cfg.image_size)
-    ds = ImageFolderDataset(files, channels, eval_transform(cfg.image_size, norm), labels)
+    norm = normalization or estimate_normalization(files, channels, cfg.image_size, opts["max_pixels"])
+    ds = ImageFolderDataset(files, channels, eval_transform(cfg.image_size, norm), labels, opts["max_pixels"])
     return LabelledData(dataset=ds, classes=classes, in_channels=channels, normalization=norm, sample_labels=labels)

@@ -122,3 +122,17 @@ def test_a_settings_file_a_round_would_refuse_is_one_line(images_site, capsys, t
     err = capsys.readouterr().err
     assert err.startswith("fedmoco check-site: error: " + message.format(file=file, data=images_site))
     assert err.count("\n") == 1
+
+
+def test_an_image_site_with_a_forged_header_reports_it_as_skipped(images_site, capsys):
+    """check-site on an image folder counts what a round would refuse from the headers: a forged
+    65535^2 PNG and a file that is no image, by reason, and exits 0 (the rest is usable)."""
+    from conftest import forged_png
+
+    forged_png(images_site / "circle" / "bomb.png", 65535, 65535)
+    (images_site / "circle" / "notes.png").write_bytes(b"hello")
+    assert main(["-q", "check-site", "--domain", "images", "--data", str(images_site), "--steps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "usable images:   8; 10 images under" in out
+    assert "skipped files:   skipped 2 files: 1 declared size over max_pixels, 1 not an image" in out
+    assert "image sizes:     16 x 16 (8 files)" in out

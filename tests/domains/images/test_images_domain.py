@@ -77,3 +77,34 @@ def test_empty_folder_error(tmp_path):
 
 def test_format_skipped_summary():
     assert format_skipped(Counter({"not DICOM": 2, "truncated": 1})) == "skipped 3 files: 2 not DICOM, 1 truncated"
+
+
+def test_a_forged_header_is_refused_before_decoding(tmp_path, demo_images, caplog):
+    """A 700-byte file that claims 65535^2 pixels (PIL's bomb error) and one that claims 6000^2
+    (36 M, under PIL's limit, over max_pixels) are skipped from their headers: no traceback, a
+    warning naming the file, and the normalisation comes from the readable images."""
+    import logging
+    import shutil
+
+    from conftest import forged_png
+
+    shutil.copytree(demo_images / "circle", tmp_path / "circle")
+    forged_png(tmp_path / "circle" / "bomb.png", 65535, 65535)
+    forged_png(tmp_path / "circle" / "big.png", 6000, 6000)
+    assert (tmp_path / "circle" / "bomb.png").stat().st_size < 1000
+    with caplog.at_level(logging.WARNING):
+        data = build_pretrain_data(tmp_path, DataConfig(image_size=16))
+        by_name = {f.name: i for i, f in enumerate(data.dataset.files)}
+        assert data.dataset[by_name["bomb.png"]] is None and data.dataset[by_name["big.png"]] is None
+    assert "bomb.png: unreadable image (the header declares over" in caplog.text
+    assert "big.png: unreadable image (the header declares 6000 x 6000 = 36000000 pixels, over max_pixels " \
+           "33554432" in caplog.text
+    assert data.normalization.channels == 3 and all(0 < m < 1 for m in data.normalization.mean)
+    # a site that means it raises the cap; the 6000^2 header then passes and PIL finds the file truncated
+    caplog.clear()
+    raised = build_pretrain_data(tmp_path, DataConfig(image_size=16, options={"max_pixels": "40000000"}))
+    with caplog.at_level(logging.WARNING):
+        assert raised.dataset[by_name["big.png"]] is None
+    assert "big.png: unreadable image" in caplog.text and "max_pixels" not in caplog.text
+    with pytest.raises(DataError, match=r"--data-option max_pixels: must be a whole number >= 1, got '0'"):
+        build_pretrain_data(tmp_path, DataConfig(image_size=16, options={"max_pixels": "0"}))
