@@ -114,10 +114,20 @@ class SampleCache:
 
     def put(self, i: int, sample: np.ndarray, tag: int = 1) -> None:
         """Store sample i (cast to the cache dtype) and mark it filled with ``tag`` (1-255)."""
+        self.writable(i)[...] = sample
+        self.mark(i, tag)
+
+    def writable(self, i: int) -> np.ndarray:
+        """Sample i's slot (a memmap view) to fill in parts, e.g. a raster in row blocks, without
+        holding the sample in memory; it reads as unfilled until :meth:`mark`."""
+        self._open()
+        return self._data[i]
+
+    def mark(self, i: int, tag: int = 1) -> None:
+        """Mark sample i filled with ``tag`` (1-255), once its slot holds the whole sample."""
         if not 1 <= tag <= 255:
             raise ValueError(f"tag must be in 1..255, got {tag}")
         self._open()
-        self._data[i] = sample
         self._flags[i] = tag
 
     def filled(self) -> int:

@@ -222,7 +222,7 @@ class TileReader:
     fill: np.ndarray | None = None  # per-band value for masked pixels (the band means)
     # Per source, its selected bands as float16 reflectance with NaN where masked
     # (fedmoco.cache); reads come from it instead of GDAL once filled.
-    cache: list[SampleCache] | None = None
+    cache: list[SampleCache | None] | None = None  # None for a source over cache_max_gb
 
     def read(self, i: int, window: Window) -> np.ma.MaskedArray:
         """Masked reflectance (bands, h, w) of ``window`` in source ``i``; RasterReadError."""
@@ -257,7 +257,7 @@ class TileReader:
     def _cached(self, i: int, window: Window) -> np.ndarray | None:
         """The cached float16 window (NaN where masked; a memmap view), or None: not cached,
         or the source's files changed since the scan."""
-        if self.cache is None or not _unchanged(self.sources[i]):
+        if self.cache is None or self.cache[i] is None or not _unchanged(self.sources[i]):
             return None
         hit = self.cache[i].get(0)
         if hit is None:
@@ -344,8 +344,10 @@ def probe_random(
     return kept
 
 
-# Rows read per GDAL call while filling the cache: bounds memory to bands x rows x width.
+# Rows read per GDAL call while filling the cache: at most 512, and fewer for wide rasters so
+# that one read (masked float32 values and mask) stays under _FILL_BYTES.
 _FILL_ROWS = 512
+_FILL_BYTES = 64 * 2**20
 
 
 def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: DataConfig) -> None:
@@ -353,36 +355,49 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
 
     One cached array per source: its selected bands on the common grid, reflectance as
     float16 (relative error <= 2^-11, far below the augmentations' noise and jitter), NaN
-    where masked. Filled now, in row blocks, once per folder and options; a source that fails
-    to read stays uncached and is read through GDAL (and skipped there, as without a cache).
+    where masked. Filled now, once per folder and options, straight into the memory-mapped
+    file in row blocks (one block in memory at a time); a source that fails to read stays
+    uncached and is read through GDAL (and skipped there, as without a cache). Sources are
+    cached in order while their caches fit in ``cache_max_gb``: a sparse 800 kB GeoTIFF may
+    declare 65535 x 65535 pixels, 32 GiB of float16 per 4 bands, and hours of reads to fill;
+    a source over what is left is read through GDAL, as with the cache off.
     """
     if not (cfg.cache and opts.cache):
         return
     options = {"bands": opts.bands, "scale": opts.scale, "offset": opts.offset, "resolution": opts.resolution,
                "resampling": opts.resampling}
-    caches = []
+    caches: list[SampleCache | None] = []
+    left = opts.cache_max_gb * 1e9
     for i, source in enumerate(reader.sources):
         shape = (len(reader.layout.positions[i]), source.grid.height, source.grid.width)
+        size = 2 * shape[0] * shape[1] * shape[2]  # float16
+        if size > left:
+            log.warning("%s: not cached, read from disk each time: its cache would take %.1f GB, over the %.1f GB "
+                        "left of cache_max_gb %g", source.name, size / 1e9, max(left, 0) / 1e9, opts.cache_max_gb)
+            caches.append(None)
+            continue
         stamps = file_stamps(root, source.paths)
         cache = open_cache(root, f"satellite{i}", 1, shape, "float16",
                            {**options, "positions": reader.layout.positions[i]}, stamps, cfg.cache_dir or None)
         if cache is None:
             return  # no room or no folder: every source goes through GDAL
         caches.append(cache)
-    todo = [i for i, c in enumerate(caches) if c.get(0) is None]
+        left -= size
+    todo = [i for i, c in enumerate(caches) if c is not None and c.get(0) is None]
     handles = shared_handles(reader.gdal_cache_mb)
     for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo, leave=False):
         source, cache = reader.sources[i], caches[i]
-        block = np.empty(cache.shape, np.float16)
+        slot = cache.writable(0)  # (bands, H, W) memmap view: filled block by block, flagged when whole
+        rows = max(1, min(_FILL_ROWS, _FILL_BYTES // (8 * slot.shape[0] * source.grid.width)))
         try:
-            for row in range(0, source.grid.height, _FILL_ROWS):
-                h = min(_FILL_ROWS, source.grid.height - row)
+            for row in range(0, source.grid.height, rows):
+                h = min(rows, source.grid.height - row)
                 tile = source.read((0, row, source.grid.width, h), reader.layout.positions[i], handles)
-                block[:, row:row + h] = np.where(np.ma.getmaskarray(tile), np.nan, tile.data)
+                slot[:, row:row + h] = np.where(np.ma.getmaskarray(tile), np.nan, tile.data)
         except RasterReadError as exc:
             log.warning("not cached, read from disk each time: %s", exc)
             continue
-        cache.put(0, block)
+        cache.mark(0)
     reader.cache = caches
 
 

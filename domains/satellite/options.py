@@ -30,6 +30,7 @@ class SatelliteOptions:
     gdal_cache_mb: int = 64
     max_block_mb: float = DEFAULT_MAX_BLOCK_MB
     cache: bool = True  # decoded-raster cache (fedmoco.cache); false reads every tile through GDAL
+    cache_max_gb: float = 16.0  # rasters are cached while their caches fit in this; the rest read through GDAL
     # sampling
     tile_size: int = 0
     sampling: str = "random"
@@ -191,6 +192,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "gdal_cache_mb": _number(int, 1),
     "max_block_mb": _number(float, 0.0, lo_open=True),
     "cache": _bool,
+    "cache_max_gb": _number(float, 0.0),
     "tile_size": _number(int, 8),
     "sampling": _choice("random", "grid"),
     "stride": _number(int, 1),

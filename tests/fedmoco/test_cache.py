@@ -69,3 +69,18 @@ def test_unwritable_cache_folder_means_no_cache(tmp_path):
     blocker = tmp_path / "c"
     blocker.write_text("a file where the cache folder should be")
     assert open_cache(root, "test", 1, (1,), "uint8", {}, [], blocker) is None
+
+
+def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):
+    """A raster is cached block by block straight into its slot; a crash before the mark leaves
+    it unfilled (refilled next time), never half-served."""
+    root = tmp_path / "data"
+    root.mkdir()
+    cache = _open(root, tmp_path, [])
+    slot = cache.writable(1)
+    slot[0] = 1.5
+    assert cache.get(1) is None and cache.filled() == 0
+    slot[1] = 2.5
+    cache.mark(1)
+    got, tag = cache.get(1)
+    assert tag == 1 and got[0].tolist() == [[1.5] * 3] * 3 and got[1].tolist() == [[2.5] * 3] * 3

@@ -141,3 +141,47 @@ def test_band_statistics_are_remembered_until_a_file_changes(demo4, tmp_path, mo
     _data(root, tmp_path / "c", cache="false")
     assert len(calls) == 4  # cache off: nothing remembered
     assert len(list((tmp_path / "c" / "memo").glob("*.json"))) == 1  # older memos of the folder removed
+
+
+def test_rasters_are_cached_while_they_fit_in_cache_max_gb(demo4, tmp_path):
+    """Rasters are cached in order until cache_max_gb is spent; the others are read through GDAL,
+    and every tile equals GDAL's read either way."""
+    full = _data(demo4, tmp_path / "c").dataset.reader
+    sizes = [c.nbytes - c.offset for c in full.cache]
+    budget = (sizes[0] + sizes[1] + sizes[2] // 2) / 1e9  # room for the first two only
+    reader = _data(demo4, tmp_path / "c2", cache_max_gb=str(budget)).dataset.reader
+    assert [c is not None for c in reader.cache] == [True, True] + [False] * (len(sizes) - 2)
+    for i in range(len(reader.sources)):
+        window = (2, 4, 16, 16)
+        direct = reader.sources[i].read(window, reader.layout.positions[i])
+        got = reader.read(i, window)
+        valid = ~np.ma.getmaskarray(direct)
+        np.testing.assert_array_equal(np.ma.getmaskarray(got), ~valid)
+        np.testing.assert_allclose(got.data[valid], direct.data[valid], rtol=2**-10, atol=1e-6)
+
+
+def test_a_sparse_raster_declaring_65535_squared_is_not_cached(demo4, tmp_path, caplog):
+    """An 800 kB sparse GeoTIFF that declares 65535 x 65535 x 4 bands would need a 34 GB cache (and
+    once took 32 GiB of RAM to fill, a MemoryError traceback). It is read through GDAL instead,
+    and the folder builds in seconds with the other rasters cached."""
+    import logging
+
+    import rasterio
+    from rasterio.transform import from_origin
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root)
+    profile = dict(driver="GTiff", width=65535, height=65535, count=4, dtype="uint16", tiled=True,
+                   blockxsize=256, blockysize=256, sparse_ok=True, crs="EPSG:32633",
+                   transform=from_origin(500000, 4000000, 10, 10))
+    with rasterio.open(root / "huge.tif", "w", **profile):
+        pass
+    assert (root / "huge.tif").stat().st_size < 2_000_000
+    with caplog.at_level(logging.WARNING):
+        reader = _data(root, tmp_path / "c").dataset.reader
+    huge = [i for i, s in enumerate(reader.sources) if s.grid.width == 65535]
+    assert len(huge) == 1 and reader.cache[huge[0]] is None
+    assert sum(c is not None and c.filled() == 1 for c in reader.cache) == len(reader.sources) - 1
+    assert "huge.tif: not cached, read from disk each time: its cache would take 34.4 GB, over the 16.0 GB " \
+           "left of cache_max_gb 16" in caplog.text
+    assert reader.read(huge[0], (1000, 2000, 32, 32)).shape == (4, 32, 32)
