@@ -127,7 +127,7 @@ def test_a_settings_file_a_round_would_refuse_is_one_line(images_site, capsys, t
 def test_an_image_site_with_a_forged_header_reports_it_as_skipped(images_site, capsys):
     """check-site on an image folder counts what a round would refuse from the headers: a forged
     65535^2 PNG and a file that is no image, by reason, and exits 0 (the rest is usable)."""
-    from conftest import forged_png
+    from forged_files import forged_png
 
     forged_png(images_site / "circle" / "bomb.png", 65535, 65535)
     (images_site / "circle" / "notes.png").write_bytes(b"hello")

@@ -86,7 +86,7 @@ def test_a_forged_header_is_refused_before_decoding(tmp_path, demo_images, caplo
     import logging
     import shutil
 
-    from conftest import forged_png
+    from forged_files import forged_png
 
     shutil.copytree(demo_images / "circle", tmp_path / "circle")
     forged_png(tmp_path / "circle" / "bomb.png", 65535, 65535)
