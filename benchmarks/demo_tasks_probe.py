@@ -10,7 +10,8 @@ scene on both sides), and do the same from a random-init encoder of that archite
     python benchmarks/demo_tasks_probe.py --domain medical --epochs 12 --queue-size 64 --lr 0.2 \\
         --data-option crop_scale=0.8
 
-Prints a markdown row and one JSON line (benchmarks/common.py convention).
+Writes benchmarks/results/demo_tasks_probe_<domain>.md (or --out: command, date, machine and
+the table) and prints one JSON line (benchmarks/common.py convention).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import csv
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # examples/ is not installed (it drives server/, which the core never imports): import it from the checkout
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from common import emit_json, machine_line  # noqa: E402
+from common import command_line, emit_json, machine_lines, write_report  # noqa: E402
 
 from fedmoco.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from fedmoco.cli import main as cli  # noqa: E402
@@ -100,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-option", action="append", default=[])
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder)")
+    p.add_argument("--out", type=Path, help="the markdown report (default: "
+                   "benchmarks/results/demo_tasks_probe_<domain>.md)")
     args = p.parse_args(argv)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"demo_tasks_probe_{args.domain}.md"
     task = TASKS[args.domain]
     work = args.work or Path(tempfile.mkdtemp(prefix="demo-probe-"))
     sites, labelled = make_example_data(args.domain, work, 3)
@@ -131,11 +136,22 @@ def main(argv: list[str] | None = None) -> int:
         if task.make_test is not None:
             held[name] = held_out(f, y, *_features(ckpt, args.domain, test / task.data_subdir, test / "labels.csv"))
     pre, rnd = scores["pretrained"], scores["random"]
-    print(machine_line())
-    print("| task | pretrained AUROC / acc | random init AUROC / acc |" + (" held-out AUROC, pretrained / random |"
-                                                                          if held else ""))
-    print(f"| {args.domain} | {pre[0]:.3f} / {100 * pre[1]:.1f}% | {rnd[0]:.3f} / {100 * rnd[1]:.1f}% |"
-          + (f" {held['pretrained']:.3f} / {held['random']:.3f} |" if held else ""))
+    head = "| task | pretrained AUROC / acc | random init AUROC / acc |" + (
+        " held-out AUROC, pretrained / random |" if held else "")
+    row = (f"| {args.domain}: {task.what} | {pre[0]:.3f} / {100 * pre[1]:.1f}% | "
+           f"{rnd[0]:.3f} / {100 * rnd[1]:.1f}% |" + (f" {held['pretrained']:.3f} / {held['random']:.3f} |" if held else ""))
+    write_report(out, [
+        f"# Do the {args.domain} example's generated task reward pretraining? (centralized probe)", "",
+        f"Command: `{command_line('demo_tasks_probe.py', argv)}`", "",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *machine_lines(), "",
+        f"The three example sites' unlabelled archives (`examples.demo`, synthetic data) pooled; the examples' tiny "
+        f"GroupNorm encoder ({args.norm} norm) pretrained with `fedmoco pretrain` for {args.epochs} epochs (batch "
+        f"{args.batch_size}, K {args.queue_size}, lr {args.lr}, m {args.momentum}); a logistic-regression probe "
+        f"(C = 0.1, standardised features) on the frozen backbone, scored by {args.folds}-fold grouped "
+        "cross-validation (no patient or scene on both sides; macro AUROC and accuracy, mean over folds)"
+        + ("; held-out: the probe fitted on the whole labelled set, scored on the separate test archive" if held else "")
+        + ". Random init: the same architecture, seed 0.", "",
+        head, "|---|---|---|" + ("---|" if held else ""), row, ""])
     emit_json({"bench": "demo_tasks_probe", "domain": args.domain, "pretrained_auroc": pre[0],
                "pretrained_accuracy": pre[1], "random_auroc": rnd[0], "random_accuracy": rnd[1],
                "held_out_pretrained_auroc": held.get("pretrained"), "held_out_random_auroc": held.get("random"),
