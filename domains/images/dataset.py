@@ -29,11 +29,11 @@ from fedmoco.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# max_pixels: width x height one file may declare before anything is decoded. 2**25 (33.5 M,
+# 5792**2) as for DICOM frames (domains/medical/dicom_types.py): above a 24-megapixel photograph,
+# far below the 65535**2 a 700-byte forged PNG header can claim.
 OPTIONS = {"channels": "auto", "crop_scale_min": 0.2, "flip": True, "offset": 0.2, "ramp": 0.3, "noise": 0.05,
            "max_pixels": 2**25}
-#: Default ``max_pixels``: width x height one file may declare before anything is decoded. 2**25
-#: (33.5 M, 5792**2) as for DICOM frames (domains/medical/dicom_types.py): above a 24-megapixel
-#: photograph, far below the 65535**2 a 700-byte forged PNG header can claim.
 #: Options that are strengths in [0, 1] of full scale (0 turns the augmentation off).
 _STRENGTHS = ("offset", "ramp", "noise")
 _NORM_SAMPLE = 64  # images used to estimate the per-channel mean/std
