@@ -42,12 +42,34 @@ class _HistoryRDPAccountant(RDPAccountant):
         if not self.history:
             return 0.0, 0.0
         orders = self._orders(alphas)
-        rdp = sum(self._rdp(z, q, n, orders) for z, q, n in self.history)
-        with warnings.catch_warnings():
-            # "Optimal order is the largest alpha": only means the bound could be tighter.
-            warnings.filterwarnings("ignore", message="Optimal order")
-            eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-        return float(eps), float(best)
+        return _convert(orders, sum(self._rdp(z, q, n, orders) for z, q, n in self.history), delta)
+
+    def epsilons_after(self, releases: Sequence[tuple[float, float]], delta: float) -> list[float]:
+        """Epsilon at ``delta`` after the history, then after each further release (z, q) in turn:
+        ``[eps(history), eps(history + releases[:1]), ..., eps(history + releases)]``.
+
+        RDP is additive over releases, so each distinct (z, q) is evaluated once and added up;
+        pricing a ledger's plan of R releases costs a few RDP evaluations and R conversions
+        instead of R full accountings (at q < 1 the prototype RDP takes ~25 ms an evaluation)."""
+        orders = self._orders(None)
+        rdp = sum((self._rdp(z, q, n, orders) for z, q, n in self.history), np.zeros(len(orders)))
+        out = [_convert(orders, rdp, delta)[0] if self.history else 0.0]
+        step: dict[tuple[float, float], np.ndarray] = {}
+        for z, q in releases:
+            if (z, q) not in step:
+                step[(z, q)] = self._rdp(z, q, 1, orders)
+            rdp = rdp + step[(z, q)]
+            out.append(_convert(orders, rdp, delta)[0])
+        return out
+
+
+def _convert(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[float, float]:
+    """(epsilon, best order) at ``delta``: Opacus' RDP -> (epsilon, delta) conversion."""
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha": only means the bound could be tighter.
+        warnings.filterwarnings("ignore", message="Optimal order")
+        eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps), float(best)
 
 
 class KeyReleaseRDPAccountant(_HistoryRDPAccountant):

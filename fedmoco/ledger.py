@@ -109,15 +109,19 @@ class SiteLedger:
     def releases(self) -> int:
         return sum(n for _, _, n in self.history)
 
-    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
-        if not history:
-            return 0.0
+    def _accountant(self, history: list[tuple[float, float, int]]) -> Any:
+        """This mechanism's Opacus accountant (fedmoco.accountants) holding ``history``."""
         privacy = _privacy()
         acc = privacy.PrototypeRDPAccountant() if self.mechanism == "prototypes" else privacy.KeyReleaseRDPAccountant()
         acc.history = list(history)
+        return acc
+
+    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order")
-            return float(acc.get_epsilon(self.delta))
+            return float(self._accountant(history).get_epsilon(self.delta))
 
     def spent(self) -> float:
         """Epsilon spent so far, at ``self.delta``, under ``self.adjacency``: read from the plan
@@ -133,10 +137,10 @@ class SiteLedger:
         if self.plan is None:
             return None
         q, base = self.plan["sample_rate"], [tuple(h) for h in self.plan["base"]]
-        for k in range(len(self.plan["noise"]) + 1):
-            if _compress(base + [(z, q, 1) for z in self.plan["noise"][:k]]) == self.history:
-                return k
-        return None
+        k = self.releases - sum(n for _, _, n in base)  # the only candidate: one comparison, not one per k
+        if not 0 <= k <= len(self.plan["noise"]):
+            return None
+        return k if _compress(base + [(z, q, 1) for z in self.plan["noise"][:k]]) == self.history else None
 
     @property
     def remaining(self) -> int:
@@ -191,7 +195,7 @@ class SiteLedger:
         else:
             z = self._fit(remaining, q)
             noise = [] if z is None else [z] * remaining
-        epsilon = [self._epsilon(_compress(base + [(z, q, 1) for z in noise[:k]])) for k in range(len(noise) + 1)]
+        epsilon = self._accountant(base).epsilons_after([(z, q) for z in noise], self.delta)
         self.plan = {"epsilon_budget": self.epsilon_budget, "delta": self.delta,
                      "planned_releases": self.planned_releases, "sample_rate": q, "first_share": share,
                      "base": [list(h) for h in base], "noise": noise, "epsilon": epsilon}

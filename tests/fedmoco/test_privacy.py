@@ -520,3 +520,21 @@ def test_the_copied_orders_are_opacus_own_and_the_classes_are_its_accountants():
     assert isinstance(create_accountant(privacy.PROTOTYPE_ACCOUNTANT), privacy.PrototypeRDPAccountant)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         privacy.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["KeyReleaseRDPAccountant", "PrototypeRDPAccountant"])
+def test_epsilons_after_each_release_equal_full_accountings(name):
+    """A ledger prices its whole plan with one pass of added RDP: each prefix must equal the
+    accountant run on that prefix's history."""
+    import fedmoco.privacy as privacy
+
+    cls = getattr(privacy, name)
+    acc = cls()
+    acc.history = [(3.0, 0.5, 2)]
+    releases = [(2.0, 0.5), (4.0, 0.25), (4.0, 0.25), (4.0, 0.25)]
+    got = acc.epsilons_after(releases, 1e-5)
+    for k in range(len(releases) + 1):
+        ref = cls()
+        ref.history = [(3.0, 0.5, 2)] + [(z, q, 1) for z, q in releases[:k]]
+        assert got[k] == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
+    assert got == sorted(got) and cls().epsilons_after([], 1e-5) == [0.0]
