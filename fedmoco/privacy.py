@@ -342,7 +342,7 @@ class KeyPrivacyLedger:
         releases = _check_count(d["releases"], "releases", 0)
         self.epsilon_budget, self.delta = fresh.epsilon_budget, fresh.delta
         self.noise_multiplier, self.sample_rate = fresh.noise_multiplier, fresh.sample_rate
-        self._accountant = type(fresh._accountant)()
+        self._accountant = fresh._accountant  # a new, empty accountant
         if releases:
             self._accountant.history = [(self.noise_multiplier, self.sample_rate, releases)]
 

@@ -106,9 +106,10 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
 
     data_dir = Path(data_dir)
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=dict(options or {})))
-    skipped = Counter(data.skipped)
-    sizes = source_sizes(data.dataset, skipped)  # image folders: header problems join the skipped files
-    usable = len(data.dataset) - (sum(skipped.values()) - sum(data.skipped.values()))  # type: ignore[arg-type]
+    refused: Counter = Counter()  # image folders: files whose headers a round would refuse
+    sizes = source_sizes(data.dataset, refused)
+    skipped = data.skipped + refused
+    usable = len(data.dataset) - sum(refused.values())  # type: ignore[arg-type]
     if usable < 2:
         raise DataError(f"{data_dir}: {usable} usable image(s); MoCo needs at least 2"
                         + (f" ({format_skipped(skipped)})" if skipped else ""))

@@ -94,4 +94,3 @@ def first_batch():
         return next(iter(loader))[0]
 
     return first
-
