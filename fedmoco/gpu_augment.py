@@ -597,11 +597,13 @@ class SatelliteViews(nn.Module):
                 cols = torch.where(on.view(-1, 1, 1), kernel @ cols, cols)
         if per_image:
             # Image by image, on the crop's pixels only: first the crop's columns of all bands
-            # and rows as one matrix product (C * h, w) @ (w, S), then its rows, band by band,
-            # with the turn's transpose folded into that product.
+            # and rows as one matrix product (C * hh, ww) @ (ww, S), then its rows, band by band,
+            # with the turn's transpose folded into that product. (The crop's slice is copied
+            # by the reshape either way; cutting its rows too spares the first product the
+            # rows outside the crop, a quarter of its work at the default crop scales.)
             out = x.new_empty(b, c, s, s)
             for i, ((t, l, hh, ww), turn) in enumerate(zip(p["box"].long().tolist(), turned.tolist())):
-                z = (x[i, :, :, l:l + ww].reshape(c * h, ww) @ cols[i, :, l:l + ww].T).view(c, h, s)[:, t:t + hh]
+                z = (x[i, :, t:t + hh, l:l + ww].reshape(c * hh, ww) @ cols[i, :, l:l + ww].T).view(c, hh, s)
                 a = rows[i, :, t:t + hh]
                 if turn:
                     torch.matmul(z.transpose(1, 2), a.T, out=out[i])
