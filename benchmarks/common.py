@@ -103,13 +103,15 @@ def last_json_line(text: str) -> dict[str, Any] | None:
 
 
 def machine_lines() -> list[str]:
-    """Markdown bullet lines: CPU, cores, OS, Python and the versions that shape the numbers."""
+    """Markdown bullet lines: date (UTC), CPU, cores, GPU, OS, Python and the versions that shape
+    the numbers."""
     import numpy
     import rasterio
     import torch
     import torchvision
 
     return [
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- CPU: {cpu_model()}, {cores()} cores available; GPU: {gpu_name('cuda')}",
         f"- OS: {platform.platform()}",
         f"- Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__} "
@@ -125,8 +127,11 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that produced a report, as a user would type it."""
-    return f"python benchmarks/{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    """The command that produced a report, as a user would type it in the repository root: paths
+    inside the checkout (run_all passes absolute ``--out`` paths) are written relative to it."""
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
+    args = argv if argv is not None else sys.argv[1:]
+    return f"python benchmarks/{script}" + "".join(f" {str(a).replace(root, '')}" for a in args)
 
 
 def write_report(out: Path, lines: list[str]) -> None:

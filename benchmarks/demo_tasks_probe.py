@@ -21,7 +21,6 @@ import csv
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(out, [
         f"# Do the {args.domain} example's generated task reward pretraining? (centralized probe)", "",
         f"Command: `{command_line('demo_tasks_probe.py', argv)}`", "",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *machine_lines(), "",
+        *machine_lines(), "",
         f"The three example sites' unlabelled archives (`examples.demo`, synthetic data) pooled; the examples' tiny "
         f"GroupNorm encoder ({args.norm} norm) pretrained with `fedmoco pretrain` for {args.epochs} epochs (batch "
         f"{args.batch_size}, K {args.queue_size}, lr {args.lr}, m {args.momentum}); a logistic-regression probe "

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sites, args.rounds, args.no_deployment = min(args.sites, 2), min(args.rounds, 3), True
     headline: dict = {}
     lines = ["# Federated rounds: traffic and time", "",
-             f"`{command_line('federation_rounds.py', argv)}`, {time.strftime('%Y-%m-%d')}:", "",
+             f"`{command_line('federation_rounds.py', argv)}`:", "",
              *machine_lines(), "",
              "The first round of a simulation includes starting Ray and its actors; every round of a deployment "
              "includes starting one fresh ClientApp process per site (Flower's deployment runtime runs each "

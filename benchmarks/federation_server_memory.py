@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Server memory over rounds",
         "",
-        f"`{command_line('federation_server_memory.py', argv)}`, {time.strftime('%Y-%m-%d')}:",
+        f"`{command_line('federation_server_memory.py', argv)}`:",
         "",
         *machine_lines(),
         "",

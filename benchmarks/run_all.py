@@ -16,6 +16,9 @@ issues against it, and writes docs/benchmarks.md:
     python benchmarks/run_all.py --device cuda --jobs 8  # full suite on a GPU box
 
 Quick results go to benchmarks/results/quick/; a full run writes benchmarks/results/.
+The benchmarks' decoded-sample caches (fedmoco/cache.py) go to a scratch folder removed at
+the end, unless ``FEDMOCO_CACHE_DIR`` is set: their data folders are generated in temporary
+folders, so caches left in ``~/.cache/fedmoco`` would only be gigabytes of orphans.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +357,32 @@ def write_docs(out: Path, runs: dict[str, dict], args: argparse.Namespace, resul
     out.write_text("\n".join(lines) + "\n")
 
 
+def run_benchmarks(names: list[str], args: argparse.Namespace, results: Path, runs: dict[str, dict], start: float,
+                   budget: float | None) -> None:
+    """Run each benchmark in ``names`` in turn (within ``budget`` seconds from ``start``), filling
+    ``runs`` and saving each JSON line as results/NAME.json."""
+    for name in [] if args.collect else names:
+        out = results / f"{name}.md"
+        out.unlink(missing_ok=True)  # some scripts append
+        bench = REGISTRY.get(name, Bench(name))
+        timeout = bench.timeout_quick if args.quick else bench.timeout_full
+        if budget is not None:
+            left = budget - (time.perf_counter() - start)
+            if left < 20:
+                runs[name] = {"name": name, "command": "", "status": f"not run: the {budget:.0f} s budget was spent",
+                              "seconds": 0.0, "record": None, "tail": []}
+                print(f"[run_all] {name}: {runs[name]['status']}", flush=True)
+                continue
+            timeout = int(min(timeout, left))
+        print(f"[run_all] {name} ...", flush=True)
+        runs[name] = run_one(name, bench_args(name, args.quick, args.device, args.jobs, out), timeout,
+                             results / f"{name}.log")
+        r = runs[name]
+        if r["record"]:
+            (results / f"{name}.json").write_text(json.dumps(r["record"]) + "\n")
+        print(f"[run_all] {name}: {r['status']} in {r['seconds']:.0f} s; {json.dumps(r['record'])}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small configurations (make bench)")
@@ -381,26 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(saved.read_text()) if saved.exists() else None
         runs[name] = {"name": name, "command": "", "record": record, "tail": ["no saved JSON line"],
                       "status": "saved" if record else "no saved run", "seconds": float("nan")}
-    for name in [] if args.collect else names:
-        out = results / f"{name}.md"
-        out.unlink(missing_ok=True)  # some scripts append
-        bench = REGISTRY.get(name, Bench(name))
-        timeout = bench.timeout_quick if args.quick else bench.timeout_full
-        if budget is not None:
-            left = budget - (time.perf_counter() - start)
-            if left < 20:
-                runs[name] = {"name": name, "command": "", "status": f"not run: the {budget:.0f} s budget was spent",
-                              "seconds": 0.0, "record": None, "tail": []}
-                print(f"[run_all] {name}: {runs[name]['status']}", flush=True)
-                continue
-            timeout = int(min(timeout, left))
-        print(f"[run_all] {name} ...", flush=True)
-        runs[name] = run_one(name, bench_args(name, args.quick, args.device, args.jobs, out), timeout,
-                             results / f"{name}.log")
-        r = runs[name]
-        if r["record"]:
-            (results / f"{name}.json").write_text(json.dumps(r["record"]) + "\n")
-        print(f"[run_all] {name}: {r['status']} in {r['seconds']:.0f} s; {json.dumps(r['record'])}", flush=True)
+    scratch = None
+    if not args.collect and not os.environ.get("FEDMOCO_CACHE_DIR"):
+        scratch = tempfile.mkdtemp(prefix="fedmoco-bench-cache-")
+        os.environ["FEDMOCO_CACHE_DIR"] = scratch  # inherited by every benchmark process
+    try:
+        run_benchmarks(names, args, results, runs, start, budget)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+            os.environ.pop("FEDMOCO_CACHE_DIR", None)
     total = time.perf_counter() - start
     write_docs(args.docs, runs, args, results, total)
     failed = [] if args.collect else [n for n, r in runs.items() if r["status"] != "ok"]

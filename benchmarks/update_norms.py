@@ -75,16 +75,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from domains.medical.demo import make_demo_archive
 
+    from clients.task import RUN_DEFAULTS
+
     torch.set_num_threads(1)
+    bound = float(RUN_DEFAULTS["max-update-norm"])
     steps = sorted({int(s) for s in args.steps.split(",")})
     t0 = time.perf_counter()
-    rows, record = [], {"bench": "update_norms"}
+    rows, record, largest, starts = [], {"bench": "update_norms"}, (0.0, "", 0), []
     with tempfile.TemporaryDirectory(prefix="fedmoco-norms-") as tmp:
         site = make_demo_archive(Path(tmp) / "site", n_patients=args.patients, seed=0, image_size=args.image_size)
         for arch in args.archs.split(","):
             norms, start = norms_after(arch, site, steps, args.image_size)
             rows.append([arch, f"{start:.3g}", *(f"{norms[s]:.3g}" for s in steps)])
             record[f"{arch}-norm-after-{steps[-1]}-steps"] = norms[steps[-1]]
+            largest = max(largest, max((v, arch, s) for s, v in norms.items()))
+            starts.append(start)
             print(f"{arch}: {norms}", flush=True)
     lines = [
         "# Update norms of an honest site, ||w_site - w_global||_2 after local steps",
@@ -97,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *markdown_table(["encoder", "||w_global||", *(f"{s} step(s)" for s in steps)], rows),
         "",
+        f"The default `max-update-norm` ({bound:g}, run_config) is {bound / largest[0]:.0f}x the largest honest "
+        f"norm above ({largest[1]}, {largest[2]} steps: {largest[0]:.3g}), and "
+        + (f"below every initial model norm (smallest {min(starts):.3g}), so an honest round passes and one reply "
+           "cannot replace the model" if bound < min(starts) else
+           f"NOT below the smallest initial model norm ({min(starts):.3g}): one reply could replace the model")
+        + " (docs/federation.md, \"Hostile sites\").",
+        "",
     ]
     write_report(args.out, lines)
+    record["max_update_norm_over_largest"] = round(bound / largest[0], 2)
     emit_json(record)
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, [
         "# Batched views: CPU against the training device, same random draws", "",
         f"Command: `{command_line('views_device_check.py', argv)}`", "",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *machine_lines(), "",
+        *machine_lines(), "",
         "One batch of 16 per domain through the batched views (`fedmoco.gpu_augment`, `per_image = False`), "
         "parameters drawn once on the CPU and applied on both devices; the Gaussian noise (drawn on the device) "
         "set to 0. Medical: 317 px bases to 224 px views; satellite: 13-band 64 px tiles. Passes below 1e-3 "

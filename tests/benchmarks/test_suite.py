@@ -12,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from common import emit_json, last_json_line  # noqa: E402
+from common import command_line, emit_json, last_json_line, machine_lines  # noqa: E402
 from labelled_task import (CLASSES, TaskSize, dirichlet_partition, iid_partition, make_task, read_labels,  # noqa: E402
                            render, split_sites)
 
@@ -27,6 +27,17 @@ def test_json_line_is_strict_one_line_and_found_last(capsys):
     assert last_json_line("no json here") is None
     with pytest.raises(ValueError, match="'bench' key"):
         emit_json({"rate": 1})
+
+
+def test_report_header_names_date_machine_and_a_command_to_retype():
+    root = BENCH.parent
+    cmd = command_line("feed_satellite.py", ["--out", str(root / "benchmarks" / "results" / "x.md"), "--out2",
+                                             "/elsewhere/y.md", "--samples", "8"])
+    assert cmd == "python benchmarks/feed_satellite.py --out benchmarks/results/x.md --out2 /elsewhere/y.md --samples 8"
+    lines = machine_lines()
+    assert re.fullmatch(r"- Date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", lines[0])
+    assert lines[1].startswith("- CPU: ") and "cores available; GPU: " in lines[1]
+    assert any("torch " in line for line in lines)
 
 
 def test_glyph_classes_render_differently_and_mirror_pairs_are_mirrors():
@@ -144,6 +155,39 @@ def test_the_suite_passes_each_script_only_options_it_declares(tmp_path):
             # full run's (the feed benchmarks once overwrote benchmarks/results/feed_*.md)
             if "--out" in declared:
                 assert "--out" in flags, f"{name} (quick={quick}) is not given --out"
+
+
+def test_the_suite_keeps_the_benchmarks_caches_out_of_the_users_cache_folder(tmp_path, monkeypatch):
+    """Benchmarks build datasets in temporary folders; their sample caches once piled up in
+    ~/.cache/fedmoco (3.5 GB of orphans). The suite gives them a scratch folder, removed after,
+    unless the user set FEDMOCO_CACHE_DIR."""
+    import os
+
+    import run_all
+
+    seen = []
+
+    def fake_run_one(name, args, timeout, log):
+        folder = os.environ.get("FEDMOCO_CACHE_DIR")
+        seen.append(folder)
+        (Path(folder) / "samples").mkdir(parents=True)  # what a benchmark's cache would do
+        return {"name": name, "command": "", "status": "ok", "seconds": 0.0, "record": {"bench": name},
+                "tail": []}
+
+    monkeypatch.setattr(run_all, "run_one", fake_run_one)
+    monkeypatch.setattr(run_all, "BENCH", tmp_path)  # results, logs and the page under tmp_path
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    monkeypatch.setattr(run_all, "discover", lambda: ["update_norms"])
+    monkeypatch.setattr(run_all, "bench_args", lambda *args: [])
+    monkeypatch.delenv("FEDMOCO_CACHE_DIR", raising=False)
+    docs = tmp_path / "benchmarks.md"
+    run_all.main(["--only", "update_norms", "--docs", str(docs)])
+    assert seen and seen[0] and not Path(seen[0]).exists() and "FEDMOCO_CACHE_DIR" not in os.environ
+    assert not str(seen[0]).startswith(str(Path.home() / ".cache"))
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(mine))
+    run_all.main(["--only", "update_norms", "--docs", str(docs)])
+    assert seen[1] == str(mine) and (mine / "samples").is_dir()  # the user's own folder is kept
 
 
 def test_server_memory_sites_reply_as_real_sites_do(tmp_path):
