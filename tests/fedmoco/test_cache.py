@@ -6,6 +6,7 @@ import os
 import pickle
 
 import numpy as np
+import pytest
 
 from fedmoco.cache import file_stamps, open_cache
 
@@ -72,15 +73,22 @@ def test_unwritable_cache_folder_means_no_cache(tmp_path):
 
 
 def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):
-    """A raster is cached block by block straight into its slot; a crash before the mark leaves
-    it unfilled (refilled next time), never half-served."""
+    """A raster is cached in parts straight into its file; a crash before the mark leaves it
+    unfilled (refilled next time), never half-served. Parts land where their flat offset says,
+    the neighbouring samples untouched, and nothing is written outside the sample."""
     root = tmp_path / "data"
     root.mkdir()
     cache = _open(root, tmp_path, [])
-    slot = cache.writable(1)
-    slot[0] = 1.5
+    cache.write(1, 0, np.full((3, 3), 1.5))
     assert cache.get(1) is None and cache.filled() == 0
-    slot[1] = 2.5
+    cache.write(1, 9, np.full(9, 2.5, np.float64))  # cast to the cache dtype
+    cache.write(1, 12, np.array([7.0]))
     cache.mark(1)
     got, tag = cache.get(1)
-    assert tag == 1 and got[0].tolist() == [[1.5] * 3] * 3 and got[1].tolist() == [[2.5] * 3] * 3
+    assert tag == 1 and got[0].tolist() == [[1.5] * 3] * 3 and got[1].tolist() == [[2.5, 2.5, 2.5], [7.0, 2.5, 2.5],
+                                                                                   [2.5, 2.5, 2.5]]
+    assert cache.get(0) is None and cache.get(2) is None
+    cache.mark(2)
+    assert not cache.get(2)[0].any()  # sample 2's bytes were never written
+    with pytest.raises(IndexError, match="outside"):
+        cache.write(1, 10, np.zeros(9))

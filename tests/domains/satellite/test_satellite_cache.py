@@ -28,6 +28,53 @@ def test_cached_tiles_equal_gdal_reads(demo4, tmp_path):
         np.testing.assert_allclose(cached.data[valid], direct.data[valid], rtol=2**-10, atol=1e-6)
 
 
+def test_windows_across_blocks_and_at_the_edges_equal_gdal_reads(demo4, tmp_path):
+    """The cache stores 64 px blocks; a window is put together from up to four of them (more
+    for larger windows), and the last block row and column are cut at the raster's edge."""
+    reader = _data(demo4, tmp_path / "c").dataset.reader
+    for i, source in enumerate(reader.sources):
+        h, w = source.grid.height, source.grid.width
+        assert reader.cache[i].shape[:2] == (-(-h // 64), -(-w // 64))
+        for window in [(50, 60, 30, 20), (63, 63, 2, 2), (0, 0, w, h), (w - 37, h - 41, 37, 41), (64, 0, 64, 64)]:
+            if window[0] + window[2] > w or window[1] + window[3] > h:
+                continue
+            direct = reader.sources[i].read(window, reader.layout.positions[i])
+            got = reader.read(i, window)
+            valid = ~np.ma.getmaskarray(direct)
+            np.testing.assert_array_equal(np.ma.getmaskarray(got), ~valid)
+            np.testing.assert_allclose(got.data[valid], direct.data[valid], rtol=2**-10, atol=1e-6)
+
+
+def test_a_window_is_taken_from_the_blocks_holding_it():
+    from domains.satellite.dataset import blocks_shape, window_from_blocks
+
+    rng = np.random.default_rng(0)
+    image = rng.random((3, 150, 200)).astype(np.float16)  # 3 x 4 blocks of 64, the last ones cut
+    shape = blocks_shape(3, 150, 200)
+    assert shape == (3, 4, 3, 64, 64)
+    padded = np.full((3, 192, 256), np.nan, np.float16)
+    padded[:, :150, :200] = image
+    blocks = padded.reshape(3, 3, 64, 4, 64).transpose(1, 3, 0, 2, 4).copy()
+    for _ in range(50):
+        h, w = int(rng.integers(1, 150)), int(rng.integers(1, 200))
+        row, col = int(rng.integers(0, 150 - h + 1)), int(rng.integers(0, 200 - w + 1))
+        got = window_from_blocks(blocks, (col, row, w, h))
+        assert got.flags.c_contiguous and np.array_equal(got, image[:, row:row + h, col:col + w])
+
+
+@pytest.mark.parametrize("bands, height, width", [(13, 1000, 700), (4, 65535, 65535), (13, 70, 40), (2, 64, 64)])
+def test_fill_reads_cover_the_raster_once_in_bounded_block_aligned_reads(bands, height, width):
+    from domains.satellite.dataset import _FILL_BYTES, fill_reads
+
+    reads = fill_reads(bands, height, width)
+    assert sum(w * h for _, _, w, h in reads) == height * width  # disjoint and covering (in bounds below)
+    for col, row, w, h in reads:
+        assert col % 64 == 0 and row % 64 == 0 and col + w <= width and row + h <= height
+        assert 8 * bands * w * h <= max(_FILL_BYTES, 8 * bands * 64 * 64)
+    covered = {(c, r) for c, r, _, _ in reads}
+    assert len(covered) == len(reads)
+
+
 def test_changed_raster_or_no_cache(demo4, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(demo4, root)
@@ -107,9 +154,9 @@ def test_filled_float16_reads_equal_the_masked_path(demo4, tmp_path):
     shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
     reader = _data(root, tmp_path / "c").dataset.reader
     before = reader.read_filled(0, (3, 2, 20, 16))[1]
-    hit = reader.cache[0].get(0)[0]
-    hit[1, 4:9, 6:8] = np.nan  # masked pixels in band 2 (as the cache stores nodata)
-    hit[0, 4, 6] = np.inf
+    hit = reader.cache[0].get(0)[0]  # (block rows, block columns, bands, 64, 64)
+    hit[0, 0, 1, 4:9, 6:8] = np.nan  # masked pixels in band 2 (as the cache stores nodata)
+    hit[0, 0, 0, 4, 6] = np.inf
     for i, window in [(0, (3, 2, 20, 16)), (0, (0, 0, 8, 8)), (1, (3, 5, 20, 16))]:
         tile = reader.read(i, window)
         fast, fraction = reader.read_filled(i, window)
