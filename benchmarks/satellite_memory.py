@@ -53,11 +53,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def anon_mb() -> float:
-    """Current anonymous resident memory of this process in MiB (RssAnon, Linux /proc)."""
+def anon_mb(kind: str = "RssAnon") -> float:
+    """Current anonymous resident memory of this process in MiB (RssAnon, Linux /proc); ``kind``
+    "RssFile" gives its file pages."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("RssAnon:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -143,7 +144,7 @@ def child(folder: Path, samples: int, cache_mb: int | None, raster_cache: Path |
     data = build_pretrain_data(folder, DataConfig(image_size=64, seed=0, options=options,
                                                   cache_dir=str(raster_cache or "")))
     built = time.perf_counter()
-    after_build = rss_mb()
+    after_build, after_build_file = rss_mb(), anon_mb("RssFile")
     ok = 0
     for i in range(len(data.dataset)):
         ok += data.dataset[i] is not None
@@ -153,6 +154,8 @@ def child(folder: Path, samples: int, cache_mb: int | None, raster_cache: Path |
         "baseline_anon_mb": baseline_anon,
         "after_build_mb": after_build,
         "end_mb": rss_mb(),
+        "end_file_mb": anon_mb("RssFile"),
+        "after_build_file_mb": after_build_file,
         "peak_mb": peak_rss_mb(),
         "peak_anon_mb": anon.stop(),
         "raster_cache": raster_cache is not None,
@@ -188,9 +191,11 @@ def reading(anon: dict[str, list[float]], sizes: list[int]) -> list[str]:
     return [
         f"Reading: the process's own memory (anonymous growth) is {spread('default')} with the defaults, and "
         f"{spread('uncached')} with the cache off: " + verdict
-        + "With the cache on, the total resident set also counts the cache file's pages that the tiles touched: "
-        "the cache stores 64 px blocks with all bands together, so a 64 px tile touches at most 4 blocks "
-        "(425 kB for 13 bands), and the fill writes through the file, not the mapping. With GDAL's default "
+        + "With the cache on, the total resident set also counts the cache file's pages that the tiles touched "
+        "(page cache, shared by the workers that map the file and reclaimable; the kernel maps pages that the "
+        "fill left in the page cache in large folios, so this grows faster than the 425 kB of blocks a 64 px "
+        "tile lies in). The fill itself writes through the file, not the mapping, so *after build* holds none "
+        "of the raster. With GDAL's default "
         f"block cache (5% of RAM) the anonymous growth reaches {spread('gdal_default')}: every newly touched "
         "256 px block of the compressed file stays decoded in memory, up to that 5% - hence the "
         "`gdal_cache_mb` option (docs/satellite.md).",

@@ -259,7 +259,9 @@ class TileReader:
         if self.cache is None or self.cache[i] is None or not _unchanged(self.sources[i]):
             return None
         hit = self.cache[i].get(0)
-        return None if hit is None else window_from_blocks(hit[0], window)
+        if hit is None:
+            return None
+        return window_from_blocks(hit[0], window)  # hit[0]: the blocks, a view of the mapping
 
     def filled(self, tile: np.ma.MaskedArray) -> torch.Tensor:
         """Tensor (bands, h, w) with masked pixels set to the band mean (0 once normalised)."""
@@ -346,9 +348,11 @@ def probe_random(
 # 3.3 MB of page cache and as many scattered disk reads for 106 kB of tile, where it touches at
 # most 4 contiguous blocks (425 kB) here. That matters once the caches outgrow RAM.
 _BLOCK = 64
-# Rows and columns read per GDAL call while filling the cache: at most 512 rows, fewer (and the
-# width in parts) for wide rasters, so that one read (masked float32 values and mask) stays
-# under _FILL_BYTES; both multiples of _BLOCK.
+# Rows and columns read per GDAL call while filling the cache: 512 rows (fewer only for rasters
+# with very many bands) and the width in parts of a multiple of 512 columns, so that one read
+# (masked float32 values and mask) stays under _FILL_BYTES. 512 is a multiple of the usual
+# source block sizes (256, 512), so GDAL decodes each source block once; strips of the whole
+# width, 64 rows high on a 10000 px wide 13-band raster, decoded each 256 px block four times.
 _FILL_ROWS = 512
 _FILL_BYTES = 64 * 2**20
 
@@ -359,8 +363,9 @@ def blocks_shape(bands: int, height: int, width: int, block: int = _BLOCK) -> tu
 
 
 def window_from_blocks(blocks: np.ndarray, window: Window) -> np.ndarray:
-    """The window (col, row, w, h) of a blocked raster ``blocks`` (by, bx, bands, B, B) as a new
-    (bands, h, w) array, copied block by block (at most 4 blocks for a window of <= B px)."""
+    """The window (col, row, w, h) of a raster stored as ``blocks`` (block rows, block columns,
+    bands, B, B), as a new (bands, h, w) array, copied block by block (at most 4 blocks for a
+    window of <= B px)."""
     col, row, w, h = window
     b = blocks.shape[-1]
     out = np.empty((blocks.shape[2], h, w), blocks.dtype)
@@ -374,11 +379,14 @@ def window_from_blocks(blocks: np.ndarray, window: Window) -> np.ndarray:
 
 
 def fill_reads(bands: int, height: int, width: int, block: int = _BLOCK) -> list[Window]:
-    """The GDAL windows (col, row, w, h) that fill a blocked cache: strips of whole block rows,
-    split into whole block columns where a strip would exceed _FILL_BYTES."""
-    rows = max(block, min(_FILL_ROWS, _FILL_BYTES // (8 * bands * width)) // block * block)
-    fits = _FILL_BYTES // (8 * bands * rows)  # columns per read; 8 bytes: float32 value + mask
-    cols = width if fits >= width else max(block, fits // block * block)
+    """The GDAL windows (col, row, w, h) that fill a blocked cache, block-aligned, each under
+    _FILL_BYTES where a block row of ``block`` x ``block`` pixels allows it."""
+    rows = _FILL_ROWS
+    while rows > block and 8 * bands * rows * min(width, _FILL_ROWS) > _FILL_BYTES:  # 8: float32 + mask
+        rows //= 2
+    fits = _FILL_BYTES // (8 * bands * rows)  # columns per read
+    step = _FILL_ROWS if fits >= _FILL_ROWS else block
+    cols = width if fits >= width else max(block, fits // step * step)
     return [(c, r, min(cols, width - c), min(rows, height - r))
             for r in range(0, height, rows) for c in range(0, width, cols)]
 
@@ -426,7 +434,8 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
             continue
         stamps = file_stamps(root, source.paths)
         cache = open_cache(root, f"satellite{i}", 1, shape, "float16",
-                           {**options, "positions": reader.layout.positions[i]}, stamps, cfg.cache_dir or None)
+                           {**options, "positions": reader.layout.positions[i]}, stamps, cfg.cache_dir or None,
+                           access="random")
         if cache is None:
             return  # no room or no folder: every source goes through GDAL
         caches.append(cache)

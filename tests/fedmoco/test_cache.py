@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fedmoco.cache import file_stamps, open_cache
+from fedmoco.cache import SampleCache, file_stamps, open_cache
 
 
 def _open(root, tmp_path, stamps, **options):
@@ -92,3 +92,5 @@ def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):
     assert not cache.get(2)[0].any()  # sample 2's bytes were never written
     with pytest.raises(IndexError, match="outside"):
         cache.write(1, 10, np.zeros(9))
+    again = pickle.loads(pickle.dumps(SampleCache(cache.path, cache.n, cache.shape, cache.dtype, "random")))
+    assert again.access == "random" and again.get(1)[0].tolist() == got.tolist()  # a worker's own mapping

@@ -62,7 +62,8 @@ def test_a_window_is_taken_from_the_blocks_holding_it():
         assert got.flags.c_contiguous and np.array_equal(got, image[:, row:row + h, col:col + w])
 
 
-@pytest.mark.parametrize("bands, height, width", [(13, 1000, 700), (4, 65535, 65535), (13, 70, 40), (2, 64, 64)])
+@pytest.mark.parametrize("bands, height, width", [(13, 1000, 700), (4, 65535, 65535), (13, 70, 40), (2, 64, 64),
+                                                  (13, 10000, 10000), (200, 3000, 3000)])
 def test_fill_reads_cover_the_raster_once_in_bounded_block_aligned_reads(bands, height, width):
     from domains.satellite.dataset import _FILL_BYTES, fill_reads
 
@@ -73,6 +74,8 @@ def test_fill_reads_cover_the_raster_once_in_bounded_block_aligned_reads(bands, 
         assert 8 * bands * w * h <= max(_FILL_BYTES, 8 * bands * 64 * 64)
     covered = {(c, r) for c, r, _, _ in reads}
     assert len(covered) == len(reads)
+    if bands <= 13:  # whole 512 px squares of source blocks per read: each decoded once
+        assert all(col % 512 == 0 and row % 512 == 0 for col, row, _, _ in reads)
 
 
 def test_changed_raster_or_no_cache(demo4, tmp_path):
@@ -154,7 +157,7 @@ def test_filled_float16_reads_equal_the_masked_path(demo4, tmp_path):
     shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
     reader = _data(root, tmp_path / "c").dataset.reader
     before = reader.read_filled(0, (3, 2, 20, 16))[1]
-    hit = reader.cache[0].get(0)[0]  # (block rows, block columns, bands, 64, 64)
+    hit = reader.cache[0].get(0)[0]  # (block rows, block columns, bands, 64, 64); writes reach the file
     hit[0, 0, 1, 4:9, 6:8] = np.nan  # masked pixels in band 2 (as the cache stores nodata)
     hit[0, 0, 0, 4, 6] = np.inf
     for i, window in [(0, (3, 2, 20, 16)), (0, (0, 0, 8, 8)), (1, (3, 5, 20, 16))]:
