@@ -107,8 +107,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "min-nodes": 2,  # nodes that must be connected before a round starts
     "min-replies": 1,  # accepted replies a round needs to update the global model
-    # Bound on ||w_site - w_global||_2 (0 = unbounded). 10 = 11x the largest honest update
-    # measured (tiny, 100 local steps: 0.87; benchmarks/update_norms.py) and below ||w_global||
+    # Bound on ||w_site - w_global||_2 (0 = unbounded). 10 = 12x the largest honest update
+    # measured (tiny, 100 local steps: 0.86; benchmarks/update_norms.py) and below ||w_global||
     # of tiny (26) and resnet18 (113), so one reply cannot replace the model. docs/federation.md.
     "max-update-norm": 10.0,
     "max-examples-per-site": 100_000,  # a site's FedAvg weight counts at most this many examples
