@@ -394,7 +394,7 @@ def fill_reads(bands: int, height: int, width: int, block: int = _BLOCK) -> list
 def _fill_blocks(cache: SampleCache, shape: tuple[int, ...], window: Window, tile: np.ndarray) -> None:
     """Write ``tile`` (bands, h, w) float16, read at ``window`` (block-aligned), into the blocked
     cache of ``shape``: one contiguous write per block row, padded with NaN past the raster."""
-    nby, nbx, bands, b, _ = shape
+    _, nbx, bands, b, _ = shape
     col, row, w, h = window
     ry, rx = -(-h // b), -(-w // b)
     padded = np.full((bands, ry * b, rx * b), np.nan, np.float16)
