@@ -27,6 +27,7 @@ import logging
 import mmap
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -243,3 +244,61 @@ def write_memo(root: Path, kind: str, key: dict[str, Any], value: dict, cache_di
 def _free_bytes(folder: Path) -> int:
     st = os.statvfs(folder)
     return st.f_bavail * st.f_frsize
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What a cache folder holds: sample caches, memos and leftovers of interrupted creations."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    bytes: int  # allocated on disk (a sample cache is sparse until filled)
+    removed: int = 0  # files removed by :func:`prune_cache`
+    freed: int = 0  # bytes those files held
+
+
+def _cache_files(folder: Path) -> list[Path]:
+    found = [*(folder / "samples").glob("*.cache"), *(folder / "samples").glob("*.tmp"),
+             *(folder / "memo").glob("*.json"), *(folder / "memo").glob("*.tmp")]
+    return sorted(p for p in found if p.is_file())
+
+
+def _on_disk(path: Path) -> int:
+    st = path.stat()
+    return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+
+
+def cache_usage(cache_dir: Path | str | None = None) -> CacheUsage:
+    """The files of the cache folder (``cache_dir`` or :func:`default_cache_dir`) and their size."""
+    folder = Path(cache_dir or default_cache_dir())
+    files = _cache_files(folder)
+    return CacheUsage(folder, tuple(files), sum(_on_disk(p) for p in files))
+
+
+def prune_cache(cache_dir: Path | str | None = None, older_than_days: float | None = None,
+                now: float | None = None) -> CacheUsage:
+    """Remove the cache folder's files, or with ``older_than_days`` those last used (the later of
+    their access and modification times) more than that many days ago; returns what is left,
+    with how many files and bytes were removed.
+
+    Why a site needs it: a cache is keyed by its data folder's path and options, and holds no
+    path (privacy), so the cache of a folder that was moved or deleted is never used again
+    and nothing can tell whose it was; a satellite folder's cache can take up to
+    ``cache_max_gb``. Removing a cache in use is safe: a running process keeps its mapping,
+    and the next run rebuilds the file.
+    """
+    folder = Path(cache_dir or default_cache_dir())
+    now = time.time() if now is None else now
+    removed = freed = 0
+    for path in _cache_files(folder):
+        try:
+            st = path.stat()
+            if older_than_days is not None and now - max(st.st_atime, st.st_mtime) <= older_than_days * 86400:
+                continue
+            size = _on_disk(path)
+            path.unlink()
+        except FileNotFoundError:  # removed meanwhile (another prune, a rebuild)
+            continue
+        removed, freed = removed + 1, freed + size
+    left = cache_usage(folder)
+    return CacheUsage(folder, left.files, left.bytes, removed, freed)

@@ -1,4 +1,4 @@
-"""The ``fedmoco`` command: pretrain, finetune, knn, linear-probe, plot, make-demo-data.
+"""The ``fedmoco`` command: pretrain, finetune, knn, linear-probe, plot, make-demo-data, cache, ...
 
 User errors (FedmocoError) print one line naming the path or option, with no traceback,
 and exit with status 2.
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--labelled", action="store_true", help="one sub-folder per class")
     demo.add_argument("--bands", type=int, default=4, choices=[4, 13], help="satellite only (default 4)")
+    cache = sub.add_parser("cache", help="show, or remove, the decoded-sample caches of this machine")
+    cache.add_argument("--cache-dir", type=Path,
+                       help="default: $FEDMOCO_CACHE_DIR, else $XDG_CACHE_HOME/fedmoco, else ~/.cache/fedmoco")
+    what = cache.add_mutually_exclusive_group()
+    what.add_argument("--clear", action="store_true", help="remove every cache file")
+    what.add_argument("--older-than", type=float, metavar="DAYS",
+                      help="remove the cache files not used for more than DAYS days")
     add_keygen_parser(sub)
     add_sign_app_parser(sub)
     add_check_site_parser(sub)
@@ -269,6 +276,25 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from fedmoco.cache import cache_usage, prune_cache
+
+    if args.clear or args.older_than is not None:
+        usage = prune_cache(args.cache_dir, None if args.clear else args.older_than)
+        print(f"removed {usage.removed} cache file(s), {_size(usage.freed)}"
+              + (f" not used for {args.older_than:g} days" if args.older_than is not None else ""))
+    else:
+        usage = cache_usage(args.cache_dir)
+    print(f"cache folder: {usage.folder}" + ("" if usage.folder.exists() else " (not created yet)"))
+    print(f"{len(usage.files)} cache file(s), {_size(usage.bytes)} on disk"
+          + (f" ({sum(p.suffix == '.cache' for p in usage.files)} sample caches)" if usage.files else ""))
+    return 0
+
+
 #: Range of numeric options, by argparse dest, wherever a command has them: (rule, test).
 NUMBER_RULES: dict[str, tuple[str, Any]] = {
     "batch_size": (">= 1", lambda v: v >= 1),
@@ -281,6 +307,7 @@ NUMBER_RULES: dict[str, tuple[str, Any]] = {
     "k": (">= 1", lambda v: v >= 1),
     "t": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
     "test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+    "older_than": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
 }
 
 
@@ -316,6 +343,7 @@ COMMANDS["keygen"] = cmd_keygen
 COMMANDS["finetune"] = cmd_finetune
 COMMANDS["sign-app"] = cmd_sign_app
 COMMANDS["check-site"] = cmd_check_site
+COMMANDS["cache"] = cmd_cache
 
 
 def main(argv: Sequence[str] | None = None) -> int:

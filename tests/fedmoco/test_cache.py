@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fedmoco.cache import SampleCache, file_stamps, open_cache
+from fedmoco.cache import SampleCache, file_stamps, open_cache, write_memo
 
 
 def _open(root, tmp_path, stamps, **options):
@@ -94,3 +94,50 @@ def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):
         cache.write(1, 10, np.zeros(9))
     again = pickle.loads(pickle.dumps(SampleCache(cache.path, cache.n, cache.shape, cache.dtype, "random")))
     assert again.access == "random" and again.get(1)[0].tolist() == got.tolist()  # a worker's own mapping
+
+
+def test_cache_usage_and_pruning_by_last_use(tmp_path):
+    """A site admin sees what the caches take and removes those not used lately: the cache of a
+    moved or deleted data folder is never used again, and nothing in it says whose it was."""
+    import time
+
+    from fedmoco.cache import cache_usage, prune_cache
+
+    folder = tmp_path / "c"
+    assert cache_usage(folder).files == () and cache_usage(folder).bytes == 0  # not created yet
+    roots = [tmp_path / name for name in ("old", "new")]
+    for root in roots:
+        root.mkdir()
+        open_cache(root, "test", 2, (64, 64), "float32", {}, [], folder).put(0, np.ones((64, 64)))
+    write_memo(roots[0], "stats", {"k": 1}, {"mean": [0.5]}, folder)
+    (folder / "samples" / "interrupted.cache.tmp").write_bytes(b"x" * 10)
+    usage = cache_usage(folder)
+    assert len(usage.files) == 4 and usage.bytes >= 2 * 64 * 64 * 4  # sparse: sample 1 was never written
+    now = time.time()
+    old = [p for p in usage.files if "interrupted" in p.name or p.suffix == ".json"]
+    old.append(next(p for p in usage.files if p.suffix == ".cache"))
+    for p in old:
+        os.utime(p, (now - 10 * 86400, now - 10 * 86400))
+    kept = prune_cache(folder, older_than_days=7, now=now)
+    assert kept.removed == 3 and kept.freed > 0 and len(kept.files) == 1 and kept.files[0] not in old
+    cleared = prune_cache(folder)
+    assert cleared.removed == 1 and cleared.files == () and cleared.bytes == 0
+    assert (folder / "samples").is_dir()  # the folder stays, empty
+
+
+def test_fedmoco_cache_command_lists_and_clears(tmp_path, capsys):
+    from fedmoco.cli import main
+
+    root = tmp_path / "data"
+    root.mkdir()
+    _open(root, tmp_path, []).put(0, np.ones((2, 3, 3)))
+    assert main(["cache", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert f"cache folder: {tmp_path / 'c'}\n" in out and "1 cache file(s)" in out and "(1 sample caches)" in out
+    assert main(["cache", "--cache-dir", str(tmp_path / "c"), "--older-than", "1"]) == 0
+    assert "removed 0 cache file(s), 0.0 MB not used for 1 days" in capsys.readouterr().out
+    assert main(["cache", "--cache-dir", str(tmp_path / "c"), "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 cache file(s)" in out and "0 cache file(s), 0.0 MB on disk" in out
+    assert main(["cache", "--cache-dir", str(tmp_path / "c"), "--older-than", "nan"]) == 2
+    assert "--older-than must be a finite number >= 0, got nan" in capsys.readouterr().err
