@@ -136,3 +136,23 @@ def test_an_image_site_with_a_forged_header_reports_it_as_skipped(images_site, c
     assert "usable images:   8; 10 images under" in out
     assert "skipped files:   skipped 2 files: 1 declared size over max_pixels, 1 not an image" in out
     assert "image sizes:     16 x 16 (8 files)" in out
+
+
+@pytest.mark.parametrize("domain", ["medical", "satellite", "images"])
+def test_the_dry_run_writes_nothing(domain, hospital, images_site, tmp_path, monkeypatch):
+    """check-site is a dry run: no decoded-sample cache (a satellite archive's can take up to
+    cache_max_gb and minutes to fill), no header index, no statistics memo. It says where a
+    round will cache, and times the steps as a first epoch runs them (decoding included)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(cache))
+    if domain == "satellite":
+        from domains.satellite.demo import make_demo_archive
+
+        folder = make_demo_archive(tmp_path / "sat", bands=4, seed=0)
+    else:
+        folder = hospital if domain == "medical" else images_site
+    report = check_site(domain, folder, image_size=32, batch_size=4, steps=1)
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))
+    assert f"cache:           this check wrote nothing; a round decodes the images once into {cache} " in \
+        "\n".join(report.lines())
+    assert "reading, decoding and augmentation included: a round's first epoch" in report.lines()[6]
