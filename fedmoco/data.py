@@ -109,6 +109,12 @@ class PretrainData:
     # counted by the training loop instead (see collate_views).
     skipped: Counter = field(default_factory=Counter)
     description: str = ""
+    # What the domain's decoded-sample cache takes on disk for this folder and these options,
+    # in bytes, whether or not this build used it (0: the domain has none), and how many of
+    # its sources it leaves uncached (satellite rasters over cache_max_gb): check-site's
+    # estimate for the site admin.
+    cache_bytes: int = 0
+    cache_skipped: int = 0
 
 
 @dataclass

@@ -62,6 +62,8 @@ class SiteReport:
     skipped_while_timing: int = 0
     privacy: list[str] = field(default_factory=list)  # the settings file's budget and ledger, one fact per line
     cache_dir: str = ""  # where a round's decoded-sample cache goes
+    cache_bytes: int = 0  # what it takes there (fedmoco.data.PretrainData.cache_bytes)
+    cache_skipped: int = 0  # sources it leaves uncached
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -83,17 +85,26 @@ class SiteReport:
         if self.steps_timed:
             out += [
                 f"time per step:   {self.seconds_per_step:.3f} s on {self.device} (batch {self.batch_size}, "
-                f"mean of {self.steps_timed} timed steps, reading, decoding and augmentation included: a round's "
-                "first epoch; later ones read the decoded-sample cache)",
+                f"mean of {self.steps_timed} timed steps, reading, decoding and augmentation included, as in a "
+                "round's first pass over the data; later passes read the decoded-sample cache)",
                 f"time per epoch:  about {_format_seconds(self.seconds_per_epoch)} "
                 f"({self.steps_per_epoch} steps of {self.batch_size} images)",
             ]
         if self.skipped_while_timing:
             out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
                        "count them every round")
-        out.append(f"cache:           this check wrote nothing; a round decodes the images once into "
-                   f"{self.cache_dir} (pixels only; `fedmoco cache` shows its size)")
+        if self.cache_bytes or self.cache_skipped:
+            out.append(f"cache:           this check wrote nothing; a round decodes the images once into "
+                       f"{self.cache_dir}: about {_format_bytes(self.cache_bytes)} on disk (pixels only)"
+                       + (f"; {self.cache_skipped} raster(s) over cache_max_gb are read from disk every time"
+                          if self.cache_skipped else ""))
+        else:
+            out.append("cache:           this check wrote nothing; this domain decodes every image on every read")
         return out + self.privacy
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 #: Domains with a ``cache`` data option (header index, band statistics and raster caches).
@@ -131,7 +142,8 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=skipped,
                         channels=data.in_channels, image_size=image_size, source_sizes=sizes,
                         description=data.description, privacy=privacy_lines(data_dir, usable),
-                        cache_dir=str(default_cache_dir()))
+                        cache_dir=str(default_cache_dir()), cache_bytes=data.cache_bytes,
+                        cache_skipped=data.cache_skipped)
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
     return report

@@ -312,12 +312,14 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     cache, stamps = _sample_cache(Path(root), records, samples, opts, cfg)
     dataset = MedicalPretrainDataset(root, records, samples, opts, None, cache, cfg.image_size, normalization,
                                      stamps)
+    size = base_size(opts, cfg.image_size)
     return PretrainData(
         dataset=dataset,
         in_channels=opts.in_channels,
         normalization=normalization,
         skipped=skipped,
         description=_describe(records, len(samples), opts, skipped),
+        cache_bytes=SampleCache(Path(), len(samples), (opts.in_channels, size, size), "float16").nbytes,
     )
 
 

@@ -405,6 +405,19 @@ def _fill_blocks(cache: SampleCache, shape: tuple[int, ...], window: Window, til
         cache.write(0, ((row // b + y) * nbx + col // b) * per_block, blocked[y])
 
 
+def cache_plan(reader: TileReader, opts: SatelliteOptions) -> list[int | None]:
+    """Per source, the bytes of its raster cache, or None for a source left uncached: sources are
+    cached in order while their caches fit in ``cache_max_gb``."""
+    plan: list[int | None] = []
+    left = opts.cache_max_gb * 1e9
+    for i, source in enumerate(reader.sources):
+        shape = blocks_shape(len(reader.layout.positions[i]), source.grid.height, source.grid.width)
+        size = SampleCache(Path(), 1, shape, "float16").nbytes
+        plan.append(size if size <= left else None)
+        left -= size if size <= left else 0
+    return plan
+
+
 def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: DataConfig) -> None:
     """Give ``reader`` its decoded-raster cache (``fedmoco.cache``), filling what is missing.
 
@@ -424,10 +437,10 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
                "resampling": opts.resampling}
     caches: list[SampleCache | None] = []
     left = opts.cache_max_gb * 1e9
-    for i, source in enumerate(reader.sources):
+    for i, (source, planned) in enumerate(zip(reader.sources, cache_plan(reader, opts))):
         shape = blocks_shape(len(reader.layout.positions[i]), source.grid.height, source.grid.width)
-        size = 2 * int(np.prod(shape))  # float16
-        if size > left:
+        if planned is None:
+            size = SampleCache(Path(), 1, shape, "float16").nbytes
             log.warning("%s: not cached, read from disk each time: its cache would take %.1f GB, over the %.1f GB "
                         "left of cache_max_gb %g", source.name, size / 1e9, max(left, 0) / 1e9, opts.cache_max_gb)
             caches.append(None)
@@ -439,7 +452,7 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
         if cache is None:
             return  # no room or no folder: every source goes through GDAL
         caches.append(cache)
-        left -= size
+        left -= planned
     todo = [i for i, c in enumerate(caches) if c is not None and c.get(0) is None]
     handles = shared_handles(reader.gdal_cache_mb)
     for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo, leave=False):
@@ -788,7 +801,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     extra = (
         f"{len(windows)} grid tiles" if windows is not None else f"{length} random {tile} px tiles per epoch"
     ) + (f", {len(partners)} rasters with temporal partners" if partners else "")
-    return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped))
+    plan = cache_plan(reader, opts)
+    return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped),
+                        cache_bytes=sum(p for p in plan if p is not None), cache_skipped=plan.count(None))
 
 
 def build_labelled_data(
