@@ -99,7 +99,8 @@ class SiteReport:
                        + (f"; {self.cache_skipped} raster(s) over cache_max_gb are read from disk every time"
                           if self.cache_skipped else ""))
         else:
-            out.append("cache:           this check wrote nothing; this domain decodes every image on every read")
+            out.append("cache:           this check wrote nothing; every read decodes its image (no decoded-sample "
+                       "cache in this domain, or the cache option is off)")
         return out + self.privacy
 
 
@@ -127,10 +128,12 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     data_dir = Path(data_dir)
     # A dry run writes nothing: no decoded-sample cache (a satellite archive's can take up to
     # cache_max_gb and minutes to fill), no header index, no band-statistics memo. So its step
-    # time includes decoding, as a round's first epoch does; later epochs read the cache.
+    # time includes decoding, as a round's first pass over the data does; later passes read
+    # the cache, unless the site's own options turn it off.
     options = dict(options or {})
+    cache_off = str(options.get("cache", True)).lower() in ("false", "0", "no", "off")
     if domain in CACHING_DOMAINS:
-        options.setdefault("cache", False)
+        options["cache"] = False
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=options, cache=False))
     refused: Counter = Counter()  # image folders: files whose headers a round would refuse
     sizes = source_sizes(data.dataset, refused)
@@ -142,8 +145,9 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=skipped,
                         channels=data.in_channels, image_size=image_size, source_sizes=sizes,
                         description=data.description, privacy=privacy_lines(data_dir, usable),
-                        cache_dir=str(default_cache_dir()), cache_bytes=data.cache_bytes,
-                        cache_skipped=data.cache_skipped)
+                        cache_dir=str(options.get("cache_dir") or default_cache_dir()),
+                        cache_bytes=0 if cache_off else data.cache_bytes,
+                        cache_skipped=0 if cache_off else data.cache_skipped)
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
     return report
