@@ -248,7 +248,8 @@ def _free_bytes(folder: Path) -> int:
 
 @dataclass(frozen=True)
 class CacheUsage:
-    """What a cache folder holds: sample caches, memos and leftovers of interrupted creations."""
+    """What a cache folder holds: sample caches, memos, the medical header indexes
+    (``medical-index/``, domains/medical/index.py) and leftovers of interrupted writes."""
 
     folder: Path
     files: tuple[Path, ...]
@@ -258,8 +259,9 @@ class CacheUsage:
 
 
 def _cache_files(folder: Path) -> list[Path]:
-    found = [*(folder / "samples").glob("*.cache"), *(folder / "samples").glob("*.tmp"),
-             *(folder / "memo").glob("*.json"), *(folder / "memo").glob("*.tmp")]
+    found = [*(folder / "samples").glob("*.cache"), *(folder / "samples").glob("*.tmp")]
+    for sub in ("memo", "medical-index"):
+        found += [*(folder / sub).glob("*.json"), *(folder / sub).glob("*.tmp")]
     return sorted(p for p in found if p.is_file())
 
 

@@ -111,15 +111,17 @@ def test_cache_usage_and_pruning_by_last_use(tmp_path):
         open_cache(root, "test", 2, (64, 64), "float32", {}, [], folder).put(0, np.ones((64, 64)))
     write_memo(roots[0], "stats", {"k": 1}, {"mean": [0.5]}, folder)
     (folder / "samples" / "interrupted.cache.tmp").write_bytes(b"x" * 10)
+    (folder / "medical-index").mkdir()
+    (folder / "medical-index" / "0123456789abcdef.json").write_text("{}")  # a medical header index
     usage = cache_usage(folder)
-    assert len(usage.files) == 4 and usage.bytes >= 2 * 64 * 64 * 4  # sparse: sample 1 was never written
+    assert len(usage.files) == 5 and usage.bytes >= 2 * 64 * 64 * 4  # sparse: sample 1 was never written
     now = time.time()
     old = [p for p in usage.files if "interrupted" in p.name or p.suffix == ".json"]
     old.append(next(p for p in usage.files if p.suffix == ".cache"))
     for p in old:
         os.utime(p, (now - 10 * 86400, now - 10 * 86400))
     kept = prune_cache(folder, older_than_days=7, now=now)
-    assert kept.removed == 3 and kept.freed > 0 and len(kept.files) == 1 and kept.files[0] not in old
+    assert kept.removed == 4 and kept.freed > 0 and len(kept.files) == 1 and kept.files[0] not in old
     cleared = prune_cache(folder)
     assert cleared.removed == 1 and cleared.files == () and cleared.bytes == 0
     assert (folder / "samples").is_dir()  # the folder stays, empty
