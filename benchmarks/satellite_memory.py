@@ -40,27 +40,18 @@ BLOCK = 256
 BANDS = 13
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB (Linux /proc)."""
+def status_mb(field: str = "VmRSS") -> float:
+    """This process's ``field`` of /proc/self/status in MiB (Linux): VmRSS, its resident set;
+    RssAnon, the anonymous part; RssFile, the file pages."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def anon_mb(kind: str = "RssAnon") -> float:
-    """Current anonymous resident memory of this process in MiB (RssAnon, Linux /proc); ``kind``
-    "RssFile" gives its file pages."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(kind + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class AnonPeak:
@@ -70,18 +61,18 @@ class AnonPeak:
     def __init__(self, interval: float = 0.005) -> None:
         import threading
 
-        self.peak, self._stop = anon_mb(), threading.Event()
+        self.peak, self._stop = status_mb("RssAnon"), threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
 
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self.peak = max(self.peak, anon_mb())
+            self.peak = max(self.peak, status_mb("RssAnon"))
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, anon_mb())
+        return max(self.peak, status_mb("RssAnon"))
 
 
 def write_scene(path: Path, size: int, seed: int = 0) -> float:
@@ -137,14 +128,14 @@ def child(folder: Path, samples: int, cache_mb: int | None, raster_cache: Path |
     rasterio.Env().__enter__()  # GDAL initialised before the baseline, as in a worker
     gdal_default = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
     cache = cache_mb if cache_mb is not None else int(gdal_default) >> 20
-    baseline, baseline_anon = rss_mb(), anon_mb()
+    baseline, baseline_anon = status_mb(), status_mb("RssAnon")
     anon = AnonPeak()
     t0 = time.perf_counter()
     options = {"samples_per_epoch": samples, "gdal_cache_mb": cache, "cache": raster_cache is not None}
     data = build_pretrain_data(folder, DataConfig(image_size=64, seed=0, options=options,
                                                   cache_dir=str(raster_cache or "")))
     built = time.perf_counter()
-    after_build, after_build_file = rss_mb(), anon_mb("RssFile")
+    after_build, after_build_file = status_mb(), status_mb("RssFile")
     ok = 0
     for i in range(len(data.dataset)):
         ok += data.dataset[i] is not None
@@ -153,8 +144,8 @@ def child(folder: Path, samples: int, cache_mb: int | None, raster_cache: Path |
         "baseline_mb": baseline,
         "baseline_anon_mb": baseline_anon,
         "after_build_mb": after_build,
-        "end_mb": rss_mb(),
-        "end_file_mb": anon_mb("RssFile"),
+        "end_mb": status_mb(),
+        "end_file_mb": status_mb("RssFile"),
         "after_build_file_mb": after_build_file,
         "peak_mb": peak_rss_mb(),
         "peak_anon_mb": anon.stop(),

@@ -72,6 +72,21 @@ def fingerprint(kind: str, shape: Sequence[int], dtype: str, options: dict[str, 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def cache_nbytes(n: int, shape: Sequence[int], dtype: str) -> int:
+    """Size in bytes of the file of a cache of ``n`` samples of ``shape`` and ``dtype``: the flag
+    bytes, padded, then the samples."""
+    return _header_bytes(n) + n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _header_bytes(n: int) -> int:
+    return -(-n // _HEADER_ALIGN) * _HEADER_ALIGN
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``1.2 GB`` from 1 GB on, else ``3.4 MB``."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 @dataclass
 class SampleCache:
     """N samples of one shape and dtype in one memory-mapped file, filled lazily.
@@ -106,11 +121,11 @@ class SampleCache:
 
     @property
     def offset(self) -> int:
-        return -(-self.n // _HEADER_ALIGN) * _HEADER_ALIGN
+        return _header_bytes(self.n)
 
     @property
     def nbytes(self) -> int:
-        return self.offset + self.n * int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return cache_nbytes(self.n, self.shape, self.dtype)
 
     def _open(self) -> None:
         if self._data is None:

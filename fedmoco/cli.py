@@ -276,21 +276,17 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
-    from fedmoco.cache import cache_usage, prune_cache
+    from fedmoco.cache import cache_usage, format_bytes, prune_cache
 
     if args.clear or args.older_than is not None:
         usage = prune_cache(args.cache_dir, None if args.clear else args.older_than)
-        print(f"removed {usage.removed} cache file(s), {_size(usage.freed)}"
+        print(f"removed {usage.removed} cache file(s), {format_bytes(usage.freed)}"
               + (f" not used for {args.older_than:g} days" if args.older_than is not None else ""))
     else:
         usage = cache_usage(args.cache_dir)
     print(f"cache folder: {usage.folder}" + ("" if usage.folder.exists() else " (not created yet)"))
-    print(f"{len(usage.files)} cache file(s), {_size(usage.bytes)} on disk"
+    print(f"{len(usage.files)} cache file(s), {format_bytes(usage.bytes)} on disk"
           + (f" ({sum(p.suffix == '.cache' for p in usage.files)} sample caches)" if usage.files else ""))
     return 0
 

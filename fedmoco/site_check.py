@@ -71,6 +71,7 @@ class SiteReport:
 
     def lines(self) -> list[str]:
         """The report as printed, one fact per line."""
+        from fedmoco.cache import format_bytes
         from fedmoco.data import format_skipped
 
         sizes = _format_sizes(self.source_sizes)
@@ -95,17 +96,13 @@ class SiteReport:
                        "count them every round")
         if self.cache_bytes or self.cache_skipped:
             out.append(f"cache:           this check wrote nothing; a round decodes the images once into "
-                       f"{self.cache_dir}: about {_format_bytes(self.cache_bytes)} on disk (pixels only)"
+                       f"{self.cache_dir}: about {format_bytes(self.cache_bytes)} on disk (pixels only)"
                        + (f"; {self.cache_skipped} raster(s) over cache_max_gb are read from disk every time"
                           if self.cache_skipped else ""))
         else:
             out.append("cache:           this check wrote nothing; every read decodes its image (no decoded-sample "
                        "cache in this domain, or the cache option is off)")
         return out + self.privacy
-
-
-def _format_bytes(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 #: Domains with a ``cache`` data option (header index, band statistics and raster caches).
@@ -123,7 +120,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     import torch
 
     from fedmoco.cache import default_cache_dir
-    from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
+    from fedmoco.data import DataConfig, build_pretrain_data, format_skipped, parse_bool
 
     data_dir = Path(data_dir)
     # A dry run writes nothing: no decoded-sample cache (a satellite archive's can take up to
@@ -131,9 +128,13 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     # time includes decoding, as a round's first pass over the data does; later passes read
     # the cache, unless the site's own options turn it off.
     options = dict(options or {})
-    cache_off = str(options.get("cache", True)).lower() in ("false", "0", "no", "off")
-    if domain in CACHING_DOMAINS:
-        options["cache"] = False
+    try:
+        cache_off = not parse_bool(options.get("cache", True))
+    except ValueError:  # left as given: the domain's options name it in their one-line error
+        cache_off = False
+    else:
+        if domain in CACHING_DOMAINS:
+            options["cache"] = False
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=options, cache=False))
     refused: Counter = Counter()  # image folders: files whose headers a round would refuse
     sizes = source_sizes(data.dataset, refused)

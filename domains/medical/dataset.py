@@ -23,7 +23,7 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
-from fedmoco.cache import SampleCache, file_stamps, open_cache
+from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache
 from fedmoco.errors import DataError
 
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
@@ -284,6 +284,12 @@ def _describe(records: list[FileRecord], n_samples: int, opts: MedicalOptions, s
     )
 
 
+def _base_shape(opts: MedicalOptions, image_size: int) -> tuple[int, int, int]:
+    """(channels, size, size) of a cached base."""
+    size = base_size(opts, image_size)
+    return opts.in_channels, size, size
+
+
 def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, opts: MedicalOptions,
                   cfg: DataConfig) -> tuple[SampleCache | None, list[tuple[int, int]] | None]:
     """(the decoded-sample cache of this folder and these options, (size, mtime_ns) per
@@ -291,10 +297,9 @@ def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, op
     medical option ``cache=false``) or when the cache cannot be created."""
     if not (cfg.cache and opts.cache):
         return None, None
-    size = base_size(opts, cfg.image_size)
     options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size}
     stamps = file_stamps(root, [root / r.path for r in records])
-    cache = open_cache(root, "medical", len(samples), (opts.in_channels, size, size), "float16", options, stamps,
+    cache = open_cache(root, "medical", len(samples), _base_shape(opts, cfg.image_size), "float16", options, stamps,
                        cfg.cache_dir or opts.cache_dir or None)
     return (None, None) if cache is None else (cache, [(s[1], s[2]) for s in stamps])
 
@@ -312,14 +317,13 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     cache, stamps = _sample_cache(Path(root), records, samples, opts, cfg)
     dataset = MedicalPretrainDataset(root, records, samples, opts, None, cache, cfg.image_size, normalization,
                                      stamps)
-    size = base_size(opts, cfg.image_size)
     return PretrainData(
         dataset=dataset,
         in_channels=opts.in_channels,
         normalization=normalization,
         skipped=skipped,
         description=_describe(records, len(samples), opts, skipped),
-        cache_bytes=SampleCache(Path(), len(samples), (opts.in_channels, size, size), "float16").nbytes,
+        cache_bytes=cache_nbytes(len(samples), _base_shape(opts, cfg.image_size), "float16"),
     )
 
 

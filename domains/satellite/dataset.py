@@ -46,7 +46,7 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
-from fedmoco.cache import SampleCache, file_stamps, open_cache, read_memo, write_memo
+from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache, read_memo, write_memo
 from fedmoco.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -391,10 +391,10 @@ def fill_reads(bands: int, height: int, width: int, block: int = _BLOCK) -> list
             for r in range(0, height, rows) for c in range(0, width, cols)]
 
 
-def _fill_blocks(cache: SampleCache, shape: tuple[int, ...], window: Window, tile: np.ndarray) -> None:
+def _fill_blocks(cache: SampleCache, window: Window, tile: np.ndarray) -> None:
     """Write ``tile`` (bands, h, w) float16, read at ``window`` (block-aligned), into the blocked
-    cache of ``shape``: one contiguous write per block row, padded with NaN past the raster."""
-    _, nbx, bands, b, _ = shape
+    ``cache``: one contiguous write per block row, padded with NaN past the raster."""
+    _, nbx, bands, b, _ = cache.shape
     col, row, w, h = window
     ry, rx = -(-h // b), -(-w // b)
     padded = np.full((bands, ry * b, rx * b), np.nan, np.float16)
@@ -405,20 +405,32 @@ def _fill_blocks(cache: SampleCache, shape: tuple[int, ...], window: Window, til
         cache.write(0, ((row // b + y) * nbx + col // b) * per_block, blocked[y])
 
 
-def cache_plan(reader: TileReader, opts: SatelliteOptions) -> list[int | None]:
-    """Per source, the bytes of its raster cache, or None for a source left uncached: sources are
-    cached in order while their caches fit in ``cache_max_gb``."""
-    plan: list[int | None] = []
+@dataclass(frozen=True)
+class CachePlan:
+    """One source's raster cache: its blocked shape, its file's bytes, and whether it fits in
+    what is left of ``cache_max_gb`` (``left``: the bytes left before it)."""
+
+    shape: tuple[int, int, int, int, int]
+    nbytes: int
+    cached: bool
+    left: float
+
+
+def cache_plan(reader: TileReader, opts: SatelliteOptions) -> list[CachePlan]:
+    """Per source, its raster cache: sources are cached in order while their caches fit in
+    ``cache_max_gb``; the others are read through GDAL."""
+    plan: list[CachePlan] = []
     left = opts.cache_max_gb * 1e9
     for i, source in enumerate(reader.sources):
         shape = blocks_shape(len(reader.layout.positions[i]), source.grid.height, source.grid.width)
-        size = SampleCache(Path(), 1, shape, "float16").nbytes
-        plan.append(size if size <= left else None)
+        size = cache_nbytes(1, shape, "float16")
+        plan.append(CachePlan(shape, size, size <= left, left))
         left -= size if size <= left else 0
     return plan
 
 
-def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: DataConfig) -> None:
+def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: DataConfig,
+                 plan: list[CachePlan]) -> None:
     """Give ``reader`` its decoded-raster cache (``fedmoco.cache``), filling what is missing.
 
     One cached array per source: its selected bands on the common grid, reflectance as
@@ -436,23 +448,20 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
     options = {"bands": opts.bands, "scale": opts.scale, "offset": opts.offset, "resolution": opts.resolution,
                "resampling": opts.resampling}
     caches: list[SampleCache | None] = []
-    left = opts.cache_max_gb * 1e9
-    for i, (source, planned) in enumerate(zip(reader.sources, cache_plan(reader, opts))):
-        shape = blocks_shape(len(reader.layout.positions[i]), source.grid.height, source.grid.width)
-        if planned is None:
-            size = SampleCache(Path(), 1, shape, "float16").nbytes
+    for i, (source, planned) in enumerate(zip(reader.sources, plan)):
+        if not planned.cached:
             log.warning("%s: not cached, read from disk each time: its cache would take %.1f GB, over the %.1f GB "
-                        "left of cache_max_gb %g", source.name, size / 1e9, max(left, 0) / 1e9, opts.cache_max_gb)
+                        "left of cache_max_gb %g", source.name, planned.nbytes / 1e9, max(planned.left, 0) / 1e9,
+                        opts.cache_max_gb)
             caches.append(None)
             continue
         stamps = file_stamps(root, source.paths)
-        cache = open_cache(root, f"satellite{i}", 1, shape, "float16",
+        cache = open_cache(root, f"satellite{i}", 1, planned.shape, "float16",
                            {**options, "positions": reader.layout.positions[i]}, stamps, cfg.cache_dir or None,
                            access="random")
         if cache is None:
             return  # no room or no folder: every source goes through GDAL
         caches.append(cache)
-        left -= planned
     todo = [i for i, c in enumerate(caches) if c is not None and c.get(0) is None]
     handles = shared_handles(reader.gdal_cache_mb)
     for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo, leave=False):
@@ -460,7 +469,7 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
         try:  # flagged only once whole: an interrupted fill is redone
             for window in fill_reads(cache.shape[2], source.grid.height, source.grid.width):
                 tile = source.read(window, reader.layout.positions[i], handles)
-                _fill_blocks(cache, cache.shape, window, np.where(np.ma.getmaskarray(tile), np.nan, tile.data))
+                _fill_blocks(cache, window, np.where(np.ma.getmaskarray(tile), np.nan, tile.data))
         except RasterReadError as exc:
             log.warning("not cached, read from disk each time: %s", exc)
             continue
@@ -781,7 +790,8 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     normalization = _cached_statistics(Path(root), scan.sources, opts, cfg,
                                        lambda: estimate_normalization(reader, candidates, opts.stats_tiles,
                                                                       opts.max_nodata))
-    attach_cache(reader, Path(root), opts, cfg)
+    plan = cache_plan(reader, opts)
+    attach_cache(reader, Path(root), opts, cfg, plan)
     reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)
     shared_handles().close()  # workers open their own handles; none are inherited open
 
@@ -801,9 +811,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     extra = (
         f"{len(windows)} grid tiles" if windows is not None else f"{length} random {tile} px tiles per epoch"
     ) + (f", {len(partners)} rasters with temporal partners" if partners else "")
-    plan = cache_plan(reader, opts)
     return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped),
-                        cache_bytes=sum(p for p in plan if p is not None), cache_skipped=plan.count(None))
+                        cache_bytes=sum(p.nbytes for p in plan if p.cached),
+                        cache_skipped=sum(not p.cached for p in plan))
 
 
 def build_labelled_data(

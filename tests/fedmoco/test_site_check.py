@@ -178,3 +178,15 @@ def test_the_dry_run_writes_nothing(domain, hospital, images_site, tmp_path, mon
         line = next(x for x in tight.lines() if x.startswith("cache:"))
         assert line.endswith(f"about 0.0 MB on disk (pixels only); {rasters} raster(s) over cache_max_gb are read "
                              "from disk every time")
+
+
+def test_a_malformed_cache_option_is_the_domains_one_line_error(tmp_path, capsys):
+    """check-site turns its own cache off, but a value the site's options would refuse is still
+    refused, in the domain's words, before anything is read or written."""
+    from domains.satellite.demo import make_demo_archive
+
+    folder = make_demo_archive(tmp_path / "sat", bands=4, seed=0)
+    rc = main(["-q", "check-site", "--domain", "satellite", "--data", str(folder), "--data-option", "cache=maybe",
+               "--steps", "0"])
+    assert rc == 2
+    assert "satellite data option cache='maybe': expected true or false" in capsys.readouterr().err
