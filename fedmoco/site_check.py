@@ -86,10 +86,10 @@ class SiteReport:
         if self.steps_timed:
             out += [
                 f"time per step:   {self.seconds_per_step:.3f} s on {self.device} (batch {self.batch_size}, "
-                f"mean of {self.steps_timed} timed steps, reading, decoding and augmentation included, as in a "
+                f"mean of {_count(self.steps_timed, 'timed step')}, reading, decoding and augmentation included, as in a "
                 "round's first pass over the data; later passes read the decoded-sample cache)",
                 f"time per epoch:  about {_format_seconds(self.seconds_per_epoch)} "
-                f"({self.steps_per_epoch} steps of {self.batch_size} images)",
+                f"({_count(self.steps_per_epoch, 'step')} of {self.batch_size} images)",
             ]
         if self.skipped_while_timing:
             out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
@@ -272,6 +272,11 @@ def _format_sizes(sizes: Counter) -> str:
     pick = lambda q: areas[min(int(q * len(areas)), len(areas) - 1)][1]  # noqa: E731
     return (f"{len(sizes)} different sizes over {sum(sizes.values())} files: smallest {pick(0)[0]} x {pick(0)[1]}, "
             f"median {pick(0.5)[0]} x {pick(0.5)[1]}, largest {pick(1.0)[0]} x {pick(1.0)[1]}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 step"``, ``"3 steps"``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _format_seconds(s: float) -> str:

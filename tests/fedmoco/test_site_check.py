@@ -41,6 +41,14 @@ def test_expected_epoch_is_steps_times_measured_step(hospital):
     assert report.seconds_per_epoch == pytest.approx(3 * report.seconds_per_step)
 
 
+def test_one_step_is_singular(hospital):
+    report = check_site("medical", hospital, image_size=32, batch_size=16, steps=1)
+    lines = report.lines()
+    assert report.steps_per_epoch == 1  # 28 // 16 full batches
+    assert any("mean of 1 timed step, reading" in line for line in lines)
+    assert any(line.endswith("(1 step of 16 images)") for line in lines)
+
+
 def test_no_timing_with_zero_steps(hospital):
     report = check_site("medical", hospital, image_size=32, steps=0)
     assert report.steps_timed == 0 and not any(line.startswith("time per") for line in report.lines())
