@@ -25,6 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
+from fedmoco.cache import default_cache_dir
+
 from .dicom_types import DEFAULT_LIMITS, NO_DECODER, UNREADABLE, DicomHeader, DicomLimits, DicomReadError
 
 
@@ -76,14 +78,6 @@ class FileRecord:
     def from_dict(cls, d: dict) -> "FileRecord":
         """Inverse of ``dataclasses.asdict`` (JSON turns the positions tuple into a list)."""
         return cls(**{**d, "positions": tuple(d["positions"])})
-
-
-def default_cache_dir() -> Path:
-    """``$FEDMOCO_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedmoco``, else ``~/.cache/fedmoco``."""
-    if os.environ.get("FEDMOCO_CACHE_DIR"):
-        return Path(os.environ["FEDMOCO_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fedmoco"
 
 
 def cache_file(root: Path, cache_dir: Path | str | None) -> Path:
