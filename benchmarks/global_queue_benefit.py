@@ -2,7 +2,8 @@
 
 Issue 8, item 7. The glyphs task (benchmarks/labelled_task.py) is split over 4 sites with
 Dirichlet(0.5) label skew: each site sees mostly a few glyph classes, so its local queue
-lacks negatives of the others, which is the case the global queue is meant for. Every
+lacks negatives of the others, which is the case the global queue is meant for
+(``--split classes``: the extreme of it, each site holds 2 whole classes and no other). Every
 federated row runs the real ServerApp strategy and ClientApp in one process
 (``server.inprocess``), same rounds, seeds and hyper-parameters as benchmarks/quality.py,
 and differs only in what the sites release and get back as extra negatives:
@@ -39,6 +40,8 @@ from common import emit_json, machine_line, write_report  # noqa: E402
 from quality import Job, run_jobs, seed_range, summary, table, task_args, task_setup  # noqa: E402
 
 DELTA = 1e-5
+#: --split -> how the report describes it
+SPLITS = {"dirichlet": "Dirichlet(0.5) label skew", "classes": "whole classes, 2 per site, none shared"}
 
 #: row -> (run_config overrides, node_config overrides for every site)
 PROTO = {"key-release": "prototypes", "cancel-false-negatives": True}
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     task_args(p)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "global_queue_benefit.md")
+    p.add_argument("--split", default="dirichlet", choices=["dirichlet", "classes"],
+                   help="label skew over the 4 sites: Dirichlet(0.5) (default) or disjoint classes, 2 per site")
     p.add_argument("--rows", help="comma-separated short row names to run (default: all): " + ", ".join(SHORT.values()))
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     # Seed-major order: a run cut short still leaves every row with the same seeds done.
     jobs = []
     for s in seed_range(args, seeds):
-        jobs += [Job(row=row, kind="federated", seed=s, root=str(root), setup=fed_setup, split="dirichlet",
+        jobs += [Job(row=row, kind="federated", seed=s, root=str(root), setup=fed_setup, split=args.split,
                      run_extra=run_extra, node_extra=node_extra)
                  for row, (run_extra, node_extra) in SETTINGS.items() if SHORT[row] in wanted]
         if SHORT[CEILING] in wanted:
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         machine_line(setup.device) + f"; {args.jobs} job(s) in parallel; total {time.perf_counter() - start:.0f} s",
         "",
         f"- Task: glyphs (benchmarks/labelled_task.py), 8 classes, pool {size.pool * 8} images split over 4 sites "
-        f"by Dirichlet(0.5) label skew (a new split per seed); kNN/probe fitted on {size.eval_train * 8} and scored "
+        f"by {SPLITS[args.split]} (a new split per seed); kNN/probe fitted on {size.eval_train * 8} and scored "
         f"on {size.eval_test * 8} held-out images. Chance is 12.5%.",
         f"- Federation: {setup.epochs} rounds x 1 local epoch, batch {setup.batch_size}, client lr "
         f"{fed_setup.scaled_lr:g} ({fed_setup.lr:g} per 256), local K = {setup.queue_size}, "

@@ -203,6 +203,15 @@ def dirichlet_partition(labels: list[str], n_sites: int, alpha: float, seed: int
     raise RuntimeError(f"no Dirichlet({alpha}) split gives every site {min_size} images")
 
 
+def class_partition(labels: list[str], n_sites: int, seed: int) -> list[list[int]]:
+    """Indices of each site when the classes are dealt out whole: site i holds every image of
+    its own classes and none of the others' (the extreme of label skew)."""
+    classes = sorted(set(labels))
+    np.random.default_rng(seed).shuffle(classes)
+    owner = {c: i % n_sites for i, c in enumerate(classes)}
+    return [[j for j, c in enumerate(labels) if owner[c] == site] for site in range(n_sites)]
+
+
 def iid_partition(n: int, n_sites: int, seed: int) -> list[list[int]]:
     perm = np.random.default_rng(seed).permutation(n)
     return [sorted(p.tolist()) for p in np.array_split(perm, n_sites)]
@@ -210,14 +219,17 @@ def iid_partition(n: int, n_sites: int, seed: int) -> list[list[int]]:
 
 def split_sites(root: Path, kind: str, n_sites: int = 4, alpha: float = 0.5, seed: int = 0) -> list[Path]:
     """Split ``root/pool`` into ``root/sites/<kind>-<seed>/site-<i>`` (hard links, each with
-    its own labels.csv); returns the site folders. ``kind``: ``iid`` or ``dirichlet``."""
+    its own labels.csv); returns the site folders. ``kind``: ``iid``, ``dirichlet`` or
+    ``classes`` (disjoint classes per site)."""
     names, labels = read_labels(root / "pool")
     if kind == "iid":
         parts = iid_partition(len(names), n_sites, seed)
     elif kind == "dirichlet":
         parts = dirichlet_partition(labels, n_sites, alpha, seed)
+    elif kind == "classes":
+        parts = class_partition(labels, n_sites, seed)
     else:
-        raise ValueError(f"split kind must be iid or dirichlet, got {kind!r}")
+        raise ValueError(f"split kind must be iid, dirichlet or classes, got {kind!r}")
     base = root / "sites" / f"{kind}-{seed}"
     sites = []
     for i, part in enumerate(parts):

@@ -13,8 +13,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from common import command_line, emit_json, last_json_line, machine_lines  # noqa: E402
-from labelled_task import (CLASSES, TaskSize, dirichlet_partition, iid_partition, make_task, read_labels,  # noqa: E402
-                           render, split_sites)
+from labelled_task import (CLASSES, TaskSize, class_partition, dirichlet_partition, iid_partition, make_task,  # noqa: E402
+                           read_labels, render, split_sites)
 
 
 def test_json_line_is_strict_one_line_and_found_last(capsys):
@@ -81,6 +81,16 @@ def test_dirichlet_partition_covers_every_image_once_with_skew():
     assert dirichlet_partition(labels, 4, 0.5, seed=3) == parts  # reproducible
     iid = iid_partition(800, 4, seed=0)
     assert sorted(i for p in iid for i in p) == list(range(800)) and {len(p) for p in iid} == {200}
+
+
+def test_class_partition_gives_each_site_whole_disjoint_classes():
+    labels = [c for c in "abcdefgh" for _ in range(10)]
+    parts = class_partition(labels, 4, seed=1)
+    assert sorted(i for p in parts for i in p) == list(range(80))
+    classes = [{labels[i] for i in p} for p in parts]
+    assert [len(c) for c in classes] == [2, 2, 2, 2] and len(set().union(*classes)) == 8
+    assert all(len(p) == 20 for p in parts)
+    assert class_partition(labels, 4, seed=1) == parts and class_partition(labels, 4, seed=2) != parts
 
 
 def test_task_folders_and_site_split_read_back(tmp_path):
