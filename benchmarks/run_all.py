@@ -164,7 +164,7 @@ TARGETS = [
            "feed_satellite", _get("speedup"), lambda v: v >= 10, "{:.1f}x",
            why="at 64 px decoding is cheap, so caching saves little; the views' two matrix products "
                "per tile and torch's Gaussian noise draws take the time (feed_satellite.md's profile); "
-               "the ratio depends on the CPU: 2.7x on an AVX-512 EPYC, 4.1x on the box before"),
+               "the ratio depends on the CPU: 2.7x on an AVX-512 EPYC box, 4.1x on another 2-core EPYC box"),
     Target("11.2", "GPU feed >= ResNet-18 step rate at 224 px", "feed_medical", _get("feed_over_step"),
            lambda v: v >= 1.0, "{:.2f}x", needs_cuda=True, why="see feed_medical's GPU section"),
     Target("11.3", "leak guard (split BN) costs <= 10% over plain BN on the GPU", "moco_step",
