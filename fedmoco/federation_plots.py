@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from fedmoco.metrics import read_jsonl
 from fedmoco.plots import save_figure  # also selects the headless Agg backend
@@ -67,6 +68,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         ax.plot(xs, ys, marker=".", alpha=0.5, label=_site_label(node, order))
     ax.plot(rounds, [_num(r.get("train-loss")) for r in records], "k-o", label="weighted mean")
     ax.set(xlabel="round", ylabel="InfoNCE loss", title="Local training loss per round")
+    _whole_rounds(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "loss.png"))
 
@@ -76,40 +78,108 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     if dim:
         ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
     ax.set(xlabel="round", ylabel="cosine score / std", title="Score statistics (weighted over sites)")
+    _whole_rounds(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "scores.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for node, (xs, ys) in _site_series(records, "dp-keys-epsilon").items():
-        ax.plot(xs, ys, marker="o", label=_site_label(node, order))
-    if any("model-dp-epsilon" in r for r in records):
-        ax.plot(rounds, [_num(r.get("model-dp-epsilon")) for r in records], "k--", label="model updates (central)")
-    ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent on keys, per site")
-    ax.legend(fontsize=7)
+    privacy_axes(ax, records, order)
     written.append(save_figure(fig, out / "privacy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("up-arrays", "weights up"), ("up-keys", "keys up"), ("weights", "weights down"),
-                       ("queue", "global negatives down")):
+    for i, (key, label) in enumerate((("up-arrays", "weights up"), ("weights", "weights down"),
+                                      ("up-keys", "keys up"), ("queue", "global negatives down"))):
         # mean over the sites that sent / received this record in the round
         per_round = [sum(vals) / len(vals) if (vals := [_num(s[key]) for s in r.get("sites", []) if key in s])
                      else math.nan for r in records]
-        ax.plot(rounds, [v / 1024 for v in per_round], marker="o", label=label)
+        # weights up and down are the same size: distinct markers, each smaller, keep both visible
+        ax.plot(rounds, [v / 1024 for v in per_round], marker=_MARKERS[i], ms=max(3.0, 10.0 - 2.0 * i),
+                alpha=0.8, label=label)
     ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
+    _whole_rounds(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "traffic.png"))
 
     if any("queue-added" in r for r in records):  # the global queue of DP summaries (docs/privacy.md)
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [_num(r.get("queue-size")) for r in records], "k-o", label="held after the round")
-        ax.bar([x - 0.2 for x in rounds], [_num(r.get("queue-added")) for r in records], width=0.4,
-               color="g", alpha=0.6, label="added")
-        ax.bar([x + 0.2 for x in rounds], [_num(r.get("queue-expired")) for r in records], width=0.4,
-               color="r", alpha=0.6, label="aged out")
-        ax.set(xlabel="round", ylabel="DP summaries (prototypes or keys)", title="Global queue per round")
-        ax.legend(fontsize=7)
+        queue_axes(ax, records)
         written.append(save_figure(fig, out / "queue.png"))
     return written
+
+
+def privacy_axes(ax, records: list[dict[str, Any]], order: dict[str | int, int]) -> None:
+    """Epsilon each site has spent on its DP summaries, per round, with each site's budget as a
+    dashed line. Sites with the same settings spend identically, so each site gets its own
+    marker and a smaller one than the site before: overlapping series all stay visible."""
+    series = dict(sorted(_site_series(records, "dp-keys-epsilon").items(), key=lambda kv: order.get(kv[0], 0)))
+    for i, (node, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], ms=max(3.0, 10.0 - 2.0 * i), alpha=0.8,
+                clip_on=False, label=_site_label(node, order))  # unclipped: markers at 0 stay whole
+    if any("model-dp-epsilon" in r for r in records):
+        ax.plot([r["round"] for r in records], [_num(r.get("model-dp-epsilon")) for r in records], "k--",
+                label="model updates (central)")
+    budgets: dict[float, list[str]] = {}
+    for node, budget in _last_site_values(records, "dp-keys-budget").items():
+        if budget > 0:
+            budgets.setdefault(budget, []).append(_site_label(node, order))
+    for budget, names in sorted(budgets.items()):
+        who = "every site" if len(names) == len(series) else ", ".join(names)
+        ax.axhline(budget, color="grey", ls="--", lw=1, label=f"budget {budget:g} ({who})")
+    ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent on DP summaries, per site")
+    spent = [y for _, ys in series.values() for y in ys if math.isfinite(y)]
+    ax.set_ylim(0, 1.08 * max([1.0, *spent, *budgets]))  # epsilon >= 0; an all-zero run still shows 0..1
+    _whole_rounds(ax)
+    note = sharing_note(records)
+    if note and not any(y > 0 for _, ys in series.values() for y in ys):
+        _centre_note(ax, note)
+    ax.legend(fontsize=7)
+
+
+def queue_axes(ax, records: list[dict[str, Any]]) -> None:
+    """The server's global queue per round: held after the round, added and aged out."""
+    rounds = [r["round"] for r in records]
+    held = [_num(r.get("queue-size")) for r in records]
+    ax.plot(rounds, held, "k-o", clip_on=False, label="held after the round")
+    ax.bar([x - 0.2 for x in rounds], [_num(r.get("queue-added")) for r in records], width=0.4,
+           color="g", alpha=0.6, label="added")
+    ax.bar([x + 0.2 for x in rounds], [_num(r.get("queue-expired")) for r in records], width=0.4,
+           color="r", alpha=0.6, label="aged out")
+    ax.set(xlabel="round", ylabel="DP summaries (prototypes or keys)", title="Global queue per round")
+    counts = [v for r in records for v in (_num(r.get("queue-size")), _num(r.get("queue-added")),
+                                            _num(r.get("queue-expired"))) if math.isfinite(v)]
+    ax.set_ylim(0, 1.08 * max([1.0, *counts]))  # counts: from 0, and at least 0..1 when all are 0
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _whole_rounds(ax)
+    note = sharing_note(records)
+    if note:
+        _centre_note(ax, note)
+    ax.legend(fontsize=7)
+
+
+def sharing_note(records: list[dict[str, Any]]) -> str | None:
+    """When no DP summary reached the server in any round: a line saying so, with the reasons
+    the sites gave (``dp-reason``); None when some did."""
+    if not any("queue-added" in r for r in records) or any(_num(r.get("queue-added")) > 0 for r in records):
+        return None
+    reasons = sorted({str(s["dp-reason"]) for r in records for s in r.get("sites", []) if s.get("dp-reason")})
+    return "no site released DP summaries" + (":\n" + "\n".join(reasons) if reasons else "")
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _last_site_values(records: list[dict[str, Any]], key: str) -> dict[str | int, float]:
+    """Each site's last reported value of ``key``."""
+    return {node: ys[-1] for node, (_, ys) in _site_series(records, key).items() if ys}
+
+
+def _whole_rounds(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _centre_note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.3",
+            wrap=True)
 
 
 def plot_federation_dir(server_dir: Path | str, out_dir: Path | str) -> list[Path]:
