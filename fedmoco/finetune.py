@@ -486,18 +486,24 @@ def plot_label_efficiency(runs: dict[str, Any], path: Path, metric: str = "auroc
     from fedmoco.plots import plt, save_figure
 
     fracs = sorted(runs, key=float)
+    pct = [float(f) * 100 for f in fracs]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for init, label in (("pretrained", "pretrained encoder"), ("random_init", "random init")):
+    # The two series share their x values: each is nudged 3% to its side on the log axis, so
+    # equal results (and their error bars) never hide one another.
+    for init, label, nudge in (("pretrained", "pretrained encoder", 0.97), ("random_init", "random init", 1.03)):
         mean = [runs[f][init]["mean"].get(metric, math.nan) for f in fracs]
         std = [runs[f][init]["std"].get(metric, math.nan) for f in fracs]
-        ax.errorbar([float(f) * 100 for f in fracs], mean, yerr=std, marker="o", capsize=3, label=label)
+        ax.errorbar([x * nudge for x in pct], mean, yerr=std, marker="o", capsize=3, label=label)
     if metric == "auroc":
         ax.axhline(0.5, ls="--", c="grey", label="chance (AUROC 0.5)")
     ax.set_xscale("log")
+    ax.set_xticks(pct, [f"{x:g}" for x in pct])  # the fractions that were run, not decades
+    ax.minorticks_off()
+    ax.set_xlim(min(pct) / 1.6, max(pct) * 1.6)
     ax.set_xlabel("labelled training data used (%)")
     ax.set_ylabel(f"test {metric.upper() if metric == 'auroc' else metric} (mean ± std over seeds)")
     ax.set_title("label efficiency" + (f", n_test = {n_test}" if n_test else ""))
-    ax.legend()
+    ax.legend(loc="lower right")  # above the chance line, below results that beat it
     return save_figure(fig, path)
 
 

@@ -228,3 +228,24 @@ def test_satellite_scene_groups_keep_acquisitions_of_one_footprint_together(tmp_
     assert keys[0] == keys[1] != keys[2]
     assert group_keys([spring], b"t" * 16) != keys[:1]  # salted: not comparable across runs
     assert group_keys([tmp_path / "missing.tif"], b"s" * 16) == [None]
+
+
+def test_label_efficiency_plot_marks_the_fractions_run_and_hides_no_series(tmp_path, monkeypatch):
+    from fedmoco import plots
+    from fedmoco.finetune import plot_label_efficiency
+
+    axes = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: axes.append(fig.axes[0]) or real(fig, path))
+    same = {"mean": {"auroc": 0.9}, "std": {"auroc": 0.02}}
+    runs = {"0.1": {"pretrained": {"mean": {"auroc": 0.8}, "std": {"auroc": 0.03}}, "random_init": same},
+            "1": {"pretrained": same, "random_init": same}}  # equal results at 100%
+    path = plot_label_efficiency(runs, tmp_path / "le.png", n_test=50)
+    assert path.stat().st_size > 1000
+    ax = axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "100"]  # no "1000 %" decade
+    lo, hi = ax.get_xlim()
+    assert lo > 1 and hi < 200
+    xs = [tuple(c.lines[0].get_xdata()) for c in ax.containers
+          if c.get_label() in ("pretrained encoder", "random init")]
+    assert len(xs) == 2 and xs[0] != xs[1]  # the equal points at 100% sit side by side, not on top
