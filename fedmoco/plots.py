@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: sites and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedmoco.metrics import read_jsonl  # noqa: E402
@@ -58,6 +59,7 @@ def _plot_loss(steps: list[dict], path: Path) -> Path:
     if w > 1:
         ax.plot(x[w - 1:], _smooth(y, w), label=f"mean of {w} steps")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("InfoNCE loss")
     ax.set_title("MoCo training loss")
     ax.legend()
@@ -75,11 +77,15 @@ def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
     a1.set_xlabel("step")
     a1.set_ylabel("cosine score")
     a1.set_title("score statistics")
+    for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     a1.legend()
     a2.plot(x, get("emb_std"), label="std of normalised embeddings")
     if dim:
         a2.axhline(1 / math.sqrt(dim), ls="--", c="grey", label=f"1/sqrt({dim}) (uniform)")
     a2.set_xlabel("step")
+    a2.set_ylabel("std per dimension")
+    a2.set_ylim(bottom=0)  # 0 is full collapse: the reference a reader measures against
     a2.set_title("collapse monitor")
     a2.legend()
     return save_figure(fig, path)

@@ -1,0 +1,27 @@
+"""fedmoco.plots: a pretraining run's plots label every axis and show the references they promise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmoco import plots
+
+
+def test_every_axis_of_a_run_plot_is_labelled(tmp_path, monkeypatch):
+    steps = [{"event": "step", "step": i, "loss": 4.0 - 0.01 * i, "pos_mean": 0.8, "neg_mean": 0.7, "neg_var": 0.01,
+              "emb_std": 0.03} for i in range(18)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    figures = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or real(fig, path))
+    written = plots.plot_run(metrics, tmp_path / "plots", embedding_dim=128)
+    assert [p.name for p in written][:2] == ["loss.png", "scores.png"]
+    axes = [ax for fig in figures for ax in fig.axes]
+    assert axes and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+    monitor = next(ax for ax in axes if ax.get_title() == "collapse monitor")
+    assert monitor.get_ylim()[0] == 0  # full collapse (0) is on the axis
+    assert [line.get_ydata()[0] for line in monitor.lines if "uniform" in line.get_label()] == [pytest.approx(128 ** -0.5)]
+    assert all(float(t).is_integer() for ax in axes if ax.get_xlabel() == "step" for t in ax.get_xticks())
