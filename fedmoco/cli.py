@@ -223,17 +223,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     if (args.run / "rounds.jsonl").is_file() and not (args.run / "metrics.jsonl").is_file():
         from fedmoco.federation_plots import plot_federation_dir
-        for p in plot_federation_dir(args.run, args.out or args.run / "plots"):
-            print(p)
-        return 0
-    metrics = args.run / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ConfigError(f"{args.run}: neither metrics.jsonl (a pretraining run) nor rounds.jsonl "
-                          "(a federation server out-dir) is there")
-    dim = None
-    if (args.run / "config.json").is_file():
-        dim = json.loads((args.run / "config.json").read_text())["moco"]["dim"]
-    for p in plot_run(metrics, args.out or args.run / "plots", embedding_dim=dim):
+        written = plot_federation_dir(args.run, args.out or args.run / "plots")
+        what = args.run / "rounds.jsonl"
+    else:
+        what = args.run / "metrics.jsonl"
+        if not what.is_file():
+            raise ConfigError(f"{args.run}: neither metrics.jsonl (a pretraining run) nor rounds.jsonl "
+                              "(a federation server out-dir) is there")
+        dim = None
+        try:  # the embedding dimension only adds the 1/sqrt(D) reference line
+            dim = int(json.loads((args.run / "config.json").read_text())["moco"]["dim"])
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable, so the plots go without the 1/sqrt(D) line", args.run / "config.json")
+        written = plot_run(what, args.out or args.run / "plots", embedding_dim=dim)
+    if not written:
+        raise ConfigError(f"{what}: no records to plot")
+    for p in written:
         print(p)
     return 0
 

@@ -6,6 +6,7 @@ without importing the server; ``server.plots`` re-exports it for the ServerApp.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,19 @@ from matplotlib.ticker import MaxNLocator
 from fedmoco.metrics import read_jsonl
 from fedmoco.plots import save_figure  # also selects the headless Agg backend
 
+log = logging.getLogger(__name__)
+
 
 def round_records(metrics_path: Path | str) -> list[dict[str, Any]]:
     """One record per round, the last one written (a resumed run may repeat a round)."""
     by_round: dict[int, dict[str, Any]] = {}
     for rec in read_jsonl(metrics_path):
         if rec.get("event") == "round":
-            by_round[int(rec["round"])] = rec
+            if isinstance(rec.get("round"), int) and not isinstance(rec["round"], bool):
+                by_round[rec["round"]] = rec
+            else:
+                log.warning("%s: skipped a round record whose round is %r, not a number", metrics_path,
+                            rec.get("round"))
     return [by_round[r] for r in sorted(by_round)]
 
 
@@ -132,7 +139,8 @@ def privacy_axes(ax, records: list[dict[str, Any]], order: dict[str | int, int])
     note = sharing_note(records)
     if note and not any(y > 0 for _, ys in series.values() for y in ys):
         _centre_note(ax, note)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a round with no site reply has nothing to name
+        ax.legend(fontsize=7)
 
 
 def queue_axes(ax, records: list[dict[str, Any]]) -> None:

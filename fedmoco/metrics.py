@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,11 +24,25 @@ class JsonlLogger:
             fh.write(json.dumps(_clean(record)) + "\n")
 
 
+log = logging.getLogger(__name__)
+
+
 def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
-    with open(path) as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+    """The JSON objects of ``path``, one per line. A line that is not one (a write cut short
+    when a run was killed, so usually the last) is skipped with a warning naming the file and
+    line: a run resumes, and its plots draw, from every record that was written whole."""
+    with open(path, errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                yield record
+            else:
+                log.warning("%s:%d: skipped a line that is not a JSON record (a write cut short?)", path, number)
 
 
 def _clean(x: Any) -> Any:

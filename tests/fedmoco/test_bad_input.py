@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -123,6 +125,47 @@ def test_resume_can_extend_epochs_and_follows_the_longer_schedule(demo_images, t
     assert short[5] < long[5]
     for step in (6, 7, 8):
         assert short[step] == pytest.approx(long[step], rel=1e-9)
+
+
+def test_resume_after_a_metrics_line_cut_short(demo_images, tmp_path, tiny_pretrain_args, capsys):
+    """A run killed mid-write leaves half a JSON line; resuming skips it (with a warning naming
+    the file and line) and the rewritten log parses line by line again."""
+    out = tmp_path / "cut"
+    base = ["-q", "pretrain", "--data", str(demo_images), "--no-plots", "--out", str(out)]
+    assert main([*base, *tiny_pretrain_args]) == 0  # 2 epochs
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    capsys.readouterr()
+    assert main([*base, "--resume", "--epochs", "3"]) == 0
+    assert capsys.readouterr().err == (f"WARNING fedmoco.metrics: {metrics}:{len(lines)}: skipped a line that is "
+                                       "not a JSON record (a write cut short?)\n")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "step" in r and "loss" in r) == list(range(9))
+
+
+def test_plot_draws_the_records_written_whole_and_refuses_a_log_without_any(tmp_path, capsys):
+    server = tmp_path / "server"
+    server.mkdir()
+    rounds = [{"event": "round", "round": r, "train-loss": 4.0, "sites": [], "queue-size": 0, "queue-added": 0,
+               "queue-expired": 0} for r in (1, 2)]
+    (server / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds) + '{"event": "round", "ro')
+    assert main(["-q", "plot", str(server)]) == 0
+    assert {p.name for p in (server / "plots").iterdir()} >= {"loss.png", "queue.png"}
+    capsys.readouterr()
+    (server / "rounds.jsonl").write_text('{"event": "round", "round": "x"}\nnot json\n')
+    assert main(["-q", "plot", str(server)]) == 2
+    err = capsys.readouterr().err.splitlines()  # a warning per line skipped, then the error
+    assert "Traceback" not in "\n".join(err) and len(err) == 3
+    assert err[-1] == f"fedmoco plot: error: {server / 'rounds.jsonl'}: holds no finished round to plot"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("garbage\n")
+    (run / "config.json").write_text("{")
+    assert main(["-q", "plot", str(run)]) == 2
+    err = capsys.readouterr().err.splitlines()  # config.json and the skipped line warned about, then the error
+    assert "Traceback" not in "\n".join(err) and len(err) == 3
+    assert err[-1] == f"fedmoco plot: error: {run / 'metrics.jsonl'}: no records to plot"
 
 
 def test_resume_of_a_finished_run_says_so(run_dir, demo_images, capsys):
