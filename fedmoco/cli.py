@@ -340,6 +340,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return f"{ckpt} holds {done}; resume with: {again} --resume"
 
 
+def _has_checkpoint(out: Path) -> bool:
+    from fedmoco.pretrain import CHECKPOINT
+
+    return (Path(out) / CHECKPOINT).is_file()
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
             "make-demo-data": cmd_demo_data, "export": cmd_export, "embed": cmd_embed}
 COMMANDS["keygen"] = cmd_keygen
@@ -359,6 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except FedmocoError as exc:
         print(f"fedmoco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        resumable = args.command == "pretrain" and _has_checkpoint(args.out)
+        hint = f"; {_resume_hint(args)}" if resumable else ""
+        print(f"fedmoco {args.command}: error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = f"; {_resume_hint(args)}" if args.command == "pretrain" else ""

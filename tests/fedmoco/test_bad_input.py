@@ -168,6 +168,19 @@ def test_plot_draws_the_records_written_whole_and_refuses_a_log_without_any(tmp_
     assert err[-1] == f"fedmoco plot: error: {run / 'metrics.jsonl'}: no records to plot"
 
 
+@pytest.mark.parametrize("command", ["keygen", "export", "pretrain"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, demo_images, run_dir, tiny_pretrain_args,
+                                                          capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    argv = {"keygen": ["keygen", "--out", str(out), "--name", "site-a"],
+            "export": ["export", str(run_dir / "checkpoint.pt"), "--out", str(out)],
+            "pretrain": ["pretrain", "--data", str(demo_images), "--out", str(out), "--no-plots", *tiny_pretrain_args]}
+    assert main(["-q", *argv[command]]) == 2
+    assert one_error_line(capsys) == f"fedmoco {command}: error: {out}: Not a directory"
+
+
 def test_resume_of_a_finished_run_says_so(run_dir, demo_images, capsys):
     before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
     assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(run_dir), "--resume"]) == 0
