@@ -203,6 +203,17 @@ def run_config_text(config: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; an output folder that cannot be written is one line, exit 2."""
+    from fedmoco.errors import os_error_line
+
+    try:
+        return _main(argv)
+    except OSError as exc:
+        print(f"python -m examples.demo: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     p.add_argument("--domain", default="medical", choices=sorted(TASKS))
     p.add_argument("--out", type=Path, default=Path("demo-output"))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedmoco.errors import ConfigError, FedmocoError
+from fedmoco.errors import ConfigError, FedmocoError, os_error_line
 from fedmoco.appsign import add_sign_app_parser, cmd_sign_app
 from fedmoco.eval_cli import add_finetune_parser
 from fedmoco.keys import add_keygen_parser, cmd_keygen
@@ -367,10 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedmoco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason
-        where = f"{exc.filename}: " if exc.filename else ""
         resumable = args.command == "pretrain" and _has_checkpoint(args.out)
         hint = f"; {_resume_hint(args)}" if resumable else ""
-        print(f"fedmoco {args.command}: error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
+        print(f"fedmoco {args.command}: error: {os_error_line(exc)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = f"; {_resume_hint(args)}" if args.command == "pretrain" else ""

@@ -15,3 +15,10 @@ class ConfigError(FedmocoError, ValueError):
 
 class CheckpointError(FedmocoError, ValueError):
     """A checkpoint is missing, corrupt, or does not match the requested model."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """``"PATH: reason"`` of an OSError (a folder that cannot be made, a full disk), for the
+    one-line message a command prints instead of a traceback."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

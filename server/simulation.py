@@ -236,6 +236,17 @@ def _worth_echoing(line: bytes) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; an output folder that cannot be written is one line, exit 2."""
+    from fedmoco.errors import os_error_line
+
+    try:
+        return _main(argv)
+    except OSError as exc:
+        print(f"python -m server.simulation: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.simulation", description=__doc__.splitlines()[0])
     p.add_argument("--domain", default="medical", choices=sorted(DEMO_CHANNELS))
     p.add_argument("--sites", type=int, default=3)

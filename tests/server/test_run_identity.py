@@ -140,6 +140,20 @@ def test_simulation_bad_input_is_one_line_before_anything_starts(tmp_path, capsy
     assert not (tmp_path / "sim").exists()  # no data generated, no SuperLink started
 
 
+def test_simulation_and_demo_name_an_output_folder_they_cannot_make(tmp_path, capsys):
+    from examples.demo import main as demo
+    from server.simulation import main as simulation
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert simulation(["--out", str(blocker / "sim"), "--sites", "1", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m server.simulation: error: {blocker / 'sim'}: Not a directory\n"
+    assert demo(["--out", str(blocker / "demo"), "--quick"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"python -m examples.demo: error: {blocker / 'demo'}") and last.endswith(": Not a directory")
+
+
 def test_simulation_console_script_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "server.simulation", "--out", str(tmp_path / "sim"),
                            "--run-config", "bogus"], capture_output=True, text=True, timeout=120)
