@@ -105,10 +105,6 @@ class SiteReport:
         return out + self.privacy
 
 
-#: Domains with a ``cache`` data option (header index, band statistics and raster caches).
-CACHING_DOMAINS = ("medical", "satellite")
-
-
 def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | None = None, image_size: int = 64,
                model: MoCoConfig | None = None, batch_size: int = 32, device: torch.device | None = None,
                steps: int = 3, workers: int = 0) -> SiteReport:
@@ -123,18 +119,15 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     from fedmoco.data import DataConfig, build_pretrain_data, format_skipped, parse_bool
 
     data_dir = Path(data_dir)
-    # A dry run writes nothing: no decoded-sample cache (a satellite archive's can take up to
-    # cache_max_gb and minutes to fill), no header index, no band-statistics memo. So its step
-    # time includes decoding, as a round's first pass over the data does; later passes read
-    # the cache, unless the site's own options turn it off.
+    # A dry run writes nothing: DataConfig(cache=False) turns off the decoded-sample cache (a
+    # satellite archive's can take up to cache_max_gb and minutes to fill), the header index
+    # and the band-statistics memo. So its step time includes decoding, as a round's first pass
+    # over the data does; later passes read the cache, unless the site's own options turn it off.
     options = dict(options or {})
     try:
         cache_off = not parse_bool(options.get("cache", True))
     except ValueError:  # left as given: the domain's options name it in their one-line error
         cache_off = False
-    else:
-        if domain in CACHING_DOMAINS:
-            options["cache"] = False
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=options, cache=False))
     refused: Counter = Counter()  # image folders: files whose headers a round would refuse
     sizes = source_sizes(data.dataset, refused)

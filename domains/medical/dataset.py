@@ -259,10 +259,13 @@ class MedicalLabelledDataset(_DicomSamples):
             return None if sample is None else (self.pipeline(sample), self.label_of(i))
 
 
-def index_folder(root: Path, opts: MedicalOptions) -> tuple[list[FileRecord], Counter]:
-    """Scan ``root`` (cached), keep the selected modalities; DataError if nothing usable."""
+def index_folder(root: Path, opts: MedicalOptions, cfg: DataConfig | None = None) -> tuple[list[FileRecord], Counter]:
+    """Scan ``root``, keep the selected modalities; DataError if nothing usable. The header
+    index is cached in the cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else
+    the default) unless ``cfg.cache`` or the ``cache`` option is off: then nothing is written."""
     files = list_files(root)
-    cache = cache_file(root, opts.cache_dir or None) if opts.cache else None
+    on = opts.cache and (cfg is None or cfg.cache)
+    cache = cache_file(root, (cfg.cache_dir if cfg else None) or opts.cache_dir or None) if on else None
     records, skipped = scan(root, files, cache, opts.limits)
     if opts.modalities:
         kept = [r for r in records if r.modality in opts.modalities]
@@ -311,7 +314,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     windowed to [0, 1], augmented independently, normalised with mean 0.5 / std 0.25.
     """
     opts = MedicalOptions.parse(cfg.options)
-    records, skipped = index_folder(Path(root), opts)
+    records, skipped = index_folder(Path(root), opts, cfg)
     samples = build_samples(records, opts.slices)
     normalization = default_normalization(opts.in_channels)
     cache, stamps = _sample_cache(Path(root), records, samples, opts, cfg)
@@ -341,7 +344,7 @@ def build_labelled_data(
     """
     opts = MedicalOptions.parse(cfg.options)
     root = Path(root)
-    records, skipped = index_folder(root, opts)
+    records, skipped = index_folder(root, opts, cfg)
     if skipped:  # the pretraining loop reports PretrainData.skipped; evaluation does not
         log.warning("%s: %s", root, format_skipped(skipped))
     labels, classes = read_labels(root, [root / r.path for r in records], labels_csv)

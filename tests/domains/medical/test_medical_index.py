@@ -115,6 +115,18 @@ def test_modality_filter_and_option_cache_dir(demo_archive, cache_dir):
     assert len(records) == 4
 
 
+def test_data_config_cache_settings_govern_the_index_too(demo_archive, tmp_path):
+    """DataConfig(cache=False) (--no-cache, check-site) writes no header index; DataConfig's
+    cache folder is the index's folder, as it is the sample cache's."""
+    from fedmoco.data import DataConfig, build_pretrain_data
+
+    off, on = tmp_path / "off", tmp_path / "on"
+    build_pretrain_data("medical", demo_archive, DataConfig(image_size=32, cache=False, cache_dir=str(off)))
+    assert not off.exists()
+    build_pretrain_data("medical", demo_archive, DataConfig(image_size=32, cache_dir=str(on)))
+    assert cache_file(demo_archive, on).is_file() and cache_file(demo_archive, on).parent.parent == on
+
+
 def test_folders_without_usable_images_are_data_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="data folder is empty"):
