@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedmoco.cli import main as cli
+from fedmoco.errors import reports_os_errors
 
 
 @dataclass(frozen=True)
@@ -202,18 +203,8 @@ def run_config_text(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
 
+@reports_os_errors("python -m examples.demo")  # an output folder that cannot be made: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; an output folder that cannot be written is one line, exit 2."""
-    from fedmoco.errors import os_error_line
-
-    try:
-        return _main(argv)
-    except OSError as exc:
-        print(f"python -m examples.demo: error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-
-
-def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     p.add_argument("--domain", default="medical", choices=sorted(TASKS))
     p.add_argument("--out", type=Path, default=Path("demo-output"))

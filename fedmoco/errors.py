@@ -1,5 +1,11 @@
 """User-facing errors. The CLI prints these as one line, without a traceback."""
 
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
 
 class FedmocoError(Exception):
     """Base class of errors caused by the user's input, not by a bug."""
@@ -22,3 +28,18 @@ def os_error_line(exc: OSError) -> str:
     one-line message a command prints instead of a traceback."""
     where = f"{exc.filename}: " if exc.filename else ""
     return f"{where}{exc.strerror or exc}"
+
+
+def reports_os_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a command's ``main(argv) -> exit status``: an OSError it raises becomes one
+    line on stderr, ``"PROG: error: PATH: reason"``, and exit status 2."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def guarded(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except OSError as exc:
+                print(f"{prog}: error: {os_error_line(exc)}", file=sys.stderr)
+                return 2
+        return guarded
+    return wrap

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 from clients.ledger import LEDGER_FILE, read_ledger
 from clients.task import SITE_FILE_KEYS
 from fedmoco.data import SITE_SETTINGS_FILE
-from fedmoco.errors import ConfigError, FedmocoError
+from fedmoco.errors import ConfigError, FedmocoError, reports_os_errors
 from fedmoco.metrics import read_jsonl
 from server.launch import (flower_command, flower_env, free_port, start_process, stop_process, tail,
                            wait_healthy, write_connection)
@@ -235,18 +235,8 @@ def _worth_echoing(line: bytes) -> bool:
     return any(s in text for s in ("round ", "ERROR", "aggregated encoder", "resuming", "site data"))
 
 
+@reports_os_errors("python -m server.simulation")  # an output folder that cannot be made: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; an output folder that cannot be written is one line, exit 2."""
-    from fedmoco.errors import os_error_line
-
-    try:
-        return _main(argv)
-    except OSError as exc:
-        print(f"python -m server.simulation: error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-
-
-def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.simulation", description=__doc__.splitlines()[0])
     p.add_argument("--domain", default="medical", choices=sorted(DEMO_CHANNELS))
     p.add_argument("--sites", type=int, default=3)
