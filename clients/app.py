@@ -166,7 +166,7 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
 def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:
     """Step-weighted means of the epochs' statistics (NaN-aware)."""
     out: dict[str, float] = {}
-    for key in ("loss", "pos_mean", "neg_mean", "neg_var", "emb_std"):
+    for key in ("loss", "pos_mean", "neg_mean", "neg_var", "emb_std", "global_share"):
         vals = [(getattr(s, key), s.steps) for s in summaries if s.steps and math.isfinite(getattr(s, key))]
         total = sum(w for _, w in vals)
         out[key] = sum(v * w for v, w in vals) / total if total else float("nan")
@@ -261,7 +261,7 @@ def _train_round(msg: Message, context: Context) -> Message:
     metrics = {
         "num-examples": len(dataset),  # type: ignore[arg-type]
         "train-loss": stats["loss"], "pos-mean": stats["pos_mean"], "neg-mean": stats["neg_mean"],
-        "neg-var": stats["neg_var"], "emb-std": stats["emb_std"],
+        "neg-var": stats["neg_var"], "emb-std": stats["emb_std"], "global-share": stats["global_share"],
         "seconds": train_seconds,
         "skipped": sum(data.skipped.values()) + sum(s.skipped for s in summaries),
         **ledger_metrics,

@@ -82,9 +82,12 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style in (("pos-mean", "g-o"), ("neg-mean", "r-o"), ("emb-std", "b-o")):
         ax.plot(rounds, [_num(r.get(key)) for r in records], style, label=key)
+    if any(_num(r.get("global-share")) > 0 for r in records):  # how much the global queue weighs
+        ax.plot(rounds, [_num(r.get("global-share")) for r in records], "m-s",
+                label="global-share (softmax mass on global negatives)")
     if dim:
         ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
-    ax.set(xlabel="round", ylabel="cosine score / std", title="Score statistics (weighted over sites)")
+    ax.set(xlabel="round", ylabel="cosine score / std / share", title="Score statistics (weighted over sites)")
     _whole_rounds(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "scores.png"))

@@ -165,12 +165,15 @@ class MoCo(nn.Module):
             l_neg = q @ k.t()
             l_neg = l_neg.masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), float("-inf"))
         loss = nce_from_scores(l_pos, l_neg, cfg.temperature)
+        # the filter keeps a subset of the columns, in another order: then the global ones are unknown
+        known = n_extra == 0 or l_neg.shape[1] == negatives.shape[0]
+        share = global_share(l_pos, l_neg, n_extra if known else -1, cfg.temperature)
         if cfg.dual_view_weight > 0 and negatives.shape[0]:
             l_pos_k = (k_pos * q_pos).sum(dim=1, keepdim=True)
             l_neg_k = hard_negative_scores(q.detach(), k, negatives, cfg.hard_negative_fraction, exclude)
             loss_k = nce_from_scores(l_pos_k, l_neg_k, cfg.temperature)
             loss = (1 - cfg.dual_view_weight) * loss + cfg.dual_view_weight * loss_k
-        return loss, l_pos.detach().squeeze(1), l_neg.detach()
+        return loss, l_pos.detach().squeeze(1), l_neg.detach(), share
 
     def forward(
         self, x_q: torch.Tensor, x_k: torch.Tensor, extra_negatives: torch.Tensor | None = None,
@@ -184,18 +187,32 @@ class MoCo(nn.Module):
         n_extra = extra_negatives.shape[0] if extra_negatives is not None and extra_negatives.numel() else 0
         q = self._query(x_q)
         k = self._key(x_k)
-        loss, pos, neg = self._contrast(q, k, negatives, n_extra, extra_centres)
+        loss, pos, neg, share = self._contrast(q, k, negatives, n_extra, extra_centres)
         new_keys = [k]
         if self.cfg.symmetric:
             q2, k2 = self._query(x_k), self._key(x_q)
-            loss2, _, _ = self._contrast(q2, k2, negatives, n_extra, extra_centres)
+            loss2, _, _, _ = self._contrast(q2, k2, negatives, n_extra, extra_centres)
             loss = 0.5 * (loss + loss2)
             new_keys.append(k2)
         if self.training:
             for keys in new_keys:
                 self.queue.enqueue(keys)
-        return MoCoOutput(loss=loss, q=q.detach(), k=k, stats=score_stats(q.detach(), pos, neg),
+        stats = {**score_stats(q.detach(), pos, neg), "global_share": share}
+        return MoCoOutput(loss=loss, q=q.detach(), k=k, stats=stats,
                           pos_scores=pos, neg_scores=neg)
+
+
+def global_share(l_pos: torch.Tensor, l_neg: torch.Tensor, n_extra: int, temperature: float) -> torch.Tensor:
+    """How much the global negatives weigh in the loss: the mean over queries of the InfoNCE
+    softmax mass on the last ``n_extra`` columns of ``l_neg`` (N, M), next to ``l_pos`` (N, 1).
+    A 0-dim tensor on the scores' device: 0 without global negatives, NaN when ``n_extra`` < 0
+    (the hard-negative filter reordered the columns, so the global ones are not known).
+    Cancelled (-inf) columns weigh 0."""
+    if n_extra <= 0:
+        return torch.full((), 0.0 if n_extra == 0 else float("nan"), device=l_pos.device)
+    with torch.no_grad():
+        p = torch.softmax(torch.cat([l_pos, l_neg], dim=1).float() / temperature, dim=1)  # (N, 1 + M)
+        return p[:, -n_extra:].sum(dim=1).mean()
 
 
 def score_stats(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from fedmoco.moco import SCORE_BINS, MoCo, cosine_momentum, score_histogram
 log = logging.getLogger(__name__)
 
 # The per-step statistics, in the order the Trainer stacks them.
-STAT_NAMES = ("loss", "pos_mean", "neg_mean", "neg_var", "emb_std")
+STAT_NAMES = ("loss", "pos_mean", "neg_mean", "neg_var", "emb_std", "global_share")
 # Steps between reads of those statistics on CUDA (see Trainer.read_every).
 READ_EVERY_CUDA = 16
 
@@ -214,6 +214,7 @@ class EpochSummary:
     neg_mean: float = float("nan")
     neg_var: float = float("nan")
     emb_std: float = float("nan")
+    global_share: float = float("nan")  # softmax mass on the global negatives (0 without them)
     pos_hist: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
     neg_hist: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
 
@@ -343,7 +344,7 @@ class Trainer:
             self.scheduler.step()
             pos_hist += score_histogram(out.pos_scores)
             neg_hist += score_histogram(out.neg_scores)
-            values = torch.stack([loss.detach().float()] + [out.stats[k] for k in STAT_NAMES[1:]])  # (5,)
+            values = torch.stack([loss.detach().float()] + [out.stats[k] for k in STAT_NAMES[1:]])  # (6,)
             pending.append(({"epoch": epoch, "step": self.global_step, "images": x_q.shape[0], "t0": t0,
                              "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum}, values))
             summary.steps += 1

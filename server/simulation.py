@@ -116,7 +116,8 @@ def write_site_settings(site_dirs: list[Path], state_root: Path,
 
 def queue_summary(metrics: Path, state_root: Path | None = None) -> str:
     """One line on the global queue after the last round in ``metrics`` (a server's
-    rounds.jsonl): prototypes held, from how many sites, added that round, and (with
+    rounds.jsonl): prototypes held, from how many sites, added that round, how much of the
+    InfoNCE softmax the global negatives took in it (``global-share``), and (with
     ``state_root``, as :func:`write_site_settings` lays it out) each site's ledger:
     epsilon spent of its budget. Says why when no site shared."""
     rounds = [r for r in read_jsonl(metrics) if r.get("event") == "round"] if metrics.is_file() else []
@@ -126,6 +127,9 @@ def queue_summary(metrics: Path, state_root: Path | None = None) -> str:
     line = (f"global queue: {last.get('queue-size', 0)} DP summaries from {last.get('queue-sites', 0)} site(s) after "
             f"round {last['round']} ({last.get('queue-added', 0)} added in it, {last.get('dp-sharing', 0)} of "
             f"{last.get('accepted', 0)} sites sharing)")
+    share = last.get("global-share")
+    if isinstance(share, (int, float)) and share > 0:
+        line += f"; the global negatives took {100 * share:.1f}% of the sites' InfoNCE softmax in that round"
     spent = []
     for ledger_file in sorted(state_root.glob(f"site-*/{LEDGER_FILE}")) if state_root else []:
         try:

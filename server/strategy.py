@@ -59,9 +59,9 @@ log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --
 SERVER_STATE_FORMAT = "fedmoco-server-state"
 SERVER_STATE_VERSION = 1
 #: Per-site metrics copied into the round's JSON line.
-SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "seconds", "skipped",
-                "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted", "dp-keys-budget",
-                "dp-status")
+SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "global-share",
+                "seconds", "skipped", "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted",
+                "dp-keys-budget", "dp-status")
 
 
 def array_bytes(record: ArrayRecord) -> int:

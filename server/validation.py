@@ -23,12 +23,14 @@ from fedmoco.ledger import DP_STATUS
 ARRAYS, KEYS, METRICS = "arrays", "keys", "metrics"
 #: MetricRecord entries of every reply, and only these (docs/privacy.md).
 REQUIRED_METRICS: frozenset[str] = frozenset({
-    "num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "seconds", "skipped",
-    "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted", "dp-keys-budget", "dp-status",
+    "num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var", "emb-std", "global-share", "seconds",
+    "skipped", "dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-exhausted", "dp-keys-budget",
+    "dp-status",
 })
 # Statistics that are legitimately NaN: a round in which every step ran on an empty queue
-# has no finite negative scores, and one-image batches have no embedding std.
-_MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean"})
+# has no finite negative scores, one-image batches have no embedding std, and the
+# hard-negative filter hides which negatives were the global ones (global-share).
+_MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean", "global-share"})
 # Epsilon and budget are +inf for a site that releases without noise (fedmoco.ledger.no_ledger_metrics).
 _MAY_BE_INF = frozenset({"dp-keys-epsilon", "dp-keys-budget"})
 
@@ -227,6 +229,9 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
     exhausted = record.get("dp-keys-exhausted")
     if exhausted not in (None, 0, 1, 0.0, 1.0):
         reasons.append(f"metrics 'dp-keys-exhausted' is {exhausted}, expected 0 or 1")
+    share = record.get("global-share")
+    if isinstance(share, (int, float)) and not math.isnan(share) and not 0.0 <= share <= 1.0:
+        reasons.append(f"metrics 'global-share' is {share}, expected a share in [0, 1]")
     status = record.get("dp-status")
     if status is not None and status not in DP_STATUS:
         reasons.append(f"metrics 'dp-status' is {status}, expected one of {sorted(DP_STATUS)}")

@@ -8,7 +8,7 @@ from torch import nn
 from fedmoco.config import MoCoConfig
 from fedmoco.errors import ConfigError
 from fedmoco.losses import info_nce
-from fedmoco.moco import MoCo, cosine_momentum, momentum_update
+from fedmoco.moco import MoCo, cosine_momentum, global_share, momentum_update
 
 
 def _cfg(**kw):
@@ -97,6 +97,35 @@ def test_extra_negatives_are_used_but_not_enqueued():
     expected = info_nce(q, k, torch.cat([queue_before, extra]), m.cfg.temperature)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert len(m.queue) == 16  # only the 8 new local keys were added
+
+
+def test_global_share_by_hand():
+    """Row 1: logits / T = [1 | 0, 1] -> the global column holds e / (2e + 1) of the softmax.
+    Row 2: [0 | 1, -inf] (the global one cancelled) -> 0. The share is their mean."""
+    l_pos = torch.tensor([[0.5], [0.0]])
+    l_neg = torch.tensor([[0.0, 0.5], [0.5, float("-inf")]])
+    e = math.e
+    assert global_share(l_pos, l_neg, 1, 0.5).item() == pytest.approx(e / (2 * e + 1) / 2, rel=1e-6)
+    assert global_share(l_pos, l_neg, 0, 0.5).item() == 0.0
+    assert math.isnan(global_share(l_pos, l_neg, -1, 0.5).item())
+
+
+def test_step_reports_the_share_of_its_global_negatives():
+    torch.manual_seed(0)
+    m = MoCo(_cfg(momentum=0.0))
+    x_q, x_k = _views()
+    assert m(x_q, x_k).stats["global_share"].item() == 0.0  # none given
+    queue = m.queue.keys.clone()
+    extra = F.normalize(torch.randn(5, 16), dim=1)
+    out = m(x_q, x_k, extra_negatives=extra)
+    q = F.normalize(m.encoder_q(x_q), dim=1)
+    k = F.normalize(m.encoder_k(x_k), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t(), q @ extra.t()], dim=1) / m.cfg.temperature
+    expected = torch.softmax(logits, dim=1)[:, -5:].sum(1).mean()
+    assert out.stats["global_share"].item() == pytest.approx(expected.item(), rel=1e-5)
+    filtered = MoCo(_cfg(momentum=0.0, hard_negative_fraction=0.5))
+    filtered(x_q, x_k)
+    assert math.isnan(filtered(x_q, x_k, extra_negatives=extra).stats["global_share"].item())
 
 
 def test_global_negatives_in_the_keys_own_bucket_are_cancelled():

@@ -110,6 +110,11 @@ def test_metrics(ref):
         "metrics 'train-loss' is NaN"]
     # a round whose steps all ran on an empty queue has no negative scores: NaN is legitimate
     assert check(reply_content(ref, unit_keys(2), good_metrics(**{"neg-mean": float("nan")})), ref) == []
+    # global-share is a share of the softmax: outside [0, 1] is a lie; NaN when the filter hid it
+    for lie in (-0.1, 1.5):
+        assert check(reply_content(ref, unit_keys(2), good_metrics(**{"global-share": lie})), ref) == [
+            f"metrics 'global-share' is {lie}, expected a share in [0, 1]"]
+    assert check(reply_content(ref, unit_keys(2), good_metrics(**{"global-share": float("nan")})), ref) == []
     no_release = good_metrics(**{"dp-keys-releases": 0.0, "dp-keys-epsilon": 0.0})
     assert "accounts no release" in check(reply_content(ref, unit_keys(2), no_release), ref)[0]
 

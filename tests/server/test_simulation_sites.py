@@ -68,9 +68,14 @@ def test_simulated_sites_share_prototypes_from_their_own_budget(tmp_path, caplog
     # the demo's closing line, from rounds.jsonl and the ledgers
     spent = [f"site-{i} {read_ledger(tmp_path / 'site-state' / f'site-{i}' / LEDGER_FILE).spent():.3g}/8"
              for i in range(2)]
+    # round 2 trained against the other site's prototypes: they took a share of the softmax
+    share = rounds[1]["global-share"]
+    assert 0 < share < 1 and rounds[0]["global-share"] == 0.0 and all(0 < s["global-share"] < 1
+                                                                     for s in rounds[1]["sites"])
     assert queue_summary(tmp_path / "server" / "rounds.jsonl", tmp_path / "site-state") == (
         f"global queue: {rounds[1]['queue-size']} DP summaries from 2 site(s) after round 2 "
-        f"({rounds[1]['queue-added']} added in it, 2 of 2 sites sharing); epsilon spent per site: "
+        f"({rounds[1]['queue-added']} added in it, 2 of 2 sites sharing); the global negatives took "
+        f"{100 * share:.1f}% of the sites' InfoNCE softmax in that round; epsilon spent per site: "
         f"{', '.join(spent)} (delta 1e-05)")
     # the coordinator's `fedmoco plot` of the server's out-dir shows the queue
     assert cli(["plot", str(tmp_path / "server")]) == 0
