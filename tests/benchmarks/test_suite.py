@@ -13,8 +13,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from common import command_line, emit_json, last_json_line, machine_lines  # noqa: E402
-from labelled_task import (CLASSES, TaskSize, class_partition, dirichlet_partition, iid_partition, make_task,  # noqa: E402
-                           read_labels, render, split_sites)
+from labelled_task import (CLASSES, TaskSize, class_partition, dirichlet_partition,  # noqa: E402
+                           iid_partition, make_task, read_labels, render, split_sites)
 
 
 def test_json_line_is_strict_one_line_and_found_last(capsys):
