@@ -56,8 +56,8 @@ class SyntheticSite:
         keys /= np.linalg.norm(keys, axis=1, keepdims=True) + 1e-12
         r = int(msg.content["config"]["server-round"])
         metrics = {"num-examples": int(self.rng.integers(50, 500)), "train-loss": float(self.rng.uniform(4, 8)),
-                   "pos-mean": 0.8, "neg-mean": 0.1, "neg-var": 0.05, "emb-std": 0.08, "seconds": 1.0,
-                   "skipped": 0, "dp-keys-epsilon": 0.5 * r, "dp-keys-delta": 1e-5, "dp-keys-releases": float(r),
+                   "pos-mean": 0.8, "neg-mean": 0.1, "neg-var": 0.05, "emb-std": 0.08, "global-share": 0.05,
+                   "seconds": 1.0, "skipped": 0, "dp-keys-epsilon": 0.5 * r, "dp-keys-delta": 1e-5, "dp-keys-releases": float(r),
                    "dp-keys-exhausted": 0.0, "dp-keys-budget": 8.0, "dp-status": 0.0}
         content = RecordDict({"arrays": arrays, "keys": ArrayRecord({"keys": Array(keys)}),
                               "metrics": MetricRecord(metrics)})
