@@ -266,8 +266,10 @@ def _train_round(msg: Message, context: Context) -> Message:
         "skipped": sum(data.skipped.values()) + sum(s.skipped for s in summaries),
         **ledger_metrics,
     }
-    log.info("round %d: %d images, loss %.4f, %d %s sent, FedEMA mu %.3f, %.1f s (%.1f s training)",
-             server_round, metrics["num-examples"], stats["loss"], keys.shape[0],
+    weight = (f", global negatives {100 * stats['global_share']:.1f}% of the softmax"
+              if negatives is not None and math.isfinite(stats["global_share"]) else "")
+    log.info("round %d: %d images, loss %.4f%s, %d %s sent, FedEMA mu %.3f, %.1f s (%.1f s training)",
+             server_round, metrics["num-examples"], stats["loss"], weight, keys.shape[0],
              run_value(run, "key-release") if keys.shape[0] else "summaries", mu,
              time.perf_counter() - t_start, train_seconds)
     _log_skipped(server_round, data, summaries)

@@ -72,6 +72,11 @@ def test_simulated_sites_share_prototypes_from_their_own_budget(tmp_path, caplog
     share = rounds[1]["global-share"]
     assert 0 < share < 1 and rounds[0]["global-share"] == 0.0 and all(0 < s["global-share"] < 1
                                                                      for s in rounds[1]["sites"])
+    # and each site's log says so for round 2, not for round 1 (no global negatives yet)
+    for r, site in ((2, s) for s in rounds[1]["sites"]):
+        assert f"round {r}: " in caplog.text and f"global negatives {100 * site['global-share']:.1f}% of the softmax" \
+            in caplog.text
+    assert not any("round 1: " in m and "% of the softmax" in m for m in caplog.messages)
     assert queue_summary(tmp_path / "server" / "rounds.jsonl", tmp_path / "site-state") == (
         f"global queue: {rounds[1]['queue-size']} DP summaries from 2 site(s) after round 2 "
         f"({rounds[1]['queue-added']} added in it, 2 of 2 sites sharing); the global negatives took "
