@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from fedmoco.metrics import read_jsonl
-from fedmoco.plots import save_figure  # also selects the headless Agg backend
+from fedmoco.plots import save_figure, whole_number_ticks  # also selects the headless Agg backend
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         ax.plot(xs, ys, marker=".", alpha=0.5, label=_site_label(node, order))
     ax.plot(rounds, [_num(r.get("train-loss")) for r in records], "k-o", label="weighted mean")
     ax.set(xlabel="round", ylabel="InfoNCE loss", title="Local training loss per round")
-    _whole_rounds(ax)
+    whole_number_ticks(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "loss.png"))
 
@@ -88,7 +88,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     if dim:
         ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
     ax.set(xlabel="round", ylabel="cosine score / std / share", title="Score statistics (weighted over sites)")
-    _whole_rounds(ax)
+    whole_number_ticks(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "scores.png"))
 
@@ -103,10 +103,9 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         per_round = [sum(vals) / len(vals) if (vals := [_num(s[key]) for s in r.get("sites", []) if key in s])
                      else math.nan for r in records]
         # weights up and down are the same size: distinct markers, each smaller, keep both visible
-        ax.plot(rounds, [v / 1024 for v in per_round], marker=_MARKERS[i], ms=max(3.0, 10.0 - 2.0 * i),
-                alpha=0.8, label=label)
+        ax.plot(rounds, [v / 1024 for v in per_round], **_stacked_style(i), label=label)
     ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
-    _whole_rounds(ax)
+    whole_number_ticks(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "traffic.png"))
 
@@ -123,8 +122,8 @@ def privacy_axes(ax, records: list[dict[str, Any]], order: dict[str | int, int])
     marker and a smaller one than the site before: overlapping series all stay visible."""
     series = dict(sorted(_site_series(records, "dp-keys-epsilon").items(), key=lambda kv: order.get(kv[0], 0)))
     for i, (node, (xs, ys)) in enumerate(series.items()):
-        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], ms=max(3.0, 10.0 - 2.0 * i), alpha=0.8,
-                clip_on=False, label=_site_label(node, order))  # unclipped: markers at 0 stay whole
+        ax.plot(xs, ys, **_stacked_style(i), clip_on=False,  # unclipped: markers at 0 stay whole
+                label=_site_label(node, order))
     if any("model-dp-epsilon" in r for r in records):
         ax.plot([r["round"] for r in records], [_num(r.get("model-dp-epsilon")) for r in records], "k--",
                 label="model updates (central)")
@@ -138,9 +137,9 @@ def privacy_axes(ax, records: list[dict[str, Any]], order: dict[str | int, int])
     ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent on DP summaries, per site")
     spent = [y for _, ys in series.values() for y in ys if math.isfinite(y)]
     ax.set_ylim(0, 1.08 * max([1.0, *spent, *budgets]))  # epsilon >= 0; an all-zero run still shows 0..1
-    _whole_rounds(ax)
+    whole_number_ticks(ax)
     note = sharing_note(records)
-    if note and not any(y > 0 for _, ys in series.values() for y in ys):
+    if note and not any(y > 0 for y in spent):
         _centre_note(ax, note)
     if ax.get_legend_handles_labels()[0]:  # a round with no site reply has nothing to name
         ax.legend(fontsize=7)
@@ -149,18 +148,16 @@ def privacy_axes(ax, records: list[dict[str, Any]], order: dict[str | int, int])
 def queue_axes(ax, records: list[dict[str, Any]]) -> None:
     """The server's global queue per round: held after the round, added and aged out."""
     rounds = [r["round"] for r in records]
-    held = [_num(r.get("queue-size")) for r in records]
+    held, added, expired = ([_num(r.get(key)) for r in records] for key in ("queue-size", "queue-added",
+                                                                            "queue-expired"))
     ax.plot(rounds, held, "k-o", clip_on=False, label="held after the round")
-    ax.bar([x - 0.2 for x in rounds], [_num(r.get("queue-added")) for r in records], width=0.4,
-           color="g", alpha=0.6, label="added")
-    ax.bar([x + 0.2 for x in rounds], [_num(r.get("queue-expired")) for r in records], width=0.4,
-           color="r", alpha=0.6, label="aged out")
+    ax.bar([x - 0.2 for x in rounds], added, width=0.4, color="g", alpha=0.6, label="added")
+    ax.bar([x + 0.2 for x in rounds], expired, width=0.4, color="r", alpha=0.6, label="aged out")
     ax.set(xlabel="round", ylabel="DP summaries (prototypes or keys)", title="Global queue per round")
-    counts = [v for r in records for v in (_num(r.get("queue-size")), _num(r.get("queue-added")),
-                                            _num(r.get("queue-expired"))) if math.isfinite(v)]
+    counts = [v for v in (*held, *added, *expired) if math.isfinite(v)]
     ax.set_ylim(0, 1.08 * max([1.0, *counts]))  # counts: from 0, and at least 0..1 when all are 0
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    _whole_rounds(ax)
+    whole_number_ticks(ax)
     note = sharing_note(records)
     if note:
         _centre_note(ax, note)
@@ -179,13 +176,15 @@ def sharing_note(records: list[dict[str, Any]]) -> str | None:
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
+def _stacked_style(i: int) -> dict[str, Any]:
+    """Style of the i-th of series that may coincide: its own marker, smaller than the one
+    drawn before it, so that every series stays visible where they overlap."""
+    return {"marker": _MARKERS[i % len(_MARKERS)], "ms": max(3.0, 10.0 - 2.0 * i), "alpha": 0.8}
+
+
 def _last_site_values(records: list[dict[str, Any]], key: str) -> dict[str | int, float]:
     """Each site's last reported value of ``key``."""
     return {node: ys[-1] for node, (_, ys) in _site_series(records, key).items() if ys}
-
-
-def _whole_rounds(ax) -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _centre_note(ax, text: str) -> None:

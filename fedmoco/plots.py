@@ -35,6 +35,11 @@ def plot_run(metrics_path: Path | str, out_dir: Path | str, embedding_dim: int |
     return written
 
 
+def whole_number_ticks(ax) -> None:
+    """Ticks on the x axis at whole numbers only (steps, rounds): never at 2.5."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write as a 100 dpi PNG and close ``fig``; returns ``path``."""
     fig.tight_layout()
@@ -59,7 +64,7 @@ def _plot_loss(steps: list[dict], path: Path) -> Path:
     if w > 1:
         ax.plot(x[w - 1:], _smooth(y, w), label=f"mean of {w} steps")
     ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    whole_number_ticks(ax)
     ax.set_ylabel("InfoNCE loss")
     ax.set_title("MoCo training loss")
     ax.legend()
@@ -78,7 +83,7 @@ def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
     a1.set_ylabel("cosine score")
     a1.set_title("score statistics")
     for ax in (a1, a2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        whole_number_ticks(ax)
     a1.legend()
     a2.plot(x, get("emb_std"), label="std of normalised embeddings")
     if dim:

@@ -264,8 +264,8 @@ def index_folder(root: Path, opts: MedicalOptions, cfg: DataConfig | None = None
     index is cached in the cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else
     the default) unless ``cfg.cache`` or the ``cache`` option is off: then nothing is written."""
     files = list_files(root)
-    on = opts.cache and (cfg is None or cfg.cache)
-    cache = cache_file(root, (cfg.cache_dir if cfg else None) or opts.cache_dir or None) if on else None
+    cfg = cfg or DataConfig()
+    cache = cache_file(root, _cache_dir(opts, cfg)) if _caching(opts, cfg) else None
     records, skipped = scan(root, files, cache, opts.limits)
     if opts.modalities:
         kept = [r for r in records if r.modality in opts.modalities]
@@ -287,6 +287,17 @@ def _describe(records: list[FileRecord], n_samples: int, opts: MedicalOptions, s
     )
 
 
+def _caching(opts: MedicalOptions, cfg: DataConfig) -> bool:
+    """Whether this build may write to the cache folder (header index, decoded samples): the
+    run's ``cache`` and the domain's ``cache`` option both on."""
+    return bool(cfg.cache and opts.cache)
+
+
+def _cache_dir(opts: MedicalOptions, cfg: DataConfig) -> str | None:
+    """The run's cache folder, else the ``cache_dir`` option; None: the default folder."""
+    return cfg.cache_dir or opts.cache_dir or None
+
+
 def _base_shape(opts: MedicalOptions, image_size: int) -> tuple[int, int, int]:
     """(channels, size, size) of a cached base."""
     size = base_size(opts, image_size)
@@ -298,12 +309,12 @@ def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, op
     """(the decoded-sample cache of this folder and these options, (size, mtime_ns) per
     record as keyed), or (None, None) when turned off (``DataConfig.cache`` false, or the
     medical option ``cache=false``) or when the cache cannot be created."""
-    if not (cfg.cache and opts.cache):
+    if not _caching(opts, cfg):
         return None, None
     options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size}
     stamps = file_stamps(root, [root / r.path for r in records])
     cache = open_cache(root, "medical", len(samples), _base_shape(opts, cfg.image_size), "float16", options, stamps,
-                       cfg.cache_dir or opts.cache_dir or None)
+                       _cache_dir(opts, cfg))
     return (None, None) if cache is None else (cache, [(s[1], s[2]) for s in stamps])
 
 
