@@ -64,6 +64,16 @@ SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var",
                 "dp-keys-budget", "dp-status")
 
 
+def negatives_sent(counts: list[int]) -> str:
+    """How many global negatives each site was sent, for the round's log line: "no global
+    negatives", "256 global negatives", or a range when sites got different numbers (a
+    site's own keys are left out of its sample)."""
+    lo, hi = (min(counts), max(counts)) if counts else (0, 0)
+    if hi == 0:
+        return "no global negatives"
+    return f"{hi} global negatives each" if lo == hi else f"{lo}-{hi} global negatives each"
+
+
 def array_bytes(record: ArrayRecord) -> int:
     """Payload bytes of an ArrayRecord as it travels (serialised arrays, without framing)."""
     return sum(len(a.data) for a in record.values())
@@ -244,8 +254,9 @@ class FedMoCo(FedAvg):
                                     group_id=str(r)))
             self._down[node] = {"weights": weight_bytes, "queue": array_bytes(queue_record),
                                 "queue-keys": int(sample.shape[0]), "centres": array_bytes(centres_record)}
-        log.info("round %d: sent the global model (%.2f MB) and up to %d global negatives to %d site(s)",
-                 r, weight_bytes / 2**20, self.queue_sample, len(messages))
+        log.info("round %d: sent the global model (%.2f MB) and %s to %d site(s)",
+                 r, weight_bytes / 2**20, negatives_sent([d["queue-keys"] for d in self._down.values()]),
+                 len(messages))
         return messages
 
     # -- round: receive ---------------------------------------------------------------------

@@ -33,12 +33,15 @@ def offsets(result, ref) -> dict[str, float]:
     return {k: float(np.mean(a[k] - r[k])) for k in r}
 
 
-def test_each_site_gets_its_own_sample_without_its_own_keys(grid3):
+def test_each_site_gets_its_own_sample_without_its_own_keys(grid3, caplog):
     s = make_strategy()
     s.queue.enqueue(torch.full((5, 8), 1.0), node_id=101, server_round=1)
     s.queue.enqueue(torch.full((5, 8), 2.0), node_id=102, server_round=1)
     ref = tiny_arrays()
-    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, ref, ConfigRecord({"lr": 0.1}), grid3)}
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, ref, ConfigRecord({"lr": 0.1}), grid3)}
+    # the log counts what was sent, not the cap: 5, 5 and 10 keys
+    assert "and 5-10 global negatives each to 3 site(s)" in caplog.text
     assert set(msgs) == {101, 102, 103}
     sample = {n: m.content["queue"]["keys"].numpy() for n, m in msgs.items()}
     assert (sample[101] == 2).all() and sample[101].shape == (5, 8)
@@ -61,6 +64,19 @@ def test_no_centres_are_merged_when_the_sites_release_no_prototypes(grid3, monke
     assert all(m.content["centres"]["centres"].shape == (0, 8) for m in msgs)
     with pytest.raises(ConfigError, match="prototype-centres"):
         make_strategy(prototype_centres=-1)
+
+
+def test_the_round_log_says_when_no_global_negatives_were_sent(grid3, caplog):
+    s = make_strategy()  # key-release=none: the queue stays empty
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        msgs = list(s.configure_train(1, tiny_arrays(), ConfigRecord(), grid3))
+    assert all(m.content["queue"]["keys"].shape == (0, 8) for m in msgs)
+    assert "MB) and no global negatives to 3 site(s)" in caplog.text
+    s.queue.enqueue(torch.full((20, 8), 1.0), node_id=999, server_round=1)  # a site outside this round
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        list(s.configure_train(2, tiny_arrays(), ConfigRecord(), grid3))
+    assert "MB) and 10 global negatives each to 3 site(s)" in caplog.text
 
 
 def test_own_keys_included_when_asked(grid3):
