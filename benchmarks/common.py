@@ -49,7 +49,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 def machine_line(device: str = "cpu") -> str:
     """One markdown line: ``Machine: CPU, N cores, GPU ...; torch X; date``."""
     m = machine_info(device)
-    return f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}; torch {m['torch']}; {m['date']}"
+    n = m["cores"]
+    return f"Machine: {m['cpu']}, {n} core{'s' * (n != 1)}, GPU {m['gpu']}; torch {m['torch']}; {m['date']}"
 
 
 def add_device_arg(parser: Any, default: str = "cpu") -> None:
@@ -112,7 +113,7 @@ def machine_lines() -> list[str]:
 
     return [
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- CPU: {cpu_model()}, {cores()} cores available; GPU: {gpu_name('cuda')}",
+        f"- CPU: {cpu_model()}, {cores()} core{'s' * (cores() != 1)} available; GPU: {gpu_name('cuda')}",
         f"- OS: {platform.platform()}",
         f"- Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads), torchvision {torchvision.__version__}",

@@ -3,7 +3,12 @@
 Generates the 13-band demo archive (``make_demo_archive(bands=13)``: 256 px scenes, one
 Sentinel-2 product as 13 JPEG 2000 band files at 10/20/60 m, resampled on every read without
 the cache) and measures, at 64 px tiles (the earlier satellite_throughput setting), what
-``benchmarks/feed_common.py`` describes. With ``--device cuda`` the GPU feed runs at
+``benchmarks/feed_common.py`` describes, twice over for today's path: once with GDAL's block
+cache holding the whole demo archive (13 MB of decoded rasters, plus the warped views of the
+Sentinel-2 product's resampled bands: under the reader's 64 MB cap), and once with the cache
+smaller than the archive, as it is for any real archive (one Sentinel-2 product is about
+1.3 GB decoded), so that every read decodes its blocks again.
+With ``--device cuda`` the GPU feed runs at
 ``--gpu-image-size`` (224 px tiles) against the MoCo ResNet-18 step with 13 input channels.
 
     python benchmarks/feed_satellite.py [--quick] [--device cuda]
@@ -24,11 +29,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
+from feed_common import (add_feed_args, batched_pass, feed_record, fmt, gpu_feed_rate, gpu_lines,  # noqa: E402
                          interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate)
 
 from domains.satellite import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
+
+# GDAL's block cache for the second baseline: the smallest the option allows. Measured on the
+# 13-band demo archive (one thread): 44 and 41 pairs/s at 1 and 2 MB, 66 at 4, 313 at 8, 500 at
+# 32 and 64 MB; so at 1 MB no read finds its blocks from an earlier one, and none thrashes
+# within itself either (2 MB is no faster).
+COLD_GDAL_CACHE_MB = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         bases, views = cached.batched_views()
         rates = interleaved_rates({"base": per_sample_pass(plain, n), "cached": per_sample_pass(cached, n),
                                    "batched": batched_pass(bases, views, n, args.batch_size)}, repeats)
+        # Second phase, apart from the first: GDAL_CACHEMAX is one setting per process, and
+        # shrinking it evicts the blocks the first phase's today-path relies on.
+        cold = build_pretrain_data("satellite", root, DataConfig(
+            image_size=args.image_size, cache=False, options={**opts, "gdal_cache_mb": COLD_GDAL_CACHE_MB})).dataset
+        cold_rates = interleaved_rates({"base": per_sample_pass(cold, n),
+                                        "batched": batched_pass(bases, views, n, args.batch_size)}, repeats)
         after = load_note()
         profiled = profile_lines(bases, views, n, args.batch_size,
                                  "cached tiles + batched views on the CPU") if args.profile else []
@@ -70,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = rate_rows(("today: GDAL read + two per-sample views (no cache)",
                       "cache: cached window + two per-sample views (torchvision)",
                       "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)
+    cold_rows = [[label, fmt(cold_rates[key]), f"{cold_rates[key][0] / cold_rates['base'][0]:.1f}x"]
+                 for label, key in ((f"today: GDAL read + two per-sample views, GDAL block cache {COLD_GDAL_CACHE_MB} MB "
+                                     "(smaller than the archive)", "base"),
+                                    ("cache + batched views on the CPU (fedmoco.gpu_augment)", "batched"))]
     lines = [
         "# Satellite data feed: raster cache and batched views",
         "",
@@ -86,6 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *markdown_table(["path", "pairs/s per core", "vs today"], rows),
         "",
+        "## Today's path on an archive larger than GDAL's block cache",
+        "",
+        "The table above reads today's path through GDAL's block cache, which after the warm-up pass holds "
+        "the whole demo archive decoded (13 MB of rasters, plus GDAL's warped views of the resampled "
+        "Sentinel-2 bands: under the reader's default cap of 64 MB, `gdal_cache_mb`). A site's real "
+        "archive does not fit: one Sentinel-2 product is about 1.3 GB "
+        "decoded (13 bands of 10,980 px at 10 m, 5,490 at 20 m, 1,830 at 60 m, 2 bytes a value), so "
+        "random windows miss the cache and every read decodes JPEG 2000 or deflate blocks again. Here "
+        f"the same archive is read with `gdal_cache_mb={COLD_GDAL_CACHE_MB}`, in a second phase (the "
+        "cap is one setting per process), the two paths again taking turns pass by pass. The rate is "
+        "flat from 1 to 2 MB and climbs from 4 MB on, where the cache starts to hold part of the "
+        "archive. A read here decodes at most a 384 px JPEG 2000 band or a few 32 px TIFF tiles per band, "
+        "less than from a real product's JPEG 2000 tiles, so on a real archive today's path is, if "
+        "anything, slower than this row.",
+        "",
+        *markdown_table(["path", "pairs/s per core", "vs today"], cold_rows),
+        "",
         f"Machine load: {before} before, {after} after. The cores are shared with other jobs; the rows are "
         "measured in turns, pass by pass, so their ratios are the figure to read.",
     ]
@@ -97,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"MoCo step: ResNet-18, {channels} channels, split BN, AMP, batch {args.gpu_batch_size}",
                            gpu)
     write_report(args.out, lines)
-    emit_json(feed_record("feed_satellite", rates, gpu, image_size=args.image_size, bands=channels))
+    emit_json(feed_record("feed_satellite", rates, gpu, image_size=args.image_size, bands=channels)
+              | {"baseline_beyond_gdal_cache_pairs_per_s_per_core": round(cold_rates["base"][0], 1),
+                 "speedup_beyond_gdal_cache": round(cold_rates["batched"][0] / cold_rates["base"][0], 2)})
     return 0
 
 
