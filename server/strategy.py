@@ -64,6 +64,31 @@ SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var",
                 "dp-keys-budget", "dp-status")
 
 
+#: emb-std below this fraction of 1/sqrt(D) (the per-dimension std of unit vectors spread
+#: evenly over the sphere) counts as embeddings collapsed to nearly one point
+COLLAPSE_FRACTION = 0.1
+
+
+def concentrated(emb_std: Any, dim: int) -> bool | None:
+    """Whether a round's (example-weighted) ``emb-std`` is under ``COLLAPSE_FRACTION /
+    sqrt(dim)``; None when the round has no finite emb-std (no accepted reply)."""
+    if not isinstance(emb_std, (int, float)) or not math.isfinite(emb_std):
+        return None
+    return emb_std < COLLAPSE_FRACTION / math.sqrt(dim)
+
+
+def collapse_line(r: int, emb_std: float, dim: int, global_share: Any = None) -> str:
+    """The coordinator's warning when the sites' embeddings are nearly identical."""
+    spread = 1 / math.sqrt(dim)
+    share = ""
+    if isinstance(global_share, (int, float)) and math.isfinite(global_share) and global_share > 0:
+        share = f"; the global negatives took {100 * global_share:.0f}% of the sites' InfoNCE softmax"
+    return (f"round {r}: the sites' embeddings are nearly identical (emb-std {emb_std:.4f}, under "
+            f"{COLLAPSE_FRACTION * spread:.4f}; spread over the sphere it would be 1/sqrt({dim}) = {spread:.3f})"
+            f"{share}. A random-init encoder starts near this; if it stays or falls as rounds go on, training has "
+            "collapsed (docs/federation.md, 'Collapse')")
+
+
 def negatives_sent(counts: list[int]) -> str:
     """How many global negatives each site was sent, for the round's log line: "no global
     negatives", "256 global negatives", or a range when sites got different numbers (a
@@ -198,6 +223,7 @@ class FedMoCo(FedAvg):
         self.site_ledger: dict[int, dict[str, float]] = dict(site_ledger or {})
         self.expected_metrics = expected_metrics
         self.example_caps = example_caps if example_caps is not None else ExampleCaps()
+        self._concentrated = False  # the collapse watch's state: warned, not yet spread again
         # Sampling of global negatives and model-DP noise. Seeded from the OS unless a test
         # asks for determinism: the DP noise must not be reproducible from the config.
         self._torch_gen = torch.Generator().manual_seed(seed if seed is not None else
@@ -439,6 +465,20 @@ class FedMoCo(FedAvg):
                  f"{record['train-loss']:.4f}" if "train-loss" in record else "n/a", len(self.queue),
                  record["keys-received"], record["dp-sharing"], record["queue-sent"],
                  record["round-seconds"], record["sum-local-seconds"])
+        self._watch_collapse(r, record)
+
+    def _watch_collapse(self, r: int, record: dict[str, Any]) -> None:
+        """Warn once when the sites' embeddings become nearly identical, and say when they
+        spread again (``collapse_line``)."""
+        now = concentrated(record.get("emb-std"), self.queue.dim)
+        if now is None or now == self._concentrated:
+            return
+        self._concentrated = now
+        if now:
+            log.warning(collapse_line(r, record["emb-std"], self.queue.dim, record.get("global-share")))
+        else:
+            log.info("round %d: the sites' embeddings have spread again (emb-std %.4f, above %.4f)",
+                     r, record["emb-std"], COLLAPSE_FRACTION / math.sqrt(self.queue.dim))
 
 
 def load_server_state(path: Path) -> dict[str, Any] | None:

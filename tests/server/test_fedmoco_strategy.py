@@ -231,3 +231,37 @@ def test_model_dp_noise_has_the_calibrated_scale(grid3):
     arrays, _ = s.aggregate_train(1, [reply_from(101, reply_content(ref, unit_keys(1), good_metrics()))])
     diff = np.concatenate([(decode_arrays(arrays)[k] - v).ravel() for k, v in decode_arrays(ref).items()])
     assert diff.std() == pytest.approx(2.0 * 0.5 / 3, rel=0.05)  # z * C / n_sent
+
+
+def test_collapse_is_warned_once_and_its_end_reported(grid3, caplog):
+    s = make_strategy()  # key dimension 8: spread unit vectors have emb-std 1/sqrt(8) = 0.354
+    ref = tiny_arrays()
+
+    def round_with(r: int, emb_std: float, share: float = 0.0) -> str:
+        s.configure_train(r, ref, ConfigRecord(), grid3)
+        replies = [reply_from(n, reply_content(shifted(ref, 0.0), unit_keys(2, seed=n),
+                                               good_metrics(10, **{"emb-std": emb_std, "global-share": share})))
+                   for n in (101, 102)]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+            s.aggregate_train(r, replies)
+        return caplog.text
+
+    text = round_with(1, 0.02, share=0.8)  # under 0.1 / sqrt(8) = 0.0354
+    assert ("round 1: the sites' embeddings are nearly identical (emb-std 0.0200, under 0.0354; spread over the "
+            "sphere it would be 1/sqrt(8) = 0.354); the global negatives took 80% of the sites' InfoNCE softmax. "
+            "A random-init encoder starts near this") in text
+    assert [r.levelname for r in caplog.records if "nearly identical" in r.message] == ["WARNING"]
+    assert "nearly identical" not in round_with(2, 0.01)  # once, not every round
+    assert "round 3: the sites' embeddings have spread again (emb-std 0.2000, above 0.0354)" in round_with(3, 0.2)
+    assert "nearly identical" not in round_with(4, 0.3) and "spread again" not in caplog.text
+    again = round_with(5, 0.001)  # without global negatives, the line says nothing of them
+    assert "round 5: the sites' embeddings are nearly identical (emb-std 0.0010" in again
+    assert "global negatives took" not in again
+
+
+def test_collapse_threshold_and_rounds_without_an_emb_std():
+    from server.strategy import concentrated
+
+    assert concentrated(0.0087, 128) is True and concentrated(0.0089, 128) is False  # 0.1 / sqrt(128) = 0.00884
+    assert concentrated(float("nan"), 128) is None and concentrated(None, 128) is None
