@@ -336,6 +336,11 @@ def run_job(job: Job, work_root: str) -> dict[str, Any]:
     if cache.exists():
         saved = json.loads(cache.read_text())
         if {k: v for k, v in saved.get("job", {}).items() if k != "row"} == what:
+            if job.kind == "federated" and f"emb-std-last{LAST_ROUNDS}" not in saved:
+                # cached before the summary had it: read it from the run's own round log
+                for log_file in sorted((work / "server").rglob("rounds.jsonl")):
+                    saved.update(federation_summary(log_file))
+                cache.write_text(json.dumps(saved, indent=1))
             return {**saved, "row": job.row}
     sig_file = work / "job.json"
     if work.exists() and not (sig_file.exists() and json.loads(sig_file.read_text()) == what):
@@ -371,15 +376,26 @@ def run_job(job: Job, work_root: str) -> dict[str, Any]:
     return out
 
 
+#: rounds at the end of a federation whose emb-std and global-share the tables average
+LAST_ROUNDS = 5
+
+
 def federation_summary(metrics: Path) -> dict[str, Any]:
-    """Global-queue size and negatives sent in the last round, from rounds.jsonl (when logged)."""
+    """From rounds.jsonl (when logged): the global-queue size and negatives sent in the last
+    round, and the sites' mean emb-std (collapse: towards 0; spread: 1/sqrt(D)) and global
+    share of the softmax over the last ``LAST_ROUNDS`` rounds."""
     from fedmoco.metrics import read_jsonl
 
-    rows = [r for r in read_jsonl(metrics) if isinstance(r, dict)]
+    rows = [r for r in read_jsonl(metrics) if isinstance(r, dict) and r.get("event", "round") == "round"]
     if not rows:
         return {}
     last = rows[-1]
-    return {k: last[k] for k in ("queue-size", "global-queue-size", "queue-sent", "keys-received") if k in last}
+    out = {k: last[k] for k in ("queue-size", "global-queue-size", "queue-sent", "keys-received") if k in last}
+    for key in ("emb-std", "global-share"):
+        vals = [float(r[key]) for r in rows[-LAST_ROUNDS:] if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        if vals:
+            out[f"{key}-last{LAST_ROUNDS}"] = statistics.mean(vals)
+    return out
 
 
 def run_jobs(jobs: list[Job], work_root: Path, n_jobs: int) -> list[dict[str, Any]]:
@@ -414,10 +430,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
-def table(results: list[dict[str, Any]], rows: list[str], time_col: str | None = "s/epoch") -> list[str]:
+def table(results: list[dict[str, Any]], rows: list[str], time_col: str | None = "s/epoch",
+          extra: dict[str, tuple[str, str]] | None = None) -> list[str]:
+    """Markdown table of kNN and probe (mean ± std over seeds) per row; ``extra`` adds columns
+    header -> (result key, format of the mean), "–" where no seed has the key."""
     from common import markdown_table
 
-    header = ["row", "kNN top-1 (%)", "linear probe top-1 (%)", "seeds"] + ([time_col] if time_col else [])
+    extra = extra or {}
+    header = (["row", "kNN top-1 (%)", "linear probe top-1 (%)", "seeds"] + ([time_col] if time_col else [])
+              + list(extra))
     body = []
     for row in rows:
         rs = [r for r in results if r["row"] == row]
@@ -427,6 +448,9 @@ def table(results: list[dict[str, Any]], rows: list[str], time_col: str | None =
         if time_col:
             line.append(mean_std([r["s_per_epoch"] for r in rs]) if rs[0]["s_per_epoch"] == rs[0]["s_per_epoch"]
                         else "–")
+        for key, fmt in extra.values():
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            line.append(fmt.format(statistics.mean(vals)) if vals else "–")
         body.append(line)
     return markdown_table(header, body) if body else []  # no row measured (--rows): no empty header
 
