@@ -35,6 +35,13 @@ stay consistent with the local queue it filled in earlier rounds, MoCo's reason 
 momentum encoder. ``reset`` copies the freshly loaded global query encoder into the key
 encoder each round: all sites start the round with identical key encoders, but the local
 queue's older keys come from a different encoder.
+
+The release encoder (run_config ``release-ema``, mu): a site computes its DP releases with
+the moving average of the global models it has received, ``ema <- mu * ema + (1 - mu) *
+global`` once per round, kept in its state: released vectors are then encoded as a slow,
+momentum-like encoder encodes, like the keys they sit beside in other sites' softmax. mu = 0
+uses the round's global model as received; keys of that query encoder, used as other sites'
+negatives, collapsed training (benchmarks/notes/global_queue_benefit.md).
 """
 
 from __future__ import annotations
@@ -236,8 +243,11 @@ def _train_round(msg: Message, context: Context) -> Message:
     negatives = _global_negatives(msg, mcfg.dim)
     # The release comes first and only sees what the server sent (public): it cannot depend on
     # local training, and its budget is spent before anything else can fail.
+    releasing = run_value(run, "key-release") != "none"
+    encoder, release_state = (_release_encoder(msg, mcfg, run, saved, site["device"]) if releasing
+                              else (None, None))
     keys, ledger_metrics = _release(msg, dataset, negatives, site, run, mcfg, server_round,
-                                    rounds_done=saved.rounds_done)
+                                    rounds_done=saved.rounds_done, encoder=encoder)
     model, mu = _restore_model(saved, msg, run, mcfg)
 
     # -- local training: E epochs against the local queue + the global negatives --------
@@ -256,7 +266,8 @@ def _train_round(msg: Message, context: Context) -> Message:
     train_seconds = sum(s.seconds for s in summaries)
 
     save_site_state(context.state, model, trainer.state_dict(), rounds_done=saved.rounds_done + 1,
-                    last_round=server_round, state_dir=site["state_dir"], model_config=mcfg.to_dict())
+                    last_round=server_round, state_dir=site["state_dir"], model_config=mcfg.to_dict(),
+                    release_encoder=release_state)
     stats = _mean_summary(summaries)
     metrics = {
         "num-examples": len(dataset),  # type: ignore[arg-type]
@@ -399,13 +410,39 @@ def _public_encoder(msg: Message, mcfg: MoCoConfig, device: torch.device) -> Enc
     return encoder.to(device).eval()
 
 
+def _release_encoder(msg: Message, mcfg: MoCoConfig, run: Any, saved: SiteState,
+                     device: torch.device) -> tuple[Encoder, dict[str, torch.Tensor] | None]:
+    """The encoder this round's release is computed with (eval mode, on ``device``), and the
+    state to keep for the next round (None when ``release-ema`` is 0).
+
+    ``mu * previous + (1 - mu) * received`` per floating-point tensor, mu = run_config
+    ``release-ema``: over a round a momentum key encoder (m per step, s steps) keeps about m^s
+    of where it was, and keys encoded so sit beside other sites' released vectors in each
+    softmax. The first round (or a kept state of another shape) starts from the received model.
+    Public: a function of the global models this site received and of the run_config only,
+    the same at every site that received the same models (docs/privacy.md).
+    """
+    encoder = _public_encoder(msg, mcfg, device)
+    mu = float(run_value(run, "release-ema"))
+    if mu == 0.0:
+        return encoder, None
+    current = encoder.state_dict()
+    previous = saved.release_encoder
+    if previous is not None and previous.keys() == current.keys() and all(
+            previous[k].shape == v.shape for k, v in current.items()):
+        encoder.load_state_dict({k: previous[k].to(v.device, v.dtype).mul(mu).add(v, alpha=1 - mu)
+                                 if v.is_floating_point() else v for k, v in current.items()})
+    return encoder, {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+
+
 def _refuse(status: int, detail: str = "") -> dict[str, float]:
     log.warning("not sending summaries: %s%s; training and sending weights continue", DP_STATUS[status], detail)
     return no_ledger_metrics(status)
 
 
 def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, site: dict[str, Any], run: Any,
-             mcfg: MoCoConfig, server_round: int, *, rounds_done: int) -> tuple[torch.Tensor, dict[str, float]]:
+             mcfg: MoCoConfig, server_round: int, *, rounds_done: int,
+             encoder: Encoder | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """This round's release ((n, D) unit rows, possibly n = 0) and its ``dp-*`` metrics.
 
     The budget (epsilon, delta) comes from node_config; the ledger from node_config
@@ -421,7 +458,7 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
     q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")
     if math.isinf(site["epsilon"]):
         log.warning("dp-epsilon=inf: releasing %s WITHOUT noise; NOT private, for benchmarks only", mode)
-        out = _make_release(mode, 0.0, q, msg, dataset, negatives, site, run, mcfg, server_round)
+        out = _make_release(mode, 0.0, q, msg, dataset, negatives, site, run, mcfg, server_round, encoder)
         return out, no_ledger_metrics(1, releases=rounds_done + 1)
     if site["ledger_path"] is None:
         return empty, _refuse(3)
@@ -448,20 +485,22 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
         detail = (f": spent eps={ledger.spent():.4g} of {ledger.epsilon_budget:g} (delta={ledger.delta:g}) in "
                   f"{ledger.releases} of {ledger.planned_releases} planned releases")
         return empty, {**_refuse(5, detail), **ledger.to_metrics(True)}
-    out = _make_release(mode, z, q, msg, dataset, negatives, site, run, mcfg, server_round)
+    out = _make_release(mode, z, q, msg, dataset, negatives, site, run, mcfg, server_round, encoder)
     log.info("released %d %s at z=%.4g, q=%g: eps %.4g of %g spent (delta %g, %s)", out.shape[0], mode, z, q,
              ledger.spent(), ledger.epsilon_budget, ledger.delta, ledger.adjacency)
     return out, {**ledger.to_metrics(exhausted), "dp-status": 0.0}
 
 
 def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset, negatives: torch.Tensor | None,
-                  site: dict[str, Any], run: Any, mcfg: MoCoConfig, server_round: int) -> torch.Tensor:
-    """The noisy vectors themselves, from the public encoder (see docs/privacy.md)."""
+                  site: dict[str, Any], run: Any, mcfg: MoCoConfig, server_round: int,
+                  encoder: Encoder | None = None) -> torch.Tensor:
+    """The noisy vectors themselves, from the release encoder (``_release_encoder``; the
+    round's global model when None) (see docs/privacy.md)."""
     # Imported here, not at the top: fedmoco.privacy loads Opacus (2-3 s per round on a busy
     # 2-core box), and only a site that releases needs it (docs/federation.md, round overhead).
     from fedmoco.privacy import choose_centres, privatize_keys, release_prototypes, sample_embeddings
 
-    encoder = _public_encoder(msg, mcfg, site["device"])
+    encoder = encoder if encoder is not None else _public_encoder(msg, mcfg, site["device"])
     generator = _secure_generator()
     if mode == "keys":
         clean = sample_embeddings(encoder, dataset, q, max_items=run_value(run, "max-keys"), device=site["device"],

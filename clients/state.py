@@ -10,6 +10,9 @@ module globals. What must survive from one round to the next lives in the node's
                     LR schedule position) through ``torch.save``; loaded with
                     ``weights_only=True``, so it cannot run code.
 ``fedmoco.site``    ConfigRecord: rounds done and the last server round seen.
+``fedmoco.release-encoder`` ArrayRecord: the encoder this site's DP releases are computed
+                    with (run_config ``release-ema``: a moving average of the global models it
+                    received); absent while the site releases nothing.
 
 The privacy ledger is NOT here: ``Context.state`` is per run and lives in the SuperNode's
 memory, and a budget must outlive both. It is a file on the site's disk (``clients.ledger``).
@@ -38,7 +41,7 @@ from fedmoco.moco import MoCo
 
 log = logging.getLogger("flwr.fedmoco.client")
 
-MODEL, TRAINER, SITE = "fedmoco.model", "fedmoco.trainer", "fedmoco.site"
+MODEL, TRAINER, SITE, RELEASE = "fedmoco.model", "fedmoco.trainer", "fedmoco.site", "fedmoco.release-encoder"
 STATE_FILE = "site-state.pt"
 
 
@@ -50,6 +53,7 @@ class SiteState:
     trainer: dict[str, Any] | None = None
     rounds_done: int = 0
     last_round: int = 0
+    release_encoder: dict[str, torch.Tensor] | None = None
 
 
 def load_site_state(state: RecordDict, state_dir: Path | None, *, server_round: int = 1,
@@ -66,6 +70,8 @@ def load_site_state(state: RecordDict, state_dir: Path | None, *, server_round: 
             out = disk
     if MODEL in state.array_records:
         out.model = {k: torch.from_numpy(a.numpy().copy()) for k, a in state.array_records[MODEL].items()}
+    if RELEASE in state.array_records:
+        out.release_encoder = {k: torch.from_numpy(a.numpy().copy()) for k, a in state.array_records[RELEASE].items()}
     if TRAINER in state.config_records:
         blob = state.config_records[TRAINER]["blob"]
         out.trainer = torch.load(io.BytesIO(bytes(blob)), map_location="cpu", weights_only=True)
@@ -88,15 +94,19 @@ def _load_disk_state(state_dir: Path, server_round: int, model_config: dict[str,
     if saved.get("model_config") != model_config or saved.get("last_round", 0) >= server_round:
         return None
     return SiteState(model=saved["model"], trainer=saved["trainer"], rounds_done=saved["rounds_done"],
-                     last_round=saved["last_round"])
+                     last_round=saved["last_round"], release_encoder=saved.get("release_encoder"))
 
 
 def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any], *, rounds_done: int,
                     last_round: int, state_dir: Path | None,
-                    model_config: dict[str, Any] | None = None) -> None:
+                    model_config: dict[str, Any] | None = None,
+                    release_encoder: dict[str, torch.Tensor] | None = None) -> None:
     """Write a site's state into ``state`` (Context.state) and, with ``state_dir``, to disk."""
     state[MODEL] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
                                 for k, v in model.state_dict().items()})
+    if release_encoder is not None:
+        state[RELEASE] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
+                                      for k, v in release_encoder.items()})
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
     state[TRAINER] = ConfigRecord({"blob": buf.getvalue()})
@@ -105,5 +115,5 @@ def save_site_state(state: RecordDict, model: MoCo, trainer_state: dict[str, Any
     if state_dir is not None:
         atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                      "trainer": trainer_state, "rounds_done": rounds_done, "last_round": last_round,
-                     "model_config": model_config}, state_dir / STATE_FILE)
+                     "model_config": model_config, "release_encoder": release_encoder}, state_dir / STATE_FILE)
 

@@ -87,6 +87,10 @@ RUN_DEFAULTS: dict[str, Any] = {
     # what a site shares besides weights (its budget is node_config dp-epsilon / dp-delta only)
     # none (default: measured best, benchmarks/notes/global_queue_benefit.md) | prototypes | keys
     "key-release": "none",
+    # releases are computed with the moving average of the global models received, this much
+    # of the previous average kept per round (0: the round's model as received, which collapsed
+    # training with keys; benchmarks/notes/global_queue_benefit.md)
+    "release-ema": 0.9,
     "prototype-sample-rate": 1.0,  # Poisson rate q of the images summarised per round
     "prototype-centres": 8,  # C public centres: at most C noisy sums per site and round (prototype_signal.py)
     "prototype-min-cosine": 0.5,  # drop noisy sums whose estimated cosine with the true sum is lower

@@ -173,6 +173,8 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
             raise ConfigError(f"run_config {key} must be {rule}, got {r[key]!r}")
     if r["key-encoder"] not in ("local-ema", "reset"):
         raise ConfigError(f"run_config key-encoder must be local-ema or reset, got {r['key-encoder']!r}")
+    if not 0.0 <= r["release-ema"] < 1.0:
+        raise ConfigError(f"run_config release-ema must be in [0, 1), got {r['release-ema']!r}")
     planned = r["num-server-rounds"] * tcfg.epochs
     if tcfg.warmup_epochs > planned:
         raise ConfigError(f"run_config warmup-epochs {tcfg.warmup_epochs:g} is longer than the federation's "

@@ -242,15 +242,23 @@ def test_infinite_epsilon_releases_without_noise_and_says_so(site, sent, tmp_pat
 
 # -- the release depends only on what the server sent -----------------------------------------
 @pytest.mark.parametrize("mode", ["prototypes", "keys"])
-def test_released_vectors_do_not_depend_on_local_training(site, sent, tmp_path, monkeypatch, mode):
-    """Same received weights + same noise => same release, whatever the site's local state."""
+@pytest.mark.parametrize("release_ema", [0.0, 0.9])
+def test_released_vectors_do_not_depend_on_local_training(site, sent, tmp_path, monkeypatch, mode, release_ema):
+    """Same received weights + same noise => same release, whatever the site's local state.
+    With the EMA release encoder "received weights" means every global model the site got:
+    both sites here received the same two."""
     monkeypatch.setattr(client_module, "_secure_generator", lambda: torch.Generator().manual_seed(123))
     run = run_config(**{"key-release": mode, "key-sample-rate": 1.0, "personal-head": True,
-                        "prototype-min-cosine": 0.0})
+                        "prototype-min-cosine": 0.0, "release-ema": release_ema})
+    first = shared_arrays(global_model(run, seed=5))
     trained = context(dp_node(site, tmp_path / "a.json"), run)
-    train(train_message(shared_arrays(global_model(run, seed=5)), 1), trained)  # local model, head and queue
+    train(train_message(first, 1), trained)  # local model, head and queue
     (tmp_path / "b.json").write_text((tmp_path / "a.json").read_text())  # same spending so far
     fresh = context(dp_node(site, tmp_path / "b.json", **{"threads": 1}), {**run, "lr": 0.5})  # other training
+    if release_ema:  # the same history of received models, trained on otherwise
+        ledger = (tmp_path / "b.json").read_text()
+        train(train_message(first, 1), fresh)
+        (tmp_path / "b.json").write_text(ledger)
     out_trained = train(train_message(sent, 2), trained)
     out_fresh = train(train_message(sent, 2), fresh)
     a, b = out_trained.content["keys"]["keys"].numpy(), out_fresh.content["keys"]["keys"].numpy()
@@ -337,3 +345,44 @@ def test_a_history_off_the_plan_or_a_forged_plan_is_priced_by_the_accountant():
         assert again.spent() == pytest.approx(_accounted(again), rel=1e-12)
         assert again.spent() > 0
     assert SiteLedger.from_state_dict(ledger.state_dict()).spent() == truth
+
+
+def test_release_encoder_is_the_moving_average_of_the_received_models():
+    """ema = mu * previous + (1 - mu) * received per float tensor, mu = run_config release-ema."""
+    from clients.state import SiteState
+    from clients.task import moco_config
+
+    run = run_config(**{"release-ema": 0.75, "key-release": "keys"})
+    mcfg = moco_config(run)
+    received = shared_arrays(global_model(run, seed=1))
+    current = {k[len("encoder_q."):]: torch.from_numpy(a.numpy()) for k, a in received.items()
+               if k.startswith("encoder_q.")}
+    previous = {k: torch.full_like(v, 2.0) for k, v in current.items()}
+    msg = train_message(received, 2)
+    cpu = torch.device("cpu")
+
+    encoder, state = client_module._release_encoder(msg, mcfg, run, SiteState(release_encoder=previous), cpu)
+    name = next(k for k, v in current.items() if v.dim() == 2)  # a linear layer's weight
+    assert torch.allclose(encoder.state_dict()[name], 0.75 * 2.0 + 0.25 * current[name], atol=1e-6)
+    assert torch.equal(state[name], encoder.state_dict()[name]) and not encoder.training
+    # the first round (nothing kept) starts from the received model; 0 keeps nothing
+    first, kept = client_module._release_encoder(msg, mcfg, run, SiteState(), cpu)
+    assert torch.equal(first.state_dict()[name], current[name]) and torch.equal(kept[name], current[name])
+    plain, none = client_module._release_encoder(msg, mcfg, {**run, "release-ema": 0.0},
+                                                 SiteState(release_encoder=previous), cpu)
+    assert none is None and torch.equal(plain.state_dict()[name], current[name])
+
+
+def test_the_release_encoder_is_kept_across_rounds_and_on_disk(site, sent, tmp_path):
+    from clients.state import RELEASE, STATE_FILE
+
+    run = run_config(**{"key-release": "keys", "key-sample-rate": 1.0})
+    ctx = context(dp_node(site, tmp_path / "l.json", **{"state-dir": str(tmp_path / "state")}), run)
+    train(train_message(sent, 1), ctx)
+    assert RELEASE in ctx.state.array_records
+    on_disk = torch.load(tmp_path / "state" / STATE_FILE, weights_only=True)["release_encoder"]
+    kept = {k: a.numpy() for k, a in ctx.state.array_records[RELEASE].items()}
+    assert kept.keys() == on_disk.keys() and all(np.array_equal(kept[k], on_disk[k].numpy()) for k in kept)
+    silent = context({"data-path": str(site)}, run_config(**{"key-release": "none"}))  # nothing kept
+    train(train_message(sent, 1), silent)
+    assert RELEASE not in silent.state.array_records

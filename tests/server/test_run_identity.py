@@ -114,6 +114,7 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
                                      "got 0.5"),
     ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),
+    ({"release-ema": 1.0}, "run_config release-ema must be in [0, 1), got 1.0"),
     ({"lr": "abc"}, "run_config lr: expected float, got 'abc'"),
     ({"warmup-epochs": 5.0}, "run_config warmup-epochs 5 is longer than the federation's 1 local epochs "
                              "(num-server-rounds x local-epochs)"),
