@@ -85,8 +85,9 @@ def collapse_line(r: int, emb_std: float, dim: int, global_share: Any = None) ->
         share = f"; the global negatives took {100 * global_share:.0f}% of the sites' InfoNCE softmax"
     return (f"round {r}: the sites' embeddings are nearly identical (emb-std {emb_std:.4f}, under "
             f"{COLLAPSE_FRACTION * spread:.4f}; spread over the sphere it would be 1/sqrt({dim}) = {spread:.3f})"
-            f"{share}. A random-init encoder starts near this; if it stays or falls as rounds go on, training has "
-            "collapsed (docs/federation.md, 'Collapse')")
+            f"{share}. A random-init encoder starts near this and leaves it only after enough local steps: while "
+            "the embeddings stay here the encoder tells images apart poorly, and if they fall here after having "
+            "spread, training has collapsed (docs/federation.md, 'Collapse')")
 
 
 def negatives_sent(counts: list[int]) -> str:
