@@ -417,8 +417,9 @@ def _release_encoder(msg: Message, mcfg: MoCoConfig, run: Any, saved: SiteState,
 
     ``mu * previous + (1 - mu) * received`` per floating-point tensor, mu = run_config
     ``release-ema``: over a round a momentum key encoder (m per step, s steps) keeps about m^s
-    of where it was, and keys encoded so sit beside other sites' released vectors in each
-    softmax. The first round (or a kept state of another shape) starts from the received model.
+    of where it was, so vectors encoded by the average resemble the momentum-encoder keys they
+    sit beside in other sites' softmax (vectors of the round's query encoder collapsed their
+    training). The first round (or a kept state of another shape) starts from the received model.
     Public: a function of the global models this site received and of the run_config only,
     the same at every site that received the same models (docs/privacy.md).
     """
