@@ -214,3 +214,18 @@ def test_server_memory_sites_reply_as_real_sites_do(tmp_path):
     assert len(rows) == 2
     assert all(row.rstrip(" |").endswith("| 2") for row in rows), rows  # both sites accepted each round
     assert fsm.HEADLINE["tiny_peak_rss_mb"] > 0
+
+
+def test_federation_summary_averages_the_last_rounds_and_skips_missing_values(tmp_path):
+    from quality import LAST_ROUNDS, federation_summary
+
+    rounds = [{"event": "round", "round": r, "queue-size": 10 * r, "emb-std": 0.01 * r,
+               "global-share": float("nan") if r == 7 else 0.1} for r in range(1, 8)]
+    rounds.insert(3, {"event": "run-start"})  # not a round: left out
+    (tmp_path / "rounds.jsonl").write_text("\n".join(json.dumps(r) for r in rounds) + "\n")
+    out = federation_summary(tmp_path / "rounds.jsonl")
+    assert LAST_ROUNDS == 5 and out["queue-size"] == 70
+    assert out["emb-std-last5"] == pytest.approx((0.03 + 0.04 + 0.05 + 0.06 + 0.07) / 5)
+    assert out["global-share-last5"] == pytest.approx(0.1)  # round 7's NaN skipped
+    (tmp_path / "empty.jsonl").write_text("")
+    assert federation_summary(tmp_path / "empty.jsonl") == {}  # a run that logged no round
