@@ -186,12 +186,12 @@ def add_feed_args(p: argparse.ArgumentParser, name: str) -> None:
                    help="add a table of where the cached batched path spends its time (torch.profiler)")
 
 
-def rate_rows(labels: tuple[str, str, str], rates: dict[str, tuple[float, float, float]]) -> list[list[str]]:
-    """Table rows for today's path, cached per-sample views and cached batched views, each with
-    its ratio to today's rate. ``rates``: the ``interleaved_rates`` of base, cached, batched."""
+def rate_rows(labels: tuple[str, ...], rates: dict[str, tuple[float, float, float]],
+              keys: tuple[str, ...] = ("base", "cached", "batched")) -> list[list[str]]:
+    """Table rows, one per label and key of ``rates`` (the ``interleaved_rates`` of today's
+    path ``base`` and the others): pairs/s and the ratio to today's rate."""
     base = rates["base"][0]
-    return [[label, fmt(rates[key]), f"{rates[key][0] / base:.1f}x"]
-            for label, key in zip(labels, ("base", "cached", "batched"))]
+    return [[label, fmt(rates[key]), f"{rates[key][0] / base:.1f}x"] for label, key in zip(labels, keys, strict=True)]
 
 
 def gpu_lines(heading: str, feed_what: str, step_what: str, gpu: dict[str, float]) -> list[str]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import rasterio.env  # noqa: E402
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (add_feed_args, batched_pass, feed_record, fmt, gpu_feed_rate, gpu_lines,  # noqa: E402
+from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
                          interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate)
 
 from domains.satellite import make_demo_archive  # noqa: E402
@@ -45,10 +45,9 @@ COLD_GDAL_CACHE_MB = 1
 
 def beyond_cache_lines(cold_rates: dict[str, tuple[float, float, float]]) -> list[str]:
     """The report's section on today's path with GDAL's block cache smaller than the archive."""
-    rows = [[label, fmt(cold_rates[key]), f"{cold_rates[key][0] / cold_rates['base'][0]:.1f}x"]
-            for label, key in ((f"today: GDAL read + two per-sample views, GDAL block cache {COLD_GDAL_CACHE_MB} MB "
-                                "(smaller than the archive)", "base"),
-                               ("cache + batched views on the CPU (fedmoco.gpu_augment)", "batched"))]
+    rows = rate_rows((f"today: GDAL read + two per-sample views, GDAL block cache {COLD_GDAL_CACHE_MB} MB "
+                      "(smaller than the archive)", "cache + batched views on the CPU (fedmoco.gpu_augment)"),
+                     cold_rates, keys=("base", "batched"))
     return [
         "## Today's path on an archive larger than GDAL's block cache",
         "",

@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                extra={f"emb-std, last {LAST_ROUNDS} rounds": (f"emb-std-last{LAST_ROUNDS}", "{:.3f}"),
                       f"global share, last {LAST_ROUNDS} rounds": (f"global-share-last{LAST_ROUNDS}", "{:.2f}")}),
         "",
-        f"emb-std: the sites' mean std of their normalised query embeddings per dimension (1/sqrt(128) = 0.088 "
-        f"when spread over the sphere, 0 when collapsed to one point); global share: the mean share of the InfoNCE "
-        f"softmax that fell on the global negatives (`global-share`); both averaged over the seeds.",
+        "emb-std: the sites' mean std of their normalised query embeddings per dimension (1/sqrt(128) = 0.088 "
+        "when spread over the sphere, 0 when collapsed to one point); global share: the mean share of the InfoNCE "
+        "softmax that fell on the global negatives (`global-share`); both averaged over the seeds.",
         "",
     ]
     write_report(args.out, lines)

@@ -325,12 +325,18 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     """What an interrupted pretrain run left behind and the command that continues it."""
+    return _checkpoint_hint(args) or "no epoch had finished, so no checkpoint was written; run the same command again"
+
+
+def _checkpoint_hint(args: argparse.Namespace) -> str | None:
+    """The pretrain run's checkpoint, what it holds and the command that resumes from it; None
+    when no epoch has finished."""
     from fedmoco.checkpoint import load_checkpoint
     from fedmoco.pretrain import CHECKPOINT
 
     ckpt = args.out / CHECKPOINT
     if not ckpt.is_file():
-        return "no epoch had finished, so no checkpoint was written; run the same command again"
+        return None
     again = shlex.join(["fedmoco", "pretrain", "--data", str(args.data), "--out", str(args.out)])
     try:
         saved = load_checkpoint(ckpt)
@@ -338,12 +344,6 @@ def _resume_hint(args: argparse.Namespace) -> str:
     except (FedmocoError, KeyError):
         done = "the last finished epoch"
     return f"{ckpt} holds {done}; resume with: {again} --resume"
-
-
-def _has_checkpoint(out: Path) -> bool:
-    from fedmoco.pretrain import CHECKPOINT
-
-    return (Path(out) / CHECKPOINT).is_file()
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,
@@ -367,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedmoco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason
-        resumable = args.command == "pretrain" and _has_checkpoint(args.out)
-        hint = f"; {_resume_hint(args)}" if resumable else ""
+        resume = _checkpoint_hint(args) if args.command == "pretrain" else None
+        hint = f"; {resume}" if resume else ""
         print(f"fedmoco {args.command}: error: {os_error_line(exc)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

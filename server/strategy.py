@@ -69,12 +69,17 @@ SITE_METRICS = ("num-examples", "train-loss", "pos-mean", "neg-mean", "neg-var",
 COLLAPSE_FRACTION = 0.1
 
 
+def collapse_threshold(dim: int) -> float:
+    """``COLLAPSE_FRACTION / sqrt(dim)``: the emb-std under which D-dim embeddings count as collapsed."""
+    return COLLAPSE_FRACTION / math.sqrt(dim)
+
+
 def concentrated(emb_std: Any, dim: int) -> bool | None:
-    """Whether a round's (example-weighted) ``emb-std`` is under ``COLLAPSE_FRACTION /
-    sqrt(dim)``; None when the round has no finite emb-std (no accepted reply)."""
+    """Whether a round's (example-weighted) ``emb-std`` is under ``collapse_threshold(dim)``;
+    None when the round has no finite emb-std (no accepted reply)."""
     if not isinstance(emb_std, (int, float)) or not math.isfinite(emb_std):
         return None
-    return emb_std < COLLAPSE_FRACTION / math.sqrt(dim)
+    return emb_std < collapse_threshold(dim)
 
 
 def collapse_line(r: int, emb_std: float, dim: int, global_share: Any = None) -> str:
@@ -84,7 +89,7 @@ def collapse_line(r: int, emb_std: float, dim: int, global_share: Any = None) ->
     if isinstance(global_share, (int, float)) and math.isfinite(global_share) and global_share > 0:
         share = f"; the global negatives took {100 * global_share:.0f}% of the sites' InfoNCE softmax"
     return (f"round {r}: the sites' embeddings are nearly identical (emb-std {emb_std:.4f}, under "
-            f"{COLLAPSE_FRACTION * spread:.4f}; spread over the sphere it would be 1/sqrt({dim}) = {spread:.3f})"
+            f"{collapse_threshold(dim):.4f}; spread over the sphere it would be 1/sqrt({dim}) = {spread:.3f})"
             f"{share}. A random-init encoder starts near this and leaves it only after enough local steps: while "
             "the embeddings stay here the encoder tells images apart poorly, and if they fall here after having "
             "spread, training has collapsed (docs/federation.md, 'Collapse')")
@@ -479,7 +484,7 @@ class FedMoCo(FedAvg):
             log.warning(collapse_line(r, record["emb-std"], self.queue.dim, record.get("global-share")))
         else:
             log.info("round %d: the sites' embeddings have spread again (emb-std %.4f, above %.4f)",
-                     r, record["emb-std"], COLLAPSE_FRACTION / math.sqrt(self.queue.dim))
+                     r, record["emb-std"], collapse_threshold(self.queue.dim))
 
 
 def load_server_state(path: Path) -> dict[str, Any] | None:

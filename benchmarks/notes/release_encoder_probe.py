@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def run(mode: str, root: Path, epochs: int = 30) -> None:
@@ -36,19 +37,22 @@ def run(mode: str, root: Path, epochs: int = 30) -> None:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, Subset
 
+    from dataclasses import replace
+
     from fedmoco.config import MoCoConfig
     from fedmoco.data import DataConfig, build_pretrain_data
     from fedmoco.moco import MoCo
+    from quality import Setup, moco_overrides
 
+    setup = replace(Setup(), lr=0.12)  # the benchmark's encoder and hyper-parameters, its federated lr
     torch.manual_seed(0)
     ds = build_pretrain_data("images", root / "pool", DataConfig(
-        image_size=32, options={"flip": False, "crop_scale_min": 0.5})).dataset
+        image_size=setup.image_size, options={"flip": False, "crop_scale_min": 0.5})).dataset
     train_half, other_half = list(range(0, len(ds), 2)), torch.arange(1, len(ds), 2)
-    model = MoCo(MoCoConfig(arch="tiny", in_channels=1, norm="group", dim=128, hidden_dim=512, queue_size=256,
-                            momentum=0.99, temperature=0.2, small_input=True))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.12 * 32 / 256, momentum=0.9,
-                          weight_decay=5e-4)
-    loader = DataLoader(Subset(ds, train_half), batch_size=32, shuffle=True, drop_last=True)
+    model = MoCo(MoCoConfig(in_channels=1, **moco_overrides(setup)))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=setup.scaled_lr, momentum=0.9,
+                          weight_decay=setup.weight_decay)
+    loader = DataLoader(Subset(ds, train_half), batch_size=setup.batch_size, shuffle=True, drop_last=True)
     mu = float(mode[3:]) if mode.startswith("ema") else None
     average = None
 

@@ -28,13 +28,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def site_of_class(classes: list[str], seed: int, n_sites: int = 4) -> dict[str, int]:
-    """Which site holds each class under ``labelled_task.class_partition`` for ``seed``."""
-    import numpy as np
+def site_of_class(labels: list[str], seed: int, n_sites: int = 4) -> dict[str, int]:
+    """Which site holds each class of the pool's ``labels`` under the benchmark's own split
+    (``labelled_task.class_partition`` for ``seed``)."""
+    from labelled_task import class_partition
 
-    order = sorted(set(classes))
-    np.random.default_rng(seed).shuffle(order)
-    return {c: i % n_sites for i, c in enumerate(order)}
+    return {labels[j]: site for site, items in enumerate(class_partition(labels, n_sites, seed)) for j in items}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         release = job.get("run_extra", {}).get("key-release", "none")
         eps = job.get("node_extra", {}).get("dp-epsilon")
         cancel = job.get("run_extra", {}).get("cancel-false-negatives")
-        what = release + (f", eps {eps}" if eps is not None else "") + (", no cancellation" if cancel is False else "")
+        ema = job.get("run_extra", {}).get("release-ema")
+        what = (release + (f", eps {eps}" if eps is not None else "") + (", no cancellation" if cancel is False else "")
+                + (f", release-ema {ema}" if ema is not None else ""))
         print(f"seed {seed}, {what}: kNN {100 * float((~wrong).float().mean()):.1f}%, "
               f"{int(wrong.sum())} errors, {100 * float(across.sum() / wrong.sum()):.0f}% across sites "
               "(a random wrong class: 86%)")
