@@ -21,6 +21,8 @@ index cache does per file. The file holds pixels and flags only: no path, no DIC
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 import logging
@@ -75,7 +77,8 @@ def fingerprint(kind: str, shape: Sequence[int], dtype: str, options: dict[str, 
 def cache_nbytes(n: int, shape: Sequence[int], dtype: str) -> int:
     """Size in bytes of the file of a cache of ``n`` samples of ``shape`` and ``dtype``: the flag
     bytes, padded, then the samples."""
-    return _header_bytes(n) + n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+    # math.prod on Python ints: np.prod wraps around at 2^63 for the shapes a header may claim
+    return _header_bytes(n) + n * math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
 
 
 def _header_bytes(n: int) -> int:

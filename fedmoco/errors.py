@@ -23,6 +23,11 @@ class CheckpointError(FedmocoError, ValueError):
     """A checkpoint is missing, corrupt, or does not match the requested model."""
 
 
+class TrainingDiverged(FedmocoError, FloatingPointError):
+    """The loss became NaN or infinite: a learning rate too high, or extreme values in the
+    data or the augmentation options. The message names the step."""
+
+
 def os_error_line(exc: OSError) -> str:
     """``"PATH: reason"`` of an OSError (a folder that cannot be made, a full disk), for the
     one-line message a command prints instead of a traceback."""

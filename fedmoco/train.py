@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from fedmoco.config import TrainConfig
 from fedmoco.data import collate_views, one_thread
 from fedmoco.encoders import largest_divisor
+from fedmoco.errors import TrainingDiverged
 from fedmoco.metrics import JsonlLogger
 from fedmoco.moco import SCORE_BINS, MoCo, cosine_momentum, score_histogram
 
@@ -377,7 +378,8 @@ class Trainer:
         for (meta, _), row in zip(pending, rows):
             stats = dict(zip(STAT_NAMES, row))
             if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(f"loss became {stats['loss']} at step {meta['step']}; lower --lr")
+                raise TrainingDiverged(f"loss became {stats['loss']} at step {meta['step']}; lower --lr, "
+                                       "or look for extreme values in the data or the augmentation options")
             for key in sums:
                 sums[key] += stats[key]
             record = {"epoch": meta["epoch"], "step": meta["step"], **stats, "lr": meta["lr"],

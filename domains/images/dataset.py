@@ -48,9 +48,12 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     opts = {**OPTIONS, **options}
     if str(opts["channels"]) not in ("auto", "1", "3"):
         raise DataError(f"--data-option channels: must be auto, 1 or 3, got {opts['channels']!r}")
-    scale = float(opts["crop_scale_min"])
+    try:
+        scale = float(opts["crop_scale_min"])
+    except (TypeError, ValueError):
+        scale = float("nan")
     if not 0 < scale <= 1:
-        raise DataError(f"--data-option crop_scale_min: must be in (0, 1], got {scale}")
+        raise DataError(f"--data-option crop_scale_min: must be a number in (0, 1], got {opts['crop_scale_min']!r}")
     opts["crop_scale_min"] = scale
     try:
         opts["max_pixels"] = int(opts["max_pixels"])
@@ -98,6 +101,8 @@ def load_image(path: Path, channels: int, max_pixels: int = OPTIONS["max_pixels"
     with open_image(path, max_pixels) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = np.asarray(im, dtype=np.float32)
+            if not np.isfinite(arr).all():  # no scaling of NaN or inf to 8 bit gives the image back
+                raise ValueError("NaN or infinite pixel values")
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
             im = Image.fromarray(arr.astype(np.uint8))

@@ -7,6 +7,7 @@ federation's node config; both are accepted. docs/medical.md justifies every def
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -127,22 +128,23 @@ class MedicalOptions:
             raise bad("crop_scale", "must be in (0, 1]")
         if not 0.0 <= self.rotate_deg <= 180.0:
             raise bad("rotate_deg", "must be in [0, 180]")
-        if self.window_level_jitter < 0:
-            raise bad("window_level_jitter", "must be >= 0")
+        if not 0.0 <= self.window_level_jitter <= 1.0:
+            raise bad("window_level_jitter", "must be in [0, 1] (a fraction of the window width)")
         if not 0.0 <= self.window_width_jitter < 1.0:
             raise bad("window_width_jitter", "must be in [0, 1)")
         if not 0.0 <= self.intensity_scale < 1.0:
             raise bad("intensity_scale", "must be in [0, 1)")
-        if self.intensity_shift < 0:
-            raise bad("intensity_shift", "must be >= 0")
-        if not 0.0 < self.gamma[0] <= self.gamma[1]:
-            raise bad("gamma", "needs 0 < low <= high")
-        if self.noise_std < 0:
-            raise bad("noise_std", "must be >= 0")
-        if not 0.0 < self.smooth_sigma[0] <= self.smooth_sigma[1]:
-            raise bad("smooth_sigma", "needs 0 < low <= high")
-        if not 0.0 <= self.elastic_magnitude[0] <= self.elastic_magnitude[1]:
-            raise bad("elastic_magnitude", "needs 0 <= low <= high")
+        if not 0.0 <= self.intensity_shift <= 1.0:
+            raise bad("intensity_shift", "must be in [0, 1] (windowed units)")
+        if not 0.0 < self.gamma[0] <= self.gamma[1] <= 10.0:
+            raise bad("gamma", "needs 0 < low <= high <= 10")
+        if not 0.0 <= self.noise_std <= 1.0:
+            raise bad("noise_std", "must be in [0, 1] (windowed units)")
+        # The kernel spans about 8 sigma: 16 px is already wider than a 64 px view's detail.
+        if not 0.0 < self.smooth_sigma[0] <= self.smooth_sigma[1] <= 16.0:
+            raise bad("smooth_sigma", "needs 0 < low <= high <= 16 (pixels)")
+        if not 0.0 <= self.elastic_magnitude[0] <= self.elastic_magnitude[1] <= 100.0:
+            raise bad("elastic_magnitude", "needs 0 <= low <= high <= 100")
         if not 0.0 < self.elastic_spacing <= 1.0:
             raise bad("elastic_spacing", "must be in (0, 1]")
         for key in ("max_frame_pixels", "max_frames", "max_decoded_mb"):
@@ -159,7 +161,7 @@ def _convert(default: Any, raw: Any) -> Any:
             raise ValueError(raw)
         return int(str(raw).strip()) if not isinstance(raw, (int, float)) else int(raw)
     if isinstance(default, float):
-        return float(raw)
+        return _finite(raw)
     if isinstance(default, str):
         return str(raw).strip()
     items = [p.strip() for p in raw.split(",")] if isinstance(raw, str) else list(raw)
@@ -168,7 +170,16 @@ def _convert(default: Any, raw: Any) -> Any:
         return tuple(str(p).strip().upper() for p in items)
     if len(items) != len(default):
         raise ValueError(raw)
-    return tuple(float(p) for p in items)
+    return tuple(_finite(p) for p in items)
+
+
+def _finite(raw: Any) -> float:
+    """``float(raw)``; ValueError for NaN and infinities, which no range check can catch
+    (every comparison with NaN is False) and which turn a view into NaN."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
 
 
 def _expected(default: Any) -> str:
@@ -177,9 +188,9 @@ def _expected(default: Any) -> str:
     if isinstance(default, int):
         return "expected an integer"
     if isinstance(default, float):
-        return "expected a number"
+        return "expected a finite number"
     if isinstance(default, str):
         return "expected text"
     if not default or isinstance(default[0], str):
         return "expected comma-separated names"
-    return f"expected {len(default)} comma-separated numbers"
+    return f"expected {len(default)} comma-separated finite numbers"

@@ -55,6 +55,9 @@ TOO_MUCH_NODATA = "too much nodata"
 # Smallest std kept in a Normalization: a band that is constant in the sample (a saturated or
 # empty band) must not turn tiny differences at fine-tuning time into huge inputs.
 MIN_STD = 1e-3
+#: Longest automatic epoch, in random tiles: 2^20, a 65536 x 65536 px area in 64 px tiles
+#: (the area of 36 Sentinel-2 products at 10 m).
+MAX_AUTO_EPOCH = 2**20
 
 Window = tuple[int, int, int, int]
 
@@ -108,7 +111,7 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     infos = []
     for path in files:
         try:
-            infos.append(inspect_file(path, opts.scale, opts.offset, opts.max_block_mb))
+            infos.append(inspect_file(path, opts.scale, opts.offset, opts.max_block_mb, opts.max_raster_pixels))
         except RasterReadError as exc:
             _skip(skipped, exc)
     sources, errors = build_sources(infos, opts.resolution, opts.resampling)
@@ -802,7 +805,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     partners = temporal_partners(reader.sources) if opts.temporal else {}
     if opts.temporal and not partners:
         log.warning("satellite: temporal=true but no two acquisitions of one footprint carry dates")
-    length = len(windows) if windows is not None else (opts.samples_per_epoch or int(weights.sum()))
+    length = len(windows) if windows is not None else (opts.samples_per_epoch or auto_epoch_length(weights))
     dataset = SatellitePretrainDataset(
         reader, transform, tile, opts.max_nodata, opts.max_tries, windows, weights, length, partners
     )
@@ -814,6 +817,18 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped),
                         cache_bytes=sum(p.nbytes for p in plan if p.cached),
                         cache_skipped=sum(not p.cached for p in plan))
+
+
+def auto_epoch_length(weights: np.ndarray) -> int:
+    """Random tiles per epoch when ``samples_per_epoch`` is 0: about one pass over the area
+    (``weights``: tiles per raster), at most MAX_AUTO_EPOCH. Every tile is drawn at random
+    anyway, so a longer epoch would only delay the epoch's checkpoint and metrics; and the
+    sampler holds one index per sample."""
+    area = int(weights.sum())
+    if area > MAX_AUTO_EPOCH:
+        log.info("satellite: the rasters hold %s tiles; an epoch draws %s of them at random "
+                 "(set samples_per_epoch for another length)", f"{area:,}", f"{MAX_AUTO_EPOCH:,}")
+    return min(area, MAX_AUTO_EPOCH)
 
 
 def build_labelled_data(

@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from collections import OrderedDict
+from functools import cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +25,7 @@ import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
@@ -41,6 +43,27 @@ MISSING_BAND = "missing band"
 MISMATCHED_BAND_FILES = "mismatched band files"
 NOT_GEOREFERENCED = "not georeferenced"
 TOO_LARGE = "too large"
+
+#: Default of the ``max_raster_pixels`` data option: the most pixels (width x height) a file
+#: may declare. A header costs a few hundred bytes whatever size it claims, and the epoch's
+#: length, the cache and the tile weights all follow the declared area. 2^32 admits a
+#: 65536 x 65536 mosaic (a Sentinel-2 band is 10980 x 10980).
+DEFAULT_MAX_RASTER_PIXELS = 2**32
+
+#: The largest magnitude the decoded-raster cache (float16) holds. Larger values are no
+#: reflectance; they are masked as invalid on every path, so the scan's statistics, the
+#: cached and the uncached loader agree on them.
+MAX_VALUE = float(np.finfo(np.float16).max)
+
+#: GDAL drivers whose files describe pixels held elsewhere: other files (VRT, tile indexes,
+#: STAC) or servers (WMS, WCS, ...). A site reads only files that hold their own pixels, so a
+#: file in its data folder cannot make it read outside the folder or open a network
+#: connection. They are left out of the drivers GDAL may try (not refused after opening:
+#: a VRT opens its sources while it is opened).
+REFERENCING_DRIVERS = frozenset({
+    "VRT", "GTI", "STACIT", "STACTA", "WMS", "WMTS", "WCS", "DAAS", "EEDA", "EEDAI", "PLMOSAIC", "HTTP",
+    "KMLSUPEROVERLAY", "DERIVED", "ESRIC", "OGCAPI", "NGW",
+})
 
 #: Default of the ``max_block_mb`` data option: the most MiB one block of every band may
 #: take decoded. GDAL decodes whole blocks (tiles or strips), even for a 64 x 64 window, so a
@@ -210,6 +233,7 @@ class RasterSource:
         scale = np.array([b.scale for _, b in items], np.float32).reshape(-1, 1, 1)
         offset = np.array([b.offset for _, b in items], np.float32).reshape(-1, 1, 1)
         values = values * scale + offset
+        invalid |= ~(np.abs(values) <= MAX_VALUE)  # NaN compares False: masked too
         values[invalid] = 0.0
         return values, invalid
 
@@ -329,19 +353,38 @@ def _gdal_message(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
+@cache
+def readable_drivers() -> tuple[str, ...]:
+    """The GDAL drivers a site may open its files with: all registered, less REFERENCING_DRIVERS."""
+    with rasterio.Env() as env:
+        return tuple(sorted(set(env.drivers()) - REFERENCING_DRIVERS))
+
+
+@rasterio.env.ensure_env_with_credentials
+def _open_with_readable_drivers(path: str) -> DatasetReader:
+    # rasterio.open documents a list of drivers for reading but refuses one (1.4: "invalid
+    # driver"); its reader takes the list and hands it to GDALOpenEx as the drivers allowed.
+    return DatasetReader(path, driver=list(readable_drivers()))
+
+
 def open_raster(path: str | os.PathLike):
     """Open ``path`` with rasterio; raise RasterReadError saying why it cannot be opened."""
     path = str(path)
     try:
+        path.encode()
+    except UnicodeEncodeError:  # GDAL takes UTF-8 paths only; such a name cannot reach it
+        raise RasterReadError(path, UNREADABLE, "file name is not valid UTF-8") from None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return _open_with_readable_drivers(path)
     except RasterioError as exc:
         msg = _gdal_message(exc)
         if not os.path.exists(path):
             raise RasterReadError(path, UNREADABLE, "no such file") from exc
         if "not recognized as" in msg or "not a supported file format" in msg:
-            raise RasterReadError(path, NOT_A_RASTER, "GDAL recognises no raster format") from exc
+            raise RasterReadError(path, NOT_A_RASTER, "GDAL recognises no raster format (files that point to "
+                                                      "pixels elsewhere, such as VRT, are not read)") from exc
         raise RasterReadError(path, UNREADABLE, msg) from exc
     except OSError as exc:
         raise RasterReadError(path, UNREADABLE, _gdal_message(exc)) from exc
@@ -430,13 +473,22 @@ def check_blocks(path: str, src, max_block_mb: float) -> None:
                                                "GDAL decodes whole blocks even for a small window")
 
 
+def check_size(path: str, src, max_raster_pixels: int) -> None:
+    """RasterReadError(TOO_LARGE) when the file declares more than ``max_raster_pixels``."""
+    if src.width * src.height > max_raster_pixels:
+        raise RasterReadError(path, TOO_LARGE, f"declares {src.width} x {src.height} pixels, over max_raster_pixels "
+                                               f"{max_raster_pixels:,}; raise it for a larger mosaic")
+
+
 def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: float | None = None,
-                 max_block_mb: float = DEFAULT_MAX_BLOCK_MB) -> FileInfo:
+                 max_block_mb: float = DEFAULT_MAX_BLOCK_MB,
+                 max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS) -> FileInfo:
     """Open ``path`` and describe it: bands, scaling, grid, acquisition date.
 
     ``scale``/``offset`` override what the file says (reflectance = DN * scale + offset).
     Raises RasterReadError: not a raster, unreadable, wrong band count (no bands), or too
-    large (a block of every band over ``max_block_mb`` MiB, checked before any pixel is read).
+    large (declaring more than ``max_raster_pixels`` pixels, or a block of every band over
+    ``max_block_mb`` MiB; both checked from the header, before any pixel is read).
     """
     path = str(path)
     with open_raster(path) as src:
@@ -445,6 +497,7 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
             subs = len(src.subdatasets)
             detail = f"file has no bands{f' but {subs} subdatasets' if subs else ''}"
             raise RasterReadError(path, WRONG_BAND_COUNT, detail)
+        check_size(path, src, max_raster_pixels)
         check_blocks(path, src, max_block_mb)
         try:
             crs = src.crs.to_wkt() if src.crs else None

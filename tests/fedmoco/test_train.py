@@ -11,6 +11,7 @@ import torch
 
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.encoders import SplitBatchNorm
+from fedmoco.errors import FedmocoError
 from fedmoco.metrics import JsonlLogger, read_jsonl
 from fedmoco.moco import MoCo
 from fedmoco.train import EpochShuffle, Trainer, guarded_size, make_loader
@@ -151,10 +152,13 @@ def test_reading_statistics_every_few_steps_logs_the_same_records(tmp_path):
 def test_a_diverged_loss_is_reported_with_its_step_when_read_late(tmp_path):
     messages = []
     for read_every in (1, 4):
-        with pytest.raises(FloatingPointError, match=r"loss became nan at step \d; lower --lr") as err:
+        with pytest.raises(FloatingPointError, match=r"loss became nan at step \d; lower --lr, or look for "
+                                                     r"extreme values in the data or the augmentation options") as err:
             _run_epoch(tmp_path, read_every, poison=17)
         messages.append(str(err.value))
     assert messages[0] == messages[1]  # the first bad step, however late it was read
+    # a user error, so the CLI prints it as one line (fedmoco.cli.main catches FedmocoError)
+    assert isinstance(err.value, FedmocoError)
 
 
 def test_optimizer_state_from_another_device_keeps_this_devices_kernel():

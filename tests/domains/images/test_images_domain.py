@@ -28,6 +28,22 @@ def test_grayscale_and_16bit_tiff_are_read(tmp_path):
     assert data.dataset[1][0].shape == (1, 8, 8)
 
 
+def test_a_float_tiff_with_non_finite_pixels_is_skipped_not_blackened(tmp_path, caplog):
+    import numpy as np
+
+    (tmp_path / "a").mkdir()
+    good = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(good, "F").save(tmp_path / "a" / "good.tif")
+    bad = good.copy()
+    bad[0, 0] = np.inf  # scaled to 8 bit by its range, the whole image would become 0
+    Image.fromarray(bad, "F").save(tmp_path / "a" / "inf.tif")
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=8))
+    names = [f.name for f in data.dataset.files]
+    assert data.dataset[names.index("good.tif")][0].shape == (1, 8, 8)
+    assert data.dataset[names.index("inf.tif")] is None
+    assert "inf.tif: unreadable image (NaN or infinite pixel values)" in caplog.text
+
+
 def test_unreadable_image_becomes_none_and_is_counted(tmp_path, demo_images):
     import shutil
 
@@ -65,8 +81,10 @@ def test_given_normalization_is_used(demo_images):
 def test_option_errors_name_the_option(demo_images):
     with pytest.raises(DataError, match=r"unknown option\(s\) \['colour'\]"):
         build_pretrain_data(demo_images, DataConfig(options={"colour": 1}))
-    with pytest.raises(DataError, match="crop_scale_min: must be in"):
+    with pytest.raises(DataError, match="crop_scale_min: must be a number in"):
         build_pretrain_data(demo_images, DataConfig(options={"crop_scale_min": 2}))
+    with pytest.raises(DataError, match=r"crop_scale_min: must be a number in \(0, 1\], got 'half'"):
+        build_pretrain_data(demo_images, DataConfig(options={"crop_scale_min": "half"}))
 
 
 def test_empty_folder_error(tmp_path):

@@ -160,9 +160,21 @@ def test_unknown_option_is_named():
     ("percentiles", "99,1", "0 <= low < high <= 100"),
     ("gamma", "0,1", "0 < low <= high"),
     ("flip_prob", 2, "probability"),
-    ("rotate_deg", "lots", "expected a number"),
+    ("rotate_deg", "lots", "expected a finite number"),
     ("cache", "maybe", "expected true or false"),
-    ("percentiles", "1,2,3", "expected 2 comma-separated numbers"),
+    ("percentiles", "1,2,3", "expected 2 comma-separated finite numbers"),
+    # NaN passes every range check and inf most, and either turns the views into NaN
+    ("intensity_shift", "inf", "expected a finite number"),
+    ("window_level_jitter", "nan", "expected a finite number"),
+    ("noise_std", float("nan"), "expected a finite number"),
+    ("gamma", "0.5,inf", "expected 2 comma-separated finite numbers"),
+    # ... and a finite but absurd value costs memory (a 1e9 px smoothing kernel) or the image
+    ("smooth_sigma", "0.5,1e9", "0 < low <= high <= 16"),
+    ("noise_std", 5, "must be in [0, 1]"),
+    ("intensity_shift", 2, "must be in [0, 1]"),
+    ("window_level_jitter", 1.5, "must be in [0, 1]"),
+    ("gamma", "0.5,20", "0 < low <= high <= 10"),
+    ("elastic_magnitude", "1,1000", "0 <= low <= high <= 100"),
 ])
 def test_bad_option_values_are_named(key, value, message):
     with pytest.raises(DataError) as err:

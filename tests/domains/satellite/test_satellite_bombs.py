@@ -8,6 +8,8 @@ one deflate strip of a few bytes. GDAL decodes whole strips, so without the chec
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -128,3 +130,93 @@ def test_a_folder_scan_skips_the_bomb_and_keeps_the_good_file(tmp_path):
     scan = scan_folder(tmp_path, parse_options({}))
     assert [Path(s.name).name for s in scan.sources] == ["ok.tif"]
     assert scan.skipped == {TOO_LARGE: 1}
+
+
+def _good(path: Path, size: int = 64, value: float = 1000.0, dtype: str = "uint16") -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=4, dtype=dtype,
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10)) as dst:
+        dst.write(np.full((4, size, size), value, dtype))
+    return path
+
+
+def test_a_header_declaring_more_pixels_than_the_limit_is_refused_unread(tmp_path):
+    # 300000 x 300000 uint16 x 4 bands in a tiled BigTIFF: a few hundred KB on disk (no tile
+    # written), 720 GB declared; its blocks are small, so only the declared size can refuse it.
+    with rasterio.open(tmp_path / "sparse.tif", "w", driver="GTiff", width=300000, height=300000, count=4,
+                       dtype="uint16", crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10),
+                       tiled=True, blockxsize=256, blockysize=256, BIGTIFF="YES", SPARSE_OK="TRUE"):
+        pass
+    assert (tmp_path / "sparse.tif").stat().st_size < 20e6
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(tmp_path / "sparse.tif")
+    assert err.value.reason == TOO_LARGE
+    assert "declares 300000 x 300000 pixels, over max_raster_pixels 4,294,967,296" in str(err.value)
+    assert len(inspect_file(tmp_path / "sparse.tif", max_raster_pixels=300000**2).bands) == 4
+
+    from domains.satellite.dataset import scan_folder
+    _good(tmp_path / "ok.tif")
+    scan = scan_folder(tmp_path, parse_options({}))
+    assert [Path(s.name).name for s in scan.sources] == ["ok.tif"] and scan.skipped == {TOO_LARGE: 1}
+    with pytest.raises(Exception, match="max_raster_pixels"):
+        parse_options({"max_raster_pixels": "0"})
+
+
+def test_the_automatic_epoch_is_capped():
+    from domains.satellite.dataset import MAX_AUTO_EPOCH, auto_epoch_length
+
+    assert auto_epoch_length(np.array([3.0, 4.0])) == 7
+    # 65536^2 px in 64 px tiles is exactly the cap; the area of the refused file above is far over it
+    assert auto_epoch_length(np.array([65536.0**2 / 64**2])) == MAX_AUTO_EPOCH == 2**20
+    assert auto_epoch_length(np.array([300000.0**2 / 64**2, 10.0])) == MAX_AUTO_EPOCH
+
+
+def test_a_vrt_is_not_opened_so_it_cannot_point_outside_the_folder(tmp_path):
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.reader import NOT_A_RASTER
+
+    outside = _good(tmp_path / "outside.tif")
+    site = tmp_path / "site"
+    site.mkdir()
+    _good(site / "ok.tif")
+    (site / "scene.vrt").write_text(
+        '<VRTDataset rasterXSize="64" rasterYSize="64">' + "".join(
+            f'<VRTRasterBand dataType="UInt16" band="{b}"><SimpleSource><SourceFilename relativeToVRT="0">'
+            f'{outside}</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>'
+            for b in range(1, 5)) + "</VRTDataset>")
+    with rasterio.open(site / "scene.vrt") as src:  # GDAL itself would read the outside file through it
+        assert src.read(1)[0, 0] == 1000
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(site / "scene.vrt")
+    assert err.value.reason == NOT_A_RASTER and "VRT" in str(err.value)
+    scan = scan_folder(site, parse_options({}))
+    assert [Path(s.name).name for s in scan.sources] == ["ok.tif"] and scan.skipped == {NOT_A_RASTER: 1}
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path):
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.reader import UNREADABLE
+
+    _good(tmp_path / "ok.tif")
+    bad = Path(os.fsdecode(os.fsencode(tmp_path) + b"/bad\xff\xfe.tif"))
+    shutil.copy(tmp_path / "ok.tif", bad)
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(bad)
+    assert err.value.reason == UNREADABLE and "not valid UTF-8" in str(err.value)
+    scan = scan_folder(tmp_path, parse_options({}))
+    assert [Path(s.name).name for s in scan.sources] == ["ok.tif"] and scan.skipped == {UNREADABLE: 1}
+
+
+def test_values_beyond_float16_are_masked_and_leave_the_statistics_alone(tmp_path):
+    from domains.satellite import build_pretrain_data
+    from fedmoco.data import DataConfig
+
+    huge = np.full((4, 64, 64), 0.3, np.float32)
+    huge[:, :8] = 1e38  # finite float32, no reflectance: 8 of 64 rows
+    with rasterio.open(tmp_path / "huge.tif", "w", driver="GTiff", width=64, height=64, count=4, dtype="float32",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10)) as dst:
+        dst.write(huge)
+    tile = read_tile(tmp_path / "huge.tif", (0, 0, 64, 64))
+    assert np.ma.getmaskarray(tile)[:, :8].all() and not np.ma.getmaskarray(tile)[:, 8:].any()
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=64, seed=0, cache=False,
+                                                    options={"sampling": "grid", "max_nodata": 0.2}))
+    assert data.normalization.mean == pytest.approx([0.3] * 4, abs=1e-6)
