@@ -5,10 +5,13 @@ A reader (or a crash) never sees a half-written checkpoint, ledger or key.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: int | None = None) -> Path:
@@ -32,3 +35,30 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: i
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def json_safe(x: Any, *, skip_private: bool = False) -> Any:
+    """``x`` as standard JSON values: NaN and infinities become null (``json.dumps`` would
+    write the non-standard ``NaN`` that strict parsers refuse), numpy scalars Python numbers,
+    keys strings. ``skip_private`` drops keys that start with ``_`` (in-memory extras)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v, skip_private=skip_private) for k, v in x.items()
+                if not (skip_private and str(k).startswith("_"))}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v, skip_private=skip_private) for v in x]
+    np = sys.modules.get("numpy")  # not imported here: `fedmoco --help` must not wait for numpy
+    if np is not None and isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """``text`` (UTF-8) written to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2) -> Path:
+    """``obj`` as standard JSON (:func:`json_safe`), written to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent))

@@ -98,6 +98,8 @@ def _add_eval(sub, name: str, help_: str) -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, help="CSV: path, optional group, label column(s); may cover part of --data")
     p.add_argument("--test", type=Path, help="labelled test folder (default: split --data)")
     p.add_argument("--test-labels", type=Path, help="labels CSV for --test (same columns as --labels)")
+    p.add_argument("--label-column", action="append", metavar="NAME",
+                   help="label column(s) of --labels (default: every column but path and group)")
     p.add_argument("--test-fraction", type=float, default=0.3, help="held-out share when no --test (default 0.3)")
     p.add_argument("--domain", help="default: the checkpoint's domain")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE")

@@ -13,6 +13,7 @@ size, normalisation), the same one ``knn``/``linear-probe``/``finetune`` use.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fedmoco.atomic import atomic_write, atomic_write_text
 from fedmoco.checkpoint import load_checkpoint
 from fedmoco.data import DataConfig, Normalization, build_labelled_data, check_data_dir, list_files
 from fedmoco.errors import CheckpointError
@@ -109,10 +111,14 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     meta = ckpt["data"]
-    cfg = DataConfig(image_size=meta["image_size"], options={**meta.get("options", {}), **(options or {})})
-    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else None
+    domain = domain or meta["domain"]
+    # The checkpoint's options and normalisation describe its own domain's data only (as for knn).
+    same_domain = domain == meta["domain"]
+    own = (meta.get("options") or {}) if same_domain else {}
+    cfg = DataConfig(image_size=meta["image_size"], options={**own, **(options or {})})
+    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
     with tempfile.TemporaryDirectory(prefix="fedmoco-embed-") as tmp:
-        labelled = build_labelled_data(domain or meta["domain"], root, cfg, _unlabelled_csv(root, Path(tmp)), norm)
+        labelled = build_labelled_data(domain, root, cfg, _unlabelled_csv(root, Path(tmp)), norm)
     if labelled.in_channels != model.cfg.in_channels:
         raise CheckpointError(f"{checkpoint}: encoder takes {model.cfg.in_channels} channel(s) but {root} "
                               f"gives {labelled.in_channels}")
@@ -123,10 +129,12 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
         log.warning("%s: skipped %d unreadable samples", root, skipped)
     npy, table = output_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, feats.numpy().astype(np.float32))
-    with open(table, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row", "path", "region"])
-        for row, i in enumerate(index.tolist()):
-            writer.writerow([row, *sample_origin(labelled.dataset, i, root)])
+    array = feats.numpy().astype(np.float32)
+    atomic_write(npy, lambda fh: np.save(fh, array))
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["row", "path", "region"])
+    for row, i in enumerate(index.tolist()):
+        writer.writerow([row, *sample_origin(labelled.dataset, i, root)])
+    atomic_write_text(table, rows.getvalue())
     return EmbedResult(array=npy, table=table, n=feats.shape[0], dim=feats.shape[1], skipped=skipped)

@@ -7,7 +7,6 @@ pipeline recorded at pretraining, label table, grouped splits, random-init basel
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -43,11 +42,10 @@ def add_finetune_parser(sub, add_eval) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="grouped validation share (default 0.2)")
     p.add_argument("--split-seed", type=int, help="seed of the test/validation splits (default: --seed)")
     p.add_argument("--multi-label", action="store_true", help="labels CSV columns are independent 0/1 labels")
-    p.add_argument("--label-column", action="append", metavar="NAME",
-                   help="label column(s) of --labels (default: every column but path and group)")
     p.add_argument("--operating-point", default="youden", help="youden | specificity=0.9 (chosen on validation)")
-    p.add_argument("--positive-class", help="binary tasks: the class whose sensitivity is reported "
-                                            "(default: the second in sorted order)")
+    p.add_argument("--positive-class", help="binary tasks: the class whose sensitivity is reported (default: "
+                                            "the class that is not normal/negative/healthy/..., else the second "
+                                            "in sorted order)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     return p
@@ -84,7 +82,7 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
     norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
     columns = getattr(args, "label_column", None)
 
-    def load(root: Path, labels: Path | None):
+    def load(root: Path, labels: Path | None, norm: Normalization | None):
         table = load_label_table(root, labels, domain, multi_label=multi_label, label_columns=columns)
         data = build_labelled_set(domain, root, table, cfg, norm)
         if data.in_channels != model.cfg.in_channels:
@@ -93,11 +91,14 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
                                   f"{data.in_channels}")
         return data
 
-    data = load(args.data, args.labels)
+    data = load(args.data, args.labels, norm)
     check_classes(data, args.data)
     test = None
     if args.test:
-        test = load(args.test, args.test_labels)
+        # The statistics of --data, estimated there when the checkpoint has none: the test set
+        # goes through the pipeline that model.pt records, and its own statistics stay out of
+        # its score.
+        test = load(args.test, args.test_labels, data.normalization)
         if test.names != data.names:
             raise DataError(f"{args.test}: classes {test.names} differ from {args.data}'s {data.names}")
         check_disjoint(data, test, args.data, args.test)
@@ -211,10 +212,11 @@ def cmd_frozen(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from fedmoco.atomic import atomic_write_json
     from fedmoco.device import select_device
     from fedmoco.diagnostics import plot_confusion_png
     from fedmoco.evaluate import ProbeConfig, effective_k, extract_features, frozen_report, knn_predict, linear_probe
-    from fedmoco.finetune import fresh_backbone, prepare_samples
+    from fedmoco.finetune import check_classes_present, fresh_backbone, prepare_samples
     from fedmoco.splits import grouped_split
 
     device = select_device(args.device)
@@ -228,6 +230,9 @@ def cmd_frozen(args: argparse.Namespace) -> int:
         tr, te = grouped_split(samples.targets, samples.groups, args.test_fraction, args.seed)
         if not len(tr) or not len(te):
             raise DataError(f"{args.data}: too few samples to split off a test set; pass --test")
+    # a class the classifier never saw cannot be predicted: said here as finetune says it
+    seen = tr if test_samples is None else np.arange(len(samples.targets))
+    warnings = [w for w in [check_classes_present(samples.targets, seen, data.names, "training", False)] if w]
     out = args.out or args.checkpoint.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     n_cls = len(data.names)
@@ -267,14 +272,17 @@ def cmd_frozen(args: argparse.Namespace) -> int:
                              "data": inputs.data_meta}, out / "linear-probe.pt")
         results[init] = {**frozen_report(probs, test_y, n_cls), **extra, "n_train": len(train_y)}
     report = {"method": args.command, **results["pretrained"], "random_init": results["random_init"],
-              "classes": data.names, "grouped_by": data.group_source, "checkpoint": str(args.checkpoint)}
-    (out / f"{args.command}.json").write_text(json.dumps(report, indent=2))
+              "classes": data.names, "grouped_by": data.group_source, "checkpoint": str(args.checkpoint),
+              "warnings": warnings}
+    atomic_write_json(out / f"{args.command}.json", report)
     png = plot_confusion_png(np.asarray(report["confusion"]), data.names, out / f"{args.command}_confusion.png",
                              f"{args.command}: accuracy {report['accuracy']:.3f}")
     for label, r in (("", report), (" random init", report["random_init"])):
         top5 = f"  top-5 {r['top5']:.2%}" if "top5" in r else ""
         print(f"{args.command}{label}: top-1 {r['accuracy']:.2%}{top5}  AUROC {r['auroc']:.3f}  "
               f"({r['n_train']} train / {r['n_test']} test, {n_cls} classes)")
+    for w in warnings:
+        print(f"warning: {w}")
     print(f"results: {out / (args.command + '.json')}\nconfusion matrix: {png}")
     if args.command == "linear-probe":
         print(f"classifier: {out / 'linear-probe.pt'}")

@@ -21,7 +21,6 @@ Both model files take the same normalised input and give the same features as
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ import torch
 import torchvision
 from torch import nn
 
-from fedmoco.checkpoint import load_checkpoint
+from fedmoco.atomic import atomic_write, atomic_write_json
+from fedmoco.checkpoint import atomic_save, load_checkpoint
 from fedmoco.config import MoCoConfig
 from fedmoco.encoders import TinyCNN
 from fedmoco.errors import CheckpointError
@@ -154,12 +154,13 @@ def export_encoder(checkpoint: Path | str, out_dir: Path | str) -> ExportResult:
     backbone_path = None
     if cfg.arch in TORCHVISION_ARCHS:
         backbone_path = out / BACKBONE_FILE
-        torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, backbone_path)
+        atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, backbone_path)
     ts_path = out / TORCHSCRIPT_FILE
     with warnings.catch_warnings():
         # torch 2.9+ flags TorchScript as deprecated; it is still what C++/mobile/Triton load.
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(net), str(ts_path))
+        scripted = torch.jit.script(net)
+    atomic_write(ts_path, lambda fh: torch.jit.save(scripted, fh))
 
     with torch.no_grad():
         feature_dim = int(net(torch.zeros(1, cfg.in_channels, image_size, image_size)).shape[1])
@@ -178,5 +179,5 @@ def export_encoder(checkpoint: Path | str, out_dir: Path | str) -> ExportResult:
                    "federation_rounds": (ckpt.get("federation") or {}).get("rounds")},
     }
     info_path = out / INFO_FILE
-    info_path.write_text(json.dumps(info, indent=2))
+    atomic_write_json(info_path, info)
     return ExportResult(out_dir=out, backbone=backbone_path, torchscript=ts_path, info=info_path)

@@ -11,7 +11,6 @@ on the test set.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,11 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from fedmoco.atomic import atomic_write_json, json_safe
 from fedmoco.checkpoint import atomic_save
 from fedmoco.config import MoCoConfig
 from fedmoco.data import collate_views
 from fedmoco.diagnostics import METRICS, OperatingPoint, diagnose, plot_confusion_png, plot_roc
-from fedmoco.errors import ConfigError, DataError
+from fedmoco.errors import ConfigError, DataError, TrainingDiverged
 from fedmoco.labels import LabelledSet
 from fedmoco.moco import MoCo
 from fedmoco.splits import grouped_split, subsample_groups
@@ -91,6 +91,10 @@ class ProtocolConfig:
             raise ConfigError(f"--label-fraction values must be in (0, 1], got {self.label_fractions}")
         if not self.seeds:
             raise ConfigError("--seeds: give at least one seed")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:  # one run per seed: a repeat would count twice in the bootstrap, once in the means
+            raise ConfigError(f"--seeds: {', '.join(map(str, repeated))} given more than once; "
+                              "each seed is one fine-tuning run")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
         self.label_fractions = sorted(set(float(f) for f in self.label_fractions))
@@ -265,10 +269,15 @@ def train_classifier(backbone: nn.Module, samples: Samples, train_idx: np.ndarra
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            total += loss.detach().item() * len(y)
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"fine-tuning loss became {value} in epoch {epoch} ({desc}); lower --lr")
+            total += value * len(y)
             n += len(y)
         sched.step()
         probs, rows = predict(model, val_ds, multi_label=multi_label, device=device, workers=cfg.workers, amp=cfg.amp)
+        if not np.isfinite(probs).all():
+            raise TrainingDiverged(f"fine-tuned model predicts NaN after epoch {epoch} ({desc}); lower --lr")
         vy = _targets_of(torch.as_tensor(rows), lookup, table).numpy()
         val_loss = _loss_np(probs, vy, multi_label)
         auc = point_metrics(probs, vy, [0.5] * num_outputs, multi_label=multi_label)["auroc"]
@@ -324,7 +333,7 @@ def make_split(samples: Samples, protocol: ProtocolConfig, test_samples: Samples
     return split
 
 
-def _check_classes_present(targets: np.ndarray, idx: np.ndarray, names: Sequence[str], where: str,
+def check_classes_present(targets: np.ndarray, idx: np.ndarray, names: Sequence[str], where: str,
                            multi_label: bool) -> str | None:
     """A warning (logged and returned for results.json) when a split lacks a class."""
     if multi_label or not len(idx):
@@ -356,7 +365,7 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
     val_ds = subset_of(samples, split.val)
     warnings = [w for where, src, idx in (("training", samples, split.train), ("validation", samples, split.val),
                                           ("test", test_src, test_idx))
-                if (w := _check_classes_present(src.targets, idx, data.names, where, data.multi_label))]
+                if (w := check_classes_present(src.targets, idx, data.names, where, data.multi_label))]
     runs: dict[str, Any] = {}
     models: dict[str, Classifier] = {}
     largest = max(protocol.label_fractions)
@@ -475,9 +484,7 @@ def write_report(out: Path, result: dict[str, Any], data: LabelledSet, protocol:
                                                               out / f"confusion{suffix}.png", label))
     plots["label_efficiency"] = str(plot_label_efficiency(runs, out / "label_efficiency.png", n_test=report["n_test"]))
     report["plots"] = plots
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(_clean(report), indent=2))
-    tmp.replace(out / "results.json")
+    atomic_write_json(out / "results.json", json_safe(report, skip_private=True))
     return report
 
 
@@ -514,19 +521,6 @@ def save_finetuned(path: Path, model: Classifier, *, names: list[str], multi_lab
     return atomic_save({"format": FINETUNED_FORMAT, "version": 1, "moco_config": moco_config, "data": data_meta,
                         "backbone": model.backbone.state_dict(), "head": model.head.state_dict(), "classes": names,
                         "multi_label": multi_label, "thresholds": thresholds}, path)
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN becomes null (json.dumps would write the non-standard NaN)."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items() if not str(k).startswith("_")}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def config_dict(cfg: FinetuneConfig, protocol: ProtocolConfig) -> dict[str, Any]:

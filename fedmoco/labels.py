@@ -83,7 +83,8 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
     """Parse a labels CSV (see module doc); DataError naming the file and row for bad input."""
     root = check_data_dir(root)
     check_text_file(labels_csv, "labels CSV")  # exists, and no binary file reaches the csv module
-    with open(labels_csv, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would join the first header
+    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
         fh.seek(0)
         header = next(csv.reader(fh), [])

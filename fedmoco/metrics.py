@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator
+
+from fedmoco.atomic import json_safe
 
 
 class JsonlLogger:
@@ -21,7 +22,7 @@ class JsonlLogger:
         if self.path is None:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(_clean(record)) + "\n")
+            fh.write(json.dumps(json_safe(record)) + "\n")
 
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,3 @@ def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
             else:
                 log.warning("%s:%d: skipped a line that is not a JSON record (a write cut short?)", path, number)
 
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmoco.atomic import atomic_write_json, atomic_write_text
 from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
@@ -149,8 +150,7 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
     out.mkdir(parents=True, exist_ok=True)
     data_meta = {"domain": domain, "image_size": data_cfg.image_size, "options": dict(data_cfg.options),
                  "normalization": data.normalization.to_dict()}
-    (out / "config.json").write_text(json.dumps(
-        {"moco": moco_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_meta}, indent=2))
+    atomic_write_json(out / "config.json", {"moco": moco_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_meta})
 
     summary = None
     skipped_load = 0
@@ -259,4 +259,4 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_jsonl(path) if r.get("step", r.get("step_end", 0) - 1) < global_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

@@ -155,3 +155,32 @@ def test_help_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'numpy', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_test_set_is_normalised_with_the_statistics_of_data(tmp_path, demo_images, tiny_pretrain_args):
+    # Without a normalisation in the checkpoint it is estimated on --data; --test must go
+    # through that same pipeline (the one model.pt records), not through its own statistics.
+    import argparse
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fedmoco.checkpoint import atomic_save
+    from fedmoco.eval_cli import load_inputs
+
+    out = tmp_path / "run"
+    main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args])
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt["data"]["normalization"] = None
+    atomic_save(ckpt, tmp_path / "federated.pt")
+    dark = tmp_path / "dark"
+    shutil.copytree(demo_images, dark)
+    for path in dark.rglob("*.png"):  # a darker scanner: other statistics
+        Image.fromarray((np.asarray(Image.open(path)) // 4).astype(np.uint8)).save(path)
+    args = argparse.Namespace(checkpoint=tmp_path / "federated.pt", domain=None, data_option=[], seed=0,
+                              split_seed=0, label_column=None, data=demo_images, labels=None, test=dark,
+                              test_labels=None)
+    inputs = load_inputs(args)
+    assert inputs.test.normalization == inputs.data.normalization
+    assert inputs.data_meta["normalization"] == inputs.data.normalization.to_dict()

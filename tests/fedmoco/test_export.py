@@ -143,6 +143,14 @@ def test_embed_names_dicom_frames(tmp_path):
     assert not any(r["path"].startswith("misc/") for r in rows)  # broken files skipped while indexing
 
 
+def test_embed_with_another_domain_leaves_the_checkpoints_options_behind(tmp_path, demo_images):
+    # a medical checkpoint's ct_window means nothing to an image folder, as for knn and finetune
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=MEDICAL)
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(demo_images), "--domain", "images",
+                 "--data-option", "channels=1", "--out", str(tmp_path / "e")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (48, 128)
+
+
 def _round(r, loss):
     site = {"node": 1234567, "status": "accepted", "train-loss": loss, "dp-keys-epsilon": 0.5 * r,
             "up-arrays": 2048, "up-keys": 512, "weights": 2048, "queue": 256}

@@ -249,3 +249,38 @@ def test_label_efficiency_plot_marks_the_fractions_run_and_hides_no_series(tmp_p
     xs = [tuple(c.lines[0].get_xdata()) for c in ax.containers
           if c.get_label() in ("pretrained encoder", "random init")]
     assert len(xs) == 2 and xs[0] != xs[1]  # the equal points at 100% sit side by side, not on top
+
+
+def test_repeated_seeds_and_a_diverged_fine_tune_give_one_line(tmp_path, demo_images, checkpoint, capsys):
+    base = ["finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), *FAST]
+    # a repeated seed would count twice in the bootstrap and once in the means
+    rc, err = _run([*base, "--seeds", "0", "0", "1", "--out", str(tmp_path / "dup")], capsys)
+    assert rc == 2 and err == ("fedmoco finetune: error: --seeds: 0 given more than once; each seed is one "
+                               "fine-tuning run\n")
+    rc, err = _run([*base, "--lr", "1e30", "--out", str(tmp_path / "nan")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "lower --lr" in err and "Traceback" not in err, err
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
+def test_knn_says_when_its_training_split_lacks_a_class_and_writes_strict_json(tmp_path, demo_images, checkpoint,
+                                                                              capsys):
+    # every triangle in one group, which the split puts on one side only: no training triangle
+    files = sorted(demo_images.rglob("*.png"))
+    rows = [[f.relative_to(demo_images).as_posix(), "tri" if f.parent.name == "triangle" else f.name,
+             f.parent.name, "x"] for f in files]
+    # an extra metadata column, picked out with --label-column; saved as Excel's "CSV UTF-8" (with a BOM)
+    csv_path = _write_csv(tmp_path / "grp.csv", ["path", "group", "label", "site"], rows)
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    for seed in range(20):
+        out = tmp_path / f"knn{seed}"
+        rc = main(["-q", "knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(csv_path),
+                   "--label-column", "label", "--seed", str(seed), "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert rc == 0
+        report = json.loads((out / "knn.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+        if report["warnings"]:
+            break
+    assert report["warnings"] == [
+        "the training split lacks class(es) ['triangle']: too few groups (patients, scenes, files) of them to put "
+        "some in every split; their metrics are undefined or meaningless"]
+    assert f"warning: {report['warnings'][0]}" in printed

@@ -1,0 +1,30 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fedmoco.atomic import atomic_write, atomic_write_json, json_safe
+
+
+def test_json_safe_gives_standard_json():
+    value = {"auroc": np.float32(0.75), "n": np.int64(3), "per_class": [math.nan, 1.0, -math.inf],
+             1: (np.float64(np.nan),), "_scores": "in memory only"}
+    assert json_safe(value) == {"auroc": 0.75, "n": 3, "per_class": [None, 1.0, None], "1": [None],
+                                "_scores": "in memory only"}
+    assert "_scores" not in json_safe(value, skip_private=True)
+    json.loads(json.dumps(json_safe(value)), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = atomic_write_json(tmp_path / "knn.json", {"accuracy": 0.5})
+
+    def broken(fh):
+        fh.write(b'{"accuracy": 0.')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert os.listdir(tmp_path) == ["knn.json"]
