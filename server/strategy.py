@@ -51,8 +51,8 @@ from fedmoco.ledger import DP_STATUS
 from fedmoco.metrics import JsonlLogger
 from server.queue import GlobalKeyQueue
 from clients.task import SITE_RECORD
-from server.validation import (KEYS, REQUIRED_METRICS, ExampleCaps, ReplyLimits, decode_arrays, site_name_of,
-                               validate_reply)
+from server.validation import (KEYS, REQUIRED_METRICS, ExampleCaps, ReplyLimits, decode_arrays, released_keys,
+                               site_name_of, untrusted_text, validate_reply)
 
 log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
 
@@ -304,16 +304,22 @@ class FedMoCo(FedAvg):
             node = msg.metadata.src_node_id
             site: dict[str, Any] = {"node": node, **self._down.get(node, {})}
             sites.append(site)
-            who = self._name_site(node, None if msg.has_error() else site_name_of(msg.content), site)
+            claimed = None if msg.has_error() else site_name_of(msg.content)
+            owner = self._name_owner(claimed)
+            taken = owner is not None and owner != int(node)
+            who = self._name_site(node, None if taken else claimed, site)
             if msg.has_error():
-                site.update(status="error", reason=str(msg.error.reason))
-                log.warning("round %d: %s sent no update: %s", r, who, msg.error.reason)
+                reason = untrusted_text(msg.error.reason)
+                site.update(status="error", code=int(msg.error.code), reason=reason)
+                log.warning("round %d: %s sent no update (code %d): %s", r, who, int(msg.error.code), reason)
                 continue
             # What the site uploaded, accepted or not (the traffic happened either way).
             site.update({f"up-{name}": array_bytes(rec) for name, rec in msg.content.array_records.items()
                          if name in ("arrays", KEYS)})
             measured: dict[str, float] = {}
             reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics, measured)
+            if taken:  # a name is how caps and logs know a site: one node's in a run
+                reasons.insert(0, f"site: name {claimed!r} is node {owner}'s in this run")
             site.update(measured)
             if reasons:
                 site.update(status="rejected", reason="; ".join(reasons))
@@ -321,8 +327,7 @@ class FedMoCo(FedAvg):
                 continue
             if SITE_RECORD in msg.content:
                 del msg.content[SITE_RECORD]  # the name is recorded; FedAvg gets the model records only
-            keys_record = msg.content.array_records[KEYS]
-            keys = torch.from_numpy(np.array(next(iter(keys_record.values())).numpy(), copy=True))
+            keys = torch.from_numpy(np.array(released_keys(msg.content), copy=True))
             del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
             metrics = msg.content.metric_records["metrics"]
             self._cap_examples(r, node, who, metrics, site)
@@ -360,6 +365,11 @@ class FedMoCo(FedAvg):
                  if code == 5 and "dp-keys-budget" in site else "")
         level = logging.INFO if code == 2 else logging.WARNING
         log.log(level, "round %d: %s sent no DP summaries: %s%s", r, who, site["dp-reason"], spent)
+
+    def _name_owner(self, name: str | None) -> int | None:
+        """The node that goes by ``name`` in this run, if any (the first to claim it; a node
+        may change its own name, which frees the old one)."""
+        return next((n for n, held in self.site_names.items() if held == name), None) if name else None
 
     def _name_site(self, node: int, name: str | None, site: dict[str, Any]) -> str:
         """Record the site's name (from this reply, else from an earlier one) in ``site`` and

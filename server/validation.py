@@ -33,6 +33,10 @@ REQUIRED_METRICS: frozenset[str] = frozenset({
 _MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean", "global-share"})
 # Epsilon and budget are +inf for a site that releases without noise (fedmoco.ledger.no_ledger_metrics).
 _MAY_BE_INF = frozenset({"dp-keys-epsilon", "dp-keys-budget"})
+# Counts, times and privacy figures: a negative one is a lie that would reach rounds.jsonl.
+_NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "dp-keys-budget", "dp-keys-delta")
+#: dp-status codes under which a reply may carry keys: released with or without noise.
+RELEASING_STATUS = frozenset({0, 1})
 
 
 #: Largest ``num-examples`` a site's weight counts for unless the coordinator says otherwise
@@ -90,6 +94,10 @@ class ExampleCaps:
 
 #: BatchNorm buffers left out of the update norm (see check_arrays).
 RUNNING_STATS = ("running_mean", "running_var")
+#: Largest |running_mean| or running_var a reply may carry. Sites feed normalised inputs
+#: (unit-scale channels), so honest activations stay orders of magnitude below it; a lie of
+#: 3e38 would otherwise pass every other check.
+MAX_RUNNING_STAT = 1e6
 
 
 @dataclass(frozen=True)
@@ -109,14 +117,34 @@ class ReplyLimits:
     key_norm_tol: float = 1e-3
 
 
-def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> {name: ndarray}; raises ValueError naming an array that does not decode."""
+#: Bytes an array's serialisation may hold beyond its values: numpy's .npy header (128 bytes
+#: for these shapes; a few KiB of slack for any dtype and shape string).
+NPY_HEADER_SLACK = 4096
+
+
+def decode_arrays(record: ArrayRecord, max_bytes: Mapping[str, int] | int | None = None) -> dict[str, np.ndarray]:
+    """ArrayRecord -> {name: ndarray}; raises ValueError naming an array that does not decode,
+    that holds more bytes than ``max_bytes`` allows (checked before decoding: one name's limit,
+    or one limit for all) or whose values differ from the shape and dtype it declares.
+
+    The declared shape is what a reader sees without decoding, and Flower does not check it
+    against the data: a reply may declare keys (0, D) and hold (5, D). So every check reads
+    the decoded array, and a mismatch is itself a lie.
+    """
     out = {}
     for name, arr in record.items():
+        limit = max_bytes.get(name) if isinstance(max_bytes, Mapping) else max_bytes
+        if limit is not None and len(arr.data) > limit + NPY_HEADER_SLACK:
+            raise ValueError(f"array {name!r} holds {len(arr.data)} bytes, more than the {limit} its values may take")
         try:
-            out[name] = arr.numpy()
+            value = arr.numpy()
         except Exception as exc:  # corrupt bytes raise many types from numpy
             raise ValueError(f"array {name!r} does not decode ({type(exc).__name__}: {exc})") from None
+        declared = (tuple(int(d) for d in arr.shape), str(arr.dtype))
+        if (tuple(value.shape), str(value.dtype)) != declared:
+            raise ValueError(f"array {name!r} declares shape {_shape(declared[0])} of {declared[1]} but holds "
+                             f"{_shape(value.shape)} of {value.dtype}")
+        out[name] = value
     return out
 
 
@@ -160,10 +188,14 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
                 # BatchNorm's running statistics follow the site's input scale, not its
                 # learning rate: one round on raw CT can move running_var by thousands,
                 # so counting them would refuse every honest BN site (measured, norm=batch).
-                # They are bounded by the aggregation like any array; a variance below
-                # zero is a lie.
+                # They get a magnitude bound instead (MAX_RUNNING_STAT); a variance below
+                # zero is a lie. docs/federation.md says what this leaves a liar.
                 if name.endswith("running_var") and float(a.min(initial=0.0)) < 0:
                     reasons.append(f"arrays {name!r} has a negative variance")
+                    comparable = False
+                elif float(np.abs(a).max(initial=0.0)) > MAX_RUNNING_STAT:
+                    reasons.append(f"arrays {name!r} has |value| {float(np.abs(a).max()):.3g} over "
+                                   f"{MAX_RUNNING_STAT:g}: no activation of normalised inputs comes near it")
                     comparable = False
                 continue
             diff = a.astype(np.float64) - ref.astype(np.float64)
@@ -179,10 +211,10 @@ def check_keys(record: ArrayRecord | None, limits: ReplyLimits) -> list[str]:
     """The privatised keys: one float32 array (n, D), n <= max_keys, finite, unit-norm rows."""
     if record is None:
         return [f"record {KEYS!r} is missing"]
-    if len(record) != 1:
-        return [f"keys: expected one array, got {len(record)}"]
+    if list(record) != [KEYS]:
+        return [f"keys: expected one array named {KEYS!r}, got {sorted(record)[:5]}"]
     try:
-        (name, k), = decode_arrays(record).items()
+        (name, k), = decode_arrays(record, limits.max_keys * limits.key_dim * 4).items()
     except ValueError as exc:
         return [f"keys: {exc}"]
     if k.ndim != 2 or k.shape[1] != limits.key_dim:
@@ -229,6 +261,16 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
     exhausted = record.get("dp-keys-exhausted")
     if exhausted not in (None, 0, 1, 0.0, 1.0):
         reasons.append(f"metrics 'dp-keys-exhausted' is {exhausted}, expected 0 or 1")
+    for name in _NON_NEGATIVE:
+        value = record.get(name)
+        if isinstance(value, (int, float)) and float(value) < 0:
+            reasons.append(f"metrics {name!r} is {value}, expected >= 0")
+    releases = record.get("dp-keys-releases")
+    if isinstance(releases, (int, float)) and math.isfinite(releases) and not float(releases).is_integer():
+        reasons.append(f"metrics 'dp-keys-releases' is {releases}, expected a whole number")
+    delta = record.get("dp-keys-delta")
+    if isinstance(delta, (int, float)) and not 0.0 <= float(delta) < 1.0:
+        reasons.append(f"metrics 'dp-keys-delta' is {delta}, expected a probability in [0, 1)")
     share = record.get("global-share")
     if isinstance(share, (int, float)) and not math.isnan(share) and not 0.0 <= share <= 1.0:
         reasons.append(f"metrics 'global-share' is {share}, expected a share in [0, 1]")
@@ -268,6 +310,22 @@ def site_name_of(content: RecordDict) -> str | None:
     return str(record["name"]) if record is not None and not check_site(record) else None
 
 
+def untrusted_text(text: Any, limit: int = 300) -> str:
+    """A site's free text (an error reply's reason) as the server may log and store it: one
+    line of printable characters, at most ``limit`` of them. A hostile site must not forge log
+    lines or flood the log; an honest one sends one line under 300 characters anyway
+    (clients.app.public_reason)."""
+    line = "".join(c if c.isprintable() else " " for c in str(text))
+    line = " ".join(line.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def released_keys(content: RecordDict) -> np.ndarray:
+    """The keys (n, D) of a reply :func:`validate_reply` accepted, decoded: what the global
+    queue takes, never read from the shape the reply declares."""
+    return content.array_records[KEYS][KEYS].numpy()
+
+
 def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], limits: ReplyLimits,
                    expected_metrics: frozenset[str] = REQUIRED_METRICS,
                    measured: dict[str, float] | None = None) -> list[str]:
@@ -292,7 +350,10 @@ def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], lim
         reasons.append(f"record {ARRAYS!r} is missing")
     else:
         try:
-            arrays = decode_arrays(content.array_records[ARRAYS])
+            # an array the model does not have may hold nothing: refused by name in check_arrays
+            arrays = decode_arrays(content.array_records[ARRAYS],
+                                   {name: ref.nbytes for name, ref in reference.items()} | {
+                                       name: 0 for name in content.array_records[ARRAYS] if name not in reference})
         except ValueError as exc:
             reasons.append(f"arrays: {exc}")
         else:
@@ -304,8 +365,11 @@ def validate_reply(content: RecordDict, reference: Mapping[str, np.ndarray], lim
     if not reasons and metrics is not None:
         # ("dp-keys-exhausted" = 1 says the NEXT release cannot be paid for; the release that
         # used up the budget legitimately carries keys, so it is no ground for rejection.)
-        n_keys = next(iter(content.array_records[KEYS].values())).shape[0]
+        n_keys = released_keys(content).shape[0]  # decoded: the declared shape may lie
         if n_keys and not (float(metrics["dp-keys-releases"]) >= 1 and float(metrics["dp-keys-epsilon"]) > 0):
             reasons.append(f"keys: {n_keys} keys sent but the site accounts no release for them "
                            f"(dp-keys-releases {metrics['dp-keys-releases']}, dp-keys-epsilon {metrics['dp-keys-epsilon']})")
+        elif n_keys and int(metrics["dp-status"]) not in RELEASING_STATUS:
+            reasons.append(f"keys: {n_keys} keys sent under dp-status {int(metrics['dp-status'])} "
+                           f"({DP_STATUS[int(metrics['dp-status'])]}), which releases none")
     return reasons

@@ -99,7 +99,7 @@ def test_faulty_sites_are_dropped_and_the_run_completes(tmp_path, sites_root, ca
     assert all(r["updated"] for r in recs)
     text = caplog.text
     assert "round 1: rejected reply from site-2 (node 102): arrays 'encoder_q.head.2.weight' has 1 non-finite value(s)" in text
-    assert "round 2: site-1 (node 101) sent no update: <class 'RuntimeError'>:<'simulated crash" in text
+    assert "round 2: site-1 (node 101) sent no update (code 2): <class 'RuntimeError'>:<'simulated crash" in text
     assert "round 1: rejected reply from site-3 (node 103): keys 'keys' has shape (5, 17), expected (n, 16)" in text
     # the site that crashed lost its round, not its state: its Context is as after round 1
     assert grid.sites[101][1].state["fedmoco.site"]["rounds-done"] == 2  # rounds 1 and 3

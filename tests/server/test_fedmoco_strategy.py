@@ -127,7 +127,7 @@ def test_bad_replies_are_rejected_with_a_reason_and_the_round_goes_on(grid3, tmp
     assert f"round 2: rejected reply from node 102: arrays '{name}' has shape (16, 8), expected (8, 16)" in text
     assert "round 2: rejected reply from node 103: arrays 'encoder_q.backbone" in text and "non-finite" in text
     assert "round 2: rejected reply from node 104: keys 'keys' has shape (2, 16), expected (n, 8)" in text
-    assert "round 2: node 105 sent no update: site data unavailable: /data/site-5" in text
+    assert "round 2: node 105 sent no update (code 2): site data unavailable: /data/site-5" in text
     import json
     record = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
     assert (record["accepted"], record["rejected"], record["errors"]) == (1, 3, 1)

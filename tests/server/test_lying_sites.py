@@ -130,3 +130,51 @@ def test_update_norm_is_recorded_per_site(grid3, tmp_path):
     norms = {x["node"]: x["update-norm"] for x in last_round(tmp_path)["sites"]}
     assert norms[101] == pytest.approx(math.sqrt(n_params) * 1.0, rel=1e-5)
     assert norms[102] == pytest.approx(math.sqrt(n_params) * 3.0, rel=1e-5)
+
+
+def test_a_site_cannot_take_another_sites_name_and_its_cap(grid3, tmp_path, caplog):
+    # hospital-a (node 101) has a generous cap by name; node 103 claims that name to get it
+    from flwr.app import ConfigRecord as Config
+
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s = strategy(tmp_path, ExampleCaps.parse(20, "hospital-a=1000"))
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    honest = reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))
+    honest["site"] = Config({"name": "hospital-a"})
+    liar = reply_content(shifted(ref, LIAR_SHIFT), unit_keys(2, seed=3), good_metrics(1000))
+    liar["site"] = Config({"name": "hospital-a"})
+    arrays, _ = s.aggregate_train(1, [reply_from(101, honest),
+                                      reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2),
+                                                                    good_metrics(30))),
+                                      reply_from(103, liar)])
+    a, r = decode_arrays(arrays), decode_arrays(ref)
+    assert np.allclose([float(np.mean(a[k] - r[k])) for k in r], (10 + 20 * 3) / 30, atol=1e-4)  # capped 20
+    assert "rejected reply from node 103: site: name 'hospital-a' is node 101's in this run" in caplog.text
+    assert s.site_names == {101: "hospital-a"}
+    sites = {e["node"]: e for e in last_round(tmp_path)["sites"]}
+    assert sites[103]["status"] == "rejected" and "site" not in sites[103]
+
+
+def test_a_reply_that_declares_no_keys_but_holds_some_cannot_crash_or_fill_the_queue(grid3, tmp_path, caplog):
+    from flwr.app import Array, ArrayRecord
+
+    s = strategy(tmp_path)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+
+    def declaring(values, shape):
+        honest = Array(values)
+        return ArrayRecord({"keys": Array(dtype=honest.dtype, shape=shape, stype=honest.stype, data=honest.data)})
+
+    hidden = reply_content(shifted(ref, 1.0), unit_keys(5, seed=4), good_metrics(
+        10, **{"dp-status": 4.0, "dp-keys-releases": 0.0, "dp-keys-epsilon": 0.0}))
+    hidden["keys"] = declaring(unit_keys(5, seed=4), (0, 8))
+    scalar = reply_content(shifted(ref, 1.0), unit_keys(0), good_metrics(10))
+    scalar["keys"] = declaring(unit_keys(0), ())
+    arrays, _ = s.aggregate_train(1, [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2, seed=1),
+                                                                    good_metrics(10))),
+                                      reply_from(102, hidden), reply_from(103, scalar)])
+    assert arrays is not None and s.queue.counts_by_site() == {101: 2}
+    statuses = {e["node"]: e["status"] for e in last_round(tmp_path)["sites"]}
+    assert statuses == {101: "accepted", 102: "rejected", 103: "rejected"}

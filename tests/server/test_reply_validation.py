@@ -85,7 +85,11 @@ def test_bad_keys(ref, keys, reason):
 def test_keys_record_shape_and_dtype(ref):
     two = RecordDict({"arrays": ref, "keys": ArrayRecord({"a": Array(unit_keys(1)), "b": Array(unit_keys(1))}),
                       "metrics": MetricRecord(good_metrics())})
-    assert check(two, ref) == ["keys: expected one array, got 2"]
+    assert check(two, ref) == ["keys: expected one array named 'keys', got ['a', 'b']"]
+    # one array under another name: the doc's table names it, and nothing else may ride along
+    pixels = RecordDict({"arrays": ref, "keys": ArrayRecord({"pixels": Array(unit_keys(1))}),
+                         "metrics": MetricRecord(good_metrics())})
+    assert check(pixels, ref) == ["keys: expected one array named 'keys', got ['pixels']"]
     f64 = reply_content(ref, unit_keys(2), good_metrics())
     f64["keys"] = ArrayRecord({"keys": Array(unit_keys(2).astype(np.float64))})
     assert check(f64, ref) == ["keys 'keys' has dtype float64, expected float32"]
@@ -157,7 +161,76 @@ def test_batchnorm_running_stats_are_outside_the_update_norm():
     lying = replace(site, stats[0], np.full_like(ref[stats[0]].numpy(), -1.0))
     assert check(reply_content(lying, unit_keys(2), good_metrics()), ref) == [
         f"arrays '{stats[0]}' has a negative variance"]
+    means = [n for n in ref.keys() if n.endswith("running_mean")]
+    huge = replace(site, means[0], np.full_like(ref[means[0]].numpy(), 3e38))
+    assert check(reply_content(huge, unit_keys(2), good_metrics()), ref) == [
+        f"arrays '{means[0]}' has |value| 3e+38 over 1e+06: no activation of normalised inputs comes near it"]
     # a real parameter step still counts
     n_params = sum(ref[k].numpy().size for k in ref.keys() if not k.endswith(("running_mean", "running_var")))
     assert "update norm" in check(reply_content(shifted(ref, 6.0 / np.sqrt(n_params)), unit_keys(2),
                                                 good_metrics()), ref)[0]
+
+
+def _declaring(values: np.ndarray, shape: tuple[int, ...]) -> Array:
+    """An Array that holds ``values`` but declares ``shape``: Flower does not check one against the other."""
+    honest = Array(values)
+    return Array(dtype=honest.dtype, shape=shape, stype=honest.stype, data=honest.data)
+
+
+def test_keys_are_judged_by_what_they_hold_not_what_they_declare(ref):
+    # 5 real keys declared as none, with a release that accounts none: the old check read the
+    # declared shape and let them into the global queue
+    metrics = good_metrics(**{"dp-status": 4.0, "dp-keys-releases": 0.0, "dp-keys-epsilon": 0.0})
+    content = RecordDict({"arrays": ref, "keys": ArrayRecord({"keys": _declaring(unit_keys(5), (0, 8))}),
+                          "metrics": MetricRecord(metrics)})
+    assert check(content, ref) == ["keys: array 'keys' declares shape (0, 8) of float32 but holds (5, 8) of float32"]
+    # a declared shape of () used to crash the server's round
+    scalar = RecordDict({"arrays": ref, "keys": ArrayRecord({"keys": _declaring(unit_keys(0), ())}),
+                         "metrics": MetricRecord(good_metrics())})
+    assert check(scalar, ref) == ["keys: array 'keys' declares shape () of float32 but holds (0, 8) of float32"]
+    name = next(iter(ref.keys()))
+    lying = ArrayRecord({k: a for k, a in ref.items()})
+    lying[name] = _declaring(ref[name].numpy(), (1,))
+    held = "(" + ", ".join(map(str, ref[name].shape)) + ")"
+    assert check(reply_content(lying, unit_keys(2), good_metrics()), ref) == [
+        f"arrays: array '{name}' declares shape (1,) of float32 but holds {held} of float32"]
+
+
+def test_an_oversized_array_is_refused_before_it_is_decoded(ref):
+    big = RecordDict({"arrays": ref, "keys": ArrayRecord({"keys": Array(unit_keys(4096))}),
+                      "metrics": MetricRecord(good_metrics())})
+    assert check(big, ref) == [f"keys: array 'keys' holds {4096 * 8 * 4 + 128} bytes, more than the 512 its values "
+                               "may take"]
+    extra = ArrayRecord({k: a for k, a in ref.items()})
+    extra["stowaway"] = Array(np.zeros(100_000, np.float32))
+    reasons = check(reply_content(extra, unit_keys(2), good_metrics()), ref)
+    assert reasons == ["arrays: array 'stowaway' holds 400128 bytes, more than the 0 its values may take"]
+
+
+def test_keys_under_a_status_that_releases_none_are_refused(ref):
+    for status in (2, 3, 4, 5, 6, 7):
+        reasons = check(reply_content(ref, unit_keys(3), good_metrics(**{"dp-status": float(status)})), ref)
+        assert len(reasons) == 1 and reasons[0].startswith(f"keys: 3 keys sent under dp-status {status} ("), reasons
+    assert check(reply_content(ref, unit_keys(3), good_metrics(**{"dp-status": 1.0})), ref) == []
+
+
+@pytest.mark.parametrize("name,value,reason", [
+    ("skipped", -1, "metrics 'skipped' is -1, expected >= 0"),
+    ("seconds", -0.5, "metrics 'seconds' is -0.5, expected >= 0"),
+    ("dp-keys-epsilon", -2.0, "metrics 'dp-keys-epsilon' is -2.0, expected >= 0"),
+    ("dp-keys-releases", 1.5, "metrics 'dp-keys-releases' is 1.5, expected a whole number"),
+    ("dp-keys-delta", 5.0, "metrics 'dp-keys-delta' is 5.0, expected a probability in [0, 1)"),
+    ("dp-keys-budget", -8.0, "metrics 'dp-keys-budget' is -8.0, expected >= 0"),
+])
+def test_counts_and_privacy_figures_cannot_be_negative_or_absurd(ref, name, value, reason):
+    metrics = good_metrics(**{name: value})
+    assert check(reply_content(ref, np.zeros((0, 8), np.float32), metrics), ref) == [reason]
+
+
+def test_a_sites_free_text_reaches_the_log_as_one_short_printable_line():
+    from server.validation import untrusted_text
+
+    forged = "data unavailable\nround 3: accepted reply from hospital-b\x1b[2J" + "x" * 1000
+    line = untrusted_text(forged)
+    assert "\n" not in line and "\x1b" not in line and len(line) == 300 and line.endswith("…")
+    assert line.startswith("data unavailable round 3: accepted reply from hospital-b [2J")

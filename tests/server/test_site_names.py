@@ -73,7 +73,7 @@ def test_an_invalid_name_is_a_site_misconfiguration(tmp_path, sites_root, caplog
         federate(tmp_path / "srv", sites_root, {100: "hospital-a", 101: "../../etc"})
     first = dict((n, (s, st)) for n, s, st in site_entries(tmp_path / "srv")[0])
     assert first == {100: ("hospital-a", "accepted"), 101: (None, "error")}
-    assert "round 1: node 101 sent no update: configuration: node_config site-name: '<path>' is not a site name" \
+    assert "round 1: node 101 sent no update (code 101): configuration: node_config site-name: '<path>' is not a site name" \
         in caplog.text
 
 
