@@ -53,7 +53,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -194,17 +194,34 @@ class SiteUnavailable(Exception):
 _PATHLIKE = re.compile(r"""[^\s'"`]*[/\\][^\s'"`]*""")
 
 
-def public_reason(text: str) -> str:
-    """``text`` as it may leave the site: every path-like token replaced by ``<path>``, one
-    line, at most 300 characters. The server logs reasons and writes them to rounds.jsonl, so
-    a folder named after a patient must not reach it (docs/privacy.md)."""
+def public_reason(text: str, paths: Sequence[str] = ()) -> str:
+    """``text`` as it may leave the site: each of the site's own ``paths`` (node_config's
+    folders and files, which may hold spaces: ``/data/Doe Jane 1961``) and then every other
+    path-like token replaced by ``<path>``, one line, at most 300 characters. The server logs
+    reasons and writes them to rounds.jsonl, so a folder named after a patient must not reach
+    it (docs/privacy.md)."""
+    for path in sorted({p for p in paths if p}, key=len, reverse=True):  # a folder's files before the folder
+        text = text.replace(path, "<path>")
     return " ".join(_PATHLIKE.sub("<path>", text).split())[:300]
 
 
-def _error_reply(msg: Message, exc: SiteUnavailable) -> Message:
+def _site_paths(context: Context | None) -> list[str]:
+    """Every path-like string value of the site's node_config (as given and resolved)."""
+    values = [str(v) for v in (dict(context.node_config) if context is not None else {}).values()
+              if isinstance(v, str) and any(sep in v for sep in "/\\")]
+    resolved = []
+    for v in values:
+        try:
+            resolved.append(str(Path(v).expanduser().resolve()))
+        except (OSError, RuntimeError):  # ~unknown-user, a loop of links: the value as given still counts
+            continue
+    return values + resolved
+
+
+def _error_reply(msg: Message, exc: SiteUnavailable, context: Context | None = None) -> Message:
     """The error reply for ``exc``; its full story goes to the site's log only."""
     log.error("site cannot train this round: %s%s", exc, f" ({exc.detail})" if exc.detail else "")
-    return Message(Error(code=exc.code, reason=public_reason(str(exc))), reply_to=msg)
+    return Message(Error(code=exc.code, reason=public_reason(str(exc), _site_paths(context))), reply_to=msg)
 
 
 @app.train()
@@ -218,7 +235,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         return _train_round(msg, context)
     except SiteUnavailable as exc:
-        return _error_reply(msg, exc)
+        return _error_reply(msg, exc, context)
     except Exception as exc:  # noqa: BLE001 anything else: the site's log has the traceback
         log.exception("training failed at this site")
         return _error_reply(msg, SiteUnavailable(
@@ -478,7 +495,7 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
             z = ledger.next_noise(q, run_value(run, "prototype-first-share") if mode == "prototypes" else 1.0)
             if z is not None:
                 ledger.record(z, q)  # paid before the release: a crash can only over-count
-    except ConfigError as exc:  # unreadable or unwritable ledger: never a fresh budget
+    except (ConfigError, OSError) as exc:  # unreadable or unwritable ledger (a full disk, a lock): never a fresh budget
         log.error("privacy ledger: %s", exc)
         return empty, _refuse(7, f" ({exc})")
     exhausted = ledger.next_noise(q) is None

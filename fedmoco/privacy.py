@@ -395,15 +395,34 @@ def _owner_module(encoder: Callable[[Tensor], Tensor]) -> nn.Module | None:
 
 
 @torch.no_grad()
+def _read_alone(dataset: Dataset, index: int, seed: int) -> Any:
+    """``dataset[index]`` with torch's global generator set to ``seed`` for this read only.
+
+    A site's datasets draw every augmentation (and a satellite tile's window) from torch's
+    global generator, MONAI's through a per-sample reseed from it. Read in a row, each item's
+    draws would depend on how many draws the items before it took, so adding one image would
+    change the views of the images after it, and the release would not be the one-image-
+    sensitivity mechanism it is accounted as. With an independent seed per item, each image's
+    view is a function of that image and its own fresh randomness only. The generator is
+    restored afterwards: local training augments as it would without a release.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return dataset[index]
+
+
 def _encode(
-    encoder: Callable[[Tensor], Tensor], dataset: Dataset, indices: list[int], batch_size: int, device: torch.device
+    encoder: Callable[[Tensor], Tensor], dataset: Dataset, indices: list[int], batch_size: int, device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor | None], int | None]:
-    """Keys (D,) on CPU float32 per index (None where the sample is unreadable), and D."""
+    """Keys (D,) on CPU float32 per index (None where the sample is unreadable), and D.
+    Each item is read with its own seed from ``generator`` (:func:`_read_alone`)."""
     out: list[Tensor | None] = [None] * len(indices)
     dim: int | None = None
+    seeds = torch.randint(0, 2**62, (len(indices),), generator=generator).tolist()
     for start in range(0, len(indices), batch_size):
         chunk = range(start, min(start + batch_size, len(indices)))
-        images = {j: _image_of(dataset[indices[j]]) for j in chunk}
+        images = {j: _image_of(_read_alone(dataset, indices[j], seeds[j])) for j in chunk}
         readable = [j for j in chunk if images[j] is not None]
         if not readable:
             continue
@@ -481,7 +500,7 @@ def sample_embeddings(
         indices = indices[torch.randperm(len(indices), generator=generator)]
         if max_items is not None:
             indices = indices[:max_items]
-        rows, dim = _encode(encoder, dataset, indices.tolist(), batch_size, device)
+        rows, dim = _encode(encoder, dataset, indices.tolist(), batch_size, device, generator)
         if key_dim is not None:
             if dim is not None and dim != key_dim:
                 raise ValueError(f"release: encoder gives D={dim} but key_dim={key_dim}")

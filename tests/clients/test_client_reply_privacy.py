@@ -146,3 +146,18 @@ def test_public_reason_scrubs_paths(text, public):
     from clients.app import public_reason
 
     assert public_reason(text) == public
+
+
+def test_a_bad_setting_under_a_folder_with_spaces_does_not_leak_the_folder(tmp_path):
+    """A path with spaces is several tokens: the site's own node_config paths are scrubbed whole."""
+    from domains.images.demo import make_demo_images
+
+    data = make_demo_images(tmp_path / "Doe Jane 1961" / "images", n_per_class=4, size=16)
+    # the bad delta comes from the site's settings file, which the message names
+    (data / "fedmoco-site.toml").write_text('dp-epsilon = 4.0\ndp-delta = 0.5\n')
+    run = run_config(**{"key-release": "prototypes", "in-channels": 3})
+    reply = app(train_message(shared_arrays(global_model(run)), 1),
+                context({"data-path": str(data), "state-dir": str(tmp_path / "Doe Jane 1961 state")}, run))
+    assert reply.has_error()
+    assert "dp-delta" in reply.error.reason and "Jane" not in reply.error.reason, reply.error.reason
+    assert b"Jane" not in wire_bytes(reply)

@@ -157,6 +157,17 @@ def test_an_unreadable_ledger_refuses_sharing_and_is_not_reset(site, sent, tmp_p
     assert path.read_text() == "{not json"
 
 
+def test_a_ledger_that_cannot_be_written_refuses_sharing_and_weights_still_go(site, sent, tmp_path, caplog):
+    # the ledger's folder cannot be made (a file is in the way; root-proof, unlike chmod)
+    (tmp_path / "not-a-folder").write_text("x")
+    path = tmp_path / "not-a-folder" / "l.json"
+    with caplog.at_level(logging.WARNING):
+        reply = train(train_message(sent, 1), context(dp_node(site, path), run_config()))
+    m = metrics(reply)  # a reply with weights, not an error
+    assert m["dp-status"] == 7 and reply.content["keys"]["keys"].numpy().shape[0] == 0
+    assert "privacy ledger:" in caplog.text and "not-a-folder" in caplog.text
+
+
 def test_a_legacy_key_ledger_is_carried_over(tmp_path):
     torch.save({"format": "fedmoco-key-ledger/1", "epsilon_budget": 6.0, "delta": 1e-6, "noise_multiplier": 0.9,
                 "sample_rate": 0.05, "releases": 7}, tmp_path / "key-ledger.pt")

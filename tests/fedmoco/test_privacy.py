@@ -538,3 +538,42 @@ def test_epsilons_after_each_release_equal_full_accountings(name):
         ref.history = [(3.0, 0.5, 2)] + [(z, q, 1) for z, q in releases[:k]]
         assert got[k] == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
     assert got == sorted(got) and cls().epsilons_after([], 1e-5) == [0.0]
+
+
+class _DrawHungry(torch.utils.data.Dataset):
+    """Item i: a fixed image plus augmentation noise from torch's global generator; item 0
+    takes 50 draws first (an image whose augmentation retries, like a crop resampled until it
+    fits), so read in a row it would shift every later item's draws."""
+
+    def __init__(self, n: int, dim: int = 6) -> None:
+        self.base = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(1)), dim=1)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        if i == 0:
+            torch.rand(50)
+        return (self.base[i] + 0.1 * torch.randn(self.base.shape[1])).view(-1, 1, 1)
+
+
+def test_each_released_image_is_read_with_its_own_randomness():
+    """One image's presence must not change another image's view: the prototype sums'
+    sensitivity of 1 (docs/privacy.md) needs each embedding to depend on its image alone."""
+    from fedmoco.privacy import _encode, _read_alone
+
+    data = _DrawHungry(5)
+    alone = _read_alone(data, 3, seed=1234)
+    _read_alone(data, 0, seed=99)  # a draw-hungry neighbour read before it changes nothing
+    assert torch.equal(_read_alone(data, 3, seed=1234), alone)
+    # the release leaves torch's generator as it found it: training augments as without it
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    _encode(lambda x: x.flatten(1), data, [0, 1, 2, 3, 4], 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(3), expected)
+    # with the same per-item seeds, item 3's released row is the same with or without item 0
+    encoder = lambda x: x.flatten(1)  # noqa: E731
+    with_0, _ = _encode(encoder, data, [0, 3], 8, torch.device("cpu"), torch.Generator().manual_seed(5))
+    seed_of_3 = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(5)).tolist()[1]
+    assert torch.allclose(with_0[1], torch.nn.functional.normalize(_read_alone(data, 3, seed_of_3).flatten(), dim=0))
