@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Task: glyphs (benchmarks/labelled_task.py), 8 classes, pool {size.pool * 8} images split over 4 sites "
         f"by {SPLITS[args.split]} (a new split per seed); kNN/probe fitted on {size.eval_train * 8} and scored "
         f"on {size.eval_test * 8} held-out images. Chance is 12.5%.",
-        f"- Federation: {setup.epochs} rounds x 1 local epoch, batch {setup.batch_size}, client lr "
+        f"- Federation: {setup.epochs} rounds x {overrides.get('local-epochs', 1)} local epoch(s), "
+        f"batch {setup.batch_size}, client lr "
         f"{fed_setup.scaled_lr:g} ({fed_setup.lr:g} per 256), local K = {setup.queue_size}, "
         f"m = {setup.momentum}, T = {setup.temperature}, tiny CNN ({setup.norm} norm); the run_config defaults "
         "for the release (prototype sample rate, centres, queue sample); delta = 1e-5 per site, spent over all "
