@@ -198,11 +198,17 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
         and p != root / SITE_SETTINGS_FILE
     )
+    others = files
     if suffixes is not None:
         files = [p for p in files if p.suffix.lower() in suffixes]
     if not files:
         kinds = f" with suffix {', '.join(suffixes)}" if suffixes else ""
-        raise DataError(f"{root}: data folder is empty (no files{kinds})")
+        hint = ""
+        if others:  # files of another kind: most likely another domain's folder
+            found = sorted({p.suffix.lower() or "(no suffix)" for p in others})
+            hint = (f"; it holds {len(others)} other file(s) ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})"
+                    ": is --domain right?")
+        raise DataError(f"{root}: data folder is empty (no files{kinds}){hint}")
     return files
 
 

@@ -91,6 +91,8 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
                                   f"{data.in_channels}")
         return data
 
+    if args.test_labels and not args.test:
+        raise ConfigError(f"--test-labels {args.test_labels}: labels for a test folder, but no --test was given")
     data = load(args.data, args.labels, norm)
     check_classes(data, args.data)
     test = None
@@ -100,7 +102,10 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
         # its score.
         test = load(args.test, args.test_labels, data.normalization)
         if test.names != data.names:
-            raise DataError(f"{args.test}: classes {test.names} differ from {args.data}'s {data.names}")
+            hint = ("; --data is labelled by --labels but --test by its sub-folders: give --test-labels"
+                    if args.labels and not args.test_labels else "")
+            shown = test.names if len(test.names) <= 8 else [*test.names[:8], f"... ({len(test.names)} in all)"]
+            raise DataError(f"{args.test}: classes {shown} differ from {args.data}'s {data.names}{hint}")
         check_disjoint(data, test, args.data, args.test)
     data_meta = {"domain": domain, "image_size": cfg.image_size, "options": options,
                  "normalization": data.normalization.to_dict()}

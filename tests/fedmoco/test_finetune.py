@@ -284,3 +284,20 @@ def test_knn_says_when_its_training_split_lacks_a_class_and_writes_strict_json(t
         "the training split lacks class(es) ['triangle']: too few groups (patients, scenes, files) of them to put "
         "some in every split; their metrics are undefined or meaningless"]
     assert f"warning: {report['warnings'][0]}" in printed
+
+
+def test_test_labels_go_with_a_test_folder(tmp_path, demo_images, checkpoint, capsys):
+    labels = _partial_labels(demo_images, tmp_path / "labels.csv")
+    rc, err = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--test-labels", str(labels)],
+                   capsys)
+    assert rc == 2 and err == (f"fedmoco knn: error: --test-labels {labels}: labels for a test folder, but no --test "
+                               "was given\n")
+    # --labels for --data but a --test folder without --test-labels: its sub-folders became classes
+    test = tmp_path / "patients"
+    for i, f in enumerate(sorted(demo_images.rglob("*.png"))[:12]):
+        (test / f"patient_{i}").mkdir(parents=True)
+        (test / f"patient_{i}" / f.name).write_bytes(f.read_bytes())
+    rc, err = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(labels),
+                    "--test", str(test)], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "(12 in all)" in err
+    assert err.rstrip().endswith("--data is labelled by --labels but --test by its sub-folders: give --test-labels")

@@ -91,6 +91,13 @@ def test_empty_folder_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match="data folder is empty"):
         build_pretrain_data(tmp_path, DataConfig())
+    # a DICOM folder given to the images domain: say what is there, not just "empty"
+    for i in range(3):
+        (tmp_path / f"IM{i}.dcm").write_bytes(b"\0" * 132 + b"DICM")
+    with pytest.raises(DataError) as err:
+        build_pretrain_data(tmp_path, DataConfig())
+    assert str(err.value) == (f"{tmp_path}: data folder is empty (no files with suffix .png, .jpg, .jpeg, .tif, "
+                              ".tiff, .bmp); it holds 4 other file(s) (.dcm, .txt): is --domain right?")
 
 
 def test_format_skipped_summary():
