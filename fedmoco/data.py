@@ -28,6 +28,7 @@ import contextlib
 import csv
 import importlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +193,26 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
     ``suffixes`` (lower-case, with dot) keeps only matching files. Raises DataError when
     nothing is left, naming the folder.
     """
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p != root / SITE_SETTINGS_FILE
-    )
+    files, unreadable, dangling = [], [], []
+    # os.walk rather than rglob: rglob passes over a folder it cannot open without a word, and
+    # "nothing is lost" means the site admin hears of it. Links to folders are not followed
+    # (no loops), links to files are.
+    for folder, subfolders, names in os.walk(root, onerror=unreadable.append):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            p = Path(folder) / name
+            if name.startswith(".") or p == root / SITE_SETTINGS_FILE:
+                continue
+            if p.is_file():
+                files.append(p)
+            elif p.is_symlink() and not p.exists():
+                dangling.append(p)
+    files.sort()
+    if unreadable or dangling:
+        log.warning("%s: %s", root, "; ".join(
+            ([f"{len(unreadable)} folder(s) could not be read and were left out (first: "
+              f"{unreadable[0].filename}: {unreadable[0].strerror})"] if unreadable else [])
+            + ([f"{len(dangling)} link(s) point to nothing (first: {dangling[0]})"] if dangling else [])))
     others = files
     if suffixes is not None:
         files = [p for p in files if p.suffix.lower() in suffixes]

@@ -1,0 +1,41 @@
+"""fedmoco.data.list_files: what a data folder's scan takes, leaves out, and says it left out."""
+
+import logging
+import os
+
+import pytest
+
+from fedmoco.data import list_files
+from fedmoco.errors import DataError
+
+
+def test_hidden_settings_links_and_unreadable_folders(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "site"
+    (root / "a").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "locked").mkdir()
+    for rel in ("a/1.png", "b.png", ".hidden.png", ".git/x.png", "locked/secret.png", "fedmoco-site.toml"):
+        (root / rel).write_bytes(b"x")
+    outside = tmp_path / "store.png"
+    outside.write_bytes(b"x")
+    (root / "linked.png").symlink_to(outside)  # a link to a file is followed
+    (root / "gone.png").symlink_to(tmp_path / "deleted.png")  # a link to nothing is counted
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link to a folder is not followed
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as a folder without read permission behaves for a non-root user
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="fedmoco.data"):
+        files = list_files(root)
+    assert [p.relative_to(root).as_posix() for p in files] == ["a/1.png", "b.png", "linked.png"]
+    assert (f"{root}: 1 folder(s) could not be read and were left out (first: {root / 'locked'}: Permission denied); "
+            f"1 link(s) point to nothing (first: {root / 'gone.png'})") in caplog.text
+
+
+def test_an_empty_folder_is_refused(tmp_path):
+    with pytest.raises(DataError, match="data folder is empty"):
+        list_files(tmp_path)
