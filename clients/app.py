@@ -63,8 +63,9 @@ from torch.utils.data import Dataset
 
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels, parse_options,
-                          run_value, shared_arrays, site_config, site_data_path, site_name, train_config)
+from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels,
+                          parse_options, run_value, shared_arrays, site_config, site_data_path, site_name,
+                          train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, build_pretrain_data,
                           format_skipped)
@@ -85,7 +86,6 @@ SITE_MISCONFIGURED = 101
 #: Error code of a reply from a site whose training raised an unexpected exception.
 SITE_FAILED = 102
 #: The release modes of run_config ``key-release``.
-KEY_RELEASE_MODES = ("prototypes", "keys", "none")
 
 app = ClientApp()
 

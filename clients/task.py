@@ -32,8 +32,10 @@ resolved against the file's folder. See :func:`site_config` and docs/privacy.md.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -138,6 +140,10 @@ SHARED_PREFIXES = ("encoder_q.", "predictor.")
 HEAD_PREFIX = "encoder_q.head."
 
 
+#: run_config ``key-release``: what a site may release each round (docs/privacy.md).
+KEY_RELEASE_MODES = ("prototypes", "keys", "none")
+
+
 def run_value(run_config: Mapping[str, Any], key: str) -> Any:
     """``run_config[key]`` or its :data:`RUN_DEFAULTS` value, coerced to the default's type."""
     if key not in RUN_DEFAULTS:
@@ -146,42 +152,70 @@ def run_value(run_config: Mapping[str, Any], key: str) -> Any:
     value = run_config.get(key, default)
     try:
         if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 return value.lower() in ("true", "1")
-            return bool(value)
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)  # "resume=2" is a typo, not a yes
+        if isinstance(value, bool) and not isinstance(default, str):
+            raise ValueError(value)  # "lr=true" is not 1.0
         if isinstance(default, int):
-            if float(value) != int(float(value)):
+            if float(value) != int(float(value)):  # NaN, 1.5; inf raises OverflowError below
                 raise ValueError(value)
             return int(float(value))
         if isinstance(default, float):
-            return float(value)
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError(value)
+            return number
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"run_config {key}: expected {type(default).__name__}, got {value!r}") from None
+
+
+#: The config dataclasses' field names (as their errors give them) -> the run_config keys.
+_FIELD_KEYS = {"queue_size (K)": "local-queue-size", "momentum (m)": "momentum", "temperature (T)": "temperature",
+               "in_channels": "in-channels", "hidden_dim": "hidden-dim", "dim": "dim", "arch": "arch", "norm": "norm",
+               "epochs": "local-epochs", "batch_size": "batch-size", "lr": "lr", "weight_decay": "weight-decay",
+               "warmup_epochs": "warmup-epochs", "num_workers": "num-workers",
+               "max_steps_per_epoch": "max-steps-per-epoch"}
+
+
+@contextlib.contextmanager
+def _named_by_run_config() -> Iterator[None]:
+    """A MoCoConfig/TrainConfig error names the run_config key the coordinator set, not the field."""
+    try:
+        yield
+    except ConfigError as exc:
+        text = str(exc)
+        for name, key in _FIELD_KEYS.items():
+            if text.startswith((f"{name} ", f"{name}:")):
+                raise ConfigError(f"run_config {key}{text[len(name):]}") from None
+        raise
 
 
 def moco_config(run_config: Mapping[str, Any]) -> MoCoConfig:
     """The federation's MoCo model from ``run_config`` (validated by MoCoConfig)."""
     r = lambda k: run_value(run_config, k)  # noqa: E731
-    return MoCoConfig(
-        arch=r("arch"), in_channels=r("in-channels"), small_input=r("small-input"), norm=r("norm"),
-        dim=r("dim"), mlp=r("mlp"), hidden_dim=r("hidden-dim"), predictor=r("predictor"),
-        symmetric=r("symmetric"), queue_size=r("local-queue-size"), momentum=r("momentum"),
-        temperature=r("temperature"),
-    )
+    with _named_by_run_config():
+        return MoCoConfig(
+            arch=r("arch"), in_channels=r("in-channels"), small_input=r("small-input"), norm=r("norm"),
+            dim=r("dim"), mlp=r("mlp"), hidden_dim=r("hidden-dim"), predictor=r("predictor"),
+            symmetric=r("symmetric"), queue_size=r("local-queue-size"), momentum=r("momentum"),
+            temperature=r("temperature"),
+        )
 
 
 def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
     """One round of local training: ``local-epochs`` epochs (validated by TrainConfig)."""
     r = lambda k: run_value(run_config, k)  # noqa: E731
     cap = r("max-steps-per-epoch")
-    return TrainConfig(
-        epochs=r("local-epochs"), batch_size=r("batch-size"), lr=r("lr"), weight_decay=r("weight-decay"),
-        warmup_epochs=r("warmup-epochs"), num_workers=r("num-workers"), seed=r("seed"),
-        max_steps_per_epoch=cap if cap > 0 else None, amp=False, channels_last=False,
-    )
+    with _named_by_run_config():
+        return TrainConfig(
+            epochs=r("local-epochs"), batch_size=r("batch-size"), lr=r("lr"), weight_decay=r("weight-decay"),
+            warmup_epochs=r("warmup-epochs"), num_workers=r("num-workers"), seed=r("seed"),
+            max_steps_per_epoch=cap if cap > 0 else None, amp=False, channels_last=False,
+        )
 
 
 def parse_options(text: str) -> dict[str, Any]:

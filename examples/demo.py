@@ -5,9 +5,10 @@ The three roles, on one machine and offline:
 1. the **site admins**: each site holds its own unlabelled archive (chest CT for the
    hospitals, 4-band GeoTIFF scenes for the satellite sites), generated here;
 2. the **coordinator**: a Flower simulation (its own SuperLink) in which the sites pretrain a
-   tiny encoder together for a few rounds, sharing weights, metrics and DP prototypes (each
-   site admin's ``fedmoco-site.toml`` gives its site epsilon 8 and a ledger under
-   ``OUT/site-state``, as node_config does in the loopback deployment);
+   tiny encoder together for a few rounds, sharing weights and metrics, and DP prototypes
+   when ``--run-config 'key-release="prototypes"'`` asks for them (each site admin's
+   ``fedmoco-site.toml`` gives its site epsilon 8 and a ledger under ``OUT/site-state``, as
+   node_config does in the loopback deployment);
 3. the **data scientist**: ``fedmoco finetune`` of the aggregated encoder on a small
    labelled set the federation never saw, against the same architecture from random init,
    then ``fedmoco export``.

@@ -21,8 +21,15 @@ class JsonlLogger:
     def log(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(json_safe(record)) + "\n")
+        with open(self.path, "a+b") as fh:
+            # A line cut short (a killed run) would swallow this record into itself: end it first.
+            # (read_jsonl skips the fragment with a warning; this record stays whole.)
+            end = fh.seek(0, 2)
+            if end:
+                fh.seek(end - 1)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")  # append mode: every write goes to the end
+            fh.write((json.dumps(json_safe(record)) + "\n").encode())
 
 
 log = logging.getLogger(__name__)

@@ -63,17 +63,66 @@ def start_process(args: Sequence[str], *, env: dict[str, str], log: Path, cwd: P
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL what is left after ``timeout`` s."""
-    if proc.poll() is None or _group_alive(proc.pid):
+    """SIGTERM the process group of ``proc`` and every process descended from it, then
+    SIGKILL what is left after ``timeout`` s.
+
+    The descendants are collected before anything is signalled: a SuperLink starts
+    ``flwr-simulation`` in a session of its own, and that starts Ray's servers and workers,
+    so the group alone would leave them running (re-parented to init) after an interrupt.
+    """
+    others = descendants(proc.pid) if proc.poll() is None else []
+    if proc.poll() is None or _group_alive(proc.pid) or others:
         _signal_group(proc.pid, signal.SIGTERM)
+        _signal_each(others, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)
+                                               or any(_alive(pid) for pid in others)):
             time.sleep(0.1)
         _signal_group(proc.pid, signal.SIGKILL)
+        _signal_each(others, signal.SIGKILL)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process descended from ``pid`` (children, theirs, ...), from /proc; [] where
+    there is no /proc. Read by hand: psutil is not a dependency for this one walk."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+        except (OSError, IndexError, ValueError):  # the process ended while being read
+            continue
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _signal_each(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # a zombie (ended, not yet reaped by its parent) counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import secrets
 import shutil
 import time
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from clients.task import RUN_DEFAULTS, moco_config, parse_channels, parse_options, run_value, train_config
+from clients.task import (KEY_RELEASE_MODES, RUN_DEFAULTS, moco_config, parse_channels, parse_options, run_value,
+                          train_config)
+from fedmoco.data import DOMAINS
 from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.metrics import read_jsonl
 
@@ -136,14 +139,21 @@ def no_update_message(last_sites: list[dict[str, Any]], rounds: int, metrics: Pa
 #: Ranges of run_config values (keys that the current RUN_DEFAULTS lack are skipped).
 RANGES: dict[str, tuple[str, Any]] = {
     "num-server-rounds": (">= 1", lambda v: v >= 1),
-    "image-size": (">= 8", lambda v: v >= 8),
+    "image-size": ("in [8, 4096]", lambda v: 8 <= v <= 4096),
+    "lr": ("> 0 and finite", lambda v: 0 < v < math.inf),
+    "prototype-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "prototype-centres": (">= 1", lambda v: v >= 1),
+    "prototype-min-cosine": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    # replies are refused above max-keys x D floats before they are decoded: a bound on that
+    "max-keys": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
+    "max-update-norm": (">= 0 (0 = off)", lambda v: v >= 0),
+    "model-dp-clip": ("> 0 and finite", lambda v: 0 < v < math.inf),
     "min-nodes": (">= 1", lambda v: v >= 1),
     "min-replies": (">= 1", lambda v: v >= 1),
     "fraction-train": ("in (0, 1]", lambda v: 0 < v <= 1),
     "global-queue-size": (">= 1", lambda v: v >= 1),
     "queue-sample": (">= 0", lambda v: v >= 0),
     "key-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "max-keys": (">= 0", lambda v: v >= 0),
     "dp-epsilon": ("> 0", lambda v: v > 0),
     "dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
     "model-dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
@@ -171,6 +181,12 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
     for key, (rule, ok) in RANGES.items():
         if key in r and not ok(r[key]):
             raise ConfigError(f"run_config {key} must be {rule}, got {r[key]!r}")
+    for key, choices in (("key-release", KEY_RELEASE_MODES), ("domain", tuple(DOMAINS))):
+        if r[key] not in choices:
+            raise ConfigError(f"run_config {key} must be one of {', '.join(choices)}, got {r[key]!r}")
+    from server.validation import ExampleCaps  # here: validation loads Flower's record types
+
+    ExampleCaps.parse(r["max-examples-per-site"], r["site-example-caps"])  # ConfigError naming the key
     if r["key-encoder"] not in ("local-ema", "reset"):
         raise ConfigError(f"run_config key-encoder must be local-ema or reset, got {r['key-encoder']!r}")
     if not 0.0 <= r["release-ema"] < 1.0:

@@ -60,12 +60,15 @@ DEMO_BUDGET: dict[str, float] = {"dp-epsilon": 8.0, "dp-delta": 1e-5}
 
 
 def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 64, seed: int = 0,
-                    budget: Mapping[str, float] | None = DEMO_BUDGET, state_root: Path | None = None) -> list[Path]:
+                    budget: Mapping[str, float] | None = DEMO_BUDGET, state_root: Path | None = None,
+                    keep_ledgers: bool = False) -> list[Path]:
     """One generated archive per site under ``root/site-<i>``; different seeds, different sites.
 
     With a ``budget`` each site also gets its settings file (:func:`write_site_settings`)
     with a ledger under ``state_root/site-<i>`` (default ``root/../site-state``), outside its
-    data; ``budget=None``: no settings file, the site shares weights only.
+    data; ``budget=None``: no settings file, the site shares weights only. The archives are
+    the same for the same arguments; ``keep_ledgers`` (a resumed run) keeps what each
+    site's ledger has spent.
     """
     paths = []
     for i in range(n_sites):
@@ -85,18 +88,20 @@ def make_demo_sites(domain: str, root: Path, n_sites: int, *, image_size: int = 
             raise ValueError(f"no demo archive for domain {domain!r}; choose one of {sorted(DEMO_CHANNELS)}")
         paths.append(out)
     if budget is not None:
-        write_site_settings(paths, (root.parent / "site-state") if state_root is None else state_root, budget)
+        write_site_settings(paths, (root.parent / "site-state") if state_root is None else state_root, budget,
+                            keep_ledgers=keep_ledgers)
     return paths
 
 
 def write_site_settings(site_dirs: list[Path], state_root: Path,
-                        budget: Mapping[str, float] = DEMO_BUDGET) -> list[Path]:
+                        budget: Mapping[str, float] = DEMO_BUDGET, *, keep_ledgers: bool = False) -> list[Path]:
     """Play each site's admin: write ``<site_dirs[i]>/fedmoco-site.toml`` with ``budget`` and the
     ledger ``state_root/site-<i>/privacy-ledger.json`` (absolute, outside the data folder).
 
-    The generated data is new, so a ledger left there by an earlier demo (about data that no
-    longer exists) is removed with its folder: a new site starts with its whole budget.
-    Returns the settings files' paths.
+    For a new run the generated data is new, so a ledger left there by an earlier demo (about
+    data that no longer exists) is removed with its folder: a new site starts with its whole
+    budget. ``keep_ledgers`` (a resumed run, the same data) keeps them: what a site spent stays
+    spent. Returns the settings files' paths.
     """
     unknown = sorted(set(budget) - set(SITE_FILE_KEYS))
     if unknown:
@@ -104,8 +109,9 @@ def write_site_settings(site_dirs: list[Path], state_root: Path,
     files = []
     for i, site in enumerate(site_dirs):
         state = (state_root / f"site-{i}").resolve()
-        shutil.rmtree(state, ignore_errors=True)
-        state.mkdir(parents=True)
+        if not keep_ledgers:
+            shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True, exist_ok=True)
         settings = {**budget, "ledger-path": str(state / LEDGER_FILE)}
         path = site / SITE_SETTINGS_FILE
         path.write_text("# this site's own settings (docs/privacy.md); node_config wins over them\n"
@@ -195,7 +201,9 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
         p.unlink(missing_ok=True)
     out_dir = Path(str(run_config["out-dir"])).resolve()
     encoder = out_dir / "encoder.pt"
-    encoder.unlink(missing_ok=True)
+    # An earlier run's encoder stays until this run writes its own (a refused start, or a
+    # resume that fails, must not cost it): success is a new file, told by its stamp.
+    before = _stamp(encoder)
     t0 = time.perf_counter()
     superlink = start_process(
         [flower_command("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
@@ -220,10 +228,20 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                 stop_process(proc)
     finally:
         stop_process(superlink)
-    if not encoder.is_file():
-        raise RuntimeError(f"the simulation ended without {encoder}; flwr run log {run_log}:\n{tail(run_log)}\n"
+    if _stamp(encoder) in (None, before):
+        written = "without" if before is None else "without writing a new"
+        raise RuntimeError(f"the simulation ended {written} {encoder}; flwr run log {run_log}:\n{tail(run_log)}\n"
                            f"SuperLink log {link_log}:\n{tail(link_log)}")
     return SimulationResult(encoder=encoder, out_dir=out_dir, seconds=time.perf_counter() - t0, log=run_log)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, inode) of ``path``, None when it does not exist: an atomic rewrite changes both."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_ino
 
 
 # Flower streams every log line twice: once through its handler, once from the captured
@@ -261,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
+    resume = bool(run_config.get("resume"))
     make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size,
-                    budget=None if args.no_site_budget else DEMO_BUDGET, state_root=out / "site-state")
+                    budget=None if args.no_site_budget else DEMO_BUDGET, state_root=out / "site-state",
+                    keep_ledgers=resume)
     if not args.no_site_budget:
         print(f"site budgets: epsilon {DEMO_BUDGET['dp-epsilon']:g}, delta {DEMO_BUDGET['dp-delta']:g} per site "
               f"(data/site-<i>/{SITE_SETTINGS_FILE}), ledgers under {out / 'site-state'}", flush=True)
@@ -271,14 +291,24 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         try:
             result = run_simulation(run_config, num_supernodes=args.sites, work_dir=work, timeout=args.timeout)
-        except RuntimeError as exc:
-            if (work / "flwr-run.log").exists():
-                shutil.copy(work / "flwr-run.log", out / "flwr-run.log")
+        except (RuntimeError, KeyboardInterrupt) as exc:
+            # the logs outlive the temporary folder, and the message points at the copies
+            text = str(exc)
+            for name in ("flwr-run.log", "superlink.log"):
+                if (work / name).exists():
+                    shutil.copy(work / name, out / name)
+                    text = text.replace(str(work.resolve() / name), str(out / name))
+            if isinstance(exc, KeyboardInterrupt):  # run_simulation stopped every process it started
+                print(f"\n{p.prog}: interrupted; the federation was stopped. Continue it with the same command and "
+                      f"--run-config 'resume=true' (log: {out / 'flwr-run.log'})", file=sys.stderr)
+                return 130
             failed = no_update_line(out / "server" / "rounds.jsonl", since=started)
-            print(f"{p.prog}: error: {failed or exc}", file=sys.stderr)
+            print(f"{p.prog}: error: {failed or text}", file=sys.stderr)
             return 1
         shutil.copy(result.log, out / "flwr-run.log")
-    print(f"\nfederated simulation: {args.sites} {args.domain} sites, {args.rounds} rounds in {result.seconds:.0f} s")
+    ran = rounds_since(out / "server" / "rounds.jsonl", started)
+    print(f"\nfederated simulation: {args.sites} {args.domain} sites, {ran} round(s) in {result.seconds:.0f} s"
+          + (f" (resumed; {run_config['num-server-rounds']} in all)" if resume else ""))
     print(f"aggregated encoder:   {result.encoder}")
     print(f"round metrics:        {out / 'server' / 'rounds.jsonl'}")
     print(queue_summary(out / "server" / "rounds.jsonl", out / "site-state"))
@@ -308,6 +338,13 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
     run_config.update(parse_overrides(args.run_config))
     validate_run_config(run_config)
     return run_config
+
+
+def rounds_since(metrics: Path, since: float) -> int:
+    """Rounds that ``metrics`` (rounds.jsonl) logged at or after ``since`` (UNIX time)."""
+    if not metrics.is_file():
+        return 0
+    return sum(1 for r in read_jsonl(metrics) if r.get("event") == "round" and float(r.get("time", 0)) >= since)
 
 
 def no_update_line(metrics: Path, *, since: float = 0.0) -> str | None:

@@ -246,6 +246,7 @@ class FedMoCo(FedAvg):
         # node id -> node_config site-name, as the sites reported it (kept in the checkpoint, so a
         # restarted server names a site whose first reply after the restart is an error)
         self.site_names: dict[int, str] = {int(k): str(v) for k, v in (site_names or {}).items()}
+        self._owners: dict[str, int] = {}  # site name -> the node that holds it (see _name_owner)
 
     # -- helpers ------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -335,6 +336,7 @@ class FedMoCo(FedAvg):
                         **{k: float(metrics[k]) for k in SITE_METRICS if k in metrics})
             self.site_ledger[int(node)] = {k: float(metrics[k]) for k in metrics if k.startswith("dp-")}
             self._note_dp_status(r, who, site)
+            self._claim_name(node, claimed)
             accepted.append((msg, keys))
 
         arrays, agg_metrics = None, None
@@ -367,9 +369,17 @@ class FedMoCo(FedAvg):
         log.log(level, "round %d: %s sent no DP summaries: %s%s", r, who, site["dp-reason"], spent)
 
     def _name_owner(self, name: str | None) -> int | None:
-        """The node that goes by ``name`` in this run, if any (the first to claim it; a node
-        may change its own name, which frees the old one)."""
-        return next((n for n, held in self.site_names.items() if held == name), None) if name else None
+        """The node that goes by ``name`` since this ServerApp started, if any: the first whose
+        reply under it was accepted. A node may change its own name, which frees the old one.
+        Not restored from a checkpoint: a resumed run's sites come back under new node ids
+        (a new simulation, a SuperNode re-registered), and must get their names back."""
+        return self._owners.get(name) if name else None
+
+    def _claim_name(self, node: int, name: str | None) -> None:
+        """``name`` is ``node``'s from now on (after an accepted reply under it)."""
+        if name:
+            self._owners = {held: n for held, n in self._owners.items() if n != int(node)}
+            self._owners[name] = int(node)
 
     def _name_site(self, node: int, name: str | None, site: dict[str, Any]) -> str:
         """Record the site's name (from this reply, else from an earlier one) in ``site`` and

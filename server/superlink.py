@@ -85,11 +85,52 @@ def is_private_bind(host: str) -> bool:
     return not ip.is_unspecified and (ip.is_loopback or ip.is_private)
 
 
+def is_loopback_bind(host: str) -> bool:
+    """True for a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def secure_defaults(config: Any, ours: argparse.Namespace) -> str | None:
+    """Why this SuperLink would be unsafe to expose, as one line, or None. What the docs tell a
+    hospital to run must be safe, so each of these needs an explicit flag to pass:
+
+    - the Control API (no authentication: whoever reaches it can start a run, which runs code
+      on this server) on anything but loopback: ``--allow-private-control`` for a LAN
+      address, the hidden ``--allow-public-control`` for any;
+    - no TLS (``--insecure``) on a sites' port that is not loopback;
+    - TLS without SuperNode authentication (``--enable-supernode-auth``): any holder of the CA
+      certificate could join as a site; ``--allow-unauthenticated-nodes`` to accept that.
+    """
+    if not ours.allow_public_control and not is_loopback_bind(config.host):
+        if not (ours.allow_private_control and is_private_bind(config.host)):
+            return (f"--host {config.host}: the Control API must listen on a loopback address (e.g. --host "
+                    "127.0.0.1; it has no authentication); sites connect to --fleet-host"
+                    + ("; --allow-private-control lets it listen on this LAN address"
+                       if is_private_bind(config.host) else ""))
+    if config.insecure and not config.simulation and not is_loopback_bind(ours.fleet_host):
+        return (f"--insecure with --fleet-host {ours.fleet_host}: without TLS the sites' port must be a loopback "
+                "address; give --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile (docs/federation.md)")
+    if not config.insecure and not config.enable_supernode_auth and not ours.allow_unauthenticated_nodes:
+        return ("sites are not authenticated: add --enable-supernode-auth and register each site's public key "
+                "(docs/federation.md), or --allow-unauthenticated-nodes to let any holder of the CA certificate join")
+    return None
+
+
 def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m server.superlink", add_help=False)
     p.add_argument("--fleet-host", required=True, help="address SuperNodes connect to (e.g. 0.0.0.0)")
     p.add_argument("--fleet-port", type=int, required=True, help="port SuperNodes connect to (e.g. 9092)")
     p.add_argument("--allow-public-control", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--allow-private-control", action="store_true",
+                   help="let the Control API listen on a private (LAN) address; it has no authentication, so "
+                        "anyone on that network could start a run")
+    p.add_argument("--allow-unauthenticated-nodes", action="store_true",
+                   help="serve TLS without --enable-supernode-auth: any holder of the CA certificate may join")
     if "-h" in argv or "--help" in argv:
         p.print_help()
         print("\nEvery other option is flower-superlink's (see flower-superlink --help); "
@@ -140,9 +181,9 @@ def serve(argv: list[str] | None = None) -> int:
         config = fs._parse_superlink_lifespan_config()
     finally:
         sys.argv = saved_argv
-    if not ours.allow_public_control and not is_private_bind(config.host):
-        print(f"server.superlink: error: --host {config.host}: the Control API must listen on a loopback or "
-              "private address (e.g. --host 127.0.0.1); sites connect to --fleet-host", file=sys.stderr)
+    refusal = secure_defaults(config, ours)
+    if refusal:
+        print(f"server.superlink: error: {refusal}", file=sys.stderr)
         return 2
     if (config.host, config.port) == (ours.fleet_host, ours.fleet_port):
         print("server.superlink: error: --fleet-host/--fleet-port must differ from --host/--port", file=sys.stderr)

@@ -39,3 +39,4 @@ def test_hidden_settings_links_and_unreadable_folders(tmp_path, monkeypatch, cap
 def test_an_empty_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="data folder is empty"):
         list_files(tmp_path)
+

@@ -178,3 +178,20 @@ def test_a_reply_that_declares_no_keys_but_holds_some_cannot_crash_or_fill_the_q
     assert arrays is not None and s.queue.counts_by_site() == {101: 2}
     statuses = {e["node"]: e["status"] for e in last_round(tmp_path)["sites"]}
     assert statuses == {101: "accepted", 102: "rejected", 103: "rejected"}
+
+
+def test_a_resumed_run_gives_its_sites_their_names_back_under_new_node_ids(grid3, tmp_path):
+    # the checkpoint knew hospital-a as node 7; after the restart it is node 101
+    from flwr.app import ConfigRecord as Config
+
+    s = FedMoCo(queue=GlobalKeyQueue(64, 8), limits=ReplyLimits(key_dim=8, max_keys=16, max_update_norm=None),
+                queue_sample=4, seed=0, metrics_path=tmp_path / "rounds.jsonl", site_names={7: "hospital-a"},
+                min_train_nodes=3, min_available_nodes=3)
+    ref = tiny_arrays()
+    s.configure_train(3, ref, ConfigRecord(), grid3)
+    named = reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))
+    named["site"] = Config({"name": "hospital-a"})
+    arrays, _ = s.aggregate_train(3, [reply_from(101, named)])
+    assert arrays is not None
+    assert {e["node"]: e["status"] for e in last_round(tmp_path)["sites"]} == {101: "accepted"}
+    assert s.site_names[101] == "hospital-a"

@@ -109,7 +109,32 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
 
 @pytest.mark.parametrize("over,message", [
     ({"aggregation": "foo"}, "aggregation: unknown 'foo'; choose fedavg, fedmedian, fedtrimmedavg or krum"),
-    ({"image-size": 3}, "run_config image-size must be >= 8, got 3"),
+    ({"image-size": 3}, "run_config image-size must be in [8, 4096], got 3"),
+    ({"image-size": 100000}, "run_config image-size must be in [8, 4096], got 100000"),
+    # a value that is no value of the key's type, or would pass as another
+    ({"max-keys": float("inf")}, "run_config max-keys: expected int, got inf"),
+    ({"num-server-rounds": float("inf")}, "run_config num-server-rounds: expected int, got inf"),
+    ({"lr": True}, "run_config lr: expected float, got True"),
+    ({"num-server-rounds": True}, "run_config num-server-rounds: expected int, got True"),
+    ({"resume": 2}, "run_config resume: expected bool, got 2"),
+    ({"lr": float("nan")}, "run_config lr: expected float, got nan"),
+    ({"lr": float("inf")}, "run_config lr must be > 0 and finite, got inf"),
+    # choices and ranges a site would otherwise refuse every round, or the server at its start
+    ({"key-release": "bogus"}, "run_config key-release must be one of prototypes, keys, none, got 'bogus'"),
+    ({"domain": "foo"}, "run_config domain must be one of images, medical, satellite, got 'foo'"),
+    ({"prototype-sample-rate": 0.0}, "run_config prototype-sample-rate must be in (0, 1], got 0.0"),
+    ({"prototype-centres": -3}, "run_config prototype-centres must be >= 1, got -3"),
+    ({"prototype-min-cosine": 7.0}, "run_config prototype-min-cosine must be in [0, 1], got 7.0"),
+    ({"max-update-norm": -5.0}, "run_config max-update-norm must be >= 0 (0 = off), got -5.0"),
+    ({"model-dp-clip": 0.0}, "run_config model-dp-clip must be > 0 and finite, got 0.0"),
+    ({"max-keys": 10**12}, "run_config max-keys must be in [0, 65536], got 1000000000000"),
+    ({"site-example-caps": "garbage"}, "site-example-caps: 'garbage' is not name=N with N an integer"),
+    ({"max-examples-per-site": 0}, "max-examples-per-site: expected an integer >= 1, got 0"),
+    # the config dataclasses' checks, named by the run_config key
+    ({"local-queue-size": 0}, "run_config local-queue-size must be >= 1, got 0"),
+    ({"local-epochs": 0}, "run_config local-epochs must be >= 1, got 0"),
+    ({"batch-size": 1}, "run_config batch-size must be >= 2, got 1"),
+    ({"temperature": 0.0}, "run_config temperature must be > 0, got 0.0"),
     ({"num-server-rounds": 0}, "run_config num-server-rounds must be >= 1, got 0"),
     ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
                                      "got 0.5"),

@@ -67,3 +67,38 @@ def test_public_control_address_is_refused_before_anything_starts(capsys, tmp_pa
     # the last line (Flower's own start-up warnings may come before it)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("server.superlink: error: --host 0.0.0.0: the Control API must listen on a loopback")
+
+
+def _refusal(host="127.0.0.1", fleet_host="0.0.0.0", insecure=False, auth=True, **flags):
+    from types import SimpleNamespace
+
+    from server.superlink import secure_defaults
+
+    config = SimpleNamespace(host=host, insecure=insecure, simulation=False, enable_supernode_auth=auth)
+    ours = SimpleNamespace(**{"fleet_host": fleet_host, "allow_public_control": False, "allow_private_control": False,
+                              "allow_unauthenticated_nodes": False, **flags})
+    return secure_defaults(config, ours)
+
+
+def test_what_the_docs_tell_a_hospital_to_run_passes():
+    assert _refusal() is None  # TLS, node authentication, Control API on loopback
+    assert _refusal(fleet_host="127.0.0.1", insecure=True, auth=False) is None  # a loopback test bed
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"host": "10.1.2.3"}, "--host 10.1.2.3: the Control API must listen on a loopback address (e.g. --host 127.0.0.1; "
+                           "it has no authentication); sites connect to --fleet-host; --allow-private-control lets "
+                           "it listen on this LAN address"),
+    ({"host": "0.0.0.0", "allow_private_control": True}, "--host 0.0.0.0: the Control API must listen on a loopback"),
+    ({"insecure": True, "auth": False}, "--insecure with --fleet-host 0.0.0.0: without TLS the sites' port must be "
+                                        "a loopback address"),
+    ({"auth": False}, "sites are not authenticated: add --enable-supernode-auth"),
+])
+def test_an_unsafe_superlink_needs_an_explicit_flag(kwargs, message):
+    assert _refusal(**kwargs).startswith(message)
+
+
+def test_the_explicit_flags_pass():
+    assert _refusal(host="192.168.0.5", allow_private_control=True) is None
+    assert _refusal(auth=False, allow_unauthenticated_nodes=True) is None
+    assert _refusal(host="0.0.0.0", allow_public_control=True) is None

@@ -1,0 +1,46 @@
+"""server.launch.stop_process: nothing a started process spawned outlives it."""
+
+import os
+import sys
+import time
+
+from server.launch import descendants, start_process, stop_process
+
+# A parent that starts a child in a session of its own (as a SuperLink starts flwr-simulation),
+# which starts a grandchild; each sleeps. The parent prints both pids.
+SPAWNER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+    "print(g.pid, flush=True); time.sleep(120)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie waiting for its reaper counts as gone
+        return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_children_in_other_sessions_are_stopped_too(tmp_path):
+    log = tmp_path / "spawner.log"
+    proc = start_process([sys.executable, "-c", SPAWNER], env=dict(os.environ), log=log)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(log.read_text().split()) < 2:
+            time.sleep(0.05)
+        child, grandchild = map(int, log.read_text().split())
+        assert {child, grandchild} <= set(descendants(proc.pid))
+        assert os.getsid(child) != os.getsid(proc.pid)  # out of reach of the process group
+    finally:
+        stop_process(proc, timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (_gone(child) and _gone(grandchild)):
+        time.sleep(0.05)
+    assert _gone(child) and _gone(grandchild)
+    assert proc.returncode is not None
