@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.task import (moco_config, parse_channels, parse_options, run_value, shared_arrays, shared_state)
 from fedmoco.checkpoint import atomic_save, check_compatible
-from fedmoco.errors import FedmocoError
+from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.moco import MoCo
 from fedmoco.pretrain import make_checkpoint
 from server.plots import plot_federation
@@ -97,6 +97,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     identity = None
     if saved is not None:
         identity = check_resume(out, saved, run_config)  # refuses another configuration's run
+        if "moco_config" not in saved:
+            raise ConfigError(f"{state_path}: server checkpoint is incomplete (missing moco_config)")
         check_compatible(state_path, saved["moco_config"], mcfg.to_dict())
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in saved["arrays"].items()})
         queue.load_state_dict(saved["queue"])

@@ -507,6 +507,10 @@ class FedMoCo(FedAvg):
                      r, record["emb-std"], collapse_threshold(self.queue.dim))
 
 
+#: What a resumed run reads from a server checkpoint (server/app.py).
+SERVER_STATE_KEYS = ("arrays", "queue", "round", "ledger")
+
+
 def load_server_state(path: Path) -> dict[str, Any] | None:
     """The round checkpoint at ``path``, or None if there is none; ConfigError if foreign."""
     if not path.is_file():
@@ -516,6 +520,9 @@ def load_server_state(path: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: not a fedmoco server checkpoint")
     if state.get("version", 0) > SERVER_STATE_VERSION:
         raise ConfigError(f"{path}: server checkpoint version {state['version']} is newer than this fedmoco")
+    missing = [k for k in SERVER_STATE_KEYS if k not in state]
+    if missing or not isinstance(state.get("ledger"), dict) or "sites" not in state["ledger"]:
+        raise ConfigError(f"{path}: server checkpoint is incomplete (missing {', '.join(missing) or 'ledger.sites'})")
     return state
 
 

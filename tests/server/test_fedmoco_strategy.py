@@ -265,3 +265,14 @@ def test_collapse_threshold_and_rounds_without_an_emb_std():
 
     assert concentrated(0.0087, 128) is True and concentrated(0.0089, 128) is False  # 0.1 / sqrt(128) = 0.00884
     assert concentrated(float("nan"), 128) is None and concentrated(None, 128) is None
+
+
+def test_an_incomplete_server_checkpoint_is_one_line(tmp_path):
+    from fedmoco.checkpoint import atomic_save
+    from server.strategy import SERVER_STATE_FORMAT, SERVER_STATE_VERSION
+
+    atomic_save({"format": SERVER_STATE_FORMAT, "version": SERVER_STATE_VERSION, "round": 2, "arrays": {},
+                 "ledger": {"sites": {}}}, tmp_path / "state.pt")
+    with pytest.raises(ConfigError) as err:
+        load_server_state(tmp_path / "state.pt")
+    assert str(err.value) == f"{tmp_path / 'state.pt'}: server checkpoint is incomplete (missing queue)"
