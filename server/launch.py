@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 #: Folder of the running interpreter's console scripts (flwr, flower-superlink, ...).
 BIN_DIR = Path(sys.executable).parent
@@ -90,13 +90,10 @@ def descendants(pid: int) -> list[int]:
     """Every live process descended from ``pid`` (children, theirs, ...), from /proc; [] where
     there is no /proc. Read by hand: psutil is not a dependency for this one walk."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-        except (OSError, IndexError, ValueError):  # the process ended while being read
-            continue
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
+        fields = _stat_fields(entry.name)
+        if fields:  # None: the process ended while being read
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
@@ -105,39 +102,42 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name (state, ppid, ...), or None when it is gone.
+    The name may hold spaces and parentheses, so the split is after the last ")"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _send(kill: Callable[[int, int], None], target: int, sig: int) -> bool:
+    """``kill(target, sig)`` (``os.kill`` or ``os.killpg``; signal 0 only asks); False when
+    there is no such process or group (or it is not ours to signal)."""
+    try:
+        kill(target, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def _signal_each(pids: Sequence[int], sig: int) -> None:
     for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _send(os.kill, pid, sig)
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # a zombie (ended, not yet reaped by its parent) counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    """Running: a zombie (ended, not yet reaped by its parent) counts as gone."""
+    fields = _stat_fields(pid)
+    return _send(os.kill, pid, 0) and (fields is None or fields[0] != "Z")
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _send(os.killpg, pgid, sig)
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    return _send(os.killpg, pgid, 0)
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, *, timeout: float = 60.0, log: Path | None = None,
