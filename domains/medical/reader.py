@@ -353,6 +353,19 @@ def _validate(
         want = 1 if photometric == "PALETTE COLOR" else 3
         if samples != want:
             raise DicomReadError(path, INCONSISTENT, f"{photometric} with SamplesPerPixel {samples}")
+        # Decidable from the header, so refused here rather than counted usable and failing at
+        # every read: a planar layout that does not exist, a palette without its tables.
+        planar = _int_attr(ds, path, "PlanarConfiguration", minimum=0, default=0) if samples == 3 else 0
+        if planar not in (0, 1):
+            raise DicomReadError(path, INCONSISTENT, f"PlanarConfiguration is {planar}, not 0 or 1")
+        if photometric == "PALETTE COLOR":
+            lacking = [c for c in ("Red", "Green", "Blue")
+                       if f"{c}PaletteColorLookupTableDescriptor" not in ds
+                       or (f"{c}PaletteColorLookupTableData" not in ds
+                           and f"Segmented{c}PaletteColorLookupTableData" not in ds)]
+            if lacking:
+                raise DicomReadError(path, INCONSISTENT, f"PALETTE COLOR without the {lacking[0].lower()} palette "
+                                                         "table")
     else:
         raise DicomReadError(path, UNSUPPORTED, f"PhotometricInterpretation {photometric!r}")
 

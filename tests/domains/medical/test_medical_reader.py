@@ -330,6 +330,19 @@ def test_inconsistent_attributes(tmp_path):
     expect(path, "inconsistent attributes", "MONOCHROME2 with SamplesPerPixel 3")
 
 
+def test_colour_headers_that_can_never_decode_are_refused_from_the_header(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    path = write_dicom(tmp_path / "planar.dcm", rgb, photometric="RGB", attributes={"Modality": "OT"})
+    ds = pydicom.dcmread(path)
+    ds.PlanarConfiguration = 7
+    ds.save_as(path)
+    expect(path, "inconsistent attributes", "PlanarConfiguration is 7, not 0 or 1")
+
+    path = write_dicom(tmp_path / "palette.dcm", np.zeros((4, 4), np.uint8), photometric="PALETTE COLOR",
+                       attributes={"Modality": "OT"})
+    expect(path, "inconsistent attributes", "PALETTE COLOR without the red palette table")
+
+
 def test_unsupported_photometric_interpretation(tmp_path):
     path = write_dicom(tmp_path / "hsv.dcm", np.zeros((4, 4, 3), np.uint8), photometric="HSV",
                        attributes={"Modality": "OT"})
