@@ -92,7 +92,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     model = initial_model(mcfg, r("seed"))
     arrays = shared_arrays(model)
     queue = GlobalKeyQueue(r("global-queue-size"), mcfg.dim)
-    done, site_ledger, dp_state, site_names = 0, {}, None, {}
+    done, site_ledger, dp_state, site_names, updated_before = 0, {}, None, {}, []
     saved = load_server_state(state_path) if r("resume") else None
     identity = None
     if saved is not None:
@@ -106,6 +106,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         site_ledger = {int(k): v for k, v in saved["ledger"]["sites"].items()}
         dp_state = saved["ledger"].get("model-dp")
         site_names = saved.get("site-names", {})
+        updated_before = saved.get("updated-rounds")  # None: a checkpoint from before it was kept
         log.info("resuming from %s after round %d: global queue holds %d keys from %d site(s)",
                  state_path, done, len(queue), len(queue.counts_by_site()))
     else:
@@ -138,6 +139,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         site_ledger=site_ledger, example_caps=ExampleCaps.parse(r("max-examples-per-site"), r("site-example-caps")),
         **sampling,
     )
+    strategy.updated_before = list(updated_before or [])
     if done < total_rounds:
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total_rounds - done,
                                 timeout=r("round-timeout"))
@@ -145,10 +147,12 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         if not strategy.updated_rounds:
             raise FederationFailed(no_update_message(strategy.last_sites, total_rounds - done, metrics_path))
     else:
-        log.info("all %d rounds were already done; writing the outputs again", total_rounds)
+        known = f" ({len(updated_before)} of them updated the model)" if updated_before is not None else ""
+        log.info("all %d rounds were already done%s; writing the outputs again", total_rounds, known)
 
+    updated = None if updated_before is None else len({*updated_before, *strategy.updated_rounds})
     encoder = write_encoder(out / ENCODER_FILE, model, arrays, run_config, rounds=max(strategy.last_round, done),
-                            sites=strategy.site_ledger, identity=identity)
+                            sites=strategy.site_ledger, identity=identity, updated_rounds=updated)
     plots = plot_federation(metrics_path, out / "plots", dim=mcfg.dim) if r("plots") and metrics_path.exists() else []
     log.info("aggregated encoder: %s", encoder)
     return FederationResult(out_dir=out, encoder=encoder, state=state_path, metrics=metrics_path, plots=plots,
@@ -156,7 +160,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
 
 
 def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapping[str, Any], *, rounds: int,
-                  sites: dict[int, dict[str, float]], identity: RunIdentity | None = None) -> Path:
+                  sites: dict[int, dict[str, float]], identity: RunIdentity | None = None,
+                  updated_rounds: int | None = None) -> Path:
     """The global model as a fedmoco checkpoint that ``fedmoco knn/linear-probe`` load.
 
     The key encoder is a copy of the aggregated query encoder (sites' own key encoders
@@ -183,6 +188,8 @@ def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapp
             "options": parse_options(run_value(run_config, "data-options")), "normalization": normalization}
     ckpt = make_checkpoint(model, data=data, epoch=rounds,
                            extra={"federation": {"rounds": rounds, "sites": {str(k): v for k, v in sites.items()},
+                                                 # rounds that changed the model (None: not known, an older checkpoint)
+                                                 "updated-rounds": updated_rounds,
                                                  **({"run-id": identity.run_id, "config-hash": identity.config_hash}
                                                     if identity else {})}})
     return atomic_save(ckpt, path)

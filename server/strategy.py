@@ -242,6 +242,7 @@ class FedMoCo(FedAvg):
         self.last_round = self.round_offset
         self.run_id = run_id  # server.runs: written on every rounds.jsonl line
         self.updated_rounds: list[int] = []  # rounds of this session that changed the global model
+        self.updated_before: list[int] = []  # ... of the sessions before it (restored from a checkpoint)
         self.last_sites: list[dict[str, Any]] = []  # the last round's per-site outcomes
         # node id -> node_config site-name, as the sites reported it (kept in the checkpoint, so a
         # restarted server names a site whose first reply after the restart is an error)
@@ -351,6 +352,7 @@ class FedMoCo(FedAvg):
                     self.queue.enqueue(keys, msg.metadata.src_node_id, r)
         if arrays is not None:
             self._current = arrays
+            self.updated_rounds.append(r)  # before the checkpoint, which records it
         self.last_round = r
         self._save_checkpoint(r)
         self._log_round(r, sites, agg_metrics, arrays is not None, t_received)
@@ -442,6 +444,9 @@ class FedMoCo(FedAvg):
             "arrays": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()},
             "queue": self.queue.state_dict(),
             "site-names": dict(self.site_names),
+            # a round can pass without changing the model (every site failed): a resume counts it as
+            # done, and what the encoder is worth is the rounds that did change it
+            "updated-rounds": sorted({*self.updated_before, *self.updated_rounds}),
             "ledger": {"sites": {int(k): dict(v) for k, v in self.site_ledger.items()},
                        "model-dp": self.model_dp.state_dict() if self.model_dp else None},
             **self.checkpoint_extra,
@@ -482,8 +487,6 @@ class FedMoCo(FedAvg):
             record["model-dp-epsilon"] = self.model_dp.epsilon()
         self.metrics.log(record)
         self.last_sites = sites
-        if updated:
-            self.updated_rounds.append(r)
         log.info("round %d: %d/%d replies accepted (%d rejected, %d errors), loss %s, global queue %d keys "
                  "(%d received from %d sharing site(s), %d sent as negatives), "
                  "round %.1f s vs %.1f s summed local training",

@@ -219,3 +219,19 @@ def test_same_seed_same_federation_another_seed_another(tmp_path, sites_root):
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
+def test_a_round_that_changed_nothing_is_counted_done_and_said_so(tmp_path, sites_root, caplog):
+    # 2 rounds; a resume to 3 whose round 3 fails at every site; a resume again finds 3 done
+    import logging
+
+    out = tmp_path / "srv"
+    federate(out, sites_root, **{"num-server-rounds": 2, "resume": False})
+    with pytest.raises(FederationFailed):
+        federate(out, sites_root, {"data-path": str(tmp_path / "nowhere")}, **{"num-server-rounds": 3, "resume": True})
+    assert load_server_state(out / "server-state.pt")["updated-rounds"] == [1, 2]
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        result = federate(out, sites_root, **{"num-server-rounds": 3, "resume": True})
+    assert "all 3 rounds were already done (2 of them updated the model)" in caplog.text
+    fed = load_checkpoint(result.encoder)["federation"]
+    assert (fed["rounds"], fed["updated-rounds"]) == (3, 2)
