@@ -288,19 +288,28 @@ def plot_roc(scores: np.ndarray, targets: np.ndarray, names: Sequence[str], path
     cols = [1 if positive is None else positive] if binary else range(scores.shape[1])
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", label="chance")
-    for j in cols:
+    undefined = []
+    for k, j in enumerate(cols):
         if not 0 < y[:, j].sum() < len(y):
+            undefined.append(names[j])
             continue
         fpr, tpr, _ = roc_curve(y[:, j], scores[:, j])
-        line, = ax.plot(fpr, tpr, label=f"{names[j]} (AUROC {roc_auc_score(y[:, j], scores[:, j]):.3f})")
+        # curves of different classes can coincide: each its own dash and a thinner line than the
+        # one before, so the one drawn first still shows around the later ones
+        line, = ax.plot(fpr, tpr, ls=("-", "--", "-.", ":")[k % 4], lw=max(1.0, 3.0 - 0.5 * k),
+                        label=f"{names[j]} (AUROC {roc_auc_score(y[:, j], scores[:, j]):.3f})")
         if thresholds is not None:
             sens, spec = sensitivity_specificity(y[:, j], (scores[:, j] >= thresholds[j]).astype(int))
-            ax.plot([1 - spec], [sens], "o", c=line.get_color(),
+            ax.plot([1 - spec], [sens], ("o", "s", "^", "D")[k % 4], ms=max(4.0, 9.0 - 1.5 * k), c=line.get_color(),
                     label=f"{names[j]}: operating point (chosen on validation)")
+    if undefined:  # one class only in the test set: no ROC, said rather than silently left out
+        ax.text(0.98, 0.02, f"no ROC (one class only in the test set): {', '.join(map(str, undefined))}",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.3")
     ax.set_xlabel("1 - specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
     ax.set_title(f"{title}, n = {len(y)}")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # beside the curves, over none
+    fig.set_size_inches(8.5, 5)
     return save_figure(fig, Path(path))
 
 

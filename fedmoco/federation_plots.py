@@ -34,17 +34,30 @@ def round_records(metrics_path: Path | str) -> list[dict[str, Any]]:
 
 
 def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) else math.nan
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _sites(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A round's site entries that can be drawn: dicts that name a site or a node (a hand-edited
+    or cut-short log may hold ``"sites": null`` or an entry without either)."""
+    sites = record.get("sites")
+    return [s for s in sites if isinstance(s, dict) and (s.get("site") or isinstance(s.get("node"), int))] \
+        if isinstance(sites, list) else []
 
 
 def _site_series(records: list[dict[str, Any]], key: str) -> dict[str | int, tuple[list[int], list[float]]]:
+    """Per site, every round's value of ``key``: NaN in the rounds where the site was not
+    accepted, so its line breaks there instead of bridging the rounds it missed."""
     series: dict[str | int, tuple[list[int], list[float]]] = {}
     for rec in records:
-        for site in rec.get("sites", []):
+        for site in _sites(rec):
             if site.get("status") == "accepted" and key in site:
-                xs, ys = series.setdefault(_site_key(site), ([], []))
-                xs.append(rec["round"])
-                ys.append(_num(site[key]))
+                series.setdefault(_site_key(site), ([], []))
+    for rec in records:
+        values = {_site_key(s): _num(s[key]) for s in _sites(rec) if s.get("status") == "accepted" and key in s}
+        for node, (xs, ys) in series.items():
+            xs.append(rec["round"])
+            ys.append(values.get(node, math.nan))
     return series
 
 
@@ -66,16 +79,19 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rounds = [r["round"] for r in records]
-    nodes = sorted({_site_key(s) for r in records for s in r.get("sites", [])}, key=str)
+    nodes = sorted({_site_key(s) for r in records for s in _sites(r)}, key=str)
     order = {n: i for i, n in enumerate(nodes)}
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for node, (xs, ys) in _site_series(records, "train-loss").items():
-        ax.plot(xs, ys, marker=".", alpha=0.5, label=_site_label(node, order))
-    ax.plot(rounds, [_num(r.get("train-loss")) for r in records], "k-o", label="weighted mean")
+    # the mean first, wide and pale, so that a site equal to it stays visible on top of it
+    ax.plot(rounds, [_num(r.get("train-loss")) for r in records], "-o", color="0.6", lw=3, ms=9, zorder=1,
+            label="weighted mean")
+    for i, (node, (xs, ys)) in enumerate(_site_series(records, "train-loss").items()):
+        ax.plot(xs, ys, **_stacked_style(i), zorder=2, label=_site_label(node, order))
     ax.set(xlabel="round", ylabel="InfoNCE loss", title="Local training loss per round")
     whole_number_ticks(ax)
+    _no_reply_note(ax, records)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "loss.png"))
 
@@ -89,6 +105,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
     ax.set(xlabel="round", ylabel="cosine score / std / share", title="Score statistics (weighted over sites)")
     whole_number_ticks(ax)
+    _no_reply_note(ax, records)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "scores.png"))
 
@@ -100,11 +117,14 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     for i, (key, label) in enumerate((("up-arrays", "weights up"), ("weights", "weights down"),
                                       ("up-keys", "keys up"), ("queue", "global negatives down"))):
         # mean over the sites that sent / received this record in the round
-        per_round = [sum(vals) / len(vals) if (vals := [_num(s[key]) for s in r.get("sites", []) if key in s])
+        per_round = [sum(vals) / len(vals) if (vals := [_num(s[key]) for s in _sites(r) if key in s])
                      else math.nan for r in records]
         # weights up and down are the same size: distinct markers, each smaller, keep both visible
         ax.plot(rounds, [v / 1024 for v in per_round], **_stacked_style(i), label=label)
-    ax.set(xlabel="round", ylabel="KiB per site", title="Traffic per site and round", yscale="log")
+    # symlog, not log: a round that sent no keys (0 KiB) stays on the plot, at 0
+    ax.set(xlabel="round", ylabel="KiB per site (0, then log scale)", title="Traffic per site and round")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
     whole_number_ticks(ax)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "traffic.png"))
@@ -169,7 +189,7 @@ def sharing_note(records: list[dict[str, Any]]) -> str | None:
     the sites gave (``dp-reason``); None when some did."""
     if not any("queue-added" in r for r in records) or any(_num(r.get("queue-added")) > 0 for r in records):
         return None
-    reasons = sorted({str(s["dp-reason"]) for r in records for s in r.get("sites", []) if s.get("dp-reason")})
+    reasons = sorted({str(s["dp-reason"]) for r in records for s in _sites(r) if s.get("dp-reason")})
     return "no site released DP summaries" + (":\n" + "\n".join(reasons) if reasons else "")
 
 
@@ -185,6 +205,15 @@ def _stacked_style(i: int) -> dict[str, Any]:
 def _last_site_values(records: list[dict[str, Any]], key: str) -> dict[str | int, float]:
     """Each site's last reported value of ``key``."""
     return {node: ys[-1] for node, (_, ys) in _site_series(records, key).items() if ys}
+
+
+def _no_reply_note(ax, records: list[dict[str, Any]]) -> None:
+    """Say so, and keep the rounds on the x axis, when no site's reply was accepted in any round."""
+    if any(s.get("status") == "accepted" for r in records for s in _sites(r)):
+        return
+    rounds = [r["round"] for r in records]
+    ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    _centre_note(ax, "no site's reply was accepted in any round:\nsee each site's status in rounds.jsonl")
 
 
 def _centre_note(ax, text: str) -> None:

@@ -510,7 +510,8 @@ def plot_label_efficiency(runs: dict[str, Any], path: Path, metric: str = "auroc
     ax.set_xlabel("labelled training data used (%)")
     ax.set_ylabel(f"test {metric.upper() if metric == 'auroc' else metric} (mean ± std over seeds)")
     ax.set_title("label efficiency" + (f", n_test = {n_test}" if n_test else ""))
-    ax.legend(loc="lower right")  # above the chance line, below results that beat it
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: it covers no result
+    fig.set_size_inches(8.5, 4)
     return save_figure(fig, path)
 
 

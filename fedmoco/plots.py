@@ -36,8 +36,23 @@ def plot_run(metrics_path: Path | str, out_dir: Path | str, embedding_dim: int |
 
 
 def whole_number_ticks(ax) -> None:
-    """Ticks on the x axis at whole numbers only (steps, rounds): never at 2.5."""
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    """Ticks on the x axis at whole numbers only (steps, rounds): never at 2.5. Call after the
+    data is drawn: with a single x value the locator has no range to work with (it would tick
+    0.95..1.05, or -0.06..0.06), so the axis is set to that value ± 1 with one tick."""
+    # data lines only: a reference line (axhline) spans the axes in axes units
+    xs = {float(x) for line in ax.get_lines() if line.get_transform() == ax.transData
+          for x in np.atleast_1d(line.get_xdata()) if np.isfinite(float(x))}
+    if len(xs) == 1:
+        x = xs.pop()
+        ax.set_xlim(x - 1, x + 1)
+        ax.set_xticks([x])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def point_marker(n: int) -> str:
+    """A marker for a line of ``n`` points when a lone point would otherwise not be drawn."""
+    return "o" if n <= 3 else ""
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -59,7 +74,7 @@ def _plot_loss(steps: list[dict], path: Path) -> Path:
     x = np.array([r["step"] for r in steps])
     y = np.array([r["loss"] if r["loss"] is not None else np.nan for r in steps], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, y, alpha=0.35, label="loss")
+    ax.plot(x, y, alpha=0.35, marker=point_marker(len(x)), label="loss")
     w = max(1, len(y) // 20)
     if w > 1:
         ax.plot(x[w - 1:], _smooth(y, w), label=f"mean of {w} steps")
@@ -75,17 +90,18 @@ def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
     x = np.array([r["step"] for r in steps])
     get = lambda k: np.array([np.nan if r.get(k) is None else r[k] for r in steps], dtype=float)  # noqa: E731
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(x, get("pos_mean"), label="positive mean")
+    marker = point_marker(len(x))
+    a1.plot(x, get("pos_mean"), marker=marker, label="positive mean")
     neg, sd = get("neg_mean"), np.sqrt(get("neg_var"))
-    a1.plot(x, neg, label="negative mean")
+    a1.plot(x, neg, marker=marker, label="negative mean")
     a1.fill_between(x, neg - sd, neg + sd, alpha=0.2, label="negative ±1 std")
     a1.set_xlabel("step")
     a1.set_ylabel("cosine score")
     a1.set_title("score statistics")
-    for ax in (a1, a2):
-        whole_number_ticks(ax)
+    whole_number_ticks(a1)
     a1.legend()
-    a2.plot(x, get("emb_std"), label="std of normalised embeddings")
+    a2.plot(x, get("emb_std"), marker=marker, label="std of normalised embeddings")
+    whole_number_ticks(a2)
     if dim:
         a2.axhline(1 / math.sqrt(dim), ls="--", c="grey", label=f"1/sqrt({dim}) (uniform)")
     a2.set_xlabel("step")

@@ -75,3 +75,65 @@ def test_plot_federation_writes_every_plot(tmp_path):
     assert all(p.stat().st_size > 1000 for p in drawn)
     with pytest.raises(FileNotFoundError):
         plot_federation(tmp_path / "missing.jsonl", tmp_path / "plots")
+
+
+def _write(tmp_path, recs) -> str:
+    path = tmp_path / "rounds.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+def test_one_round_gets_one_whole_tick(tmp_path):
+    import fedmoco.federation_plots as fp
+
+    captured = {}
+    real = fp.save_figure
+
+    def keep(fig, path):
+        captured[path.name] = [list(ax.get_xticks()) for ax in fig.axes]
+        return real(fig, path)
+
+    fp.save_figure = keep
+    try:
+        plot_federation(_write(tmp_path, _records(shared=True)[:1]), tmp_path / "plots")
+    finally:
+        fp.save_figure = real
+    assert captured["loss.png"] == [[1.0]] and captured["traffic.png"] == [[1.0]]
+
+
+def test_a_site_line_breaks_where_the_site_was_missing_and_sits_above_the_mean():
+    from fedmoco.federation_plots import _site_series
+
+    recs = _records(shared=True)
+    recs[1]["sites"][1]["status"] = "error"  # site-b missed round 2
+    xs, ys = _site_series(recs, "train-loss")["site-b"]
+    assert xs == [1, 2, 3] and ys[0] == 4.0 and ys[1] != ys[1] and ys[2] == 4.0  # NaN: a gap, no bridge
+
+
+@pytest.mark.parametrize("sites", [None, [{"status": "accepted", "train-loss": 3.0}], "garbage"])
+def test_malformed_site_entries_are_skipped_not_fatal(tmp_path, sites):
+    recs = _records(shared=True)
+    recs[1]["sites"] = sites
+    assert len(plot_federation(_write(tmp_path, recs), tmp_path / "plots")) == 5
+
+
+def test_a_run_where_no_reply_was_accepted_says_so(tmp_path):
+    recs = [{"event": "round", "round": r, "updated": False,
+             "sites": [{"node": 100, "status": "error", "reason": "site data unavailable"}]} for r in (1, 2, 3, 4)]
+    import fedmoco.federation_plots as fp
+
+    notes = {}
+    real = fp.save_figure
+
+    def keep(fig, path):
+        notes[path.name] = ([t.get_text() for ax in fig.axes for t in ax.texts], fig.axes[0].get_xlim())
+        return real(fig, path)
+
+    fp.save_figure = keep
+    try:
+        plot_federation(_write(tmp_path, recs), tmp_path / "plots")
+    finally:
+        fp.save_figure = real
+    texts, xlim = notes["loss.png"]
+    assert texts == ["no site's reply was accepted in any round:\nsee each site's status in rounds.jsonl"]
+    assert xlim == (0.5, 4.5)

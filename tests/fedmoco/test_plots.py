@@ -25,3 +25,17 @@ def test_every_axis_of_a_run_plot_is_labelled(tmp_path, monkeypatch):
     assert monitor.get_ylim()[0] == 0  # full collapse (0) is on the axis
     assert [line.get_ydata()[0] for line in monitor.lines if "uniform" in line.get_label()] == [pytest.approx(128 ** -0.5)]
     assert all(float(t).is_integer() for ax in axes if ax.get_xlabel() == "step" for t in ax.get_xticks())
+
+
+def test_a_one_step_run_is_drawn_as_points_on_one_whole_tick(tmp_path, monkeypatch):
+    step = {"event": "step", "step": 0, "loss": 4.0, "pos_mean": 0.8, "neg_mean": 0.7, "neg_var": 0.01, "emb_std": 0.03}
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(step) + "\n")
+    figures = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or real(fig, path))
+    plots.plot_run(metrics, tmp_path / "plots", embedding_dim=128)
+    axes = [ax for fig in figures for ax in fig.axes]
+    assert all(list(ax.get_xticks()) == [0.0] and ax.get_xlim() == (-1.0, 1.0) for ax in axes)
+    data = [line for ax in axes for line in ax.lines if "uniform" not in line.get_label()]
+    assert data and all(line.get_marker() == "o" for line in data)  # a lone point without a marker is invisible
