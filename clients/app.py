@@ -475,6 +475,11 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
         return empty, _refuse(4)
     q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")
     if math.isinf(site["epsilon"]):
+        # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step
+        # around it by asking for no noise (it would spend without the ledger knowing).
+        kept = site["ledger_path"] is not None and Path(site["ledger_path"]).expanduser().exists()
+        if kept:
+            return empty, _refuse(8, f" ({site['ledger_path']})")
         log.warning("dp-epsilon=inf: releasing %s WITHOUT noise; NOT private, for benchmarks only", mode)
         out = _make_release(mode, 0.0, q, msg, dataset, negatives, site, run, mcfg, server_round, encoder)
         return out, no_ledger_metrics(1, releases=rounds_done + 1)

@@ -19,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-
+from fedmoco.errors import ConfigError
 from fedmoco.ledger import LEGACY_LEDGER_FILE, SiteLedger, read_ledger  # noqa: F401 re-exported
 from fedmoco.site_settings import LEDGER_FILE, ledger_path  # noqa: F401 re-exported
+
+log = logging.getLogger("flwr.fedmoco.client")
 
 #: JSON so that the site admin can read what was spent with any tool; not secret, not shared.
 LEDGER_MODE = 0o644
@@ -35,7 +38,21 @@ LEDGER_MODE = 0o644
 def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
     """Exclusive access to the ledger at ``path``: yields ``{"ledger": SiteLedger | None}``;
     whatever ``"ledger"`` holds on exit is written back atomically (unless an exception
-    escaped). Blocks while another process holds the lock."""
+    escaped). Blocks while another process holds the lock.
+
+    A ledger reached through a symbolic link is locked and written at the file it points to:
+    the atomic rename would otherwise replace the link with a copy, and the link and its
+    target, each with its own lock, would spend one budget twice. A ledger with other hard
+    links is refused for the same reason (ConfigError).
+    """
+    path = Path(path).expanduser().resolve()
+    if path.is_file() and path.stat().st_nlink > 1:
+        raise ConfigError(f"{path}: the privacy ledger has {path.stat().st_nlink} hard links; each would become a "
+                          "budget of its own when it is rewritten: keep one, and point every name at it with a "
+                          "symbolic link or the same ledger-path")
+    if not path.exists() and (path.parent / f"{path.name}.lock").exists():
+        log.warning("%s: no privacy ledger, but its lock file is here: if a ledger was removed, its spending is "
+                    "forgotten and this site starts a new budget", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f"{path.name}.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)

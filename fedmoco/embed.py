@@ -75,7 +75,9 @@ def sample_origin(dataset: Dataset, i: int, root: Path) -> tuple[str, str]:
     if hasattr(dataset, "windows") and hasattr(dataset, "reader"):  # satellite: grid tiles
         src, w = dataset.windows[i]
         path = Path(dataset.reader.sources[src].bands[0].path)
-        region = f"window={int(w.col_off)},{int(w.row_off)},{int(w.width)},{int(w.height)}"
+        # (col, row, width, height): a plain tuple in the satellite domain, a rasterio Window elsewhere
+        col, row, width, height = (w.col_off, w.row_off, w.width, w.height) if hasattr(w, "col_off") else w
+        region = f"window={int(col)},{int(row)},{int(width)},{int(height)}"
         return _relative(path, root), region
     if hasattr(dataset, "files"):  # image folders
         return _relative(Path(dataset.files[i]), root), ""

@@ -34,6 +34,7 @@ from types import ModuleType
 from typing import Any
 
 from fedmoco.errors import ConfigError
+from fedmoco.site_settings import MAX_PLANNED_RELEASES
 
 
 def _privacy() -> ModuleType:
@@ -64,6 +65,7 @@ DP_STATUS: dict[int, str] = {
     5: "privacy budget exhausted",
     6: "sharing refused: the ledger was started for another key-release mode",
     7: "sharing refused: the privacy ledger could not be read or written",
+    8: "sharing refused: dp-epsilon=inf (no noise) would release past a ledger that records this site's budget",
 }
 
 
@@ -94,6 +96,9 @@ class SiteLedger:
         self.epsilon_budget = _privacy()._check_epsilon(epsilon_budget, "epsilon_budget")
         self.delta = _privacy()._check_delta(delta)
         self.planned_releases = _privacy()._check_count(planned_releases, "dp-rounds", 1)
+        if self.planned_releases > MAX_PLANNED_RELEASES:  # the plan prices and stores every one of them
+            raise ConfigError(f"ledger: {self.planned_releases:,} planned releases, more than "
+                              f"{MAX_PLANNED_RELEASES:,}")
         self.history = [(_privacy()._check_noise_multiplier(z, False), _privacy()._check_sample_rate(q),
                          _privacy()._check_count(n, "releases", 1))
                         for z, q, n in (history or [])]
@@ -235,6 +240,8 @@ class SiteLedger:
         """Set the number of planned releases (node_config ``dp-rounds``): the site's choice of
         how to spread its budget. It changes the noise, never the budget."""
         planned_releases = _privacy()._check_count(planned_releases, "dp-rounds", 1)
+        if planned_releases > MAX_PLANNED_RELEASES:
+            raise ConfigError(f"dp-rounds: {planned_releases:,} is more than {MAX_PLANNED_RELEASES:,}")
         if planned_releases == self.planned_releases:
             return []
         note = f"planned releases {self.planned_releases} -> {planned_releases} (dp-rounds)"
@@ -279,9 +286,13 @@ class SiteLedger:
                               f"expected {LEDGER_FORMAT!r}")
         try:
             history = [(float(h["noise_multiplier"]), float(h["sample_rate"]), int(h["releases"])) for h in d["history"]]
+            bad = next((h for h in history if not (0 < h[0] < 1e6 and 0 < h[1] <= 1 and h[2] >= 0)), None)
+            if bad is not None:  # no release is made at such a (z, q); the accountant cannot price it
+                raise ValueError(f"history entry {bad} is not a (noise multiplier, sample rate, releases) "
+                                 "any release had")
             return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]),
                        int(d["planned_releases"]), history, d.get("plan"))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
 
 

@@ -9,6 +9,8 @@ same functions, so the dry run refuses exactly what a real round would.
 
 from __future__ import annotations
 
+import math
+
 import re
 import tomllib
 from collections.abc import Iterator
@@ -95,6 +97,10 @@ def setting_label(config: Mapping[str, Any], key: str) -> str:
     return config.label(key) if isinstance(config, SiteConfig) else f"node_config {key}"
 
 
+#: The largest settings file read: it holds a handful of keys.
+MAX_SITE_FILE_BYTES = 64 * 1024
+
+
 def read_site_file(path: Path) -> dict[str, str | int | float]:
     """The settings in the site's ``fedmoco-site.toml`` at ``path``: only :data:`SITE_FILE_KEYS`,
     scalar values, relative paths resolved against the file's folder. ConfigError (one line
@@ -102,7 +108,11 @@ def read_site_file(path: Path) -> dict[str, str | int | float]:
     value that is not a number or a string. Values are checked further where they are used,
     by the same rules as node_config's."""
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_SITE_FILE_BYTES:  # a settings file is a few lines: read no more
+            raise ConfigError(f"{path}: the site settings file is {path.stat().st_size:,} bytes; a settings file "
+                              f"has a few lines (at most {MAX_SITE_FILE_BYTES:,} bytes)")
+        # utf-8-sig: a byte-order mark (Windows editors) would otherwise be "invalid statement"
+        table = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the site settings file ({' '.join(str(exc).split())})") from None
     out: dict[str, str | int | float] = {}
@@ -163,14 +173,23 @@ def site_float(node: Mapping[str, Any], key: str, default: float | None) -> floa
         raise ConfigError(f"{where}: expected a number, got {node[key]!r}") from None
     if not value > 0:
         raise ConfigError(f"{where}: must be > 0, got {node[key]!r}")
+    if math.isinf(value) and str(node[key]).strip().lower() not in ("inf", "+inf", "infinity"):
+        # 1e400 overflows to inf: only a literal inf asks for a release without noise
+        raise ConfigError(f"{where}: {node[key]!r} is too large; write inf to mean no noise (benchmarks only)")
     return value
+
+
+#: Most releases a site may plan (node_config dp-rounds): a plan is priced and stored per release.
+MAX_PLANNED_RELEASES = 100_000
 
 
 def site_count(node: Mapping[str, Any], key: str) -> int:
     """A whole number >= 0 from the site's own settings (0 when unset); ConfigError naming where."""
     value = site_float(node, key, 0.0) or 0.0
-    if value != int(value):
+    if math.isinf(value) or value != int(value):
         raise ConfigError(f"{setting_label(node, key)}: expected a whole number, got {node[key]!r}")
+    if value > MAX_PLANNED_RELEASES:
+        raise ConfigError(f"{setting_label(node, key)}: {node[key]!r} is more than {MAX_PLANNED_RELEASES:,}")
     return int(value)
 
 
@@ -178,9 +197,16 @@ def ledger_path(node_config: Mapping[str, Any]) -> Path | None:
     """node_config ``ledger-path``, else ``<state-dir>/privacy-ledger.json``, else None."""
     explicit = str(node_config.get("ledger-path", "")).strip()
     if explicit:
-        return Path(explicit).expanduser()
+        return _path(explicit, node_config, "ledger-path")
     state_dir = str(node_config.get("state-dir", "")).strip()
-    return Path(state_dir).expanduser() / LEDGER_FILE if state_dir else None
+    return _path(state_dir, node_config, "state-dir") / LEDGER_FILE if state_dir else None
+
+
+def _path(value: str, node: Mapping[str, Any], key: str) -> Path:
+    """``value`` as a path; ConfigError naming where it was set if no file system takes it."""
+    if "\0" in value:
+        raise ConfigError(f"{setting_label(node, key)}: a path cannot hold a NUL character")
+    return Path(value).expanduser()
 
 
 def privacy_settings(own: Mapping[str, Any], data_path: Path) -> dict[str, Any]:
@@ -196,7 +222,7 @@ def privacy_settings(own: Mapping[str, Any], data_path: Path) -> dict[str, Any]:
         "delta_label": setting_label(own, "dp-delta"),
         "dp_rounds": site_count(own, "dp-rounds"),
         "ledger_path": ledger_path(own),
-        "state_dir": Path(state_dir).expanduser() if state_dir else None,
+        "state_dir": _path(state_dir, own, "state-dir") if state_dir else None,
     }
     # A ledger in the data folder would be reset whenever the data is re-exported (docs/privacy.md).
     check_outside_data(out["ledger_path"], data_path,

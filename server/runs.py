@@ -138,7 +138,8 @@ def no_update_message(last_sites: list[dict[str, Any]], rounds: int, metrics: Pa
 
 #: Ranges of run_config values (keys that the current RUN_DEFAULTS lack are skipped).
 RANGES: dict[str, tuple[str, Any]] = {
-    "num-server-rounds": (">= 1", lambda v: v >= 1),
+    # a site plans its privacy budget over the rounds (fedmoco.site_settings.MAX_PLANNED_RELEASES)
+    "num-server-rounds": ("in [1, 100000]", lambda v: 1 <= v <= 100_000),
     "image-size": ("in [8, 4096]", lambda v: 8 <= v <= 4096),
     "lr": ("> 0 and finite", lambda v: 0 < v < math.inf),
     "prototype-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),

@@ -610,7 +610,12 @@ class SatellitePretrainDataset(Dataset):
         if self.windows is not None:
             i, window = self.windows[index]
             return i, window, read(i, window)
-        i = int(np.searchsorted(self.cumulative, index % self.cumulative[-1], side="right"))
+        total = int(self.cumulative[-1])
+        # An epoch as long as the area (the default) walks the sources in proportion to their
+        # area, index by index. A shorter one (samples_per_epoch, or the 2^20 cap) draws each
+        # sample's source at random by area: index by index it would only reach the first ones.
+        slot = index % total if self.length >= total else int(torch.randint(0, total, ()))
+        i = int(np.searchsorted(self.cumulative, slot, side="right"))
         for _ in range(self.max_tries):
             window = random_window(self.reader.sources[i], self.tile)
             tile = read(i, window)

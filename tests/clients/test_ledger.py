@@ -397,3 +397,49 @@ def test_the_release_encoder_is_kept_across_rounds_and_on_disk(site, sent, tmp_p
     silent = context({"data-path": str(site)}, run_config(**{"key-release": "none"}))  # nothing kept
     train(train_message(sent, 1), silent)
     assert RELEASE not in silent.state.array_records
+
+
+def test_no_noise_cannot_step_around_a_ledger(site, sent, tmp_path):
+    path = tmp_path / "l.json"
+    m = metrics(train(train_message(sent, 1), context(dp_node(site, path, **{"dp-epsilon": 2.0}), run_config())))
+    assert m["dp-status"] == 0
+    spent = read_ledger(path).spent()
+    reply = train(train_message(sent, 2), context(dp_node(site, path, **{"dp-epsilon": "inf"}), run_config()))
+    m = metrics(reply)
+    assert m["dp-status"] == 8 and reply.content["keys"]["keys"].numpy().shape[0] == 0
+    assert read_ledger(path).spent() == spent and read_ledger(path).releases == 1
+    # a number that overflows to inf is not a request for no noise
+    reply = train(train_message(sent, 3), context(dp_node(site, path, **{"dp-epsilon": "1e400"}), run_config()))
+    assert reply.has_error() and "write inf to mean no noise" in reply.error.reason
+
+
+def test_a_ledger_reached_through_a_link_is_one_ledger(tmp_path):
+    real = tmp_path / "real" / "ledger.json"
+    with locked_ledger(real) as box:
+        box["ledger"] = SiteLedger("prototypes", 1.0, 1e-5, 4)
+        box["ledger"].record(2.0, 1.0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ledger.json").symlink_to(real)
+    with locked_ledger(tmp_path / "a" / "ledger.json") as box:
+        box["ledger"].record(2.0, 1.0)
+    assert (tmp_path / "a" / "ledger.json").is_symlink()  # the link is still a link ...
+    assert read_ledger(real).releases == 2  # ... and both spends are in the one file
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ledger.json").hardlink_to(real)
+    with pytest.raises(ConfigError, match="hard links"):
+        with locked_ledger(real):
+            pass
+
+
+@pytest.mark.parametrize("entry", [{"noise_multiplier": 1e300, "sample_rate": 1.0, "releases": 1},
+                                   {"noise_multiplier": 1.0, "sample_rate": 2.0, "releases": 1}])
+def test_a_ledger_history_no_release_could_have_is_refused(tmp_path, entry):
+    path = tmp_path / "l.json"
+    with locked_ledger(path) as box:
+        box["ledger"] = SiteLedger("prototypes", 1.0, 1e-5, 4)
+    state = json.loads(path.read_text())
+    state["history"] = [entry]
+    state.pop("plan", None)
+    path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="privacy ledger unreadable"):
+        read_ledger(path)

@@ -187,3 +187,25 @@ def test_nothing_from_the_file_is_sent(site, sent, tmp_path):
     # what leaves is the budget's numbers (dp-* metrics, as from node_config), never the file or its paths
     assert {k for k in reply.content["metrics"] if k.startswith("dp-")} >= {"dp-keys-budget", "dp-status"}
     assert not reply.content.config_records  # no text at all: no site-name was set, so no ``site`` record
+
+
+def test_a_settings_file_with_a_bom_is_read_and_a_huge_one_is_not(tmp_path):
+    path = tmp_path / SITE_SETTINGS_FILE
+    path.write_bytes(b"\xef\xbb\xbf" + b"dp-epsilon = 4.0\n")  # Windows editors save one
+    assert read_site_file(path) == {"dp-epsilon": 4.0}
+    path.write_text("# " + "x" * 100_000 + "\ndp-epsilon = 4.0\n")
+    with pytest.raises(ConfigError, match=r"the site settings file is 100,\d+ bytes; a settings file has a few lines"):
+        read_site_file(path)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"dp-rounds": 1e400}, "node_config dp-rounds: expected a whole number"),
+    ({"dp-rounds": 10**7}, "node_config dp-rounds: 10000000 is more than 100,000"),
+    ({"ledger-path": "/tmp/a\0b.json"}, "node_config ledger-path: a path cannot hold a NUL character"),
+])
+def test_site_privacy_settings_that_no_ledger_can_take_are_one_line(tmp_path, over, message):
+    from fedmoco.site_settings import privacy_settings
+
+    with pytest.raises(ConfigError) as err:
+        privacy_settings({"dp-epsilon": 4.0, **over}, tmp_path / "data")
+    assert str(err.value).startswith(message)

@@ -192,3 +192,17 @@ def test_readme_torchvision_snippet_runs_on_an_export(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(scope["encoder"](x), reference(x), rtol=1e-5, atol=1e-5)
     assert scope["features"].shape == (1, 512)
+
+
+def test_embed_names_satellite_tiles_by_their_window(tmp_path):
+    from domains.satellite.demo import make_demo_archive
+
+    data = make_demo_archive(tmp_path / "eo", labelled=True, seed=0)
+    data_meta = {"domain": "satellite", "image_size": 32, "options": {}, "normalization": None}
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=4, small=True, data=data_meta)
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
+    with open(tmp_path / "e.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == np.load(tmp_path / "e.npy").shape[0] > 0
+    assert all(r["region"].startswith("window=") and len(r["region"].split(",")) == 4 for r in rows)
+    assert all((data / r["path"]).is_file() for r in rows)

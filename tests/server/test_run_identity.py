@@ -135,7 +135,7 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     ({"local-epochs": 0}, "run_config local-epochs must be >= 1, got 0"),
     ({"batch-size": 1}, "run_config batch-size must be >= 2, got 1"),
     ({"temperature": 0.0}, "run_config temperature must be > 0, got 0.0"),
-    ({"num-server-rounds": 0}, "run_config num-server-rounds must be >= 1, got 0"),
+    ({"num-server-rounds": 0}, "run_config num-server-rounds must be in [1, 100000], got 0"),
     ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
                                      "got 0.5"),
     ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),

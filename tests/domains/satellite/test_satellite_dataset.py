@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -245,3 +246,22 @@ def test_labelled_from_csv_with_tiles_sharing_the_file_label(tmp_path):
     data = build_labelled_data(tmp_path, cfg(), csv, None)  # the CSV in the folder is not a raster
     assert data.classes == ["crop", "water"] and sum(data.skipped.values()) == 0
     assert [data.dataset[i][1] for i in range(len(data.dataset))] == [0, 0, 0, 0, 1]
+
+
+def test_a_short_epoch_draws_from_every_raster(tmp_path):
+    # samples_per_epoch far below the area: each sample's raster is drawn by area, so all are
+    # reached, not only the first in name order
+    from collections import Counter as Count
+
+    for k in range(4):
+        constant_file(tmp_path / f"r{k}.tif", [0.1 * (k + 1), 0.2])
+    data = build_pretrain_data(tmp_path, cfg(16, samples_per_epoch=40))
+    ds = data.dataset
+    assert len(ds) == 40 and int(ds.cumulative[-1]) == 4 * 16  # 16 tiles of 16 px per 64 px raster
+    torch.manual_seed(0)
+    seen = Count(Path(ds.reader.sources[ds._pick(k)[0]].name).name for k in range(len(ds)))
+    assert sorted(seen) == ["r0.tif", "r1.tif", "r2.tif", "r3.tif"] and min(seen.values()) >= 4, seen
+    # an epoch as long as the area still gives each raster exactly its share
+    full = build_pretrain_data(tmp_path, cfg(16)).dataset
+    exact = Count(Path(full.reader.sources[full._pick(k)[0]].name).name for k in range(len(full)))
+    assert set(exact.values()) == {16}
