@@ -331,7 +331,7 @@ def _checked_plan(plan: Any) -> dict[str, Any] | None:
 
 
 def no_ledger_metrics(status: int, releases: int = 0) -> dict[str, float]:
-    """``dp-*`` metrics of a round without a ledger (status 1-4, 7): no spending reported."""
+    """``dp-*`` metrics of a round without a ledger (status 1-4, 7, 8): no spending reported."""
     inf = status == 1
     return {"dp-keys-epsilon": math.inf if inf else 0.0, "dp-keys-delta": 0.0,
             "dp-keys-releases": float(releases), "dp-keys-exhausted": 0.0,
