@@ -144,5 +144,5 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path | str,
         for j in range(n):
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > hi / 2 else "black")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="test samples")
     return save_figure(fig, Path(path))
