@@ -85,7 +85,6 @@ SITE_DATA_UNAVAILABLE = 100
 SITE_MISCONFIGURED = 101
 #: Error code of a reply from a site whose training raised an unexpected exception.
 SITE_FAILED = 102
-#: The release modes of run_config ``key-release``.
 
 app = ClientApp()
 
