@@ -46,8 +46,9 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
     links is refused for the same reason (ConfigError).
     """
     path = Path(path).expanduser().resolve()
-    if path.is_file() and path.stat().st_nlink > 1:
-        raise ConfigError(f"{path}: the privacy ledger has {path.stat().st_nlink} hard links; each would become a "
+    links = path.stat().st_nlink if path.is_file() else 1
+    if links > 1:
+        raise ConfigError(f"{path}: the privacy ledger has {links} hard links; each would become a "
                           "budget of its own when it is rewritten: keep one, and point every name at it with a "
                           "symbolic link or the same ledger-path")
     if not path.exists() and (path.parent / f"{path.name}.lock").exists():

@@ -176,6 +176,20 @@ def check_text_file(path: Path | str, what: str) -> None:
             raise DataError(f"{path}: {what} is not a UTF-8 text file (binary data at byte {exc.start})") from None
 
 
+def recorded_pipeline(meta: dict[str, Any], domain: str | None,
+                      options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], Normalization | None]:
+    """(domain, data options, normalisation) for reading data with the encoder of a checkpoint
+    whose ``data`` record is ``meta``: ``domain`` (default the checkpoint's) and ``options`` on
+    top of the recorded ones. The recorded options and normalisation describe the checkpoint's
+    own domain's data only, so another domain gets neither. A federated encoder may carry no
+    normalisation (each site normalised its own data): None, and the domain estimates one."""
+    domain = domain or meta["domain"]
+    same = domain == meta["domain"]
+    recorded = (meta.get("options") or {}) if same else {}
+    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same else None
+    return domain, {**recorded, **(options or {})}, norm
+
+
 def check_data_dir(root: Path | str) -> Path:
     """Return ``root`` as a Path; raise DataError if it is missing or not a folder."""
     root = Path(root)

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from fedmoco.atomic import atomic_write, atomic_write_text
 from fedmoco.checkpoint import load_checkpoint
-from fedmoco.data import DataConfig, Normalization, build_labelled_data, check_data_dir, list_files
+from fedmoco.data import DataConfig, build_labelled_data, check_data_dir, list_files, recorded_pipeline
 from fedmoco.errors import CheckpointError
 from fedmoco.evaluate import extract_features
 
@@ -113,12 +113,8 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     meta = ckpt["data"]
-    domain = domain or meta["domain"]
-    # The checkpoint's options and normalisation describe its own domain's data only (as for knn).
-    same_domain = domain == meta["domain"]
-    own = (meta.get("options") or {}) if same_domain else {}
-    cfg = DataConfig(image_size=meta["image_size"], options={**own, **(options or {})})
-    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
+    domain, data_options, norm = recorded_pipeline(meta, domain, options)
+    cfg = DataConfig(image_size=meta["image_size"], options=data_options)
     with tempfile.TemporaryDirectory(prefix="fedmoco-embed-") as tmp:
         labelled = build_labelled_data(domain, root, cfg, _unlabelled_csv(root, Path(tmp)), norm)
     if labelled.in_channels != model.cfg.in_channels:

@@ -65,21 +65,15 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
     """Checkpoint, its recorded input pipeline, and the labelled --data (and --test) sets."""
     from fedmoco.checkpoint import load_checkpoint
     from fedmoco.cli import parse_options
-    from fedmoco.data import DataConfig, Normalization
+    from fedmoco.data import DataConfig, Normalization, recorded_pipeline
     from fedmoco.labels import build_labelled_set, check_classes, check_disjoint, load_label_table
     from fedmoco.pretrain import model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt["data"]
-    domain = args.domain or meta["domain"]
-    # The checkpoint's options and normalisation describe its own domain's data only.
-    same_domain = domain == meta["domain"]
-    options = {**((meta.get("options") or {}) if same_domain else {}), **parse_options(args.data_option)}
+    domain, options, norm = recorded_pipeline(meta, args.domain, parse_options(args.data_option))
     cfg = DataConfig(image_size=meta["image_size"], seed=getattr(args, "split_seed", args.seed), options=options)
-    # A federated encoder may carry no normalisation (each site normalised its own data): the
-    # domain then estimates it on the labelled data, as the data contract allows.
-    norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same_domain else None
     columns = getattr(args, "label_column", None)
 
     def load(root: Path, labels: Path | None, norm: Normalization | None):

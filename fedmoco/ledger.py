@@ -95,12 +95,8 @@ class SiteLedger:
         self.mechanism = mechanism
         self.epsilon_budget = _privacy()._check_epsilon(epsilon_budget, "epsilon_budget")
         self.delta = _privacy()._check_delta(delta)
-        self.planned_releases = _privacy()._check_count(planned_releases, "dp-rounds", 1)
-        if self.planned_releases > MAX_PLANNED_RELEASES:  # the plan prices and stores every one of them
-            raise ConfigError(f"ledger: {self.planned_releases:,} planned releases, more than "
-                              f"{MAX_PLANNED_RELEASES:,}")
-        self.history = [(_privacy()._check_noise_multiplier(z, False), _privacy()._check_sample_rate(q),
-                         _privacy()._check_count(n, "releases", 1))
+        self.planned_releases = _planned(planned_releases)
+        self.history = [(_recorded_noise(z), _privacy()._check_sample_rate(q), _privacy()._check_count(n, "releases", 1))
                         for z, q, n in (history or [])]
         #: The releases planned ahead and the epsilon after each (see :meth:`next_noise`).
         self.plan = _checked_plan(plan)
@@ -239,9 +235,7 @@ class SiteLedger:
     def replan(self, planned_releases: int) -> list[str]:
         """Set the number of planned releases (node_config ``dp-rounds``): the site's choice of
         how to spread its budget. It changes the noise, never the budget."""
-        planned_releases = _privacy()._check_count(planned_releases, "dp-rounds", 1)
-        if planned_releases > MAX_PLANNED_RELEASES:
-            raise ConfigError(f"dp-rounds: {planned_releases:,} is more than {MAX_PLANNED_RELEASES:,}")
+        planned_releases = _planned(planned_releases)
         if planned_releases == self.planned_releases:
             return []
         note = f"planned releases {self.planned_releases} -> {planned_releases} (dp-rounds)"
@@ -286,14 +280,32 @@ class SiteLedger:
                               f"expected {LEDGER_FORMAT!r}")
         try:
             history = [(float(h["noise_multiplier"]), float(h["sample_rate"]), int(h["releases"])) for h in d["history"]]
-            bad = next((h for h in history if not (0 < h[0] < 1e6 and 0 < h[1] <= 1 and h[2] >= 0)), None)
-            if bad is not None:  # no release is made at such a (z, q); the accountant cannot price it
-                raise ValueError(f"history entry {bad} is not a (noise multiplier, sample rate, releases) "
-                                 "any release had")
             return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]),
                        int(d["planned_releases"]), history, d.get("plan"))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
+
+
+#: Largest noise multiplier a release records: calibration gives up below 1e6 (SiteLedger._fit),
+#: and the accountant overflows on z of the order of 1e150.
+MAX_NOISE_MULTIPLIER = 1e6
+
+
+def _recorded_noise(z: float) -> float:
+    """A recorded release's noise multiplier, checked: finite, > 0 and one a release could have."""
+    z = _privacy()._check_noise_multiplier(z, False)
+    if z >= MAX_NOISE_MULTIPLIER:
+        raise ConfigError(f"ledger: noise multiplier {z:g} is not one a release had (at most {MAX_NOISE_MULTIPLIER:g})")
+    return z
+
+
+def _planned(n: int) -> int:
+    """A number of planned releases (node_config ``dp-rounds``), checked: the plan prices and
+    stores every one of them."""
+    n = _privacy()._check_count(n, "dp-rounds", 1)
+    if n > MAX_PLANNED_RELEASES:
+        raise ConfigError(f"dp-rounds: {n:,} planned releases, more than {MAX_PLANNED_RELEASES:,}")
+    return n
 
 
 def _compress(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:

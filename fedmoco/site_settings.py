@@ -10,7 +10,6 @@ same functions, so the dry run refuses exactly what a real round would.
 from __future__ import annotations
 
 import math
-
 import re
 import tomllib
 from collections.abc import Iterator

@@ -106,7 +106,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         site_ledger = {int(k): v for k, v in saved["ledger"]["sites"].items()}
         dp_state = saved["ledger"].get("model-dp")
         site_names = saved.get("site-names", {})
-        updated_before = saved.get("updated-rounds")  # None: a checkpoint from before it was kept
+        updated_before = saved.get("updated-rounds")  # None: a checkpoint that did not record them
         log.info("resuming from %s after round %d: global queue holds %d keys from %d site(s)",
                  state_path, done, len(queue), len(queue.counts_by_site()))
     else:
@@ -136,10 +136,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,
         checkpoint_extra={"moco_config": mcfg.to_dict(), "num_server_rounds": total_rounds,
                           "run-identity": identity.to_dict()}, run_id=identity.run_id, site_names=site_names,
+        updated_before=updated_before,
         site_ledger=site_ledger, example_caps=ExampleCaps.parse(r("max-examples-per-site"), r("site-example-caps")),
         **sampling,
     )
-    strategy.updated_before = list(updated_before or [])
     if done < total_rounds:
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total_rounds - done,
                                 timeout=r("round-timeout"))
@@ -150,7 +150,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         known = f" ({len(updated_before)} of them updated the model)" if updated_before is not None else ""
         log.info("all %d rounds were already done%s; writing the outputs again", total_rounds, known)
 
-    updated = None if updated_before is None else len({*updated_before, *strategy.updated_rounds})
+    updated = None if updated_before is None else len(strategy.updated_all)
     encoder = write_encoder(out / ENCODER_FILE, model, arrays, run_config, rounds=max(strategy.last_round, done),
                             sites=strategy.site_ledger, identity=identity, updated_rounds=updated)
     plots = plot_federation(metrics_path, out / "plots", dim=mcfg.dim) if r("plots") and metrics_path.exists() else []

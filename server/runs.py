@@ -33,6 +33,7 @@ from clients.task import (KEY_RELEASE_MODES, RUN_DEFAULTS, moco_config, parse_ch
 from fedmoco.data import DOMAINS
 from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.metrics import read_jsonl
+from fedmoco.site_settings import MAX_PLANNED_RELEASES
 
 #: run_config keys that define the global model and queue: a run resumed with other values
 #: would continue a different federation's model.
@@ -138,8 +139,8 @@ def no_update_message(last_sites: list[dict[str, Any]], rounds: int, metrics: Pa
 
 #: Ranges of run_config values (keys that the current RUN_DEFAULTS lack are skipped).
 RANGES: dict[str, tuple[str, Any]] = {
-    # a site plans its privacy budget over the rounds (fedmoco.site_settings.MAX_PLANNED_RELEASES)
-    "num-server-rounds": ("in [1, 100000]", lambda v: 1 <= v <= 100_000),
+    # a site plans its privacy budget over the rounds: no more than it may plan
+    "num-server-rounds": (f"in [1, {MAX_PLANNED_RELEASES}]", lambda v: 1 <= v <= MAX_PLANNED_RELEASES),
     "image-size": ("in [8, 4096]", lambda v: 8 <= v <= 4096),
     "lr": ("> 0 and finite", lambda v: 0 < v < math.inf),
     "prototype-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),

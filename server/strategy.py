@@ -188,6 +188,7 @@ class FedMoCo(FedAvg):
     ``num-examples`` is clipped to the cap before aggregation (docs/federation.md).
     ``run_id``: the run's identity (``server.runs``), written on every line of the metrics.
     ``site_names``: node id -> site name restored from a checkpoint.
+    ``updated_before``: the rounds that changed the model before a restart (None: not recorded).
     """
 
     def __init__(self, *, queue: GlobalKeyQueue, limits: ReplyLimits, queue_sample: int = 1024,
@@ -198,6 +199,7 @@ class FedMoCo(FedAvg):
                  expected_metrics: frozenset[str] = REQUIRED_METRICS, seed: int | None = None,
                  fraction_evaluate: float = 0.0, example_caps: ExampleCaps | None = None,
                  queue_max_age: int = 0, run_id: str | None = None, site_names: dict[int, str] | None = None,
+                 updated_before: list[int] | None = None,
                  prototype_centres: int = 8, **fedavg_kwargs: Any) -> None:
         super().__init__(fraction_evaluate=fraction_evaluate, **fedavg_kwargs)
         if queue_sample < 0:
@@ -242,7 +244,8 @@ class FedMoCo(FedAvg):
         self.last_round = self.round_offset
         self.run_id = run_id  # server.runs: written on every rounds.jsonl line
         self.updated_rounds: list[int] = []  # rounds of this session that changed the global model
-        self.updated_before: list[int] = []  # ... of the sessions before it (restored from a checkpoint)
+        # ... of the sessions before it (restored from a checkpoint; None: one that did not record them)
+        self.updated_before = None if updated_before is None else list(updated_before)
         self.last_sites: list[dict[str, Any]] = []  # the last round's per-site outcomes
         # node id -> node_config site-name, as the sites reported it (kept in the checkpoint, so a
         # restarted server names a site whose first reply after the restart is an error)
@@ -370,6 +373,11 @@ class FedMoCo(FedAvg):
         level = logging.INFO if code == 2 else logging.WARNING
         log.log(level, "round %d: %s sent no DP summaries: %s%s", r, who, site["dp-reason"], spent)
 
+    @property
+    def updated_all(self) -> list[int]:
+        """Every round of the run that changed the global model, this session's and before."""
+        return sorted({*(self.updated_before or []), *self.updated_rounds})
+
     def _name_owner(self, name: str | None) -> int | None:
         """The node that goes by ``name`` since this ServerApp started, if any: the first whose
         reply under it was accepted. A node may change its own name, which frees the old one.
@@ -446,7 +454,7 @@ class FedMoCo(FedAvg):
             "site-names": dict(self.site_names),
             # a round can pass without changing the model (every site failed): a resume counts it as
             # done, and what the encoder is worth is the rounds that did change it
-            "updated-rounds": sorted({*self.updated_before, *self.updated_rounds}),
+            "updated-rounds": self.updated_all,
             "ledger": {"sites": {int(k): dict(v) for k, v in self.site_ledger.items()},
                        "model-dp": self.model_dp.state_dict() if self.model_dp else None},
             **self.checkpoint_extra,

@@ -73,26 +73,26 @@ class FleetOnly:
         await send({"type": "http.response.body", "body": body})
 
 
+def _address(host: str):
+    """``host`` as an IP address (``localhost`` as 127.0.0.1), or None for any other name,
+    which could resolve to anything."""
+    try:
+        return ipaddress.ip_address("127.0.0.1" if host == "localhost" else host.strip("[]"))
+    except ValueError:
+        return None
+
+
 def is_private_bind(host: str) -> bool:
     """True for a loopback or private (RFC 1918 / ULA) address or ``localhost``; False for
-    wildcard and public addresses (and for names, which could resolve to anything)."""
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return not ip.is_unspecified and (ip.is_loopback or ip.is_private)
+    wildcard and public addresses (and for names)."""
+    ip = _address(host)
+    return ip is not None and not ip.is_unspecified and (ip.is_loopback or ip.is_private)
 
 
 def is_loopback_bind(host: str) -> bool:
     """True for a loopback address or ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    ip = _address(host)
+    return ip is not None and ip.is_loopback
 
 
 def secure_defaults(config: Any, ours: argparse.Namespace) -> str | None:

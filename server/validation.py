@@ -34,7 +34,8 @@ _MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean", "global-s
 # Epsilon and budget are +inf for a site that releases without noise (fedmoco.ledger.no_ledger_metrics).
 _MAY_BE_INF = frozenset({"dp-keys-epsilon", "dp-keys-budget"})
 # Counts, times and privacy figures: a negative one is a lie that would reach rounds.jsonl.
-_NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "dp-keys-budget", "dp-keys-delta")
+# (dp-keys-delta has its own range below: a probability.)
+_NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "dp-keys-budget")
 #: dp-status codes under which a reply may carry keys: released with or without noise.
 RELEASING_STATUS = frozenset({0, 1})
 

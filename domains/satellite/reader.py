@@ -15,8 +15,8 @@ import os
 import re
 import warnings
 from collections import OrderedDict
-from functools import cache
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
