@@ -95,19 +95,7 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out / "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("pos-mean", "g-o"), ("neg-mean", "r-o"), ("emb-std", "b-o")):
-        ax.plot(rounds, [_num(r.get(key)) for r in records], style, label=key)
-    if any(_num(r.get("global-share")) > 0 for r in records):  # how much the global queue weighs
-        ax.plot(rounds, [_num(r.get("global-share")) for r in records], "m-s",
-                label="global-share (softmax mass on global negatives)")
-    if dim:
-        ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (healthy emb-std)")
-    ax.set(xlabel="round", ylabel="cosine score / std / share", title="Score statistics (weighted over sites)")
-    whole_number_ticks(ax)
-    _no_reply_note(ax, records)
-    ax.legend(fontsize=7)
-    written.append(save_figure(fig, out / "scores.png"))
+    written.append(save_figure(scores_figure(records, dim), out / "scores.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     privacy_axes(ax, records, order)
@@ -134,6 +122,39 @@ def plot_federation(metrics_path: Path | str, out_dir: Path | str, *, dim: int |
         queue_axes(ax, records)
         written.append(save_figure(fig, out / "queue.png"))
     return written
+
+
+def scores_figure(records: list[dict[str, Any]], dim: int | None = None):
+    """scores.png: one panel per measure, so that each keeps its own scale. Cosines span
+    [-1, 1] while emb-std lives near 1/sqrt(D) (0.088 at D = 128): on one axis a collapse from
+    0.088 to 0.006 would be a flat line at the bottom. The global share panel appears when
+    some round put mass on global negatives."""
+    rounds = [r["round"] for r in records]
+    share = [_num(r.get("global-share")) for r in records]
+    shared = any(v > 0 for v in share)
+    fig, axes = plt.subplots(3 if shared else 2, 1, figsize=(6, 7 if shared else 5.5), sharex=True)
+    cos_ax, std_ax = axes[0], axes[1]
+    for key, style in (("pos-mean", "g-o"), ("neg-mean", "r-o")):
+        cos_ax.plot(rounds, [_num(r.get(key)) for r in records], style, label=key)
+    cos_ax.axhline(0.0, color="0.5", ls=":", lw=1, label="0 (orthogonal)")
+    cos_ax.set(ylabel="mean cosine score", title="Score statistics (weighted over sites)")
+    cos_ax.legend(fontsize=7)
+    std_ax.plot(rounds, [_num(r.get("emb-std")) for r in records], "b-o", label="emb-std")
+    if dim:
+        std_ax.axhline(1 / math.sqrt(dim), color="b", ls=":", label="1/sqrt(D) (spread over the sphere)")
+    std_ax.set_ylim(bottom=0)
+    std_ax.set(ylabel="embedding std per dimension")
+    std_ax.legend(fontsize=7)
+    if shared:
+        axes[2].plot(rounds, share, "m-s", label="global-share")
+        axes[2].set_ylim(0, 1)
+        axes[2].set(ylabel="softmax mass on\nglobal negatives")
+        axes[2].legend(fontsize=7)
+    axes[-1].set(xlabel="round")
+    for ax in axes:
+        whole_number_ticks(ax)
+    _no_reply_note(cos_ax, records)
+    return fig
 
 
 def privacy_axes(ax, records: list[dict[str, Any]], order: dict[str | int, int]) -> None:

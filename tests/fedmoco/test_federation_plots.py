@@ -137,3 +137,27 @@ def test_a_run_where_no_reply_was_accepted_says_so(tmp_path):
     texts, xlim = notes["loss.png"]
     assert texts == ["no site's reply was accepted in any round:\nsee each site's status in rounds.jsonl"]
     assert xlim == (0.5, 4.5)
+
+
+def test_scores_give_each_measure_its_own_scale():
+    from fedmoco.federation_plots import scores_figure
+
+    recs = _records(shared=True)
+    for r, std in zip(recs, (0.08, 0.02, 0.006)):  # a collapse: emb-std falls by 13x
+        r.update({"pos-mean": 0.6, "neg-mean": 0.1, "emb-std": std, "global-share": 0.05})
+    fig = scores_figure(recs, dim=128)
+    cos_ax, std_ax, share_ax = fig.axes
+    assert {ln.get_label() for ln in cos_ax.lines} == {"pos-mean", "neg-mean", "0 (orthogonal)"}
+    std_line = next(ln for ln in std_ax.lines if ln.get_label() == "emb-std")
+    assert list(std_line.get_ydata()) == [0.08, 0.02, 0.006]
+    ref = next(ln for ln in std_ax.lines if ln.get_label().startswith("1/sqrt(D)"))
+    assert ref.get_ydata()[0] == pytest.approx(128 ** -0.5)
+    lo, hi = std_ax.get_ylim()  # the collapse spans most of its own axis, not 1% of a cosine axis
+    assert lo == 0 and hi < 0.1
+    assert share_ax.get_ylim() == (0, 1) and share_ax.get_xlabel() == "round"
+    plt.close(fig)
+    for r in recs:  # nothing weighed on global negatives: no empty third panel
+        r["global-share"] = 0.0
+    fig = scores_figure(recs, dim=128)
+    assert len(fig.axes) == 2 and fig.axes[-1].get_xlabel() == "round"
+    plt.close(fig)
