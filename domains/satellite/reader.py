@@ -651,6 +651,13 @@ def select_bands(source: RasterSource, bands: Sequence[int | str] | None) -> lis
                 have = ", ".join(n or "?" for n in described)
                 raise RasterReadError(source.name, MISSING_BAND, f"no band described {b!r}; bands: {have}")
             positions.append(names.index(want))
+    if len(set(positions)) != len(positions):  # e.g. bands=2,B02 on a Sentinel-2 file: one band twice
+        first = {}
+        for b, pos in zip(bands, positions):
+            if pos in first:
+                raise RasterReadError(source.name, MISSING_BAND,
+                                      f"bands {first[pos]!r} and {b!r} select the same band; select each band once")
+            first[pos] = b
     return positions
 
 

@@ -119,6 +119,9 @@ def test_undescribed_13_band_file_is_selected_with_sentinel2_names(tmp_path):
     path = write_raster(tmp_path / "s2.tif", dn, transform=T10)
     tile = read_tile(path, bands=["B8A", "B02"])
     np.testing.assert_allclose(tile.data, dn[[8, 1]] / 1e4, rtol=1e-6)
+    # an index and a name of the same band: refused, not read twice into two channels
+    with pytest.raises(RasterReadError, match=rf"^{path}: missing band \(bands 2 and 'B02' select the same band"):
+        read_tile(path, bands=[2, "B02"])
 
 
 LAYOUTS = [
