@@ -38,7 +38,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: DICOM bases follow per-frame windows and one MONOCHROME1 reflection (reader fixes)
+CACHE_VERSION = 2
 _HEADER_ALIGN = 4096
 # Free disk space the cache leaves on its volume; a cache that would eat into it is not built.
 MIN_FREE_BYTES = 2 * 2**30

@@ -96,11 +96,12 @@ class _DicomSamples(Dataset):
         except DicomReadError as exc:
             log.warning("skipping sample %d: %s", i, exc)
             return None
-        centre = images[refs[len(refs) // 2][0]]
+        centre_file, centre_frame = refs[len(refs) // 2]
         image = np.concatenate(planes) if len(planes) > 1 else planes[0]
         if self.opts.channels == 3 and image.shape[0] == 1:
             image = np.repeat(image, 3, axis=0)
-        return {IMAGE: torch.from_numpy(np.ascontiguousarray(image)), WINDOW: self._window(centre)}
+        window = self._window(images[centre_file], centre_frame)
+        return {IMAGE: torch.from_numpy(np.ascontiguousarray(image)), WINDOW: window}
 
     def _plane(self, image: DicomImage, frame: int) -> np.ndarray:
         """Frame ``frame`` as (C, H, W): RGB becomes luma unless 3 channels are wanted."""
@@ -109,12 +110,13 @@ class _DicomSamples(Dataset):
             plane = np.tensordot(_LUMA, plane, axes=1)[None]
         return plane
 
-    def _window(self, image: DicomImage) -> tuple[float, float] | None:
-        """(centre, width) in the pixels' units, or None for percentiles."""
+    def _window(self, image: DicomImage, frame: int = 0) -> tuple[float, float] | None:
+        """(centre, width) in the pixels' units for file frame ``frame``, or None for
+        percentiles. An enhanced file's frames can each carry their own window."""
         if image.channels == 3 and image.value_range is not None:
             lo, hi = image.value_range
             return ((lo + hi) / 2, hi - lo)
-        own = (image.window_center, image.window_width) if image.window_width else None
+        own = image.window(frame)
         if image.modality == "CT":
             choice = self.opts.ct_window
             if choice in CT_PRESETS:

@@ -75,6 +75,15 @@ class DicomHeader:
     # sha256 of SeriesInstanceUID, first 16 hex digits: groups slices for 2.5D stacking
     # without keeping the UID itself (a DICOM UID is an identifier under PS3.15).
     series_key: str | None
+    # (centre, width) per frame when an enhanced file's frames carry different windows
+    # (FrameVOILUTSequence), else empty and ``window_center``/``window_width`` hold for all
+    frame_windows: tuple[tuple[float, float] | None, ...] = ()
+
+    def window(self, frame: int = 0) -> tuple[float, float] | None:
+        """(centre, width) of file frame ``frame`` in the pixels' units, or None."""
+        if self.frame_windows:
+            return self.frame_windows[frame]
+        return (self.window_center, self.window_width) if self.window_width else None
 
     @property
     def slice_position(self) -> float | None:
@@ -92,7 +101,8 @@ class DicomImage(DicomHeader):
     ``pixels`` is float32, native byte order, shape (frames, channels, rows, columns), in
     modality units: rescale slope/intercept (or the modality LUT) applied, so CT is in HU;
     MONOCHROME1 inverted to the MONOCHROME2 convention (bright = high value) by reflecting
-    within ``value_range``; YBR and palette colour converted to RGB channels.
+    within ``value_range`` (negated for float pixel data, which has no such range); YBR and
+    palette colour converted to RGB channels.
     ``frames`` lists which frames of the file ``pixels`` holds, in order.
     """
 

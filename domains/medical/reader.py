@@ -182,8 +182,8 @@ def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None,
     """
     with _reading(path):
         ds, st = _open(path)
-        header, rescale, stored_range = _validated(ds, path, st, limits)
-        return _read_pixels(ds, path, header, rescale, stored_range, frames, limits)
+        header, rescale = _validated(ds, path, st, limits)
+        return _read_pixels(ds, path, header, rescale, frames, limits)
 
 
 # Validation results per (file, size, mtime, limits), this process only. Validating an
@@ -207,7 +207,7 @@ def _validated(ds: Dataset, path, st: os.stat_result, limits: DicomLimits) -> tu
     return result
 
 
-def _read_pixels(ds, path, header, rescale, stored_range, frames, limits: DicomLimits) -> DicomImage:
+def _read_pixels(ds, path, header, rescale, frames, limits: DicomLimits) -> DicomImage:
     wanted = tuple(range(header.number_of_frames)) if frames is None else tuple(frames)
     for f in wanted:
         if not 0 <= f < header.number_of_frames:
@@ -231,7 +231,7 @@ def _read_pixels(ds, path, header, rescale, stored_range, frames, limits: DicomL
             f"decoded frame is {raw.shape[1]}x{raw.shape[2]}, header says "
             f"{header.rows}x{header.columns}",
         )
-    pixels = _to_modality_units(raw, ds, header, rescale, stored_range, wanted, photometric)
+    pixels = _to_modality_units(raw, ds, header, rescale, wanted, photometric)
     return DicomImage(**header.to_dict(), pixels=pixels, frames=wanted)
 
 
@@ -309,12 +309,11 @@ def _describe(exc: BaseException) -> str:
 
 def _validate(
     ds: Dataset, path, size: int, limits: DicomLimits = DEFAULT_LIMITS
-) -> tuple[DicomHeader, list[tuple[float, float]], tuple[int, int]]:
+) -> tuple[DicomHeader, list[tuple[float, float]]]:
     """Check everything that can be checked without decoding; the ``limits`` before any
     per-frame work, so a forged NumberOfFrames costs nothing.
 
-    Returns the header, the (slope, intercept) of every frame of the file and the range of
-    stored values allowed by BitsStored and PixelRepresentation.
+    Returns the header and the (slope, intercept) of every frame of the file.
     """
     sop = _sop_class(ds)
     tsyntax = _transfer_syntax(ds)
@@ -382,10 +381,17 @@ def _validate(
         # The palette's entries, not the indices, become the pixels: their bit depth counts.
         descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
         stored_range = (0, 2 ** _int_value(descriptor[2], path, "palette descriptor") - 1)
-    value_range = _value_range(stored_range, rescale[0], photometric, keyword)
-    center, width = _window(ds)
-    if photometric == "MONOCHROME1" and center is not None and value_range is not None:
-        center = value_range[0] + value_range[1] - center
+    if _uses_modality_lut(ds) and photometric in _GRAY:
+        # The LUT's entries, not the stored values, become the pixels: their bit depth bounds them.
+        descriptor = ds.ModalityLUTSequence[0].get("LUTDescriptor") or [0, 0, 16]
+        stored_range = (0, 2 ** _int_value(descriptor[2], path, "modality LUT descriptor") - 1)
+        value_range = (float(stored_range[0]), float(stored_range[1]))
+    else:
+        value_range = _value_range(stored_range, rescale[0], photometric, keyword)
+    windows = _windows(ds, frames)
+    if photometric == "MONOCHROME1":
+        windows = tuple(None if w is None else (_reflect(w[0], value_range), w[1]) for w in windows)
+    center, width = windows[0] if windows[0] is not None else (None, None)
     header = DicomHeader(
         path=str(path),
         sop_class=sop,
@@ -400,12 +406,13 @@ def _validate(
         pixel_spacing=_pixel_spacing(ds),
         window_center=center,
         window_width=width,
+        frame_windows=windows if len(set(windows)) > 1 else (),
         value_range=value_range,
         slice_positions=_slice_positions(ds, frames),
         instance_number=_optional_int(ds.get("InstanceNumber")),
         series_key=_series_key(ds),
     )
-    return header, rescale, stored_range
+    return header, rescale
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -574,16 +581,34 @@ def _first_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _window(ds: Dataset) -> tuple[float | None, float | None]:
-    source: Dataset | None = ds
-    if "WindowCenter" not in ds:
-        source = _functional_item(ds, "FrameVOILUTSequence", 0)
-    if source is None:
-        return None, None
-    center, width = _first_number(source.get("WindowCenter")), _first_number(source.get("WindowWidth"))
-    if center is None or width is None or width <= 0:
-        return None, None
-    return center, width
+def _uses_modality_lut(ds: Dataset) -> bool:
+    """Whether a Modality LUT Sequence, not a linear rescale, gives the output units (as in
+    pydicom's ``apply_modality_lut``: a rescale present wins)."""
+    return "ModalityLUTSequence" in ds and "RescaleSlope" not in ds and len(ds.ModalityLUTSequence) > 0
+
+
+def _reflect(value: float, value_range: tuple[float, float] | None) -> float:
+    """MONOCHROME1's inversion of one value: ``lo + hi - value`` within the representable
+    range, or ``-value`` for float pixel data, which has none. Pixels and windows are
+    reflected by this one map, so a file's window still selects the same tissue."""
+    return -value if value_range is None else value_range[0] + value_range[1] - value
+
+
+def _windows(ds: Dataset, frames: int) -> tuple[tuple[float, float] | None, ...]:
+    """(centre, width) of every frame, or None where it has none: the top-level window, else
+    the frame's FrameVOILUTSequence (per-frame, then shared functional groups). Only the
+    first value of a multi-valued window is used."""
+    def pair(source: Dataset | None) -> tuple[float, float] | None:
+        if source is None:
+            return None
+        center, width = _first_number(source.get("WindowCenter")), _first_number(source.get("WindowWidth"))
+        return (center, width) if center is not None and width is not None and width > 0 else None
+
+    if "WindowCenter" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+        # a classic image, or one window for all frames: no per-frame lookups
+        found = pair(ds) if "WindowCenter" in ds else pair(_functional_item(ds, "FrameVOILUTSequence", 0))
+        return (found,) * frames
+    return tuple(pair(_functional_item(ds, "FrameVOILUTSequence", f)) for f in range(frames))
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
@@ -695,7 +720,6 @@ def _to_modality_units(
     ds: Dataset,
     header: DicomHeader,
     rescale: list[tuple[float, float]],
-    stored_range: tuple[int, int],
     wanted: tuple[int, ...],
     photometric: str,
 ) -> np.ndarray:
@@ -709,23 +733,23 @@ def _to_modality_units(
         return np.ascontiguousarray(np.asarray(raw, dtype=np.float32).transpose(0, 3, 1, 2))
 
     gray = raw[..., 0]
-    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
+    if _uses_modality_lut(ds):
         # A lookup table instead of a linear rescale (some CR/XA): pydicom applies it.
         out = np.asarray(apply_modality_lut(gray, ds), dtype=np.float32)
-        lut_range = (float(out.min()), float(out.max()))
-        if header.photometric_interpretation == "MONOCHROME1":
-            out = np.float32(sum(lut_range)) - out
-        return out[:, None]
-    # np.asarray to float32 also turns big-endian ('>i2') data into native order.
-    out = np.asarray(gray, dtype=np.float32)
-    slopes = np.asarray([rescale[f][0] for f in wanted], dtype=np.float32)[:, None, None]
-    intercepts = np.asarray([rescale[f][1] for f in wanted], dtype=np.float32)[:, None, None]
-    if (slopes != 1).any() or (intercepts != 0).any():
-        out = out * slopes + intercepts
-    if header.photometric_interpretation == "MONOCHROME1" and header.value_range is not None:
-        # Reflect within the representable range of each frame (lo + hi - x; rescale can vary
-        # per frame), so a known stored value maps to a known output value whatever the
-        # image content.
-        stored_lo, stored_hi = stored_range
-        out = (stored_lo + stored_hi) * slopes + 2 * intercepts - out
+    else:
+        # np.asarray to float32 also turns big-endian ('>i2') data into native order.
+        out = np.asarray(gray, dtype=np.float32)
+        slopes = np.asarray([rescale[f][0] for f in wanted], dtype=np.float32)[:, None, None]
+        intercepts = np.asarray([rescale[f][1] for f in wanted], dtype=np.float32)[:, None, None]
+        if (slopes != 1).any() or (intercepts != 0).any():
+            out = out * slopes + intercepts
+    if header.value_range is None and not np.isfinite(out).all():
+        # Float pixel data can hold NaN or inf, which would make every view and the loss NaN.
+        raise DicomReadError(header.path, INCONSISTENT, "float pixel data holds NaN or infinite values")
+    if header.photometric_interpretation == "MONOCHROME1":
+        # One reflection for every frame, the one _validate applied to the windows (the
+        # representable range of the first frame's units, or negation for float data): a
+        # frame's own rescale then still lands its window on the same values.
+        lo_hi = np.float32(sum(header.value_range)) if header.value_range is not None else np.float32(0)
+        out = lo_hi - out
     return np.ascontiguousarray(out[:, None])

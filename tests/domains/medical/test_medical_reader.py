@@ -93,6 +93,89 @@ def test_monochrome1_with_rescale_reflects_in_output_units(tmp_path):
     assert read_dicom(path).pixels[0, 0, 0].tolist() == [7980.0, 8180.0]
 
 
+def _lut(bits: int = 16) -> "pydicom.Dataset":
+    lut = _item(LUTDescriptor=[4096, 0, bits], ModalityLUTType="US",
+                LUTData=(np.arange(4096) * 2).astype(np.uint16).tobytes())  # stored x -> 2x
+    lut["LUTData"].VR = "OW"
+    return lut
+
+
+def test_monochrome1_through_a_modality_lut_reflects_within_the_lut_output_range(tmp_path):
+    # The reflection must not depend on the image's content: stored 150 is the same output
+    # in both files, and the window centre is reflected by the same map as the pixels.
+    out = []
+    for name, raw in (("a", [[0, 150, 2000, 4095]]), ("b", [[100, 150, 200, 200]])):
+        path = write_dicom(tmp_path / f"{name}.dcm", np.array(raw, np.uint16), photometric="MONOCHROME1",
+                           bits_stored=12, sop_class=ComputedRadiographyImageStorage,
+                           attributes={"Modality": "CR", "ModalityLUTSequence": DicomSequence([_lut()]),
+                                       "WindowCenter": 4000, "WindowWidth": 2000})
+        out.append(read_dicom(path))
+    a, b = out
+    assert a.value_range == b.value_range == (0.0, 65535.0)  # the LUT's 16-bit entries
+    assert a.pixels[0, 0, 0].tolist() == [65535.0, 65235.0, 61535.0, 57345.0]  # 65535 - 2 * stored
+    assert a.pixels[0, 0, 0, 1] == b.pixels[0, 0, 0, 1]
+    assert (a.window_center, a.window_width) == (61535.0, 2000.0)
+    c, w = a.window_center, a.window_width  # stored 2000 -> LUT 4000, the file's window centre: 0.5
+    assert np.clip((a.pixels[0, 0, 0] - (c - w / 2)) / w, 0, 1).tolist() == [1.0, 1.0, 0.5, 0.0]
+
+
+def test_enhanced_monochrome1_with_per_frame_rescale_keeps_each_frame_in_its_window(tmp_path):
+    stored = np.stack([np.array([[0, 600, 700, 800, 4095]], np.uint16)] * 2)
+    per_frame = [_item(PixelValueTransformationSequence=DicomSequence(
+        [_item(RescaleSlope=1 + f, RescaleIntercept=100 * f)])) for f in range(2)]
+    shared = _item(FrameVOILUTSequence=DicomSequence([_item(WindowCenter=1000, WindowWidth=1000)]))
+    path = write_dicom(tmp_path / "xa.dcm", stored, photometric="MONOCHROME1", bits_stored=12,
+                       sop_class=EnhancedCTImageStorage,
+                       attributes={"Modality": "XA", "SharedFunctionalGroupsSequence": DicomSequence([shared]),
+                                   "PerFrameFunctionalGroupsSequence": DicomSequence(per_frame)})
+    img = read_dicom(path)
+    c, w = img.window(1)
+    for f in range(2):
+        units = stored[f, 0].astype(float) * (1 + f) + 100 * f
+        expected = 1 - np.clip((units - 500) / 1000, 0, 1)  # window 1000/1000, then inverted
+        np.testing.assert_allclose(np.clip((img.pixels[f, 0, 0] - (c - w / 2)) / w, 0, 1), expected, atol=1e-6)
+
+
+def test_each_frame_keeps_its_own_voi_window(tmp_path):
+    frames = np.stack([np.array([[1024, 1324, 1524, 1724, 2024]], np.uint16)] * 2)  # 0..1000 HU
+    per_frame = [_item(PixelValueTransformationSequence=DicomSequence([_item(RescaleSlope=1, RescaleIntercept=-1024)]),
+                       FrameVOILUTSequence=DicomSequence([_item(WindowCenter=c, WindowWidth=w)]))
+                 for c, w in ((40, 400), (500, 1000))]
+    path = write_dicom(tmp_path / "enh.dcm", frames, sop_class=EnhancedCTImageStorage, bits_stored=12,
+                       attributes={"Modality": "CT", "PerFrameFunctionalGroupsSequence": DicomSequence(per_frame)})
+    header = read_header(path)
+    assert (header.window(0), header.window(1)) == ((40.0, 400.0), (500.0, 1000.0))
+    assert (header.window_center, header.window_width) == (40.0, 400.0)  # the first frame's
+    from domains.medical import MedicalOptions
+    from domains.medical.dataset import _DicomSamples
+    from domains.medical.index import FileRecord
+
+    record = FileRecord.from_header("enh.dcm", header)
+    samples = _DicomSamples(tmp_path, [record], np.array([[[0, 0]], [[0, 1]]]), MedicalOptions(ct_window="file"))
+    assert [samples.load(i)["window"] for i in (0, 1)] == [(40.0, 400.0), (500.0, 1000.0)]
+
+
+def test_float_pixel_data_with_nan_is_refused(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ParametricMapStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ParametricMapStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "MR", "MONOCHROME2", 1
+    ds.Rows, ds.Columns, ds.BitsAllocated = 2, 4, 32
+    ds.FloatPixelData = np.array([[0, 1, 2, np.nan], [0, 1, 2, 3]], "<f4").tobytes()
+    path = tmp_path / "map.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    expect(path, "inconsistent attributes", "float pixel data holds NaN or infinite values", header_too=False)
+    ds.FloatPixelData = np.array([[0, 1, 2, 5], [0, 1, 2, 3]], "<f4").tobytes()
+    ds.PhotometricInterpretation = "MONOCHROME1"  # no representable range: inverted by negation
+    ds.save_as(path, enforce_file_format=True)
+    assert read_dicom(path).pixels[0, 0, 0].tolist() == [0.0, -1.0, -2.0, -5.0]
+
+
 def test_big_endian_file_gives_native_float32(tmp_path):
     raw = np.array([[-1000, 0, 1000, 1234]], np.int16)
     path = ct(tmp_path / "be.dcm", raw, transfer_syntax=ExplicitVRBigEndian, bits_stored=16,
@@ -215,7 +298,7 @@ def test_no_patient_field_in_the_returned_object(tmp_path):
     assert names == {
         "path", "sop_class", "transfer_syntax", "modality", "rows", "columns", "number_of_frames",
         "channels", "bits_stored", "photometric_interpretation", "pixel_spacing", "window_center",
-        "window_width", "value_range", "slice_positions", "instance_number", "series_key",
+        "window_width", "value_range", "slice_positions", "instance_number", "series_key", "frame_windows",
         "pixels", "frames",
     }
     text = repr(img.header()) + json.dumps(img.header().to_dict())
