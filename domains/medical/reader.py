@@ -92,6 +92,8 @@ TECHNICAL_TAGS: tuple[int, ...] = tuple(
         "ModalityLUTSequence",
         "WindowCenter",
         "WindowWidth",
+        "PixelPaddingValue",
+        "PixelPaddingRangeLimit",
         "PixelSpacing",
         "ImagerPixelSpacing",
         "ImagePositionPatient",
@@ -611,6 +613,30 @@ def _windows(ds: Dataset, frames: int) -> tuple[tuple[float, float] | None, ...]
     return tuple(pair(_functional_item(ds, "FrameVOILUTSequence", f)) for f in range(frames))
 
 
+def _padding_range(ds: Dataset) -> tuple[int, int] | None:
+    """Stored values that mark padding (PixelPaddingValue, through PixelPaddingRangeLimit when
+    given; PS3.3 C.7.5.1.1.2), or None. Integer grayscale pixel data only."""
+    if "PixelData" not in ds:
+        return None
+    value, limit = _first_number(ds.get("PixelPaddingValue")), _first_number(ds.get("PixelPaddingRangeLimit"))
+    if value is None:
+        return None
+    lo, hi = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    return int(lo), int(hi)
+
+
+def _fill_padding(out: np.ndarray, padded: np.ndarray) -> None:
+    """Set the padded pixels of each frame of ``out`` (F, rows, columns) to that frame's darkest
+    real pixel, in place. Padding marks pixels outside the scanned object (the air around an
+    MR, the corners of a CT's round field of view). Left at a bright or far-off value it would
+    set the percentile windows; as the darkest tissue value it reads as background. A frame
+    that is all padding is left as it is."""
+    for f in range(out.shape[0]):
+        mask = padded[f]
+        if mask.any() and not mask.all():
+            out[f][mask] = out[f][~mask].min()
+
+
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     value = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     if value is None:
@@ -752,4 +778,7 @@ def _to_modality_units(
         # frame's own rescale then still lands its window on the same values.
         lo_hi = np.float32(sum(header.value_range)) if header.value_range is not None else np.float32(0)
         out = lo_hi - out
+    padding = _padding_range(ds)
+    if padding is not None:  # after the inversion, so that "darkest" is as displayed
+        _fill_padding(out, (gray >= padding[0]) & (gray <= padding[1]))
     return np.ascontiguousarray(out[:, None])

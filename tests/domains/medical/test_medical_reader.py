@@ -176,6 +176,20 @@ def test_float_pixel_data_with_nan_is_refused(tmp_path):
     assert read_dicom(path).pixels[0, 0, 0].tolist() == [0.0, -1.0, -2.0, -5.0]
 
 
+def test_pixel_padding_reads_as_the_darkest_real_pixel(tmp_path):
+    raw = np.array([[4000, 300, 250, 4000], [4000, 500, 350, 4095]], np.uint16)  # MR, padding 4000..4095
+    path = write_dicom(tmp_path / "mr.dcm", raw, bits_stored=12,
+                       attributes={"Modality": "MR", "PixelPaddingValue": 4000, "PixelPaddingRangeLimit": 4095})
+    assert read_dicom(path).pixels[0, 0].tolist() == [[250, 300, 250, 250], [250, 500, 350, 250]]
+    path = write_dicom(tmp_path / "one.dcm", raw, bits_stored=12,
+                       attributes={"Modality": "MR", "PixelPaddingValue": 4000})
+    assert read_dicom(path).pixels[0, 0].tolist() == [[250, 300, 250, 250], [250, 500, 350, 4095]]
+    cr = write_dicom(tmp_path / "cr.dcm", raw, bits_stored=12, photometric="MONOCHROME1",
+                     attributes={"Modality": "CR", "PixelPaddingValue": 4000, "PixelPaddingRangeLimit": 4095})
+    # inverted first (4095 - x), then padding takes the darkest displayed value: 4095 - 500
+    assert read_dicom(cr).pixels[0, 0].tolist() == [[3595, 3795, 3845, 3595], [3595, 3595, 3745, 3595]]
+
+
 def test_big_endian_file_gives_native_float32(tmp_path):
     raw = np.array([[-1000, 0, 1000, 1234]], np.int16)
     path = ct(tmp_path / "be.dcm", raw, transfer_syntax=ExplicitVRBigEndian, bits_stored=16,
