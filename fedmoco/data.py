@@ -149,13 +149,17 @@ def build_labelled_data(
     cfg: DataConfig,
     labels_csv: Path | str | None = None,
     normalization: Normalization | None = None,
+    exclude: Sequence[Path] = (),
 ) -> LabelledData:
-    """Check ``root`` and build the labelled single-view dataset of ``domain``."""
+    """Check ``root`` and build the labelled single-view dataset of ``domain``. Files in
+    ``exclude`` (and ``labels_csv``) are not samples: a labels CSV kept in the data folder is
+    neither scanned nor counted as skipped."""
     root = check_data_dir(root)
     if labels_csv is not None:
         check_text_file(labels_csv, "labels CSV")
+        exclude = (*exclude, Path(labels_csv))
     return domain_module(domain).build_labelled_data(
-        root, cfg, Path(labels_csv) if labels_csv else None, normalization
+        root, cfg, Path(labels_csv) if labels_csv else None, normalization, exclude=tuple(exclude)
     )
 
 

@@ -16,7 +16,7 @@ import csv
 import io
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class EmbedResult:
     n: int
     dim: int
     skipped: int
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files under data not read, by reason
 
 
 def output_paths(out: Path | str) -> tuple[Path, Path]:
@@ -135,4 +136,5 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
     for row, i in enumerate(index.tolist()):
         writer.writerow([row, *sample_origin(labelled.dataset, i, root)])
     atomic_write_text(table, rows.getvalue())
-    return EmbedResult(array=npy, table=table, n=feats.shape[0], dim=feats.shape[1], skipped=skipped)
+    return EmbedResult(array=npy, table=table, n=feats.shape[0], dim=feats.shape[1], skipped=skipped,
+                       skipped_files=dict(labelled.skipped))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,7 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
         # its score.
         test = load(args.test, args.test_labels, data.normalization)
         if test.names != data.names:
-            hint = ("; --data is labelled by --labels but --test by its sub-folders: give --test-labels"
-                    if args.labels and not args.test_labels else "")
-            shown = test.names if len(test.names) <= 8 else [*test.names[:8], f"... ({len(test.names)} in all)"]
-            raise DataError(f"{args.test}: classes {shown} differ from {args.data}'s {data.names}{hint}")
+            _align_test_classes(test, data, args)
         check_disjoint(data, test, args.data, args.test)
     data_meta = {"domain": domain, "image_size": cfg.image_size, "options": options,
                  "normalization": data.normalization.to_dict()}
@@ -145,8 +143,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
              "split": {"grouped_by": data.group_source, "n_pool": int(len(split.train)), "n_val": int(len(split.val)),
                        "n_test": int(len(test_samples.targets) if test_samples else len(split.test)),
                        "unlabelled_samples_left_out": data.unlabelled_files,
-                       "skipped_unreadable": samples.skipped + (test_samples.skipped if test_samples else 0)},
+                       "skipped_unreadable": samples.skipped + (test_samples.skipped if test_samples else 0),
+                       "skipped_files": _skipped_files(inputs)},
              "config": config_dict(cfg, protocol), "device": str(device)}
+    result["warnings"] = [*result["warnings"], *_skip_notes(inputs, args)]
     report = write_report(out, result, data, protocol, extra)
     model_path = save_finetuned(out / "model.pt", result["models"]["pretrained"], names=data.names,
                                 multi_label=data.multi_label, thresholds=report["thresholds"],
@@ -157,6 +157,44 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"results:    {out / 'results.json'}\nmodel:      {model_path}")
     print("plots:      " + ", ".join(report["plots"].values()))
     return 0
+
+
+def _align_test_classes(test: Any, data: Any, args: argparse.Namespace) -> None:
+    """Number a --test set's classes as --data's. A test set may lack some of the training
+    classes (their metrics are then null, as for a split that lacks a class); a class the
+    training data does not have cannot be predicted, and is refused with its name."""
+    source = args.test_labels or f"{args.test} (class folders)"
+    unknown = [n for n in test.names if n not in data.names]
+    if test.multi_label or unknown:
+        hint = ("; --data is labelled by --labels but --test by its sub-folders: give --test-labels"
+                if args.labels and not args.test_labels else "")
+        listed = unknown[:5] + (["..."] if len(unknown) > 5 else [])
+        what = (f"{len(unknown)} class(es) {listed} are not among {args.data}'s classes"
+                if unknown and not test.multi_label else f"labels {test.names} differ from {args.data}'s")
+        shown = data.names if len(data.names) <= 8 else [*data.names[:8], f"... ({len(data.names)} in all)"]
+        raise DataError(f"{source}: {what} {shown}{hint}")
+    import numpy as np
+
+    missing = [n for n in data.names if n not in test.names]
+    log.warning("%s: no test sample of class(es) %s; their per-class metrics are null", source, missing)
+    index = np.asarray([data.names.index(n) for n in test.names], dtype=np.int64)
+    test.targets, test.names = index[test.targets], list(data.names)
+
+
+def _skip_notes(inputs: EvalInputs, args: argparse.Namespace) -> list[str]:
+    """Report lines for the files of --data and --test that could not be read."""
+    from fedmoco.labels import skipped_note
+
+    pairs = [(inputs.data, args.data), *([(inputs.test, args.test)] if inputs.test is not None else [])]
+    return [note for data, root in pairs if (note := skipped_note(data, root))]
+
+
+def _skipped_files(inputs: EvalInputs) -> dict[str, int]:
+    """Files not read under --data and --test together, by reason."""
+    total = Counter(inputs.data.skipped_files)
+    if inputs.test is not None:
+        total.update(inputs.test.skipped_files)
+    return dict(total)
 
 
 # Class names that mean "no finding": in a binary task the other class is the positive one.
@@ -232,6 +270,7 @@ def cmd_frozen(args: argparse.Namespace) -> int:
     # a class the classifier never saw cannot be predicted: said here as finetune says it
     seen = tr if test_samples is None else np.arange(len(samples.targets))
     warnings = [w for w in [check_classes_present(samples.targets, seen, data.names, "training", False)] if w]
+    warnings += _skip_notes(inputs, args)
     out = args.out or args.checkpoint.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     n_cls = len(data.names)

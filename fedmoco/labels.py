@@ -20,7 +20,8 @@ import hashlib
 import logging
 import secrets
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fedmoco.data import DataConfig, Normalization, build_labelled_data, check_data_dir, domain_module, list_files
-from fedmoco.data import check_text_file, parse_bool
+from fedmoco.data import check_text_file, format_skipped, parse_bool
 from fedmoco.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class LabelTable:
     groups: list[str | None]
     source: str
     unlabelled_rows: int = 0
+    csv_path: Path | None = None  # the labels CSV, None for class folders
 
 
 @dataclass
@@ -76,6 +78,7 @@ class LabelledSet:
     normalization: Normalization
     group_source: str
     unlabelled_files: int
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files under root not read, by reason
 
 
 def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
@@ -134,7 +137,8 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
         names = sorted(set(values))
         index = {n: i for i, n in enumerate(names)}
         targets = np.asarray([index[v] for v in values], dtype=np.int64)
-    return LabelTable(paths, targets, names, multi, groups, f"{labels_csv}", unlabelled_rows=blank)
+    return LabelTable(paths, targets, names, multi, groups, f"{labels_csv}", unlabelled_rows=blank,
+                      csv_path=Path(labels_csv))
 
 
 class _PathResolver:
@@ -215,7 +219,8 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
             w = csv.writer(fh)
             w.writerow(["path", "label"])
             w.writerows([str(p), f"{i:09d}"] for i, p in enumerate(table.paths))
-        data = build_labelled_data(domain, root, cfg, csv_path, normalization)
+        data = build_labelled_data(domain, root, cfg, csv_path, normalization,
+                                   exclude=[table.csv_path] if table.csv_path else [])
     row_of_class = np.asarray([int(c) for c in data.classes], dtype=np.int64)
     sample_labels = data.sample_labels
     if sample_labels is None:  # a domain that does not expose them: read every sample once
@@ -228,8 +233,9 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     used = set(rows.tolist())
     unusable = len(table.paths) - len(used)
     if unusable:
-        log.warning("%s: %d labelled file(s) are not usable %s samples (unreadable or not images) and are left out",
-                    table.source, unusable, domain)
+        why = f" ({format_skipped(data.skipped)} under {root})" if data.skipped else ""
+        log.warning("%s: %d labelled file(s) are not usable %s samples and are left out%s",
+                    table.source, unusable, domain, why)
     targets, names = table.targets[rows], table.names
     if not table.multi_label:
         targets, names = _drop_empty_classes(targets, names, table.source)
@@ -240,7 +246,15 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     return LabelledSet(dataset=dataset, targets=targets, groups=np.asarray(groups), rows=rows,
                        names=names, multi_label=table.multi_label, in_channels=data.in_channels,
                        normalization=data.normalization, group_source=source,
-                       unlabelled_files=int((sample_labels < 0).sum()))
+                       unlabelled_files=int((sample_labels < 0).sum()), skipped_files=dict(data.skipped))
+
+
+def skipped_note(data: LabelledSet, root: Path) -> str | None:
+    """One line for a report's warnings when files under ``root`` could not be read: how many,
+    by reason (their names are in the log). None when every file was read."""
+    if not data.skipped_files:
+        return None
+    return f"{root}: {format_skipped(Counter(data.skipped_files))}; they are in no split (the log names them)"
 
 
 def _drop_empty_classes(targets: np.ndarray, names: list[str], source: str) -> tuple[np.ndarray, list[str]]:

@@ -6,7 +6,7 @@ import logging
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -273,8 +273,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
 
 
 def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
-                        normalization: Normalization | None) -> LabelledData:
-    """One centre view per image, labelled by sub-folder or ``labels_csv``."""
+                        normalization: Normalization | None, exclude: Sequence[Path] = ()) -> LabelledData:
+    """One centre view per image, labelled by sub-folder or ``labels_csv``. ``exclude`` is
+    accepted for the common signature: image files are chosen by suffix, so a CSV is never one."""
     files, opts, channels = _setup(root, cfg)
     if normalization is not None:
         # The checkpoint decides: grayscale and colour files are converted to its channel count.

@@ -6,7 +6,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -261,11 +261,14 @@ class MedicalLabelledDataset(_DicomSamples):
             return None if sample is None else (self.pipeline(sample), self.label_of(i))
 
 
-def index_folder(root: Path, opts: MedicalOptions, cfg: DataConfig | None = None) -> tuple[list[FileRecord], Counter]:
-    """Scan ``root``, keep the selected modalities; DataError if nothing usable. The header
-    index is cached in the cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else
-    the default) unless ``cfg.cache`` or the ``cache`` option is off: then nothing is written."""
-    files = list_files(root)
+def index_folder(root: Path, opts: MedicalOptions, cfg: DataConfig | None = None,
+                 exclude: Sequence[Path] = ()) -> tuple[list[FileRecord], Counter]:
+    """Scan ``root`` (without the files in ``exclude``, such as a labels CSV kept there), keep
+    the selected modalities; DataError if nothing usable. The header index is cached in the
+    cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else the default) unless
+    ``cfg.cache`` or the ``cache`` option is off: then nothing is written."""
+    excluded = {Path(p).resolve() for p in exclude}
+    files = [f for f in list_files(root) if f.resolve() not in excluded] if excluded else list_files(root)
     cfg = cfg or DataConfig()
     cache = cache_file(root, _cache_dir(opts, cfg)) if _caching(opts, cfg) else None
     records, skipped = scan(root, files, cache, opts.limits)
@@ -348,6 +351,7 @@ def build_labelled_data(
     cfg: DataConfig,
     labels_csv: Path | None,
     normalization: Normalization | None,
+    exclude: Sequence[Path] = (),
 ) -> LabelledData:
     """Single deterministic view per sample with the label of its file (see fedmoco.data).
 
@@ -357,7 +361,7 @@ def build_labelled_data(
     """
     opts = MedicalOptions.parse(cfg.options)
     root = Path(root)
-    records, skipped = index_folder(root, opts, cfg)
+    records, skipped = index_folder(root, opts, cfg, exclude)
     if skipped:  # the pretraining loop reports PretrainData.skipped; evaluation does not
         log.warning("%s: %s", root, format_skipped(skipped))
     labels, classes = read_labels(root, [root / r.path for r in records], labels_csv)

@@ -837,7 +837,8 @@ def auto_epoch_length(weights: np.ndarray) -> int:
 
 
 def build_labelled_data(
-    root: Path, cfg: DataConfig, labels_csv: Path | None, normalization: Normalization | None
+    root: Path, cfg: DataConfig, labels_csv: Path | None, normalization: Normalization | None,
+    exclude: Sequence[Path] = (),
 ) -> LabelledData:
     """Labelled grid tiles: each tile gets its file's label (sub-folder name or CSV).
 
@@ -847,7 +848,7 @@ def build_labelled_data(
     opts = parse_options(cfg.options)
     tile = opts.tile(cfg.image_size)
     root = Path(root)
-    scan = scan_folder(root, opts, exclude=[labels_csv] if labels_csv else [])
+    scan = scan_folder(root, opts, exclude=[*exclude, *([labels_csv] if labels_csv else [])])
     skipped = scan.skipped
     if normalization is not None and normalization.channels != scan.layout.in_channels:
         raise DataError(

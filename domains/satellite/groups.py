@@ -14,8 +14,10 @@ from fedmoco.labels import hash_group
 
 
 def group_keys(paths: Sequence[Path], salt: bytes) -> list[str | None]:
-    """Per file, a salted BLAKE2b hash (hex) of its footprint: CRS and bounds rounded to the
-    metre (or the CRS unit). None for a file without georeference (its own file is its group)
+    """Per file, a salted BLAKE2b hash (hex) of its footprint: CRS and bounds on the file's
+    pixel grid (each bound divided by the pixel size, rounded). In pixels rather than CRS
+    units, so that a geographic CRS, whose unit is a degree, does not merge every file within
+    one degree into a group. None for a file without georeference (its own file is its group)
     or one that does not open."""
     out: list[str | None] = []
     for path in paths:
@@ -24,7 +26,9 @@ def group_keys(paths: Sequence[Path], salt: bytes) -> list[str | None]:
                 if src.crs is None:
                     out.append(None)
                     continue
-                bounds = tuple(round(v) for v in src.bounds)
+                xres, yres = (abs(r) or 1.0 for r in src.res)
+                left, bottom, right, top = src.bounds
+                bounds = (round(left / xres), round(bottom / yres), round(right / xres), round(top / yres))
                 key = f"{src.crs.to_string()}|{bounds}"
         except (RasterReadError, OSError):
             out.append(None)

@@ -215,9 +215,9 @@ def test_satellite_scene_groups_keep_acquisitions_of_one_footprint_together(tmp_
 
     from domains.satellite import group_keys
 
-    def write(name, origin, crs="EPSG:32633"):
+    def write(name, origin, crs="EPSG:32633", pixel=10):
         profile = {"driver": "GTiff", "width": 16, "height": 16, "count": 4, "dtype": "uint16",
-                   "crs": crs, "transform": from_origin(*origin, 10, 10)}
+                   "crs": crs, "transform": from_origin(*origin, pixel, pixel)}
         with rasterio.open(tmp_path / name, "w", **profile) as dst:
             dst.write(np.full((4, 16, 16), 1000, np.uint16))
         return tmp_path / name
@@ -228,6 +228,11 @@ def test_satellite_scene_groups_keep_acquisitions_of_one_footprint_together(tmp_
     assert keys[0] == keys[1] != keys[2]
     assert group_keys([spring], b"t" * 16) != keys[:1]  # salted: not comparable across runs
     assert group_keys([tmp_path / "missing.tif"], b"s" * 16) == [None]
+    # degrees: patches 0.0016 deg (16 pixels of 1e-4 deg, about 170 m) apart are other footprints
+    geo = [write(f"geo_{i}.tif", (12.0 + 0.0016 * i, 45.0), crs="EPSG:4326", pixel=1e-4) for i in range(3)]
+    again = write("geo_0_2023-10.tif", (12.0, 45.0), crs="EPSG:4326", pixel=1e-4)
+    keys = group_keys([*geo, again], b"s" * 16)
+    assert len(set(keys[:3])) == 3 and keys[3] == keys[0]
 
 
 def test_label_efficiency_plot_marks_the_fractions_run_and_hides_no_series(tmp_path, monkeypatch):
@@ -299,5 +304,27 @@ def test_test_labels_go_with_a_test_folder(tmp_path, demo_images, checkpoint, ca
         (test / f"patient_{i}" / f.name).write_bytes(f.read_bytes())
     rc, err = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(labels),
                     "--test", str(test)], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "(12 in all)" in err
+    assert rc == 2 and err.count("\n") == 1 and "12 class(es) ['patient_0', 'patient_1'," in err
     assert err.rstrip().endswith("--data is labelled by --labels but --test by its sub-folders: give --test-labels")
+
+
+def test_a_test_set_may_lack_a_class_but_not_bring_a_new_one(tmp_path, demo_images, checkpoint, capsys):
+    test = tmp_path / "test"
+    for f in sorted(demo_images.rglob("*.png")):
+        if f.parent.name != "stripes":  # the test set has no stripes
+            (test / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (test / f.parent.name / f"t_{f.name}").write_bytes(f.read_bytes())
+    (test / "labels.csv").write_text("kept in the folder: not an image, never a sample\n")
+    rc, _ = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--test", str(test),
+                  "--out", str(tmp_path / "eval")], capsys)
+    assert rc == 0
+    report = json.loads((tmp_path / "eval" / "knn.json").read_text())
+    assert report["classes"] == ["circle", "square", "stripes", "triangle"]
+    confusion = np.asarray(report["confusion"])
+    assert confusion.sum() == 36 and confusion[2].sum() == 0  # no true stripes; numbered as in --data
+    (test / "cloud").mkdir()
+    (test / "cloud" / "c.png").write_bytes(next(demo_images.rglob("*.png")).read_bytes())
+    rc, err = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--test", str(test),
+                    "--out", str(tmp_path / "eval2")], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{test} (class folders): 1 class(es) ['cloud'] are not among {demo_images}'s classes" in err

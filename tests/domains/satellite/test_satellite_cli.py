@@ -45,3 +45,23 @@ def test_bad_option_is_a_one_line_error(tmp_path, demo4, capsys):
     assert capsys.readouterr().err.strip() == (
         "fedmoco pretrain: error: satellite data option max_nodata=2: must be <= 1.0"
     )
+
+
+def test_knn_counts_skipped_rasters_and_leaves_a_labels_csv_in_the_folder_alone(tmp_path, labelled4, capsys):
+    import json
+    import shutil
+
+    data = tmp_path / "labelled"
+    shutil.copytree(labelled4, data)
+    (data / "water" / "broken.tif").write_text("not a raster")
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.tif"))]
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["-q", "pretrain", "--domain", "satellite", "--data", str(labelled4), "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["-q", "knn", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(data),
+                 "--labels", str(data / "labels.csv"), "--k", "5", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "knn.json").read_text())
+    note = f"{data}: skipped 1 files: 1 not a raster; they are in no split (the log names them)"
+    assert note in report["warnings"]  # the CSV itself is not scanned, so not counted
+    assert f"warning: {note}" in capsys.readouterr().out
