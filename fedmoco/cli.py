@@ -186,7 +186,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if v["image_size"] < 8:
         raise ConfigError(f"--image-size must be >= 8, got {v['image_size']}")
     data_cfg = DataConfig(image_size=v["image_size"], seed=v["seed"], options=parse_options(args.data_option),
-                          cache=not args.no_cache)
+                          cache=not args.no_cache, progress=not args.quiet)
     log.info("device: %s", device)
     result = pretrain(v["domain"], args.data, args.out, moco_overrides=overrides, train_cfg=train_cfg,
                       data_cfg=data_cfg, moco_version=args.moco, device=device, resume=args.resume,

@@ -99,6 +99,7 @@ class DataConfig:
     # Decoded-sample cache (fedmoco.cache): on by default; ``--no-cache`` / run_config cache=false.
     cache: bool = True
     cache_dir: str | None = None  # None: $FEDMOCO_CACHE_DIR, else $XDG_CACHE_HOME/fedmoco, else ~/.cache/fedmoco
+    progress: bool = True  # progress bars while preparing data (filling the raster cache); off with -q
 
 
 @dataclass

@@ -157,10 +157,11 @@ def export_encoder(checkpoint: Path | str, out_dir: Path | str) -> ExportResult:
         atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, backbone_path)
     ts_path = out / TORCHSCRIPT_FILE
     with warnings.catch_warnings():
-        # torch 2.9+ flags TorchScript as deprecated; it is still what C++/mobile/Triton load.
+        # torch 2.9+ flags TorchScript as deprecated (script and save); it is still what
+        # C++/mobile/Triton load.
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(net)
-    atomic_write(ts_path, lambda fh: torch.jit.save(scripted, fh))
+        atomic_write(ts_path, lambda fh: torch.jit.save(scripted, fh))
 
     with torch.no_grad():
         feature_dim = int(net(torch.zeros(1, cfg.in_channels, image_size, image_size)).shape[1])

@@ -6,7 +6,7 @@ import json
 import logging
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +215,9 @@ def resumed_settings(saved: dict[str, Any], path: Path, domain: str, train_cfg: 
     if merged["epochs"] < done:
         raise ConfigError(f"--epochs {merged['epochs']}: the run in {path.parent} has already done {done} epochs")
     train = TrainConfig.from_dict(merged)
-    data = DataConfig(image_size=s_data["image_size"], seed=train.seed,
-                      options={**s_data.get("options", {}), **data_cfg.options})
+    # replace(): --no-cache, the cache folder and -q of this invocation still apply on resume
+    data = replace(data_cfg, image_size=s_data["image_size"], seed=train.seed,
+                   options={**s_data.get("options", {}), **data_cfg.options})
     return s_data["domain"], train, data
 
 

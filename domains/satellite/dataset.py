@@ -467,7 +467,7 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
         caches.append(cache)
     todo = [i for i, c in enumerate(caches) if c is not None and c.get(0) is None]
     handles = shared_handles(reader.gdal_cache_mb)
-    for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo, leave=False):
+    for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo or not cfg.progress, leave=False):
         source, cache = reader.sources[i], caches[i]
         try:  # flagged only once whole: an interrupted fill is redone
             for window in fill_reads(cache.shape[2], source.grid.height, source.grid.width):

@@ -184,3 +184,19 @@ def test_a_test_set_is_normalised_with_the_statistics_of_data(tmp_path, demo_ima
     inputs = load_inputs(args)
     assert inputs.test.normalization == inputs.data.normalization
     assert inputs.data_meta["normalization"] == inputs.data.normalization.to_dict()
+
+
+def test_a_resumed_run_keeps_this_invocations_cache_and_progress_settings():
+    from pathlib import Path
+
+    from fedmoco.config import TrainConfig
+    from fedmoco.data import DataConfig
+    from fedmoco.pretrain import resumed_settings
+
+    saved = {"data": {"domain": "satellite", "image_size": 32, "options": {"bands": "1,2"}},
+             "train_config": TrainConfig(epochs=2).to_dict(), "epoch": 1}
+    asked = DataConfig(image_size=32, options={"tile_size": 64}, cache=False, cache_dir="/elsewhere", progress=False)
+    _, _, data = resumed_settings(saved, Path("run/checkpoint.pt"), "satellite", TrainConfig(epochs=2), asked,
+                                  frozenset())
+    assert (data.cache, data.cache_dir, data.progress) == (False, "/elsewhere", False)  # --no-cache, -q
+    assert data.options == {"bands": "1,2", "tile_size": 64} and data.image_size == 32
