@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
@@ -37,6 +37,10 @@ OPTIONS = {"channels": "auto", "crop_scale_min": 0.2, "flip": True, "offset": 0.
 #: Options that are strengths in [0, 1] of full scale (0 turns the augmentation off).
 _STRENGTHS = ("offset", "ramp", "noise")
 _NORM_SAMPLE = 64  # images used to estimate the per-channel mean/std
+# Longest side of an evaluation view before its centre crop, in multiples of the image size.
+# Resizing the short side of a 1 x 150000 strip (516 bytes as PNG) to 32 px would make it
+# 32 x 4.8 M (600 MB); beyond this aspect the view is letterboxed instead (CenterCrop pads).
+MAX_ASPECT = 8
 
 
 def parse_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +103,8 @@ def load_image(path: Path, channels: int, max_pixels: int = OPTIONS["max_pixels"
     """Read ``path`` as a uint8 tensor (channels, H, W). 16-bit images are rescaled to 8 bit.
     ValueError for a header declaring over ``max_pixels`` pixels (:func:`open_image`)."""
     with open_image(path, max_pixels) as im:
+        # A camera's EXIF orientation: without it phone photos are read on their side.
+        im = ImageOps.exif_transpose(im) or im
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = np.asarray(im, dtype=np.float32)
             if not np.isfinite(arr).all():  # no scaling of NaN or inf to 8 bit gives the image back
@@ -190,10 +196,30 @@ def moco_v2_transform(size: int, channels: int, scale_min: float, norm: Normaliz
     return T.Compose(ops)
 
 
+class short_side_resize(torch.nn.Module):  # noqa: N801 - used like the torchvision transform it wraps
+    """Resize a (C, H, W) image so its short side is ``size`` px and its long side at most
+    MAX_ASPECT x ``size`` (memory per view stays bounded whatever the file's aspect ratio).
+    torchvision's ``Resize(max_size=...)`` bounds the long side too, but rounds the short side
+    of a 1 x 150000 strip to 0 px and fails; here it keeps at least 1 px."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        short, long = min(h, w), max(h, w)
+        new_short, new_long = self.size, int(self.size * long / short)  # torchvision's rounding
+        if new_long > MAX_ASPECT * self.size:
+            new_short, new_long = max(1, int(MAX_ASPECT * self.size * short / long)), MAX_ASPECT * self.size
+        out = (new_short, new_long) if h <= w else (new_long, new_short)
+        return T.functional.resize(img, list(out), antialias=True)
+
+
 def eval_transform(size: int, norm: Normalization) -> Callable:
     """Deterministic view for evaluation: resize the short side, centre crop, normalise."""
     return T.Compose([
-        T.Resize(size, antialias=True),
+        short_side_resize(size),
         T.CenterCrop(size),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(norm.mean, norm.std),
@@ -234,31 +260,41 @@ def estimate_normalization(files: list[Path], channels: int, size: int,
     """Per-channel mean/std in [0, 1] units over up to 64 evenly spaced, resized images
     (unreadable ones and those over ``max_pixels`` left out)."""
     step = max(1, len(files) // _NORM_SAMPLE)
-    resize = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
-    stack = []
-    for p in files[::step][:_NORM_SAMPLE]:
+    resize = T.Compose([short_side_resize(size), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
+    stack, first_error = [], None
+    sample = files[::step][:_NORM_SAMPLE]
+    for p in sample:
         try:
             stack.append(resize(load_image(p, channels, max_pixels)))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            first_error = first_error or f"{p}: {exc}"
             continue
     if not stack:
-        raise DataError(f"{files[0].parent}: none of the sampled images could be read")
+        raise DataError(f"none of the {len(sample)} sampled images could be read (first: {first_error})")
     x = torch.stack(stack)  # (n, C, H, W)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return Normalization(mean.tolist(), std.tolist())
 
 
-def _setup(root: Path, cfg: DataConfig) -> tuple[list[Path], dict[str, Any], int]:
+def _setup(root: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> tuple[list[Path], dict[str, Any], int, Counter]:
+    """Image files, options, channels, and the other files under ``root`` counted by suffix
+    (a GIF or HEIC photo is not trained on, and the site admin should hear of it)."""
     opts = parse_options(cfg.options)
-    files = list_files(root, SUFFIXES)
+    excluded = {Path(p).resolve() for p in exclude}
+    every = [f for f in list_files(root) if not excluded or f.resolve() not in excluded]
+    files = [f for f in every if f.suffix.lower() in SUFFIXES]
+    if not files:
+        list_files(root, SUFFIXES)  # raises its DataError, with the "is --domain right?" hint
+    others = Counter(f"not PNG/JPEG/TIFF/BMP ({f.suffix.lower() or 'no suffix'})"
+                     for f in every if f.suffix.lower() not in SUFFIXES)
     channels = _detect_channels(files, opts["max_pixels"]) if opts["channels"] == "auto" else int(opts["channels"])
-    return files, opts, channels
+    return files, opts, channels, others
 
 
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Two MoCo v2 views per image of every PNG/JPEG/TIFF/BMP under ``root``."""
-    files, opts, channels = _setup(root, cfg)
+    files, opts, channels, others = _setup(root, cfg)
     norm = estimate_normalization(files, channels, cfg.image_size, opts["max_pixels"])
     transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm,
                                            flip=opts["flip"], offset=opts["offset"], ramp=opts["ramp"],
@@ -267,16 +303,16 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
         dataset=ImageFolderDataset(files, channels, transform, max_pixels=opts["max_pixels"]),
         in_channels=channels,
         normalization=norm,
-        skipped=Counter(),
+        skipped=others,
         description=f"{len(files)} images under {root} ({channels} channel(s))",
     )
 
 
 def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
                         normalization: Normalization | None, exclude: Sequence[Path] = ()) -> LabelledData:
-    """One centre view per image, labelled by sub-folder or ``labels_csv``. ``exclude`` is
-    accepted for the common signature: image files are chosen by suffix, so a CSV is never one."""
-    files, opts, channels = _setup(root, cfg)
+    """One centre view per image, labelled by sub-folder or ``labels_csv``. Files in
+    ``exclude`` (the labels CSV) are not counted among the skipped."""
+    files, opts, channels, others = _setup(root, cfg, exclude)
     if normalization is not None:
         # The checkpoint decides: grayscale and colour files are converted to its channel count.
         if opts["channels"] != "auto" and int(opts["channels"]) != normalization.channels:
@@ -288,4 +324,5 @@ def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,
     labels, classes = read_labels(root, files, labels_csv)
     norm = normalization or estimate_normalization(files, channels, cfg.image_size, opts["max_pixels"])
     ds = ImageFolderDataset(files, channels, eval_transform(cfg.image_size, norm), labels, opts["max_pixels"])
-    return LabelledData(dataset=ds, classes=classes, in_channels=channels, normalization=norm, sample_labels=labels)
+    return LabelledData(dataset=ds, classes=classes, in_channels=channels, normalization=norm, skipped=others,
+                        sample_labels=labels)

@@ -133,3 +133,38 @@ def test_a_forged_header_is_refused_before_decoding(tmp_path, demo_images, caplo
     assert "big.png: unreadable image" in caplog.text and "max_pixels" not in caplog.text
     with pytest.raises(DataError, match=r"--data-option max_pixels: must be a whole number >= 1, got '0'"):
         build_pretrain_data(tmp_path, DataConfig(image_size=16, options={"max_pixels": "0"}))
+
+
+def test_other_formats_are_counted_and_a_strip_image_keeps_memory_bounded(tmp_path, demo_images):
+    import shutil
+
+    import numpy as np
+
+    shutil.copytree(demo_images / "circle", tmp_path / "circle")
+    Image.new("RGB", (8, 8)).save(tmp_path / "circle" / "anim.gif")
+    Image.new("RGB", (8, 8)).save(tmp_path / "circle" / "pic.webp")
+    Image.fromarray(np.full((1, 150000, 3), 200, np.uint8)).save(tmp_path / "circle" / "strip.png")  # < 1 KB
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=16))
+    assert data.skipped == Counter({"not PNG/JPEG/TIFF/BMP (.gif)": 1, "not PNG/JPEG/TIFF/BMP (.webp)": 1})
+    labelled = build_labelled_data(tmp_path, DataConfig(image_size=16), None, None)
+    i = [f.name for f in labelled.dataset.files].index("strip.png")
+    view, _ = labelled.dataset[i]
+    assert view.shape == (3, 16, 16)  # letterboxed: resized to at most 8 x 16 = 128 px long, not 2.4 M
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from domains.images.dataset import load_image
+
+    img = Image.new("RGB", (60, 40), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: a phone held upright
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image(tmp_path / "phone.jpg", 3).shape == (3, 60, 40)  # (C, H, W) upright
+
+
+def test_no_readable_image_names_a_file_and_its_reason(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "sub" / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"none of the 2 sampled images could be read \(first: .*a\.png: "):
+        build_pretrain_data(tmp_path, DataConfig(image_size=16))
