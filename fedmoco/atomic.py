@@ -17,15 +17,16 @@ from typing import Any, BinaryIO, Callable
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: int | None = None) -> Path:
     """Call ``write(fh)`` on a temp file beside ``path``, fsync it and rename it over ``path``.
 
-    ``mode`` (e.g. ``0o600``) is set on the temp file before any byte is written, so the result
-    has that mode whatever the mode of a file that was there.
+    ``mode`` (e.g. ``0o600`` for a key) is set on the temp file before any byte is written, so
+    the result has that mode whatever the mode of a file that was there. Without it the file
+    gets the mode ``open()`` would give a new file, 0o666 less the umask: ``mkstemp`` alone
+    makes every checkpoint, export and report 0600, unreadable to the rest of a team.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -35,6 +36,21 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: i
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc/self/status);
+    else set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def json_safe(x: Any, *, skip_private: bool = False) -> Any:

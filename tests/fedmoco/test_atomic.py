@@ -28,3 +28,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"accuracy": 0.5}
     assert os.listdir(tmp_path) == ["knn.json"]
+
+
+def test_results_follow_the_umask_and_keys_keep_their_mode(tmp_path):
+    import os
+    import stat
+
+    from fedmoco.atomic import atomic_write, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        report = atomic_write_text(tmp_path / "results.json", "{}")
+        key = atomic_write(tmp_path / "site.key", lambda fh: fh.write(b"secret"), mode=0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(report.stat().st_mode) == 0o640  # as open() would give: 0666 & ~umask
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
