@@ -10,12 +10,14 @@ independent sigmoid outputs for multi-label data with L labels. Targets are (N,)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, multilabel_confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, precision_recall_fscore_support
 from sklearn.metrics import top_k_accuracy_score
 
 from fedmoco.errors import ConfigError
@@ -111,6 +113,10 @@ def point_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[
     Multi-label: per-label AUROC and sensitivity/specificity at each label's threshold,
     macro means; ``accuracy`` is the mean per-label accuracy, ``subset_accuracy`` the share of
     samples with every label right. Top-5 accuracy is added only with more than 5 classes.
+    Single-label also gets the arg-max measures land-cover and multi-class reports use:
+    ``balanced_accuracy`` (mean recall over the classes present), ``macro_f1``, Cohen's
+    ``kappa``, and ``per_class_precision`` / ``per_class_recall`` (user's and producer's
+    accuracy); multi-label gets ``macro_f1`` at the thresholds. Undefined values are NaN.
     """
     n_out = scores.shape[1]
     y = one_vs_rest(targets, n_out)
@@ -121,10 +127,12 @@ def point_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[
     if multi_label:
         out["accuracy"] = float((pred == y).mean())
         out["subset_accuracy"] = float((pred == y).all(axis=1).mean())
+        out["macro_f1"] = float(f1_score(y, pred, average="macro", zero_division=np.nan))
     else:
         out["accuracy"] = float(accuracy_score(targets, scores.argmax(1)))
         if n_out > 5:
             out["top5"] = float(top_k_accuracy_score(targets, scores, k=5, labels=np.arange(n_out)))
+        out.update(argmax_metrics(targets, scores.argmax(1), n_out))
     cols = [positive if positive is not None else 1] if (n_out == 2 and not multi_label) else range(n_out)
     out["auroc"] = _nanmean([per_auc[j] for j in (range(n_out) if len(cols) > 1 else cols)])
     out["sensitivity"] = _nanmean([rates[j][0] for j in cols])
@@ -133,6 +141,28 @@ def point_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[
     out["per_class_sensitivity"] = [r[0] for r in rates]
     out["per_class_specificity"] = [r[1] for r in rates]
     return out
+
+
+def argmax_metrics(targets: np.ndarray, predicted: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Balanced accuracy, macro F1, Cohen's kappa and per-class precision / recall of class
+    predictions (N,) against targets (N,), over classes 0..n_classes-1. A class absent from
+    both gets NaN precision/recall and is left out of the macro F1."""
+    labels = np.arange(n_classes)
+    present = np.union1d(np.unique(targets), np.unique(predicted))
+    agree = (targets == predicted).all()  # kappa is 0/0 when a single class is everything
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true", "a single label was found": a small test
+        # set that lacks a class is expected here, and its undefined values are NaN above
+        warnings.simplefilter("ignore", UserWarning)
+        precision, recall, _, _ = precision_recall_fscore_support(targets, predicted, labels=labels,
+                                                                  zero_division=np.nan)
+        return {
+            "balanced_accuracy": float(balanced_accuracy_score(targets, predicted)),
+            "macro_f1": float(f1_score(targets, predicted, labels=present, average="macro", zero_division=np.nan)),
+            "kappa": 1.0 if agree else float(cohen_kappa_score(targets, predicted, labels=labels)),
+            "per_class_precision": [float(v) for v in precision],
+            "per_class_recall": [float(v) for v in recall],
+        }
 
 
 def _nanmean(values: Sequence[float]) -> float:

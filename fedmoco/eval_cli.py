@@ -222,7 +222,11 @@ def _fmt(report: dict[str, Any], key: str, signed: bool = False) -> str:
 
 
 def _print_summary(report: dict[str, Any], names: list[str]) -> None:
-    keys = ["auroc", "sensitivity", "specificity", "accuracy"] + (["top5"] if "top5" in report else [])
+    if report["multi_label"] or len(names) <= 2:
+        keys = ["auroc", "sensitivity", "specificity", "accuracy"]
+    else:  # one-vs-rest sensitivity at thresholds beside arg-max accuracy misleads: arg-max measures
+        keys = ["auroc", "accuracy", "balanced_accuracy", "macro_f1", "kappa"]
+    keys += ["top5"] if "top5" in report else []
     frac = report["label_fraction"]
     for label, r in (("pretrained ", report), ("random init", report["random_init"])):
         print(f"finetune {label}: " + ", ".join(_fmt(r, k) for k in keys) +
@@ -317,7 +321,9 @@ def cmd_frozen(args: argparse.Namespace) -> int:
                              f"{args.command}: accuracy {report['accuracy']:.3f}")
     for label, r in (("", report), (" random init", report["random_init"])):
         top5 = f"  top-5 {r['top5']:.2%}" if "top5" in r else ""
-        print(f"{args.command}{label}: top-1 {r['accuracy']:.2%}{top5}  AUROC {r['auroc']:.3f}  "
+        multi = (f"  balanced accuracy {r['balanced_accuracy']:.2%}  macro-F1 {r['macro_f1']:.3f}  "
+                 f"kappa {r['kappa']:.3f}") if n_cls > 2 else ""
+        print(f"{args.command}{label}: top-1 {r['accuracy']:.2%}{top5}  AUROC {r['auroc']:.3f}{multi}  "
               f"({r['n_train']} train / {r['n_test']} test, {n_cls} classes)")
     for w in warnings:
         print(f"warning: {w}")

@@ -99,6 +99,8 @@ def frozen_report(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     if num_classes > 5:
         out["top5"] = float(top_k_accuracy_score(y, p, k=5, labels=np.arange(num_classes)))
     m = point_metrics(p, y, [0.5] * num_classes, multi_label=False)
+    out.update({k: m[k] for k in ("balanced_accuracy", "macro_f1", "kappa", "per_class_precision",
+                                  "per_class_recall")})
     out.update(auroc=m["auroc"], per_class_auroc=m["per_class_auroc"], n_test=int(len(y)),
                confusion=sk_confusion(y, p.argmax(1), labels=np.arange(num_classes)).tolist())
     return out

@@ -437,7 +437,7 @@ def seeds_ahead(gain: dict[str, Any], metric: str = "auroc") -> tuple[int, int]:
 def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and std (over seeds, ddof 0) of the headline metrics, plus every seed's report."""
     out: dict[str, Any] = {"mean": {}, "std": {}, "seeds": reports}
-    for m in (*METRICS, "top5", "subset_accuracy"):
+    for m in (*METRICS, "top5", "subset_accuracy", "balanced_accuracy", "macro_f1", "kappa"):
         vals = [r[m] for r in reports.values() if m in r]
         if vals:
             v = np.asarray(vals, dtype=float)

@@ -116,21 +116,28 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
             try:
                 value = [float(parse_bool(v)) for v in cells]
             except ValueError:
+                hint = ("" if multi_label or label_columns else
+                        f"; with one label per file, name its column: --label-column {cols[-1]}")
                 raise DataError(f"{labels_csv}: line {line}: multi-label columns {cols} need 0/1 values, "
-                                f"got {cells}") from None
+                                f"got {cells} (labels are per file: several label columns mean multi-label"
+                                f"{hint})") from None
         g = (row.get(GROUP_COLUMN) or "").strip()
         for path in found:
             paths.append(path)
             values.append(value)
             groups.append(hash_group(g) if g else None)
     if missing:
-        raise DataError(f"{labels_csv}: {len(missing)} row(s) name files that do not exist under {root} "
-                        f"(first: {missing[0]!r})")
+        many = resolver.ambiguous(missing[0])
+        why = (f"{missing[0]!r} is the name of {many} files; give its path relative to {root}" if many
+               else f"first: {missing[0]!r}")
+        raise DataError(f"{labels_csv}: {len(missing)} row(s) name files that do not exist under {root} ({why})")
     if not paths:
         raise DataError(f"{labels_csv}: no labelled rows")
     dupes = len(paths) - len(set(paths))
     if dupes:
-        raise DataError(f"{labels_csv}: {dupes} file(s) are listed more than once")
+        seen: set[Path] = set()
+        first = next(p for p in paths if p in seen or seen.add(p))
+        raise DataError(f"{labels_csv}: {dupes} file(s) are listed more than once (first: {first})")
     if multi:
         targets, names = np.asarray(values, dtype=np.float32), cols
     else:
@@ -165,6 +172,13 @@ class _PathResolver:
                 self._stems[f.stem] = None if f.stem in self._stems else f.resolve()
         found = self._stems.get(text)
         return None if found is None else [found]
+
+    def ambiguous(self, text: str) -> int:
+        """How many files under root have ``text`` as their name without extension, when more
+        than one does (a file id that names none of them); else 0."""
+        if self._stems is None or self._stems.get(text, 0) is not None:
+            return 0
+        return sum(1 for f in list_files(self.root) if f.stem == text)
 
 
 def folder_label_table(root: Path, domain: str) -> LabelTable:

@@ -172,3 +172,19 @@ def test_group_bootstrap_is_the_same_whatever_the_runs_salt():
     kw = dict(multi_label=False, positive=None, resamples=100, seed=0)
     assert bootstrap_ci(s, y, [0.5, 0.5], groups=one_salt, **kw) == bootstrap_ci(s, y, [0.5, 0.5], groups=other_salt,
                                                                                    **kw)
+
+
+def test_argmax_measures_against_hand_computed_values():
+    from fedmoco.diagnostics import argmax_metrics
+
+    targets = np.array([0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 2, 0])  # class 3 (4 classes) occurs nowhere
+    m = argmax_metrics(targets, predicted, 4)
+    # recall 1/2, 2/2, 1/2 -> balanced 2/3; precision 1/2, 2/3, 1/1; F1 1/2, 4/5, 2/3
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    # p_o = 4/6, p_e = (2*2 + 2*3 + 2*1) / 36 = 1/3: kappa = (2/3 - 1/3) / (1 - 1/3) = 1/2
+    assert m["kappa"] == pytest.approx(0.5)
+    assert m["per_class_precision"][:3] == pytest.approx([1 / 2, 2 / 3, 1.0]) and np.isnan(m["per_class_precision"][3])
+    assert m["per_class_recall"][:3] == pytest.approx([1 / 2, 1.0, 1 / 2]) and np.isnan(m["per_class_recall"][3])
+    assert argmax_metrics(np.array([1, 1]), np.array([1, 1]), 2)["kappa"] == 1.0  # 0/0 by the formula

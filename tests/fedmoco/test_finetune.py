@@ -328,3 +328,27 @@ def test_a_test_set_may_lack_a_class_but_not_bring_a_new_one(tmp_path, demo_imag
                     "--out", str(tmp_path / "eval2")], capsys)
     assert rc == 2 and err.count("\n") == 1
     assert f"{test} (class folders): 1 class(es) ['cloud'] are not among {demo_images}'s classes" in err
+
+
+def test_label_csv_errors_name_what_is_wrong(tmp_path, demo_images):
+    from fedmoco.errors import DataError
+    from fedmoco.labels import read_label_table
+
+    root = tmp_path / "data"
+    for site in ("a", "b"):
+        (root / site).mkdir(parents=True)
+        (root / site / "patch_00.png").write_bytes((demo_images / "circle").glob("*.png").__next__().read_bytes())
+    cases = {
+        "ambiguous.csv": ("path,label\npatch_00,water\n",
+                          "'patch_00' is the name of 2 files; give its path relative to"),
+        "twice.csv": ("path,label\na/patch_00.png,water\na/patch_00.png,urban\n",
+                      f"1 file(s) are listed more than once (first: {(root / 'a' / 'patch_00.png').resolve()})"),
+        "windows.csv": ("path,window,label\na/patch_00.png,0-64,water\n",
+                        "(labels are per file: several label columns mean multi-label; with one label per file, "
+                        "name its column: --label-column label)"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError) as err:
+            read_label_table(root, tmp_path / name)
+        assert message in str(err.value), (name, str(err.value))
