@@ -86,10 +86,14 @@ def sample_origin(dataset: Dataset, i: int, root: Path) -> tuple[str, str]:
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    """``path`` relative to ``root``: as listed under it (a link to a file elsewhere keeps its
+    own name in the folder), else resolved, else as given."""
+    for p, r in ((Path(path), Path(root)), (Path(path).resolve(), Path(root).resolve())):
+        try:
+            return p.relative_to(r).as_posix()
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _unlabelled_csv(root: Path, folder: Path) -> Path:

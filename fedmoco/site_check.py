@@ -87,7 +87,8 @@ class SiteReport:
             out += [
                 f"time per step:   {self.seconds_per_step:.3f} s on {self.device} (batch {self.batch_size}, "
                 f"mean of {_count(self.steps_timed, 'timed step')}, reading, decoding and augmentation included, "
-                "as in a round's first pass over the data; later passes read the decoded-sample cache)",
+                "as in a round's first pass over the data; with medical and satellite data later passes "
+                "read the decoded-sample cache)",
                 f"time per epoch:  about {_format_seconds(self.seconds_per_epoch)} "
                 f"({_count(self.steps_per_epoch, 'step')} of {self.batch_size} images)",
             ]

@@ -89,8 +89,10 @@ def open_image(path: Path, max_pixels: int = OPTIONS["max_pixels"]) -> Image.Ima
         try:
             im = Image.open(path)
         except Image.DecompressionBombError:
-            raise ValueError(f"the header declares over {2 * Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression "
-                             f"bomb limit), over max_pixels {max_pixels}") from None
+            limit = 2 * Image.MAX_IMAGE_PIXELS
+            raise ValueError(f"the header declares over {limit} pixels, PIL's decompression bomb limit"
+                             + (f", over max_pixels {max_pixels}" if max_pixels < limit
+                                else " (max_pixels cannot raise it)")) from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()

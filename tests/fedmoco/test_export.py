@@ -206,3 +206,16 @@ def test_embed_names_satellite_tiles_by_their_window(tmp_path):
     assert len(rows) == np.load(tmp_path / "e.npy").shape[0] > 0
     assert all(r["region"].startswith("window=") and len(r["region"].split(",")) == 4 for r in rows)
     assert all((data / r["path"]).is_file() for r in rows)
+
+
+def test_embed_names_a_linked_file_by_its_place_in_the_folder(tmp_path):
+    from fedmoco.embed import _relative
+
+    elsewhere = tmp_path / "elsewhere" / "cat.png"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    root = tmp_path / "data"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "link.png").symlink_to(elsewhere)
+    assert _relative(root / "cats" / "link.png", root) == "cats/link.png"
+    assert _relative((root / "cats" / "link.png").resolve(), root) == str(elsewhere)  # not under root at all
