@@ -133,7 +133,27 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
             _skip(skipped, exc, len(source.paths))
     if not kept:
         raise DataError(f"{root}: no usable raster ({format_skipped(skipped)})")
+    _warn_mixed_grids(root, kept, opts)
     return Scan(kept, _layout(kept[0], positions, opts), skipped)
+
+
+def _warn_mixed_grids(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions) -> None:
+    """Warn when the rasters' pixel sizes or CRSs differ and no ``resolution`` brings them to
+    one: a 64 px tile is then 640 m of ground in one file and 1.3 km in another, and the encoder
+    learns two scales as one."""
+    if opts.resolution is not None:
+        return
+    res = Counter(round(s.grid.res, 6) for s in sources)
+    crs = Counter(s.grid.crs for s in sources if s.grid.crs)
+    if len(crs) > 1:
+        log.warning("%s: the rasters are in %d coordinate reference systems; tiles of one size then cover "
+                    "different ground areas. Reproject them to one CRS first (gdalwarp -t_srs), then set "
+                    "the data option resolution if their pixel sizes differ", root, len(crs))
+    elif len(res) > 1:
+        sizes = ", ".join(f"{n} at {r:g}" for r, n in res.most_common(4)) + (", ..." if len(res) > 4 else "")
+        log.warning("%s: the rasters have %d pixel sizes (%s, in CRS units); tiles of one size then cover "
+                    "different ground areas. Set the data option resolution (pixel size in CRS units, "
+                    "e.g. resolution=10) to resample every raster to one", root, len(res), sizes)
 
 
 def _layout(first: RasterSource, positions: list[list[int]], opts: SatelliteOptions) -> Layout:

@@ -265,3 +265,26 @@ def test_a_short_epoch_draws_from_every_raster(tmp_path):
     full = build_pretrain_data(tmp_path, cfg(16)).dataset
     exact = Count(Path(full.reader.sources[full._pick(k)[0]].name).name for k in range(len(full)))
     assert set(exact.values()) == {16}
+
+
+def test_mixed_pixel_sizes_are_warned_about_unless_resolution_is_set(tmp_path, caplog):
+    import logging
+
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.options import parse_options
+
+    for name, pixel, crs in (("a10.tif", 10, "EPSG:32633"), ("b20.tif", 20, "EPSG:32633"), ("c10.tif", 10, "EPSG:32633")):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=16, height=16, count=4, dtype="uint16",
+                           crs=crs, transform=from_origin(500000, 4600000, pixel, pixel)) as dst:
+            dst.write(np.full((4, 16, 16), 1000, np.uint16))
+    with caplog.at_level(logging.WARNING):
+        scan_folder(tmp_path, parse_options({}))
+    assert "the rasters have 2 pixel sizes (2 at 10, 1 at 20, in CRS units)" in caplog.text
+    assert "resolution=10" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        scan_folder(tmp_path, parse_options({"resolution": "10"}))
+    assert "pixel sizes" not in caplog.text
