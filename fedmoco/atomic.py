@@ -32,10 +32,28 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: i
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save's zip writer meets an interrupt or a full disk in its __exit__ and raises
+        # RuntimeError("... unexpected pos ...") from it: the cause is what the user must see
+        # (Ctrl-C: one line and exit 130; a full disk: one line naming the file).
+        cause = exc.__context__
+        if isinstance(exc, RuntimeError) and isinstance(cause, (KeyboardInterrupt, OSError)):
+            raise cause from None
         raise
     return path
+
+
+def remove_stale_temps(path: Path | str) -> int:
+    """Delete the temp files an interrupted :func:`atomic_write` of ``path`` left behind (a
+    SIGKILL during the write leaves one, up to a checkpoint's size); returns how many. Only for
+    a file with a single writer, such as a run's checkpoint at the start of the run."""
+    path = Path(path)
+    gone = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+        gone += 1
+    return gone
 
 
 def _umask() -> int:

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -368,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    # SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: one line and the resume
+    # hint, rather than an exit with no word. Only in the main thread, where signals can be set.
+    previous = (signal.signal(signal.SIGTERM, _terminate)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         check_numbers(args)
         return COMMANDS[args.command](args)
@@ -383,6 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"; {_resume_hint(args)}" if args.command == "pretrain" else ""
         print(f"\nfedmoco {args.command}: interrupted{hint}", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

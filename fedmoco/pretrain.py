@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmoco.atomic import atomic_write_json, atomic_write_text
+from fedmoco.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
 from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
@@ -144,9 +144,12 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
             log.info("extending the run from %d to %d epochs: the cosine schedule is re-planned over %d steps",
                      saved["train_config"]["epochs"], train_cfg.epochs, trainer.total_steps)
         set_rng_state(saved["rng"])
-        _truncate_metrics(out / METRICS, trainer.global_step)
         log.info("resumed %s at epoch %d (step %d, queue %d keys)", ckpt_path, start_epoch,
                  trainer.global_step, len(model.queue))
+    # A fresh run (global step 0) starts its log afresh: an earlier attempt stopped before
+    # its first checkpoint must not leave its steps in front of this run's.
+    _truncate_metrics(out / METRICS, trainer.global_step)
+    remove_stale_temps(ckpt_path)
     out.mkdir(parents=True, exist_ok=True)
     data_meta = {"domain": domain, "image_size": data_cfg.image_size, "options": dict(data_cfg.options),
                  "normalization": data.normalization.to_dict()}

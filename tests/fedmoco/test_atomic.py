@@ -44,3 +44,24 @@ def test_results_follow_the_umask_and_keys_keep_their_mode(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(report.stat().st_mode) == 0o640  # as open() would give: 0666 & ~umask
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("cause", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_an_interrupt_or_full_disk_inside_torch_save_surfaces_as_itself(tmp_path, cause):
+    from fedmoco.atomic import atomic_write, remove_stale_temps
+
+    def torch_like_save(fh):  # torch.save's zip writer replaces the cause in its __exit__
+        fh.write(b"partial")
+        try:
+            raise cause
+        except BaseException:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"previous")
+    with pytest.raises(type(cause)):
+        atomic_write(target, torch_like_save)
+    assert target.read_bytes() == b"previous" and not list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a SIGKILL")
+    (tmp_path / ".other.pt.abc123.tmp").write_bytes(b"another file's")
+    assert remove_stale_temps(target) == 1 and (tmp_path / ".other.pt.abc123.tmp").exists()

@@ -212,8 +212,10 @@ def test_resume_cannot_shrink_below_done_epochs(run_dir, demo_images, capsys):
                                       "done 2 epochs")
 
 
-def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_pretrain_args):
-    """A real SIGINT to the console script once the first epoch is checkpointed."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_pretrain_args, sig):
+    """A real SIGINT (or SIGTERM, a scheduler's stop) to the console script once the first
+    epoch is checkpointed."""
     out = tmp_path / "run"
     args = [a if a != "2" else "500" for a in tiny_pretrain_args]  # --epochs 500: still running when interrupted
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -227,7 +229,7 @@ def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_p
         while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert (out / "checkpoint.pt").exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -15,7 +15,12 @@ from fedmoco.train import Trainer
 
 def test_pretrain_writes_checkpoint_metrics_and_plots(tmp_path, demo_images, tiny_pretrain_args, capsys):
     out = tmp_path / "run"
+    # what an attempt stopped before its first checkpoint leaves: its steps, and a torn temp file
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 9.0}\n{"step": 1, "loss": 8.0}\n')
+    (out / ".checkpoint.pt.x1y2.tmp").write_bytes(b"torn")
     assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 0
+    assert not list(out.glob(".checkpoint.pt.*.tmp"))
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and ckpt["moco_config"]["arch"] == "tiny" and ckpt["moco_config"]["in_channels"] == 3
     assert {"optimizer", "scheduler", "scaler", "global_step"} <= set(ckpt["trainer"])
@@ -23,7 +28,8 @@ def test_pretrain_writes_checkpoint_metrics_and_plots(tmp_path, demo_images, tin
     assert int(ckpt["model"]["queue.count"]) == 64  # 2 epochs x 3 steps x 16 keys, capped at K
     records = list(read_jsonl(out / "metrics.jsonl"))
     steps = [r for r in records if "step" in r]
-    assert len(steps) == 6 and {"loss", "pos_mean", "neg_mean", "neg_var", "emb_std"} <= set(steps[0])
+    assert [r["step"] for r in steps] == [0, 1, 2, 3, 4, 5]  # the earlier attempt's steps are gone
+    assert {"loss", "pos_mean", "neg_mean", "neg_var", "emb_std"} <= set(steps[0])
     assert [r["epoch"] for r in records if r.get("event") == "epoch"] == [0, 1]
     for png in ("loss.png", "scores.png", "score_hist.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
