@@ -51,13 +51,28 @@ def flower_command(name: str) -> str:
     return str(path)
 
 
+def die_with_parent() -> None:
+    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when the process that started it
+    dies, even by SIGKILL, which no handler sees (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op
+    elsewhere). A SuperLink left behind keeps serving a run nobody watches."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def start_process(args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    """Start ``args`` in a new session, stdout+stderr appended to ``log``."""
+    """Start ``args`` in a new session, stdout+stderr appended to ``log``; it is sent SIGTERM if
+    this process dies (:func:`die_with_parent`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     fh: IO[bytes] = open(log, "ab")
     try:
         return subprocess.Popen(list(args), env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
     finally:
         fh.close()  # the child holds its own descriptor
 

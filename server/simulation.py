@@ -20,9 +20,11 @@ run_config ``domain="satellite" in-channels=4``).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,7 @@ from clients.task import SITE_FILE_KEYS
 from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError, FedmocoError, reports_os_errors
 from fedmoco.metrics import read_jsonl
-from server.launch import (flower_command, flower_env, free_port, start_process, stop_process, tail,
+from server.launch import (die_with_parent, flower_command, flower_env, free_port, start_process, stop_process, tail,
                            wait_healthy, write_connection)
 from server.runs import last_run_id, no_update_message, validate_run_config
 
@@ -215,7 +217,7 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
         with open(run_log, "wb") as fh:
             proc = subprocess.Popen(cmd, env=env, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=die_with_parent)
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("demo-output/federation"))
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--run-config", default="", help="extra run_config overrides, 'k=v k2=\"text\"'")
+    p.add_argument("--run-config", action="append", default=[],
+                   help="extra run_config overrides, 'k=v k2=\"text\"'; may be given several times, "
+                        "later keys win")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--no-site-budget", action="store_true",
                    help="give the generated sites no privacy budget (no fedmoco-site.toml): weights only, "
@@ -278,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".simulation.lock", "a+") as lock:  # released when this run ends, whatever ends it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{p.prog}: error: another simulation is running into {out}; wait for it, or give another --out",
+                  file=sys.stderr)
+            return 2
+        return _simulate(p, args, run_config, out)
+
+
+def _simulate(p: argparse.ArgumentParser, args: argparse.Namespace, run_config: dict[str, Any], out: Path) -> int:
     print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
     resume = bool(run_config.get("resume"))
     make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size,
@@ -317,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The run_config of ``python -m server.simulation ARGS``, validated (ConfigError)."""
     for flag, value in (("--sites", args.sites), ("--rounds", args.rounds)):
@@ -335,7 +354,8 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
         "key-sample-rate": 0.3,
     }
-    run_config.update(parse_overrides(args.run_config))
+    for overrides in args.run_config if isinstance(args.run_config, list) else [args.run_config]:
+        run_config.update(parse_overrides(overrides))
     validate_run_config(run_config)
     return run_config
 
@@ -361,4 +381,8 @@ def no_update_line(metrics: Path, *, since: float = 0.0) -> str | None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a scheduler) and SIGHUP (the terminal closed) stop the federation as Ctrl-C
+    # does: every process this run started is stopped, and the line says how to resume.
+    for _sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_sig, _interrupt)
     sys.exit(main())

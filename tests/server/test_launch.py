@@ -44,3 +44,26 @@ def test_children_in_other_sessions_are_stopped_too(tmp_path):
         time.sleep(0.05)
     assert _gone(child) and _gone(grandchild)
     assert proc.returncode is not None
+
+
+def test_a_started_process_dies_with_its_starter_even_on_sigkill(tmp_path):
+    import signal
+    import subprocess
+
+    # the starter (a stand-in for server.simulation) starts a sleeper with start_process and
+    # prints its pid; then the starter is SIGKILLed, which no handler of its own can see
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from pathlib import Path; from server.launch import start_process; "
+        f"p = start_process([sys.executable, '-c', 'import time; time.sleep(120)'], env=dict(os.environ), "
+        f"log=Path({str(tmp_path / 'sleeper.log')!r})); print(p.pid, flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        sleeper = int(starter.stdout.readline())
+        starter.send_signal(signal.SIGKILL)
+        starter.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _gone(sleeper):
+            time.sleep(0.05)
+        assert _gone(sleeper)
+    finally:
+        starter.kill()

@@ -111,3 +111,22 @@ def test_settings_file_written_as_a_site_admin_would(tmp_path):
     assert not (tmp_path / "state" / "site-0" / LEDGER_FILE).exists()
     with pytest.raises(ValueError, match="not site settings: key-release"):
         write_site_settings(sites, tmp_path / "state", {"dp-epsilon": 1.0, "key-release": "keys"})
+
+
+def test_run_config_may_be_given_several_times_and_one_out_dir_takes_one_run(tmp_path, capsys):
+    import argparse
+    import fcntl
+
+    from server.simulation import main, simulation_run_config
+
+    args = argparse.Namespace(domain="medical", sites=2, rounds=3, out=tmp_path, image_size=32, timeout=600.0,
+                              run_config=['key-release="prototypes" local-epochs=4', "resume=true"])
+    cfg = simulation_run_config(args)  # the resume hint's "same command and --run-config 'resume=true'"
+    assert cfg["key-release"] == "prototypes" and cfg["local-epochs"] == 4 and cfg["resume"] is True
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".simulation.lock", "a+") as held:  # a simulation already running into it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["--sites", "2", "--rounds", "1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"python -m server.simulation: error: another simulation is running into "
+                                       f"{tmp_path.resolve()}; wait for it, or give another --out\n")
+    assert not (tmp_path / "data").exists()  # nothing was generated under the running one
