@@ -33,8 +33,10 @@ class GlobalKeyQueue:
     """A ring buffer of ``size`` keys of dimension ``dim``, each tagged with its site.
 
     Memory is fixed at construction: ``keys`` (size, dim) float32, ``owner`` and
-    ``round`` (size,) int64. Sites are Flower node ids (unsigned 64-bit, which do not fit
-    an int64 tensor), so ``owner`` holds an index into ``sites``, a list of node ids.
+    ``round`` (size,) int64. A site is its name (str) when it has one, else its Flower node id
+    (unsigned 64-bit, which does not fit an int64 tensor), so ``owner`` holds an index into
+    ``sites``, a list of names and node ids. Names outlive node ids: a resumed federation's
+    sites come back under new node ids, and still do not get their own summaries back.
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -49,7 +51,7 @@ class GlobalKeyQueue:
         self.round = torch.zeros(self.size, dtype=torch.long)  # server round the key arrived in
         self.ptr = 0
         self.count = 0
-        self.sites: list[int] = []
+        self.sites: list[int | str] = []
 
     def __len__(self) -> int:
         """Entries held now (expired slots excluded)."""
@@ -69,13 +71,13 @@ class GlobalKeyQueue:
         self.owner[: self.count][stale] = -1
         return int(stale.sum())
 
-    def _site_index(self, node_id: int) -> int:
-        node_id = int(node_id)
+    def _site_index(self, site: int | str) -> int:
+        site = _site(site)
         try:
-            return self.sites.index(node_id)
+            return self.sites.index(site)
         except ValueError:
             self._forget_absent_sites()
-            self.sites.append(node_id)
+            self.sites.append(site)
             return len(self.sites) - 1
 
     def _forget_absent_sites(self) -> None:
@@ -91,8 +93,9 @@ class GlobalKeyQueue:
         self.sites = [self.sites[i] for i in live]
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, node_id: int, server_round: int) -> None:
-        """Append ``keys`` (n, dim) from site ``node_id``, overwriting the oldest once full."""
+    def enqueue(self, keys: torch.Tensor, node_id: int | str, server_round: int) -> None:
+        """Append ``keys`` (n, dim) from site ``node_id`` (a node id, or the site's name),
+        overwriting the oldest once full."""
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"global queue: expected keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
         n = keys.shape[0]
@@ -108,15 +111,15 @@ class GlobalKeyQueue:
         self.ptr = (self.ptr + n) % self.size
         self.count = min(self.size, self.count + n)
 
-    def sample(self, n: int, *, exclude: int | None = None,
+    def sample(self, n: int, *, exclude: int | str | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Up to ``n`` keys (m, dim), m <= n, drawn uniformly without replacement.
 
-        ``exclude``: a node id whose keys are left out (the receiving site's own).
+        ``exclude``: a site (name or node id) whose keys are left out (the receiving site's own).
         """
         eligible = self.owner[: self.count] >= 0
-        if exclude is not None and int(exclude) in self.sites:
-            eligible &= self.owner[: self.count] != self.sites.index(int(exclude))
+        if exclude is not None and _site(exclude) in self.sites:
+            eligible &= self.owner[: self.count] != self.sites.index(_site(exclude))
         idx = eligible.nonzero().squeeze(1)
         if idx.numel() > n:
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]
@@ -145,8 +148,8 @@ class GlobalKeyQueue:
         # k-means++ starts seeded by the newest round: public, and different starts in later rounds
         return merge_centres(self.keys[: self.count][live], count, weights.float(), seed=int(rounds.max()))
 
-    def counts_by_site(self) -> dict[int, int]:
-        """Keys currently held per node id."""
+    def counts_by_site(self) -> dict[int | str, int]:
+        """Keys currently held per site (name, or node id)."""
         owners = self.owner[: self.count]
         return {node: int((owners == i).sum()) for i, node in enumerate(self.sites) if (owners == i).any()}
 
@@ -165,4 +168,9 @@ class GlobalKeyQueue:
         self.round = state["round"].clone().long()
         self.ptr = int(state["ptr"])
         self.count = int(state["count"])
-        self.sites = [int(s) for s in state["sites"]]
+        self.sites = [_site(s) for s in state["sites"]]
+
+
+def _site(site: int | str) -> int | str:
+    """A queue owner: a site name as is, a node id as a Python int (numpy or tensor ids too)."""
+    return site if isinstance(site, str) else int(site)

@@ -282,8 +282,8 @@ class FedMoCo(FedAvg):
         centres_record = ArrayRecord({"centres": Array(centres.numpy().astype(np.float32))})
         for msg in base:
             node = msg.metadata.dst_node_id
-            sample = self.queue.sample(self.queue_sample, exclude=node if self.exclude_own_keys else None,
-                                       generator=self._torch_gen)
+            own = self._queue_owner(node) if self.exclude_own_keys else None
+            sample = self.queue.sample(self.queue_sample, exclude=own, generator=self._torch_gen)
             queue_record = ArrayRecord({"keys": Array(sample.numpy().astype(np.float32))})
             content = RecordDict({"arrays": arrays, "config": msg.content["config"], "queue": queue_record,
                                   "centres": centres_record})
@@ -352,7 +352,7 @@ class FedMoCo(FedAvg):
             arrays, agg_metrics = self._aggregate(r, [m for m, _ in accepted], n_sent=max(len(self._down), 1))
             if arrays is not None:
                 for msg, keys in accepted:
-                    self.queue.enqueue(keys, msg.metadata.src_node_id, r)
+                    self.queue.enqueue(keys, self._queue_owner(msg.metadata.src_node_id), r)
         if arrays is not None:
             self._current = arrays
             self.updated_rounds.append(r)  # before the checkpoint, which records it
@@ -384,6 +384,14 @@ class FedMoCo(FedAvg):
         Not restored from a checkpoint: a resumed run's sites come back under new node ids
         (a new simulation, a SuperNode re-registered), and must get their names back."""
         return self._owners.get(name) if name else None
+
+    def _queue_owner(self, node: int) -> int | str:
+        """How the global queue knows ``node``: by its site name once it has claimed one (names
+        survive a resume, node ids do not), else by its node id. In a resumed run's first round
+        no name is claimed yet, so that round's exclusion of a site's own summaries works only
+        for summaries sent after the resume."""
+        names = [name for name, n in self._owners.items() if n == int(node)]
+        return names[0] if names else int(node)
 
     def _claim_name(self, node: int, name: str | None) -> None:
         """``name`` is ``node``'s from now on (after an accepted reply under it)."""

@@ -276,3 +276,28 @@ def test_an_incomplete_server_checkpoint_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_server_state(tmp_path / "state.pt")
     assert str(err.value) == f"{tmp_path / 'state.pt'}: server checkpoint is incomplete (missing queue)"
+
+
+def test_a_resumed_run_still_keeps_a_named_sites_own_summaries_from_it(grid3, tmp_path):
+    from flwr.app import ConfigRecord as Config
+
+    def named(node, name, keys):
+        content = reply_content(tiny_arrays(), keys, good_metrics(10))
+        content["site"] = Config({"name": name})
+        return reply_from(node, content)
+
+    first = make_strategy(tmp_path)
+    first.configure_train(1, tiny_arrays(), ConfigRecord(), grid3)
+    first.aggregate_train(1, [named(101, "hospital-a", unit_keys(3, seed=1)),
+                              named(102, "hospital-b", unit_keys(4, seed=2))])
+    assert first.queue.counts_by_site() == {"hospital-a": 3, "hospital-b": 4}
+    # the resumed run: the same queue, the sites back under new node ids (grid3 holds 101-103)
+    resumed = make_strategy(queue=GlobalKeyQueue(64, 8))
+    resumed.queue.load_state_dict(first.queue.state_dict())
+    resumed.configure_train(2, tiny_arrays(), ConfigRecord(), grid3)
+    resumed.aggregate_train(2, [named(103, "hospital-a", unit_keys(3, seed=3)),
+                                named(101, "hospital-b", unit_keys(4, seed=4))])
+    assert resumed.queue.counts_by_site() == {"hospital-a": 6, "hospital-b": 8}  # two sites, not four
+    msgs = {m.metadata.dst_node_id: m for m in resumed.configure_train(3, tiny_arrays(), ConfigRecord(), grid3)}
+    assert msgs[103].content["queue"]["keys"].shape == (8, 8)  # hospital-b's only: none of its own
+    assert msgs[101].content["queue"]["keys"].shape == (6, 8)
