@@ -147,6 +147,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                        "skipped_files": _skipped_files(inputs)},
              "config": config_dict(cfg, protocol), "device": str(device)}
     result["warnings"] = [*result["warnings"], *_skip_notes(inputs, args)]
+    # An earlier run's model.pt must not sit beside this run's results.json if the run stops
+    # between the two writes: it goes first (a stop then leaves results without a model).
+    (out / "model.pt").unlink(missing_ok=True)
     report = write_report(out, result, data, protocol, extra)
     model_path = save_finetuned(out / "model.pt", result["models"]["pretrained"], names=data.names,
                                 multi_label=data.multi_label, thresholds=report["thresholds"],

@@ -37,8 +37,8 @@ from fedmoco.pretrain import make_checkpoint
 from server.plots import plot_federation
 from server.queue import GlobalKeyQueue
 from server.strategy import FedMoCo, ModelDP, load_server_state, make_aggregator
-from server.runs import (FederationFailed, RunIdentity, check_resume, move_previous_run, new_identity,
-                         no_update_message, validate_run_config)
+from server.runs import (FederationFailed, RunIdentity, check_resume, drop_rounds_after, move_previous_run,
+                         new_identity, no_update_message, validate_run_config)
 from server.validation import ExampleCaps, ReplyLimits
 
 log = logging.getLogger("flwr.fedmoco.server")  # Flower's handler prints it; --stream shows it
@@ -103,6 +103,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in saved["arrays"].items()})
         queue.load_state_dict(saved["queue"])
         done = int(saved["round"])
+        dropped = drop_rounds_after(metrics_path, done)
+        if dropped:
+            log.info("%s: dropped %d line(s) of rounds after %d, the checkpoint's last; they run again",
+                     metrics_path, dropped, done)
         site_ledger = {int(k): v for k, v in saved["ledger"]["sites"].items()}
         dp_state = saved["ledger"].get("model-dp")
         site_names = saved.get("site-names", {})

@@ -210,3 +210,19 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
     from server.strategy import make_aggregator  # the aggregator names live with the strategy
 
     make_aggregator(r["aggregation"], trim_beta=r["trim-beta"], krum_malicious=r["krum-malicious"])
+
+
+def drop_rounds_after(metrics: Path, done: int) -> int:
+    """Remove the lines of rounds after ``done`` from ``metrics`` (rounds.jsonl), atomically;
+    returns how many. A run stopped after logging a round but before checkpointing it runs
+    that round again on resume, and must not log it twice."""
+    if not metrics.exists():
+        return 0
+    from fedmoco.atomic import atomic_write_text
+    from fedmoco.metrics import read_jsonl
+
+    records = list(read_jsonl(metrics))
+    keep = [rec for rec in records if not (isinstance(rec.get("round"), (int, float)) and rec["round"] > done)]
+    if len(keep) < len(records):
+        atomic_write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in keep))
+    return len(records) - len(keep)

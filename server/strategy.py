@@ -357,8 +357,11 @@ class FedMoCo(FedAvg):
             self._current = arrays
             self.updated_rounds.append(r)  # before the checkpoint, which records it
         self.last_round = r
-        self._save_checkpoint(r)
+        # The line first, then the checkpoint: a stop between them leaves a line for a round the
+        # checkpoint does not hold, which a resume drops (server.runs.drop_rounds_after) and
+        # runs again; the other order would lose the round's line for good.
         self._log_round(r, sites, agg_metrics, arrays is not None, t_received)
+        self._save_checkpoint(r)
         return arrays, agg_metrics
 
     @staticmethod

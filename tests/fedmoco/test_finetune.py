@@ -352,3 +352,21 @@ def test_label_csv_errors_name_what_is_wrong(tmp_path, demo_images):
         with pytest.raises(DataError) as err:
             read_label_table(root, tmp_path / name)
         assert message in str(err.value), (name, str(err.value))
+
+
+def test_a_finetune_stopped_after_its_results_leaves_no_earlier_model_beside_them(tmp_path, demo_images, checkpoint,
+                                                                                   capsys, monkeypatch):
+    import fedmoco.finetune as ft
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"an earlier run's classifier")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_finetuned", stopped)
+    rc = main(["-q", "finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--out", str(out),
+               "--seeds", "0", *FAST])
+    assert rc == 130
+    assert (out / "results.json").exists() and not (out / "model.pt").exists()

@@ -235,3 +235,18 @@ def test_a_round_that_changed_nothing_is_counted_done_and_said_so(tmp_path, site
     assert "all 3 rounds were already done (2 of them updated the model)" in caplog.text
     fed = load_checkpoint(result.encoder)["federation"]
     assert (fed["rounds"], fed["updated-rounds"]) == (3, 2)
+
+
+def test_a_resume_drops_lines_of_rounds_the_checkpoint_does_not_hold(tmp_path):
+    import json
+
+    from fedmoco.metrics import read_jsonl
+    from server.runs import drop_rounds_after
+
+    metrics = tmp_path / "rounds.jsonl"
+    lines = [{"event": "round", "round": r, "run-id": "abc"} for r in (1, 2, 3)] + [{"event": "note"}]
+    metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    # stopped after logging round 3, before checkpointing it: the checkpoint holds round 2
+    assert drop_rounds_after(metrics, 2) == 1
+    assert [x.get("round") for x in read_jsonl(metrics)] == [1, 2, None]
+    assert drop_rounds_after(metrics, 2) == 0 and drop_rounds_after(tmp_path / "missing.jsonl", 0) == 0
