@@ -347,13 +347,22 @@ def _checkpoint_hint(args: argparse.Namespace) -> str | None:
     ckpt = args.out / CHECKPOINT
     if not ckpt.is_file():
         return None
-    again = shlex.join(["fedmoco", "pretrain", "--data", str(args.data), "--out", str(args.out)])
+    command = ["fedmoco", "pretrain", "--data", str(args.data), "--out", str(args.out)]
+    # How the run executes is not in the checkpoint: the options given now go with the command
+    # (with --workers 0 a resumed run matches an uninterrupted one bit for bit).
+    for flag, value, default in (("--workers", args.workers, 2), ("--device", args.device, "auto")):
+        if value != default:
+            command += [flag, str(value)]
     try:
         saved = load_checkpoint(ckpt)
-        done = f"epoch {saved['epoch']} of {saved['train_config']['epochs']}"
+        planned = saved["train_config"]["epochs"]
+        if args.epochs is not None and args.epochs != planned:  # an extension in progress
+            command += ["--epochs", str(args.epochs)]
+            planned = args.epochs
+        done = f"epoch {saved['epoch']} of {planned}"
     except (FedmocoError, KeyError):
         done = "the last finished epoch"
-    return f"{ckpt} holds {done}; resume with: {again} --resume"
+    return f"{ckpt} holds {done}; resume with: {shlex.join(command)} --resume"
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_eval, "linear-probe": cmd_eval, "plot": cmd_plot,

@@ -238,5 +238,5 @@ def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_p
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"fedmoco pretrain: interrupted; {out / 'checkpoint.pt'} holds epoch ")
-    assert last.endswith(f"of 500; resume with: fedmoco pretrain --data {demo_images} --out {out} --resume")
+    assert last.endswith(f"of 500; resume with: fedmoco pretrain --data {demo_images} --out {out} --workers 0 --resume")
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1

@@ -206,3 +206,15 @@ def test_a_resumed_run_keeps_this_invocations_cache_and_progress_settings():
                                   frozenset())
     assert (data.cache, data.cache_dir, data.progress) == (False, "/elsewhere", False)  # --no-cache, -q
     assert data.options == {"bands": "1,2", "tile_size": 64} and data.image_size == 32
+
+
+def test_the_resume_hint_keeps_an_extension_and_the_runtime_options(tmp_path, demo_images, tiny_pretrain_args):
+    import argparse
+
+    from fedmoco.cli import _checkpoint_hint
+
+    out = tmp_path / "run"
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 0
+    args = argparse.Namespace(out=out, data=demo_images, workers=0, device="cpu", epochs=5)  # extending 2 -> 5
+    assert _checkpoint_hint(args) == (f"{out / 'checkpoint.pt'} holds epoch 2 of 5; resume with: fedmoco pretrain "
+                                      f"--data {demo_images} --out {out} --workers 0 --device cpu --epochs 5 --resume")
