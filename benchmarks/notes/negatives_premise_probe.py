@@ -34,6 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from probe_common import add_task_argument, task_missing  # noqa: E402
 
 MODES = ("none", "extra", "extrastep", "all")
 
@@ -106,11 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-extra", type=int, default=300, help="unseen-class keys per epoch (extra) or step (extrastep)")
-    p.add_argument("--task", type=Path, default=Path("/tmp/fedmoco-bench/glyphs-v3-100-100-100"),
-                   help="the glyph task folder (benchmarks/quality.py writes it)")
+    add_task_argument(p)
     args = p.parse_args(argv)
-    if not (args.task / "pool").is_dir():
-        print(f"{args.task}/pool: no glyph task there; run benchmarks/quality.py once first", file=sys.stderr)
+    if task_missing(args.task):
         return 2
     import torch
 

@@ -30,6 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from probe_common import add_task_argument, task_missing  # noqa: E402
 
 
 def run(mode: str, root: Path, epochs: int = 30) -> None:
@@ -93,11 +96,9 @@ def run(mode: str, root: Path, epochs: int = 30) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("modes", nargs="+", help="query | momentum | ema<mu> | none")
-    p.add_argument("--task", type=Path, default=Path("/tmp/fedmoco-bench/glyphs-v3-100-100-100"),
-                   help="the glyph task folder (benchmarks/quality.py writes it)")
+    add_task_argument(p)
     args = p.parse_args(argv)
-    if not (args.task / "pool").is_dir():
-        print(f"{args.task}/pool: no glyph task there; run benchmarks/quality.py once first", file=sys.stderr)
+    if task_missing(args.task):
         return 2
     bad = [m for m in args.modes if m not in ("query", "momentum", "none") and not m.startswith("ema")]
     if bad:
