@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_keygen_parser(sub)
     add_sign_app_parser(sub)
     add_check_site_parser(sub)
+    for command in sub.choices.values():  # -q also after the command: `fedmoco pretrain ... -q`
+        if "--quiet" not in command._option_string_actions:
+            command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                 help="no progress bars, warnings only")
     return parser
 
 
@@ -321,7 +325,24 @@ NUMBER_RULES: dict[str, tuple[str, Any]] = {
     "t": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
     "test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
     "older_than": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+    # numpy's generators take seeds in [0, 2**32): outside it a traceback, not a run
+    "seed": ("a whole number in [0, 2**32)", lambda v: 0 <= v < 2**32),
+    "split_seed": ("a whole number in [0, 2**32)", lambda v: 0 <= v < 2**32),
 }
+
+
+#: The config dataclasses' field names (as their errors give them) -> the pretrain flags.
+_FIELD_FLAGS = {"queue_size (K)": "--queue-size", "momentum (m)": "--momentum", "temperature (T)": "--temperature",
+                "hidden_dim": "--hidden-dim", "dim": "--dim", "arch": "--arch", "norm": "--norm",
+                "norm_splits": "--norm-splits"}
+
+
+def _named_by_flag(text: str) -> str:
+    """A MoCoConfig error as the user typed it: ``--queue-size must be >= 1``, not the field."""
+    for name, flag in _FIELD_FLAGS.items():
+        if text.startswith((f"{name} ", f"{name}:")):
+            return flag + text[len(name):]
+    return text
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -387,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_numbers(args)
         return COMMANDS[args.command](args)
     except FedmocoError as exc:
-        print(f"fedmoco {args.command}: error: {exc}", file=sys.stderr)
+        text = _named_by_flag(str(exc)) if args.command == "pretrain" else str(exc)
+        print(f"fedmoco {args.command}: error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason
         resume = _checkpoint_hint(args) if args.command == "pretrain" else None

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -218,6 +219,17 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
         with open(run_log, "wb") as fh:
             proc = subprocess.Popen(cmd, env=env, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     start_new_session=True, preexec_fn=die_with_parent)
+            # The limit is enforced while the output streams: reading stdout to its end would
+            # otherwise wait as long as the run takes.
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                stop_process(proc)
+
+            timer = threading.Timer(max(timeout - (time.perf_counter() - t0), 1.0), expire)
+            timer.daemon = True
+            timer.start()
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
@@ -225,9 +237,13 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                     if echo and _worth_echoing(line):
                         sys.stdout.write(line.decode(errors="replace"))
                         sys.stdout.flush()
-                proc.wait(timeout=max(timeout - (time.perf_counter() - t0), 1.0))
+                proc.wait()
             finally:
+                timer.cancel()
                 stop_process(proc)
+            if expired.is_set():
+                raise RuntimeError(f"the simulation did not finish within --timeout {timeout:g} s and was stopped; "
+                                   f"flwr run log {run_log}:\n{tail(run_log)}")
     finally:
         stop_process(superlink)
     if _stamp(encoder) in (None, before):

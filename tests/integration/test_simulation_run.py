@@ -42,3 +42,21 @@ def test_satellite_simulation_end_to_end(tmp_path):
     assert (tmp_path / "server" / "plots" / "loss.png").is_file()
     log = result.log.read_text(errors="replace")
     assert "round 2: 2/2 replies accepted" in log
+
+
+def test_the_timeout_stops_a_run_that_is_still_going(tmp_path):
+    import os
+    import time
+
+    from server.launch import descendants
+
+    data = tmp_path / "data"
+    make_demo_sites("satellite", data, 1, image_size=32)
+    run = {"domain": "satellite", "in-channels": DEMO_CHANNELS["satellite"], "image-size": 32,
+           "num-server-rounds": 50, "demo-root": str(data), "out-dir": str(tmp_path / "server"), "min-nodes": 1,
+           "batch-size": 16, "dim": 32, "hidden-dim": 64}
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not finish within --timeout 15 s and was stopped"):
+        run_simulation(run, num_supernodes=1, work_dir=tmp_path, timeout=15, echo=False)
+    assert time.monotonic() - started < 60  # 50 rounds would take minutes
+    assert not descendants(os.getpid())  # nothing it started is left running
