@@ -153,6 +153,25 @@ class _Server:
         return Server(config)
 
 
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (in use, not an address of this machine), or
+    None. Checked before starting, so the refusal is one line rather than uvicorn's log."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"not an address ({exc})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def serve(argv: list[str] | None = None) -> int:
     """Parse flower-superlink's options plus ``--fleet-host/--fleet-port`` and serve both listeners."""
     import importlib
@@ -175,6 +194,9 @@ def serve(argv: list[str] | None = None) -> int:
         return 2
     argv = sys.argv[1:] if argv is None else argv
     ours, flower_argv = _split_args(argv)
+    if not 1 <= ours.fleet_port <= 65535:
+        print(f"server.superlink: error: --fleet-port {ours.fleet_port}: a port is 1-65535", file=sys.stderr)
+        return 2
     # Flower's own parser (it reads sys.argv): same options, same checks, same messages
     saved_argv, sys.argv = sys.argv, ["flower-superlink", *flower_argv]
     try:
@@ -188,6 +210,12 @@ def serve(argv: list[str] | None = None) -> int:
     if (config.host, config.port) == (ours.fleet_host, ours.fleet_port):
         print("server.superlink: error: --fleet-host/--fleet-port must differ from --host/--port", file=sys.stderr)
         return 2
+    for flags, host, port in (("--host/--port", config.host, config.port),
+                              ("--fleet-host/--fleet-port", ours.fleet_host, ours.fleet_port)):
+        problem = _bind_problem(host, port)
+        if problem:
+            print(f"server.superlink: error: {flags} {host}:{port}: {problem}", file=sys.stderr)
+            return 2
     if config.database in (":flwr-in-memory:", ":memory:"):
         log.warning("no --database: registered SuperNodes and runs are forgotten when the SuperLink restarts")
     elif "://" not in config.database:
@@ -203,11 +231,17 @@ def serve(argv: list[str] | None = None) -> int:
     print(f"server.superlink: Control, Runtime and Fleet API on {config.host}:{config.port} (coordinator only); "
           f"Fleet API only on {ours.fleet_host}:{ours.fleet_port} (sites)", flush=True)
 
-    async def main() -> None:
+    async def main() -> bool:
+        """Serve until a signal asks both listeners to stop (True), or one stops by itself (False)."""
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def request_stop() -> None:
+            stop.set()
+            control.should_exit = fleet.should_exit = True
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(control, "should_exit", True)
-                                    or setattr(fleet, "should_exit", True))
+            loop.add_signal_handler(sig, request_stop)
         # the control listener first: its lifespan starts the SuperLink's state and SuperExec
         control_task = asyncio.create_task(control.serve())
         while not control.started and not control_task.done():
@@ -216,8 +250,16 @@ def serve(argv: list[str] | None = None) -> int:
         await asyncio.wait([control_task, fleet_task], return_when=asyncio.FIRST_COMPLETED)
         control.should_exit = fleet.should_exit = True
         await asyncio.gather(control_task, fleet_task, return_exceptions=True)
+        return stop.is_set()
 
-    asyncio.run(main())
+    try:
+        stopped_on_request = asyncio.run(main())
+    except SystemExit:  # uvicorn exits when a port cannot be bound (it logged the reason above)
+        stopped_on_request = False
+    if not stopped_on_request:
+        print(f"server.superlink: error: a listener stopped by itself (could not bind {config.host}:{config.port} "
+              f"or {ours.fleet_host}:{ours.fleet_port}? see the log above); both are down", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -102,3 +102,22 @@ def test_the_explicit_flags_pass():
     assert _refusal(host="192.168.0.5", allow_private_control=True) is None
     assert _refusal(auth=False, allow_unauthenticated_nodes=True) is None
     assert _refusal(host="0.0.0.0", allow_public_control=True) is None
+
+
+def test_a_port_that_cannot_be_listened_on_is_refused_before_anything_starts(capsys, tmp_path):
+    import socket
+
+    base = ["--fleet-host", "127.0.0.1", "--host", "127.0.0.1", "--insecure", "--database", str(tmp_path / "db")]
+    assert serve([*base, "--fleet-port", "99999", "--port", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "server.superlink: error: --fleet-port 99999: a port is 1-65535")
+    with socket.socket() as taken:  # a port something else already listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            control = free.getsockname()[1]
+        assert serve([*base, "--fleet-port", str(port), "--port", str(control)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"server.superlink: error: --fleet-host/--fleet-port 127.0.0.1:{port}: Address already in use")
