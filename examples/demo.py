@@ -207,31 +207,54 @@ def run_config_text(config: dict[str, Any]) -> str:
 @reports_os_errors("python -m examples.demo")  # an output folder that cannot be made: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--domain", default="medical", choices=sorted(TASKS))
-    p.add_argument("--out", type=Path, default=Path("demo-output"))
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs (default 15)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
-    p.add_argument("--run-config", default="", metavar="'K=V ...'",
-                   help="federation run_config overrides on top of the example's, e.g. 'momentum=0.9 local-epochs=5'")
+    p.add_argument("--domain", default="medical", choices=sorted(TASKS), help="which demo (default medical)")
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    p.add_argument("--sites", type=int, default=3, help="simulated sites (default 3)")
+    p.add_argument("--rounds", type=int, help="federated rounds (default 4; 1 with --quick)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default 15; 2 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes (CI smoke test); --rounds and --epochs given explicitly still apply")
+    p.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
+                   help="federation run_config overrides on top of the example's, e.g. 'momentum=0.9 local-epochs=5'; "
+                        "may be given several times, later keys win")
     p.add_argument("--data-only", action="store_true",
                    help="only generate the data and print the federation's run config (for a deployment)")
     args = p.parse_args(argv)
     from fedmoco.errors import FedmocoError
     from server.runs import validate_run_config
     from server.simulation import parse_overrides
-    task = TASKS[args.domain]
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 15)
     root = args.out.resolve()
     try:  # before any work: a typo or a bad value here should not cost a generated archive
-        overrides = parse_overrides(args.run_config)
-        validate_run_config(federation_run_config(args.domain, root, args.sites, 1 if args.quick else args.rounds,
-                                                  overrides))
+        for flag, value in (("--sites", args.sites), ("--rounds", rounds), ("--epochs", epochs)):
+            if value < 1:
+                raise FedmocoError(f"{flag} must be >= 1, got {value}")
+        overrides: dict[str, Any] = {}
+        for text in args.run_config:
+            overrides.update(parse_overrides(text))
+        validate_run_config(federation_run_config(args.domain, root, args.sites, rounds, overrides))
     except FedmocoError as e:
-        print(f"{p.prog}: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
+    try:
+        return _demo(args, root, rounds, epochs, overrides)
+    except KeyboardInterrupt:
+        print(f"\n{p.prog}: interrupted; run the same command again to start over (the archives are regenerated)",
+              file=sys.stderr)
+        return 130
+    except FedmocoError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the federation ended without an encoder: its log's tail follows
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
 
+
+def _demo(args: argparse.Namespace, root: Path, rounds: int, epochs: int, overrides: dict[str, Any]) -> int:
+    """The three roles in turn, as main() checked them; returns the exit status."""
+    task = TASKS[args.domain]
+    start = time.perf_counter()
     print(f"== site admins: {args.sites} {task.site_name} archives (synthetic) under {root / 'sites'}", flush=True)
     _, labelled = make_example_data(args.domain, root, args.sites, quick=args.quick)
     if args.data_only:
@@ -240,15 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         # is a TOML error in flwr run --run-config)
         print("run config: " + run_config_text({"domain": args.domain, **task.run_config}))
         return 0
-    print(f"== coordinator: federated pretraining, {args.rounds} rounds", flush=True)
-    encoder = federate(args.domain, root, args.sites, 1 if args.quick else args.rounds, overrides=overrides)
+    print(f"== coordinator: federated pretraining, {rounds} round(s)", flush=True)
+    encoder = federate(args.domain, root, args.sites, rounds, overrides=overrides)
     if not args.quick:
         cli(["-q", "plot", str(root / "server")])
     print(f"== data scientist: fine-tuning on {labelled} ({task.what}), pretrained vs random init", flush=True)
     # three fine-tuning seeds: one seed alone swings the comparison by more than the gain
     extra = ["--bootstrap", "50", "--patience", "2"] if args.quick else ["--seeds", "0", "1", "2"]
-    results = finetune_report(encoder, labelled, root / "finetune", domain=args.domain,
-                              epochs=2 if args.quick else args.epochs, extra=extra)
+    results = finetune_report(encoder, labelled, root / "finetune", domain=args.domain, epochs=epochs, extra=extra)
     cli(["export", str(encoder), "--out", str(root / "export")])
     print()
     print("\n".join(summary_lines(results, task)))

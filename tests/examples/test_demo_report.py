@@ -27,7 +27,7 @@ def test_report_gives_mean_std_ci_and_gain_per_metric():
 def test_bad_run_config_is_one_line_exit_2_before_any_work(tmp_path, capsys):
     assert main(["--run-config", "momentum", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["python -m examples.demo: --run-config: expected key=value pairs separated by spaces, got 'momentum'"]
+    assert err == ["python -m examples.demo: error: --run-config: expected key=value pairs separated by spaces, got 'momentum'"]
     assert not (tmp_path / "out").exists()
 
 
@@ -36,7 +36,7 @@ def test_a_bad_run_config_value_is_one_line_exit_2_before_any_work(tmp_path, cap
     out = tmp_path / "out"
     assert main(["--run-config", 'key-release="prototypes" prototype-first-share=0.5', "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["python -m examples.demo: run_config prototype-first-share must be >= 1 (1 = every release "
+    assert err == ["python -m examples.demo: error: run_config prototype-first-share must be >= 1 (1 = every release "
                    "alike), got 0.5"]
     assert not out.exists()
 
@@ -52,3 +52,21 @@ def test_report_gives_the_paired_gain_interval_and_says_whether_it_clears_zero()
     pre["gain"]["ci95"]["auroc"] = [-0.01, 0.24]
     assert summary_lines({**pre, "random_init": rnd}, TASKS["medical"])[-1].endswith(
         "is not clear of zero, and higher in 2 of 3 fine-tuning seeds")
+
+
+def test_counts_are_checked_before_any_work_and_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    import examples.demo as demo
+
+    out = tmp_path / "out"
+    assert main(["--epochs", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["python -m examples.demo: error: --epochs must be >= 1, got 0"]
+    assert main(["--quick", "--rounds", "0", "--out", str(out)]) == 2  # an explicit count wins over --quick's
+    assert not out.exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "make_example_data", interrupted)
+    assert main(["--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m examples.demo: interrupted;") and "Traceback" not in "\n".join(err)
