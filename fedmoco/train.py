@@ -338,6 +338,7 @@ class Trainer:
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 out = self.model(x_q, x_k, extra_negatives, extra_centres)
             loss = out.loss
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses: read before the scheduler moves it
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -347,7 +348,7 @@ class Trainer:
             neg_hist += score_histogram(out.neg_scores)
             values = torch.stack([loss.detach().float()] + [out.stats[k] for k in STAT_NAMES[1:]])  # (6,)
             pending.append(({"epoch": epoch, "step": self.global_step, "images": x_q.shape[0], "t0": t0,
-                             "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum}, values))
+                             "lr": lr, "momentum": self.model.momentum}, values))
             summary.steps += 1
             summary.images += x_q.shape[0]
             self.global_step += 1

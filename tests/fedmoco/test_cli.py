@@ -29,6 +29,11 @@ def test_pretrain_writes_checkpoint_metrics_and_plots(tmp_path, demo_images, tin
     records = list(read_jsonl(out / "metrics.jsonl"))
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [0, 1, 2, 3, 4, 5]  # the earlier attempt's steps are gone
+    # each step logs the rate it trained with, read before the scheduler moved on: warm-up over
+    # the first epoch's 3 steps from 1e-3 of 0.06 x 16 / 256, the full rate at step 3, and a
+    # cosine that reaches 0 only after the last step
+    assert steps[0]["lr"] == pytest.approx(0.06 * 16 / 256 * 1e-3)
+    assert steps[3]["lr"] == pytest.approx(0.06 * 16 / 256) and steps[-1]["lr"] > 0
     assert {"loss", "pos_mean", "neg_mean", "neg_var", "emb_std"} <= set(steps[0])
     assert [r["epoch"] for r in records if r.get("event") == "epoch"] == [0, 1]
     for png in ("loss.png", "scores.png", "score_hist.png"):
