@@ -113,6 +113,18 @@ def _add_eval(sub, name: str, help_: str) -> argparse.ArgumentParser:
     return p
 
 
+def with_defaults(parser: argparse.ArgumentParser) -> None:
+    """End each option's help with its default, unless the text gives it already or there is
+    none to give (None: the option's own rule, such as the checkpoint's value, applies)."""
+    for action in parser._actions:
+        text = action.help or ""
+        if (not action.option_strings or text == argparse.SUPPRESS or "default" in text.lower()
+                or action.default is None or action.default is False or action.default == []
+                or action.default is argparse.SUPPRESS):  # `is`: a default of 0 is worth showing
+            continue
+        action.help = f"{text} (default {action.default})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmoco", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -158,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sign_app_parser(sub)
     add_check_site_parser(sub)
     for command in sub.choices.values():  # -q also after the command: `fedmoco pretrain ... -q`
+        with_defaults(command)
         if "--quiet" not in command._option_string_actions:
             command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                                  help="no progress bars, warnings only")

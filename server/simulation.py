@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 from clients.ledger import LEDGER_FILE, read_ledger
 from clients.task import SITE_FILE_KEYS
+from fedmoco.cli import with_defaults
 from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError, FedmocoError, reports_os_errors
 from fedmoco.metrics import read_jsonl
@@ -278,18 +279,20 @@ def _worth_echoing(line: bytes) -> bool:
 @reports_os_errors("python -m server.simulation")  # an output folder that cannot be made: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.simulation", description=__doc__.splitlines()[0])
-    p.add_argument("--domain", default="medical", choices=sorted(DEMO_CHANNELS))
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("demo-output/federation"))
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--domain", default="medical", choices=sorted(DEMO_CHANNELS), help="the generated sites' data")
+    p.add_argument("--sites", type=int, default=3, help="simulated sites (SuperNodes)")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--out", type=Path, default=Path("demo-output/federation"),
+                   help="output folder: data/, site-state/, server/ and the logs")
+    p.add_argument("--image-size", type=int, default=64, help="input size in pixels")
     p.add_argument("--run-config", action="append", default=[],
                    help="extra run_config overrides, 'k=v k2=\"text\"'; may be given several times, "
                         "later keys win")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds the whole federation may take")
     p.add_argument("--no-site-budget", action="store_true",
                    help="give the generated sites no privacy budget (no fedmoco-site.toml): weights only, "
                         "no global queue")
+    with_defaults(p)
     args = p.parse_args(argv)
     try:
         run_config = simulation_run_config(args)
