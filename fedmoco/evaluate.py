@@ -39,7 +39,8 @@ def extract_features(backbone: nn.Module, dataset: Dataset, *, device: torch.dev
         feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y))
     if not feats:
-        raise DataError("no readable labelled samples")
+        raise DataError(f"none of the {len(dataset)} samples could be read (the warnings above name each file and "
+                        "why); if the files are another kind of image than the checkpoint's, give --domain")
     return torch.cat(feats), torch.cat(labels).long(), skipped
 
 

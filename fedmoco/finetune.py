@@ -154,9 +154,11 @@ def prepare_samples(data: LabelledSet, *, workers: int = 0, progress: bool = Tru
     (default :data:`MAX_CACHE_BYTES`); otherwise stream from the domain dataset. Unreadable
     samples are dropped and counted."""
     max_cache_bytes = MAX_CACHE_BYTES if max_cache_bytes is None else max_cache_bytes
-    first = next((data.dataset[i] for i in range(min(len(data.dataset), 8)) if data.dataset[i] is not None), None)
+    tried = min(len(data.dataset), 8)
+    first = next((s for i in range(tried) if (s := data.dataset[i]) is not None), None)
     if first is None:
-        raise DataError("none of the first labelled samples could be read")
+        raise DataError(f"none of the first {tried} labelled samples could be read (the warnings above name each "
+                        "file and why); if the files are another kind of image than the checkpoint's, give --domain")
     per_sample = first[0].numel() * first[0].element_size()
     if per_sample * len(data.dataset) > max_cache_bytes:
         log.info("labelled set of %.1f GiB streams from disk", per_sample * len(data.dataset) / 1024**3)

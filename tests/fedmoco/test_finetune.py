@@ -370,3 +370,16 @@ def test_a_finetune_stopped_after_its_results_leaves_no_earlier_model_beside_the
                "--seeds", "0", *FAST])
     assert rc == 130
     assert (out / "results.json").exists() and not (out / "model.pt").exists()
+
+
+def test_unreadable_labelled_files_say_where_to_look_and_what_to_try(tmp_path, checkpoint, capsys):
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(3):
+            (data / cls / f"{i}.png").write_bytes(b"not a png")
+    rc, err = _run(["knn", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "e")], capsys)
+    assert rc == 2 and err.count("fedmoco knn: error:") == 1 and "Traceback" not in err  # after the warnings
+    assert err.count("unreadable image") == 6
+    assert "none of the first 6 labelled samples could be read (the warnings above name each file and why)" in err
+    assert err.rstrip().endswith("give --domain")
