@@ -74,8 +74,9 @@ def _plot_loss(steps: list[dict], path: Path) -> Path:
     x = np.array([r["step"] for r in steps])
     y = np.array([r["loss"] if r["loss"] is not None else np.nan for r in steps], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, y, alpha=0.35, marker=point_marker(len(x)), label="loss")
     w = max(1, len(y) // 20)
+    # pale only when a running mean is drawn over it: alone, the raw loss is the plot
+    ax.plot(x, y, alpha=0.35 if w > 1 else 1.0, marker=point_marker(len(x)), label="loss")
     if w > 1:
         ax.plot(x[w - 1:], _smooth(y, w), label=f"mean of {w} steps")
     ax.set_xlabel("step")
@@ -94,7 +95,11 @@ def _plot_scores(steps: list[dict], path: Path, dim: int | None) -> Path:
     a1.plot(x, get("pos_mean"), marker=marker, label="positive mean")
     neg, sd = get("neg_mean"), np.sqrt(get("neg_var"))
     a1.plot(x, neg, marker=marker, label="negative mean")
-    a1.fill_between(x, neg - sd, neg + sd, alpha=0.2, label="negative ±1 std")
+    if len(x) > 1:  # a band over one step has no width: an error bar shows it instead
+        a1.fill_between(x, neg - sd, neg + sd, alpha=0.2, label="negative ±1 std")
+    else:  # a bar between the two ends, each a point
+        a1.plot(np.repeat(x, 2), [neg[0] - sd[0], neg[0] + sd[0]], "-o", color="C1", alpha=0.4,
+                label="negative ±1 std")
     a1.set_xlabel("step")
     a1.set_ylabel("cosine score")
     a1.set_title("score statistics")

@@ -39,3 +39,7 @@ def test_a_one_step_run_is_drawn_as_points_on_one_whole_tick(tmp_path, monkeypat
     assert all(list(ax.get_xticks()) == [0.0] and ax.get_xlim() == (-1.0, 1.0) for ax in axes)
     data = [line for ax in axes for line in ax.lines if "uniform" not in line.get_label()]
     assert data and all(line.get_marker() == "o" for line in data)  # a lone point without a marker is invisible
+    band = next(line for line in data if line.get_label() == "negative ±1 std")  # no zero-width band
+    assert list(band.get_ydata()) == pytest.approx([0.6, 0.8])
+    loss = next(line for line in data if line.get_label() == "loss")
+    assert loss.get_alpha() == 1.0  # no running mean over it: drawn in full
