@@ -249,8 +249,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         what = args.run / "metrics.jsonl"
         if not what.is_file():
+            inside = sorted(p.parent for p in args.run.glob("*/rounds.jsonl")) if args.run.is_dir() else []
+            hint = f"; did you mean {inside[0]}?" if inside else ""  # a simulation's --out holds server/
             raise ConfigError(f"{args.run}: neither metrics.jsonl (a pretraining run) nor rounds.jsonl "
-                              "(a federation server out-dir) is there")
+                              f"(a federation server out-dir) is there{hint}")
         dim = None
         try:  # the embedding dimension only adds the 1/sqrt(D) reference line
             dim = int(json.loads((args.run / "config.json").read_text())["moco"]["dim"])

@@ -161,3 +161,13 @@ def test_scores_give_each_measure_its_own_scale():
     fig = scores_figure(recs, dim=128)
     assert len(fig.axes) == 2 and fig.axes[-1].get_xlabel() == "round"
     plt.close(fig)
+
+
+def test_plot_on_a_simulations_out_dir_points_at_its_server_folder(tmp_path, capsys):
+    from fedmoco.cli import main
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(shared=True)))
+    assert main(["plot", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"is there; did you mean {tmp_path / 'server'}?")
+    assert main(["-q", "plot", str(tmp_path / "server")]) == 0
