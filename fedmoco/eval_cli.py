@@ -79,7 +79,13 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
 
     def load(root: Path, labels: Path | None, norm: Normalization | None):
         table = load_label_table(root, labels, domain, multi_label=multi_label, label_columns=columns)
-        data = build_labelled_set(domain, root, table, cfg, norm)
+        try:
+            data = build_labelled_set(domain, root, table, cfg, norm)
+        except DataError as exc:
+            if args.domain is None and "no usable" in str(exc):  # nothing read: perhaps another kind of data
+                raise DataError(f"{exc} (read as {domain} data, the checkpoint's domain; --domain reads it as "
+                                "another)") from None
+            raise
         if data.in_channels != model.cfg.in_channels:
             raise CheckpointError(f"{args.checkpoint}: the encoder was trained on {meta['domain']} data with "
                                   f"{model.cfg.in_channels} channel(s) but {root} read as {domain} gives "

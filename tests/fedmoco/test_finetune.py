@@ -383,3 +383,14 @@ def test_unreadable_labelled_files_say_where_to_look_and_what_to_try(tmp_path, c
     assert err.count("unreadable image") == 6
     assert "none of the first 6 labelled samples could be read (the warnings above name each file and why)" in err
     assert err.rstrip().endswith("give --domain")
+
+
+def test_data_of_another_kind_than_the_checkpoints_says_which_domain_it_was_read_as(tmp_path, demo_images, capsys):
+    torch.manual_seed(0)
+    model = MoCo(MoCoConfig.preset("v2", arch="tiny", dim=16, hidden_dim=32, queue_size=64, small_input=True,
+                                   in_channels=1))
+    data = {"domain": "medical", "image_size": 32, "options": {}, "normalization": {"mean": [0.5], "std": [0.25]}}
+    ckpt = atomic_save(make_checkpoint(model, data=data), tmp_path / "ckpt" / "checkpoint.pt")
+    rc, err = _run(["knn", "--checkpoint", str(ckpt), "--data", str(demo_images), "--out", str(tmp_path / "e")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"{demo_images}: no usable DICOM image among 48 files" in err
+    assert err.rstrip().endswith("(read as medical data, the checkpoint's domain; --domain reads it as another)")
