@@ -95,6 +95,10 @@ class Setup:
     device: str = "cpu"
     knn_k: int = 20
     probe_epochs: int = 100
+    # --quick: the code the runs were made with (code_fingerprint), part of their cache key, so
+    # `make bench` measures this checkout. Full runs leave it "" and reuse runs across code
+    # versions, as their tables' provenance notes say.
+    code: str = ""
 
     @property
     def scaled_lr(self) -> float:
@@ -327,6 +331,8 @@ def run_job(job: Job, work_root: str) -> dict[str, Any]:
     torch.set_num_threads(job.setup.threads)
     logging.disable(logging.WARNING)  # the rounds' INFO lines would bury the tables
     signature = json.loads(json.dumps(asdict(job), default=str))
+    if not signature["setup"].get("code"):
+        signature["setup"].pop("code", None)  # full runs: the keys they were cached under before
     # Keyed by what is trained, not by the row's name: the same configuration in two tables
     # (quality's "fedmoco MoCo" and global_queue_benefit's ceiling) is trained once.
     what = {k: v for k, v in signature.items() if k != "row"}
@@ -497,12 +503,24 @@ def task_setup(args: argparse.Namespace) -> tuple[Path, Setup, int, TaskSize]:
     seeds = args.seeds or (1 if args.quick else 3)
     setup = Setup(epochs=args.epochs or (3 if args.quick else Setup.epochs), norm=args.norm, workers=args.workers,
                   threads=args.threads, device=args.device, lr=args.lr,
-                  batch_size=args.batch_size, queue_size=args.queue_size)
+                  batch_size=args.batch_size, queue_size=args.queue_size,
+                  code=code_fingerprint() if args.quick else "")
     if args.crop_scale_min is not None:
         for recipe in (RECIPE, NO_NUISANCE, FLIP_ON):
             recipe["crop_scale_min"] = args.crop_scale_min
     root = make_task(args.work / f"glyphs-v{VERSION}-{size.pool}-{size.eval_train}-{size.eval_test}", size)
     return root, setup, seeds, size
+
+
+def code_fingerprint() -> str:
+    """sha1 (12 hex digits) of the Python sources a glyph run executes: the engine, the
+    federation, the images domain and these benchmark scripts."""
+    h = hashlib.sha1()
+    files = [p for folder in ("fedmoco", "clients", "server", "domains/images") for p in (ROOT / folder).rglob("*.py")]
+    files += [ROOT / "benchmarks" / n for n in ("quality.py", "labelled_task.py", "global_queue_benefit.py")]
+    for path in sorted(files):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def seed_range(args: argparse.Namespace, seeds: int) -> range:

@@ -229,3 +229,36 @@ def test_federation_summary_averages_the_last_rounds_and_skips_missing_values(tm
     assert out["global-share-last5"] == pytest.approx(0.1)  # round 7's NaN skipped
     (tmp_path / "empty.jsonl").write_text("")
     assert federation_summary(tmp_path / "empty.jsonl") == {}  # a run that logged no round
+
+
+def test_quick_runs_are_keyed_by_the_code_and_full_runs_keep_their_keys(tmp_path, monkeypatch):
+    import quality
+
+    for folder in ("fedmoco", "clients", "server", "domains/images", "benchmarks"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    for name in ("quality.py", "labelled_task.py", "global_queue_benefit.py"):
+        (tmp_path / "benchmarks" / name).write_text("# stand-in\n")
+    (tmp_path / "fedmoco" / "moco.py").write_text("LOSS = 1\n")
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    before = quality.code_fingerprint()
+    (tmp_path / "fedmoco" / "moco.py").write_text("LOSS = 2\n")  # an engine change: quick runs measure it
+    assert quality.code_fingerprint() != before
+    (tmp_path / "README.md").write_text("docs do not count\n")
+    assert len(quality.code_fingerprint()) == 12
+    # a full run's job signature carries no "code": the caches of the documented tables stay valid
+    full = quality.Job(row="r", kind="raw", seed=0, root=str(tmp_path), setup=quality.Setup())
+    calls = []
+    monkeypatch.setattr(quality, "score", lambda *a, **k: calls.append(1) or {"knn": 1.0, "probe": 2.0})
+    out = quality.run_job(full, str(tmp_path / "work"))
+    assert "code" not in out["job"]["setup"] and calls == [1]
+
+
+def test_a_quick_page_keeps_the_full_suites_verdicts_beside_its_own():
+    import argparse
+
+    import run_all
+
+    args = argparse.Namespace(quick=True, device="cpu")
+    quick = {"quality": {"name": "quality", "status": "ok", "record": {"bench": "quality"}, "seconds": 1.0}}
+    header = run_all.targets_table(quick, args)[0]
+    assert "quick verdict" in header and "full suite (saved): verdict" in header
