@@ -70,7 +70,8 @@ def check_device(device: str) -> str:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, float):
-        return None if not math.isfinite(value) else round(value, 4)
+        # 4 significant digits, not 4 decimals: delta = 1e-5 must not print as 0.0
+        return None if not math.isfinite(value) else float(f"{value:.4g}") if abs(value) < 1 else round(value, 4)
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                  n_slices=args.slices, seed=0)
         generated = time.perf_counter() - start
         decode = decode_ms(root, args.repeats)
-        print(decode, flush=True)
+        print(f"decode ms per file: {decode}", flush=True)  # not a line a JSON reader could mistake
         data = build_pretrain_data(root, DataConfig(image_size=args.image_size, seed=0,
                                                     options={"cache_dir": str(Path(tmp) / "cache")}))
         n_samples = len(data.dataset)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         rates["0 workers, 1 thread"] = pair_rates(data.dataset, 0, args.batch_size, args.repeats)
         torch.set_num_threads(threads)
         rates["2 workers"] = pair_rates(data.dataset, 2, args.batch_size, args.repeats)
-        print(rates, flush=True)
+        print(f"pairs/s: {rates}", flush=True)
     moco, moco_what = moco_rate(args.image_size, args.batch_size, args.moco_steps, device=args.device)
     print(moco, flush=True)
     load_after = os.getloadavg()

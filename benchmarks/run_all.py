@@ -347,7 +347,9 @@ def write_docs(out: Path, runs: dict[str, dict], args: argparse.Namespace, resul
         "`make bench` runs `python benchmarks/run_all.py --quick` (every benchmark in a small configuration, "
         "under 10 minutes on 2 CPU cores) and rewrites this page. The full suite is "
         "`python benchmarks/run_all.py --device cuda --jobs 8` on a GPU box; each benchmark also runs on its own "
-        "(commands in each table). Every script accepts `--device cpu|cuda` and prints its headline figures as one "
+        "(commands in each table). Every script accepts `--device cpu|cuda` (demo_tasks_probe, privacy_audit, "
+        "prototype_signal and update_norms accept it for the suite and run on the CPU, as their --help says; the "
+        "others refuse cuda in one line where no GPU is visible) and prints its headline figures as one "
         "JSON line ending in `}` (the last line of its output that starts with `{\"bench\"`), which this runner "
         "reads to check the targets below.",
         "",
