@@ -87,9 +87,11 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
                                 "another)") from None
             raise
         if data.in_channels != model.cfg.in_channels:
+            hint = ("; select the encoder's bands with --data-option bands=... (1-based indices or names, "
+                    "docs/satellite.md)" if domain == "satellite" else "")
             raise CheckpointError(f"{args.checkpoint}: the encoder was trained on {meta['domain']} data with "
                                   f"{model.cfg.in_channels} channel(s) but {root} read as {domain} gives "
-                                  f"{data.in_channels}")
+                                  f"{data.in_channels}{hint}")
         return data
 
     if args.test_labels and not args.test:

@@ -873,7 +873,8 @@ def build_labelled_data(
     if normalization is not None and normalization.channels != scan.layout.in_channels:
         raise DataError(
             f"{root}: the checkpoint's normalization has {normalization.channels} channels but the "
-            f"selected bands give {scan.layout.in_channels} ({', '.join(scan.layout.channel_names)})"
+            f"selected bands give {scan.layout.in_channels} ({', '.join(scan.layout.channel_names)}); select the "
+            "encoder's bands with the data option bands (1-based indices or names, docs/satellite.md)"
         )
     reader = TileReader(scan.sources, scan.layout, opts.gdal_cache_mb)
     keep, windows = usable_grid_windows(reader, tile, opts.grid_stride(cfg.image_size), opts.max_nodata, skipped)

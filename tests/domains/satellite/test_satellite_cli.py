@@ -65,3 +65,16 @@ def test_knn_counts_skipped_rasters_and_leaves_a_labels_csv_in_the_folder_alone(
     note = f"{data}: skipped 1 files: 1 not a raster; they are in no split (the log names them)"
     assert note in report["warnings"]  # the CSV itself is not scanned, so not counted
     assert f"warning: {note}" in capsys.readouterr().out
+
+
+def test_a_band_count_mismatch_says_how_to_select_bands(tmp_path, demo4, labelled4, capsys):
+    run = tmp_path / "run"
+    assert main(["-q", "pretrain", "--domain", "satellite", "--data", str(demo4), "--out", str(run), *TINY,
+                 "--data-option", "bands=1,2,3"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "knn", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(labelled4),
+                 "--data-option", "bands=1,2,3,4"]) == 2
+    err = capsys.readouterr().err
+    assert "normalization has 3 channels but the selected bands give 4 (blue, green, red, nir)" in err
+    assert err.rstrip().endswith("select the encoder's bands with the data option bands (1-based indices or names, "
+                                 "docs/satellite.md)")
