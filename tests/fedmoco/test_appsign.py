@@ -115,3 +115,28 @@ def test_a_signed_copy_runs_while_the_source_stays_unchanged(app, signer, tmp_pa
     assert sorted(p.relative_to(app) for p in app.rglob("*")) == before
     assert verify_fab(build_fab(copy), trusted) is None
     assert "not signed" in verify_fab(build_fab(app), trusted)
+
+
+def test_the_app_carries_only_its_code_whatever_else_the_checkout_holds(tmp_path):
+    """A demo written inside the checkout (README's --out hospitals-demo) must not ride along:
+    its copies of earlier apps nested until Flower could not pack them, and a site's
+    fedmoco-site.toml was signed into the app."""
+    import io
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_disk
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    for name in ("fedmoco/a.py", "domains/medical/b.py", "clients/c.py", "server/d.py", "examples/e.py", "README.md",
+                 "fedmoco-app-signature.json",
+                 "hospitals-demo/flower/flwr-home/apps/x/fedmoco/cli.py", "hospitals-demo/sites/site-0/fedmoco-site.toml",
+                 "benchmarks/notes/n.md", "docs/f.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(tmp_path))).namelist())
+    assert {"fedmoco/a.py", "domains/medical/b.py", "clients/c.py", "server/d.py", "pyproject.toml",
+            "fedmoco-app-signature.json"} <= names  # the signature travels with the app
+    assert not {n for n in names if n.split("/")[0] in ("examples", "hospitals-demo", "benchmarks", "docs")}
