@@ -51,18 +51,24 @@ def flower_command(name: str) -> str:
     return str(path)
 
 
-def die_with_parent() -> None:
-    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when the process that started it
-    dies, even by SIGKILL, which no handler sees (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op
-    elsewhere). A SuperLink left behind keeps serving a run nobody watches."""
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``Popen(preexec_fn=...)`` under which the child gets SIGTERM when the process that
+    started it dies, even by SIGKILL, which no handler sees (Linux ``prctl(PR_SET_PDEATHSIG)``;
+    None elsewhere). A SuperLink left behind keeps serving a run nobody watches. libc is
+    loaded here, in the parent: between fork and exec the child may only make the call."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    return set_death_signal
 
 
 def start_process(args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
@@ -72,7 +78,7 @@ def start_process(args: Sequence[str], *, env: dict[str, str], log: Path, cwd: P
     fh: IO[bytes] = open(log, "ab")
     try:
         return subprocess.Popen(list(args), env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent())
     finally:
         fh.close()  # the child holds its own descriptor
 

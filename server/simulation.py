@@ -219,7 +219,7 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
         with open(run_log, "wb") as fh:
             proc = subprocess.Popen(cmd, env=env, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent())
             # The limit is enforced while the output streams: reading stdout to its end would
             # otherwise wait as long as the run takes.
             expired = threading.Event()
