@@ -249,6 +249,8 @@ def test_quick_runs_are_keyed_by_the_code_and_full_runs_keep_their_keys(tmp_path
     full = quality.Job(row="r", kind="raw", seed=0, root=str(tmp_path), setup=quality.Setup())
     calls = []
     monkeypatch.setattr(quality, "score", lambda *a, **k: calls.append(1) or {"knn": 1.0, "probe": 2.0})
+    # run_job silences logging for its worker process; here it would silence every later test
+    monkeypatch.setattr(quality.logging, "disable", lambda level: None)
     out = quality.run_job(full, str(tmp_path / "work"))
     assert "code" not in out["job"]["setup"] and calls == [1]
 
