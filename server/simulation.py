@@ -236,7 +236,8 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                 for line in proc.stdout:
                     fh.write(line)
                     if echo and _worth_echoing(line):
-                        sys.stdout.write(line.decode(errors="replace"))
+                        text = line.decode(errors="replace")
+                        sys.stdout.write(text if sys.stdout.isatty() else _ANSI.sub("", text))
                         sys.stdout.flush()
                 proc.wait()
             finally:
@@ -268,12 +269,17 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 _DUPLICATE = re.compile(r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 
 
+# Flower colours its log levels; a log file or a pipe gets the text without the escapes.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _worth_echoing(line: bytes) -> bool:
-    """The federation's one-line messages and errors, once; not Ray's or Flower's chatter."""
+    """The federation's one-line messages and errors, once; not Ray's or Flower's chatter.
+    The encoder's path is not among them: the closing summary prints it."""
     text = line.decode(errors="replace")
     if _DUPLICATE.search(text):
         return False
-    return any(s in text for s in ("round ", "ERROR", "aggregated encoder", "resuming", "site data"))
+    return any(s in text for s in ("round ", "ERROR", "resuming", "site data", "held an earlier run"))
 
 
 @reports_os_errors("python -m server.simulation")  # an output folder that cannot be made: one line, exit 2

@@ -130,3 +130,14 @@ def test_run_config_may_be_given_several_times_and_one_out_dir_takes_one_run(tmp
     assert capsys.readouterr().err == (f"python -m server.simulation: error: another simulation is running into "
                                        f"{tmp_path.resolve()}; wait for it, or give another --out\n")
     assert not (tmp_path / "data").exists()  # nothing was generated under the running one
+
+
+def test_the_console_gets_the_federations_own_lines_once_and_without_colour_codes():
+    from server.simulation import _ANSI, _worth_echoing
+
+    moved = b"\x1b[93mWARNING \x1b[0m: /x/server held an earlier run: its outputs were moved to /x/server/previous\n"
+    assert _worth_echoing(moved) and _ANSI.sub("", moved.decode()) == (
+        "WARNING : /x/server held an earlier run: its outputs were moved to /x/server/previous\n")
+    assert _worth_echoing(b"INFO : round 2: sent the global model\n")
+    assert not _worth_echoing(b"INFO : aggregated encoder: /x/encoder.pt\n")  # the summary prints it once
+    assert not _worth_echoing(b"11/29/2026 10:00:00:INFO: round 2: sent the global model\n")  # Flower's copy
