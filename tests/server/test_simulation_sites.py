@@ -70,7 +70,10 @@ def test_simulated_sites_share_prototypes_from_their_own_budget(tmp_path, caplog
              for i in range(2)]
     # round 2 trained against the other site's prototypes: they took a share of the softmax
     share = rounds[1]["global-share"]
-    assert 0 < share < 1 and rounds[0]["global-share"] == 0.0 and all(0 < s["global-share"] < 1
+    # per site it may be 0: false-negative cancellation can mask all of a site's few global
+    # negatives when they share its queries' buckets, and the DP noise, drawn from a secure
+    # generator, is not fixed by the run's seed
+    assert 0 < share < 1 and rounds[0]["global-share"] == 0.0 and all(0 <= s["global-share"] < 1
                                                                      for s in rounds[1]["sites"])
     # and each site's log says so for round 2, not for round 1 (no global negatives yet)
     for r, site in ((2, s) for s in rounds[1]["sites"]):
