@@ -394,7 +394,6 @@ def _owner_module(encoder: Callable[[Tensor], Tensor]) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-@torch.no_grad()
 def _read_alone(dataset: Dataset, index: int, seed: int) -> Any:
     """``dataset[index]`` with torch's global generator set to ``seed`` for this read only.
 
@@ -411,6 +410,7 @@ def _read_alone(dataset: Dataset, index: int, seed: int) -> Any:
         return dataset[index]
 
 
+@torch.no_grad()
 def _encode(
     encoder: Callable[[Tensor], Tensor], dataset: Dataset, indices: list[int], batch_size: int, device: torch.device,
     generator: torch.Generator | None = None,

@@ -577,3 +577,13 @@ def test_each_released_image_is_read_with_its_own_randomness():
     with_0, _ = _encode(encoder, data, [0, 3], 8, torch.device("cpu"), torch.Generator().manual_seed(5))
     seed_of_3 = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(5)).tolist()[1]
     assert torch.allclose(with_0[1], torch.nn.functional.normalize(_read_alone(data, 3, seed_of_3).flatten(), dim=0))
+
+
+def test_released_vectors_are_encoded_without_autograd():
+    """The release encodes with gradients off: no graph is built or kept for what is sent."""
+    from fedmoco.privacy import _encode
+
+    linear = torch.nn.Linear(6, 4)
+    keys, dim = _encode(lambda x: linear(x.flatten(1)), _DrawHungry(3), [0, 1, 2], 2, torch.device("cpu"),
+                        torch.Generator().manual_seed(0))
+    assert dim == 4 and all(k is not None and not k.requires_grad for k in keys)
