@@ -289,11 +289,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"{result.n} embeddings of dimension {result.dim}" +
           (f" ({result.skipped} unreadable samples skipped)" if result.skipped else ""))
     if result.skipped_files:
-        from collections import Counter
-
         from fedmoco.data import format_skipped
 
-        print(f"warning:    {args.data}: {format_skipped(Counter(result.skipped_files))} (the log names them)")
+        print(f"warning:    {args.data}: {format_skipped(result.skipped_files)} (the log names them)")
     print(f"embeddings: {result.array}\nsamples:    {result.table}")
     return 0
 

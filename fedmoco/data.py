@@ -205,12 +205,13 @@ def check_data_dir(root: Path | str) -> Path:
     return root
 
 
-def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
+def list_files(root: Path, suffixes: Sequence[str] | None = None, exclude: Sequence[Path] = ()) -> list[Path]:
     """All regular files under ``root`` (recursively, sorted, hidden ones and the site's
     settings file ``root/fedmoco-site.toml`` skipped: not data, never read as an image).
 
     ``suffixes`` (lower-case, with dot) keeps only matching files. Raises DataError when
-    nothing is left, naming the folder.
+    nothing is left, naming the folder. ``exclude``: files that are not samples (a labels CSV
+    kept in the folder), left out of the result, after that check.
     """
     files, unreadable, dangling = [], [], []
     # os.walk rather than rglob: rglob passes over a folder it cannot open without a word, and
@@ -243,6 +244,9 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None) -> list[Path]:
             hint = (f"; it holds {len(others)} other file(s) ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})"
                     ": is --domain right?")
         raise DataError(f"{root}: data folder is empty (no files{kinds}){hint}")
+    if exclude:
+        excluded = {Path(p).resolve() for p in exclude}
+        files = [p for p in files if p.resolve() not in excluded]
     return files
 
 

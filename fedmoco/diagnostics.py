@@ -148,7 +148,7 @@ def argmax_metrics(targets: np.ndarray, predicted: np.ndarray, n_classes: int) -
     predictions (N,) against targets (N,), over classes 0..n_classes-1. A class absent from
     both gets NaN precision/recall and is left out of the macro F1."""
     labels = np.arange(n_classes)
-    present = np.union1d(np.unique(targets), np.unique(predicted))
+    present = np.union1d(targets, predicted)
     agree = (targets == predicted).all()  # kappa is 0/0 when a single class is everything
     with warnings.catch_warnings():
         # "y_pred contains classes not in y_true", "a single label was found": a small test

@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class EmbedResult:
     n: int
     dim: int
     skipped: int
-    skipped_files: dict[str, int] = field(default_factory=dict)  # files under data not read, by reason
+    skipped_files: Counter = field(default_factory=Counter)  # files under data not read, by reason
 
 
 def output_paths(out: Path | str) -> tuple[Path, Path]:
@@ -141,4 +142,4 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
         writer.writerow([row, *sample_origin(labelled.dataset, i, root)])
     atomic_write_text(table, rows.getvalue())
     return EmbedResult(array=npy, table=table, n=feats.shape[0], dim=feats.shape[1], skipped=skipped,
-                       skipped_files=dict(labelled.skipped))
+                       skipped_files=Counter(labelled.skipped))

@@ -202,10 +202,8 @@ def _skip_notes(inputs: EvalInputs, args: argparse.Namespace) -> list[str]:
 
 def _skipped_files(inputs: EvalInputs) -> dict[str, int]:
     """Files not read under --data and --test together, by reason."""
-    total = Counter(inputs.data.skipped_files)
-    if inputs.test is not None:
-        total.update(inputs.test.skipped_files)
-    return dict(total)
+    both = inputs.data.skipped_files + (inputs.test.skipped_files if inputs.test is not None else Counter())
+    return dict(both)
 
 
 # Class names that mean "no finding": in a binary task the other class is the positive one.

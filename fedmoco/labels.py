@@ -78,7 +78,7 @@ class LabelledSet:
     normalization: Normalization
     group_source: str
     unlabelled_files: int
-    skipped_files: dict[str, int] = field(default_factory=dict)  # files under root not read, by reason
+    skipped_files: Counter = field(default_factory=Counter)  # files under root not read, by reason
 
 
 def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
@@ -153,7 +153,7 @@ class _PathResolver:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._stems: dict[str, Path | None] | None = None
+        self._stems: dict[str, list[Path]] | None = None  # file-name stem -> the files with it
 
     def __call__(self, text: str) -> list[Path] | None:
         """The file(s) a CSV path names: a folder (a study, series or band product) names every
@@ -169,16 +169,15 @@ class _PathResolver:
         if self._stems is None:
             self._stems = {}
             for f in list_files(self.root):
-                self._stems[f.stem] = None if f.stem in self._stems else f.resolve()
-        found = self._stems.get(text)
-        return None if found is None else [found]
+                self._stems.setdefault(f.stem, []).append(f)
+        found = self._stems.get(text, [])
+        return [found[0].resolve()] if len(found) == 1 else None
 
     def ambiguous(self, text: str) -> int:
         """How many files under root have ``text`` as their name without extension, when more
         than one does (a file id that names none of them); else 0."""
-        if self._stems is None or self._stems.get(text, 0) is not None:
-            return 0
-        return sum(1 for f in list_files(self.root) if f.stem == text)
+        count = len((self._stems or {}).get(text, []))
+        return count if count > 1 else 0
 
 
 def folder_label_table(root: Path, domain: str) -> LabelTable:
@@ -260,7 +259,7 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     return LabelledSet(dataset=dataset, targets=targets, groups=np.asarray(groups), rows=rows,
                        names=names, multi_label=table.multi_label, in_channels=data.in_channels,
                        normalization=data.normalization, group_source=source,
-                       unlabelled_files=int((sample_labels < 0).sum()), skipped_files=dict(data.skipped))
+                       unlabelled_files=int((sample_labels < 0).sum()), skipped_files=Counter(data.skipped))
 
 
 def skipped_note(data: LabelledSet, root: Path) -> str | None:
@@ -268,7 +267,7 @@ def skipped_note(data: LabelledSet, root: Path) -> str | None:
     by reason (their names are in the log). None when every file was read."""
     if not data.skipped_files:
         return None
-    return f"{root}: {format_skipped(Counter(data.skipped_files))}; they are in no split (the log names them)"
+    return f"{root}: {format_skipped(data.skipped_files)}; they are in no split (the log names them)"
 
 
 def _drop_empty_classes(targets: np.ndarray, names: list[str], source: str) -> tuple[np.ndarray, list[str]]:

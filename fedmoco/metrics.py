@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from fedmoco.atomic import json_safe
+from fedmoco.atomic import atomic_write_text, json_safe
 
 
 class JsonlLogger:
@@ -52,3 +52,15 @@ def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
             else:
                 log.warning("%s:%d: skipped a line that is not a JSON record (a write cut short?)", path, number)
 
+
+def keep_records(path: Path | str, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite the JSON-lines file ``path`` atomically with only the records ``keep`` accepts
+    (a resumed run's log loses what came after its checkpoint); returns how many were dropped,
+    0 when there is no file. Lines that are no record are dropped too (read_jsonl skips them)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    records = list(read_jsonl(path))
+    kept = [r for r in records if keep(r)]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(records) - len(kept)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import warnings
@@ -13,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmoco.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
+from fedmoco.atomic import atomic_write_json, remove_stale_temps
 from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
 from fedmoco.errors import CheckpointError, ConfigError
-from fedmoco.metrics import JsonlLogger, read_jsonl
+from fedmoco.metrics import JsonlLogger, keep_records, read_jsonl
 from fedmoco.moco import MoCo
 from fedmoco.train import Trainer, make_loader
 
@@ -260,7 +259,4 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
 
     Step records carry ``step``; epoch records carry ``step_end``, the step count after them.
     """
-    if not path.exists():
-        return
-    keep = [r for r in read_jsonl(path) if r.get("step", r.get("step_end", 0) - 1) < global_step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    keep_records(path, lambda r: r.get("step", r.get("step_end", 0) - 1) < global_step)

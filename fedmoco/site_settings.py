@@ -107,8 +107,9 @@ def read_site_file(path: Path) -> dict[str, str | int | float]:
     value that is not a number or a string. Values are checked further where they are used,
     by the same rules as node_config's."""
     try:
-        if path.stat().st_size > MAX_SITE_FILE_BYTES:  # a settings file is a few lines: read no more
-            raise ConfigError(f"{path}: the site settings file is {path.stat().st_size:,} bytes; a settings file "
+        size = path.stat().st_size
+        if size > MAX_SITE_FILE_BYTES:  # a settings file is a few lines: read no more
+            raise ConfigError(f"{path}: the site settings file is {size:,} bytes; a settings file "
                               f"has a few lines (at most {MAX_SITE_FILE_BYTES:,} bytes)")
         # utf-8-sig: a byte-order mark (Windows editors) would otherwise be "invalid statement"
         table = tomllib.loads(path.read_text(encoding="utf-8-sig"))

@@ -32,7 +32,7 @@ from clients.task import (KEY_RELEASE_MODES, RUN_DEFAULTS, moco_config, parse_ch
                           train_config)
 from fedmoco.data import DOMAINS
 from fedmoco.errors import ConfigError, FedmocoError
-from fedmoco.metrics import read_jsonl
+from fedmoco.metrics import keep_records, read_jsonl
 from fedmoco.site_settings import MAX_PLANNED_RELEASES
 
 #: run_config keys that define the global model and queue: a run resumed with other values
@@ -216,13 +216,4 @@ def drop_rounds_after(metrics: Path, done: int) -> int:
     """Remove the lines of rounds after ``done`` from ``metrics`` (rounds.jsonl), atomically;
     returns how many. A run stopped after logging a round but before checkpointing it runs
     that round again on resume, and must not log it twice."""
-    if not metrics.exists():
-        return 0
-    from fedmoco.atomic import atomic_write_text
-    from fedmoco.metrics import read_jsonl
-
-    records = list(read_jsonl(metrics))
-    keep = [rec for rec in records if not (isinstance(rec.get("round"), (int, float)) and rec["round"] > done)]
-    if len(keep) < len(records):
-        atomic_write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in keep))
-    return len(records) - len(keep)
+    return keep_records(metrics, lambda rec: not (isinstance(rec.get("round"), (int, float)) and rec["round"] > done))

@@ -229,6 +229,7 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                 stop_process(proc)
 
             timer = threading.Timer(max(timeout - (time.perf_counter() - t0), 1.0), expire)
+            coloured = sys.stdout.isatty()
             timer.daemon = True
             timer.start()
             try:
@@ -237,7 +238,7 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                     fh.write(line)
                     if echo and _worth_echoing(line):
                         text = line.decode(errors="replace")
-                        sys.stdout.write(text if sys.stdout.isatty() else _ANSI.sub("", text))
+                        sys.stdout.write(text if coloured else _ANSI.sub("", text))
                         sys.stdout.flush()
                 proc.wait()
             finally:
@@ -379,7 +380,7 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
         "key-sample-rate": 0.3,
     }
-    for overrides in args.run_config if isinstance(args.run_config, list) else [args.run_config]:
+    for overrides in args.run_config:
         run_config.update(parse_overrides(overrides))
     validate_run_config(run_config)
     return run_config

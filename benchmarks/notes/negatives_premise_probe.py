@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe_common import add_task_argument, task_missing  # noqa: E402
+from quality import mean_std  # noqa: E402
 
 MODES = ("none", "extra", "extrastep", "all")
 
@@ -127,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in rows if r["mode"] == mode]
 
         def ms(key: str) -> str:
-            vals = [r[key] for r in mine]
-            return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+            return mean_std([r[key] for r in mine])
         print(f"| {mode} | {ms('knn')} | {ms('probe')} | {statistics.mean(r['emb_std'] for r in mine):.3f} "
               f"| {statistics.mean(r['extra_share'] for r in mine):.2f} |")
     return 0

@@ -106,7 +106,7 @@ def load_image(path: Path, channels: int, max_pixels: int = OPTIONS["max_pixels"
     ValueError for a header declaring over ``max_pixels`` pixels (:func:`open_image`)."""
     with open_image(path, max_pixels) as im:
         # A camera's EXIF orientation: without it phone photos are read on their side.
-        im = ImageOps.exif_transpose(im) or im
+        ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = np.asarray(im, dtype=np.float32)
             if not np.isfinite(arr).all():  # no scaling of NaN or inf to 8 bit gives the image back
@@ -283,8 +283,7 @@ def _setup(root: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> tuple[l
     """Image files, options, channels, and the other files under ``root`` counted by suffix
     (a GIF or HEIC photo is not trained on, and the site admin should hear of it)."""
     opts = parse_options(cfg.options)
-    excluded = {Path(p).resolve() for p in exclude}
-    every = [f for f in list_files(root) if not excluded or f.resolve() not in excluded]
+    every = list_files(root, exclude=exclude)
     files = [f for f in every if f.suffix.lower() in SUFFIXES]
     if not files:
         list_files(root, SUFFIXES)  # raises its DataError, with the "is --domain right?" hint

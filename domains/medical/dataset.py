@@ -267,8 +267,7 @@ def index_folder(root: Path, opts: MedicalOptions, cfg: DataConfig | None = None
     the selected modalities; DataError if nothing usable. The header index is cached in the
     cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else the default) unless
     ``cfg.cache`` or the ``cache`` option is off: then nothing is written."""
-    excluded = {Path(p).resolve() for p in exclude}
-    files = [f for f in list_files(root) if f.resolve() not in excluded] if excluded else list_files(root)
+    files = list_files(root, exclude=exclude)
     cfg = cfg or DataConfig()
     cache = cache_file(root, _cache_dir(opts, cfg)) if _caching(opts, cfg) else None
     records, skipped = scan(root, files, cache, opts.limits)

@@ -105,8 +105,7 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
 
     Broken files are skipped and counted by reason. Raises DataError when nothing is left.
     """
-    excluded = {p.resolve() for p in exclude}
-    files = [p for p in list_files(root) if not is_sidecar(p) and p.resolve() not in excluded]
+    files = [p for p in list_files(root, exclude=exclude) if not is_sidecar(p)]
     skipped: Counter = Counter()
     infos = []
     for path in files:
