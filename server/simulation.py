@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from clients.ledger import LEDGER_FILE, read_ledger
-from clients.task import SITE_FILE_KEYS
+from clients.task import SITE_FILE_KEYS, run_value
 from fedmoco.cli import with_defaults
 from fedmoco.data import SITE_SETTINGS_FILE
 from fedmoco.errors import ConfigError, FedmocoError, reports_os_errors
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(p: argparse.ArgumentParser, args: argparse.Namespace, run_config: dict[str, Any], out: Path) -> int:
     print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
-    resume = bool(run_config.get("resume"))
+    resume = run_value(run_config, "resume")  # "false" (a quoted TOML string) is no, as the server reads it
     make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size,
                     budget=None if args.no_site_budget else DEMO_BUDGET, state_root=out / "site-state",
                     keep_ledgers=resume)

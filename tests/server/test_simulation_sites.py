@@ -144,3 +144,25 @@ def test_the_console_gets_the_federations_own_lines_once_and_without_colour_code
     assert _worth_echoing(b"INFO : round 2: sent the global model\n")
     assert not _worth_echoing(b"INFO : aggregated encoder: /x/encoder.pt\n")  # the summary prints it once
     assert not _worth_echoing(b"11/29/2026 10:00:00:INFO: round 2: sent the global model\n")  # Flower's copy
+
+
+@pytest.mark.parametrize("given, kept", [("resume=true", True), ('resume="false"', False), ("resume=0", False),
+                                         ('resume="true"', True)])
+def test_a_resumed_simulation_keeps_the_ledgers_exactly_when_the_server_resumes(tmp_path, monkeypatch, given, kept):
+    # The server reads resume through run_value ("false" as a TOML string is no); the simulation
+    # must read it the same way, or a fresh server run would meet ledgers of spent budget.
+    import server.simulation as sim
+
+    seen = {}
+
+    def fake_sites(domain, root, n, *, image_size, budget, state_root, keep_ledgers):
+        seen["keep_ledgers"] = keep_ledgers
+        return []
+
+    def stop(*a, **k):
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(sim, "make_demo_sites", fake_sites)
+    monkeypatch.setattr(sim, "run_simulation", stop)
+    assert sim.main(["--sites", "2", "--rounds", "1", "--out", str(tmp_path), "--run-config", given]) == 1
+    assert seen == {"keep_ledgers": kept}
