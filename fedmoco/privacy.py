@@ -415,8 +415,9 @@ def _encode(
     encoder: Callable[[Tensor], Tensor], dataset: Dataset, indices: list[int], batch_size: int, device: torch.device,
     generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor | None], int | None]:
-    """Keys (D,) on CPU float32 per index (None where the sample is unreadable), and D.
-    Each item is read with its own seed from ``generator`` (:func:`_read_alone`)."""
+    """Keys (D,) on CPU float32 per index (None where the sample is unreadable or its
+    embedding is not finite), and D. Each item is read with its own seed from ``generator``
+    (:func:`_read_alone`)."""
     out: list[Tensor | None] = [None] * len(indices)
     dim: int | None = None
     seeds = torch.randint(0, 2**62, (len(indices),), generator=generator).tolist()
@@ -430,10 +431,15 @@ def _encode(
         keys = encoder(batch)
         if keys.dim() != 2 or keys.shape[0] != len(readable):
             raise ValueError(f"release_keys: encoder must map (B, C, H, W) to (B, D), got {tuple(keys.shape)}")
+        # A non-finite embedding (weights the server chose can overflow on one chosen image)
+        # would turn its whole bucket sum into NaN, and dropping that row would tell whether
+        # the image was there. It is treated as unreadable instead: left out, or the e_0
+        # stand-in, each within the sensitivity of one image.
+        finite = torch.isfinite(keys).all(dim=1).cpu()
         keys = F.normalize(keys.float(), dim=1).cpu()
         dim = keys.shape[1]
         for row, j in enumerate(readable):
-            out[j] = keys[row]
+            out[j] = keys[row] if finite[row] else None
     return out, dim
 
 

@@ -587,3 +587,28 @@ def test_released_vectors_are_encoded_without_autograd():
     keys, dim = _encode(lambda x: linear(x.flatten(1)), _DrawHungry(3), [0, 1, 2], 2, torch.device("cpu"),
                         torch.Generator().manual_seed(0))
     assert dim == 4 and all(k is not None and not k.requires_grad for k in keys)
+
+
+def test_an_image_the_weights_overflow_on_counts_as_unreadable_not_as_a_dropped_bucket():
+    """A server may send weights that overflow on one chosen image. Its NaN would make its
+    bucket's noisy sum NaN, and the dropped row would reveal the image; it is left out instead
+    (prototypes) or sent as the e_0 stand-in (keys), as an unreadable image is."""
+    from fedmoco.privacy import _encode, privatize_prototypes, release_prototypes, sample_embeddings, seeded_centres
+
+    images = _images(6)
+
+    def overflowing(x):  # finite everywhere except on image 2
+        out = x.flatten(1)[:, :8].clone()
+        out[(x.flatten(1) - images[2].flatten()).abs().amax(dim=1) == 0] = float("inf")
+        return out
+
+    data = [(im, im) for im in images]
+    keys, dim = _encode(overflowing, data, list(range(6)), 4, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert dim == 8 and keys[2] is None and all(torch.isfinite(keys[j]).all() for j in (0, 1, 3, 4, 5))
+    centres = seeded_centres(4, 8, 0)
+    out = release_prototypes(overflowing, data, centres, 0.0, 1.0)
+    clean = F.normalize(torch.stack([images[j].flatten()[:8] for j in (0, 1, 3, 4, 5)]), dim=1)
+    assert torch.isfinite(out).all() and torch.allclose(out, privatize_prototypes(clean, centres, 0.0), atol=1e-5)
+    stand_in = sample_embeddings(overflowing, data, 1.0, key_dim=8, unreadable="stand-in")  # rows in random order
+    e0 = F.one_hot(torch.tensor(0), 8).float()
+    assert torch.isfinite(stand_in).all() and sum(torch.equal(row, e0) for row in stand_in) == 1
