@@ -67,8 +67,8 @@ from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, loa
                           parse_options, run_value, shared_arrays, site_config, site_data_path, site_name,
                           train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, build_pretrain_data,
-                          format_skipped)
+from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, Renormalized,
+                          build_pretrain_data, format_skipped)
 from fedmoco.device import select_device
 from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
@@ -87,32 +87,6 @@ SITE_MISCONFIGURED = 101
 SITE_FAILED = 102
 
 app = ClientApp()
-
-
-class Renormalized(Dataset):
-    """Re-express a domain dataset's views in the federation's input normalisation.
-
-    The domain normalises with the site's own statistics ``src``; this maps each view back
-    to domain units and forward with ``dst`` (run_config ``input-mean`` / ``input-std``),
-    so every site feeds the shared encoder the same units. Items: (view_q, view_k) or None.
-    """
-
-    def __init__(self, dataset: Dataset, src: Normalization, dst: Normalization) -> None:
-        self.dataset = dataset
-        s_mean, s_std = torch.tensor(src.mean).view(-1, 1, 1), torch.tensor(src.std).view(-1, 1, 1)
-        d_mean, d_std = torch.tensor(dst.mean).view(-1, 1, 1), torch.tensor(dst.std).view(-1, 1, 1)
-        # x_dst = (x_src * s_std + s_mean - d_mean) / d_std = x_src * scale + shift
-        self.scale = s_std / d_std
-        self.shift = (s_mean - d_mean) / d_std
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        item = self.dataset[i]
-        if item is None:
-            return None
-        return tuple(v * self.scale + self.shift for v in item)
 
 
 def _secure_generator() -> torch.Generator:
@@ -262,7 +236,8 @@ def _train_round(msg: Message, context: Context) -> Message:
     releasing = run_value(run, "key-release") != "none"
     encoder, release_state = (_release_encoder(msg, mcfg, run, saved, site["device"]) if releasing
                               else (None, None))
-    keys, ledger_metrics = _release(msg, dataset, negatives, site, run, mcfg, server_round,
+    source = _release_source(data, run, mcfg) if releasing else dataset
+    keys, ledger_metrics = _release(msg, source, negatives, site, run, mcfg, server_round,
                                     rounds_done=saved.rounds_done, encoder=encoder)
     model, mu = _restore_model(saved, msg, run, mcfg)
 
@@ -350,12 +325,28 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
                               f"site data has {data.in_channels} channel(s) but the federation's encoder "
                               f"takes {mcfg.in_channels} (run_config in-channels)", str(site["data_path"]))
     dataset: Dataset = data.dataset
-    fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
-    fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
-    if fed_mean is not None or fed_std is not None:
-        target = Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
+    target = _federation_normalization(run, mcfg)
+    if target is not None:
         dataset = Renormalized(dataset, data.normalization, target)
     return data, dataset
+
+
+def _federation_normalization(run: Any, mcfg: MoCoConfig) -> Normalization | None:
+    """run_config ``input-mean`` / ``input-std`` as a Normalization; None when the run fixes
+    neither (each site then normalises with its domain's own choice)."""
+    fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
+    fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
+    if fed_mean is None and fed_std is None:
+        return None
+    return Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
+
+
+def _release_source(data: PretrainData, run: Any, mcfg: MoCoConfig) -> Dataset | str:
+    """What a DP release reads: the domain's view whose item j is a function of one record
+    alone, in the federation's normalisation (fedmoco.data.ReleaseView); or why there is none."""
+    if data.release_view is None:
+        return "the site's domain does not say what one record of its data is"
+    return data.release_view(_federation_normalization(run, mcfg))
 
 
 def _data_unavailable(path: Path, detail: str) -> str:
@@ -457,10 +448,13 @@ def _refuse(status: int, detail: str = "") -> dict[str, float]:
     return no_ledger_metrics(status)
 
 
-def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, site: dict[str, Any], run: Any,
+def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | None, site: dict[str, Any], run: Any,
              mcfg: MoCoConfig, server_round: int, *, rounds_done: int,
              encoder: Encoder | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """This round's release ((n, D) unit rows, possibly n = 0) and its ``dp-*`` metrics.
+
+    ``dataset`` is what the release reads (``_release_source``), or the reason the site's
+    data has no view of one record per item: then nothing is shared or spent (status 9).
 
     The budget (epsilon, delta) comes from node_config; the ledger from node_config
     ``ledger-path`` / ``state-dir``. The noise is planned so that the rest of this run's
@@ -472,6 +466,8 @@ def _release(msg: Message, dataset: Dataset, negatives: torch.Tensor | None, sit
         return empty, no_ledger_metrics(2)
     if site["epsilon"] is None:
         return empty, _refuse(4)
+    if isinstance(dataset, str):
+        return empty, _refuse(9, f": {dataset}")
     q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")
     if math.isinf(site["epsilon"]):
         # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step

@@ -102,6 +102,63 @@ class DataConfig:
     progress: bool = True  # progress bars while preparing data (filling the raster cache); off with -q
 
 
+class Renormalized(Dataset):
+    """Re-express a domain dataset's views in another (the federation's) normalisation.
+
+    The domain normalises with ``src`` (for some domains the site's own statistics); this maps
+    each view back to domain units and forward with ``dst`` (run_config ``input-mean`` /
+    ``input-std``), so every site feeds the shared encoder the same units. Exact where the
+    domain's last step is its ``Normalize`` (then a view no longer depends on ``src``). Items:
+    (view_q, view_k) or None.
+    """
+
+    def __init__(self, dataset: Dataset, src: Normalization, dst: Normalization) -> None:
+        self.dataset = dataset
+        s_mean, s_std = torch.tensor(src.mean).view(-1, 1, 1), torch.tensor(src.std).view(-1, 1, 1)
+        d_mean, d_std = torch.tensor(dst.mean).view(-1, 1, 1), torch.tensor(dst.std).view(-1, 1, 1)
+        # x_dst = (x_src * s_std + s_mean - d_mean) / d_std = x_src * scale + shift
+        self.scale = s_std / d_std
+        self.shift = (s_mean - d_mean) / d_std
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        if item is None:
+            return None
+        return tuple(v * self.scale + self.shift for v in item)
+
+
+#: ``release_view(target)`` of a site's data: a Dataset whose item j is a function of ONE
+#: record (a file: an image, a DICOM slice, a raster) and its own randomness alone, its views
+#: in the fixed normalisation ``target`` (None: the federation fixed none), for a DP release
+#: of sensitivity one record (docs/privacy.md, "What one record is"); or a string saying why
+#: this site's data has no such view (the site then refuses to share, dp-status 9).
+ReleaseView = Callable[[Normalization | None], "Dataset | str"]
+
+
+def renormalized_release(dataset: Dataset, src: Normalization, *, site_statistics: bool) -> ReleaseView:
+    """The release view of a domain whose items are each one file's views, ending in
+    ``Normalize(src)``. ``site_statistics``: ``src`` was estimated from the site's own files,
+    so one file moves every view unless the federation fixes the normalisation."""
+
+    def view(target: Normalization | None) -> Dataset | str:
+        if target is None:
+            if site_statistics:
+                return ("the views are normalised with statistics of all the site's images, so one image "
+                        "moves every summary: the federation must fix run_config input-mean and input-std")
+            return dataset
+        return Renormalized(dataset, src, target)
+
+    return view
+
+
+def refused_release(reason: str) -> ReleaseView:
+    """The release view of data that has none: always ``reason``."""
+    return lambda target: reason
+
+
 @dataclass
 class PretrainData:
     dataset: Dataset
@@ -117,6 +174,9 @@ class PretrainData:
     # estimate for the site admin.
     cache_bytes: int = 0
     cache_skipped: int = 0
+    # What a DP release may read (ReleaseView); None: the domain says nothing, and a site
+    # refuses to share rather than guess what one record is.
+    release_view: ReleaseView | None = None
 
 
 @dataclass

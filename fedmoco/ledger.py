@@ -66,6 +66,7 @@ DP_STATUS: dict[int, str] = {
     6: "sharing refused: the ledger was started for another key-release mode",
     7: "sharing refused: the privacy ledger could not be read or written",
     8: "sharing refused: dp-epsilon=inf (no noise) would release past a ledger that records this site's budget",
+    9: "sharing refused: one record of this site's data would move more than one summary (the site's log says why)",
 }
 
 

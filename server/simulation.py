@@ -52,6 +52,13 @@ DEMO_CHANNELS = {"medical": 1, "satellite": 4, "images": 1}
 #: Smallest image size each demo generator writes (measured: JPEG 2000 encoding of the
 #: medical archive fails below 32 px, satellite tiles need 16).
 DEMO_MIN_SIZE = {"medical": 32, "satellite": 16, "images": 8}
+#: Federation units (run_config input-mean / input-std) of the generated images and satellite
+#: archives, rounded from their statistics: the coordinator fixes them, so every site feeds
+#: the encoder the same units and may release DP summaries (with each site's own statistics
+#: one image would move every summary: such a site refuses, docs/privacy.md). The medical
+#: domain windows each slice to fixed constants and needs none.
+DEMO_UNITS = {"images": {"input-mean": "0.33", "input-std": "0.26"},
+              "satellite": {"input-mean": "0.08,0.09,0.09,0.2", "input-std": "0.04,0.05,0.09,0.15"}}
 
 
 #: The budget each simulated site's admin gives it (its fedmoco-site.toml). epsilon 8 is the
@@ -378,7 +385,7 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "num-server-rounds": args.rounds, "demo-root": str(out / "data"), "out-dir": str(out / "server"),
         "min-nodes": args.sites, "local-epochs": 2, "batch-size": 16, "resume": False,
         # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
-        "key-sample-rate": 0.3,
+        "key-sample-rate": 0.3, **DEMO_UNITS.get(args.domain, {}),
     }
     for overrides in args.run_config:
         run_config.update(parse_overrides(overrides))

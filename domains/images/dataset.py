@@ -23,6 +23,7 @@ from fedmoco.data import (
     list_files,
     parse_bool,
     read_labels,
+    renormalized_release,
 )
 from fedmoco.errors import DataError
 
@@ -300,12 +301,15 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm,
                                            flip=opts["flip"], offset=opts["offset"], ramp=opts["ramp"],
                                            noise=opts["noise"]))
+    dataset = ImageFolderDataset(files, channels, transform, max_pixels=opts["max_pixels"])
     return PretrainData(
-        dataset=ImageFolderDataset(files, channels, transform, max_pixels=opts["max_pixels"]),
+        dataset=dataset,
         in_channels=channels,
         normalization=norm,
         skipped=others,
         description=f"{len(files)} images under {root} ({channels} channel(s))",
+        # one item per file, its views ending in Normalize(norm); norm comes from the site's files
+        release_view=renormalized_release(dataset, norm, site_statistics=True),
     )
 
 

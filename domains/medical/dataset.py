@@ -17,11 +17,14 @@ from fedmoco.data import (
     LabelledData,
     Normalization,
     PretrainData,
+    ReleaseView,
     TwoViews,
     format_skipped,
     list_files,
     one_thread,
     read_labels,
+    refused_release,
+    renormalized_release,
 )
 from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache
 from fedmoco.errors import DataError
@@ -342,7 +345,19 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
         skipped=skipped,
         description=_describe(records, len(samples), opts, skipped),
         cache_bytes=cache_nbytes(len(samples), _base_shape(opts, cfg.image_size), "float16"),
+        release_view=_release_view(dataset, normalization, opts),
     )
+
+
+def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization, opts: MedicalOptions) -> ReleaseView:
+    """Each sample is one slice or frame, windowed by its own header and pixels, normalised
+    with fixed constants: one file moves only its own samples. With ``slices`` > 1 a sample
+    stacks its neighbours, so one slice file moves up to ``slices`` samples; the release is
+    accounted for one, so such a site does not share."""
+    if opts.slices > 1:
+        return refused_release(f"medical option slices={opts.slices} stacks neighbouring slice files into each "
+                               f"sample, so one file moves up to {opts.slices} summaries")
+    return renormalized_release(dataset, normalization, site_statistics=False)
 
 
 def build_labelled_data(

@@ -689,6 +689,67 @@ class SatellitePretrainDataset(Dataset):
         return other if fraction(other) <= self.max_nodata else tile
 
 
+class SatelliteRecordView(Dataset):
+    """One view per raster, for a DP release: ``view[j]`` -> (view, view) or None.
+
+    The unit a site adds or removes is a raster file, and one raster owns many tiles (every
+    tile of an epoch, in random sampling, is drawn across all rasters by area). So a release
+    reads ONE tile of raster j, placed by the item's own randomness (a random window, or a
+    random grid window of that raster), and nothing else: item j is a function of raster j
+    alone. It is the training view of that tile, except that nodata is filled with the mean of
+    the federation's normalisation and the view normalised with it (fixed constants, where
+    training uses the site's own statistics).
+    """
+
+    def __init__(self, source: SatellitePretrainDataset, transform, fill: np.ndarray) -> None:
+        self.source, self.transform, self.fill = source, transform, fill
+        self.grid: dict[int, list[Window]] | None = None
+        if source.windows is not None:
+            self.grid = {}
+            for i, window in source.windows:
+                self.grid.setdefault(i, []).append(window)
+
+    def __len__(self) -> int:
+        return len(self.source.reader.sources)
+
+    def _window(self, j: int) -> Window:
+        if self.grid is not None:
+            pool = self.grid.get(j, [])
+            if not pool:
+                raise RasterReadError(self.source.reader.sources[j].name, TOO_MUCH_NODATA, "no usable grid tile")
+            return pool[int(torch.randint(0, len(pool), ()))]
+        return random_window(self.source.reader.sources[j], self.source.tile)
+
+    def __getitem__(self, j: int):
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        try:
+            for _ in range(self.source.max_tries):
+                tile = self.source.reader.read(j, self._window(j))
+                if nodata_fraction(tile) <= self.source.max_nodata:
+                    data = np.where(np.ma.getmaskarray(tile), self.fill.reshape(-1, 1, 1), tile.data)
+                    with one_thread():
+                        view = self.transform(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)))
+                    return view, view
+        except RasterReadError as exc:
+            log.warning("raster %d left out of the release: %s", j, exc)
+        return None
+
+
+def _release_view(dataset: SatellitePretrainDataset, opts: SatelliteOptions, image_size: int,
+                  wavelengths: Sequence[float] | None, roles: dict[str, int],
+                  target: Normalization | None) -> Dataset | str:
+    """The release view (fedmoco.data.ReleaseView): :class:`SatelliteRecordView` in the
+    federation's normalisation; a reason when the federation fixed none (the site's own
+    statistics fill nodata and normalise every tile, so one raster would move them all)."""
+    if target is None:
+        return ("the tiles are normalised and their nodata filled with statistics of all the site's rasters, so "
+                "one raster moves every summary: the federation must fix run_config input-mean and input-std")
+    n_bands = dataset.reader.layout.n_bands
+    transform = pretrain_transform(opts, image_size, target, wavelengths, roles)
+    return SatelliteRecordView(dataset, transform, np.asarray(target.mean[:n_bands], np.float32))
+
+
 class SatelliteTiles(Dataset):
     """The tiles of a :class:`SatellitePretrainDataset` before augmentation, for batched views.
 
@@ -840,7 +901,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     ) + (f", {len(partners)} rasters with temporal partners" if partners else "")
     return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped),
                         cache_bytes=sum(p.nbytes for p in plan if p.cached),
-                        cache_skipped=sum(not p.cached for p in plan))
+                        cache_skipped=sum(not p.cached for p in plan),
+                        release_view=partial(_release_view, dataset, opts, cfg.image_size, wavelengths,
+                                             reader.layout.roles))
 
 
 def auto_epoch_length(weights: np.ndarray) -> int:

@@ -22,6 +22,8 @@ TINY_RUN: dict[str, Any] = {
     "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 3,
     "key-sample-rate": 0.25, "max-keys": 64,
     "key-release": "prototypes",  # these tests exercise sharing; the run default is none
+    # fixed federation units: with each site's own image statistics an images site refuses to share
+    "input-mean": "0.5", "input-std": "0.25",
 }
 
 

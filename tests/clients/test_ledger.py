@@ -71,6 +71,19 @@ def test_sharing_refused_without_a_persistent_ledger(site, sent, caplog):
     assert moved > 0  # trained and sent weights all the same
 
 
+def test_a_site_normalising_with_its_own_statistics_shares_nothing_and_spends_nothing(site, sent, tmp_path, caplog):
+    """Without federation units an images site's views depend on all its images (status 9):
+    nothing is sent, the ledger is not opened, training goes on."""
+    run = run_config(**{"input-mean": "", "input-std": ""})
+    node = {"data-path": str(site), "dp-epsilon": 8.0, "ledger-path": str(tmp_path / "l.json")}
+    with caplog.at_level(logging.WARNING):
+        reply = train(train_message(sent, 1), context(node, run))
+    m = metrics(reply)
+    assert n_sent(reply) == 0 and m["dp-status"] == 9 and m["dp-keys-releases"] == 0
+    assert not (tmp_path / "l.json").exists()
+    assert DP_STATUS[9] in caplog.text and "the federation must fix run_config input-mean and input-std" in caplog.text
+
+
 @pytest.mark.parametrize("delta,message", [(0.5, "must be in (0, 0.001], got 0.5"), (0.01, "must be in (0, 0.001]"),
                                            (0, "must be > 0"), ("x", "expected a number")])
 def test_insane_delta_is_a_clear_error_reply(site, sent, tmp_path, delta, message):

@@ -26,6 +26,7 @@ from server.strategy import FedMoCo, load_server_state
 
 RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
        "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "key-sample-rate": 0.5, "max-keys": 32,
+       "input-mean": "0.5", "input-std": "0.25",  # fixed units: an images site shares only with them
        "queue-sample": 64, "global-queue-size": 256, "max-update-norm": 1000.0, "plots": False,
        "key-release": "prototypes"}
 

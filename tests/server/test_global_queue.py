@@ -119,6 +119,7 @@ def _demo_sites_and_run(tmp_path, n_sites: int, **over) -> dict:
         make_demo_images(tmp_path / "data" / f"site-{i}", n_per_class=5, size=32, seed=i, rgb=False)
     return {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
             "batch-size": 8, "domain": "images", "num-server-rounds": 2, "min-nodes": n_sites,
+            "input-mean": "0.5", "input-std": "0.25",  # fixed units: an images site shares only with them
             "prototype-min-cosine": 0.0, "key-release": "prototypes", "plots": False, "demo-root": str(tmp_path / "data"),
             "out-dir": str(tmp_path / "run"), "resume": False, **over}
 

@@ -23,6 +23,7 @@ from server.strategy import load_server_state
 
 RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 8, "hidden-dim": 16, "image-size": 16, "local-queue-size": 32,
        "batch-size": 8, "max-steps-per-epoch": 1, "domain": "images", "key-sample-rate": 0.5, "max-keys": 16,
+       "input-mean": "0.5", "input-std": "0.25",  # fixed units: an images site shares only with them
        "queue-sample": 16, "global-queue-size": 64, "plots": False, "min-nodes": 2, "num-server-rounds": 1}
 
 

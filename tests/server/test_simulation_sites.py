@@ -26,6 +26,7 @@ from server.simulation import DEMO_BUDGET, make_demo_sites, queue_summary, write
 
 RUN = {**RUN_DEFAULTS, "arch": "tiny", "dim": 16, "hidden-dim": 32, "image-size": 32, "local-queue-size": 64,
        "batch-size": 8, "max-steps-per-epoch": 2, "domain": "images", "num-server-rounds": 2, "min-nodes": 2,
+       "input-mean": "0.5", "input-std": "0.25",  # fixed units: an images site shares only with them
        "prototype-centres": 4, "key-release": "prototypes", "plots": False, "resume": False}
 
 

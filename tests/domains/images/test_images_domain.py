@@ -168,3 +168,30 @@ def test_no_readable_image_names_a_file_and_its_reason(tmp_path):
         (tmp_path / "sub" / name).write_bytes(b"")
     with pytest.raises(DataError, match=r"none of the 2 sampled images could be read \(first: .*a\.png: "):
         build_pretrain_data(tmp_path, DataConfig(image_size=16))
+
+
+def test_a_release_needs_federation_units_and_then_no_other_image_moves_an_item(tmp_path, demo_images):
+    """The images domain normalises with statistics of the site's own files, so one added
+    image moves every view: without run_config input-mean/std the release view is a refusal.
+    With them, an image's release item is the same whatever other images the site holds."""
+    import shutil
+
+    from fedmoco.privacy import _read_alone
+
+    files = sorted(p for p in demo_images.rglob("*.png"))
+    small, large = tmp_path / "small", tmp_path / "large"
+    for folder, kept in ((small, files[:6]), (large, files[:6] + files[-6:])):
+        folder.mkdir()
+        for f in kept:
+            shutil.copy(f, folder / f"{f.parent.name}_{f.name}")
+    cfg = DataConfig(image_size=32, seed=0, progress=False)
+    a, b = build_pretrain_data(small, cfg), build_pretrain_data(large, cfg)
+    assert a.normalization != b.normalization
+    reason = a.release_view(None)
+    assert isinstance(reason, str) and "input-mean and input-std" in reason
+    target = Normalization([0.4] * a.in_channels, [0.3] * a.in_channels)
+    va, vb = a.release_view(target), b.release_view(target)
+    x, y = _read_alone(va, 0, 5), _read_alone(vb, 0, 5)  # the same file sorts first in both folders
+    assert torch.allclose(x[0], y[0], atol=1e-5)
+    own_a, own_b = _read_alone(a.dataset, 0, 5), _read_alone(b.dataset, 0, 5)
+    assert not torch.allclose(own_a[0], own_b[0], atol=1e-3)  # in the site's own units they differ

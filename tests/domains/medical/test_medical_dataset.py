@@ -160,3 +160,21 @@ def test_labelled_data_from_csv_and_given_normalization(labelled_archive, tmp_pa
 def test_unknown_option_fails_before_any_scan(tmp_path):
     with pytest.raises(DataError, match="--data-option windw: unknown option"):
         build_pretrain_data(tmp_path, DataConfig(options={"windw": "lung"}))
+
+
+def test_stacked_slices_refuse_a_release_and_single_slices_offer_every_sample(tmp_path, cache_dir):
+    """With slices > 1 one slice file sits in up to ``slices`` samples, so one file would move
+    several summaries of a release accounted for one: the release view is a refusal naming the
+    option. One slice per sample: every sample, in the federation's units when given."""
+    root = ct_series(tmp_path / "ct", [-160, -60, 40, 140])
+    stacked = build_pretrain_data(root, cfg(cache_dir, size=16, slices=3, **QUIET))
+    reason = stacked.release_view(Normalization([0.5] * 3, [0.25] * 3))
+    assert isinstance(reason, str) and reason.startswith("medical option slices=3 stacks neighbouring slice files")
+    single = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    assert single.release_view(None) is single.dataset  # fixed window constants: no site statistics
+    fed = single.release_view(Normalization([0.4], [0.5]))
+    torch.manual_seed(0)
+    q, _ = single.dataset[2]
+    torch.manual_seed(0)
+    q_fed, _ = fed[2]
+    assert torch.allclose(q_fed, (q * 0.25 + 0.5 - 0.4) / 0.5, atol=1e-6)

@@ -288,3 +288,38 @@ def test_mixed_pixel_sizes_are_warned_about_unless_resolution_is_set(tmp_path, c
     with caplog.at_level(logging.WARNING):
         scan_folder(tmp_path, parse_options({"resolution": "10"}))
     assert "pixel sizes" not in caplog.text
+
+
+@pytest.mark.parametrize("sampling", ["random", "grid"])
+def test_a_release_reads_one_tile_per_raster_that_no_other_raster_moves(tmp_path, demo4, sampling):
+    """The unit a satellite site adds or removes is a raster. Its release item is one tile of
+    that raster alone, filled and normalised with the federation's constants: adding a raster
+    (which changes the site's own statistics and every epoch's tile draws) leaves the other
+    rasters' release items, with the same per-item seed, bit for bit as they were."""
+    from fedmoco.privacy import _read_alone
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    # the striped raster's tiles hold nodata, which the release fills with the federation's mean
+    names = ["4band_uint16_tiled_deflate.tif", "4band_uint16_striped_raw_nodata.tif", "4band_uint16_scaled_offset.tif"]
+    for folder, kept in ((small, names[:2]), (large, names)):
+        folder.mkdir()
+        for name in kept:
+            shutil.copy(demo4 / name, folder / name)
+    cfg = DataConfig(image_size=32, seed=0, options={"sampling": sampling, "max_nodata": 0.6}, cache=False,
+                     progress=False)
+    a, b = build_pretrain_data(small, cfg), build_pretrain_data(large, cfg)
+    assert a.normalization != b.normalization  # the third raster moves the site's statistics
+    target = Normalization([0.08, 0.09, 0.09, 0.2], [0.04, 0.05, 0.09, 0.15])
+    va, vb = a.release_view(target), b.release_view(target)
+    assert (len(va), len(vb)) == (2, 3)  # one item per raster, not per tile
+    # sources are in path order, and the added raster sorts between the other two
+    order_b = {Path(s.name).name: i for i, s in enumerate(b.dataset.reader.sources)}
+    assert list(order_b) != [Path(s.name).name for s in a.dataset.reader.sources]
+    for j, source in enumerate(a.dataset.reader.sources):
+        for seed in (3, 11):
+            x, y = _read_alone(va, j, seed), _read_alone(vb, order_b[Path(source.name).name], seed)
+            assert x is not None and torch.equal(x[0], y[0])
+    view, _ = _read_alone(va, 0, 3)
+    assert view.shape == (4, 32, 32)
+    reason = a.release_view(None)
+    assert isinstance(reason, str) and "input-mean and input-std" in reason
