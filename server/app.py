@@ -127,10 +127,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     if r("model-dp-noise") > 0:
         model_dp = ModelDP(noise=r("model-dp-noise"), clip=r("model-dp-clip"), delta=r("model-dp-delta"),
                            releases=int(dp_state["releases"]) if dp_state else 0)
-    max_norm = r("max-update-norm")
     strategy = FedMoCo(
         queue=queue,
-        limits=ReplyLimits(key_dim=mcfg.dim, max_keys=r("max-keys"), max_update_norm=max_norm if max_norm > 0 else None),
+        limits=ReplyLimits.of_run(run_config, mcfg.dim),
         queue_sample=r("queue-sample"), exclude_own_keys=r("exclude-own-keys"),
         queue_max_age=r("global-queue-max-age"), min_replies=r("min-replies"),
         # the sites' C (clients/app.py); merging per-record keys into centres would be wasted work

@@ -133,9 +133,11 @@ class GlobalKeyQueue:
         releases, public like the rest) merged by ``merge_centres`` (weighted spherical
         k-means), each weighted 0.5 ** (age / ``half_life``) where age is how many rounds
         before the newest entry it arrived (0: the newest round only): newer prototypes come
-        from an encoder closer to the one the sites release with now. Depends only on the
-        released vectors and their round tags; deterministic (the k-means++ starts are seeded
-        by the newest round number). (0, dim) when the queue is empty.
+        from an encoder closer to the one the sites release with now; and divided by the number
+        of rows its site released that round, so every site's release weighs the same. Depends
+        only on the released vectors, their round tags and which site sent them; deterministic
+        (the k-means++ starts are seeded by the newest round number). (0, dim) when the queue
+        is empty.
         """
         if not float(half_life) >= 0:
             raise ConfigError(f"centre half-life must be >= 0, got {half_life}")
@@ -145,6 +147,11 @@ class GlobalKeyQueue:
         rounds = self.round[: self.count][live].double()
         age = rounds.max() - rounds
         weights = (age == 0).double() if half_life == 0 else 0.5 ** (age / float(half_life))
+        # Each site's release of a round weighs as one, however many rows it kept: a site
+        # cannot pull the public centres its way by sending more rows than the others.
+        group = self.owner[: self.count][live].long() * (int(rounds.max()) + 1) + rounds.long()
+        _, inverse, rows = torch.unique(group, return_inverse=True, return_counts=True)
+        weights = weights / rows[inverse].double()
         # k-means++ starts seeded by the newest round: public, and different starts in later rounds
         return merge_centres(self.keys[: self.count][live], count, weights.float(), seed=int(rounds.max()))
 

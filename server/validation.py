@@ -108,14 +108,31 @@ class ReplyLimits:
     ``max_update_norm``: bound on ||w_client - w_global||_2 over the shared learned
     parameters, BatchNorm running statistics excluded (parameter units; ``None`` disables
     the check). ``key_dim``: D of the keys.
-    ``max_keys``: most keys one reply may carry. ``key_norm_tol``: keys are unit vectors
-    after privatisation, so |norm - 1| must be <= this.
+    ``max_keys``: most keys one reply may carry, and ``max_keys_rule`` what sets it (named
+    when a reply exceeds it). ``key_norm_tol``: keys are unit vectors after privatisation,
+    so |norm - 1| must be <= this.
     """
 
     key_dim: int
     max_keys: int
     max_update_norm: float | None = None
     key_norm_tol: float = 1e-3
+    max_keys_rule: str = "max-keys"
+
+    @classmethod
+    def of_run(cls, run_config: Mapping[str, Any], key_dim: int) -> "ReplyLimits":
+        """The limits a run's settings give: a prototype release has at most
+        min(prototype-centres, max-keys) rows (clients/app.py), so a reply with more is a
+        lie, and accepting it would let one site fill the queue and pull the public centres
+        its way; per-record keys have at most max-keys."""
+        from clients.task import run_value
+
+        r = lambda k: run_value(run_config, k)  # noqa: E731
+        max_norm = r("max-update-norm")
+        bound = max_norm if max_norm > 0 else None
+        if r("key-release") == "prototypes" and r("prototype-centres") < r("max-keys"):
+            return cls(key_dim, r("prototype-centres"), bound, max_keys_rule="prototype-centres")
+        return cls(key_dim, r("max-keys"), bound)
 
 
 #: Bytes an array's serialisation may hold beyond its values: numpy's .npy header (128 bytes
@@ -223,7 +240,7 @@ def check_keys(record: ArrayRecord | None, limits: ReplyLimits) -> list[str]:
     if k.dtype != np.float32:
         return [f"keys {name!r} has dtype {k.dtype}, expected float32"]
     if k.shape[0] > limits.max_keys:
-        return [f"keys: {k.shape[0]} keys exceed max-keys {limits.max_keys}"]
+        return [f"keys: {k.shape[0]} keys exceed {limits.max_keys_rule} {limits.max_keys}"]
     if not np.isfinite(k).all():
         return [f"keys: {int(k.size - np.count_nonzero(np.isfinite(k)))} non-finite value(s)"]
     if k.shape[0]:

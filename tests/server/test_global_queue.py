@@ -213,13 +213,13 @@ def test_centres_are_deterministic_unit_rows_of_the_live_released_vectors_only()
     restored = GlobalKeyQueue(64, 16)
     restored.load_state_dict(q.state_dict())
     assert torch.equal(restored.centres(4), c)  # a resumed server sends the same centres
-    # which site sent a row does not matter, only the released vectors and their rounds
+    # node ids do not matter, only the released vectors, their rounds and which rows came together
     other = GlobalKeyQueue(64, 16)
     other.enqueue(old, node_id=1, server_round=1)
     other.enqueue(new, node_id=1, server_round=2)
     assert torch.equal(other.centres(4), c)
     # half-life 0: the newest round's releases alone, merged as merge_centres does
-    assert torch.equal(q.centres(4, half_life=0), merge_centres(new, 4, seed=2))
+    assert torch.allclose(q.centres(4, half_life=0), merge_centres(new, 4, seed=2), atol=1e-6)
     # expired rows no longer count: the same as a queue that only ever held round 2's rows
     q.expire(current_round=4, max_age=2)
     only_new = GlobalKeyQueue(64, 16)
@@ -269,3 +269,14 @@ def test_server_centres_raise_the_released_cosine_over_rounds():
     z = prototype_noise_schedule(1.5, 1e-5, 10, 1.0, 2.0)[0]
     assert cosine(sites[0], seeded_centres(8, 128, 1)) >= 0.8
 
+
+
+def test_a_site_that_sends_more_rows_weighs_no_more_in_the_centres():
+    """Every site's release of a round weighs one in the merge, however many rows it holds:
+    8 rows of one site on v against 1 row of another on u merge to one centre halfway."""
+    u, v = torch.eye(16)[0:1], torch.eye(16)[1:2]
+    q = GlobalKeyQueue(64, 16)
+    q.enqueue(u, node_id="honest", server_round=3)
+    q.enqueue(v.repeat(8, 1), node_id="loud", server_round=3)
+    c = q.centres(1)
+    assert torch.allclose(c, torch.nn.functional.normalize(u + v, dim=1), atol=1e-6)

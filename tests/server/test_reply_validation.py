@@ -82,6 +82,23 @@ def test_bad_keys(ref, keys, reason):
     assert check(content, ref) == [reason]
 
 
+def test_a_prototype_reply_may_hold_at_most_the_sites_centres(ref):
+    """In prototypes mode an honest site sends at most min(prototype-centres, max-keys) rows;
+    more would let one site fill the queue and pull the public centres its way."""
+    from clients.task import RUN_DEFAULTS
+
+    run = {**RUN_DEFAULTS, "key-release": "prototypes", "prototype-centres": 8, "max-keys": 16,
+           "max-update-norm": 5.0}
+    limits = ReplyLimits.of_run(run, key_dim=8)
+    assert (limits.max_keys, limits.max_keys_rule, limits.max_update_norm) == (8, "prototype-centres", 5.0)
+    assert check(reply_content(ref, unit_keys(8), good_metrics()), ref, limits) == []
+    assert check(reply_content(ref, unit_keys(9), good_metrics()), ref, limits) == [
+        "keys: 9 keys exceed prototype-centres 8"]
+    keys_mode = ReplyLimits.of_run({**run, "key-release": "keys"}, key_dim=8)
+    assert (keys_mode.max_keys, keys_mode.max_keys_rule) == (16, "max-keys")
+    assert ReplyLimits.of_run({**run, "max-keys": 4, "max-update-norm": 0.0}, key_dim=8) == ReplyLimits(8, 4, None)
+
+
 def test_keys_record_shape_and_dtype(ref):
     two = RecordDict({"arrays": ref, "keys": ArrayRecord({"a": Array(unit_keys(1)), "b": Array(unit_keys(1))}),
                       "metrics": MetricRecord(good_metrics())})
