@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,12 @@ log = logging.getLogger("flwr.fedmoco.client")
 
 #: JSON so that the site admin can read what was spent with any tool; not secret, not shared.
 LEDGER_MODE = 0o644
+
+
+#: What the lock file holds once its ledger has been written: with it and no ledger, the
+#: ledger was removed, and the site refuses to share rather than start a new budget.
+LOCK_NOTE = ("a privacy ledger has been written beside this file; if the ledger is gone, fedmoco refuses to share "
+             "rather than forget what it spent. Delete this file too only to start a new budget on purpose.\n")
 
 
 @contextlib.contextmanager
@@ -51,19 +58,31 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
         raise ConfigError(f"{path}: the privacy ledger has {links} hard links; each would become a "
                           "budget of its own when it is rewritten: keep one, and point every name at it with a "
                           "symbolic link or the same ledger-path")
-    if not path.exists() and (path.parent / f"{path.name}.lock").exists():
-        log.warning("%s: no privacy ledger, but its lock file is here: if a ledger was removed, its spending is "
-                    "forgotten and this site starts a new budget", path)
+    lock_path = path.parent / f"{path.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f"{path.name}.lock", "a+") as lock:
+    with open(lock_path, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            box: dict[str, Any] = {"ledger": read_ledger(path)}
+            lock.seek(0)
+            written = bool(lock.read(1))  # the lock file is marked once a ledger has been written
+            ledger = read_ledger(path)
+            if ledger is None and written and not (path.parent / LEGACY_LEDGER_FILE).exists():
+                # A lock marked as having seen a ledger, and no ledger: it was removed (an
+                # rsync --delete, a wiped folder), and starting again would forget what it
+                # spent. Fail closed; a site admin who means to start anew removes the lock too.
+                raise ConfigError(f"{path}: the privacy ledger is missing but its lock file {lock_path.name} says "
+                                  f"one was written, so its spending would be forgotten; restore it, or delete "
+                                  f"{lock_path} too to start a new budget on purpose")
+            box: dict[str, Any] = {"ledger": ledger}
             yield box
             if box["ledger"] is not None:
                 from fedmoco.keys import write_secret  # lazy: it imports cryptography
 
                 text = json.dumps(box["ledger"].state_dict(), indent=1, sort_keys=True) + "\n"
                 write_secret(path, text.encode(), mode=LEDGER_MODE)  # atomic: temp file, fsync, rename
+                if not written:
+                    lock.write(LOCK_NOTE)
+                    lock.flush()
+                    os.fsync(lock.fileno())
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
+"""Atomic file writes: a temp file in the same folder, fsync, rename over the target, fsync the folder.
 
 A reader (or a crash) never sees a half-written checkpoint, ledger or key.
 """
@@ -32,6 +32,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: i
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         # torch.save's zip writer meets an interrupt or a full disk in its __exit__ and raises
@@ -42,6 +43,22 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, mode: i
             raise cause from None
         raise
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: until the folder's entry is on disk, a power cut
+    can bring back the old file (a privacy ledger that under-counts what was already sent).
+    Filesystems that cannot fsync a folder (some network mounts) are left as they are."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temps(path: Path | str) -> int:

@@ -138,6 +138,25 @@ def test_exhausted_budget_is_reported_and_training_goes_on(site, sent, tmp_path,
     assert "privacy budget exhausted: spent eps=" in caplog.text
 
 
+def test_a_removed_ledger_is_refused_not_replaced_by_a_fresh_budget(site, sent, tmp_path, caplog):
+    """A ledger is written before every release, so a lock file without its ledger means the
+    ledger was removed: the site refuses to share (status 7) rather than forget what it spent,
+    and says how to start a new budget on purpose (remove the lock too)."""
+    path = tmp_path / "l.json"
+    node = {"data-path": str(site), "dp-epsilon": 8.0, "ledger-path": str(path)}
+    assert metrics(train(train_message(sent, 1), context(node, run_config())))["dp-status"] == 0
+    path.unlink()  # an rsync --delete, a wiped folder: the lock file stays
+    with caplog.at_level(logging.ERROR):
+        reply = train(train_message(sent, 2), context(node, run_config()))
+    m = metrics(reply)
+    assert n_sent(reply) == 0 and m["dp-status"] == 7 and not path.exists()
+    assert (f"{path}: the privacy ledger is missing but its lock file l.json.lock says one was written, so its "
+            f"spending would be forgotten; restore it, or delete {path}.lock too") in caplog.text
+    (tmp_path / "l.json.lock").unlink()  # the site admin's decision: a new budget
+    assert metrics(train(train_message(sent, 3), context(node, run_config())))["dp-status"] == 0
+    assert read_ledger(path).releases == 1
+
+
 def test_the_ledger_is_locked_from_read_to_write(tmp_path):
     path = tmp_path / "l.json"
     order: list[str] = []
