@@ -165,6 +165,10 @@ class SiteUnavailable(Exception):
 
 # Anything with a slash or backslash in it: absolute and relative paths, Windows paths.
 _PATHLIKE = re.compile(r"""[^\s'"`]*[/\\][^\s'"`]*""")
+#: A file under one of the site's own folders, once the folder became ``<path>`` or
+#: ``<data-path>``: its name may hold spaces ("Doe Jane 01.png"), so it runs to the next
+#: delimiter, not to the next space.
+_UNDER_SITE_PATH = re.compile(r"""(<(?:data-)?path>)[/\\][^'"`():;,\n]*""")
 
 
 def public_reason(text: str, paths: Sequence[str] = ()) -> str:
@@ -175,6 +179,7 @@ def public_reason(text: str, paths: Sequence[str] = ()) -> str:
     it (docs/privacy.md)."""
     for path in sorted({p for p in paths if p}, key=len, reverse=True):  # a folder's files before the folder
         text = text.replace(path, "<path>")
+    text = _UNDER_SITE_PATH.sub(r"\1", text)
     return " ".join(_PATHLIKE.sub("<path>", text).split())[:300]
 
 

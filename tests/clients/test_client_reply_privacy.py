@@ -148,6 +148,23 @@ def test_public_reason_scrubs_paths(text, public):
     assert public_reason(text) == public
 
 
+def test_a_file_with_spaces_under_the_sites_folder_is_scrubbed_whole(tmp_path):
+    """A file name under the data folder may hold spaces ("Jane Doe 01.png"): it is scrubbed up
+    to the next delimiter, not to the next space, in error replies of every kind."""
+    from clients.app import _data_unavailable, public_reason
+
+    why = "cannot identify image file"
+    text = f"1 unreadable (first: /data/site/Jane Doe 01.png: {why} '/data/site/Jane Doe 01.png')"
+    assert public_reason(text, ["/data/site"]) == f"1 unreadable (first: <path>: {why} '<path>')"
+    data = tmp_path / "site"
+    data.mkdir()
+    detail = f"{data}: no readable image (1 unreadable (first: {data}/Jane Doe 01.png: {why}))"
+    assert _data_unavailable(data, detail) == (
+        f"site data unavailable: <data-path>: no readable image (1 unreadable (first: <data-path>: {why}))")
+    # a folder named alone keeps the words after it
+    assert public_reason("/data/site is not a folder", ["/data/site"]) == "<path> is not a folder"
+
+
 def test_a_bad_setting_under_a_folder_with_spaces_does_not_leak_the_folder(tmp_path):
     """A path with spaces is several tokens: the site's own node_config paths are scrubbed whole."""
     from domains.images.demo import make_demo_images
