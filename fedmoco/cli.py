@@ -347,7 +347,7 @@ NUMBER_RULES: dict[str, tuple[str, Any]] = {
 #: The config dataclasses' field names (as their errors give them) -> the pretrain flags.
 _FIELD_FLAGS = {"queue_size (K)": "--queue-size", "momentum (m)": "--momentum", "temperature (T)": "--temperature",
                 "hidden_dim": "--hidden-dim", "dim": "--dim", "arch": "--arch", "norm": "--norm",
-                "norm_splits": "--norm-splits"}
+                "norm_splits": "--norm-splits", "batch_size": "--batch-size"}
 
 
 def _named_by_flag(text: str) -> str:

@@ -101,6 +101,7 @@ def test_knn_and_linear_probe_report_and_plot(tmp_path, demo_images, tiny_pretra
     (["--momentum", "1.0"], "--momentum must be in [0, 1), got 1.0"),
     (["--temperature", "-1"], "--temperature must be > 0, got -1.0"),
     (["--seed", "-1"], "--seed must be a whole number in [0, 2**32), got -1"),
+    (["--batch-size", "1"], "--batch-size must be >= 2, got 1"),  # a contrastive batch needs a negative
 ])
 def test_nonsense_hyperparameters_give_one_line(tmp_path, demo_images, capsys, extra, message):
     rc = main(["-q", "pretrain", "--data", str(demo_images), "--out", str(tmp_path / "r"), *extra])
