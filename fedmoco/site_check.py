@@ -24,11 +24,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.errors import DataError
 from fedmoco.site_settings import SITE_SETTINGS_FILE
+
+if TYPE_CHECKING:
+    from fedmoco.data import PretrainData
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         + (f" ({format_skipped(skipped)})" if skipped else ""))
     report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=skipped,
                         channels=data.in_channels, image_size=image_size, source_sizes=sizes,
-                        description=data.description, privacy=privacy_lines(data_dir, usable),
+                        description=data.description, privacy=privacy_lines(data_dir, usable, data),
                         cache_dir=str(options.get("cache_dir") or default_cache_dir()),
                         cache_bytes=0 if cache_off else data.cache_bytes,
                         cache_skipped=0 if cache_off else data.cache_skipped)
@@ -148,11 +151,30 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     return report
 
 
-def privacy_lines(data_dir: Path, usable: int) -> list[str]:
+def release_line(data: PretrainData) -> str:
+    """What a DP release of this site would read (docs/privacy.md, "What one record is"), or
+    why it would be refused (dp-status 9), with or without the federation's input-mean/std."""
+    from fedmoco.data import Normalization
+
+    status = "refused (dp-status 9)"
+    if data.release_view is None:
+        return f"release:         {status}: the domain does not say what one record of its data is"
+    fixed = data.release_view(Normalization([0.0] * data.in_channels, [1.0] * data.in_channels))
+    if isinstance(fixed, str):
+        return f"release:         {status} whatever the federation sets: {fixed}"
+    n = len(fixed)  # type: ignore[arg-type]
+    if isinstance(data.release_view(None), str):
+        return (f"release:         one item per record, {n} records; {status} unless the federation fixes "
+                "run_config input-mean and input-std (this domain normalises with the site's own statistics)")
+    return f"release:         one item per record, {n} records"
+
+
+def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None) -> list[str]:
     """The site's privacy settings from ``data_dir/fedmoco-site.toml`` as a round reads them,
-    and its ledger's spending, one fact per line. ConfigError (one line naming the file and
-    key) for anything a round would refuse: an unknown key, a bad budget, a delta too large
-    for ``usable`` images, a ledger or state folder inside the data folder, an unreadable ledger."""
+    and its ledger's spending, one fact per line (with ``data``, also what a release would
+    read). ConfigError (one line naming the file and key) for anything a round would refuse:
+    an unknown key, a bad budget, a delta too large for ``usable`` images, a ledger or state
+    folder inside the data folder, an unreadable ledger."""
     from fedmoco.ledger import check_site_delta, read_ledger
     from fedmoco.site_settings import privacy_settings, site_config
 
@@ -171,6 +193,8 @@ def privacy_lines(data_dir: Path, usable: int) -> list[str]:
     rounds = f"{p['dp_rounds']} releases" if p["dp_rounds"] else "the run's num-server-rounds (no dp-rounds)"
     lines.append(f"budget:          epsilon {p['epsilon']:g}, delta {p['delta']:g}, planned over {rounds}"
                  + ("" if math.isfinite(p["epsilon"]) else " (inf: no noise, never private; a control only)"))
+    if data is not None:
+        lines.append(release_line(data))
     ledger = p["ledger_path"]
     if ledger is None:
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "

@@ -116,6 +116,17 @@ def test_privacy_lines_read_the_settings_file_and_the_ledger(images_site, tmp_pa
         f"{book.releases} of 10 planned releases")
 
 
+def test_a_site_with_a_budget_is_told_what_a_release_would_read(images_site, tmp_path):
+    """check-site tells the admin of an images site that it will share only once the
+    federation fixes input-mean/input-std, and how many records a release reads."""
+    (images_site / "fedmoco-site.toml").write_text('dp-epsilon = 8\nstate-dir = "../state-r"\n')
+    report = check_site("images", images_site, image_size=16, steps=0)
+    release = [line for line in report.lines() if line.startswith("release:")]
+    assert release == [f"release:         one item per record, {report.usable} records; refused (dp-status 9) unless "
+                       "the federation fixes run_config input-mean and input-std (this domain normalises with the "
+                       "site's own statistics)"]
+
+
 @pytest.mark.parametrize("text, message", [
     ('dp-epsilon = 8\nledger-path = "ledger.json"\n',
      "{file}: ledger-path: {data}/ledger.json is inside the data folder"),
