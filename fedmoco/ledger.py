@@ -296,7 +296,7 @@ def _recorded_noise(z: float) -> float:
     """A recorded release's noise multiplier, checked: finite, > 0 and one a release could have."""
     z = _privacy()._check_noise_multiplier(z, False)
     if z >= MAX_NOISE_MULTIPLIER:
-        raise ConfigError(f"ledger: noise multiplier {z:g} is not one a release had (at most {MAX_NOISE_MULTIPLIER:g})")
+        raise ConfigError(f"ledger: noise multiplier {z:g} is not one a release had (every release has one below {MAX_NOISE_MULTIPLIER:g})")
     return z
 
 

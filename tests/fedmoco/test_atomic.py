@@ -65,3 +65,22 @@ def test_an_interrupt_or_full_disk_inside_torch_save_surfaces_as_itself(tmp_path
     (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a SIGKILL")
     (tmp_path / ".other.pt.abc123.tmp").write_bytes(b"another file's")
     assert remove_stale_temps(target) == 1 and (tmp_path / ".other.pt.abc123.tmp").exists()
+
+
+def test_the_temp_file_is_beside_the_target_and_synced_before_the_rename(tmp_path, monkeypatch):
+    """Durability: the bytes reach the disk (fsync) before the rename makes them the file, and
+    the temp file is in the target's folder, so the rename is atomic (never across filesystems)."""
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", os.path.dirname(os.path.abspath(src))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = atomic_write(tmp_path / "ledger.json", lambda fh: fh.write(b"{}"))
+    assert calls[:2] == [("fsync", path.stat().st_ino), ("replace", str(tmp_path))]  # the file itself, then the rename

@@ -52,6 +52,22 @@ def test_change_of_file_or_options_rebuilds_and_deletes_the_old_cache(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c" / "samples").iterdir()) == [other.path.name]
 
 
+def test_a_truncated_cache_file_is_recreated_empty(tmp_path):
+    """A cache file cut short (a full disk, a crash while it was made) is not mapped as it is:
+    it is made again at full size with nothing filled, so samples are decoded afresh."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"x" * 10)
+    stamps = file_stamps(root, [root / "a.bin"])
+    cache = _open(root, tmp_path, stamps)
+    cache.put(0, np.ones((2, 3, 3)))
+    with open(cache.path, "r+b") as fh:
+        fh.truncate(cache.nbytes // 2)  # sample 0's flag survives in the first half
+    again = _open(root, tmp_path, stamps)
+    assert again.path == cache.path and again.path.stat().st_size == again.nbytes
+    assert again.filled() == 0 and again.get(0) is None
+
+
 def test_cache_holds_no_path_or_file_name(tmp_path):
     root = tmp_path / "patient_DOE_JOHN"
     root.mkdir()

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from fedmoco.checkpoint import FORMAT, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
+from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
 from fedmoco.errors import CheckpointError
 
 
@@ -41,10 +41,25 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(other)
 
 
+def test_a_checkpoint_of_a_newer_fedmoco_is_refused(tmp_path):
+    """A checkpoint one format version ahead is refused with a message, not misread."""
+    path = tmp_path / "newer.pt"
+    atomic_save({"format": FORMAT, "version": VERSION + 1}, path)
+    with pytest.raises(CheckpointError, match=rf"newer.pt: checkpoint version {VERSION + 1} is newer than this fedmoco"):
+        load_checkpoint(path)
+
+
 def test_compatibility_names_each_difference():
     with pytest.raises(CheckpointError, match="arch 'tiny' .* vs 'resnet18'.*in_channels 1 .* vs 3"):
         check_compatible("c.pt", {"arch": "tiny", "in_channels": 1}, {"arch": "resnet18", "in_channels": 3})
     check_compatible("c.pt", {"arch": "tiny"}, {"arch": "tiny"})
+
+
+def test_a_checkpoint_with_another_queue_size_is_incompatible():
+    """The queue length is part of the model (its buffer is in the state dict): resuming with
+    another one is refused, naming both values."""
+    with pytest.raises(CheckpointError, match=r"queue_size 4096 \(checkpoint\) vs 1024 \(requested\)"):
+        check_compatible("c.pt", {"arch": "tiny", "queue_size": 4096}, {"arch": "tiny", "queue_size": 1024})
 
 
 def test_rng_state_round_trip(tmp_path):

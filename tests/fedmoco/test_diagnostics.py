@@ -46,6 +46,13 @@ def test_operating_points_chosen_on_validation():
     assert r["n_test"] == 8 and r["confusion"] == [[3, 1], [2, 2]]
 
 
+def test_a_specificity_exactly_at_the_target_qualifies():
+    """specificity=0.75 means at least 0.75: at 0.4, 3 of 4 negatives (0.1, 0.2, 0.3) fall below
+    (specificity exactly 0.75) and every positive above (sensitivity 1); 0.7 would give only 0.5."""
+    y, s = np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.5, 0.7, 0.9])
+    assert choose_threshold(y, s, OperatingPoint.parse("specificity=0.75")) == 0.4
+
+
 def test_multiclass_macro_auroc_and_top5_only_above_five_classes():
     y = np.array([0, 1, 2, 0, 1, 2])
     s = np.array([[.6, .3, .1], [.2, .5, .3], [.1, .2, .7], [.3, .4, .3], [.5, .4, .1], [.2, .2, .6]])

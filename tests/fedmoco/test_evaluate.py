@@ -29,6 +29,13 @@ def test_effective_k_says_when_k_covers_the_training_set():
     assert effective_k(5, 1)[0] == 1
 
 
+def test_effective_k_equal_to_the_training_set_is_reduced_too():
+    """k == n_train already makes every test image's neighbours the whole training set: k becomes
+    round(sqrt(20)) = 4 and the note says why."""
+    k, note = effective_k(20, 20)
+    assert k == 4 and "--k 20 >= 20 training images" in note and "round(sqrt(20)) = 4" in note
+
+
 def test_frozen_report_top5_only_above_five_classes():
     probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
     rep = frozen_report(probs, torch.tensor([0, 1, 2]), 3)
@@ -45,3 +52,11 @@ def test_linear_probe_separates_separable_features():
     x = torch.randn(60, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float() * 5
     clf = linear_probe(x, y, 3, ProbeConfig(epochs=30, lr=0.1), progress=False)
     assert (clf(x).argmax(1) == y).float().mean().item() == 1.0
+
+
+def test_linear_probe_standardises_with_the_training_mean_and_std():
+    """The probe's features are standardised by the training mean and (unbiased) std, so one
+    learning rate works whatever the scale of an encoder's features."""
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.01, 5.0, 300.0]) + 7
+    probe = linear_probe(x, torch.arange(40) % 2, 2, ProbeConfig(epochs=1), progress=False)
+    assert torch.allclose(probe[0].mean, x.mean(0)) and torch.allclose(probe[0].std, x.std(0))

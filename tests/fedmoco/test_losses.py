@@ -56,6 +56,14 @@ def test_hard_negative_filter_keeps_most_similar_fraction():
     assert torch.allclose(hard_negative_scores(q, q, neg, 1.0), full)
 
 
+def test_hard_negative_count_rounds_up():
+    """fraction 0.25 of 10 negatives keeps ceil(2.5) = 3 per row: a fraction never keeps fewer than asked."""
+    q, neg = _unit(2, 8, seed=6), _unit(10, 8, seed=7)
+    kept = hard_negative_scores(q, q, neg, 0.25)
+    assert kept.shape == (2, 3)
+    assert torch.allclose(kept.sort(dim=1).values, (q @ neg.t()).topk(3, dim=1).values.sort(dim=1).values)
+
+
 def test_hard_negative_filter_selects_by_anchor_but_scores_scorer():
     anchor = torch.tensor([[1.0, 0.0]])
     scorer = torch.tensor([[0.0, 1.0]])

@@ -72,6 +72,18 @@ def test_forward_loss_equals_info_nce_against_queue_and_enqueues():
     assert float(out.stats["emb_std"]) == pytest.approx(q.std(0).mean().item(), rel=1e-5)
 
 
+def test_a_forward_in_eval_mode_leaves_the_queue_alone():
+    """Evaluating (eval()) must not push keys into the queue: the negatives of training would
+    otherwise be keys of validation images."""
+    m = MoCo(_cfg())
+    m(*_views())  # training step: 8 keys in
+    buffer, ptr = m.queue.buffer.clone(), int(m.queue.ptr)
+    m.eval()
+    with torch.no_grad():
+        m(*_views(seed=1))
+    assert len(m.queue) == 8 and int(m.queue.ptr) == ptr == 8 and torch.equal(m.queue.buffer, buffer)
+
+
 def test_first_step_with_empty_queue_uses_other_keys_of_batch():
     torch.manual_seed(0)
     m = MoCo(_cfg(momentum=0.0))

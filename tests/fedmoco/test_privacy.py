@@ -612,3 +612,37 @@ def test_an_image_the_weights_overflow_on_counts_as_unreadable_not_as_a_dropped_
     stand_in = sample_embeddings(overflowing, data, 1.0, key_dim=8, unreadable="stand-in")  # rows in random order
     e0 = F.one_hot(torch.tensor(0), 8).float()
     assert torch.isfinite(stand_in).all() and sum(torch.equal(row, e0) for row in stand_in) == 1
+
+
+def test_key_noise_std_is_twice_z_in_absolute_terms():
+    """A key's noise is N(0, (2z)^2) per coordinate: the sensitivity of a unit key under
+    replace-one is 2, and the accountant's epsilon assumes exactly this much noise."""
+    keys = F.normalize(torch.randn(4000, 64, generator=_gen(1)), dim=1)
+    noise = _add_gaussian_noise(keys, 0.75, _gen(2)) - keys
+    assert noise.std().item() == pytest.approx(1.5, rel=0.01)  # 2 * 0.75, over 256k draws
+
+
+def test_release_keys_adds_the_ledgers_noise():
+    """release_keys sends privatize_keys(clean keys, the ledger's z): the noise the ledger pays for."""
+    from fedmoco.privacy import sample_embeddings
+
+    enc, data = _BNEncoder(), _images(20)
+    keys, reason = release_keys(enc, data, KeyPrivacyLedger(50.0, DELTA, 1.0, 1.0), generator=_gen(3))
+    g = _gen(3)  # the same draws: sample, order and item seeds, then the noise
+    clean = sample_embeddings(enc, data, 1.0, generator=g, unreadable="stand-in")
+    assert reason is None and torch.equal(keys, privatize_keys(clean, 1.0, g))
+    assert not torch.allclose(keys, clean, atol=0.1)
+
+
+def test_merge_centres_weights_pull_the_centre():
+    """A prototype of weight 3 pulls the merged centre three times as hard as one of weight 1:
+    normalize(3 e_0 + e_1) = (3, 1) / sqrt(10)."""
+    merged = merge_centres(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 1, torch.tensor([3.0, 1.0]))
+    assert torch.allclose(merged, torch.tensor([[3.0, 1.0]]) / math.sqrt(10), atol=1e-4)  # [[0.9487, 0.3162]]
+
+
+def test_prototype_sums_add_unit_embeddings():
+    """Each embedding adds its unit vector to its centre's sum (what bounds the sensitivity by 1),
+    whatever its norm: [3, 4] adds [0.6, 0.8]."""
+    sums, counts = noisy_prototype_sums(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]]), 0.0)
+    assert torch.allclose(sums, torch.tensor([[0.6, 0.8]])) and counts.tolist() == [1]

@@ -93,6 +93,35 @@ def test_monochrome1_with_rescale_reflects_in_output_units(tmp_path):
     assert read_dicom(path).pixels[0, 0, 0].tolist() == [7980.0, 8180.0]
 
 
+def test_a_window_of_zero_width_is_no_window(tmp_path):
+    """WindowWidth 0 selects nothing: the file reads as having no window of its own (None),
+    so the dataset falls back to its other window (CT preset or percentiles)."""
+    img = read_dicom(ct(tmp_path / "w0.dcm", attributes={"WindowCenter": 40, "WindowWidth": 0}))
+    assert (img.window_center, img.window_width) == (None, None) and img.window(0) is None
+
+
+def test_monochrome1_float_pixels_reflect_the_window_centre_by_negation(tmp_path):
+    """Float MONOCHROME1 has no stored range, so pixels are inverted by negation, and the
+    window's centre must be too (100 -> -100) to select the same tissue."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ParametricMapStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ParametricMapStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "MR", "MONOCHROME1", 1
+    ds.Rows, ds.Columns, ds.BitsAllocated = 1, 2, 32
+    ds.WindowCenter, ds.WindowWidth = 100, 50
+    ds.FloatPixelData = np.array([[90, 110]], "<f4").tobytes()
+    path = tmp_path / "map.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    img = read_dicom(path)
+    assert img.pixels[0, 0, 0].tolist() == [-90.0, -110.0]
+    assert (img.window_center, img.window_width) == (-100.0, 50.0)
+
+
 def _lut(bits: int = 16) -> "pydicom.Dataset":
     lut = _item(LUTDescriptor=[4096, 0, bits], ModalityLUTType="US",
                 LUTData=(np.arange(4096) * 2).astype(np.uint16).tobytes())  # stored x -> 2x

@@ -55,6 +55,17 @@ def test_window_jitter_stays_within_its_bounds():
     assert max(values) - min(values) > 0.15  # it does jitter
 
 
+def test_a_window_marked_false_is_never_jittered():
+    """(centre, width, False) marks a cached base already windowed by percentiles: jitter
+    would window it twice. BASE_WINDOW (0.5, 1.0) then only clamps to [0, 1], whatever the draw."""
+    t = RandWindowd(level_jitter=0.2, width_jitter=0.2)
+    t.set_random_state(0)
+    image = hu([-0.2, 0.0, 0.25, 0.5, 0.9, 1.3])
+    for _ in range(5):
+        out = t({"image": image, "window": (0.5, 1.0, False)})["image"]
+        assert out[0, 0].tolist() == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.9, 1.0], abs=1e-6)
+
+
 def test_percentile_window_by_hand():
     image = torch.arange(10000, dtype=torch.float32).reshape(1, 100, 100)
     lo, hi = percentile_window(image, (0.5, 99.5))

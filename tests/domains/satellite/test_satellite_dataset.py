@@ -138,6 +138,18 @@ def test_indices_need_band_roles(tmp_path):
     assert data.in_channels == 4
 
 
+def test_an_undescribed_4_band_file_is_blue_green_red_nir(tmp_path):
+    """Commercial 4-band products ship B, G, R, NIR: an undescribed file gets those roles and the
+    Sentinel-2-equivalent wavelengths, so NDVI reads red from band 3 and nir from band 4."""
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.options import parse_options
+
+    write_raster(tmp_path / "x.tif", np.ones((4, 32, 32), np.uint16), transform=from_origin(0, 0, 10, 10))
+    layout = scan_folder(tmp_path, parse_options({})).layout
+    assert layout.roles == {"blue": 0, "green": 1, "red": 2, "nir": 3}
+    assert layout.wavelengths == [490.0, 560.0, 665.0, 842.0]
+
+
 def test_option_errors_surface_at_build(demo4):
     with pytest.raises(DataError, match="'colour' is unknown"):
         build_pretrain_data(demo4, cfg(colour=1))

@@ -1,0 +1,41 @@
+"""The rules of a site's privacy ledger (fedmoco.ledger): what a delta may be, which recorded
+releases are believed, and what a tightened budget reports as spent."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmoco.errors import ConfigError
+from fedmoco.ledger import SiteLedger, check_site_delta
+
+
+def test_delta_of_exactly_one_over_the_image_count_is_refused():
+    """delta must be strictly below 1 / n: at 1e-4 with 10,000 images one image may leak
+    with probability 1 / n and still 'satisfy' the guarantee."""
+    with pytest.raises(ConfigError, match=r"^node_config dp-delta: 0.0001 is too large for 10000 images; it must be "
+                                          r"below one over the number of images"):
+        check_site_delta(1e-4, 10_000)
+
+
+def test_a_history_with_a_noise_no_release_could_have_is_refused():
+    """A ledger file claiming z = 2e6 (calibration gives up below 1e6) is not believed:
+    such a z would make the accountant report next to nothing spent."""
+    with pytest.raises(ConfigError, match=r"^ledger: noise multiplier 2e\+06 is not one a release had "
+                                          r"\(every release has one below 1e\+06\)"):
+        SiteLedger("keys", 2.0, 1e-5, 3, [(2e6, 0.5, 1)])
+
+
+def test_spent_after_a_tightened_delta_is_priced_at_the_new_delta():
+    """After dp-delta is tightened the ledger reports epsilon at the NEW delta (here ~2.53,
+    over the budget), not the plan's figure at the old one (~2.00)."""
+    from fedmoco.privacy import KeyReleaseRDPAccountant
+
+    ledger = SiteLedger("keys", 2.0, 1e-5, 3)
+    for _ in range(3):
+        ledger.record(ledger.next_noise(0.5), 0.5)
+    at_old_delta = ledger.spent()
+    ledger.tighten(2.0, 1e-7)
+    accountant = KeyReleaseRDPAccountant()
+    accountant.history = list(ledger.history)
+    assert ledger.spent() == pytest.approx(accountant.get_epsilon(1e-7), rel=1e-9)
+    assert ledger.spent() > at_old_delta  # a smaller delta costs more epsilon: ~2.5295 against ~1.9976
