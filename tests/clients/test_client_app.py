@@ -239,6 +239,32 @@ def test_false_negative_cancellation_buckets_by_the_servers_centres(site, captur
     assert captured[2]["centres"] is None and captured[3]["centres"] is None
 
 
+@pytest.mark.parametrize("mode", ["prototypes", "keys"])
+def test_the_site_noises_its_release_with_the_z_its_ledger_paid_for(site, tmp_path, monkeypatch, mode):
+    """What a site sends is noised at exactly the z its ledger recorded, round after round:
+    a release at z = 0 would send raw embeddings while the ledger reports them private."""
+    import fedmoco.privacy as privacy
+    from clients.ledger import read_ledger
+
+    used: list[float] = []
+    mechanism = "release_prototypes" if mode == "prototypes" else "privatize_keys"
+    original = getattr(privacy, mechanism)
+
+    def spy(*args, **kwargs):
+        used.append(float(args[3] if mode == "prototypes" else args[1]))  # the noise multiplier z
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(privacy, mechanism, spy)
+    run = run_config(**{"key-release": mode})
+    sent = shared_arrays(global_model(run))
+    path = tmp_path / "ledger.json"
+    paid = []
+    for r in (1, 2):
+        assert train(train_message(sent, r), context(dp_node(site, path), run)).content["metrics"]["dp-status"] == 0
+        paid.append(read_ledger(path).history[-1][0])
+    assert len(used) == 2 and used == paid and min(used) > 0
+
+
 def test_key_noise_is_not_reproducible_from_the_seed(site, tmp_path):
     run = run_config(**{"key-release": "keys", "key-sample-rate": 1.0, "max-keys": 4})
     g = shared_arrays(global_model(run))

@@ -84,3 +84,6 @@ def test_the_temp_file_is_beside_the_target_and_synced_before_the_rename(tmp_pat
     monkeypatch.setattr(os, "replace", replace)
     path = atomic_write(tmp_path / "ledger.json", lambda fh: fh.write(b"{}"))
     assert calls[:2] == [("fsync", path.stat().st_ino), ("replace", str(tmp_path))]  # the file itself, then the rename
+    # then the folder, so that the rename itself survives a power cut (a ledger must never come
+    # back smaller than what was already sent)
+    assert calls[2:] == [("fsync", tmp_path.stat().st_ino)]
