@@ -322,13 +322,18 @@ class FedMoCo(FedAvg):
             site.update({f"up-{name}": array_bytes(rec) for name, rec in msg.content.array_records.items()
                          if name in ("arrays", KEYS)})
             measured: dict[str, float] = {}
-            reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics, measured)
+            try:
+                reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics, measured)
+            except Exception as exc:  # a reply no check foresaw rejects that reply, never the run
+                log.exception("round %d: reply from %s could not be checked", r, who)
+                reasons = [f"reply could not be checked ({type(exc).__name__})"]
             if taken:  # a name is how caps and logs know a site: one node's in a run
                 reasons.insert(0, f"site: name {claimed!r} is node {owner}'s in this run")
             site.update(measured)
             if reasons:
-                site.update(status="rejected", reason="; ".join(reasons))
-                log.warning("round %d: rejected reply from %s: %s", r, who, "; ".join(reasons))
+                reason = untrusted_text("; ".join(reasons), 1000)  # one line of bounded length in log and JSON
+                site.update(status="rejected", reason=reason)
+                log.warning("round %d: rejected reply from %s: %s", r, who, reason)
                 continue
             if SITE_RECORD in msg.content:
                 del msg.content[SITE_RECORD]  # the name is recorded; FedAvg gets the model records only

@@ -264,8 +264,9 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
     unexpected = sorted(set(record) - expected)
     if missing:
         reasons.append(f"metrics: missing {', '.join(missing)}")
-    if unexpected:
-        reasons.append(f"metrics: unexpected {', '.join(unexpected)}")
+    if unexpected:  # names a hostile site chose: a few, each short and printable
+        names = ", ".join(untrusted_text(name, 40) for name in unexpected[:5])
+        reasons.append(f"metrics: unexpected {names}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
     for name, value in record.items():
         if isinstance(value, list):
             reasons.append(f"metrics {name!r} is a list, expected a number")
@@ -293,7 +294,7 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
     if isinstance(share, (int, float)) and not math.isnan(share) and not 0.0 <= share <= 1.0:
         reasons.append(f"metrics 'global-share' is {share}, expected a share in [0, 1]")
     status = record.get("dp-status")
-    if status is not None and status not in DP_STATUS:
+    if status is not None and (isinstance(status, list) or status not in DP_STATUS):  # a list is unhashable
         reasons.append(f"metrics 'dp-status' is {status}, expected one of {sorted(DP_STATUS)}")
     return reasons
 

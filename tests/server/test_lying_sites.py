@@ -47,6 +47,36 @@ def last_round(tmp_path) -> dict:
     return json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
 
 
+def test_a_reply_no_check_foresaw_is_rejected_and_the_round_goes_on(grid3, tmp_path, caplog, monkeypatch):
+    """If checking one reply raises (a shape of lie no check foresaw), that reply is rejected
+    and logged; the honest sites' round is aggregated, and the ServerApp keeps running."""
+    import server.strategy as strategy_module
+
+    real = strategy_module.validate_reply
+    lying = None
+
+    def validate(content, *args, **kwargs):
+        if content is lying:
+            raise TypeError("unhashable type: 'list'")
+        return real(content, *args, **kwargs)
+
+    monkeypatch.setattr(strategy_module, "validate_reply", validate)
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s, ref = strategy(tmp_path), tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    lying = reply_content(shifted(ref, LIAR_SHIFT), unit_keys(2, seed=3), good_metrics(10))
+    arrays, _ = s.aggregate_train(1, [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2, seed=1),
+                                                                    good_metrics(10))),
+                                      reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2),
+                                                                    good_metrics(30))),
+                                      reply_from(103, lying)])
+    a, r = decode_arrays(arrays), decode_arrays(ref)
+    assert np.allclose([float(np.mean(a[k] - r[k])) for k in r], (10 + 30 * 3) / 40, atol=1e-4)
+    sites = {e["node"]: e for e in last_round(tmp_path)["sites"]}
+    assert sites[103]["status"] == "rejected" and sites[103]["reason"] == "reply could not be checked (TypeError)"
+    assert "round 1: reply from node 103 could not be checked" in caplog.text
+
+
 def test_1e300_examples_count_as_the_site_cap(grid3, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
     s = strategy(tmp_path, ExampleCaps.parse(1000, "103=20"))

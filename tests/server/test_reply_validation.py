@@ -114,6 +114,21 @@ def test_keys_record_shape_and_dtype(ref):
     assert check(no_keys, ref) == ["record 'keys' is missing"]
 
 
+def test_a_reply_shaped_to_crash_the_checks_is_one_rejection(ref):
+    """A list where a number belongs, and metric names that would forge log lines, are
+    reasons to reject the reply, in one bounded printable line: never an exception."""
+    status_list = good_metrics()
+    status_list["dp-status"] = [0.0]
+    assert check(reply_content(ref, unit_keys(2), status_list), ref) == [
+        "metrics 'dp-status' is a list, expected a number", "metrics 'dp-status' is [0.0], expected one of "
+        + str(list(range(10)))]
+    forged = good_metrics()
+    for i in range(7):
+        forged[f"x{i}\nINFO : round 9: all sites accepted" + "y" * 100] = 1.0
+    (reason,) = check(reply_content(ref, unit_keys(2), forged), ref)
+    assert "\n" not in reason and reason.endswith(" and 2 more") and len(reason) < 400
+
+
 def test_metrics(ref):
     m = good_metrics()
     del m["train-loss"]
