@@ -137,7 +137,7 @@ def test_a_bad_value_is_a_misconfigured_reply_naming_the_file_and_key(site, sent
     with caplog.at_level(logging.ERROR, logger="flwr.fedmoco.client"):
         reply = train(train_message(sent, 1), context({"data-path": str(site)}, run_config()))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
-    assert f"configuration: <path> {message}" in reply.error.reason  # the coordinator never learns the path
+    assert f"configuration: <path>: {message}" in reply.error.reason  # the coordinator never learns the path
     assert f"{path}: {message}" in caplog.text  # the site's own log names the file
     assert not (tmp_path / "ledger.json").exists()  # nothing spent
 
