@@ -47,30 +47,73 @@ def fleet_paths() -> frozenset[str]:
     return frozenset({route.path for route in router.routes} | {"/health"})
 
 
+def max_fleet_body() -> int:
+    """Largest request body the fleet address accepts, in bytes: a SuperNode sends model
+    arrays in chunks of Flower's ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`` (5 MiB by default) and
+    every other fleet request is small, so 4 chunks, and at least 64 MiB, leave room."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    return max(64 * 2**20, 4 * int(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE))
+
+
 class FleetOnly:
     """ASGI wrapper passing only ``allowed`` exact paths to ``app``; everything else 404.
 
     Exact matching (no prefixes) means no ``..``, ``//`` or percent-encoding trick can turn
     an allowed path into a Control or Runtime one. Lifespan events are not forwarded: the
     loopback listener owns the SuperLink's start-up and shut-down.
+
+    A body over ``max_body`` bytes is refused (413) before it is read: Flower's REST fleet
+    API reads a whole request into memory before it checks the node's signature, so without
+    a bound any stranger could make the coordinator's internet-facing port buffer gigabytes.
+    A body without a length (chunked) is cut off once it passes the bound.
     """
 
-    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, allowed: frozenset[str], max_body: int | None = None) -> None:
         self.app, self.allowed = app, allowed
+        self.max_body = max_fleet_body() if max_body is None else int(max_body)
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             return
         if scope["type"] == "http" and not scope.get("root_path") and scope["path"] in self.allowed:
-            await self.app(scope, receive, send)
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            try:
+                too_long = length is not None and int(length) > self.max_body
+            except ValueError:
+                too_long = True  # a length that is not a number is not a request Flower sent
+            if too_long:
+                await _plain(send, 413, b"request body too large for the fleet address\n")
+                return
+            await self.app(scope, self._bounded(receive), send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = b"not served on the fleet address\n"
-        await send({"type": "http.response.start", "status": 404,
-                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _plain(send, 404, b"not served on the fleet address\n")
+
+    def _bounded(self, receive):
+        """``receive`` that reports a disconnect once the body passes ``max_body`` bytes."""
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    log.warning("fleet address: a request body passed %d bytes; the connection is dropped",
+                                self.max_body)
+                    return {"type": "http.disconnect"}
+            return message
+
+        return bounded
+
+
+async def _plain(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _address(host: str):

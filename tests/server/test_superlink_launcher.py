@@ -53,6 +53,45 @@ def test_fleet_paths_pass_through():
     assert _call(fleet_paths(), "/v1/fleet/pull-messages", root_path="/x") == (404, [])
 
 
+def test_a_body_too_large_for_the_fleet_address_is_refused_before_it_is_read():
+    """Flower reads a fleet request's whole body before it checks the node's signature: a
+    stranger's oversized body is refused by its declared length (413, nothing read), and a
+    body without a length is cut off once it passes the bound (a disconnect, not memory)."""
+    seen_bodies: list[int] = []
+    sent: list[dict] = []
+
+    async def inner(scope, receive, send):
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            total += len(message["body"])
+            if not message.get("more_body"):
+                break
+        seen_bodies.append(total)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message):
+        sent.append(message)
+
+    chunks = iter([b"x" * 600] * 10)  # 6 kB in chunks of 600 bytes, with no declared length
+
+    async def receive():
+        return {"type": "http.request", "body": next(chunks, b""), "more_body": True}
+
+    guard = FleetOnly(inner, fleet_paths(), max_body=1000)
+    scope = {"type": "http", "path": "/v1/fleet/push-object", "root_path": "", "method": "POST",
+             "headers": [(b"content-length", b"1500000000")]}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 413 and seen_bodies == []  # refused by its declared length
+    sent.clear()
+    asyncio.run(guard({**scope, "headers": [(b"transfer-encoding", b"chunked")]}, receive, send))
+    assert seen_bodies == [600]  # the app got the first chunk, then a disconnect instead of the second
+    assert guard.max_body == 1000 and FleetOnly(inner, fleet_paths()).max_body == 64 * 2**20
+
+
 @pytest.mark.parametrize("host,private", [("127.0.0.1", True), ("::1", True), ("localhost", True),
                                           ("10.1.2.3", True), ("192.168.0.5", True), ("0.0.0.0", False),
                                           ("::", False), ("8.8.8.8", False), ("superlink.example.org", False)])
