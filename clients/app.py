@@ -64,8 +64,8 @@ from torch.utils.data import Dataset
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
 from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels,
-                          parse_options, run_value, shared_arrays, site_config, site_data_path, site_name,
-                          train_config)
+                          run_value, shared_arrays, site_config, site_data_path, site_name,
+                          site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, Renormalized,
                           build_pretrain_data, format_skipped)
@@ -132,7 +132,7 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
     return {
         "domain": str(node.get("domain", run_value(run, "domain"))),
         "data_path": data_path,
-        "options": parse_options(str(node.get("data-options", run_value(run, "data-options")))),
+        "options": site_options(node, run),
         # The privacy budget is the site's: its node_config or settings file, never run_config
         # (docs/privacy.md): epsilon, delta, delta_label, dp_rounds, ledger_path, state_dir.
         **privacy_settings(own, data_path),

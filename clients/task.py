@@ -33,6 +33,7 @@ resolved against the file's folder. See :func:`site_config` and docs/privacy.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -43,6 +44,8 @@ from flwr.app import Array, ArrayRecord
 
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.errors import ConfigError
+
+log = logging.getLogger("flwr.fedmoco.client")
 # The site's own settings live in the core so that `fedmoco check-site` reads them as a round does.
 from fedmoco.site_settings import (SITE_FILE_KEYS, SITE_NAME, SITE_PATH_KEYS, SITE_RECORD,  # noqa: F401 re-exported
                                    SiteConfig, check_outside_data, check_site_name, read_site_file, setting_label,
@@ -216,6 +219,28 @@ def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
             warmup_epochs=r("warmup-epochs"), num_workers=r("num-workers"), seed=r("seed"),
             max_steps_per_epoch=cap if cap > 0 else None, amp=False, channels_last=False,
         )
+
+
+#: Domain options that only a site's own node_config may set: where the site writes decoded
+#: pixels and file paths (its caches), and the per-file limits that guard its memory against
+#: hostile files. From run_config they are ignored: the coordinator must not choose a folder
+#: a site writes patient-derived data to, nor lift the bounds that protect the site's host.
+SITE_ONLY_OPTIONS = frozenset({"cache_dir", "cache_max_gb", "gdal_cache_mb", "max_block_mb", "max_raster_pixels",
+                               "max_frame_pixels", "max_frames", "max_decoded_mb", "max_pixels"})
+
+
+def site_options(node: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
+    """The domain options of a site: node_config ``data-options`` when it sets them (all of
+    them, the site's own choice), else run_config's without :data:`SITE_ONLY_OPTIONS`,
+    each one left out logged."""
+    if "data-options" in node:
+        return parse_options(str(node["data-options"]))
+    options = parse_options(str(run_value(run, "data-options")))
+    ignored = sorted(SITE_ONLY_OPTIONS & set(options))
+    if ignored:
+        log.warning("run_config data-options %s ignored: only the site's node_config data-options may set them",
+                    ", ".join(ignored))
+    return {k: v for k, v in options.items() if k not in SITE_ONLY_OPTIONS}
 
 
 def parse_options(text: str) -> dict[str, Any]:

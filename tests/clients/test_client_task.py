@@ -75,3 +75,30 @@ def test_shared_part_is_query_encoder_head_and_predictor_without_counters():
     first = names[0]
     shared_state(model)[first].add_(1.0)
     assert not (shared_state(model)[first] == model.state_dict()[first] + 1).all()
+
+
+def test_the_coordinator_cannot_choose_where_a_site_writes_nor_lift_its_file_limits(caplog):
+    """run_config data-options may set augmentations, not a site's cache folder (decoded pixels
+    and file paths) or the per-file limits guarding its memory: those are left out and logged.
+    A site's own node_config data-options are taken whole."""
+    import logging
+
+    from clients.task import SITE_ONLY_OPTIONS, site_options
+
+    run = {"data-options": "crop_scale=0.8,cache_dir=/tmp/coordinator-chosen,max_decoded_mb=1e9,max_pixels=9e18"}
+    with caplog.at_level(logging.WARNING, logger="flwr.fedmoco.client"):
+        assert site_options({}, run) == {"crop_scale": 0.8}
+    assert ("run_config data-options cache_dir, max_decoded_mb, max_pixels ignored: only the site's node_config "
+            "data-options may set them") in caplog.text
+    own = {"data-options": "cache_dir=/var/cache/site-a,max_decoded_mb=512"}
+    assert site_options(own, run) == {"cache_dir": "/var/cache/site-a", "max_decoded_mb": 512}
+    assert {"cache_dir", "cache_max_gb", "max_raster_pixels", "max_frame_pixels"} <= SITE_ONLY_OPTIONS
+    # every name is an option some domain has (a typo here would leave a limit open)
+    import dataclasses
+
+    from domains.images.dataset import OPTIONS
+    from domains.medical.options import MedicalOptions
+    from domains.satellite.options import SatelliteOptions
+
+    known = {f.name for f in dataclasses.fields(MedicalOptions)} | {f.name for f in dataclasses.fields(SatelliteOptions)}
+    assert SITE_ONLY_OPTIONS <= known | set(OPTIONS)
