@@ -46,6 +46,7 @@ negatives, collapsed training (benchmarks/notes/global_queue_benefit.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -226,6 +227,15 @@ def _train_round(msg: Message, context: Context) -> Message:
     run = context.run_config
     server_round = int(msg.content.config_records.get("config", {}).get("server-round", 1))
     site, mcfg, tcfg = _settings(context)  # SiteUnavailable: train() turns it into the error reply
+    # The server's numbers drive loops and processes here: bound them by what the run declares
+    # and what this machine has (a server-round of 1e9 would step the LR schedule for hours).
+    if not 1 <= server_round <= run_value(run, "num-server-rounds"):
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: server-round {server_round} is outside 1.."
+                                                  f"{run_value(run, 'num-server-rounds')} (run_config num-server-rounds)")
+    if tcfg.num_workers > (os.cpu_count() or 1):
+        log.warning("run_config num-workers %d is more than this machine's %d CPUs; using %d", tcfg.num_workers,
+                    os.cpu_count() or 1, os.cpu_count() or 1)
+        tcfg = dataclasses.replace(tcfg, num_workers=os.cpu_count() or 1)
     data, dataset = _site_data(site, run, mcfg, tcfg)
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])

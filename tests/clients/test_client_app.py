@@ -283,3 +283,13 @@ def test_renormalized_maps_site_units_to_federation_units():
     out = ds[0][0]
     assert torch.allclose(out, (raw - 0.2) / 0.1, atol=1e-5)
     assert ds[1] is None and len(ds) == 2
+
+
+def test_a_server_round_outside_the_run_is_a_misconfiguration_not_hours_of_work(site):
+    """server-round drives the site's LR-schedule catch-up loop: one outside 1..num-server-rounds
+    is refused in one line instead of stepping a schedule a billion times."""
+    run = run_config()
+    sent = shared_arrays(global_model(run))
+    reply = train(train_message(sent, 10**9), context({"data-path": str(site)}, run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason == "configuration: server-round 1000000000 is outside 1..3 (run_config num-server-rounds)"

@@ -126,8 +126,8 @@ def test_ledger_persists_across_a_supernode_restart_and_a_new_run(site, sent, tm
 
 
 def test_exhausted_budget_is_reported_and_training_goes_on(site, sent, tmp_path, caplog):
-    run = run_config(**{"num-server-rounds": 1, "key-release": "keys", "key-sample-rate": 0.5})
-    ctx = context(dp_node(site, tmp_path / "l.json", **{"dp-epsilon": 2.0}), run)
+    run = run_config(**{"num-server-rounds": 2, "key-release": "keys", "key-sample-rate": 0.5})
+    ctx = context(dp_node(site, tmp_path / "l.json", **{"dp-epsilon": 2.0, "dp-rounds": 1}), run)
     first = train(train_message(sent, 1), ctx)
     assert n_sent(first) > 0 and metrics(first)["dp-keys-exhausted"] == 1.0  # planned for one release
     with caplog.at_level(logging.WARNING):
