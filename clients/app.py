@@ -181,7 +181,9 @@ def public_reason(text: str, paths: Sequence[str] = ()) -> str:
     for path in sorted({p for p in paths if p}, key=len, reverse=True):  # a folder's files before the folder
         text = text.replace(path, "<path>")
     text = _UNDER_SITE_PATH.sub(r"\1", text)
-    return " ".join(_PATHLIKE.sub("<path>", text).split())[:300]
+    # _PATHLIKE backtracks over a long run without a separator (quadratic): it sees a bounded
+    # prefix, more than the 300 characters kept
+    return " ".join(_PATHLIKE.sub("<path>", text[:2000]).split())[:300]
 
 
 def _site_paths(context: Context | None) -> list[str]:

@@ -178,3 +178,16 @@ def test_a_bad_setting_under_a_folder_with_spaces_does_not_leak_the_folder(tmp_p
     assert reply.has_error()
     assert "dp-delta" in reply.error.reason and "Jane" not in reply.error.reason, reply.error.reason
     assert b"Jane" not in wire_bytes(reply)
+
+
+def test_a_megabyte_reason_is_scrubbed_in_milliseconds():
+    """A run_config value can end up in an error reason: the path scrubber's regex backtracks
+    quadratically over a run without separators, so it only sees a bounded prefix (a 1 MB
+    value took about an hour before)."""
+    import time
+
+    from clients.app import public_reason
+
+    started = time.perf_counter()
+    assert public_reason("data-options: " + "x" * 1_000_000) == ("data-options: " + "x" * 1_000_000)[:300]
+    assert time.perf_counter() - started < 2.0
