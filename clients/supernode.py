@@ -25,6 +25,7 @@ import importlib
 import inspect
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from fedmoco.appsign import verify_fab
@@ -71,6 +72,35 @@ def install_fab_check() -> None:
     sci._verify_fab = verify
 
 
+def trusted_entities_problem(argv: list[str]) -> str | None:
+    """Why the ``--trusted-entities`` YAML in ``argv`` would not guard this SuperNode, or None.
+
+    Flower runs its app check only when the mapping it reads is non-empty: a file holding
+    ``{}`` (or only a comment) would let every app run unchecked. So the file must map at
+    least one key id to a public key line (Flower then checks each key is Ed25519)."""
+    import yaml
+
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--trusted-entities" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--trusted-entities="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return None  # Flower names a missing value itself
+    file = Path(path).expanduser()
+    try:
+        entities = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return f"{file}: cannot read the trusted-entities YAML ({type(exc).__name__})"
+    if not isinstance(entities, dict) or not entities:
+        return (f"{file}: the trusted-entities YAML names no key (key id: public key line); an empty one would "
+                "let every app run unchecked")
+    if not all(isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in entities.items()):
+        return f"{file}: every trusted entity must map a key id to an OpenSSH public key line"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start Flower's SuperNode with the fedmoco FAB check; exit 2 without --trusted-entities."""
     argv = sys.argv[1:] if argv is None else argv
@@ -78,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             and not {"-h", "--help", "-V", "--version"} & set(argv):
         print("clients.supernode: error: --trusted-entities YAML is required (the coordinator's app-signing "
               "public key); without it use flower-supernode", file=sys.stderr)
+        return 2
+    problem = trusted_entities_problem(argv)
+    if problem is not None:
+        print(f"clients.supernode: error: {problem}", file=sys.stderr)
         return 2
     try:
         install_fab_check()

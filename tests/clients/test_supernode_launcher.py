@@ -1,0 +1,31 @@
+"""clients.supernode: the SuperNode starts only with a trusted-entities file that guards it."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.supernode import main, trusted_entities_problem
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{}\n", "names no key"),
+    ("# only a comment\n", "names no key"),
+    ("- a list\n", "names no key"),
+    ("coordinator: 3\n", "must map a key id to an OpenSSH public key line"),
+    ("coordinator: [unclosed\n", "cannot read the trusted-entities YAML (ParserError)"),
+])
+def test_a_trusted_entities_file_that_would_let_every_app_run_is_refused(tmp_path, capsys, text, problem):
+    """Flower checks apps only when the mapping it reads is non-empty: an empty file would
+    switch the check off. The launcher refuses it in one line, before Flower starts."""
+    yaml_file = tmp_path / "trusted-entities.yaml"
+    yaml_file.write_text(text)
+    assert problem in trusted_entities_problem(["--insecure", "--trusted-entities", str(yaml_file)])
+    assert main([f"--trusted-entities={yaml_file}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clients.supernode: error: {yaml_file}: ") and problem in err and err.count("\n") == 1
+
+
+def test_a_file_naming_a_key_passes_the_launchers_check(tmp_path):
+    yaml_file = tmp_path / "trusted-entities.yaml"
+    yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    assert trusted_entities_problem(["--trusted-entities", str(yaml_file)]) is None
