@@ -60,7 +60,10 @@ def install_fab_check() -> None:
         return pull(*args, **kwargs)
 
     def verify(fab, trusted_entities: dict[str, str]) -> bool:
-        reason = verify_fab(fab.content, trusted_entities)
+        try:
+            reason = verify_fab(fab.content, trusted_entities)
+        except Exception as exc:  # nothing an app carries may stop the SuperNode: it is refused
+            reason = f"its signature could not be checked ({type(exc).__name__})"
         if reason is not None:
             print(f"fedmoco: refused app {fab.hash_str[:12]}: {reason}", file=sys.stderr, flush=True)
             return False

@@ -119,8 +119,8 @@ def verify_fab(fab: bytes, trusted: dict[str, str]) -> str | None:
                 return f"the app is not signed (no {SIGNATURE_FILE}); the coordinator signs it with fedmoco sign-app"
             records = json.loads(zf.read(SIGNATURE_FILE))
         digest, _ = fab_manifest_digest(fab)
-    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError) as exc:
-        return f"the app is not a readable FAB or signature file ({exc})"
+    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return f"the app is not a readable FAB or signature file ({type(exc).__name__}: {str(exc)[:200]})"
     if not isinstance(records, dict):
         return f"{SIGNATURE_FILE} is not a JSON object"
     signers = [k for k in records if k in trusted]
@@ -129,13 +129,16 @@ def verify_fab(fab: bytes, trusted: dict[str, str]) -> str | None:
     for key_id in signers:
         rec = records[key_id]
         try:
+            signed_at = rec["signed_at"]
+            if isinstance(signed_at, bool) or not isinstance(signed_at, int) or not 0 <= signed_at < 2**63:
+                continue  # what sign_app writes: whole seconds since 1970, 8 bytes in the message
             public = serialization.load_ssh_public_key(trusted[key_id].encode())
             signature = base64.urlsafe_b64decode(rec["signature"] + "=" * (-len(rec["signature"]) % 4))
             if not isinstance(public, ed25519.Ed25519PublicKey):
                 continue
-            public.verify(signature, _message(digest, int(rec["signed_at"])))
+            public.verify(signature, _message(digest, signed_at))
             return None
-        except (InvalidSignature, KeyError, TypeError, ValueError):
+        except (InvalidSignature, KeyError, TypeError, ValueError, OverflowError):
             continue
     return f"the signature of {', '.join(signers)} does not match the app's files (changed after signing?)"
 

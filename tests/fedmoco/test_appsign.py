@@ -97,6 +97,25 @@ def test_untrusted_signer_is_refused(app, signer, tmp_path):
     assert "none of which is a trusted entity" in verify_fab(build_fab(app), trusted)
 
 
+@pytest.mark.parametrize("signature_file, reason", [
+    ('{"coordinator": {"signature": "AAAA", "signed_at": -1}}', "does not match"),
+    ('{"coordinator": {"signature": "AAAA", "signed_at": 1e30}}', "does not match"),
+    ('{"coordinator": {"signature": "AAAA", "signed_at": 1e400}}', "does not match"),
+    ('{"coordinator": {"signature": "AAAA", "signed_at": true}}', "does not match"),
+    ("[" * 100_000 + "]" * 100_000, "not a readable FAB or signature file (RecursionError"),
+])
+def test_a_signature_file_shaped_to_crash_the_check_is_a_refusal(app, signer, signature_file, reason):
+    """A hostile app's signature file (a time that does not fit 8 bytes, JSON nested past
+    Python's recursion limit) is refused with a reason; the check never raises, which would
+    stop the site's SuperNode."""
+    _, trusted = signer
+    fab = _rezip(build_fab(app), lambda n, d: (n, d))
+    with_file = io.BytesIO(fab)
+    with zipfile.ZipFile(with_file, "a") as zf:
+        zf.writestr(SIGNATURE_FILE, signature_file)
+    assert reason in verify_fab(with_file.getvalue(), trusted)
+
+
 def test_sign_app_needs_an_ed25519_key(app, tmp_path, capsys):
     keygen(tmp_path / "k", "site")  # an EC SuperNode key
     assert main(["sign-app", str(app), "--key", str(tmp_path / "k" / "site"), "--key-id", "x"]) == 2
