@@ -100,9 +100,8 @@ def test_a_window_of_zero_width_is_no_window(tmp_path):
     assert (img.window_center, img.window_width) == (None, None) and img.window(0) is None
 
 
-def test_monochrome1_float_pixels_reflect_the_window_centre_by_negation(tmp_path):
-    """Float MONOCHROME1 has no stored range, so pixels are inverted by negation, and the
-    window's centre must be too (100 -> -100) to select the same tissue."""
+def _float_map(pixels: np.ndarray, photometric: str = "MONOCHROME2") -> "pydicom.Dataset":
+    """A one-frame Parametric Map (FloatPixelData, no stored range) holding ``pixels`` (float32)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ParametricMapStorage, generate_uid
 
@@ -111,10 +110,17 @@ def test_monochrome1_float_pixels_reflect_the_window_centre_by_negation(tmp_path
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ParametricMapStorage
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "MR", "MONOCHROME1", 1
-    ds.Rows, ds.Columns, ds.BitsAllocated = 1, 2, 32
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "MR", photometric, 1
+    ds.Rows, ds.Columns, ds.BitsAllocated = *pixels.shape, 32
+    ds.FloatPixelData = np.asarray(pixels, "<f4").tobytes()
+    return ds
+
+
+def test_monochrome1_float_pixels_reflect_the_window_centre_by_negation(tmp_path):
+    """Float MONOCHROME1 has no stored range, so pixels are inverted by negation, and the
+    window's centre must be too (100 -> -100) to select the same tissue."""
+    ds = _float_map(np.array([[90, 110]]), "MONOCHROME1")
     ds.WindowCenter, ds.WindowWidth = 100, 50
-    ds.FloatPixelData = np.array([[90, 110]], "<f4").tobytes()
     path = tmp_path / "map.dcm"
     ds.save_as(path, enforce_file_format=True)
     img = read_dicom(path)
@@ -185,17 +191,7 @@ def test_each_frame_keeps_its_own_voi_window(tmp_path):
 
 
 def test_float_pixel_data_with_nan_is_refused(tmp_path):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ParametricMapStorage, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ParametricMapStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "MR", "MONOCHROME2", 1
-    ds.Rows, ds.Columns, ds.BitsAllocated = 2, 4, 32
-    ds.FloatPixelData = np.array([[0, 1, 2, np.nan], [0, 1, 2, 3]], "<f4").tobytes()
+    ds = _float_map(np.array([[0, 1, 2, np.nan], [0, 1, 2, 3]]))
     path = tmp_path / "map.dcm"
     ds.save_as(path, enforce_file_format=True)
     expect(path, "inconsistent attributes", "float pixel data holds NaN or infinite values", header_too=False)
