@@ -4,10 +4,10 @@
 it lives in, its lock and its atomic writes are ``clients.ledger``. One ledger holds one
 release mechanism, because the two are stated under different adjacencies:
 
-``prototypes``  noisy per-centre sums; add/remove one image; the subsampled Gaussian sum
+``prototypes``  noisy per-centre sums; add/remove one record; the subsampled Gaussian sum
                 mechanism (sensitivity 1), Opacus' stock RDP analysis at its integer
                 orders (``fedmoco.privacy.PrototypeRDPAccountant``).
-``keys``        one noisy key per sampled image; replace-one image; the exact per-slot
+``keys``        one noisy key per sampled record; replace-one record; the exact per-slot
                 accountant ``fedmoco-key-rdp`` of :mod:`fedmoco.privacy`.
 
 The budget is planned over ``planned_releases`` releases (node_config ``dp-rounds``, else
@@ -51,7 +51,9 @@ def _privacy() -> ModuleType:
 LEDGER_FORMAT = "fedmoco-privacy-ledger/2"
 #: The per-record ledger of an older fedmoco, carried over by :func:`read_ledger`.
 LEGACY_LEDGER_FILE = "key-ledger.pt"
-MECHANISMS = {"prototypes": "add/remove one image", "keys": "replace one image"}
+#: The adjacency of each mechanism's guarantee; a record is an image file, a DICOM slice or
+#: frame, or a raster file (docs/privacy.md, "What one record is").
+MECHANISMS = {"prototypes": "add/remove one record", "keys": "replace one record"}
 #: Largest delta a site may state (and it must also be below 1 / its number of images).
 MAX_DELTA = 1e-3
 

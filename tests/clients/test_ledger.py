@@ -121,7 +121,7 @@ def test_ledger_persists_across_a_supernode_restart_and_a_new_run(site, sent, tm
     m = metrics(train(train_message(sent, 1), context(node, run)))
     assert m["dp-status"] == 5 and m["dp-keys-releases"] == 3 and m["dp-keys-exhausted"] == 1
     saved = json.loads((tmp_path / "ledger.json").read_text())
-    assert saved["mechanism"] == "prototypes" and saved["adjacency"] == "add/remove one image"
+    assert saved["mechanism"] == "prototypes" and saved["adjacency"] == "add/remove one record"
     assert sum(h["releases"] for h in saved["history"]) == 3 and saved["epsilon_spent"] <= 4.0
 
 
