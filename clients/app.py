@@ -66,14 +66,14 @@ from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
 from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels,
                           run_value, shared_arrays, site_config, site_data_path, site_name,
-                          site_options, train_config)
+                          prototype_rows, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, Renormalized,
                           build_pretrain_data, format_skipped)
 from fedmoco.device import select_device
 from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
-from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta, no_ledger_metrics
+from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta, ledger_was_written, no_ledger_metrics
 from fedmoco.moco import Encoder
 from fedmoco.site_settings import privacy_settings
 from fedmoco.train import EpochSummary, Trainer, make_loader
@@ -167,9 +167,31 @@ class SiteUnavailable(Exception):
 # Anything with a slash or backslash in it: absolute and relative paths, Windows paths.
 _PATHLIKE = re.compile(r"""[^\s'"`]*[/\\][^\s'"`]*""")
 #: A file under one of the site's own folders, once the folder became ``<path>`` or
-#: ``<data-path>``: its name may hold spaces ("Doe Jane 01.png"), so it runs to the next
-#: delimiter, not to the next space.
-_UNDER_SITE_PATH = re.compile(r"""(<(?:data-)?path>)[/\\][^'"`():;,\n]*""")
+#: ``<data-path>``: its name may hold spaces, commas and quotes ("Doe, Jane 01.png",
+#: "O'Brien 01.png"), see :func:`_scrub_under_site_paths`.
+_SITE_TAG = re.compile(r"""<(?:data-)?path>(?=[/\\])""")
+
+
+def _scrub_under_site_paths(text: str) -> str:
+    """Drop what follows each ``<path>/`` or ``<data-path>/``: a file name under the site's own
+    folder. Quoted (``'<path>/...'``) it runs to the LAST such quote of the line, which keeps
+    an apostrophe in the name inside; unquoted, to the first ``": "`` (how errors put a reason
+    after a file) or the end of the line. Over-scrubbing loses words; under-scrubbing would
+    send part of a name (a patient's) to the server."""
+    out, pos = [], 0
+    for m in _SITE_TAG.finditer(text):
+        if m.start() < pos:
+            continue
+        line_end = text.find("\n", m.end())
+        line_end = len(text) if line_end < 0 else line_end
+        quote = text[m.start() - 1] if m.start() > 0 and text[m.start() - 1] in "'\"`" else None
+        end = text.rfind(quote, m.end(), line_end) if quote else -1
+        if end < 0:
+            end = text.find(": ", m.end(), line_end)
+            end = line_end if end < 0 else end
+        out += [text[pos:m.end()]]
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def public_reason(text: str, paths: Sequence[str] = ()) -> str:
@@ -180,7 +202,7 @@ def public_reason(text: str, paths: Sequence[str] = ()) -> str:
     it (docs/privacy.md)."""
     for path in sorted({p for p in paths if p}, key=len, reverse=True):  # a folder's files before the folder
         text = text.replace(path, "<path>")
-    text = _UNDER_SITE_PATH.sub(r"\1", text)
+    text = _scrub_under_site_paths(text)
     # _PATHLIKE backtracks over a long run without a separator (quadratic): it sees a bounded
     # prefix, more than the 300 characters kept
     return " ".join(_PATHLIKE.sub("<path>", text[:2000]).split())[:300]
@@ -242,7 +264,11 @@ def _train_round(msg: Message, context: Context) -> Message:
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
 
-    _check_dp_settings(site, run, len(dataset))  # type: ignore[arg-type]
+    releasing = run_value(run, "key-release") != "none"
+    source = _release_source(data, run, mcfg) if releasing else dataset
+    # delta is stated per record: checked against the records a release reads (a satellite
+    # site's rasters, not its tiles), and not at all when the site refuses to release
+    _check_dp_settings(site, run, None if isinstance(source, str) else len(source))  # type: ignore[arg-type]
 
     saved = load_site_state(context.state, site["state_dir"], server_round=server_round,
                             model_config=mcfg.to_dict())
@@ -250,10 +276,8 @@ def _train_round(msg: Message, context: Context) -> Message:
     negatives = _global_negatives(msg, mcfg.dim)
     # The release comes first and only sees what the server sent (public): it cannot depend on
     # local training, and its budget is spent before anything else can fail.
-    releasing = run_value(run, "key-release") != "none"
     encoder, release_state = (_release_encoder(msg, mcfg, run, saved, site["device"]) if releasing
                               else (None, None))
-    source = _release_source(data, run, mcfg) if releasing else dataset
     keys, ledger_metrics = _release(msg, source, negatives, site, run, mcfg, server_round,
                                     rounds_done=saved.rounds_done, encoder=encoder)
     model, mu = _restore_model(saved, msg, run, mcfg)
@@ -329,7 +353,13 @@ def _settings(context: Context) -> tuple[dict[str, Any], MoCoConfig, TrainConfig
 def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConfig) -> tuple[PretrainData, Dataset]:
     """The site's data and the dataset to train on (in federation units when the run fixes
     them). A missing/empty folder or a channel mismatch is SiteUnavailable, not a crash."""
-    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=site["options"],
+    options = site["options"]
+    if site["domain"] == "images" and str(options.get("channels", "auto")) == "auto":
+        # The federation's encoder decides the channels (grayscale replicated, colour to luma),
+        # not a look at the site's first files: one RGB file among them would otherwise turn a
+        # site to 3 channels, and whether it can train or share would hang on that one file.
+        options = {**options, "channels": mcfg.in_channels}
+    data_cfg = DataConfig(image_size=run_value(run, "image-size"), seed=tcfg.seed, options=options,
                           cache=run_value(run, "cache"))
     try:
         data = build_pretrain_data(site["domain"], site["data_path"], data_cfg)
@@ -402,8 +432,9 @@ def _follow_federation_schedule(trainer: Trainer, step: int) -> None:
             trainer.global_step += 1
 
 
-def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int) -> None:
-    """Refuse (SITE_MISCONFIGURED) a release mode or delta that cannot be honoured."""
+def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int | None) -> None:
+    """Refuse (SITE_MISCONFIGURED) a release mode or delta that cannot be honoured.
+    ``n_images``: the records a release would read; None when the site refuses to release."""
     mode = run_value(run, "key-release")
     if mode not in KEY_RELEASE_MODES:
         raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: key-release must be one of "
@@ -414,7 +445,7 @@ def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int) -> None:
     if ignored:
         log.warning("run_config %s ignored: a site's privacy budget comes from its own node_config only",
                     ", ".join(ignored))
-    if mode != "none" and site["epsilon"] is not None and math.isfinite(site["epsilon"]):
+    if mode != "none" and n_images is not None and site["epsilon"] is not None and math.isfinite(site["epsilon"]):
         try:
             check_site_delta(site["delta"], n_images, site["delta_label"])
         except ConfigError as exc:
@@ -489,7 +520,8 @@ def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | Non
     if math.isinf(site["epsilon"]):
         # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step
         # around it by asking for no noise (it would spend without the ledger knowing).
-        kept = site["ledger_path"] is not None and Path(site["ledger_path"]).expanduser().exists()
+        # a ledger, or a lock file that says one was written (a removed ledger must not open the way)
+        kept = site["ledger_path"] is not None and ledger_was_written(Path(site["ledger_path"]).expanduser())
         if kept:
             return empty, _refuse(8, f" ({site['ledger_path']})")
         log.warning("dp-epsilon=inf: releasing %s WITHOUT noise; NOT private, for benchmarks only", mode)
@@ -544,7 +576,7 @@ def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset,
     # Centres from public inputs only: the centres the server merged from earlier releases (else
     # its sample of them), then directions from the run's seed. At most max-keys of them: the
     # server refuses a reply with more rows than that.
-    n_centres = min(run_value(run, "prototype-centres"), run_value(run, "max-keys"))
+    n_centres = prototype_rows(run)
     merged = _global_negatives(msg, mcfg.dim, "centres")
     centres = choose_centres(merged if merged is not None else negatives, n_centres, mcfg.dim,
                              seed=run_value(run, "seed") * 1_000_003 + server_round)

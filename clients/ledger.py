@@ -26,19 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from fedmoco.errors import ConfigError
-from fedmoco.ledger import LEGACY_LEDGER_FILE, SiteLedger, read_ledger  # noqa: F401 re-exported
+from fedmoco.ledger import (LEGACY_LEDGER_FILE, LOCK_NOTE, SiteLedger, ledger_lock,  # noqa: F401 re-exported
+                            missing_ledger_error, read_ledger)
 from fedmoco.site_settings import LEDGER_FILE, ledger_path  # noqa: F401 re-exported
 
 log = logging.getLogger("flwr.fedmoco.client")
 
 #: JSON so that the site admin can read what was spent with any tool; not secret, not shared.
 LEDGER_MODE = 0o644
-
-
-#: What the lock file holds once its ledger has been written: with it and no ledger, the
-#: ledger was removed, and the site refuses to share rather than start a new budget.
-LOCK_NOTE = ("a privacy ledger has been written beside this file; if the ledger is gone, fedmoco refuses to share "
-             "rather than forget what it spent. Delete this file too only to start a new budget on purpose.\n")
 
 
 @contextlib.contextmanager
@@ -58,9 +53,8 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
         raise ConfigError(f"{path}: the privacy ledger has {links} hard links; each would become a "
                           "budget of its own when it is rewritten: keep one, and point every name at it with a "
                           "symbolic link or the same ledger-path")
-    lock_path = path.parent / f"{path.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as lock:
+    with open(ledger_lock(path), "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             lock.seek(0)
@@ -70,9 +64,7 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
                 # A lock marked as having seen a ledger, and no ledger: it was removed (an
                 # rsync --delete, a wiped folder), and starting again would forget what it
                 # spent. Fail closed; a site admin who means to start anew removes the lock too.
-                raise ConfigError(f"{path}: the privacy ledger is missing but its lock file {lock_path.name} says "
-                                  f"one was written, so its spending would be forgotten; restore it, or delete "
-                                  f"{lock_path} too to start a new budget on purpose")
+                raise missing_ledger_error(path)
             box: dict[str, Any] = {"ledger": ledger}
             yield box
             if box["ledger"] is not None:

@@ -221,6 +221,12 @@ def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
         )
 
 
+def prototype_rows(run_config: Mapping[str, Any]) -> int:
+    """The most rows a site's prototype release holds, the number of public centres it sums
+    over: min(``prototype-centres``, ``max-keys``) (the server refuses more than max-keys)."""
+    return min(run_value(run_config, "prototype-centres"), run_value(run_config, "max-keys"))
+
+
 #: Domain options that only a site's own node_config may set: where the site writes decoded
 #: pixels and file paths (its caches), and the per-file limits that guard its memory against
 #: hostile files. From run_config they are ignored: the coordinator must not choose a folder

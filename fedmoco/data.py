@@ -109,7 +109,7 @@ class Renormalized(Dataset):
     each view back to domain units and forward with ``dst`` (run_config ``input-mean`` /
     ``input-std``), so every site feeds the shared encoder the same units. Exact where the
     domain's last step is its ``Normalize`` (then a view no longer depends on ``src``). Items:
-    (view_q, view_k) or None.
+    (view_q, view_k), each float32 (C, H, W), or None; ``src``/``dst`` have C channels.
     """
 
     def __init__(self, dataset: Dataset, src: Normalization, dst: Normalization) -> None:
@@ -130,8 +130,28 @@ class Renormalized(Dataset):
         return tuple(v * self.scale + self.shift for v in item)
 
 
+class OneItemPerRecord(Dataset):
+    """A release view over a dataset whose records own several items (the frames of a
+    multi-frame DICOM file): ``view[j]`` is one of record j's items, chosen by the item's own
+    randomness (torch's generator, which the release seeds per item), so that adding or
+    removing a record moves one released item, as for a record with one item.
+    ``groups[j]``: the indices in ``dataset`` of record j's items (non-empty)."""
+
+    def __init__(self, dataset: Dataset, groups: Sequence[Sequence[int]]) -> None:
+        if any(len(g) == 0 for g in groups):
+            raise ValueError("OneItemPerRecord: every record needs at least one item")
+        self.dataset, self.groups = dataset, [list(g) for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, j: int):
+        group = self.groups[j]
+        return self.dataset[group[int(torch.randint(0, len(group), ())) if len(group) > 1 else 0]]
+
+
 #: ``release_view(target)`` of a site's data: a Dataset whose item j is a function of ONE
-#: record (a file: an image, a DICOM slice, a raster) and its own randomness alone, its views
+#: record (an image file, a DICOM file, a raster) and its own randomness alone, its views
 #: in the fixed normalisation ``target`` (None: the federation fixed none), for a DP release
 #: of sensitivity one record (docs/privacy.md, "What one record is"); or a string saying why
 #: this site's data has no such view (the site then refuses to share, dp-status 9).

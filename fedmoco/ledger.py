@@ -51,8 +51,8 @@ def _privacy() -> ModuleType:
 LEDGER_FORMAT = "fedmoco-privacy-ledger/2"
 #: The per-record ledger of an older fedmoco, carried over by :func:`read_ledger`.
 LEGACY_LEDGER_FILE = "key-ledger.pt"
-#: The adjacency of each mechanism's guarantee; a record is an image file, a DICOM slice or
-#: frame, or a raster file (docs/privacy.md, "What one record is").
+#: The adjacency of each mechanism's guarantee; a record is an image file, a DICOM file or a
+#: raster (docs/privacy.md, "What one record is").
 MECHANISMS = {"prototypes": "add/remove one record", "keys": "replace one record"}
 #: Largest delta a site may state (and it must also be below 1 / its number of images).
 MAX_DELTA = 1e-3
@@ -351,6 +351,37 @@ def no_ledger_metrics(status: int, releases: int = 0) -> dict[str, float]:
     return {"dp-keys-epsilon": math.inf if inf else 0.0, "dp-keys-delta": 0.0,
             "dp-keys-releases": float(releases), "dp-keys-exhausted": 0.0,
             "dp-keys-budget": math.inf if inf else 0.0, "dp-status": float(status)}
+
+
+#: What a ledger's lock file holds once the ledger has been written: with it and no ledger,
+#: the ledger was removed, and the site refuses to share rather than start a new budget.
+LOCK_NOTE = ("a privacy ledger has been written beside this file; if the ledger is gone, fedmoco refuses to share "
+             "rather than forget what it spent. Delete this file too only to start a new budget on purpose.\n")
+
+
+def ledger_lock(path: Path) -> Path:
+    """The lock file of the ledger at ``path`` (``<ledger>.lock``, beside it)."""
+    return Path(path).parent / f"{Path(path).name}.lock"
+
+
+def ledger_was_written(path: Path) -> bool:
+    """Whether a ledger has ever been written at ``path``: the file is there, or its lock file
+    is marked (:data:`LOCK_NOTE`). A lock without the mark (an older fedmoco's) says nothing."""
+    path = Path(path)
+    if path.exists():
+        return True
+    try:
+        return ledger_lock(path).stat().st_size > 0
+    except OSError:
+        return False
+
+
+def missing_ledger_error(path: Path) -> ConfigError:
+    """The error of a ledger that was written once and is gone (see :func:`ledger_was_written`)."""
+    lock = ledger_lock(path)
+    return ConfigError(f"{path}: the privacy ledger is missing but its lock file {lock.name} says one was written, "
+                       f"so its spending would be forgotten; restore it, or delete {lock} too to start a new budget "
+                       "on purpose")
 
 
 def read_ledger(path: Path) -> SiteLedger | None:

@@ -175,7 +175,7 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
     read). ConfigError (one line naming the file and key) for anything a round would refuse:
     an unknown key, a bad budget, a delta too large for ``usable`` images, a ledger or state
     folder inside the data folder, an unreadable ledger."""
-    from fedmoco.ledger import check_site_delta, read_ledger
+    from fedmoco.ledger import check_site_delta, ledger_was_written, missing_ledger_error, read_ledger
     from fedmoco.site_settings import privacy_settings, site_config
 
     path = data_dir / SITE_SETTINGS_FILE
@@ -200,6 +200,8 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "
                         "(dp-status 3) and the site sends weights only"]
     book = read_ledger(ledger)  # as a round reads it, an older fedmoco's ledger included
+    if book is None and ledger_was_written(ledger):
+        raise missing_ledger_error(ledger)  # a round refuses to share (status 7): one line, as for other refusals
     if book is None:
         return lines + [f"ledger:          {ledger} (none yet: the first release creates it)"]
     return lines + [f"ledger:          {ledger}: {book.mechanism}, spent epsilon {book.spent():.3g} of "

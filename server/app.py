@@ -29,7 +29,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.task import (moco_config, parse_channels, parse_options, run_value, shared_arrays, shared_state)
+from clients.task import (moco_config, parse_channels, parse_options, prototype_rows, run_value, shared_arrays,
+                          shared_state)
 from fedmoco.checkpoint import atomic_save, check_compatible
 from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.moco import MoCo
@@ -133,7 +134,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         queue_sample=r("queue-sample"), exclude_own_keys=r("exclude-own-keys"),
         queue_max_age=r("global-queue-max-age"), min_replies=r("min-replies"),
         # the sites' C (clients/app.py); merging per-record keys into centres would be wasted work
-        prototype_centres=min(r("prototype-centres"), r("max-keys")) if r("key-release") == "prototypes" else 0,
+        prototype_centres=prototype_rows(run_config) if r("key-release") == "prototypes" else 0,
         aggregator=make_aggregator(r("aggregation"), trim_beta=r("trim-beta"), krum_malicious=r("krum-malicious"),
                                    fraction_evaluate=0.0, **sampling),
         model_dp=model_dp, checkpoint_path=state_path, metrics_path=metrics_path, round_offset=done,

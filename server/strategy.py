@@ -325,7 +325,9 @@ class FedMoCo(FedAvg):
             try:
                 reasons = validate_reply(msg.content, self._reference, self.limits, self.expected_metrics, measured)
             except Exception as exc:  # a reply no check foresaw rejects that reply, never the run
-                log.exception("round %d: reply from %s could not be checked", r, who)
+                # one bounded line: the exception's text may be the site's (no traceback in the log)
+                log.warning("round %d: reply from %s could not be checked: %s", r, who,
+                            untrusted_text(f"{type(exc).__name__}: {exc}"))
                 reasons = [f"reply could not be checked ({type(exc).__name__})"]
             if taken:  # a name is how caps and logs know a site: one node's in a run
                 reasons.insert(0, f"site: name {claimed!r} is node {owner}'s in this run")

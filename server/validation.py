@@ -125,13 +125,13 @@ class ReplyLimits:
         min(prototype-centres, max-keys) rows (clients/app.py), so a reply with more is a
         lie, and accepting it would let one site fill the queue and pull the public centres
         its way; per-record keys have at most max-keys."""
-        from clients.task import run_value
+        from clients.task import prototype_rows, run_value
 
         r = lambda k: run_value(run_config, k)  # noqa: E731
         max_norm = r("max-update-norm")
         bound = max_norm if max_norm > 0 else None
-        if r("key-release") == "prototypes" and r("prototype-centres") < r("max-keys"):
-            return cls(key_dim, r("prototype-centres"), bound, max_keys_rule="prototype-centres")
+        if r("key-release") == "prototypes" and prototype_rows(run_config) < r("max-keys"):
+            return cls(key_dim, prototype_rows(run_config), bound, max_keys_rule="prototype-centres")
         return cls(key_dim, r("max-keys"), bound)
 
 

@@ -16,6 +16,7 @@ from fedmoco.data import (
     DataConfig,
     LabelledData,
     Normalization,
+    OneItemPerRecord,
     PretrainData,
     ReleaseView,
     TwoViews,
@@ -350,14 +351,19 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
 
 
 def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization, opts: MedicalOptions) -> ReleaseView:
-    """Each sample is one slice or frame, windowed by its own header and pixels, normalised
-    with fixed constants: one file moves only its own samples. With ``slices`` > 1 a sample
-    stacks its neighbours, so one slice file moves up to ``slices`` samples; the release is
-    accounted for one, so such a site does not share."""
+    """The record is a file. Each sample is one slice or frame, windowed by its own header and
+    pixels, normalised with fixed constants; a multi-frame file owns several samples, so a
+    release reads one random frame per file (:class:`fedmoco.data.OneItemPerRecord`). With
+    ``slices`` > 1 a sample stacks its neighbours, so one slice file moves up to ``slices``
+    samples; the release is accounted for one, so such a site does not share."""
     if opts.slices > 1:
         return refused_release(f"medical option slices={opts.slices} stacks neighbouring slice files into each "
                                f"sample, so one file moves up to {opts.slices} summaries")
-    return renormalized_release(dataset, normalization, site_statistics=False)
+    files: dict[int, list[int]] = {}
+    for i, file in enumerate(dataset.samples[:, 0, 0].tolist()):
+        files.setdefault(int(file), []).append(i)
+    per_file = dataset if all(len(g) == 1 for g in files.values()) else OneItemPerRecord(dataset, list(files.values()))
+    return renormalized_release(per_file, normalization, site_statistics=False)
 
 
 def build_labelled_data(

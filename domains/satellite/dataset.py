@@ -93,6 +93,9 @@ class Scan:
     sources: list[RasterSource]
     layout: Layout
     skipped: Counter = field(default_factory=Counter)
+    # Every raster read without error, with its selected bands, before the band-count majority
+    # decides which train: what a DP release reads (SatelliteRecordView), raster by raster.
+    readable: list[tuple[RasterSource, list[int]]] = field(default_factory=list)
 
 
 def _skip(skipped: Counter, exc: RasterReadError, n_files: int = 1) -> None:
@@ -118,22 +121,25 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
         _skip(skipped, exc, n_files)
     kept: list[RasterSource] = []
     positions: list[list[int]] = []
+    readable: list[tuple[RasterSource, list[int]]] = []
     # Without a selection every file must have the band count most files have.
     common = Counter(s.count for s in sources).most_common(1)[0][0] if opts.bands is None and sources else None
     for source in sources:
         try:
+            selected = select_bands(source, opts.bands)
+            readable.append((source, selected))
             if common is not None and source.count != common:
                 raise RasterReadError(
                     source.name, WRONG_BAND_COUNT, f"{source.count} bands, most rasters here have {common}"
                 )
-            positions.append(select_bands(source, opts.bands))
+            positions.append(selected)
             kept.append(source)
         except RasterReadError as exc:
             _skip(skipped, exc, len(source.paths))
     if not kept:
         raise DataError(f"{root}: no usable raster ({format_skipped(skipped)})")
     _warn_mixed_grids(root, kept, opts)
-    return Scan(kept, _layout(kept[0], positions, opts), skipped)
+    return Scan(kept, _layout(kept[0], positions, opts), skipped, readable)
 
 
 def _warn_mixed_grids(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions) -> None:
@@ -690,54 +696,76 @@ class SatellitePretrainDataset(Dataset):
 
 
 class SatelliteRecordView(Dataset):
-    """One view per raster, for a DP release: ``view[j]`` -> (view, view) or None.
+    """One view per raster, for a DP release: ``view[j]`` -> (view, view) or None, each view
+    float32 (C, image_size, image_size) in the federation's units.
 
-    The unit a site adds or removes is a raster file, and one raster owns many tiles (every
-    tile of an epoch, in random sampling, is drawn across all rasters by area). So a release
-    reads ONE tile of raster j, placed by the item's own randomness (a random window, or a
-    random grid window of that raster), and nothing else: item j is a function of raster j
-    alone. It is the training view of that tile, except that nodata is filled with the mean of
-    the federation's normalisation and the view normalised with it (fixed constants, where
-    training uses the site's own statistics).
+    The unit a site adds or removes is a raster, and one raster owns many tiles, so a release
+    reads ONE tile of raster j, at a random window drawn from the item's own randomness, and
+    item j is a function of raster j and the options alone. Nothing the training data decides
+    from all rasters enters it:
+
+    - the rasters are those the scan read without error, whatever the others hold (not the
+      band-count majority, not the random nodata probe, whose draws run across rasters);
+      one with another number of bands than the federation's channels is left out;
+    - each raster's band names, wavelengths and roles are its own (training takes them from
+      the first raster);
+    - tiles are read from the files through an uncached reader (whether a raster fits the
+      raster cache depends on the rasters before it, and the cache rounds to float16);
+    - nodata is filled with the federation's mean and the view normalised with its constants.
+
+    A raster without a usable tile in ``max_tries`` windows gives None (left out of the sums).
     """
 
-    def __init__(self, source: SatellitePretrainDataset, transform, fill: np.ndarray) -> None:
-        self.source, self.transform, self.fill = source, transform, fill
-        self.grid: dict[int, list[Window]] | None = None
-        if source.windows is not None:
-            self.grid = {}
-            for i, window in source.windows:
-                self.grid.setdefault(i, []).append(window)
+    def __init__(self, rasters: list[tuple[RasterSource, list[int]]], opts: SatelliteOptions, image_size: int,
+                 target: Normalization) -> None:
+        n_bands = len(target.mean) - len(opts.indices)
+        kept, layouts = [], []
+        for source, positions in rasters:
+            if len(positions) != n_bands:
+                log.info("release: %s left out: %d bands, the federation's encoder takes %d", source.name,
+                         len(positions), n_bands)
+                continue
+            try:
+                layouts.append(_layout(source, [positions], opts))
+            except DataError as exc:
+                log.info("release: %s left out: %s", source.name, exc)
+                continue
+            kept.append(source)
+        self.layouts = layouts
+        self.reader = TileReader(kept, Layout([lay.positions[0] for lay in layouts], [None] * n_bands, None, {},
+                                              opts.indices), opts.gdal_cache_mb,
+                                 fill=np.asarray(target.mean[:n_bands], np.float32))
+        self.tile, self.max_nodata, self.max_tries = opts.tile(image_size), opts.max_nodata, opts.max_tries
+        self._make = partial(pretrain_transform, opts, image_size, target)
+        self._transforms: dict[tuple, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.source.reader.sources)
+        return len(self.reader.sources)
 
-    def _window(self, j: int) -> Window:
-        if self.grid is not None:
-            pool = self.grid.get(j, [])
-            if not pool:
-                raise RasterReadError(self.source.reader.sources[j].name, TOO_MUCH_NODATA, "no usable grid tile")
-            return pool[int(torch.randint(0, len(pool), ()))]
-        return random_window(self.source.reader.sources[j], self.source.tile)
+    def _transform(self, j: int):
+        lay = self.layouts[j]
+        key = (tuple(lay.wavelengths or ()), tuple(sorted(lay.roles.items())))
+        if key not in self._transforms:
+            self._transforms[key] = self._make(lay.wavelengths, lay.roles)
+        return self._transforms[key]
 
     def __getitem__(self, j: int):
         if not 0 <= j < len(self):
             raise IndexError(j)
+        source = self.reader.sources[j]
         try:
-            for _ in range(self.source.max_tries):
-                tile = self.source.reader.read(j, self._window(j))
-                if nodata_fraction(tile) <= self.source.max_nodata:
-                    data = np.where(np.ma.getmaskarray(tile), self.fill.reshape(-1, 1, 1), tile.data)
+            for _ in range(self.max_tries):
+                tile = self.reader.read(j, random_window(source, self.tile))
+                if nodata_fraction(tile) <= self.max_nodata:
                     with one_thread():
-                        view = self.transform(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)))
+                        view = self._transform(j)(self.reader.filled(tile))
                     return view, view
         except RasterReadError as exc:
-            log.warning("raster %d left out of the release: %s", j, exc)
+            log.warning("release: %s left out: %s", source.name, exc)
         return None
 
 
-def _release_view(dataset: SatellitePretrainDataset, opts: SatelliteOptions, image_size: int,
-                  wavelengths: Sequence[float] | None, roles: dict[str, int],
+def _release_view(rasters: list[tuple[RasterSource, list[int]]], opts: SatelliteOptions, image_size: int,
                   target: Normalization | None) -> Dataset | str:
     """The release view (fedmoco.data.ReleaseView): :class:`SatelliteRecordView` in the
     federation's normalisation; a reason when the federation fixed none (the site's own
@@ -745,9 +773,7 @@ def _release_view(dataset: SatellitePretrainDataset, opts: SatelliteOptions, ima
     if target is None:
         return ("the tiles are normalised and their nodata filled with statistics of all the site's rasters, so "
                 "one raster moves every summary: the federation must fix run_config input-mean and input-std")
-    n_bands = dataset.reader.layout.n_bands
-    transform = pretrain_transform(opts, image_size, target, wavelengths, roles)
-    return SatelliteRecordView(dataset, transform, np.asarray(target.mean[:n_bands], np.float32))
+    return SatelliteRecordView(rasters, opts, image_size, target)
 
 
 class SatelliteTiles(Dataset):
@@ -902,8 +928,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     return PretrainData(dataset, reader.layout.in_channels, normalization, skipped, _describe(reader, extra, skipped),
                         cache_bytes=sum(p.nbytes for p in plan if p.cached),
                         cache_skipped=sum(not p.cached for p in plan),
-                        release_view=partial(_release_view, dataset, opts, cfg.image_size, wavelengths,
-                                             reader.layout.roles))
+                        release_view=partial(_release_view, scan.readable, opts, cfg.image_size))
 
 
 def auto_epoch_length(weights: np.ndarray) -> int:

@@ -80,10 +80,22 @@ def test_missing_or_empty_data_folder_is_a_clear_error_reply(tmp_path, caplog):
 
 
 def test_channel_mismatch_is_reported(site):
+    """A site that pins its own channels (node_config data-options) and differs from the
+    federation's encoder is told so in one line."""
     run = run_config(**{"in-channels": 3})
-    reply = train(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(site)}, run))
+    node = {"data-path": str(site), "data-options": "channels=1"}
+    reply = train(train_message(shared_arrays(global_model(run)), 1), context(node, run))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
     assert "1 channel(s) but the federation's encoder takes 3" in reply.error.reason
+
+
+def test_an_images_site_on_auto_channels_takes_the_federations(site):
+    """With channels=auto (the default) an images site reads its files with the federation's
+    in-channels (grayscale replicated), not with a guess from its first files, which one RGB
+    file would turn."""
+    run = run_config(**{"in-channels": 3})
+    reply = train(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(site)}, run))
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 24
 
 
 def test_simulation_sites_find_their_data_by_partition_id(tmp_path):

@@ -19,7 +19,7 @@ from client_test_helpers import context, dp_node, global_model, make_images_site
 
 import clients.app as client_module
 from clients.app import SITE_MISCONFIGURED, train
-from clients.ledger import LEDGER_FILE, ledger_path, locked_ledger, read_ledger
+from clients.ledger import LEDGER_FILE, LOCK_NOTE, ledger_path, locked_ledger, read_ledger
 from clients.task import shared_arrays
 from fedmoco.errors import ConfigError
 from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta
@@ -152,9 +152,23 @@ def test_a_removed_ledger_is_refused_not_replaced_by_a_fresh_budget(site, sent, 
     assert n_sent(reply) == 0 and m["dp-status"] == 7 and not path.exists()
     assert (f"{path}: the privacy ledger is missing but its lock file l.json.lock says one was written, so its "
             f"spending would be forgotten; restore it, or delete {path}.lock too") in caplog.text
+    # nor may asking for no noise step around the marked lock (status 8, as with a ledger)
+    assert metrics(train(train_message(sent, 2), context({**node, "dp-epsilon": "inf"}, run_config())))[
+        "dp-status"] == 8
     (tmp_path / "l.json.lock").unlink()  # the site admin's decision: a new budget
     assert metrics(train(train_message(sent, 3), context(node, run_config())))["dp-status"] == 0
     assert read_ledger(path).releases == 1
+
+
+def test_a_ledger_of_an_older_fedmoco_with_an_unmarked_lock_goes_on_and_gets_marked(site, sent, tmp_path):
+    """Lock files written before the mark existed are empty: such a ledger keeps working, and
+    its next write marks the lock, from when on its removal is refused."""
+    path = tmp_path / "l.json"
+    node = {"data-path": str(site), "dp-epsilon": 8.0, "ledger-path": str(path)}
+    assert metrics(train(train_message(sent, 1), context(node, run_config())))["dp-status"] == 0
+    (tmp_path / "l.json.lock").write_text("")  # as an older fedmoco left it
+    assert metrics(train(train_message(sent, 2), context(node, run_config())))["dp-status"] == 0
+    assert read_ledger(path).releases == 2 and (tmp_path / "l.json.lock").read_text() == LOCK_NOTE
 
 
 def test_the_ledger_is_locked_from_read_to_write(tmp_path):

@@ -127,6 +127,20 @@ def test_a_site_with_a_budget_is_told_what_a_release_would_read(images_site, tmp
                        "site's own statistics)"]
 
 
+def test_a_removed_ledger_is_reported_as_the_round_will_refuse_it(images_site, capsys):
+    """check-site reads a marked lock without its ledger as a round does: one line, exit 2."""
+    from fedmoco.ledger import LOCK_NOTE
+
+    state = images_site.parent / "state-gone"
+    state.mkdir()
+    (state / "privacy-ledger.json.lock").write_text(LOCK_NOTE)  # a ledger was written here once
+    (images_site / "fedmoco-site.toml").write_text('dp-epsilon = 8\nstate-dir = "../state-gone"\n')
+    assert main(["-q", "check-site", "--domain", "images", "--data", str(images_site), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the privacy ledger is missing but its lock file privacy-ledger.json.lock says one was written" in err
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("text, message", [
     ('dp-epsilon = 8\nledger-path = "ledger.json"\n',
      "{file}: ledger-path: {data}/ledger.json is inside the data folder"),

@@ -178,3 +178,24 @@ def test_stacked_slices_refuse_a_release_and_single_slices_offer_every_sample(tm
     torch.manual_seed(0)
     q_fed, _ = fed[2]
     assert torch.allclose(q_fed, (q * 0.25 + 0.5 - 0.4) / 0.5, atol=1e-6)
+
+
+def test_a_multi_frame_file_is_one_record_of_a_release(tmp_path, cache_dir):
+    """A release reads one random frame of each file, so a 4-frame file moves one released item
+    as a single-frame file does; training still sees every frame."""
+    from fedmoco.data import OneItemPerRecord
+    from fedmoco.privacy import _read_alone
+
+    root = tmp_path / "mf"
+    ct_series(root, [-160, -60])  # two single-frame files
+    frames = np.stack([np.full((16, 16), hu + 1024, np.uint16) for hu in (0, 100, 200, 300)])
+    write_dicom(root / "multi.dcm", frames, bits_stored=12,
+                attributes={"Modality": "CT", "RescaleIntercept": -1024, "RescaleSlope": 1})
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    assert len(data.dataset) == 6  # every frame trains
+    view = data.release_view(None)
+    assert isinstance(view, OneItemPerRecord) and len(view) == 3  # one item per file
+    multi = next(j for j, g in enumerate(view.groups) if len(g) == 4)
+    drawn = {round(float(unnormalise(_read_alone(view, multi, seed)[0]).mean()), 3) for seed in range(12)}
+    assert len(drawn) > 1  # which frame is the item's own draw
+    assert sorted(len(g) for g in view.groups) == [1, 1, 4]

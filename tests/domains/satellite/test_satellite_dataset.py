@@ -305,33 +305,44 @@ def test_mixed_pixel_sizes_are_warned_about_unless_resolution_is_set(tmp_path, c
 @pytest.mark.parametrize("sampling", ["random", "grid"])
 def test_a_release_reads_one_tile_per_raster_that_no_other_raster_moves(tmp_path, demo4, sampling):
     """The unit a satellite site adds or removes is a raster. Its release item is one tile of
-    that raster alone, filled and normalised with the federation's constants: adding a raster
-    (which changes the site's own statistics and every epoch's tile draws) leaves the other
-    rasters' release items, with the same per-item seed, bit for bit as they were."""
+    that raster alone, filled and normalised with the federation's constants. Adding a raster
+    moves the site's statistics, its band-count majority, the band names training takes from
+    the first raster, the nodata probe's draws and what fits the raster cache; none of it
+    moves the other rasters' release items, with the same per-item seed, bit for bit."""
+    import rasterio
+
     from fedmoco.privacy import _read_alone
 
     small, large = tmp_path / "small", tmp_path / "large"
     # the striped raster's tiles hold nodata, which the release fills with the federation's mean
-    names = ["4band_uint16_tiled_deflate.tif", "4band_uint16_striped_raw_nodata.tif", "4band_uint16_scaled_offset.tif"]
-    for folder, kept in ((small, names[:2]), (large, names)):
+    names = ["4band_uint16_tiled_deflate.tif", "4band_uint16_striped_raw_nodata.tif"]
+    for folder in (small, large):
         folder.mkdir()
-        for name in kept:
+        for name in names:
             shutil.copy(demo4 / name, folder / name)
-    cfg = DataConfig(image_size=32, seed=0, options={"sampling": sampling, "max_nodata": 0.6}, cache=False,
-                     progress=False)
-    a, b = build_pretrain_data(small, cfg), build_pretrain_data(large, cfg)
-    assert a.normalization != b.normalization  # the third raster moves the site's statistics
+    # what the large site adds: a raster that sorts first and names its bands otherwise (training
+    # would take every raster's wavelengths and roles from it) and two 3-band rasters
+    shutil.copy(demo4 / "4band_uint16_scaled_offset.tif", large / "0_first.tif")
+    with rasterio.open(large / "0_first.tif", "r+") as ds:
+        for i, band in enumerate(("B08", "B04", "B03", "B02"), start=1):
+            ds.set_band_description(i, band)
+    for k in (1, 2):
+        shutil.copy(demo4 / "broken" / "three_bands.tif", large / f"z{k}_three_bands.tif")
+    common = {"sampling": sampling, "max_nodata": 0.6, "haze_p": 1.0}
+    a = build_pretrain_data(small, DataConfig(image_size=32, seed=0, options=common, cache=False, progress=False))
+    b = build_pretrain_data(large, DataConfig(image_size=32, seed=0, options=common, cache=True, progress=False))
+    assert a.normalization != b.normalization  # the added rasters move the site's statistics
     target = Normalization([0.08, 0.09, 0.09, 0.2], [0.04, 0.05, 0.09, 0.15])
     va, vb = a.release_view(target), b.release_view(target)
-    assert (len(va), len(vb)) == (2, 3)  # one item per raster, not per tile
-    # sources are in path order, and the added raster sorts between the other two
-    order_b = {Path(s.name).name: i for i, s in enumerate(b.dataset.reader.sources)}
-    assert list(order_b) != [Path(s.name).name for s in a.dataset.reader.sources]
-    for j, source in enumerate(a.dataset.reader.sources):
-        for seed in (3, 11):
+    assert (len(va), len(vb)) == (2, 3)  # one item per raster; the 3-band ones are not the federation's
+    order_b = {Path(s.name).name: i for i, s in enumerate(vb.reader.sources)}
+    for j, source in enumerate(va.reader.sources):
+        for seed in (3, 11, 12):
             x, y = _read_alone(va, j, seed), _read_alone(vb, order_b[Path(source.name).name], seed)
             assert x is not None and torch.equal(x[0], y[0])
     view, _ = _read_alone(va, 0, 3)
-    assert view.shape == (4, 32, 32)
+    assert view.shape == (4, 32, 32) and view.dtype == torch.float32
     reason = a.release_view(None)
     assert isinstance(reason, str) and "input-mean and input-std" in reason
+
+
