@@ -354,7 +354,7 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
     """The site's data and the dataset to train on (in federation units when the run fixes
     them). A missing/empty folder or a channel mismatch is SiteUnavailable, not a crash."""
     options = site["options"]
-    if site["domain"] == "images" and str(options.get("channels", "auto")) == "auto":
+    if site["domain"] == "images" and str(options.get("channels", "auto")) == "auto" and mcfg.in_channels in (1, 3):
         # The federation's encoder decides the channels (grayscale replicated, colour to luma),
         # not a look at the site's first files: one RGB file among them would otherwise turn a
         # site to 3 channels, and whether it can train or share would hang on that one file.

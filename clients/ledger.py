@@ -59,12 +59,13 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
         try:
             lock.seek(0)
             written = bool(lock.read(1))  # the lock file is marked once a ledger has been written
-            ledger = read_ledger(path)
-            if ledger is None and written and not (path.parent / LEGACY_LEDGER_FILE).exists():
+            if written and not path.is_file():
                 # A lock marked as having seen a ledger, and no ledger: it was removed (an
-                # rsync --delete, a wiped folder), and starting again would forget what it
-                # spent. Fail closed; a site admin who means to start anew removes the lock too.
+                # rsync --delete, a wiped folder), and starting again, or from an older
+                # key-ledger.pt it was carried over from, would forget what it spent. Fail
+                # closed; a site admin who means to start anew removes the lock too.
                 raise missing_ledger_error(path)
+            ledger = read_ledger(path)
             box: dict[str, Any] = {"ledger": ledger}
             yield box
             if box["ledger"] is not None:

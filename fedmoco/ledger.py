@@ -365,11 +365,18 @@ def ledger_lock(path: Path) -> Path:
 
 
 def ledger_was_written(path: Path) -> bool:
-    """Whether a ledger has ever been written at ``path``: the file is there, or its lock file
-    is marked (:data:`LOCK_NOTE`). A lock without the mark (an older fedmoco's) says nothing."""
-    path = Path(path)
-    if path.exists():
+    """Whether a ledger has ever been written at ``path`` (a symbolic link is followed, as the
+    ledger's writer follows it): the file is there, an older fedmoco's ``key-ledger.pt`` is
+    beside it, or its lock file is marked (:data:`LOCK_NOTE`). A lock without the mark (an
+    older fedmoco's) says nothing."""
+    path = Path(path).expanduser().resolve()
+    if path.exists() or (path.parent / LEGACY_LEDGER_FILE).is_file():
         return True
+    return lock_is_marked(path)
+
+
+def lock_is_marked(path: Path) -> bool:
+    """Whether the lock file of the ledger at ``path`` (resolved) says a ledger was written."""
     try:
         return ledger_lock(path).stat().st_size > 0
     except OSError:

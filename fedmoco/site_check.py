@@ -151,6 +151,17 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     return report
 
 
+def _release_records(data: PretrainData) -> int | None:
+    """How many records a release of ``data`` reads (with the federation's units fixed), or
+    None when the site would refuse to release whatever the federation sets."""
+    from fedmoco.data import Normalization
+
+    if data.release_view is None:
+        return None
+    view = data.release_view(Normalization([0.0] * data.in_channels, [1.0] * data.in_channels))
+    return None if isinstance(view, str) else len(view)  # type: ignore[arg-type]
+
+
 def release_line(data: PretrainData) -> str:
     """What a DP release of this site would read (docs/privacy.md, "What one record is"), or
     why it would be refused (dp-status 9), with or without the federation's input-mean/std."""
@@ -175,7 +186,7 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
     read). ConfigError (one line naming the file and key) for anything a round would refuse:
     an unknown key, a bad budget, a delta too large for ``usable`` images, a ledger or state
     folder inside the data folder, an unreadable ledger."""
-    from fedmoco.ledger import check_site_delta, ledger_was_written, missing_ledger_error, read_ledger
+    from fedmoco.ledger import check_site_delta, lock_is_marked, missing_ledger_error, read_ledger
     from fedmoco.site_settings import privacy_settings, site_config
 
     path = data_dir / SITE_SETTINGS_FILE
@@ -188,8 +199,9 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
              "node_config wins key by key"]
     if p["epsilon"] is None:
         return lines + ["budget:          no dp-epsilon: this site sends weights and metrics only"]
-    if math.isfinite(p["epsilon"]):
-        check_site_delta(p["delta"], usable, p["delta_label"])
+    records = usable if data is None else _release_records(data)
+    if math.isfinite(p["epsilon"]) and records is not None:  # as a round: per record a release reads
+        check_site_delta(p["delta"], records, p["delta_label"])
     rounds = f"{p['dp_rounds']} releases" if p["dp_rounds"] else "the run's num-server-rounds (no dp-rounds)"
     lines.append(f"budget:          epsilon {p['epsilon']:g}, delta {p['delta']:g}, planned over {rounds}"
                  + ("" if math.isfinite(p["epsilon"]) else " (inf: no noise, never private; a control only)"))
@@ -199,9 +211,10 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
     if ledger is None:
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "
                         "(dp-status 3) and the site sends weights only"]
+    resolved = Path(ledger).expanduser().resolve()  # as a round's ledger follows a symbolic link
+    if lock_is_marked(resolved) and not resolved.is_file():
+        raise missing_ledger_error(resolved)  # a round refuses to share (status 7): one line, as for other refusals
     book = read_ledger(ledger)  # as a round reads it, an older fedmoco's ledger included
-    if book is None and ledger_was_written(ledger):
-        raise missing_ledger_error(ledger)  # a round refuses to share (status 7): one line, as for other refusals
     if book is None:
         return lines + [f"ledger:          {ledger} (none yet: the first release creates it)"]
     return lines + [f"ledger:          {ledger}: {book.mechanism}, spent epsilon {book.spent():.3g} of "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,7 +24,6 @@ from fedmoco.data import (
     list_files,
     parse_bool,
     read_labels,
-    renormalized_release,
 )
 from fedmoco.errors import DataError
 
@@ -298,19 +298,28 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Two MoCo v2 views per image of every PNG/JPEG/TIFF/BMP under ``root``."""
     files, opts, channels, others = _setup(root, cfg)
     norm = estimate_normalization(files, channels, cfg.image_size, opts["max_pixels"])
-    transform = TwoViews(moco_v2_transform(cfg.image_size, channels, opts["crop_scale_min"], norm,
-                                           flip=opts["flip"], offset=opts["offset"], ramp=opts["ramp"],
-                                           noise=opts["noise"]))
-    dataset = ImageFolderDataset(files, channels, transform, max_pixels=opts["max_pixels"])
+    views = partial(moco_v2_transform, cfg.image_size, channels, opts["crop_scale_min"], flip=opts["flip"],
+                    offset=opts["offset"], ramp=opts["ramp"], noise=opts["noise"])
+    dataset = ImageFolderDataset(files, channels, TwoViews(views(norm)), max_pixels=opts["max_pixels"])
     return PretrainData(
         dataset=dataset,
         in_channels=channels,
         normalization=norm,
         skipped=others,
         description=f"{len(files)} images under {root} ({channels} channel(s))",
-        # one item per file, its views ending in Normalize(norm); norm comes from the site's files
-        release_view=renormalized_release(dataset, norm, site_statistics=True),
+        release_view=partial(_release_view, files, channels, views, opts["max_pixels"]),
     )
+
+
+def _release_view(files: list[Path], channels: int, views: Callable[..., Callable], max_pixels: int,
+                  target: Normalization | None) -> Dataset | str:
+    """The release view (fedmoco.data.ReleaseView): one item per file, its views normalised
+    with the federation's constants ``target`` directly (not renormalised from the site's
+    statistics, which every file moves, if only in the last bits); a reason without them."""
+    if target is None:
+        return ("the views are normalised with statistics of all the site's images, so one image moves every "
+                "summary: the federation must fix run_config input-mean and input-std")
+    return ImageFolderDataset(files, channels, TwoViews(views(target)), max_pixels=max_pixels)
 
 
 def build_labelled_data(root: Path, cfg: DataConfig, labels_csv: Path | None,

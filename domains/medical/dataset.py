@@ -359,10 +359,15 @@ def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization,
     if opts.slices > 1:
         return refused_release(f"medical option slices={opts.slices} stacks neighbouring slice files into each "
                                f"sample, so one file moves up to {opts.slices} summaries")
+    # Uncached: whether the sample cache exists depends on all samples against the free disk,
+    # and a cached base is not bit for bit what decoding the file gives.
+    uncached = MedicalPretrainDataset(dataset.root, dataset.records, dataset.samples, opts, None, None,
+                                      dataset.image_size, normalization)
     files: dict[int, list[int]] = {}
     for i, file in enumerate(dataset.samples[:, 0, 0].tolist()):
         files.setdefault(int(file), []).append(i)
-    per_file = dataset if all(len(g) == 1 for g in files.values()) else OneItemPerRecord(dataset, list(files.values()))
+    per_file = uncached if all(len(g) == 1 for g in files.values()) else OneItemPerRecord(uncached,
+                                                                                         list(files.values()))
     return renormalized_release(per_file, normalization, site_statistics=False)
 
 

@@ -223,6 +223,38 @@ def test_a_legacy_key_ledger_is_carried_over(tmp_path):
     assert ledger.spent() == pytest.approx(key_epsilon(0.9, 0.05, 7, 1e-6))
 
 
+def test_a_removed_ledger_is_refused_through_a_link_and_beside_a_legacy_one(site, sent, tmp_path):
+    """The removal check follows a ledger-path that is a symbolic link (as the writer does), and a
+    ledger carried over from an older key-ledger.pt counts as written: neither opens the way to a
+    fresh budget, or to a release without noise (dp-epsilon=inf, status 8)."""
+    real = tmp_path / "real" / "ledger.json"
+    real.parent.mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    node = {"data-path": str(site), "dp-epsilon": 8.0, "ledger-path": str(link)}
+    assert metrics(train(train_message(sent, 1), context(node, run_config())))["dp-status"] == 0
+    real.unlink()  # the lock beside the target is marked
+    assert metrics(train(train_message(sent, 2), context(node, run_config())))["dp-status"] == 7
+    assert metrics(train(train_message(sent, 2), context({**node, "dp-epsilon": "inf"}, run_config())))[
+        "dp-status"] == 8
+    # an older fedmoco's ledger alone: releasing without noise past it is refused
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save({"format": "fedmoco-key-ledger/1", "epsilon_budget": 6.0, "delta": 1e-6, "noise_multiplier": 2.0,
+                "sample_rate": 0.05, "releases": 1}, legacy / "key-ledger.pt")
+    inf_node = {"data-path": str(site), "dp-epsilon": "inf", "ledger-path": str(legacy / LEDGER_FILE)}
+    assert metrics(train(train_message(sent, 1), context(inf_node, run_config(**{"key-release": "keys"}))))[
+        "dp-status"] == 8
+    # carried over, written, then removed: the legacy file beside it does not bring back its old figure
+    keys_node = {**inf_node, "dp-epsilon": 8.0}
+    # (the carried-over ledger planned its one release, so it is exhausted; it is written all the same)
+    assert metrics(train(train_message(sent, 1), context(keys_node, run_config(**{"key-release": "keys"}))))[
+        "dp-status"] == 5 and (legacy / LEDGER_FILE).is_file()
+    (legacy / LEDGER_FILE).unlink()
+    assert metrics(train(train_message(sent, 2), context(keys_node, run_config(**{"key-release": "keys"}))))[
+        "dp-status"] == 7
+
+
 def test_a_ledger_of_the_other_mode_refuses_sharing(site, sent, tmp_path):
     node = dp_node(site, tmp_path / "l.json")
     metrics(train(train_message(sent, 1), context(node, run_config(**{"key-release": "keys"}))))

@@ -223,3 +223,18 @@ def test_a_malformed_cache_option_is_the_domains_one_line_error(tmp_path, capsys
                "--steps", "0"])
     assert rc == 2
     assert "satellite data option cache='maybe': expected true or false" in capsys.readouterr().err
+
+
+def test_delta_is_checked_per_record_as_a_round_checks_it(tmp_path):
+    """A satellite site's record is a raster: a delta of 1e-3 suits its few rasters even when an
+    epoch draws 2,000 tiles, in the dry run as in a round (which checks the records a release reads)."""
+    from domains.satellite import make_demo_archive
+
+    site = make_demo_archive(tmp_path / "sat", bands=4, seed=0, tile_size=32)
+    (site / "fedmoco-site.toml").write_text('dp-epsilon = 8\ndp-delta = 1e-3\nstate-dir = "../state"\n')
+    report = check_site("satellite", site, options={"samples_per_epoch": 2000}, image_size=32, steps=0)
+    assert report.usable == 2000
+    assert [line for line in report.lines() if line.startswith("release:")] == [
+        # the 8 four-band rasters the scan reads (an all-nodata one among them gives no item)
+        "release:         one item per record, 8 records; refused (dp-status 9) unless the federation fixes "
+        "run_config input-mean and input-std (this domain normalises with the site's own statistics)"]

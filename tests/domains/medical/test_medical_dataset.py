@@ -171,7 +171,8 @@ def test_stacked_slices_refuse_a_release_and_single_slices_offer_every_sample(tm
     reason = stacked.release_view(Normalization([0.5] * 3, [0.25] * 3))
     assert isinstance(reason, str) and reason.startswith("medical option slices=3 stacks neighbouring slice files")
     single = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
-    assert single.release_view(None) is single.dataset  # fixed window constants: no site statistics
+    plain = single.release_view(None)  # fixed window constants: no site statistics, and no cache
+    assert len(plain) == len(single.dataset) and plain.cache is None and single.dataset.cache is not None
     fed = single.release_view(Normalization([0.4], [0.5]))
     torch.manual_seed(0)
     q, _ = single.dataset[2]
