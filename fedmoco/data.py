@@ -158,18 +158,13 @@ class OneItemPerRecord(Dataset):
 ReleaseView = Callable[[Normalization | None], "Dataset | str"]
 
 
-def renormalized_release(dataset: Dataset, src: Normalization, *, site_statistics: bool) -> ReleaseView:
-    """The release view of a domain whose items are each one file's views, ending in
-    ``Normalize(src)``. ``site_statistics``: ``src`` was estimated from the site's own files,
-    so one file moves every view unless the federation fixes the normalisation."""
+def renormalized_release(dataset: Dataset, src: Normalization) -> ReleaseView:
+    """The release view of a domain whose items are each one record's views, ending in
+    ``Normalize(src)`` with FIXED constants ``src`` (not statistics of the site's data): the
+    dataset itself, or renormalised to the federation's ``target``."""
 
     def view(target: Normalization | None) -> Dataset | str:
-        if target is None:
-            if site_statistics:
-                return ("the views are normalised with statistics of all the site's images, so one image "
-                        "moves every summary: the federation must fix run_config input-mean and input-std")
-            return dataset
-        return Renormalized(dataset, src, target)
+        return dataset if target is None else Renormalized(dataset, src, target)
 
     return view
 

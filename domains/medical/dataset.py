@@ -368,7 +368,7 @@ def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization,
         files.setdefault(int(file), []).append(i)
     per_file = uncached if all(len(g) == 1 for g in files.values()) else OneItemPerRecord(uncached,
                                                                                          list(files.values()))
-    return renormalized_release(per_file, normalization, site_statistics=False)
+    return renormalized_release(per_file, normalization)
 
 
 def build_labelled_data(
