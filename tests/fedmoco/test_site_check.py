@@ -238,3 +238,24 @@ def test_delta_is_checked_per_record_as_a_round_checks_it(tmp_path):
         # the 8 four-band rasters the scan reads (an all-nodata one among them gives no item)
         "release:         one item per record, 8 records; refused (dp-status 9) unless the federation fixes "
         "run_config input-mean and input-std (this domain normalises with the site's own statistics)"]
+
+
+def test_a_medical_site_stacking_slices_is_told_it_will_not_share(tmp_path):
+    """slices > 1 puts one file in several samples: whatever the federation sets, the site
+    refuses to release (dp-status 9), and check-site says so before the site joins."""
+    from domains.medical import make_demo_archive
+
+    site = make_demo_archive(tmp_path / "ct", n_patients=2, seed=0, image_size=32)
+    (site / "fedmoco-site.toml").write_text('dp-epsilon = 8\nstate-dir = "../state"\n')
+    report = check_site("medical", site, options={"slices": 3}, image_size=32, steps=0)
+    assert [line for line in report.lines() if line.startswith("release:")] == [
+        "release:         refused (dp-status 9) whatever the federation sets: medical option slices=3 stacks "
+        "neighbouring slice files into each sample, so one file moves up to 3 summaries"]
+    from fedmoco.data import DataConfig, build_pretrain_data
+
+    plain = check_site("medical", site, image_size=32, steps=0)
+    data = build_pretrain_data("medical", site, DataConfig(image_size=32, cache=False, progress=False))
+    files = len({int(f) for f in data.dataset.samples[:, 0, 0]})  # readable files (the archive holds a broken one)
+    assert files < plain.usable  # multi-frame files: fewer records than frames
+    assert [line for line in plain.lines() if line.startswith("release:")] == [
+        f"release:         one item per record, {files} records"]
