@@ -64,9 +64,9 @@ from torch.utils.data import Dataset
 
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, load_shared, moco_config, parse_channels,
-                          run_value, shared_arrays, site_config, site_data_path, site_name,
-                          prototype_rows, site_options, train_config)
+from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, federation_units, load_shared,
+                          moco_config, prototype_rows, run_value, shared_arrays, site_config, site_data_path,
+                          site_name, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, Renormalized,
                           build_pretrain_data, format_skipped)
@@ -379,13 +379,9 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
 
 
 def _federation_normalization(run: Any, mcfg: MoCoConfig) -> Normalization | None:
-    """run_config ``input-mean`` / ``input-std`` as a Normalization; None when the run fixes
-    neither (each site then normalises with its domain's own choice)."""
-    fed_mean = parse_channels(run_value(run, "input-mean"), mcfg.in_channels, "input-mean")
-    fed_std = parse_channels(run_value(run, "input-std"), mcfg.in_channels, "input-std")
-    if fed_mean is None and fed_std is None:
-        return None
-    return Normalization(fed_mean or [0.0] * mcfg.in_channels, fed_std or [1.0] * mcfg.in_channels)
+    """:func:`clients.task.federation_units` as a Normalization (None: the run fixes none)."""
+    units = federation_units(run, mcfg.in_channels)
+    return None if units is None else Normalization(*units)
 
 
 def _release_source(data: PretrainData, run: Any, mcfg: MoCoConfig) -> Dataset | str:

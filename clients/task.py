@@ -283,6 +283,17 @@ def parse_channels(text: str, channels: int, name: str) -> list[float] | None:
     return values
 
 
+def federation_units(run_config: Mapping[str, Any], channels: int) -> tuple[list[float], list[float]] | None:
+    """run_config ``input-mean`` / ``input-std`` as (mean, std), one float per channel, the
+    other defaulting to 0 / 1 when only one is set; None when the run fixes neither (each site
+    then normalises with its domain's own choice)."""
+    mean = parse_channels(run_value(run_config, "input-mean"), channels, "input-mean")
+    std = parse_channels(run_value(run_config, "input-std"), channels, "input-std")
+    if mean is None and std is None:
+        return None
+    return mean or [0.0] * channels, std or [1.0] * channels
+
+
 def is_shared(name: str) -> bool:
     """Whether state_dict entry ``name`` is averaged by the federation.
 

@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--sites", args.sites), ("--rounds", rounds), ("--epochs", epochs)):
             if value < 1:
                 raise FedmocoError(f"{flag} must be >= 1, got {value}")
-        overrides: dict[str, Any] = {}
-        for text in args.run_config:
-            overrides.update(parse_overrides(text))
+        overrides = parse_overrides(*args.run_config)
         validate_run_config(federation_run_config(args.domain, root, args.sites, rounds, overrides))
     except FedmocoError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)

@@ -67,7 +67,7 @@ def remove_stale_temps(path: Path | str) -> int:
     a file with a single writer, such as a run's checkpoint at the start of the run."""
     path = Path(path)
     gone = 0
-    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # none in a missing folder
         tmp.unlink(missing_ok=True)
         gone += 1
     return gone

@@ -81,10 +81,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--lr", type=float, help="for batch 256, scaled linearly (default 0.06)")
     p.add_argument("--weight-decay", type=float, help="default 5e-4")
     p.add_argument("--warmup-epochs", type=float, help="default 1")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=RUN_FLAG_DEFAULTS["--workers"])
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default=RUN_FLAG_DEFAULTS["--device"], help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--no-cache", action="store_true",
                    help="decode every sample every epoch instead of using the decoded-sample cache")
@@ -171,13 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_site_parser(sub)
     for command in sub.choices.values():  # -q also after the command: `fedmoco pretrain ... -q`
         with_defaults(command)
-        if "--quiet" not in command._option_string_actions:
-            command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                                 help="no progress bars, warnings only")
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars, warnings only")
     return parser
 
 
 #: Defaults of the pretrain options that a resumed run takes from its checkpoint instead.
+#: pretrain's flags for how a run executes (not kept in the checkpoint): the resume hint repeats
+#: the ones given otherwise.
+RUN_FLAG_DEFAULTS: dict[str, Any] = {"--workers": 2, "--device": "auto"}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"domain": "images", "image_size": 64, "epochs": 10, "batch_size": 64,
                                      "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0, "seed": 0}
 
@@ -249,7 +251,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         what = args.run / "metrics.jsonl"
         if not what.is_file():
-            inside = sorted(p.parent for p in args.run.glob("*/rounds.jsonl")) if args.run.is_dir() else []
+            inside = sorted(p.parent for p in args.run.glob("*/rounds.jsonl"))  # none in a missing folder
             hint = f"; did you mean {inside[0]}?" if inside else ""  # a simulation's --out holds server/
             raise ConfigError(f"{args.run}: neither metrics.jsonl (a pretraining run) nor rounds.jsonl "
                               f"(a federation server out-dir) is there{hint}")
@@ -384,8 +386,8 @@ def _checkpoint_hint(args: argparse.Namespace) -> str | None:
     command = ["fedmoco", "pretrain", "--data", str(args.data), "--out", str(args.out)]
     # How the run executes is not in the checkpoint: the options given now go with the command
     # (with --workers 0 a resumed run matches an uninterrupted one bit for bit).
-    for flag, value, default in (("--workers", args.workers, 2), ("--device", args.device, "auto")):
-        if value != default:
+    for flag, value in (("--workers", args.workers), ("--device", args.device)):
+        if value != RUN_FLAG_DEFAULTS[flag]:
             command += [flag, str(value)]
     try:
         saved = load_checkpoint(ckpt)
@@ -415,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     # SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: one line and the resume
     # hint, rather than an exit with no word. Only in the main thread, where signals can be set.
-    previous = (signal.signal(signal.SIGTERM, _terminate)
+    previous = (signal.signal(signal.SIGTERM, signal.default_int_handler)
                 if threading.current_thread() is threading.main_thread() else None)
     try:
         check_numbers(args)
@@ -436,10 +438,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ class DataError(FedmocoError, ValueError):
     """A data folder, file or data option is missing or wrong. The message names it."""
 
 
+class NoUsableData(DataError):
+    """A data folder (or a sample of it) in which nothing could be read: with the evaluation
+    commands the usual cause is another kind of data than the checkpoint's domain."""
+
+
 class ConfigError(FedmocoError, ValueError):
     """A hyper-parameter is out of range. The message names the option."""
 
@@ -48,3 +53,9 @@ def reports_os_errors(prog: str) -> Callable[[Callable[..., int]], Callable[...,
                 return 2
         return guarded
     return wrap
+
+
+#: The end of "none of the N samples could be read" from the evaluation and fine-tuning
+#: commands: where to look, and the usual cause (a --domain other than the files').
+UNREADABLE_SAMPLES_HINT = ("(the warnings above name each file and why); if the files are another kind of image "
+                           "than the checkpoint's, give --domain")

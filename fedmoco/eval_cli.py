@@ -16,7 +16,7 @@ from typing import Any
 
 # numpy and torch are imported in the commands: this module also builds the finetune parser,
 # and `fedmoco --help` should not wait for torch.
-from fedmoco.errors import CheckpointError, ConfigError, DataError
+from fedmoco.errors import CheckpointError, ConfigError, DataError, NoUsableData
 
 log = logging.getLogger("fedmoco")
 
@@ -82,7 +82,7 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
         try:
             data = build_labelled_set(domain, root, table, cfg, norm)
         except DataError as exc:
-            if args.domain is None and "no usable" in str(exc):  # nothing read: perhaps another kind of data
+            if args.domain is None and isinstance(exc, NoUsableData):  # nothing read: perhaps another kind of data
                 raise DataError(f"{exc} (read as {domain} data, the checkpoint's domain; --domain reads it as "
                                 "another)") from None
             raise

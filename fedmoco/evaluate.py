@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fedmoco.data import collate_views
-from fedmoco.errors import ConfigError, DataError
+from fedmoco.errors import UNREADABLE_SAMPLES_HINT, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def extract_features(backbone: nn.Module, dataset: Dataset, *, device: torch.dev
         feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y))
     if not feats:
-        raise DataError(f"none of the {len(dataset)} samples could be read (the warnings above name each file and "
-                        "why); if the files are another kind of image than the checkpoint's, give --domain")
+        raise DataError(f"none of the {len(dataset)} samples could be read {UNREADABLE_SAMPLES_HINT}")
     return torch.cat(feats), torch.cat(labels).long(), skipped
 
 

@@ -29,7 +29,7 @@ from fedmoco.checkpoint import atomic_save
 from fedmoco.config import MoCoConfig
 from fedmoco.data import collate_views
 from fedmoco.diagnostics import METRICS, OperatingPoint, diagnose, plot_confusion_png, plot_roc
-from fedmoco.errors import ConfigError, DataError, TrainingDiverged
+from fedmoco.errors import UNREADABLE_SAMPLES_HINT, ConfigError, DataError, TrainingDiverged
 from fedmoco.labels import LabelledSet
 from fedmoco.moco import MoCo
 from fedmoco.splits import grouped_split, subsample_groups
@@ -157,8 +157,7 @@ def prepare_samples(data: LabelledSet, *, workers: int = 0, progress: bool = Tru
     tried = min(len(data.dataset), 8)
     first = next((s for i in range(tried) if (s := data.dataset[i]) is not None), None)
     if first is None:
-        raise DataError(f"none of the first {tried} labelled samples could be read (the warnings above name each "
-                        "file and why); if the files are another kind of image than the checkpoint's, give --domain")
+        raise DataError(f"none of the first {tried} labelled samples could be read {UNREADABLE_SAMPLES_HINT}")
     per_sample = first[0].numel() * first[0].element_size()
     if per_sample * len(data.dataset) > max_cache_bytes:
         log.info("labelled set of %.1f GiB streams from disk", per_sample * len(data.dataset) / 1024**3)

@@ -151,29 +151,27 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     return report
 
 
-def _release_records(data: PretrainData) -> int | None:
-    """How many records a release of ``data`` reads (with the federation's units fixed), or
-    None when the site would refuse to release whatever the federation sets."""
+def _fixed_release(data: PretrainData) -> Any:
+    """``data``'s release view with the federation's units fixed (which units does not change
+    what it reads), a reason string when the site would refuse whatever the federation sets,
+    or None when the domain names no release view."""
     from fedmoco.data import Normalization
 
     if data.release_view is None:
         return None
-    view = data.release_view(Normalization([0.0] * data.in_channels, [1.0] * data.in_channels))
-    return None if isinstance(view, str) else len(view)  # type: ignore[arg-type]
+    return data.release_view(Normalization([0.0] * data.in_channels, [1.0] * data.in_channels))
 
 
-def release_line(data: PretrainData) -> str:
+def release_line(data: PretrainData, fixed: Any) -> str:
     """What a DP release of this site would read (docs/privacy.md, "What one record is"), or
-    why it would be refused (dp-status 9), with or without the federation's input-mean/std."""
-    from fedmoco.data import Normalization
-
+    why it would be refused (dp-status 9), with or without the federation's input-mean/std.
+    ``fixed``: :func:`_fixed_release` of ``data``."""
     status = "refused (dp-status 9)"
-    if data.release_view is None:
+    if fixed is None:
         return f"release:         {status}: the domain does not say what one record of its data is"
-    fixed = data.release_view(Normalization([0.0] * data.in_channels, [1.0] * data.in_channels))
     if isinstance(fixed, str):
         return f"release:         {status} whatever the federation sets: {fixed}"
-    n = len(fixed)  # type: ignore[arg-type]
+    n = len(fixed)
     if isinstance(data.release_view(None), str):
         return (f"release:         one item per record, {n} records; {status} unless the federation fixes "
                 "run_config input-mean and input-std (this domain normalises with the site's own statistics)")
@@ -199,14 +197,16 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
              "node_config wins key by key"]
     if p["epsilon"] is None:
         return lines + ["budget:          no dp-epsilon: this site sends weights and metrics only"]
-    records = usable if data is None else _release_records(data)
-    if math.isfinite(p["epsilon"]) and records is not None:  # as a round: per record a release reads
+    fixed = None if data is None else _fixed_release(data)
+    # as a round: per record a release reads, and not at all where the site would refuse
+    records = usable if data is None else (None if fixed is None or isinstance(fixed, str) else len(fixed))
+    if math.isfinite(p["epsilon"]) and records is not None:
         check_site_delta(p["delta"], records, p["delta_label"])
     rounds = f"{p['dp_rounds']} releases" if p["dp_rounds"] else "the run's num-server-rounds (no dp-rounds)"
     lines.append(f"budget:          epsilon {p['epsilon']:g}, delta {p['delta']:g}, planned over {rounds}"
                  + ("" if math.isfinite(p["epsilon"]) else " (inf: no noise, never private; a control only)"))
     if data is not None:
-        lines.append(release_line(data))
+        lines.append(release_line(data, fixed))
     ledger = p["ledger_path"]
     if ledger is None:
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "

@@ -29,7 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.task import (moco_config, parse_channels, parse_options, prototype_rows, run_value, shared_arrays,
+from clients.task import (federation_units, moco_config, parse_options, prototype_rows, run_value, shared_arrays,
                           shared_state)
 from fedmoco.checkpoint import atomic_save, check_compatible
 from fedmoco.errors import ConfigError, FedmocoError
@@ -182,12 +182,8 @@ def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapp
         for k, v in weights.items():
             state[k].copy_(v)
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
-    channels = model.cfg.in_channels
-    mean = parse_channels(run_value(run_config, "input-mean"), channels, "input-mean")
-    std = parse_channels(run_value(run_config, "input-std"), channels, "input-std")
-    normalization = None
-    if mean is not None or std is not None:
-        normalization = {"mean": mean or [0.0] * channels, "std": std or [1.0] * channels}
+    units = federation_units(run_config, model.cfg.in_channels)
+    normalization = None if units is None else {"mean": units[0], "std": units[1]}
     data = {"domain": run_value(run_config, "domain"), "image_size": run_value(run_config, "image-size"),
             "options": parse_options(run_value(run_config, "data-options")), "normalization": normalization}
     ckpt = make_checkpoint(model, data=data, epoch=rounds,

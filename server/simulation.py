@@ -172,10 +172,11 @@ def toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def parse_overrides(text: str) -> dict[str, Any]:
-    """``'k=1 name="x"'`` -> ``{"k": 1, "name": "x"}`` (TOML values; bare words are strings)."""
+def parse_overrides(*texts: str) -> dict[str, Any]:
+    """``'k=1 name="x"'`` -> ``{"k": 1, "name": "x"}`` (TOML values; bare words are strings).
+    Several texts (``--run-config`` given several times) merge in order: later keys win."""
     out: dict[str, Any] = {}
-    for item in shlex.split(text, posix=False):
+    for item in (item for text in texts for item in shlex.split(text, posix=False)):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--run-config: expected key=value pairs separated by spaces, got {item!r}")
@@ -365,10 +366,6 @@ def _simulate(p: argparse.ArgumentParser, args: argparse.Namespace, run_config: 
     return 0
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The run_config of ``python -m server.simulation ARGS``, validated (ConfigError)."""
     for flag, value in (("--sites", args.sites), ("--rounds", args.rounds)):
@@ -387,8 +384,7 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         # demo archives hold ~30 images per site: a larger key sample keeps the global queue visibly busy
         "key-sample-rate": 0.3, **DEMO_UNITS.get(args.domain, {}),
     }
-    for overrides in args.run_config:
-        run_config.update(parse_overrides(overrides))
+    run_config.update(parse_overrides(*args.run_config))
     validate_run_config(run_config)
     return run_config
 
@@ -417,5 +413,5 @@ if __name__ == "__main__":
     # SIGTERM (kill, a scheduler) and SIGHUP (the terminal closed) stop the federation as Ctrl-C
     # does: every process this run started is stopped, and the line says how to resume.
     for _sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(_sig, _interrupt)
+        signal.signal(_sig, signal.default_int_handler)  # raises KeyboardInterrupt
     sys.exit(main())

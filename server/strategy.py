@@ -400,8 +400,7 @@ class FedMoCo(FedAvg):
         survive a resume, node ids do not), else by its node id. In a resumed run's first round
         no name is claimed yet, so that round's exclusion of a site's own summaries works only
         for summaries sent after the resume."""
-        names = [name for name, n in self._owners.items() if n == int(node)]
-        return names[0] if names else int(node)
+        return next((name for name, n in self._owners.items() if n == int(node)), int(node))
 
     def _claim_name(self, node: int, name: str | None) -> None:
         """``name`` is ``node``'s from now on (after an accepted reply under it)."""

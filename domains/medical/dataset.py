@@ -28,7 +28,7 @@ from fedmoco.data import (
     renormalized_release,
 )
 from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache
-from fedmoco.errors import DataError
+from fedmoco.errors import DataError, NoUsableData
 
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
 from .options import CT_PRESETS, MedicalOptions
@@ -281,7 +281,7 @@ def index_folder(root: Path, opts: MedicalOptions, cfg: DataConfig | None = None
             skipped[f"modality not in {','.join(opts.modalities)}"] += len(records) - len(kept)
         records = kept
     if not records:
-        raise DataError(f"{root}: no usable DICOM image among {len(files)} files; {format_skipped(skipped)}")
+        raise NoUsableData(f"{root}: no usable DICOM image among {len(files)} files; {format_skipped(skipped)}")
     log.info("%s: %d usable DICOM files", root, len(records))
     return records, skipped
 

@@ -47,7 +47,7 @@ from fedmoco.data import (
     read_labels,
 )
 from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache, read_memo, write_memo
-from fedmoco.errors import DataError
+from fedmoco.errors import DataError, NoUsableData
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
         except RasterReadError as exc:
             _skip(skipped, exc, len(source.paths))
     if not kept:
-        raise DataError(f"{root}: no usable raster ({format_skipped(skipped)})")
+        raise NoUsableData(f"{root}: no usable raster ({format_skipped(skipped)})")
     _warn_mixed_grids(root, kept, opts)
     return Scan(kept, _layout(kept[0], positions, opts), skipped, readable)
 
@@ -549,7 +549,7 @@ def estimate_normalization(
         total_sq += np.where(valid, values**2, 0).sum(axis=(1, 2))
         count += valid.sum(axis=(1, 2))
     if used == 0 or (count == 0).any():
-        raise DataError("satellite: no usable tile to estimate the per-band mean and std from")
+        raise NoUsableData("satellite: no usable tile to estimate the per-band mean and std from")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return Normalization(mean=mean.tolist(), std=np.maximum(std, MIN_STD).tolist())
