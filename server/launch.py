@@ -24,11 +24,23 @@ from typing import IO, Callable, Sequence
 BIN_DIR = Path(sys.executable).parent
 
 
+#: Ports :func:`free_port` has handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it), and never one this
+    process handed out before: the OS may offer a port again as soon as its probe socket is
+    closed, and two listeners started one after the other then race for it (a SuperNode lost
+    that race to another and the federation waited for it until its timeout)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 that this process has not handed out already")
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -67,3 +67,34 @@ def test_a_started_process_dies_with_its_starter_even_on_sigkill(tmp_path):
         assert _gone(sleeper)
     finally:
         starter.kill()
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The OS may offer a port again once its probe socket is closed: two listeners started one
+    after the other must still get two ports (a SuperNode once lost that race and a deployment
+    test waited for it until its timeout)."""
+    import socket
+
+    import server.launch as launch
+
+    offered = iter([50001, 50001, 50001, 50002])
+
+    class Probe:
+        def __init__(self, *args):
+            self.port = next(offered)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(launch, "_HANDED_OUT", set())
+    monkeypatch.setattr(socket, "socket", Probe)
+    assert [launch.free_port(), launch.free_port()] == [50001, 50002]
