@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 # 2: DICOM bases follow per-frame windows and one MONOCHROME1 reflection (reader fixes)
 CACHE_VERSION = 2
 _HEADER_ALIGN = 4096
-# Free disk space the cache leaves on its volume; a cache that would eat into it is not built.
+# Free disk space the cache leaves on its volume by default; a cache that would eat into it is
+# not built. ``$FEDMOCO_CACHE_MIN_FREE_GB`` sets another (see min_free_bytes).
 MIN_FREE_BYTES = 2 * 2**30
+MIN_FREE_ENV = "FEDMOCO_CACHE_MIN_FREE_GB"
 
 
 def default_cache_dir() -> Path:
@@ -51,6 +53,34 @@ def default_cache_dir() -> Path:
         return Path(os.environ["FEDMOCO_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fedmoco"
+
+
+def min_free_bytes() -> int:
+    """Bytes of free disk a sample cache leaves on its volume: ``$FEDMOCO_CACHE_MIN_FREE_GB``
+    (GB of 10^9 bytes, >= 0), else 2 GiB. A value that is not a number >= 0 is logged and the
+    default kept: the cache is an optimisation and a typo must not stop a site's training."""
+    text = os.environ.get(MIN_FREE_ENV, "").strip()
+    if not text:
+        return MIN_FREE_BYTES
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb >= 0):
+        log.warning("%s=%r is not a number of GB >= 0; keeping %.1f GB free", MIN_FREE_ENV, text,
+                    MIN_FREE_BYTES / 1e9)
+        return MIN_FREE_BYTES
+    return int(gb * 1e9)
+
+
+def cache_fits(folder: Path | str, nbytes: int) -> tuple[bool, int]:
+    """(whether ``nbytes`` more on ``folder``'s volume leave :func:`min_free_bytes` free, the free
+    bytes there now). ``folder`` need not exist yet: its nearest existing parent is asked."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = _free_bytes(folder)
+    return free - nbytes >= min_free_bytes(), free
 
 
 def file_stamps(root: Path, paths: Iterable[Path | str]) -> list[tuple[str, int, int]]:
@@ -207,10 +237,11 @@ def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, 
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{prefix}-*.cache"):  # the folder or the options changed
             stale.unlink(missing_ok=True)
-        free = _free_bytes(folder)
-        if free - cache.nbytes < MIN_FREE_BYTES:
-            log.warning("%s: sample cache needs %.1f GB, only %.1f GB free; decoding every epoch instead",
-                        folder, cache.nbytes / 1e9, free / 1e9)
+        fits, free = cache_fits(folder, cache.nbytes)
+        if not fits:
+            log.warning("%s: sample cache needs %.1f GB, only %.1f GB free and %.1f GB are kept free (%s); "
+                        "decoding every epoch instead", folder, cache.nbytes / 1e9, free / 1e9,
+                        min_free_bytes() / 1e9, MIN_FREE_ENV)
             return None
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:

@@ -67,6 +67,8 @@ class SiteReport:
     cache_dir: str = ""  # where a round's decoded-sample cache goes
     cache_bytes: int = 0  # what it takes there (fedmoco.data.PretrainData.cache_bytes)
     cache_skipped: int = 0  # sources it leaves uncached
+    cache_free: int = -1  # free bytes on the cache's volume now (-1: not asked)
+    cache_fits: bool = True  # whether cache_bytes leave fedmoco.cache.min_free_bytes() free there
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -98,7 +100,15 @@ class SiteReport:
         if self.skipped_while_timing:
             out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
                        "count them every round")
-        if self.cache_bytes or self.cache_skipped:
+        if self.cache_bytes and not self.cache_fits:
+            from fedmoco.cache import MIN_FREE_ENV, min_free_bytes
+
+            out.append(f"cache:           this check wrote nothing; a round would need about "
+                       f"{format_bytes(self.cache_bytes)} in {self.cache_dir} but only "
+                       f"{format_bytes(max(self.cache_free, 0))} is free and {format_bytes(min_free_bytes())} is kept "
+                       f"free ({MIN_FREE_ENV}), so every read decodes its image: free disk there, or set the "
+                       "cache_dir option to a larger volume")
+        elif self.cache_bytes or self.cache_skipped:
             out.append(f"cache:           this check wrote nothing; a round decodes the images once into "
                        f"{self.cache_dir}: about {format_bytes(self.cache_bytes)} on disk (pixels only)"
                        + (f"; {self.cache_skipped} raster(s) over cache_max_gb are read from disk every time"
@@ -119,7 +129,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     """
     import torch
 
-    from fedmoco.cache import default_cache_dir
+    from fedmoco.cache import cache_fits, default_cache_dir
     from fedmoco.data import DataConfig, build_pretrain_data, format_skipped, parse_bool
 
     data_dir = Path(data_dir)
@@ -146,6 +156,8 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         cache_dir=str(options.get("cache_dir") or default_cache_dir()),
                         cache_bytes=0 if cache_off else data.cache_bytes,
                         cache_skipped=0 if cache_off else data.cache_skipped)
+    if report.cache_bytes:
+        report.cache_fits, report.cache_free = cache_fits(Path(report.cache_dir) / "samples", report.cache_bytes)
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
     return report

@@ -20,15 +20,20 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory):
-    """Index and sample caches go to a folder of this session, not the user's ~/.cache/fedmoco
-    (subprocesses inherit it through the environment)."""
-    before = os.environ.get("FEDMOCO_CACHE_DIR")
-    os.environ["FEDMOCO_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedmoco-cache"))
+    """Index and sample caches go to a folder of this session, not the user's ~/.cache/fedmoco,
+    and are built while 50 MB stay free rather than the default 2 GiB: the suite's caches take a
+    few MB, and a CI box with a fresh 6 GB install may have under 2 GiB left (subprocesses
+    inherit both through the environment)."""
+    settings = {"FEDMOCO_CACHE_DIR": str(tmp_path_factory.mktemp("fedmoco-cache")),
+                "FEDMOCO_CACHE_MIN_FREE_GB": "0.05"}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield
-    if before is None:
-        os.environ.pop("FEDMOCO_CACHE_DIR", None)
-    else:
-        os.environ["FEDMOCO_CACHE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from fedmoco.cache import SampleCache, file_stamps, open_cache, write_memo
+from fedmoco.cache import (MIN_FREE_BYTES, MIN_FREE_ENV, SampleCache, cache_fits, file_stamps, min_free_bytes,
+                           open_cache, write_memo)
 
 
 def _open(root, tmp_path, stamps, **options):
@@ -86,6 +87,39 @@ def test_unwritable_cache_folder_means_no_cache(tmp_path):
     blocker = tmp_path / "c"
     blocker.write_text("a file where the cache folder should be")
     assert open_cache(root, "test", 1, (1,), "uint8", {}, [], blocker) is None
+
+
+@pytest.mark.parametrize("reserve_gb, built", [("0", True), ("1e9", False)])
+def test_a_cache_is_built_only_while_the_reserve_stays_free(tmp_path, monkeypatch, caplog, reserve_gb, built):
+    """FEDMOCO_CACHE_MIN_FREE_GB is the free disk the cache leaves on its volume: no volume has
+    10^18 bytes free, so that reserve refuses every cache, with one line naming the setting, and
+    training decodes every epoch; a reserve of 0 builds it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv(MIN_FREE_ENV, reserve_gb)
+    cache = _open(root, tmp_path, [])
+    assert (cache is not None) == built
+    assert not built == ("kept free (FEDMOCO_CACHE_MIN_FREE_GB); decoding every epoch instead" in caplog.text)
+    if not built:
+        assert not list((tmp_path / "c" / "samples").glob("*.cache"))
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "nan", "inf"])
+def test_a_bad_reserve_setting_keeps_the_default_and_says_so(monkeypatch, caplog, text):
+    monkeypatch.setenv(MIN_FREE_ENV, text)
+    assert min_free_bytes() == MIN_FREE_BYTES == 2 * 2**30
+    assert f"FEDMOCO_CACHE_MIN_FREE_GB={text!r} is not a number of GB >= 0; keeping 2.1 GB free" in caplog.text
+
+
+def test_the_reserve_reads_gb_and_the_fit_asks_the_nearest_existing_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(MIN_FREE_ENV, "1.5")
+    assert min_free_bytes() == 1_500_000_000
+    monkeypatch.delenv(MIN_FREE_ENV)
+    assert min_free_bytes() == MIN_FREE_BYTES
+    monkeypatch.setattr("fedmoco.cache._free_bytes", lambda folder: {tmp_path: 10 * 2**30}[folder])
+    assert cache_fits(tmp_path / "not" / "yet", 8 * 2**30) == (True, 10 * 2**30)  # exactly 2 GiB left
+    assert cache_fits(tmp_path / "not" / "yet", 8 * 2**30 + 1) == (False, 10 * 2**30)
+    assert not (tmp_path / "not").exists()
 
 
 def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):

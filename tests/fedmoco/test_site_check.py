@@ -171,6 +171,25 @@ def test_an_image_site_with_a_forged_header_reports_it_as_skipped(images_site, c
     assert "image sizes:     16 x 16 (8 files)" in out
 
 
+def test_a_cache_that_would_not_fit_is_named_as_such(hospital, tmp_path, monkeypatch):
+    """A round builds no sample cache when it would leave less than FEDMOCO_CACHE_MIN_FREE_GB
+    free: check-site says so, with the free space and the setting, instead of promising a cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(cache))
+    monkeypatch.setattr("fedmoco.cache._free_bytes", lambda folder: 3 * 10**9)
+    monkeypatch.setenv("FEDMOCO_CACHE_MIN_FREE_GB", "2.5")
+    roomy = check_site("medical", hospital, image_size=32, steps=0)
+    assert roomy.cache_fits and roomy.cache_free == 3 * 10**9
+    monkeypatch.setenv("FEDMOCO_CACHE_MIN_FREE_GB", "3")
+    tight = check_site("medical", hospital, image_size=32, steps=0)
+    assert not tight.cache_fits and tight.cache_bytes == roomy.cache_bytes > 0
+    line = next(x for x in tight.lines() if x.startswith("cache:"))
+    assert line == (f"cache:           this check wrote nothing; a round would need about "
+                    f"{tight.cache_bytes / 1e6:.1f} MB in {cache} but only 3.0 GB is free and 3.0 GB is kept free "
+                    "(FEDMOCO_CACHE_MIN_FREE_GB), so every read decodes its image: free disk there, or set the "
+                    "cache_dir option to a larger volume")
+
+
 @pytest.mark.parametrize("domain", ["medical", "satellite", "images"])
 def test_the_dry_run_writes_nothing(domain, hospital, images_site, tmp_path, monkeypatch):
     """check-site is a dry run: no decoded-sample cache (a satellite archive's can take up to
