@@ -7,6 +7,7 @@ The figures behind it: benchmarks/results/round_overhead.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def _watched_after(code: str, tmp_path: Path, watched: list[str]) -> set[str]:
     probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {watched!r} if m in sys.modules]))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={"FEDMOCO_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
-                              "HOME": str(tmp_path)})
+                              "HOME": str(tmp_path),  # the suite's cache reserve (tests/conftest.py)
+                              "FEDMOCO_CACHE_MIN_FREE_GB": os.environ["FEDMOCO_CACHE_MIN_FREE_GB"]})
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
