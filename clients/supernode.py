@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -123,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedmoco.network import loopback_bypasses_proxy
+
+    # The SuperNode and each ClientApp it starts talk over 127.0.0.1: never through the site's
+    # web proxy, which stays in place for the connection to the SuperLink.
+    os.environ.update(loopback_bypasses_proxy(os.environ))
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
     return 0

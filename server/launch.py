@@ -46,11 +46,16 @@ def free_port() -> int:
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower's commands: this interpreter's bin/ first on PATH (the
     SuperLink starts ``flower-superexec`` by name) and ``FLWR_HOME`` for its config and
-    installed apps, so nothing touches the user's ~/.flwr."""
-    env = dict(os.environ)
+    installed apps, so nothing touches the user's ~/.flwr; loopback exempt from any web proxy and
+    a temporary folder short enough for Ray's sockets (fedmoco.network)."""
+    from fedmoco.network import loopback_bypasses_proxy, ray_tmpdir
+
+    env = loopback_bypasses_proxy(os.environ)
     env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(flwr_home)
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    if short := ray_tmpdir(env):
+        env["RAY_TMPDIR"] = short
     env.update(extra or {})
     return env
 
@@ -180,12 +185,14 @@ def wait_healthy(port: int, proc: subprocess.Popen, *, timeout: float = 60.0, lo
     deadline = time.monotonic() + timeout
     url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/health"
     context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+    # Never through a proxy (http_proxy / https_proxy): it cannot reach this machine's loopback.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before it was ready"
                                + (f"; see {log}:\n{tail(log)}" if log else ""))
         try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+            with opener.open(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, OSError):

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -264,6 +265,11 @@ def serve(argv: list[str] | None = None) -> int:
     elif "://" not in config.database:
         Path(config.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
+    from fedmoco.network import loopback_bypasses_proxy
+
+    # The SuperExec and ServerApp this SuperLink starts connect back to --host:--port: never
+    # through the coordinator's web proxy (gRPC would send even 127.0.0.1 there).
+    os.environ.update(loopback_bypasses_proxy(os.environ, also=[config.host]))
     app = create_app(config, fs.SuperLinkLifespan)
     ssl = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
     log_config = get_uvicorn_log_config(console_handler.level)

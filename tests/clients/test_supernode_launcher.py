@@ -29,3 +29,26 @@ def test_a_file_naming_a_key_passes_the_launchers_check(tmp_path):
     yaml_file = tmp_path / "trusted-entities.yaml"
     yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
     assert trusted_entities_problem(["--trusted-entities", str(yaml_file)]) is None
+
+
+def test_the_supernode_and_its_client_apps_reach_each_other_past_a_web_proxy(tmp_path, monkeypatch):
+    """A SuperNode talks to each ClientApp it starts over 127.0.0.1 (gRPC); behind a site's web
+    proxy every round failed with UNAVAILABLE (tests/fedmoco/test_network.py shows why). The
+    launcher exempts loopback before Flower starts, and keeps the proxy for the SuperLink."""
+    import importlib
+    import os
+
+    # the module, not the function of the same name that flwr.supernode.cli exports
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+
+    seen = {}
+    monkeypatch.setattr(cli, "flower_supernode", lambda: seen.update(os.environ))
+    monkeypatch.setattr("sys.argv", ["clients.supernode"])
+    monkeypatch.setenv("https_proxy", "http://proxy.hospital:3128")
+    monkeypatch.setenv("no_proxy", "pacs.local")
+    monkeypatch.delenv("NO_PROXY", raising=False)  # so that the launcher's NO_PROXY is undone after the test
+    yaml_file = tmp_path / "trusted-entities.yaml"
+    yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    assert main(["--trusted-entities", str(yaml_file)]) == 0
+    assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1"
+    assert seen["https_proxy"] == "http://proxy.hospital:3128"

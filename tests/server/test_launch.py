@@ -98,3 +98,39 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch):
     monkeypatch.setattr(launch, "_HANDED_OUT", set())
     monkeypatch.setattr(socket, "socket", Probe)
     assert [launch.free_port(), launch.free_port()] == [50001, 50002]
+
+
+def test_the_health_check_and_flowers_environment_bypass_a_web_proxy(tmp_path, monkeypatch):
+    """Behind a hospital's web proxy (http_proxy / https_proxy set for every login), the health
+    check of a SuperLink on 127.0.0.1 once went to the proxy and timed out; Flower's processes
+    get loopback exempted too, and keep the proxy for everything else."""
+    import http.server
+    import threading
+
+    from server.launch import flower_env, wait_healthy
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing answers there
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    proc = start_process([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ),
+                         log=tmp_path / "sleeper.log")
+    try:
+        wait_healthy(server.server_address[1], proc, timeout=5)
+    finally:
+        stop_process(proc)
+        server.shutdown()
+    env = flower_env(tmp_path / "flwr-home")
+    assert env["no_proxy"] == env["NO_PROXY"] == "127.0.0.1,localhost,::1"
+    assert env["http_proxy"] == env["https_proxy"] == "http://127.0.0.1:9"
+

@@ -160,3 +160,37 @@ def test_a_port_that_cannot_be_listened_on_is_refused_before_anything_starts(cap
         assert serve([*base, "--fleet-port", str(port), "--port", str(control)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"server.superlink: error: --fleet-host/--fleet-port 127.0.0.1:{port}: Address already in use")
+
+
+def test_the_superlinks_own_processes_reach_it_past_a_web_proxy(tmp_path, monkeypatch):
+    """The SuperExec and ServerApp a SuperLink starts connect back to --host:--port over gRPC,
+    which would send even that through the coordinator's web proxy: the launcher exempts
+    loopback and --host before Flower's app exists (tests/fedmoco/test_network.py)."""
+    import os
+    import socket
+
+    import flwr.superlink.main
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def create_app(*args, **kwargs):
+        seen.update(os.environ)
+        raise Started
+
+    monkeypatch.setattr(flwr.superlink.main, "create_app", create_app)
+    monkeypatch.setenv("http_proxy", "http://proxy.hospital:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    with pytest.raises(Started):
+        serve(["--fleet-host", "127.0.0.1", "--fleet-port", str(ports[0]), "--host", "127.0.0.1", "--port",
+               str(ports[1]), "--insecure", "--database", str(tmp_path / "db")])
+    assert seen["no_proxy"] == seen["NO_PROXY"] == "127.0.0.1,localhost,::1"
+    assert seen["http_proxy"] == "http://proxy.hospital:3128"

@@ -1,0 +1,57 @@
+"""The process environment Flower's processes need on a machine behind a web proxy, or with a
+long temporary folder.
+
+A SuperNode and the ClientApp it starts, and a SuperLink and its ServerApp, talk to each other
+over 127.0.0.1 with gRPC. gRPC (like urllib) sends every connection through ``http_proxy`` /
+``https_proxy`` when one is set and the host is not in ``no_proxy``, loopback included: the
+proxy cannot reach this machine's 127.0.0.1, so each round failed with "UNAVAILABLE" and the
+health check timed out. Hospital networks commonly set a proxy for every login.
+:func:`loopback_bypasses_proxy` keeps the proxy for everything else (a SuperNode may need it to
+reach the SuperLink) and only exempts loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Mapping, Sequence
+
+#: Hosts that never go through a proxy: this machine.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: Proxy variables gRPC and urllib read (lower case first, as they prefer it).
+PROXY_VARS = ("http_proxy", "https_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+#: Linux caps a UNIX socket path at 107 bytes; Ray's longest, ``<tmp>/ray/session_<date>_<pid>/
+#: sockets/plasma_store``, adds about 66 to its temporary folder.
+RAY_SOCKET_SUFFIX = 66
+UNIX_PATH_MAX = 107
+
+
+def loopback_bypasses_proxy(env: Mapping[str, str], also: Sequence[str] = ()) -> dict[str, str]:
+    """A copy of ``env`` whose ``no_proxy`` and ``NO_PROXY`` also name :data:`LOOPBACK` and the
+    hosts in ``also`` (a SuperLink's own private address) when a proxy variable is set; entries
+    already there are kept, in order. Unchanged when no proxy is set."""
+    out = dict(env)
+    if not any(out.get(name) for name in PROXY_VARS):
+        return out
+    exempt = [*LOOPBACK, *also]
+    for name in ("no_proxy", "NO_PROXY"):
+        have = [h.strip() for h in out.get(name, "").split(",") if h.strip()]
+        out[name] = ",".join(have + [h for h in dict.fromkeys(exempt) if h not in have])
+    return out
+
+
+def ray_tmpdir(env: Mapping[str, str]) -> str | None:
+    """A temporary folder for Ray when the one it would use leaves its sockets' paths over
+    Linux's 107-byte limit (``$TMPDIR`` of more than about 41 characters; Ray then fails with
+    "AF_UNIX path length cannot exceed 107 bytes"), else None. Ray reads ``$TMPDIR`` on Linux
+    only and ``/tmp`` elsewhere, unless ``$RAY_TMPDIR`` is set, which is then left alone."""
+    if env.get("RAY_TMPDIR") or not sys.platform.startswith("linux"):
+        return None
+    current = env.get("TMPDIR") or "/tmp"
+    if len(current.rstrip("/")) + RAY_SOCKET_SUFFIX <= UNIX_PATH_MAX:
+        return None
+    for short in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(short) and os.access(short, os.W_OK | os.X_OK):
+            return short
+    return tempfile.gettempdir()  # nothing shorter to offer: Ray names the problem itself
