@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import os
 import re
 import shlex
 import shutil
@@ -195,7 +196,21 @@ class SimulationResult:
     log: Path
 
 
-def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir: Path, cpus_per_site: float = 1.0,
+def federation_config(num_supernodes: int, cpus_per_site: int = 1, cpus: int | None = None) -> str:
+    """``flwr run --federation-config`` for ``num_supernodes`` sites of ``cpus_per_site`` CPUs.
+
+    Ray is started with at most the CPUs the sites can use (``init-args-num-cpus``), never
+    fewer than one site needs: Flower's actor pool starts one worker process per
+    ``cpus_per_site`` CPUs Ray has, whatever the number of sites, so on a 64-core machine a
+    3-site demo would otherwise start 64, each loading the app and torch when a round lands on
+    it. ``cpus``: the CPUs this process may use (default: its affinity mask)."""
+    have = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    ray_cpus = max(cpus_per_site, min(have, num_supernodes * cpus_per_site))
+    return (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site} "
+            f"init-args-num-cpus={ray_cpus}")
+
+
+def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir: Path, cpus_per_site: int = 1,
                    timeout: float = 600.0, app_dir: Path = APP_DIR, echo: bool = True) -> SimulationResult:
     """Run the FedMoCo app in Flower's simulation runtime; ``run_config`` overrides pyproject's.
 
@@ -223,7 +238,7 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
     try:
         wait_healthy(port, superlink, log=link_log)
         cmd = [flower_command("flwr"), "run", str(app_dir), "fedmoco-sim", "--stream",
-               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site:g}",
+               "--federation-config", federation_config(num_supernodes, cpus_per_site),
                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
         with open(run_log, "wb") as fh:
             proc = subprocess.Popen(cmd, env=env, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

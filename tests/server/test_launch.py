@@ -134,3 +134,11 @@ def test_the_health_check_and_flowers_environment_bypass_a_web_proxy(tmp_path, m
     assert env["no_proxy"] == env["NO_PROXY"] == "127.0.0.1,localhost,::1"
     assert env["http_proxy"] == env["https_proxy"] == "http://127.0.0.1:9"
 
+
+def test_a_simulation_starts_ray_with_no_more_cpus_than_its_sites_use():
+    """Flower's actor pool starts one worker per CPU Ray has, whatever the number of sites."""
+    from server.simulation import federation_config
+
+    assert federation_config(3, cpus=64) == "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3"
+    assert federation_config(3, cpus=2).endswith("init-args-num-cpus=2")  # sites take turns
+    assert federation_config(1, cpus_per_site=2, cpus=1).endswith("client-resources-num-cpus=2 init-args-num-cpus=2")
