@@ -40,7 +40,7 @@ def test_change_of_file_or_options_rebuilds_and_deletes_the_old_cache(tmp_path):
     first = _open(root, tmp_path, file_stamps(root, [f]))
     first.put(0, np.ones((2, 3, 3)))
     st = f.stat()
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched (1 s: coarse file systems)
     touched = _open(root, tmp_path, file_stamps(root, [f]))
     assert touched.path != first.path and not first.path.exists() and touched.filled() == 0
     touched.put(0, np.ones((2, 3, 3)))
