@@ -2,10 +2,10 @@
 long temporary folder.
 
 A SuperNode and the ClientApp it starts, and a SuperLink and its ServerApp, talk to each other
-over 127.0.0.1 with gRPC. gRPC (like urllib) sends every connection through ``http_proxy`` /
-``https_proxy`` when one is set and the host is not in ``no_proxy``, loopback included: the
-proxy cannot reach this machine's 127.0.0.1, so each round failed with "UNAVAILABLE" and the
-health check timed out. Hospital networks commonly set a proxy for every login.
+over 127.0.0.1 (httpx in Flower 1.42, gRPC before). httpx, gRPC and urllib send every
+connection through ``http_proxy`` / ``https_proxy`` / ``all_proxy`` when one is set and the host
+is not in ``no_proxy``, loopback included: the proxy cannot reach this machine's 127.0.0.1, so
+each round failed and the health check timed out. Hospital networks commonly set a proxy for every login.
 :func:`loopback_bypasses_proxy` keeps the proxy for everything else (a SuperNode may need it to
 reach the SuperLink) and only exempts loopback.
 """
@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 #: Hosts that never go through a proxy: this machine.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Proxy variables gRPC and urllib read (lower case first, as they prefer it).
-PROXY_VARS = ("http_proxy", "https_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 #: Linux caps a UNIX socket path at 107 bytes; Ray's longest, ``<tmp>/ray/session_<date>_<pid>/
 #: sockets/plasma_store``, adds about 66 to its temporary folder.
 RAY_SOCKET_SUFFIX = 66

@@ -12,8 +12,23 @@ from fedmoco.network import loopback_bypasses_proxy, ray_tmpdir
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing answers there
 
-#: A gRPC call over loopback, as a SuperNode and its ClientApp (or a SuperLink and its
-#: ServerApp) make them; prints "ok" or the status code.
+#: A call over loopback, as a SuperNode and its ClientApp (or a SuperLink and its ServerApp)
+#: make them: httpx in Flower 1.42, gRPC in earlier releases. Each prints "ok" or the failure.
+HTTPX_LOOPBACK_CALL = """
+import http.server, threading, httpx
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+try:
+    print("ok" if httpx.get(f"http://127.0.0.1:{server.server_address[1]}/", timeout=5).status_code == 200 else "bad")
+except httpx.HTTPError as exc:
+    print(type(exc).__name__)
+"""
 GRPC_LOOPBACK_CALL = """
 import grpc
 from concurrent import futures
@@ -24,7 +39,7 @@ port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 try:
     reply = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary("/t.T/Echo")(b"ping", timeout=5)
-    print("ok" if reply == b"ping" else "wrong reply")
+    print("ok" if reply == b"ping" else "bad")
 except grpc.RpcError as exc:
     print(exc.code().name)
 """
@@ -45,13 +60,15 @@ def test_a_proxy_keeps_its_exemptions_and_gains_loopback_once():
     assert env["no_proxy"] == "pacs.local, 127.0.0.1"  # a copy: the caller's mapping is left alone
 
 
-def test_grpc_over_loopback_fails_behind_a_proxy_unless_loopback_is_exempt():
-    """The failure this module exists for, shown with gRPC itself: with ``http_proxy`` set,
-    even a call to 127.0.0.1 goes to the proxy; the exempted environment gets through."""
-    base = {"PATH": "/usr/bin:/bin", "http_proxy": DEAD_PROXY}
-    run = lambda env: subprocess.run([sys.executable, "-c", GRPC_LOOPBACK_CALL], env=env, capture_output=True,
-                                     text=True, timeout=60).stdout.strip()
-    assert run(base) == "UNAVAILABLE"
+@pytest.mark.parametrize("code, failure", [(HTTPX_LOOPBACK_CALL, "ConnectError"),
+                                           (GRPC_LOOPBACK_CALL, "UNAVAILABLE")], ids=["httpx", "grpc"])
+def test_loopback_calls_fail_behind_a_proxy_unless_loopback_is_exempt(code, failure):
+    """The failure this module exists for, shown with the clients Flower uses: with a proxy
+    set, even a call to 127.0.0.1 goes to the proxy; the exempted environment gets through."""
+    base = {"PATH": "/usr/bin:/bin", "http_proxy": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     timeout=60).stdout.strip()
+    assert run(base) == failure
     assert run(loopback_bypasses_proxy(base)) == "ok"
 
 
