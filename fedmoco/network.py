@@ -19,37 +19,46 @@ from typing import Mapping, Sequence
 
 #: Hosts that never go through a proxy: this machine.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-#: Proxy variables gRPC and urllib read (lower case first, as they prefer it).
+#: Proxy variables httpx, gRPC and urllib read.
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
-#: Linux caps a UNIX socket path at 107 bytes; Ray's longest, ``<tmp>/ray/session_<date>_<pid>/
-#: sockets/plasma_store``, adds about 66 to its temporary folder.
-RAY_SOCKET_SUFFIX = 66
+#: Linux caps a UNIX socket path at 107 bytes. Ray's longest, ``<tmp>/ray/session_<26-character
+#: date>_<pid>/sockets/plasma_store``, adds 61 bytes and the pid's digits to its temporary folder;
+#: 7 digits is the most a pid has (Linux's pid_max is at most 4194304).
+RAY_SOCKET_SUFFIX = 61 + 7
 UNIX_PATH_MAX = 107
 
 
 def loopback_bypasses_proxy(env: Mapping[str, str], also: Sequence[str] = ()) -> dict[str, str]:
-    """A copy of ``env`` whose ``no_proxy`` and ``NO_PROXY`` also name :data:`LOOPBACK` and the
-    hosts in ``also`` (a SuperLink's own private address) when a proxy variable is set; entries
-    already there are kept, in order. Unchanged when no proxy is set."""
+    """A copy of ``env`` whose proxy exemptions also name :data:`LOOPBACK` and the hosts in
+    ``also`` (a SuperLink's own private address) when a proxy variable is set; unchanged
+    otherwise, or when ``no_proxy`` is ``*`` (nothing goes through the proxy already).
+
+    ``no_proxy`` and ``NO_PROXY`` both get the union of their entries (kept, in order) and the
+    new hosts: urllib, requests and httpx read the lower-case one first, so adding loopback to
+    it alone would hide an upper-case-only ``NO_PROXY`` from them. gRPC reads
+    ``no_grpc_proxy`` before ``no_proxy``, so that one, when set, gains the hosts too."""
     out = dict(env)
     if not any(out.get(name) for name in PROXY_VARS):
         return out
-    exempt = [*LOOPBACK, *also]
-    for name in ("no_proxy", "NO_PROXY"):
-        have = [h.strip() for h in out.get(name, "").split(",") if h.strip()]
-        out[name] = ",".join(have + [h for h in dict.fromkeys(exempt) if h not in have])
+    entries = lambda name: [h.strip() for h in out.get(name, "").split(",") if h.strip()]
+    if "*" in entries("no_proxy") + entries("NO_PROXY"):
+        return out
+    merged = list(dict.fromkeys([*entries("no_proxy"), *entries("NO_PROXY"), *LOOPBACK, *also]))
+    out["no_proxy"] = out["NO_PROXY"] = ",".join(merged)
+    if out.get("no_grpc_proxy"):
+        out["no_grpc_proxy"] = ",".join(dict.fromkeys([*entries("no_grpc_proxy"), *LOOPBACK, *also]))
     return out
 
 
 def ray_tmpdir(env: Mapping[str, str]) -> str | None:
     """A temporary folder for Ray when the one it would use leaves its sockets' paths over
-    Linux's 107-byte limit (``$TMPDIR`` of more than about 41 characters; Ray then fails with
+    Linux's 107-byte limit (``$TMPDIR`` of more than 39 bytes; Ray then fails with
     "AF_UNIX path length cannot exceed 107 bytes"), else None. Ray reads ``$TMPDIR`` on Linux
     only and ``/tmp`` elsewhere, unless ``$RAY_TMPDIR`` is set, which is then left alone."""
     if env.get("RAY_TMPDIR") or not sys.platform.startswith("linux"):
         return None
     current = env.get("TMPDIR") or "/tmp"
-    if len(current.rstrip("/")) + RAY_SOCKET_SUFFIX <= UNIX_PATH_MAX:
+    if len(os.fsencode(current.rstrip("/"))) + RAY_SOCKET_SUFFIX <= UNIX_PATH_MAX:
         return None
     for short in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(short) and os.access(short, os.W_OK | os.X_OK):

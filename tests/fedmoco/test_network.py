@@ -53,11 +53,33 @@ def test_without_a_proxy_nothing_changes():
 def test_a_proxy_keeps_its_exemptions_and_gains_loopback_once():
     env = {"https_proxy": "http://proxy.hospital:3128", "no_proxy": "pacs.local, 127.0.0.1", "PATH": "/usr/bin"}
     out = loopback_bypasses_proxy(env, also=["10.0.0.5"])
-    assert out["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1,10.0.0.5"
-    assert out["NO_PROXY"] == "127.0.0.1,localhost,::1,10.0.0.5"
+    assert out["no_proxy"] == out["NO_PROXY"] == "pacs.local,127.0.0.1,localhost,::1,10.0.0.5"
     assert out["https_proxy"] == env["https_proxy"] and out["PATH"] == "/usr/bin"  # the proxy stays for the rest
+    assert "no_grpc_proxy" not in out
     assert loopback_bypasses_proxy(out, also=["10.0.0.5"]) == out
     assert env["no_proxy"] == "pacs.local, 127.0.0.1"  # a copy: the caller's mapping is left alone
+
+
+def test_an_upper_case_exemption_is_not_hidden_by_a_new_lower_case_one():
+    """urllib, requests and httpx read no_proxy before NO_PROXY: a site's NO_PROXY naming its
+    SuperLink must survive in both, or the SuperNode's connection to it goes to the proxy."""
+    out = loopback_bypasses_proxy({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "superlink.hospital.org"})
+    assert out["no_proxy"] == out["NO_PROXY"] == "superlink.hospital.org,127.0.0.1,localhost,::1"
+    import urllib.request
+
+    assert urllib.request.proxy_bypass_environment("superlink.hospital.org", {"no": out["no_proxy"]})
+
+
+def test_a_wildcard_exemption_is_left_whole():
+    """urllib and requests honour ``*`` only as the whole value: appending hosts would send
+    everything else to the proxy."""
+    env = {"http_proxy": "http://proxy:3128", "no_proxy": "*"}
+    assert loopback_bypasses_proxy(env) == env
+
+
+def test_grpcs_own_exemption_list_gains_loopback_when_set():
+    out = loopback_bypasses_proxy({"http_proxy": "http://proxy:3128", "no_grpc_proxy": "pacs.local"})
+    assert out["no_grpc_proxy"] == "pacs.local,127.0.0.1,localhost,::1"
 
 
 @pytest.mark.parametrize("code, failure", [(HTTPX_LOOPBACK_CALL, "ConnectError"),
@@ -84,8 +106,10 @@ def test_ray_gets_a_short_temporary_folder_only_when_its_sockets_would_not_fit(m
 
 
 def test_ray_tmpdir_draws_the_line_at_the_socket_limit(monkeypatch):
+    """Ray's plasma_store socket adds 61 bytes and up to 7 pid digits to its folder."""
     monkeypatch.setattr(sys, "platform", "linux")
-    assert ray_tmpdir({"TMPDIR": "/" + "t" * 40}) is None  # 41 + 66 = 107: fits
-    assert ray_tmpdir({"TMPDIR": "/" + "t" * 41}) == "/tmp"  # 108: does not
+    assert ray_tmpdir({"TMPDIR": "/" + "t" * 38}) is None  # 39 + 68 = 107: fits
+    assert ray_tmpdir({"TMPDIR": "/" + "t" * 39}) == "/tmp"  # 108: does not
+    assert ray_tmpdir({"TMPDIR": "/" + "é" * 20}) == "/tmp"  # 41 bytes, 21 characters
     monkeypatch.setattr(sys, "platform", "darwin")  # Ray uses /tmp there whatever TMPDIR says
     assert ray_tmpdir({"TMPDIR": "/" + "t" * 80}) is None
