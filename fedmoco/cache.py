@@ -70,17 +70,39 @@ def min_free_bytes() -> int:
         log.warning("%s=%r is not a number of GB >= 0; keeping %.1f GB free", MIN_FREE_ENV, text,
                     MIN_FREE_BYTES / 1e9)
         return MIN_FREE_BYTES
-    return int(gb * 1e9)
+    return int(min(gb * 1e9, 2.0**62))  # 2^62 bytes: more than any volume, and still an int64
 
 
 def cache_fits(folder: Path | str, nbytes: int) -> tuple[bool, int]:
     """(whether ``nbytes`` more on ``folder``'s volume leave :func:`min_free_bytes` free, the free
-    bytes there now). ``folder`` need not exist yet: its nearest existing parent is asked."""
+    bytes there now). ``folder`` need not exist yet: its nearest existing parent is asked.
+    Raises OSError when the volume cannot be asked (a folder this user cannot enter)."""
     folder = Path(folder).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     free = _free_bytes(folder)
     return free - nbytes >= min_free_bytes(), free
+
+
+def _folder_digest(root: Path | str) -> str:
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+
+
+def folder_cache_prefix(root: Path | str, kind: str) -> str:
+    """The name prefix of data folder ``root``'s sample caches of ``kind`` (``<kind>-<sha>``)."""
+    return f"{kind}-{_folder_digest(root)}"
+
+
+def folder_cache_allocated(root: Path | str, cache_dir: Path | str | None = None) -> int:
+    """Bytes the existing sample caches of data folder ``root`` (any kind) hold on disk: what a
+    round frees by replacing them, or needs no more when it reuses them."""
+    total = 0
+    for path in (Path(cache_dir or default_cache_dir()) / "samples").glob(f"*-{_folder_digest(root)}-*.cache"):
+        try:
+            total += path.stat().st_blocks * 512
+        except OSError:
+            pass
+    return total
 
 
 def file_stamps(root: Path, paths: Iterable[Path | str]) -> list[tuple[str, int, int]]:
@@ -221,14 +243,16 @@ class SampleCache:
 
 def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, options: dict[str, Any],
                stamps: Sequence[tuple[str, int, int]], cache_dir: Path | str | None = None,
-               access: str = "normal") -> SampleCache | None:
+               access: str = "normal", pending: int = 0) -> SampleCache | None:
     """The cache of data folder ``root`` for these base options, created empty when missing or stale.
 
     Returns None (and logs why, once) when it cannot be created: an unwritable cache folder,
-    or too little free disk. Training then decodes every epoch, as without a cache.
+    or too little free disk for it and ``pending`` bytes of caches opened before it and not
+    filled yet (a file is sparse until filled, so those are not counted as used). Training then
+    decodes every epoch, as without a cache.
     """
     folder = Path(cache_dir or default_cache_dir()) / "samples"
-    prefix = f"{kind}-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}"
+    prefix = folder_cache_prefix(root, kind)
     name = f"{prefix}-{fingerprint(kind, shape, dtype, options, stamps)[:16]}.cache"
     cache = SampleCache(folder / name, n, tuple(int(s) for s in shape), np.dtype(dtype).name, access)
     if cache.path.exists() and cache.path.stat().st_size == cache.nbytes:
@@ -237,10 +261,10 @@ def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, 
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{prefix}-*.cache"):  # the folder or the options changed
             stale.unlink(missing_ok=True)
-        fits, free = cache_fits(folder, cache.nbytes)
+        fits, free = cache_fits(folder, cache.nbytes + pending)
         if not fits:
             log.warning("%s: sample cache needs %.1f GB, only %.1f GB free and %.1f GB are kept free (%s); "
-                        "decoding every epoch instead", folder, cache.nbytes / 1e9, free / 1e9,
+                        "decoding every epoch instead", folder, (cache.nbytes + pending) / 1e9, free / 1e9,
                         min_free_bytes() / 1e9, MIN_FREE_ENV)
             return None
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix=".tmp")
@@ -256,7 +280,7 @@ def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, 
 
 
 def _memo_path(root: Path, kind: str, key: dict[str, Any], cache_dir: Path | str | None) -> tuple[Path, str]:
-    prefix = f"{kind}-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}"
+    prefix = folder_cache_prefix(root, kind)
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **key}, sort_keys=True, default=str).encode())
     return Path(cache_dir or default_cache_dir()) / "memo" / f"{prefix}-{digest.hexdigest()[:16]}.json", prefix
 

@@ -106,8 +106,8 @@ class SiteReport:
             out.append(f"cache:           this check wrote nothing; a round would need about "
                        f"{format_bytes(self.cache_bytes)} in {self.cache_dir} but only "
                        f"{format_bytes(max(self.cache_free, 0))} is free and {format_bytes(min_free_bytes())} is kept "
-                       f"free ({MIN_FREE_ENV}), so every read decodes its image: free disk there, or set the "
-                       "cache_dir option to a larger volume")
+                       f"free ({MIN_FREE_ENV}), so every read decodes its image: free disk there, or point "
+                       "FEDMOCO_CACHE_DIR at a larger volume")
         elif self.cache_bytes or self.cache_skipped:
             out.append(f"cache:           this check wrote nothing; a round decodes the images once into "
                        f"{self.cache_dir}: about {format_bytes(self.cache_bytes)} on disk (pixels only)"
@@ -129,7 +129,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     """
     import torch
 
-    from fedmoco.cache import cache_fits, default_cache_dir
+    from fedmoco.cache import cache_fits, default_cache_dir, folder_cache_allocated
     from fedmoco.data import DataConfig, build_pretrain_data, format_skipped, parse_bool
 
     data_dir = Path(data_dir)
@@ -157,7 +157,14 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         cache_bytes=0 if cache_off else data.cache_bytes,
                         cache_skipped=0 if cache_off else data.cache_skipped)
     if report.cache_bytes:
-        report.cache_fits, report.cache_free = cache_fits(Path(report.cache_dir) / "samples", report.cache_bytes)
+        # A round replaces (or reuses) this folder's caches before it asks for room: what they
+        # hold on disk counts as free.
+        try:
+            held = folder_cache_allocated(data_dir, report.cache_dir)
+            report.cache_fits, report.cache_free = cache_fits(Path(report.cache_dir) / "samples",
+                                                              report.cache_bytes - held)
+        except OSError:  # the volume cannot be asked (a folder this user cannot enter): a round logs why
+            pass
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
     return report

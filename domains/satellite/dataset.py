@@ -476,6 +476,7 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
     options = {"bands": opts.bands, "scale": opts.scale, "offset": opts.offset, "resolution": opts.resolution,
                "resampling": opts.resampling}
     caches: list[SampleCache | None] = []
+    pending = 0  # bytes of the caches opened so far that are not filled yet: sparse, so not yet used
     for i, (source, planned) in enumerate(zip(reader.sources, plan)):
         if not planned.cached:
             log.warning("%s: not cached, read from disk each time: its cache would take %.1f GB, over the %.1f GB "
@@ -486,10 +487,12 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
         stamps = file_stamps(root, source.paths)
         cache = open_cache(root, f"satellite{i}", 1, planned.shape, "float16",
                            {**options, "positions": reader.layout.positions[i]}, stamps, cfg.cache_dir or None,
-                           access="random")
+                           access="random", pending=pending)
         if cache is None:
             return  # no room or no folder: every source goes through GDAL
         caches.append(cache)
+        if cache.get(0) is None:
+            pending += cache.nbytes
     todo = [i for i, c in enumerate(caches) if c is not None and c.get(0) is None]
     handles = shared_handles(reader.gdal_cache_mb)
     for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo or not cfg.progress, leave=False):
@@ -501,6 +504,13 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
         except RasterReadError as exc:
             log.warning("not cached, read from disk each time: %s", exc)
             continue
+        except OSError as exc:  # the cache's volume filled up (other files grew meanwhile)
+            log.warning("%s: cannot fill the raster cache (%s); it and the rasters after it are read from disk "
+                        "each time", cache.path.parent, exc)
+            for j in todo[todo.index(i):]:
+                caches[j] = None
+            cache.path.unlink(missing_ok=True)
+            break
         cache.mark(0)
     reader.cache = caches
 

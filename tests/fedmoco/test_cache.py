@@ -114,6 +114,8 @@ def test_a_bad_reserve_setting_keeps_the_default_and_says_so(monkeypatch, caplog
 def test_the_reserve_reads_gb_and_the_fit_asks_the_nearest_existing_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(MIN_FREE_ENV, "1.5")
     assert min_free_bytes() == 1_500_000_000
+    monkeypatch.setenv(MIN_FREE_ENV, "1e300")  # finite, but no int64: once an OverflowError that stopped training
+    assert min_free_bytes() == 2**62
     monkeypatch.delenv(MIN_FREE_ENV)
     assert min_free_bytes() == MIN_FREE_BYTES
     monkeypatch.setattr("fedmoco.cache._free_bytes", lambda folder: {tmp_path: 10 * 2**30}[folder])

@@ -235,3 +235,40 @@ def test_a_sparse_raster_declaring_65535_squared_is_not_cached(demo4, tmp_path, 
     assert "huge.tif: not cached, read from disk each time: its cache would take 34.4 GB, over the 16.0 GB " \
            "left of cache_max_gb 16" in caplog.text
     assert reader.read(huge[0], (1000, 2000, 32, 32)).shape == (4, 32, 32)
+
+
+def test_rasters_whose_caches_fit_one_by_one_but_not_together_are_not_cached(demo4, tmp_path, monkeypatch, caplog):
+    """A raster cache is a sparse file, so free disk does not fall as the caches are opened; the
+    reserve is checked against all of them that are not filled yet, not one at a time (three
+    5 GB rasters with 12 GB free once all passed, and filling them would have filled the disk)."""
+    full = _data(demo4, tmp_path / "c").dataset.reader
+    sizes = [c.nbytes for c in full.cache]
+    free = 2 * 10**9 + max(sizes) + 1  # room for any one cache above a 2 GB reserve, not for all
+    monkeypatch.setattr("fedmoco.cache._free_bytes", lambda folder: free)
+    monkeypatch.setenv("FEDMOCO_CACHE_MIN_FREE_GB", "2")
+    reader = _data(demo4, tmp_path / "c2").dataset.reader
+    assert reader.cache is None
+    assert "decoding every epoch instead" in caplog.text
+    monkeypatch.setattr("fedmoco.cache._free_bytes", lambda folder: 2 * 10**9 + sum(sizes))
+    assert all(c is not None for c in _data(demo4, tmp_path / "c3").dataset.reader.cache)
+
+
+def test_a_cache_that_cannot_be_filled_is_dropped_and_its_raster_read_from_disk(demo4, tmp_path, monkeypatch, caplog):
+    """Other files may fill the volume between the room check and the fill: the write fails with
+    an OSError, and the raster and those after it are read through GDAL, the partial file gone."""
+    from fedmoco.cache import SampleCache
+
+    calls = []
+
+    def full_disk(self, i, start, values):
+        calls.append(self.path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SampleCache, "write", full_disk)
+    reader = _data(demo4, tmp_path / "c").dataset.reader
+    assert reader.cache is not None and all(c is None for c in reader.cache)
+    assert len(calls) == 1 and not calls[0].exists()
+    assert "cannot fill the raster cache ([Errno 28] No space left on device)" in caplog.text
+    window = (2, 4, 16, 16)
+    direct = reader.sources[0].read(window, reader.layout.positions[0])
+    np.testing.assert_array_equal(reader.read(0, window).data, direct.data)
