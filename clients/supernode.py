@@ -105,6 +105,12 @@ def trusted_entities_problem(argv: list[str]) -> str | None:
     return None
 
 
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    """The values given to ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``)."""
+    out = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+    return out + [arg.split("=", 1)[1] for arg in argv if arg.startswith(flag + "=")]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start Flower's SuperNode with the fedmoco FAB check; exit 2 without --trusted-entities."""
     argv = sys.argv[1:] if argv is None else argv
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The SuperNode and each ClientApp it starts talk over 127.0.0.1: never through the site's
     # web proxy, which stays in place for the connection to the SuperLink.
-    os.environ.update(loopback_bypasses_proxy(os.environ))
+    os.environ.update(loopback_bypasses_proxy(os.environ, also=_flag_values(argv, "--host")))
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
     return 0

@@ -49,6 +49,6 @@ def test_the_supernode_and_its_client_apps_reach_each_other_past_a_web_proxy(tmp
     monkeypatch.delenv("NO_PROXY", raising=False)  # so that the launcher's NO_PROXY is undone after the test
     yaml_file = tmp_path / "trusted-entities.yaml"
     yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
-    assert main(["--trusted-entities", str(yaml_file)]) == 0
-    assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1"
+    assert main(["--trusted-entities", str(yaml_file), "--host", "10.0.0.7"]) == 0
+    assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1,10.0.0.7"  # and its own --host
     assert seen["https_proxy"] == "http://proxy.hospital:3128"
