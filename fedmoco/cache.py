@@ -13,7 +13,7 @@ File layout (one file per data folder and base options)::
 
 A flag byte of 0 means "not filled yet"; anything else is the domain's per-sample tag, written
 after the sample's bytes so a crash mid-write leaves the sample unfilled. Several DataLoader
-workers fill disjoint samples of one shared mapping. The *fingerprint* hashes the cache
+workers fill disjoint samples of one file (written with pwrite, read through a shared mapping). The *fingerprint* hashes the cache
 version, the sample shape and dtype, the options that shape a base, and (path, size, mtime)
 of every source file: any change gives a new file and the old one is deleted, as the medical
 index cache does per file. The file holds pixels and flags only: no path, no DICOM attribute.
@@ -200,9 +200,14 @@ class SampleCache:
         return None if tag == 0 else (self._data[i], tag)
 
     def put(self, i: int, sample: np.ndarray, tag: int = 1) -> None:
-        """Store sample i (cast to the cache dtype) and mark it filled with ``tag`` (1-255)."""
-        self._open()
-        self._data[i] = sample
+        """Store sample i (cast to the cache dtype) and mark it filled with ``tag`` (1-255).
+
+        Through the file (:meth:`write`), never the mapping: a store through the mapping into a
+        page the full disk cannot back kills the process with SIGBUS, where ``pwrite`` raises
+        OSError (ENOSPC) for the caller to handle. Raises OSError then, the sample unfilled."""
+        if tuple(np.shape(sample)) != self.shape:
+            raise ValueError(f"sample of shape {tuple(np.shape(sample))}, the cache holds {self.shape}")
+        self.write(i, 0, np.asarray(sample).reshape(-1))
         self.mark(i, tag)
 
     def write(self, i: int, start: int, values: np.ndarray) -> None:
@@ -229,11 +234,19 @@ class SampleCache:
             os.close(fd)
 
     def mark(self, i: int, tag: int = 1) -> None:
-        """Mark sample i filled with ``tag`` (1-255), once its slot holds the whole sample."""
+        """Mark sample i filled with ``tag`` (1-255), once its slot holds the whole sample.
+        Through the file, as :meth:`put`; the mappings of every process see it at once (one
+        page cache)."""
         if not 1 <= tag <= 255:
             raise ValueError(f"tag must be in 1..255, got {tag}")
-        self._open()
-        self._flags[i] = tag
+        if not 0 <= i < self.n:
+            raise IndexError(f"sample {i} of {self.n}")
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            if os.pwrite(fd, bytes([tag]), i) != 1:
+                raise OSError(f"{self.path}: the flag of sample {i} was not written")
+        finally:
+            os.close(fd)
 
     def filled(self) -> int:
         """How many samples are stored."""

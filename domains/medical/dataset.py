@@ -187,7 +187,13 @@ class MedicalPretrainDataset(_DicomSamples):
         if sample is None:
             return None
         base, tag = to_base(sample, self.opts, self.cache.shape[-1])
-        self.cache.put(i, base, tag)
+        try:
+            self.cache.put(i, base, tag)
+        except OSError as exc:  # its volume filled up since the room check: decode instead, from now on
+            log.warning("%s: cannot store decoded samples (%s); decoding every epoch instead", self.cache.path.parent,
+                        exc)
+            self.cache = None
+            return base, tag
         for f, stamp in changed.items():
             self.stamps[f] = stamp
         return base, tag

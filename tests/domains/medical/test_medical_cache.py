@@ -128,3 +128,27 @@ def test_a_file_rewritten_during_the_run_is_decoded_again(demo_archive, cache_di
 
     target.unlink()  # a file gone mid-run: skipped like an unreadable one, not served stale
     assert ds.base(a) is None
+
+
+def test_a_disk_that_fills_up_during_the_run_costs_the_cache_not_the_run(demo_archive, cache_dir, tmp_path,
+                                                                           monkeypatch, caplog):
+    """The room check passed, then other files filled the volume. A store through the mapping
+    would have killed the process with SIGBUS; through the file it is an OSError (ENOSPC): the
+    sample is served from its decode, nothing is marked filled, and the site decodes from then on."""
+    import fedmoco.cache
+
+    reference = _data(demo_archive, tmp_path / "other-cache").dataset
+    (expected, expected_tag), (expected_1, _) = reference.base(0), reference.base(1)
+    ds = _data(demo_archive, cache_dir).dataset
+    cache = ds.cache
+
+    def full_disk(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fedmoco.cache.os, "pwrite", full_disk)
+    base, tag = ds.base(0)
+    np.testing.assert_array_equal(base, expected)
+    assert tag == expected_tag and ds.cache is None and cache.filled() == 0
+    assert "cannot store decoded samples ([Errno 28] No space left on device); decoding every epoch instead" \
+        in caplog.text
+    np.testing.assert_array_equal(ds.base(1)[0], expected_1)  # still served, now without a cache
