@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedmoco.appsign import verify_fab
+from fedmoco.network import loopback_bypasses_proxy
 
 log = logging.getLogger("fedmoco.supernode")
 _HOOKED = "flwr.supernode.start_client_internal"
@@ -76,6 +77,17 @@ def install_fab_check() -> None:
     sci._verify_fab = verify
 
 
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    """The values given to ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), in order."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith(flag + "="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
 def trusted_entities_problem(argv: list[str]) -> str | None:
     """Why the ``--trusted-entities`` YAML in ``argv`` would not guard this SuperNode, or None.
 
@@ -84,15 +96,10 @@ def trusted_entities_problem(argv: list[str]) -> str | None:
     least one key id to a public key line (Flower then checks each key is Ed25519)."""
     import yaml
 
-    path = None
-    for i, arg in enumerate(argv):
-        if arg == "--trusted-entities" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--trusted-entities="):
-            path = arg.split("=", 1)[1]
-    if path is None:
+    given = _flag_values(argv, "--trusted-entities")
+    if not given:
         return None  # Flower names a missing value itself
-    file = Path(path).expanduser()
+    file = Path(given[-1]).expanduser()
     try:
         entities = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -103,12 +110,6 @@ def trusted_entities_problem(argv: list[str]) -> str | None:
     if not all(isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in entities.items()):
         return f"{file}: every trusted entity must map a key id to an OpenSSH public key line"
     return None
-
-
-def _flag_values(argv: list[str], flag: str) -> list[str]:
-    """The values given to ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``)."""
-    out = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
-    return out + [arg.split("=", 1)[1] for arg in argv if arg.startswith(flag + "=")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clients.supernode: error: {exc}", file=sys.stderr)
         return 2
     from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    from fedmoco.network import loopback_bypasses_proxy
 
     # The SuperNode and each ClientApp it starts talk over 127.0.0.1: never through the site's
     # web proxy, which stays in place for the connection to the SuperLink.

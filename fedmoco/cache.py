@@ -224,14 +224,7 @@ class SampleCache:
         if not (0 <= i < self.n and 0 <= start and start + values.size <= size):
             raise IndexError(f"{values.size} values at {start} of sample {i}: outside {self.n} x {size}")
         item = np.dtype(self.dtype).itemsize
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            data, at = memoryview(values).cast("B"), self.offset + (i * size + start) * item
-            while data:  # pwrite may write less than asked
-                done = os.pwrite(fd, data, at)
-                data, at = data[done:], at + done
-        finally:
-            os.close(fd)
+        self._pwrite(memoryview(values).cast("B"), self.offset + (i * size + start) * item)
 
     def mark(self, i: int, tag: int = 1) -> None:
         """Mark sample i filled with ``tag`` (1-255), once its slot holds the whole sample.
@@ -241,10 +234,15 @@ class SampleCache:
             raise ValueError(f"tag must be in 1..255, got {tag}")
         if not 0 <= i < self.n:
             raise IndexError(f"sample {i} of {self.n}")
+        self._pwrite(memoryview(bytes([tag])), i)
+
+    def _pwrite(self, data: memoryview, at: int) -> None:
+        """All of ``data`` into the file from byte ``at`` on (pwrite may write less than asked)."""
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            if os.pwrite(fd, bytes([tag]), i) != 1:
-                raise OSError(f"{self.path}: the flag of sample {i} was not written")
+            while data:
+                done = os.pwrite(fd, data, at)
+                data, at = data[done:], at + done
         finally:
             os.close(fd)
 

@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Callable, Sequence
 
+from fedmoco.network import loopback_bypasses_proxy, ray_tmpdir
+
 #: Folder of the running interpreter's console scripts (flwr, flower-superlink, ...).
 BIN_DIR = Path(sys.executable).parent
 
@@ -48,8 +50,6 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     SuperLink starts ``flower-superexec`` by name) and ``FLWR_HOME`` for its config and
     installed apps, so nothing touches the user's ~/.flwr; loopback exempt from any web proxy and
     a temporary folder short enough for Ray's sockets (fedmoco.network)."""
-    from fedmoco.network import loopback_bypasses_proxy, ray_tmpdir
-
     env = loopback_bypasses_proxy(os.environ)
     env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(flwr_home)

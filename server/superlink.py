@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedmoco.network import loopback_bypasses_proxy
+
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
@@ -264,8 +266,6 @@ def serve(argv: list[str] | None = None) -> int:
         log.warning("no --database: registered SuperNodes and runs are forgotten when the SuperLink restarts")
     elif "://" not in config.database:
         Path(config.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-
-    from fedmoco.network import loopback_bypasses_proxy
 
     # The SuperExec and ServerApp this SuperLink starts connect back to --host:--port: never
     # through the coordinator's web proxy (gRPC would send even 127.0.0.1 there).
