@@ -21,13 +21,13 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedmoco.errors import ConfigError
 from fedmoco.ledger import (LEGACY_LEDGER_FILE, LOCK_NOTE, SiteLedger, ledger_lock,  # noqa: F401 re-exported
-                            missing_ledger_error, read_ledger)
+                            read_ledger)
 from fedmoco.site_settings import LEDGER_FILE, ledger_path  # noqa: F401 re-exported
 
 log = logging.getLogger("flwr.fedmoco.client")
@@ -59,13 +59,7 @@ def locked_ledger(path: Path) -> Iterator[dict[str, Any]]:
         try:
             lock.seek(0)
             written = bool(lock.read(1))  # the lock file is marked once a ledger has been written
-            if written and not path.is_file():
-                # A lock marked as having seen a ledger, and no ledger: it was removed (an
-                # rsync --delete, a wiped folder), and starting again, or from an older
-                # key-ledger.pt it was carried over from, would forget what it spent. Fail
-                # closed; a site admin who means to start anew removes the lock too.
-                raise missing_ledger_error(path)
-            ledger = read_ledger(path)
+            ledger = read_ledger(path)  # refuses a ledger that is gone while the lock is marked
             box: dict[str, Any] = {"ledger": ledger}
             yield box
             if box["ledger"] is not None:

@@ -176,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Defaults of the pretrain options that a resumed run takes from its checkpoint instead.
 #: pretrain's flags for how a run executes (not kept in the checkpoint): the resume hint repeats
 #: the ones given otherwise.
 RUN_FLAG_DEFAULTS: dict[str, Any] = {"--workers": 2, "--device": "auto"}
+#: Defaults of the pretrain options that a resumed run takes from its checkpoint instead.
 PRETRAIN_DEFAULTS: dict[str, Any] = {"domain": "images", "image_size": 64, "epochs": 10, "batch_size": 64,
                                      "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0, "seed": 0}
 

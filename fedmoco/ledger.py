@@ -392,13 +392,18 @@ def missing_ledger_error(path: Path) -> ConfigError:
 
 
 def read_ledger(path: Path) -> SiteLedger | None:
-    """The ledger at ``path`` (or carried over from a legacy ``key-ledger.pt`` beside it), or
-    None if the site has none yet. ConfigError naming the file if it cannot be read."""
+    """The ledger at ``path`` (resolved), or carried over from a legacy ``key-ledger.pt``
+    beside it, or None if the site has none yet. ConfigError naming the file if it cannot be
+    read, or if it is gone while its lock file says one was written (:func:`missing_ledger_error`):
+    starting again, or from an older key-ledger.pt it was carried over from, would forget
+    what it spent."""
     if path.is_file():
         try:
             return SiteLedger.from_state_dict(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: privacy ledger unreadable ({exc}); fix or remove it deliberately") from None
+    if lock_is_marked(path):  # removed (an rsync --delete, a wiped folder): fail closed
+        raise missing_ledger_error(path)
     legacy = path.parent / LEGACY_LEDGER_FILE
     if legacy.is_file():
         try:

@@ -152,7 +152,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         + (f" ({format_skipped(skipped)})" if skipped else ""))
     report = SiteReport(domain=domain, data=data_dir, usable=usable, skipped=skipped,
                         channels=data.in_channels, image_size=image_size, source_sizes=sizes,
-                        description=data.description, privacy=privacy_lines(data_dir, usable, data),
+                        description=data.description, privacy=privacy_lines(data_dir, data),
                         cache_dir=str(options.get("cache_dir") or default_cache_dir()),
                         cache_bytes=0 if cache_off else data.cache_bytes,
                         cache_skipped=0 if cache_off else data.cache_skipped)
@@ -197,13 +197,13 @@ def release_line(data: PretrainData, fixed: Any) -> str:
     return f"release:         one item per record, {n} records"
 
 
-def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None) -> list[str]:
+def privacy_lines(data_dir: Path, data: PretrainData) -> list[str]:
     """The site's privacy settings from ``data_dir/fedmoco-site.toml`` as a round reads them,
-    and its ledger's spending, one fact per line (with ``data``, also what a release would
-    read). ConfigError (one line naming the file and key) for anything a round would refuse:
-    an unknown key, a bad budget, a delta too large for ``usable`` images, a ledger or state
-    folder inside the data folder, an unreadable ledger."""
-    from fedmoco.ledger import check_site_delta, lock_is_marked, missing_ledger_error, read_ledger
+    what a release would read from ``data``, and its ledger's spending, one fact per line.
+    ConfigError (one line naming the file and key) for anything a round would refuse: an
+    unknown key, a bad budget, a delta too large for the records a release reads, a ledger or
+    state folder inside the data folder, an unreadable ledger."""
+    from fedmoco.ledger import check_site_delta, read_ledger
     from fedmoco.site_settings import privacy_settings, site_config
 
     path = data_dir / SITE_SETTINGS_FILE
@@ -216,24 +216,22 @@ def privacy_lines(data_dir: Path, usable: int, data: PretrainData | None = None)
              "node_config wins key by key"]
     if p["epsilon"] is None:
         return lines + ["budget:          no dp-epsilon: this site sends weights and metrics only"]
-    fixed = None if data is None else _fixed_release(data)
+    fixed = _fixed_release(data)
     # as a round: per record a release reads, and not at all where the site would refuse
-    records = usable if data is None else (None if fixed is None or isinstance(fixed, str) else len(fixed))
+    records = None if fixed is None or isinstance(fixed, str) else len(fixed)
     if math.isfinite(p["epsilon"]) and records is not None:
         check_site_delta(p["delta"], records, p["delta_label"])
     rounds = f"{p['dp_rounds']} releases" if p["dp_rounds"] else "the run's num-server-rounds (no dp-rounds)"
     lines.append(f"budget:          epsilon {p['epsilon']:g}, delta {p['delta']:g}, planned over {rounds}"
                  + ("" if math.isfinite(p["epsilon"]) else " (inf: no noise, never private; a control only)"))
-    if data is not None:
-        lines.append(release_line(data, fixed))
+    lines.append(release_line(data, fixed))
     ledger = p["ledger_path"]
     if ledger is None:
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "
                         "(dp-status 3) and the site sends weights only"]
-    resolved = Path(ledger).expanduser().resolve()  # as a round's ledger follows a symbolic link
-    if lock_is_marked(resolved) and not resolved.is_file():
-        raise missing_ledger_error(resolved)  # a round refuses to share (status 7): one line, as for other refusals
-    book = read_ledger(ledger)  # as a round reads it, an older fedmoco's ledger included
+    # as a round reads it (through a symbolic link, an older fedmoco's ledger included); a
+    # ledger gone while its lock is marked is one line, as a round's refusal (status 7)
+    book = read_ledger(Path(ledger).expanduser().resolve())
     if book is None:
         return lines + [f"ledger:          {ledger} (none yet: the first release creates it)"]
     return lines + [f"ledger:          {ledger}: {book.mechanism}, spent epsilon {book.spent():.3g} of "
