@@ -158,22 +158,6 @@ class OneItemPerRecord(Dataset):
 ReleaseView = Callable[[Normalization | None], "Dataset | str"]
 
 
-def renormalized_release(dataset: Dataset, src: Normalization) -> ReleaseView:
-    """The release view of a domain whose items are each one record's views, ending in
-    ``Normalize(src)`` with FIXED constants ``src`` (not statistics of the site's data): the
-    dataset itself, or renormalised to the federation's ``target``."""
-
-    def view(target: Normalization | None) -> Dataset | str:
-        return dataset if target is None else Renormalized(dataset, src, target)
-
-    return view
-
-
-def refused_release(reason: str) -> ReleaseView:
-    """The release view of data that has none: always ``reason``."""
-    return lambda target: reason
-
-
 @dataclass
 class PretrainData:
     dataset: Dataset

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,14 +19,12 @@ from fedmoco.data import (
     Normalization,
     OneItemPerRecord,
     PretrainData,
-    ReleaseView,
+    Renormalized,
     TwoViews,
     format_skipped,
     list_files,
     one_thread,
     read_labels,
-    refused_release,
-    renormalized_release,
 )
 from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache
 from fedmoco.errors import DataError, NoUsableData
@@ -352,19 +351,22 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
         skipped=skipped,
         description=_describe(records, len(samples), opts, skipped),
         cache_bytes=cache_nbytes(len(samples), _base_shape(opts, cfg.image_size), "float16"),
-        release_view=_release_view(dataset, normalization, opts),
+        release_view=partial(_release_view, dataset, normalization, opts),  # built when a release asks
     )
 
 
-def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization, opts: MedicalOptions) -> ReleaseView:
-    """The record is a file. Each sample is one slice or frame, windowed by its own header and
-    pixels, normalised with fixed constants; a multi-frame file owns several samples, so a
-    release reads one random frame per file (:class:`fedmoco.data.OneItemPerRecord`). With
-    ``slices`` > 1 a sample stacks its neighbours, so one slice file moves up to ``slices``
-    samples; the release is accounted for one, so such a site does not share."""
+def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization, opts: MedicalOptions,
+                  target: Normalization | None) -> Dataset | str:
+    """The release view (fedmoco.data.ReleaseView). The record is a file. Each sample is one
+    slice or frame, windowed by its own header and pixels, normalised with fixed constants
+    (``normalization``; renormalised to the federation's ``target`` when it fixed one); a
+    multi-frame file owns several samples, so a release reads one random frame per file
+    (:class:`fedmoco.data.OneItemPerRecord`). With ``slices`` > 1 a sample stacks its
+    neighbours, so one slice file moves up to ``slices`` samples; the release is accounted for
+    one, so such a site does not share."""
     if opts.slices > 1:
-        return refused_release(f"medical option slices={opts.slices} stacks neighbouring slice files into each "
-                               f"sample, so one file moves up to {opts.slices} summaries")
+        return (f"medical option slices={opts.slices} stacks neighbouring slice files into each sample, so one "
+                f"file moves up to {opts.slices} summaries")
     # Uncached: whether the sample cache exists depends on all samples against the free disk,
     # and a cached base is not bit for bit what decoding the file gives.
     uncached = MedicalPretrainDataset(dataset.root, dataset.records, dataset.samples, opts, None, None,
@@ -374,7 +376,7 @@ def _release_view(dataset: MedicalPretrainDataset, normalization: Normalization,
         files.setdefault(int(file), []).append(i)
     per_file = uncached if all(len(g) == 1 for g in files.values()) else OneItemPerRecord(uncached,
                                                                                          list(files.values()))
-    return renormalized_release(per_file, normalization)
+    return per_file if target is None else Renormalized(per_file, normalization, target)
 
 
 def build_labelled_data(
