@@ -253,13 +253,14 @@ def _train_round(msg: Message, context: Context) -> Message:
     site, mcfg, tcfg = _settings(context)  # SiteUnavailable: train() turns it into the error reply
     # The server's numbers drive loops and processes here: bound them by what the run declares
     # and what this machine has (a server-round of 1e9 would step the LR schedule for hours).
-    if not 1 <= server_round <= run_value(run, "num-server-rounds"):
+    rounds, cpus = run_value(run, "num-server-rounds"), os.cpu_count() or 1
+    if not 1 <= server_round <= rounds:
         raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: server-round {server_round} is outside 1.."
-                                                  f"{run_value(run, 'num-server-rounds')} (run_config num-server-rounds)")
-    if tcfg.num_workers > (os.cpu_count() or 1):
+                                                  f"{rounds} (run_config num-server-rounds)")
+    if tcfg.num_workers > cpus:
         log.warning("run_config num-workers %d is more than this machine's %d CPUs; using %d", tcfg.num_workers,
-                    os.cpu_count() or 1, os.cpu_count() or 1)
-        tcfg = dataclasses.replace(tcfg, num_workers=os.cpu_count() or 1)
+                    cpus, cpus)
+        tcfg = dataclasses.replace(tcfg, num_workers=cpus)
     data, dataset = _site_data(site, run, mcfg, tcfg)
     if site["threads"] > 0:  # a site's share of its machine (intra-op threads of torch)
         torch.set_num_threads(site["threads"])
@@ -285,7 +286,6 @@ def _train_round(msg: Message, context: Context) -> Message:
     # -- local training: E epochs against the local queue + the global negatives --------
     loader = make_loader(dataset, tcfg, site["device"], seed=tcfg.seed + 7919 * server_round)  # new order each round
     steps_per_epoch = min(len(loader), tcfg.max_steps_per_epoch or len(loader))
-    rounds = run_value(run, "num-server-rounds")
     trainer = Trainer(model, tcfg, site["device"], total_steps=max(rounds * tcfg.epochs * steps_per_epoch, 1),
                       steps_per_epoch=steps_per_epoch, progress=False)
     if saved.trainer is not None:
@@ -517,7 +517,7 @@ def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | Non
         # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step
         # around it by asking for no noise (it would spend without the ledger knowing).
         # a ledger, or a lock file that says one was written (a removed ledger must not open the way)
-        kept = site["ledger_path"] is not None and ledger_was_written(Path(site["ledger_path"]).expanduser())
+        kept = site["ledger_path"] is not None and ledger_was_written(site["ledger_path"])
         if kept:
             return empty, _refuse(8, f" ({site['ledger_path']})")
         log.warning("dp-epsilon=inf: releasing %s WITHOUT noise; NOT private, for benchmarks only", mode)
