@@ -1,7 +1,7 @@
 """A Flower SuperNode that runs only apps signed by a key the site trusts.
 
     python -m clients.supernode --trusted-entities /etc/fedmoco/trusted-entities.yaml \\
-        [every other flower-supernode option]
+        [--app-signed-after 2026-11-29T14:00:00Z] [every other flower-supernode option]
 
 ``trusted-entities.yaml`` is Flower's format, one line per trusted signer::
 
@@ -15,7 +15,9 @@ or starting any of its code, is :func:`fedmoco.appsign.verify_fab` (a signature 
 ``fedmoco sign-app`` inside the FAB) instead of Flower's Hub record. A FAB that fails is
 answered with Flower's "The FAB could not be verified" error reply, and its code never runs.
 
-It refuses to start without ``--trusted-entities``, and refuses to start if the Flower
+``--app-signed-after`` (fedmoco's, taken out before Flower sees the options) also refuses apps
+signed before that time: older versions the coordinator once signed, which a SuperLink could
+otherwise send again. It refuses to start without ``--trusted-entities``, and refuses to start if the Flower
 functions it hooks have changed shape (a newer Flower): it never runs unchecked.
 """
 
@@ -29,18 +31,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from fedmoco.appsign import verify_fab
+from fedmoco.appsign import parse_signed_after, verify_fab
+from fedmoco.errors import ConfigError
 from fedmoco.network import loopback_bypasses_proxy
 
 log = logging.getLogger("fedmoco.supernode")
 _HOOKED = "flwr.supernode.start_client_internal"
 
 
-def install_fab_check() -> None:
-    """Make Flower's SuperNode verify every FAB with :func:`fedmoco.appsign.verify_fab`."""
+def install_fab_check(signed_after: int | None = None) -> None:
+    """Make Flower's SuperNode verify every FAB with :func:`fedmoco.appsign.verify_fab`,
+    refusing those signed before ``signed_after`` (unix seconds) when given."""
     sci = importlib.import_module(_HOOKED)
     pull = getattr(sci, "_pull_and_store_message", None)
     if getattr(pull, "_fedmoco_checked", False):
+        sci._verify_fab = _fab_check(signed_after)  # installed before: only the check's setting changes
         return
     if pull is None or not hasattr(sci, "_verify_fab"):
         raise RuntimeError(f"{_HOOKED}: this Flower release lacks the FAB check fedmoco hooks; not starting")
@@ -61,9 +66,17 @@ def install_fab_check() -> None:
         kwargs["get_fab"] = get_fab_for_check
         return pull(*args, **kwargs)
 
+    pull_and_store._fedmoco_checked = True  # type: ignore[attr-defined]
+    sci._pull_and_store_message = pull_and_store
+    sci._verify_fab = _fab_check(signed_after)
+
+
+def _fab_check(signed_after: int | None) -> Callable[[Any, dict[str, str]], bool]:
+    """The replacement for Flower's ``_verify_fab(fab, trusted_entities) -> bool``."""
+
     def verify(fab, trusted_entities: dict[str, str]) -> bool:
         try:
-            reason = verify_fab(fab.content, trusted_entities)
+            reason = verify_fab(fab.content, trusted_entities, signed_after)
         except Exception as exc:  # nothing an app carries may stop the SuperNode: it is refused
             reason = f"its signature could not be checked ({type(exc).__name__})"
         if reason is not None:
@@ -72,9 +85,7 @@ def install_fab_check() -> None:
         print(f"fedmoco: app {fab.hash_str[:12]} verified (signed by a trusted entity)", file=sys.stderr, flush=True)
         return True
 
-    pull_and_store._fedmoco_checked = True  # type: ignore[attr-defined]
-    sci._pull_and_store_message = pull_and_store
-    sci._verify_fab = verify
+    return verify
 
 
 def _flag_values(argv: list[str], flag: str) -> list[str]:
@@ -86,6 +97,26 @@ def _flag_values(argv: list[str], flag: str) -> list[str]:
         elif arg.startswith(flag + "="):
             out.append(arg.split("=", 1)[1])
     return out
+
+
+def _take_flag(argv: list[str], flag: str) -> tuple[list[str], list[str]]:
+    """``(argv without flag and its values, those values)``: for fedmoco's own options,
+    which Flower's parser would reject."""
+    rest, values, skip = [], [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == flag:
+            if i + 1 < len(argv):
+                values.append(argv[i + 1])
+                skip = True
+            else:
+                values.append("")
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, values
 
 
 def trusted_entities_problem(argv: list[str]) -> str | None:
@@ -124,8 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"clients.supernode: error: {problem}", file=sys.stderr)
         return 2
+    argv, after = _take_flag(argv, "--app-signed-after")
     try:
-        install_fab_check()
+        signed_after = parse_signed_after(after[-1]) if after else None
+    except ConfigError as exc:
+        print(f"clients.supernode: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        install_fab_check(signed_after)
     except RuntimeError as exc:
         print(f"clients.supernode: error: {exc}", file=sys.stderr)
         return 2

@@ -110,9 +110,14 @@ def sign_app(app_dir: Path, key_path: Path, key_id: str) -> tuple[Path, int]:
     return out, n_files
 
 
-def verify_fab(fab: bytes, trusted: dict[str, str]) -> str | None:
-    """None if a key in ``trusted`` (key id -> OpenSSH Ed25519 public line) signed ``fab``;
-    otherwise the reason it is refused (one line)."""
+def verify_fab(fab: bytes, trusted: dict[str, str], signed_after: int | None = None) -> str | None:
+    """None if a key in ``trusted`` (key id -> OpenSSH Ed25519 public line) signed ``fab``,
+    at or after ``signed_after`` (unix seconds) when given; otherwise the reason it is refused
+    (one line).
+
+    ``signed_after`` is a site's defence against replay: a SuperLink (or anyone holding an old
+    FAB) could send an older app the coordinator once signed, say one whose bug a later
+    version fixed; its signature still verifies, but its ``signed_at`` is older."""
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as zf:
             if SIGNATURE_FILE not in zf.namelist():
@@ -126,6 +131,7 @@ def verify_fab(fab: bytes, trusted: dict[str, str]) -> str | None:
     signers = [k for k in records if k in trusted]
     if not signers:
         return f"signed by {sorted(records)!r}, none of which is a trusted entity ({sorted(trusted)!r})"
+    stale = None
     for key_id in signers:
         rec = records[key_id]
         try:
@@ -137,10 +143,49 @@ def verify_fab(fab: bytes, trusted: dict[str, str]) -> str | None:
             if not isinstance(public, ed25519.Ed25519PublicKey):
                 continue
             public.verify(signature, _message(digest, signed_at))
-            return None
         except (InvalidSignature, KeyError, TypeError, ValueError, OverflowError):
             continue
+        if signed_after is not None and signed_at < signed_after:
+            # the signed time is covered by the signature, so an older app cannot pass as new
+            stale = (f"signed by {key_id} at {utc_text(signed_at)}, before this site's --app-signed-after "
+                     f"{utc_text(signed_after)}: an older version of the app; the coordinator signs the current one")
+            continue
+        return None
+    if stale is not None:
+        return stale
     return f"the signature of {', '.join(signers)} does not match the app's files (changed after signing?)"
+
+
+def utc_text(unix_s: int) -> str:
+    """``unix_s`` as ``YYYY-MM-DDTHH:MM:SSZ`` (as a number where no calendar reaches it)."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
+    except (OverflowError, OSError, ValueError):
+        return f"{unix_s} (unix seconds)"
+
+
+def parse_signed_after(text: str) -> int:
+    """A site's ``--app-signed-after`` value as unix seconds: an ISO 8601 date or date-time
+    (``2026-11-29``, ``2026-11-29T14:00:00Z``; without a zone it is UTC), or unix seconds.
+    Raises ConfigError with one line when it is neither, or lies in the future (which would
+    refuse every app, the current one included)."""
+    from datetime import datetime, timezone
+
+    text = text.strip()
+    try:
+        value = int(text) if text.isdigit() else None
+        if value is None:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            value = int(moment.timestamp())
+    except (ValueError, OverflowError, OSError):
+        raise ConfigError(f"--app-signed-after {text!r}: not a date (2026-11-29, 2026-11-29T14:00:00Z) "
+                          "nor unix seconds") from None
+    if value > time.time() + 86400:
+        raise ConfigError(f"--app-signed-after {text!r}: lies in the future, so every app would be refused; "
+                          "give the time the coordinator signed the version to run (fedmoco sign-app prints it)")
+    return value
 
 
 def add_sign_app_parser(sub):
@@ -156,6 +201,8 @@ def add_sign_app_parser(sub):
 def cmd_sign_app(args) -> int:
     """``fedmoco sign-app``: sign, then say what the sites need."""
     out, n_files = sign_app(args.app, args.key, args.key_id)
-    print(f"wrote {out} ({n_files} files signed as {args.key_id!r}); run flwr run {args.app} now, "
-          "and sign again after any change")
+    signed_at = json.loads(out.read_text())[args.key_id]["signed_at"]
+    print(f"wrote {out} ({n_files} files signed as {args.key_id!r} at {utc_text(signed_at)}); run flwr run "
+          f"{args.app} now, and sign again after any change. To refuse older signed versions, sites start "
+          f"their SuperNode with --app-signed-after {utc_text(signed_at)}")
     return 0

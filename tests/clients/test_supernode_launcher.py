@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from clients.supernode import main, trusted_entities_problem
@@ -52,3 +54,50 @@ def test_the_supernode_and_its_client_apps_reach_each_other_past_a_web_proxy(tmp
     assert main(["--trusted-entities", str(yaml_file), "--host", "10.0.0.7"]) == 0
     assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1,10.0.0.7"  # and its own --host
     assert seen["https_proxy"] == "http://proxy.hospital:3128"
+
+
+def test_app_signed_after_is_the_sites_and_refuses_older_signed_apps(tmp_path, monkeypatch, capsys):
+    """``--app-signed-after`` is taken out before Flower parses the options, and the check the
+    launcher installs refuses an app signed before it: a SuperLink replaying an older version
+    the coordinator once signed gets Flower's "could not be verified" reply."""
+    import importlib
+    import json
+    from types import SimpleNamespace
+
+    from fedmoco.appsign import SIGNATURE_FILE, build_fab, sign_app
+    from fedmoco.keys import keygen
+
+    app = tmp_path / "app"
+    (app / "tinyapp").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "tinyapp"\nversion = "1.0.0"\ndependencies = []\n\n[tool.flwr.app]\npublisher = "x"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "tinyapp.s:app"\nclientapp = "tinyapp.c:app"\n')
+    for name in ("__init__", "s", "c"):
+        (app / "tinyapp" / f"{name}.py").write_text("app = None\n")
+    public, _ = keygen(tmp_path / "keys", "coordinator", "ed25519")
+    sign_app(app, tmp_path / "keys" / "coordinator", "coordinator")
+    signed_at = json.loads((app / SIGNATURE_FILE).read_text())["coordinator"]["signed_at"]
+    fab = SimpleNamespace(content=build_fab(app), hash_str="ab" * 32)
+    trusted = {"coordinator": public.read_text().strip()}
+    yaml_file = tmp_path / "trusted-entities.yaml"
+    yaml_file.write_text(f'coordinator: "{trusted["coordinator"]}"\n')
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    sci = importlib.import_module("flwr.supernode.start_client_internal")
+    seen = {}
+    monkeypatch.setattr(cli, "flower_supernode", lambda: seen.update(argv=list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["clients.supernode"])
+    monkeypatch.setattr(sci, "_verify_fab", sci._verify_fab)  # undone after the test
+
+    assert main(["--insecure", "--app-signed-after", "not-a-date", "--trusted-entities", str(yaml_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("clients.supernode: error: --app-signed-after 'not-a-date': not a date (2026-11-29, "
+                   "2026-11-29T14:00:00Z) nor unix seconds\n")
+
+    assert main(["--insecure", f"--app-signed-after={signed_at + 1}", "--trusted-entities", str(yaml_file)]) == 0
+    assert seen["argv"] == ["flower-supernode", "--insecure", "--trusted-entities", str(yaml_file)]
+    assert sci._verify_fab(fab, trusted) is False
+    assert "before this site's --app-signed-after" in capsys.readouterr().err
+
+    assert main(["--insecure", "--app-signed-after", str(signed_at), "--trusted-entities", str(yaml_file)]) == 0
+    assert sci._verify_fab(fab, trusted) is True

@@ -7,7 +7,10 @@ import zipfile
 
 import pytest
 
-from fedmoco.appsign import SIGNATURE_FILE, build_fab, copy_app_files, sign_app, verify_fab
+import json
+import time
+
+from fedmoco.appsign import SIGNATURE_FILE, build_fab, copy_app_files, parse_signed_after, sign_app, verify_fab
 from fedmoco.cli import main
 from fedmoco.errors import ConfigError
 from fedmoco.keys import keygen
@@ -86,6 +89,57 @@ def test_any_change_after_signing_is_refused(app, signer):
     assert "does not match" in verify_fab(build_fab(app), trusted)
     sign_app(app, key, "coordinator")
     assert verify_fab(build_fab(app), trusted) is None
+
+
+def test_an_older_signed_version_is_refused_where_the_site_asks_for_a_newer_one(app, signer, capsys):
+    """Replay: an app the coordinator signed before a fix still verifies; a site that starts its
+    SuperNode with --app-signed-after refuses it, and the signed time cannot be moved forward
+    without breaking the signature."""
+    key, trusted = signer
+    assert main(["sign-app", str(app), "--key", str(key), "--key-id", "coordinator"]) == 0
+    signed_at = json.loads((app / SIGNATURE_FILE).read_text())["coordinator"]["signed_at"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(signed_at))
+    assert f"sites start their SuperNode with --app-signed-after {stamp}" in capsys.readouterr().out
+    old = build_fab(app)
+    assert verify_fab(old, trusted, signed_after=signed_at) is None  # "at or after"
+    reason = verify_fab(old, trusted, signed_after=signed_at + 1)
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(signed_at + 1))
+    assert reason == (f"signed by coordinator at {stamp}, before this site's --app-signed-after {later}: "
+                      "an older version of the app; the coordinator signs the current one")
+
+    def move_forward(name, data):
+        if name != SIGNATURE_FILE:
+            return name, data
+        record = json.loads(data)
+        record["coordinator"]["signed_at"] = signed_at + 3600
+        return name, json.dumps(record)
+
+    assert "does not match" in verify_fab(_rezip(old, move_forward), trusted, signed_after=signed_at + 1)
+
+
+@pytest.mark.parametrize("text, unix_s", [
+    ("2026-11-29", 1_795_910_400),
+    ("2026-11-29T14:00:00Z", 1_795_960_800),
+    ("2026-11-29T15:00:00+01:00", 1_795_960_800),
+    ("2026-11-29 14:00", 1_795_960_800),  # no zone: UTC
+    ("1795960800", 1_795_960_800),
+])
+def test_app_signed_after_takes_a_date_a_time_or_unix_seconds(text, unix_s, monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1_796_000_000.0)
+    assert parse_signed_after(text) == unix_s
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("last tuesday", "not a date (2026-11-29, 2026-11-29T14:00:00Z) nor unix seconds"),
+    ("", "not a date"),
+    ("-5", "not a date"),
+    ("2027-01-01", "lies in the future, so every app would be refused"),
+])
+def test_an_app_signed_after_value_that_would_mislead_is_refused(text, problem, monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1_796_000_000.0)
+    with pytest.raises(ConfigError, match="^--app-signed-after ") as info:
+        parse_signed_after(text)
+    assert problem in str(info.value)
 
 
 def test_untrusted_signer_is_refused(app, signer, tmp_path):
