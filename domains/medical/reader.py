@@ -147,6 +147,12 @@ DECODER_PACKAGES: dict[str, str] = {
 }
 
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
+# The largest pixel value, in output units (after RescaleSlope/Intercept), and the largest
+# window, a file may carry. Pixels are float32 from here on, and windowing subtracts and
+# divides them: a forged rescale such as intercept 1e39 (finite as a Python float, inf as
+# float32) or slope 1e34 (finite pixels whose percentile span overflows) made every loss NaN
+# and stopped the run. Real units stay far below: CT in HU, PET in Bq/ml (~1e9 at most).
+MAX_PIXEL_UNITS = 1e30
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 
 
@@ -390,6 +396,12 @@ def _validate(
         value_range = (float(stored_range[0]), float(stored_range[1]))
     else:
         value_range = _value_range(stored_range, rescale[0], photometric, keyword)
+        for pair in set(rescale):
+            reach = _value_range(stored_range, pair, photometric, keyword)
+            if reach is not None and max(map(abs, reach)) > MAX_PIXEL_UNITS:
+                raise DicomReadError(path, INCONSISTENT,
+                                     f"RescaleSlope {pair[0]:g}, RescaleIntercept {pair[1]:g} map the stored values "
+                                     f"to [{reach[0]:.3g}, {reach[1]:.3g}], beyond +-{MAX_PIXEL_UNITS:g}")
     windows = _windows(ds, frames)
     if photometric == "MONOCHROME1":
         windows = tuple(None if w is None else (_reflect(w[0], value_range), w[1]) for w in windows)
@@ -604,7 +616,9 @@ def _windows(ds: Dataset, frames: int) -> tuple[tuple[float, float] | None, ...]
         if source is None:
             return None
         center, width = _first_number(source.get("WindowCenter")), _first_number(source.get("WindowWidth"))
-        return (center, width) if center is not None and width is not None and width > 0 else None
+        usable = center is not None and width is not None and 0 < width <= MAX_PIXEL_UNITS \
+            and abs(center) <= MAX_PIXEL_UNITS
+        return (center, width) if usable else None  # an unusable window reads as none: percentiles
 
     if "WindowCenter" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
         # a classic image, or one window for all frames: no per-frame lookups
@@ -769,9 +783,12 @@ def _to_modality_units(
         intercepts = np.asarray([rescale[f][1] for f in wanted], dtype=np.float32)[:, None, None]
         if (slopes != 1).any() or (intercepts != 0).any():
             out = out * slopes + intercepts
-    if header.value_range is None and not np.isfinite(out).all():
-        # Float pixel data can hold NaN or inf, which would make every view and the loss NaN.
-        raise DicomReadError(header.path, INCONSISTENT, "float pixel data holds NaN or infinite values")
+    if header.value_range is None:
+        if not np.isfinite(out).all():
+            # Float pixel data can hold NaN or inf, which would make every view and the loss NaN.
+            raise DicomReadError(header.path, INCONSISTENT, "float pixel data holds NaN or infinite values")
+        if out.size and np.abs(out).max() > MAX_PIXEL_UNITS:
+            raise DicomReadError(header.path, INCONSISTENT, f"float pixel data holds values beyond +-{MAX_PIXEL_UNITS:g}")
     if header.photometric_interpretation == "MONOCHROME1":
         # One reflection for every frame, the one _validate applied to the windows (the
         # representable range of the first frame's units, or negation for float data): a

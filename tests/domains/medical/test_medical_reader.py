@@ -195,10 +195,39 @@ def test_float_pixel_data_with_nan_is_refused(tmp_path):
     path = tmp_path / "map.dcm"
     ds.save_as(path, enforce_file_format=True)
     expect(path, "inconsistent attributes", "float pixel data holds NaN or infinite values", header_too=False)
+    ds.FloatPixelData = np.array([[0, 1, 2, 3e38], [0, 1, 2, 3]], "<f4").tobytes()  # finite, but its span is not
+    ds.save_as(path, enforce_file_format=True)
+    expect(path, "inconsistent attributes", "float pixel data holds values beyond +-1e+30", header_too=False)
     ds.FloatPixelData = np.array([[0, 1, 2, 5], [0, 1, 2, 3]], "<f4").tobytes()
     ds.PhotometricInterpretation = "MONOCHROME1"  # no representable range: inverted by negation
     ds.save_as(path, enforce_file_format=True)
     assert read_dicom(path).pixels[0, 0, 0].tolist() == [0.0, -1.0, -2.0, -5.0]
+
+
+@pytest.mark.parametrize("slope, intercept, reach", [
+    ("1", "1e39", "[1e+39, 1e+39]"),  # finite as a Python float, inf as float32: every pixel inf
+    ("1e34", "0", "[-3.28e+38, 3.28e+38]"),  # finite pixels, but their percentile span overflows
+])
+def test_a_rescale_beyond_float32_arithmetic_is_refused_by_the_header(tmp_path, slope, intercept, reach):
+    """A forged rescale made every view, and so the loss, NaN, which stopped the whole run;
+    now the file is refused at the scan like any inconsistent header, and skipped."""
+    raw = np.array([[-32768, 0, 100, 32767]], np.int16)
+    path = write_dicom(tmp_path / "mr.dcm", raw, attributes={"Modality": "MR", "RescaleSlope": slope,
+                                                              "RescaleIntercept": intercept})
+    expect(path, "inconsistent attributes", f"RescaleSlope {float(slope):g}, RescaleIntercept {float(intercept):g}",
+           f"to {reach}, beyond +-1e+30")
+
+
+def test_a_window_beyond_float32_arithmetic_reads_as_none(tmp_path):
+    """Centre 1e39 with width 1e39 gave inf - inf = NaN in every windowed pixel; such a window
+    is unusable, so the file windows by percentiles as one without a window does."""
+    raw = np.array([[0, 100, 200, 300]], np.int16)
+    path = write_dicom(tmp_path / "mr.dcm", raw, attributes={"Modality": "MR", "WindowCenter": "1e39",
+                                                              "WindowWidth": "1e39"})
+    assert (read_header(path).window_center, read_header(path).window_width) == (None, None)
+    path = write_dicom(tmp_path / "ok.dcm", raw, attributes={"Modality": "MR", "WindowCenter": "150",
+                                                              "WindowWidth": "300"})
+    assert (read_header(path).window_center, read_header(path).window_width) == (150.0, 300.0)
 
 
 def test_pixel_padding_reads_as_the_darkest_real_pixel(tmp_path):
