@@ -85,7 +85,8 @@ def cache_fits(folder: Path | str, nbytes: int) -> tuple[bool, int]:
 
 
 def _folder_digest(root: Path | str) -> str:
-    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    # fsencode: a folder name need not be UTF-8 (it is bytes on POSIX), and str.encode would raise
+    return hashlib.sha256(os.fsencode(Path(root).resolve())).hexdigest()[:16]
 
 
 def folder_cache_prefix(root: Path | str, kind: str) -> str:

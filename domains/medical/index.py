@@ -82,7 +82,7 @@ class FileRecord:
 
 def cache_file(root: Path, cache_dir: Path | str | None) -> Path:
     """The index cache of data folder ``root``: one JSON file per resolved folder path."""
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]  # the name need not be UTF-8
     return Path(cache_dir or default_cache_dir()) / "medical-index" / f"{key}.json"
 
 

@@ -7,6 +7,7 @@ import logging
 import pickle
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,18 @@ def test_ct_window_through_the_dataset_by_hand(tmp_path, cache_dir, sample_cache
     assert got == pytest.approx(expected, abs=2**-10 if sample_cache else 1e-5)
     if sample_cache:
         assert got == pytest.approx((float(np.float16(1390 / 1500)) - 0.5) / 0.25, abs=1e-6)
+
+
+def test_a_data_folder_whose_name_is_not_utf8_is_indexed_and_cached(tmp_path, cache_dir):
+    """POSIX names are bytes: a folder named b"ct_\xff" (an export from an older system) crashed
+    the index cache and the sample cache, which hashed its name as UTF-8, with a traceback."""
+    import os
+
+    root = ct_series(Path(os.fsdecode(os.fsencode(tmp_path) + b"/ct_\xff")), [40, -160])
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    assert data.dataset.cache is not None and len(data.dataset) == 2
+    assert float(data.dataset[0][0].mean()) == 0.0  # 40 HU in the default CT window: 0.5
+    assert len(list((cache_dir / "medical-index").glob("*.json"))) == 1
 
 
 def test_25d_channels_are_neighbouring_slices(tmp_path, cache_dir):
