@@ -268,6 +268,12 @@ def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, 
     name = f"{prefix}-{fingerprint(kind, shape, dtype, options, stamps)[:16]}.cache"
     cache = SampleCache(folder / name, n, tuple(int(s) for s in shape), np.dtype(dtype).name, access)
     if cache.path.exists() and cache.path.stat().st_size == cache.nbytes:
+        try:  # a cache is read and filled in place: one on a volume now read-only, or another
+            os.close(os.open(cache.path, os.O_RDWR))  # user's, would stop the first read
+        except OSError as exc:
+            log.warning("%s: cannot open the sample cache for writing (%s); decoding every epoch instead",
+                        cache.path, exc.strerror or exc)
+            return None
         return cache
     try:
         folder.mkdir(parents=True, exist_ok=True)

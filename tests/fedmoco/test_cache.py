@@ -89,6 +89,33 @@ def test_unwritable_cache_folder_means_no_cache(tmp_path):
     assert open_cache(root, "test", 1, (1,), "uint8", {}, [], blocker) is None
 
 
+def test_an_existing_cache_that_cannot_be_written_means_no_cache(tmp_path, monkeypatch, caplog):
+    """A cache made earlier on a volume since remounted read-only (or another user's, mode
+    0600) stopped the run at its first read ("Read-only file system"); now the round decodes
+    every epoch, as with any cache it cannot have."""
+    import errno
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"x" * 10)
+    stamps = file_stamps(root, [root / "a.bin"])
+    cache = _open(root, tmp_path, stamps)
+    cache.put(0, np.ones((2, 3, 3)))
+    real_open = os.open
+
+    def read_only_volume(path, flags, *args, **kwargs):
+        if os.fspath(path) == os.fspath(cache.path) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_volume)
+    with caplog.at_level("WARNING", logger="fedmoco.cache"):
+        assert _open(root, tmp_path, stamps) is None
+    assert f"{cache.path}: cannot open the sample cache for writing (Read-only file system)" in caplog.text
+    monkeypatch.undo()
+    assert _open(root, tmp_path, stamps).get(0) is not None  # writable again: the same cache, still filled
+
+
 @pytest.mark.parametrize("reserve_gb, built", [("0", True), ("1e9", False)])
 def test_a_cache_is_built_only_while_the_reserve_stays_free(tmp_path, monkeypatch, caplog, reserve_gb, built):
     """FEDMOCO_CACHE_MIN_FREE_GB is the free disk the cache leaves on its volume: no volume has
