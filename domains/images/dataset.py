@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
 from collections import Counter
@@ -260,20 +261,25 @@ class ImageFolderDataset(Dataset):
 
 def estimate_normalization(files: list[Path], channels: int, size: int,
                            max_pixels: int = OPTIONS["max_pixels"]) -> Normalization:
-    """Per-channel mean/std in [0, 1] units over up to 64 evenly spaced, resized images
-    (unreadable ones and those over ``max_pixels`` left out)."""
+    """Per-channel mean/std in [0, 1] units over 64 evenly spaced, resized images (fewer when
+    the folder has fewer). An unreadable image, or one over ``max_pixels``, is replaced by the
+    next readable one after the evenly spaced picks, so a run of broken files cannot stop the
+    site while readable ones remain."""
     step = max(1, len(files) // _NORM_SAMPLE)
     resize = T.Compose([short_side_resize(size), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
-    stack, first_error = [], None
-    sample = files[::step][:_NORM_SAMPLE]
-    for p in sample:
+    stack, first_error, tried = [], None, 0
+    picks = list(range(0, len(files), step))[:_NORM_SAMPLE]
+    chosen = set(picks)
+    for i in itertools.chain(picks, (j for j in range(len(files)) if j not in chosen)):
+        if len(stack) == min(_NORM_SAMPLE, len(files)):
+            break
+        tried += 1
         try:
-            stack.append(resize(load_image(p, channels, max_pixels)))
+            stack.append(resize(load_image(files[i], channels, max_pixels)))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            first_error = first_error or f"{p}: {exc}"
-            continue
+            first_error = first_error or f"{files[i]}: {exc}"
     if not stack:
-        raise DataError(f"none of the {len(sample)} sampled images could be read (first: {first_error})")
+        raise DataError(f"none of the {tried} images could be read (first: {first_error})")
     x = torch.stack(stack)  # (n, C, H, W)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)

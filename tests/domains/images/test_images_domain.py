@@ -166,8 +166,23 @@ def test_no_readable_image_names_a_file_and_its_reason(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.png", "b.png"):
         (tmp_path / "sub" / name).write_bytes(b"")
-    with pytest.raises(DataError, match=r"none of the 2 sampled images could be read \(first: .*a\.png: "):
+    with pytest.raises(DataError, match=r"none of the 2 images could be read \(first: .*a\.png: "):
         build_pretrain_data(tmp_path, DataConfig(image_size=16))
+
+
+def test_statistics_pass_over_a_run_of_broken_images_to_the_readable_ones(tmp_path):
+    """The statistics read 64 evenly spaced images; 64 broken files that sort first made them
+    all unreadable and stopped the site, though readable images followed. Now each broken
+    pick is replaced by a readable image, and the statistics are those of the readable ones."""
+    from domains.images.dataset import estimate_normalization
+
+    for i in range(64):
+        (tmp_path / f"a{i:03d}.png").write_bytes(b"not a png")
+    for i, grey in enumerate((50, 150)):
+        Image.new("L", (16, 16), grey).save(tmp_path / f"b{i}.png")
+    files = sorted(tmp_path.iterdir())
+    norm = estimate_normalization(files, channels=1, size=16)
+    assert norm.mean == pytest.approx([100 / 255]) and norm.std == pytest.approx([50 / 255], rel=0.01)
 
 
 def test_a_release_needs_federation_units_and_then_no_other_image_moves_an_item(tmp_path, demo_images):
