@@ -201,16 +201,17 @@ def privacy_lines(data_dir: Path, data: PretrainData) -> list[str]:
     """The site's privacy settings from ``data_dir/fedmoco-site.toml`` as a round reads them,
     what a release would read from ``data``, and its ledger's spending, one fact per line.
     ConfigError (one line naming the file and key) for anything a round would refuse: an
-    unknown key, a bad budget, a delta too large for the records a release reads, a ledger or
+    unknown key, a bad site name, a bad budget, a delta too large for the records a release reads, a ledger or
     state folder inside the data folder, an unreadable ledger."""
     from fedmoco.ledger import check_site_delta, read_ledger
-    from fedmoco.site_settings import privacy_settings, site_config
+    from fedmoco.site_settings import privacy_settings, site_config, site_name
 
     path = data_dir / SITE_SETTINGS_FILE
     if not path.is_file():
         return [f"privacy:         no {SITE_SETTINGS_FILE} here: unless node_config sets dp-epsilon and a ledger "
                 "(ledger-path or state-dir), this site sends weights and metrics only"]
     own = site_config({}, data_dir)
+    site_name(own)  # as each round reads it: a name a round would refuse is one line here too
     p = privacy_settings(own, data_dir)
     lines = [f"privacy:         settings from {path} ({', '.join(own.from_file()) or 'no keys'}); "
              "node_config wins key by key"]

@@ -147,6 +147,7 @@ def test_a_removed_ledger_is_reported_as_the_round_will_refuse_it(images_site, c
     ('dp-epsilon = 8\ndp-delta = 0.5\nstate-dir = "../s"\n', "{file}: dp-delta: must be in (0, 0.001], got 0.5"),
     ('dp-epsilon = -1\n', "{file}: dp-epsilon: must be > 0, got -1"),
     ('epsilon = 8\n', "{file}: epsilon: not a site setting"),
+    ('site-name = "hospital a/../b"\n', "{file}: site-name: 'hospital a/../b' is not a site name: 1 to 32 characters"),
 ])
 def test_a_settings_file_a_round_would_refuse_is_one_line(images_site, capsys, text, message):
     file = images_site / "fedmoco-site.toml"
