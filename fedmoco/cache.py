@@ -84,6 +84,27 @@ def cache_fits(folder: Path | str, nbytes: int) -> tuple[bool, int]:
     return free - nbytes >= min_free_bytes(), free
 
 
+def cache_folder_problem(folder: Path | str) -> str | None:
+    """Why a cache could not be written under ``folder`` (which need not exist yet: its nearest
+    existing parent must be a folder this user can write), or None. Checks only what is on
+    disk now; a round still logs any failure it meets."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only volume (EROFS)
+        return f"{folder} cannot be written by this user" + (" (read-only volume)" if _read_only(folder) else "")
+    return None
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _folder_digest(root: Path | str) -> str:
     # fsencode: a folder name need not be UTF-8 (it is bytes on POSIX), and str.encode would raise
     return hashlib.sha256(os.fsencode(Path(root).resolve())).hexdigest()[:16]

@@ -69,6 +69,7 @@ class SiteReport:
     cache_skipped: int = 0  # sources it leaves uncached
     cache_free: int = -1  # free bytes on the cache's volume now (-1: not asked)
     cache_fits: bool = True  # whether cache_bytes leave fedmoco.cache.min_free_bytes() free there
+    cache_problem: str = ""  # why a round could not write its cache in cache_dir ("" when it could)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -100,7 +101,11 @@ class SiteReport:
         if self.skipped_while_timing:
             out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
                        "count them every round")
-        if self.cache_bytes and not self.cache_fits:
+        if self.cache_bytes and self.cache_problem:
+            out.append(f"cache:           this check wrote nothing; a round cannot write its decoded-sample cache "
+                       f"there: {self.cache_problem}, so every read decodes its image: point FEDMOCO_CACHE_DIR "
+                       "at a folder this user can write")
+        elif self.cache_bytes and not self.cache_fits:
             from fedmoco.cache import MIN_FREE_ENV, min_free_bytes
 
             out.append(f"cache:           this check wrote nothing; a round would need about "
@@ -129,7 +134,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     """
     import torch
 
-    from fedmoco.cache import cache_fits, default_cache_dir, folder_cache_allocated
+    from fedmoco.cache import cache_fits, cache_folder_problem, default_cache_dir, folder_cache_allocated
     from fedmoco.data import DataConfig, build_pretrain_data, format_skipped, parse_bool
 
     data_dir = Path(data_dir)
@@ -157,6 +162,8 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         cache_bytes=0 if cache_off else data.cache_bytes,
                         cache_skipped=0 if cache_off else data.cache_skipped)
     if report.cache_bytes:
+        report.cache_problem = cache_folder_problem(Path(report.cache_dir) / "samples") or ""
+    if report.cache_bytes and not report.cache_problem:
         # A round replaces (or reuses) this folder's caches before it asks for room: what they
         # hold on disk counts as free.
         try:

@@ -201,6 +201,23 @@ def test_a_cache_that_would_not_fit_is_named_as_such(hospital, tmp_path, monkeyp
     assert again.cache_fits and again.cache_bytes == tight.cache_bytes
 
 
+def test_a_cache_folder_a_round_cannot_write_is_named_as_such(hospital, tmp_path, monkeypatch):
+    """FEDMOCO_CACHE_DIR naming a file (or a folder this user cannot write) leaves a round
+    without a cache; check-site said a round would decode into it."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(blocker))
+    report = check_site("medical", hospital, image_size=32, steps=0)
+    line = next(x for x in report.lines() if x.startswith("cache:"))
+    assert line == (f"cache:           this check wrote nothing; a round cannot write its decoded-sample cache "
+                    f"there: {blocker} is not a folder, so every read decodes its image: point FEDMOCO_CACHE_DIR "
+                    "at a folder this user can write")
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as on a read-only volume, or another user's
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(tmp_path / "c" / "d"))
+    report = check_site("medical", hospital, image_size=32, steps=0)
+    assert report.cache_problem == f"{tmp_path} cannot be written by this user"
+
+
 @pytest.mark.parametrize("domain", ["medical", "satellite", "images"])
 def test_the_dry_run_writes_nothing(domain, hospital, images_site, tmp_path, monkeypatch):
     """check-site is a dry run: no decoded-sample cache (a satellite archive's can take up to
