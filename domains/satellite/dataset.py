@@ -113,7 +113,8 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     infos = []
     for path in files:
         try:
-            infos.append(inspect_file(path, opts.scale, opts.offset, opts.max_block_mb, opts.max_raster_pixels))
+            infos.append(inspect_file(path, opts.scale, opts.offset, opts.max_block_mb, opts.max_raster_pixels,
+                                      opts.max_compression_ratio))
         except RasterReadError as exc:
             _skip(skipped, exc)
     sources, errors = build_sources(infos, opts.resolution, opts.resampling)

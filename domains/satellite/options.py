@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-from domains.satellite.reader import DEFAULT_MAX_BLOCK_MB, DEFAULT_MAX_RASTER_PIXELS, RESAMPLING_METHODS
+from domains.satellite.reader import (DEFAULT_MAX_BLOCK_MB, DEFAULT_MAX_COMPRESSION_RATIO, DEFAULT_MAX_RASTER_PIXELS,
+                                      RESAMPLING_METHODS)
 from fedmoco.data import parse_bool
 from fedmoco.errors import DataError
 
@@ -30,6 +31,7 @@ class SatelliteOptions:
     gdal_cache_mb: int = 64
     max_block_mb: float = DEFAULT_MAX_BLOCK_MB
     max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS
+    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO
     cache: bool = True  # decoded-raster cache (fedmoco.cache); false reads every tile through GDAL
     cache_max_gb: float = 16.0  # rasters are cached while their caches fit in this; the rest read through GDAL
     # sampling
@@ -193,6 +195,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "gdal_cache_mb": _number(int, 1),
     "max_block_mb": _number(float, 0.0, lo_open=True),
     "max_raster_pixels": _number(int, 1),
+    "max_compression_ratio": _number(float, 1.0),
     "cache": _bool,
     "cache_max_gb": _number(float, 0.0),
     "tile_size": _number(int, 8),

@@ -50,6 +50,17 @@ TOO_LARGE = "too large"
 #: 65536 x 65536 mosaic (a Sentinel-2 band is 10980 x 10980).
 DEFAULT_MAX_RASTER_PIXELS = 2**32
 
+#: Default of the ``max_compression_ratio`` data option: the most decoded bytes a file may
+#: declare per byte it stores. Under ``max_raster_pixels`` a 2.5 KB sparse GeoTIFF (no block
+#: written) could still declare 65535 x 65535 px, and since tiles are drawn in proportion to
+#: area it became nearly every tile of the epoch, all of them blank. Real imagery stores 2-20x
+#: compressed (a Sentinel-2 band: 241 MB decoded, ~100 MB as JPEG 2000), and deflate cannot
+#: pass ~1032x even on constant data, so only a file of mostly missing blocks goes over 1000.
+DEFAULT_MAX_COMPRESSION_RATIO = 1000.0
+#: Declared sizes under this are not held to the ratio: a small constant raster compresses
+#: past it and decides nothing about an epoch (a 64 MiB file would be the whole 1000x budget).
+_RATIO_FLOOR_BYTES = 64 * 2**20
+
 #: The largest magnitude the decoded-raster cache (float16) holds. Larger values are no
 #: reflectance; they are masked as invalid on every path, so the scan's statistics, the
 #: cached and the uncached loader agree on them.
@@ -480,15 +491,28 @@ def check_size(path: str, src, max_raster_pixels: int) -> None:
                                                f"{max_raster_pixels:,}; raise it for a larger mosaic")
 
 
+def check_stored_bytes(path: str, src, file_bytes: int, max_ratio: float) -> None:
+    """RasterReadError(TOO_LARGE) when the file declares more than ``max_ratio`` decoded bytes
+    per byte it holds on disk (and more than 64 MiB decoded): a file of mostly missing blocks."""
+    decoded = src.width * src.height * sum(np.dtype(d).itemsize for d in src.dtypes)
+    if decoded > _RATIO_FLOOR_BYTES and decoded > max_ratio * max(file_bytes, 1):
+        raise RasterReadError(path, TOO_LARGE,
+                              f"declares {src.width} x {src.height} pixels x {src.count} bands, {decoded / 1e9:.3g} GB "
+                              f"decoded, in {file_bytes:,} bytes on disk: over max_compression_ratio "
+                              f"{max_ratio:g} (a file of mostly missing blocks); raise it if such files are yours")
+
+
 def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: float | None = None,
                  max_block_mb: float = DEFAULT_MAX_BLOCK_MB,
-                 max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS) -> FileInfo:
+                 max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS,
+                 max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO) -> FileInfo:
     """Open ``path`` and describe it: bands, scaling, grid, acquisition date.
 
     ``scale``/``offset`` override what the file says (reflectance = DN * scale + offset).
     Raises RasterReadError: not a raster, unreadable, wrong band count (no bands), or too
-    large (declaring more than ``max_raster_pixels`` pixels, or a block of every band over
-    ``max_block_mb`` MiB; both checked from the header, before any pixel is read).
+    large (declaring more than ``max_raster_pixels`` pixels, more than ``max_compression_ratio``
+    decoded bytes per stored byte, or a block of every band over ``max_block_mb`` MiB; all
+    checked from the header and the file's size, before any pixel is read).
     """
     path = str(path)
     with open_raster(path) as src:
@@ -499,6 +523,7 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
             raise RasterReadError(path, WRONG_BAND_COUNT, detail)
         check_size(path, src, max_raster_pixels)
         check_blocks(path, src, max_block_mb)
+        check_stored_bytes(path, src, stat.st_size, max_compression_ratio)
         try:
             crs = src.crs.to_wkt() if src.crs else None
             grid = Grid(crs, src.transform, src.width, src.height)

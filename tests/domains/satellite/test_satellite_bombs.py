@@ -151,7 +151,13 @@ def test_a_header_declaring_more_pixels_than_the_limit_is_refused_unread(tmp_pat
         inspect_file(tmp_path / "sparse.tif")
     assert err.value.reason == TOO_LARGE
     assert "declares 300000 x 300000 pixels, over max_raster_pixels 4,294,967,296" in str(err.value)
-    assert len(inspect_file(tmp_path / "sparse.tif", max_raster_pixels=300000**2).bands) == 4
+    # within a raised pixel limit, it stores 1 byte for every ~3 million it declares
+    with pytest.raises(RasterReadError, match=r"declares 300000 x 300000 pixels x 4 bands, 720 GB decoded, in "
+                                              r"[\d,]+ bytes on disk: over max_compression_ratio 1000 \(a file of "
+                                              r"mostly missing blocks\); raise it if such files are yours"):
+        inspect_file(tmp_path / "sparse.tif", max_raster_pixels=300000**2)
+    assert len(inspect_file(tmp_path / "sparse.tif", max_raster_pixels=300000**2,
+                            max_compression_ratio=1e9).bands) == 4
 
     from domains.satellite.dataset import scan_folder
     _good(tmp_path / "ok.tif")
@@ -159,6 +165,31 @@ def test_a_header_declaring_more_pixels_than_the_limit_is_refused_unread(tmp_pat
     assert [Path(s.name).name for s in scan.sources] == ["ok.tif"] and scan.skipped == {TOO_LARGE: 1}
     with pytest.raises(Exception, match="max_raster_pixels"):
         parse_options({"max_raster_pixels": "0"})
+
+
+def test_a_tiny_file_declaring_65535_squared_pixels_is_refused_by_its_stored_bytes(tmp_path):
+    """A 2.5 KB sparse GeoTIFF of 65535 x 65535 px passes max_raster_pixels (2^32), and tiles are
+    drawn in proportion to area: it was nearly every tile of the epoch (check-site: 1,048,576
+    tiles, 12 h), all blank. It holds 1 byte for every ~14 million it declares, so it is skipped;
+    a real raster, and even a constant one under deflate (~1000x at most), passes."""
+    from domains.satellite.dataset import scan_folder
+
+    with rasterio.open(tmp_path / "huge.tif", "w", driver="GTiff", width=65535, height=65535, count=4,
+                       dtype="uint16", crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10),
+                       tiled=True, blockxsize=4096, blockysize=4096, compress="deflate", sparse_ok=True):
+        pass
+    assert (tmp_path / "huge.tif").stat().st_size < 10_000
+    with rasterio.open(tmp_path / "zeros.tif", "w", driver="GTiff", width=4096, height=4096, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10), tiled=True,
+                       compress="deflate") as dst:  # 134 MB of zeros, written: deflate's best
+        dst.write(np.zeros((4, 4096, 4096), np.uint16))
+    assert 134e6 / (tmp_path / "zeros.tif").stat().st_size < 1100
+    _good(tmp_path / "ok.tif")
+    scan = scan_folder(tmp_path, parse_options({}))
+    assert sorted(Path(s.name).name for s in scan.sources) == ["ok.tif", "zeros.tif"]
+    assert scan.skipped == {TOO_LARGE: 1}
+    with pytest.raises(Exception, match="max_compression_ratio"):
+        parse_options({"max_compression_ratio": "0.5"})
 
 
 def test_the_automatic_epoch_is_capped():
