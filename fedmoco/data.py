@@ -200,6 +200,7 @@ def domain_module(name: str):
 def build_pretrain_data(domain: str, root: Path | str, cfg: DataConfig) -> PretrainData:
     """Check ``root`` and build the unlabelled two-view dataset of ``domain``."""
     root = check_data_dir(root)
+    check_cache_outside(root, cfg)
     return domain_module(domain).build_pretrain_data(root, cfg)
 
 
@@ -215,12 +216,25 @@ def build_labelled_data(
     ``exclude`` (and ``labels_csv``) are not samples: a labels CSV kept in the data folder is
     neither scanned nor counted as skipped."""
     root = check_data_dir(root)
+    check_cache_outside(root, cfg)
     if labels_csv is not None:
         check_text_file(labels_csv, "labels CSV")
         exclude = (*exclude, Path(labels_csv))
     return domain_module(domain).build_labelled_data(
         root, cfg, Path(labels_csv) if labels_csv else None, normalization, exclude=tuple(exclude)
     )
+
+
+def check_cache_outside(root: Path, cfg: DataConfig) -> None:
+    """DataError when the cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else
+    the default) lies inside data folder ``root``: fedmoco never writes into a data folder, and
+    its caches there would be scanned as data the next time."""
+    from fedmoco.cache import default_cache_dir
+
+    cache = Path(cfg.cache_dir or cfg.options.get("cache_dir") or default_cache_dir()).expanduser()
+    if cache.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{cache}: the cache folder is inside the data folder {root}, which fedmoco never writes; "
+                        "set FEDMOCO_CACHE_DIR (or the cache_dir option) to a folder outside it")
 
 
 def check_text_file(path: Path | str, what: str) -> None:

@@ -155,8 +155,8 @@ def _save(path: Path, root: Path, entries: dict[str, dict], limits: DicomLimits)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
-            json.dump({"version": CACHE_VERSION, "root": str(root.resolve()), "limits": asdict(limits),
-                       "files": entries}, fh)
+            # no "root": the file is named by a hash of the folder, and nothing needs its path in clear
+            json.dump({"version": CACHE_VERSION, "limits": asdict(limits), "files": entries}, fh)
         os.replace(tmp, path)  # atomic: a crash never leaves half a cache
     except OSError as exc:
         log.warning("%s: cannot write the index cache (%s); the next run rescans", path, exc)

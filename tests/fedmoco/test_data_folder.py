@@ -40,3 +40,28 @@ def test_an_empty_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="data folder is empty"):
         list_files(tmp_path)
 
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_a_cache_folder_inside_the_data_folder_is_refused(tmp_path, monkeypatch, how):
+    """The caches go outside the data folder, which is never written; one inside it was scanned
+    as data the next time (counted as skipped files), so the setting is refused in one line."""
+    from PIL import Image
+
+    from fedmoco.data import DataConfig, build_pretrain_data
+
+    root = tmp_path / "site"
+    root.mkdir()
+    for i in range(2):
+        Image.new("L", (8, 8), 40 * i).save(root / f"{i}.png")
+    cache = root / "cache"
+    options = {}
+    if how == "env":
+        monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(cache))
+    else:
+        options = {"cache_dir": str(cache)}
+    with pytest.raises(DataError) as err:
+        build_pretrain_data("medical" if how == "option" else "images", root, DataConfig(image_size=8, options=options))
+    assert str(err.value) == (f"{cache}: the cache folder is inside the data folder {root}, which fedmoco never "
+                              "writes; set FEDMOCO_CACHE_DIR (or the cache_dir option) to a folder outside it")
+    assert not cache.exists()
