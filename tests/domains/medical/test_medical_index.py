@@ -61,6 +61,7 @@ def test_cache_avoids_rereading_and_notices_changes(archive, cache_dir, count_re
     first = scan(archive, list_files(archive), path)
     assert len(count_reads) == 27 and path.is_file()
     assert sorted(p.name for p in archive.rglob("*")) == before  # nothing written into the data
+    assert str(archive) not in path.read_text() and str(archive.resolve()) not in path.read_text()
     count_reads.clear()
     assert scan(archive, list_files(archive), path) == first
     assert count_reads == []
