@@ -125,9 +125,16 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     sampling = dict(fraction_train=r("fraction-train"), min_train_nodes=r("min-nodes"),
                     min_available_nodes=r("min-nodes"))
     model_dp = None
+    if done and (dp_state is not None) != (r("model-dp-noise") > 0):
+        # a DP statement covers every release of the model or none: noise-free rounds before
+        # or after the noisy ones leave the model without any finite epsilon
+        was, now = ("on", "off") if dp_state is not None else ("off", "on")
+        raise ConfigError(f"{out}: resume=true, but model DP was {was} for rounds 1-{done} and would be {now} now "
+                          f"(model-dp-noise {r('model-dp-noise'):g}); model DP covers all of a run's rounds or none: "
+                          "keep it as it was, or resume=false to start a new run there")
     if r("model-dp-noise") > 0:
         model_dp = ModelDP(noise=r("model-dp-noise"), clip=r("model-dp-clip"), delta=r("model-dp-delta"),
-                           releases=int(dp_state["releases"]) if dp_state else 0)
+                           past=ModelDP.past_of(dp_state))
     strategy = FedMoCo(
         queue=queue,
         limits=ReplyLimits.of_run(run_config, mcfg.dim),

@@ -31,7 +31,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,12 +123,17 @@ class ModelDP:
     Accounting: one Gaussian mechanism of noise multiplier ``noise`` per round under
     add/remove-one-site adjacency, composed with Opacus' RDP accountant at ``sample_rate``
     1 (no amplification by site sampling is claimed). Separate from the key ledgers.
+
+    ``past``: ``[(noise multiplier, releases), ...]`` of the run's earlier sessions (a resumed
+    run may change ``model-dp-noise``); the epsilon composes every release at the noise it
+    actually had. (It was once re-accounted at the new noise: 2 releases at z=1 then one at
+    z=20 reported epsilon 0.32 instead of 7.08.)
     """
 
     noise: float
     clip: float
     delta: float
-    releases: int = 0
+    past: list[tuple[float, int]] = field(default_factory=list)
     _acc: RDPAccountant = field(default_factory=RDPAccountant, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +141,21 @@ class ModelDP:
             raise ConfigError(f"model-dp-noise must be > 0 to enable model DP, got {self.noise}")
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ConfigError(f"model-dp-clip must be > 0, got {self.clip}")
-        self._acc.history = [(self.noise, 1.0, self.releases)] if self.releases else []
+        self._acc.history = [(float(z), 1.0, int(n)) for z, n in self.past if n > 0]
+
+    @property
+    def releases(self) -> int:
+        return sum(n for _, _, n in self._acc.history)
+
+    def history(self) -> list[list[float | int]]:
+        """``[[noise multiplier, releases], ...]`` in order, as the checkpoint keeps it."""
+        merged: list[list[float | int]] = []
+        for z, _, n in self._acc.history:
+            if merged and merged[-1][0] == z:
+                merged[-1][1] += n
+            else:
+                merged.append([z, n])
+        return merged
 
     def aggregate(self, reference: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], n_sent: int,
                   generator: np.random.Generator) -> dict[str, np.ndarray]:
@@ -150,7 +169,6 @@ class ModelDP:
         sigma = self.noise * self.clip
         out = {k: (reference[k] + (total[k] + generator.normal(0.0, sigma, total[k].shape)) / n_sent)
                .astype(reference[k].dtype) for k in reference}
-        self.releases += 1
         self._acc.step(noise_multiplier=self.noise, sample_rate=1.0)
         return out
 
@@ -158,7 +176,18 @@ class ModelDP:
         return float(self._acc.get_epsilon(self.delta)) if self.releases else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"noise": self.noise, "clip": self.clip, "delta": self.delta, "releases": self.releases}
+        return {"noise": self.noise, "clip": self.clip, "delta": self.delta, "releases": self.releases,
+                "history": self.history()}
+
+    @staticmethod
+    def past_of(state: Mapping[str, Any] | None) -> list[tuple[float, int]]:
+        """The ``past`` of a checkpoint's ``model-dp`` entry (one written before it kept the
+        history held a single noise)."""
+        if not state:
+            return []
+        if "history" in state:
+            return [(float(z), int(n)) for z, n in state["history"]]
+        return [(float(state["noise"]), int(state["releases"]))]
 
 
 class FedMoCo(FedAvg):

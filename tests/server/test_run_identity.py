@@ -96,6 +96,32 @@ def test_resume_of_another_configuration_is_refused(tmp_path, sites_root):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
 
 
+def test_model_dp_accounts_every_release_at_its_own_noise_across_a_resume(tmp_path, sites_root):
+    """A resume may change model-dp-noise; the epsilon composes each release at the noise it
+    had (it was re-accounted at the new noise: 7.08 reported as 0.32). Turning model DP off
+    or on midway is refused: noise-free releases leave no finite epsilon."""
+    out = tmp_path / "srv"
+    federate(out, sites_root, **{"model-dp-noise": 1.0})
+    federate(out, sites_root, **{"num-server-rounds": 2, "resume": True, "model-dp-noise": 20.0})
+    assert [r["model-dp-epsilon"] for r in lines(out)] == [pytest.approx(_epsilon([(1.0, 1)])),
+                                                            pytest.approx(_epsilon([(1.0, 1), (20.0, 1)]))]
+    assert _epsilon([(1.0, 1), (20.0, 1)]) > 3 * _epsilon([(20.0, 2)])  # what the re-accounting reported
+    assert load_server_state(out / "server-state.pt")["ledger"]["model-dp"]["history"] == [[1.0, 1], [20.0, 1]]
+    with pytest.raises(ConfigError) as err:
+        federate(out, sites_root, **{"num-server-rounds": 3, "resume": True, "model-dp-noise": 0.0})
+    assert str(err.value) == (f"{out}: resume=true, but model DP was on for rounds 1-2 and would be off now "
+                              "(model-dp-noise 0); model DP covers all of a run's rounds or none: keep it as it was, "
+                              "or resume=false to start a new run there")
+
+
+def _epsilon(history, delta=1e-5):
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(z, 1.0, n) for z, n in history]
+    return acc.get_epsilon(delta)
+
+
 def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     out = tmp_path / "srv"
     with pytest.raises(FederationFailed) as err:
