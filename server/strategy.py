@@ -436,12 +436,14 @@ class FedMoCo(FedAvg):
         if name:
             self._owners = {held: n for held, n in self._owners.items() if n != int(node)}
             self._owners[name] = int(node)
+            self.site_names[int(node)] = name
 
     def _name_site(self, node: int, name: str | None, site: dict[str, Any]) -> str:
-        """Record the site's name (from this reply, else from an earlier one) in ``site`` and
-        return how logs call it: ``name (node N)``, or ``node N`` for a site without a name."""
-        if name:
-            self.site_names[int(node)] = name
+        """Put the site's name (from this reply, else from an earlier accepted one) in ``site``
+        and return how logs call it: ``name (node N)``, or ``node N`` for a site without a name.
+        Records nothing: a name is the node's only once a reply under it is accepted
+        (:meth:`_claim_name`); a rejected reply under a site's name once let the node keep
+        that name, and its cap, for its later unnamed replies."""
         name = name or self.site_names.get(int(node))
         if name:
             site["site"] = name

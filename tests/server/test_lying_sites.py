@@ -186,6 +186,29 @@ def test_a_site_cannot_take_another_sites_name_and_its_cap(grid3, tmp_path, capl
     assert sites[103]["status"] == "rejected" and "site" not in sites[103]
 
 
+def test_a_rejected_reply_under_a_name_does_not_give_the_node_that_name_later(grid3, tmp_path, caplog):
+    """Node 103 sends a reply under hospital-a's name that is rejected (NaN weights), before
+    hospital-a replies; then unnamed replies claiming 1e9 examples. Its name was recorded
+    before validation, so those later replies got hospital-a's cap of 1000."""
+    from flwr.app import ConfigRecord as Config
+
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s = strategy(tmp_path, ExampleCaps.parse(20, "hospital-a=1000"))
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    forged = reply_content(shifted(ref, float("nan")), unit_keys(2, seed=3), good_metrics(10))
+    forged["site"] = Config({"name": "hospital-a"})
+    honest = reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))
+    honest["site"] = Config({"name": "hospital-a"})
+    s.aggregate_train(1, [reply_from(103, forged), reply_from(101, honest),
+                          reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2), good_metrics(30)))])
+    assert s.site_names == {101: "hospital-a"}
+    offsets = one_round(s, grid3, {103: 10**9})
+    assert np.allclose(offsets, (10 * 1 + 20 * 3 + 20 * LIAR_SHIFT) / 50, atol=1e-3)  # 103 capped at 20
+    sites = {e["node"]: e for e in last_round(tmp_path)["sites"]}
+    assert "site" not in sites[103] and "node 103 claims 1e+09 examples; its weight counts 20" in caplog.text
+
+
 def test_a_reply_that_declares_no_keys_but_holds_some_cannot_crash_or_fill_the_queue(grid3, tmp_path, caplog):
     from flwr.app import Array, ArrayRecord
 
