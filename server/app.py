@@ -80,6 +80,32 @@ def initial_model(mcfg: Any, seed: int) -> MoCo:
         return MoCo(mcfg)
 
 
+def resume_state(run_config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, RunIdentity | None]:
+    """(the server checkpoint to continue, the run's identity), both None for a fresh start.
+    ConfigError, before anything is written, when ``resume`` is set and the checkpoint in
+    ``out-dir`` is unreadable or belongs to another configuration, or model DP would be
+    turned off or on midway. ``python -m server.simulation`` calls it before it starts."""
+    validate_run_config(run_config)
+    out = Path(run_value(run_config, "out-dir")).expanduser().resolve()
+    state_path = out / STATE_FILE
+    saved = load_server_state(state_path) if run_value(run_config, "resume") else None
+    if saved is None:
+        return None, None
+    identity = check_resume(out, saved, run_config)  # refuses another configuration's run
+    if "moco_config" not in saved:
+        raise ConfigError(f"{state_path}: server checkpoint is incomplete (missing moco_config)")
+    check_compatible(state_path, saved["moco_config"], moco_config(run_config).to_dict())
+    done, dp_state, noise = int(saved["round"]), saved["ledger"].get("model-dp"), run_value(run_config, "model-dp-noise")
+    if done and (dp_state is not None) != (noise > 0):
+        # a DP statement covers every release of the model or none: noise-free rounds before
+        # or after the noisy ones leave the model without any finite epsilon
+        was, now = ("on", "off") if dp_state is not None else ("off", "on")
+        raise ConfigError(f"{out}: resume=true, but model DP was {was} for rounds 1-{done} and would be {now} now "
+                          f"(model-dp-noise {noise:g}); model DP covers all of a run's rounds or none: "
+                          "keep it as it was, or resume=false to start a new run there")
+    return saved, identity
+
+
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResult:
     """Run (or resume) the federation on ``grid``; returns where everything was written."""
     validate_run_config(run_config)
@@ -94,13 +120,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     arrays = shared_arrays(model)
     queue = GlobalKeyQueue(r("global-queue-size"), mcfg.dim)
     done, site_ledger, dp_state, site_names, updated_before = 0, {}, None, {}, []
-    saved = load_server_state(state_path) if r("resume") else None
-    identity = None
+    saved, identity = resume_state(run_config)
     if saved is not None:
-        identity = check_resume(out, saved, run_config)  # refuses another configuration's run
-        if "moco_config" not in saved:
-            raise ConfigError(f"{state_path}: server checkpoint is incomplete (missing moco_config)")
-        check_compatible(state_path, saved["moco_config"], mcfg.to_dict())
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in saved["arrays"].items()})
         queue.load_state_dict(saved["queue"])
         done = int(saved["round"])
@@ -125,13 +146,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     sampling = dict(fraction_train=r("fraction-train"), min_train_nodes=r("min-nodes"),
                     min_available_nodes=r("min-nodes"))
     model_dp = None
-    if done and (dp_state is not None) != (r("model-dp-noise") > 0):
-        # a DP statement covers every release of the model or none: noise-free rounds before
-        # or after the noisy ones leave the model without any finite epsilon
-        was, now = ("on", "off") if dp_state is not None else ("off", "on")
-        raise ConfigError(f"{out}: resume=true, but model DP was {was} for rounds 1-{done} and would be {now} now "
-                          f"(model-dp-noise {r('model-dp-noise'):g}); model DP covers all of a run's rounds or none: "
-                          "keep it as it was, or resume=false to start a new run there")
     if r("model-dp-noise") > 0:
         model_dp = ModelDP(noise=r("model-dp-noise"), clip=r("model-dp-clip"), delta=r("model-dp-delta"),
                            past=ModelDP.past_of(dp_state))
@@ -155,8 +169,11 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total_rounds - done,
                                 timeout=r("round-timeout"))
         arrays = result.arrays if len(result.arrays) else arrays
-        if not strategy.updated_rounds:
+        if not strategy.updated_all:  # a resumed run's earlier rounds count
             raise FederationFailed(no_update_message(strategy.last_sites, total_rounds - done, metrics_path))
+        if not strategy.updated_rounds:
+            log.warning("no round since the resume (%d-%d) updated the global model; the encoder is round %d's model",
+                        done + 1, strategy.last_round, max(strategy.updated_all))
     else:
         known = f" ({len(updated_before)} of them updated the model)" if updated_before is not None else ""
         log.info("all %d rounds were already done%s; writing the outputs again", total_rounds, known)

@@ -342,11 +342,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(p: argparse.ArgumentParser, args: argparse.Namespace, run_config: dict[str, Any], out: Path) -> int:
-    print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
     resume = run_value(run_config, "resume")  # "false" (a quoted TOML string) is no, as the server reads it
-    make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size,
-                    budget=None if args.no_site_budget else DEMO_BUDGET, state_root=out / "site-state",
-                    keep_ledgers=resume)
+    server_out = Path(run_value(run_config, "out-dir")).expanduser().resolve()  # --run-config may move it
+    if resume:
+        from server.app import resume_state
+
+        try:  # what the ServerApp would refuse, refused before the sites' data is made again
+            resume_state(run_config)
+        except FedmocoError as exc:
+            print(f"{p.prog}: error: {exc}", file=sys.stderr)
+            return 2
+    print(f"generating {args.sites} {args.domain} site archive(s) under {out / 'data'}", flush=True)
+    try:
+        make_demo_sites(args.domain, out / "data", args.sites, image_size=args.image_size,
+                        budget=None if args.no_site_budget else DEMO_BUDGET, state_root=out / "site-state",
+                        keep_ledgers=resume)
+    except KeyboardInterrupt:
+        print(f"\n{p.prog}: interrupted while generating the sites' data; no federation was started", file=sys.stderr)
+        return 130
     if not args.no_site_budget:
         print(f"site budgets: epsilon {DEMO_BUDGET['dp-epsilon']:g}, delta {DEMO_BUDGET['dp-delta']:g} per site "
               f"(data/site-<i>/{SITE_SETTINGS_FILE}), ledgers under {out / 'site-state'}", flush=True)
@@ -366,17 +379,17 @@ def _simulate(p: argparse.ArgumentParser, args: argparse.Namespace, run_config: 
                 print(f"\n{p.prog}: interrupted; the federation was stopped. Continue it with the same command and "
                       f"--run-config 'resume=true' (log: {out / 'flwr-run.log'})", file=sys.stderr)
                 return 130
-            failed = no_update_line(out / "server" / "rounds.jsonl", since=started)
+            failed = no_update_line(server_out / "rounds.jsonl", since=started)
             print(f"{p.prog}: error: {failed or text}", file=sys.stderr)
             return 1
         shutil.copy(result.log, out / "flwr-run.log")
-    ran = rounds_since(out / "server" / "rounds.jsonl", started)
+    ran = rounds_since(server_out / "rounds.jsonl", started)
     print(f"\nfederated simulation: {args.sites} {args.domain} sites, {ran} round(s) in {result.seconds:.0f} s"
           + (f" (resumed; {run_config['num-server-rounds']} in all)" if resume else ""))
     print(f"aggregated encoder:   {result.encoder}")
-    print(f"round metrics:        {out / 'server' / 'rounds.jsonl'}")
-    print(queue_summary(out / "server" / "rounds.jsonl", out / "site-state"))
-    print(f"plots:                {out / 'server' / 'plots'}")
+    print(f"round metrics:        {server_out / 'rounds.jsonl'}")
+    print(queue_summary(server_out / "rounds.jsonl", out / "site-state"))
+    print(f"plots:                {server_out / 'plots'}")
     print(f"full log:             {out / 'flwr-run.log'}")
     return 0
 
@@ -401,6 +414,10 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
     }
     run_config.update(parse_overrides(*args.run_config))
     validate_run_config(run_config)
+    for key in ("min-nodes", "min-replies"):  # more than the simulation starts: every round would wait or fail
+        if run_value(run_config, key) > args.sites:
+            raise ConfigError(f"run_config {key} {run_value(run_config, key)} is more than the {args.sites} simulated "
+                              "site(s) (--sites)")
     return run_config
 
 
@@ -417,9 +434,9 @@ def no_update_line(metrics: Path, *, since: float = 0.0) -> str | None:
     run_id = last_run_id(metrics)
     if run_id is None:
         return None
-    records = [r for r in read_jsonl(metrics) if r.get("event") == "round" and r.get("run-id") == run_id
-               and float(r.get("time", 0)) >= since]
-    if not records or any(r.get("updated") for r in records):
+    run = [r for r in read_jsonl(metrics) if r.get("event") == "round" and r.get("run-id") == run_id]
+    records = [r for r in run if float(r.get("time", 0)) >= since]
+    if not records or any(r.get("updated") for r in run):  # a resumed run's earlier rounds count
         return None
     return no_update_message(records[-1].get("sites", []), len(records), metrics)
 

@@ -122,6 +122,34 @@ def _epsilon(history, delta=1e-5):
     return acc.get_epsilon(delta)
 
 
+def test_a_resumed_run_whose_new_rounds_all_fail_still_writes_its_encoder(tmp_path, sites_root):
+    """Round 1 updated the model; after a resume round 2 fails at every site. The run is not
+    one "in which no round updated the model": its encoder (round 1's model) is written."""
+    out = tmp_path / "srv"
+    federate(out, sites_root)
+    result = federate(out, sites_root, {"data-path": str(tmp_path / "nowhere")},
+                      **{"num-server-rounds": 2, "resume": True})
+    assert [r["updated"] for r in lines(out)] == [True, False]
+    assert result.encoder.is_file() and load_checkpoint(result.encoder)["federation"]["rounds"] == 2
+
+
+def test_simulation_refuses_a_resume_before_it_makes_anything(tmp_path, sites_root, capsys):
+    """A resume the ServerApp would refuse (another configuration) is refused first, in one line,
+    before the sites' data is generated again and Flower is started."""
+    from server.simulation import main as simulate
+
+    out = tmp_path / "sim"
+    federate(out / "server", sites_root)
+    assert simulate(["--out", str(out), "--sites", "2", "--rounds", "2", "--run-config", "resume=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m server.simulation: error: {out / 'server'}: resume=true, "
+                                               "but run ")
+    assert not (out / "data").exists()
+    assert simulate(["--out", str(out), "--sites", "2", "--run-config", "min-nodes=3"]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m server.simulation: error: run_config min-nodes 3 is more "
+                                               "than the 2 simulated site(s) (--sites)")
+
+
 def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     out = tmp_path / "srv"
     with pytest.raises(FederationFailed) as err:
@@ -229,6 +257,9 @@ def test_simulation_names_a_run_without_updates_in_one_line(tmp_path):
         "no round updated the global model (2 round(s); last round: north: error (site data unavailable)); "
         f"no encoder was written; see {metrics}")
     assert no_update_line(metrics, since=30.0) is None  # nothing this run logged: another failure
+    resumed = [{**failed[0], "updated": True, "time": 5.0}, failed[1]]  # round 1 updated, before the resume
+    metrics.write_text("".join(json.dumps(x) + "\n" for x in resumed))
+    assert no_update_line(metrics, since=15.0) is None
     metrics.write_text(json.dumps({**failed[0], "updated": True}) + "\n")
     assert no_update_line(metrics) is None
 
@@ -254,8 +285,9 @@ def test_a_round_that_changed_nothing_is_counted_done_and_said_so(tmp_path, site
 
     out = tmp_path / "srv"
     federate(out, sites_root, **{"num-server-rounds": 2, "resume": False})
-    with pytest.raises(FederationFailed):
+    with caplog.at_level(logging.WARNING, logger="flwr.fedmoco.server"):  # not a failed run: rounds 1-2 updated
         federate(out, sites_root, {"data-path": str(tmp_path / "nowhere")}, **{"num-server-rounds": 3, "resume": True})
+    assert "no round since the resume (3-3) updated the global model; the encoder is round 2's model" in caplog.text
     assert load_server_state(out / "server-state.pt")["updated-rounds"] == [1, 2]
     with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
         result = federate(out, sites_root, **{"num-server-rounds": 3, "resume": True})
