@@ -272,10 +272,15 @@ def _scalar(v: str) -> Any:
 
 
 def parse_channels(text: str, channels: int, name: str) -> list[float] | None:
-    """``"0.5"`` or ``"0.4,0.5,0.6"`` -> one float per channel; ``""`` -> None."""
+    """``"0.5"`` or ``"0.4,0.5,0.6"`` -> one float per channel; ``""`` -> None. ConfigError for
+    a value that is not finite, or (``input-std``) not > 0: every site would fail every round."""
     if not str(text).strip():
         return None
     values = [float(v) for v in str(text).split(",")]
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"run_config {name}: {text!r} holds a value that is not finite")
+    if name == "input-std" and not all(v > 0 for v in values):
+        raise ConfigError(f"run_config {name}: {text!r} holds a standard deviation that is not > 0")
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:

@@ -162,11 +162,23 @@ RANGES: dict[str, tuple[str, Any]] = {
     "round-timeout": ("> 0", lambda v: v > 0),
     "trim-beta": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
     "krum-malicious": (">= 0", lambda v: v >= 0),
-    "model-dp-noise": (">= 0", lambda v: v >= 0),
-    "fedema-lambda": (">= 0", lambda v: v >= 0),
     "max-steps-per-epoch": (">= 0 (0 = whole epoch)", lambda v: v >= 0),
     "global-queue-max-age": (">= 0", lambda v: v >= 0),
     "prototype-first-share": (">= 1 (1 = every release alike)", lambda v: v >= 1 and v != float("inf")),
+    "temperature": ("> 0 and finite", lambda v: 0 < v < math.inf),
+    "weight-decay": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    "fedema-lambda": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    "model-dp-noise": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    # sizes the server or every site allocates at once: bounds far above any use, under memory
+    # (1,048,576 keys of dim 8192 would already be 32 GiB)
+    "global-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
+    "local-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
+    "queue-sample": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
+    "dim": ("in [1, 8192]", lambda v: 1 <= v <= 8192),
+    "hidden-dim": ("in [1, 65536]", lambda v: 1 <= v <= 65536),
+    "batch-size": ("in [2, 65536]", lambda v: 2 <= v <= 65536),
+    "local-epochs": ("in [1, 10000]", lambda v: 1 <= v <= 10000),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
 }
 
 
@@ -179,6 +191,9 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(str(key), list(RUN_DEFAULTS), n=1)
             raise ConfigError(f"run_config {key}: unknown key" + (f"; did you mean {close[0]}?" if close else ""))
     r = {k: run_value(run_config, k) for k in RUN_DEFAULTS}  # type errors name the key
+    for key, value in r.items():  # Flower carries run_config integers as 64-bit
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            raise ConfigError(f"run_config {key}: {value} does not fit a 64-bit integer")
     mcfg, tcfg = moco_config(run_config), train_config(run_config)
     for key, (rule, ok) in RANGES.items():
         if key in r and not ok(r[key]):

@@ -194,6 +194,19 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
                                      "got 0.5"),
     ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),
+    # values every site would fail on every round, or the server could not allocate
+    ({"input-std": "0"}, "run_config input-std: '0' holds a standard deviation that is not > 0"),
+    ({"input-std": "0.2,-1,0.2"}, "run_config input-std: '0.2,-1,0.2' holds a standard deviation that is not > 0"),
+    ({"input-mean": "nan"}, "run_config input-mean: 'nan' holds a value that is not finite"),
+    ({"input-std": "inf"}, "run_config input-std: 'inf' holds a value that is not finite"),
+    ({"temperature": float("inf")}, "run_config temperature must be > 0 and finite, got inf"),
+    ({"weight-decay": float("inf")}, "run_config weight-decay must be >= 0 and finite, got inf"),
+    ({"model-dp-noise": float("inf")}, "run_config model-dp-noise must be >= 0 and finite, got inf"),
+    ({"global-queue-size": 10**11}, "run_config global-queue-size must be in [1, 1048576], got 100000000000"),
+    ({"dim": 10**9}, "run_config dim must be in [1, 8192], got 1000000000"),
+    ({"seed": 2**64}, "run_config seed: 18446744073709551616 does not fit a 64-bit integer"),
+    ({"seed": 2**40}, "run_config seed must be in [0, 2**32), got 1099511627776"),
+    ({"max-examples-per-site": 2**70}, f"run_config max-examples-per-site: {2**70} does not fit a 64-bit integer"),
     ({"release-ema": 1.0}, "run_config release-ema must be in [0, 1), got 1.0"),
     ({"lr": "abc"}, "run_config lr: expected float, got 'abc'"),
     ({"warmup-epochs": 5.0}, "run_config warmup-epochs 5 is longer than the federation's 1 local epochs "
