@@ -35,7 +35,11 @@ _MAY_BE_NAN = frozenset({"neg-mean", "neg-var", "emb-std", "pos-mean", "global-s
 _MAY_BE_INF = frozenset({"dp-keys-epsilon", "dp-keys-budget"})
 # Counts, times and privacy figures: a negative one is a lie that would reach rounds.jsonl.
 # (dp-keys-delta has its own range below: a probability.)
-_NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "dp-keys-budget")
+_NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "dp-keys-budget",
+                 "train-loss", "neg-var", "emb-std")  # a cross-entropy, a variance, a std (NaN passes)
+#: Longest local round a reply may report: about 116 days, far past any round-timeout in use.
+#: A larger claim is a lie that would fill the round's log line with a 300-digit number.
+MAX_REPLY_SECONDS = 1e7
 #: dp-status codes under which a reply may carry keys: released with or without noise.
 RELEASING_STATUS = frozenset({0, 1})
 
@@ -284,6 +288,9 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
         value = record.get(name)
         if isinstance(value, (int, float)) and float(value) < 0:
             reasons.append(f"metrics {name!r} is {value}, expected >= 0")
+    seconds = record.get("seconds")
+    if isinstance(seconds, (int, float)) and float(seconds) > MAX_REPLY_SECONDS:
+        reasons.append(f"metrics 'seconds' is {float(seconds):.3g}, expected at most {MAX_REPLY_SECONDS:g}")
     releases = record.get("dp-keys-releases")
     if isinstance(releases, (int, float)) and math.isfinite(releases) and not float(releases).is_integer():
         reasons.append(f"metrics 'dp-keys-releases' is {releases}, expected a whole number")

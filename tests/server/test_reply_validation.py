@@ -253,6 +253,11 @@ def test_keys_under_a_status_that_releases_none_are_refused(ref):
     ("dp-keys-releases", 1.5, "metrics 'dp-keys-releases' is 1.5, expected a whole number"),
     ("dp-keys-delta", 5.0, "metrics 'dp-keys-delta' is 5.0, expected a probability in [0, 1)"),
     ("dp-keys-budget", -8.0, "metrics 'dp-keys-budget' is -8.0, expected >= 0"),
+    # a negative std raised a false collapse warning; a 300-digit time filled the round's log line
+    ("emb-std", -5.0, "metrics 'emb-std' is -5.0, expected >= 0"),
+    ("neg-var", -2.0, "metrics 'neg-var' is -2.0, expected >= 0"),
+    ("train-loss", -1.0, "metrics 'train-loss' is -1.0, expected >= 0"),
+    ("seconds", 1e300, "metrics 'seconds' is 1e+300, expected at most 1e+07"),
 ])
 def test_counts_and_privacy_figures_cannot_be_negative_or_absurd(ref, name, value, reason):
     metrics = good_metrics(**{name: value})
