@@ -48,7 +48,9 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     """Weighted kNN class scores (InstDisc / moco's CIFAR demo).
 
     Features are L2-normalised; each of the k nearest training samples votes for its class
-    with weight exp(cos / T). train_f (M, F), train_y (M,), test_f (N, F) -> scores (N, C).
+    with weight exp(cos / T), divided by exp(max cos / T) of that test image (which changes no
+    share of the vote). train_f (M, F), train_y (M,), test_f (N, F) -> scores (N, C), the top
+    class of each row scoring at least 1.
     """
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
@@ -61,7 +63,9 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     for start in range(0, test_f.shape[0], chunk):
         q = F.normalize(test_f[start:start + chunk], dim=1)
         sim, idx = (q @ train_f.t()).topk(k, dim=1)  # (n, k)
-        weights = (sim / temperature).exp()
+        # exp(cos / T) up to a factor per test image, which no vote share or argmax sees; from the
+        # row's largest cos, so a small T (1/T > 88) cannot overflow float32 to inf and NaN votes
+        weights = ((sim - sim[:, :1]) / temperature).exp()
         one_hot = F.one_hot(train_y[idx], num_classes).float()  # (n, k, C)
         out.append((weights.unsqueeze(-1) * one_hot).sum(dim=1))
     return torch.cat(out)

@@ -58,9 +58,10 @@ class FinetuneConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:  # a batch of one is skipped (BatchNorm heads need two): nothing would train
+            raise ConfigError(f"--batch-size must be >= 2, got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.backbone_lr_mult:
@@ -91,6 +92,9 @@ class ProtocolConfig:
             raise ConfigError(f"--label-fraction values must be in (0, 1], got {self.label_fractions}")
         if not self.seeds:
             raise ConfigError("--seeds: give at least one seed")
+        bad = [s for s in self.seeds if not 0 <= s < 2**32]
+        if bad:  # numpy's and torch's generators take no other seed
+            raise ConfigError(f"--seeds must be whole numbers in [0, 2**32), got {bad[0]}")
         repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
         if repeated:  # one run per seed: a repeat would count twice in the bootstrap, once in the means
             raise ConfigError(f"--seeds: {', '.join(map(str, repeated))} given more than once; "
@@ -275,6 +279,9 @@ def train_classifier(backbone: nn.Module, samples: Samples, train_idx: np.ndarra
                 raise TrainingDiverged(f"fine-tuning loss became {value} in epoch {epoch} ({desc}); lower --lr")
             total += value * len(y)
             n += len(y)
+        if n == 0:  # every batch had one image (a training split of one): a report of an untrained head
+            raise DataError(f"fine-tuning ({desc}) took no step: its training split gives no batch of 2 or more "
+                            "readable images; label more images or raise the label fraction")
         sched.step()
         probs, rows = predict(model, val_ds, multi_label=multi_label, device=device, workers=cfg.workers, amp=cfg.amp)
         if not np.isfinite(probs).all():

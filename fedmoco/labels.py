@@ -100,11 +100,15 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
         raise DataError(f"{labels_csv}: label column(s) {unknown or '(none)'} not in the header {header}")
     multi = multi_label or len(cols) > 1
     resolver = _PathResolver(root)
-    paths, values, groups, missing, blank = [], [], [], [], 0
+    inside = root.resolve()
+    paths, values, groups, missing, outside, blank = [], [], [], [], [], 0
     for line, row in enumerate(rows, start=2):
         found = resolver(row[path_col] or "")
         if found is None:
             missing.append(row[path_col])
+            continue
+        if not all(p.is_relative_to(inside) for p in found):  # only files under --data are samples
+            outside.append(row[path_col])
             continue
         cells = [(row.get(c) or "").strip() for c in cols]
         if not multi:
@@ -129,8 +133,13 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
     if missing:
         many = resolver.ambiguous(missing[0])
         why = (f"{missing[0]!r} is the name of {many} files; give its path relative to {root}" if many
-               else f"first: {missing[0]!r}")
+               else f"first: {_shown(missing[0])}")
+        if "\n" in (missing[0] or ""):  # the csv module reads on to the next quote
+            why += ", which spans lines: an unclosed quote (\") in the CSV?"
         raise DataError(f"{labels_csv}: {len(missing)} row(s) name files that do not exist under {root} ({why})")
+    if outside:
+        raise DataError(f"{labels_csv}: {len(outside)} row(s) name files outside {root} (first: {_shown(outside[0])}); "
+                        "the labelled files must be under --data")
     if not paths:
         raise DataError(f"{labels_csv}: no labelled rows")
     dupes = len(paths) - len(set(paths))
@@ -146,6 +155,12 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
         targets = np.asarray([index[v] for v in values], dtype=np.int64)
     return LabelTable(paths, targets, names, multi, groups, f"{labels_csv}", unlabelled_rows=blank,
                       csv_path=Path(labels_csv))
+
+
+def _shown(text: str | None, limit: int = 80) -> str:
+    """A CSV cell as an error message shows it: quoted, and cut at ``limit`` characters."""
+    text = text or ""
+    return repr(text[:limit] + ("…" if len(text) > limit else ""))
 
 
 class _PathResolver:

@@ -12,9 +12,12 @@ def test_weighted_knn_by_hand():
     labels = torch.tensor([0, 1, 1])
     test = torch.tensor([[2.0, 0.0]])  # normalised to (1, 0)
     scores = knn_predict(train, labels, test, num_classes=2, k=2, temperature=0.5)
-    # 2 nearest: cos 1.0 (class 0) and 0.8 (class 1)
-    assert scores[0, 0].item() == pytest.approx(math.exp(1.0 / 0.5))
-    assert scores[0, 1].item() == pytest.approx(math.exp(0.8 / 0.5))
+    # 2 nearest: cos 1.0 (class 0) and 0.8 (class 1), weights exp(cos / T) / exp(1.0 / T)
+    assert scores[0, 0].item() == pytest.approx(1.0)
+    assert scores[0, 1].item() == pytest.approx(math.exp((0.8 - 1.0) / 0.5))
+    # a small T: 1/T = 1000 overflowed exp(cos / T) to inf, and the vote shares to NaN
+    sharp = knn_predict(train, labels, test, num_classes=2, k=2, temperature=0.001)
+    assert torch.isfinite(sharp).all() and sharp[0].tolist() == pytest.approx([1.0, math.exp(-200)], abs=1e-30)
     # k larger than the training set is refused, not silently turned into a majority vote
     with pytest.raises(ConfigError, match="k=200 exceeds the 3 training samples"):
         knn_predict(train, labels, test, 2, k=200, temperature=0.1)

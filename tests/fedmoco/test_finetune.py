@@ -108,6 +108,20 @@ def test_finetune_multilabel_and_federated_checkpoint_without_normalization(tmp_
     assert len(res["per_class_auroc"]) == 2 and "subset_accuracy" in res["label_fractions"]["1"]["pretrained"]["mean"]
 
 
+def _copy(src, dest):
+    dest.write_bytes(src.read_bytes())
+    return dest
+
+
+def _write_text(path, text):
+    path.write_text(text)
+    return path
+
+
+def err_of_quote(tmp_path, base, capsys):
+    return _run([*base, "--labels", str(tmp_path / "quote.csv"), "--out", str(tmp_path / "quote2")], capsys)[1]
+
+
 def _run(args, capsys):
     rc = main(["-q", *args])
     err = capsys.readouterr().err
@@ -125,6 +139,16 @@ def test_bad_labelled_input_gives_one_line(tmp_path, demo_images, checkpoint, ca
         "unknown path": (_write_csv(tmp_path / "unknown.csv", ["path", "label"],
                                     [[r, "a"] for r in rel[:5]] + [["circle/nope.png", "b"]]),
                          "1 row(s) name files that do not exist under"),
+        # a valid image outside --data was left out as "not a usable sample"
+        "outside": (_write_csv(tmp_path / "outside.csv", ["path", "label"],
+                               [[r, f.parent.name] for r, f in zip(rel, files)]
+                               + [[str(_copy(files[0], tmp_path / "elsewhere.png")), "circle"]]),
+                    f"1 row(s) name files outside {demo_images} (first: '{tmp_path / 'elsewhere.png'}'); the "
+                    "labelled files must be under --data"),
+        # an unclosed quote swallows the rest of the file into one cell, which the line once printed whole
+        "quote": (_write_text(tmp_path / "quote.csv", "path,label\n\"circle/x.png,a\n"
+                              + "".join(f"{r},b\n" for r in rel)),
+                  "(first: 'circle/x.png,a\\n"),
         "one group": (_write_csv(tmp_path / "group.csv", ["path", "group", "label"],
                                  [[r, "same-patient", f.parent.name] for r, f in zip(rel, files)]),
                       "belong to one group"),
@@ -132,6 +156,8 @@ def test_bad_labelled_input_gives_one_line(tmp_path, demo_images, checkpoint, ca
     for name, (csv_path, message) in cases.items():
         rc, err = _run([*base, "--labels", str(csv_path), "--out", str(tmp_path / name)], capsys)
         assert rc == 2 and message in err and err.count("\n") == 1, (name, err)
+        assert len(err) < 600, (name, err)
+    assert err_of_quote(tmp_path, base, capsys).endswith("…', which spans lines: an unclosed quote (\") in the CSV?)\n")
     # a separate --test holding the training files
     rc, err = _run([*base, "--test", str(demo_images), "--out", str(tmp_path / "leak")], capsys)
     assert rc == 2 and "48 group(s) (file) of the test set also occur in" in err and err.count("\n") == 1
@@ -265,6 +291,11 @@ def test_repeated_seeds_and_a_diverged_fine_tune_give_one_line(tmp_path, demo_im
     rc, err = _run([*base, "--lr", "1e30", "--out", str(tmp_path / "nan")], capsys)
     assert rc == 2 and err.count("\n") == 1 and "lower --lr" in err and "Traceback" not in err, err
     assert not (tmp_path / "nan" / "results.json").exists()
+    # out-of-range seeds and a batch of one (every batch skipped: an untrained head reported as fine-tuned)
+    rc, err = _run([*base, "--seeds", "-1", "--out", str(tmp_path / "neg")], capsys)
+    assert rc == 2 and err == "fedmoco finetune: error: --seeds must be whole numbers in [0, 2**32), got -1\n"
+    rc, err = _run([*base, "--batch-size", "1", "--out", str(tmp_path / "one")], capsys)
+    assert rc == 2 and err == "fedmoco finetune: error: --batch-size must be >= 2, got 1\n"
 
 
 def test_knn_says_when_its_training_split_lacks_a_class_and_writes_strict_json(tmp_path, demo_images, checkpoint,
