@@ -32,6 +32,10 @@ def atomic_save(obj: Any, path: Path | str) -> Path:
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a fedmoco checkpoint; CheckpointError naming the file if it is not one."""
     path = Path(path)
+    if path.is_dir():
+        inside = [name for name in ("checkpoint.pt", "encoder.pt") if (path / name).is_file()]
+        hint = f"; did you mean {path / inside[0]}?" if inside else ""
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint does not exist")
     ckpt = read_torch_file(path)

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from fedmoco.atomic import atomic_write, atomic_write_text
 from fedmoco.checkpoint import load_checkpoint
 from fedmoco.data import DataConfig, build_labelled_data, check_data_dir, list_files, recorded_pipeline
-from fedmoco.errors import CheckpointError
+from fedmoco.errors import CheckpointError, DataError
 from fedmoco.evaluate import extract_features
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ def _unlabelled_csv(root: Path, folder: Path) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
         for f in list_files(root):
-            writer.writerow([str(f.resolve()), UNLABELLED])
+            # as listed, under root: resolving would name a linked file by its target, outside root
+            writer.writerow([f.relative_to(root).as_posix(), UNLABELLED])
     return path
 
 
@@ -116,6 +117,10 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
     from fedmoco.pretrain import model_from_checkpoint
 
     root = check_data_dir(data)
+    npy, table = output_paths(out)
+    for target in (npy, table):  # both checked before any work, and before either is replaced
+        if target.is_dir():
+            raise DataError(f"{target}: is a folder; give --out a path whose .npy and .csv are free or files")
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     meta = ckpt["data"]
@@ -131,7 +136,6 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
                                              num_workers=num_workers, progress=progress)
     if skipped:
         log.warning("%s: skipped %d unreadable samples", root, skipped)
-    npy, table = output_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
     array = feats.numpy().astype(np.float32)
     atomic_write(npy, lambda fh: np.save(fh, array))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import secrets
 import tempfile
 from collections import Counter
@@ -100,14 +101,13 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
         raise DataError(f"{labels_csv}: label column(s) {unknown or '(none)'} not in the header {header}")
     multi = multi_label or len(cols) > 1
     resolver = _PathResolver(root)
-    inside = root.resolve()
     paths, values, groups, missing, outside, blank = [], [], [], [], [], 0
     for line, row in enumerate(rows, start=2):
         found = resolver(row[path_col] or "")
         if found is None:
             missing.append(row[path_col])
             continue
-        if not all(p.is_relative_to(inside) for p in found):  # only files under --data are samples
+        if resolver.outside(row[path_col]):  # only files under --data are samples
             outside.append(row[path_col])
             continue
         cells = [(row.get(c) or "").strip() for c in cols]
@@ -187,6 +187,16 @@ class _PathResolver:
                 self._stems.setdefault(f.stem, []).append(f)
         found = self._stems.get(text, [])
         return [found[0].resolve()] if len(found) == 1 else None
+
+    def outside(self, text: str) -> bool:
+        """Whether CSV path ``text`` names a place outside root, as written (``..`` resolved by
+        name) and as resolved: a link under root to a file elsewhere (a folder of links into a
+        PACS store) is under root."""
+        p = Path(text)
+        full = p if p.is_absolute() else self.root / p
+        written = Path(os.path.normpath(os.path.abspath(full)))
+        return not (written.is_relative_to(os.path.normpath(os.path.abspath(self.root)))
+                    or full.resolve().is_relative_to(self.root.resolve()))
 
     def ambiguous(self, text: str) -> int:
         """How many files under root have ``text`` as their name without extension, when more

@@ -219,3 +219,26 @@ def test_embed_names_a_linked_file_by_its_place_in_the_folder(tmp_path):
     (root / "cats" / "link.png").symlink_to(elsewhere)
     assert _relative(root / "cats" / "link.png", root) == "cats/link.png"
     assert _relative((root / "cats" / "link.png").resolve(), root) == str(elsewhere)  # not under root at all
+
+
+def test_embed_reads_linked_files_and_checks_its_outputs_first(tmp_path, demo_images, capsys):
+    """A data folder of links into another store is embedded under the links' names (labels
+    rows naming files outside --data are refused, and a link is under --data); an --out whose
+    .csv is a folder is refused before any features are written, so no pair is half-replaced."""
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=3, small=True)
+    root = tmp_path / "links" / "circle"
+    root.mkdir(parents=True)
+    for f in sorted((demo_images / "circle").glob("*.png"))[:3]:
+        (root / f.name).symlink_to(f)
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "links"),
+                 "--out", str(tmp_path / "e")]) == 0
+    with open(tmp_path / "e.csv") as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == [f"circle/circle_00{i}.png" for i in range(3)]
+    (tmp_path / "f.csv").mkdir()
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "links"),
+                 "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err == (f"fedmoco embed: error: {tmp_path / 'f.csv'}: is a folder; give --out a path "
+                                       "whose .npy and .csv are free or files\n")
+    assert not (tmp_path / "f.npy").exists()
+    assert main(["-q", "knn", "--checkpoint", str(tmp_path), "--data", str(demo_images)]) == 2
+    assert capsys.readouterr().err == (f"fedmoco knn: error: {tmp_path}: is a folder, not a checkpoint file\n")
