@@ -73,7 +73,8 @@ from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, Pretrai
 from fedmoco.device import select_device
 from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
-from fedmoco.ledger import DP_STATUS, SiteLedger, check_site_delta, ledger_was_written, no_ledger_metrics
+from fedmoco.ledger import (DP_STATUS, SiteLedger, check_site_delta, ledger_was_written, no_ledger_metrics,
+                            read_ledger)
 from fedmoco.moco import Encoder
 from fedmoco.site_settings import privacy_settings
 from fedmoco.train import EpochSummary, Trainer, make_loader
@@ -208,17 +209,24 @@ def public_reason(text: str, paths: Sequence[str] = ()) -> str:
     return " ".join(_PATHLIKE.sub("<path>", text[:2000]).split())[:300]
 
 
+_PATH_KEYS = ("data-path", "ledger-path", "state-dir")
+
+
 def _site_paths(context: Context | None) -> list[str]:
-    """Every path-like string value of the site's node_config (as given and resolved)."""
-    values = [str(v) for v in (dict(context.node_config) if context is not None else {}).values()
-              if isinstance(v, str) and any(sep in v for sep in "/\\")]
-    resolved = []
-    for v in values:
+    """Every path-like string value of the site's node_config, as given (when it holds a
+    separator: a bare word such as "data" would also match ordinary words of a reason), and,
+    for those and the path keys, absolute and resolved: how the site's messages name them."""
+    node = dict(context.node_config) if context is not None else {}
+    values = [str(v) for v in node.values() if isinstance(v, str) and any(sep in v for sep in "/\\")]
+    named = values + [str(node[k]) for k in _PATH_KEYS if isinstance(node.get(k), str) and str(node[k]).strip()]
+    forms = []
+    for v in named:
         try:
-            resolved.append(str(Path(v).expanduser().resolve()))
+            path = Path(v).expanduser()
+            forms += [str(path.absolute()), str(path.resolve())]
         except (OSError, RuntimeError):  # ~unknown-user, a loop of links: the value as given still counts
             continue
-    return values + resolved
+    return values + forms
 
 
 def _error_reply(msg: Message, exc: SiteUnavailable, context: Context | None = None) -> Message:
@@ -366,7 +374,8 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
         if len(data.dataset) < 2:  # type: ignore[arg-type]
             raise DataError(f"{site['data_path']}: {len(data.dataset)} usable image(s); MoCo needs at least 2")
     except DataError as exc:
-        raise SiteUnavailable(SITE_DATA_UNAVAILABLE, _data_unavailable(site["data_path"], str(exc)), str(exc)) from None
+        raise SiteUnavailable(SITE_DATA_UNAVAILABLE, _data_unavailable(site["data_path"], exc.public or str(exc)),
+                              str(exc)) from None
     if data.in_channels != mcfg.in_channels:
         raise SiteUnavailable(SITE_MISCONFIGURED,
                               f"site data has {data.in_channels} channel(s) but the federation's encoder "
@@ -487,6 +496,21 @@ def _release_encoder(msg: Message, mcfg: MoCoConfig, run: Any, saved: SiteState,
     return encoder, {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
 
 
+def _ledger_figures(metrics: dict[str, float], site: dict[str, Any]) -> dict[str, float]:
+    """``metrics`` of a round that releases nothing, with what the site's ledger has spent
+    (epsilon, delta, releases, budget) when it has one: such a round reported 0 for a site that
+    had spent, and rounds.jsonl and privacy.png showed its spending fall back to 0.
+    ``dp-keys-exhausted`` stays 0: only a round that plans a release asks whether one fits."""
+    path = site.get("ledger_path")
+    try:
+        book = read_ledger(Path(path)) if path is not None else None
+    except ConfigError:  # unreadable, or gone while its lock is marked: a releasing round refuses (status 7)
+        return metrics
+    if book is None:
+        return metrics
+    return {**metrics, **book.to_metrics(False), "dp-status": metrics["dp-status"]}
+
+
 def _refuse(status: int, detail: str = "") -> dict[str, float]:
     log.warning("not sending summaries: %s%s; training and sending weights continue", DP_STATUS[status], detail)
     return no_ledger_metrics(status)
@@ -507,11 +531,11 @@ def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | Non
     mode, dim = run_value(run, "key-release"), mcfg.dim
     empty = torch.zeros(0, dim)
     if mode == "none":
-        return empty, no_ledger_metrics(2)
+        return empty, _ledger_figures(no_ledger_metrics(2), site)
     if site["epsilon"] is None:
-        return empty, _refuse(4)
+        return empty, _ledger_figures(_refuse(4), site)
     if isinstance(dataset, str):
-        return empty, _refuse(9, f": {dataset}")
+        return empty, _ledger_figures(_refuse(9, f": {dataset}"), site)
     q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")
     if math.isinf(site["epsilon"]):
         # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step

@@ -352,7 +352,9 @@ def site_data_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
     """The site's data folder: node_config ``data-path``, else (simulation)
     ``<run_config demo-root>/site-<partition-id>``."""
     if str(node_config.get("data-path", "")).strip():
-        return Path(str(node_config["data-path"])).expanduser()
+        # absolute: every message then names it whole, and the reply scrubs it whole (a relative
+        # "Doe Jane 1961" reached the server as "Doe Jane <path>": only the part with a slash went)
+        return Path(str(node_config["data-path"])).expanduser().absolute()
     root = run_value(run_config, "demo-root")
     if root and "partition-id" in node_config:
         return Path(root).expanduser() / f"site-{int(node_config['partition-id'])}"

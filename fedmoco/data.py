@@ -316,7 +316,9 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None, exclude: Seque
             found = sorted({p.suffix.lower() or "(no suffix)" for p in others})
             hint = (f"; it holds {len(others)} other file(s) ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})"
                     ": is --domain right?")
-        raise DataError(f"{root}: data folder is empty (no files{kinds}){hint}")
+        raise DataError(f"{root}: data folder is empty (no files{kinds}){hint}",
+                        public=f"data folder is empty (no files{kinds})"
+                               + (f"; it holds {len(others)} other file(s): is the domain right?" if others else ""))
     if exclude:
         excluded = {Path(p).resolve() for p in exclude}
         files = [p for p in files if p.resolve() not in excluded]

@@ -12,7 +12,19 @@ class FedmocoError(Exception):
 
 
 class DataError(FedmocoError, ValueError):
-    """A data folder, file or data option is missing or wrong. The message names it."""
+    """A data folder, file or data option is missing or wrong. The message names it.
+
+    ``public``: the same fact in words that carry nothing read from the data (no file name or
+    suffix, no header value, no decoder's text): what a site may send to the server when this
+    stops its round (clients/app.py). None when the message holds only the site's own folder
+    (which the site replaces), counts and option names."""
+
+    def __init__(self, message: str = "", public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public
+
+    def __reduce__(self):  # keep ``public`` across processes (DataLoader workers pickle errors)
+        return (type(self), (str(self), self.public))
 
 
 class NoUsableData(DataError):

@@ -279,7 +279,8 @@ def estimate_normalization(files: list[Path], channels: int, size: int,
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             first_error = first_error or f"{files[i]}: {exc}"
     if not stack:
-        raise DataError(f"none of the {tried} images could be read (first: {first_error})")
+        raise DataError(f"none of the {tried} images could be read (first: {first_error})",
+                        public=f"none of the {tried} images could be read")
     x = torch.stack(stack)  # (n, C, H, W)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)

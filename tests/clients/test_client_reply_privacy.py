@@ -181,6 +181,45 @@ def test_a_bad_setting_under_a_folder_with_spaces_does_not_leak_the_folder(tmp_p
     assert b"Jane" not in wire_bytes(reply)
 
 
+def test_a_relative_data_path_without_a_slash_does_not_leak(tmp_path, monkeypatch):
+    """node_config data-path "Doe Jane 1961", relative to the SuperNode's folder: only the part of
+    the message with a slash was scrubbed, and "Doe Jane" reached the server."""
+    from domains.images.demo import make_demo_images
+
+    monkeypatch.chdir(tmp_path)
+    data = make_demo_images(tmp_path / "Doe Jane 1961", n_per_class=4, size=16)
+    (data / "fedmoco-site.toml").write_text('dp-epsilon = 4.0\ndp-delta = 0.5\n')
+    run = run_config(**{"key-release": "prototypes", "in-channels": 3})
+    reply = app(train_message(shared_arrays(global_model(run)), 1),
+                context({"data-path": "Doe Jane 1961", "state-dir": "state"}, run))
+    assert reply.has_error() and "dp-delta" in reply.error.reason, reply.error.reason
+    assert b"Doe" not in wire_bytes(reply) and b"Jane" not in wire_bytes(reply)
+
+
+def test_names_and_header_values_read_from_the_data_do_not_reach_the_server(tmp_path):
+    """Error texts built from the data stay at the site: another domain's files named by UIDs
+    (the scan listed their suffixes, pieces of the UIDs), and images it cannot read (their
+    declared sizes, the decoder's words). The reply says what to fix in words and counts."""
+    from clients.app import SITE_DATA_UNAVAILABLE
+
+    run = run_config(**{"domain": "images", "in-channels": 1, "image-size": 16})
+    uids = tmp_path / "uids"
+    uids.mkdir()
+    for uid in ("1.2.840.113619.2.55.604688", "1.2.840.113619.2.55.771203"):
+        (uids / uid).write_bytes(b"DICM")
+    reply = app(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(uids)}, run))
+    assert reply.has_error() and reply.error.code == SITE_DATA_UNAVAILABLE
+    assert reply.error.reason == ("site data unavailable: data folder is empty (no files with suffix .png, .jpg, "
+                                  ".jpeg, .tif, .tiff, .bmp); it holds 2 other file(s): is the domain right?")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(2):
+        (broken / f"scan_{i}_1961.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    reply = app(train_message(shared_arrays(global_model(run)), 1), context({"data-path": str(broken)}, run))
+    assert reply.has_error() and reply.error.code == SITE_DATA_UNAVAILABLE
+    assert reply.error.reason == "site data unavailable: none of the 2 images could be read", reply.error.reason
+
+
 def test_the_quadratic_path_pattern_sees_a_bounded_prefix_of_a_huge_reason(monkeypatch):
     """A run_config value can end up in an error reason. The path pattern backtracks
     quadratically over a run without separators (a 1 MB value took about an hour), so it is

@@ -125,6 +125,19 @@ def test_ledger_persists_across_a_supernode_restart_and_a_new_run(site, sent, tm
     assert sum(h["releases"] for h in saved["history"]) == 3 and saved["epsilon_spent"] <= 4.0
 
 
+def test_a_round_that_releases_nothing_still_reports_what_the_ledger_spent(site, sent, tmp_path):
+    """After a release, a run with key-release=none (or a site without a budget now) reported
+    dp-keys-epsilon 0: rounds.jsonl and privacy.png showed the site's spending fall to 0."""
+    node = dp_node(site, tmp_path / "ledger.json", **{"dp-epsilon": 4.0})
+    spent = metrics(train(train_message(sent, 1), context(node, run_config(**{"num-server-rounds": 2}))))
+    assert spent["dp-status"] == 0 and spent["dp-keys-epsilon"] > 0
+    quiet = metrics(train(train_message(sent, 1), context(node, run_config(**{"key-release": "none"}))))
+    assert quiet["dp-status"] == 2
+    assert {k: quiet[k] for k in ("dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-budget")} == {
+        k: spent[k] for k in ("dp-keys-epsilon", "dp-keys-delta", "dp-keys-releases", "dp-keys-budget")}
+    assert quiet["dp-keys-exhausted"] == 0.0
+
+
 def test_exhausted_budget_is_reported_and_training_goes_on(site, sent, tmp_path, caplog):
     run = run_config(**{"num-server-rounds": 2, "key-release": "keys", "key-sample-rate": 0.5})
     ctx = context(dp_node(site, tmp_path / "l.json", **{"dp-epsilon": 2.0, "dp-rounds": 1}), run)
