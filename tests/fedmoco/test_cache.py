@@ -16,11 +16,16 @@ def _open(root, tmp_path, stamps, **options):
     return open_cache(root, "test", 5, (2, 3, 3), "float16", {"size": 3, **options}, stamps, tmp_path / "c")
 
 
-def test_samples_round_trip_and_survive_reopening(tmp_path):
+def _one_file_folder(tmp_path):
+    """A data folder holding one 10-byte file, and its stamps."""
     root = tmp_path / "data"
     root.mkdir()
     (root / "a.bin").write_bytes(b"x" * 10)
-    stamps = file_stamps(root, [root / "a.bin"])
+    return root, file_stamps(root, [root / "a.bin"])
+
+
+def test_samples_round_trip_and_survive_reopening(tmp_path):
+    root, stamps = _one_file_folder(tmp_path)
     cache = _open(root, tmp_path, stamps)
     assert cache.get(0) is None and cache.filled() == 0
     sample = np.arange(18, dtype=np.float32).reshape(2, 3, 3) / 7
@@ -56,10 +61,7 @@ def test_change_of_file_or_options_rebuilds_and_deletes_the_old_cache(tmp_path):
 def test_a_truncated_cache_file_is_recreated_empty(tmp_path):
     """A cache file cut short (a full disk, a crash while it was made) is not mapped as it is:
     it is made again at full size with nothing filled, so samples are decoded afresh."""
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / "a.bin").write_bytes(b"x" * 10)
-    stamps = file_stamps(root, [root / "a.bin"])
+    root, stamps = _one_file_folder(tmp_path)
     cache = _open(root, tmp_path, stamps)
     cache.put(0, np.ones((2, 3, 3)))
     with open(cache.path, "r+b") as fh:
@@ -95,10 +97,7 @@ def test_an_existing_cache_that_cannot_be_written_means_no_cache(tmp_path, monke
     every epoch, as with any cache it cannot have."""
     import errno
 
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / "a.bin").write_bytes(b"x" * 10)
-    stamps = file_stamps(root, [root / "a.bin"])
+    root, stamps = _one_file_folder(tmp_path)
     cache = _open(root, tmp_path, stamps)
     cache.put(0, np.ones((2, 3, 3)))
     real_open = os.open
