@@ -123,15 +123,23 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     kept: list[RasterSource] = []
     positions: list[list[int]] = []
     readable: list[tuple[RasterSource, list[int]]] = []
-    # Without a selection every file must have the band count most files have.
-    common = Counter(s.count for s in sources).most_common(1)[0][0] if opts.bands is None and sources else None
+    # Without a selection every source must have the band count most files share: counted by
+    # files, so a per-band product (12 files of one scene) outweighs the single-band auxiliary
+    # rasters beside it (SCL, AOT, WVP, QA). Counted by sources, a Sentinel-2 L2A or Landsat C2
+    # folder trained on those and skipped its spectral bands. A tie goes to more bands.
+    common = None
+    if opts.bands is None and sources:
+        files = Counter()
+        for source in sources:
+            files[source.count] += len(source.paths)
+        common = max(files, key=lambda count: (files[count], count))
     for source in sources:
         try:
             selected = select_bands(source, opts.bands)
             readable.append((source, selected))
             if common is not None and source.count != common:
                 raise RasterReadError(
-                    source.name, WRONG_BAND_COUNT, f"{source.count} bands, most rasters here have {common}"
+                    source.name, WRONG_BAND_COUNT, f"{source.count} bands, most files here belong to rasters of {common}"
                 )
             positions.append(selected)
             kept.append(source)

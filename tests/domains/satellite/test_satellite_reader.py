@@ -269,3 +269,18 @@ def test_acquisition_date_from_tags_or_name_but_not_tiff_datetime(tmp_path):
     assert inspect_file(tagged).date == dt.date(2021, 7, 4)
     assert inspect_file(named).date == dt.date(2022, 1, 31)
     assert inspect_file(written).date is None
+
+
+def test_a_scene_folders_product_outweighs_its_single_band_auxiliary_rasters(tmp_path):
+    """An L2A granule holds its band files and single-band SCL/AOT/WVP rasters. The band count
+    to keep was the one most *sources* had: three 1-band rasters beat one 3-band product, and
+    the site trained on the auxiliary rasters. It is the one most *files* belong to."""
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.options import parse_options
+
+    write_band_files(tmp_path)  # one product: B02, B05, B09 (3 files)
+    for aux in ("SCL", "AOT", "WVP"):
+        write_raster(tmp_path / f"T32TNS_20230601T103629_{aux}_20m.tif", np.full((1, 6, 6), 5, np.uint8),
+                     transform=from_origin(500_000.0, 5_000_000.0, 20, 20))
+    scan = scan_folder(tmp_path, parse_options({}))
+    assert [s.count for s in scan.sources] == [3] and scan.skipped == {"wrong band count": 3}
