@@ -90,8 +90,8 @@ def _number(kind: type, lo: float | None = None, hi: float | None = None, lo_ope
                 out = float(value)
         except (TypeError, ValueError):
             raise _Invalid(f"expected {what}") from None
-        if out != out:  # NaN
-            raise _Invalid(f"expected {what}")
+        if out != out or out in (float("inf"), float("-inf")):  # NaN, or inf: scale=inf made every file "all nodata"
+            raise _Invalid(f"expected a finite {what.split()[-1]}")
         if lo is not None and (out < lo or (lo_open and out == lo)):
             raise _Invalid(f"must be {'>' if lo_open else '>='} {lo}")
         if hi is not None and out > hi:

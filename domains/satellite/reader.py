@@ -521,6 +521,10 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
             subs = len(src.subdatasets)
             detail = f"file has no bands{f' but {subs} subdatasets' if subs else ''}"
             raise RasterReadError(path, WRONG_BAND_COUNT, detail)
+        complex_bands = sorted({d for d in src.dtypes if "complex" in d})
+        if complex_bands:  # SAR phase data (a Sentinel-1 SLC): no reflectance, and no numpy dtype for cint16
+            raise RasterReadError(path, UNREADABLE, f"complex-valued bands ({', '.join(complex_bands)}): SAR "
+                                                    "phase data, not reflectance; use detected amplitude (GRD)")
         check_size(path, src, max_raster_pixels)
         check_blocks(path, src, max_block_mb)
         check_stored_bytes(path, src, stat.st_size, max_compression_ratio)

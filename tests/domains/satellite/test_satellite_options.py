@@ -77,6 +77,9 @@ def test_unknown_key_is_named():
         ("gdal_cache_mb", 0, "must be >= 1"),
         ("wavelengths", "490,-1", "must be > 0.0"),
         ("jitter_p", True, "expected a number"),
+        # inf passed, and made every file "all nodata" (scale) or every value inf (offset)
+        ("scale", "inf", "expected a finite number"),
+        ("offset", "-inf", "expected a finite number"),
     ],
 )
 def test_bad_value_names_option_and_value(key, value, why):

@@ -284,3 +284,15 @@ def test_a_scene_folders_product_outweighs_its_single_band_auxiliary_rasters(tmp
                      transform=from_origin(500_000.0, 5_000_000.0, 20, 20))
     scan = scan_folder(tmp_path, parse_options({}))
     assert [s.count for s in scan.sources] == [3] and scan.skipped == {"wrong band count": 3}
+
+
+@pytest.mark.parametrize("dtype", ["complex_int16", "complex64"])
+def test_a_complex_valued_raster_is_skipped_with_its_reason(tmp_path, dtype):
+    """A Sentinel-1 SLC measurement file holds complex samples: cint16 has no numpy dtype and
+    stopped every command with a TypeError; complex64 was read as its real part alone."""
+    with rasterio.open(tmp_path / "slc.tif", "w", driver="GTiff", width=16, height=16, count=1, dtype=dtype,
+                       crs="EPSG:32632", transform=from_origin(0, 160, 10, 10)) as dst:
+        dst.write(np.full((1, 16, 16), 3 + 4j, np.complex64))
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(tmp_path / "slc.tif")
+    assert err.value.reason == "unreadable" and f"complex-valued bands ({dtype}): SAR phase data" in str(err.value)
