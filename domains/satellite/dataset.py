@@ -27,6 +27,7 @@ from domains.satellite.augment import AppendIndices, eval_transform, pretrain_tr
 from domains.satellite.options import SatelliteOptions, parse_options
 from domains.satellite.reader import (
     ALL_NODATA,
+    TOO_LARGE,
     WRONG_BAND_COUNT,
     RasterReadError,
     RasterSource,
@@ -135,6 +136,11 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
         common = max(files, key=lambda count: (files[count], count))
     for source in sources:
         try:
+            if opts.resolution is not None and source.grid.width * source.grid.height > opts.max_raster_pixels:
+                # the header's size was checked; the grid at `resolution` is what the epoch and cache follow
+                raise RasterReadError(source.name, TOO_LARGE,
+                                      f"at resolution {opts.resolution:g} it would be {source.grid.width} x "
+                                      f"{source.grid.height} pixels, over max_raster_pixels {opts.max_raster_pixels:,}")
             selected = select_bands(source, opts.bands)
             readable.append((source, selected))
             if common is not None and source.count != common:
@@ -152,18 +158,17 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
 
 
 def _warn_mixed_grids(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions) -> None:
-    """Warn when the rasters' pixel sizes or CRSs differ and no ``resolution`` brings them to
-    one: a 64 px tile is then 640 m of ground in one file and 1.3 km in another, and the encoder
-    learns two scales as one."""
-    if opts.resolution is not None:
-        return
+    """Warn when the rasters' CRSs differ (``resolution`` cannot fix that: it is in each CRS's
+    own units), or their pixel sizes differ and no ``resolution`` brings them to one: a 64 px
+    tile is then 640 m of ground in one file and 1.3 km in another, and the encoder learns two
+    scales as one."""
     res = Counter(round(s.grid.res, 6) for s in sources)
     crs = Counter(s.grid.crs for s in sources if s.grid.crs)
-    if len(crs) > 1:
+    if len(crs) > 1:  # resolution does not help: it is in each raster's own CRS units (metres, degrees)
         log.warning("%s: the rasters are in %d coordinate reference systems; tiles of one size then cover "
                     "different ground areas. Reproject them to one CRS first (gdalwarp -t_srs), then set "
                     "the data option resolution if their pixel sizes differ", root, len(crs))
-    elif len(res) > 1:
+    elif len(res) > 1 and opts.resolution is None:
         sizes = ", ".join(f"{n} at {r:g}" for r, n in res.most_common(4)) + (", ..." if len(res) > 4 else "")
         log.warning("%s: the rasters have %d pixel sizes (%s, in CRS units); tiles of one size then cover "
                     "different ground areas. Set the data option resolution (pixel size in CRS units, "

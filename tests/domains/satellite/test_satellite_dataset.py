@@ -300,6 +300,23 @@ def test_mixed_pixel_sizes_are_warned_about_unless_resolution_is_set(tmp_path, c
     with caplog.at_level(logging.WARNING):
         scan_folder(tmp_path, parse_options({"resolution": "10"}))
     assert "pixel sizes" not in caplog.text
+    # resolution is in each raster's CRS units: it cannot bring metres and degrees to one grid
+    # (a 4326 raster became 1 x 1 px at resolution=10), so the CRS warning stays
+    with rasterio.open(tmp_path / "d.tif", "w", driver="GTiff", width=16, height=16, count=4, dtype="uint16",
+                       crs="EPSG:4326", transform=from_origin(14.0, 41.0, 1e-4, 1e-4)) as dst:
+        dst.write(np.full((4, 16, 16), 1000, np.uint16))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        scan_folder(tmp_path, parse_options({"resolution": "10"}))
+    assert "the rasters are in 2 coordinate reference systems" in caplog.text
+    # and the grid at `resolution` is held to max_raster_pixels, as a declared one is
+    (tmp_path / "d.tif").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=r"no usable raster \(skipped 3 files: 3 too large\)"):
+        scan_folder(tmp_path, parse_options({"resolution": "0.01", "max_raster_pixels": "1000000"}))
+    assert "a10.tif: too large (at resolution 0.01 it would be 16000 x 16000 pixels, over max_raster_pixels " \
+           "1,000,000)" in caplog.text
+    assert len(scan_folder(tmp_path, parse_options({"resolution": "1", "max_raster_pixels": "1000000"})).sources) == 3
 
 
 @pytest.mark.parametrize("sampling", ["random", "grid"])
