@@ -569,7 +569,8 @@ def band_file_product(
     The target grid is the finest band's grid (or that extent at ``resolution``); coarser bands
     are resampled onto it. When a band occurs at several resolutions (Sentinel-2 L2A R10m/R20m)
     the finest copy is kept. Bands are ordered B01, B02, ..., B08, B8A, B09, ...
-    Raises RasterReadError (mismatched band files) for files in different CRSs.
+    Raises RasterReadError (mismatched band files) for files in different CRSs, and (not
+    georeferenced) for files without a CRS unless they share one grid and no resampling is asked.
     """
     finest: dict[str, FileInfo] = {}
     for band, info in files:
@@ -577,10 +578,14 @@ def band_file_product(
         if key not in finest or info.grid.res < finest[key].grid.res:
             finest[key] = info
     crss = {info.grid.crs for info in finest.values()}
-    if len(crss) > 1 or None in crss:
+    if len(crss) > 1:
         raise RasterReadError(name, MISMATCHED_BAND_FILES, "band files need one common CRS")
     ordered = sorted(finest, key=band_sort_key)
     reference = min(finest.values(), key=lambda i: (i.grid.res, i.path)).grid
+    if None in crss and (resolution is not None or not all(i.grid.same_as(reference) for i in finest.values())):
+        # without a CRS, bands stack only as they are: resampling one onto another needs a CRS
+        raise RasterReadError(name, NOT_GEOREFERENCED, "band files without a CRS stack only when they share one "
+                                                       "pixel grid (no resampling, no resolution option)")
     grid = reference if resolution is None else reference.resampled(resolution)
     bands = tuple(
         BandInfo(b.path, b.index, band, b.scale, b.offset, b.grid, b.is_float, b.stamp)

@@ -296,3 +296,25 @@ def test_a_complex_valued_raster_is_skipped_with_its_reason(tmp_path, dtype):
     with pytest.raises(RasterReadError) as err:
         inspect_file(tmp_path / "slc.tif")
     assert err.value.reason == "unreadable" and f"complex-valued bands ({dtype}): SAR phase data" in str(err.value)
+
+
+def test_band_files_without_a_crs_stack_when_they_share_one_grid(tmp_path):
+    """Refused before as "band files need one common CRS", though nothing needed resampling;
+    bands of different grids without a CRS are "not georeferenced", as the skip table says."""
+    from affine import Affine
+
+    def plain(path, size, value, pixel=1):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint16",
+                           transform=Affine.scale(pixel, -pixel)) as dst:  # no CRS
+            dst.write(np.full((1, size, size), value, np.uint16))
+
+    plain(tmp_path / "same" / "SCN_B02.tif", 8, 1000)
+    plain(tmp_path / "same" / "SCN_B03.tif", 8, 2000)
+    tile = read_tile(tmp_path / "same")
+    assert tile.shape == (2, 8, 8) and tile.data[:, 0, 0].tolist() == pytest.approx([0.1, 0.2])
+    plain(tmp_path / "other" / "SCN_B02.tif", 8, 1000)
+    plain(tmp_path / "other" / "SCN_B05.tif", 4, 1000, pixel=2)
+    with pytest.raises(RasterReadError) as err:
+        open_source(tmp_path / "other")
+    assert err.value.reason == "not georeferenced" and "share one pixel grid" in str(err.value)
