@@ -41,6 +41,24 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(other)
 
 
+def test_bytes_flipped_inside_a_tensor_are_found_not_loaded(tmp_path):
+    """torch.load does not check the archive's CRCs: a checkpoint with damaged tensor bytes
+    loaded silently, and a resumed run trained on from it."""
+    import zipfile
+
+    path = tmp_path / "ck.pt"
+    atomic_save({"format": FORMAT, "w": torch.arange(4096, dtype=torch.float32)}, path)
+    with zipfile.ZipFile(path) as zf:
+        entry = max(zf.infolist(), key=lambda i: i.file_size)  # the tensor's storage, stored uncompressed
+    data = bytearray(path.read_bytes())
+    start = entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + 100
+    data[start:start + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"ck.pt: not a readable checkpoint: damaged PyTorch file \(entry "
+                                              rf"{entry.filename} fails its CRC check\)"):
+        load_checkpoint(path)
+
+
 def test_a_checkpoint_of_a_newer_fedmoco_is_refused(tmp_path):
     """A checkpoint one format version ahead is refused with a message, not misread."""
     path = tmp_path / "newer.pt"
