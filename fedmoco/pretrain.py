@@ -80,6 +80,26 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
     return model
 
 
+LOCK_FILE = ".pretrain.lock"
+
+
+def _lock_out(out: Path):
+    """An exclusive lock on ``out`` for this run (the open lock file; released when it is closed
+    or the process ends, however it ends). Two runs started together into one --out both passed
+    the "checkpoint exists" check and interleaved their logs and checkpoints."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ConfigError(f"{out}: another fedmoco pretrain is writing there; wait for it, or choose another --out") \
+            from None
+    return fh
+
+
 def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_overrides: dict[str, Any],
              train_cfg: TrainConfig, data_cfg: DataConfig, moco_version: str = "v2",
              device: torch.device, resume: bool = False, progress: bool = True,
@@ -95,6 +115,7 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
     """
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
+    lock = _lock_out(out)  # noqa: F841 (held until this function returns: the file stays open)
     saved = None
     if resume:
         saved = load_checkpoint(ckpt_path)

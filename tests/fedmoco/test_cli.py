@@ -225,3 +225,19 @@ def test_the_resume_hint_keeps_an_extension_and_the_runtime_options(tmp_path, de
     args = argparse.Namespace(out=out, data=demo_images, workers=0, device="cpu", epochs=5)  # extending 2 -> 5
     assert _checkpoint_hint(args) == (f"{out / 'checkpoint.pt'} holds epoch 2 of 5; resume with: fedmoco pretrain "
                                       f"--data {demo_images} --out {out} --workers 0 --device cpu --epochs 5 --resume")
+
+
+def test_a_second_pretrain_into_a_busy_out_is_refused(tmp_path, demo_images, tiny_pretrain_args, capsys):
+    """Two runs started together into one --out both passed the "checkpoint exists" check and
+    interleaved their metrics and checkpoints; the second is refused while the first holds --out."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".pretrain.lock", "a+") as held:  # as a running pretrain holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 2
+    assert capsys.readouterr().err == (f"fedmoco pretrain: error: {out}: another fedmoco pretrain is writing there; "
+                                       "wait for it, or choose another --out\n")
+    assert not (out / "checkpoint.pt").exists()
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 0
