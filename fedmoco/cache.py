@@ -189,6 +189,7 @@ class SampleCache:
         # and it offers no madvise.
         self._flags: np.ndarray | None = None
         self._data: np.ndarray | None = None
+        self._lost = False  # the file went before this process mapped it: reads miss from then on
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "n": self.n, "shape": self.shape, "dtype": self.dtype, "access": self.access}
@@ -215,9 +216,29 @@ class SampleCache:
             self._data = np.frombuffer(mapped, self.dtype, self.n * int(np.prod(self.shape)),
                                        self.offset).reshape(self.n, *self.shape)
 
+    def _mapped(self) -> bool:
+        """Map the file on first use; False (once logged) when it is gone or unreadable by then.
+        A mapping outlives the file's removal, but a process (a DataLoader worker) that maps
+        lazily can find it removed: by ``fedmoco cache --clear``, or by a run with other
+        options on the same folder, which replaces the folder's caches. Such a process then
+        decodes, as without a cache, instead of stopping with FileNotFoundError."""
+        if self._data is not None:
+            return True
+        if self._lost:
+            return False
+        try:
+            self._open()
+        except OSError as exc:
+            self._lost = True
+            log.warning("%s: sample cache gone or unreadable (%s); decoding instead", self.path, exc.strerror or exc)
+            return False
+        return True
+
     def get(self, i: int) -> tuple[np.ndarray, int] | None:
-        """(sample i as an array view, its tag) when filled, else None."""
-        self._open()
+        """(sample i as an array view, its tag) when filled, else None (also when the file is
+        gone: see :meth:`_mapped`)."""
+        if not self._mapped():
+            return None
         tag = int(self._flags[i])
         return None if tag == 0 else (self._data[i], tag)
 
@@ -269,8 +290,9 @@ class SampleCache:
             os.close(fd)
 
     def filled(self) -> int:
-        """How many samples are stored."""
-        self._open()
+        """How many samples are stored (0 when the file is gone)."""
+        if not self._mapped():
+            return 0
         return int(np.count_nonzero(self._flags))
 
 

@@ -115,6 +115,25 @@ def test_an_existing_cache_that_cannot_be_written_means_no_cache(tmp_path, monke
     assert _open(root, tmp_path, stamps).get(0) is not None  # writable again: the same cache, still filled
 
 
+def test_a_cache_removed_before_a_worker_maps_it_is_a_miss_not_a_crash(tmp_path, caplog):
+    """A DataLoader worker maps the cache on first use; removed before that (fedmoco cache
+    --clear, or a run with other options on the folder replacing its caches), the first read
+    raised FileNotFoundError and stopped the run. Now it misses, and the sample is decoded."""
+    root, stamps = _one_file_folder(tmp_path)
+    cache = _open(root, tmp_path, stamps)
+    cache.put(0, np.ones((2, 3, 3)))
+    mapped = pickle.loads(pickle.dumps(cache))
+    assert mapped.get(0) is not None  # mapped before the removal: keeps its mapping
+    worker = pickle.loads(pickle.dumps(cache))  # not mapped yet
+    cache.path.unlink()
+    with caplog.at_level("WARNING", logger="fedmoco.cache"):
+        assert worker.get(0) is None and worker.filled() == 0
+    assert f"{cache.path}: sample cache gone or unreadable (No such file or directory); decoding instead" in caplog.text
+    assert mapped.get(0)[1] == 1
+    with pytest.raises(OSError):  # a store then fails as on a full disk: the datasets stop caching
+        worker.put(1, np.ones((2, 3, 3)))
+
+
 @pytest.mark.parametrize("reserve_gb, built", [("0", True), ("1e9", False)])
 def test_a_cache_is_built_only_while_the_reserve_stays_free(tmp_path, monkeypatch, caplog, reserve_gb, built):
     """FEDMOCO_CACHE_MIN_FREE_GB is the free disk the cache leaves on its volume: no volume has
