@@ -235,6 +235,11 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
     superlink = start_process(
         [flower_command("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
          "--host", "127.0.0.1", "--port", str(port)], env=env, log=link_log, cwd=work_dir)
+    # Stops the SuperLink's flwr-simulation and Ray if this process is SIGKILLed (server.reaper):
+    # they ran the federation to its end, spending the sites' budgets, with nobody watching.
+    reaper = subprocess.Popen([sys.executable, "-m", "server.reaper", str(os.getpid()), str(superlink.pid)],
+                              cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(port, superlink, log=link_log)
         cmd = [flower_command("flwr"), "run", str(app_dir), "fedmoco-sim", "--stream",
@@ -272,6 +277,8 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
                                    f"flwr run log {run_log}:\n{tail(run_log)}")
     finally:
         stop_process(superlink)
+        reaper.terminate()  # everything it watched is stopped
+        reaper.wait()
     if _stamp(encoder) in (None, before):
         written = "without" if before is None else "without writing a new"
         raise RuntimeError(f"the simulation ended {written} {encoder}; flwr run log {run_log}:\n{tail(run_log)}\n"

@@ -1,0 +1,88 @@
+"""Stop what a launcher started when the launcher itself is killed, even by SIGKILL.
+
+    python -m server.reaper LAUNCHER_PID ROOT_PID [ROOT_PID ...]
+
+Why: ``server.simulation`` starts a SuperLink, which starts ``flwr-simulation`` in a session
+of its own, which starts Ray's servers and workers. On SIGINT or SIGTERM the launcher stops
+them all (:func:`server.launch.stop_process`); a SIGKILL runs no handler, and the SuperLink's
+parent-death signal (:func:`server.launch.die_with_parent`) reaches only the SuperLink. The
+rest ran the federation to its last round, spending every site's privacy budget, and left
+Ray's agents behind.
+
+While the launcher lives, this process notes every descendant of the roots twice a second (with
+its start time, so that a reused process id is never mistaken for one of them). Once the
+launcher is gone it sends SIGTERM to each noted process still running, and to their
+descendants, then SIGKILL after 10 s. A launcher that ends normally stops it first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from server.launch import _alive, _stat_fields, descendants
+
+POLL_S = 0.5
+GRACE_S = 10.0
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), or None."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def same_process(pid: int, started: str | None) -> bool:
+    return started is not None and start_time(pid) == started and _alive(pid)
+
+
+def watch(launcher: int, roots: list[int], *, poll_s: float = POLL_S, grace_s: float = GRACE_S) -> int:
+    """Note the roots' descendants while ``launcher`` lives; then stop them. Returns how many
+    processes were signalled."""
+    launcher_started = start_time(launcher)
+    known: dict[int, str] = {}
+    while same_process(launcher, launcher_started):
+        for pid in [*roots, *(d for r in roots for d in descendants(r))]:
+            started = start_time(pid)
+            if started is not None:
+                known.setdefault(pid, started)
+        known = {pid: st for pid, st in known.items() if same_process(pid, st)}
+        time.sleep(poll_s)
+    targets = [pid for pid, st in known.items() if same_process(pid, st)]
+    targets += [d for pid in list(targets) for d in descendants(pid) if d not in targets]
+    for pid in targets:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+        time.sleep(0.1)
+    for pid in targets:
+        if _alive(pid):
+            _kill(pid, signal.SIGKILL)
+    return len(targets)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        launcher, *roots = (int(a) for a in args)
+    except ValueError:
+        launcher, roots = 0, []
+    if not launcher or not roots:
+        print("usage: python -m server.reaper LAUNCHER_PID ROOT_PID [ROOT_PID ...]", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the launcher's to handle
+    watch(launcher, roots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
