@@ -157,6 +157,24 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     return Scan(kept, _layout(kept[0], positions, opts), skipped, readable)
 
 
+def _source_labels(root: Path, sources: Sequence[RasterSource],
+                   labels_csv: Path | None) -> tuple[list[int], list[str]]:
+    """(label index per source or -1, class names): a per-band product takes the label of
+    whichever of its band files the CSV names (only its first band file counted before, and a
+    row naming SCN_B03 left the product unlabelled, as "not a usable sample")."""
+    paths = [[Path(band.path) for band in source.bands] for source in sources]
+    flat, classes = read_labels(root, [p for group in paths for p in group], labels_csv)
+    labels, k = [], 0
+    for source, group in zip(sources, paths):
+        found = sorted({label for label in flat[k:k + len(group)] if label >= 0})
+        k += len(group)
+        if len(found) > 1:
+            raise DataError(f"{labels_csv or root}: the band files of {source.name} carry {len(found)} different labels "
+                            f"({', '.join(classes[i] for i in found)}); a product has one")
+        labels.append(found[0] if found else -1)
+    return labels, classes
+
+
 def _warn_mixed_grids(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions) -> None:
     """Warn when the rasters' CRSs differ (``resolution`` cannot fix that: it is in each CRS's
     own units), or their pixel sizes differ and no ``resolution`` brings them to one: a 64 px
@@ -994,7 +1012,7 @@ def build_labelled_data(
     remap = {old: new for new, old in enumerate(keep)}
     windows = [(remap[i], w) for i, w in windows]
     reader = _subset(reader, keep)
-    labels, classes = read_labels(root, [Path(s.bands[0].path) for s in reader.sources], labels_csv)
+    labels, classes = _source_labels(root, reader.sources, labels_csv)
     if normalization is None:
         rng = np.random.default_rng(cfg.seed)
         normalization = estimate_normalization(reader, _sample_windows(windows, rng), opts.stats_tiles, opts.max_nodata)

@@ -260,6 +260,24 @@ def test_labelled_from_csv_with_tiles_sharing_the_file_label(tmp_path):
     assert [data.dataset[i][1] for i in range(len(data.dataset))] == [0, 0, 0, 0, 1]
 
 
+def test_a_product_takes_the_label_of_whichever_band_file_the_csv_names(tmp_path):
+    """A CSV row naming a product's B03 (not its first band file) left the product unlabelled
+    and counted as "not a usable sample"; two labels on one product are refused in one line."""
+    from domains.satellite.demo import from_origin, write_raster
+
+    for scene, value in (("SCN1", 1000), ("SCN2", 3000)):
+        for band in ("B02", "B03", "B04"):
+            write_raster(tmp_path / scene / f"{scene}_{band}.tif", np.full((1, 32, 32), value, np.uint16),
+                         transform=from_origin(500000, 4000000, 10, 10))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nSCN1/SCN1_B03.tif,crop\nSCN2/SCN2_B02.tif,water\n")
+    data = build_labelled_data(tmp_path, cfg(), csv, None)
+    assert data.classes == ["crop", "water"] and sorted({data.dataset[i][1] for i in range(len(data.dataset))}) == [0, 1]
+    csv.write_text("path,label\nSCN1/SCN1_B03.tif,crop\nSCN1/SCN1_B04.tif,water\n")
+    with pytest.raises(DataError, match=r"the band files of .*SCN1_B\* carry 2 different labels \(crop, water\)"):
+        build_labelled_data(tmp_path, cfg(), csv, None)
+
+
 def test_a_short_epoch_draws_from_every_raster(tmp_path):
     # samples_per_epoch far below the area: each sample's raster is drawn by area, so all are
     # reached, not only the first in name order
