@@ -543,7 +543,7 @@ def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | Non
         # a ledger, or a lock file that says one was written (a removed ledger must not open the way)
         kept = site["ledger_path"] is not None and ledger_was_written(site["ledger_path"])
         if kept:
-            return empty, _refuse(8, f" ({site['ledger_path']})")
+            return empty, _ledger_figures(_refuse(8, f" ({site['ledger_path']})"), site)
         log.warning("dp-epsilon=inf: releasing %s WITHOUT noise; NOT private, for benchmarks only", mode)
         out = _make_release(mode, 0.0, q, msg, dataset, negatives, site, run, mcfg, server_round, encoder)
         return out, no_ledger_metrics(1, releases=rounds_done + 1)

@@ -63,7 +63,7 @@ def read_torch_file(path: Path, what: str = "checkpoint") -> Any:
     try:
         with zipfile.ZipFile(path) as zf:
             damaged = zf.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except Exception as exc:  # zipfile raises many types for damage (BadZipFile, zlib.error, NotImplementedError)
         raise CheckpointError(f"{path}: not a readable {what}: damaged PyTorch file ({type(exc).__name__})") from None
     if damaged is not None:
         raise CheckpointError(f"{path}: not a readable {what}: damaged PyTorch file (entry {damaged} fails its "

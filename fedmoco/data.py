@@ -231,6 +231,8 @@ def check_cache_outside(root: Path, cfg: DataConfig) -> None:
     its caches there would be scanned as data the next time."""
     from fedmoco.cache import default_cache_dir
 
+    if not cfg.cache:  # nothing is written there (a service account whose home is its data folder)
+        return
     cache = Path(cfg.cache_dir or cfg.options.get("cache_dir") or default_cache_dir()).expanduser()
     if cache.resolve().is_relative_to(root.resolve()):
         raise DataError(f"{cache}: the cache folder is inside the data folder {root}, which fedmoco never writes; "

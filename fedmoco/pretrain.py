@@ -104,6 +104,20 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
              train_cfg: TrainConfig, data_cfg: DataConfig, moco_version: str = "v2",
              device: torch.device, resume: bool = False, progress: bool = True,
              explicit: frozenset[str] | None = None) -> PretrainResult:
+    """:func:`_pretrain` while holding the lock on ``out_dir`` (:func:`_lock_out`), released when
+    it returns or raises: a kept traceback (a notebook's failed call) must not hold it."""
+    lock = _lock_out(Path(out_dir))
+    try:
+        return _pretrain(domain, data_dir, out_dir, moco_overrides=moco_overrides, train_cfg=train_cfg,
+                         data_cfg=data_cfg, moco_version=moco_version, device=device, resume=resume,
+                         progress=progress, explicit=explicit)
+    finally:
+        lock.close()
+
+
+def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_overrides: dict[str, Any],
+              train_cfg: TrainConfig, data_cfg: DataConfig, moco_version: str, device: torch.device,
+              resume: bool, progress: bool, explicit: frozenset[str] | None) -> PretrainResult:
     """Train MoCo on ``data_dir`` and checkpoint into ``out_dir`` after every epoch.
 
     ``moco_overrides`` holds only the options the user set; with ``resume`` the rest come
@@ -115,7 +129,6 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
     """
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
-    lock = _lock_out(out)  # noqa: F841 (held until this function returns: the file stays open)
     saved = None
     if resume:
         saved = load_checkpoint(ckpt_path)

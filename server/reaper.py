@@ -42,25 +42,35 @@ def watch(launcher: int, roots: list[int], *, poll_s: float = POLL_S, grace_s: f
     """Note the roots' descendants while ``launcher`` lives; then stop them. Returns how many
     processes were signalled."""
     launcher_started = start_time(launcher)
-    known: dict[int, str] = {}
+    # each process is known by (pid, start time) from when it was first seen: a pid that ends
+    # and is reused (a root included) is another process, never signalled
+    known: dict[int, str] = {pid: st for pid in roots if (st := start_time(pid)) is not None}
     while same_process(launcher, launcher_started):
-        for pid in [*roots, *(d for r in roots for d in descendants(r))]:
-            started = start_time(pid)
-            if started is not None:
-                known.setdefault(pid, started)
+        _note_descendants(known)
         known = {pid: st for pid, st in known.items() if same_process(pid, st)}
         time.sleep(poll_s)
-    targets = [pid for pid, st in known.items() if same_process(pid, st)]
-    targets += [d for pid in list(targets) for d in descendants(pid) if d not in targets]
-    for pid in targets:
-        _kill(pid, signal.SIGTERM)
+    _note_descendants(known)  # those started since the last look
+    targets = {pid: st for pid, st in known.items() if same_process(pid, st)}
+    for pid, st in targets.items():
+        if same_process(pid, st):
+            _kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+    while time.monotonic() < deadline and any(same_process(pid, st) for pid, st in targets.items()):
         time.sleep(0.1)
-    for pid in targets:
-        if _alive(pid):
+    for pid, st in targets.items():
+        if same_process(pid, st):
             _kill(pid, signal.SIGKILL)
     return len(targets)
+
+
+def _note_descendants(known: dict[int, str]) -> None:
+    """Add the live descendants of the known processes (still the same ones) to ``known``."""
+    for parent, started in list(known.items()):
+        if not same_process(parent, started):
+            continue
+        for pid in descendants(parent):
+            if pid not in known and (st := start_time(pid)) is not None:
+                known[pid] = st
 
 
 def _kill(pid: int, sig: int) -> None:

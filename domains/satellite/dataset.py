@@ -124,14 +124,17 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     kept: list[RasterSource] = []
     positions: list[list[int]] = []
     readable: list[tuple[RasterSource, list[int]]] = []
-    # Without a selection every source must have the band count most files share: counted by
-    # files, so a per-band product (12 files of one scene) outweighs the single-band auxiliary
-    # rasters beside it (SCL, AOT, WVP, QA). Counted by sources, a Sentinel-2 L2A or Landsat C2
-    # folder trained on those and skipped its spectral bands. A tie goes to more bands.
+    # Without a selection every source must have the band count most files share, counted by
+    # files (a tie goes to more bands). Counted by sources, a Sentinel-2 L2A or Landsat C2
+    # folder trained on its single-band SCL/AOT/QA rasters and skipped its spectral bands.
     common = None
     if opts.bands is None and sources:
+        # where per-band products (several band files each) are present, they decide: the
+        # single-band rasters beside them are a scene's auxiliaries (a Landsat C2 L2SP scene
+        # holds 7 SR band files and 12 single-band QA/ST rasters)
+        pool = [s for s in sources if len(s.paths) > 1] or sources
         files = Counter()
-        for source in sources:
+        for source in pool:
             files[source.count] += len(source.paths)
         common = max(files, key=lambda count: (files[count], count))
     for source in sources:
@@ -159,19 +162,17 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
 
 def _source_labels(root: Path, sources: Sequence[RasterSource],
                    labels_csv: Path | None) -> tuple[list[int], list[str]]:
-    """(label index per source or -1, class names): a per-band product takes the label of
-    whichever of its band files the CSV names (only its first band file counted before, and a
-    row naming SCN_B03 left the product unlabelled, as "not a usable sample")."""
+    """(label index per source or -1, class names): a per-band product takes the label of its
+    first band file, in band order, that has one. Only the first band file counted before, and
+    a CSV row naming SCN_B03 left the product unlabelled, as "not a usable sample". (The
+    labelled set gives every file a label of its own, ``fedmoco.labels``, so band files of one
+    product differ in label as a rule: the first one speaks for the product.)"""
     paths = [[Path(band.path) for band in source.bands] for source in sources]
     flat, classes = read_labels(root, [p for group in paths for p in group], labels_csv)
     labels, k = [], 0
-    for source, group in zip(sources, paths):
-        found = sorted({label for label in flat[k:k + len(group)] if label >= 0})
+    for group in paths:
+        labels.append(next((label for label in flat[k:k + len(group)] if label >= 0), -1))
         k += len(group)
-        if len(found) > 1:
-            raise DataError(f"{labels_csv or root}: the band files of {source.name} carry {len(found)} different labels "
-                            f"({', '.join(classes[i] for i in found)}); a product has one")
-        labels.append(found[0] if found else -1)
     return labels, classes
 
 

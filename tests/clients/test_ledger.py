@@ -499,6 +499,7 @@ def test_no_noise_cannot_step_around_a_ledger(site, sent, tmp_path):
     m = metrics(reply)
     assert m["dp-status"] == 8 and reply.content["keys"]["keys"].numpy().shape[0] == 0
     assert read_ledger(path).spent() == spent and read_ledger(path).releases == 1
+    assert (m["dp-keys-epsilon"], m["dp-keys-releases"]) == (pytest.approx(spent), 1.0)  # what it spent, not 0
     # a number that overflows to inf is not a request for no noise
     reply = train(train_message(sent, 3), context(dp_node(site, path, **{"dp-epsilon": "1e400"}), run_config()))
     assert reply.has_error() and "write inf to mean no noise" in reply.error.reason

@@ -59,6 +59,23 @@ def test_bytes_flipped_inside_a_tensor_are_found_not_loaded(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("raised", [NotImplementedError("That compression method is not supported"),
+                                    __import__("zlib").error("Error -3 while decompressing data")])
+def test_damage_the_crc_check_meets_in_other_forms_is_one_line_too(tmp_path, monkeypatch, raised):
+    import zipfile
+
+    path = tmp_path / "ck.pt"
+    atomic_save({"format": FORMAT, "w": torch.zeros(4)}, path)
+
+    def damaged(self):
+        raise raised
+
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", damaged)
+    with pytest.raises(CheckpointError, match=rf"ck.pt: not a readable checkpoint: damaged PyTorch file "
+                                              rf"\({type(raised).__name__}\)"):
+        load_checkpoint(path)
+
+
 def test_a_checkpoint_of_a_newer_fedmoco_is_refused(tmp_path):
     """A checkpoint one format version ahead is refused with a message, not misread."""
     path = tmp_path / "newer.pt"

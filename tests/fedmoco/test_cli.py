@@ -241,3 +241,19 @@ def test_a_second_pretrain_into_a_busy_out_is_refused(tmp_path, demo_images, tin
                                        "wait for it, or choose another --out\n")
     assert not (out / "checkpoint.pt").exists()
     assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 0
+
+
+def test_a_failed_pretrain_call_releases_its_lock_even_while_its_traceback_is_kept(tmp_path, demo_images):
+    """The lock was a local of the failed call's frame: a kept traceback (a notebook's, or
+    pytest.raises here) held it, and every later call into that --out was refused as busy."""
+    from fedmoco.config import TrainConfig
+    from fedmoco.data import DataConfig
+    from fedmoco.errors import CheckpointError
+    from fedmoco.pretrain import pretrain
+
+    kwargs = dict(moco_overrides={"arch": "tiny"}, train_cfg=TrainConfig(epochs=1, batch_size=8),
+                  data_cfg=DataConfig(image_size=16), device=torch.device("cpu"), progress=False)
+    with pytest.raises(CheckpointError) as kept:  # nothing to resume
+        pretrain("images", demo_images, tmp_path / "run", resume=True, **kwargs)
+    assert kept.value.__traceback__ is not None
+    assert pretrain("images", demo_images, tmp_path / "run", **kwargs).epochs_done == 1

@@ -318,3 +318,20 @@ def test_band_files_without_a_crs_stack_when_they_share_one_grid(tmp_path):
     with pytest.raises(RasterReadError) as err:
         open_source(tmp_path / "other")
     assert err.value.reason == "not georeferenced" and "share one pixel grid" in str(err.value)
+
+
+def test_a_landsat_l2sp_scene_keeps_its_surface_reflectance_product(tmp_path):
+    """7 SR band files and 12 single-band ST/QA rasters: by files alone, 12 single-band files
+    outnumber the product's 7. Where per-band products are present they decide."""
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.options import parse_options
+
+    prefix = "LC08_L2SP_044034_20210508_20210518_02_T1_"
+    names = [f"SR_B{i}" for i in range(1, 8)] + ["ST_B10", "QA_PIXEL", "QA_RADSAT", "SR_QA_AEROSOL", "ST_ATRAN",
+                                                  "ST_CDIST", "ST_DRAD", "ST_EMIS", "ST_EMSD", "ST_QA", "ST_TRAD",
+                                                  "ST_URAD"]
+    for name in names:
+        write_raster(tmp_path / f"{prefix}{name}.TIF", np.full((1, 16, 16), 9000, np.uint16),
+                     transform=from_origin(500_000.0, 4_000_000.0, 30, 30))
+    scan = scan_folder(tmp_path, parse_options({}))
+    assert [(s.count, len(s.paths)) for s in scan.sources] == [(7, 7)] and scan.skipped == {"wrong band count": 12}
