@@ -225,6 +225,9 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
     from server.strategy import make_aggregator  # the aggregator names live with the strategy
 
     make_aggregator(r["aggregation"], trim_beta=r["trim-beta"], krum_malicious=r["krum-malicious"])
+    if r["model-dp-noise"] > 0 and str(r["aggregation"]).lower() != "fedavg":
+        # refused here, before a fresh run moves an earlier run's outputs aside (FedMoCo refuses it too)
+        raise ConfigError("model DP (model-dp-noise > 0) is analysed for FedAvg only; use aggregation=fedavg")
 
 
 def drop_rounds_after(metrics: Path, done: int) -> int:

@@ -194,6 +194,9 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
                                      "got 0.5"),
     ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),
+    # refused before a fresh run moves an earlier one aside, not by the strategy after it
+    ({"model-dp-noise": 1.0, "aggregation": "fedmedian"},
+     "model DP (model-dp-noise > 0) is analysed for FedAvg only; use aggregation=fedavg"),
     # values every site would fail on every round, or the server could not allocate
     ({"input-std": "0"}, "run_config input-std: '0' holds a standard deviation that is not > 0"),
     ({"input-std": "0.2,-1,0.2"}, "run_config input-std: '0.2,-1,0.2' holds a standard deviation that is not > 0"),
