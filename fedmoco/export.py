@@ -155,6 +155,8 @@ def export_encoder(checkpoint: Path | str, out_dir: Path | str) -> ExportResult:
     if cfg.arch in TORCHVISION_ARCHS:
         backbone_path = out / BACKBONE_FILE
         atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, backbone_path)
+    else:  # an earlier export's backbone.pt in this folder would pass for this encoder's
+        (out / BACKBONE_FILE).unlink(missing_ok=True)
     ts_path = out / TORCHSCRIPT_FILE
     with warnings.catch_warnings():
         # torch 2.9+ flags TorchScript as deprecated (script and save); it is still what

@@ -71,6 +71,8 @@ def test_export_loads_into_plain_torchvision_and_torchscript_with_identical_feat
 
 def test_export_tiny_is_torchscript_only_and_records_the_medical_windowing(tmp_path, capsys):
     reference = _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=MEDICAL)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "backbone.pt").write_bytes(b"an earlier resnet export")  # would pass for this one
     assert main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")]) == 0
     assert not (tmp_path / "export" / "backbone.pt").exists()
     assert "torchvision state_dict" not in capsys.readouterr().out
