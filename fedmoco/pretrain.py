@@ -216,7 +216,10 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
 
 #: TrainConfig fields that say how a run executes, not what it computes: a resumed run
 #: takes them from the command line, whatever the checkpoint says.
-RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", "extra"})
+# How this machine runs the steps, not what the run learns from: they follow each invocation.
+# batch_augment makes the same views per batch instead of per sample (fedmoco.gpu_augment);
+# it was silently taken from the checkpoint, whatever --batch-augment the resume gave.
+RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", "extra", "batch_augment"})
 
 
 def resumed_settings(saved: dict[str, Any], path: Path, domain: str, train_cfg: TrainConfig,

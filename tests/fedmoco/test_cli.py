@@ -212,6 +212,10 @@ def test_a_resumed_run_keeps_this_invocations_cache_and_progress_settings():
     _, _, data = resumed_settings(saved, Path("run/checkpoint.pt"), "satellite", TrainConfig(epochs=2), asked,
                                   frozenset())
     assert (data.cache, data.cache_dir, data.progress) == (False, "/elsewhere", False)  # --no-cache, -q
+    # --batch-augment is how this machine makes the views: it follows the invocation too
+    train, _ = resumed_settings(saved, Path("run/checkpoint.pt"), "satellite", TrainConfig(epochs=2, batch_augment="off"),
+                                asked, frozenset())[1:]
+    assert train.batch_augment == "off"
     assert data.options == {"bands": "1,2", "tile_size": 64} and data.image_size == 32
 
 
