@@ -88,35 +88,29 @@ def _fab_check(signed_after: int | None) -> Callable[[Any, dict[str, str]], bool
     return verify
 
 
-def _flag_values(argv: list[str], flag: str) -> list[str]:
-    """The values given to ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), in order."""
-    out = []
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            out.append(argv[i + 1])
-        elif arg.startswith(flag + "="):
-            out.append(arg.split("=", 1)[1])
-    return out
-
-
-def _take_flag(argv: list[str], flag: str) -> tuple[list[str], list[str]]:
-    """``(argv without flag and its values, those values)``: for fedmoco's own options,
-    which Flower's parser would reject."""
-    rest, values, skip = [], [], False
+def _take_flag(argv: list[str], flag: str) -> tuple[list[str], list[str | None]]:
+    """``(argv without flag and its values, those values)`` (``--flag V`` or ``--flag=V``, in
+    order; None for a last ``--flag`` with no value): fedmoco's own options come out before
+    Flower's parser, which would reject them, reads the rest."""
+    rest: list[str] = []
+    values: list[str | None] = []
+    skip = False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
         elif arg == flag:
-            if i + 1 < len(argv):
-                values.append(argv[i + 1])
-                skip = True
-            else:
-                values.append("")
+            skip = i + 1 < len(argv)
+            values.append(argv[i + 1] if skip else None)
         elif arg.startswith(flag + "="):
             values.append(arg.split("=", 1)[1])
         else:
             rest.append(arg)
     return rest, values
+
+
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    """The values given to ``flag`` in ``argv``, in order (a last value-less ``--flag`` is Flower's to name)."""
+    return [v for v in _take_flag(argv, flag)[1] if v is not None]
 
 
 def trusted_entities_problem(argv: list[str]) -> str | None:
@@ -157,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     argv, after = _take_flag(argv, "--app-signed-after")
     try:
-        signed_after = parse_signed_after(after[-1]) if after else None
+        signed_after = parse_signed_after(after[-1] or "") if after else None
     except ConfigError as exc:
         print(f"clients.supernode: error: {exc}", file=sys.stderr)
         return 2

@@ -77,10 +77,7 @@ def cache_fits(folder: Path | str, nbytes: int) -> tuple[bool, int]:
     """(whether ``nbytes`` more on ``folder``'s volume leave :func:`min_free_bytes` free, the free
     bytes there now). ``folder`` need not exist yet: its nearest existing parent is asked.
     Raises OSError when the volume cannot be asked (a folder this user cannot enter)."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    free = _free_bytes(folder)
+    free = _free_bytes(_nearest_existing(folder))
     return free - nbytes >= min_free_bytes(), free
 
 
@@ -88,14 +85,20 @@ def cache_folder_problem(folder: Path | str) -> str | None:
     """Why a cache could not be written under ``folder`` (which need not exist yet: its nearest
     existing parent must be a folder this user can write), or None. Checks only what is on
     disk now; a round still logs any failure it meets."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_existing(folder)
     if not folder.is_dir():
         return f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only volume (EROFS)
         return f"{folder} cannot be written by this user" + (" (read-only volume)" if _read_only(folder) else "")
     return None
+
+
+def _nearest_existing(folder: Path | str) -> Path:
+    """``folder`` (absolute), or its nearest parent that exists (a link, even dangling, counts)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def _read_only(folder: Path) -> bool:

@@ -215,10 +215,8 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
 
 
 #: TrainConfig fields that say how a run executes, not what it computes: a resumed run
-#: takes them from the command line, whatever the checkpoint says.
-# How this machine runs the steps, not what the run learns from: they follow each invocation.
-# batch_augment makes the same views per batch instead of per sample (fedmoco.gpu_augment);
-# it was silently taken from the checkpoint, whatever --batch-augment the resume gave.
+#: takes them from the command line, whatever the checkpoint says (``batch_augment`` makes
+#: the same views per batch instead of per sample, fedmoco.gpu_augment).
 RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", "extra", "batch_augment"})
 
 

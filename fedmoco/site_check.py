@@ -162,14 +162,14 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
                         cache_bytes=0 if cache_off else data.cache_bytes,
                         cache_skipped=0 if cache_off else data.cache_skipped)
     if report.cache_bytes:
-        report.cache_problem = cache_folder_problem(Path(report.cache_dir) / "samples") or ""
-    if report.cache_bytes and not report.cache_problem:
+        samples = Path(report.cache_dir) / "samples"
+        report.cache_problem = cache_folder_problem(samples) or ""
         # A round replaces (or reuses) this folder's caches before it asks for room: what they
         # hold on disk counts as free.
         try:
-            held = folder_cache_allocated(data_dir, report.cache_dir)
-            report.cache_fits, report.cache_free = cache_fits(Path(report.cache_dir) / "samples",
-                                                              report.cache_bytes - held)
+            if not report.cache_problem:
+                held = folder_cache_allocated(data_dir, report.cache_dir)
+                report.cache_fits, report.cache_free = cache_fits(samples, report.cache_bytes - held)
         except OSError:  # the volume cannot be asked (a folder this user cannot enter): a round logs why
             pass
     if steps > 0:

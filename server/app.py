@@ -84,8 +84,8 @@ def resume_state(run_config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, 
     """(the server checkpoint to continue, the run's identity), both None for a fresh start.
     ConfigError, before anything is written, when ``resume`` is set and the checkpoint in
     ``out-dir`` is unreadable or belongs to another configuration, or model DP would be
-    turned off or on midway. ``python -m server.simulation`` calls it before it starts."""
-    validate_run_config(run_config)
+    turned off or on midway. ``run_config`` has passed ``validate_run_config``;
+    ``python -m server.simulation`` calls it before it starts."""
     out = Path(run_value(run_config, "out-dir")).expanduser().resolve()
     state_path = out / STATE_FILE
     saved = load_server_state(state_path) if run_value(run_config, "resume") else None

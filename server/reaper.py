@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from server.launch import _alive, _stat_fields, descendants
+from server.launch import _alive, _send, _stat_fields, descendants
 
 POLL_S = 0.5
 GRACE_S = 10.0
@@ -53,13 +53,13 @@ def watch(launcher: int, roots: list[int], *, poll_s: float = POLL_S, grace_s: f
     targets = {pid: st for pid, st in known.items() if same_process(pid, st)}
     for pid, st in targets.items():
         if same_process(pid, st):
-            _kill(pid, signal.SIGTERM)
+            _send(os.kill, pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(same_process(pid, st) for pid, st in targets.items()):
         time.sleep(0.1)
     for pid, st in targets.items():
         if same_process(pid, st):
-            _kill(pid, signal.SIGKILL)
+            _send(os.kill, pid, signal.SIGKILL)
     return len(targets)
 
 
@@ -71,13 +71,6 @@ def _note_descendants(known: dict[int, str]) -> None:
         for pid in descendants(parent):
             if pid not in known and (st := start_time(pid)) is not None:
                 known[pid] = st
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,8 +153,10 @@ RANGES: dict[str, tuple[str, Any]] = {
     "min-nodes": (">= 1", lambda v: v >= 1),
     "min-replies": (">= 1", lambda v: v >= 1),
     "fraction-train": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "global-queue-size": (">= 1", lambda v: v >= 1),
-    "queue-sample": (">= 0", lambda v: v >= 0),
+    # sizes the server or every site allocates at once: bounds far above any use, under memory
+    # (1,048,576 keys of dim 8192 would already be 32 GiB)
+    "global-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
+    "queue-sample": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
     "key-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
     "dp-epsilon": ("> 0", lambda v: v > 0),
     "dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
@@ -169,11 +171,7 @@ RANGES: dict[str, tuple[str, Any]] = {
     "weight-decay": (">= 0 and finite", lambda v: 0 <= v < math.inf),
     "fedema-lambda": (">= 0 and finite", lambda v: 0 <= v < math.inf),
     "model-dp-noise": (">= 0 and finite", lambda v: 0 <= v < math.inf),
-    # sizes the server or every site allocates at once: bounds far above any use, under memory
-    # (1,048,576 keys of dim 8192 would already be 32 GiB)
-    "global-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
     "local-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
-    "queue-sample": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
     "dim": ("in [1, 8192]", lambda v: 1 <= v <= 8192),
     "hidden-dim": ("in [1, 65536]", lambda v: 1 <= v <= 65536),
     "batch-size": ("in [2, 65536]", lambda v: 2 <= v <= 65536),
@@ -222,12 +220,12 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
             raise
         except ValueError:
             raise ConfigError(f"run_config {key}: expected numbers separated by commas, got {r[key]!r}") from None
-    from server.strategy import make_aggregator  # the aggregator names live with the strategy
+    from server.strategy import MODEL_DP_FEDAVG_ONLY, make_aggregator  # the aggregator names live with the strategy
 
     make_aggregator(r["aggregation"], trim_beta=r["trim-beta"], krum_malicious=r["krum-malicious"])
     if r["model-dp-noise"] > 0 and str(r["aggregation"]).lower() != "fedavg":
         # refused here, before a fresh run moves an earlier run's outputs aside (FedMoCo refuses it too)
-        raise ConfigError("model DP (model-dp-noise > 0) is analysed for FedAvg only; use aggregation=fedavg")
+        raise ConfigError(MODEL_DP_FEDAVG_ONLY)
 
 
 def drop_rounds_after(metrics: Path, done: int) -> int:

@@ -110,6 +110,9 @@ def array_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
+MODEL_DP_FEDAVG_ONLY = "model DP (model-dp-noise > 0) is analysed for FedAvg only; use aggregation=fedavg"
+
+
 @dataclass
 class ModelDP:
     """Central DP on model updates, site-level: clip, average with a fixed denominator, add noise.
@@ -236,7 +239,7 @@ class FedMoCo(FedAvg):
         if min_replies < 1:
             raise ConfigError(f"min-replies must be >= 1, got {min_replies}")
         if model_dp is not None and aggregator is not None:
-            raise ConfigError("model DP (model-dp-noise > 0) is analysed for FedAvg only; use aggregation=fedavg")
+            raise ConfigError(MODEL_DP_FEDAVG_ONLY)
         if limits.key_dim != queue.dim:
             raise ConfigError(f"key dimension {limits.key_dim} differs from the global queue's {queue.dim}")
         self.queue = queue

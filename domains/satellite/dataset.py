@@ -509,6 +509,7 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
     options = {"bands": opts.bands, "scale": opts.scale, "offset": opts.offset, "resolution": opts.resolution,
                "resampling": opts.resampling}
     caches: list[SampleCache | None] = []
+    todo: list[int] = []  # the caches still to fill
     pending = 0  # bytes of the caches opened so far that are not filled yet: sparse, so not yet used
     for i, (source, planned) in enumerate(zip(reader.sources, plan)):
         if not planned.cached:
@@ -526,7 +527,7 @@ def attach_cache(reader: TileReader, root: Path, opts: SatelliteOptions, cfg: Da
         caches.append(cache)
         if cache.get(0) is None:
             pending += cache.nbytes
-    todo = [i for i, c in enumerate(caches) if c is not None and c.get(0) is None]
+            todo.append(i)
     handles = shared_handles(reader.gdal_cache_mb)
     for i in tqdm(todo, desc="caching rasters", unit="raster", disable=not todo or not cfg.progress, leave=False):
         source, cache = reader.sources[i], caches[i]
