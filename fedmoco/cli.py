@@ -410,11 +410,29 @@ COMMANDS["check-site"] = cmd_check_site
 COMMANDS["cache"] = cmd_cache
 
 
+class _StderrNow(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is then, as ``logging.lastResort`` does. A
+    handler bound to the stream of the first call kept writing there after a caller that runs
+    ``main`` in-process (an example, a notebook, a test capturing output) had replaced and
+    closed it: every later log line then failed with a "Logging error" traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedmoco`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+                        format="%(levelname)s %(name)s: %(message)s", force=True, handlers=[_StderrNow()])
     # SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: one line and the resume
     # hint, rather than an exit with no word. Only in the main thread, where signals can be set.
     previous = (signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -261,3 +261,20 @@ def test_a_failed_pretrain_call_releases_its_lock_even_while_its_traceback_is_ke
         pretrain("images", demo_images, tmp_path / "run", resume=True, **kwargs)
     assert kept.value.__traceback__ is not None
     assert pretrain("images", demo_images, tmp_path / "run", **kwargs).epochs_done == 1
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(capsys):
+    """main() run in-process (an example, a notebook) must not bind logging to a stream its
+    caller later replaces and closes: later records go to sys.stderr as it is then."""
+    import contextlib
+    import io
+    import logging
+
+    first = io.StringIO()
+    with contextlib.redirect_stderr(first), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["cache"]) == 0
+    first.close()
+    second = io.StringIO()
+    with contextlib.redirect_stderr(second):
+        logging.getLogger("fedmoco.test").warning("after the first call")
+    assert second.getvalue() == "WARNING fedmoco.test: after the first call\n"

@@ -140,6 +140,7 @@ def test_simulation_refuses_a_resume_before_it_makes_anything(tmp_path, sites_ro
 
     out = tmp_path / "sim"
     federate(out / "server", sites_root)
+    capsys.readouterr()  # the first run's log (shown when an earlier test configured logging)
     assert simulate(["--out", str(out), "--sites", "2", "--rounds", "2", "--run-config", "resume=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"python -m server.simulation: error: {out / 'server'}: resume=true, "
