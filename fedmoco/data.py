@@ -188,6 +188,10 @@ class LabelledData:
     # Label index of every sample (-1: file not in the labels CSV), known without loading
     # images so evaluation can select labelled samples; None makes callers load each sample.
     sample_labels: Sequence[int] | None = None
+    # Label index of every file that is part of a usable sample (-1 entries allowed), where a
+    # sample reads several files and only one of them speaks for its label (a satellite
+    # product's band files); None: the files behind the samples are those of sample_labels.
+    covered_labels: Sequence[int] | None = None
 
 
 def domain_module(name: str):

@@ -269,6 +269,8 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
         raise DataError(f"{table.source}: none of its files is a usable {domain} sample under {root}")
     rows = row_of_class[sample_labels[keep]]
     used = set(rows.tolist())
+    if data.covered_labels is not None:  # a product's other band files are used, not unusable
+        used |= {int(row_of_class[c]) for c in data.covered_labels if c >= 0}
     unusable = len(table.paths) - len(used)
     if unusable:
         why = f" ({format_skipped(data.skipped)} under {root})" if data.skipped else ""

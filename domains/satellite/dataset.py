@@ -161,19 +161,21 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
 
 
 def _source_labels(root: Path, sources: Sequence[RasterSource],
-                   labels_csv: Path | None) -> tuple[list[int], list[str]]:
+                   labels_csv: Path | None) -> tuple[list[int], list[str], list[int]]:
     """(label index per source or -1, class names): a per-band product takes the label of its
     first band file, in band order, that has one. Only the first band file counted before, and
     a CSV row naming SCN_B03 left the product unlabelled, as "not a usable sample". (The
     labelled set gives every file a label of its own, ``fedmoco.labels``, so band files of one
-    product differ in label as a rule: the first one speaks for the product.)"""
+    product differ in label as a rule: the first one speaks for the product.) Third: the label
+    of every file of the sources, so a labelled set does not count a product's other band files
+    as unusable."""
     paths = [[Path(band.path) for band in source.bands] for source in sources]
     flat, classes = read_labels(root, [p for group in paths for p in group], labels_csv)
     labels, k = [], 0
     for group in paths:
         labels.append(next((label for label in flat[k:k + len(group)] if label >= 0), -1))
         k += len(group)
-    return labels, classes
+    return labels, classes, list(flat)
 
 
 def _warn_mixed_grids(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions) -> None:
@@ -1014,7 +1016,7 @@ def build_labelled_data(
     remap = {old: new for new, old in enumerate(keep)}
     windows = [(remap[i], w) for i, w in windows]
     reader = _subset(reader, keep)
-    labels, classes = _source_labels(root, reader.sources, labels_csv)
+    labels, classes, file_labels = _source_labels(root, reader.sources, labels_csv)
     if normalization is None:
         rng = np.random.default_rng(cfg.seed)
         normalization = estimate_normalization(reader, _sample_windows(windows, rng), opts.stats_tiles, opts.max_nodata)
@@ -1023,4 +1025,4 @@ def build_labelled_data(
     transform = eval_transform(opts, cfg.image_size, normalization, reader.layout.roles)
     dataset = SatelliteLabelledDataset(reader, transform, windows, labels)
     return LabelledData(dataset, classes, reader.layout.in_channels, normalization, skipped,
-                        sample_labels=[labels[i] for i, _ in windows])
+                        sample_labels=[labels[i] for i, _ in windows], covered_labels=file_labels)

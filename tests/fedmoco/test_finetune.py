@@ -425,3 +425,31 @@ def test_data_of_another_kind_than_the_checkpoints_says_which_domain_it_was_read
     rc, err = _run(["knn", "--checkpoint", str(ckpt), "--data", str(demo_images), "--out", str(tmp_path / "e")], capsys)
     assert rc == 2 and err.count("\n") == 1 and f"{demo_images}: no usable DICOM image among 48 files" in err
     assert err.rstrip().endswith("(read as medical data, the checkpoint's domain; --domain reads it as another)")
+
+
+def test_band_files_of_a_labelled_product_are_not_called_unusable(tmp_path, caplog):
+    """Class folders label every band file; the product reads them all and one speaks for its
+    label. The others were counted as "labelled files not usable", though every one was read.
+    A file that gives no sample is still counted."""
+    import logging
+
+    from domains.satellite.demo import from_origin, write_raster
+    from fedmoco.data import DataConfig
+    from fedmoco.labels import build_labelled_set, load_label_table
+
+    for cls, scene, value in (("crop", "SCN1", 1000), ("water", "SCN2", 3000)):
+        for band in ("B02", "B03", "B04"):
+            write_raster(tmp_path / cls / scene / f"{scene}_{band}.tif", np.full((1, 32, 32), value, np.uint16),
+                         transform=from_origin(500000, 4000000, 10, 10))
+    table = load_label_table(tmp_path, None, "satellite")
+    cfg = DataConfig(image_size=16, options={"cache": False})
+    with caplog.at_level(logging.WARNING, logger="fedmoco.labels"):
+        data = build_labelled_set("satellite", tmp_path, table, cfg, None)
+    assert data.names == ["crop", "water"] and len(set(data.rows.tolist())) == 2
+    assert "not usable" not in caplog.text
+    (tmp_path / "water" / "notes.tif").write_bytes(b"not a raster")
+    table = load_label_table(tmp_path, None, "satellite")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedmoco.labels"):
+        build_labelled_set("satellite", tmp_path, table, cfg, None)
+    assert "1 labelled file(s) are not usable satellite samples" in caplog.text
