@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from fedmoco.config import NORMS
 from fedmoco.errors import ConfigError, FedmocoError, os_error_line
 from fedmoco.appsign import add_sign_app_parser, cmd_sign_app
 from fedmoco.eval_cli import add_finetune_parser
@@ -58,7 +59,7 @@ def _add_pretrain(sub) -> None:
                    help="continue from OUT/checkpoint.pt with its settings; a larger --epochs extends the run")
     p.add_argument("--moco", default="v2", choices=["v1", "v2", "v3"], help="variant preset (default: v2)")
     p.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"])
-    p.add_argument("--norm", choices=["batch", "split-batch", "group"])
+    p.add_argument("--norm", choices=NORMS)
     p.add_argument("--norm-splits", type=int)
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stem without max-pool (default: on for --image-size <= 64)")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.config import NORMS, MoCoConfig, TrainConfig
 from fedmoco.errors import DataError
 from fedmoco.site_settings import SITE_SETTINGS_FILE
 
@@ -357,7 +357,7 @@ def add_check_site_parser(sub) -> None:
                    help=f"run_config image-size (default {d['image-size']})")
     p.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"], default=d["arch"],
                    help=f"run_config arch (default {d['arch']})")
-    p.add_argument("--norm", choices=["batch", "split-batch", "group"], default=d["norm"],
+    p.add_argument("--norm", choices=NORMS, default=d["norm"],
                    help=f"run_config norm (default {d['norm']})")
     p.add_argument("--batch-size", type=int, default=d["batch-size"],
                    help=f"run_config batch-size (default {d['batch-size']})")
