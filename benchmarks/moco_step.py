@@ -143,7 +143,6 @@ def main() -> None:
         ("fedmoco, split BN + key shuffle, channels_last", lambda: fedmoco_step_fn(args, device, "split-batch")),
         ("fedmoco, split BN + key shuffle, NCHW", lambda: fedmoco_step_fn(args, device, "split-batch", False)),
         ("fedmoco, plain BN", lambda: fedmoco_step_fn(args, device, "batch")),
-        ("fedmoco, running-key BN (keys on running statistics)", lambda: fedmoco_step_fn(args, device, "running-key")),
         ("fedmoco, GroupNorm, channels_last", lambda: fedmoco_step_fn(args, device, "group")),
         ("fedmoco, GroupNorm, NCHW", lambda: fedmoco_step_fn(args, device, "group", False)),
         ("lightly MoCo (plain BN)", lambda: lightly_step_fn(args, device)),
@@ -187,8 +186,6 @@ def main() -> None:
     emit_json({"bench": "moco_step", "device": args.device, "image_size": args.image_size,
                "batch_size": args.batch_size, "split_bn_images_per_s": split, "plain_bn_images_per_s": plain,
                "group_norm_images_per_s": best("GroupNorm"), "lightly_images_per_s": lightly,
-               "running_key_images_per_s": best("running-key"),
-               "running_key_guard_cost": plain / best("running-key") - 1,
                # the leak guard's cost: extra step time of split BN over plain BN (issue 11 target <= 0.10)
                "leak_guard_cost": plain / split - 1, "plain_bn_over_lightly": plain / lightly})
 

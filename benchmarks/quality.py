@@ -478,7 +478,7 @@ def task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="configurations run in parallel processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per run (default 1)")
-    p.add_argument("--norm", default="group", choices=["group", "split-batch", "batch", "running-key"])
+    p.add_argument("--norm", default="group", choices=["group", "split-batch", "batch"])
     p.add_argument("--lr", type=float, default=Setup.lr, help=f"for batch 256, scaled linearly (default {Setup.lr})")
     p.add_argument("--crop-scale-min", type=float,
                    help=f"images option crop_scale_min for every row (default {RECIPE['crop_scale_min']})")

@@ -9,7 +9,7 @@ from typing import Any
 from fedmoco.errors import ConfigError
 
 ARCHS = ("tiny", "resnet18", "resnet50")
-NORMS = ("batch", "split-batch", "running-key", "group")
+NORMS = ("batch", "split-batch", "group")
 
 
 @dataclass

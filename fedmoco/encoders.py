@@ -77,46 +77,6 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.num_batches_tracked += 1
 
 
-class KeyBatchNorm(nn.BatchNorm2d):
-    """BatchNorm of a MoCo key encoder (``norm="running-key"``): no key sees its batch.
-
-    In training mode a batch (N, C, H, W) is normalised with the running statistics, and only
-    then are its own statistics folded into them (``momentum``, as BatchNorm does). So a key
-    depends on its own image alone, and the positive pair shares no statistic of the current
-    batch: the guard of shuffle or split BN, without sub-batches (the teacher's momentum
-    statistics of Momentum^2 Teacher, Li et al. 2021, with the current batch left out). The query
-    encoder keeps plain BatchNorm, so channels_last and cuDNN's fused kernels apply to both.
-    In eval mode it is plain BatchNorm.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        out = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                           False, 0.0, self.eps)
-        with torch.no_grad():
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1 if x.numel() > x.shape[1] else 0)
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
-            self.num_batches_tracked += 1
-        return out
-
-    @classmethod
-    def convert(cls, module: nn.Module) -> nn.Module:
-        """``module`` with every plain ``nn.BatchNorm2d`` replaced by a KeyBatchNorm holding the
-        same parameters and statistics (in place where it can; returns the result, as
-        ``nn.SyncBatchNorm.convert_sync_batchnorm`` does)."""
-        if type(module) is nn.BatchNorm2d:
-            key = cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats).to(module.running_mean.device)
-            key.load_state_dict(module.state_dict())
-            key.train(module.training)
-            return key
-        for name, child in module.named_children():
-            module.add_module(name, cls.convert(child))
-        return module
-
-
 def largest_divisor(n: int, at_most: int) -> int:
     """The largest d <= ``at_most`` that divides ``n`` (1 when none above 1 does)."""
     for d in range(min(n, at_most), 0, -1):
@@ -127,7 +87,7 @@ def largest_divisor(n: int, at_most: int) -> int:
 
 def norm_layer(kind: str, splits: int = 8) -> Callable[[int], nn.Module]:
     """A factory ``channels -> module`` for ``batch``, ``split-batch`` or ``group`` norm."""
-    if kind in ("batch", "running-key"):  # running-key: MoCo converts its key encoder (KeyBatchNorm)
+    if kind == "batch":
         return nn.BatchNorm2d
     if kind == "split-batch":
         return partial(SplitBatchNorm, splits=splits)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoco.config import MoCoConfig
-from fedmoco.encoders import KeyBatchNorm, build_backbone
+from fedmoco.encoders import build_backbone
 from fedmoco.feature_transforms import random_extrapolation, random_interpolation
 from fedmoco.heads import prediction_head, projection_head
 from fedmoco.losses import hard_negative_scores, nce_from_scores, same_bucket_mask
@@ -39,13 +39,11 @@ class Encoder(nn.Module):
 
 
 @torch.no_grad()
-def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float,
-                    copy_buffers: bool = True) -> None:
+def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) -> None:
     """theta_k <- m * theta_k + (1 - m) * theta_q over parameters; buffers are copied.
 
     Buffers (BatchNorm running statistics) are copied rather than averaged, as the seed's
-    update rule is defined on parameters only. ``copy_buffers=False`` leaves them alone: a
-    key encoder of KeyBatchNorm keeps the statistics of its own activations.
+    update rule is defined on parameters only.
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum m must be in [0, 1], got {m}")
@@ -59,7 +57,7 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float,
     buffers_k, buffers_q = list(key_encoder.buffers()), list(query_encoder.buffers())
     if len(buffers_k) != len(buffers_q):
         raise ValueError(f"key encoder has {len(buffers_k)} buffers, query encoder {len(buffers_q)}")
-    if buffers_k and copy_buffers:
+    if buffers_k:
         torch._foreach_copy_(buffers_k, buffers_q)
 
 
@@ -98,8 +96,6 @@ class MoCo(nn.Module):
         self.predictor = prediction_head(cfg.dim, cfg.hidden_dim) if cfg.predictor else nn.Identity()
         # Built by copy before any optimizer or DP wrapper touches encoder_q.
         self.encoder_k = copy.deepcopy(self.encoder_q)
-        if cfg.norm == "running-key":
-            self.encoder_k = KeyBatchNorm.convert(self.encoder_k)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.queue = KeyQueue(cfg.queue_size, cfg.dim)
@@ -186,8 +182,7 @@ class MoCo(nn.Module):
         """x_q, x_k: (N, C, H, W) two views of N images; extra_negatives (M, D) and
         extra_centres (C, D) unit rows or None. Returns loss and diagnostics."""
         with torch.no_grad():
-            momentum_update(self.encoder_k, self.encoder_q, self.momentum,
-                            copy_buffers=self.cfg.norm != "running-key")
+            momentum_update(self.encoder_k, self.encoder_q, self.momentum)
         negatives = self._negatives(extra_negatives, x_q.device)
         n_extra = extra_negatives.shape[0] if extra_negatives is not None and extra_negatives.numel() else 0
         q = self._query(x_q)

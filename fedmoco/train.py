@@ -235,12 +235,10 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.use_amp = cfg.amp and device.type == "cuda"
-        # channels_last only pays off with plain BatchNorm (running-key is plain BN on the query
-        # side and inference BN on the key side): split BN's reshape and GroupNorm
+        # channels_last only pays off with plain BatchNorm: split BN's reshape and GroupNorm
         # run faster in NCHW (H100, ResNet-18 at 224 px: split BN 4869 vs 3023 images/s,
         # GroupNorm 4036 vs 3296; benchmarks/results/moco_step_h100.md).
-        self.channels_last = (cfg.channels_last and device.type == "cuda"
-                              and model.cfg.norm in ("batch", "running-key"))
+        self.channels_last = cfg.channels_last and device.type == "cuda" and model.cfg.norm == "batch"
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -259,7 +257,7 @@ class Trainer:
         self.read_every = READ_EVERY_CUDA if device.type == "cuda" else 1
         if model.cfg.norm == "batch":
             log.warning("norm=batch on one device: query and key batches share batch statistics, which "
-                        "lets MoCo match pairs by them (MoCo v1, Sec. 3.3); use running-key, split-batch or group")
+                        "lets MoCo match pairs by them (MoCo v1, Sec. 3.3); use split-batch or group")
 
     def state_dict(self) -> dict[str, Any]:
         return {

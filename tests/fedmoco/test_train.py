@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import warnings
@@ -11,10 +10,10 @@ import pytest
 import torch
 
 from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.encoders import KeyBatchNorm, SplitBatchNorm
+from fedmoco.encoders import SplitBatchNorm
 from fedmoco.errors import FedmocoError
 from fedmoco.metrics import JsonlLogger, read_jsonl
-from fedmoco.moco import MoCo, momentum_update
+from fedmoco.moco import MoCo
 from fedmoco.train import EpochShuffle, Trainer, guarded_size, make_loader
 
 
@@ -55,63 +54,6 @@ def test_positive_pair_never_shares_batch_statistics():
     plain = _model(norm="batch").train()
     with torch.no_grad():
         assert all(len(d) == 16 for d in _dependents(plain._query, x))
-
-
-def test_running_key_guard_keeps_batch_statistics_out_of_every_key():
-    """norm=running-key: queries use whole-batch BN; the key encoder normalises with running
-    statistics of its own earlier batches, so a key depends on its own image only."""
-    model = _model(norm="running-key").train()
-    assert all(type(m) is torch.nn.BatchNorm2d for m in model.encoder_q.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    key_bns = [m for m in model.encoder_k.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert key_bns and all(isinstance(m, KeyBatchNorm) for m in key_bns)
-    x = torch.rand(16, 1, 12, 12)
-    with torch.no_grad():
-        for _ in range(3):  # a few steps so the running statistics are not their initial values
-            model(x, x.clone())
-        q_deps = _dependents(model._query, x)
-        # each call folds its batch into the key statistics: start every call from the same state
-        k_deps = _dependents(lambda t: copy.deepcopy(model)._key(t), x)
-    assert all(len(d) == 16 for d in q_deps)  # whole-batch statistics on the query side
-    assert k_deps == [{i} for i in range(16)]  # a key sees no other image of its batch
-    # The key encoder keeps the statistics of its own activations: the step's momentum update
-    # does not overwrite them with the query encoder's.
-    bn_q = next(m for m in model.encoder_q.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert not torch.equal(key_bns[0].running_mean, bn_q.running_mean)
-    before = key_bns[0].running_mean.clone()
-    momentum_update(model.encoder_k, model.encoder_q, 0.99, copy_buffers=False)
-    assert torch.equal(key_bns[0].running_mean, before)
-
-
-def test_key_batchnorm_normalises_with_the_old_statistics_then_folds_in_the_batch():
-    torch.manual_seed(0)
-    plain = torch.nn.BatchNorm2d(3, momentum=0.25)
-    plain.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    plain.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
-    plain.weight.data.copy_(torch.tensor([1.5, 1.0, -2.0]))
-    plain.bias.data.copy_(torch.tensor([0.0, 0.5, 1.0]))
-    key = KeyBatchNorm.convert(torch.nn.Sequential(plain))[0]
-    assert isinstance(key, KeyBatchNorm) and key.momentum == 0.25
-    x = torch.randn(4, 3, 5, 5) * 3 + 1
-    old_mean, old_var = key.running_mean.clone(), key.running_var.clone()
-    out = key.train()(x)
-    shape = (1, 3, 1, 1)
-    expected = ((x - old_mean.view(shape)) / torch.sqrt(old_var.view(shape) + key.eps)
-                * key.weight.view(shape) + key.bias.view(shape))
-    torch.testing.assert_close(out, expected)
-    batch_mean, batch_var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
-    torch.testing.assert_close(key.running_mean, 0.75 * old_mean + 0.25 * batch_mean)
-    torch.testing.assert_close(key.running_var, 0.75 * old_var + 0.25 * batch_var)
-    assert int(key.num_batches_tracked) == 1
-
-
-def test_running_key_does_not_warn_of_the_plain_bn_leak(caplog):
-    with caplog.at_level(logging.WARNING, logger="fedmoco.train"):
-        Trainer(_model(norm="running-key"), TrainConfig(batch_size=16, epochs=1, num_workers=0),
-                torch.device("cpu"), total_steps=1, steps_per_epoch=1, progress=False)
-        assert "share batch statistics" not in caplog.text
-        Trainer(_model(norm="batch"), TrainConfig(batch_size=16, epochs=1, num_workers=0),
-                torch.device("cpu"), total_steps=1, steps_per_epoch=1, progress=False)
-        assert "share batch statistics" in caplog.text
 
 
 def test_guarded_size_keeps_at_least_half_the_splits():
