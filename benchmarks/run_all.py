@@ -178,7 +178,9 @@ TARGETS = [
            _get("leak_guard_cost"), lambda v: v <= 0.10, "{:+.0%}", needs_cuda=True,
            why="split BN normalises 8 sub-batches with their own statistics: a reshape that keeps the "
                "convolutions in NCHW, or eight cuDNN calls and a concatenation per layer in channels_last; "
-               "torch.compile of both layouts is timed by gpu_check.sh, not yet on a GPU"),
+               "torch.compile of both layouts is timed by gpu_check.sh, not yet on a GPU; a guard on the key "
+               "side only that runs plain kernels (keys on running statistics) learned 5 kNN points less on the "
+               "glyphs task and was not kept (quality notes)"),
     Target("11.3", "fedmoco with plain BN >= 1.0x lightly's step rate on the GPU", "moco_step",
            _get("plain_bn_over_lightly"), lambda v: v >= 1.0, "{:.2f}x", needs_cuda=True,
            why="measured before fedmoco's step dropped its host syncs (the key queue's reads, and "
