@@ -210,6 +210,17 @@ def federation_config(num_supernodes: int, cpus_per_site: int = 1, cpus: int | N
             f"init-args-num-cpus={ray_cpus}")
 
 
+def simulation_env(flwr_home: Path) -> dict[str, str]:
+    """Flower's environment (server.launch.flower_env) for a simulation, without ``RAY_ADDRESS``:
+    with it, Flower's ``ray.init()`` joins that Ray cluster, whose workers, possibly on other
+    machines, would then read the sites' folders. A simulation starts its own Ray here."""
+    env = flower_env(flwr_home)
+    if address := env.pop("RAY_ADDRESS", None):
+        print(f"python -m server.simulation: RAY_ADDRESS={address} is ignored; the simulation starts "
+              "its own Ray on this machine", file=sys.stderr)
+    return env
+
+
 def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir: Path, cpus_per_site: int = 1,
                    timeout: float = 600.0, app_dir: Path = APP_DIR, echo: bool = True) -> SimulationResult:
     """Run the FedMoCo app in Flower's simulation runtime; ``run_config`` overrides pyproject's.
@@ -222,7 +233,7 @@ def run_simulation(run_config: dict[str, Any], *, num_supernodes: int, work_dir:
     shutil.rmtree(flwr_home, ignore_errors=True)
     port = free_port()
     write_connection(flwr_home, "fedmoco-sim", f"127.0.0.1:{port}")
-    env = flower_env(flwr_home)
+    env = simulation_env(flwr_home)
     link_log, run_log = work_dir / "superlink.log", work_dir / "flwr-run.log"
     for p in (link_log, run_log):
         p.unlink(missing_ok=True)

@@ -142,3 +142,16 @@ def test_a_simulation_starts_ray_with_no_more_cpus_than_its_sites_use():
     assert federation_config(3, cpus=64) == "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3"
     assert federation_config(3, cpus=2).endswith("init-args-num-cpus=2")  # sites take turns
     assert federation_config(1, cpus_per_site=2, cpus=1).endswith("client-resources-num-cpus=2 init-args-num-cpus=2")
+
+
+def test_a_simulation_never_joins_an_outside_ray_cluster(tmp_path, monkeypatch, capsys):
+    """RAY_ADDRESS makes ray.init() join that cluster, whose workers would read the sites' folders."""
+    from server.simulation import simulation_env
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    env = simulation_env(tmp_path / "flwr-home")
+    assert "RAY_ADDRESS" not in env and env["FLWR_HOME"] == str(tmp_path / "flwr-home")
+    assert capsys.readouterr().err == ("python -m server.simulation: RAY_ADDRESS=10.0.0.5:6379 is ignored; the "
+                                       "simulation starts its own Ray on this machine\n")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert "RAY_ADDRESS" not in simulation_env(tmp_path / "flwr-home") and capsys.readouterr().err == ""
