@@ -111,15 +111,19 @@ class GlobalKeyQueue:
         self.ptr = (self.ptr + n) % self.size
         self.count = min(self.size, self.count + n)
 
-    def sample(self, n: int, *, exclude: int | str | None = None,
+    def sample(self, n: int, *, exclude: int | str | None = None, exclude_through_round: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Up to ``n`` keys (m, dim), m <= n, drawn uniformly without replacement.
 
         ``exclude``: a site (name or node id) whose keys are left out (the receiving site's own).
+        ``exclude_through_round``: also leave out every key that arrived in that round or before
+        (a resumed run's entries whose owners cannot be told apart from the receiver).
         """
         eligible = self.owner[: self.count] >= 0
         if exclude is not None and _site(exclude) in self.sites:
             eligible &= self.owner[: self.count] != self.sites.index(_site(exclude))
+        if exclude_through_round is not None:
+            eligible &= self.round[: self.count] > int(exclude_through_round)
         idx = eligible.nonzero().squeeze(1)
         if idx.numel() > n:
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]

@@ -312,10 +312,17 @@ class FedMoCo(FedAvg):
         centres = (self.queue.centres(self.prototype_centres) if self.prototype_centres
                    else torch.zeros(0, self.queue.dim))
         centres_record = ArrayRecord({"centres": Array(centres.numpy().astype(np.float32))})
+        unmatched = 0
         for msg in base:
             node = msg.metadata.dst_node_id
             own = self._queue_owner(node) if self.exclude_own_keys else None
-            sample = self.queue.sample(self.queue_sample, exclude=own, generator=self._torch_gen)
+            # A node not known by name (a resumed run's first round, or a site without a name)
+            # cannot be matched to the entries from before the resume, which carry names and
+            # the old node ids: it gets none of them rather than perhaps its own.
+            before = self.round_offset if isinstance(own, int) and self.round_offset > 0 else None
+            unmatched += before is not None
+            sample = self.queue.sample(self.queue_sample, exclude=own, exclude_through_round=before,
+                                       generator=self._torch_gen)
             queue_record = ArrayRecord({"keys": Array(sample.numpy().astype(np.float32))})
             content = RecordDict({"arrays": arrays, "config": msg.content["config"], "queue": queue_record,
                                   "centres": centres_record})
@@ -326,6 +333,9 @@ class FedMoCo(FedAvg):
         log.info("round %d: sent the global model (%.2f MB) and %s to %d site(s)",
                  r, weight_bytes / 2**20, negatives_sent([d["queue-keys"] for d in self._down.values()]),
                  len(messages))
+        if unmatched:
+            log.info("round %d: %d site(s) not known by name yet got none of the global negatives from before "
+                     "the resume (round %d and earlier), which may hold their own", r, unmatched, self.round_offset)
         return messages
 
     # -- round: receive ---------------------------------------------------------------------
@@ -430,8 +440,8 @@ class FedMoCo(FedAvg):
     def _queue_owner(self, node: int) -> int | str:
         """How the global queue knows ``node``: by its site name once it has claimed one (names
         survive a resume, node ids do not), else by its node id. In a resumed run's first round
-        no name is claimed yet, so that round's exclusion of a site's own summaries works only
-        for summaries sent after the resume."""
+        no name is claimed yet: configure_train then sends that node none of the entries from
+        before the resume."""
         return next((name for name, n in self._owners.items() if n == int(node)), int(node))
 
     def _claim_name(self, node: int, name: str | None) -> None:

@@ -301,3 +301,24 @@ def test_a_resumed_run_still_keeps_a_named_sites_own_summaries_from_it(grid3, tm
     msgs = {m.metadata.dst_node_id: m for m in resumed.configure_train(3, tiny_arrays(), ConfigRecord(), grid3)}
     assert msgs[103].content["queue"]["keys"].shape == (8, 8)  # hospital-b's only: none of its own
     assert msgs[101].content["queue"]["keys"].shape == (6, 8)
+
+
+def test_a_resumed_run_never_hands_a_site_its_own_summaries_before_it_has_a_name(grid3, caplog):
+    """After a resume the sites come back under new node ids; entries from before carry names
+    (or the old ids). Until a node's reply tells its name it gets none of those entries; once
+    named, it gets every other site's and none of its own."""
+    s = make_strategy(round_offset=4, queue_sample=64)
+    s.queue.enqueue(torch.full((5, 8), 1.0), node_id="hospital-a", server_round=4)  # before the resume
+    s.queue.enqueue(torch.full((5, 8), 2.0), node_id="hospital-b", server_round=3)
+    s.queue.enqueue(torch.full((4, 8), 3.0), node_id=102, server_round=5)  # this run's round 1
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        msgs = {m.metadata.dst_node_id: m for m in s.configure_train(2, tiny_arrays(), ConfigRecord(), grid3)}
+    keys = {n: m.content["queue"]["keys"].numpy() for n, m in msgs.items()}
+    assert (keys[101] == 3).all() and keys[101].shape == (4, 8)  # only this run's entries
+    assert keys[102].shape == (0, 8)  # its own, and nothing from before the resume
+    assert "3 site(s) not known by name yet got none of the global negatives from before the resume" in caplog.text
+    s._claim_name(101, "hospital-a")
+    keys = {m.metadata.dst_node_id: m.content["queue"]["keys"].numpy()
+            for m in s.configure_train(3, tiny_arrays(), ConfigRecord(), grid3)}
+    assert sorted(np.unique(keys[101]).tolist()) == [2.0, 3.0] and keys[101].shape == (9, 8)  # not hospital-a's
+    assert keys[103].shape == (4, 8)  # still unnamed: this run's entries only
