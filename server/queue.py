@@ -111,6 +111,11 @@ class GlobalKeyQueue:
         self.ptr = (self.ptr + n) % self.size
         self.count = min(self.size, self.count + n)
 
+    def held_through(self, server_round: int) -> int:
+        """Live entries that arrived in ``server_round`` or before."""
+        live = self.owner[: self.count] >= 0
+        return int((live & (self.round[: self.count] <= int(server_round))).sum())
+
     def sample(self, n: int, *, exclude: int | str | None = None, exclude_through_round: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Up to ``n`` keys (m, dim), m <= n, drawn uniformly without replacement.

@@ -312,14 +312,14 @@ class FedMoCo(FedAvg):
         centres = (self.queue.centres(self.prototype_centres) if self.prototype_centres
                    else torch.zeros(0, self.queue.dim))
         centres_record = ArrayRecord({"centres": Array(centres.numpy().astype(np.float32))})
-        unmatched = 0
+        unmatched, resumed = 0, self.round_offset > 0 and self.queue.held_through(self.round_offset) > 0
         for msg in base:
             node = msg.metadata.dst_node_id
             own = self._queue_owner(node) if self.exclude_own_keys else None
             # A node not known by name (a resumed run's first round, or a site without a name)
             # cannot be matched to the entries from before the resume, which carry names and
             # the old node ids: it gets none of them rather than perhaps its own.
-            before = self.round_offset if isinstance(own, int) and self.round_offset > 0 else None
+            before = self.round_offset if isinstance(own, int) and resumed else None
             unmatched += before is not None
             sample = self.queue.sample(self.queue_sample, exclude=own, exclude_through_round=before,
                                        generator=self._torch_gen)

@@ -322,3 +322,9 @@ def test_a_resumed_run_never_hands_a_site_its_own_summaries_before_it_has_a_name
             for m in s.configure_train(3, tiny_arrays(), ConfigRecord(), grid3)}
     assert sorted(np.unique(keys[101]).tolist()) == [2.0, 3.0] and keys[101].shape == (9, 8)  # not hospital-a's
     assert keys[103].shape == (4, 8)  # still unnamed: this run's entries only
+    s.queue.expire(10, 5)  # the entries from before the resume age out: nothing left to say
+    s.queue.enqueue(torch.full((2, 8), 4.0), node_id=101, server_round=6)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        list(s.configure_train(6, tiny_arrays(), ConfigRecord(), grid3))
+    assert "not known by name" not in caplog.text
