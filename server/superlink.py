@@ -147,12 +147,12 @@ def secure_defaults(config: Any, ours: argparse.Namespace) -> str | None:
 
     - the Control API (no authentication: whoever reaches it can start a run, which runs code
       on this server) on anything but loopback: ``--allow-private-control`` for a LAN
-      address, the hidden ``--allow-public-control`` for any;
+      address, and no flag for a public one (reach it over an SSH tunnel);
     - no TLS (``--insecure``) on a sites' port that is not loopback;
     - TLS without SuperNode authentication (``--enable-supernode-auth``): any holder of the CA
       certificate could join as a site; ``--allow-unauthenticated-nodes`` to accept that.
     """
-    if not ours.allow_public_control and not is_loopback_bind(config.host):
+    if not is_loopback_bind(config.host):
         if not (ours.allow_private_control and is_private_bind(config.host)):
             return (f"--host {config.host}: the Control API must listen on a loopback address (e.g. --host "
                     "127.0.0.1; it has no authentication); sites connect to --fleet-host"
@@ -171,7 +171,6 @@ def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m server.superlink", add_help=False)
     p.add_argument("--fleet-host", required=True, help="address SuperNodes connect to (e.g. 0.0.0.0)")
     p.add_argument("--fleet-port", type=int, required=True, help="port SuperNodes connect to (e.g. 9092)")
-    p.add_argument("--allow-public-control", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--allow-private-control", action="store_true",
                    help="let the Control API listen on a private (LAN) address; it has no authentication, so "
                         "anyone on that network could start a run")

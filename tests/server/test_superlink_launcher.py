@@ -114,7 +114,7 @@ def _refusal(host="127.0.0.1", fleet_host="0.0.0.0", insecure=False, auth=True, 
     from server.superlink import secure_defaults
 
     config = SimpleNamespace(host=host, insecure=insecure, simulation=False, enable_supernode_auth=auth)
-    ours = SimpleNamespace(**{"fleet_host": fleet_host, "allow_public_control": False, "allow_private_control": False,
+    ours = SimpleNamespace(**{"fleet_host": fleet_host, "allow_private_control": False,
                               "allow_unauthenticated_nodes": False, **flags})
     return secure_defaults(config, ours)
 
@@ -140,7 +140,17 @@ def test_an_unsafe_superlink_needs_an_explicit_flag(kwargs, message):
 def test_the_explicit_flags_pass():
     assert _refusal(host="192.168.0.5", allow_private_control=True) is None
     assert _refusal(auth=False, allow_unauthenticated_nodes=True) is None
-    assert _refusal(host="0.0.0.0", allow_public_control=True) is None
+
+
+def test_no_flag_exposes_the_control_api_beyond_the_lan():
+    """The Control API runs whatever app it is sent: a public address has no escape hatch (an
+    undocumented --allow-public-control once had one); it is left to Flower's parser to refuse."""
+    from server.superlink import _split_args
+
+    ours, rest = _split_args(["--fleet-host", "0.0.0.0", "--fleet-port", "9092", "--allow-public-control"])
+    assert rest == ["--allow-public-control"] and not hasattr(ours, "allow_public_control")
+    assert _refusal(host="0.0.0.0", allow_private_control=True).startswith("--host 0.0.0.0: the Control API")
+    assert _refusal(host="1.2.3.4", allow_private_control=True).startswith("--host 1.2.3.4:")
 
 
 def test_a_port_that_cannot_be_listened_on_is_refused_before_anything_starts(capsys, tmp_path):
