@@ -311,18 +311,22 @@ def _drop_empty_classes(targets: np.ndarray, names: list[str], source: str) -> t
 
 
 def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str], str]:
-    """Hashed group per sample: CSV group, else the domain's (patient), else the file."""
+    """Hashed group per sample, decided row by row: the CSV group, else the domain's (patient,
+    scene), else the file. (Decided for the whole table before, a CSV whose group column was
+    filled for some rows sent the others to one group per file, so one patient's slices could
+    land on both sides of a split.) The source names the kinds used, the file only when alone."""
     per_row: list[str | None] = list(table.groups)
-    source = "csv group column" if any(g is not None for g in per_row) else "file"
+    used = ["csv group column"] if any(per_row[int(r)] is not None for r in rows) else []
     hook = getattr(domain_module(domain), "group_keys", None)
-    if source == "file" and hook is not None:
-        wanted = sorted({int(r) for r in rows})
+    wanted = sorted({int(r) for r in rows if per_row[int(r)] is None})
+    if wanted and hook is not None:
         found = hook([table.paths[r] for r in wanted], RUN_SALT)
         for r, g in zip(wanted, found):
             per_row[r] = g
         if any(g is not None for g in found):
-            source = getattr(hook, "source", domain)
-    return [per_row[r] if per_row[r] is not None else hash_group(f"file:{table.paths[r]}") for r in rows], source
+            used.append(getattr(hook, "source", domain))
+    groups = [per_row[r] if per_row[r] is not None else hash_group(f"file:{table.paths[r]}") for r in rows]
+    return groups, " + ".join(used) or "file"
 
 
 class _RowDataset(Dataset):

@@ -453,3 +453,25 @@ def test_band_files_of_a_labelled_product_are_not_called_unusable(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="fedmoco.labels"):
         build_labelled_set("satellite", tmp_path, table, cfg, None)
     assert "1 labelled file(s) are not usable satellite samples" in caplog.text
+
+
+def test_rows_without_a_csv_group_fall_back_to_the_patient_not_the_file(tmp_path):
+    """The group is decided row by row: a CSV group column filled for some rows only used to
+    send every other row to a group of its own file, so one patient's slices split both ways."""
+    from domains.medical import make_demo_archive
+    from fedmoco.data import DataConfig
+    from fedmoco.labels import build_labelled_set, load_label_table
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=2, labelled=True)
+    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts and p.parent.name == "ct")
+    patient = {p: p.parts[-3] for p in files}
+    first = patient[files[0]]
+    rows = [[p.relative_to(root).as_posix(), p.parts[-4], "cohort-a" if patient[p] == first else ""] for p in files]
+    table = load_label_table(root, _write_csv(tmp_path / "labels.csv", ["path", "label", "group"], rows), "medical")
+    data = build_labelled_set("medical", root, table, DataConfig(image_size=32, options={"cache": False}), None)
+    by_patient: dict[str, set] = {}
+    for r, g in zip(data.rows, data.groups):
+        by_patient.setdefault(patient[table.paths[r]], set()).add(g)
+    assert all(len(g) == 1 for g in by_patient.values())  # every patient's slices in one group
+    assert len(set(data.groups.tolist())) == len(by_patient)  # one group per patient, not per file
+    assert data.group_source == "csv group column + patient"
