@@ -13,18 +13,14 @@ set -euo pipefail
 
 DOMAIN="${1:?usage: $0 medical|satellite [WORK_DIR]}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-WORK="$(mkdir -p "${2:-$DOMAIN-loopback}" && cd "${2:-$DOMAIN-loopback}" && pwd)"
-PY="${VENV_BIN:-$REPO/.venv/bin}/python"
-DEPLOY="$REPO/examples/deployment/run_loopback.sh"
 case "$DOMAIN" in
   medical)   SITES="hospital-a hospital-b"; IMAGES=dicom ;;
   satellite) SITES="station-a station-b";   IMAGES=patches ;;
   *) echo "$0: domain must be medical or satellite, got '$DOMAIN'" >&2; exit 2 ;;
 esac
-if ! grep -q 'SITE_DATA_ROOT' "$DEPLOY"; then
-  echo "$0: $DEPLOY does not take SITE_DATA_ROOT/DOMAIN/RUN_CONFIG yet; use the simulation (simulate.sh)" >&2
-  exit 2
-fi
+WORK="$(mkdir -p "${2:-$DOMAIN-loopback}" && cd "${2:-$DOMAIN-loopback}" && pwd)"
+PY="${VENV_BIN:-$REPO/.venv/bin}/python"
+DEPLOY="$REPO/examples/deployment/run_loopback.sh"
 
 echo "== site admins: synthetic data (one folder per site) and the data scientist's labelled set"
 (cd "$REPO" && "$PY" -m examples.demo --domain "$DOMAIN" --out "$WORK/data" --sites 2 --data-only) | tee "$WORK/data.txt"

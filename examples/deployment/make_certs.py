@@ -91,13 +91,15 @@ def make_server_cert(ca_key, ca_cert: x509.Certificate, hosts: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("out", type=Path, help="folder for the credentials")
     p.add_argument("--host", action="append", default=[],
                    help="DNS name or IP address sites use to reach the SuperLink (repeat); 127.0.0.1 and localhost are always added")
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
     p.add_argument("--force", action="store_true", help="replace existing files")
     args = p.parse_args(argv)
+    if not 1 <= args.days <= 36500:  # 0 or less made certificates that expired as they were written
+        p.error(f"--days {args.days}: must be 1-36500")
     # 127.0.0.1/localhost always: the coordinator's flwr and the SuperLink's own ServerApp
     # process reach the Control and Runtime APIs over loopback, and verify this certificate
     hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -111,3 +112,24 @@ def test_landcover_patches_have_their_class_spectrum(tmp_path):
     assert {r["group"] for r in rows} == {"scene_000", "scene_001"}
     with rasterio.open(root / "patches" / rows[0]["path"]) as src:
         assert (src.count, src.width, src.height, src.dtypes[0]) == (4, 32, 32, "uint16")
+
+
+def test_make_certs_refuses_a_validity_that_has_already_ended(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_certs", Path(__file__).resolve().parents[2]
+                                                  / "examples" / "deployment" / "make_certs.py")
+    make_certs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_certs)
+    with pytest.raises(SystemExit) as exit_:
+        make_certs.main([str(tmp_path / "certs"), "--days", "0"])
+    assert exit_.value.code == 2 and "--days 0: must be 1-36500" in capsys.readouterr().err
+    assert not (tmp_path / "certs").exists()
+
+
+def test_roles_loopback_refuses_an_unknown_domain_before_making_its_folder(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "examples" / "roles_loopback.sh"
+    done = subprocess.run(["bash", str(script), "bogus", str(tmp_path / "work")], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "domain must be medical or satellite, got 'bogus'" in done.stderr
+    assert not (tmp_path / "work").exists()
