@@ -43,6 +43,7 @@ from examples.demo import TASKS, make_example_data  # noqa: E402
 from fedmoco.evaluate import extract_features  # noqa: E402
 from fedmoco.moco import MoCo  # noqa: E402
 from fedmoco.pretrain import make_checkpoint, model_from_checkpoint  # noqa: E402
+from fedmoco.site_settings import SITE_SETTINGS_FILE  # noqa: E402
 
 
 def _features(checkpoint: Path, domain: str, images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--domain", choices=sorted(TASKS), default="satellite")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--device", default="cpu", help="accepted for the benchmark suite (benchmarks/run_all.py)")
+    p.add_argument("--device", default="cpu", help="accepted for the benchmark suite (benchmarks/run_all.py); "
+                   "the probe runs on the CPU whatever it says")
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--momentum", type=float, default=0.99)
@@ -106,12 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "results" / f"demo_tasks_probe_{args.domain}.md"
     task = TASKS[args.domain]
-    work = args.work or Path(tempfile.mkdtemp(prefix="demo-probe-"))
+    if args.work is not None:
+        return _probe(args, argv, out, task, args.work)
+    with tempfile.TemporaryDirectory(prefix="demo-probe-") as work:  # ~14 MB a run, removed after
+        return _probe(args, argv, out, task, Path(work))
+
+
+def _probe(args: argparse.Namespace, argv: list[str] | None, out: Path, task, work: Path) -> int:
     sites, labelled = make_example_data(args.domain, work, 3)
     pool = work / "pool"
     for i, site in enumerate(sites):
-        if not (pool / f"site-{i}").exists():
-            shutil.copytree(site, pool / f"site-{i}")
+        if not (pool / f"site-{i}").exists():  # images only: a site's settings file is no sample
+            shutil.copytree(site, pool / f"site-{i}", ignore=shutil.ignore_patterns(SITE_SETTINGS_FILE))
     size = task.run_config["image-size"]
     options = [o for kv in task.run_config.get("data-options", "").split(",") if kv for o in ("--data-option", kv)]
     for kv in args.data_option:
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     atomic_save(make_checkpoint(MoCo(MoCoConfig.from_dict(ckpt["moco_config"])), data=ckpt["data"]), work / "random.pt")
     images, labels = labelled / task.data_subdir, labelled / "labels.csv"
-    test = labelled.parent / "test"  # the hospitals' 40 held-out patients (examples.demo)
+    test = labelled.parent / "test"  # the hospitals' held-out patients (examples.demo)
     scores: dict[str, tuple[float, float]] = {}
     held: dict[str, float] = {}
     for name, ckpt in (("pretrained", work / "run" / "checkpoint.pt"), ("random", work / "random.pt")):

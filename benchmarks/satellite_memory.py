@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-mb", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--raster-cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="one 2500^2 scene, 100 samples")
-    parser.add_argument("--device", default="cpu", help="accepted for the suite; reading runs on the CPU")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is visible (refused in one line otherwise); reading runs on the CPU either way")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.samples = [min(args.sizes)], min(args.samples, 100)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patients", type=int, default=20)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "update_norms.md")
-    p.add_argument("--device", default="cpu", help="accepted for the suite; the in-process sites choose their own")
+    p.add_argument("--device", default="cpu", help="accepted for the suite (benchmarks/run_all.py); the sites train on the CPU whatever it says")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     import torch
