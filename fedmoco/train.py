@@ -305,10 +305,11 @@ class Trainer:
         """One pass over ``loader`` (at most ``max_steps`` steps). Returns its means.
         ``extra_negatives`` (M, D) and ``extra_centres`` (C, D): see :class:`fedmoco.moco.MoCo`."""
         self.model.train()
+        own_centres = extra_centres is not None and extra_centres is extra_negatives
         if extra_negatives is not None:
             extra_negatives = extra_negatives.to(self.device)
-        if extra_centres is not None:
-            extra_centres = extra_centres.to(self.device)
+        if extra_centres is not None:  # the negatives as their own centres stay one tensor (MoCo._cancel_mask)
+            extra_centres = extra_negatives if own_centres else extra_centres.to(self.device)
         set_loader_epoch(loader, epoch)
         max_steps = max_steps or self.cfg.max_steps_per_epoch
         total = min(len(loader), max_steps) if max_steps else len(loader)

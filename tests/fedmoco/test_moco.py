@@ -258,3 +258,23 @@ def test_a_step_never_reads_a_device_value(norm, host_reads):
             opt.step()
         assert spy.reads == [], f"step {step} read {spy.reads}"
     assert len(m.queue) == 20 and int(m.queue.ptr) == 12 and int(m.queue.count) == 20  # 32 keys in, 20 kept
+
+
+def test_negatives_as_their_own_centres_cancel_the_nearest_without_an_m_by_m_product(monkeypatch):
+    """A site given global negatives but no centres uses the negatives as centres: each query
+    skips the one nearest its key. Through same_bucket_mask that cost an (M, M) product every
+    step (17 GB at M = 65,536); the same mask now comes from the keys' nearest negative."""
+    import fedmoco.moco as moco_module
+    from fedmoco.losses import same_bucket_mask
+
+    extra = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    m = MoCo(_cfg(queue_size=20)).train()
+    k = F.normalize(torch.randn(8, 16), dim=1)
+    negatives = torch.cat([F.normalize(torch.randn(20, 16), dim=1), extra])
+    expected = F.pad(same_bucket_mask(k, extra, extra), (20, 0), value=False)
+    assert torch.equal(m._cancel_mask(k, negatives, 40, "self"), expected)
+    assert expected[:, 20:].sum(dim=1).eq(1).all()  # exactly one cancelled per key
+    monkeypatch.setattr(moco_module, "same_bucket_mask", lambda *a: pytest.fail("built the (M, M) product"))
+    x_q, x_k = _views()
+    out = m(x_q, x_k, extra, extra)  # the same tensor: its own centres
+    assert torch.isfinite(out.loss)
