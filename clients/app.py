@@ -64,7 +64,8 @@ from torch.utils.data import Dataset
 
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, federation_units, load_shared,
+from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, checked_global_weights,
+                          federation_units, load_shared,
                           moco_config, prototype_rows, run_value, shared_arrays, site_config, site_data_path,
                           site_name, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
@@ -97,17 +98,33 @@ def _secure_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def _global_negatives(msg: Message, dim: int, name: str = "queue") -> torch.Tensor | None:
+#: The most rows a site takes from the server's ``queue`` or ``centres`` record, whatever the
+#: run_config says (the server's own bound on queue-sample, server/runs.py RANGES).
+MAX_GLOBAL_ROWS = 65536
+
+
+def _global_negatives(msg: Message, dim: int, name: str = "queue", limit: int = MAX_GLOBAL_ROWS) -> torch.Tensor | None:
     """The server's sample of other sites' keys (M, D) (record ``queue``), or its public
-    centres (record ``centres``), or None when there is none."""
+    centres (record ``centres``), or None when there is none. At most ``limit`` rows (the
+    run's queue-sample or prototype-centres), finite unit rows; anything else is ignored with
+    a warning: a server bug (or a hostile server) must not poison local training, nor make the
+    site allocate without bound."""
     record = msg.content.array_records.get(name)
     if record is None or len(record) == 0:
         return None
-    keys = torch.from_numpy(np.array(next(iter(record.values())).numpy(), dtype=np.float32, copy=True))
-    if keys.dim() != 2 or keys.shape[1] != dim or not torch.isfinite(keys).all():
-        # A server bug must not poison local training: contrast without global negatives.
-        log.warning("ignoring %s of shape %s (expected (M, %d), finite)",
-                    "global negatives" if name == "queue" else f"the server's {name}", tuple(keys.shape), dim)
+    what = "global negatives" if name == "queue" else f"the server's {name}"
+    limit = max(0, min(int(limit), MAX_GLOBAL_ROWS))
+    array = next(iter(record.values()))
+    shape = tuple(array.shape)
+    if len(shape) != 2 or shape[1] != dim or shape[0] > limit:
+        log.warning("ignoring %s of shape %s (expected (M, %d), M <= %d)", what, shape, dim, limit)
+        return None
+    keys = torch.from_numpy(np.array(array.numpy(), dtype=np.float32, copy=True))
+    if tuple(keys.shape) != shape or not torch.isfinite(keys).all():
+        log.warning("ignoring %s: its values are not finite, or not of the shape it declares %s", what, shape)
+        return None
+    if keys.shape[0] and ((keys.norm(dim=1) - 1).abs() > 1e-3).any():
+        log.warning("ignoring %s: rows are not unit vectors", what)
         return None
     return keys if keys.shape[0] else None
 
@@ -118,7 +135,7 @@ def _cancel_centres(msg: Message, negatives: torch.Tensor | None, run: Any, dim:
     ``cancel-false-negatives`` is off or there are no global negatives."""
     if negatives is None or not run_value(run, "cancel-false-negatives"):
         return None
-    centres = _global_negatives(msg, dim, "centres")
+    centres = _global_negatives(msg, dim, "centres", run_value(run, "prototype-centres"))
     return centres if centres is not None else negatives
 
 
@@ -282,14 +299,15 @@ def _train_round(msg: Message, context: Context) -> Message:
     saved = load_site_state(context.state, site["state_dir"], server_round=server_round,
                             model_config=mcfg.to_dict())
     torch.manual_seed(tcfg.seed + 7919 * server_round)  # augmentations and shuffles; never the DP noise
-    negatives = _global_negatives(msg, mcfg.dim)
-    # The release comes first and only sees what the server sent (public): it cannot depend on
-    # local training, and its budget is spent before anything else can fail.
+    negatives = _global_negatives(msg, mcfg.dim, limit=run_value(run, "queue-sample"))
+    # The global weights are checked (every shared entry, its exact shape, finite) before the
+    # release spends anything: a round the server's model would fail must cost no budget.
+    model, mu = _restore_model(saved, msg, run, mcfg)
+    # The release only sees what the server sent (public): it cannot depend on local training.
     encoder, release_state = (_release_encoder(msg, mcfg, run, saved, site["device"]) if releasing
                               else (None, None))
     keys, ledger_metrics = _release(msg, source, negatives, site, run, mcfg, server_round,
                                     rounds_done=saved.rounds_done, encoder=encoder)
-    model, mu = _restore_model(saved, msg, run, mcfg)
 
     # -- local training: E epochs against the local queue + the global negatives --------
     loader = make_loader(dataset, tcfg, site["device"], seed=tcfg.seed + 7919 * server_round)  # new order each round
@@ -418,7 +436,13 @@ def _restore_model(saved: SiteState, msg: Message, run: Any, mcfg: MoCoConfig) -
     if saved.model is not None:
         model.load_state_dict(saved.model)
     first_round = saved.model is None
-    mu = load_shared(model, arrays_to_tensors(msg.content.array_records["arrays"]),
+    if "arrays" not in msg.content.array_records:
+        raise SiteUnavailable(SITE_FAILED, "the server's message holds no global model (record 'arrays')")
+    try:
+        weights = checked_global_weights(model, arrays_to_tensors(msg.content.array_records["arrays"]))
+    except ValueError as exc:
+        raise SiteUnavailable(SITE_FAILED, f"the server's global model is unusable: {exc}") from None
+    mu = load_shared(model, weights,
                      keep_head=run_value(run, "personal-head") and not first_round,
                      fedema_lambda=0.0 if first_round else run_value(run, "fedema-lambda"))
     if first_round or run_value(run, "key-encoder") == "reset":
@@ -485,6 +509,8 @@ def _release_encoder(msg: Message, mcfg: MoCoConfig, run: Any, saved: SiteState,
     """
     encoder = _public_encoder(msg, mcfg, device)
     mu = float(run_value(run, "release-ema"))
+    if not 0.0 <= mu < 1.0:  # else the average leaves the models it averages (inf: a non-finite encoder)
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: release-ema must be in [0, 1), got {mu:g}")
     if mu == 0.0:
         return encoder, None
     current = encoder.state_dict()
@@ -597,7 +623,7 @@ def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset,
     # its sample of them), then directions from the run's seed. At most max-keys of them: the
     # server refuses a reply with more rows than that.
     n_centres = prototype_rows(run)
-    merged = _global_negatives(msg, mcfg.dim, "centres")
+    merged = _global_negatives(msg, mcfg.dim, "centres", n_centres)
     centres = choose_centres(merged if merged is not None else negatives, n_centres, mcfg.dim,
                              seed=run_value(run, "seed") * 1_000_003 + server_round)
     return release_prototypes(encoder, dataset, centres, z, q, min_cosine=run_value(run, "prototype-min-cosine"),

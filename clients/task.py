@@ -322,6 +322,26 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
 
 
+def checked_global_weights(model: MoCo, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``weights`` if every shared entry of ``model`` is there with its exact shape, a real
+    floating-point dtype and finite values; else ValueError naming the first that is not. (A
+    (1,)-shaped entry used to broadcast into a constant model, and NaN weights were found
+    only after the round's release had spent its budget.)"""
+    for name, mine in model.state_dict().items():
+        if not is_shared(name):
+            continue
+        got = weights.get(name)
+        if got is None:
+            raise ValueError(f"it lacks {name!r}")
+        if tuple(got.shape) != tuple(mine.shape):
+            raise ValueError(f"{name!r} has shape {tuple(got.shape)}, expected {tuple(mine.shape)}")
+        if not got.is_floating_point():
+            raise ValueError(f"{name!r} holds {str(got.dtype).removeprefix('torch.')} values, expected floating point")
+        if not torch.isfinite(got).all():
+            raise ValueError(f"{name!r} holds NaN or infinite values")
+    return weights
+
+
 @torch.no_grad()
 def load_shared(model: MoCo, weights: Mapping[str, torch.Tensor], *, keep_head: bool = False,
                 fedema_lambda: float = 0.0) -> float:

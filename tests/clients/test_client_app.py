@@ -305,3 +305,52 @@ def test_a_server_round_outside_the_run_is_a_misconfiguration_not_hours_of_work(
     reply = train(train_message(sent, 10**9), context({"data-path": str(site)}, run))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
     assert reply.error.reason == "configuration: server-round 1000000000 is outside 1..3 (run_config num-server-rounds)"
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("nan", "holds NaN or infinite values"),
+    ("shape", "has shape (1,), expected"),
+    ("int", "holds int64 values, expected floating point"),
+])
+def test_an_unusable_global_model_is_refused_before_the_release_spends_anything(site, tmp_path, bad, reason):
+    """NaN weights used to be found only after the round's release had paid its ledger, and
+    (1,)-shaped ones broadcast into a constant model that the site trained without a word."""
+    from flwr.app import Array, ArrayRecord
+
+    from clients.ledger import read_ledger
+
+    run = run_config(**{"key-release": "prototypes"})
+    good = shared_arrays(global_model(run))
+    name = next(k for k in good.keys() if k.endswith("weight"))
+    value = good[name].numpy()
+    broken = {"nan": np.full_like(value, np.nan), "shape": np.ones((1,), np.float32),
+              "int": np.ones(value.shape, np.int64)}[bad]
+    arrays = ArrayRecord({k: (Array(broken) if k == name else a) for k, a in good.items()})
+    ledger = tmp_path / "ledger.json"
+    reply = train(train_message(arrays, 1), context(dp_node(site, ledger), run))
+    assert reply.has_error() and reply.error.code == 102
+    assert reply.error.reason.startswith(f"the server's global model is unusable: {name!r} {reason}")
+    assert not ledger.exists() or read_ledger(ledger).spent() == 0.0
+    ok = train(train_message(good, 1), context(dp_node(site, ledger), run))
+    assert not ok.has_error() and read_ledger(ledger).spent() > 0  # the same site, a usable model: it pays
+
+
+def test_global_negatives_beyond_the_runs_sample_or_not_unit_are_ignored(site, captured, caplog):
+    run = run_config(**{"queue-sample": 30})
+    g = shared_arrays(global_model(run))
+    with caplog.at_level(logging.WARNING):
+        train(train_message(g, 1, negatives=unit_rows(31)), context({"data-path": str(site)}, run))
+        train(train_message(g, 1, negatives=1e3 * unit_rows(20)), context({"data-path": str(site)}, run))
+        train(train_message(g, 1, negatives=unit_rows(30)), context({"data-path": str(site)}, run))
+    assert captured[0]["negatives"] is None and captured[1]["negatives"] is None
+    assert captured[2]["negatives"].shape == (30, 16)
+    assert "ignoring global negatives of shape (31, 16) (expected (M, 16), M <= 30)" in caplog.text
+    assert "ignoring global negatives: rows are not unit vectors" in caplog.text
+
+
+def test_a_release_ema_outside_zero_to_one_is_a_configuration_error(site, tmp_path):
+    run = run_config(**{"key-release": "prototypes", "release-ema": float("inf")})
+    reply = train(train_message(shared_arrays(global_model(run)), 1),
+                  context(dp_node(site, tmp_path / "ledger.json"), run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason == "configuration: release-ema must be in [0, 1), got inf"
