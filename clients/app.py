@@ -623,7 +623,7 @@ def _make_release(mode: str, z: float, q: float, msg: Message, dataset: Dataset,
     # its sample of them), then directions from the run's seed. At most max-keys of them: the
     # server refuses a reply with more rows than that.
     n_centres = prototype_rows(run)
-    merged = _global_negatives(msg, mcfg.dim, "centres", n_centres)
+    merged = _global_negatives(msg, mcfg.dim, "centres", run_value(run, "prototype-centres"))
     centres = choose_centres(merged if merged is not None else negatives, n_centres, mcfg.dim,
                              seed=run_value(run, "seed") * 1_000_003 + server_round)
     return release_prototypes(encoder, dataset, centres, z, q, min_cosine=run_value(run, "prototype-min-cosine"),
