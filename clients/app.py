@@ -562,7 +562,10 @@ def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | Non
         return empty, _ledger_figures(_refuse(4), site)
     if isinstance(dataset, str):
         return empty, _ledger_figures(_refuse(9, f": {dataset}"), site)
-    q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")
+    rate_key = "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate"
+    q = run_value(run, rate_key)
+    if not 0 < q <= 1:  # a rate the accountant cannot take was reported as an unreadable ledger
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {rate_key} must be in (0, 1], got {q:g}")
     if math.isinf(site["epsilon"]):
         # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step
         # around it by asking for no noise (it would spend without the ledger knowing).

@@ -348,9 +348,15 @@ def test_global_negatives_beyond_the_runs_sample_or_not_unit_are_ignored(site, c
     assert "ignoring global negatives: rows are not unit vectors" in caplog.text
 
 
-def test_a_release_ema_outside_zero_to_one_is_a_configuration_error(site, tmp_path):
-    run = run_config(**{"key-release": "prototypes", "release-ema": float("inf")})
+@pytest.mark.parametrize("over,reason", [
+    ({"release-ema": float("inf")}, "configuration: release-ema must be in [0, 1), got inf"),
+    # was reported as dp-status 7, "the privacy ledger could not be read or written"
+    ({"prototype-sample-rate": 5.0}, "configuration: prototype-sample-rate must be in (0, 1], got 5"),
+])
+def test_release_settings_out_of_range_are_a_configuration_error(site, tmp_path, over, reason):
+    run = run_config(**{"key-release": "prototypes", **over})
     reply = train(train_message(shared_arrays(global_model(run)), 1),
                   context(dp_node(site, tmp_path / "ledger.json"), run))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
-    assert reply.error.reason == "configuration: release-ema must be in [0, 1), got inf"
+    assert reply.error.reason == reason
+    assert not (tmp_path / "ledger.json").exists()
