@@ -64,8 +64,8 @@ from torch.utils.data import Dataset
 
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, checked_global_weights,
-                          federation_units, load_shared,
+from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, check_run_ranges,
+                          checked_global_weights, federation_units, load_shared,
                           moco_config, prototype_rows, run_value, shared_arrays, site_config, site_data_path,
                           site_name, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
@@ -366,6 +366,7 @@ def _settings(context: Context) -> tuple[dict[str, Any], MoCoConfig, TrainConfig
     """Site settings, model and training config; SiteUnavailable(SITE_MISCONFIGURED) if invalid."""
     try:
         site = _site_settings(context)
+        check_run_ranges(context.run_config)  # as the server does: a server that skipped it must not size this round
         mcfg, tcfg = moco_config(context.run_config), train_config(context.run_config)
         policy = run_value(context.run_config, "key-encoder")
     except FedmocoError as exc:
@@ -562,10 +563,7 @@ def _release(msg: Message, dataset: Dataset | str, negatives: torch.Tensor | Non
         return empty, _ledger_figures(_refuse(4), site)
     if isinstance(dataset, str):
         return empty, _ledger_figures(_refuse(9, f": {dataset}"), site)
-    rate_key = "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate"
-    q = run_value(run, rate_key)
-    if not 0 < q <= 1:  # a rate the accountant cannot take was reported as an unreadable ledger
-        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {rate_key} must be in (0, 1], got {q:g}")
+    q = run_value(run, "prototype-sample-rate" if mode == "prototypes" else "key-sample-rate")  # in (0, 1]: _settings
     if math.isinf(site["epsilon"]):
         # A budget is tightened, never loosened: a site whose ledger holds a budget cannot step
         # around it by asking for no noise (it would spend without the ledger knowing).

@@ -47,6 +47,7 @@ from fedmoco.errors import ConfigError
 
 log = logging.getLogger("flwr.fedmoco.client")
 # The site's own settings live in the core so that `fedmoco check-site` reads them as a round does.
+from fedmoco.site_settings import MAX_PLANNED_RELEASES
 from fedmoco.site_settings import (SITE_FILE_KEYS, SITE_NAME, SITE_PATH_KEYS, SITE_RECORD,  # noqa: F401 re-exported
                                    SiteConfig, check_outside_data, check_site_name, read_site_file, setting_label,
                                    site_config, site_name)
@@ -219,6 +220,61 @@ def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
             warmup_epochs=r("warmup-epochs"), num_workers=r("num-workers"), seed=r("seed"),
             max_steps_per_epoch=cap if cap > 0 else None, amp=False, channels_last=False,
         )
+
+
+#: Ranges of run_config values (keys that the current RUN_DEFAULTS lack are skipped). The
+#: server checks them before a run starts (server/runs.py validate_run_config), and each site
+#: again before a round (clients/app.py): a server that skipped them must not make a site's round
+#: unbounded.
+RUN_RANGES: dict[str, tuple[str, Any]] = {
+    # a site plans its privacy budget over the rounds: no more than it may plan
+    "num-server-rounds": (f"in [1, {MAX_PLANNED_RELEASES}]", lambda v: 1 <= v <= MAX_PLANNED_RELEASES),
+    "image-size": ("in [8, 4096]", lambda v: 8 <= v <= 4096),
+    "lr": ("> 0 and finite", lambda v: 0 < v < math.inf),
+    "prototype-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "prototype-centres": (">= 1", lambda v: v >= 1),
+    "prototype-min-cosine": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    # replies are refused above max-keys x D floats before they are decoded: a bound on that
+    "max-keys": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
+    "max-update-norm": (">= 0 (0 = off)", lambda v: v >= 0),
+    "model-dp-clip": ("> 0 and finite", lambda v: 0 < v < math.inf),
+    "min-nodes": (">= 1", lambda v: v >= 1),
+    "min-replies": (">= 1", lambda v: v >= 1),
+    "fraction-train": ("in (0, 1]", lambda v: 0 < v <= 1),
+    # sizes the server or every site allocates at once: bounds far above any use, under memory
+    # (1,048,576 keys of dim 8192 would already be 32 GiB)
+    "global-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
+    "queue-sample": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
+    "key-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "dp-epsilon": ("> 0", lambda v: v > 0),
+    "dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
+    "model-dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
+    "round-timeout": ("> 0", lambda v: v > 0),
+    "trim-beta": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "krum-malicious": (">= 0", lambda v: v >= 0),
+    "max-steps-per-epoch": (">= 0 (0 = whole epoch)", lambda v: v >= 0),
+    "global-queue-max-age": (">= 0", lambda v: v >= 0),
+    "prototype-first-share": (">= 1 (1 = every release alike)", lambda v: v >= 1 and v != float("inf")),
+    "temperature": ("> 0 and finite", lambda v: 0 < v < math.inf),
+    "weight-decay": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    "fedema-lambda": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    "model-dp-noise": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    "local-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
+    "dim": ("in [1, 8192]", lambda v: 1 <= v <= 8192),
+    "hidden-dim": ("in [1, 65536]", lambda v: 1 <= v <= 65536),
+    "batch-size": ("in [2, 65536]", lambda v: 2 <= v <= 65536),
+    "local-epochs": ("in [1, 10000]", lambda v: 1 <= v <= 10000),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
+}
+
+
+def check_run_ranges(run_config: Mapping[str, Any]) -> None:
+    """ConfigError naming the first run_config value outside :data:`RUN_RANGES`."""
+    for key, (rule, ok) in RUN_RANGES.items():
+        if key in RUN_DEFAULTS:
+            value = run_value(run_config, key)
+            if not ok(value):
+                raise ConfigError(f"run_config {key} must be {rule}, got {value!r}")
 
 
 def prototype_rows(run_config: Mapping[str, Any]) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import secrets
 import shutil
 import time
@@ -28,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from clients.task import (KEY_RELEASE_MODES, RUN_DEFAULTS, moco_config, parse_channels, parse_options, run_value,
-                          train_config)
+from clients.task import (KEY_RELEASE_MODES, RUN_DEFAULTS, check_run_ranges, moco_config, parse_channels,
+                          parse_options, run_value, train_config)
 from fedmoco.data import DOMAINS
 from fedmoco.errors import ConfigError, FedmocoError
 from fedmoco.metrics import keep_records, read_jsonl
-from fedmoco.site_settings import MAX_PLANNED_RELEASES
 
 #: run_config keys that define the global model and queue: a run resumed with other values
 #: would continue a different federation's model.
@@ -137,49 +135,6 @@ def no_update_message(last_sites: list[dict[str, Any]], rounds: int, metrics: Pa
             f"{why + more if why else 'no site replied'}); no encoder was written; see {metrics}")
 
 
-#: Ranges of run_config values (keys that the current RUN_DEFAULTS lack are skipped).
-RANGES: dict[str, tuple[str, Any]] = {
-    # a site plans its privacy budget over the rounds: no more than it may plan
-    "num-server-rounds": (f"in [1, {MAX_PLANNED_RELEASES}]", lambda v: 1 <= v <= MAX_PLANNED_RELEASES),
-    "image-size": ("in [8, 4096]", lambda v: 8 <= v <= 4096),
-    "lr": ("> 0 and finite", lambda v: 0 < v < math.inf),
-    "prototype-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "prototype-centres": (">= 1", lambda v: v >= 1),
-    "prototype-min-cosine": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    # replies are refused above max-keys x D floats before they are decoded: a bound on that
-    "max-keys": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
-    "max-update-norm": (">= 0 (0 = off)", lambda v: v >= 0),
-    "model-dp-clip": ("> 0 and finite", lambda v: 0 < v < math.inf),
-    "min-nodes": (">= 1", lambda v: v >= 1),
-    "min-replies": (">= 1", lambda v: v >= 1),
-    "fraction-train": ("in (0, 1]", lambda v: 0 < v <= 1),
-    # sizes the server or every site allocates at once: bounds far above any use, under memory
-    # (1,048,576 keys of dim 8192 would already be 32 GiB)
-    "global-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
-    "queue-sample": ("in [0, 65536]", lambda v: 0 <= v <= 65536),
-    "key-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "dp-epsilon": ("> 0", lambda v: v > 0),
-    "dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
-    "model-dp-delta": ("in (0, 1)", lambda v: 0 < v < 1),
-    "round-timeout": ("> 0", lambda v: v > 0),
-    "trim-beta": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
-    "krum-malicious": (">= 0", lambda v: v >= 0),
-    "max-steps-per-epoch": (">= 0 (0 = whole epoch)", lambda v: v >= 0),
-    "global-queue-max-age": (">= 0", lambda v: v >= 0),
-    "prototype-first-share": (">= 1 (1 = every release alike)", lambda v: v >= 1 and v != float("inf")),
-    "temperature": ("> 0 and finite", lambda v: 0 < v < math.inf),
-    "weight-decay": (">= 0 and finite", lambda v: 0 <= v < math.inf),
-    "fedema-lambda": (">= 0 and finite", lambda v: 0 <= v < math.inf),
-    "model-dp-noise": (">= 0 and finite", lambda v: 0 <= v < math.inf),
-    "local-queue-size": ("in [1, 1048576]", lambda v: 1 <= v <= 2**20),
-    "dim": ("in [1, 8192]", lambda v: 1 <= v <= 8192),
-    "hidden-dim": ("in [1, 65536]", lambda v: 1 <= v <= 65536),
-    "batch-size": ("in [2, 65536]", lambda v: 2 <= v <= 65536),
-    "local-epochs": ("in [1, 10000]", lambda v: 1 <= v <= 10000),
-    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
-}
-
-
 def validate_run_config(run_config: Mapping[str, Any]) -> None:
     """ConfigError (one line naming the key) for an unknown key, a value of the wrong type or
     out of range, before anything starts. The model and training settings are checked by
@@ -193,9 +148,7 @@ def validate_run_config(run_config: Mapping[str, Any]) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
             raise ConfigError(f"run_config {key}: {value} does not fit a 64-bit integer")
     mcfg, tcfg = moco_config(run_config), train_config(run_config)
-    for key, (rule, ok) in RANGES.items():
-        if key in r and not ok(r[key]):
-            raise ConfigError(f"run_config {key} must be {rule}, got {r[key]!r}")
+    check_run_ranges(run_config)
     for key, choices in (("key-release", KEY_RELEASE_MODES), ("domain", tuple(DOMAINS))):
         if r[key] not in choices:
             raise ConfigError(f"run_config {key} must be one of {', '.join(choices)}, got {r[key]!r}")

@@ -349,9 +349,13 @@ def test_global_negatives_beyond_the_runs_sample_or_not_unit_are_ignored(site, c
 
 
 @pytest.mark.parametrize("over,reason", [
+    # the server's ranges, checked again at the site: a million local epochs once ran on
+    ({"local-epochs": 1_000_000}, "configuration: run_config local-epochs must be in [1, 10000], got 1000000"),
+    ({"local-queue-size": 20_000_000}, "configuration: run_config local-queue-size must be in [1, 1048576], "
+                                       "got 20000000"),
     ({"release-ema": float("inf")}, "configuration: release-ema must be in [0, 1), got inf"),
     # was reported as dp-status 7, "the privacy ledger could not be read or written"
-    ({"prototype-sample-rate": 5.0}, "configuration: prototype-sample-rate must be in (0, 1], got 5"),
+    ({"prototype-sample-rate": 5.0}, "configuration: run_config prototype-sample-rate must be in (0, 1], got 5.0"),
 ])
 def test_release_settings_out_of_range_are_a_configuration_error(site, tmp_path, over, reason):
     run = run_config(**{"key-release": "prototypes", **over})
