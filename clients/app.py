@@ -270,11 +270,22 @@ def train(msg: Message, context: Context) -> Message:
             SITE_FAILED, f"training failed at the site ({type(exc).__name__}); the site's log has the details"))
 
 
+def _server_round(msg: Message) -> int:
+    """The round number the server sent (config record ``server-round``): a whole number, or
+    SiteUnavailable. A missing one was taken as round 1 and 2.5 as round 2; "abc" ended as a
+    bare ValueError."""
+    value = msg.content.config_records.get("config", {}).get("server-round")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: the server's server-round must be a whole number, "
+                                                  f"got {str(value)[:40]!r}")
+    return int(value)
+
+
 def _train_round(msg: Message, context: Context) -> Message:
     """The round itself (see the module docstring); SiteUnavailable when it cannot run."""
     t_start = time.perf_counter()
     run = context.run_config
-    server_round = int(msg.content.config_records.get("config", {}).get("server-round", 1))
+    server_round = _server_round(msg)
     site, mcfg, tcfg = _settings(context)  # SiteUnavailable: train() turns it into the error reply
     # The server's numbers drive loops and processes here: bound them by what the run declares
     # and what this machine has (a server-round of 1e9 would step the LR schedule for hours).

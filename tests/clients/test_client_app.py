@@ -364,3 +364,17 @@ def test_release_settings_out_of_range_are_a_configuration_error(site, tmp_path,
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
     assert reply.error.reason == reason
     assert not (tmp_path / "ledger.json").exists()
+
+
+@pytest.mark.parametrize("value", [None, 2.5, "abc", True, float("nan")])
+def test_a_round_number_that_is_not_a_whole_number_is_refused(site, value):
+    """A missing server-round was taken as round 1, 2.5 as round 2, and "abc" ended as a bare ValueError."""
+    from flwr.app import ConfigRecord
+
+    run = run_config()
+    msg = train_message(shared_arrays(global_model(run)), 1)
+    config = {} if value is None else {"server-round": value}
+    msg.content["config"] = ConfigRecord(config)
+    reply = train(msg, context({"data-path": str(site)}, run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason.startswith("configuration: the server's server-round must be a whole number, got ")
