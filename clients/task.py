@@ -47,10 +47,9 @@ from fedmoco.errors import ConfigError
 
 log = logging.getLogger("flwr.fedmoco.client")
 # The site's own settings live in the core so that `fedmoco check-site` reads them as a round does.
-from fedmoco.site_settings import MAX_PLANNED_RELEASES
-from fedmoco.site_settings import (SITE_FILE_KEYS, SITE_NAME, SITE_PATH_KEYS, SITE_RECORD,  # noqa: F401 re-exported
-                                   SiteConfig, check_outside_data, check_site_name, read_site_file, setting_label,
-                                   site_config, site_name)
+from fedmoco.site_settings import (MAX_PLANNED_RELEASES, SITE_FILE_KEYS, SITE_NAME,  # noqa: F401 re-exported
+                                   SITE_PATH_KEYS, SITE_RECORD, SiteConfig, check_outside_data, check_site_name,
+                                   read_site_file, setting_label, site_config, site_name)
 from fedmoco.moco import MoCo
 
 #: Every run_config key with its default. pyproject's [tool.flwr.app.config] mirrors it;
