@@ -64,8 +64,8 @@ from torch.utils.data import Dataset
 
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
-from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, check_run_ranges,
-                          checked_global_weights, federation_units, load_shared,
+from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, check_run_ranges, federation_units,
+                          load_shared,
                           moco_config, prototype_rows, run_value, shared_arrays, site_config, site_data_path,
                           site_name, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
@@ -99,7 +99,7 @@ def _secure_generator() -> torch.Generator:
 
 
 #: The most rows a site takes from the server's ``queue`` or ``centres`` record, whatever the
-#: run_config says (the server's own bound on queue-sample, server/runs.py RANGES).
+#: run_config says: queue-sample's bound in clients.task.RUN_RANGES (prototype-centres has none).
 MAX_GLOBAL_ROWS = 65536
 
 
@@ -451,12 +451,11 @@ def _restore_model(saved: SiteState, msg: Message, run: Any, mcfg: MoCoConfig) -
     if "arrays" not in msg.content.array_records:
         raise SiteUnavailable(SITE_FAILED, "the server's message holds no global model (record 'arrays')")
     try:
-        weights = checked_global_weights(model, arrays_to_tensors(msg.content.array_records["arrays"]))
+        mu = load_shared(model, arrays_to_tensors(msg.content.array_records["arrays"]),
+                         keep_head=run_value(run, "personal-head") and not first_round,
+                         fedema_lambda=0.0 if first_round else run_value(run, "fedema-lambda"))
     except ValueError as exc:
         raise SiteUnavailable(SITE_FAILED, f"the server's global model is unusable: {exc}") from None
-    mu = load_shared(model, weights,
-                     keep_head=run_value(run, "personal-head") and not first_round,
-                     fedema_lambda=0.0 if first_round else run_value(run, "fedema-lambda"))
     if first_round or run_value(run, "key-encoder") == "reset":
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     return model, mu

@@ -377,24 +377,17 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
 
 
-def checked_global_weights(model: MoCo, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """``weights`` if every shared entry of ``model`` is there with its exact shape, a real
-    floating-point dtype and finite values; else ValueError naming the first that is not. (A
-    (1,)-shaped entry used to broadcast into a constant model, and NaN weights were found
-    only after the round's release had spent its budget.)"""
-    for name, mine in model.state_dict().items():
-        if not is_shared(name):
-            continue
-        got = weights.get(name)
-        if got is None:
-            raise ValueError(f"it lacks {name!r}")
-        if tuple(got.shape) != tuple(mine.shape):
-            raise ValueError(f"{name!r} has shape {tuple(got.shape)}, expected {tuple(mine.shape)}")
-        if not got.is_floating_point():
-            raise ValueError(f"{name!r} holds {str(got.dtype).removeprefix('torch.')} values, expected floating point")
-        if not torch.isfinite(got).all():
-            raise ValueError(f"{name!r} holds NaN or infinite values")
-    return weights
+def _check_global_entry(name: str, got: torch.Tensor | None, mine: torch.Tensor) -> None:
+    """ValueError unless ``got`` can stand for ``mine``: present, the exact shape, floating
+    point and finite. (A (1,)-shaped entry used to broadcast into a constant model.)"""
+    if got is None:
+        raise ValueError(f"it lacks {name!r}")
+    if tuple(got.shape) != tuple(mine.shape):
+        raise ValueError(f"{name!r} has shape {tuple(got.shape)}, expected {tuple(mine.shape)}")
+    if not got.is_floating_point():
+        raise ValueError(f"{name!r} holds {str(got.dtype).removeprefix('torch.')} values, expected floating point")
+    if not torch.isfinite(got).all():
+        raise ValueError(f"{name!r} holds NaN or infinite values")
 
 
 @torch.no_grad()
@@ -407,12 +400,14 @@ def load_shared(model: MoCo, weights: Mapping[str, torch.Tensor], *, keep_head: 
     ``w = mu * w_local + (1 - mu) * w_global`` with ``mu = min(lambda * ||w_global -
     w_local||_2, 1)`` over the blended entries: the further a site has drifted from the
     federation, the more of its own model it keeps. mu is 0 when the weights are replaced.
+    ValueError, before anything is loaded, unless every shared entry of ``weights`` (the kept
+    head's too) is there with its exact shape, floating point and finite.
     """
     state = model.state_dict()
-    names = [k for k in state if is_shared(k) and not (keep_head and k.startswith(HEAD_PREFIX))]
-    missing = [k for k in names if k not in weights]
-    if missing:
-        raise ValueError(f"global model lacks {len(missing)} shared entries (first: {missing[0]!r})")
+    shared = [k for k in state if is_shared(k)]
+    for k in shared:
+        _check_global_entry(k, weights.get(k), state[k])
+    names = [k for k in shared if not (keep_head and k.startswith(HEAD_PREFIX))]
     mu = 0.0
     if fedema_lambda > 0:
         sq = sum(float((weights[k].float() - state[k].float()).pow(2).sum()) for k in names)
