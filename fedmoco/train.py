@@ -311,6 +311,9 @@ class Trainer:
         if extra_centres is not None:  # the negatives as their own centres stay one tensor (MoCo._cancel_mask)
             extra_centres = extra_negatives if own_centres else extra_centres.to(self.device)
         set_loader_epoch(loader, epoch)
+        collate = getattr(loader, "collate_fn", None)
+        if type(collate) is BaseCollate:  # views made here, on this device (CpuViewsCollate's run in the workers)
+            collate.views.to(self.device)
         max_steps = max_steps or self.cfg.max_steps_per_epoch
         total = min(len(loader), max_steps) if max_steps else len(loader)
         summary = EpochSummary()

@@ -14,7 +14,7 @@ from fedmoco.encoders import SplitBatchNorm
 from fedmoco.errors import FedmocoError
 from fedmoco.metrics import JsonlLogger, read_jsonl
 from fedmoco.moco import MoCo
-from fedmoco.train import EpochShuffle, Trainer, guarded_size, make_loader
+from fedmoco.train import BaseCollate, CpuViewsCollate, EpochShuffle, Trainer, guarded_size, make_loader
 
 
 def _model(norm="split-batch", splits=4):
@@ -171,3 +171,36 @@ def test_optimizer_state_from_another_device_keeps_this_devices_kernel():
     cpu.load_state_dict(saved)
     assert cpu.optimizer.param_groups[0]["fused"] is None
     assert torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, fused=True).param_groups[0]["fused"]
+
+
+class _RecordingViews(torch.nn.Module):
+    """Batched views (q = k = base * scale) that remember where they were moved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+        self.moved_to: list[torch.device] = []
+
+    def to(self, *args, **kwargs):
+        self.moved_to.append(torch.device(args[0]))
+        return super().to(*args, **kwargs)
+
+    def forward(self, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return base * self.scale, base.flip(-1) * self.scale
+
+
+def test_the_trainer_moves_batched_views_to_its_device():
+    # On a GPU the loader yields cached bases and the Trainer makes the views: their buffers
+    # (means, kernels) must be on the Trainer's device, or the first batch fails with "found at
+    # least two devices, cuda:0 and cpu" (as every GPU site did, found on an H200 on 2026-11-29).
+    base = [torch.rand(1, 12, 12) for _ in range(8)]
+    views = _RecordingViews()
+    loader = torch.utils.data.DataLoader(base, batch_size=4, collate_fn=BaseCollate(views))
+    cfg = TrainConfig(batch_size=4, num_workers=0)
+    trainer = Trainer(_model(norm="group"), cfg, torch.device("cpu"), total_steps=2, steps_per_epoch=2, progress=False)
+    assert trainer.train_epoch(loader).steps == 2
+    assert views.moved_to == [torch.device("cpu")]
+    # views made in the workers (CpuViewsCollate) stay where the workers run them
+    cpu_views = _RecordingViews()
+    trainer.train_epoch(torch.utils.data.DataLoader(base, batch_size=4, collate_fn=CpuViewsCollate(cpu_views)))
+    assert cpu_views.moved_to == []
