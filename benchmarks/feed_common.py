@@ -9,7 +9,9 @@ Three CPU figures, each in ONE process on ONE intra-op thread, so they are per c
 
 With ``--device cuda`` also: the feed on the GPU (cached bases through a DataLoader with
 workers, pinned, copied, both views made on the GPU; synchronised) against the MoCo
-ResNet-18 training step at the same image size, which is what the feed must keep up with.
+ResNet-18 training step at the same image size, which is what the feed must keep up with,
+and fedmoco's training loop end to end (make_loader + Trainer), all in steady state
+(:func:`steady_windows`). feed_satellite.py also takes the feed apart stage by stage.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ class Repeat(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i % len(self.dataset)]
+
+
+class RepeatWithViews(Repeat):
+    """:class:`Repeat` of a dataset that offers batched views, offering them too (repeated bases)."""
+
+    def batched_views(self):
+        found = self.dataset.batched_views()
+        return None if found is None else (Repeat(found[0], self.n), found[1])
 
 
 def per_sample_pass(dataset: Dataset, n: int) -> Callable[[], int]:
@@ -97,28 +107,135 @@ def interleaved_rates(passes: dict[str, Callable[[], int]], repeats: int) -> dic
     return {name: (statistics.median(r), min(r), max(r)) for name, r in rates.items()}
 
 
-def gpu_feed_rate(bases: Dataset, views: torch.nn.Module, device: torch.device, batch: int, steps: int,
-                  workers: int) -> float:
-    """Pairs/s delivered on the GPU: loader workers read cached bases, the GPU makes the views."""
+PREFETCH = 2  # DataLoader's default, which make_loader keeps
+
+
+def steady_windows(steps: int, workers: int) -> tuple[int, int]:
+    """(warm-up batches, timed batches) for a loader rate that is the steady state's.
+
+    Every worker starts its first batches at once and holds up to PREFETCH of them ready, so
+    the first ``workers * PREFETCH`` batches come faster than the loader can keep up (a
+    10-batch window after 2 warm-up batches measured that wave: 12.6 million pairs/s for one
+    stage on an H200, 2026-11-29). The timed window starts after them and is at least twice
+    as long, so what a full queue adds is at most a third of it.
+    """
+    ahead = max(workers, 1) * PREFETCH
+    return ahead + 1, max(steps, 2 * ahead)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loader_rate(bases: Dataset, views: torch.nn.Module | None, device: torch.device, batch: int, steps: int,
+                workers: int, *, pin: bool = True) -> float:
+    """Pairs/s of cached bases through a DataLoader with ``workers`` (as make_loader builds it),
+    copied to ``device`` and made into both views there when ``views`` is given (the views
+    module already on ``device``), else only taken from the loader (and pinned if ``pin``).
+    Steady state: see :func:`steady_windows`."""
     from fedmoco.train import BaseBatch
 
-    views = views.to(device)
-    loader = DataLoader(Repeat(bases, batch * (steps + 2)), batch_size=batch, shuffle=True, num_workers=workers,
-                        pin_memory=True, drop_last=True, persistent_workers=workers > 0,
-                        collate_fn=lambda b: BaseBatch(collate_views(b)[0]), prefetch_factor=4 if workers else None)
+    warm, timed = steady_windows(steps, workers)
+    loader = DataLoader(Repeat(bases, batch * (warm + timed)), batch_size=batch, shuffle=True, num_workers=workers,
+                        pin_memory=pin, drop_last=True, collate_fn=lambda b: BaseBatch(collate_views(b)[0]),
+                        prefetch_factor=PREFETCH if workers else None)
     it = iter(loader)
-    for _ in range(2):  # warm-up: workers start, CUDA kernels load
-        with torch.no_grad():
-            views(next(it).to(device))
-    torch.cuda.synchronize()
+
+    def take() -> int:
+        b = next(it)
+        if views is not None:
+            with torch.no_grad():
+                views(b.to(device))
+        return b[0].shape[0]
+
+    for _ in range(warm):  # the workers' first batches; CUDA kernels load
+        take()
+    _sync(device)
     t0 = time.perf_counter()
-    done = 0
-    for _ in range(steps):
+    done = sum(take() for _ in range(timed))
+    _sync(device)
+    return done / (time.perf_counter() - t0)  # the workers stop with the iterator, on return
+
+
+def gpu_feed_rate(bases: Dataset, views: torch.nn.Module, device: torch.device, batch: int, steps: int,
+                  workers: int) -> float:
+    """Pairs/s delivered on the GPU: loader workers read cached bases, pinned, copied, and the
+    GPU makes the views (steady state)."""
+    return loader_rate(bases, views.to(device), device, batch, steps, workers)
+
+
+def gpu_feed_stages(bases: Dataset, views: torch.nn.Module, device: torch.device, batch: int, steps: int,
+                    workers: int) -> dict[str, float]:
+    """Pairs/s of the GPU feed taken apart, to find what it waits for: the loader workers
+    alone, then with DataLoader's pinning, then with the copy to the GPU and the views (from
+    pinned memory, or from pageable memory without pinning), and the views alone on a batch
+    already on the GPU (with and without TF32 matrix products)."""
+    from fedmoco.train import _map_tensors
+
+    views = views.to(device)
+    rates = {
+        "loader workers only (no pinning, no copy)": loader_rate(bases, None, device, batch, steps, workers, pin=False),
+        "+ pinning (DataLoader's pin thread)": loader_rate(bases, None, device, batch, steps, workers),
+        "+ copy to the GPU + views (the feed)": loader_rate(bases, views, device, batch, steps, workers),
+        "no pinning: copy from pageable memory + views": loader_rate(bases, views, device, batch, steps, workers,
+                                                                     pin=False),
+    }
+    x = _map_tensors(collate_views([bases[i % len(bases)] for i in range(batch)])[0], lambda t: t.to(device))
+
+    def views_alone() -> float:
         with torch.no_grad():
-            q, _ = views(next(it).to(device))
-        done += q.shape[0]
-    torch.cuda.synchronize()
-    return done / (time.perf_counter() - t0)
+            views(x)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                views(x)
+        _sync(device)
+        return steps * batch / (time.perf_counter() - t0)
+
+    rates["views alone (batch already on the GPU)"] = views_alone()
+    if device.type == "cuda":  # what the views' float32 matrix products would gain on tensor cores
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            rates["views alone, TF32 matrix products"] = views_alone()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return rates
+
+
+def trainer_rate(dataset: Dataset, in_channels: int, device: torch.device, batch: int, steps: int,
+                 workers: int) -> float:
+    """Images/s of fedmoco's own training loop end to end, in steady state: ``make_loader``
+    (cached bases, workers, pinning) and ``Trainer.train_epoch`` (views on the device, MoCo
+    step), ResNet-18. One epoch; the rate is that of the steps after the warm-up of
+    :func:`steady_windows`, from the Trainer's own per-step records. A dataset with too few
+    samples is repeated."""
+    import tempfile
+
+    from fedmoco.config import MoCoConfig, TrainConfig
+    from fedmoco.metrics import JsonlLogger, read_jsonl
+    from fedmoco.moco import MoCo
+    from fedmoco.train import Trainer, make_loader
+
+    warm, timed = steady_windows(steps, workers)
+    if len(dataset) < batch * (warm + timed):  # a small demo archive: repeated, batched views kept
+        dataset = RepeatWithViews(dataset, batch * (warm + timed))
+    torch.backends.cudnn.benchmark = True
+    cfg = TrainConfig(batch_size=batch, num_workers=workers, log_every=1)
+    loader = make_loader(dataset, cfg, device)
+    model = MoCo(MoCoConfig(arch="resnet18", in_channels=in_channels, queue_size=4096))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "metrics.jsonl"
+        trainer = Trainer(model, cfg, device, total_steps=warm + timed, steps_per_epoch=warm + timed,
+                          logger=JsonlLogger(path), progress=False)
+        trainer.train_epoch(loader, max_steps=warm + timed)
+        records = [r for r in read_jsonl(path) if r["step"] >= warm]
+    # steps read together share one rate (their images over their wall time), so each step's
+    # seconds are batch / rate, and these add up to the wall time of the steps timed
+    seconds = sum(batch / r["images_per_s"] for r in records) if records else float("nan")
+    return batch * len(records) / seconds
 
 
 def step_rate(in_channels: int, image_size: int, batch: int, device: torch.device, steps: int,

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
 from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
-                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate)
+                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate,
+                         trainer_rate)
 
 from domains.medical import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = 10 if args.quick else 30
             gpu["feed"] = gpu_feed_rate(bases, views, device, args.gpu_batch_size, steps, args.workers)
             gpu["step"] = step_rate(1, args.image_size, args.gpu_batch_size, device, steps)
+            gpu["trainer"] = trainer_rate(cached, 1, device, args.gpu_batch_size, steps, args.workers)
     rows = rate_rows(("today: read + decode + window + 2 views (no cache)",
                       "cache: cached base + 2 per-sample views (MONAI)",
                       "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)
@@ -86,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += gpu_lines(f"GPU ({torch.cuda.get_device_name()})",
                            f"feed: cached bases, {args.workers} loader workers, views on the GPU, batch {args.gpu_batch_size}",
                            f"MoCo step: ResNet-18, 1 channel, split BN, AMP, batch {args.gpu_batch_size}", gpu)
+        lines += ["", f"fedmoco's training loop end to end (make_loader + Trainer.train_epoch, {args.workers} "
+                      f"workers, batch {args.gpu_batch_size}): {gpu['trainer']:,.0f} images/s, "
+                      f"{gpu['trainer'] / gpu['step']:.2f}x the step alone."]
     write_report(args.out, lines)
-    emit_json(feed_record("feed_medical", rates, gpu, image_size=args.image_size))
+    emit_json(feed_record("feed_medical", rates, gpu, image_size=args.image_size)
+              | ({"gpu_trainer_images_per_s": round(gpu["trainer"])} if gpu else {}))
     return 0
 
 

@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import rasterio.env  # noqa: E402
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
-                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate)
+from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_feed_stages, gpu_lines,  # noqa: E402
+                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate,
+                         trainer_rate)
 
 from domains.satellite import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -113,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "cached tiles + batched views on the CPU") if args.profile else []
         gpu = {}
         if device.type == "cuda":
-            big = build_pretrain_data("satellite", root, DataConfig(
-                image_size=args.gpu_image_size, cache_dir=cache_dir, options={"samples_per_epoch": 4096})).dataset
-            gbases, gviews = big.batched_views()
             steps = 10 if args.quick else 30
+            big = build_pretrain_data("satellite", root, DataConfig(
+                image_size=args.gpu_image_size, cache_dir=cache_dir,
+                options={"samples_per_epoch": 4096})).dataset
+            gbases, gviews = big.batched_views()
             gpu["feed"] = gpu_feed_rate(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
             gpu["step"] = step_rate(channels, args.gpu_image_size, args.gpu_batch_size, device, steps)
+            gpu["trainer"] = trainer_rate(big, channels, device, args.gpu_batch_size, steps, args.workers)
+            stages = gpu_feed_stages(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
     rows = rate_rows(("today: GDAL read + two per-sample views (no cache)",
                       "cache: cached window + two per-sample views (torchvision)",
                       "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)
@@ -149,10 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                            f"batch {args.gpu_batch_size}",
                            f"MoCo step: ResNet-18, {channels} channels, split BN, AMP, batch {args.gpu_batch_size}",
                            gpu)
+        lines += ["", f"fedmoco's training loop end to end (make_loader + Trainer.train_epoch, {args.workers} "
+                      f"workers, batch {args.gpu_batch_size}): {gpu['trainer']:,.0f} images/s, "
+                      f"{gpu['trainer'] / gpu['step']:.2f}x the step alone.",
+                  "", "Where the feed's time goes (pairs/s, each stage with those above it):", "",
+                  *markdown_table(["stage", "pairs/s"], [[k, f"{v:,.0f}"] for k, v in stages.items()])]
     write_report(args.out, lines)
     beyond = {"baseline_beyond_gdal_cache_pairs_per_s_per_core": round(cold_rates["base"][0], 1),
               "speedup_beyond_gdal_cache": round(cold_rates["batched"][0] / cold_rates["base"][0], 2)} if cold_rates else {}
-    emit_json(feed_record("feed_satellite", rates, gpu, image_size=args.image_size, bands=channels) | beyond)
+    staged = {"gpu_trainer_images_per_s": round(gpu["trainer"]),
+              "gpu_feed_stages_pairs_per_s": {k: round(v) for k, v in stages.items()}} if gpu else {}
+    emit_json(feed_record("feed_satellite", rates, gpu, image_size=args.image_size, bands=channels) | beyond | staged)
     return 0
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 11 on a lent GPU, in about 4 minutes (8 with the last, compiled step): the MoCo step with each
-# normalisation against lightly (leak-guard cost), the medical and satellite feeds against the
-# step, and batched views on CUDA against the same views on the CPU.
+# The CUDA checks of issue 11 on a lent GPU, in at most BUDGET_S seconds: the MoCo step with each
+# normalisation against lightly (leak-guard cost), eager and compiled, the satellite and medical
+# feeds against the step, and batched views on CUDA against the same views on the CPU.
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
 # Results: $OUT/gpu_check.jsonl (one JSON line per benchmark), $OUT/rc.txt, and every log and
 # table in $OUT/gpu_check.tgz, refreshed after each step (the device tool returns few files, and
 # a call cut short keeps what the finished steps wrote). Each step's last lines also go to stdout.
 # The whole script keeps to BUDGET_S seconds (default 540: under the tool's 600 s per call);
 # a step gets what is left of it when that is less than its own limit, and is skipped under 20 s.
+# ONLY="feed_satellite feed_medical" runs those steps alone (a rerun with little device time left).
 # The lent machines have torch but not monai/pydicom/rasterio/lightly: carry them as wheels
 # in .whl-f (see docs/engine.md, "Checking the CUDA path"); they are installed here if present.
 set -u
@@ -33,6 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 pack() { tar czf "$OUT/gpu_check.tgz" --exclude=.cache -C "$W" . ; }
 run() {  # name, timeout seconds, command...
   local name=$1 limit=$2 left=$((DEADLINE - SECONDS)); shift 2
+  case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac
   if [ "$left" -lt 20 ]; then
     echo "rc=skipped $name (no time left of BUDGET_S)" | tee -a "$OUT/rc.txt"
     return
@@ -45,14 +47,13 @@ run() {  # name, timeout seconds, command...
   grep -E '^\{.*\}$' "$W/$name.log" | tail -1 | tee -a "$OUT/gpu_check.jsonl"
   pack
 }
-run moco_step 150 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
+run feed_satellite 150 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
+  --out "$W/feed_satellite_gpu.md"
+run feed_medical 120 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
+run moco_step 100 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
   --out "$W/moco_step_gpu.md"
 run views_cuda_vs_cpu 60 "$PY" benchmarks/views_device_check.py --out "$W/views_device_check_gpu.md"
-run feed_medical 120 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
-run feed_satellite 120 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
-  --out "$W/feed_satellite_gpu.md"
-# Last, as it may run out of time: split BN (NCHW, then channels_last) and plain BN with
-# torch.compile'd encoders (issue 11's option for a cheaper leak guard; compiling takes minutes,
-# and each row is printed to the log, and so into the archive, as soon as it is measured).
+# Last: split BN (NCHW, channels_last) and plain BN with torch.compile'd encoders (issue 11's
+# option for a cheaper leak guard). On 2026-11-29 it printed no row within 240 s.
 run moco_step_compiled 360 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
   --compile --only torch.compile --out "$W/moco_step_compiled.md"

@@ -162,7 +162,12 @@ def main() -> None:
     if args.only:
         variants = [(n, b) for n, b in variants if args.only in n]
     for name, build in variants:
-        ips, peak = measure(build(), args, device, channels_last="NCHW" not in name)
+        try:
+            ips, peak = measure(build(), args, device, channels_last="NCHW" not in name)
+        except Exception as e:  # one row that fails (a compiler error, say) must not lose the others
+            rows.append(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} | |")
+            print(rows[-1], flush=True)
+            continue
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
         print(rows[-1], flush=True)  # as it comes: a run cut short by its time limit keeps its rows
         rates[name] = ips

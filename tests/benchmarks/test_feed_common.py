@@ -8,7 +8,9 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from feed_common import feed_record, profile_lines  # noqa: E402
+import math  # noqa: E402
+
+from feed_common import feed_record, loader_rate, profile_lines, steady_windows, trainer_rate  # noqa: E402
 
 
 class _Bases(torch.utils.data.Dataset):
@@ -49,3 +51,55 @@ def test_headline_keeps_the_contract_keys():
     assert record == {"bench": "feed_x", "image_size": 64, "pairs_per_s_per_core": 100.0,
                       "cached_per_sample_pairs_per_s_per_core": 20.0, "baseline_pairs_per_s_per_core": 10.0,
                       "speedup": 10.0}
+
+
+def test_steady_windows_skip_the_workers_first_wave_and_time_twice_as_long():
+    # 12 workers x 2 prefetched batches: the clock starts after 25 batches and runs for 48
+    assert steady_windows(10, 12) == (25, 48)
+    assert steady_windows(100, 12) == (25, 100)
+    assert steady_windows(3, 0) == (3, 4)  # no workers: the main process loads, one batch ahead counted
+
+
+class _CountingBases(_Bases):
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def test_loader_rate_reads_the_warm_up_and_the_timed_batches_and_no_more():
+    bases = _CountingBases()
+    rate = loader_rate(bases, None, torch.device("cpu"), 4, 5, 0, pin=False)
+    warm, timed = steady_windows(5, 0)
+    assert bases.reads == 4 * (warm + timed) and rate > 0
+
+
+class _OfferingViews(torch.utils.data.Dataset):
+    """A dataset that offers batched views, as the cached medical and satellite datasets do."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int):
+        return torch.rand(3, 64, 64), torch.rand(3, 64, 64)
+
+    def batched_views(self):
+        return _Bases3(), _Halves()
+
+
+class _Bases3(_Bases):
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.rand(3, 64, 64)
+
+
+class _Halves(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x.flip(-1)
+
+
+def test_trainer_rate_runs_fedmocos_own_loop_on_repeated_batched_views():
+    # 6 samples repeated to the 16 x 7 the windows need; the rate comes from the Trainer's records
+    rate = trainer_rate(_OfferingViews(), 3, torch.device("cpu"), 16, 3, 0)
+    assert math.isfinite(rate) and rate > 0
