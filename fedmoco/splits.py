@@ -8,13 +8,16 @@ multi-label targets, by the combination of labels).
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from fedmoco.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def strata(targets: np.ndarray) -> np.ndarray:
@@ -48,8 +51,10 @@ def grouped_split(targets: np.ndarray, groups: np.ndarray, fraction: float, seed
 
     ``targets`` (N,) class ids or (N, L) 0/1; ``groups`` (N,) hashable keys. Whole groups move,
     so no group is on both sides. Stratified by class with scikit-learn's
-    ``StratifiedGroupKFold`` (``round(1/fraction)`` shuffled folds, the first one held out).
-    Raises DataError when there are fewer than 2 groups.
+    ``StratifiedGroupKFold`` (``round(1/fraction)`` shuffled folds, the first one held out);
+    when every class has fewer samples than that many folds, which scikit-learn refuses,
+    ``fraction`` of the groups (rounded up) are held out at random. Raises DataError when
+    there are fewer than 2 groups.
     """
     if not 0 < fraction < 1:
         raise ConfigError(f"--{what}-fraction must be in (0, 1), got {fraction}")
@@ -60,11 +65,20 @@ def grouped_split(targets: np.ndarray, groups: np.ndarray, fraction: float, seed
         raise DataError(f"{what} split: all {n} labelled samples belong to one group (patient/scene/file); "
                         f"a held-out {what} set needs at least 2 groups")
     n_splits = min(len(uniq), max(2, round(1 / fraction)))
+    y = strata(targets)
+    if np.bincount(y).max() < n_splits:
+        # scikit-learn refuses to stratify when every class has fewer samples than folds (4
+        # images a class and a 0.2 split: 5 folds); whole groups are then held out at random
+        log.info("%s split: every class has fewer than %d samples, so the held-out groups are drawn without "
+                 "stratifying by class", what, n_splits)
+        shuffled = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        rest, held = next(shuffled.split(np.zeros(n), groups=groups))
+        return np.sort(rest), np.sort(held)
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     # sklearn warns when a class has fewer groups than folds; the split is still grouped.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        rest, held = next(folds.split(np.zeros(n), strata(targets), groups))
+        rest, held = next(folds.split(np.zeros(n), y, groups))
     return np.sort(rest), np.sort(held)
 
 

@@ -75,3 +75,19 @@ def test_subsample_keeps_whole_groups_and_every_class():
     assert np.array_equal(subsample_groups(labels, groups, 1.0, 0), np.arange(len(labels)))
     with pytest.raises(ConfigError, match="--label-fraction"):
         subsample_groups(labels, groups, 0.0, 0)
+
+
+def test_a_split_with_too_few_samples_a_class_to_stratify_holds_out_whole_groups():
+    # 4 classes x 4 images, each its own group (the satellite labelled demo after its test
+    # split): a 0.2 split means 5 folds, which scikit-learn refuses to stratify
+    targets = np.repeat(np.arange(4), 4)
+    groups = np.array([f"g{i}" for i in range(16)])
+    rest, held = grouped_split(targets, groups, 0.2, seed=3)
+    assert len(held) == 4 and len(rest) == 12  # ceil(0.2 x 16 groups)
+    assert set(rest).isdisjoint(held) and sorted([*rest, *held]) == list(range(16))
+    assert np.array_equal(held, grouped_split(targets, groups, 0.2, seed=3)[1])
+    assert not np.array_equal(held, grouped_split(targets, groups, 0.2, seed=4)[1])
+    # groups of two stay whole
+    pairs = np.array([f"p{i // 2}" for i in range(16)])
+    rest, held = grouped_split(targets, pairs, 0.2, seed=0)
+    assert set(pairs[rest]).isdisjoint(pairs[held]) and len(held) == 4
