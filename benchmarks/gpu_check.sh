@@ -9,7 +9,7 @@
 # The whole script keeps to BUDGET_S seconds (default 540: under the tool's 600 s per call);
 # a step gets what is left of it when that is less than its own limit, and is skipped under 20 s.
 # ONLY="feed_satellite feed_medical" runs those steps alone (a rerun with little device time left).
-# The lent machines have torch but not monai/pydicom/rasterio/lightly: carry them as wheels
+# The lent machines have torch but not monai/pydicom/rasterio/lightly/cryptography: carry them as wheels
 # in .whl-f (see docs/engine.md, "Checking the CUDA path"); they are installed here if present.
 set -u
 DEADLINE=$((SECONDS + ${BUDGET_S:-540}))
@@ -50,6 +50,9 @@ run() {  # name, timeout seconds, command...
 run feed_satellite 150 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
   --out "$W/feed_satellite_gpu.md"
 run feed_medical 120 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
+# a user's journey through the CLI on CUDA (pretrain, resume, kNN, fine-tune; both domains):
+# the feed benchmarks drive the Trainer, not the commands around it
+run cli_cuda 240 env PYTHON="$PY" bash benchmarks/cli_device_check.sh cuda "$W/cli"
 run moco_step 100 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
   --out "$W/moco_step_gpu.md"
 run views_cuda_vs_cpu 60 "$PY" benchmarks/views_device_check.py --out "$W/views_device_check_gpu.md"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# fedmoco's user journey on one device, end to end through the CLI, per domain: demo data,
+# pretrain (batched views, cache, checkpoints), resume, kNN, fine-tune. For a lent GPU:
+#   bash benchmarks/cli_device_check.sh cuda WORKDIR
+# (benchmarks/gpu_check.sh runs it); `bash benchmarks/cli_device_check.sh cpu /tmp/x` is the
+# same journey on the CPU. Exits non-zero at the first failing command, which it names.
+set -u
+DEVICE=${1:-cuda}
+W=${2:?usage: cli_device_check.sh DEVICE WORKDIR}
+PY=${PYTHON:-.venv/bin/python}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+ARCH=${ARCH:-resnet18}
+step() {  # name, command...
+  local name=$1; shift
+  echo "== $name: $*"
+  if ! "$@"; then echo "cli_device_check: FAILED at $name" >&2; exit 1; fi
+}
+mkdir -p "$W"
+for domain in medical satellite; do
+  d="$W/$domain"
+  step "$domain demo data" "$PY" -m fedmoco.cli -q make-demo-data --domain "$domain" --out "$d/data"
+  step "$domain labelled demo data" "$PY" -m fedmoco.cli -q make-demo-data --domain "$domain" --labelled --out "$d/labelled"
+  step "$domain pretrain" "$PY" -m fedmoco.cli -q pretrain --domain "$domain" --data "$d/data" --out "$d/run" \
+    --device "$DEVICE" --arch "$ARCH" --image-size 64 --batch-size 32 --epochs 1 --workers 4 --no-plots
+  step "$domain resume" "$PY" -m fedmoco.cli -q pretrain --data "$d/data" --out "$d/run" --resume --epochs 2 \
+    --device "$DEVICE" --workers 4 --no-plots
+  step "$domain knn" "$PY" -m fedmoco.cli -q knn --checkpoint "$d/run/checkpoint.pt" --data "$d/labelled" \
+    --device "$DEVICE" --out "$d/knn" --k 5
+  step "$domain finetune" "$PY" -m fedmoco.cli -q finetune --checkpoint "$d/run/checkpoint.pt" --data "$d/labelled" \
+    --device "$DEVICE" --out "$d/finetune" --epochs 2 --seeds 0
+done
+echo "cli_device_check: every step passed on $DEVICE"
