@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fedmoco's user journey on one device, end to end through the CLI, per domain: demo data,
-# pretrain (batched views, cache, checkpoints), resume, kNN, fine-tune. For a lent GPU:
+# pretrain begun on the CPU and resumed on the device (batched views, cache, checkpoints), the
+# checkpoint opened without a GPU, kNN, fine-tune. For a lent GPU:
 #   bash benchmarks/cli_device_check.sh cuda WORKDIR
 # (benchmarks/gpu_check.sh runs it); `bash benchmarks/cli_device_check.sh cpu /tmp/x` is the
 # same journey on the CPU. Exits non-zero at the first failing command, which it names.
@@ -20,10 +21,17 @@ for domain in medical satellite; do
   d="$W/$domain"
   step "$domain demo data" "$PY" -m fedmoco.cli -q make-demo-data --domain "$domain" --out "$d/data"
   step "$domain labelled demo data" "$PY" -m fedmoco.cli -q make-demo-data --domain "$domain" --labelled --out "$d/labelled"
-  step "$domain pretrain" "$PY" -m fedmoco.cli -q pretrain --domain "$domain" --data "$d/data" --out "$d/run" \
-    --device "$DEVICE" --arch "$ARCH" --image-size 64 --batch-size 32 --epochs 1 --workers 4 --no-plots
-  step "$domain resume" "$PY" -m fedmoco.cli -q pretrain --data "$d/data" --out "$d/run" --resume --epochs 2 \
-    --device "$DEVICE" --workers 4 --no-plots
+  # the first epoch on the CPU (a few steps), resumed on DEVICE: a run moved to a GPU machine
+  step "$domain pretrain on the CPU" "$PY" -m fedmoco.cli -q pretrain --domain "$domain" --data "$d/data" \
+    --out "$d/run" --device cpu --arch "$ARCH" --image-size 64 --batch-size 32 --epochs 1 --max-steps-per-epoch 2 \
+    --workers 4 --no-plots
+  step "$domain resume on $DEVICE" "$PY" -m fedmoco.cli -q pretrain --data "$d/data" --out "$d/run" --resume \
+    --epochs 2 --device "$DEVICE" --workers 4 --no-plots
+  step "$domain resume on $DEVICE again" "$PY" -m fedmoco.cli -q pretrain --data "$d/data" --out "$d/run" --resume \
+    --epochs 3 --device "$DEVICE" --workers 4 --no-plots
+  # a checkpoint made on the GPU opens where there is none, even without map_location
+  step "$domain checkpoint without a GPU" env CUDA_VISIBLE_DEVICES= "$PY" -c \
+    "import sys, torch; torch.load(sys.argv[1], weights_only=True)" "$d/run/checkpoint.pt"
   step "$domain knn" "$PY" -m fedmoco.cli -q knn --checkpoint "$d/run/checkpoint.pt" --data "$d/labelled" \
     --device "$DEVICE" --out "$d/knn" --k 5
   step "$domain finetune" "$PY" -m fedmoco.cli -q finetune --checkpoint "$d/run/checkpoint.pt" --data "$d/labelled" \

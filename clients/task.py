@@ -410,7 +410,7 @@ def load_shared(model: MoCo, weights: Mapping[str, torch.Tensor], *, keep_head: 
     names = [k for k in shared if not (keep_head and k.startswith(HEAD_PREFIX))]
     mu = 0.0
     if fedema_lambda > 0:
-        sq = sum(float((weights[k].float() - state[k].float()).pow(2).sum()) for k in names)
+        sq = sum(float((weights[k].to(state[k].device).float() - state[k].float()).pow(2).sum()) for k in names)
         mu = min(fedema_lambda * sq ** 0.5, 1.0)
     for k in names:
         g = weights[k].to(device=state[k].device, dtype=state[k].dtype)

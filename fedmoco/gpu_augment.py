@@ -444,7 +444,7 @@ def add_noise_(x: torch.Tensor, std: torch.Tensor, per_image: bool | None = None
     if _image_by_image(x, per_image):
         noisy = _chosen(on)
         if noisy:
-            noise = torch.randn(len(noisy), *x.shape[1:], dtype=x.dtype)
+            noise = torch.randn(len(noisy), *x.shape[1:], dtype=x.dtype, device=x.device)
             for j, i in enumerate(noisy):
                 x[i].add_(noise[j], alpha=float(std[i]))
     else:

@@ -277,7 +277,7 @@ def _load_trainer(trainer: Trainer, state: dict[str, Any], *, replan: bool) -> N
     trainer.load_optimizer_state(state["optimizer"])  # momentum buffers, but the re-planned LR
     for group, lr in zip(trainer.optimizer.param_groups, lrs):
         group["lr"] = lr
-    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.load_scaler_state(state["scaler"])
     trainer.global_step = step
 
 

@@ -760,8 +760,9 @@ def noisy_prototype_sums(embeddings: Tensor, centres: Tensor, noise_multiplier: 
     returned for measurement only. ``noise_multiplier == 0`` = no DP (exact sums).
     """
     z = _check_noise_multiplier(noise_multiplier, allow_zero=True)
+    embeddings, centres = embeddings.detach().cpu(), centres.detach().cpu()  # the sums and noise live on the CPU
     owner = assign_to_centres(embeddings, centres)
-    unit = F.normalize(embeddings.detach().float().cpu(), dim=1)
+    unit = F.normalize(embeddings.float(), dim=1)
     sums = torch.zeros(centres.shape[0], centres.shape[1]).index_add_(0, owner, unit)
     counts = torch.bincount(owner, minlength=centres.shape[0])
     if z > 0:

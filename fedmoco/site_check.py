@@ -273,7 +273,7 @@ def _time_steps(report: SiteReport, dataset, model: MoCoConfig | None, batch_siz
     batches = iter(_cycle(loader))
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        summary = trainer.train_epoch([next(batches)], max_steps=1)  # one batch: fetch + step
+        summary = trainer.train_epoch(_OneBatch(next(batches), loader.collate_fn), max_steps=1)  # fetch + step
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         report.skipped_while_timing += summary.skipped
@@ -281,6 +281,16 @@ def _time_steps(report: SiteReport, dataset, model: MoCoConfig | None, batch_siz
             times.append(time.perf_counter() - t0)
     report.steps_timed = len(times)
     report.seconds_per_step = statistics.fmean(times) if times else float("nan")
+
+
+class _OneBatch(list):
+    """One batch of a loader, as ``Trainer.train_epoch`` takes a loader: with the loader's
+    collate, whose batched views the Trainer runs on its device (on a GPU the batch holds
+    the cached bases only)."""
+
+    def __init__(self, batch, collate_fn) -> None:
+        super().__init__([batch])
+        self.collate_fn = collate_fn
 
 
 def _cycle(loader):

@@ -260,8 +260,11 @@ class Trainer:
                         "lets MoCo match pairs by them (MoCo v1, Sec. 3.3); use split-batch or group")
 
     def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule and loss-scale state, every tensor on the CPU: checkpoints and a
+        site's saved state then load on a machine without this one's GPU (``torch.load``
+        without ``map_location`` too)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _map_tensors(self.optimizer.state_dict(), lambda t: t.detach().cpu()),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "global_step": self.global_step,
@@ -270,15 +273,27 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.load_scaler_state(state["scaler"])
         self.global_step = int(state["global_step"])
+
+    def load_scaler_state(self, state: dict[str, Any]) -> None:
+        """AMP's loss scale from ``state``. A scaler that was off (a CPU run, or ``--no-amp``)
+        saved ``{}``, which an enabled one refuses: this one then starts from its defaults."""
+        if state:
+            self.scaler.load_state_dict(state)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Momentum buffers and hyper-parameters from ``state``; the kernel choice (``fused``)
-        stays this device's, since a state saved on another device carries that one's."""
+        stays this device's, since a state saved on another device carries that one's. Each
+        buffer takes its parameter's memory layout: a state saved in NCHW (a CPU run) meets
+        channels_last parameters on CUDA, and the fused CUDA kernel requires equal strides."""
         self.optimizer.load_state_dict(state)
         for group in self.optimizer.param_groups:
             group["fused"] = self.fused or None
+        for p, st in self.optimizer.state.items():
+            buf = st.get("momentum_buffer")
+            if isinstance(buf, torch.Tensor) and buf.stride() != p.stride():
+                st["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

@@ -240,3 +240,15 @@ def test_ctrl_c_during_pretrain_says_how_to_resume(demo_images, tmp_path, tiny_p
     assert last.startswith(f"fedmoco pretrain: interrupted; {out / 'checkpoint.pt'} holds epoch ")
     assert last.endswith(f"of 500; resume with: fedmoco pretrain --data {demo_images} --out {out} --workers 0 --resume")
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
+
+
+def test_a_cuda_device_number_this_machine_lacks_is_one_line(monkeypatch):
+    # "cuda:3" on a one-GPU machine failed later, deep in a run, with "invalid device ordinal"
+    from fedmoco.device import select_device
+    from fedmoco.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^--device cuda:3: this machine has 1 CUDA device\(s\), numbered from 0$"):
+        select_device("cuda:3")
+    assert select_device("cuda:0") == torch.device("cuda:0")

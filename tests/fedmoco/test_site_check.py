@@ -306,3 +306,21 @@ def test_a_medical_site_stacking_slices_is_told_it_will_not_share(tmp_path):
     assert files < plain.usable  # multi-frame files: fewer records than frames
     assert [line for line in plain.lines() if line.startswith("release:")] == [
         f"release:         one item per record, {files} records"]
+
+
+def test_timing_steps_when_the_views_are_made_on_the_training_device(hospital, monkeypatch):
+    # On a GPU the loader yields cached bases (BaseCollate) and the Trainer makes the views,
+    # from the collate it finds on the loader; check-site times one batch at a time, so that
+    # batch must carry the collate (it was a bare list: "'list' object has no attribute
+    # 'collate_fn'" on every GPU machine). Here the GPU's loader is built on the CPU.
+    import fedmoco.train as train
+
+    offered = train.batched_views_for
+
+    def as_on_a_gpu(dataset, cfg, device):
+        found = offered(dataset, cfg, device)
+        return None if found is None else (found[0], train.BaseCollate(found[1].views))
+
+    monkeypatch.setattr(train, "batched_views_for", as_on_a_gpu)
+    report = check_site("medical", hospital, image_size=32, batch_size=8, steps=1)
+    assert report.steps_timed == 1 and report.seconds_per_step > 0

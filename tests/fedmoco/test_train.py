@@ -204,3 +204,35 @@ def test_the_trainer_moves_batched_views_to_its_device():
     cpu_views = _RecordingViews()
     trainer.train_epoch(torch.utils.data.DataLoader(base, batch_size=4, collate_fn=CpuViewsCollate(cpu_views)))
     assert cpu_views.moved_to == []
+
+
+def test_resuming_with_amp_on_from_a_state_saved_with_amp_off():
+    # a CPU run (or --no-amp) saves a disabled scaler's {}; an enabled scaler refused it
+    # ("The source state dict is empty") when the run was resumed on a GPU
+    cfg = TrainConfig(batch_size=4)
+    saved = Trainer(_model(norm="group"), cfg, torch.device("cpu"), total_steps=4, steps_per_epoch=4,
+                    progress=False).state_dict()
+    assert saved["scaler"] == {}
+    gpu_like = Trainer(_model(norm="group"), cfg, torch.device("cpu"), total_steps=4, steps_per_epoch=4, progress=False)
+    gpu_like.scaler = torch.amp.GradScaler("cpu", enabled=True)  # AMP on, as on CUDA
+    gpu_like.load_state_dict(saved)
+    assert gpu_like.scaler.get_scale() == 2.0 ** 16  # the default starting scale
+
+
+def test_momentum_buffers_take_the_layout_of_their_parameters():
+    # a state saved in NCHW (a CPU run) loaded where the model is channels_last (CUDA with
+    # plain BN): the fused CUDA SGD requires buffers with the parameters' strides
+    cfg = TrainConfig(batch_size=4)
+    cpu = Trainer(_model(norm="group"), cfg, torch.device("cpu"), total_steps=4, steps_per_epoch=4, progress=False)
+    for p in cpu.optimizer.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    cpu.optimizer.step()
+    saved = cpu.state_dict()
+    other = Trainer(_model(norm="group"), cfg, torch.device("cpu"), total_steps=4, steps_per_epoch=4, progress=False)
+    other.model.to(memory_format=torch.channels_last)
+    other.load_optimizer_state(saved["optimizer"])
+    convs = [p for p in other.optimizer.param_groups[0]["params"] if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for i, p in enumerate(other.optimizer.param_groups[0]["params"]):
+        buf = other.optimizer.state[p]["momentum_buffer"]
+        assert buf.stride() == p.stride() and torch.equal(buf, saved["optimizer"]["state"][i]["momentum_buffer"])
