@@ -53,8 +53,8 @@ def grouped_split(targets: np.ndarray, groups: np.ndarray, fraction: float, seed
     so no group is on both sides. Stratified by class with scikit-learn's
     ``StratifiedGroupKFold`` (``round(1/fraction)`` shuffled folds, the first one held out);
     when every class has fewer samples than that many folds, which scikit-learn refuses,
-    ``fraction`` of the groups (rounded up) are held out at random. Raises DataError when
-    there are fewer than 2 groups.
+    ``fraction`` of the groups (rounded up, one group at least kept) are held out at random.
+    Raises DataError when there are fewer than 2 groups.
     """
     if not 0 < fraction < 1:
         raise ConfigError(f"--{what}-fraction must be in (0, 1), got {fraction}")
@@ -71,7 +71,8 @@ def grouped_split(targets: np.ndarray, groups: np.ndarray, fraction: float, seed
         # images a class and a 0.2 split: 5 folds); whole groups are then held out at random
         log.info("%s split: every class has fewer than %d samples, so the held-out groups are drawn without "
                  "stratifying by class", what, n_splits)
-        shuffled = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        held_groups = min(math.ceil(fraction * len(uniq)), len(uniq) - 1)  # both sides keep a group
+        shuffled = GroupShuffleSplit(n_splits=1, test_size=held_groups, random_state=seed)
         rest, held = next(shuffled.split(np.zeros(n), groups=groups))
         return np.sort(rest), np.sort(held)
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

@@ -91,3 +91,6 @@ def test_a_split_with_too_few_samples_a_class_to_stratify_holds_out_whole_groups
     pairs = np.array([f"p{i // 2}" for i in range(16)])
     rest, held = grouped_split(targets, pairs, 0.2, seed=0)
     assert set(pairs[rest]).isdisjoint(pairs[held]) and len(held) == 4
+    # one image a class: a 0.9 split still leaves a group on each side
+    rest, held = grouped_split(np.arange(3), np.array(["a", "b", "c"]), 0.9, seed=0)
+    assert len(rest) == 1 and len(held) == 2
