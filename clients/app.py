@@ -70,7 +70,7 @@ from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, che
                           site_name, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, Renormalized,
-                          build_pretrain_data, format_skipped)
+                          build_pretrain_data, format_skipped, parse_bool)
 from fedmoco.device import select_device
 from fedmoco.errors import ConfigError, DataError, FedmocoError
 from fedmoco.moco import MoCo
@@ -158,8 +158,19 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
         "device": select_device(str(node.get("device", "auto"))),
         "threads": int(node.get("threads", 0)),
+        "amp": _node_bool(node, "amp", True),  # mixed precision on the site's GPU (no effect on a CPU)
         "name": site_name(own),  # shown by the server instead of the node id
     }
+
+
+def _node_bool(node: Any, key: str, default: bool) -> bool:
+    """A true/false node_config value (Flower passes ``amp=false`` as a bool or as text)."""
+    if key not in node:
+        return default
+    try:
+        return parse_bool(node[key])
+    except ValueError as exc:
+        raise ConfigError(f"node_config {key}: {exc}") from None
 
 
 def _mean_summary(summaries: list[EpochSummary]) -> dict[str, float]:
@@ -379,6 +390,7 @@ def _settings(context: Context) -> tuple[dict[str, Any], MoCoConfig, TrainConfig
         site = _site_settings(context)
         check_run_ranges(context.run_config)  # as the server does: a server that skipped it must not size this round
         mcfg, tcfg = moco_config(context.run_config), train_config(context.run_config)
+        tcfg = dataclasses.replace(tcfg, amp=site["amp"])
         policy = run_value(context.run_config, "key-encoder")
     except FedmocoError as exc:
         raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: {exc}") from None

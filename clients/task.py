@@ -16,7 +16,8 @@ site's privacy ledger file; default ``<state-dir>/privacy-ledger.json``; without
 site shares weights only), ``data-options`` (str ``"k=v,k=v"``, domain options),
 ``state-dir`` (str, optional: training state for resumed runs, and the ledger),
 ``device`` (str, default ``auto``: cuda, then mps, then cpu),
-``threads`` (int, torch intra-op threads; 0 = torch's default).
+``threads`` (int, torch intra-op threads; 0 = torch's default),
+``amp`` (bool, default true: mixed precision when the site trains on CUDA; false for float32).
 ``site-name`` (str, optional: how the server's logs, rounds.jsonl and plots name this site;
 1-32 characters of ``A-Za-z0-9._-``; default ``site-<partition-id>`` in simulation, else the node id).
 In simulation Flower sets ``partition-id``; a site without ``data-path`` then reads
@@ -210,14 +211,16 @@ def moco_config(run_config: Mapping[str, Any]) -> MoCoConfig:
 
 
 def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
-    """One round of local training: ``local-epochs`` epochs (validated by TrainConfig)."""
+    """One round of local training: ``local-epochs`` epochs (validated by TrainConfig). AMP and
+    channels_last as TrainConfig has them (on by default, CUDA only); a site can turn AMP off
+    in its node_config (``amp=false``)."""
     r = lambda k: run_value(run_config, k)  # noqa: E731
     cap = r("max-steps-per-epoch")
     with _named_by_run_config():
         return TrainConfig(
             epochs=r("local-epochs"), batch_size=r("batch-size"), lr=r("lr"), weight_decay=r("weight-decay"),
             warmup_epochs=r("warmup-epochs"), num_workers=r("num-workers"), seed=r("seed"),
-            max_steps_per_epoch=cap if cap > 0 else None, amp=False, channels_last=False,
+            max_steps_per_epoch=cap if cap > 0 else None,
         )
 
 

@@ -378,3 +378,21 @@ def test_a_round_number_that_is_not_a_whole_number_is_refused(site, value):
     reply = train(msg, context({"data-path": str(site)}, run))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
     assert reply.error.reason.startswith("configuration: the server's server-round must be a whole number, got ")
+
+
+def test_a_site_trains_with_amp_on_its_gpu_unless_its_node_config_says_amp_false(site):
+    # local training follows TrainConfig (AMP and channels_last on CUDA, nothing on a CPU); it
+    # used to turn both off for every site, so a hospital's GPU trained in float32
+    from clients.app import _settings
+
+    run = run_config()
+    _, _, tcfg = _settings(context({"data-path": str(site)}, run))
+    assert tcfg.amp and tcfg.channels_last
+    _, _, tcfg = _settings(context({"data-path": str(site), "amp": "false"}, run))
+    assert not tcfg.amp
+    _, _, tcfg = _settings(context({"data-path": str(site), "amp": False}, run))
+    assert not tcfg.amp
+    reply = train(train_message(shared_arrays(global_model(run)), 1),
+                  context({"data-path": str(site), "amp": "maybe"}, run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason == "configuration: node_config amp: expected true or false, got 'maybe'"

@@ -39,7 +39,7 @@ def test_configs_from_run_config():
     m = moco_config({"dim": 32, "local-queue-size": 256, "norm": "group"})
     assert (m.dim, m.queue_size, m.norm, m.arch) == (32, 256, "group", "tiny")
     t = train_config({"local-epochs": 2, "max-steps-per-epoch": 0})
-    assert t.epochs == 2 and t.max_steps_per_epoch is None and not t.amp
+    assert t.epochs == 2 and t.max_steps_per_epoch is None and t.amp and t.channels_last  # CUDA only
     with pytest.raises(ConfigError, match="temperature"):
         moco_config({"temperature": 0.0})
 
