@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fedmoco's user journey on one device, end to end through the CLI, per domain: demo data,
 # pretrain begun on the CPU and resumed on the device (batched views, cache, checkpoints), the
-# checkpoint opened without a GPU, kNN, fine-tune. For a lent GPU:
+# checkpoint opened without a GPU, kNN, linear probe, export, embed, fine-tune. For a lent GPU:
 #   bash benchmarks/cli_device_check.sh cuda WORKDIR
 # (benchmarks/gpu_check.sh runs it); `bash benchmarks/cli_device_check.sh cpu /tmp/x` is the
 # same journey on the CPU. Exits non-zero at the first failing command, which it names.
@@ -34,6 +34,11 @@ for domain in medical satellite; do
     "import sys, torch; torch.load(sys.argv[1], weights_only=True)" "$d/run/checkpoint.pt"
   step "$domain knn" "$PY" -m fedmoco.cli -q knn --checkpoint "$d/run/checkpoint.pt" --data "$d/labelled" \
     --device "$DEVICE" --out "$d/knn" --k 5
+  step "$domain linear probe" "$PY" -m fedmoco.cli -q linear-probe --checkpoint "$d/run/checkpoint.pt" \
+    --data "$d/labelled" --device "$DEVICE" --out "$d/probe"
+  step "$domain export" "$PY" -m fedmoco.cli -q export "$d/run/checkpoint.pt" --out "$d/export"
+  step "$domain embed" "$PY" -m fedmoco.cli -q embed "$d/run/checkpoint.pt" --data "$d/labelled" --device "$DEVICE" \
+    --out "$d/embeddings"
   step "$domain finetune" "$PY" -m fedmoco.cli -q finetune --checkpoint "$d/run/checkpoint.pt" --data "$d/labelled" \
     --device "$DEVICE" --out "$d/finetune" --epochs 2 --seeds 0
 done
