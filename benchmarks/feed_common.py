@@ -108,6 +108,7 @@ def interleaved_rates(passes: dict[str, Callable[[], int]], repeats: int) -> dic
 
 
 PREFETCH = 2  # DataLoader's default, which make_loader keeps
+PIN_THREADS_TRIED = 4  # the stage table's second pinning row (TrainConfig.pin_threads)
 
 
 def steady_windows(steps: int, workers: int) -> tuple[int, int]:
@@ -129,16 +130,17 @@ def _sync(device: torch.device) -> None:
 
 
 def loader_rate(bases: Dataset, views: torch.nn.Module | None, device: torch.device, batch: int, steps: int,
-                workers: int, *, pin: bool = True) -> float:
+                workers: int, *, pin: bool = True, pin_threads: int = 1) -> float:
     """Pairs/s of cached bases through a DataLoader with ``workers`` (as make_loader builds it),
     copied to ``device`` and made into both views there when ``views`` is given (the views
-    module already on ``device``), else only taken from the loader (and pinned if ``pin``).
-    Steady state: see :func:`steady_windows`."""
+    module already on ``device``), else only taken from the loader (and pinned if ``pin``, by
+    ``pin_threads`` threads: TrainConfig.pin_threads). Steady state: see :func:`steady_windows`."""
     from fedmoco.train import BaseBatch
 
     warm, timed = steady_windows(steps, workers)
     loader = DataLoader(Repeat(bases, batch * (warm + timed)), batch_size=batch, shuffle=True, num_workers=workers,
-                        pin_memory=pin, drop_last=True, collate_fn=lambda b: BaseBatch(collate_views(b)[0]),
+                        pin_memory=pin, drop_last=True,
+                        collate_fn=lambda b: BaseBatch(collate_views(b)[0], pin_threads),
                         prefetch_factor=PREFETCH if workers else None)
     it = iter(loader)
 
@@ -168,16 +170,22 @@ def gpu_feed_rate(bases: Dataset, views: torch.nn.Module, device: torch.device, 
 def gpu_feed_stages(bases: Dataset, views: torch.nn.Module, device: torch.device, batch: int, steps: int,
                     workers: int) -> dict[str, float]:
     """Pairs/s of the GPU feed taken apart, to find what it waits for: the loader workers
-    alone, then with DataLoader's pinning, then with the copy to the GPU and the views (from
-    pinned memory, or from pageable memory without pinning), and the views alone on a batch
-    already on the GPU (with and without TF32 matrix products)."""
+    alone, then with DataLoader's pinning (its one-thread copy, or ``PIN_THREADS_TRIED``
+    threads: TrainConfig.pin_threads), then with the copy to the GPU and the views (from pinned
+    memory, or from pageable memory without pinning), and the views alone on a batch already on
+    the GPU (with and without TF32 matrix products)."""
     from fedmoco.train import _map_tensors
 
     views = views.to(device)
+    k = PIN_THREADS_TRIED
     rates = {
         "loader workers only (no pinning, no copy)": loader_rate(bases, None, device, batch, steps, workers, pin=False),
-        "+ pinning (DataLoader's pin thread)": loader_rate(bases, None, device, batch, steps, workers),
-        "+ copy to the GPU + views (the feed)": loader_rate(bases, views, device, batch, steps, workers),
+        "+ pinning (DataLoader's pin thread, one copy)": loader_rate(bases, None, device, batch, steps, workers),
+        f"+ pinning, copied by {k} threads (pin_threads={k})": loader_rate(bases, None, device, batch, steps, workers,
+                                                                         pin_threads=k),
+        "+ copy to the GPU + views (the feed, as make_loader builds it)": loader_rate(bases, views, device, batch,
+                                                                                    steps, workers),
+        f"the feed with pin_threads={k}": loader_rate(bases, views, device, batch, steps, workers, pin_threads=k),
         "no pinning: copy from pageable memory + views": loader_rate(bases, views, device, batch, steps, workers,
                                                                      pin=False),
     }

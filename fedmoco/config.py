@@ -113,6 +113,10 @@ class TrainConfig:
     # wherever the dataset offers them (on CPU in the DataLoader workers; faster per core than
     # the per-sample pipelines, see fedmoco.train.batched_views_for), "off" = per-sample views.
     batch_augment: str = "auto"
+    # Threads that copy each batch of cached bases into pinned memory on CUDA (1 = DataLoader's
+    # own one-thread copy). A satellite batch is 334 MB (256 x 13 x 224^2 float16); whether more
+    # threads feed the GPU faster is what benchmarks/feed_satellite.py's stage table measures.
+    pin_threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +128,7 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        _check(1 <= self.pin_threads <= 64, "pin_threads", self.pin_threads, "in [1, 64]")
         if self.batch_augment not in ("auto", "on", "off"):
             raise ConfigError(f"batch_augment must be auto, on or off, got {self.batch_augment!r}")
         if self.max_steps_per_epoch is not None:

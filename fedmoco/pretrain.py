@@ -217,7 +217,8 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
 #: TrainConfig fields that say how a run executes, not what it computes: a resumed run
 #: takes them from the command line, whatever the checkpoint says (``batch_augment`` makes
 #: the same views per batch instead of per sample, fedmoco.gpu_augment).
-RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", "extra", "batch_augment"})
+RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", "extra", "batch_augment",
+                            "pin_threads"})
 
 
 def resumed_settings(saved: dict[str, Any], path: Path, domain: str, train_cfg: TrainConfig,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -110,19 +113,21 @@ def batched_views_for(dataset: Dataset, cfg: TrainConfig, device: torch.device):
         return None
     base, views = found
     if device.type == "cuda":
-        return base, BaseCollate(views)
+        return base, BaseCollate(views, pin_threads=cfg.pin_threads)
     return base, CpuViewsCollate(views)
 
 
 class BaseCollate:
-    """Stack cached base samples; the Trainer turns them into views on the device."""
+    """Stack cached base samples; the Trainer turns them into views on the device.
+    ``pin_threads``: see :class:`BaseBatch`."""
 
-    def __init__(self, views: torch.nn.Module) -> None:
+    def __init__(self, views: torch.nn.Module, pin_threads: int = 1) -> None:
         self.views = views
+        self.pin_threads = pin_threads
 
     def __call__(self, batch: list[Any]) -> tuple[Any, int]:
         stacked, dropped = collate_views(batch)
-        return (BaseBatch(stacked) if stacked is not None else None), dropped
+        return (BaseBatch(stacked, self.pin_threads) if stacked is not None else None), dropped
 
 
 class CpuViewsCollate(BaseCollate):
@@ -137,10 +142,13 @@ class CpuViewsCollate(BaseCollate):
 
 
 class BaseBatch:
-    """A batch of cached base samples still to be augmented (see :class:`BaseCollate`)."""
+    """A batch of cached base samples still to be augmented (see :class:`BaseCollate`).
+    DataLoader's pin thread calls :meth:`pin_memory`; with ``pin_threads`` > 1 each tensor of
+    at least PIN_PARALLEL_BYTES is copied into pinned memory by that many threads."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, pin_threads: int = 1) -> None:
         self.data = data
+        self.pin_threads = pin_threads
 
     def __getitem__(self, i: int) -> Any:  # batch[0].shape[0] is the batch size, as for views
         first = self.data[0] if isinstance(self.data, (tuple, list)) else self.data
@@ -149,10 +157,49 @@ class BaseBatch:
         return first
 
     def pin_memory(self) -> "BaseBatch":
-        return BaseBatch(_map_tensors(self.data, lambda t: t.pin_memory()))
+        return BaseBatch(_map_tensors(self.data, lambda t: pin_tensor(t, self.pin_threads)), self.pin_threads)
 
     def to(self, device: torch.device) -> Any:
         return _map_tensors(self.data, lambda t: t.to(device, non_blocking=True))
+
+
+PIN_PARALLEL_BYTES = 32 << 20  # smaller tensors: one plain copy
+
+
+def pin_tensor(t: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """``t.pin_memory()``, copied by ``threads`` threads when ``t`` is contiguous and large.
+    (DataLoader's pin thread runs with one intra-op thread, so its copy of a 334 MB satellite
+    batch is one thread's memcpy.)"""
+    if threads <= 1 or t.nbytes < PIN_PARALLEL_BYTES or not t.is_contiguous():
+        return t.pin_memory()
+    return parallel_copy_(torch.empty(t.shape, dtype=t.dtype, pin_memory=True), t, threads)
+
+
+_copy_pools: dict[int, ThreadPoolExecutor] = {}
+_copy_pools_lock = threading.Lock()
+
+
+def parallel_copy_(dst: torch.Tensor, src: torch.Tensor, threads: int) -> torch.Tensor:
+    """``dst.copy_(src)`` for contiguous CPU tensors of one shape and dtype, as ``threads``
+    byte ranges copied by the threads of a pool. Returns ``dst``.
+
+    numpy's copy is a memcpy that releases the GIL and starts no OpenMP team; a torch copy
+    per thread would start one each, and torch.set_num_threads to prevent that also sets the
+    thread count of threads started later, the training loop's own included.
+    """
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(f"parallel_copy_: {tuple(src.shape)} {src.dtype} into {tuple(dst.shape)} {dst.dtype}")
+    if not (dst.is_contiguous() and src.is_contiguous()) or dst.device.type != "cpu" or src.device.type != "cpu":
+        raise ValueError("parallel_copy_: both tensors must be contiguous and on the CPU")
+    d, s = (t.reshape(-1).view(torch.uint8).numpy() for t in (dst, src))  # views of the same bytes
+    with _copy_pools_lock:
+        pool = _copy_pools.get(threads)
+        if pool is None:
+            pool = _copy_pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fedmoco-pin")
+    cuts = [len(d) * i // threads for i in range(threads + 1)]
+    for job in [pool.submit(np.copyto, d[a:b], s[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]:
+        job.result()
+    return dst
 
 
 def _map_tensors(data: Any, fn) -> Any:

@@ -14,7 +14,8 @@ from fedmoco.encoders import SplitBatchNorm
 from fedmoco.errors import FedmocoError
 from fedmoco.metrics import JsonlLogger, read_jsonl
 from fedmoco.moco import MoCo
-from fedmoco.train import BaseCollate, CpuViewsCollate, EpochShuffle, Trainer, guarded_size, make_loader
+from fedmoco.train import (BaseBatch, BaseCollate, CpuViewsCollate, EpochShuffle, Trainer, batched_views_for,
+                           guarded_size, make_loader, parallel_copy_)
 
 
 def _model(norm="split-batch", splits=4):
@@ -236,3 +237,42 @@ def test_momentum_buffers_take_the_layout_of_their_parameters():
     for i, p in enumerate(other.optimizer.param_groups[0]["params"]):
         buf = other.optimizer.state[p]["momentum_buffer"]
         assert buf.stride() == p.stride() and torch.equal(buf, saved["optimizer"]["state"][i]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.bool])
+def test_parallel_copy_copies_every_byte_in_slices(dtype):
+    # the pin thread's copy of a large batch by several threads: 4 byte ranges, one shorter
+    src = (torch.randn(5, 13, 7, 3) * 50).to(dtype)
+    dst = torch.zeros_like(src)
+    threads = torch.get_num_threads()
+    assert parallel_copy_(dst, src, 4) is dst
+    assert torch.equal(dst, src)
+    assert torch.get_num_threads() == threads  # the pool leaves the training loop's thread count alone
+
+
+def test_parallel_copy_refuses_a_strided_or_mismatched_tensor():
+    src = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="contiguous"):
+        parallel_copy_(torch.empty(6, 4).T, src, 2)
+    with pytest.raises(ValueError, match=r"\(4, 6\) torch.float32 into \(4, 6\) torch.float16"):
+        parallel_copy_(torch.empty(4, 6, dtype=torch.float16), src, 2)
+
+
+class _OffersViews(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        return None
+
+    def batched_views(self):
+        return [torch.zeros(1, 4, 4)] * 4, _RecordingViews()
+
+
+def test_pin_threads_reach_the_batches_a_cuda_loader_makes():
+    with pytest.raises(FedmocoError, match="pin_threads"):
+        TrainConfig(pin_threads=0)
+    base, collate = batched_views_for(_OffersViews(), TrainConfig(pin_threads=4), torch.device("cuda"))
+    batch, dropped = collate(list(base))
+    assert type(collate) is BaseCollate and isinstance(batch, BaseBatch) and dropped == 0
+    assert batch.pin_threads == 4 and batch[0].shape == (4, 1, 4, 4)
