@@ -178,17 +178,18 @@ def gpu_feed_stages(bases: Dataset, views: torch.nn.Module, device: torch.device
 
     views = views.to(device)
     k = PIN_THREADS_TRIED
-    rates = {
-        "loader workers only (no pinning, no copy)": loader_rate(bases, None, device, batch, steps, workers, pin=False),
-        "+ pinning (DataLoader's pin thread, one copy)": loader_rate(bases, None, device, batch, steps, workers),
-        f"+ pinning, copied by {k} threads (pin_threads={k})": loader_rate(bases, None, device, batch, steps, workers,
-                                                                         pin_threads=k),
-        "+ copy to the GPU + views (the feed, as make_loader builds it)": loader_rate(bases, views, device, batch,
-                                                                                    steps, workers),
-        f"the feed with pin_threads={k}": loader_rate(bases, views, device, batch, steps, workers, pin_threads=k),
-        "no pinning: copy from pageable memory + views": loader_rate(bases, views, device, batch, steps, workers,
-                                                                     pin=False),
+    stages = {
+        "loader workers only (no pinning, no copy)": dict(views=None, pin=False),
+        "+ pinning (DataLoader's pin thread, one copy)": dict(views=None),
+        f"+ pinning, copied by {k} threads (pin_threads={k})": dict(views=None, pin_threads=k),
+        "+ copy to the GPU + views (the feed, as make_loader builds it)": dict(views=views),
+        f"the feed with pin_threads={k}": dict(views=views, pin_threads=k),
+        "no pinning: copy from pageable memory + views": dict(views=views, pin=False),
     }
+    rates = {}
+    for name, how in stages.items():
+        rates[name] = loader_rate(bases, how.pop("views"), device, batch, steps, workers, **how)
+        print(f"stage: {name}: {rates[name]:,.0f} pairs/s", flush=True)  # kept if a time limit cuts the run
     x = _map_tensors(collate_views([bases[i % len(bases)] for i in range(batch)])[0], lambda t: t.to(device))
 
     def views_alone() -> float:

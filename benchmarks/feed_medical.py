@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             steps = 10 if args.quick else 30
             gpu["feed"] = gpu_feed_rate(bases, views, device, args.gpu_batch_size, steps, args.workers)
+            print(f"gpu feed: {gpu['feed']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
             gpu["step"] = step_rate(1, args.image_size, args.gpu_batch_size, device, steps)
+            print(f"gpu step: {gpu['step']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
             gpu["trainer"] = trainer_rate(cached, 1, device, args.gpu_batch_size, steps, args.workers)
+            print(f"gpu trainer: {gpu['trainer']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
     rows = rate_rows(("today: read + decode + window + 2 views (no cache)",
                       "cache: cached base + 2 per-sample views (MONAI)",
                       "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)

@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                 options={"samples_per_epoch": 4096})).dataset
             gbases, gviews = big.batched_views()
             gpu["feed"] = gpu_feed_rate(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
+            print(f"gpu feed: {gpu['feed']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
             gpu["step"] = step_rate(channels, args.gpu_image_size, args.gpu_batch_size, device, steps)
+            print(f"gpu step: {gpu['step']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
             gpu["trainer"] = trainer_rate(big, channels, device, args.gpu_batch_size, steps, args.workers)
+            print(f"gpu trainer: {gpu['trainer']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
             stages = gpu_feed_stages(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
     rows = rate_rows(("today: GDAL read + two per-sample views (no cache)",
                       "cache: cached window + two per-sample views (torchvision)",

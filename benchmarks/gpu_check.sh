@@ -47,9 +47,9 @@ run() {  # name, timeout seconds, command...
   grep -E '^\{.*\}$' "$W/$name.log" | tail -1 | tee -a "$OUT/gpu_check.jsonl"
   pack
 }
-run feed_satellite 150 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
+run feed_satellite 200 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
   --out "$W/feed_satellite_gpu.md"
-run feed_medical 120 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
+run feed_medical 100 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
 # a user's journey through the CLI on CUDA (pretrain, resume, kNN, fine-tune; both domains):
 # the feed benchmarks drive the Trainer, not the commands around it
 run cli_cuda 240 env PYTHON="$PY" bash benchmarks/cli_device_check.sh cuda "$W/cli"
