@@ -38,21 +38,25 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
     """A permutation of ``range(n)`` drawn from ``seed + epoch``: :meth:`set_epoch` before each pass.
 
     It lets one DataLoader (and its persistent workers) serve every epoch while each epoch,
-    and a resumed run's epoch, still gets the order its seed fixes.
+    and a resumed run's epoch, still gets the order its seed fixes. ``limit``: only the first
+    ``limit`` indices of each permutation (an epoch capped at max_steps_per_epoch batches), so
+    the epoch ends where training stops instead of leaving prefetched batches that the next
+    epoch's start must wait for and throw away.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, limit: int | None = None) -> None:
         self.n, self.seed, self.epoch = n, int(seed), 0
+        self.limit = n if limit is None else max(0, min(int(limit), n))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+        return iter(torch.randperm(self.n, generator=gen)[:self.limit].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.limit
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, shuffle: bool = True,
@@ -78,7 +82,8 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, shu
     return DataLoader(
         dataset,
         batch_size=min(cfg.batch_size, n),
-        sampler=EpochShuffle(n, seed) if shuffle else None,
+        sampler=EpochShuffle(n, seed, limit=cfg.max_steps_per_epoch and cfg.max_steps_per_epoch * cfg.batch_size)
+        if shuffle else None,
         drop_last=n >= cfg.batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",

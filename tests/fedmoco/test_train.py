@@ -276,3 +276,39 @@ def test_pin_threads_reach_the_batches_a_cuda_loader_makes():
     batch, dropped = collate(list(base))
     assert type(collate) is BaseCollate and isinstance(batch, BaseBatch) and dropped == 0
     assert batch.pin_threads == 4 and batch[0].shape == (4, 1, 4, 4)
+
+
+class _CountingPairs(torch.utils.data.Dataset):
+    """View pairs that count their reads across loader worker processes."""
+
+    def __init__(self, n: int) -> None:
+        import multiprocessing
+
+        self.n, self.reads = n, multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        with self.reads.get_lock():
+            self.reads.value += 1
+        return torch.rand(1, 12, 12), torch.rand(1, 12, 12)
+
+
+def test_an_epoch_capped_by_max_steps_reads_only_its_batches():
+    # with persistent workers, an epoch cut short by max_steps_per_epoch left its prefetched
+    # batches in flight, and the next epoch's start waited for them and threw them away
+    data = _CountingPairs(64)
+    cfg = TrainConfig(batch_size=4, num_workers=1, max_steps_per_epoch=2)
+    loader = make_loader(data, cfg, torch.device("cpu"), seed=5)
+    assert len(loader) == 2
+    trainer = Trainer(_model(norm="group"), cfg, torch.device("cpu"), total_steps=4, steps_per_epoch=2, progress=False)
+    for epoch in range(2):
+        assert trainer.train_epoch(loader, epoch=epoch).steps == 2
+    assert data.reads.value == 2 * 2 * 4
+    # each epoch still takes the first batches of that epoch's own permutation
+    sampler = EpochShuffle(64, seed=5, limit=8)
+    sampler.set_epoch(1)
+    full = EpochShuffle(64, seed=5)
+    full.set_epoch(1)
+    assert list(sampler) == list(full)[:8] and len(sampler) == 8
