@@ -50,9 +50,10 @@ run() {  # name, timeout seconds, command...
 run feed_satellite 200 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
   --out "$W/feed_satellite_gpu.md"
 run feed_medical 100 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
-# a user's journey through the CLI on CUDA (pretrain, resume, kNN, fine-tune; both domains):
-# the feed benchmarks drive the Trainer, not the commands around it
-run cli_cuda 240 env PYTHON="$PY" bash benchmarks/cli_device_check.sh cuda "$W/cli"
+# a user's journey through the CLI on CUDA (benchmarks/cli_device_check.sh, both domains): the
+# feed benchmarks drive the Trainer, not the commands around it. Its data and checkpoints go
+# outside $W: the archive that comes back must stay small.
+run cli_cuda 240 env PYTHON="$PY" bash benchmarks/cli_device_check.sh cuda "$(mktemp -d)"
 run moco_step 100 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
   --out "$W/moco_step_gpu.md"
 run views_cuda_vs_cpu 60 "$PY" benchmarks/views_device_check.py --out "$W/views_device_check_gpu.md"
