@@ -247,6 +247,20 @@ def trainer_rate(dataset: Dataset, in_channels: int, device: torch.device, batch
     return batch * len(records) / seconds
 
 
+def gpu_rates(bases: Dataset, views: torch.nn.Module, dataset: Dataset, in_channels: int, image_size: int,
+              device: torch.device, batch: int, steps: int, workers: int) -> dict[str, float]:
+    """The GPU section's three figures: ``feed`` (:func:`gpu_feed_rate`, pairs/s), ``step``
+    (:func:`step_rate`, images/s) and ``trainer`` (:func:`trainer_rate` on ``dataset``,
+    images/s), each printed as soon as it is measured, so a time limit keeps it."""
+    gpu: dict[str, float] = {}
+    for key, measure in (("feed", lambda: gpu_feed_rate(bases, views, device, batch, steps, workers)),
+                         ("step", lambda: step_rate(in_channels, image_size, batch, device, steps)),
+                         ("trainer", lambda: trainer_rate(dataset, in_channels, device, batch, steps, workers))):
+        gpu[key] = measure()
+        print(f"gpu {key}: {gpu[key]:,.0f} a second", flush=True)
+    return gpu
+
+
 def step_rate(in_channels: int, image_size: int, batch: int, device: torch.device, steps: int,
               norm: str = "split-batch") -> float:
     """Images/s of fedmoco's MoCo step (ResNet-18, AMP, the Trainer's memory format)."""

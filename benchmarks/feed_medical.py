@@ -24,9 +24,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_lines,  # noqa: E402
-                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate,
-                         trainer_rate)
+from feed_common import (add_feed_args, batched_pass, feed_record, gpu_lines, gpu_rates,  # noqa: E402
+                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows)
 
 from domains.medical import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -58,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = {}
         if device.type == "cuda":
             steps = 10 if args.quick else 30
-            gpu["feed"] = gpu_feed_rate(bases, views, device, args.gpu_batch_size, steps, args.workers)
-            print(f"gpu feed: {gpu['feed']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
-            gpu["step"] = step_rate(1, args.image_size, args.gpu_batch_size, device, steps)
-            print(f"gpu step: {gpu['step']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
-            gpu["trainer"] = trainer_rate(cached, 1, device, args.gpu_batch_size, steps, args.workers)
-            print(f"gpu trainer: {gpu['trainer']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
+            gpu = gpu_rates(bases, views, cached, 1, args.image_size, device, args.gpu_batch_size, steps, args.workers)
     rows = rate_rows(("today: read + decode + window + 2 views (no cache)",
                       "cache: cached base + 2 per-sample views (MONAI)",
                       "cache + batched views on the CPU (fedmoco.gpu_augment)"), rates)

@@ -30,9 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import rasterio.env  # noqa: E402
 import torch  # noqa: E402
 from common import add_device_arg, check_device, command_line, emit_json, machine_line, markdown_table, write_report  # noqa: E402
-from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_rate, gpu_feed_stages, gpu_lines,  # noqa: E402
-                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows, step_rate,
-                         trainer_rate)
+from feed_common import (add_feed_args, batched_pass, feed_record, gpu_feed_stages, gpu_lines, gpu_rates,  # noqa: E402
+                         interleaved_rates, load_note, per_sample_pass, profile_lines, rate_rows)
 
 from domains.satellite import make_demo_archive  # noqa: E402
 from fedmoco.data import DataConfig, build_pretrain_data  # noqa: E402
@@ -119,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 image_size=args.gpu_image_size, cache_dir=cache_dir,
                 options={"samples_per_epoch": 4096})).dataset
             gbases, gviews = big.batched_views()
-            gpu["feed"] = gpu_feed_rate(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
-            print(f"gpu feed: {gpu['feed']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
-            gpu["step"] = step_rate(channels, args.gpu_image_size, args.gpu_batch_size, device, steps)
-            print(f"gpu step: {gpu['step']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
-            gpu["trainer"] = trainer_rate(big, channels, device, args.gpu_batch_size, steps, args.workers)
-            print(f"gpu trainer: {gpu['trainer']:,.0f} a second", flush=True)  # kept if a time limit cuts the run
+            gpu = gpu_rates(gbases, gviews, big, channels, args.gpu_image_size, device, args.gpu_batch_size, steps,
+                            args.workers)
             stages = gpu_feed_stages(gbases, gviews, device, args.gpu_batch_size, steps, args.workers)
     rows = rate_rows(("today: GDAL read + two per-sample views (no cache)",
                       "cache: cached window + two per-sample views (torchvision)",

@@ -65,9 +65,8 @@ from torch.utils.data import Dataset
 from clients.ledger import locked_ledger
 from clients.state import SiteState, load_site_state, save_site_state
 from clients.task import (KEY_RELEASE_MODES, SITE_RECORD, arrays_to_tensors, check_run_ranges, federation_units,
-                          load_shared,
-                          moco_config, prototype_rows, run_value, shared_arrays, site_config, site_data_path,
-                          site_name, site_options, train_config)
+                          load_shared, moco_config, prototype_rows, run_value, shared_arrays, site_config,
+                          site_data_path, site_name, site_options, train_config)
 from fedmoco.config import MoCoConfig, TrainConfig
 from fedmoco.data import (SITE_SETTINGS_FILE, DataConfig, Normalization, PretrainData, Renormalized,
                           build_pretrain_data, format_skipped, parse_bool)
