@@ -13,10 +13,11 @@ File layout (one file per data folder and base options)::
 
 A flag byte of 0 means "not filled yet"; anything else is the domain's per-sample tag, written
 after the sample's bytes so a crash mid-write leaves the sample unfilled. Several DataLoader
-workers fill disjoint samples of one file (written with pwrite, read through a shared mapping). The *fingerprint* hashes the cache
-version, the sample shape and dtype, the options that shape a base, and (path, size, mtime)
-of every source file: any change gives a new file and the old one is deleted, as the medical
-index cache does per file. The file holds pixels and flags only: no path, no DICOM attribute.
+workers fill disjoint samples of one file (written with pwrite, read through a shared mapping).
+The *fingerprint* hashes the cache version, the sample shape and dtype, the options that shape
+a base, and (path, size, mtime, ctime) of every source file (:func:`stat_stamp`): any change
+gives a new file and the old one is deleted, as the medical index cache does per file. The
+file holds pixels and flags only: no path, no DICOM attribute.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # 2: DICOM bases follow per-frame windows and one MONOCHROME1 reflection (reader fixes)
-CACHE_VERSION = 2
+# 3: stamps carry the inode change time (see stat_stamp)
+CACHE_VERSION = 3
 _HEADER_ALIGN = 4096
 # Free disk space the cache leaves on its volume by default; a cache that would eat into it is
 # not built. ``$FEDMOCO_CACHE_MIN_FREE_GB`` sets another (see min_free_bytes).
@@ -130,22 +132,35 @@ def folder_cache_allocated(root: Path | str, cache_dir: Path | str | None = None
     return total
 
 
-def file_stamps(root: Path, paths: Iterable[Path | str]) -> list[tuple[str, int, int]]:
-    """(path relative to ``root``, size, mtime_ns) per file: what invalidates a cache."""
+Stamp = tuple[int, int, int]
+
+
+def stat_stamp(st: os.stat_result) -> Stamp:
+    """(size, mtime_ns, ctime_ns) of a file: what says its content may have changed.
+
+    Size and mtime alone miss a same-size file whose mtime was put back (``cp -p``, ``rsync -t``,
+    ``touch -r``, a restore from backup): the change time cannot be set by a user and moves on
+    every write, replace, ``utime`` or ``chmod``, so such a file no longer matches. A ``chmod``
+    or a copy of the folder thus re-decodes it: a cost, never stale pixels.
+    """
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def file_stamps(root: Path, paths: Iterable[Path | str]) -> list[tuple[str, int, int, int]]:
+    """(path relative to ``root``, size, mtime_ns, ctime_ns) per file: what invalidates a cache."""
     out = []
     for p in paths:
         p = Path(p)
-        st = p.stat()
         try:
             rel = p.relative_to(root).as_posix()
         except ValueError:
             rel = p.as_posix()
-        out.append((rel, st.st_size, st.st_mtime_ns))
+        out.append((rel, *stat_stamp(p.stat())))
     return out
 
 
 def fingerprint(kind: str, shape: Sequence[int], dtype: str, options: dict[str, Any],
-                stamps: Sequence[tuple[str, int, int]]) -> str:
+                stamps: Sequence[tuple[str, int, int, int]]) -> str:
     """sha256 hex of everything a cached base depends on."""
     blob = json.dumps({"version": CACHE_VERSION, "kind": kind, "shape": list(shape), "dtype": dtype,
                        "options": options, "stamps": [list(s) for s in stamps]}, sort_keys=True, default=str)
@@ -300,7 +315,7 @@ class SampleCache:
 
 
 def open_cache(root: Path, kind: str, n: int, shape: Sequence[int], dtype: str, options: dict[str, Any],
-               stamps: Sequence[tuple[str, int, int]], cache_dir: Path | str | None = None,
+               stamps: Sequence[tuple[str, int, int, int]], cache_dir: Path | str | None = None,
                access: str = "normal", pending: int = 0) -> SampleCache | None:
     """The cache of data folder ``root`` for these base options, created empty when missing or stale.
 

@@ -99,3 +99,30 @@ def first_batch():
         return next(iter(loader))[0]
 
     return first
+
+
+def _rewrite_keeping_mtime(path) -> None:
+    """Write ``path``'s bytes again and put its mtime back, as ``cp -p`` or ``rsync -t`` over
+    an equal-size file leave it: size and mtime unchanged, only the ctime moves on. Waits
+    for the kernel's coarse clock (a tick of up to 10 ms) so that the ctime does move."""
+    import os
+    import time
+
+    before = os.stat(path)
+    data = open(path, "rb").read()
+    for _ in range(100):
+        time.sleep(0.01)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        if after.st_ctime_ns != before.st_ctime_ns:
+            assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+            return
+    raise AssertionError(f"{path}: its ctime did not move in 1 s")
+
+
+@pytest.fixture
+def rewrite_keeping_mtime():
+    """``rewrite_keeping_mtime(path)``: rewrite a file leaving its size and mtime as they were."""
+    return _rewrite_keeping_mtime

@@ -26,7 +26,7 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
-from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache
+from fedmoco.cache import SampleCache, Stamp, cache_nbytes, file_stamps, open_cache, stat_stamp
 from fedmoco.errors import DataError, NoUsableData
 
 from .index import FileRecord, build_samples, cache_file, modality_counts, scan
@@ -138,11 +138,12 @@ class MedicalPretrainDataset(_DicomSamples):
     def __init__(self, root, records, samples, opts, pipeline=None,
                  cache: SampleCache | None = None, image_size: int = 0,
                  normalization: Normalization | None = None,
-                 stamps: list[tuple[int, int]] | None = None) -> None:
+                 stamps: list[Stamp] | None = None) -> None:
         """``pipeline``: a ``transforms.ViewPipeline``, or None to build the MONAI pipeline of
         ``opts`` at ``image_size`` on the first per-sample view (batched views never need it).
-        ``stamps``: (size, mtime_ns) of each record's file when the cache was keyed (required
-        with ``cache``): a cached base is served only while its files still match."""
+        ``stamps``: :func:`fedmoco.cache.stat_stamp` (size, mtime_ns, ctime_ns) of each record's
+        file when the cache was keyed (required with ``cache``): a cached base is served only
+        while its files still match."""
         super().__init__(root, records, samples, opts)
         self.normalization = normalization or (pipeline.normalization if pipeline is not None
                                                else default_normalization(opts.in_channels))
@@ -150,7 +151,7 @@ class MedicalPretrainDataset(_DicomSamples):
         self.cache = cache
         self.image_size = image_size
         if cache is not None and (stamps is None or len(stamps) != len(records)):
-            raise ValueError("a sample cache needs the (size, mtime_ns) stamp of every record")
+            raise ValueError("a sample cache needs the stat stamp of every record")
         self.stamps = None if stamps is None else [tuple(s) for s in stamps]
 
     @property
@@ -165,11 +166,13 @@ class MedicalPretrainDataset(_DicomSamples):
     def base(self, i: int) -> tuple[np.ndarray, int] | None:
         """Base of sample ``i`` from the cache (decoded and stored on a miss), or None if unreadable.
 
-        A hit is served only while the sample's files keep the size and mtime they had when
-        the cache was keyed (one ``os.stat`` per file and read, about a microsecond): a file
-        rewritten during a run is decoded again, its new base stored and its stamp renewed
-        (in this process; the next run keys a new cache anyway). A file now gone or broken
-        gives None, as without a cache.
+        A hit is served only while the sample's files keep the size, mtime and ctime they had
+        when the cache was keyed (one ``os.stat`` per file and read, about a microsecond): a
+        file rewritten during a run is decoded again, its new base stored and its stamp renewed
+        (in this process; the next run keys a new cache anyway). A file rewritten *while* it is
+        decoded may give a torn base, stored under the stamp from before the decode: the ctime
+        has moved since, so it is never served, and the next read decodes again. A file now
+        gone or broken gives None, as without a cache.
 
         Without a cache (turned off, or no room for one) the same base is made from a fresh
         decode: the batched views, and so a seeded run's random draws, do not depend on
@@ -178,7 +181,8 @@ class MedicalPretrainDataset(_DicomSamples):
         if self.cache is None:
             sample = self.load(i)
             return None if sample is None else to_base(sample, self.opts, base_size(self.opts, self.image_size))
-        changed = self._changed_files(i)
+        before = self._file_stamps(i)
+        changed = {f: now for f, now in before.items() if now != self.stamps[f]}
         hit = None if changed else self.cache.get(i)
         if hit is not None:
             return hit
@@ -197,19 +201,15 @@ class MedicalPretrainDataset(_DicomSamples):
             self.stamps[f] = stamp
         return base, tag
 
-    def _changed_files(self, i: int) -> dict[int, tuple[int, int]]:
-        """{record: its (size, mtime_ns) now} for the files of sample ``i`` that differ from
-        their stamp (a missing file has stamp (-1, -1))."""
-        changed = {}
+    def _file_stamps(self, i: int) -> dict[int, Stamp]:
+        """{record: its stat stamp now} for the files of sample ``i`` (a missing file: (-1, -1, -1))."""
+        now = {}
         for f in {int(f) for f in self.samples[i, :, 0]}:
             try:
-                st = os.stat(self.root / self.records[f].path)
-                now = (st.st_size, st.st_mtime_ns)
+                now[f] = stat_stamp(os.stat(self.root / self.records[f].path))
             except OSError:
-                now = (-1, -1)
-            if now != self.stamps[f]:
-                changed[f] = now
-        return changed
+                now[f] = (-1, -1, -1)
+        return now
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         # MONAI transforms keep their own numpy RandomState, which forked DataLoader workers
@@ -318,8 +318,8 @@ def _base_shape(opts: MedicalOptions, image_size: int) -> tuple[int, int, int]:
 
 
 def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, opts: MedicalOptions,
-                  cfg: DataConfig) -> tuple[SampleCache | None, list[tuple[int, int]] | None]:
-    """(the decoded-sample cache of this folder and these options, (size, mtime_ns) per
+                  cfg: DataConfig) -> tuple[SampleCache | None, list[Stamp] | None]:
+    """(the decoded-sample cache of this folder and these options, the stat stamp of each
     record as keyed), or (None, None) when turned off (``DataConfig.cache`` false, or the
     medical option ``cache=false``) or when the cache cannot be created."""
     if not _caching(opts, cfg):
@@ -328,7 +328,7 @@ def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, op
     stamps = file_stamps(root, [root / r.path for r in records])
     cache = open_cache(root, "medical", len(samples), _base_shape(opts, cfg.image_size), "float16", options, stamps,
                        _cache_dir(opts, cfg))
-    return (None, None) if cache is None else (cache, [(s[1], s[2]) for s in stamps])
+    return (None, None) if cache is None else (cache, [s[1:] for s in stamps])
 
 
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:

@@ -2,7 +2,7 @@
 
 Scanning reads headers only (the 132-byte magic check first, then technical tags with pixel
 data left on disk), so no file is decoded at scan time and none is decoded twice. The result
-is cached in a JSON file per data folder, keyed per file by relative path, size and mtime,
+is cached in a JSON file per data folder, keyed per file by relative path, size, mtime and ctime,
 under the user cache directory rather than the data folder (PACS exports are often
 read-only or shared). A rerun stats every file but re-reads only new or changed ones.
 
@@ -25,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
-from fedmoco.cache import default_cache_dir
+from fedmoco.cache import default_cache_dir, stat_stamp
 
 from .dicom_types import DEFAULT_LIMITS, NO_DECODER, UNREADABLE, DicomHeader, DicomLimits, DicomReadError
 
@@ -104,7 +104,7 @@ def scan(root: Path, files: Iterable[Path], cache_path: Path | None,
         rel = path.relative_to(root).as_posix()
         try:
             st = path.stat()
-            stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            stamp = dict(zip(("size", "mtime_ns", "ctime_ns"), stat_stamp(st)))
         except OSError as exc:
             skipped[UNREADABLE] += 1
             log.debug("%s: %s: %s", path, UNREADABLE, exc.strerror)

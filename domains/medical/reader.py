@@ -46,6 +46,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from fedmoco.cache import stat_stamp
 
 from .dicom_types import (  # noqa: F401  (re-exported: they were defined here)
     DEFAULT_LIMITS,
@@ -194,7 +195,7 @@ def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None,
         return _read_pixels(ds, path, header, rescale, frames, limits)
 
 
-# Validation results per (file, size, mtime, limits), this process only. Validating an
+# Validation results per (file, stat stamp, limits), this process only. Validating an
 # enhanced multi-frame file walks its per-frame functional groups, O(frames); without the
 # cache every one-frame sample paid it again, O(frames**2) per epoch (1.8 s per sample of a
 # 1000-frame file, measured). Entries hold headers only, a few KB each.
@@ -203,7 +204,7 @@ _VALIDATED_MAX = 256
 
 
 def _validated(ds: Dataset, path, st: os.stat_result, limits: DicomLimits) -> tuple:
-    key = (os.fspath(path), st.st_size, st.st_mtime_ns, limits)
+    key = (os.fspath(path), *stat_stamp(st), limits)
     hit = _VALIDATED.get(key)
     if hit is not None:
         _VALIDATED.move_to_end(key)

@@ -47,7 +47,7 @@ from fedmoco.data import (
     one_thread,
     read_labels,
 )
-from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache, read_memo, write_memo
+from fedmoco.cache import SampleCache, cache_nbytes, file_stamps, open_cache, read_memo, stat_stamp, write_memo
 from fedmoco.errors import DataError, NoUsableData
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,8 @@ class TileReader:
 
 
 def _unchanged(source: RasterSource) -> bool:
-    """Whether every file of ``source`` still has the (mtime, size) it was scanned with.
+    """Whether every file of ``source`` still has the stat stamp (size, mtime, ctime) it was
+    scanned with.
 
     The cache's fingerprint is checked when a dataset is built; a file rewritten or truncated
     during a run must not keep being served from its stale cached pixels: it is read through
@@ -342,9 +343,7 @@ def _unchanged(source: RasterSource) -> bool:
     read: microseconds, against milliseconds of augmentation per tile.
     """
     try:
-        return all((st.st_mtime_ns, st.st_size) == stamp
-                   for path, stamp in {(b.path, b.stamp) for b in source.bands}
-                   for st in [os.stat(path)])
+        return all(stat_stamp(os.stat(path)) == stamp for path, stamp in {(b.path, b.stamp) for b in source.bands})
     except OSError:  # gone: let GDAL say so
         return False
 
@@ -603,7 +602,7 @@ def estimate_normalization(
 
 def _cached_statistics(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions, cfg: DataConfig,
                        estimate) -> Normalization:
-    """``estimate()``, or its earlier result for the same files (path, size, mtime), options,
+    """``estimate()``, or its earlier result for the same files (path, size, mtime, ctime), options,
     image size and seed: the estimate reads ``stats_tiles`` windows through GDAL (about a
     second per round on 2 cores), and it is deterministic given those. Only with the cache on."""
     if not (cfg.cache and opts.cache):

@@ -30,6 +30,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from domains.satellite.bands import BAND_FILE_RE, RESOLUTION_DIR_RE, SENTINEL2_ORDER, band_sort_key
+from fedmoco.cache import stat_stamp
 from fedmoco.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class BandInfo:
     offset: float
     grid: Grid  # the file's own grid
     is_float: bool
-    stamp: tuple[int, int]  # (mtime_ns, size): a rewritten file never reuses a cached handle
+    stamp: tuple[int, int, int]  # fedmoco.cache.stat_stamp: a rewritten file never reuses a cached handle
 
 
 @dataclass(frozen=True)
@@ -540,7 +541,7 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
                     offset=o,
                     grid=grid,
                     is_float=np.dtype(src.dtypes[i - 1]).kind == "f",
-                    stamp=(stat.st_mtime_ns, stat.st_size),
+                    stamp=stat_stamp(stat),
                 )
                 for i in range(1, src.count + 1)
                 for s, o in [_band_scaling(src, i, scale, offset)]

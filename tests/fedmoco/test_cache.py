@@ -37,6 +37,17 @@ def test_samples_round_trip_and_survive_reopening(tmp_path):
     assert again.get(2) is None
 
 
+def test_a_file_rewritten_with_its_mtime_put_back_rebuilds(tmp_path, rewrite_keeping_mtime):
+    """Same size, same mtime (``cp -p`` of another file, a restore from backup): the ctime
+    still tells the cache that its pixels may be stale."""
+    root, stamps = _one_file_folder(tmp_path)
+    first = _open(root, tmp_path, stamps)
+    first.put(0, np.ones((2, 3, 3)))
+    rewrite_keeping_mtime(root / "a.bin")
+    again = _open(root, tmp_path, file_stamps(root, [root / "a.bin"]))
+    assert again.path != first.path and again.filled() == 0 and not first.path.exists()
+
+
 def test_change_of_file_or_options_rebuilds_and_deletes_the_old_cache(tmp_path):
     root = tmp_path / "data"
     root.mkdir()

@@ -152,3 +152,59 @@ def test_a_disk_that_fills_up_during_the_run_costs_the_cache_not_the_run(demo_ar
     assert "cannot store decoded samples ([Errno 28] No space left on device); decoding every epoch instead" \
         in caplog.text
     np.testing.assert_array_equal(ds.base(1)[0], expected_1)  # still served, now without a cache
+
+
+def _cached_copy(demo_archive, cache_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo_archive, root)
+    ds = _data(root, cache_dir).dataset
+    for i in range(len(ds)):
+        ds.base(i)
+    return root, ds
+
+
+def _count_decodes(monkeypatch, during=None):
+    """Paths decoded from now on; ``during(path)`` runs inside each decode."""
+    decoded = []
+    real = medical_dataset.read_dicom
+
+    def counting(path, *a, **kw):
+        decoded.append(path)
+        result = real(path, *a, **kw)
+        if during is not None:
+            during(path)
+        return result
+
+    monkeypatch.setattr(medical_dataset, "read_dicom", counting)
+    return decoded
+
+
+def test_a_file_rewritten_with_its_mtime_put_back_is_decoded_again(demo_archive, cache_dir, tmp_path, monkeypatch,
+                                                                   rewrite_keeping_mtime):
+    root, ds = _cached_copy(demo_archive, cache_dir, tmp_path)
+    a = next(i for i in range(len(ds)) if len({int(f) for f in ds.samples[i, :, 0]}) == 1)
+    target = root / ds.records[int(ds.samples[a, 0, 0])].path
+    rewrite_keeping_mtime(target)
+    decoded = _count_decodes(monkeypatch)
+    assert ds.base(a) is not None and decoded == [target]  # in this run: not served from the cache
+    path = ds.cache.path
+    assert _data(root, cache_dir).dataset.cache.path != path  # the next run keys a new cache
+
+
+def test_a_base_decoded_while_its_file_was_rewritten_is_never_served(demo_archive, cache_dir, tmp_path,
+                                                                    monkeypatch, rewrite_keeping_mtime):
+    """The decode may have read half of each version (size and mtime as before): it is stored
+    under the stamp from before the decode, which the file no longer has, so the next read
+    decodes the file again rather than serve the torn base."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo_archive, root)
+    ds = _data(root, cache_dir).dataset  # nothing cached yet
+    a = next(i for i in range(len(ds)) if len({int(f) for f in ds.samples[i, :, 0]}) == 1)
+    decoded = _count_decodes(monkeypatch, during=lambda path: rewrite_keeping_mtime(path) if len(decoded) == 1 else None)
+    assert ds.base(a) is not None and len(decoded) == 1  # decoded; the file rewritten meanwhile
+    assert ds.base(a) is not None and len(decoded) == 2  # not served from the cache: decoded again
+    assert ds.base(a) is not None and len(decoded) == 2  # the file now still: stored and served

@@ -75,6 +75,16 @@ def test_cache_avoids_rereading_and_notices_changes(archive, cache_dir, count_re
     assert count_reads == ["slice_002.dcm"] and len(records) == 22 and skipped["not DICOM"] == 2
 
 
+def test_a_file_rewritten_with_its_mtime_put_back_is_read_again(archive, cache_dir, count_reads,
+                                                                 rewrite_keeping_mtime):
+    path = cache_file(archive, cache_dir)
+    scan(archive, list_files(archive), path)
+    count_reads.clear()
+    rewrite_keeping_mtime(next(archive.rglob("slice_002.dcm")))  # same size and mtime: its ctime moved
+    scan(archive, list_files(archive), path)
+    assert count_reads == ["slice_002.dcm"]
+
+
 def test_cache_holds_no_patient_identifier(demo_archive, cache_dir):
     path = cache_file(demo_archive, cache_dir)
     scan(demo_archive, list_files(demo_archive), path)

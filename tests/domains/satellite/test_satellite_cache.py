@@ -91,6 +91,37 @@ def test_changed_raster_or_no_cache(demo4, tmp_path):
     assert _data(root, tmp_path / "c", cache="false").dataset.reader.cache is None
 
 
+def test_a_raster_rewritten_with_its_mtime_put_back_or_during_its_fill_is_read_from_disk(
+        demo4, tmp_path, monkeypatch, rewrite_keeping_mtime):
+    """Size and mtime as before (``cp -p``, or a write during the fill, as a restore leaves it):
+    the ctime still moves, so the cache of the old version, or a fill that may mix both, is
+    never served (GDAL reads the file), and the next run keys a new cache."""
+    import domains.satellite.dataset as satellite_dataset
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root)
+    reader = _data(root, tmp_path / "c").dataset.reader
+    victim = sorted(root.rglob("*.tif"))[0]
+    i = next(j for j, s in enumerate(reader.sources) if str(victim) in map(str, s.paths))
+    rewrite_keeping_mtime(victim)
+    assert reader._cached(i, (0, 0, 8, 8)) is None  # this run: read through GDAL
+    assert reader._cached(next(j for j in range(len(reader.sources)) if j != i), (0, 0, 8, 8)) is not None
+    assert _data(root, tmp_path / "c").dataset.reader.cache[i].path != reader.cache[i].path
+
+    real = satellite_dataset.fill_reads
+
+    def rewritten_after_the_first_read(*args):  # the fill's reads, the file rewritten after the first
+        reads = real(*args)
+        yield reads[0]
+        rewrite_keeping_mtime(victim)
+        yield from reads[1:]
+
+    shutil.rmtree(tmp_path / "c")
+    monkeypatch.setattr(satellite_dataset, "fill_reads", rewritten_after_the_first_read)
+    reader = _data(root, tmp_path / "c").dataset.reader
+    assert reader.cache[i].filled() == 1 and reader._cached(i, (0, 0, 8, 8)) is None
+
+
 def test_batched_views_from_cached_tiles(demo4, tmp_path):
     ds = _data(demo4, tmp_path / "c").dataset
     tiles, views = ds.batched_views()
