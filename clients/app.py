@@ -156,10 +156,26 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         **privacy_settings(own, data_path),
         # "auto": the site's GPU when it has one (cuda, then mps), else the CPU.
         "device": select_device(str(node.get("device", "auto"))),
-        "threads": int(node.get("threads", 0)),
+        "threads": _node_threads(node),
         "amp": _node_bool(node, "amp", True),  # mixed precision on the site's GPU (no effect on a CPU)
         "name": site_name(own),  # shown by the server instead of the node id
     }
+
+
+def _node_threads(node: Any) -> int:
+    """node_config ``threads``: 0 (torch's default) up to this machine's CPU count. More
+    intra-op threads than CPUs only oversubscribe them, and torch's pool crashed the process
+    (SIGSEGV, no message) when asked for a million."""
+    text = node.get("threads", 0)
+    cpus = os.cpu_count() or 1
+    try:
+        threads = int(text)
+    except (TypeError, ValueError):
+        threads = -1
+    if isinstance(text, (bool, float)) or not 0 <= threads <= cpus:
+        raise ConfigError(f"node_config threads: expected a whole number from 0 (torch's default) to {cpus} "
+                          f"(this machine's CPUs), got {text!r}")
+    return threads
 
 
 def _node_bool(node: Any, key: str, default: bool) -> bool:

@@ -16,7 +16,7 @@ site's privacy ledger file; default ``<state-dir>/privacy-ledger.json``; without
 site shares weights only), ``data-options`` (str ``"k=v,k=v"``, domain options),
 ``state-dir`` (str, optional: training state for resumed runs, and the ledger),
 ``device`` (str, default ``auto``: cuda, then mps, then cpu),
-``threads`` (int, torch intra-op threads; 0 = torch's default),
+``threads`` (int, torch intra-op threads, 0 (torch's default) to the CPU count),
 ``amp`` (bool, default true: mixed precision when the site trains on CUDA; false for float32).
 ``site-name`` (str, optional: how the server's logs, rounds.jsonl and plots name this site;
 1-32 characters of ``A-Za-z0-9._-``; default ``site-<partition-id>`` in simulation, else the node id).

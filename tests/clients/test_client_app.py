@@ -396,3 +396,23 @@ def test_a_site_trains_with_amp_on_its_gpu_unless_its_node_config_says_amp_false
                   context({"data-path": str(site), "amp": "maybe"}, run))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
     assert reply.error.reason == "configuration: node_config amp: expected true or false, got 'maybe'"
+
+
+@pytest.mark.parametrize("threads", [1_000_000, -1, "many", 1.5, True])
+def test_a_thread_count_beyond_the_machine_is_refused_in_one_line(site, threads):
+    # a million threads crashed the site process (SIGSEGV in torch's pool), with no message
+    import os
+
+    run = run_config()
+    reply = train(train_message(shared_arrays(global_model(run)), 1),
+                  context({"data-path": str(site), "threads": threads}, run))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason == (f"configuration: node_config threads: expected a whole number from 0 (torch's "
+                                  f"default) to {os.cpu_count()} (this machine's CPUs), got {threads!r}")
+
+
+def test_a_thread_count_within_the_machine_is_taken(site):
+    from clients.app import _settings
+
+    assert _settings(context({"data-path": str(site), "threads": 1}, run_config()))[0]["threads"] == 1
+    assert _settings(context({"data-path": str(site), "threads": "0"}, run_config()))[0]["threads"] == 0
