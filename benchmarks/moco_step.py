@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import check_device, cpu_model, emit_json, machine_line  # noqa: E402
 
 
-def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True, compiled=False):
+def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True, compiled=False, compiled_norm=False):
     from fedmoco.config import MoCoConfig, TrainConfig
+    from fedmoco.encoders import SplitBatchNorm
     from fedmoco.moco import MoCo
     from fedmoco.train import build_optimizer
 
@@ -41,6 +42,9 @@ def fedmoco_step_fn(args, device, norm="split-batch", channels_last=True, compil
                             small_input=args.image_size <= 64)).to(device)
     if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
+    for module in model.modules():  # split BN on channels_last input: one compiled call per layer
+        if isinstance(module, SplitBatchNorm):
+            module.compiled = compiled_norm
     if compiled:
         # torch.compile of both encoders (in place: parameter names, so checkpoints, unchanged),
         # one of issue 11's options for a cheaper leak guard: Inductor fuses split BN's
@@ -142,6 +146,10 @@ def main() -> None:
     variants = [
         ("fedmoco, split BN + key shuffle, channels_last", lambda: fedmoco_step_fn(args, device, "split-batch")),
         ("fedmoco, split BN + key shuffle, NCHW", lambda: fedmoco_step_fn(args, device, "split-batch", False)),
+        # every sub-batch's statistics and normalisation in one torch.compile'd function of the
+        # layer (fedmoco.encoders.split_batch_norm_nhwc), the convolutions left eager
+        ("fedmoco, split BN + key shuffle, channels_last, compiled norm",
+         lambda: fedmoco_step_fn(args, device, "split-batch", compiled_norm=True)),
         ("fedmoco, plain BN", lambda: fedmoco_step_fn(args, device, "batch")),
         ("fedmoco, GroupNorm, channels_last", lambda: fedmoco_step_fn(args, device, "group")),
         ("fedmoco, GroupNorm, NCHW", lambda: fedmoco_step_fn(args, device, "group", False)),
@@ -191,6 +199,7 @@ def main() -> None:
     emit_json({"bench": "moco_step", "device": args.device, "image_size": args.image_size,
                "batch_size": args.batch_size, "split_bn_images_per_s": split, "plain_bn_images_per_s": plain,
                "group_norm_images_per_s": best("GroupNorm"), "lightly_images_per_s": lightly,
+               "split_bn_compiled_norm_images_per_s": best("compiled norm"),
                # the leak guard's cost: extra step time of split BN over plain BN (issue 11 target <= 0.10)
                "leak_guard_cost": plain / split - 1, "plain_bn_over_lightly": plain / lightly})
 

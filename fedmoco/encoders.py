@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
+from functools import cache, partial
 from typing import Callable
 
 import torch
@@ -36,6 +36,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def __init__(self, num_features: int, splits: int = 8, **kw) -> None:
         super().__init__(num_features, **kw)
         self.splits = int(splits)
+        # channels_last input: one torch.compile'd normalisation of all sub-batches
+        # (:func:`split_batch_norm_nhwc`) instead of a cuDNN call per sub-batch and a cat.
+        # Off by default until a GPU measures it (benchmarks/moco_step.py --compile-norm).
+        self.compiled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -47,7 +51,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
                               stacklevel=2)
             return super().forward(x)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return self._chunked(x, s)
+            return self._fused(x, s) if self.compiled and self.affine else self._chunked(x, s)
         mean_split = self.running_mean.repeat(s)
         var_split = self.running_var.repeat(s)
         out = F.batch_norm(
@@ -70,11 +74,46 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self._store_running(means, vars_)
         return torch.cat(outs).contiguous(memory_format=torch.channels_last)
 
+    def _fused(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """channels_last input, the sub-batches of :meth:`_chunked` in one compiled call."""
+        y, mean, var = _compiled_split_batch_norm()(x, self.weight, self.bias, s, self.eps)
+        with torch.no_grad():
+            count = x.numel() // (s * x.shape[1])  # values behind each sub-batch's statistics
+            m = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
+            unbiased = var * (count / max(count - 1, 1))
+            self._store_running(torch.lerp(self.running_mean.expand(s, -1), mean, m),
+                                torch.lerp(self.running_var.expand(s, -1), unbiased, m))
+        return y
+
     @torch.no_grad()
     def _store_running(self, means: torch.Tensor, vars_: torch.Tensor) -> None:
         self.running_mean.copy_(means.mean(dim=0))
         self.running_var.copy_(vars_.mean(dim=0))
         self.num_batches_tracked += 1
+
+
+def split_batch_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, splits: int,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch norm of each of ``splits`` contiguous sub-batches of channels_last ``x`` (N, C, H, W).
+
+    In NHWC memory sub-batch b is the block (N/s * H * W, C), so the batch is viewed, without a
+    copy, as (s, N/s * H * W, C) and reduced over its middle axis. Returns the normalised batch
+    (N, C, H, W) channels_last in x's dtype, and each sub-batch's mean and biased variance
+    (s, C) float32 (statistics in float32 as cuDNN keeps them under AMP). Meant for
+    torch.compile, which fuses the reduction and the normalisation forward and backward;
+    eagerly it makes several passes where cuDNN makes one (benchmarks/results/moco_step_h200.md).
+    """
+    n, c, h, w = x.shape
+    xs = x.permute(0, 2, 3, 1).reshape(splits, (n // splits) * h * w, c).float()
+    var, mean = torch.var_mean(xs, dim=1, correction=0, keepdim=True)  # (s, 1, C) each
+    y = (xs - mean) * (torch.rsqrt(var + eps) * weight) + bias
+    return y.to(x.dtype).reshape(n, h, w, c).permute(0, 3, 1, 2), mean.squeeze(1), var.squeeze(1)
+
+
+@cache
+def _compiled_split_batch_norm() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    # compiled on first use only: importing fedmoco must not start the compiler
+    return torch.compile(split_batch_norm_nhwc, fullgraph=True)
 
 
 def largest_divisor(n: int, at_most: int) -> int:

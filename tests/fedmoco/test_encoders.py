@@ -75,3 +75,33 @@ def test_split_batchnorm_gives_same_result_on_channels_last_input():
     ya.square().sum().backward()
     yb.square().sum().backward()
     assert torch.allclose(xa.grad, xb.grad[order], atol=1e-4)
+
+
+def test_compiled_channels_last_split_batchnorm_matches_one_cudnn_call_per_sub_batch():
+    # The torch.compile'd path (one fused normalisation of all sub-batches) must give what the
+    # per-sub-batch path gives: outputs, running statistics and every gradient.
+    torch.manual_seed(0)
+    a, b = SplitBatchNorm(6, splits=4).train(), SplitBatchNorm(6, splits=4).train()
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 2)
+        a.bias.uniform_(-1, 1)
+        a.running_var.fill_(3.0)
+    b.load_state_dict(a.state_dict())
+    b.compiled = True
+    x = (torch.randn(16, 6, 5, 7) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-6)
+    grad = torch.randn_like(ya)
+    (ya * grad).sum().backward()
+    (yb * grad).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.weight.grad, a.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(b.bias.grad, a.bias.grad, atol=1e-4, rtol=1e-5)
+    # and sub-batches stay apart: changing the last block moves no output of the first three
+    x2 = x.clone()
+    x2[12:] += 100.0
+    torch.testing.assert_close(b(x2)[:12], b(x)[:12], atol=1e-5, rtol=1e-5)
