@@ -185,7 +185,9 @@ TARGETS = [
                "channels_last (0.78-0.86x of that); one reduction and one scale-and-shift per layer in channels_last "
                "was tried and ran at 0.62x; torch.compile printed no row within 240 s on the H200; a guard on "
                "the key side only that runs plain kernels (keys on running statistics) learned 5 kNN points "
-               "less on the glyphs task and was not kept (moco_step_h200.md, quality notes)"),
+               "less on the glyphs task and was not kept (moco_step_h200.md, quality notes); the same sub-batches "
+               "as one torch.compile'd normalisation per layer in channels_last (moco_step's row 'compiled norm') "
+               "awaits a GPU"),
     Target("11.3", "fedmoco with plain BN >= 1.0x lightly's step rate on the GPU", "moco_step",
            _get("plain_bn_over_lightly"), lambda v: v >= 1.0, "{:.2f}x", needs_cuda=True,
            why="see moco_step_h200.md"),
