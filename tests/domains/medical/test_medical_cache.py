@@ -51,7 +51,7 @@ def test_cached_base_is_the_windowed_resized_sample(demo_archive, cache_dir):
     np.testing.assert_allclose(ds.base(i)[0].astype(np.float32), expected.numpy(), atol=2e-3)
 
 
-def test_touching_a_file_or_changing_options_rebuilds(demo_archive, cache_dir, tmp_path):
+def _cached_copy(demo_archive, cache_dir, tmp_path):
     import shutil
 
     root = tmp_path / "copy"
@@ -59,6 +59,11 @@ def test_touching_a_file_or_changing_options_rebuilds(demo_archive, cache_dir, t
     ds = _data(root, cache_dir).dataset
     for i in range(len(ds)):
         ds.base(i)
+    return root, ds
+
+
+def test_touching_a_file_or_changing_options_rebuilds(demo_archive, cache_dir, tmp_path):
+    root, ds = _cached_copy(demo_archive, cache_dir, tmp_path)
     path = ds.cache.path
     victim = root / ds.records[0].path
     st = victim.stat()
@@ -152,17 +157,6 @@ def test_a_disk_that_fills_up_during_the_run_costs_the_cache_not_the_run(demo_ar
     assert "cannot store decoded samples ([Errno 28] No space left on device); decoding every epoch instead" \
         in caplog.text
     np.testing.assert_array_equal(ds.base(1)[0], expected_1)  # still served, now without a cache
-
-
-def _cached_copy(demo_archive, cache_dir, tmp_path):
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(demo_archive, root)
-    ds = _data(root, cache_dir).dataset
-    for i in range(len(ds)):
-        ds.base(i)
-    return root, ds
 
 
 def _count_decodes(monkeypatch, during=None):
