@@ -153,6 +153,8 @@ class MedicalPretrainDataset(_DicomSamples):
         if cache is not None and (stamps is None or len(stamps) != len(records)):
             raise ValueError("a sample cache needs the stat stamp of every record")
         self.stamps = None if stamps is None else [tuple(s) for s in stamps]
+        # {sample: its files' stamps when this process decoded it again}: see base()
+        self.renewed: dict[int, dict[int, Stamp]] = {}
 
     @property
     def views(self) -> TwoViews:
@@ -167,12 +169,13 @@ class MedicalPretrainDataset(_DicomSamples):
         """Base of sample ``i`` from the cache (decoded and stored on a miss), or None if unreadable.
 
         A hit is served only while the sample's files keep the size, mtime and ctime they had
-        when the cache was keyed (one ``os.stat`` per file and read, about a microsecond): a
-        file rewritten during a run is decoded again, its new base stored and its stamp renewed
-        (in this process; the next run keys a new cache anyway). A file rewritten *while* it is
-        decoded may give a torn base, stored under the stamp from before the decode: the ctime
-        has moved since, so it is never served, and the next read decodes again. A file now
-        gone or broken gives None, as without a cache.
+        when the cache was keyed (one ``os.stat`` per file and read, about a microsecond). A
+        file rewritten during a run is decoded again for each sample that reads it (every frame
+        of a multi-frame file, every stack it is a slice of), the new base stored and the stamps
+        it was decoded at kept for that sample, in this process (the next run keys a new cache
+        anyway). A file rewritten *while* it is decoded may give a torn base, kept under the
+        stamps from before the decode: the ctime has moved since, so it is never served, and
+        the next read decodes again. A file now gone or broken gives None, as without a cache.
 
         Without a cache (turned off, or no room for one) the same base is made from a fresh
         decode: the batched views, and so a seeded run's random draws, do not depend on
@@ -181,9 +184,11 @@ class MedicalPretrainDataset(_DicomSamples):
         if self.cache is None:
             sample = self.load(i)
             return None if sample is None else to_base(sample, self.opts, base_size(self.opts, self.image_size))
-        before = self._file_stamps(i)
-        changed = {f: now for f, now in before.items() if now != self.stamps[f]}
-        hit = None if changed else self.cache.get(i)
+        now = self._file_stamps(i)
+        # Per sample, not per file: a stamp renewed by one sample of a rewritten file must not
+        # let the file's other samples (frames, neighbouring slices) serve their old bases.
+        expected = self.renewed.get(i) or {f: self.stamps[f] for f in now}
+        hit = self.cache.get(i) if now == expected else None
         if hit is not None:
             return hit
         sample = self.load(i)
@@ -197,8 +202,8 @@ class MedicalPretrainDataset(_DicomSamples):
                         exc)
             self.cache = None
             return base, tag
-        for f, stamp in changed.items():
-            self.stamps[f] = stamp
+        if now != expected:
+            self.renewed[i] = now
         return base, tag
 
     def _file_stamps(self, i: int) -> dict[int, Stamp]:

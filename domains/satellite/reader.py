@@ -157,7 +157,7 @@ class BandInfo:
     offset: float
     grid: Grid  # the file's own grid
     is_float: bool
-    stamp: tuple[int, int, int]  # fedmoco.cache.stat_stamp: a rewritten file never reuses a cached handle
+    stamp: tuple[int, int, int]  # fedmoco.cache.stat_stamp at scan time: cached tiles are served while it holds
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,10 @@ class HandleCache:
     """Open rasterio datasets (and warped views), least recently used closed first.
 
     Handles are tied to the process that opened them: after a fork (DataLoader workers) the
-    cache starts empty, so no GDAL handle is ever shared between processes.
+    cache starts empty, so no GDAL handle is ever shared between processes. They are keyed by
+    the file's stat stamp when asked for (one ``os.stat``, microseconds, against milliseconds
+    of GDAL read): a file replaced during a run (rsync, a restore) is opened again, not read
+    through the handle of its old inode.
     """
 
     def __init__(self, max_open: int = 64) -> None:
@@ -269,10 +272,16 @@ class HandleCache:
             self._open = OrderedDict()
             self._pid = os.getpid()
         native = band.grid.same_as(grid)
-        key = (band.path, band.stamp, None if native else (grid, resampling))
+        try:  # the file as it is now, not as scanned: a file replaced since reads its new version
+            stamp: tuple[int, int, int] | None = stat_stamp(os.stat(band.path))
+        except OSError:
+            stamp = None  # gone: open_raster says so
+        key = (band.path, stamp, None if native else (grid, resampling))
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key][-1]
+        for old in [k for k in self._open if k[0] == band.path and k[1] != stamp]:  # an earlier version's
+            _close_all(self._open.pop(old))
         src = open_raster(band.path)
         try:
             if native:

@@ -202,3 +202,21 @@ def test_a_base_decoded_while_its_file_was_rewritten_is_never_served(demo_archiv
     assert ds.base(a) is not None and len(decoded) == 1  # decoded; the file rewritten meanwhile
     assert ds.base(a) is not None and len(decoded) == 2  # not served from the cache: decoded again
     assert ds.base(a) is not None and len(decoded) == 2  # the file now still: stored and served
+
+
+def test_every_frame_of_a_rewritten_multi_frame_file_is_decoded_again(demo_archive, cache_dir, tmp_path):
+    """Stamps are kept per sample: one frame decoded again must not let the file's other
+    frames serve their old bases from the cache."""
+    import pydicom
+
+    root, ds = _cached_copy(demo_archive, cache_dir, tmp_path)
+    mf = next(j for j, r in enumerate(ds.records) if r.frames > 1)
+    frames = [i for i in range(len(ds)) if {int(f) for f in ds.samples[i, :, 0]} == {mf}]
+    assert len(frames) > 2
+    path = root / ds.records[mf].path
+    dcm = pydicom.dcmread(path)
+    dcm.PixelData = (dcm.pixel_array.max() - dcm.pixel_array).astype(dcm.pixel_array.dtype).tobytes()  # inverted
+    dcm.save_as(path)
+    fresh = _data(root, cache_dir, cache=False).dataset
+    for i in frames:  # the first decodes again; so must the others
+        np.testing.assert_array_equal(ds.base(i)[0], fresh.base(i)[0])

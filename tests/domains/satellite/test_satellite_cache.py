@@ -305,3 +305,23 @@ def test_a_cache_that_cannot_be_filled_is_dropped_and_its_raster_read_from_disk(
     window = (2, 4, 16, 16)
     direct = reader.sources[0].read(window, reader.layout.positions[0])
     np.testing.assert_array_equal(reader.read(0, window).data, direct.data)
+
+
+def test_a_raster_replaced_during_the_run_is_read_through_a_new_handle(demo4, tmp_path):
+    """Uncached sources read through this process's handles: a file replaced by rename
+    (rsync's default, a restore) must give its new pixels, not the old inode's."""
+    from domains.satellite import make_demo_archive
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root)
+    other = make_demo_archive(tmp_path / "other", bands=4, seed=5, tile_size=32)
+    reader = _data(root, tmp_path / "c", cache="false").dataset.reader
+    path = reader.sources[0].paths[0]
+    window = (0, 0, 16, 16)
+    before = reader.read(0, window).data.copy()  # opens this process's handle
+    shutil.copyfile(os.path.join(other, os.path.relpath(path, root)), path + ".new")
+    os.replace(path + ".new", path)
+    after = reader.read(0, window).data  # before any other build, which would close the handles
+    fresh = _data(root, tmp_path / "c2", cache="false").dataset.reader.read(0, window).data
+    assert not np.array_equal(fresh, before)
+    np.testing.assert_array_equal(after, fresh)
