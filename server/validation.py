@@ -37,6 +37,13 @@ _MAY_BE_INF = frozenset({"dp-keys-epsilon", "dp-keys-budget"})
 # (dp-keys-delta has its own range below: a probability.)
 _NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "dp-keys-budget",
                  "train-loss", "neg-var", "emb-std")  # a cross-entropy, a variance, a std (NaN passes)
+#: What the training statistics can be (a small tolerance for float16 rounding): cosine scores
+#: and their mean lie in [-1, 1] and their variance in [0, 1]; emb-std is a sample std of unit
+#: vectors' coordinates, at most sqrt(2) (two samples); InfoNCE is at most ln(1 + M) + 2 / T,
+#: 211 at T = 0.01 and M = 65,536, so 1e6 is out of any honest site's reach. A lie beyond these
+#: (train-loss 1.7e308) skewed rounds.jsonl and the plots, and printed a 310-digit loss.
+_RANGES = {"pos-mean": (-1.01, 1.01), "neg-mean": (-1.01, 1.01), "neg-var": (0.0, 1.01),
+           "emb-std": (0.0, 1.5), "train-loss": (0.0, 1e6)}
 #: Longest local round a reply may report: about 116 days, far past any round-timeout in use.
 #: A larger claim is a lie that would fill the round's log line with a 300-digit number.
 MAX_REPLY_SECONDS = 1e7
@@ -91,10 +98,14 @@ class ExampleCaps:
         return cls(int(default), per_site)
 
     def cap(self, node_id: int, name: str | None = None) -> int:
-        """The cap of the site ``name`` (when known) or node ``node_id``."""
-        if name is not None and name in self.per_site:
+        """The cap of node ``node_id`` if one is keyed by it, else of the site ``name``, else the
+        default. A key of digits only is a node id and never matches a name: a capped node that
+        called itself "102" must not take node 102's cap (site names may be digits)."""
+        if str(node_id) in self.per_site:
+            return self.per_site[str(node_id)]
+        if name is not None and not name.isdigit() and name in self.per_site:
             return self.per_site[name]
-        return self.per_site.get(str(node_id), self.default)
+        return self.default
 
 
 #: BatchNorm buffers left out of the update norm (see check_arrays).
@@ -128,12 +139,16 @@ class ReplyLimits:
         """The limits a run's settings give: a prototype release has at most
         min(prototype-centres, max-keys) rows (clients/app.py), so a reply with more is a
         lie, and accepting it would let one site fill the queue and pull the public centres
-        its way; per-record keys have at most max-keys."""
+        its way; per-record keys have at most max-keys; with ``key-release=none`` no site
+        releases anything, so a single row is refused (one lying site would otherwise be the
+        only source of every other site's global negatives)."""
         from clients.task import prototype_rows, run_value
 
         r = lambda k: run_value(run_config, k)  # noqa: E731
         max_norm = r("max-update-norm")
         bound = max_norm if max_norm > 0 else None
+        if r("key-release") == "none":  # no site releases: any key row is a lie that would be every negative
+            return cls(key_dim, 0, bound, max_keys_rule="key-release=none")
         if r("key-release") == "prototypes" and prototype_rows(run_config) < r("max-keys"):
             return cls(key_dim, prototype_rows(run_config), bound, max_keys_rule="prototype-centres")
         return cls(key_dim, r("max-keys"), bound)
@@ -288,6 +303,15 @@ def check_metrics(record: MetricRecord | None, expected: frozenset[str] = REQUIR
         value = record.get(name)
         if isinstance(value, (int, float)) and float(value) < 0:
             reasons.append(f"metrics {name!r} is {value}, expected >= 0")
+    for name, (lo, hi) in _RANGES.items():
+        value = record.get(name)
+        if name in _NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
+            continue  # reported as negative above
+        if isinstance(value, (int, float)) and math.isfinite(value) and not lo <= float(value) <= hi:
+            reasons.append(f"metrics {name!r} is {float(value):.3g}, expected it in [{lo:g}, {hi:g}]")
+    skipped = record.get("skipped")
+    if isinstance(skipped, (int, float)) and math.isfinite(skipped) and not float(skipped).is_integer():
+        reasons.append(f"metrics 'skipped' is {skipped}, expected a whole number")
     seconds = record.get("seconds")
     if isinstance(seconds, (int, float)) and float(seconds) > MAX_REPLY_SECONDS:
         reasons.append(f"metrics 'seconds' is {float(seconds):.3g}, expected at most {MAX_REPLY_SECONDS:g}")

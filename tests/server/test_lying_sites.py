@@ -121,7 +121,7 @@ def test_a_named_site_gets_the_cap_set_for_its_name(grid3, tmp_path, caplog):
     from flwr.app import ConfigRecord as Config
 
     caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
-    s = strategy(tmp_path, ExampleCaps.parse(1000, "hospital-c=20,103=999"))
+    s = strategy(tmp_path, ExampleCaps.parse(1000, "hospital-c=20,104=999"))
     ref = tiny_arrays()
     s.configure_train(1, ref, ConfigRecord(), grid3)
     liar = reply_content(shifted(ref, LIAR_SHIFT), unit_keys(2, seed=3), good_metrics(1e300))
@@ -135,10 +135,13 @@ def test_a_named_site_gets_the_cap_set_for_its_name(grid3, tmp_path, caplog):
     assert "hospital-c (node 103) claims 1e+300 examples; its weight counts 20" in caplog.text
 
 
-def test_caps_by_site_name_win_over_node_id_and_default():
-    caps = ExampleCaps.parse(500, ' hospital-a=20 , 7=30, "b"=40')
-    assert caps.cap(7) == 30 and caps.cap(8) == 500 and caps.cap(7, "hospital-a") == 20 and caps.cap(9, "b") == 40
-    assert caps.cap(7, "unknown") == 30
+def test_caps_by_node_id_win_over_site_name_and_default():
+    # a node id is authenticated (Flower's node keys), a name is what a site calls itself: a
+    # node capped by id keeps its cap whatever name it claims, and digits never name a site's cap
+    caps = ExampleCaps.parse(500, ' hospital-a=20 , 7=30, "b"=40, 102=100000')
+    assert caps.cap(7) == 30 and caps.cap(8) == 500 and caps.cap(9, "b") == 40 and caps.cap(8, "hospital-a") == 20
+    assert caps.cap(7, "unknown") == 30 and caps.cap(7, "hospital-a") == 30
+    assert caps.cap(103, "102") == 500 and caps.cap(102) == 100000
 
 
 @pytest.mark.parametrize("default, spec, message", [

@@ -82,6 +82,17 @@ def test_bad_keys(ref, keys, reason):
     assert check(content, ref) == [reason]
 
 
+def test_without_releases_a_reply_may_hold_no_key(ref):
+    """key-release=none (the default): honest sites send (0, D). A liar's 16 rows were accepted
+    and, as the only global keys, became every other site's negatives."""
+    from clients.task import RUN_DEFAULTS
+
+    limits = ReplyLimits.of_run({**RUN_DEFAULTS, "key-release": "none"}, key_dim=8)
+    assert check(reply_content(ref, np.zeros((0, 8), np.float32), good_metrics()), ref, limits) == []
+    assert check(reply_content(ref, unit_keys(16), good_metrics()), ref, limits) == [
+        "keys: 16 keys exceed key-release=none 0"]
+
+
 def test_a_prototype_reply_may_hold_at_most_the_sites_centres(ref):
     """In prototypes mode an honest site sends at most min(prototype-centres, max-keys) rows;
     more would let one site fill the queue and pull the public centres its way."""
@@ -258,6 +269,13 @@ def test_keys_under_a_status_that_releases_none_are_refused(ref):
     ("neg-var", -2.0, "metrics 'neg-var' is -2.0, expected >= 0"),
     ("train-loss", -1.0, "metrics 'train-loss' is -1.0, expected >= 0"),
     ("seconds", 1e300, "metrics 'seconds' is 1e+300, expected at most 1e+07"),
+    # statistics beyond what cosine scores and InfoNCE can be skewed rounds.jsonl and the plots
+    ("train-loss", 1.7e308, "metrics 'train-loss' is 1.7e+308, expected it in [0, 1e+06]"),
+    ("pos-mean", -1e300, "metrics 'pos-mean' is -1e+300, expected it in [-1.01, 1.01]"),
+    ("neg-mean", 1.5, "metrics 'neg-mean' is 1.5, expected it in [-1.01, 1.01]"),
+    ("neg-var", 3.0, "metrics 'neg-var' is 3, expected it in [0, 1.01]"),
+    ("emb-std", 2.0, "metrics 'emb-std' is 2, expected it in [0, 1.5]"),
+    ("skipped", 2.5, "metrics 'skipped' is 2.5, expected a whole number"),
 ])
 def test_counts_and_privacy_figures_cannot_be_negative_or_absurd(ref, name, value, reason):
     metrics = good_metrics(**{name: value})
