@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue 11 on a lent GPU, in at most BUDGET_S seconds, in this order: the MoCo
 # step with each normalisation against lightly (leak-guard cost), the satellite and medical feeds
-# against the step, a user's CLI journey, batched views on CUDA against the same views on the CPU,
+# against the step, batched views on CUDA against the same views on the CPU, a user's CLI journey,
 # and last the step with torch.compile'd encoders.
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
 # Results: $OUT/gpu_check.jsonl (one JSON line per benchmark), $OUT/rc.txt, and every log and
@@ -42,24 +42,24 @@ run() {  # name, timeout seconds, command...
   fi
   [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name (at most ${limit} s)"
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$W/$name.log" 2>&1
   echo "rc=$? $name" | tee -a "$OUT/rc.txt"
   tail -n 12 "$W/$name.log"
   grep -E '^\{.*\}$' "$W/$name.log" | tail -1 | tee -a "$OUT/gpu_check.jsonl"
   pack
 }
-# First the leak guard's cost (issue 11.3), with split BN as one compiled normalisation per layer
-# in channels_last (the row "compiled norm": Triton kernels compiled in its warm-up steps).
-run moco_step 160 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
+# First the leak guard's cost (issue 11.3); its last row is split BN as one compiled normalisation
+# per layer in channels_last ("compiled norm": Triton kernels compiled in its warm-up steps).
+run moco_step 220 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \
   --out "$W/moco_step_gpu.md"
 run feed_satellite 200 "$PY" benchmarks/feed_satellite.py --device cuda --quick --warm-only --workers 12 \
   --out "$W/feed_satellite_gpu.md"
 run feed_medical 100 "$PY" benchmarks/feed_medical.py --device cuda --quick --workers 12 --out "$W/feed_medical_gpu.md"
+run views_cuda_vs_cpu 60 "$PY" benchmarks/views_device_check.py --out "$W/views_device_check_gpu.md"
 # a user's journey through the CLI on CUDA (benchmarks/cli_device_check.sh, both domains): the
 # feed benchmarks drive the Trainer, not the commands around it. Its data and checkpoints go
 # outside $W: the archive that comes back must stay small.
 run cli_cuda 240 env PYTHON="$PY" bash benchmarks/cli_device_check.sh cuda "$(mktemp -d)"
-run views_cuda_vs_cpu 60 "$PY" benchmarks/views_device_check.py --out "$W/views_device_check_gpu.md"
 # Last: split BN (NCHW, channels_last) and plain BN with torch.compile'd encoders (issue 11's
 # option for a cheaper leak guard). On 2026-11-29 it printed no row within 240 s.
 run moco_step_compiled 360 "$PY" benchmarks/moco_step.py --device cuda --image-size 224 --batch-size 256 --steps 15 \

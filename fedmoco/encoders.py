@@ -38,8 +38,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.splits = int(splits)
         # channels_last input: one torch.compile'd normalisation of all sub-batches
         # (:func:`split_batch_norm_nhwc`) instead of a cuDNN call per sub-batch and a cat.
-        # Off by default until a GPU measures it (benchmarks/moco_step.py --compile-norm).
+        # Off by default until a GPU measures it (benchmarks/moco_step.py, row "compiled norm").
         self.compiled = False
+        self.compile_backend = "inductor"  # tests use "eager": Dynamo's guards alone, no kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -76,7 +77,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def _fused(self, x: torch.Tensor, s: int) -> torch.Tensor:
         """channels_last input, the sub-batches of :meth:`_chunked` in one compiled call."""
-        y, mean, var = _compiled_split_batch_norm()(x, self.weight, self.bias, s, self.eps)
+        # Views, not the Parameters: Dynamo keeps a Parameter's shape static, so every channel
+        # count would compile again (and a ResNet's 4 widths x grad on/off passed its limit of 8).
+        y, mean, var = _compiled_split_batch_norm(self.compile_backend)(x, self.weight.view(-1), self.bias.view(-1),
+                                                                        s, self.eps)
         with torch.no_grad():
             count = x.numel() // (s * x.shape[1])  # values behind each sub-batch's statistics
             m = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
@@ -111,9 +115,11 @@ def split_batch_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 @cache
-def _compiled_split_batch_norm() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    # compiled on first use only: importing fedmoco must not start the compiler
-    return torch.compile(split_batch_norm_nhwc, fullgraph=True)
+def _compiled_split_batch_norm(backend: str = "inductor") -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    # Compiled on first use only: importing fedmoco must not start the compiler. Dynamic
+    # shapes: one graph serves every layer's (N, C, H, W), so a ResNet compiles it twice
+    # (with and without grad), not once per layer shape.
+    return torch.compile(split_batch_norm_nhwc, fullgraph=True, dynamic=True, backend=backend)
 
 
 def largest_divisor(n: int, at_most: int) -> int:

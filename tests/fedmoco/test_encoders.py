@@ -105,3 +105,21 @@ def test_compiled_channels_last_split_batchnorm_matches_one_cudnn_call_per_sub_b
     x2 = x.clone()
     x2[12:] += 100.0
     torch.testing.assert_close(b(x2)[:12], b(x)[:12], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_split_batchnorm_serves_a_whole_resnet_with_and_without_grad():
+    # Every layer shares one compiled function: 4 widths x 2 spatial sizes x grad on (query)
+    # and off (key) once passed Dynamo's recompile limit (fullgraph: a hard error on the GPU).
+    # The eager backend runs Dynamo's guards and recompiles without compiling kernels.
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", 3, norm="split-batch", norm_splits=2)
+    ref = build_backbone("resnet18", 3, norm="split-batch", norm_splits=2)
+    ref.load_state_dict(net.state_dict())
+    for m in net.modules():
+        if isinstance(m, SplitBatchNorm):
+            m.compiled, m.compile_backend = True, "eager"
+    net, ref = net.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for grad in (True, False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(net(x), ref(x), atol=1e-4, rtol=1e-4)
