@@ -81,11 +81,15 @@ def read_torch_file(path: Path, what: str = "checkpoint") -> Any:
                               f"({type(exc).__name__}{': ' + first if first else ''})") from None
 
 
+#: MoCoConfig fields that shape the model's tensors: a checkpoint loads only into their values.
+ARCHITECTURE_FIELDS = ("arch", "in_channels", "small_input", "norm", "dim", "mlp", "hidden_dim", "predictor",
+                       "queue_size")
+
+
 def check_compatible(path: Path | str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Raise CheckpointError if the architecture-defining fields of two MoCo configs differ."""
-    keys = ("arch", "in_channels", "small_input", "norm", "dim", "mlp", "hidden_dim", "predictor", "queue_size")
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {wanted.get(k)!r} (requested)"
-             for k in keys if saved.get(k) != wanted.get(k)]
+             for k in ARCHITECTURE_FIELDS if saved.get(k) != wanted.get(k)]
     if diffs:
         raise CheckpointError(f"{path}: checkpoint is for another model: " + "; ".join(diffs))
 

@@ -57,7 +57,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/pretrain"), help="run folder (default: runs/pretrain)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt with its settings; a larger --epochs extends the run")
-    p.add_argument("--moco", default="v2", choices=["v1", "v2", "v3"], help="variant preset (default: v2)")
+    p.add_argument("--moco", choices=["v1", "v2", "v3"], help="variant preset (default: v2; on --resume: the run's)")
     p.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"])
     p.add_argument("--norm", choices=NORMS)
     p.add_argument("--norm-splits", type=int)
@@ -198,6 +198,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     # What the user gave: on --resume the rest comes from the checkpoint, not from defaults.
     explicit = frozenset(k for k in PRETRAIN_DEFAULTS if getattr(args, k) is not None)
     explicit |= {"max_steps_per_epoch"} if args.max_steps_per_epoch is not None else set()
+    explicit |= {"moco"} if args.moco is not None else set()
     v = {k: d if getattr(args, k) is None else getattr(args, k) for k, d in PRETRAIN_DEFAULTS.items()}
     device = select_device(args.device)
     train_cfg = TrainConfig(
@@ -211,7 +212,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                           cache=not args.no_cache, progress=not args.quiet)
     log.info("device: %s", device)
     result = pretrain(v["domain"], args.data, args.out, moco_overrides=overrides, train_cfg=train_cfg,
-                      data_cfg=data_cfg, moco_version=args.moco, device=device, resume=args.resume,
+                      data_cfg=data_cfg, moco_version=args.moco or "v2", device=device, resume=args.resume,
                       progress=not args.quiet, explicit=explicit)
     if result.already_done:
         print(f"nothing to do: the run in {args.out} has finished all {result.epochs_done} epochs; "

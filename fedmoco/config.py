@@ -12,6 +12,15 @@ ARCHS = ("tiny", "resnet18", "resnet50")
 NORMS = ("batch", "split-batch", "group")
 
 
+#: The seeds' MoCo variants (MoCoConfig.preset), and the fields any of them sets.
+PRESETS: dict[str, dict[str, Any]] = {
+    "v1": dict(mlp=False, temperature=0.07, momentum=0.999),
+    "v2": dict(mlp=True, temperature=0.2, momentum=0.999),
+    "v3": dict(mlp=True, predictor=True, symmetric=True, temperature=0.2, momentum=0.99, momentum_schedule="cosine"),
+}
+PRESET_FIELDS = ("mlp", "predictor", "symmetric", "temperature", "momentum", "momentum_schedule")
+
+
 @dataclass
 class MoCoConfig:
     """The MoCo model: encoder, heads, dictionary and loss variants.
@@ -74,15 +83,9 @@ class MoCoConfig:
     @classmethod
     def preset(cls, version: str, **overrides: Any) -> "MoCoConfig":
         """The seeds' MoCo variants: ``v1``, ``v2`` or ``v3``; ``overrides`` win."""
-        presets = {
-            "v1": dict(mlp=False, temperature=0.07, momentum=0.999),
-            "v2": dict(mlp=True, temperature=0.2, momentum=0.999),
-            "v3": dict(mlp=True, predictor=True, symmetric=True, temperature=0.2,
-                       momentum=0.99, momentum_schedule="cosine"),
-        }
-        if version not in presets:
-            raise ConfigError(f"moco version: unknown {version!r}; choose one of {sorted(presets)}")
-        return cls(**{**presets[version], **overrides})
+        if version not in PRESETS:
+            raise ConfigError(f"moco version: unknown {version!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[version], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

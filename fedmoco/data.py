@@ -100,6 +100,18 @@ class DataConfig:
     cache: bool = True
     cache_dir: str | None = None  # None: $FEDMOCO_CACHE_DIR, else $XDG_CACHE_HOME/fedmoco, else ~/.cache/fedmoco
     progress: bool = True  # progress bars while preparing data (filling the raster cache); off with -q
+    # The run's own input normalisation (a resumed run's, from its checkpoint): used as it is
+    # instead of one estimated from the data, which may have changed since the run began.
+    normalization: Normalization | None = None
+
+    def run_normalization(self, channels: int, estimate: Callable[[], Normalization]) -> Normalization:
+        """``normalization`` when set (checked against the data's ``channels``), else ``estimate()``."""
+        if self.normalization is None:
+            return estimate()
+        if self.normalization.channels != channels:
+            raise DataError(f"the run's normalisation has {self.normalization.channels} channel(s), the data "
+                            f"{channels}: this is not the data the run was trained on")
+        return self.normalization
 
 
 class Renormalized(Dataset):

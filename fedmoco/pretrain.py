@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from fedmoco.atomic import atomic_write_json, remove_stale_temps
-from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint, rng_state, set_rng_state
-from fedmoco.config import MoCoConfig, TrainConfig
-from fedmoco.data import DataConfig, build_pretrain_data, format_skipped
+from fedmoco.checkpoint import (ARCHITECTURE_FIELDS, FORMAT, VERSION, atomic_save, check_compatible, load_checkpoint,
+                                rng_state, set_rng_state)
+from fedmoco.config import PRESET_FIELDS, MoCoConfig, TrainConfig
+from fedmoco.data import DataConfig, Normalization, build_pretrain_data, format_skipped
 from fedmoco.errors import CheckpointError, ConfigError
 from fedmoco.metrics import JsonlLogger, keep_records, read_jsonl
 from fedmoco.moco import MoCo
@@ -132,7 +133,9 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     saved = None
     if resume:
         saved = load_checkpoint(ckpt_path)
-        domain, train_cfg, data_cfg = resumed_settings(saved, ckpt_path, domain, train_cfg, data_cfg, explicit)
+        domain, train_cfg, data_cfg = resumed_settings(saved, ckpt_path, domain, train_cfg, data_cfg, explicit,
+                                                       moco_overrides, moco_version if explicit is not None and
+                                                       "moco" in explicit else None)
         check_compatible(ckpt_path, saved["moco_config"], {**saved["moco_config"], **moco_overrides})
         if int(saved["epoch"]) >= train_cfg.epochs:
             return PretrainResult(checkpoint=ckpt_path, metrics=out / METRICS, epochs_done=int(saved["epoch"]),
@@ -158,6 +161,10 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     if data.skipped:
         log.warning("%s", format_skipped(data.skipped))
     log.info("data: %s", data.description or f"{len(data.dataset)} samples")
+    before = saved["data"].get("samples") if saved is not None else None
+    if before is not None and before != len(data.dataset):
+        log.warning("%s now gives %d samples, %d when the run began: the run goes on with the data as it is now "
+                    "and its own normalisation", data_dir, len(data.dataset), before)
 
     seed_everything(train_cfg.seed)
     model = MoCo(moco_cfg)
@@ -185,7 +192,7 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     remove_stale_temps(ckpt_path)
     out.mkdir(parents=True, exist_ok=True)
     data_meta = {"domain": domain, "image_size": data_cfg.image_size, "options": dict(data_cfg.options),
-                 "normalization": data.normalization.to_dict()}
+                 "normalization": data.normalization.to_dict(), "samples": len(data.dataset)}
     atomic_write_json(out / "config.json", {"moco": moco_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_meta})
 
     summary = None
@@ -222,17 +229,22 @@ RUNTIME_FIELDS = frozenset({"num_workers", "amp", "channels_last", "log_every", 
 
 
 def resumed_settings(saved: dict[str, Any], path: Path, domain: str, train_cfg: TrainConfig,
-                     data_cfg: DataConfig, explicit: frozenset[str] | None) -> tuple[str, TrainConfig, DataConfig]:
+                     data_cfg: DataConfig, explicit: frozenset[str] | None,
+                     moco_overrides: dict[str, Any] | None = None,
+                     moco_version: str | None = None) -> tuple[str, TrainConfig, DataConfig]:
     """The (domain, TrainConfig, DataConfig) of a resumed run.
 
     Settings the user did not give come from the checkpoint. ``epochs`` may grow (never
     below the epochs already done); runtime fields (:data:`RUNTIME_FIELDS`) follow the
     request; any other given setting that differs from the checkpoint is a CheckpointError
-    naming each conflict, since the run's schedule and data were planned with it.
+    naming each conflict, since the run's schedule and data were planned with it. So is a
+    given MoCo option (``moco_overrides``; the architecture's are :func:`check_compatible`'s)
+    or preset (``moco_version``, when the user named one) that differs from the run's: a
+    temperature changed mid-run was applied silently, a preset ignored silently.
     """
     given = (lambda name: True) if explicit is None else (lambda name: name in explicit)
     s_data, s_train = saved["data"], TrainConfig.from_dict(saved["train_config"])
-    conflicts = []
+    conflicts = _moco_conflicts(saved.get("moco_config", {}), moco_overrides or {}, moco_version)
     if given("domain") and domain != s_data["domain"]:
         conflicts.append(f"--domain {domain} (the run's: {s_data['domain']})")
     if given("image_size") and data_cfg.image_size != s_data["image_size"]:
@@ -253,10 +265,28 @@ def resumed_settings(saved: dict[str, Any], path: Path, domain: str, train_cfg: 
     if merged["epochs"] < done:
         raise ConfigError(f"--epochs {merged['epochs']}: the run in {path.parent} has already done {done} epochs")
     train = TrainConfig.from_dict(merged)
-    # replace(): --no-cache, the cache folder and -q of this invocation still apply on resume
+    # replace(): --no-cache, the cache folder and -q of this invocation still apply on resume.
+    # The run keeps its normalisation: estimated again from a folder that changed since, it
+    # moved a satellite run's inputs mid-run (and the checkpoint then named only the new one).
+    norm = s_data.get("normalization")
     data = replace(data_cfg, image_size=s_data["image_size"], seed=train.seed,
-                   options={**s_data.get("options", {}), **data_cfg.options})
+                   options={**s_data.get("options", {}), **data_cfg.options},
+                   normalization=Normalization.from_dict(norm) if norm else data_cfg.normalization)
     return s_data["domain"], train, data
+
+
+def _moco_conflicts(saved: dict[str, Any], overrides: dict[str, Any], version: str | None) -> list[str]:
+    """The given MoCo options and preset that differ from the run's config ``saved``, as
+    ``--flag value (the run's: old)``; architecture fields are left to check_compatible."""
+    out = [f"--{name.replace('_', '-')} {new} (the run's: {saved.get(name)})"
+           for name, new in overrides.items() if name not in ARCHITECTURE_FIELDS and saved.get(name) != new]
+    if version is not None:
+        preset = MoCoConfig.preset(version, **overrides).to_dict()
+        differ = [k for k in PRESET_FIELDS if k not in overrides and preset[k] != saved.get(k)]
+        if differ:
+            out.append(f"--moco {version} ({', '.join(f'{k} {preset[k]!r}' for k in differ)}; the run's: "
+                       f"{', '.join(f'{k} {saved.get(k)!r}' for k in differ)})")
+    return out
 
 
 def _load_trainer(trainer: Trainer, state: dict[str, Any], *, replan: bool) -> None:

@@ -304,7 +304,8 @@ def _setup(root: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> tuple[l
 def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     """Two MoCo v2 views per image of every PNG/JPEG/TIFF/BMP under ``root``."""
     files, opts, channels, others = _setup(root, cfg)
-    norm = estimate_normalization(files, channels, cfg.image_size, opts["max_pixels"])
+    norm = cfg.run_normalization(channels, lambda: estimate_normalization(files, channels, cfg.image_size,
+                                                                          opts["max_pixels"]))
     views = partial(moco_v2_transform, cfg.image_size, channels, opts["crop_scale_min"], flip=opts["flip"],
                     offset=opts["offset"], ramp=opts["ramp"], noise=opts["noise"])
     dataset = ImageFolderDataset(files, channels, TwoViews(views(norm)), max_pixels=opts["max_pixels"])

@@ -345,7 +345,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     opts = MedicalOptions.parse(cfg.options)
     records, skipped = index_folder(Path(root), opts, cfg)
     samples = build_samples(records, opts.slices)
-    normalization = default_normalization(opts.in_channels)
+    normalization = cfg.run_normalization(opts.in_channels, lambda: default_normalization(opts.in_channels))
     cache, stamps = _sample_cache(Path(root), records, samples, opts, cfg)
     dataset = MedicalPretrainDataset(root, records, samples, opts, None, cache, cfg.image_size, normalization,
                                      stamps)

@@ -946,9 +946,9 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     # Statistics from the rasters' own pixels, before the cache is attached: the float16 cache
     # would shift them (by up to 2^-11 relative), and a checkpoint's normalization must not
     # depend on whether a site's cache was on.
-    normalization = _cached_statistics(Path(root), scan.sources, opts, cfg,
-                                       lambda: estimate_normalization(reader, candidates, opts.stats_tiles,
-                                                                      opts.max_nodata))
+    normalization = cfg.run_normalization(reader.layout.in_channels, lambda: _cached_statistics(
+        Path(root), scan.sources, opts, cfg,
+        lambda: estimate_normalization(reader, candidates, opts.stats_tiles, opts.max_nodata)))
     plan = cache_plan(reader, opts)
     attach_cache(reader, Path(root), opts, cfg, plan)
     reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)

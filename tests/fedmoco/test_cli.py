@@ -136,6 +136,25 @@ def test_checkpoint_of_other_architecture_or_channels(tmp_path, demo_images, tin
     assert rc == 2 and "checkpoint" in err and "channel" in err
 
 
+def test_a_resumed_run_refuses_another_temperature_momentum_or_preset(tmp_path, demo_images, tiny_pretrain_args,
+                                                                       capsys):
+    # a changed temperature or momentum was applied mid-run, and --moco v3 on a v2 run ignored, silently
+    out = tmp_path / "run"
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args]) == 0
+    base = ["-q", "pretrain", "--data", str(demo_images), "--out", str(out), "--resume", "--epochs", "2"]
+    capsys.readouterr()
+    assert main([*base, "--temperature", "0.1", "--momentum", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "conflicting: --momentum 0.5 (the run's: 0.999); " \
+        "--temperature 0.1 (the run's: 0.2)" in err
+    assert main([*base, "--moco", "v3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--moco v3 (predictor True, symmetric True, momentum 0.99, " \
+        "momentum_schedule 'cosine'; the run's: predictor False, symmetric False, momentum 0.999, " \
+        "momentum_schedule 'constant')" in err
+    assert main([*base, "--moco", "v2", "--temperature", "0.2"]) == 0  # the run's own settings: no conflict
+
+
 def test_errors_have_no_traceback_from_the_console_script(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedmoco", "pretrain", "--data", str(tmp_path / "missing")],
                           capture_output=True, text=True)
@@ -278,3 +297,27 @@ def test_log_lines_go_to_the_stderr_of_the_moment(capsys):
     with contextlib.redirect_stderr(second):
         logging.getLogger("fedmoco.test").warning("after the first call")
     assert second.getvalue() == "WARNING fedmoco.test: after the first call\n"
+
+
+def test_a_resumed_run_keeps_its_normalisation_when_the_data_changed(tmp_path, demo_images, tiny_pretrain_args,
+                                                                     capsys):
+    # estimated again from a folder that had changed, a resumed run's inputs moved mid-run
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_images, data)
+    out = tmp_path / "run"
+    args = ["-q", "pretrain", "--data", str(data), "--out", str(out), *tiny_pretrain_args]
+    assert main([*args[:-2], "--epochs", "1"]) == 0
+    first = torch.load(out / "checkpoint.pt", weights_only=True)["data"]
+    for i in range(20):  # white images: the folder's mean moves a long way
+        Image.new("RGB", (32, 32), (255, 255, 255)).save(data / "circle" / f"white_{i}.png")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)["data"]
+    assert resumed["normalization"] == first["normalization"]
+    assert resumed["samples"] == first["samples"] + 20
+    assert (f"{data} now gives {first['samples'] + 20} samples, {first['samples']} when the run began: the run "
+            "goes on with the data as it is now and its own normalisation") in capsys.readouterr().err

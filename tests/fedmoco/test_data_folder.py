@@ -67,3 +67,16 @@ def test_a_cache_folder_inside_the_data_folder_is_refused(tmp_path, monkeypatch,
     assert not cache.exists()
     if how == "env":  # with the caches off nothing is written there (an account whose home is its data folder)
         assert len(build_pretrain_data("images", root, DataConfig(image_size=8, cache=False)).dataset) == 2
+
+
+def test_a_runs_own_normalisation_is_used_as_it_is_and_must_fit_the_data():
+    from fedmoco.data import DataConfig, Normalization
+    from fedmoco.errors import DataError
+
+    own = Normalization([0.1, 0.2], [0.3, 0.4])
+    never = lambda: (_ for _ in ()).throw(AssertionError("estimated although the run has one"))  # noqa: E731
+    assert DataConfig(normalization=own).run_normalization(2, never) is own
+    assert DataConfig().run_normalization(2, lambda: own) is own
+    with pytest.raises(DataError, match=r"the run's normalisation has 2 channel\(s\), the data 13: this is not "
+                                        "the data the run was trained on"):
+        DataConfig(normalization=own).run_normalization(13, never)
