@@ -69,7 +69,8 @@ def measure(arch: str, sites: int, rounds: int, keys_per_site: int, queue_size: 
     with tempfile.TemporaryDirectory(prefix="fedmoco-mem-") as tmp:
         run = {**RUN_DEFAULTS, "arch": arch, "num-server-rounds": rounds, "min-nodes": sites,
                "out-dir": str(Path(tmp) / "server"), "global-queue-size": queue_size,
-               "max-keys": 4 * keys_per_site, "plots": False, "resume": False}
+               "max-keys": 4 * keys_per_site, "plots": False, "resume": False,
+               "key-release": "keys"}  # the sites release keys: under "none" the server refuses any
         grid = InProcessGrid({1000 + i: (SyntheticSite(i, run["dim"], keys_per_site), make_context(1000 + i, {}, run))
                               for i in range(sites)})
         rss_start = current_rss_mb()
