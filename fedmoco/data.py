@@ -227,14 +227,18 @@ def build_labelled_data(
     labels_csv: Path | str | None = None,
     normalization: Normalization | None = None,
     exclude: Sequence[Path] = (),
+    own_csv: bool = False,
 ) -> LabelledData:
     """Check ``root`` and build the labelled single-view dataset of ``domain``. Files in
     ``exclude`` (and ``labels_csv``) are not samples: a labels CSV kept in the data folder is
-    neither scanned nor counted as skipped."""
+    neither scanned nor counted as skipped. ``own_csv``: ``labels_csv`` is fedmoco's own
+    (fedmoco.labels), whose paths keep a file name's bytes even where they are not UTF-8, so it
+    skips the UTF-8 check a user's CSV gets."""
     root = check_data_dir(root)
     check_cache_outside(root, cfg)
     if labels_csv is not None:
-        check_text_file(labels_csv, "labels CSV")
+        if not own_csv:
+            check_text_file(labels_csv, "labels CSV")
         exclude = (*exclude, Path(labels_csv))
     return domain_module(domain).build_labelled_data(
         root, cfg, Path(labels_csv) if labels_csv else None, normalization, exclude=tuple(exclude)
@@ -374,7 +378,9 @@ def _csv_labels(root: Path, labels_csv: Path) -> dict[Path, str]:
     """``{resolved file path: label}`` of a ``path,label`` CSV; DataError for unknown paths."""
     mapping: dict[Path, str] = {}
     missing: list[str] = []
-    with open(labels_csv, newline="") as fh:
+    # surrogateescape: a path in it need not be UTF-8 (file names are bytes on POSIX); a user's
+    # CSV was checked to be UTF-8 text before (check_text_file)
+    with open(labels_csv, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise DataError(f"{labels_csv}: needs a header with columns 'path' and 'label'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,16 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
     return EvalInputs(ckpt, model, data, test, domain, data_meta)
 
 
+def _writable_folder(out: Path) -> None:
+    """Create ``out`` (and its parents) or raise ConfigError saying why it cannot hold results."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot be a results folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: this user cannot write there")
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from fedmoco.device import select_device
     from fedmoco.finetune import (FinetuneConfig, ProtocolConfig, config_dict, make_split, prepare_samples,
@@ -127,6 +138,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                               val_fraction=args.val_fraction, split_seed=args.split_seed,
                               operating_point=args.operating_point, bootstrap=args.bootstrap)
     device = select_device(args.device)
+    out = args.out or args.checkpoint.parent / "finetune"
+    _writable_folder(out)  # before hours of training, not after
     inputs = load_inputs(args, multi_label=args.multi_label)
     data = inputs.data
     if args.positive_class is not None:
@@ -145,7 +158,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
              len(test_samples.targets) if test_samples else len(split.test), data.group_source)
     result = run_protocol(inputs.model.encoder_q.backbone, inputs.ckpt["moco_config"], data, samples, split,
                           test_samples=test_samples, cfg=cfg, protocol=protocol, device=device, progress=progress)
-    out = args.out or args.checkpoint.parent / "finetune"
     extra = {"checkpoint": str(args.checkpoint), "domain": inputs.domain,
              "positive_class": data.names[protocol.positive] if protocol.positive is not None else None,
              "split": {"grouped_by": data.group_source, "n_pool": int(len(split.train)), "n_val": int(len(split.val)),

@@ -43,7 +43,8 @@ RUN_SALT = secrets.token_bytes(16)
 
 def hash_group(value: str, salt: bytes = RUN_SALT) -> str:
     """Salted BLAKE2b digest (hex) of a group key; the raw key is not kept anywhere."""
-    return hashlib.blake2b(value.encode("utf-8"), key=salt, digest_size=12).hexdigest()
+    # surrogateescape: a file name that is not UTF-8 (bytes on POSIX) is hashed as its bytes
+    return hashlib.blake2b(value.encode("utf-8", "surrogateescape"), key=salt, digest_size=12).hexdigest()
 
 
 @dataclass
@@ -80,6 +81,9 @@ class LabelledSet:
     group_source: str
     unlabelled_files: int
     skipped_files: Counter = field(default_factory=Counter)  # files under root not read, by reason
+    # every key behind the groups (CSV group, patient or scene, file): two sets that share any
+    # of them share a patient, whichever kind of key each side's groups were named by
+    group_keys: frozenset = frozenset()
 
 
 def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
@@ -253,12 +257,13 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     root = check_data_dir(root)
     with tempfile.TemporaryDirectory(prefix="fedmoco-labels-") as tmp:
         csv_path = Path(tmp) / "rows.csv"
-        with open(csv_path, "w", newline="") as fh:
+        # surrogateescape: file names need not be UTF-8 (read back by fedmoco.data._csv_labels)
+        with open(csv_path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "label"])
             w.writerows([str(p), f"{i:09d}"] for i, p in enumerate(table.paths))
         data = build_labelled_data(domain, root, cfg, csv_path, normalization,
-                                   exclude=[table.csv_path] if table.csv_path else [])
+                                   exclude=[table.csv_path] if table.csv_path else [], own_csv=True)
     row_of_class = np.asarray([int(c) for c in data.classes], dtype=np.int64)
     sample_labels = data.sample_labels
     if sample_labels is None:  # a domain that does not expose them: read every sample once
@@ -279,14 +284,15 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     targets, names = table.targets[rows], table.names
     if not table.multi_label:
         targets, names = _drop_empty_classes(targets, names, table.source)
-    groups, source = _groups(domain, table, rows)
+    groups, source, group_keys = _groups(domain, table, rows)
     dataset = _RowDataset(data.dataset, keep, row_of_class)
     n_files = len({int(r) for r in rows})
     log.info("labelled: %d samples from %d files, %d groups (%s)", len(keep), n_files, len(set(groups)), source)
     return LabelledSet(dataset=dataset, targets=targets, groups=np.asarray(groups), rows=rows,
                        names=names, multi_label=table.multi_label, in_channels=data.in_channels,
                        normalization=data.normalization, group_source=source,
-                       unlabelled_files=int((sample_labels < 0).sum()), skipped_files=Counter(data.skipped))
+                       unlabelled_files=int((sample_labels < 0).sum()), skipped_files=Counter(data.skipped),
+                       group_keys=group_keys)
 
 
 def skipped_note(data: LabelledSet, root: Path) -> str | None:
@@ -310,23 +316,39 @@ def _drop_empty_classes(targets: np.ndarray, names: list[str], source: str) -> t
     return remap[targets], [names[i] for i in present]
 
 
-def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str], str]:
-    """Hashed group per sample, decided row by row: the CSV group, else the domain's (patient,
-    scene), else the file. (Decided for the whole table before, a CSV whose group column was
-    filled for some rows sent the others to one group per file, so one patient's slices could
-    land on both sides of a split.) The source names the kinds used, the file only when alone."""
-    per_row: list[str | None] = list(table.groups)
-    used = ["csv group column"] if any(per_row[int(r)] is not None for r in rows) else []
+def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str], str, frozenset[str]]:
+    """(hashed group per sample, the kinds of key used, every key seen).
+
+    Each file has up to two keys: its CSV ``group`` and the domain's (patient, scene); a file
+    with neither is its own group. Files sharing any key are one group (connected components),
+    so a patient whose CSV group is filled for some slices only, or who sits in two CSV groups,
+    still lands on one side of a split: decided by the CSV alone, or file by file, one
+    patient's slices split both ways. The kinds are named, the file only when alone."""
+    distinct = sorted({int(r) for r in rows})
+    csv_keys = {r: table.groups[r] for r in distinct}
+    used = ["csv group column"] if any(csv_keys.values()) else []
     hook = getattr(domain_module(domain), "group_keys", None)
-    wanted = sorted({int(r) for r in rows if per_row[int(r)] is None})
-    if wanted and hook is not None:
-        found = hook([table.paths[r] for r in wanted], RUN_SALT)
-        for r, g in zip(wanted, found):
-            per_row[r] = g
-        if any(g is not None for g in found):
+    own: dict[int, str | None] = dict.fromkeys(distinct)
+    if hook is not None:
+        own.update(zip(distinct, hook([table.paths[r] for r in distinct], RUN_SALT)))
+        if any(g is not None for g in own.values()):
             used.append(getattr(hook, "source", domain))
-    groups = [per_row[r] if per_row[r] is not None else hash_group(f"file:{table.paths[r]}") for r in rows]
-    return groups, " + ".join(used) or "file"
+    keys = {r: [k for k in (csv_keys[r], own[r]) if k] or [hash_group(f"file:{table.paths[r]}")] for r in distinct}
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]  # path halving
+            k = parent[k]
+        return k
+
+    for ks in keys.values():
+        for k in ks[1:]:
+            a, b = find(ks[0]), find(k)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    group = {r: find(keys[r][0]) for r in distinct}
+    return [group[int(r)] for r in rows], " + ".join(used) or "file", frozenset(k for ks in keys.values() for k in ks)
 
 
 class _RowDataset(Dataset):
@@ -375,7 +397,7 @@ def check_disjoint(train: LabelledSet, test: LabelledSet, train_root: Path, test
     """Refuse a separate test set that shares a group (patient, scene, file) with the training
     data: it would be a leak the grouped split exists to prevent. Hashes share the run's salt,
     so they compare; the message gives counts only."""
-    shared = set(train.groups.tolist()) & set(test.groups.tolist())
+    shared = (train.group_keys or set(train.groups.tolist())) & (test.group_keys or set(test.groups.tolist()))
     if shared:
         raise DataError(f"{test_root}: {len(shared)} group(s) ({test.group_source}) of the test set also occur in "
                         f"{train_root}; a test set must hold other patients/scenes/files")

@@ -475,3 +475,77 @@ def test_rows_without_a_csv_group_fall_back_to_the_patient_not_the_file(tmp_path
     assert all(len(g) == 1 for g in by_patient.values())  # every patient's slices in one group
     assert len(set(data.groups.tolist())) == len(by_patient)  # one group per patient, not per file
     assert data.group_source == "csv group column + patient"
+
+
+def test_a_patient_in_two_kinds_of_group_key_stays_on_one_side(tmp_path):
+    """Files sharing any key (CSV group, patient) are one group: a CSV group filled for some
+    slices of a patient only, or two CSV groups for one patient, used to split the patient."""
+    from domains.medical import make_demo_archive
+    from fedmoco.data import DataConfig
+    from fedmoco.labels import build_labelled_set, load_label_table
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=3, labelled=True)
+    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts and p.parent.name == "ct")
+    patient = {p: p.parts[-3] for p in files}
+    seen: dict[str, int] = {}
+    rows = []
+    for p in files:  # slice 0: group P-<patient>, slice 1: none, slice 2: another group of its own
+        k = seen[patient[p]] = seen.get(patient[p], -1) + 1
+        rel = p.relative_to(root).as_posix()
+        rows.append([rel, p.parts[-4], {0: f"P-{patient[p]}", 1: ""}.get(k, f"file-{rel}")])
+    table = load_label_table(root, _write_csv(tmp_path / "labels.csv", ["path", "label", "group"], rows), "medical")
+    data = build_labelled_set("medical", root, table, DataConfig(image_size=32, options={"cache": False}), None)
+    by_patient: dict[str, set] = {}
+    for r, g in zip(data.rows, data.groups):
+        by_patient.setdefault(patient[table.paths[r]], set()).add(g)
+    assert all(len(g) == 1 for g in by_patient.values()) and len(set(data.groups.tolist())) == len(by_patient)
+    assert data.group_source == "csv group column + patient"
+
+
+def test_a_test_set_of_the_same_patients_is_refused_whatever_its_groups_are_named(tmp_path):
+    # the training CSV named its groups, the test set had none (PatientID): the two never compared
+    from domains.medical import make_demo_archive
+    from fedmoco.data import DataConfig
+    from fedmoco.errors import DataError
+    from fedmoco.labels import build_labelled_set, check_disjoint, load_label_table
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=2, labelled=True)
+    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts and p.parent.name == "ct")
+    rows = [[p.relative_to(root).as_posix(), p.parts[-4]] for p in files]
+    cfg = DataConfig(image_size=32, options={"cache": False})
+    named = load_label_table(root, _write_csv(tmp_path / "train.csv", ["path", "label", "group"],
+                                              [[*r, f"SYN-{p.parts[-3]}"] for r, p in zip(rows, files)]), "medical")
+    plain = load_label_table(root, _write_csv(tmp_path / "test.csv", ["path", "label"], rows), "medical")
+    train, test = (build_labelled_set("medical", root, t, cfg, None) for t in (named, plain))
+    with pytest.raises(DataError, match="of the test set also occur in"):
+        check_disjoint(train, test, root, root)
+
+
+def test_a_file_name_that_is_not_utf8_is_a_sample_like_any_other(tmp_path, demo_images):
+    # writing the internal path-to-row CSV raised UnicodeEncodeError (a traceback, exit 1)
+    import os
+    import shutil
+
+    from fedmoco.data import DataConfig
+    from fedmoco.labels import build_labelled_set, load_label_table
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_images, data)
+    first = sorted((data / "circle").glob("*.png"))[0]
+    os.rename(os.fsencode(first), os.fsencode(first.parent) + b"/caf\xe9.png")
+    table = load_label_table(data, None, "images")
+    labelled = build_labelled_set("images", data, table, DataConfig(image_size=32), None)
+    assert len(labelled.targets) == len(list(demo_images.rglob("*.png")))
+    assert any(os.fsencode(table.paths[r]).endswith(b"caf\xe9.png") for r in labelled.rows)
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_training(tmp_path, demo_images, checkpoint, capsys,
+                                                                       monkeypatch):
+    import fedmoco.finetune as ft
+
+    monkeypatch.setattr(ft, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --out"))
+    out = tmp_path / "afile"
+    out.write_text("x")
+    rc = main(["-q", "finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"fedmoco finetune: error: --out {out}: cannot be a results folder (File exists)"
