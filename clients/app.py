@@ -508,6 +508,9 @@ def _check_dp_settings(site: dict[str, Any], run: Any, n_images: int | None) -> 
                                                   f"{', '.join(KEY_RELEASE_MODES)}, got {mode!r}")
     if mode == "prototypes" and run_value(run, "prototype-centres") < 1:
         raise SiteUnavailable(SITE_MISCONFIGURED, "configuration: prototype-centres must be >= 1")
+    if mode != "none" and run_value(run, "max-keys") < 1:  # refused here, before the ledger pays for a release
+        raise SiteUnavailable(SITE_MISCONFIGURED, f"configuration: max-keys must be >= 1 for key-release={mode} "
+                                                  "(a release of no rows would spend budget for nothing)")
     ignored = [k for k in ("dp-epsilon", "dp-delta") if k in run]
     if ignored:
         log.warning("run_config %s ignored: a site's privacy budget comes from its own node_config only",

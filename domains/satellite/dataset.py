@@ -218,9 +218,13 @@ def _layout(first: RasterSource, positions: list[list[int]], opts: SatelliteOpti
     for index in opts.indices:
         missing = [r for r in AppendIndices.NEEDS[index] if r not in roles]
         if missing:
+            hint = "give it with band_roles, e.g. band_roles=red=B04,nir=B08,green=B03"
             raise DataError(
                 f"satellite data option indices={index!r}: band role {missing[0]!r} unknown for bands "
-                f"{names}; give it with band_roles, e.g. band_roles=red=B04,nir=B08,green=B03"
+                f"{names}; {hint}",
+                # the band names are the rasters' own descriptions (free text): not for the server
+                public=f"satellite data option indices={index!r}: band role {missing[0]!r} unknown for this "
+                       f"site's {n} bands; {hint}",
             )
     return Layout(positions, names, wavelengths, roles, opts.indices)
 

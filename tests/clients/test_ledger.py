@@ -535,3 +535,15 @@ def test_a_ledger_history_no_release_could_have_is_refused(tmp_path, entry):
     path.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match="privacy ledger unreadable"):
         read_ledger(path)
+
+
+@pytest.mark.parametrize("mode", ["prototypes", "keys"])
+def test_a_release_of_no_rows_is_refused_before_the_ledger_pays(site, sent, tmp_path, mode):
+    # max-keys 0 made the site pay its (front-loaded) first release, then fail the round
+    path = tmp_path / "l.json"
+    reply = train(train_message(sent, 1), context(dp_node(site, path), run_config(**{"key-release": mode,
+                                                                                      "max-keys": 0})))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason == (f"configuration: max-keys must be >= 1 for key-release={mode} (a release of no "
+                                  "rows would spend budget for nothing)")
+    assert not path.exists() or read_ledger(path).history == []

@@ -383,3 +383,22 @@ def test_a_release_reads_one_tile_per_raster_that_no_other_raster_moves(tmp_path
     assert isinstance(reason, str) and "input-mean and input-std" in reason
 
 
+
+
+def test_band_descriptions_stay_out_of_the_public_reason(tmp_path):
+    """A raster's band descriptions are free text (a name, an identifier): the error a site sends
+    the server when an index needs a band role it cannot find names the count, not the bands."""
+    from domains.satellite.demo import from_origin, write_raster
+    from fedmoco.data import DataConfig, build_pretrain_data
+    from fedmoco.errors import DataError
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        write_raster(tmp_path / f"{k}.tif", (rng.random((4, 64, 64)) * 0.3).astype(np.float32),
+                     transform=from_origin(300000 + 1000 * k, 5000000, 10, 10),
+                     descriptions=["Doe Jane a", "Doe Jane b", "Doe Jane c", "Doe Jane d"])
+    with pytest.raises(DataError) as err:
+        build_pretrain_data("satellite", tmp_path, DataConfig(image_size=32, options={"indices": "ndvi"}))
+    assert "Doe Jane a" in str(err.value)  # the site's own log names them
+    assert err.value.public == ("satellite data option indices='ndvi': band role 'nir' unknown for this site's 4 "
+                                "bands; give it with band_roles, e.g. band_roles=red=B04,nir=B08,green=B03")
