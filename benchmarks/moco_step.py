@@ -180,6 +180,8 @@ def main() -> None:
         rows.append(f"| {name} | {ips:.1f} | {peak:.2f} |")
         print(rows[-1], flush=True)  # as it comes: a run cut short by its time limit keeps its rows
         rates[name] = ips
+        if args.device != "cpu":
+            headline(args, rates)
     text = "\n".join([
         f"Command: `python benchmarks/moco_step.py --device {args.device} --image-size {args.image_size} "
         f"--batch-size {args.batch_size} --steps {args.steps}`",
@@ -195,6 +197,12 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as fh:
             fh.write(text + "\n\n")
+    headline(args, rates)
+
+
+def headline(args, rates: dict[str, float]) -> None:
+    """The JSON line of the rows timed so far: printed after every row too, so a run cut short
+    by its time limit (the compiled row compiles in its warm-up) keeps its 11.3 figures."""
     best = lambda key: max((v for n, v in rates.items() if key in n), default=float("nan"))  # noqa: E731
     split = max((v for n, v in rates.items() if "split BN" in n and "compiled norm" not in n), default=float("nan"))
     plain, lightly, compiled_norm = best("fedmoco, plain BN"), best("lightly"), best("compiled norm")
@@ -205,7 +213,6 @@ def main() -> None:
                "leak_guard_cost_compiled_norm": plain / compiled_norm - 1,
                # the leak guard's cost: extra step time of split BN over plain BN (issue 11 target <= 0.10)
                "leak_guard_cost": plain / split - 1, "plain_bn_over_lightly": plain / lightly})
-
 
 if __name__ == "__main__":
     main()

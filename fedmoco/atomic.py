@@ -106,8 +106,9 @@ def json_safe(x: Any, *, skip_private: bool = False) -> Any:
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
-    """``text`` (UTF-8) written to ``path`` atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda fh: fh.write(text.encode()))
+    """``text`` (UTF-8) written to ``path`` atomically (:func:`atomic_write`). A file name in it
+    that is not UTF-8 (surrogate-escaped, as Python decodes POSIX names) keeps its own bytes."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8", "surrogateescape")))
 
 
 def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2) -> Path:

@@ -101,7 +101,8 @@ def _unlabelled_csv(root: Path, folder: Path) -> Path:
     """A labels CSV giving every file under ``root`` one label: the domains' labelled
     datasets are the deterministic single-view pipelines we need, and they want labels."""
     path = folder / "labels.csv"
-    with open(path, "w", newline="") as fh:
+    # surrogateescape: a file name need not be UTF-8 (read back by fedmoco.data._csv_labels)
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
         for f in list_files(root):
@@ -127,7 +128,7 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
     domain, data_options, norm = recorded_pipeline(meta, domain, options)
     cfg = DataConfig(image_size=meta["image_size"], options=data_options)
     with tempfile.TemporaryDirectory(prefix="fedmoco-embed-") as tmp:
-        labelled = build_labelled_data(domain, root, cfg, _unlabelled_csv(root, Path(tmp)), norm)
+        labelled = build_labelled_data(domain, root, cfg, _unlabelled_csv(root, Path(tmp)), norm, own_csv=True)
     if labelled.in_channels != model.cfg.in_channels:
         raise CheckpointError(f"{checkpoint}: encoder takes {model.cfg.in_channels} channel(s) but {root} "
                               f"gives {labelled.in_channels}")

@@ -85,8 +85,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
             count = x.numel() // (s * x.shape[1])  # values behind each sub-batch's statistics
             m = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
             unbiased = var * (count / max(count - 1, 1))
-            self._store_running(torch.lerp(self.running_mean.expand(s, -1), mean, m),
-                                torch.lerp(self.running_var.expand(s, -1), unbiased, m))
+            dtype = self.running_mean.dtype  # the statistics come in float32 whatever the module's dtype
+            self._store_running(torch.lerp(self.running_mean.expand(s, -1), mean.to(dtype), m),
+                                torch.lerp(self.running_var.expand(s, -1), unbiased.to(dtype), m))
         return y
 
     @torch.no_grad()

@@ -138,9 +138,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                               val_fraction=args.val_fraction, split_seed=args.split_seed,
                               operating_point=args.operating_point, bootstrap=args.bootstrap)
     device = select_device(args.device)
-    out = args.out or args.checkpoint.parent / "finetune"
-    _writable_folder(out)  # before hours of training, not after
     inputs = load_inputs(args, multi_label=args.multi_label)
+    out = args.out or args.checkpoint.parent / "finetune"
+    _writable_folder(out)  # before hours of training, not after (and after the checkpoint loaded)
     data = inputs.data
     if args.positive_class is not None:
         if data.multi_label or args.positive_class not in data.names or len(data.names) != 2:

@@ -317,13 +317,15 @@ def _drop_empty_classes(targets: np.ndarray, names: list[str], source: str) -> t
 
 
 def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str], str, frozenset[str]]:
-    """(hashed group per sample, the kinds of key used, every key seen).
+    """(hashed group per sample, the kinds of key used, every key that groups).
 
     Each file has up to two keys: its CSV ``group`` and the domain's (patient, scene); a file
-    with neither is its own group. Files sharing any key are one group (connected components),
-    so a patient whose CSV group is filled for some slices only, or who sits in two CSV groups,
-    still lands on one side of a split: decided by the CSV alone, or file by file, one
-    patient's slices split both ways. The kinds are named, the file only when alone."""
+    with neither is its own group. Files sharing a key are one group (connected components),
+    so a patient whose CSV group is filled for some slices only stays whole, and a test set
+    holding the same patients is caught whatever its groups are called. The CSV still decides
+    where it contradicts the domain: a domain key found under two or more CSV groups (a PatientID
+    that de-identification made constant, a geotransform copied into every chip) links nothing,
+    since the user has said those files are apart. The kinds are named, the file only when alone."""
     distinct = sorted({int(r) for r in rows})
     csv_keys = {r: table.groups[r] for r in distinct}
     used = ["csv group column"] if any(csv_keys.values()) else []
@@ -331,9 +333,22 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
     own: dict[int, str | None] = dict.fromkeys(distinct)
     if hook is not None:
         own.update(zip(distinct, hook([table.paths[r] for r in distinct], RUN_SALT)))
-        if any(g is not None for g in own.values()):
-            used.append(getattr(hook, "source", domain))
-    keys = {r: [k for k in (csv_keys[r], own[r]) if k] or [hash_group(f"file:{table.paths[r]}")] for r in distinct}
+    csv_groups_of: dict[str, set[str]] = {}
+    for r in distinct:
+        if own[r] is not None and csv_keys[r] is not None:
+            csv_groups_of.setdefault(own[r], set()).add(csv_keys[r])
+    overruled = {k for k, g in csv_groups_of.items() if len(g) > 1}
+    if overruled:
+        log.info("%d %s key(s) span several CSV groups: the CSV group decides for those files",
+                 len(overruled), getattr(hook, "source", domain))
+    keys: dict[int, list[str]] = {}
+    for r in distinct:
+        mine = own[r] if own[r] is not None and own[r] not in overruled else None
+        keys[r] = [k for k in (csv_keys[r], mine) if k] or [hash_group(f"file:{table.paths[r]}")]
+        if own[r] is not None and csv_keys[r] is None:
+            keys[r] = [own[r]]  # its only key, overruled or not
+    if any(own[r] is not None and (csv_keys[r] is None or own[r] not in overruled) for r in distinct):
+        used.append(getattr(hook, "source", domain))
     parent: dict[str, str] = {}
 
     def find(k: str) -> str:

@@ -244,3 +244,19 @@ def test_embed_reads_linked_files_and_checks_its_outputs_first(tmp_path, demo_im
     assert not (tmp_path / "f.npy").exists()
     assert main(["-q", "knn", "--checkpoint", str(tmp_path), "--data", str(demo_images)]) == 2
     assert capsys.readouterr().err == (f"fedmoco knn: error: {tmp_path}: is a folder, not a checkpoint file\n")
+
+
+def test_embed_takes_a_file_name_that_is_not_utf8_and_writes_its_bytes(tmp_path, demo_images):
+    # the internal labels CSV raised UnicodeEncodeError (a traceback) on a Latin-1 file name
+    import os
+    import shutil
+
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=3, small=True)
+    data = tmp_path / "data"
+    shutil.copytree(demo_images, data)
+    first = sorted((data / "circle").glob("*.png"))[0]
+    os.rename(os.fsencode(first), os.fsencode(first.parent) + b"/caf\xe9.png")
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(data),
+                 "--out", str(tmp_path / "emb" / "features.npy")]) == 0
+    assert np.load(tmp_path / "emb" / "features.npy").shape[0] == len(list(demo_images.rglob("*.png")))
+    assert b"circle/caf\xe9.png" in (tmp_path / "emb" / "features.csv").read_bytes()

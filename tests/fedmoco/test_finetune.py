@@ -477,29 +477,54 @@ def test_rows_without_a_csv_group_fall_back_to_the_patient_not_the_file(tmp_path
     assert data.group_source == "csv group column + patient"
 
 
-def test_a_patient_in_two_kinds_of_group_key_stays_on_one_side(tmp_path):
-    """Files sharing any key (CSV group, patient) are one group: a CSV group filled for some
-    slices of a patient only, or two CSV groups for one patient, used to split the patient."""
+def _ct_slices(tmp_path, n_slices):
     from domains.medical import make_demo_archive
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=n_slices,
+                             labelled=True)
+    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts and p.parent.name == "ct")
+    return root, files, {p: p.parts[-3] for p in files}
+
+
+def _groups_by_patient(tmp_path, root, patient, rows):
     from fedmoco.data import DataConfig
     from fedmoco.labels import build_labelled_set, load_label_table
 
-    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=3, labelled=True)
-    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts and p.parent.name == "ct")
-    patient = {p: p.parts[-3] for p in files}
-    seen: dict[str, int] = {}
-    rows = []
-    for p in files:  # slice 0: group P-<patient>, slice 1: none, slice 2: another group of its own
-        k = seen[patient[p]] = seen.get(patient[p], -1) + 1
-        rel = p.relative_to(root).as_posix()
-        rows.append([rel, p.parts[-4], {0: f"P-{patient[p]}", 1: ""}.get(k, f"file-{rel}")])
     table = load_label_table(root, _write_csv(tmp_path / "labels.csv", ["path", "label", "group"], rows), "medical")
     data = build_labelled_set("medical", root, table, DataConfig(image_size=32, options={"cache": False}), None)
     by_patient: dict[str, set] = {}
     for r, g in zip(data.rows, data.groups):
         by_patient.setdefault(patient[table.paths[r]], set()).add(g)
+    return data, by_patient
+
+
+def test_a_patient_whose_csv_group_is_filled_for_some_slices_only_stays_on_one_side(tmp_path):
+    """Files sharing a key (CSV group, patient) are one group: slices without a CSV group joined
+    a group of their own file (or patient), apart from the patient's other slices."""
+    root, files, patient = _ct_slices(tmp_path, 3)
+    seen: dict[str, int] = {}
+    rows = []
+    for p in files:  # slices 0 and 2: group P-<patient>; slice 1: none
+        k = seen[patient[p]] = seen.get(patient[p], -1) + 1
+        rows.append([p.relative_to(root).as_posix(), p.parts[-4], "" if k == 1 else f"P-{patient[p]}"])
+    data, by_patient = _groups_by_patient(tmp_path, root, patient, rows)
     assert all(len(g) == 1 for g in by_patient.values()) and len(set(data.groups.tolist())) == len(by_patient)
     assert data.group_source == "csv group column + patient"
+
+
+def test_the_csv_group_decides_where_the_domains_key_says_otherwise(tmp_path, monkeypatch):
+    """De-identification often leaves one PatientID for everyone: where a domain key spans
+    several CSV groups, it links nothing and the CSV's groups stand."""
+    import domains.medical as medical
+
+    root, files, patient = _ct_slices(tmp_path, 2)
+    anonymous = lambda paths, salt: ["0" * 24 for _ in paths]  # noqa: E731
+    anonymous.source = "patient"
+    monkeypatch.setattr(medical, "group_keys", anonymous)
+    rows = [[p.relative_to(root).as_posix(), p.parts[-4], f"P-{patient[p]}"] for p in files]
+    data, by_patient = _groups_by_patient(tmp_path, root, patient, rows)
+    assert all(len(g) == 1 for g in by_patient.values()) and len(set(data.groups.tolist())) == len(by_patient)
+    assert data.group_source == "csv group column"
 
 
 def test_a_test_set_of_the_same_patients_is_refused_whatever_its_groups_are_named(tmp_path):
