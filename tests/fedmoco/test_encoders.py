@@ -123,3 +123,14 @@ def test_compiled_split_batchnorm_serves_a_whole_resnet_with_and_without_grad():
     for grad in (True, False, True):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(net(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_split_batchnorm_keeps_a_double_modules_running_statistics():
+    # the compiled statistics are float32: lerp into float64 running buffers raised a dtype error
+    torch.manual_seed(0)
+    a, b = SplitBatchNorm(3, splits=2).double().train(), SplitBatchNorm(3, splits=2).double().train()
+    b.compiled, b.compile_backend = True, "eager"
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(b(x), a(x).to(torch.float64), atol=1e-5, rtol=1e-5)
+    assert b.running_mean.dtype == torch.float64
+    torch.testing.assert_close(b.running_var, a.running_var, atol=1e-6, rtol=1e-6)
