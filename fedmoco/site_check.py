@@ -135,7 +135,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     import torch
 
     from fedmoco.cache import cache_fits, cache_folder_problem, default_cache_dir, folder_cache_allocated
-    from fedmoco.data import DataConfig, build_pretrain_data, format_skipped, parse_bool
+    from fedmoco.data import DataConfig, build_pretrain_data, check_cache_outside, format_skipped, parse_bool
 
     data_dir = Path(data_dir)
     # A dry run writes nothing: DataConfig(cache=False) turns off the decoded-sample cache (a
@@ -148,6 +148,8 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     except ValueError:  # left as given: the domain's options name it in their one-line error
         cache_off = False
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=options, cache=False))
+    if not cache_off:  # checked here as a round checks it: this dry run turned the cache off
+        check_cache_outside(data_dir, DataConfig(image_size=image_size, options=options))
     refused: Counter = Counter()  # image folders: files whose headers a round would refuse
     sizes = source_sizes(data.dataset, refused)
     skipped = data.skipped + refused
@@ -210,7 +212,7 @@ def privacy_lines(data_dir: Path, data: PretrainData) -> list[str]:
     ConfigError (one line naming the file and key) for anything a round would refuse: an
     unknown key, a bad site name, a bad budget, a delta too large for the records a release reads, a ledger or
     state folder inside the data folder, an unreadable ledger."""
-    from fedmoco.ledger import check_site_delta, read_ledger
+    from fedmoco.ledger import check_site_delta, ledger_was_written, read_ledger
     from fedmoco.site_settings import privacy_settings, site_config, site_name
 
     path = data_dir / SITE_SETTINGS_FILE
@@ -234,6 +236,12 @@ def privacy_lines(data_dir: Path, data: PretrainData) -> list[str]:
                  + ("" if math.isfinite(p["epsilon"]) else " (inf: no noise, never private; a control only)"))
     lines.append(release_line(data, fixed))
     ledger = p["ledger_path"]
+    if math.isinf(p["epsilon"]):  # as a round decides it (clients/app.py _release): before any ledger
+        if ledger is not None and ledger_was_written(Path(ledger).expanduser()):
+            return lines + [f"ledger:          {ledger} records this site's budget: a round refuses dp-epsilon=inf "
+                            "(dp-status 8) and the site sends weights only"]
+        return lines + ["ledger:          none needed: a round releases WITHOUT noise (dp-status 1), writes no "
+                        "ledger, and nothing it sends is private"]
     if ledger is None:
         return lines + ["ledger:          none (set ledger-path or state-dir): sharing will be refused "
                         "(dp-status 3) and the site sends weights only"]

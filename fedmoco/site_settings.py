@@ -122,6 +122,8 @@ def read_site_file(path: Path) -> dict[str, str | int | float]:
                               "(the rest belongs in node_config or the run's config)")
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{path}: {key}: expected a number or a string, got {type(value).__name__}")
+        if key in (*SITE_PATH_KEYS, "site-name") and not isinstance(value, str):  # ledger-path = 5: a typo
+            raise ConfigError(f"{path}: {key}: expected a quoted string, got {type(value).__name__} {value!r}")
         if key in SITE_PATH_KEYS and str(value).strip():
             # As Docker Compose and Cargo do: a path in a file means the same wherever the
             # SuperNode was started from.

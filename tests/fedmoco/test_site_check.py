@@ -148,6 +148,8 @@ def test_a_removed_ledger_is_reported_as_the_round_will_refuse_it(images_site, c
     ('dp-epsilon = -1\n', "{file}: dp-epsilon: must be > 0, got -1"),
     ('epsilon = 8\n', "{file}: epsilon: not a site setting"),
     ('site-name = "hospital a/../b"\n', "{file}: site-name: 'hospital a/../b' is not a site name: 1 to 32 characters"),
+    # a number for a path was read as a relative path and reported as inside the data folder
+    ('dp-epsilon = 8\nledger-path = 5\n', "{file}: ledger-path: expected a quoted string, got int 5"),
 ])
 def test_a_settings_file_a_round_would_refuse_is_one_line(images_site, capsys, text, message):
     file = images_site / "fedmoco-site.toml"
@@ -324,3 +326,36 @@ def test_timing_steps_when_the_views_are_made_on_the_training_device(hospital, m
     monkeypatch.setattr(train, "batched_views_for", as_on_a_gpu)
     report = check_site("medical", hospital, image_size=32, batch_size=8, steps=1)
     assert report.steps_timed == 1 and report.seconds_per_step > 0
+
+
+def test_a_cache_folder_inside_the_data_folder_is_refused_as_a_round_refuses_it(hospital, tmp_path, monkeypatch,
+                                                                                capsys):
+    # the dry run turns its cache off, and so skipped the check a round's first pass makes
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(hospital, data)
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(data / "c"))
+    assert main(["-q", "check-site", "--domain", "medical", "--data", str(data), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'c'}: the cache folder is inside the data folder {data}" in err and err.count("\n") == 1
+    assert main(["-q", "check-site", "--domain", "medical", "--data", str(data), "--steps", "0",
+                 "--data-option", "cache=false"]) == 0  # nothing would be written there
+
+
+def test_no_noise_is_reported_as_a_round_decides_it(images_site, tmp_path):
+    # dp-epsilon = inf releases without noise and needs no ledger; check-site said sharing was refused
+    from fedmoco.ledger import SiteLedger
+    from fedmoco.site_settings import LEDGER_FILE
+
+    (images_site / "fedmoco-site.toml").write_text('dp-epsilon = inf\n')
+    assert _privacy(check_site("images", images_site, image_size=16, steps=0))[-1] == (
+        "ledger:          none needed: a round releases WITHOUT noise (dp-status 1), writes no ledger, and "
+        "nothing it sends is private")
+    (images_site / "fedmoco-site.toml").write_text('dp-epsilon = inf\nstate-dir = "../state"\n')
+    ledger = images_site / ".." / "state" / LEDGER_FILE
+    ledger.parent.mkdir()
+    ledger.write_text(json.dumps(SiteLedger("prototypes", 8.0, 1e-5, 10).state_dict()))
+    assert _privacy(check_site("images", images_site, image_size=16, steps=0))[-1] == (
+        f"ledger:          {ledger} records this site's budget: a round refuses dp-epsilon=inf (dp-status 8) "
+        "and the site sends weights only")
