@@ -124,19 +124,17 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     kept: list[RasterSource] = []
     positions: list[list[int]] = []
     readable: list[tuple[RasterSource, list[int]]] = []
-    # Without a selection every source must have the band count most files share, counted by
-    # files (a tie goes to more bands). Counted by sources, a Sentinel-2 L2A or Landsat C2
-    # folder trained on its single-band SCL/AOT/QA rasters and skipped its spectral bands.
+    # Without a selection every source must have the band count most rasters share (a tie goes
+    # to more bands). Where rasters of several bands are present they decide: single-band rasters
+    # beside them are a scene's auxiliaries (a Sentinel-2 L2A folder's SCL/AOT, a Landsat C2 L2SP
+    # scene's 12 QA/ST rasters next to its 7 SR band files), and counted with them a folder
+    # trained on its auxiliaries. Each raster is one vote, a per-band product too: counted by
+    # files, one product missing a band file (12 files) outvoted six complete 13-band GeoTIFFs.
     common = None
     if opts.bands is None and sources:
-        # where per-band products (several band files each) are present, they decide: the
-        # single-band rasters beside them are a scene's auxiliaries (a Landsat C2 L2SP scene
-        # holds 7 SR band files and 12 single-band QA/ST rasters)
-        pool = [s for s in sources if len(s.paths) > 1] or sources
-        files = Counter()
-        for source in pool:
-            files[source.count] += len(source.paths)
-        common = max(files, key=lambda count: (files[count], count))
+        pool = [s for s in sources if s.count > 1]
+        votes = Counter(s.count for s in pool) if pool else Counter(s.count for s in sources)
+        common = max(votes, key=lambda count: (votes[count], count))
     for source in sources:
         try:
             if opts.resolution is not None and source.grid.width * source.grid.height > opts.max_raster_pixels:
@@ -148,7 +146,7 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
             readable.append((source, selected))
             if common is not None and source.count != common:
                 raise RasterReadError(
-                    source.name, WRONG_BAND_COUNT, f"{source.count} bands, most files here belong to rasters of {common}"
+                    source.name, WRONG_BAND_COUNT, f"{source.count} bands, most rasters here have {common}"
                 )
             positions.append(selected)
             kept.append(source)

@@ -402,3 +402,19 @@ def test_band_descriptions_stay_out_of_the_public_reason(tmp_path):
     assert "Doe Jane a" in str(err.value)  # the site's own log names them
     assert err.value.public == ("satellite data option indices='ndvi': band role 'nir' unknown for this site's 4 "
                                 "bands; give it with band_roles, e.g. band_roles=red=B04,nir=B08,green=B03")
+
+
+def test_a_product_missing_a_band_file_does_not_outvote_complete_rasters(tmp_path):
+    """Each raster is one vote for the band count: a Sentinel-2 product missing its B05 file
+    (12 band files) used to count 12 and skip every complete 13-band GeoTIFF beside it."""
+    from domains.satellite import make_demo_archive
+    from fedmoco.data import DataConfig, build_pretrain_data
+
+    root = make_demo_archive(tmp_path / "s13", bands=13, seed=0, tile_size=32)
+    gone = [p for p in root.rglob("*_B05.jp2*")]
+    assert gone
+    for p in gone:
+        p.unlink()
+    data = build_pretrain_data("satellite", root, DataConfig(image_size=32, cache=False))
+    assert data.in_channels == 13
+    assert any("wrong band count" in reason for reason in data.skipped)
