@@ -290,7 +290,14 @@ def prototype_rows(run_config: Mapping[str, Any]) -> int:
 #: hostile files. From run_config they are ignored: the coordinator must not choose a folder
 #: a site writes patient-derived data to, nor lift the bounds that protect the site's host.
 SITE_ONLY_OPTIONS = frozenset({"cache_dir", "cache_max_gb", "gdal_cache_mb", "max_block_mb", "max_raster_pixels",
-                               "max_frame_pixels", "max_frames", "max_decoded_mb", "max_pixels"})
+                               "max_compression_ratio", "max_frame_pixels", "max_frames", "max_decoded_mb",
+                               "max_pixels"})
+
+
+def _option_name(key: str) -> str:
+    """An option's name as the most lenient domain parser reads it (satellite: ``-`` as ``_``):
+    matched on the raw spelling, ``max-raster-pixels`` got past the filter and lifted the limit."""
+    return str(key).strip().replace("-", "_").lower()
 
 
 def site_options(node: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
@@ -300,11 +307,11 @@ def site_options(node: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, A
     if "data-options" in node:
         return parse_options(str(node["data-options"]))
     options = parse_options(str(run_value(run, "data-options")))
-    ignored = sorted(SITE_ONLY_OPTIONS & set(options))
+    ignored = sorted(k for k in options if _option_name(k) in SITE_ONLY_OPTIONS)
     if ignored:
         log.warning("run_config data-options %s ignored: only the site's node_config data-options may set them",
                     ", ".join(ignored))
-    return {k: v for k, v in options.items() if k not in SITE_ONLY_OPTIONS}
+    return {k: v for k, v in options.items() if _option_name(k) not in SITE_ONLY_OPTIONS}
 
 
 def parse_options(text: str) -> dict[str, Any]:

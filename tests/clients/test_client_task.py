@@ -102,3 +102,18 @@ def test_the_coordinator_cannot_choose_where_a_site_writes_nor_lift_its_file_lim
 
     known = {f.name for f in dataclasses.fields(MedicalOptions)} | {f.name for f in dataclasses.fields(SatelliteOptions)}
     assert SITE_ONLY_OPTIONS <= known | set(OPTIONS)
+    # every limit of a file's size is the site's: a domain option named max_* is in the set
+    assert {n for n in known | set(OPTIONS) if n.startswith("max_") and n not in ("max_nodata", "max_tries")} \
+        <= SITE_ONLY_OPTIONS
+
+
+def test_the_coordinator_cannot_lift_a_limit_by_spelling_it_with_dashes(caplog):
+    # the satellite parser reads "-" as "_": "max-raster-pixels" got past the filter
+    from clients.task import site_options
+    from domains.satellite.options import parse_options as satellite_options
+
+    run = {"data-options": "max-raster-pixels=9e18,GDAL-CACHE-MB=99999, max-compression-ratio=1e9,cache-max-gb=1e6,"
+                           "tile-size=32"}
+    kept = site_options({}, run)
+    assert kept == {"tile-size": 32}
+    assert satellite_options(kept).max_raster_pixels == satellite_options({}).max_raster_pixels

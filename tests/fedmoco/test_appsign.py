@@ -213,3 +213,37 @@ def test_the_app_carries_only_its_code_whatever_else_the_checkout_holds(tmp_path
     assert {"fedmoco/a.py", "domains/medical/b.py", "clients/c.py", "server/d.py", "pyproject.toml",
             "fedmoco-app-signature.json"} <= names  # the signature travels with the app
     assert not {n for n in names if n.split("/")[0] in ("examples", "hospitals-demo", "benchmarks", "docs")}
+
+
+def _with_filler(fab: bytes, nbytes: int) -> bytes:
+    """``fab`` plus a file of ``nbytes`` zeros, deflated to a few hundred bytes per MiB."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(fab)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+        with dst.open("tinyapp/filler.bin", "w") as fh:
+            for _ in range(nbytes >> 20):
+                fh.write(bytes(2**20))
+    return out.getvalue()
+
+
+def test_a_strangers_app_is_refused_before_any_file_of_it_is_unpacked(app, signer, tmp_path, monkeypatch):
+    # a 306 KB app of zeros from an untrusted signer unpacked to 300 MiB in the site's memory first
+    import fedmoco.appsign as appsign
+
+    _, trusted = signer
+    keygen(tmp_path / "other", "stranger", "ed25519")
+    sign_app(app, tmp_path / "other" / "stranger", "stranger")
+    monkeypatch.setattr(appsign, "fab_manifest_digest", lambda fab: pytest.fail("unpacked a stranger's app"))
+    assert "none of which is a trusted entity" in verify_fab(_with_filler(build_fab(app), 8 << 20), trusted)
+
+
+def test_an_app_that_unpacks_past_the_cap_is_refused(app, signer, monkeypatch):
+    import fedmoco.appsign as appsign
+
+    key, trusted = signer
+    sign_app(app, key, "coordinator")
+    monkeypatch.setattr(appsign, "MAX_FAB_UNPACKED", 4 << 20)
+    fab = _with_filler(build_fab(app), 8 << 20)
+    assert len(fab) < 64 << 10  # 8 MiB of zeros in a few KB
+    assert verify_fab(fab, trusted) == "the app is not a readable FAB (ValueError: the FAB unpacks to more than 4 MiB)"
