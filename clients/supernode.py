@@ -113,15 +113,64 @@ def _flag_values(argv: list[str], flag: str) -> list[str]:
     return [v for v in _take_flag(argv, flag)[1] if v is not None]
 
 
+def flower_options(argv: list[str]):
+    """``argv`` as Flower's own SuperNode parser reads it (abbreviations, repeats: the last
+    wins), or None when it would refuse them (Flower then says why, once, when it starts)."""
+    import contextlib
+    import io
+
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return _parse_args_run_supernode().parse_known_args(argv)[0]
+    except SystemExit:
+        return None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connection_problem(argv: list[str]) -> str | None:
+    """Why the options in ``argv`` would expose this SuperNode, or None: ``--insecure`` (no TLS)
+    to a SuperLink that is not on this machine, or its Runtime API (``--host``: no
+    authentication; whoever reaches it can act as the ClientApps) on an address other than
+    loopback. Read as Flower reads the options, so no spelling slips past."""
+    args = flower_options(argv)
+    if args is None:
+        return None
+    superlink = str(args.superlink).rsplit(":", 1)[0]
+    if getattr(args, "insecure", False) and not _loopback(superlink):
+        return (f"--insecure to the SuperLink at {args.superlink}: a site's connection must be TLS; give "
+                "--root-certificates with the coordinator's CA (only a SuperLink on this machine may go without)")
+    if not _loopback(str(args.host)):
+        return (f"--host {args.host}: the SuperNode's Runtime API has no authentication, so it stays on 127.0.0.1 "
+                "(the ClientApps it starts run on this machine)")
+    return None
+
+
 def trusted_entities_problem(argv: list[str]) -> str | None:
     """Why the ``--trusted-entities`` YAML in ``argv`` would not guard this SuperNode, or None.
 
     Flower runs its app check only when the mapping it reads is non-empty: a file holding
     ``{}`` (or only a comment) would let every app run unchecked. So the file must map at
-    least one key id to a public key line (Flower then checks each key is Ed25519)."""
+    least one key id to a public key line (Flower then checks each key is Ed25519). The file
+    is the one Flower's parser picks: a later ``--trusted-ent empty.yaml`` (an abbreviation
+    Flower accepts) once replaced the file this check had read."""
     import yaml
 
-    given = _flag_values(argv, "--trusted-entities")
+    args = flower_options(argv)
+    given = [args.trusted_entities] if args is not None and args.trusted_entities else \
+        _flag_values(argv, "--trusted-entities")
     if not given:
         return None  # Flower names a missing value itself
     file = Path(given[-1]).expanduser()
@@ -145,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         print("clients.supernode: error: --trusted-entities YAML is required (the coordinator's app-signing "
               "public key); without it use flower-supernode", file=sys.stderr)
         return 2
-    problem = trusted_entities_problem(argv)
+    argv, after = _take_flag(argv, "--app-signed-after")  # ours: Flower's parser does not know it
+    problem = trusted_entities_problem(argv) or connection_problem(argv)
     if problem is not None:
         print(f"clients.supernode: error: {problem}", file=sys.stderr)
         return 2
-    argv, after = _take_flag(argv, "--app-signed-after")
     try:
         signed_after = parse_signed_after(after[-1] or "") if after else None
     except ConfigError as exc:

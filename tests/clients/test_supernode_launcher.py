@@ -51,8 +51,8 @@ def test_the_supernode_and_its_client_apps_reach_each_other_past_a_web_proxy(tmp
     monkeypatch.delenv("NO_PROXY", raising=False)  # so that the launcher's NO_PROXY is undone after the test
     yaml_file = tmp_path / "trusted-entities.yaml"
     yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
-    assert main(["--trusted-entities", str(yaml_file), "--host", "10.0.0.7"]) == 0
-    assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1,10.0.0.7"  # and its own --host
+    assert main(["--trusted-entities", str(yaml_file), "--host", "127.0.0.2"]) == 0
+    assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1,127.0.0.2"  # and its own --host
     assert seen["https_proxy"] == "http://proxy.hospital:3128"
 
 
@@ -101,3 +101,37 @@ def test_app_signed_after_is_the_sites_and_refuses_older_signed_apps(tmp_path, m
 
     assert main(["--insecure", "--app-signed-after", str(signed_at), "--trusted-entities", str(yaml_file)]) == 0
     assert sci._verify_fab(fab, trusted) is True
+
+
+@pytest.mark.parametrize("extra, problem", [
+    # Flower's parser takes the abbreviation, and the last value wins: an empty file replaced the checked one
+    (["--trusted-ent", "{empty}"], "{empty}: the trusted-entities YAML names no key"),
+    (["--superlink", "superlink.example.org:9092", "--insecure"],
+     "--insecure to the SuperLink at superlink.example.org:9092: a site's connection must be TLS"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0: the SuperNode's Runtime API has no authentication"),
+])
+def test_options_that_would_expose_the_supernode_are_refused_as_flower_reads_them(tmp_path, capsys, monkeypatch,
+                                                                                  extra, problem):
+    import importlib
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    monkeypatch.setattr(cli, "flower_supernode", lambda: pytest.fail("Flower started"))
+    good, empty = tmp_path / "trusted-entities.yaml", tmp_path / "empty.yaml"
+    good.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    empty.write_text("{}\n")
+    argv = ["--trusted-entities", str(good), *[a.format(empty=empty) for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clients.supernode: error: " + problem.format(empty=empty)) and err.count("\n") == 1
+
+
+def test_a_supernode_may_go_without_tls_to_a_superlink_on_its_own_machine(tmp_path, monkeypatch):
+    import importlib
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    started = []
+    monkeypatch.setattr(cli, "flower_supernode", lambda: started.append(True))
+    monkeypatch.setattr("sys.argv", ["clients.supernode"])
+    good = tmp_path / "trusted-entities.yaml"
+    good.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    assert main(["--trusted-entities", str(good), "--superlink", "127.0.0.1:9092", "--insecure"]) == 0 and started
