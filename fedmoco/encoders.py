@@ -116,7 +116,7 @@ def split_batch_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 @cache
-def _compiled_split_batch_norm(backend: str = "inductor") -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _compiled_split_batch_norm(backend: str = "inductor") -> Callable[..., tuple[torch.Tensor, ...]]:
     # Compiled on first use only: importing fedmoco must not start the compiler. Dynamic
     # shapes: one graph serves every layer's (N, C, H, W), so a ResNet compiles it twice
     # (with and without grad), not once per layer shape.

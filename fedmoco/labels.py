@@ -363,7 +363,8 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
             if a != b:
                 parent[max(a, b)] = min(a, b)
     group = {r: find(keys[r][0]) for r in distinct}
-    return [group[int(r)] for r in rows], " + ".join(used) or "file", frozenset(k for ks in keys.values() for k in ks)
+    every_key = frozenset(k for ks in keys.values() for k in ks)
+    return [group[int(r)] for r in rows], " + ".join(used) or "file", every_key
 
 
 class _RowDataset(Dataset):

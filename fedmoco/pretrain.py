@@ -133,9 +133,9 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     saved = None
     if resume:
         saved = load_checkpoint(ckpt_path)
+        named = moco_version if explicit is not None and "moco" in explicit else None  # a preset the user gave
         domain, train_cfg, data_cfg = resumed_settings(saved, ckpt_path, domain, train_cfg, data_cfg, explicit,
-                                                       moco_overrides, moco_version if explicit is not None and
-                                                       "moco" in explicit else None)
+                                                       moco_overrides, named)
         check_compatible(ckpt_path, saved["moco_config"], {**saved["moco_config"], **moco_overrides})
         if int(saved["epoch"]) >= train_cfg.epochs:
             return PretrainResult(checkpoint=ckpt_path, metrics=out / METRICS, epochs_done=int(saved["epoch"]),
