@@ -277,6 +277,15 @@ def check_run_ranges(run_config: Mapping[str, Any]) -> None:
             value = run_value(run_config, key)
             if not ok(value):
                 raise ConfigError(f"run_config {key} must be {rule}, got {value!r}")
+    # Each range alone allowed a 32 GiB queue (2^20 keys x 8192 dims) at every site, which no
+    # site setting could refuse; the products bound what the queues hold, far above any use
+    # (MoCo's largest, 65,536 keys of 128 dims, is 32 MiB).
+    dim = run_value(run_config, "dim")
+    for key, cap_mib in (("local-queue-size", 256), ("global-queue-size", 1024)):
+        mib = run_value(run_config, key) * dim * 4 / 2**20
+        if mib > cap_mib:
+            raise ConfigError(f"run_config {key} x dim ({run_value(run_config, key)} x {dim} float32) would take "
+                              f"{mib:,.0f} MiB; at most {cap_mib} MiB")
 
 
 def prototype_rows(run_config: Mapping[str, Any]) -> int:

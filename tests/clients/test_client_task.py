@@ -117,3 +117,16 @@ def test_the_coordinator_cannot_lift_a_limit_by_spelling_it_with_dashes(caplog):
     kept = site_options({}, run)
     assert kept == {"tile-size": 32}
     assert satellite_options(kept).max_raster_pixels == satellite_options({}).max_raster_pixels
+
+
+def test_a_queue_no_site_could_hold_is_refused_before_the_round():
+    # each range alone allowed 2^20 keys of 8192 dims (32 GiB) at every site
+    from clients.task import RUN_DEFAULTS, check_run_ranges
+
+    check_run_ranges({**RUN_DEFAULTS, "local-queue-size": 65536, "dim": 1024})  # 256 MiB: the most
+    with pytest.raises(ConfigError, match=r"run_config local-queue-size x dim \(1048576 x 8192 float32\) would take "
+                                          r"32,768 MiB; at most 256 MiB"):
+        check_run_ranges({**RUN_DEFAULTS, "local-queue-size": 2**20, "dim": 8192})
+    with pytest.raises(ConfigError, match=r"run_config global-queue-size x dim \(1048576 x 512 float32\) would "
+                                          r"take 2,048 MiB; at most 1024 MiB"):
+        check_run_ranges({**RUN_DEFAULTS, "global-queue-size": 2**20, "dim": 512})
