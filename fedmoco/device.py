@@ -17,8 +17,10 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device: {exc}") from None
+    except RuntimeError:  # torch's message lists its twenty internal device types
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

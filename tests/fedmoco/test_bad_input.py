@@ -252,3 +252,14 @@ def test_a_cuda_device_number_this_machine_lacks_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--device cuda:3: this machine has 1 CUDA device\(s\), numbered from 0$"):
         select_device("cuda:3")
     assert select_device("cuda:0") == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("name", ["gpu", "xla", "meta", "cuda:x"])
+def test_a_device_fedmoco_does_not_train_on_is_named_with_the_choices(name):
+    # "gpu" listed torch's twenty internal device types; "xla" or "meta" passed and failed later
+    from fedmoco.device import select_device
+    from fedmoco.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^--device {name}: expected auto, cpu, cuda, cuda:N or mps$"):
+        select_device(name)
+    assert select_device("cpu") == torch.device("cpu")
