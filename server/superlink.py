@@ -69,18 +69,26 @@ class FleetOnly:
     A body over ``max_body`` bytes is refused (413) before it is read: Flower's REST fleet
     API reads a whole request into memory before it checks the node's signature, so without
     a bound any stranger could make the coordinator's internet-facing port buffer gigabytes.
-    A body without a length (chunked) is cut off once it passes the bound.
+    A body without a length (chunked) is cut off once it passes the bound. Requests being
+    served together may hold at most ``max_inflight`` bytes of bodies (declared lengths; a
+    chunked one counts as ``max_body``): one more is answered 503, which Flower's SuperNodes
+    retry with back-off, so honest uploads queue while N strangers' connections can no longer
+    make the coordinator hold N x ``max_body``.
     """
 
-    def __init__(self, app: ASGIApp, allowed: frozenset[str], max_body: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, allowed: frozenset[str], max_body: int | None = None,
+                 max_inflight: int | None = None) -> None:
         self.app, self.allowed = app, allowed
         self.max_body = max_fleet_body() if max_body is None else int(max_body)
+        self.max_inflight = 8 * self.max_body if max_inflight is None else int(max_inflight)
+        self.inflight = 0  # one event loop serves the listener: no lock needed
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             return
         if scope["type"] == "http" and not scope.get("root_path") and scope["path"] in self.allowed:
-            length = dict(scope.get("headers") or []).get(b"content-length")
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length")
             try:
                 too_long = length is not None and int(length) > self.max_body
             except ValueError:
@@ -88,7 +96,17 @@ class FleetOnly:
             if too_long:
                 await _plain(send, 413, b"request body too large for the fleet address\n")
                 return
-            await self.app(scope, self._bounded(receive), send)
+            # HTTP/1.1: without a length or chunked transfer a request has no body (GET /health)
+            chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+            need = int(length) if length is not None else (self.max_body if chunked else 0)
+            if need and self.inflight + need > self.max_inflight:
+                await _plain(send, 503, b"the fleet address is busy; retry\n")
+                return
+            self.inflight += need
+            try:
+                await self.app(scope, self._bounded(receive), send)
+            finally:
+                self.inflight -= need
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})

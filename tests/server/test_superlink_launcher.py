@@ -204,3 +204,51 @@ def test_the_superlinks_own_processes_reach_it_past_a_web_proxy(tmp_path, monkey
                str(ports[1]), "--insecure", "--database", str(tmp_path / "db")])
     assert seen["no_proxy"] == seen["NO_PROXY"] == "127.0.0.1,localhost,::1"
     assert seen["http_proxy"] == "http://proxy.hospital:3128"
+
+
+def test_bodies_served_together_are_bounded_and_one_more_is_asked_to_retry():
+    """Each body is capped, but N strangers' connections could hold N x the cap: past the budget
+    of bodies in flight a request gets 503, which Flower's SuperNodes retry with back-off."""
+    release = None
+    served: list[str] = []
+
+    async def inner(scope, receive, send):
+        served.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def request(length: int | None):
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        return {"type": "http", "path": "/v1/fleet/push-object", "root_path": "", "method": "POST",
+                "headers": headers}
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        guard = FleetOnly(inner, fleet_paths(), max_body=1000, max_inflight=1500)
+        statuses: list[int] = []
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        first = asyncio.create_task(guard(request(900), receive, send))
+        await asyncio.sleep(0)
+        await guard(request(900), receive, send)  # 1800 > 1500: busy
+        small = asyncio.create_task(guard(request(100), receive, send))  # fits beside the first
+        await asyncio.sleep(0)
+        release.set()
+        await first
+        await small
+        assert statuses[0] == 503 and sorted(statuses[1:]) == [200, 200] and guard.inflight == 0
+        statuses.clear()
+        release.set()
+        await guard(request(None), receive, send)  # no body (GET /health): never counted
+        await guard(request(900), receive, send)  # the first one's bytes were given back
+        assert statuses == [200, 200]
+
+    asyncio.run(main())
