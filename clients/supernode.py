@@ -23,6 +23,7 @@ functions it hooks have changed shape (a newer Flower): it never runs unchecked.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -33,7 +34,7 @@ from typing import Any, Callable
 
 from fedmoco.appsign import parse_signed_after, verify_fab
 from fedmoco.errors import ConfigError
-from fedmoco.network import loopback_bypasses_proxy
+from fedmoco.network import is_loopback_bind, loopback_bypasses_proxy
 
 log = logging.getLogger("fedmoco.supernode")
 _HOOKED = "flwr.supernode.start_client_internal"
@@ -116,6 +117,11 @@ def _flag_values(argv: list[str], flag: str) -> list[str]:
 def flower_options(argv: list[str]):
     """``argv`` as Flower's own SuperNode parser reads it (abbreviations, repeats: the last
     wins), or None when it would refuse them (Flower then says why, once, when it starts)."""
+    return _flower_options(tuple(argv))
+
+
+@functools.lru_cache(maxsize=4)  # main's two checks read one command line: parsed once
+def _flower_options(argv: tuple[str, ...]):
     import contextlib
     import io
 
@@ -123,21 +129,9 @@ def flower_options(argv: list[str]):
 
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            return _parse_args_run_supernode().parse_known_args(argv)[0]
+            return _parse_args_run_supernode().parse_known_args(list(argv))[0]
     except SystemExit:
         return None
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    host = host.strip().strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def connection_problem(argv: list[str]) -> str | None:
@@ -149,10 +143,10 @@ def connection_problem(argv: list[str]) -> str | None:
     if args is None:
         return None
     superlink = str(args.superlink).rsplit(":", 1)[0]
-    if getattr(args, "insecure", False) and not _loopback(superlink):
+    if getattr(args, "insecure", False) and not is_loopback_bind(superlink):
         return (f"--insecure to the SuperLink at {args.superlink}: a site's connection must be TLS; give "
                 "--root-certificates with the coordinator's CA (only a SuperLink on this machine may go without)")
-    if not _loopback(str(args.host)):
+    if not is_loopback_bind(str(args.host)):
         return (f"--host {args.host}: the SuperNode's Runtime API has no authentication, so it stays on 127.0.0.1 "
                 "(the ClientApps it starts run on this machine)")
     return None

@@ -80,10 +80,10 @@ class LabelledSet:
     normalization: Normalization
     group_source: str
     unlabelled_files: int
-    skipped_files: Counter = field(default_factory=Counter)  # files under root not read, by reason
     # every key behind the groups (CSV group, patient or scene, file): two sets that share any
     # of them share a patient, whichever kind of key each side's groups were named by
-    group_keys: frozenset = frozenset()
+    group_keys: frozenset
+    skipped_files: Counter = field(default_factory=Counter)  # files under root not read, by reason
 
 
 def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
@@ -341,13 +341,11 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
     if overruled:
         log.info("%d %s key(s) span several CSV groups: the CSV group decides for those files",
                  len(overruled), getattr(hook, "source", domain))
-    keys: dict[int, list[str]] = {}
-    for r in distinct:
-        mine = own[r] if own[r] is not None and own[r] not in overruled else None
-        keys[r] = [k for k in (csv_keys[r], mine) if k] or [hash_group(f"file:{table.paths[r]}")]
-        if own[r] is not None and csv_keys[r] is None:
-            keys[r] = [own[r]]  # its only key, overruled or not
-    if any(own[r] is not None and (csv_keys[r] is None or own[r] not in overruled) for r in distinct):
+    # a file's own key links unless overruled; where it is the file's only key it always counts
+    links = {r: own[r] is not None and (csv_keys[r] is None or own[r] not in overruled) for r in distinct}
+    keys = {r: [k for k in (csv_keys[r], own[r] if links[r] else None) if k] or [hash_group(f"file:{table.paths[r]}")]
+            for r in distinct}
+    if any(links.values()):
         used.append(getattr(hook, "source", domain))
     parent: dict[str, str] = {}
 
@@ -413,7 +411,7 @@ def check_disjoint(train: LabelledSet, test: LabelledSet, train_root: Path, test
     """Refuse a separate test set that shares a group (patient, scene, file) with the training
     data: it would be a leak the grouped split exists to prevent. Hashes share the run's salt,
     so they compare; the message gives counts only."""
-    shared = (train.group_keys or set(train.groups.tolist())) & (test.group_keys or set(test.groups.tolist()))
+    shared = train.group_keys & test.group_keys
     if shared:
         raise DataError(f"{test_root}: {len(shared)} group(s) ({test.group_source}) of the test set also occur in "
                         f"{train_root}; a test set must hold other patients/scenes/files")

@@ -12,6 +12,7 @@ reach the SuperLink) and only exempts loopback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import tempfile
@@ -26,6 +27,28 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "HTTP_PROX
 #: 7 digits is the most a pid has (Linux's pid_max is at most 4194304).
 RAY_SOCKET_SUFFIX = 61 + 7
 UNIX_PATH_MAX = 107
+
+
+def bind_address(host: str):
+    """``host`` as an IP address (``localhost`` as 127.0.0.1), or None for any other name,
+    which could resolve to anything."""
+    try:
+        return ipaddress.ip_address("127.0.0.1" if host == "localhost" else host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def is_private_bind(host: str) -> bool:
+    """True for a loopback or private (RFC 1918 / ULA) address or ``localhost``; False for
+    wildcard and public addresses (and for names)."""
+    ip = bind_address(host)
+    return ip is not None and not ip.is_unspecified and (ip.is_loopback or ip.is_private)
+
+
+def is_loopback_bind(host: str) -> bool:
+    """True for a loopback address or ``localhost``."""
+    ip = bind_address(host)
+    return ip is not None and ip.is_loopback
 
 
 def loopback_bypasses_proxy(env: Mapping[str, str], also: Sequence[str] = ()) -> dict[str, str]:

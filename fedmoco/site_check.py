@@ -237,7 +237,7 @@ def privacy_lines(data_dir: Path, data: PretrainData) -> list[str]:
     lines.append(release_line(data, fixed))
     ledger = p["ledger_path"]
     if math.isinf(p["epsilon"]):  # as a round decides it (clients/app.py _release): before any ledger
-        if ledger is not None and ledger_was_written(Path(ledger).expanduser()):
+        if ledger is not None and ledger_was_written(Path(ledger)):
             return lines + [f"ledger:          {ledger} records this site's budget: a round refuses dp-epsilon=inf "
                             "(dp-status 8) and the site sends weights only"]
         return lines + ["ledger:          none needed: a round releases WITHOUT noise (dp-status 1), writes no "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -35,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from fedmoco.network import loopback_bypasses_proxy
+from fedmoco.network import is_loopback_bind, is_private_bind, loopback_bypasses_proxy
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -135,28 +134,6 @@ async def _plain(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-def _address(host: str):
-    """``host`` as an IP address (``localhost`` as 127.0.0.1), or None for any other name,
-    which could resolve to anything."""
-    try:
-        return ipaddress.ip_address("127.0.0.1" if host == "localhost" else host.strip("[]"))
-    except ValueError:
-        return None
-
-
-def is_private_bind(host: str) -> bool:
-    """True for a loopback or private (RFC 1918 / ULA) address or ``localhost``; False for
-    wildcard and public addresses (and for names)."""
-    ip = _address(host)
-    return ip is not None and not ip.is_unspecified and (ip.is_loopback or ip.is_private)
-
-
-def is_loopback_bind(host: str) -> bool:
-    """True for a loopback address or ``localhost``."""
-    ip = _address(host)
-    return ip is not None and ip.is_loopback
 
 
 def secure_defaults(config: Any, ours: argparse.Namespace) -> str | None:
