@@ -251,7 +251,11 @@ def check_cache_outside(root: Path, cfg: DataConfig) -> None:
     its caches there would be scanned as data the next time."""
     from fedmoco.cache import default_cache_dir
 
-    if not cfg.cache:  # nothing is written there (a service account whose home is its data folder)
+    try:
+        option_off = not parse_bool(cfg.options.get("cache", True))
+    except ValueError:  # the domain's options name a malformed value in their own one-line error
+        option_off = False
+    if not cfg.cache or option_off:  # nothing is written there (a service account whose home is its data folder)
         return
     cache = Path(cfg.cache_dir or cfg.options.get("cache_dir") or default_cache_dir()).expanduser()
     if cache.resolve().is_relative_to(root.resolve()):

@@ -135,7 +135,8 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     import torch
 
     from fedmoco.cache import cache_fits, cache_folder_problem, default_cache_dir, folder_cache_allocated
-    from fedmoco.data import DataConfig, build_pretrain_data, check_cache_outside, format_skipped, parse_bool
+    from fedmoco.data import (DataConfig, build_pretrain_data, check_cache_outside, check_data_dir, format_skipped,
+                              parse_bool)
 
     data_dir = Path(data_dir)
     # A dry run writes nothing: DataConfig(cache=False) turns off the decoded-sample cache (a
@@ -147,9 +148,9 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
         cache_off = not parse_bool(options.get("cache", True))
     except ValueError:  # left as given: the domain's options name it in their one-line error
         cache_off = False
+    # as a round checks it, and before the scan: this dry run turns its own cache off
+    check_cache_outside(check_data_dir(data_dir), DataConfig(image_size=image_size, options=options))
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=options, cache=False))
-    if not cache_off:  # checked here as a round checks it: this dry run turned the cache off
-        check_cache_outside(data_dir, DataConfig(image_size=image_size, options=options))
     refused: Counter = Counter()  # image folders: files whose headers a round would refuse
     sizes = source_sizes(data.dataset, refused)
     skipped = data.skipped + refused

@@ -69,6 +69,26 @@ def test_a_cache_folder_inside_the_data_folder_is_refused(tmp_path, monkeypatch,
         assert len(build_pretrain_data("images", root, DataConfig(image_size=8, cache=False)).dataset) == 2
 
 
+def test_a_cache_folder_inside_the_data_folder_is_no_matter_when_the_domains_cache_option_is_off(
+        hospital_site, monkeypatch):
+    """A site whose data-options say cache=false writes no cache anywhere: a round refused its
+    folder for a cache folder inside it all the same, where check-site (rightly) did not."""
+    from fedmoco.data import DataConfig, build_pretrain_data
+
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(hospital_site / "cache"))
+    data = build_pretrain_data("medical", hospital_site, DataConfig(image_size=32, options={"cache": "false"}))
+    assert len(data.dataset) > 0 and not (hospital_site / "cache").exists()
+    with pytest.raises(DataError, match="the cache folder is inside the data folder"):
+        build_pretrain_data("medical", hospital_site, DataConfig(image_size=32))
+
+
+@pytest.fixture
+def hospital_site(tmp_path):
+    from domains.medical import make_demo_archive
+
+    return make_demo_archive(tmp_path / "hospital", n_patients=2, seed=0, image_size=32)
+
+
 def test_a_runs_own_normalisation_is_used_as_it_is_and_must_fit_the_data():
     from fedmoco.data import DataConfig, Normalization
     from fedmoco.errors import DataError
