@@ -159,6 +159,7 @@ def _site_settings(ctx: Context) -> dict[str, Any]:
         "threads": _node_threads(node),
         "amp": _node_bool(node, "amp", True),  # mixed precision on the site's GPU (no effect on a CPU)
         "name": site_name(own),  # shown by the server instead of the node id
+        "paths": _site_paths(ctx),  # scrubbed from every reason the server sees
     }
 
 
@@ -261,6 +262,11 @@ def _site_paths(context: Context | None) -> list[str]:
     for those and the path keys, absolute and resolved: how the site's messages name them."""
     node = dict(context.node_config) if context is not None else {}
     values = [str(v) for v in node.values() if isinstance(v, str) and any(sep in v for sep in "/\\")]
+    # A folder inside a value (data-options "cache_dir=/data/Doe Jane 1961/cache") and the
+    # cache folder the SuperNode's environment names are the site's paths too.
+    options = node.get("data-options")
+    inner = [item.partition("=")[2].strip() for item in str(options).split(",")] if isinstance(options, str) else []
+    values += [v for v in inner + [os.environ.get("FEDMOCO_CACHE_DIR", "")] if any(sep in v for sep in "/\\")]
     named = values + [str(node[k]) for k in _PATH_KEYS if isinstance(node.get(k), str) and str(node[k]).strip()]
     forms = []
     for v in named:
@@ -431,7 +437,8 @@ def _site_data(site: dict[str, Any], run: Any, mcfg: MoCoConfig, tcfg: TrainConf
         if len(data.dataset) < 2:  # type: ignore[arg-type]
             raise DataError(f"{site['data_path']}: {len(data.dataset)} usable image(s); MoCo needs at least 2")
     except DataError as exc:
-        raise SiteUnavailable(SITE_DATA_UNAVAILABLE, _data_unavailable(site["data_path"], exc.public or str(exc)),
+        raise SiteUnavailable(SITE_DATA_UNAVAILABLE,
+                              _data_unavailable(site["data_path"], exc.public or str(exc), site["paths"]),
                               str(exc)) from None
     if data.in_channels != mcfg.in_channels:
         raise SiteUnavailable(SITE_MISCONFIGURED,
@@ -458,14 +465,16 @@ def _release_source(data: PretrainData, run: Any, mcfg: MoCoConfig) -> Dataset |
     return data.release_view(_federation_normalization(run, mcfg))
 
 
-def _data_unavailable(path: Path, detail: str) -> str:
+def _data_unavailable(path: Path, detail: str, paths: Sequence[str] = ()) -> str:
     """Why the data cannot be used, in words that name no folder or file (skip counts by
-    reason and option names stay: they say what to fix without saying where)."""
+    reason and option names stay: they say what to fix without saying where). ``paths``: the
+    site's own (:func:`_site_paths`), scrubbed whole before any token is: a folder with spaces
+    ("Doe Jane 1961") reached through a link would otherwise lose only its slashed pieces."""
     if not path.exists():
         return "site data unavailable: the data folder (node_config data-path) does not exist"
     if not path.is_dir():
         return "site data unavailable: node_config data-path is not a folder"
-    return "site data unavailable: " + public_reason(detail.replace(str(path), "<data-path>"))
+    return "site data unavailable: " + public_reason(detail.replace(str(path), "<data-path>"), paths)
 
 
 def _restore_model(saved: SiteState, msg: Message, run: Any, mcfg: MoCoConfig) -> tuple[MoCo, float]:

@@ -260,7 +260,9 @@ def check_cache_outside(root: Path, cfg: DataConfig) -> None:
     cache = Path(cfg.cache_dir or cfg.options.get("cache_dir") or default_cache_dir()).expanduser()
     if cache.resolve().is_relative_to(root.resolve()):
         raise DataError(f"{cache}: the cache folder is inside the data folder {root}, which fedmoco never writes; "
-                        "set FEDMOCO_CACHE_DIR (or the cache_dir option) to a folder outside it")
+                        "set FEDMOCO_CACHE_DIR (or the cache_dir option) to a folder outside it",
+                        public="the cache folder is inside the data folder, which fedmoco never writes; "
+                               "set FEDMOCO_CACHE_DIR (or the cache_dir option) to a folder outside it")
 
 
 def check_text_file(path: Path | str, what: str) -> None:

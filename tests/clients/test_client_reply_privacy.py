@@ -238,3 +238,39 @@ def test_the_quadratic_path_pattern_sees_a_bounded_prefix_of_a_huge_reason(monke
     huge = "data-options: " + "x" * 1_000_000
     assert client_app.public_reason(huge) == huge[:300]
     assert seen == [2000]
+
+
+@pytest.mark.parametrize("where", ["data-options", "environment"])
+def test_a_cache_inside_a_linked_data_folder_with_spaces_does_not_leak_the_folder(tmp_path, monkeypatch, where):
+    """data-path is a link to "Doe Jane 1961" and the cache folder lies inside it (named in the
+    site's data-options or by FEDMOCO_CACHE_DIR). The reason named the folder through its
+    resolved form, which no scrub knew whole, so "Jane" reached the server (found by an audit)."""
+    from domains.images.demo import make_demo_images
+
+    real = make_demo_images(tmp_path / "Doe Jane 1961", n_per_class=4, size=16)
+    (tmp_path / "site").symlink_to(real)
+    node = {"data-path": str(tmp_path / "site")}
+    if where == "data-options":
+        node["data-options"] = f"cache_dir={real}/cache"
+    else:
+        monkeypatch.setenv("FEDMOCO_CACHE_DIR", f"{real}/.cache")
+    run = run_config(**{"in-channels": 3})
+    reply = app(train_message(shared_arrays(global_model(run)), 1), context(node, run))
+    assert reply.has_error() and "cache folder is inside the data folder" in reply.error.reason, reply.error.reason
+    assert b"Doe" not in wire_bytes(reply) and b"Jane" not in wire_bytes(reply)
+
+
+def test_the_sites_own_folders_are_scrubbed_whole_in_a_data_unavailable_reason(tmp_path, monkeypatch):
+    """Every form of the site's paths (a value inside data-options, the environment's cache
+    folder, the data folder resolved through a link) is scrubbed whole, spaces and all."""
+    from clients.app import _data_unavailable, _site_paths
+
+    real = tmp_path / "Doe Jane 1961"
+    real.mkdir()
+    (tmp_path / "site").symlink_to(real)
+    monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(tmp_path / "Roe Ann 1970" / "cache"))
+    node = {"data-path": str(tmp_path / "site"), "data-options": f"sampling=grid,cache_dir={tmp_path}/Poe Ed 1809"}
+    paths = _site_paths(context(node, run_config()))
+    for folder in (real, tmp_path / "Roe Ann 1970" / "cache", tmp_path / "Poe Ed 1809"):
+        text = _data_unavailable(tmp_path / "site", f"{folder}: no readable image", paths)
+        assert text == "site data unavailable: <path>: no readable image", text
