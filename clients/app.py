@@ -122,9 +122,10 @@ def _global_negatives(msg: Message, dim: int, name: str = "queue", limit: int = 
     if tuple(keys.shape) != shape or not torch.isfinite(keys).all():
         log.warning("ignoring %s: its values are not finite, or not of the shape it declares %s", what, shape)
         return None
-    if keys.shape[0] and ((keys.norm(dim=1) - 1).abs() > 1e-3).any():
-        log.warning("ignoring %s: rows are not unit vectors", what)
-        return None
+    off = (keys.norm(dim=1) - 1).abs() > 1e-3
+    if off.any():  # those rows only: one bad row must not take every other site's negatives away
+        log.warning("ignoring %d of the %d rows of %s: not unit vectors", int(off.sum()), keys.shape[0], what)
+        keys = keys[~off]
     return keys if keys.shape[0] else None
 
 

@@ -181,10 +181,21 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
     updated = None if updated_before is None else len(strategy.updated_all)
     encoder = write_encoder(out / ENCODER_FILE, model, arrays, run_config, rounds=max(strategy.last_round, done),
                             sites=strategy.site_ledger, identity=identity, updated_rounds=updated)
-    plots = plot_federation(metrics_path, out / "plots", dim=mcfg.dim) if r("plots") and metrics_path.exists() else []
+    plots = _plots(metrics_path, out / "plots", mcfg.dim) if r("plots") and metrics_path.exists() else []
     log.info("aggregated encoder: %s", encoder)
     return FederationResult(out_dir=out, encoder=encoder, state=state_path, metrics=metrics_path, plots=plots,
                             rounds_done=max(strategy.last_round, done), resumed_from=done)
+
+
+def _plots(metrics: Path, folder: Path, dim: int) -> list[Path]:
+    """The run's PNG plots, or none: they are drawn from rounds.jsonl after the encoder is
+    written, so a plot that fails (a figure no check foresaw) is logged and never ends the
+    run in a traceback, nor loses its result."""
+    try:
+        return plot_federation(metrics, folder, dim=dim)
+    except Exception as exc:  # noqa: BLE001 the plots are a view of rounds.jsonl, which stays
+        log.warning("plots not drawn (%s: %s); rounds.jsonl holds every figure", type(exc).__name__, exc)
+        return []
 
 
 def write_encoder(path: Path, model: MoCo, arrays: ArrayRecord, run_config: Mapping[str, Any], *, rounds: int,

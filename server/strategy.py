@@ -347,6 +347,7 @@ class FedMoCo(FedAvg):
         t_received = time.perf_counter()
         accepted: list[tuple[Message, torch.Tensor]] = []
         sites: list[dict[str, Any]] = []
+        replied: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             site: dict[str, Any] = {"node": node, **self._down.get(node, {})}
@@ -359,6 +360,16 @@ class FedMoCo(FedAvg):
                 reason = untrusted_text(msg.error.reason)
                 site.update(status="error", code=int(msg.error.code), reason=reason)
                 log.warning("round %d: %s sent no update (code %d): %s", r, who, int(msg.error.code), reason)
+                continue
+            # Flower's LinkState already keeps one reply per message, from the node it went to;
+            # the strategy does not rely on it: a second reply would count a site's weight twice
+            # and break model DP's clip / n bound.
+            extra = ("a second reply from this node in this round" if int(node) in replied else
+                     "this node was not sent this round's model" if self._down and node not in self._down else None)
+            replied.add(int(node))
+            if extra:
+                site.update(status="rejected", reason=extra)
+                log.warning("round %d: rejected reply from node %s: %s", r, node, extra)
                 continue
             # What the site uploaded, accepted or not (the traffic happened either way).
             site.update({f"up-{name}": array_bytes(rec) for name, rec in msg.content.array_records.items()
@@ -382,6 +393,9 @@ class FedMoCo(FedAvg):
             if SITE_RECORD in msg.content:
                 del msg.content[SITE_RECORD]  # the name is recorded; FedAvg gets the model records only
             keys = torch.from_numpy(np.array(released_keys(msg.content), copy=True))
+            # Renormalised: rows pass the check above (|norm - 1| <= tolerance in float64) yet
+            # may fail a site's float32 check, and stored as sent they cost sites their negatives.
+            keys = torch.nn.functional.normalize(keys.double(), dim=1).float() if len(keys) else keys
             del msg.content[KEYS]  # FedAvg takes exactly one ArrayRecord per reply
             metrics = msg.content.metric_records["metrics"]
             self._cap_examples(r, node, who, metrics, site)

@@ -42,8 +42,12 @@ _NON_NEGATIVE = ("skipped", "seconds", "dp-keys-epsilon", "dp-keys-releases", "d
 #: vectors' coordinates, at most sqrt(2) (two samples); InfoNCE is at most ln(1 + M) + 2 / T,
 #: 211 at T = 0.01 and M = 65,536, so 1e6 is out of any honest site's reach. A lie beyond these
 #: (train-loss 1.7e308) skewed rounds.jsonl and the plots, and printed a 310-digit loss.
+#: Privacy figures and counts get bounds no honest site reaches either (an epsilon of 1e9 is no
+#: privacy at all; releasing without noise reports inf, which passes): a dp-keys-epsilon of
+#: 1.7e308 passed, and the privacy plot's axis overflowed and ended the run in a traceback.
 _RANGES = {"pos-mean": (-1.01, 1.01), "neg-mean": (-1.01, 1.01), "neg-var": (0.0, 1.01),
-           "emb-std": (0.0, 1.5), "train-loss": (0.0, 1e6)}
+           "emb-std": (0.0, 1.5), "train-loss": (0.0, 1e6), "dp-keys-epsilon": (0.0, 1e9),
+           "dp-keys-budget": (0.0, 1e9), "dp-keys-releases": (0.0, 1e9), "skipped": (0.0, 1e12)}
 #: Longest local round a reply may report: about 116 days, far past any round-timeout in use.
 #: A larger claim is a lie that would fill the round's log line with a 300-digit number.
 MAX_REPLY_SECONDS = 1e7
@@ -177,6 +181,8 @@ def decode_arrays(record: ArrayRecord, max_bytes: Mapping[str, int] | int | None
             value = arr.numpy()
         except Exception as exc:  # corrupt bytes raise many types from numpy
             raise ValueError(f"array {name!r} does not decode ({type(exc).__name__}: {exc})") from None
+        if not isinstance(value, np.ndarray):  # an .npz archive decodes to a mapping of arrays
+            raise ValueError(f"array {name!r} does not decode to one array (got {type(value).__name__})")
         declared = (tuple(int(d) for d in arr.shape), str(arr.dtype))
         if (tuple(value.shape), str(value.dtype)) != declared:
             raise ValueError(f"array {name!r} declares shape {_shape(declared[0])} of {declared[1]} but holds "

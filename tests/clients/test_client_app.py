@@ -345,7 +345,22 @@ def test_global_negatives_beyond_the_runs_sample_or_not_unit_are_ignored(site, c
     assert captured[0]["negatives"] is None and captured[1]["negatives"] is None
     assert captured[2]["negatives"].shape == (30, 16)
     assert "ignoring global negatives of shape (31, 16) (expected (M, 16), M <= 30)" in caplog.text
-    assert "ignoring global negatives: rows are not unit vectors" in caplog.text
+    assert "ignoring 20 of the 20 rows of global negatives: not unit vectors" in caplog.text
+
+
+def test_a_row_that_is_not_unit_costs_the_site_that_row_only(site, captured, caplog):
+    """One bad row among the server's sample took every other row with it: one lying site's
+    row, sampled into every site's negatives, would switch the global queue off for all."""
+    run = run_config(**{"queue-sample": 30})
+    g = shared_arrays(global_model(run))
+    rows = unit_rows(30)
+    rows[7] *= 1.01
+    with caplog.at_level(logging.WARNING):
+        train(train_message(g, 1, negatives=rows), context({"data-path": str(site)}, run))
+    kept = captured[0]["negatives"]
+    assert kept.shape == (29, 16)
+    assert torch.equal(kept, torch.from_numpy(np.delete(rows, 7, axis=0)))
+    assert "ignoring 1 of the 30 rows of global negatives: not unit vectors" in caplog.text
 
 
 @pytest.mark.parametrize("over,reason", [

@@ -88,10 +88,13 @@ def test_1e300_examples_count_as_the_site_cap(grid3, tmp_path, caplog):
     assert "node 103 claims 1e+300 examples; its weight counts 20" in caplog.text
 
 
-def test_two_sites_at_1_7e308_neither_zero_the_model_nor_take_it_over(grid3, tmp_path):
+def test_two_sites_at_1_7e308_neither_zero_the_model_nor_take_it_over(tmp_path):
     # Unclipped, 1.7e308 + 1.7e308 overflows to inf and every weight factor becomes 0.
+    from server.inprocess import InProcessGrid
+
     s = strategy(tmp_path, ExampleCaps(default=40))
-    offsets = one_round(s, grid3, {103: 1.7e308, 104: 1.7e308})
+    offsets = one_round(s, InProcessGrid({n: (lambda m, c: m, None) for n in (101, 102, 103, 104)}),
+                        {103: 1.7e308, 104: 1.7e308})
     expected = (10 * 1.0 + 30 * 3.0 + 40 * LIAR_SHIFT + 40 * LIAR_SHIFT) / 120
     assert np.isfinite(offsets).all() and np.allclose(offsets, expected, atol=1e-4)
     assert last_round(tmp_path)["examples"] == 10 + 30 + 40 + 40
@@ -251,3 +254,86 @@ def test_a_resumed_run_gives_its_sites_their_names_back_under_new_node_ids(grid3
     assert arrays is not None
     assert {e["node"]: e["status"] for e in last_round(tmp_path)["sites"]} == {101: "accepted"}
     assert s.site_names[101] == "hospital-a"
+
+
+def test_one_node_replying_twice_or_a_node_not_sent_the_round_counts_once_or_not_at_all(grid3, tmp_path, caplog):
+    """A second reply from one node would double its FedAvg weight (and break model DP's
+    clip / n bound); a node the round was not sent to has no say. Both are rejected and logged:
+    the aggregate is the two honest sites' weighted mean, as if the extra replies never came."""
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    s, ref = strategy(tmp_path), tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    honest = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))),
+              reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2), good_metrics(30)))]
+    again = reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2), good_metrics(30)))
+    stranger = reply_from(999, reply_content(shifted(ref, LIAR_SHIFT), unit_keys(2, seed=9), good_metrics(30)))
+    arrays, _ = s.aggregate_train(1, honest + [again, again, stranger])
+    a, r = decode_arrays(arrays), decode_arrays(ref)
+    assert np.allclose([float(np.mean(a[k] - r[k])) for k in r], (10 * 1 + 30 * 3) / 40, atol=1e-4)
+    assert len(s.queue) == 4  # two keys from each honest site, once
+    sites = last_round(tmp_path)["sites"]
+    assert [(e["node"], e["status"]) for e in sites] == [(101, "accepted"), (102, "accepted"), (102, "rejected"),
+                                                         (102, "rejected"), (999, "rejected")]
+    assert sites[2]["reason"] == "a second reply from this node in this round"
+    assert sites[4]["reason"] == "this node was not sent this round's model"
+    assert "round 1: rejected reply from node 999: this node was not sent this round's model" in caplog.text
+
+
+@pytest.mark.parametrize("name, value", [("dp-keys-epsilon", 1.7e308), ("dp-keys-budget", 1e300),
+                                         ("dp-keys-releases", 1e200), ("skipped", 1e300)])
+def test_privacy_figures_and_counts_beyond_any_honest_site_reject_the_reply(name, value):
+    """A dp-keys-epsilon of 1.7e308 was accepted: the privacy plot's axis overflowed and the
+    ServerApp ended in a traceback after its last round. inf (released without noise) passes."""
+    from server.validation import check_metrics
+
+    from flwr.app import MetricRecord
+
+    reasons = check_metrics(MetricRecord(good_metrics(10, **{name: value})))
+    assert reasons == [f"metrics {name!r} is {value:.3g}, expected it in [0, {'1e+12' if name == 'skipped' else '1e+09'}]"]
+    if name in ("dp-keys-epsilon", "dp-keys-budget"):
+        assert check_metrics(MetricRecord(good_metrics(10, **{name: math.inf}))) == []
+
+
+def test_an_npz_archive_in_place_of_an_array_is_rejected_by_name():
+    import io
+
+    from flwr.app import Array, ArrayRecord
+
+    buf = io.BytesIO()
+    np.savez(buf, a=np.zeros(3, np.float32))
+    fake = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=buf.getvalue())
+    with pytest.raises(ValueError, match="array 'w' does not decode to one array \\(got NpzFile\\)"):
+        decode_arrays(ArrayRecord({"w": fake}))
+
+
+def test_key_rows_at_the_edge_of_the_tolerance_are_queued_as_unit_rows(grid3, tmp_path):
+    """Rows whose float64 norm is within the server's 1e-3 of 1 can be off by more than 1e-3
+    in float32, where every site checks them: queued as sent, one liar's rows cost every site
+    its global negatives. The server queues them renormalised."""
+    import torch
+
+    s, ref = strategy(tmp_path), tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    edge = (unit_keys(8, seed=5).astype(np.float64) * (1 + 0.999e-3)).astype(np.float32)
+    assert np.abs(np.linalg.norm(edge.astype(np.float64), axis=1) - 1).max() <= 1e-3  # the server accepts them
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2, seed=1), good_metrics(10))),
+               reply_from(102, reply_content(shifted(ref, 3.0), unit_keys(2, seed=2), good_metrics(30))),
+               reply_from(103, reply_content(shifted(ref, 1.0), edge, good_metrics(10)))]
+    s.aggregate_train(1, replies)
+    held = s.queue.keys[: len(s.queue)]
+    assert len(s.queue) == 12 and ((held.norm(dim=1) - 1).abs() < 1e-6).all()
+    assert torch.allclose(held[-8:], torch.from_numpy(unit_keys(8, seed=5)), atol=1e-6)
+
+
+def test_a_plot_that_fails_is_logged_and_the_run_keeps_its_result(tmp_path, monkeypatch, caplog):
+    """The plots are drawn after the encoder is written; one that raises (a figure no check
+    foresaw) ended the ServerApp in a traceback and lost the run's result."""
+    import server.app as server_app
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(server_app, "plot_federation", broken)
+    caplog.set_level(logging.WARNING, logger="flwr.fedmoco.server")
+    assert server_app._plots(tmp_path / "rounds.jsonl", tmp_path / "plots", 8) == []
+    assert "plots not drawn (LinAlgError: Singular matrix); rounds.jsonl holds every figure" in caplog.text
