@@ -279,7 +279,11 @@ def check_text_file(path: Path | str, what: str) -> None:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
         if exc.reason != "unexpected end of data":  # a multi-byte character cut by the 64 KiB read
-            raise DataError(f"{path}: {what} is not a UTF-8 text file (binary data at byte {exc.start})") from None
+            if exc.reason == "NUL byte":
+                raise DataError(f"{path}: {what} is not a text file (binary data at byte {exc.start})") from None
+            # text in another encoding (Excel's "CSV" on Windows is cp1252): say how to save it
+            raise DataError(f"{path}: {what} is not UTF-8 (byte {exc.start} is not UTF-8 text; another encoding, "
+                            "such as Windows-1252? save it as \"CSV UTF-8\")") from None
 
 
 def recorded_pipeline(meta: dict[str, Any], domain: str | None,

@@ -128,7 +128,9 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-    clf = nn.Linear(train_f.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # its initial weights from the seed, not from whatever ran before
+        torch.manual_seed(cfg.seed)
+        clf = nn.Linear(train_f.shape[1], num_classes)
     opt = torch.optim.SGD(clf.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(train_f.shape[0] / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

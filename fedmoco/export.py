@@ -117,6 +117,9 @@ def preprocessing(data: dict[str, Any], channels: int) -> dict[str, Any]:
             "to": "[0, 1]: clip((value - (center - width/2)) / width, 0, 1), MONOCHROME1 inverted",
             "slices": opts.slices,
         }
+        # the evaluation view's geometry (domains.medical.transforms.eval_pipeline), after windowing
+        out["resize"] = ("largest centred square, then to image_size x image_size: area interpolation when both "
+                         "sides are >= image_size, else bilinear (align_corners=False)")
         if norm is None:
             out["normalization"] = default_normalization(channels).to_dict()
             out["note"] = "medical inputs are windowed to [0, 1], then normalised with the fixed mean/std above"
@@ -128,7 +131,8 @@ def preprocessing(data: dict[str, Any], channels: int) -> dict[str, Any]:
             out["note"] = ("the federation recorded no normalisation: each site used per-band mean/std "
                            "estimated on its own tiles; do the same on your data")
     else:
-        out["scaling"] = "pixels / 255 (8-bit) into [0, 1], resized and centre-cropped to image_size"
+        out["scaling"] = ("on the 8-bit image: short side resized to image_size (bilinear, antialiased), centre "
+                          "crop to image_size x image_size; then pixels / 255 into [0, 1]")
         if norm is None:
             out["note"] = "no normalisation recorded: use per-channel mean/std estimated on your images"
     return out

@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import tempfile
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,9 +177,17 @@ class _PathResolver:
 
     def __call__(self, text: str) -> list[Path] | None:
         """The file(s) a CSV path names: a folder (a study, series or band product) names every
-        file under it; None when nothing matches."""
+        file under it; None when nothing matches. A name matches in either Unicode form: a CSV
+        written on one system says "café" as NFC, a folder copied from macOS may store it as NFD."""
         if not text:
             return None
+        for form in (text, *{unicodedata.normalize(f, text) for f in ("NFC", "NFD")} - {text}):
+            found = self._resolve(form)
+            if found is not None:
+                return found
+        return None
+
+    def _resolve(self, text: str) -> list[Path] | None:
         p = Path(text)
         full = p if p.is_absolute() else self.root / p
         if full.is_file():
@@ -361,7 +370,11 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
             if a != b:
                 parent[max(a, b)] = min(a, b)
     group = {r: find(keys[r][0]) for r in distinct}
-    every_key = frozenset(k for ks in keys.values() for k in ks)
+    # The file itself is a key of every sample for a separate test set, even where a CSV group
+    # or a domain key groups it: a test CSV naming the training files under other (or no)
+    # groups compared nothing with a training CSV whose groups were its only keys.
+    every_key = frozenset(k for ks in keys.values() for k in ks) | {hash_group(f"file:{table.paths[r]}")
+                                                                    for r in distinct}
     return [group[int(r)] for r in rows], " + ".join(used) or "file", every_key
 
 

@@ -56,8 +56,16 @@ def test_binary_labels_file(run_dir, demo_images, tmp_path, capsys):
     rc = main(["-q", "linear-probe", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(demo_images),
                "--labels", str(labels)])
     assert rc == 2
-    assert one_error_line(capsys) == (f"fedmoco linear-probe: error: {labels}: labels CSV is not a UTF-8 text "
+    assert one_error_line(capsys) == (f"fedmoco linear-probe: error: {labels}: labels CSV is not a text "
                                       "file (binary data at byte 11)")
+    # text in another encoding is not "binary data": Excel's CSV on Windows (found by an audit)
+    labels.write_bytes("path,label\ncircle/crème.png,a\n".encode("cp1252"))
+    rc = main(["-q", "linear-probe", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(demo_images),
+               "--labels", str(labels)])
+    assert rc == 2
+    assert one_error_line(capsys) == (f"fedmoco linear-probe: error: {labels}: labels CSV is not UTF-8 (byte 20 is "
+                                      "not UTF-8 text; another encoding, such as Windows-1252? save it as "
+                                      "\"CSV UTF-8\")")
 
 
 def test_random_bytes_checkpoint(demo_images, tmp_path, capsys):

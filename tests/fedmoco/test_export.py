@@ -260,3 +260,42 @@ def test_embed_takes_a_file_name_that_is_not_utf8_and_writes_its_bytes(tmp_path,
                  "--out", str(tmp_path / "emb" / "features.npy")]) == 0
     assert np.load(tmp_path / "emb" / "features.npy").shape[0] == len(list(demo_images.rglob("*.png")))
     assert b"circle/caf\xe9.png" in (tmp_path / "emb" / "features.csv").read_bytes()
+
+
+def test_the_recorded_geometry_is_the_evaluation_views(tmp_path):
+    """encoder.json is how a user reproduces the encoder's input elsewhere. Followed as written
+    it must give the evaluation view: the medical record left out the centre square and the
+    area/bilinear resize (features 1.6% off), the images record put /255 before the resize
+    (found by an audit). Each record's words are implemented here with plain torch."""
+    import torch.nn.functional as F
+    import torchvision.transforms.v2.functional as TF
+
+    from domains.images.dataset import eval_transform
+    from domains.medical.options import MedicalOptions
+    from domains.medical.transforms import eval_pipeline
+    from fedmoco.data import Normalization
+    from fedmoco.export import preprocessing
+
+    med = preprocessing({"domain": "medical", "options": {}}, 1)
+    assert med["resize"].startswith("largest centred square") and "area" in med["resize"]
+    g = torch.Generator().manual_seed(0)
+    for h, w, size in ((80, 60, 32), (20, 30, 32)):  # shrink (area) and enlarge (bilinear)
+        img = torch.rand(1, h, w, generator=g)
+        side = min(h, w)
+        square = img[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        mode = "area" if side >= size else "bilinear"
+        by_words = F.interpolate(square[None], size=(size, size), mode=mode,
+                                 **({} if mode == "area" else {"align_corners": False}))[0]
+        pipe = eval_pipeline(MedicalOptions(), size)
+        view = pipe.transforms[1:]  # the geometry after windowing (the record's "windowing" covers the first)
+        out = {"image": img}
+        for t in view:
+            out = t(out)
+        torch.testing.assert_close(torch.as_tensor(out["image"]), by_words, rtol=0, atol=1e-6)
+
+    words = preprocessing({"domain": "images", "options": {}}, 3)["scaling"]
+    assert words.index("short side") < words.index("/ 255")
+    u8 = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=g)
+    by_words = TF.center_crop(TF.resize(u8, [24], antialias=True), [24, 24]).float() / 255
+    ours = eval_transform(24, Normalization((0.0,) * 3, (1.0,) * 3))(u8)
+    torch.testing.assert_close(ours, by_words, rtol=0, atol=1e-6)

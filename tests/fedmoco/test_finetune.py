@@ -574,3 +574,54 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_training(tmp_path,
     rc = main(["-q", "finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == f"fedmoco finetune: error: --out {out}: cannot be a results folder (File exists)"
+
+
+def test_a_test_set_of_the_training_files_is_refused_when_the_training_csv_has_groups(tmp_path, demo_images):
+    """images have no domain key: with a CSV group column the groups were the training set's only
+    keys, and a test CSV of the very same files without groups (or with other group names) was
+    accepted, the training images scored as the test set (found by an audit)."""
+    from fedmoco.data import DataConfig
+    from fedmoco.errors import DataError
+    from fedmoco.labels import build_labelled_set, check_disjoint, load_label_table
+
+    files = sorted(demo_images.rglob("*.png"))[:12]
+    rows = [[f.relative_to(demo_images).as_posix(), f.parent.name] for f in files]
+    cfg = DataConfig(image_size=16)
+    grouped = _write_csv(tmp_path / "train.csv", ["path", "label", "group"],
+                         [[*r, f"p{i // 2}"] for i, r in enumerate(rows)])
+    renamed = _write_csv(tmp_path / "renamed.csv", ["path", "label", "group"],
+                         [[*r, f"other{i}"] for i, r in enumerate(rows)])
+    plain = _write_csv(tmp_path / "plain.csv", ["path", "label"], rows)
+    train = build_labelled_set("images", demo_images, load_label_table(demo_images, grouped, "images"), cfg, None)
+    for test_csv in (plain, renamed):
+        test = build_labelled_set("images", demo_images, load_label_table(demo_images, test_csv, "images"), cfg, None)
+        with pytest.raises(DataError, match="of the test set also occur in"):
+            check_disjoint(train, test, demo_images, demo_images)
+    others = sorted(demo_images.rglob("*.png"))[12:24]
+    apart = _write_csv(tmp_path / "apart.csv", ["path", "label"],
+                       [[f.relative_to(demo_images).as_posix(), f.parent.name] for f in others])
+    check_disjoint(train, build_labelled_set("images", demo_images, load_label_table(demo_images, apart, "images"),
+                                             cfg, None), demo_images, demo_images)  # other files pass
+
+
+def test_a_csv_name_matches_a_file_stored_in_the_other_unicode_form(tmp_path, demo_images):
+    """A CSV saying "café.png" (NFC) for a file stored as NFD (a folder copied from macOS) was
+    refused as naming files that do not exist (found by an audit)."""
+    import shutil
+    import unicodedata
+
+    from fedmoco.labels import load_label_table
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_images, data)
+    files = sorted((data / "circle").glob("*.png"))[:2] + sorted((data / "square").glob("*.png"))[:2]
+    names = []
+    for i, f in enumerate(files):
+        name = unicodedata.normalize("NFD", f"café {i}.png")
+        f.rename(f.parent / name)
+        names.append(f"{f.parent.name}/" + unicodedata.normalize("NFC", f"café {i}.png"))
+    assert not (data / names[0]).exists()  # the CSV's spelling is not the file's
+    table = load_label_table(data, _write_csv(tmp_path / "nfc.csv", ["path", "label"],
+                                              [[n, n.split("/")[0]] for n in names]), "images")
+    assert sorted(p.name for p in table.paths) == sorted(unicodedata.normalize("NFD", f"café {i}.png")
+                                                          for i in range(4))
