@@ -71,10 +71,14 @@ MAX_VALUE = float(np.finfo(np.float16).max)
 #: STAC) or servers (WMS, WCS, ...). A site reads only files that hold their own pixels, so a
 #: file in its data folder cannot make it read outside the folder or open a network
 #: connection. They are left out of the drivers GDAL may try (not refused after opening:
-#: a VRT opens its sources while it is opened).
+#: a VRT opens its sources while it is opened). The second line: header formats whose header
+#: names its data file by any path (ERS ``DataFile = "../x"``, MRF, FAST, PDS/ISIS, NITF tables
+#: of contents). Any other driver that uses files beside the one opened is held to the file's
+#: own folder after opening (:func:`open_raster`).
 REFERENCING_DRIVERS = frozenset({
     "VRT", "GTI", "STACIT", "STACTA", "WMS", "WMTS", "WCS", "DAAS", "EEDA", "EEDAI", "PLMOSAIC", "HTTP",
     "KMLSUPEROVERLAY", "DERIVED", "ESRIC", "OGCAPI", "NGW",
+    "ERS", "MRF", "FAST", "ISIS2", "ISIS3", "PDS", "PDS4", "VICAR", "RPFTOC", "ECRGTOC",
 })
 
 #: Default of the ``max_block_mb`` data option: the most MiB one block of every band may
@@ -398,7 +402,7 @@ def open_raster(path: str | os.PathLike):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return _open_with_readable_drivers(path)
+            src = _open_with_readable_drivers(path)
     except RasterioError as exc:
         msg = _gdal_message(exc)
         if not os.path.exists(path):
@@ -409,6 +413,24 @@ def open_raster(path: str | os.PathLike):
         raise RasterReadError(path, UNREADABLE, msg) from exc
     except OSError as exc:
         raise RasterReadError(path, UNREADABLE, _gdal_message(exc)) from exc
+    outside = _files_outside(path, src.files)
+    if outside:
+        src.close()
+        raise RasterReadError(path, NOT_A_RASTER, f"its pixels are in {len(outside)} file(s) outside its own folder, "
+                                                  "or not regular files; such files are not read")
+    return src
+
+
+def _files_outside(path: str, files: Sequence[str]) -> list[str]:
+    """The files GDAL uses for ``path`` that are not regular files in the folder of ``path``
+    (resolved: a link to a raster in a store is read, with its sidecars there) or below it."""
+    home = Path(path).resolve().parent
+    out = []
+    for f in files:
+        target = Path(f).resolve()
+        if not target.is_relative_to(home) or not target.is_file():
+            out.append(f)
+    return out
 
 
 # ---------------------------------------------------------------------------- scanning

@@ -251,3 +251,60 @@ def test_values_beyond_float16_are_masked_and_leave_the_statistics_alone(tmp_pat
     data = build_pretrain_data(tmp_path, DataConfig(image_size=64, seed=0, cache=False,
                                                     options={"sampling": "grid", "max_nodata": 0.2}))
     assert data.normalization.mean == pytest.approx([0.3] * 4, abs=1e-6)
+
+
+def test_a_header_that_names_a_data_file_outside_the_folder_is_not_read(tmp_path):
+    """An ERS header (500 bytes) with DataFile = "../secret.bin" made the site train on a file
+    outside its data folder, and one naming a FIFO hung the scan (found by an audit)."""
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.reader import NOT_A_RASTER
+
+    (tmp_path / "secret.bin").write_bytes(np.full((4, 32, 32), 1234, "<u2").tobytes())
+    site = tmp_path / "site"
+    site.mkdir()
+    _good(site / "ok.tif")
+    (site / "evil.ers").write_text(textwrap.dedent("""\
+        DatasetHeader Begin
+            Version = "6.0"
+            DataSetType = ERStorage
+            DataType = Raster
+            ByteOrder = LSBFirst
+            DataFile = "../secret.bin"
+            CoordinateSpace Begin
+                Datum = "RAW"
+                Projection = "RAW"
+                CoordinateType = RAW
+            CoordinateSpace End
+            RasterInfo Begin
+                CellType = Unsigned16BitInteger
+                NrOfLines = 32
+                NrOfCellsPerLine = 32
+                NrOfBands = 4
+            RasterInfo End
+        DatasetHeader End
+        """))
+    with rasterio.open(site / "evil.ers") as src:  # GDAL itself reads the outside file through it
+        assert src.read(1)[0, 0] == 1234
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(site / "evil.ers")
+    assert err.value.reason == NOT_A_RASTER
+    scan = scan_folder(site, parse_options({}))
+    assert [Path(s.name).name for s in scan.sources] == ["ok.tif"] and scan.skipped == {NOT_A_RASTER: 1}
+
+
+def test_files_a_raster_uses_must_be_regular_files_in_its_own_folder(tmp_path):
+    """What any other driver opens beside a raster is held to the raster's (resolved) folder."""
+    from domains.satellite.reader import _files_outside
+
+    site, store = tmp_path / "site", tmp_path / "store"
+    site.mkdir()
+    store.mkdir()
+    for f in (site / "a.tif", site / "a.tif.aux.xml", store / "b.tif", store / "b.tif.ovr", tmp_path / "secret.bin"):
+        f.write_bytes(b"x")
+    os.mkfifo(site / "pipe.bin")
+    (site / "b.tif").symlink_to(store / "b.tif")  # a folder of links into a store: read, sidecars there
+    assert _files_outside(str(site / "a.tif"), [str(site / "a.tif"), str(site / "a.tif.aux.xml")]) == []
+    assert _files_outside(str(site / "b.tif"), [str(site / "b.tif"), str(store / "b.tif.ovr")]) == []
+    assert _files_outside(str(site / "a.tif"), [str(site / "a.tif"), f"{site}/../secret.bin"]) == [
+        f"{site}/../secret.bin"]
+    assert _files_outside(str(site / "a.tif"), [str(site / "pipe.bin")]) == [str(site / "pipe.bin")]
