@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import re
 import warnings
@@ -129,8 +130,15 @@ class Grid:
 
     @property
     def res(self) -> float:
-        """Pixel size along x in CRS units (metres for projected CRSs)."""
-        return float(abs(self.transform.a))
+        """Pixel size along a row in CRS units (metres for projected CRSs): the length of the
+        column step (a, d), which a rotated grid splits between both axes (``abs(a)`` was 0 for
+        a grid rotated by 90 degrees, and resampling squashed it to one pixel)."""
+        return float(math.hypot(self.transform.a, self.transform.d))
+
+    @property
+    def row_res(self) -> float:
+        """Pixel size along a column in CRS units: the length of the row step (b, e)."""
+        return float(math.hypot(self.transform.b, self.transform.e))
 
     def same_as(self, other: "Grid") -> bool:
         """True when both grids have the same CRS, size and transform (to 1e-9)."""
@@ -144,7 +152,7 @@ class Grid:
     def resampled(self, res: float) -> "Grid":
         """The grid covering the same extent with pixel size ``res`` (CRS units)."""
         width = max(1, round(self.width * self.res / res))
-        height = max(1, round(self.height * abs(self.transform.e) / res))
+        height = max(1, round(self.height * self.row_res / res))
         # Scaling the transform keeps rotation and orientation of the original grid.
         transform = self.transform @ Affine.scale(self.width / width, self.height / height)
         return Grid(self.crs, transform, width, height)
@@ -563,6 +571,9 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
         try:
             crs = src.crs.to_wkt() if src.crs else None
             grid = Grid(crs, src.transform, src.width, src.height)
+            if crs is not None and not all(1e-12 < v < 1e12 for v in (grid.res, grid.row_res)):
+                raise RasterReadError(path, NOT_GEOREFERENCED, f"its geotransform gives a pixel size of "
+                                                               f"{grid.res:g} x {grid.row_res:g}")
             bands = tuple(
                 BandInfo(
                     path=path,

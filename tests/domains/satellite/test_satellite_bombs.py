@@ -308,3 +308,42 @@ def test_files_a_raster_uses_must_be_regular_files_in_its_own_folder(tmp_path):
     assert _files_outside(str(site / "a.tif"), [str(site / "a.tif"), f"{site}/../secret.bin"]) == [
         f"{site}/../secret.bin"]
     assert _files_outside(str(site / "a.tif"), [str(site / "pipe.bin")]) == [str(site / "pipe.bin")]
+
+
+@pytest.mark.parametrize("coefficients", [(1e309, 0, 0, -10), (float("nan"), 0, 0, -10), (1e-300, 0, 0, -1e-300)])
+def test_a_geotransform_without_a_usable_pixel_size_is_skipped(tmp_path, coefficients):
+    """A pixel size of inf ended the scan in an OverflowError traceback under the resolution
+    option; 1e-300 squashed the scene (found by an audit). Skipped and counted. (GDAL writes a
+    pixel size of 0 as no georeferencing at all: such a file reads as not georeferenced.)"""
+    from affine import Affine
+
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.reader import NOT_GEOREFERENCED
+
+    for i in range(2):
+        _good(tmp_path / f"ok{i}.tif")
+    a, b, d, e = coefficients
+    with rasterio.open(tmp_path / "bad.tif", "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(a, b, 500000, d, e, 4000000)) as dst:
+        dst.write(np.full((4, 64, 64), 1000, "uint16"))
+    with pytest.raises(RasterReadError) as err:
+        inspect_file(tmp_path / "bad.tif")
+    assert err.value.reason == NOT_GEOREFERENCED and "pixel size" in str(err.value)
+    scan = scan_folder(tmp_path, parse_options({"resolution": 10}))
+    assert len(scan.sources) == 2 and scan.skipped == {NOT_GEOREFERENCED: 1}
+
+
+def test_a_grid_rotated_by_90_degrees_keeps_its_size_when_resampled(tmp_path):
+    """Its pixel size was read as |a| = 0, and resolution=10 made the 96 x 96 scene 1 x 1."""
+    from affine import Affine
+
+    from domains.satellite.reader import file_source
+
+    with rasterio.open(tmp_path / "rot.tif", "w", driver="GTiff", width=96, height=96, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(0, 10, 500000, 10, 0, 4000000)) as dst:
+        dst.write(np.full((4, 96, 96), 1000, "uint16"))
+    info = inspect_file(tmp_path / "rot.tif")
+    assert info.grid.res == info.grid.row_res == 10.0
+    same = file_source(info, resolution=10.0).grid
+    coarse = file_source(info, resolution=20.0).grid
+    assert (same.width, same.height) == (96, 96) and (coarse.width, coarse.height) == (48, 48)
