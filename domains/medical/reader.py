@@ -154,6 +154,10 @@ _GRAY = ("MONOCHROME1", "MONOCHROME2")
 # float32) or slope 1e34 (finite pixels whose percentile span overflows) made every loss NaN
 # and stopped the run. Real units stay far below: CT in HU, PET in Bq/ml (~1e9 at most).
 MAX_PIXEL_UNITS = 1e30
+#: The narrowest window width a file's VOI window may have (DICOM asks >= 1 for LINEAR, > 0
+#: for LINEAR_EXACT): a width such as 1e-300 is 0 in float32, and a pixel at the centre became
+#: 0 / 0 = NaN, which stopped the whole run at its first step. Narrower reads as no window.
+MIN_WINDOW_WIDTH = 1e-6
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 
 
@@ -617,7 +621,7 @@ def _windows(ds: Dataset, frames: int) -> tuple[tuple[float, float] | None, ...]
         if source is None:
             return None
         center, width = _first_number(source.get("WindowCenter")), _first_number(source.get("WindowWidth"))
-        usable = center is not None and width is not None and 0 < width <= MAX_PIXEL_UNITS \
+        usable = center is not None and width is not None and MIN_WINDOW_WIDTH <= width <= MAX_PIXEL_UNITS \
             and abs(center) <= MAX_PIXEL_UNITS
         return (center, width) if usable else None  # an unusable window reads as none: percentiles
 

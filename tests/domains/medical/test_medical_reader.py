@@ -230,6 +230,25 @@ def test_a_window_beyond_float32_arithmetic_reads_as_none(tmp_path):
     assert (read_header(path).window_center, read_header(path).window_width) == (150.0, 300.0)
 
 
+def test_a_window_narrower_than_float32_can_divide_by_reads_as_none(tmp_path):
+    """WindowWidth 1e-300 is 0 in float32: a pixel at the centre became 0 / 0 = NaN and one such
+    file stopped a whole run at step 0 (found by an audit). It windows by percentiles instead."""
+    from domains.medical.base import to_base
+    from domains.medical.options import MedicalOptions
+
+    raw = np.array([[2000, 2000, 100, 300]], np.int16)
+    path = write_dicom(tmp_path / "mr.dcm", raw, attributes={"Modality": "MR", "WindowCenter": "2000",
+                                                              "WindowWidth": "1e-300"})
+    assert (read_header(path).window_center, read_header(path).window_width) == (None, None)
+    img = read_dicom(path)
+    base, _ = to_base({"image": img.pixels[0].astype(np.float32), "window": img.window(0)},
+                      MedicalOptions.parse({"window": "file"}), 8)
+    assert np.isfinite(base).all()
+    path = write_dicom(tmp_path / "narrow.dcm", raw, attributes={"Modality": "MR", "WindowCenter": "2000",
+                                                                  "WindowWidth": "0.001"})
+    assert read_header(path).window_width == 0.001  # narrow but usable stays the file's
+
+
 def test_pixel_padding_reads_as_the_darkest_real_pixel(tmp_path):
     raw = np.array([[4000, 300, 250, 4000], [4000, 500, 350, 4095]], np.uint16)  # MR, padding 4000..4095
     path = write_dicom(tmp_path / "mr.dcm", raw, bits_stored=12,
