@@ -20,12 +20,14 @@ import math
 import mmap
 import os
 import warnings
+import zlib
 from collections import OrderedDict
 from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
+from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
@@ -179,7 +181,7 @@ def read_header(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -
     file ``too large`` for ``limits``). Raises :class:`DicomReadError`, and no other exception.
     """
     with _reading(path):
-        ds, st = _open(path)
+        ds, st = _open(path, limits)
         return _validate(ds, path, st.st_size, limits)[0]
 
 
@@ -194,7 +196,7 @@ def read_dicom(path: str | os.PathLike, frames: Sequence[int] | None = None,
     exception.
     """
     with _reading(path):
-        ds, st = _open(path)
+        ds, st = _open(path, limits)
         header, rescale = _validated(ds, path, st, limits)
         return _read_pixels(ds, path, header, rescale, frames, limits)
 
@@ -280,8 +282,10 @@ def _reading(path) -> Iterator[None]:
         _PYDICOM_LOG.setLevel(level)
 
 
-def _open(path: str | os.PathLike) -> tuple[Dataset, os.stat_result]:
-    """Parse the technical tags of ``path``; pixel data over 64 KiB is left on disk."""
+def _open(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -> tuple[Dataset, os.stat_result]:
+    """Parse the technical tags of ``path``; pixel data over 64 KiB is left on disk. A
+    Deflated file is inflated whole by pydicom, so its inflated size is measured first, in
+    bounded memory, against ``limits`` (:func:`_check_inflated_size`)."""
     try:
         st = os.stat(path)
         magic = has_dicom_magic(path)
@@ -293,11 +297,14 @@ def _open(path: str | os.PathLike) -> tuple[Dataset, os.stat_result]:
             "no 'DICM' marker at byte 128 (files without a Part-10 header are not accepted)",
         )
     try:
-        ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS), defer_size=_DEFER_BYTES)
-        if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+        meta = read_file_meta_info(path)
+        if _transfer_syntax_of(meta) == DeflatedExplicitVRLittleEndian:
+            _check_inflated_size(path, meta, limits)
             # Deferred offsets point into the inflated stream, not the file: read it whole.
             ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS))
-    except _NOT_OURS:
+        else:
+            ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS), defer_size=_DEFER_BYTES)
+    except (DicomReadError, *_NOT_OURS):
         raise
     except BaseException as exc:  # noqa: BLE001 a corrupt header can raise almost anything
         raise DicomReadError(path, UNREADABLE, f"cannot parse the header ({_describe(exc)})") from None
@@ -305,9 +312,35 @@ def _open(path: str | os.PathLike) -> tuple[Dataset, os.stat_result]:
 
 
 def _transfer_syntax(ds: Dataset) -> UID | None:
-    meta = getattr(ds, "file_meta", None)
+    return _transfer_syntax_of(getattr(ds, "file_meta", None))
+
+
+def _transfer_syntax_of(meta: Dataset | None) -> UID | None:
     value = meta.get("TransferSyntaxUID") if meta is not None else None
     return UID(str(value)) if value else None
+
+
+def _check_inflated_size(path, meta: Dataset, limits: DicomLimits) -> None:
+    """DicomReadError(TOO_LARGE) when the Deflated dataset of ``path`` inflates to more than
+    ``max_decoded_mb``, what one read may hold: pydicom inflates the whole stream before it
+    reads a tag, so a 261 KB file of zeros that inflated to 256 MiB cost 870 MB before any
+    limit was checked (1000x its size). Measured here chunk by chunk, in bounded memory."""
+    cap = int(limits.max_decoded_mb * 2**20)
+    group_length = meta.get("FileMetaInformationGroupLength")
+    # Part 10: 128-byte preamble, "DICM", the group-length element (12 bytes), then the group
+    start = 132 + 12 + int(group_length) if group_length is not None else None
+    if start is None:
+        return  # pydicom finds the dataset's start another way; the file is then read as before
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while not inflater.eof and (chunk := fh.read(1 << 16)):
+            while chunk and not inflater.eof:  # after the stream's end, input is never consumed
+                total += len(inflater.decompress(chunk, 1 << 20))
+                if total > cap:
+                    raise DicomReadError(path, TOO_LARGE, f"its Deflated dataset inflates to more than "
+                                                          f"max_decoded_mb {limits.max_decoded_mb:g} MiB")
+                chunk = inflater.unconsumed_tail
 
 
 def _describe(exc: BaseException) -> str:

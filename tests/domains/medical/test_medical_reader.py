@@ -555,3 +555,23 @@ def test_no_other_exception_escapes_for_damaged_files(tmp_path, syntax):
             assert str(err).startswith(f"{bad}: ")
         else:
             assert isinstance(img, DicomImage) and img.pixels.dtype == np.float32
+
+
+def test_a_deflated_file_is_refused_before_it_inflates_past_the_read_limit(tmp_path):
+    """pydicom inflates a Deflated dataset whole before reading a tag: a 261 KB file of zeros
+    cost 870 MB before any limit was checked (found by an audit). Its inflated size is
+    measured first, in chunks, against max_decoded_mb."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from domains.medical.dicom_types import TOO_LARGE, DicomLimits
+
+    raw = np.zeros((1024, 1024), np.uint16)  # 2 MiB of pixels, a few KB deflated
+    path = write_dicom(tmp_path / "zeros.dcm", raw, transfer_syntax=DeflatedExplicitVRLittleEndian,
+                       attributes={"Modality": "MR"})
+    assert path.stat().st_size < 64 * 1024
+    with pytest.raises(DicomReadError) as err:
+        read_header(path, DicomLimits(max_decoded_mb=1.0))
+    assert err.value.reason == TOO_LARGE and "Deflated dataset inflates to more than max_decoded_mb 1 MiB" in str(
+        err.value)
+    assert read_header(path, DicomLimits(max_decoded_mb=16.0)).rows == 1024  # under the limit it reads
+    assert read_dicom(path, limits=DicomLimits(max_decoded_mb=16.0)).pixels.shape == (1, 1, 1024, 1024)
