@@ -27,8 +27,9 @@ from typing import Any, Iterator, NoReturn, Sequence
 import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
-from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
 from pydicom.pixels.utils import as_pixel_options
@@ -234,6 +235,7 @@ def _read_pixels(ds, path, header, rescale, frames, limits: DicomLimits) -> Dico
     bits = int(ds.get("BitsAllocated", 0) or 0) if "PixelData" in ds else (32 if "FloatPixelData" in ds else 64)
     samples = 3 if header.channels == 3 else 1
     limits.check_read(path, limits.frame_bytes(header.rows, header.columns, samples, bits), len(wanted))
+    _check_codestream_sizes(ds, path, header, wanted)
     try:
         raw, photometric = _decode(ds, path, wanted)
     except (DicomReadError, *_NOT_OURS):
@@ -746,6 +748,62 @@ def _series_key(ds: Dataset) -> str | None:
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+_J2K_SYNTAXES = frozenset({JPEG2000, JPEG2000Lossless, HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL})
+_JPEG_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+                            JPEGLSNearLossless})
+
+
+def _codestream_size(frame: bytes, tsyntax: UID) -> tuple[int, int] | None:
+    """(rows, columns) a compressed frame declares, or None when it cannot be read here (the
+    decoder then decides). Parsed by hand because pydicom's public parser of JPEG 2000 headers
+    returns precision and sign only: J2K's SIZ segment (ISO/IEC 15444-1 A.5.1, after a JP2
+    box header if any), JPEG's and JPEG-LS's SOF (ISO/IEC 10918-1 B.2.2)."""
+    try:
+        if tsyntax in _J2K_SYNTAXES:
+            at = 0
+            if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # JP2: find the contiguous codestream box
+                at = 12
+                while at + 8 <= len(frame) and frame[at + 4:at + 8] != b"jp2c":
+                    at += max(8, int.from_bytes(frame[at:at + 4], "big"))
+                at += 8
+            if frame[at:at + 4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ
+                return None
+            x, y, x0, y0 = (int.from_bytes(frame[at + i:at + i + 4], "big") for i in (8, 12, 16, 20))
+            return y - y0, x - x0
+        if tsyntax in _JPEG_SYNTAXES and frame[:2] == b"\xff\xd8":
+            at = 2
+            while at + 4 <= len(frame):
+                marker = frame[at + 1]
+                if frame[at] != 0xFF:
+                    return None
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xF7:  # SOFn, SOF55
+                    return int.from_bytes(frame[at + 5:at + 7], "big"), int.from_bytes(frame[at + 7:at + 9], "big")
+                at += 2 + int.from_bytes(frame[at + 2:at + 4], "big")
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def _check_codestream_sizes(ds: Dataset, path, header: DicomHeader, wanted: tuple[int, ...]) -> None:
+    """DicomReadError(UNDECODABLE) when a wanted frame's codestream declares another size
+    than Rows x Columns. The limits are checked on the header's size, and decoders allocate
+    what the codestream says: a 2.5 KB file with Rows/Columns 32 x 32 whose JPEG 2000 header
+    claimed 16000 x 16000 cost 1.6 GB before the size mismatch was seen (found by an audit)."""
+    tsyntax = _transfer_syntax(ds)
+    if tsyntax not in _J2K_SYNTAXES | _JPEG_SYNTAXES or "PixelData" not in ds:
+        return
+    n_frames = _int_attr(ds, path, "NumberOfFrames", minimum=1, default=1)
+    for f in wanted:
+        try:
+            frame = get_frame(ds.PixelData, f, number_of_frames=n_frames)
+        except Exception:  # noqa: BLE001 a broken encapsulation: the decoder says why
+            return
+        size = _codestream_size(frame, tsyntax)
+        if size is not None and size != (header.rows, header.columns):
+            raise DicomReadError(path, UNDECODABLE, f"frame {f}'s codestream declares {size[0]}x{size[1]} pixels, "
+                                                    f"the header says {header.rows}x{header.columns}; not decoded")
 
 
 def _decode(ds: Dataset, path, wanted: tuple[int, ...]) -> tuple[np.ndarray, str]:

@@ -524,7 +524,7 @@ def test_corrupt_codestream_is_undecodable(tmp_path):
     ds = pydicom.dcmread(path)
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 2])
     ds.save_as(path)
-    err = expect(path, "undecodable pixel data", "pylibjpeg", header_too=False)
+    err = expect(path, "undecodable pixel data", "codestream declares", header_too=False)
     assert "gdcm" not in str(err)  # GDCM aborts the process on this file; it is never tried
     assert read_header(path).transfer_syntax == JPEG2000Lossless
 
@@ -575,3 +575,35 @@ def test_a_deflated_file_is_refused_before_it_inflates_past_the_read_limit(tmp_p
         err.value)
     assert read_header(path, DicomLimits(max_decoded_mb=16.0)).rows == 1024  # under the limit it reads
     assert read_dicom(path, limits=DicomLimits(max_decoded_mb=16.0)).pixels.shape == (1, 1, 1024, 1024)
+
+
+@pytest.mark.parametrize("syntax", ["j2k", "jpeg-ls"])
+def test_a_codestream_claiming_another_size_than_the_header_is_not_decoded(tmp_path, monkeypatch, syntax):
+    """Limits are checked on Rows x Columns; decoders allocate what the codestream declares. A
+    2.5 KB file of 32 x 32 whose JPEG 2000 header claimed 16000 x 16000 cost 1.6 GB before the
+    mismatch was seen (found by an audit). The codestream's size is read first."""
+    import struct
+
+    import domains.medical.reader as reader
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+
+    raw = np.random.default_rng(0).integers(0, 4000, (32, 32)).astype(np.uint16)
+    path = write_dicom(tmp_path / "x.dcm", raw, transfer_syntax=JPEG2000Lossless if syntax == "j2k" else JPEGLSLossless,
+                       attributes={"Modality": "MR"})
+    assert read_dicom(path).pixels.shape == (1, 1, 32, 32)  # as written, it reads
+    ds = pydicom.dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    if syntax == "j2k":
+        at = frame.find(b"\xff\x51") + 4 + 2  # SIZ, past Lsiz and Rsiz: Xsiz, Ysiz
+        forged = frame[:at] + struct.pack(">II", 16000, 16000) + frame[at + 8:]
+    else:
+        at = frame.find(b"\xff\xf7") + 5  # SOF55, past Lf and P: Y, X
+        forged = frame[:at] + struct.pack(">HH", 16000, 16000) + frame[at + 4:]
+    ds.PixelData = encapsulate([forged])
+    ds.save_as(path)
+    monkeypatch.setattr(reader, "_decode", lambda *a: pytest.fail("the forged codestream reached a decoder"))
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(path)
+    assert err.value.reason == "undecodable pixel data"
+    assert "frame 0's codestream declares 16000x16000 pixels, the header says 32x32; not decoded" in str(err.value)
