@@ -324,9 +324,25 @@ def site_options(node: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, A
 
 
 def parse_options(text: str) -> dict[str, Any]:
-    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (ints, floats and true/false converted)."""
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (ints, floats and true/false converted).
+
+    A list value keeps its commas: a comma-separated piece without ``=`` continues the option
+    before it (``"bands=B02,B03,B04,B08,sampling=grid"``: bands ``"B02,B03,B04,B08"``), as the
+    domain docs write them and ``--data-option`` takes them. A value that holds ``=`` itself
+    (``band_roles=red=B04,nir=B08``) needs ``;`` between options: a text with a ``;`` is split
+    on ``;`` alone."""
+    text = str(text)
+    if ";" in text:
+        items = text.split(";")
+    else:
+        items = []
+        for piece in text.split(","):
+            if "=" in piece or not items:
+                items.append(piece)
+            else:
+                items[-1] += "," + piece
     out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in str(text).split(","))):
+    for item in filter(None, (s.strip() for s in items)):
         if "=" not in item:
             raise ConfigError(f"data-options: expected key=value, got {item!r}")
         k, v = (s.strip() for s in item.split("=", 1))

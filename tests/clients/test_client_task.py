@@ -50,6 +50,16 @@ def test_parse_helpers():
     assert parse_options("") == {}
     with pytest.raises(ConfigError, match="key=value"):
         parse_options("justaword")
+    # list values as the domain docs write them: a node_config could not select bands or
+    # modalities at all (found by an audit)
+    assert parse_options("bands=B02,B03,B04,B08,sampling=grid") == {"bands": "B02,B03,B04,B08", "sampling": "grid"}
+    assert parse_options("modalities=CT,CR") == {"modalities": "CT,CR"}
+    assert parse_options("band_roles=red=B04,nir=B08; indices=ndvi,ndwi") == {
+        "band_roles": "red=B04,nir=B08", "indices": "ndvi,ndwi"}
+    from domains.satellite.options import parse_options as satellite_options
+
+    opts = satellite_options(parse_options("bands=B02,B03,B04,B08,indices=ndvi,ndwi"))
+    assert opts.bands == ("B02", "B03", "B04", "B08") and opts.indices == ("ndvi", "ndwi")
     assert parse_channels("0.5", 3, "input-mean") == [0.5, 0.5, 0.5]
     assert parse_channels("", 3, "input-mean") is None
     with pytest.raises(ConfigError, match="2 values for 4 channels"):
