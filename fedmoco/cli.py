@@ -206,8 +206,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         warmup_epochs=v["warmup_epochs"], num_workers=args.workers, amp=not args.no_amp, seed=v["seed"],
         max_steps_per_epoch=args.max_steps_per_epoch, batch_augment=args.batch_augment,
     )
-    if v["image_size"] < 8:
-        raise ConfigError(f"--image-size must be >= 8, got {v['image_size']}")
+    if not 8 <= v["image_size"] <= 4096:  # a federation's range too (clients.task.RUN_RANGES)
+        raise ConfigError(f"--image-size must be in [8, 4096], got {v['image_size']}")
     data_cfg = DataConfig(image_size=v["image_size"], seed=v["seed"], options=parse_options(args.data_option),
                           cache=not args.no_cache, progress=not args.quiet)
     log.info("device: %s", device)

@@ -393,8 +393,8 @@ def cmd_check_site(args) -> int:
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
-    if args.image_size < 8:
-        raise ConfigError(f"--image-size must be >= 8, got {args.image_size}")
+    if not 8 <= args.image_size <= 4096:  # run_config's range (clients.task.RUN_RANGES)
+        raise ConfigError(f"--image-size must be in [8, 4096], got {args.image_size}")
     d = FEDERATION_DEFAULTS
     model = MoCoConfig(arch=args.arch, norm=args.norm, dim=d["dim"], hidden_dim=d["hidden-dim"],
                        small_input=args.image_size <= 64, queue_size=d["local-queue-size"])

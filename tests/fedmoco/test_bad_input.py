@@ -271,3 +271,14 @@ def test_a_device_fedmoco_does_not_train_on_is_named_with_the_choices(name):
     with pytest.raises(ConfigError, match=rf"^--device {name}: expected auto, cpu, cuda, cuda:N or mps$"):
         select_device(name)
     assert select_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "check-site"])
+def test_an_image_size_beyond_the_federations_range_is_refused(demo_images, tmp_path, capsys, command):
+    """--image-size 100000 ended in an allocator traceback asking for 30 GB (found by an audit);
+    both commands now hold run_config's range."""
+    extra = (["--out", str(tmp_path / "run")] if command == "pretrain" else ["--domain", "images"])
+    rc = main(["-q", command, "--data", str(demo_images), "--image-size", "100000", *extra])
+    assert rc == 2
+    assert one_error_line(capsys) == f"fedmoco {command}: error: --image-size must be in [8, 4096], got 100000"
+    assert not (tmp_path / "run").exists()
