@@ -7,6 +7,7 @@ everything stored is therefore tensors and plain Python values.
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 import warnings
@@ -43,7 +44,50 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a fedmoco checkpoint")
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt['version']} is newer than this fedmoco")
+    problem = record_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path}: not a usable fedmoco checkpoint: {problem}")
     return ckpt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def record_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with the fields a checkpoint's readers index, or None. A file with the
+    format tag and other contents (edited, or written by another tool) reached the evaluation
+    commands and ``--resume`` and ended in KeyError / TypeError tracebacks."""
+    if not isinstance(ckpt.get("moco_config"), dict):
+        return "'moco_config' is missing or not a mapping"
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        return "'model' is missing or not a mapping of tensors"
+    data = ckpt.get("data")
+    if not isinstance(data, dict):
+        return "'data' is missing or not a mapping"
+    if not isinstance(data.get("domain"), str):
+        return "data 'domain' is missing or not a name"
+    size = data.get("image_size")
+    if not _is_int(size) or not 8 <= size <= 4096:
+        return f"data 'image_size' is {size!r}, expected a whole number in [8, 4096]"
+    if data.get("options") is not None and not isinstance(data["options"], dict):
+        return "data 'options' is not a mapping"
+    norm = data.get("normalization")
+    if norm is not None and not (isinstance(norm, dict) and _numbers(norm.get("mean")) and _numbers(norm.get("std"))
+                                 and len(norm["mean"]) == len(norm["std"]) and min(norm["std"]) > 0):
+        return "data 'normalization' is not a mean and a positive std per channel"
+    if "epoch" in ckpt and (not _is_int(ckpt["epoch"]) or ckpt["epoch"] < 0):
+        return f"'epoch' is {ckpt['epoch']!r}, expected a whole number >= 0"
+    for key in ("train_config", "trainer", "rng"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            return f"{key!r} is not a mapping"
+    return None
 
 
 def read_torch_file(path: Path, what: str = "checkpoint") -> Any:

@@ -76,8 +76,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
     try:
         model = MoCo(MoCoConfig.from_dict(ckpt["moco_config"]))
         model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, ConfigError) as exc:
-        raise CheckpointError(f"{path}: model does not load ({str(exc).splitlines()[0]})") from None
+    except (KeyError, RuntimeError, ConfigError, TypeError, ValueError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: model does not load ({first})") from None
     return model
 
 
@@ -133,6 +134,11 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     saved = None
     if resume:
         saved = load_checkpoint(ckpt_path)
+        missing = [k for k in ("epoch", "train_config", "trainer", "rng") if k not in saved]
+        if missing or not isinstance(saved["train_config"].get("epochs"), int):
+            raise CheckpointError(f"{ckpt_path}: holds no pretraining state to resume "
+                                  f"({', '.join(missing) or 'train_config epochs'} missing): --resume continues "
+                                  "a run of fedmoco pretrain")
         named = moco_version if explicit is not None and "moco" in explicit else None  # a preset the user gave
         domain, train_cfg, data_cfg = resumed_settings(saved, ckpt_path, domain, train_cfg, data_cfg, explicit,
                                                        moco_overrides, named)
@@ -176,14 +182,19 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
                       steps_per_epoch=steps_per_epoch, logger=logger, progress=progress)
     start_epoch = 0
     if saved is not None:
-        model.load_state_dict(saved["model"])
         replan = train_cfg.epochs != int(saved["train_config"]["epochs"])
-        _load_trainer(trainer, saved["trainer"], replan=replan)
+        try:  # a checkpoint edited or written by another tool: one line, not a traceback
+            model.load_state_dict(saved["model"])
+            _load_trainer(trainer, saved["trainer"], replan=replan)
+            set_rng_state(saved["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{ckpt_path}: its training state does not load ({type(exc).__name__}: "
+                                  f"{first})") from None
         start_epoch = int(saved["epoch"])
         if replan:
             log.info("extending the run from %d to %d epochs: the cosine schedule is re-planned over %d steps",
                      saved["train_config"]["epochs"], train_cfg.epochs, trainer.total_steps)
-        set_rng_state(saved["rng"])
         log.info("resumed %s at epoch %d (step %d, queue %d keys)", ckpt_path, start_epoch,
                  trainer.global_step, len(model.queue))
     # A fresh run (global step 0) starts its log afresh: an earlier attempt stopped before

@@ -282,3 +282,50 @@ def test_an_image_size_beyond_the_federations_range_is_refused(demo_images, tmp_
     assert rc == 2
     assert one_error_line(capsys) == f"fedmoco {command}: error: --image-size must be in [8, 4096], got 100000"
     assert not (tmp_path / "run").exists()
+
+
+def _edited(run_dir, tmp_path, name, edit) -> "Path":
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    edit(ckpt)
+    out = tmp_path / name / "checkpoint.pt"
+    out.parent.mkdir(parents=True)
+    torch.save(ckpt, out)
+    return out
+
+
+def _other_channels(ckpt):
+    first = next(k for k, v in ckpt["model"].items() if v.dim() == 4)
+    ckpt["model"][first] = torch.zeros(ckpt["model"][first].shape[0], 4, *ckpt["model"][first].shape[2:])
+
+
+@pytest.mark.parametrize("name, edit, problem", [
+    ("no-data", lambda c: c.pop("data"), "not a usable fedmoco checkpoint: 'data' is missing or not a mapping"),
+    ("data-none", lambda c: c.update(data=None), "'data' is missing or not a mapping"),
+    ("bad-config", lambda c: c.update(moco_config="garbage"), "'moco_config' is missing or not a mapping"),
+    ("bad-norm", lambda c: c["data"].update(normalization="x"),
+     "data 'normalization' is not a mean and a positive std per channel"),
+    ("bad-size", lambda c: c["data"].update(image_size=-5),
+     "data 'image_size' is -5, expected a whole number in [8, 4096]"),
+    ("bad-epoch", lambda c: c.update(epoch="x"), "'epoch' is 'x', expected a whole number >= 0"),
+    ("other-channels", _other_channels, "does not load (Error(s) in loading state_dict for"),
+])
+def test_a_checkpoint_with_the_format_tag_and_other_contents_is_one_line(run_dir, demo_images, tmp_path, capsys,
+                                                                          name, edit, problem):
+    """Edited or foreign contents under fedmoco's format tag ended in KeyError, TypeError and
+    size-mismatch tracebacks in knn, embed, export and pretrain --resume (found by an audit)."""
+    import shutil
+
+    path = _edited(run_dir, tmp_path, name, edit)
+    for command in (["knn", "--checkpoint", str(path), "--data", str(demo_images)],
+                    ["embed", str(path), "--data", str(demo_images), "--out", str(tmp_path / "emb")],
+                    ["export", str(path), "--out", str(tmp_path / "exp")]):
+        assert main(["-q", *command]) == 2, command
+        line = one_error_line(capsys)
+        assert line.startswith(f"fedmoco {command[0]}: error: {path}: ") and problem.split(": ", 1)[-1] in line, line
+    resumed = tmp_path / name / "resume"
+    shutil.copytree(run_dir, resumed, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    shutil.copy(path, resumed / "checkpoint.pt")
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(resumed), "--resume", "--epochs", "3",
+                 "--no-plots"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"fedmoco pretrain: error: {resumed / 'checkpoint.pt'}: "), line

@@ -7,16 +7,22 @@ from fedmoco.checkpoint import FORMAT, VERSION, atomic_save, check_compatible, l
 from fedmoco.errors import CheckpointError
 
 
+def record(**extra) -> dict:
+    """The least a checkpoint holds for load_checkpoint to accept it (record_problem)."""
+    return {"format": FORMAT, "version": 1, "moco_config": {}, "model": {"w": torch.zeros(1)},
+            "data": {"domain": "images", "image_size": 32}, **extra}
+
+
 def test_atomic_save_round_trip_and_no_temp_files_left(tmp_path):
     path = tmp_path / "sub" / "ck.pt"
-    atomic_save({"format": FORMAT, "version": 1, "x": torch.arange(3)}, path)
+    atomic_save(record(x=torch.arange(3)), path)
     assert torch.equal(load_checkpoint(path)["x"], torch.arange(3))
     assert os.listdir(path.parent) == ["ck.pt"]
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
     path = tmp_path / "ck.pt"
-    atomic_save({"format": FORMAT, "version": 1, "x": 1}, path)
+    atomic_save(record(x=1), path)
 
     class Boom:
         def __reduce__(self):
@@ -103,7 +109,7 @@ def test_rng_state_round_trip(tmp_path):
     import numpy as np
 
     state = rng_state()
-    atomic_save({"format": FORMAT, "rng": state}, tmp_path / "r.pt")
+    atomic_save(record(rng=state), tmp_path / "r.pt")
     a = (torch.rand(3), np.random.rand(), random.random())
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     b = (torch.rand(3), np.random.rand(), random.random())
