@@ -42,6 +42,8 @@ sys.path.insert(0, str(BENCH))
 
 from common import last_json_line, machine_line, markdown_table  # noqa: E402
 
+from fedmoco.atomic import atomic_write_text  # noqa: E402
+
 #: Modules in benchmarks/ that are libraries of the suite, not benchmarks.
 HELPERS = {"common", "feed_common", "labelled_task", "run_all"}
 
@@ -399,7 +401,7 @@ def write_docs(out: Path, runs: dict[str, dict], args: argparse.Namespace, resul
         if notes.exists():
             lines += [demote(demote(notes.read_text().strip())), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")  # an interrupted write leaves the old page whole
 
 
 def run_benchmarks(names: list[str], args: argparse.Namespace, results: Path, runs: dict[str, dict], start: float,
@@ -443,6 +445,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     names = discover()
+    # Everything is checked before the first benchmark runs: the page is rewritten at the end,
+    # and a typo in --only once replaced it with an empty table after "0/0 benchmarks ok".
+    for flag in ("only", "skip"):
+        given = [n.strip() for n in (getattr(args, flag) or "").split(",") if n.strip()]
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            p.error(f"--{flag}: no benchmark named {', '.join(unknown)} (benchmarks: {', '.join(names)})")
+        if getattr(args, flag) is not None and not given:
+            p.error(f"--{flag}: no benchmark named")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.budget is not None and not args.budget > 0:
+        p.error(f"--budget must be > 0 seconds, got {args.budget:g}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
+        p.error(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
+    parent = next((d for d in args.docs.absolute().parents if d.exists()), Path("/"))
+    if args.docs.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        p.error(f"--docs {args.docs}: " + ("is a folder" if args.docs.is_dir() else
+                                          f"{parent} is not a folder" if not parent.is_dir() else
+                                          f"{parent} is not writable"))
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     if args.skip:

@@ -275,3 +275,30 @@ def test_a_quick_page_keeps_the_full_suites_verdicts_beside_its_own():
     quick = {"quality": {"name": "quality", "status": "ok", "record": {"bench": "quality"}, "seconds": 1.0}}
     header = run_all.targets_table(quick, args)[0]
     assert "quick verdict" in header and "full suite (saved): verdict" in header
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "moco_stepp"], "--only: no benchmark named moco_stepp (benchmarks: moco_step, "),
+    (["--skip", "nope"], "--skip: no benchmark named nope"),
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--budget", "-5"], "--budget must be > 0 seconds, got -5"),
+    (["--device", "bogus"], "--device must be cpu, cuda, cuda:N or mps, got 'bogus'"),
+])
+def test_the_suite_refuses_bad_arguments_before_it_runs_or_rewrites_anything(tmp_path, monkeypatch, capsys,
+                                                                               argv, message):
+    """A typo in --only ran nothing, printed "0/0 benchmarks ok" and rewrote the page as an
+    empty table; a --docs under a file failed only after every benchmark had run (found by an
+    audit). Both are refused first, and the page is untouched."""
+    import run_all
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("the page as it was\n")
+    monkeypatch.setattr(run_all, "run_one", lambda *a, **k: pytest.fail("a benchmark ran"))
+    with pytest.raises(SystemExit) as stop:
+        run_all.main([*argv, "--docs", str(page)])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert page.read_text() == "the page as it was\n"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "moco_step", "--docs", str(tmp_path / "afile" / "x.md")])
+    assert f"--docs {tmp_path / 'afile' / 'x.md'}: {tmp_path / 'afile'} is not a folder" in capsys.readouterr().err
