@@ -23,7 +23,6 @@ import argparse
 import fcntl
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -173,18 +172,34 @@ def toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: One ``key=value`` of --run-config: a quoted value may hold spaces (as in Flower's own
+#: parser, flwr.common.config.parse_config_args, which takes TOML values only, no bare words).
+_PAIR = re.compile(r"""([^\s=]+)=('[^']*'|"(?:[^"\\]|\\.)*"|\S*)""")
+
+
 def parse_overrides(*texts: str) -> dict[str, Any]:
-    """``'k=1 name="x"'`` -> ``{"k": 1, "name": "x"}`` (TOML values; bare words are strings).
-    Several texts (``--run-config`` given several times) merge in order: later keys win."""
+    """``'k=1 name="x" out-dir="/tmp/my dir"'`` -> ``{"k": 1, "name": "x", "out-dir": "/tmp/my dir"}``
+    (TOML values; bare words are strings). Several texts (``--run-config`` given several times)
+    merge in order: later keys win. ConfigError for text that is not pairs, or an unclosed quote."""
     out: dict[str, Any] = {}
-    for item in (item for text in texts for item in shlex.split(text, posix=False)):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--run-config: expected key=value pairs separated by spaces, got {item!r}")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
+    for text in texts:
+        pos = 0
+        while (pos := len(text) - len(text[pos:].lstrip())) < len(text):
+            m = _PAIR.match(text, pos)
+            if not m:
+                raise ConfigError(f"--run-config: expected key=value pairs separated by spaces, got "
+                                  f"{text[pos:].split()[0]!r}")
+            key, value = m.groups()
+            try:
+                out[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                if value[:1] in ("'", '"'):  # a quote that does not close: not a bare word
+                    raise ConfigError(f"--run-config: {key}: the quote in {value!r} does not close") from None
+                out[key] = value
+            pos = m.end()
+            if pos < len(text) and not text[pos].isspace():
+                raise ConfigError(f"--run-config: expected key=value pairs separated by spaces, got "
+                                  f"{text[m.start():].split()[0]!r}")
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tomllib
 from pathlib import Path
 
@@ -167,3 +168,21 @@ def test_a_resumed_simulation_keeps_the_ledgers_exactly_when_the_server_resumes(
     monkeypatch.setattr(sim, "run_simulation", stop)
     assert sim.main(["--sites", "2", "--rounds", "1", "--out", str(tmp_path), "--run-config", given]) == 1
     assert seen == {"keep_ledgers": kept}
+
+
+def test_run_config_overrides_take_quoted_values_with_spaces_and_refuse_an_open_quote():
+    """A quoted path with a space was refused ("got 'dir/server\\"'"), and an unclosed quote
+    became part of a folder's name (found by an audit)."""
+    from fedmoco.errors import ConfigError
+    from server.simulation import parse_overrides
+
+    assert parse_overrides('local-epochs=2 out-dir="/tmp/my dir/server" data-options="bands=B02,B03" seed=3',
+                           "momentum=0.9 name='a b'") == {
+        "local-epochs": 2, "out-dir": "/tmp/my dir/server", "data-options": "bands=B02,B03", "seed": 3,
+        "momentum": 0.9, "name": "a b"}
+    assert parse_overrides("domain=medical", "domain=satellite") == {"domain": "satellite"}  # later wins
+    for bad, message in [('out-dir="unterminated', "out-dir: the quote in '\"unterminated' does not close"),
+                         ("justaword", "expected key=value pairs separated by spaces, got 'justaword'"),
+                         ('a="x"b', "got 'a=\"x\"b'")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_overrides(bad)
