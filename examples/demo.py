@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from fedmoco.errors import FedmocoError
     from server.runs import validate_run_config
-    from server.simulation import parse_overrides
+    from server.simulation import check_simulated_sites, parse_overrides
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 15)
     root = args.out.resolve()
@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             if value < 1:
                 raise FedmocoError(f"{flag} must be >= 1, got {value}")
         overrides = parse_overrides(*args.run_config)
-        validate_run_config(federation_run_config(args.domain, root, args.sites, rounds, overrides))
+        run_config = federation_run_config(args.domain, root, args.sites, rounds, overrides)
+        validate_run_config(run_config)
+        check_simulated_sites(run_config, args.sites)
     except FedmocoError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -249,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+#: Keys the deployment script (examples/deployment/run_loopback.sh) sets itself: printed twice they
+#: would be a TOML error in flwr run --run-config.
+_DEPLOYMENT_SETS = frozenset({"num-server-rounds", "min-nodes", "out-dir", "demo-root", "resume"})
+
+
 def _demo(args: argparse.Namespace, root: Path, rounds: int, epochs: int, overrides: dict[str, Any]) -> int:
     """The three roles in turn, as main() checked them; returns the exit status."""
     task = TASKS[args.domain]
@@ -259,7 +266,8 @@ def _demo(args: argparse.Namespace, root: Path, rounds: int, epochs: int, overri
         print(f"labelled set: {labelled / task.data_subdir} with {labelled / 'labels.csv'}")
         # the deployment script sets the rounds, min-nodes and out-dir itself (a key given twice
         # is a TOML error in flwr run --run-config)
-        print("run config: " + run_config_text({"domain": args.domain, **task.run_config}))
+        own = {k: v for k, v in overrides.items() if k not in _DEPLOYMENT_SETS}
+        print("run config: " + run_config_text({"domain": args.domain, **task.run_config, **own}))
         return 0
     print(f"== coordinator: federated pretraining, {rounds} round(s)", flush=True)
     encoder = federate(args.domain, root, args.sites, rounds, overrides=overrides)

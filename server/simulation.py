@@ -447,11 +447,17 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
     }
     run_config.update(parse_overrides(*args.run_config))
     validate_run_config(run_config)
-    for key in ("min-nodes", "min-replies"):  # more than the simulation starts: every round would wait or fail
-        if run_value(run_config, key) > args.sites:
-            raise ConfigError(f"run_config {key} {run_value(run_config, key)} is more than the {args.sites} simulated "
-                              "site(s) (--sites)")
+    check_simulated_sites(run_config, args.sites)
     return run_config
+
+
+def check_simulated_sites(run_config: dict[str, Any], sites: int) -> None:
+    """ConfigError when the run waits for more sites than the simulation starts: every round
+    would wait (min-nodes) or fail (min-replies) until the timeout."""
+    for key in ("min-nodes", "min-replies"):
+        if run_value(run_config, key) > sites:
+            raise ConfigError(f"run_config {key} {run_value(run_config, key)} is more than the {sites} simulated "
+                              "site(s) (--sites)")
 
 
 def rounds_since(metrics: Path, since: float) -> int:

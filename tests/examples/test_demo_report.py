@@ -39,6 +39,22 @@ def test_a_bad_run_config_value_is_one_line_exit_2_before_any_work(tmp_path, cap
     assert err == ["python -m examples.demo: error: run_config prototype-first-share must be >= 1 (1 = every release "
                    "alike), got 0.5"]
     assert not out.exists()
+    # more sites awaited than simulated: every round waited until the 600 s timeout (found by an audit)
+    assert main(["--domain", "satellite", "--quick", "--sites", "1", "--run-config", "min-nodes=2",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m examples.demo: error: run_config min-nodes 2 is more than the 1 simulated site(s) (--sites)"]
+    assert not out.exists()
+
+
+def test_data_only_prints_the_run_config_with_the_overrides(tmp_path, capsys, monkeypatch):
+    import examples.demo as demo
+
+    monkeypatch.setattr(demo, "make_example_data", lambda domain, root, sites, quick: (root, root / "labelled"))
+    assert main(["--domain", "satellite", "--quick", "--data-only", "--run-config", "local-epochs=5 momentum=0.9",
+                 "--out", str(tmp_path / "out")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("run config: "))
+    assert "local-epochs=5" in line and "momentum=0.9" in line and "local-epochs=3" not in line
 
 
 def test_report_gives_the_paired_gain_interval_and_says_whether_it_clears_zero():
