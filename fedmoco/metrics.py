@@ -34,11 +34,25 @@ class JsonlLogger:
 
 log = logging.getLogger(__name__)
 
+#: Fields that are numbers (or null, for a non-finite value) wherever fedmoco writes them: a
+#: record holding another type there was written by hand or by another tool, and the plots and
+#: --resume, which compare and convert them, ended in tracebacks on it.
+NUMERIC_FIELDS = ("epoch", "step", "loss", "lr", "round", "time")
+
+
+def _not_a_number(record: dict[str, Any]) -> str | None:
+    for key in NUMERIC_FIELDS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return key
+    return None
+
 
 def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
     """The JSON objects of ``path``, one per line. A line that is not one (a write cut short
     when a run was killed, so usually the last) is skipped with a warning naming the file and
-    line: a run resumes, and its plots draw, from every record that was written whole."""
+    line: a run resumes, and its plots draw, from every record that was written whole. So is a
+    record whose :data:`NUMERIC_FIELDS` hold something other than a number."""
     with open(path, errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
@@ -48,6 +62,10 @@ def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
             except ValueError:
                 record = None
             if isinstance(record, dict):
+                bad = _not_a_number(record)
+                if bad:
+                    log.warning("%s:%d: skipped a record whose %r is not a number", path, number, bad)
+                    continue
                 yield record
             else:
                 log.warning("%s:%d: skipped a line that is not a JSON record (a write cut short?)", path, number)

@@ -43,3 +43,23 @@ def test_a_one_step_run_is_drawn_as_points_on_one_whole_tick(tmp_path, monkeypat
     assert list(band.get_ydata()) == pytest.approx([0.6, 0.8])
     loss = next(line for line in data if line.get_label() == "loss")
     assert loss.get_alpha() == 1.0  # no running mean over it: drawn in full
+
+
+def test_a_record_with_a_field_that_is_not_a_number_is_skipped_with_a_warning(tmp_path, caplog):
+    """'loss': "high" in metrics.jsonl ended `fedmoco plot` and `pretrain --resume` in
+    ValueError / TypeError tracebacks (found by an audit): such a record is skipped and named."""
+    import logging
+
+    from fedmoco.metrics import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "step", "epoch": 1, "step": 1, "loss": "high"}\n'
+                    '{"event": "step", "epoch": 1, "step": "y", "loss": 3.0}\n'
+                    '{"event": "step", "epoch": 1, "step": 3, "loss": null, "lr": 0.1}\n'
+                    '{"event": "step", "epoch": 1, "step": 4, "loss": 2.5, "lr": true}\n')
+    with caplog.at_level(logging.WARNING, logger="fedmoco.metrics"):
+        kept = list(read_jsonl(path))
+    assert [r["step"] for r in kept] == [3]  # null stands for a non-finite number and is kept
+    assert f"{path}:1: skipped a record whose 'loss' is not a number" in caplog.text
+    assert f"{path}:2: skipped a record whose 'step' is not a number" in caplog.text
+    assert f"{path}:4: skipped a record whose 'lr' is not a number" in caplog.text
