@@ -212,6 +212,58 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _database_problem(database: str) -> str | None:
+    """Why ``--database`` cannot hold the SuperLink's state, in one line; None when it can
+    (its folder is made). A file that is not SQLite, a folder, or a folder under a file ended
+    in sqlalchemy or FileExistsError tracebacks once the SuperLink had started."""
+    if database in (":flwr-in-memory:", ":memory:") or "://" in database:
+        return None
+    path = Path(database).expanduser()
+    above = next((d for d in path.absolute().parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"--database {database}: {above} is a file, not a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--database {database}: its folder cannot be made ({exc.strerror or type(exc).__name__})"
+    if path.is_dir():
+        return f"--database {database}: is a folder; name a file (it is made on first start)"
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(16)
+        except OSError as exc:
+            return f"--database {database}: cannot be read ({exc.strerror or type(exc).__name__})"
+        if head and head != b"SQLite format 3\x00":
+            return f"--database {database}: is not an SQLite database (another file at that path?)"
+    return None
+
+
+def _tls_problem(config: Any) -> str | None:
+    """Why the TLS files cannot serve, in one line; None when they load (or there are none).
+    Loaded here, before serving: inside uvicorn a certificate that does not load read as
+    "a listener stopped by itself (could not bind ...?)"."""
+    import ssl
+
+    certfile, keyfile = getattr(config, "ssl_certfile", None), getattr(config, "ssl_keyfile", None)
+    if not certfile and not keyfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError, TypeError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: do not load as a certificate and its key ({reason})"
+    ca = getattr(config, "ssl_ca_certfile", None)
+    if ca:
+        try:
+            context.load_verify_locations(ca)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            return f"--ssl-ca-certfile {ca}: does not load as a CA certificate ({reason})"
+    return None
+
+
 def serve(argv: list[str] | None = None) -> int:
     """Parse flower-superlink's options plus ``--fleet-host/--fleet-port`` and serve both listeners."""
     import importlib
@@ -256,10 +308,12 @@ def serve(argv: list[str] | None = None) -> int:
         if problem:
             print(f"server.superlink: error: {flags} {host}:{port}: {problem}", file=sys.stderr)
             return 2
+    problem = _database_problem(config.database) or _tls_problem(config)
+    if problem:
+        print(f"server.superlink: error: {problem}", file=sys.stderr)
+        return 2
     if config.database in (":flwr-in-memory:", ":memory:"):
         log.warning("no --database: registered SuperNodes and runs are forgotten when the SuperLink restarts")
-    elif "://" not in config.database:
-        Path(config.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
     # The SuperExec and ServerApp this SuperLink starts connect back to --host:--port: never
     # through the coordinator's web proxy (gRPC would send even 127.0.0.1 there).

@@ -252,3 +252,33 @@ def test_bodies_served_together_are_bounded_and_one_more_is_asked_to_retry():
         assert statuses == [200, 200]
 
     asyncio.run(main())
+
+
+def test_a_database_or_certificate_that_cannot_serve_is_refused_before_anything_starts(capsys, tmp_path):
+    """A --database under a file or that is not SQLite ended in FileExistsError and sqlalchemy
+    tracebacks, and a certificate that does not load read as "could not bind ...?" (found by an
+    audit). Each is one line naming the file, before any listener starts."""
+    import socket
+
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = [str(a.getsockname()[1]), str(b.getsockname()[1])]
+    base = ["--fleet-host", "127.0.0.1", "--fleet-port", ports[0], "--host", "127.0.0.1", "--port", ports[1]]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "notes.db").write_text("not a database")
+    cases = [
+        (["--insecure", "--database", str(tmp_path / "afile" / "x.db")], f"{tmp_path / 'afile'} is a file, not a folder"),
+        (["--insecure", "--database", str(tmp_path / "notes.db")], "is not an SQLite database"),
+        (["--insecure", "--database", str(tmp_path)], "is a folder; name a file"),
+    ]
+    pem = tmp_path / "bad.pem"
+    pem.write_text("not a certificate\n")
+    cases.append((["--database", str(tmp_path / "ok.db"), "--ssl-certfile", str(pem), "--ssl-keyfile", str(pem),
+                   "--ssl-ca-certfile", str(pem), "--enable-supernode-auth"],
+                  f"--ssl-certfile {pem} / --ssl-keyfile {pem}: do not load as a certificate and its key"))
+    for extra, message in cases:
+        assert serve([*base, *extra]) == 2, extra
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("server.superlink: error: --") and message in last, last
+    assert not (tmp_path / "ok.db").exists()
