@@ -177,6 +177,45 @@ def trusted_entities_problem(argv: list[str]) -> str | None:
                 "let every app run unchecked")
     if not all(isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in entities.items()):
         return f"{file}: every trusted entity must map a key id to an OpenSSH public key line"
+    # Flower loads each key after it has started, and a line that is no key ended in a
+    # cryptography traceback ("Invalid data"): checked here, as Flower will (Ed25519 only).
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    for key_id, line in entities.items():
+        try:
+            key = load_ssh_public_key(line.strip().encode("utf-8"))
+        except Exception:  # noqa: BLE001 cryptography raises ValueError, UnsupportedAlgorithm, ...
+            key = None
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            return f"{file}: trusted entity {key_id!r} is not an OpenSSH Ed25519 public key line (ssh-ed25519 AAAA...)"
+    return None
+
+
+def private_key_problem(argv: list[str]) -> str | None:
+    """Why ``--auth-supernode-private-key`` would not authenticate this SuperNode, or None.
+    Flower reads it after it has started, and a missing file ended in a FileNotFoundError
+    traceback; it takes an OpenSSH elliptic-curve key, as ``fedmoco keygen`` writes."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    args = flower_options(argv)
+    given = [args.auth_supernode_private_key] if args is not None and getattr(args, "auth_supernode_private_key", None) \
+        else _flag_values(argv, "--auth-supernode-private-key")
+    if not given:
+        return None
+    file = Path(given[-1]).expanduser()
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        return f"--auth-supernode-private-key {file}: cannot be read ({exc.strerror or type(exc).__name__})"
+    try:
+        key = load_ssh_private_key(data, None)
+    except Exception:  # noqa: BLE001 ValueError, UnsupportedAlgorithm, TypeError (a passphrase)
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return (f"--auth-supernode-private-key {file}: not an unencrypted OpenSSH elliptic-curve private key "
+                "(fedmoco keygen writes one)")
     return None
 
 
@@ -189,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
               "public key); without it use flower-supernode", file=sys.stderr)
         return 2
     argv, after = _take_flag(argv, "--app-signed-after")  # ours: Flower's parser does not know it
-    problem = trusted_entities_problem(argv) or connection_problem(argv)
+    problem = trusted_entities_problem(argv) or private_key_problem(argv) or connection_problem(argv)
     if problem is not None:
         print(f"clients.supernode: error: {problem}", file=sys.stderr)
         return 2

@@ -6,7 +6,16 @@ import sys
 
 import pytest
 
-from clients.supernode import main, trusted_entities_problem
+from clients.supernode import main, private_key_problem, trusted_entities_problem
+
+
+def public_key_line() -> str:
+    """A real OpenSSH Ed25519 public key line (Flower loads each trusted key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + " coordinator"
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -15,6 +24,10 @@ from clients.supernode import main, trusted_entities_problem
     ("- a list\n", "names no key"),
     ("coordinator: 3\n", "must map a key id to an OpenSSH public key line"),
     ("coordinator: [unclosed\n", "cannot read the trusted-entities YAML (ParserError)"),
+    # Flower loads these after it started: "Invalid data" ended in a traceback (found by an audit)
+    ('coordinator: "ssh-ed25519 AAAA"\n', "trusted entity 'coordinator' is not an OpenSSH Ed25519 public key line"),
+    ("coordinator: ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBA== x\n",
+     "trusted entity 'coordinator' is not an OpenSSH Ed25519 public key line"),
 ])
 def test_a_trusted_entities_file_that_would_let_every_app_run_is_refused(tmp_path, capsys, text, problem):
     """Flower checks apps only when the mapping it reads is non-empty: an empty file would
@@ -29,7 +42,7 @@ def test_a_trusted_entities_file_that_would_let_every_app_run_is_refused(tmp_pat
 
 def test_a_file_naming_a_key_passes_the_launchers_check(tmp_path):
     yaml_file = tmp_path / "trusted-entities.yaml"
-    yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    yaml_file.write_text(f"coordinator: {public_key_line()}\n")
     assert trusted_entities_problem(["--trusted-entities", str(yaml_file)]) is None
 
 
@@ -50,7 +63,7 @@ def test_the_supernode_and_its_client_apps_reach_each_other_past_a_web_proxy(tmp
     monkeypatch.setenv("no_proxy", "pacs.local")
     monkeypatch.delenv("NO_PROXY", raising=False)  # so that the launcher's NO_PROXY is undone after the test
     yaml_file = tmp_path / "trusted-entities.yaml"
-    yaml_file.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    yaml_file.write_text(f"coordinator: {public_key_line()}\n")
     assert main(["--trusted-entities", str(yaml_file), "--host", "127.0.0.2"]) == 0
     assert seen["no_proxy"] == "pacs.local,127.0.0.1,localhost,::1,127.0.0.2"  # and its own --host
     assert seen["https_proxy"] == "http://proxy.hospital:3128"
@@ -117,7 +130,7 @@ def test_options_that_would_expose_the_supernode_are_refused_as_flower_reads_the
     cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
     monkeypatch.setattr(cli, "flower_supernode", lambda: pytest.fail("Flower started"))
     good, empty = tmp_path / "trusted-entities.yaml", tmp_path / "empty.yaml"
-    good.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    good.write_text(f"coordinator: {public_key_line()}\n")
     empty.write_text("{}\n")
     argv = ["--trusted-entities", str(good), *[a.format(empty=empty) for a in extra]]
     assert main(argv) == 2
@@ -133,5 +146,24 @@ def test_a_supernode_may_go_without_tls_to_a_superlink_on_its_own_machine(tmp_pa
     monkeypatch.setattr(cli, "flower_supernode", lambda: started.append(True))
     monkeypatch.setattr("sys.argv", ["clients.supernode"])
     good = tmp_path / "trusted-entities.yaml"
-    good.write_text("coordinator: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 coordinator\n")
+    good.write_text(f"coordinator: {public_key_line()}\n")
     assert main(["--trusted-entities", str(good), "--superlink", "127.0.0.1:9092", "--insecure"]) == 0 and started
+
+
+def test_a_private_key_that_cannot_authenticate_is_refused_before_flower_starts(tmp_path, capsys):
+    """A missing --auth-supernode-private-key ended in a FileNotFoundError traceback after
+    "Starting Flower SuperNode" (found by an audit); a key fedmoco keygen made passes."""
+    from fedmoco.cli import main as fedmoco
+
+    assert fedmoco(["-q", "keygen", "--out", str(tmp_path / "keys"), "--name", "site"]) == 0
+    assert private_key_problem(["--auth-supernode-private-key", str(tmp_path / "keys" / "site")]) is None
+    yaml_file = tmp_path / "trusted-entities.yaml"
+    yaml_file.write_text(f"coordinator: {public_key_line()}\n")
+    for given, problem in [(tmp_path / "nope", "cannot be read (No such file or directory)"),
+                           (tmp_path / "keys" / "site.pub", "not an unencrypted OpenSSH elliptic-curve private key")]:
+        capsys.readouterr()
+        assert main(["--trusted-entities", str(yaml_file), "--superlink", "127.0.0.1:1", "--insecure",
+                     "--auth-supernode-private-key", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"clients.supernode: error: --auth-supernode-private-key {given}: {problem}" + (
+            " (fedmoco keygen writes one)\n" if "elliptic" in problem else "\n"), err
