@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from fedmoco.appsign import parse_signed_after, verify_fab
 from fedmoco.errors import ConfigError
-from fedmoco.network import is_loopback_bind, loopback_bypasses_proxy
+from fedmoco.network import is_loopback_bind, loopback_bypasses_proxy, with_interpreter_bin
 
 log = logging.getLogger("fedmoco.supernode")
 _HOOKED = "flwr.supernode.start_client_internal"
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The SuperNode and each ClientApp it starts talk over 127.0.0.1: never through the site's
     # web proxy, which stays in place for the connection to the SuperLink.
-    os.environ.update(loopback_bypasses_proxy(os.environ, also=_flag_values(argv, "--host")))
+    os.environ.update(with_interpreter_bin(loopback_bypasses_proxy(os.environ, also=_flag_values(argv, "--host"))))
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
     return 0

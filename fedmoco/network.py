@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import sys
 import tempfile
 from typing import Mapping, Sequence
@@ -70,6 +71,19 @@ def loopback_bypasses_proxy(env: Mapping[str, str], also: Sequence[str] = ()) ->
     out["no_proxy"] = out["NO_PROXY"] = ",".join(merged)
     if out.get("no_grpc_proxy"):
         out["no_grpc_proxy"] = ",".join(dict.fromkeys([*entries("no_grpc_proxy"), *LOOPBACK, *also]))
+    return out
+
+
+def with_interpreter_bin(env: Mapping[str, str], executable: str = sys.executable,
+                         program: str = "flower-superexec") -> dict[str, str]:
+    """A copy of ``env`` whose ``PATH`` starts with the folder of ``executable`` (the running
+    Python) when that folder holds ``program`` and ``PATH`` finds none. The SuperLink and the
+    SuperNode start ``flower-superexec`` by name: run as ``.venv/bin/python -m ...`` without
+    activating the environment, a SuperNode died after starting with FileNotFoundError."""
+    out = dict(env)
+    folder = os.path.dirname(executable)
+    if shutil.which(program, path=out.get("PATH", "")) is None and os.access(os.path.join(folder, program), os.X_OK):
+        out["PATH"] = folder + (os.pathsep + out["PATH"] if out.get("PATH") else "")
     return out
 
 

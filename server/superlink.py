@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from fedmoco.network import is_loopback_bind, is_private_bind, loopback_bypasses_proxy
+from fedmoco.network import is_loopback_bind, is_private_bind, loopback_bypasses_proxy, with_interpreter_bin
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -317,7 +317,7 @@ def serve(argv: list[str] | None = None) -> int:
 
     # The SuperExec and ServerApp this SuperLink starts connect back to --host:--port: never
     # through the coordinator's web proxy (gRPC would send even 127.0.0.1 there).
-    os.environ.update(loopback_bypasses_proxy(os.environ, also=[config.host]))
+    os.environ.update(with_interpreter_bin(loopback_bypasses_proxy(os.environ, also=[config.host])))
     app = create_app(config, fs.SuperLinkLifespan)
     ssl = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
     log_config = get_uvicorn_log_config(console_handler.level)

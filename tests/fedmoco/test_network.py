@@ -113,3 +113,27 @@ def test_ray_tmpdir_draws_the_line_at_the_socket_limit(monkeypatch):
     assert ray_tmpdir({"TMPDIR": "/" + "é" * 20}) == "/tmp"  # 41 bytes, 21 characters
     monkeypatch.setattr(sys, "platform", "darwin")  # Ray uses /tmp there whatever TMPDIR says
     assert ray_tmpdir({"TMPDIR": "/" + "t" * 80}) is None
+
+
+def test_the_interpreters_folder_joins_path_only_when_path_lacks_the_program(tmp_path):
+    """A SuperNode run as .venv/bin/python -m clients.supernode without activating the venv
+    died after starting: Flower starts flower-superexec by name (found by an audit)."""
+    import os
+
+    from fedmoco.network import with_interpreter_bin
+
+    venv, other = tmp_path / "venv" / "bin", tmp_path / "other"
+    venv.mkdir(parents=True)
+    other.mkdir()
+    program = venv / "flower-superexec"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    python = str(venv / "python")
+    assert with_interpreter_bin({"PATH": str(other)}, python)["PATH"] == f"{venv}{os.pathsep}{other}"
+    assert with_interpreter_bin({}, python)["PATH"] == str(venv)
+    found = tmp_path / "found"
+    found.mkdir()
+    (found / "flower-superexec").write_text("#!/bin/sh\n")
+    (found / "flower-superexec").chmod(0o755)
+    assert with_interpreter_bin({"PATH": str(found)}, python) == {"PATH": str(found)}  # PATH already finds one
+    assert with_interpreter_bin({"PATH": str(other)}, str(other / "python")) == {"PATH": str(other)}  # none beside it
