@@ -269,6 +269,8 @@ def check_text_file(path: Path | str, what: str) -> None:
     """DataError naming ``path`` unless it is an existing UTF-8 text file (a binary file
     handed to ``--labels`` must not end in a decoding traceback)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: {what} is a folder, not a file")
     if not path.is_file():
         raise DataError(f"{path}: {what} does not exist")
     with open(path, "rb") as fh:

@@ -108,11 +108,20 @@ def pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ove
              explicit: frozenset[str] | None = None) -> PretrainResult:
     """:func:`_pretrain` while holding the lock on ``out_dir`` (:func:`_lock_out`), released when
     it returns or raises: a kept traceback (a notebook's failed call) must not hold it."""
-    lock = _lock_out(Path(out_dir))
+    out = Path(out_dir)
+    created = not out.exists()
+    lock = _lock_out(out)
     try:
         return _pretrain(domain, data_dir, out_dir, moco_overrides=moco_overrides, train_cfg=train_cfg,
                          data_cfg=data_cfg, moco_version=moco_version, device=device, resume=resume,
                          progress=progress, explicit=explicit)
+    except BaseException:
+        # A run refused before it wrote anything (a missing data folder, an empty one) leaves no
+        # folder behind: a new --out held only the lock file, and looked like a run.
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+        raise
     finally:
         lock.close()
 

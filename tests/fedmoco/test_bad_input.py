@@ -58,6 +58,9 @@ def test_binary_labels_file(run_dir, demo_images, tmp_path, capsys):
     assert rc == 2
     assert one_error_line(capsys) == (f"fedmoco linear-probe: error: {labels}: labels CSV is not a text "
                                       "file (binary data at byte 11)")
+    rc = main(["-q", "linear-probe", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(demo_images),
+               "--labels", str(tmp_path)])
+    assert rc == 2 and one_error_line(capsys) == f"fedmoco linear-probe: error: {tmp_path}: labels CSV is a folder, not a file"
     # text in another encoding is not "binary data": Excel's CSV on Windows (found by an audit)
     labels.write_bytes("path,label\ncircle/crème.png,a\n".encode("cp1252"))
     rc = main(["-q", "linear-probe", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(demo_images),
@@ -329,3 +332,15 @@ def test_a_checkpoint_with_the_format_tag_and_other_contents_is_one_line(run_dir
                  "--no-plots"]) == 2
     line = one_error_line(capsys)
     assert line.startswith(f"fedmoco pretrain: error: {resumed / 'checkpoint.pt'}: "), line
+
+
+def test_a_pretraining_refused_before_it_wrote_anything_leaves_no_out_folder(tmp_path, capsys, demo_images):
+    """--data that does not exist left a new --out holding only .pretrain.lock (found by an audit);
+    an --out that was there before is left as it was."""
+    out = tmp_path / "run"
+    assert main(["-q", "pretrain", "--data", str(tmp_path / "nope"), "--out", str(out), "--arch", "tiny"]) == 2
+    assert "does not exist" in one_error_line(capsys) and not out.exists()
+    out.mkdir()
+    assert main(["-q", "pretrain", "--data", str(tmp_path / "nope"), "--out", str(out), "--arch", "tiny"]) == 2
+    capsys.readouterr()
+    assert out.is_dir()
