@@ -301,7 +301,7 @@ def _open(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -> tupl
     try:
         meta = read_file_meta_info(path)
         if _transfer_syntax_of(meta) == DeflatedExplicitVRLittleEndian:
-            _check_inflated_size(path, meta, limits)
+            _check_inflated_size(path, limits)
             # Deferred offsets point into the inflated stream, not the file: read it whole.
             ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS))
         else:
@@ -322,20 +322,38 @@ def _transfer_syntax_of(meta: Dataset | None) -> UID | None:
     return UID(str(value)) if value else None
 
 
-def _check_inflated_size(path, meta: Dataset, limits: DicomLimits) -> None:
+#: Explicit VR little endian VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def _dataset_start(fh) -> int:
+    """Where the dataset begins after the file meta group (Part 10: 128-byte preamble, "DICM",
+    then group 0002 in explicit VR little endian), found by walking the group's elements: its
+    group length may be missing or wrong, which pydicom tolerates, and a check that trusted it
+    either let a file through unmeasured or refused one pydicom reads."""
+    at = 132
+    while True:
+        fh.seek(at)
+        head = fh.read(8)
+        if len(head) < 8 or int.from_bytes(head[:2], "little") != 0x0002:
+            return at
+        vr = head[4:6]
+        if vr in _LONG_VRS:
+            length = int.from_bytes(fh.read(4), "little")
+            at += 12 + length
+        else:
+            at += 8 + int.from_bytes(head[6:8], "little")
+
+
+def _check_inflated_size(path, limits: DicomLimits) -> None:
     """DicomReadError(TOO_LARGE) when the Deflated dataset of ``path`` inflates to more than
     ``max_decoded_mb``, what one read may hold: pydicom inflates the whole stream before it
     reads a tag, so a 261 KB file of zeros that inflated to 256 MiB cost 870 MB before any
     limit was checked (1000x its size). Measured here chunk by chunk, in bounded memory."""
     cap = int(limits.max_decoded_mb * 2**20)
-    group_length = meta.get("FileMetaInformationGroupLength")
-    # Part 10: 128-byte preamble, "DICM", the group-length element (12 bytes), then the group
-    start = 132 + 12 + int(group_length) if group_length is not None else None
-    if start is None:
-        return  # pydicom finds the dataset's start another way; the file is then read as before
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     with open(path, "rb") as fh:
-        fh.seek(start)
+        fh.seek(_dataset_start(fh))
         while not inflater.eof and (chunk := fh.read(1 << 16)):
             while chunk and not inflater.eof:  # after the stream's end, input is never consumed
                 total += len(inflater.decompress(chunk, 1 << 20))

@@ -575,6 +575,18 @@ def test_a_deflated_file_is_refused_before_it_inflates_past_the_read_limit(tmp_p
         err.value)
     assert read_header(path, DicomLimits(max_decoded_mb=16.0)).rows == 1024  # under the limit it reads
     assert read_dicom(path, limits=DicomLimits(max_decoded_mb=16.0)).pixels.shape == (1, 1, 1024, 1024)
+    # the meta group's length is not trusted to find the dataset (pydicom tolerates it missing
+    # or wrong): without it the check was skipped, a wrong one refused a file pydicom reads
+    data = path.read_bytes()
+    assert data[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) FileMetaInformationGroupLength
+    wrong = tmp_path / "wrong.dcm"
+    wrong.write_bytes(data[:140] + (int.from_bytes(data[140:144], "little") + 2).to_bytes(4, "little") + data[144:])
+    assert read_header(wrong, DicomLimits(max_decoded_mb=16.0)).rows == 1024
+    missing = tmp_path / "missing.dcm"
+    missing.write_bytes(data[:132] + data[144:])
+    with pytest.raises(DicomReadError, match="Deflated dataset inflates to more than max_decoded_mb 1 MiB"):
+        read_header(missing, DicomLimits(max_decoded_mb=1.0))
+    assert read_header(missing, DicomLimits(max_decoded_mb=16.0)).rows == 1024
 
 
 @pytest.mark.parametrize("syntax", ["j2k", "jpeg-ls"])
