@@ -74,12 +74,16 @@ MAX_VALUE = float(np.finfo(np.float16).max)
 #: connection. They are left out of the drivers GDAL may try (not refused after opening:
 #: a VRT opens its sources while it is opened). The second line: header formats whose header
 #: names its data file by any path (ERS ``DataFile = "../x"``, MRF, FAST, PDS/ISIS, NITF tables
-#: of contents). Any other driver that uses files beside the one opened is held to the file's
+#: of contents), and the product descriptions after it. Any other driver that uses files beside the one opened is held to the file's
 #: own folder after opening (:func:`open_raster`).
 REFERENCING_DRIVERS = frozenset({
     "VRT", "GTI", "STACIT", "STACTA", "WMS", "WMTS", "WCS", "DAAS", "EEDA", "EEDAI", "PLMOSAIC", "HTTP",
     "KMLSUPEROVERLAY", "DERIVED", "ESRIC", "OGCAPI", "NGW",
     "ERS", "MRF", "FAST", "ISIS2", "ISIS3", "PDS", "PDS4", "VICAR", "RPFTOC", "ECRGTOC",
+    # product descriptions that name tiles or band files (TIL, DIMAP, SAFE, ...): they open
+    # one while they are opened, before any check after opening can run (a TIL naming a FIFO
+    # hung the scan); a site reads the band files themselves
+    "TIL", "MAP", "DIMAP", "RS2", "SAFE", "SENTINEL2", "TSX", "COSAR", "CPG", "PCIDSK", "HKV", "ADRG", "SRP",
 })
 
 #: Default of the ``max_block_mb`` data option: the most MiB one block of every band may
@@ -424,19 +428,20 @@ def open_raster(path: str | os.PathLike):
     outside = _files_outside(path, src.files)
     if outside:
         src.close()
-        raise RasterReadError(path, NOT_A_RASTER, f"its pixels are in {len(outside)} file(s) outside its own folder, "
-                                                  "or not regular files; such files are not read")
+        raise RasterReadError(path, NOT_A_RASTER, f"GDAL would read {len(outside)} other file(s) for it outside its "
+                                                  "folder, or that are not regular files; such files are not read")
     return src
 
 
 def _files_outside(path: str, files: Sequence[str]) -> list[str]:
     """The files GDAL uses for ``path`` that are not regular files in the folder of ``path``
-    (resolved: a link to a raster in a store is read, with its sidecars there) or below it."""
-    home = Path(path).resolve().parent
+    or below it: the folder it is in, or, for a link into a store, the store's folder (a
+    sidecar GDAL wrote beside the link, or one in the store, is the raster's own)."""
+    homes = {Path(path).absolute().parent.resolve(), Path(path).resolve().parent}
     out = []
     for f in files:
         target = Path(f).resolve()
-        if not target.is_relative_to(home) or not target.is_file():
+        if not any(target.is_relative_to(home) for home in homes) or not target.is_file():
             out.append(f)
     return out
 

@@ -303,8 +303,10 @@ def test_files_a_raster_uses_must_be_regular_files_in_its_own_folder(tmp_path):
         f.write_bytes(b"x")
     os.mkfifo(site / "pipe.bin")
     (site / "b.tif").symlink_to(store / "b.tif")  # a folder of links into a store: read, sidecars there
+    (site / "b.tif.aux.xml").write_bytes(b"x")  # or beside the link (GDAL writes statistics there)
     assert _files_outside(str(site / "a.tif"), [str(site / "a.tif"), str(site / "a.tif.aux.xml")]) == []
-    assert _files_outside(str(site / "b.tif"), [str(site / "b.tif"), str(store / "b.tif.ovr")]) == []
+    assert _files_outside(str(site / "b.tif"), [str(site / "b.tif"), str(store / "b.tif.ovr"),
+                                                str(site / "b.tif.aux.xml")]) == []
     assert _files_outside(str(site / "a.tif"), [str(site / "a.tif"), f"{site}/../secret.bin"]) == [
         f"{site}/../secret.bin"]
     assert _files_outside(str(site / "a.tif"), [str(site / "pipe.bin")]) == [str(site / "pipe.bin")]
@@ -347,3 +349,23 @@ def test_a_grid_rotated_by_90_degrees_keeps_its_size_when_resampled(tmp_path):
     same = file_source(info, resolution=10.0).grid
     coarse = file_source(info, resolution=20.0).grid
     assert (same.width, same.height) == (96, 96) and (coarse.width, coarse.height) == (48, 48)
+
+
+
+def test_a_tile_description_naming_a_file_outside_is_not_opened(tmp_path):
+    """A 224-byte TIL naming "../pipe" (a FIFO) hung the scan: GDAL opens a tile while it opens
+    the description, before any check after opening (found by a review). Not opened at all."""
+    from domains.satellite.dataset import scan_folder
+    from domains.satellite.reader import NOT_A_RASTER
+
+    os.mkfifo(tmp_path / "pipe")
+    site = tmp_path / "site"
+    site.mkdir()
+    _good(site / "ok.tif")
+    (site / "scene.TIL").write_text('numTiles = 1;\nBEGIN_GROUP = TILE_1\n\tfilename = "../pipe";\n'
+                                    "\tULColOffset = 0;\n\tULRowOffset = 0;\n\tLRColOffset = 63;\n"
+                                    "\tLRRowOffset = 63;\nEND_GROUP = TILE_1;\nEND;\n")
+    (site / "scene.IMD").write_text("numRows = 64;\nnumColumns = 64;\nbitsPerPixel = 16;\n"
+                                    "BEGIN_GROUP = BAND_B\nEND_GROUP = BAND_B\nEND;\n")
+    scan = scan_folder(site, parse_options({}))  # returns: nothing waits on the FIFO
+    assert [Path(s.name).name for s in scan.sources] == ["ok.tif"] and scan.skipped.get(NOT_A_RASTER, 0) >= 1
