@@ -266,7 +266,7 @@ def _site_paths(context: Context | None) -> list[str]:
     # A folder inside a value (data-options "cache_dir=/data/Doe Jane 1961/cache") and the
     # cache folder the SuperNode's environment names are the site's paths too.
     options = node.get("data-options")
-    inner = [item.partition("=")[2].strip() for item in str(options).split(",")] if isinstance(options, str) else []
+    inner = [item.partition("=")[2].strip() for item in re.split("[,;]", options)] if isinstance(options, str) else []
     values += [v for v in inner + [os.environ.get("FEDMOCO_CACHE_DIR", "")] if any(sep in v for sep in "/\\")]
     named = values + [str(node[k]) for k in _PATH_KEYS if isinstance(node.get(k), str) and str(node[k]).strip()]
     forms = []

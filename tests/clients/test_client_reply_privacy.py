@@ -269,8 +269,9 @@ def test_the_sites_own_folders_are_scrubbed_whole_in_a_data_unavailable_reason(t
     real.mkdir()
     (tmp_path / "site").symlink_to(real)
     monkeypatch.setenv("FEDMOCO_CACHE_DIR", str(tmp_path / "Roe Ann 1970" / "cache"))
-    node = {"data-path": str(tmp_path / "site"), "data-options": f"sampling=grid,cache_dir={tmp_path}/Poe Ed 1809"}
-    paths = _site_paths(context(node, run_config()))
-    for folder in (real, tmp_path / "Roe Ann 1970" / "cache", tmp_path / "Poe Ed 1809"):
-        text = _data_unavailable(tmp_path / "site", f"{folder}: no readable image", paths)
-        assert text == "site data unavailable: <path>: no readable image", text
+    for sep in (",", ";"):  # both ways options are separated (clients.task.parse_options)
+        node = {"data-path": str(tmp_path / "site"), "data-options": f"sampling=grid{sep}cache_dir={tmp_path}/Poe Ed 1809"}
+        paths = _site_paths(context(node, run_config()))
+        for folder in (real, tmp_path / "Roe Ann 1970" / "cache", tmp_path / "Poe Ed 1809"):
+            text = _data_unavailable(tmp_path / "site", f"{folder}: no readable image", paths)
+            assert text == "site data unavailable: <path>: no readable image", (sep, text)
