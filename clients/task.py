@@ -256,7 +256,7 @@ RUN_RANGES: dict[str, tuple[str, Any]] = {
     "krum-malicious": (">= 0", lambda v: v >= 0),
     "max-steps-per-epoch": (">= 0 (0 = whole epoch)", lambda v: v >= 0),
     "global-queue-max-age": (">= 0", lambda v: v >= 0),
-    "prototype-first-share": (">= 1 (1 = every release alike)", lambda v: v >= 1 and v != float("inf")),
+    "prototype-first-share": ("in [1, 100] (1 = every release alike)", lambda v: 1 <= v <= 100),
     "temperature": ("> 0 and finite", lambda v: 0 < v < math.inf),
     "weight-decay": (">= 0 and finite", lambda v: 0 <= v < math.inf),
     "fedema-lambda": (">= 0 and finite", lambda v: 0 <= v < math.inf),

@@ -660,10 +660,17 @@ def calibrate_prototype_noise(epsilon: float, delta: float, rounds: int, sample_
                           f"release(s); raise epsilon or delta ({e})") from None
 
 
+#: The largest ``prototype-first-share``: a share of 1e14 planned later releases at z ~ 2e7,
+#: past what the ledger reads back as a release's noise, which locked a site out of its own
+#: ledger; 1.7e308 overflowed z**2 and failed every site's round. 100 already spends nearly
+#: the whole budget on the first release.
+MAX_FIRST_SHARE = 100.0
+
+
 def check_first_share(first_share: float) -> float:
     """``prototype-first-share`` as a float >= 1 (finite); ConfigError naming it otherwise."""
-    if not (isinstance(first_share, numbers.Real) and math.isfinite(first_share) and first_share >= 1.0):
-        raise ConfigError(f"prototype-first-share must be a number >= 1, got {first_share!r}")
+    if not (isinstance(first_share, numbers.Real) and 1.0 <= first_share <= MAX_FIRST_SHARE):
+        raise ConfigError(f"prototype-first-share must be a number in [1, {MAX_FIRST_SHARE:g}], got {first_share!r}")
     return float(first_share)
 
 
@@ -761,6 +768,11 @@ def noisy_prototype_sums(embeddings: Tensor, centres: Tensor, noise_multiplier: 
     """
     z = _check_noise_multiplier(noise_multiplier, allow_zero=True)
     embeddings, centres = embeddings.detach().cpu(), centres.detach().cpu()  # the sums and noise live on the CPU
+    _check_rows(embeddings, "embeddings", centres.shape[1])
+    bad = int((~torch.isfinite(embeddings).all(dim=1)).sum())
+    if bad:  # its centre's whole sum would be NaN, and dropping that row would tell the row was there
+        raise ValueError(f"embeddings: {bad} row(s) are not finite; the sensitivity bound holds for finite rows only "
+                         "(a site's release leaves such images out)")
     owner = assign_to_centres(embeddings, centres)
     unit = F.normalize(embeddings.float(), dim=1)
     sums = torch.zeros(centres.shape[0], centres.shape[1]).index_add_(0, owner, unit)

@@ -36,8 +36,8 @@ def test_a_bad_run_config_value_is_one_line_exit_2_before_any_work(tmp_path, cap
     out = tmp_path / "out"
     assert main(["--run-config", 'key-release="prototypes" prototype-first-share=0.5', "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["python -m examples.demo: error: run_config prototype-first-share must be >= 1 (1 = every release "
-                   "alike), got 0.5"]
+    assert err == ["python -m examples.demo: error: run_config prototype-first-share must be in [1, 100] (1 = every "
+                   "release alike), got 0.5"]
     assert not out.exists()
     # more sites awaited than simulated: every round waited until the 600 s timeout (found by an audit)
     assert main(["--domain", "satellite", "--quick", "--sites", "1", "--run-config", "min-nodes=2",

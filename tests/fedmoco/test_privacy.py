@@ -502,9 +502,12 @@ def test_front_loaded_schedule_reference_and_errors():
     assert z_rest == pytest.approx(8.83 * math.sqrt(1.1), rel=0.01)
     assert prototype_noise_schedule(1.5, 1e-5, 10, 1.0, 1.0) == (calibrate_prototype_noise(1.5, 1e-5, 10, 1.0),) * 2
     assert prototype_noise_schedule(1.5, 1e-5, 1, 1.0, 4.0)[0] == calibrate_prototype_noise(1.5, 1e-5, 1, 1.0)
-    for bad in (0.5, float("inf"), float("nan")):
-        with pytest.raises(ConfigError, match="prototype-first-share must be a number >= 1"):
+    # 1e14 planned z ~ 2e7 for later releases, which the ledger refuses to read back: the
+    # site was locked out of its own ledger (found by an audit); 1.7e308 overflowed z**2
+    for bad in (0.5, float("inf"), float("nan"), 1e14, 1.7e308):
+        with pytest.raises(ConfigError, match=r"prototype-first-share must be a number in \[1, 100\]"):
             prototype_noise_schedule(1.5, 1e-5, 10, 1.0, bad)
+    assert prototype_noise_schedule(1.5, 1e-5, 10, 1.0, 100.0)[1] < 1e3  # the largest share plans readable z
 
 
 def test_the_copied_orders_are_opacus_own_and_the_classes_are_its_accountants():

@@ -192,8 +192,10 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     ({"batch-size": 1}, "run_config batch-size must be >= 2, got 1"),
     ({"temperature": 0.0}, "run_config temperature must be > 0, got 0.0"),
     ({"num-server-rounds": 0}, "run_config num-server-rounds must be in [1, 100000], got 0"),
-    ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be >= 1 (1 = every release alike), "
-                                     "got 0.5"),
+    ({"prototype-first-share": 0.5}, "run_config prototype-first-share must be in [1, 100] (1 = every release "
+                                     "alike), got 0.5"),
+    ({"prototype-first-share": 1e14}, "run_config prototype-first-share must be in [1, 100] (1 = every release "
+                                      "alike), got 100000000000000.0"),
     ({"dimm": 3}, "run_config dimm: unknown key; did you mean dim?"),
     # refused before a fresh run moves an earlier one aside, not by the strategy after it
     ({"model-dp-noise": 1.0, "aggregation": "fedmedian"},
