@@ -282,11 +282,26 @@ class SiteLedger:
             raise ConfigError(f"ledger: format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
                               f"expected {LEDGER_FORMAT!r}")
         try:
-            history = [(float(h["noise_multiplier"]), float(h["sample_rate"]), int(h["releases"])) for h in d["history"]]
-            return cls(str(d["mechanism"]), float(d["epsilon_budget"]), float(d["delta"]),
-                       int(d["planned_releases"]), history, d.get("plan"))
+            history = [(_real(h["noise_multiplier"], "noise_multiplier"), _real(h["sample_rate"], "sample_rate"),
+                        _whole(h["releases"], "releases")) for h in d["history"]]
+            return cls(str(d["mechanism"]), _real(d["epsilon_budget"], "epsilon_budget"), _real(d["delta"], "delta"),
+                       _whole(d["planned_releases"], "planned_releases"), history, d.get("plan"))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _whole(value: Any, name: str) -> int:
+    """A count as the ledger writes it (a JSON integer): 1.7 releases read as 1 under-counted."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} is {value!r}, expected a whole number")
+    return value
+
+
+def _real(value: Any, name: str) -> float:
+    """A number as the ledger writes it: ``true`` read as a budget of 1.0, "2" as 2.0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} is {value!r}, expected a number")
+    return float(value)
 
 
 #: Largest noise multiplier a release records: calibration gives up below 1e6 (SiteLedger._fit),

@@ -39,3 +39,23 @@ def test_spent_after_a_tightened_delta_is_priced_at_the_new_delta():
     accountant.history = list(ledger.history)
     assert ledger.spent() == pytest.approx(accountant.get_epsilon(1e-7), rel=1e-9)
     assert ledger.spent() > at_old_delta  # a smaller delta costs more epsilon: ~2.5295 against ~1.9976
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("releases", 1.7, "releases is 1.7, expected a whole number"),
+    ("planned_releases", 2.9, "planned_releases is 2.9, expected a whole number"),
+    ("epsilon_budget", True, "epsilon_budget is True, expected a number"),
+    ("epsilon_budget", "2", "epsilon_budget is '2', expected a number"),
+])
+def test_a_ledger_field_in_another_form_than_the_ledger_writes_is_refused(field, value, message):
+    """1.7 releases read as 1 (an under-count), a budget of `true` as 1.0 (found by an audit)."""
+    ledger = SiteLedger("prototypes", 2.0, 1e-5, 5)
+    ledger.record(3.0, 1.0)
+    state = ledger.state_dict()
+    assert SiteLedger.from_state_dict(state).spent() == ledger.spent()  # as written, it reads back
+    if field == "releases":
+        state["history"][0]["releases"] = value
+    else:
+        state[field] = value
+    with pytest.raises(ConfigError, match=f"ledger: malformed \\(TypeError: {message}\\)"):
+        SiteLedger.from_state_dict(state)
