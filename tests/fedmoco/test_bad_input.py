@@ -287,7 +287,7 @@ def test_an_image_size_beyond_the_federations_range_is_refused(demo_images, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def _edited(run_dir, tmp_path, name, edit) -> "Path":
+def _edited(run_dir, tmp_path, name, edit):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     edit(ckpt)
     out = tmp_path / name / "checkpoint.pt"
