@@ -28,6 +28,7 @@ the coordinator learns why a site sent no summaries without any free text in the
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,8 @@ from typing import Any
 
 from fedmoco.errors import ConfigError
 from fedmoco.site_settings import MAX_PLANNED_RELEASES
+
+log = logging.getLogger(__name__)
 
 
 def _privacy() -> ModuleType:
@@ -193,7 +196,8 @@ class SiteLedger:
                 first, rest = _privacy().prototype_noise_schedule(self.epsilon_budget, self.delta, remaining, q,
                                                                   share)
                 noise = [first] + [rest] * (remaining - 1)
-            except ConfigError:  # the budget cannot be reached at this delta, as in _fit
+            except ConfigError as exc:  # the budget cannot be reached at this delta, as in _fit
+                _unreachable(exc)
                 noise = []
         else:
             z = self._fit(remaining, q)
@@ -209,7 +213,8 @@ class SiteLedger:
                          else _privacy().calibrate_noise)
             try:
                 return calibrate(self.epsilon_budget, self.delta, rounds, q)
-            except ConfigError:
+            except ConfigError as exc:
+                _unreachable(exc)
                 return None
         # Same bisection as Opacus' get_noise_multiplier, on top of what was already spent.
         fits = lambda z: self._epsilon(self.history + [(z, q, rounds)]) <= self.epsilon_budget  # noqa: E731
@@ -288,6 +293,12 @@ class SiteLedger:
                        _whole(d["planned_releases"], "planned_releases"), history, d.get("plan"))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"ledger: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _unreachable(exc: ConfigError) -> None:
+    """Say in the site's log why a budget plans no release: an epsilon too small to reach at
+    its delta (0.05 at 1e-5) was reported only as an exhausted budget, which misleads."""
+    log.warning("privacy budget: no release can be planned: %s (node_config dp-epsilon / dp-delta)", exc)
 
 
 def _whole(value: Any, name: str) -> int:

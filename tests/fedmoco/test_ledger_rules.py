@@ -59,3 +59,15 @@ def test_a_ledger_field_in_another_form_than_the_ledger_writes_is_refused(field,
         state[field] = value
     with pytest.raises(ConfigError, match=f"ledger: malformed \\(TypeError: {message}\\)"):
         SiteLedger.from_state_dict(state)
+
+
+def test_a_budget_that_cannot_be_reached_says_why_in_the_sites_log(caplog):
+    """dp-epsilon 0.05 at delta 1e-5 plans no release; the site saw only "budget exhausted"
+    (found by an audit). Its log now carries the calibration's reason."""
+    import logging
+
+    ledger = SiteLedger("prototypes", 0.05, 1e-5, 10)
+    with caplog.at_level(logging.WARNING, logger="fedmoco.ledger"):
+        assert ledger.next_noise(1.0, 2.0) is None
+    assert ("privacy budget: no release can be planned: epsilon: 0.05 cannot be reached with delta=1e-05 for 10 "
+            "prototype release(s); raise epsilon or delta") in caplog.text
