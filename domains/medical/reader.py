@@ -29,7 +29,6 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
 from pydicom.pixels.utils import as_pixel_options
@@ -170,7 +169,11 @@ def has_dicom_magic(path: str | os.PathLike) -> bool:
     Raises OSError when the file cannot be opened.
     """
     with open(path, "rb") as fh:
-        head = fh.read(132)
+        return _has_magic(fh)
+
+
+def _has_magic(fh) -> bool:
+    head = fh.read(132)
     return len(head) == 132 and head[128:] == b"DICM"
 
 
@@ -290,7 +293,9 @@ def _open(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -> tupl
     bounded memory, against ``limits`` (:func:`_check_inflated_size`)."""
     try:
         st = os.stat(path)
-        magic = has_dicom_magic(path)
+        with open(path, "rb") as fh:  # one open for the marker and the meta group (every read passes here)
+            magic = _has_magic(fh)
+            syntax, start = _meta_group(fh) if magic else (None, 0)
     except OSError as exc:
         raise DicomReadError(path, UNREADABLE, exc.strerror or type(exc).__name__) from None
     if not magic:
@@ -299,9 +304,8 @@ def _open(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -> tupl
             "no 'DICM' marker at byte 128 (files without a Part-10 header are not accepted)",
         )
     try:
-        meta = read_file_meta_info(path)
-        if _transfer_syntax_of(meta) == DeflatedExplicitVRLittleEndian:
-            _check_inflated_size(path, limits)
+        if syntax == DeflatedExplicitVRLittleEndian:
+            _check_inflated_size(path, start, limits)
             # Deferred offsets point into the inflated stream, not the file: read it whole.
             ds = dcmread(path, specific_tags=list(TECHNICAL_TAGS))
         else:
@@ -314,10 +318,7 @@ def _open(path: str | os.PathLike, limits: DicomLimits = DEFAULT_LIMITS) -> tupl
 
 
 def _transfer_syntax(ds: Dataset) -> UID | None:
-    return _transfer_syntax_of(getattr(ds, "file_meta", None))
-
-
-def _transfer_syntax_of(meta: Dataset | None) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
     value = meta.get("TransferSyntaxUID") if meta is not None else None
     return UID(str(value)) if value else None
 
@@ -326,26 +327,31 @@ def _transfer_syntax_of(meta: Dataset | None) -> UID | None:
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
-def _dataset_start(fh) -> int:
-    """Where the dataset begins after the file meta group (Part 10: 128-byte preamble, "DICM",
-    then group 0002 in explicit VR little endian), found by walking the group's elements: its
-    group length may be missing or wrong, which pydicom tolerates, and a check that trusted it
-    either let a file through unmeasured or refused one pydicom reads."""
-    at = 132
+def _meta_group(fh) -> tuple[UID | None, int]:
+    """(TransferSyntaxUID, where the dataset begins) of an open Part-10 file past its "DICM"
+    marker, by walking the file meta group (group 0002, explicit VR little endian) element by
+    element: its group length may be missing or wrong, which pydicom tolerates, and a size
+    check that trusted it either let a Deflated file through unmeasured or refused one pydicom
+    reads. Walked by hand so that a read costs no second parse of the meta group (pydicom's
+    read_file_meta_info gives neither the dataset's offset nor a parse the read can reuse)."""
+    at, syntax = 132, None
     while True:
         fh.seek(at)
         head = fh.read(8)
         if len(head) < 8 or int.from_bytes(head[:2], "little") != 0x0002:
-            return at
-        vr = head[4:6]
-        if vr in _LONG_VRS:
-            length = int.from_bytes(fh.read(4), "little")
-            at += 12 + length
+            return syntax, at
+        if head[4:6] in _LONG_VRS:
+            length, value_at = int.from_bytes(fh.read(4), "little"), at + 12
         else:
-            at += 8 + int.from_bytes(head[6:8], "little")
+            length, value_at = int.from_bytes(head[6:8], "little"), at + 8
+        if int.from_bytes(head[2:4], "little") == 0x0010:  # (0002,0010) TransferSyntaxUID
+            fh.seek(value_at)
+            value = fh.read(min(length, 64)).rstrip(b"\0 ").decode("ascii", "replace")
+            syntax = UID(value) if value else None
+        at = value_at + length
 
 
-def _check_inflated_size(path, limits: DicomLimits) -> None:
+def _check_inflated_size(path, start: int, limits: DicomLimits) -> None:
     """DicomReadError(TOO_LARGE) when the Deflated dataset of ``path`` inflates to more than
     ``max_decoded_mb``, what one read may hold: pydicom inflates the whole stream before it
     reads a tag, so a 261 KB file of zeros that inflated to 256 MiB cost 870 MB before any
@@ -353,7 +359,7 @@ def _check_inflated_size(path, limits: DicomLimits) -> None:
     cap = int(limits.max_decoded_mb * 2**20)
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     with open(path, "rb") as fh:
-        fh.seek(_dataset_start(fh))
+        fh.seek(start)
         while not inflater.eof and (chunk := fh.read(1 << 16)):
             while chunk and not inflater.eof:  # after the stream's end, input is never consumed
                 total += len(inflater.decompress(chunk, 1 << 20))
