@@ -214,5 +214,6 @@ def headline(args, rates: dict[str, float]) -> None:
                # the leak guard's cost: extra step time of split BN over plain BN (issue 11 target <= 0.10)
                "leak_guard_cost": plain / split - 1, "plain_bn_over_lightly": plain / lightly})
 
+
 if __name__ == "__main__":
     main()

@@ -134,6 +134,16 @@ def _flower_options(argv: tuple[str, ...]):
         return None
 
 
+def _file_given(argv: list[str], flag: str) -> Path | None:
+    """The file ``flag`` names in ``argv``: the one Flower's parser picks (abbreviations,
+    repeats), else the last value given, or None when there is none (Flower names a missing
+    value itself)."""
+    args = flower_options(argv)
+    picked = getattr(args, flag.lstrip("-").replace("-", "_"), None) if args is not None else None
+    given = [picked] if picked else _flag_values(argv, flag)
+    return Path(given[-1]).expanduser() if given else None
+
+
 def connection_problem(argv: list[str]) -> str | None:
     """Why the options in ``argv`` would expose this SuperNode, or None: ``--insecure`` (no TLS)
     to a SuperLink that is not on this machine, or its Runtime API (``--host``: no
@@ -162,12 +172,9 @@ def trusted_entities_problem(argv: list[str]) -> str | None:
     Flower accepts) once replaced the file this check had read."""
     import yaml
 
-    args = flower_options(argv)
-    given = [args.trusted_entities] if args is not None and args.trusted_entities else \
-        _flag_values(argv, "--trusted-entities")
-    if not given:
-        return None  # Flower names a missing value itself
-    file = Path(given[-1]).expanduser()
+    file = _file_given(argv, "--trusted-entities")
+    if file is None:
+        return None
     try:
         entities = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -199,12 +206,9 @@ def private_key_problem(argv: list[str]) -> str | None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-    args = flower_options(argv)
-    given = [args.auth_supernode_private_key] if args is not None and getattr(args, "auth_supernode_private_key", None) \
-        else _flag_values(argv, "--auth-supernode-private-key")
-    if not given:
+    file = _file_given(argv, "--auth-supernode-private-key")
+    if file is None:
         return None
-    file = Path(given[-1]).expanduser()
     try:
         data = file.read_bytes()
     except OSError as exc:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedmoco.config import MoCoConfig, TrainConfig
+from fedmoco.config import IMAGE_SIZES, MoCoConfig, TrainConfig
 from fedmoco.errors import ConfigError
 
 log = logging.getLogger("flwr.fedmoco.client")
@@ -231,7 +231,7 @@ def train_config(run_config: Mapping[str, Any]) -> TrainConfig:
 RUN_RANGES: dict[str, tuple[str, Any]] = {
     # a site plans its privacy budget over the rounds: no more than it may plan
     "num-server-rounds": (f"in [1, {MAX_PLANNED_RELEASES}]", lambda v: 1 <= v <= MAX_PLANNED_RELEASES),
-    "image-size": ("in [8, 4096]", lambda v: 8 <= v <= 4096),
+    "image-size": (f"in [{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}]", lambda v: IMAGE_SIZES[0] <= v <= IMAGE_SIZES[1]),
     "lr": ("> 0 and finite", lambda v: 0 < v < math.inf),
     "prototype-sample-rate": ("in (0, 1]", lambda v: 0 < v <= 1),
     "prototype-centres": (">= 1", lambda v: v >= 1),

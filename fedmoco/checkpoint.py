@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedmoco.atomic import atomic_write
+from fedmoco.config import IMAGE_SIZES
 from fedmoco.errors import CheckpointError
 
 FORMAT = "fedmoco-checkpoint"
@@ -73,9 +74,9 @@ def record_problem(ckpt: dict[str, Any]) -> str | None:
         return "'data' is missing or not a mapping"
     if not isinstance(data.get("domain"), str):
         return "data 'domain' is missing or not a name"
-    size = data.get("image_size")
-    if not _is_int(size) or not 8 <= size <= 4096:
-        return f"data 'image_size' is {size!r}, expected a whole number in [8, 4096]"
+    size, (lo, hi) = data.get("image_size"), IMAGE_SIZES
+    if not _is_int(size) or not lo <= size <= hi:
+        return f"data 'image_size' is {size!r}, expected a whole number in [{lo}, {hi}]"
     if data.get("options") is not None and not isinstance(data["options"], dict):
         return "data 'options' is not a mapping"
     norm = data.get("normalization")

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedmoco.config import NORMS
+from fedmoco.config import NORMS, check_image_size
 from fedmoco.errors import ConfigError, FedmocoError, os_error_line
 from fedmoco.appsign import add_sign_app_parser, cmd_sign_app
 from fedmoco.eval_cli import add_finetune_parser
@@ -206,8 +206,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         warmup_epochs=v["warmup_epochs"], num_workers=args.workers, amp=not args.no_amp, seed=v["seed"],
         max_steps_per_epoch=args.max_steps_per_epoch, batch_augment=args.batch_augment,
     )
-    if not 8 <= v["image_size"] <= 4096:  # a federation's range too (clients.task.RUN_RANGES)
-        raise ConfigError(f"--image-size must be in [8, 4096], got {v['image_size']}")
+    check_image_size(v["image_size"])
     data_cfg = DataConfig(image_size=v["image_size"], seed=v["seed"], options=parse_options(args.data_option),
                           cache=not args.no_cache, progress=not args.quiet)
     log.info("device: %s", device)

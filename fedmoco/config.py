@@ -10,6 +10,18 @@ from fedmoco.errors import ConfigError
 
 ARCHS = ("tiny", "resnet18", "resnet50")
 NORMS = ("batch", "split-batch", "group")
+#: The input sizes (pixels per side) a run may train at, whatever sets it: the command line, a
+#: run_config (clients.task.RUN_RANGES) or a checkpoint's data record. 100000 asked the
+#: allocator for 30 GB per batch before any message.
+IMAGE_SIZES = (8, 4096)
+
+
+def check_image_size(size: int, name: str = "--image-size") -> int:
+    """``size`` when it is in :data:`IMAGE_SIZES`; ConfigError naming ``name`` otherwise."""
+    lo, hi = IMAGE_SIZES
+    if not lo <= size <= hi:
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {size}")
+    return size
 
 
 #: The seeds' MoCo variants (MoCoConfig.preset), and the fields any of them sets.

@@ -32,7 +32,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -245,17 +245,22 @@ def build_labelled_data(
     )
 
 
+def cache_option_off(options: Mapping[str, Any]) -> bool:
+    """Whether a domain's ``cache`` option turns its decoded-sample cache off. A malformed
+    value reads as on: the domain's own options parser names it in its one-line error."""
+    try:
+        return not parse_bool(options.get("cache", True))
+    except ValueError:
+        return False
+
+
 def check_cache_outside(root: Path, cfg: DataConfig) -> None:
     """DataError when the cache folder (``cfg.cache_dir``, else the ``cache_dir`` option, else
     the default) lies inside data folder ``root``: fedmoco never writes into a data folder, and
     its caches there would be scanned as data the next time."""
     from fedmoco.cache import default_cache_dir
 
-    try:
-        option_off = not parse_bool(cfg.options.get("cache", True))
-    except ValueError:  # the domain's options name a malformed value in their own one-line error
-        option_off = False
-    if not cfg.cache or option_off:  # nothing is written there (a service account whose home is its data folder)
+    if not cfg.cache or cache_option_off(cfg.options):  # nothing is written there (a service account's home)
         return
     cache = Path(cfg.cache_dir or cfg.options.get("cache_dir") or default_cache_dir()).expanduser()
     if cache.resolve().is_relative_to(root.resolve()):

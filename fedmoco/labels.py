@@ -352,8 +352,8 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
                  len(overruled), getattr(hook, "source", domain))
     # a file's own key links unless overruled; where it is the file's only key it always counts
     links = {r: own[r] is not None and (csv_keys[r] is None or own[r] not in overruled) for r in distinct}
-    keys = {r: [k for k in (csv_keys[r], own[r] if links[r] else None) if k] or [hash_group(f"file:{table.paths[r]}")]
-            for r in distinct}
+    file_key = {r: hash_group(f"file:{table.paths[r]}") for r in distinct}
+    keys = {r: [k for k in (csv_keys[r], own[r] if links[r] else None) if k] or [file_key[r]] for r in distinct}
     if any(links.values()):
         used.append(getattr(hook, "source", domain))
     parent: dict[str, str] = {}
@@ -373,8 +373,7 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
     # The file itself is a key of every sample for a separate test set, even where a CSV group
     # or a domain key groups it: a test CSV naming the training files under other (or no)
     # groups compared nothing with a training CSV whose groups were its only keys.
-    every_key = frozenset(k for ks in keys.values() for k in ks) | {hash_group(f"file:{table.paths[r]}")
-                                                                    for r in distinct}
+    every_key = frozenset(k for ks in keys.values() for k in ks) | set(file_key.values())
     return [group[int(r)] for r in rows], " + ".join(used) or "file", every_key
 
 

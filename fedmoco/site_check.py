@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmoco.config import NORMS, MoCoConfig, TrainConfig
+from fedmoco.config import NORMS, MoCoConfig, TrainConfig, check_image_size
 from fedmoco.errors import DataError
 from fedmoco.site_settings import SITE_SETTINGS_FILE
 
@@ -135,8 +135,8 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     import torch
 
     from fedmoco.cache import cache_fits, cache_folder_problem, default_cache_dir, folder_cache_allocated
-    from fedmoco.data import (DataConfig, build_pretrain_data, check_cache_outside, check_data_dir, format_skipped,
-                              parse_bool)
+    from fedmoco.data import (DataConfig, build_pretrain_data, cache_option_off, check_cache_outside, check_data_dir,
+                              format_skipped)
 
     data_dir = Path(data_dir)
     # A dry run writes nothing: DataConfig(cache=False) turns off the decoded-sample cache (a
@@ -144,10 +144,7 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
     # and the band-statistics memo. So its step time includes decoding, as a round's first pass
     # over the data does; later passes read the cache, unless the site's own options turn it off.
     options = dict(options or {})
-    try:
-        cache_off = not parse_bool(options.get("cache", True))
-    except ValueError:  # left as given: the domain's options name it in their one-line error
-        cache_off = False
+    cache_off = cache_option_off(options)
     # as a round checks it, and before the scan: this dry run turns its own cache off
     check_cache_outside(check_data_dir(data_dir), DataConfig(image_size=image_size, options=options))
     data = build_pretrain_data(domain, data_dir, DataConfig(image_size=image_size, options=options, cache=False))
@@ -393,8 +390,7 @@ def cmd_check_site(args) -> int:
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
-    if not 8 <= args.image_size <= 4096:  # run_config's range (clients.task.RUN_RANGES)
-        raise ConfigError(f"--image-size must be in [8, 4096], got {args.image_size}")
+    check_image_size(args.image_size)
     d = FEDERATION_DEFAULTS
     model = MoCoConfig(arch=args.arch, norm=args.norm, dim=d["dim"], hidden_dim=d["hidden-dim"],
                        small_input=args.image_size <= 64, queue_size=d["local-queue-size"])

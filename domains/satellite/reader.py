@@ -74,8 +74,8 @@ MAX_VALUE = float(np.finfo(np.float16).max)
 #: connection. They are left out of the drivers GDAL may try (not refused after opening:
 #: a VRT opens its sources while it is opened). The second line: header formats whose header
 #: names its data file by any path (ERS ``DataFile = "../x"``, MRF, FAST, PDS/ISIS, NITF tables
-#: of contents), and the product descriptions after it. Any other driver that uses files beside the one opened is held to the file's
-#: own folder after opening (:func:`open_raster`).
+#: of contents), and the product descriptions after it. Any other driver that uses files
+#: beside the one opened is held to the file's own folder after opening (:func:`open_raster`).
 REFERENCING_DRIVERS = frozenset({
     "VRT", "GTI", "STACIT", "STACTA", "WMS", "WMTS", "WCS", "DAAS", "EEDA", "EEDAI", "PLMOSAIC", "HTTP",
     "KMLSUPEROVERLAY", "DERIVED", "ESRIC", "OGCAPI", "NGW",
