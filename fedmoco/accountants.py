@@ -93,7 +93,7 @@ register_accountant(ACCOUNTANT, KeyReleaseRDPAccountant, force=True)
 
 class PrototypeRDPAccountant(_HistoryRDPAccountant):
     """Opacus' RDP accountant for the subsampled Gaussian sum mechanism (the analysis of its
-    stock ``"rdp"`` accountant), evaluated fast at the stock integer orders: ``history`` of
+    stock ``"rdp"`` accountant), evaluated fast at integer orders (PROTOTYPE_ORDERS): ``history`` of
     ``(z, q, steps)``, ``step()``, and Opacus' RDP -> (epsilon, delta) conversion unchanged."""
 
     _rdp = staticmethod(sampled_gaussian_rdp)

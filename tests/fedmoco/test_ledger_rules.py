@@ -62,12 +62,33 @@ def test_a_ledger_field_in_another_form_than_the_ledger_writes_is_refused(field,
 
 
 def test_a_budget_that_cannot_be_reached_says_why_in_the_sites_log(caplog):
-    """dp-epsilon 0.05 at delta 1e-5 plans no release; the site saw only "budget exhausted"
-    (found by an audit). Its log now carries the calibration's reason."""
+    """dp-epsilon 0.001 at delta 1e-5 plans no release (the conversion's floor at order 1024 is
+    ~0.0045); the site saw only "budget exhausted" (found by an audit). Its log now carries the
+    calibration's reason."""
     import logging
 
-    ledger = SiteLedger("prototypes", 0.05, 1e-5, 10)
+    ledger = SiteLedger("prototypes", 0.001, 1e-5, 10)
     with caplog.at_level(logging.WARNING, logger="fedmoco.ledger"):
         assert ledger.next_noise(1.0, 2.0) is None
-    assert ("privacy budget: no release can be planned: epsilon: 0.05 cannot be reached with delta=1e-05 for 10 "
+    assert ("privacy budget: no release can be planned: epsilon: 0.001 cannot be reached with delta=1e-05 for 10 "
             "prototype release(s); raise epsilon or delta") in caplog.text
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.1])
+def test_a_small_prototype_budget_plans_releases_that_spend_it(epsilon):
+    """Below ~0.19 at delta 1e-5 the prototype accountant's orders (2-63) could not reach any
+    epsilon, so a careful site was told its budget was exhausted before its first release. With
+    orders up to 1024 it plans all 10, and Opacus' stock accountant given the same orders prices
+    the plan at 0.9-1.0 of the budget."""
+    from opacus.accountants import RDPAccountant
+
+    from fedmoco.privacy import ALPHAS
+
+    ledger = SiteLedger("prototypes", epsilon, 1e-5, 10)
+    first = ledger.next_noise(1.0, 2.0)
+    assert first is not None
+    rest = ledger.plan["noise"][1]
+    assert len(ledger.plan["noise"]) == 10 and rest == pytest.approx(first * 2**0.5, rel=1e-3)
+    stock = RDPAccountant()
+    stock.history = [(first, 1.0, 1), (rest, 1.0, 9)]
+    assert 0.9 * epsilon <= stock.get_epsilon(1e-5, alphas=ALPHAS) <= epsilon
