@@ -350,7 +350,11 @@ NUMBER_RULES: dict[str, tuple[str, Any]] = {
 #: The config dataclasses' field names (as their errors give them) -> the pretrain flags.
 _FIELD_FLAGS = {"queue_size (K)": "--queue-size", "momentum (m)": "--momentum", "temperature (T)": "--temperature",
                 "hidden_dim": "--hidden-dim", "dim": "--dim", "arch": "--arch", "norm": "--norm",
-                "norm_splits": "--norm-splits", "batch_size": "--batch-size"}
+                "norm_splits": "--norm-splits", "batch_size": "--batch-size",
+                "dual_view_weight": "--dual-view-weight", "hard_negative_fraction": "--hard-negative-fraction",
+                "pos_extrapolation_alpha": "--pos-extrapolation-alpha",
+                "neg_interpolation_alpha": "--neg-interpolation-alpha", "mix_level": "--mix-level",
+                "momentum_schedule": "--momentum-schedule", "moco version": "--moco"}
 
 
 def _named_by_flag(text: str) -> str:

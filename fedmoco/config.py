@@ -72,6 +72,10 @@ class MoCoConfig:
         if self.norm not in NORMS:
             raise ConfigError(f"norm: unknown normalisation {self.norm!r}; choose one of {NORMS}")
         _check(self.in_channels >= 1, "in_channels", self.in_channels, ">= 1")
+        # One sub-batch is plain BN with the leak; the Trainer's guard found no batch it could
+        # split, skipped every step and saved an untrained encoder with exit 0.
+        _check(self.norm_splits >= 2 or self.norm != "split-batch", "norm_splits", self.norm_splits,
+               ">= 2 with norm split-batch")
         _check(self.norm_splits >= 1, "norm_splits", self.norm_splits, ">= 1")
         _check(self.dim >= 1, "dim", self.dim, ">= 1")
         _check(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, ">= 1")

@@ -44,12 +44,15 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        s = largest_divisor(n, self.splits)
+        # A sub-batch needs 2 values per channel for a variance: on a 1x1 feature map (a tiny
+        # encoder at 8 px, a ResNet's last stage at 32 px) a sub-batch of one sample has one,
+        # and batch_norm raised mid-run. Fewer, larger sub-batches keep the guard there.
+        s = largest_divisor(n, min(self.splits, max(1, n * h * w // 2)))
         if not self.training or s == 1:
             if self.training and n > 1 and self.splits > 1:
-                warnings.warn(f"SplitBatchNorm: a batch of {n} cannot be split; it is normalised as one "
-                              "batch (the Trainer trims such batches so this never happens in MoCo)",
-                              stacklevel=2)
+                warnings.warn(f"SplitBatchNorm: a batch of {n} on a {h}x{w} map cannot be split into sub-batches "
+                              "of 2 or more values; it is normalised as one batch (the Trainer trims batches "
+                              "so this happens in MoCo only for a 2-image batch on a 1x1 map)", stacklevel=2)
             return super().forward(x)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return self._fused(x, s) if self.compiled and self.affine else self._chunked(x, s)

@@ -223,6 +223,10 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     for epoch in range(start_epoch, train_cfg.epochs):
         summary = trainer.train_epoch(loader, epoch=epoch, desc=f"epoch {epoch + 1}/{train_cfg.epochs}")
         skipped_load += summary.skipped
+        if summary.steps == 0:  # saved anyway, it was an untrained encoder under a run's name, exit 0
+            raise ConfigError(f"{data_dir}: epoch {epoch + 1} had no batch of 2 or more readable images "
+                              f"({len(data.dataset)} samples, {summary.skipped} unreadable): a MoCo step "
+                              "contrasts at least 2 images, so nothing was trained")
         logger.log({"event": "epoch", "epoch": epoch, "step_end": trainer.global_step, **summary.to_dict()})
         atomic_save(make_checkpoint(model, data=data_meta, train_cfg=train_cfg, trainer=trainer,
                                     epoch=epoch + 1), ckpt_path)

@@ -102,11 +102,34 @@ def test_knn_and_linear_probe_report_and_plot(tmp_path, demo_images, tiny_pretra
     (["--temperature", "-1"], "--temperature must be > 0, got -1.0"),
     (["--seed", "-1"], "--seed must be a whole number in [0, 2**32), got -1"),
     (["--batch-size", "1"], "--batch-size must be >= 2, got 1"),  # a contrastive batch needs a negative
+    # named by the flag the user typed, not the config field (dual_view_weight)
+    (["--dual-view-weight", "2"], "--dual-view-weight must be in [0, 1], got 2.0"),
+    (["--hard-negative-fraction", "0"], "--hard-negative-fraction must be in (0, 1], got 0.0"),
+    (["--pos-extrapolation-alpha", "-1"], "--pos-extrapolation-alpha must be >= 0, got -1.0"),
+    # one sub-batch is plain BN: every batch was skipped and an untrained encoder saved, exit 0
+    (["--norm-splits", "1"], "--norm-splits must be >= 2 with norm split-batch, got 1"),
 ])
 def test_nonsense_hyperparameters_give_one_line(tmp_path, demo_images, capsys, extra, message):
     rc = main(["-q", "pretrain", "--data", str(demo_images), "--out", str(tmp_path / "r"), *extra])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_folder_with_one_image_is_refused_not_saved_untrained(tmp_path, demo_images, capsys):
+    """Every batch had fewer than 2 images, so no step ran; the run saved its random-init
+    encoder as a checkpoint and exited 0 (found by an audit)."""
+    one = tmp_path / "one" / "a"
+    one.mkdir(parents=True)
+    first = sorted((demo_images / "circle").glob("*.png"))[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    out = tmp_path / "r"
+    rc = main(["-q", "pretrain", "--data", str(one.parent), "--out", str(out), "--arch", "tiny", "--epochs", "1",
+               "--workers", "0", "--no-plots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert (f"{one.parent}: epoch 1 had no batch of 2 or more readable images (1 samples, 0 unreadable): a MoCo "
+            "step contrasts at least 2 images, so nothing was trained") in err
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_data_folder_errors_name_the_path(tmp_path, capsys):

@@ -37,6 +37,26 @@ def test_split_batchnorm_statistics_do_not_cross_sub_batches():
     assert SplitBatchNorm(4, splits=4).train()(torch.randn(6, 4, 2, 2)).shape == (6, 4, 2, 2)
 
 
+def test_split_batchnorm_on_a_1x1_map_uses_sub_batches_of_two_samples():
+    """A sub-batch of one sample on a 1x1 map has one value per channel: batch_norm raised
+    mid-run (tiny encoder at 8 px, batch 8; found by an audit). It now takes 4 sub-batches of 2
+    (samples b and b+4), each normalised on its own."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 1, 1)
+    y = SplitBatchNorm(3, splits=8).train()(x)
+    for b in range(4):
+        sub = x[b::4]  # (2, 3, 1, 1)
+        ref = (sub - sub.mean(0)) / torch.sqrt(sub.var(0, unbiased=False) + 1e-5)
+        assert torch.allclose(y[b::4], ref, atol=1e-5)
+    # and a whole MoCo step at 8 px on a tiny encoder runs
+    from fedmoco.config import MoCoConfig
+    from fedmoco.moco import MoCo
+
+    model = MoCo(MoCoConfig(arch="tiny", small_input=True, dim=8, hidden_dim=16, queue_size=16)).train()
+    out = model(torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8))
+    assert torch.isfinite(out.loss)
+
+
 def test_split_batchnorm_eval_matches_plain_batchnorm_with_same_stats():
     bn = SplitBatchNorm(3, splits=2)
     bn.running_mean.fill_(0.5)
