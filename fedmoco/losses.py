@@ -55,7 +55,8 @@ def hard_negative_scores(
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    n_keep = max(1, math.ceil(fraction * negatives.shape[0])) if negatives.shape[0] else 0
+    # The rounding slack: 0.07 * 100 is 7.000000000000001 in floats, and ceil kept 8 of 100.
+    n_keep = max(1, math.ceil(fraction * negatives.shape[0] - 1e-9)) if negatives.shape[0] else 0
     scores = scorer @ negatives.t()  # (N, K)
     if exclude is not None:
         scores = scores.masked_fill(exclude, float("-inf"))

@@ -41,7 +41,12 @@ class KeyQueue(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._ptr, self._count = int(self.ptr), int(self.count)  # one read per load, not per step
+        ptr, count = int(self.ptr), int(self.count)  # one read per load, not per step
+        # An edited or foreign checkpoint: refused here (load_state_dict's callers turn this into
+        # one line) rather than as a shape error, or len() < 0, at the first enqueue.
+        if not (0 <= ptr < self.size and 0 <= count <= self.size):
+            raise ValueError(f"{prefix}ptr {ptr} / {prefix}count {count} outside a queue of {self.size} keys")
+        self._ptr, self._count = ptr, count
 
     @property
     def keys(self) -> torch.Tensor:

@@ -64,6 +64,13 @@ def test_hard_negative_count_rounds_up():
     assert torch.allclose(kept.sort(dim=1).values, (q @ neg.t()).topk(3, dim=1).values.sort(dim=1).values)
 
 
+def test_hard_negative_count_is_exact_where_the_product_rounds_up_in_floats():
+    """0.07 * 100 is 7.000000000000001 in floats: ceil kept 8 negatives of 100, not 7."""
+    q, neg = _unit(2, 8, seed=6), _unit(100, 8, seed=7)
+    assert hard_negative_scores(q, q, neg, 0.07).shape == (2, 7)
+    assert hard_negative_scores(q, q, neg, 0.071).shape == (2, 8)
+
+
 def test_hard_negative_filter_selects_by_anchor_but_scores_scorer():
     anchor = torch.tensor([[1.0, 0.0]])
     scorer = torch.tensor([[0.0, 1.0]])

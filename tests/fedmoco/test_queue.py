@@ -40,6 +40,16 @@ def test_queue_state_round_trip():
     assert torch.equal(r.buffer, q.buffer)
 
 
+@pytest.mark.parametrize("ptr,count", [(99, 4), (-1, 4), (0, -2), (0, 5)])
+def test_queue_state_with_a_pointer_or_count_outside_it_is_refused_at_load(ptr, count):
+    """An edited checkpoint's ptr 99 loaded, then failed the first enqueue with a shape error
+    (count -2: len() < 0); found by an audit. Refused at load, naming both."""
+    state = KeyQueue(size=4, dim=2).state_dict()
+    state["ptr"], state["count"] = torch.tensor(ptr), torch.tensor(count)
+    with pytest.raises(ValueError, match=f"ptr {ptr} / count {count} outside a queue of 4 keys"):
+        KeyQueue(size=4, dim=2).load_state_dict(state)
+
+
 def test_queue_rejects_bad_input():
     with pytest.raises(ConfigError, match="queue size K must be >= 1"):
         KeyQueue(0, 4)
