@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, multilabel_confusion_matrix, roc_auc_score, roc_curve
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, precision_recall_fscore_support
-from sklearn.metrics import top_k_accuracy_score
 
 from fedmoco.errors import ConfigError
 
@@ -99,6 +98,19 @@ def sensitivity_specificity(y: np.ndarray, pred: np.ndarray) -> tuple[float, flo
     return float(sens), float(spec)
 
 
+def top_k_accuracy(targets: np.ndarray, scores: np.ndarray, k: int = 5) -> float:
+    """Share of rows whose true class is among the ``k`` best scores (N,) and (N, C) -> [0, 1],
+    ties counted against it: a hit needs fewer than ``k`` other classes scoring as high or higher.
+
+    Hand-written because scikit-learn's ``top_k_accuracy_score`` breaks ties by class index: kNN
+    gives every class that got no vote the score 0, and with more classes than votes its top 5
+    was filled with those, the highest-indexed first (class 7 of 8 scored top-5 1.0 with no vote;
+    found by an audit). With distinct scores (softmax) the two agree (tests)."""
+    true = scores[np.arange(len(targets)), targets][:, None]  # (N, 1)
+    at_least = (scores >= true).sum(axis=1) - 1  # other classes scoring as high or higher
+    return float((at_least < k).mean()) if len(targets) else float("nan")
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else math.nan
 
@@ -131,7 +143,7 @@ def point_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[
     else:
         out["accuracy"] = float(accuracy_score(targets, scores.argmax(1)))
         if n_out > 5:
-            out["top5"] = float(top_k_accuracy_score(targets, scores, k=5, labels=np.arange(n_out)))
+            out["top5"] = top_k_accuracy(targets, scores, 5)
         out.update(argmax_metrics(targets, scores.argmax(1), n_out))
     cols = [positive if positive is not None else 1] if (n_out == 2 and not multi_label) else range(n_out)
     out["auroc"] = _nanmean([per_auc[j] for j in (range(n_out) if len(cols) > 1 else cols)])

@@ -49,6 +49,30 @@ def test_frozen_report_top5_only_above_five_classes():
     assert rep7["accuracy"] == pytest.approx(6 / 7) and rep7["top5"] == pytest.approx(1.0)
 
 
+def test_knn_top5_never_counts_a_class_that_got_no_vote():
+    """kNN scores every class without a vote 0. scikit-learn's top-k broke those ties by index,
+    so a test image of class 7 of 8 with no vote for it was a top-5 hit, one of class 1 a miss
+    (found by an audit). Ties now count against the true class, whatever its index."""
+    votes = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]])
+    assert frozen_report(votes, torch.tensor([7]), 8)["top5"] == 0.0
+    assert frozen_report(votes, torch.tensor([1]), 8)["top5"] == 0.0
+    assert frozen_report(votes, torch.tensor([0]), 8)["top5"] == 1.0
+    # 5 classes voted for: each is a hit, by hand; an unvoted one is not
+    five = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0]])
+    assert [frozen_report(five, torch.tensor([c]), 8)["top5"] for c in range(8)] == [1.0] * 5 + [0.0] * 3
+
+
+def test_top5_equals_scikit_learn_where_scores_are_distinct():
+    import numpy as np
+    from sklearn.metrics import top_k_accuracy_score
+
+    from fedmoco.diagnostics import top_k_accuracy
+
+    rng = np.random.default_rng(0)
+    scores, y = rng.random((200, 9)), rng.integers(0, 9, 200)
+    assert top_k_accuracy(y, scores, 5) == pytest.approx(top_k_accuracy_score(y, scores, k=5, labels=np.arange(9)))
+
+
 def test_linear_probe_separates_separable_features():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
