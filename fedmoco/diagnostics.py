@@ -182,6 +182,18 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
 
 
+#: Fewest resampling units (groups, or samples without groups) a bootstrap interval is given for.
+#: Resampling one patient redraws that patient every time: the interval had zero width and the
+#: share of draws without a gain read 0.000, a certain gain from one patient (found by an audit).
+#: Below this the intervals are left empty (null) and the caller says why.
+MIN_BOOTSTRAP_UNITS = 10
+
+
+def bootstrap_units(targets: np.ndarray, groups: np.ndarray | None) -> int:
+    """How many units a bootstrap of this test set resamples: its groups, else its samples."""
+    return len(targets) if groups is None else len(np.unique(np.asarray(groups)))
+
+
 def _bootstrap_draws(targets: np.ndarray, groups: np.ndarray | None, resamples: int, seed: int):
     """Index arrays of ``resamples`` bootstrap draws of the test set: samples, or whole groups
     (a cluster bootstrap) with ``groups``. The same seed gives the same draws, whatever the
@@ -189,6 +201,8 @@ def _bootstrap_draws(targets: np.ndarray, groups: np.ndarray | None, resamples: 
     the splits number them, not in the order of their salted hashes."""
     from fedmoco.splits import group_ids
 
+    if bootstrap_units(targets, groups) < MIN_BOOTSTRAP_UNITS:
+        return
     rng = np.random.default_rng(seed)
     n = len(targets)
     members = None
@@ -234,7 +248,8 @@ def bootstrap_ci(scores: np.ndarray, targets: np.ndarray, thresholds: Sequence[f
     With ``groups`` the draw resamples whole groups (a cluster bootstrap): slices of one patient
     are not independent, and resampling them one by one would make intervals too narrow.
     Thresholds stay fixed (they were chosen on validation data). Draws where a metric is
-    undefined (a class absent) are left out of that metric's interval.
+    undefined (a class absent) are left out of that metric's interval. With fewer than
+    :data:`MIN_BOOTSTRAP_UNITS` groups (samples) every interval is [nan, nan].
     """
     runs, run_thresholds = _runs(scores, thresholds)
     draws: dict[str, list[float]] = {m: [] for m in METRICS}
@@ -260,7 +275,8 @@ def bootstrap_gain_ci(scores: np.ndarray, thresholds: Sequence[float] | np.ndarr
 
     Returns ``{"ci95": {metric: [lo, hi]} of the gain, "p_no_gain": {metric: share of draws
     whose gain is <= 0}, "model": ..., "baseline": ...}``, the last two being each model's own
-    intervals from the same draws (equal to :func:`bootstrap_ci` with the same ``seed``).
+    intervals from the same draws (equal to :func:`bootstrap_ci` with the same ``seed``). With
+    fewer than :data:`MIN_BOOTSTRAP_UNITS` groups (samples) all of them are nan.
     """
     runs, run_thresholds = _runs(scores, thresholds)
     base, base_thresholds = _runs(baseline_scores, baseline_thresholds)

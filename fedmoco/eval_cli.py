@@ -257,7 +257,7 @@ def _print_summary(report: dict[str, Any], names: list[str]) -> None:
         # the paired interval: both encoders scored on the same resampled patients
         p_no = gain.get("p_no_gain", {}).get("auroc")
         print("finetune gain       : " + ", ".join(_fmt(gain, k, signed=True) for k in keys if k in gain)
-              + (f" (paired bootstrap; share of draws with no AUROC gain {p_no:.3f})" if p_no is not None else ""))
+              + (f" (paired bootstrap; share of draws with no AUROC gain {p_no:.3f})" if p_no is not None and math.isfinite(p_no) else ""))
         from fedmoco.finetune import seeds_ahead
 
         wins, seeds = seeds_ahead(gain)

@@ -28,7 +28,8 @@ from fedmoco.atomic import atomic_write_json, json_safe
 from fedmoco.checkpoint import atomic_save
 from fedmoco.config import MoCoConfig
 from fedmoco.data import collate_views
-from fedmoco.diagnostics import METRICS, OperatingPoint, diagnose, plot_confusion_png, plot_roc
+from fedmoco.diagnostics import (METRICS, MIN_BOOTSTRAP_UNITS, OperatingPoint, bootstrap_units, diagnose,
+                                 plot_confusion_png, plot_roc)
 from fedmoco.errors import UNREADABLE_SAMPLES_HINT, ConfigError, DataError, TrainingDiverged
 from fedmoco.labels import LabelledSet
 from fedmoco.moco import MoCo
@@ -374,6 +375,10 @@ def run_protocol(pretrained: nn.Module, moco_config: dict[str, Any], data: Label
     warnings = [w for where, src, idx in (("training", samples, split.train), ("validation", samples, split.val),
                                           ("test", test_src, test_idx))
                 if (w := check_classes_present(src.targets, idx, data.names, where, data.multi_label))]
+    units = bootstrap_units(test_src.targets[test_idx], test_src.groups[test_idx])
+    if protocol.bootstrap and units < MIN_BOOTSTRAP_UNITS:
+        warnings.append(f"test set: {units} group(s); a bootstrap interval needs at least {MIN_BOOTSTRAP_UNITS} "
+                        "(resampling so few redraws the same patients), so ci95 and p_no_gain are left empty")
     runs: dict[str, Any] = {}
     models: dict[str, Classifier] = {}
     largest = max(protocol.label_fractions)

@@ -1,6 +1,7 @@
 """AUROC, sensitivity, specificity and operating points against hand-computed values."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -131,16 +132,33 @@ def test_bootstrap_of_several_runs_brackets_their_mean():
 
 def test_gain_of_a_model_over_itself_is_exactly_zero_and_of_a_perfect_over_an_inverted_one_is_one():
     thr = [0.5, 0.5]
-    same = bootstrap_gain_ci(SCORES, thr, SCORES, thr, Y, multi_label=False, positive=None, groups=None,
+    scores, y = np.tile(SCORES, (2, 1)), np.tile(Y, 2)  # 16 samples: a bootstrap needs 10 units
+    same = bootstrap_gain_ci(scores, thr, scores, thr, y, multi_label=False, positive=None, groups=None,
                              resamples=100, seed=0)
     assert same["ci95"]["auroc"] == [0.0, 0.0] and same["p_no_gain"]["auroc"] == 1.0
-    perfect = np.stack([1 - Y, Y], 1).astype(float)
+    perfect = np.stack([1 - y, y], 1).astype(float)
     inverted = perfect[:, ::-1].copy()
     # every draw holding both classes: AUROC 1 against 0; draws with one class are left out
-    flip = bootstrap_gain_ci(perfect, thr, inverted, thr, Y, multi_label=False, positive=None,
-                             groups=np.arange(8) // 2, resamples=100, seed=0)
+    flip = bootstrap_gain_ci(perfect, thr, inverted, thr, y, multi_label=False, positive=None,
+                             groups=np.arange(16) % 12, resamples=100, seed=0)
     assert flip["ci95"]["auroc"] == [1.0, 1.0] and flip["p_no_gain"]["auroc"] == 0.0
     assert flip["ci95"]["sensitivity"] == [1.0, 1.0] and flip["ci95"]["specificity"] == [1.0, 1.0]
+
+
+def test_too_few_groups_give_no_interval_rather_than_a_certain_one():
+    """One patient resampled is that patient every time: the interval had zero width and
+    p_no_gain read 0.000 (found by an audit). Under 10 groups every interval is nan (null in
+    results.json); at 10 there is one again."""
+    perfect = np.stack([1 - Y, Y], 1).astype(float)
+    inverted = perfect[:, ::-1].copy()
+    kw = dict(multi_label=False, positive=None, resamples=50, seed=0)
+    for groups in (np.zeros(8, int), np.arange(8) // 2, None):  # 1, 4 and 8 units
+        gain = bootstrap_gain_ci(perfect, [0.5, 0.5], inverted, [0.5, 0.5], Y, groups=groups, **kw)
+        assert all(math.isnan(v) for v in gain["ci95"]["auroc"]) and math.isnan(gain["p_no_gain"]["auroc"])
+        assert all(math.isnan(v) for v in bootstrap_ci(perfect, Y, [0.5, 0.5], groups=groups, **kw)["auroc"])
+    y10 = np.tile(Y, 2)[:10]
+    p10 = np.stack([1 - y10, y10], 1).astype(float)
+    assert bootstrap_ci(p10, y10, [0.5, 0.5], groups=None, **kw)["accuracy"] == [1.0, 1.0]
 
 
 def test_paired_gain_is_clear_of_zero_where_the_two_marginal_intervals_overlap():

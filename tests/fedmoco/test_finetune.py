@@ -35,14 +35,14 @@ def _write_csv(path, header, rows):
     return path
 
 
-def _partial_labels(demo_images, path, n=36, multi=False):
-    """Labels for ``n`` of the 48 demo images (all classes), two images of a class per group."""
+def _partial_labels(demo_images, path, n=36, multi=False, group_size=2):
+    """Labels for ``n`` of the 48 demo images (all classes), ``group_size`` images of a class per group."""
     files = sorted(demo_images.rglob("*.png"))
     files = [f for i, f in enumerate(files) if n == len(files) or i % 4 != 3][:n]
     rows = []
     for i, f in enumerate(files):
         rel, cls = f.relative_to(demo_images).as_posix(), f.parent.name
-        group = f"patient-{cls}-{i // 2}"
+        group = f"patient-{cls}-{i // group_size}"
         rows.append([rel, group, int(cls in ("circle", "square")), int(cls == "stripes")] if multi
                     else [rel, group, cls])
     header = ["path", "group", "round_or_square", "striped"] if multi else ["path", "group", "label"]
@@ -50,7 +50,8 @@ def _partial_labels(demo_images, path, n=36, multi=False):
 
 
 def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, checkpoint, capsys):
-    labels = _partial_labels(demo_images, tmp_path / "labels.csv")  # covers 36 of 48 images
+    # covers 36 of 48 images, one a group: the test split's 11 groups are enough for a bootstrap
+    labels = _partial_labels(demo_images, tmp_path / "labels.csv", group_size=1)
     out = tmp_path / "ft"
     rc = main(["-q", "finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(labels),
                "--out", str(out), "--label-fraction", "0.5", "1.0", "--seeds", "0", "1", *FAST])
@@ -91,6 +92,30 @@ def test_finetune_writes_results_with_curve_and_baseline(tmp_path, demo_images, 
     assert "patient-" not in text  # group keys are never written out
     printed = capsys.readouterr().out
     assert "finetune pretrained : auroc" in printed and f"finetune gain       : auroc {gain['auroc']:+.3f}" in printed
+
+
+def test_a_test_set_of_few_patients_gets_no_interval_and_says_why(tmp_path, demo_images, checkpoint, capsys):
+    """All test images from one patient: the paired 'CI' was [+0.177, +0.177] and p_no_gain
+    0.000 with no warning, a certain gain from one patient (found by an audit)."""
+    labels = _partial_labels(demo_images, tmp_path / "labels.csv")
+    test_dir = tmp_path / "test"
+    rows = []
+    for f in sorted(demo_images.rglob("*.png"))[::6]:  # 8 images, 2 of each class
+        (test_dir / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (test_dir / f.parent.name / f.name).write_bytes(f.read_bytes())
+        rows.append([f"{f.parent.name}/{f.name}", "one-patient", f.parent.name])
+    test_labels = _write_csv(tmp_path / "test.csv", ["path", "group", "label"], rows)
+    out = tmp_path / "ft"
+    rc = main(["-q", "finetune", "--checkpoint", str(checkpoint), "--data", str(demo_images), "--labels", str(labels),
+               "--test", str(test_dir), "--test-labels", str(test_labels), "--out", str(out), *FAST])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["gain"]["ci95"]["auroc"] == [None, None] and res["gain"]["p_no_gain"]["auroc"] is None
+    assert res["ci95"]["auroc"] == [None, None]
+    assert ("test set: 1 group(s); a bootstrap interval needs at least 10 (resampling so few redraws the same "
+            "patients), so ci95 and p_no_gain are left empty") in res["warnings"]
+    printed = capsys.readouterr().out
+    assert "finetune gain       : auroc" in printed and "share of draws" not in printed and "[" not in printed
 
 
 def test_finetune_multilabel_and_federated_checkpoint_without_normalization(tmp_path, demo_images, checkpoint,
