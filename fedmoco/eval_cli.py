@@ -17,7 +17,7 @@ from typing import Any
 
 # numpy and torch are imported in the commands: this module also builds the finetune parser,
 # and `fedmoco --help` should not wait for torch.
-from fedmoco.errors import CheckpointError, ConfigError, DataError, NoUsableData
+from fedmoco.errors import CheckpointError, ConfigError, DataError, NoUsableData, TrainingDiverged
 
 log = logging.getLogger("fedmoco")
 
@@ -315,6 +315,11 @@ def cmd_frozen(args: argparse.Namespace) -> int:
             train_f, train_y, test_f, test_y = f[tr], y[tr], f[te], y[te]
         else:
             (train_f, train_y), (test_f, test_y) = (f, y), feats(test_samples)
+        for where, fs in ((args.data, f), (args.test, test_f)):
+            if not bool(fs.isfinite().all()):  # finite weights can still overflow on extreme pixel values
+                raise DataError(f"{where}: the {init.replace('_', ' ')} encoder gives NaN or inf features for "
+                                f"{int((~fs.isfinite().all(1)).sum())} of {len(fs)} images; check their values "
+                                "and the checkpoint's normalisation")
         if args.command == "knn":
             k, note = effective_k(args.k, len(train_y))
             if note and init == "pretrained":
@@ -327,6 +332,9 @@ def cmd_frozen(args: argparse.Namespace) -> int:
             clf = linear_probe(train_f, train_y, n_cls, cfg, progress=progress)
             with torch.no_grad():
                 probs = clf(test_f).softmax(1)
+            if not bool(probs.isfinite().all()):  # scikit-learn's metrics raised a traceback on NaN
+                raise TrainingDiverged(f"linear-probe: the classifier on the {init.replace('_', ' ')} features "
+                                       f"diverged (NaN or inf outputs) at --lr {args.lr:g}; lower --lr")
             extra = {"epochs": args.epochs, "lr": args.lr}
             if init == "pretrained":
                 from fedmoco.checkpoint import atomic_save

@@ -79,6 +79,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
     except (KeyError, RuntimeError, ConfigError, TypeError, ValueError, AttributeError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: model does not load ({first})") from None
+    # NaN weights (a diverged or damaged run) gave knn and linear-probe a scikit-learn traceback
+    # and finetune a "lower --lr" hint about its own loss (found by an audit).
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values (first: {bad[0]}); "
+                              "the run that wrote it diverged or the file was damaged")
     return model
 
 

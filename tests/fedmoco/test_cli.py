@@ -132,6 +132,32 @@ def test_a_folder_with_one_image_is_refused_not_saved_untrained(tmp_path, demo_i
     assert not (out / "checkpoint.pt").exists()
 
 
+def test_a_checkpoint_with_nan_weights_or_a_diverging_probe_is_one_line(tmp_path, demo_images, tiny_pretrain_args,
+                                                                        capsys):
+    """NaN weights gave knn and linear-probe a scikit-learn traceback ("Input contains NaN"), and
+    finetune blamed its own --lr; a probe at --lr 1e37 did the same (found by an audit)."""
+    out = tmp_path / "run"
+    main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), *tiny_pretrain_args])
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point() and k.startswith("encoder_q"))
+    ck["model"][name] = torch.full_like(ck["model"][name], float("nan"))
+    torch.save(ck, tmp_path / "nan.pt")
+    capsys.readouterr()
+    for command in ("knn", "linear-probe", "finetune"):
+        rc = main(["-q", command, "--checkpoint", str(tmp_path / "nan.pt"), "--data", str(demo_images),
+                   "--out", str(tmp_path / command)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, (command, err)
+        assert (f"{tmp_path / 'nan.pt'}: 1 weight tensor(s) hold NaN or inf values (first: {name}); the run that "
+                "wrote it diverged or the file was damaged") in err
+    rc = main(["-q", "linear-probe", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(demo_images),
+               "--lr", "1e37", "--epochs", "3", "--out", str(tmp_path / "lp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert ("linear-probe: the classifier on the pretrained features diverged (NaN or inf outputs) at --lr 1e+37; "
+            "lower --lr") in err
+
+
 def test_data_folder_errors_name_the_path(tmp_path, capsys):
     assert main(["-q", "pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert f"{tmp_path / 'nope'}: data folder does not exist" in capsys.readouterr().err
