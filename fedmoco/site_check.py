@@ -327,7 +327,7 @@ def source_sizes(dataset, skipped: Counter | None = None) -> Counter:
                 reason = "declared size over max_pixels"
             except UnidentifiedImageError:
                 reason = "not an image"
-            except OSError:
+            except Exception:  # PIL's parsers raise TypeError, OverflowError... on malformed headers
                 reason = "unreadable"
             else:
                 continue

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
@@ -31,6 +31,18 @@ from fedmoco.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: The PIL readers a suffix admits. ``Image.open`` picks its reader from the content, and some
+#: decode the whole file while opening it, before any size check: an ICO named photo.png that
+#: declares 256 x 256 and holds a 13000 x 13000 PNG cost 650 MB per read (found by an audit),
+#: and GIF or WebP content under an image suffix was trained on where the docs say it is not.
+#: (PIL's JPEG reader opens a camera's multi-picture JPEG itself, as MPO.)
+FORMATS = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".tif": ("TIFF",),
+           ".tiff": ("TIFF",), ".bmp": ("BMP", "DIB")}
+#: What a malformed file can raise while PIL reads it. Its parsers raise TypeError (a FLOAT
+#: StripOffsets tag), OverflowError (a ColorMap typed SSHORT), struct.error, IndexError... as
+#: well as OSError: one such TIFF stopped pretrain, check-site and embed in a traceback (found by
+#: an audit). Caught around a file's read only, never around our own transforms.
+READ_ERRORS = (Exception,)
 # max_pixels: width x height one file may declare before anything is decoded. 2**25 (33.5 M,
 # 5792**2) as for DICOM frames (domains/medical/dicom_types.py): above a 24-megapixel photograph,
 # far below the 65535**2 a 700-byte forged PNG header can claim.
@@ -89,7 +101,8 @@ def open_image(path: Path, max_pixels: int = OPTIONS["max_pixels"]) -> Image.Ima
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(path)
+            # No suffix (a caller's own file): every reader PIL has, as Image.open would.
+            im = Image.open(path, formats=FORMATS.get(Path(path).suffix.lower()))
         except Image.DecompressionBombError:
             limit = 2 * Image.MAX_IMAGE_PIXELS
             raise ValueError(f"the header declares over {limit} pixels, PIL's decompression bomb limit"
@@ -101,6 +114,15 @@ def open_image(path: Path, max_pixels: int = OPTIONS["max_pixels"]) -> Image.Ima
         raise ValueError(f"the header declares {w} x {h} = {w * h} pixels, over max_pixels {max_pixels} "
                          f"(--data-option max_pixels)")
     return im
+
+
+def _why(exc: Exception) -> str:
+    """A read error for the log: PIL's own errors as they are, a parser's TypeError or
+    OverflowError with its type, since their text alone ("'float' object cannot be interpreted
+    as an integer") does not say the file is malformed."""
+    if isinstance(exc, (OSError, ValueError, SyntaxError)):
+        return str(exc)
+    return f"malformed file, {type(exc).__name__}: {exc}"
 
 
 def load_image(path: Path, channels: int, max_pixels: int = OPTIONS["max_pixels"]) -> torch.Tensor:
@@ -128,7 +150,7 @@ def _detect_channels(files: list[Path], max_pixels: int = OPTIONS["max_pixels"])
             with open_image(p, max_pixels) as im:
                 if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
                     return 3
-        except (OSError, UnidentifiedImageError, ValueError):
+        except READ_ERRORS:
             continue
     return 1
 
@@ -252,8 +274,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_image(self.files[i], self.channels, self.max_pixels)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            log.warning("skipping %s: unreadable image (%s)", self.files[i], exc)
+        except READ_ERRORS as exc:
+            log.warning("skipping %s: unreadable image (%s)", self.files[i], _why(exc))
             return None
         out = self.transform(img)
         return out if self.labels is None else (out, self.labels[i])
@@ -276,8 +298,8 @@ def estimate_normalization(files: list[Path], channels: int, size: int,
         tried += 1
         try:
             stack.append(resize(load_image(files[i], channels, max_pixels)))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            first_error = first_error or f"{files[i]}: {exc}"
+        except READ_ERRORS as exc:
+            first_error = first_error or f"{files[i]}: {_why(exc)}"
     if not stack:
         raise DataError(f"none of the {tried} images could be read (first: {first_error})",
                         public=f"none of the {tried} images could be read")

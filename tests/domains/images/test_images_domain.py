@@ -152,6 +152,78 @@ def test_other_formats_are_counted_and_a_strip_image_keeps_memory_bounded(tmp_pa
     assert view.shape == (3, 16, 16)  # letterboxed: resized to at most 8 x 16 = 128 px long, not 2.4 M
 
 
+def _ico_holding_a_large_png(path, side: int) -> None:
+    """An ICO whose directory declares 256 x 256 and whose one entry is a side x side PNG."""
+    import io
+    import struct
+
+    import numpy as np
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((side, side, 4), np.uint8)).save(png, "PNG")
+    data = png.getvalue()
+    path.write_bytes(struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(data), 22)
+                     + data)
+
+
+def _tiff_with_float_strip_offsets(path) -> None:
+    """A 16 x 16 RGB TIFF whose StripOffsets tag (273) is typed FLOAT: PIL raises TypeError."""
+    import io
+    import struct
+
+    import numpy as np
+
+    b = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(b, "TIFF")
+    d = bytearray(b.getvalue())
+    ifd = struct.unpack("<I", d[4:8])[0]
+    for k in range(struct.unpack("<H", d[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack("<H", d[entry:entry + 2])[0] == 273:
+            d[entry + 2:entry + 4] = struct.pack("<H", 11)
+    path.write_bytes(bytes(d))
+
+
+def test_a_file_is_read_only_by_the_reader_its_suffix_names(tmp_path, demo_images, caplog, monkeypatch):
+    """PIL picks a reader by content: an ICO named .png was decoded whole while opening, before
+    the max_pixels check (650 MB for a 657 KB file), and GIF or WebP content under .png / .jpg was
+    trained on (found by an audit). Each is now 'not an image', skipped and counted."""
+    import shutil
+
+    shutil.copytree(demo_images / "circle", tmp_path / "circle")
+    _ico_holding_a_large_png(tmp_path / "circle" / "icon.png", 600)
+    Image.new("RGB", (8, 8)).save(tmp_path / "circle" / "gif.png", "GIF")
+    Image.new("RGB", (8, 8)).save(tmp_path / "circle" / "webp.jpg", "WEBP")
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda im: decoded.append(im.size) or real_load(im))
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=16))
+    names = [f.name for f in data.dataset.files]
+    for name in ("icon.png", "gif.png", "webp.jpg"):
+        assert data.dataset[names.index(name)] is None
+        assert f"{name}: unreadable image (cannot identify image file" in caplog.text
+    assert (600, 600) not in decoded  # the ICO's picture was never decoded
+    from fedmoco.site_check import source_sizes
+
+    skipped = Counter()
+    source_sizes(data.dataset, skipped)
+    assert skipped == Counter({"not an image": 3})
+
+
+def test_a_malformed_tiff_is_skipped_not_a_traceback(tmp_path, demo_images, caplog):
+    """PIL's TIFF parser raises TypeError on a FLOAT StripOffsets tag: pretrain, check-site and
+    embed stopped in a traceback (found by an audit). The file is skipped and says why."""
+    import shutil
+
+    shutil.copytree(demo_images / "circle", tmp_path / "circle")
+    _tiff_with_float_strip_offsets(tmp_path / "circle" / "bad.tif")
+    data = build_pretrain_data(tmp_path, DataConfig(image_size=16))
+    names = [f.name for f in data.dataset.files]
+    assert data.dataset[names.index("bad.tif")] is None
+    assert ("bad.tif: unreadable image (malformed file, TypeError: 'float' object cannot be interpreted as an "
+            "integer)") in caplog.text
+
+
 def test_exif_orientation_is_applied(tmp_path):
     from domains.images.dataset import load_image
 
