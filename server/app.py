@@ -175,6 +175,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> FederationResul
             log.warning("no round since the resume (%d-%d) updated the global model; the encoder is round %d's model",
                         done + 1, strategy.last_round, max(strategy.updated_all))
     else:
+        if updated_before == []:  # None: a checkpoint that did not record them
+            # Wrote the round-0 (random-init) model as the run's encoder, exit 0 (found by an audit).
+            raise FederationFailed(f"all {total_rounds} rounds were already done and no round updated the global "
+                                   f"model; no encoder was written; see {metrics_path}")
         known = f" ({len(updated_before)} of them updated the model)" if updated_before is not None else ""
         log.info("all %d rounds were already done%s; writing the outputs again", total_rounds, known)
 

@@ -161,6 +161,12 @@ def test_no_round_updating_the_model_fails_the_run(tmp_path, sites_root):
     assert msg.endswith(f"no encoder was written; see {out / 'rounds.jsonl'}")
     assert not (out / "encoder.pt").exists()
     assert [r["updated"] for r in lines(out)] == [False, False]
+    # resumed with every round done, it wrote the round-0 model as the run's encoder, exit 0
+    with pytest.raises(FederationFailed) as err:
+        federate(out, sites_root, **{"num-server-rounds": 2, "resume": True})
+    assert str(err.value) == ("all 2 rounds were already done and no round updated the global model; no encoder "
+                              f"was written; see {out / 'rounds.jsonl'}")
+    assert not (out / "encoder.pt").exists()
 
 
 @pytest.mark.parametrize("over,message", [
