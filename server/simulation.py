@@ -446,6 +446,11 @@ def simulation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "key-sample-rate": 0.3, **DEMO_UNITS.get(args.domain, {}),
     }
     run_config.update(parse_overrides(*args.run_config))
+    # Flower runs the ServerApp in a temporary folder: a relative out-dir wrote every output
+    # there, deleted at exit, and the run failed as if it had written nothing (found by an audit).
+    for key in ("out-dir", "demo-root"):
+        if isinstance(run_config.get(key), str) and run_config[key]:
+            run_config[key] = str(Path(run_config[key]).expanduser().resolve())
     validate_run_config(run_config)
     check_simulated_sites(run_config, args.sites)
     return run_config

@@ -128,6 +128,11 @@ def test_run_config_may_be_given_several_times_and_one_out_dir_takes_one_run(tmp
                               run_config=['key-release="prototypes" local-epochs=4', "resume=true"])
     cfg = simulation_run_config(args)  # the resume hint's "same command and --run-config 'resume=true'"
     assert cfg["key-release"] == "prototypes" and cfg["local-epochs"] == 4 and cfg["resume"] is True
+    # Flower runs the ServerApp in a temporary folder: a relative out-dir wrote every output there,
+    # deleted at exit (found by an audit). Both folders are made absolute from the caller's cwd.
+    args.run_config = ['out-dir="rel-server" demo-root="~/sites"']
+    cfg = simulation_run_config(args)
+    assert cfg["out-dir"] == str(Path.cwd() / "rel-server") and cfg["demo-root"] == str(Path.home() / "sites")
     tmp_path.mkdir(exist_ok=True)
     with open(tmp_path / ".simulation.lock", "a+") as held:  # a simulation already running into it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
