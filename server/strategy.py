@@ -406,6 +406,15 @@ class FedMoCo(FedAvg):
             self._claim_name(node, claimed)
             accepted.append((msg, keys))
 
+        # Nodes sent the model that did not answer (round-timeout passed, or the node left): they
+        # were in no count, no JSON line and no log line, so a site that never answered was
+        # invisible (found by an audit).
+        answered = {int(s["node"]) for s in sites}
+        for node in [n for n in self._down if int(n) not in answered]:
+            site = {"node": node, **self._down[node], "status": "no-reply", "reason": "no reply within round-timeout"}
+            who = self._name_site(node, None, site)
+            sites.append(site)
+            log.warning("round %d: %s sent no reply within round-timeout", r, who)
         arrays, agg_metrics = None, None
         if len(accepted) < self.min_replies:
             log.warning("round %d: %d accepted repl%s of %d, fewer than min-replies %d: the global model and "
@@ -548,7 +557,8 @@ class FedMoCo(FedAvg):
             "round-seconds": t_received - self._round_started if self._round_started else float("nan"),
             "aggregate-seconds": time.perf_counter() - t_received,
             "sum-local-seconds": sum(s.get("seconds", 0.0) for s in ok),
-            "sent": len(self._down), "replies": len(sites), "accepted": len(ok),
+            "sent": len(self._down), "replies": sum(s.get("status") != "no-reply" for s in sites),
+            "no-reply": sum(s.get("status") == "no-reply" for s in sites), "accepted": len(ok),
             "rejected": sum(s.get("status") == "rejected" for s in sites),
             "errors": sum(s.get("status") == "error" for s in sites),
             "examples": sum(s.get("num-examples", 0.0) for s in ok),
@@ -570,10 +580,10 @@ class FedMoCo(FedAvg):
             record["model-dp-epsilon"] = self.model_dp.epsilon()
         self.metrics.log(record)
         self.last_sites = sites
-        log.info("round %d: %d/%d replies accepted (%d rejected, %d errors), loss %s, global queue %d keys "
+        log.info("round %d: %d/%d replies accepted (%d rejected, %d errors, %d no reply), loss %s, global queue %d keys "
                  "(%d received from %d sharing site(s), %d sent as negatives), "
                  "round %.1f s vs %.1f s summed local training",
-                 r, len(ok), len(sites), record["rejected"], record["errors"],
+                 r, len(ok), record["sent"] or len(sites), record["rejected"], record["errors"], record["no-reply"],
                  f"{record['train-loss']:.4f}" if "train-loss" in record else "n/a", len(self.queue),
                  record["keys-received"], record["dp-sharing"], record["queue-sent"],
                  record["round-seconds"], record["sum-local-seconds"])

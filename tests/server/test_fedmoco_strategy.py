@@ -152,6 +152,27 @@ def test_too_few_accepted_replies_keep_the_model_and_queue(grid3, tmp_path, capl
     assert np.array_equal(state["arrays"][next(iter(ref.keys()))].numpy(), next(iter(ref.values())).numpy())
 
 
+def test_a_site_that_never_replies_is_named_counted_and_logged(grid3, tmp_path, caplog):
+    """grid3's three nodes are sent the model; 103 never answers (round-timeout). It was in no
+    count, no JSON line and no log line, and the round read "1/1 replies accepted" (found by an
+    audit)."""
+    import json
+
+    s = make_strategy(tmp_path, min_replies=1)
+    ref = tiny_arrays()
+    s.configure_train(1, ref, ConfigRecord(), grid3)
+    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2), good_metrics())),
+               reply_from(102, error="boom")]
+    with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
+        s.aggregate_train(1, replies)
+    line = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
+    assert (line["sent"], line["replies"], line["accepted"], line["errors"], line["no-reply"]) == (3, 2, 1, 1, 1)
+    silent = [site for site in line["sites"] if site["status"] == "no-reply"]
+    assert [(x["node"], x["reason"]) for x in silent] == [(103, "no reply within round-timeout")]
+    assert "round 1: node 103 sent no reply within round-timeout" in caplog.text
+    assert "round 1: 1/3 replies accepted (0 rejected, 1 errors, 1 no reply)" in caplog.text
+
+
 def test_round_offset_numbers_rounds_of_a_resumed_run(grid3, tmp_path):
     s = make_strategy(tmp_path, round_offset=4)
     ref = tiny_arrays()

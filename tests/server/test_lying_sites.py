@@ -163,7 +163,7 @@ def test_update_norm_is_recorded_per_site(grid3, tmp_path):
     s = strategy(tmp_path)
     one_round(s, grid3, {})
     n_params = sum(a.numpy().size for a in tiny_arrays().values())
-    norms = {x["node"]: x["update-norm"] for x in last_round(tmp_path)["sites"]}
+    norms = {x["node"]: x["update-norm"] for x in last_round(tmp_path)["sites"] if x["status"] != "no-reply"}
     assert norms[101] == pytest.approx(math.sqrt(n_params) * 1.0, rel=1e-5)
     assert norms[102] == pytest.approx(math.sqrt(n_params) * 3.0, rel=1e-5)
 
@@ -252,7 +252,8 @@ def test_a_resumed_run_gives_its_sites_their_names_back_under_new_node_ids(grid3
     named["site"] = Config({"name": "hospital-a"})
     arrays, _ = s.aggregate_train(3, [reply_from(101, named)])
     assert arrays is not None
-    assert {e["node"]: e["status"] for e in last_round(tmp_path)["sites"]} == {101: "accepted"}
+    assert {e["node"]: e["status"] for e in last_round(tmp_path)["sites"]} == {101: "accepted", 102: "no-reply",
+                                                                               103: "no-reply"}
     assert s.site_names[101] == "hospital-a"
 
 
@@ -273,7 +274,7 @@ def test_one_node_replying_twice_or_a_node_not_sent_the_round_counts_once_or_not
     assert len(s.queue) == 4  # two keys from each honest site, once
     sites = last_round(tmp_path)["sites"]
     assert [(e["node"], e["status"]) for e in sites] == [(101, "accepted"), (102, "accepted"), (102, "rejected"),
-                                                         (102, "rejected"), (999, "rejected")]
+                                                         (102, "rejected"), (999, "rejected"), (103, "no-reply")]
     assert sites[2]["reason"] == "a second reply from this node in this round"
     assert sites[4]["reason"] == "this node was not sent this round's model"
     assert "round 1: rejected reply from node 999: this node was not sent this round's model" in caplog.text
