@@ -56,11 +56,16 @@ def point_marker(n: int) -> str:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lay out, write as a 100 dpi PNG and close ``fig``; returns ``path``."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """Lay out, write as a 100 dpi PNG atomically (a stop or a full disk mid-write leaves the
+    last good plot, not a truncated one) and close ``fig``; returns ``path``."""
+    from fedmoco.atomic import atomic_write
+
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:

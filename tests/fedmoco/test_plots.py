@@ -63,3 +63,30 @@ def test_a_record_with_a_field_that_is_not_a_number_is_skipped_with_a_warning(tm
     assert f"{path}:1: skipped a record whose 'loss' is not a number" in caplog.text
     assert f"{path}:2: skipped a record whose 'step' is not a number" in caplog.text
     assert f"{path}:4: skipped a record whose 'lr' is not a number" in caplog.text
+
+
+def test_a_plot_that_fails_mid_write_leaves_the_last_good_one(tmp_path, monkeypatch):
+    """savefig wrote straight to the final name: a full disk or a stop mid-write left a truncated
+    PNG in place of the good one (found by an audit). The write is atomic now."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from fedmoco.plots import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    path = save_figure(fig, tmp_path / "loss.png")
+    good = path.read_bytes()
+
+    def full_disk(self, fh, **kw):
+        fh.write(b"\x89PNG\r\n\x1a\n partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plt.Figure, "savefig", full_disk)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(fig, path)
+    assert path.read_bytes() == good and Image.open(path).size[0] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temp file left behind
+    assert not plt.get_fignums()  # the figure was closed all the same
