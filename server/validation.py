@@ -96,9 +96,14 @@ class ExampleCaps:
             try:
                 if not sep or not name:
                     raise ValueError
-                per_site[name] = int(value.strip())
+                cap = int(value.strip())
             except ValueError:
                 raise ConfigError(f"site-example-caps: {item!r} is not name=N with N an integer") from None
+            # The last one won: a copy-paste slip silently raised the cap these exist for (an audit).
+            if name in per_site:
+                raise ConfigError(f"site-example-caps: {name!r} is given twice ({per_site[name]} and {cap}); "
+                                  "give each site one cap")
+            per_site[name] = cap
         return cls(int(default), per_site)
 
     def cap(self, node_id: int, name: str | None = None) -> int:

@@ -152,6 +152,10 @@ def test_caps_by_node_id_win_over_site_name_and_default():
     (10, "a=0", "site-example-caps a=0: expected an integer >= 1"),
     (10, "a=1.5", "site-example-caps: 'a=1.5' is not name=N with N an integer"),
     (10, "a", "site-example-caps: 'a' is not name=N with N an integer"),
+    # the last one won: a pasted line raised hospital-a's cap from 1000 to 900000 in silence
+    (10, "hospital-a=1000,hospital-b=2000,hospital-a=900000",
+     "site-example-caps: 'hospital-a' is given twice (1000 and 900000); give each site one cap"),
+    (10, '101=5,"101"=6', "site-example-caps: '101' is given twice (5 and 6); give each site one cap"),
 ])
 def test_bad_caps_are_config_errors(default, spec, message):
     with pytest.raises(ConfigError) as err:
