@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: pretrain's flags for how a run executes (not kept in the checkpoint): the resume hint repeats
 #: the ones given otherwise.
-RUN_FLAG_DEFAULTS: dict[str, Any] = {"--workers": 2, "--device": "auto"}
+RUN_FLAG_DEFAULTS: dict[str, Any] = {"--workers": 2, "--device": "auto", "--batch-augment": "auto"}
+#: pretrain's on/off flags of the same kind: --batch-augment off, --no-cache or --no-amp left out
+#: of the hint resumed a run with other views or numerics than it began with (found by an audit).
+RUN_SWITCHES = ("--no-cache", "--no-amp", "--no-plots")
 #: Defaults of the pretrain options that a resumed run takes from its checkpoint instead.
 PRETRAIN_DEFAULTS: dict[str, Any] = {"domain": "images", "image_size": 64, "epochs": 10, "batch_size": 64,
                                      "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0, "seed": 0}
@@ -391,9 +394,11 @@ def _checkpoint_hint(args: argparse.Namespace) -> str | None:
     command = ["fedmoco", "pretrain", "--data", str(args.data), "--out", str(args.out)]
     # How the run executes is not in the checkpoint: the options given now go with the command
     # (with --workers 0 a resumed run matches an uninterrupted one bit for bit).
-    for flag, value in (("--workers", args.workers), ("--device", args.device)):
-        if value != RUN_FLAG_DEFAULTS[flag]:
+    for flag, default in RUN_FLAG_DEFAULTS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), default)
+        if value != default:
             command += [flag, str(value)]
+    command += [flag for flag in RUN_SWITCHES if getattr(args, flag[2:].replace("-", "_"), False)]
     try:
         saved = load_checkpoint(ckpt)
         planned = saved["train_config"]["epochs"]

@@ -297,6 +297,24 @@ def test_the_resume_hint_keeps_an_extension_and_the_runtime_options(tmp_path, de
     args = argparse.Namespace(out=out, data=demo_images, workers=0, device="cpu", epochs=5)  # extending 2 -> 5
     assert _checkpoint_hint(args) == (f"{out / 'checkpoint.pt'} holds epoch 2 of 5; resume with: fedmoco pretrain "
                                       f"--data {demo_images} --out {out} --workers 0 --device cpu --epochs 5 --resume")
+    # --batch-augment off and --no-cache change the views: a resume without them was another run
+    args = argparse.Namespace(out=out, data=demo_images, workers=0, device="cpu", epochs=None,
+                              batch_augment="off", no_cache=True, no_amp=True, no_plots=False)
+    assert _checkpoint_hint(args) == (f"{out / 'checkpoint.pt'} holds epoch 2 of 2; resume with: fedmoco pretrain "
+                                      f"--data {demo_images} --out {out} --workers 0 --device cpu --batch-augment "
+                                      "off --no-cache --no-amp --resume")
+
+
+def test_resume_of_a_run_stopped_in_its_first_epoch_says_to_start_it_again(tmp_path, demo_images, capsys):
+    """Killed in epoch 1, a run leaves --out with no checkpoint; --resume said only "checkpoint
+    does not exist" (found by an audit)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    assert main(["-q", "pretrain", "--data", str(demo_images), "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"fedmoco pretrain: error: {out / 'checkpoint.pt'}: no epoch of the run in "
+                                       f"{out} has finished, so there is nothing to resume; run the same command "
+                                       "without --resume\n")
 
 
 def test_a_second_pretrain_into_a_busy_out_is_refused(tmp_path, demo_images, tiny_pretrain_args, capsys):
