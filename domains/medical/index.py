@@ -21,7 +21,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -98,7 +98,7 @@ def scan(root: Path, files: Iterable[Path], cache_path: Path | None,
     entries: dict[str, dict] = {}
     records: list[FileRecord] = []
     skipped: Counter = Counter()
-    fresh = 0
+    fresh = damaged = 0
     started = time.monotonic()
     for n, path in enumerate(files, 1):
         rel = path.relative_to(root).as_posix()
@@ -110,6 +110,9 @@ def scan(root: Path, files: Iterable[Path], cache_path: Path | None,
             log.debug("%s: %s: %s", path, UNREADABLE, exc.strerror)
             continue
         entry = cached.get(rel)
+        if entry is not None and not _well_formed(entry):
+            damaged += 1  # an edited or damaged cache file: read the header again
+            entry = None
         if entry is None or {k: entry.get(k) for k in stamp} != stamp:
             entry = dict(stamp)
             try:
@@ -128,9 +131,36 @@ def scan(root: Path, files: Iterable[Path], cache_path: Path | None,
             entries[rel] = entry
         if n % 5000 == 0:
             log.info("indexed %d files (%d read, %.0f s)", n, fresh, time.monotonic() - started)
+    if damaged:
+        log.warning("%s: %d damaged entr%s of the index cache ignored; those files were read again", cache_path,
+                    damaged, "y" if damaged == 1 else "ies")
     if cache_path and (fresh or set(entries) != set(cached)):
         _save(cache_path, root, entries, limits)
     return records, skipped
+
+
+def _count(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _well_formed(entry: Any) -> bool:
+    """Whether a cached entry is one :func:`scan` wrote: a damaged or edited index cache gave
+    AttributeError or TypeError tracebacks mid-scan, and kept giving them until the cache was
+    cleared (found by an audit)."""
+    if not isinstance(entry, dict):
+        return False
+    if "record" not in entry:
+        return isinstance(entry.get("skip"), str)
+    rec = entry["record"]
+    try:
+        r = FileRecord.from_dict(rec)
+    except (TypeError, KeyError, ValueError):
+        return False
+    return (isinstance(r.path, str) and isinstance(r.modality, str) and isinstance(r.series, (str, type(None)))
+            and all(_count(v, 1) for v in (r.frames, r.rows, r.columns, r.channels))
+            and (r.instance is None or _count(r.instance, -2**31))
+            and len(r.positions) in (0, r.frames)
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in r.positions))
 
 
 def _load(path: Path, limits: DicomLimits) -> dict[str, dict]:
@@ -147,7 +177,8 @@ def _load(path: Path, limits: DicomLimits) -> dict[str, dict]:
     if data.get("limits") != asdict(limits):
         # Which files are too large depends on the limits: changed limits, fresh headers.
         return {}
-    return data.get("files", {})
+    files = data.get("files", {})
+    return files if isinstance(files, dict) else {}
 
 
 def _save(path: Path, root: Path, entries: dict[str, dict], limits: DicomLimits) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections import Counter
 from functools import partial
@@ -603,7 +604,7 @@ def estimate_normalization(
 
 
 def _cached_statistics(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions, cfg: DataConfig,
-                       estimate) -> Normalization:
+                       estimate, channels: int | None = None) -> Normalization:
     """``estimate()``, or its earlier result for the same files (path, size, mtime, ctime), options,
     image size and seed: the estimate reads ``stats_tiles`` windows through GDAL (about a
     second per round on 2 cores), and it is deterministic given those. Only with the cache on."""
@@ -614,7 +615,18 @@ def _cached_statistics(root: Path, sources: Sequence[RasterSource], opts: Satell
     cache_dir = cfg.cache_dir or None
     found = read_memo(root, "satellite-stats", key, cache_dir)
     if found is not None:
-        return Normalization.from_dict(found)
+        # A damaged or edited memo gave KeyError / TypeError tracebacks, or "std must be > 0"
+        # naming no file, on every run until the cache was cleared (found by an audit).
+        try:
+            memo = Normalization.from_dict(found)
+            if not all(math.isfinite(v) for v in (*memo.mean, *memo.std)):
+                raise ValueError("non-finite values")
+            if channels is not None and memo.channels != channels:
+                raise ValueError(f"{memo.channels} channel(s) for {channels}")
+            return memo
+        except (KeyError, TypeError, ValueError, DataError) as exc:
+            log.warning("ignoring a damaged band-statistics memo in the cache (%s: %s); computing them again",
+                        type(exc).__name__, str(exc)[:120])
     normalization = estimate()
     write_memo(root, "satellite-stats", key, normalization.to_dict(), cache_dir)
     return normalization
@@ -950,7 +962,8 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     # depend on whether a site's cache was on.
     normalization = cfg.run_normalization(reader.layout.in_channels, lambda: _cached_statistics(
         Path(root), scan.sources, opts, cfg,
-        lambda: estimate_normalization(reader, candidates, opts.stats_tiles, opts.max_nodata)))
+        lambda: estimate_normalization(reader, candidates, opts.stats_tiles, opts.max_nodata),
+        reader.layout.in_channels))
     plan = cache_plan(reader, opts)
     attach_cache(reader, Path(root), opts, cfg, plan)
     reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)

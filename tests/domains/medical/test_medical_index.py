@@ -85,6 +85,29 @@ def test_a_file_rewritten_with_its_mtime_put_back_is_read_again(archive, cache_d
     assert count_reads == ["slice_002.dcm"]
 
 
+def test_damaged_index_cache_entries_are_read_again_not_a_traceback(archive, cache_dir, count_reads, caplog):
+    """An edited or damaged index cache gave AttributeError / TypeError tracebacks mid-scan, and
+    kept giving them until the cache was cleared (found by an audit). Each bad entry is ignored
+    and its file read again; the records are as from a clean scan."""
+    path = cache_file(archive, cache_dir)
+    clean = scan(archive, list_files(archive), path)
+    data = json.loads(path.read_text())
+    names = sorted(k for k, e in data["files"].items() if "record" in e)
+    data["files"][names[0]] = ["garbage"]
+    del data["files"][names[1]]["record"]["channels"]
+    data["files"][names[2]]["record"]["rows"] = "512"
+    data["files"][names[3]]["record"]["positions"] = [1.0, 2.0]  # two positions for one frame
+    path.write_text(json.dumps(data))
+    count_reads.clear()
+    with caplog.at_level(logging.WARNING):
+        assert scan(archive, list_files(archive), path) == clean
+    assert sorted(count_reads) == sorted(n.rsplit("/", 1)[-1] for n in names[:4])
+    assert f"{path}: 4 damaged entries of the index cache ignored; those files were read again" in caplog.text
+    data["files"] = ["not", "a", "mapping"]
+    path.write_text(json.dumps(data))
+    assert scan(archive, list_files(archive), path) == clean
+
+
 def test_cache_holds_no_patient_identifier(demo_archive, cache_dir):
     path = cache_file(demo_archive, cache_dir)
     scan(demo_archive, list_files(demo_archive), path)
