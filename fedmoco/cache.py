@@ -208,6 +208,11 @@ class SampleCache:
         self._flags: np.ndarray | None = None
         self._data: np.ndarray | None = None
         self._lost = False  # the file went before this process mapped it: reads miss from then on
+        # Writes go through a descriptor of the file that was mapped, not a new open by path: a
+        # file replaced between a sample's pixels and its flag (pruned, then created again by
+        # another run) got the flag without the pixels, an all-zero sample served as filled to
+        # every later run (found by an audit).
+        self._fd: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "n": self.n, "shape": self.shape, "dtype": self.dtype, "access": self.access}
@@ -228,6 +233,7 @@ class SampleCache:
         if self._data is None:
             with open(self.path, "r+b") as fh:  # the mapping outlives the descriptor
                 mapped = mmap.mmap(fh.fileno(), self.nbytes)
+                self._fd = os.dup(fh.fileno())
             if self.access == "random" and hasattr(mmap, "MADV_RANDOM"):  # no madvise on Windows
                 mapped.madvise(mmap.MADV_RANDOM)
             self._flags = np.frombuffer(mapped, np.uint8, self.n)
@@ -298,14 +304,20 @@ class SampleCache:
         self._pwrite(memoryview(bytes([tag])), i)
 
     def _pwrite(self, data: memoryview, at: int) -> None:
-        """All of ``data`` into the file from byte ``at`` on (pwrite may write less than asked)."""
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            while data:
-                done = os.pwrite(fd, data, at)
-                data, at = data[done:], at + done
-        finally:
-            os.close(fd)
+        """All of ``data`` into the mapped file from byte ``at`` on (pwrite may write less than
+        asked). FileNotFoundError when the file was gone before this process mapped it."""
+        if not self._mapped():
+            raise FileNotFoundError(2, "sample cache gone", str(self.path))
+        while data:
+            done = os.pwrite(self._fd, data, at)
+            data, at = data[done:], at + done
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
     def filled(self) -> int:
         """How many samples are stored (0 when the file is gone)."""

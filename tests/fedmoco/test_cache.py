@@ -204,6 +204,28 @@ def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):
     assert again.access == "random" and again.get(1)[0].tolist() == got.tolist()  # a worker's own mapping
 
 
+def test_a_file_replaced_between_a_samples_pixels_and_its_flag_never_gets_the_flag(tmp_path, monkeypatch):
+    """Run A wrote sample 0's pixels, then the cache was pruned and created again by run B (same
+    options), then A marked sample 0: the flag went to B's new, empty file by path, so B served
+    zeros as a filled sample (found by an audit). A's writes all go to the file A mapped."""
+    from fedmoco.cache import prune_cache
+
+    root, stamps = _one_file_folder(tmp_path)
+    a = _open(root, tmp_path, stamps)
+    real_mark = SampleCache.mark
+    fresh = {}
+
+    def replaced_before_the_flag(self, i, tag=1):
+        prune_cache(tmp_path / "c")
+        fresh["b"] = _open(root, tmp_path, stamps)
+        real_mark(self, i, tag)
+
+    monkeypatch.setattr(SampleCache, "mark", replaced_before_the_flag)
+    a.put(0, np.full((2, 3, 3), 4.0))
+    assert fresh["b"].get(0) is None and fresh["b"].filled() == 0  # no flag without pixels
+    assert a.get(0)[0].tolist() == np.full((2, 3, 3), 4.0).tolist()  # A's own mapping holds both
+
+
 def test_cache_usage_and_pruning_by_last_use(tmp_path):
     """A site admin sees what the caches take and removes those not used lately: the cache of a
     moved or deleted data folder is never used again, and nothing in it says whose it was."""
