@@ -450,8 +450,12 @@ class Trainer:
         for (meta, _), row in zip(pending, rows):
             stats = dict(zip(STAT_NAMES, row))
             if not math.isfinite(stats["loss"]):
+                # The decoded-sample cache has no checksum (see docs/engine.md): damaged bytes in it
+                # read as NaN pixels, and the advice pointed away from it (found by an audit).
                 raise TrainingDiverged(f"loss became {stats['loss']} at step {meta['step']}; lower --lr, "
-                                       "or look for extreme values in the data or the augmentation options")
+                                       "or look for extreme values in the data or the augmentation options "
+                                       "(if it trains with --no-cache, the decoded-sample cache is damaged: "
+                                       "fedmoco cache --clear)")
             for key in sums:
                 sums[key] += stats[key]
             record = {"epoch": meta["epoch"], "step": meta["step"], **stats, "lr": meta["lr"],

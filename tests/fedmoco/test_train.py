@@ -154,7 +154,8 @@ def test_a_diverged_loss_is_reported_with_its_step_when_read_late(tmp_path):
     messages = []
     for read_every in (1, 4):
         with pytest.raises(FloatingPointError, match=r"loss became nan at step \d; lower --lr, or look for "
-                                                     r"extreme values in the data or the augmentation options") as err:
+                                                     r"extreme values in the data or the augmentation options \(if it trains with --no-cache, the "
+                                                     r"decoded-sample cache is damaged: fedmoco cache --clear\)") as err:
             _run_epoch(tmp_path, read_every, poison=17)
         messages.append(str(err.value))
     assert messages[0] == messages[1]  # the first bad step, however late it was read
