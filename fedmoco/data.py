@@ -293,18 +293,25 @@ def check_text_file(path: Path | str, what: str) -> None:
                             "such as Windows-1252? save it as \"CSV UTF-8\")") from None
 
 
-def recorded_pipeline(meta: dict[str, Any], domain: str | None,
-                      options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], Normalization | None]:
+def recorded_pipeline(meta: dict[str, Any], domain: str | None, options: dict[str, Any] | None = None,
+                      in_channels: int | None = None) -> tuple[str, dict[str, Any], Normalization | None]:
     """(domain, data options, normalisation) for reading data with the encoder of a checkpoint
     whose ``data`` record is ``meta``: ``domain`` (default the checkpoint's) and ``options`` on
     top of the recorded ones. The recorded options and normalisation describe the checkpoint's
     own domain's data only, so another domain gets neither. A federated encoder may carry no
-    normalisation (each site normalised its own data): None, and the domain estimates one."""
+    normalisation (each site normalised its own data): None, and the domain estimates one.
+    ``in_channels`` (the encoder's): an image folder read with ``channels`` auto is converted to
+    it, as a federated site's is (clients/app.py), instead of taking the count of its files."""
     domain = domain or meta["domain"]
     same = domain == meta["domain"]
     recorded = (meta.get("options") or {}) if same else {}
     norm = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") and same else None
-    return domain, {**recorded, **(options or {})}, norm
+    merged = {**recorded, **(options or {})}
+    # Without a recorded normalisation the files' own channel count was used: a grayscale
+    # federation's encoder refused the colour data its sites had trained on (found by an audit).
+    if domain == "images" and norm is None and in_channels in (1, 3) and str(merged.get("channels", "auto")) == "auto":
+        merged["channels"] = in_channels
+    return domain, merged, norm
 
 
 def check_data_dir(root: Path | str) -> Path:

@@ -74,7 +74,8 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt["data"]
-    domain, options, norm = recorded_pipeline(meta, args.domain, parse_options(args.data_option))
+    domain, options, norm = recorded_pipeline(meta, args.domain, parse_options(args.data_option),
+                                              model.cfg.in_channels)
     cfg = DataConfig(image_size=meta["image_size"], seed=getattr(args, "split_seed", args.seed), options=options)
     columns = getattr(args, "label_column", None)
 

@@ -145,6 +145,23 @@ def test_embed_names_dicom_frames(tmp_path):
     assert not any(r["path"].startswith("misc/") for r in rows)  # broken files skipped while indexing
 
 
+def test_a_grayscale_federation_encoder_reads_colour_files_as_its_sites_did(tmp_path, demo_images, capsys):
+    """A federation without input-mean/std records no normalisation; embed and knn then took the
+    channel count from the RGB files and refused the 1-channel encoder the sites had trained on
+    those very files (each site converts to the federation's in-channels; found by an audit)."""
+    data = {"domain": "images", "image_size": 32, "options": {}, "normalization": None}
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=data)
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(demo_images),
+                 "--out", str(tmp_path / "e")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (48, 128)
+    assert main(["-q", "knn", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(demo_images),
+                 "--out", str(tmp_path / "k")]) == 0
+    # a channel count the user gives still wins, and is checked against the encoder
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(demo_images), "--data-option",
+                 "channels=3", "--out", str(tmp_path / "e3")]) == 2
+    assert "encoder takes 1 channel(s) but" in capsys.readouterr().err
+
+
 def test_embed_with_another_domain_leaves_the_checkpoints_options_behind(tmp_path, demo_images):
     # a medical checkpoint's ct_window means nothing to an image folder, as for knn and finetune
     _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=MEDICAL)
