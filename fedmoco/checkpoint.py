@@ -42,13 +42,36 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint does not exist")
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a fedmoco checkpoint")
+        raise CheckpointError(f"{path}: not a fedmoco checkpoint{_what_else(ckpt)}")
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt['version']} is newer than this fedmoco")
     problem = record_problem(ckpt)
     if problem:
         raise CheckpointError(f"{path}: not a usable fedmoco checkpoint: {problem}")
     return ckpt
+
+
+#: fedmoco's other files, by format tag: what each is, and the file to give instead.
+_OTHER_FILES = {
+    "fedmoco-server-state": "a federation's resume state; give encoder.pt beside it",
+    "fedmoco-finetuned": "a fine-tuned classifier (fedmoco finetune's model.pt); give the checkpoint it was "
+                         "fine-tuned from",
+    "fedmoco-linear-probe": "a linear probe (linear-probe.pt); give the checkpoint it was trained on",
+    "fedmoco-privacy-ledger/2": "a site's privacy ledger",
+    "fedmoco-key-ledger/1": "a site's privacy ledger",
+}
+
+
+def _what_else(obj: Any) -> str:
+    """``: <what it is>`` for a file fedmoco wrote that is not a checkpoint (a user gave
+    server-state.pt, model.pt or an export's backbone.pt: all were 'not a fedmoco checkpoint',
+    with no pointer to the right file), else ``""``."""
+    if isinstance(obj, dict) and obj.get("format") in _OTHER_FILES:
+        return f": {_OTHER_FILES[obj['format']]}"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return (": a plain state_dict (an export's backbone.pt?); give the checkpoint it was exported from, "
+                "or load it into torchvision")
+    return ""
 
 
 def _is_int(value: Any) -> bool:
@@ -113,6 +136,11 @@ def read_torch_file(path: Path, what: str = "checkpoint") -> Any:
     if damaged is not None:
         raise CheckpointError(f"{path}: not a readable {what}: damaged PyTorch file (entry {damaged} fails its "
                               "CRC check)")
+    with zipfile.ZipFile(path) as zf:  # TorchScript: code inside; torch.load's own message advised weights_only=False
+        scripted = any("/code/__torch__/" in name for name in zf.namelist())
+    if scripted:
+        raise CheckpointError(f"{path}: a TorchScript export, not a {what}: load it with torch.jit.load, or give "
+                              "the checkpoint it was exported from")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol chatter of the weights-only unpickler

@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -45,6 +46,27 @@ def test_load_errors_name_the_file(tmp_path):
     torch.save({"state": 1}, other)
     with pytest.raises(CheckpointError, match="other.pt: not a fedmoco checkpoint"):
         load_checkpoint(other)
+
+
+def test_fedmocos_other_files_are_named_for_what_they_are(tmp_path):
+    """An export's encoder.ts was 'damaged PyTorch file' quoting torch's advice to load with
+    weights_only=False; server-state.pt, model.pt and backbone.pt were 'not a fedmoco
+    checkpoint' with no pointer to the right file (found by an audit)."""
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(scripted, tmp_path / "encoder.ts")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "encoder.ts")
+    assert str(err.value) == (f"{tmp_path / 'encoder.ts'}: a TorchScript export, not a checkpoint: load it with "
+                              "torch.jit.load, or give the checkpoint it was exported from")
+    for name, content, says in [
+        ("server-state.pt", {"format": "fedmoco-server-state"}, "a federation's resume state; give encoder.pt "
+                                                                 "beside it"),
+        ("model.pt", {"format": "fedmoco-finetuned"}, "a fine-tuned classifier (fedmoco finetune's model.pt)"),
+        ("backbone.pt", torch.nn.Linear(2, 2).state_dict(), "a plain state_dict (an export's backbone.pt?)"),
+    ]:
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / name}: not a fedmoco checkpoint: {says}")):
+            load_checkpoint(tmp_path / name)
 
 
 def test_bytes_flipped_inside_a_tensor_are_found_not_loaded(tmp_path):
