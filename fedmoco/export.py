@@ -115,6 +115,11 @@ def preprocessing(data: dict[str, Any], channels: int) -> dict[str, Any]:
             "other_modalities": opts.window,
             "percentiles": list(opts.percentiles) if opts.window == "percentile" else None,
             "to": "[0, 1]: clip((value - (center - width/2)) / width, 0, 1), MONOCHROME1 inverted",
+            # pydicom's apply_modality_lut reads only the dataset-level rescale: an enhanced CT
+            # followed literally gave features at cosine 0.98 to embed's (found by an audit).
+            "value": ("modality units (HU for CT): stored value x RescaleSlope + RescaleIntercept, taken per "
+                      "frame from an enhanced multi-frame file's Pixel Value Transformation (shared or "
+                      "per-frame functional groups), which pydicom's apply_modality_lut does not read"),
             "slices": opts.slices,
         }
         # the evaluation view's geometry (domains.medical.transforms.eval_pipeline), after windowing
@@ -127,12 +132,24 @@ def preprocessing(data: dict[str, Any], channels: int) -> dict[str, Any]:
         out["scaling"] = ("reflectance = DN * scale + offset: the 'scale'/'offset' options, else the file's "
                           "GDAL scale/offset or CF scale_factor/add_offset, else 1e-4 (uint16) or 1/255 "
                           "(uint8); floats are reflectance already. Bands: the 'bands' option, else all")
+        # Followed literally, the record missed these steps: features at cosine 0.979 to embed's
+        # on a raster with nodata (found by an audit).
+        out["nodata"] = ("pixels the file marks as nodata (its nodata value or mask) are set to their band's mean "
+                         "from 'normalization' (in reflectance), so they normalise to 0")
+        out["resize"] = ("each tile (a tile_size window; a raster smaller than that, read whole) to image_size x "
+                         "image_size, bilinear with antialiasing (torchvision.transforms.v2.Resize), then the "
+                         "'indices' option's spectral indices appended as channels, then normalised")
         if norm is None:
             out["note"] = ("the federation recorded no normalisation: each site used per-band mean/std "
                            "estimated on its own tiles; do the same on your data")
     else:
         out["scaling"] = ("on the 8-bit image: short side resized to image_size (bilinear, antialiased), centre "
                           "crop to image_size x image_size; then pixels / 255 into [0, 1]")
+        out["decoding"] = ("EXIF orientation applied; 16-bit, 32-bit and float images stretched per image to 8 "
+                           "bit (minimum to 0, maximum to 255); then converted to " +
+                           ("luma (PIL mode 'L': 299/1000 R + 587/1000 G + 114/1000 B)" if channels == 1 else
+                            "RGB (grayscale replicated)") +
+                           "; the resize is torchvision.transforms.v2.Resize on the uint8 tensor")
         if norm is None:
             out["note"] = "no normalisation recorded: use per-channel mean/std estimated on your images"
     return out

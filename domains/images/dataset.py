@@ -129,19 +129,59 @@ def load_image(path: Path, channels: int, max_pixels: int = OPTIONS["max_pixels"
     """Read ``path`` as a uint8 tensor (channels, H, W). 16-bit images are rescaled to 8 bit.
     ValueError for a header declaring over ``max_pixels`` pixels (:func:`open_image`)."""
     with open_image(path, max_pixels) as im:
+        if _sixteen_bit_colour(im):
+            im = _stretched_colour(path, im)
         # A camera's EXIF orientation: without it phone photos are read on their side.
         ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            if not np.isfinite(arr).all():  # no scaling of NaN or inf to 8 bit gives the image back
-                raise ValueError("NaN or infinite pixel values")
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-            im = Image.fromarray(arr.astype(np.uint8))
+            im = Image.fromarray(_stretch(np.asarray(im, dtype=np.float32)))
         im = im.convert("L" if channels == 1 else "RGB")
         arr = np.array(im, dtype=np.uint8)
     t = torch.from_numpy(arr)
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    """Any numeric array to uint8, minimum to 0 and maximum to 255 (a flat image to 0); ValueError
+    for NaN or inf, which no scaling to 8 bit gives back."""
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("NaN or infinite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    return ((arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)).astype(np.uint8)
+
+
+def _sixteen_bit_colour(im: Image.Image) -> bool:
+    """Whether PIL reads ``im`` as 8-bit RGB(A) / LA from 16-bit samples: it keeps only their
+    high byte, so a 12-bit image stored in 16 bits reached 15 of 255 (found by an audit). The
+    raw mode of the first tile says so (PNG ``RGB;16B``, TIFF ``('RGB;16L', ...)``)."""
+    if im.mode not in ("RGB", "RGBA", "LA") or not im.tile or im.format not in ("PNG", "TIFF"):
+        return False
+    args = im.tile[0][3]  # (codec, extents, offset, args): a tuple before Pillow 11, a named one since
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return isinstance(raw, str) and ";16" in raw
+
+
+def _stretched_colour(path: Path, im: Image.Image) -> Image.Image:
+    """A 16-bit colour PNG or TIFF decoded at full depth (PIL cannot; GDAL through rasterio can,
+    as the satellite domain reads rasters; torchvision's PNG decoder is deprecated since 0.29) and
+    stretched per image to 8 bit over all colour channels together, as grayscale 16-bit images
+    are; alpha dropped, as PIL's convert does; EXIF orientation carried over. Called after
+    :func:`open_image` checked the declared size."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a photograph has no geotransform
+        # the driver PIL identified, and only that one, whatever else GDAL could make of the file
+        with rasterio.open(path, driver="PNG" if im.format == "PNG" else "GTiff") as ds:
+            arr = ds.read()  # (C, H, W) uint16
+    colour = _stretch(arr[:3] if arr.shape[0] >= 3 else arr[:1]).astype(np.uint8)  # (3 or 1, H, W)
+    out = Image.fromarray(np.ascontiguousarray(colour[0] if len(colour) == 1 else np.moveaxis(colour, 0, -1)))
+    orientation = im.getexif().get(0x0112)
+    if orientation:
+        out.getexif()[0x0112] = orientation
+    return out
 
 
 def _detect_channels(files: list[Path], max_pixels: int = OPTIONS["max_pixels"]) -> int:

@@ -316,3 +316,25 @@ def test_the_recorded_geometry_is_the_evaluation_views(tmp_path):
     by_words = TF.center_crop(TF.resize(u8, [24], antialias=True), [24, 24]).float() / 255
     ours = eval_transform(24, Normalization((0.0,) * 3, (1.0,) * 3))(u8)
     torch.testing.assert_close(ours, by_words, rtol=0, atol=1e-6)
+
+
+def test_the_records_other_steps_are_what_the_pipelines_do(tmp_path):
+    """Followed literally, encoder.json missed nodata filling, the satellite resize, EXIF, the
+    16-bit stretch, the colour-to-luma rule and the per-frame rescale (found by an audit). Its
+    words for the images' luma are checked here against load_image, by hand."""
+    from PIL import Image
+
+    from domains.images.dataset import load_image
+    from fedmoco.export import preprocessing
+
+    sat = preprocessing({"domain": "satellite", "options": {}}, 4)
+    assert "band's mean" in sat["nodata"] and "v2.Resize" in sat["resize"]
+    med = preprocessing({"domain": "medical", "options": {}}, 1)
+    assert "per frame" in med["windowing"]["value"]
+    gray = preprocessing({"domain": "images", "options": {}}, 1)["decoding"]
+    assert "299/1000 R + 587/1000 G + 114/1000 B" in gray and "EXIF" in gray
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    by_words = (r * 299 + g * 587 + b * 114 + 500) // 1000  # PIL rounds to nearest
+    assert np.abs(load_image(tmp_path / "c.png", 1)[0].numpy().astype(np.int64) - by_words).max() <= 1

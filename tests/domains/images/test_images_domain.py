@@ -28,6 +28,33 @@ def test_grayscale_and_16bit_tiff_are_read(tmp_path):
     assert data.dataset[1][0].shape == (1, 8, 8)
 
 
+@pytest.mark.parametrize("driver,name,extra", [("PNG", "c.png", {}), ("GTiff", "c.tif", {"photometric": "RGB"})])
+def test_a_16_bit_colour_image_is_stretched_like_a_grayscale_one(tmp_path, driver, name, extra):
+    """PIL reads 16-bit RGB PNG and TIFF as 8-bit RGB, keeping the high byte only: 12-bit values
+    stored in 16 bits reached 15 of 255, almost black and 16 levels deep (found by an audit). They
+    are decoded at full depth and stretched per image (minimum to 0, maximum to 255), by hand here."""
+    import warnings
+
+    import numpy as np
+    import rasterio
+
+    from domains.images.dataset import load_image
+
+    values = np.random.default_rng(0).integers(0, 4096, (3, 9, 7)).astype(np.uint16)  # 12 bits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not georeferenced
+        with rasterio.open(tmp_path / name, "w", driver=driver, width=7, height=9, count=3, dtype="uint16",
+                           **extra) as ds:
+            ds.write(values)
+    with Image.open(tmp_path / name) as im:
+        assert im.mode == "RGB"  # what PIL alone would have given: the high byte
+    lo, hi = values.min(), values.max()
+    by_hand = ((values.astype(np.float32) - lo) / (hi - lo) * 255).astype(np.uint8)
+    got = load_image(tmp_path / name, 3).numpy()
+    assert got.shape == (3, 9, 7) and np.array_equal(got, by_hand)
+    assert load_image(tmp_path / name, 1).shape == (1, 9, 7)
+
+
 def test_a_float_tiff_with_non_finite_pixels_is_skipped_not_blackened(tmp_path, caplog):
     import numpy as np
 
