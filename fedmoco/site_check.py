@@ -63,6 +63,7 @@ class SiteReport:
     steps_timed: int = 0
     seconds_per_step: float = float("nan")
     skipped_while_timing: int = 0
+    steps_trained: int = 0  # of the timed (and warm-up) steps: 0 when no batch had 2 readable images
     privacy: list[str] = field(default_factory=list)  # the settings file's budget and ledger, one fact per line
     cache_dir: str = ""  # where a round's decoded-sample cache goes
     cache_bytes: int = 0  # what it takes there (fedmoco.data.PretrainData.cache_bytes)
@@ -99,8 +100,8 @@ class SiteReport:
                 f"({_count(self.steps_per_epoch, 'step')} of {self.batch_size} images)",
             ]
         if self.skipped_while_timing:
-            out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s); the site log will "
-                       "count them every round")
+            out.append(f"unreadable while timing: {self.skipped_while_timing} sample(s) (the usable count above "
+                       "reads headers only; these failed to decode); the site log will count them every round")
         if self.cache_bytes and self.cache_problem:
             out.append(f"cache:           this check wrote nothing; a round cannot write its decoded-sample cache "
                        f"there: {self.cache_problem}, so every read decodes its image: point FEDMOCO_CACHE_DIR "
@@ -174,6 +175,12 @@ def check_site(domain: str, data_dir: Path | str, *, options: dict[str, Any] | N
             pass
     if steps > 0:
         _time_steps(report, data.dataset, model, batch_size, device or torch.device("cpu"), steps, workers)
+        if report.steps_trained == 0:
+            # Headers alone said 8 usable images of a folder whose 7 truncated PNGs fail to decode:
+            # exit 0, where pretrain trains nothing (found by an audit).
+            raise DataError(f"{data_dir}: no batch read while timing had 2 readable images "
+                            f"({report.skipped_while_timing} sample(s) failed to decode though their headers "
+                            "read); a round would train nothing")
     return report
 
 
@@ -283,6 +290,7 @@ def _time_steps(report: SiteReport, dataset, model: MoCoConfig | None, batch_siz
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         report.skipped_while_timing += summary.skipped
+        report.steps_trained += summary.steps
         if i:  # the first step is warm-up
             times.append(time.perf_counter() - t0)
     report.steps_timed = len(times)

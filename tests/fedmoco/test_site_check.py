@@ -69,6 +69,25 @@ def test_too_few_images_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"fedmoco check-site: error: {tmp_path / 'missing'}: data folder does not exist\n"
 
 
+def test_a_folder_whose_images_do_not_decode_is_not_called_usable(tmp_path, capsys):
+    """1 good PNG and 7 cut in half: their headers read, so check-site said 'usable images: 8'
+    and exited 0, where pretrain trains nothing (found by an audit). The timed steps decode."""
+    from domains.images import make_demo_images
+
+    make_demo_images(tmp_path / "demo", n_per_class=2, size=16, seed=0)
+    site = tmp_path / "site" / "a"
+    site.mkdir(parents=True)
+    files = sorted((tmp_path / "demo").rglob("*.png"))
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        (site / f"{i}.png").write_bytes(data if i == 0 else data[: len(data) // 2])
+    assert main(["-q", "check-site", "--domain", "images", "--data", str(site.parent), "--steps", "2",
+                 "--batch-size", "4"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after one warning per file that failed to decode
+    assert last.startswith(f"fedmoco check-site: error: {site.parent}: no batch read while timing had 2 readable "
+                           "images (") and last.endswith("a round would train nothing")
+
+
 def test_defaults_are_the_federations():
     from clients.task import RUN_DEFAULTS
 
