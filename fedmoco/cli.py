@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import logging
 import math
@@ -441,6 +442,11 @@ class _StderrNow(logging.StreamHandler):
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedmoco`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # A file or folder name that is not UTF-8 reaches Python as lone surrogates; printed to a
+    # strict UTF-8 stdout (any UTF-8 locale) it raised UnicodeEncodeError, a traceback (found by
+    # an audit). Its own bytes go out instead, as ls prints them; stderr already escapes them.
+    if isinstance(sys.stdout, io.TextIOWrapper) and (sys.stdout.encoding or "").lower().replace("-", "") == "utf8":
+        sys.stdout.reconfigure(errors="surrogateescape")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True, handlers=[_StderrNow()])
     # SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: one line and the resume

@@ -332,7 +332,7 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None, exclude: Seque
     nothing is left, naming the folder. ``exclude``: files that are not samples (a labels CSV
     kept in the folder), left out of the result, after that check.
     """
-    files, unreadable, dangling = [], [], []
+    files, unreadable, dangling, special = [], [], [], []
     # os.walk rather than rglob: rglob passes over a folder it cannot open without a word, and
     # "nothing is lost" means the site admin hears of it. Links to folders are not followed
     # (no loops), links to files are.
@@ -346,12 +346,16 @@ def list_files(root: Path, suffixes: Sequence[str] | None = None, exclude: Seque
                 files.append(p)
             elif p.is_symlink() and not p.exists():
                 dangling.append(p)
+            elif p.exists() and not p.is_dir():  # a FIFO, socket or device: never read (a FIFO would block)
+                special.append(p)
     files.sort()
-    if unreadable or dangling:
+    if unreadable or dangling or special:
         log.warning("%s: %s", root, "; ".join(
             ([f"{len(unreadable)} folder(s) could not be read and were left out (first: "
               f"{unreadable[0].filename}: {unreadable[0].strerror})"] if unreadable else [])
-            + ([f"{len(dangling)} link(s) point to nothing (first: {dangling[0]})"] if dangling else [])))
+            + ([f"{len(dangling)} link(s) point to nothing (first: {dangling[0]})"] if dangling else [])
+            + ([f"{len(special)} entr{'y is' if len(special) == 1 else 'ies are'} not a regular file (a FIFO, "
+                f"socket or device) and left out (first: {sorted(special)[0]})"] if special else [])))
     others = files
     if suffixes is not None:
         files = [p for p in files if p.suffix.lower() in suffixes]

@@ -158,6 +158,21 @@ def test_a_checkpoint_with_nan_weights_or_a_diverging_probe_is_one_line(tmp_path
             "lower --lr") in err
 
 
+def test_a_folder_name_that_is_not_utf8_is_printed_not_a_traceback(tmp_path, demo_images):
+    """check-site printed the folder's name to a strict UTF-8 stdout (any UTF-8 locale) and ended in
+    UnicodeEncodeError (found by an audit). The name's own bytes are printed, as ls does."""
+    import os
+    import shutil
+
+    name = os.fsdecode(b"dat\xe9")  # Latin-1 bytes: lone surrogates in Python
+    shutil.copytree(demo_images / "circle", tmp_path / name / "circle")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    run = subprocess.run([sys.executable, "-m", "fedmoco.cli", "-q", "check-site", "--domain", "images", "--data",
+                          os.fsencode(tmp_path / name), "--steps", "0"], capture_output=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    assert b"usable images:   12; 12 images under " + os.fsencode(tmp_path / name) in run.stdout
+
+
 def test_data_folder_errors_name_the_path(tmp_path, capsys):
     assert main(["-q", "pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert f"{tmp_path / 'nope'}: data folder does not exist" in capsys.readouterr().err

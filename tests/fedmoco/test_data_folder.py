@@ -21,6 +21,7 @@ def test_hidden_settings_links_and_unreadable_folders(tmp_path, monkeypatch, cap
     (root / "linked.png").symlink_to(outside)  # a link to a file is followed
     (root / "gone.png").symlink_to(tmp_path / "deleted.png")  # a link to nothing is counted
     (root / "loop").symlink_to(root, target_is_directory=True)  # a link to a folder is not followed
+    os.mkfifo(root / "pipe.png")  # never opened (a read would block); was left out without a word
     real_scandir = os.scandir
 
     def scandir(path="."):  # as a folder without read permission behaves for a non-root user
@@ -33,7 +34,8 @@ def test_hidden_settings_links_and_unreadable_folders(tmp_path, monkeypatch, cap
         files = list_files(root)
     assert [p.relative_to(root).as_posix() for p in files] == ["a/1.png", "b.png", "linked.png"]
     assert (f"{root}: 1 folder(s) could not be read and were left out (first: {root / 'locked'}: Permission denied); "
-            f"1 link(s) point to nothing (first: {root / 'gone.png'})") in caplog.text
+            f"1 link(s) point to nothing (first: {root / 'gone.png'}); 1 entry is not a regular file (a FIFO, socket "
+            f"or device) and left out (first: {root / 'pipe.png'})") in caplog.text
 
 
 def test_an_empty_folder_is_refused(tmp_path):
