@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from fedmoco.errors import DataError
+from fedmoco.errors import ConfigError, DataError
 from fedmoco.site_settings import SITE_SETTINGS_FILE  # re-exported: the scan skips it
 
 log = logging.getLogger(__name__)
@@ -294,14 +294,19 @@ def check_text_file(path: Path | str, what: str) -> None:
 
 
 def recorded_pipeline(meta: dict[str, Any], domain: str | None, options: dict[str, Any] | None = None,
-                      in_channels: int | None = None) -> tuple[str, dict[str, Any], Normalization | None]:
+                      in_channels: int | None = None,
+                      source: Path | str = "checkpoint") -> tuple[str, dict[str, Any], Normalization | None]:
     """(domain, data options, normalisation) for reading data with the encoder of a checkpoint
     whose ``data`` record is ``meta``: ``domain`` (default the checkpoint's) and ``options`` on
     top of the recorded ones. The recorded options and normalisation describe the checkpoint's
     own domain's data only, so another domain gets neither. A federated encoder may carry no
     normalisation (each site normalised its own data): None, and the domain estimates one.
     ``in_channels`` (the encoder's): an image folder read with ``channels`` auto is converted to
-    it, as a federated site's is (clients/app.py), instead of taking the count of its files."""
+    it, as a federated site's is (clients/app.py), instead of taking the count of its files.
+    ``source`` (the checkpoint's path) names it in the error for a domain this fedmoco lacks."""
+    if domain is None and meta["domain"] not in DOMAINS:  # was reported as a bad --domain the user never gave
+        raise ConfigError(f"{source}: data domain {meta['domain']!r} is not one of this fedmoco's "
+                          f"({', '.join(DOMAINS)}); give --domain to read the data as one of them")
     domain = domain or meta["domain"]
     same = domain == meta["domain"]
     recorded = (meta.get("options") or {}) if same else {}

@@ -125,7 +125,7 @@ def embed_folder(checkpoint: Path | str, data: Path | str, out: Path | str, *, d
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     meta = ckpt["data"]
-    domain, data_options, norm = recorded_pipeline(meta, domain, options, model.cfg.in_channels)
+    domain, data_options, norm = recorded_pipeline(meta, domain, options, model.cfg.in_channels, checkpoint)
     cfg = DataConfig(image_size=meta["image_size"], options=data_options)
     with tempfile.TemporaryDirectory(prefix="fedmoco-embed-") as tmp:
         labelled = build_labelled_data(domain, root, cfg, _unlabelled_csv(root, Path(tmp)), norm, own_csv=True)

@@ -75,7 +75,7 @@ def load_inputs(args: argparse.Namespace, *, multi_label: bool = False) -> EvalI
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt["data"]
     domain, options, norm = recorded_pipeline(meta, args.domain, parse_options(args.data_option),
-                                              model.cfg.in_channels)
+                                              model.cfg.in_channels, args.checkpoint)
     cfg = DataConfig(image_size=meta["image_size"], seed=getattr(args, "split_seed", args.seed), options=options)
     columns = getattr(args, "label_column", None)
 

@@ -142,6 +142,8 @@ def preprocessing(data: dict[str, Any], channels: int) -> dict[str, Any]:
         if norm is None:
             out["note"] = ("the federation recorded no normalisation: each site used per-band mean/std "
                            "estimated on its own tiles; do the same on your data")
+    elif domain != "images":  # described as an image folder, which it was not
+        out["note"] = f"domain {domain!r} is not one of this fedmoco's: its preprocessing is not known here"
     else:
         out["scaling"] = ("on the 8-bit image: short side resized to image_size (bilinear, antialiased), centre "
                           "crop to image_size x image_size; then pixels / 255 into [0, 1]")

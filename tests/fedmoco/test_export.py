@@ -162,6 +162,23 @@ def test_a_grayscale_federation_encoder_reads_colour_files_as_its_sites_did(tmp_
     assert "encoder takes 1 channel(s) but" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_a_domain_this_fedmoco_lacks_is_named_not_blamed_on_domain(tmp_path, demo_images, capsys):
+    """A checkpoint whose data domain is unknown here was reported as '--domain: unknown domain',
+    a flag the user never gave, and export described it as an image folder."""
+    data = {"domain": "xray", "image_size": 32, "options": {}, "normalization": None}
+    _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=3, small=True, data=data)
+    for argv in (["embed", str(tmp_path / "ckpt.pt")], ["knn", "--checkpoint", str(tmp_path / "ckpt.pt")]):
+        assert main(["-q", *argv, "--data", str(demo_images), "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"{tmp_path / 'ckpt.pt'}: data domain 'xray' is not one of this fedmoco's (images, medical, satellite); "
+            "give --domain to read the data as one of them\n")
+    assert main(["-q", "embed", str(tmp_path / "ckpt.pt"), "--data", str(demo_images), "--domain", "images",
+                 "--out", str(tmp_path / "e")]) == 0
+    from fedmoco.export import preprocessing
+
+    assert "scaling" not in preprocessing(data, 3) and "not one of this fedmoco's" in preprocessing(data, 3)["note"]
+
+
 def test_embed_with_another_domain_leaves_the_checkpoints_options_behind(tmp_path, demo_images):
     # a medical checkpoint's ct_window means nothing to an image folder, as for knn and finetune
     _checkpoint(tmp_path / "ckpt.pt", arch="tiny", channels=1, small=True, data=MEDICAL)
