@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -176,18 +177,25 @@ def summary_lines(results: dict[str, Any], task: Task) -> list[str]:
     lines = [f"task: {task.what} (synthetic data), {results['n_test']} test images, "
              f"{results['n_train']} labelled training images; mean ± std over {seeds} fine-tuning seed(s) [95% CI]"]
 
+    def interval(block: dict[str, Any], key: str) -> list[float] | None:
+        # null, not an interval, for a test set of too few groups (fedmoco.diagnostics.MIN_BOOTSTRAP_UNITS)
+        ci = block.get("ci95", {}).get(key)
+        return ci if ci and all(isinstance(c, (int, float)) and math.isfinite(c) for c in ci) else None
+
     def cell(r: dict[str, Any], key: str) -> str:
-        ci = r.get("ci95", {}).get(key)
+        ci = interval(r, key)
         return (f"{r[key]:.3f} ± {r.get('std', {}).get(key, 0.0):.3f}"
                 + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
 
     gain = results.get("gain", {})
     for key in ("auroc", "accuracy", "sensitivity", "specificity"):
         if key in results and key in rnd:
-            ci = gain.get("ci95", {}).get(key)
+            ci = interval(gain, key)
             lines.append(f"  {key:<12} pretrained {cell(results, key)}   random init {cell(rnd, key)}   "
                          f"gain {results[key] - rnd[key]:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
-    if "auroc" in gain.get("ci95", {}):
+    if "auroc" in gain.get("ci95", {}) and interval(gain, "auroc") is None:
+        lines.append("  gain: no bootstrap interval: the test set has too few groups (see results.json warnings)")
+    elif "auroc" in gain.get("ci95", {}):
         from fedmoco.finetune import seeds_ahead
 
         lo = gain["ci95"]["auroc"][0]
