@@ -131,11 +131,17 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
     # scene's 12 QA/ST rasters next to its 7 SR band files), and counted with them a folder
     # trained on its auxiliaries. Each raster is one vote, a per-band product too: counted by
     # files, one product missing a band file (12 files) outvoted six complete 13-band GeoTIFFs.
+    # 8-bit true-colour previews beside spectral data are auxiliaries too: a Sentinel-2 L2A
+    # folder's three _TCI_ files (R10m, R20m, R60m) outvoted its one 12-band product, which was
+    # then skipped (found by an audit). A folder of RGB imagery alone still votes for itself.
     common = None
     if opts.bands is None and sources:
-        pool = [s for s in sources if s.count > 1]
-        votes = Counter(s.count for s in pool) if pool else Counter(s.count for s in sources)
+        multi = [s for s in sources if s.count > 1]
+        spectral = [s for s in multi if not all(b.preview for b in s.bands)]
+        pool = spectral or multi or list(sources)
+        votes = Counter(s.count for s in pool)
         common = max(votes, key=lambda count: (votes[count], count))
+    reference = _reference_names(sources, common) if opts.bands is None else None
     for source in sources:
         try:
             if opts.resolution is not None and source.grid.width * source.grid.height > opts.max_raster_pixels:
@@ -144,6 +150,8 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
                                       f"at resolution {opts.resolution:g} it would be {source.grid.width} x "
                                       f"{source.grid.height} pixels, over max_raster_pixels {opts.max_raster_pixels:,}")
             selected = select_bands(source, opts.bands)
+            if reference is not None and source.count == common:
+                selected = _in_reference_order(source, reference, selected)
             readable.append((source, selected))
             if common is not None and source.count != common:
                 raise RasterReadError(
@@ -157,6 +165,31 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
         raise NoUsableData(f"{root}: no usable raster ({format_skipped(skipped)})")
     _warn_mixed_grids(root, kept, opts)
     return Scan(kept, _layout(kept[0], positions, opts), skipped, readable)
+
+
+def _reference_names(sources: Sequence[RasterSource], common: int | None) -> list[str] | None:
+    """The band descriptions of the first source with the common band count, when every band of
+    it is described (upper-case), else None."""
+    first = next((s for s in sources if s.count == common), None)
+    if first is None or not all(first.names):
+        return None
+    return [str(n).strip().upper() for n in first.names]
+
+
+def _in_reference_order(source: RasterSource, reference: list[str], selected: list[int]) -> list[int]:
+    """``source``'s bands in the order of ``reference`` when it holds the same described bands in
+    another order: stacked by position, a file with B08, B04, B03, B02 fed NIR as blue and gave
+    the NDVI role to the wrong band (found by an audit). Other descriptions: as they are, with a
+    warning, since they may name the same bands differently."""
+    names = [str(n or "").strip().upper() for n in source.names]
+    if names == reference:
+        return selected
+    if sorted(names) == sorted(reference) and len(set(names)) == len(names):
+        return [names.index(n) for n in reference]
+    log.warning("%s: its band descriptions (%s) differ from the first raster's (%s); its bands are stacked in "
+                "file order. Set the data option bands to choose them by name", source.name,
+                ", ".join(n or "?" for n in names), ", ".join(reference))
+    return selected
 
 
 def _source_labels(root: Path, sources: Sequence[RasterSource],

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
@@ -174,6 +174,8 @@ class BandInfo:
     grid: Grid  # the file's own grid
     is_float: bool
     stamp: tuple[int, int, int]  # fedmoco.cache.stat_stamp at scan time: cached tiles are served while it holds
+    # 8-bit and tagged red, green or blue: a true-colour preview's band (Sentinel-2's _TCI_), not reflectance
+    preview: bool = False
 
 
 @dataclass(frozen=True)
@@ -579,6 +581,14 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
             if crs is not None and not all(1e-12 < v < 1e12 for v in (grid.res, grid.row_res)):
                 raise RasterReadError(path, NOT_GEOREFERENCED, f"its geotransform gives a pixel size of "
                                                                f"{grid.res:g} x {grid.row_res:g}")
+            colour = src.colorinterp
+            # An alpha band is the other bands' mask (GDAL applies it to their reads), not a
+            # channel: kept, a 4-band RGBA file trained alpha as 'nir', with NDVI from it, and
+            # its transparent pixels as valid zeros (found by an audit).
+            channels = [i for i in range(1, src.count + 1) if colour[i - 1] != ColorInterp.alpha]
+            if not channels:
+                raise RasterReadError(path, WRONG_BAND_COUNT, "file has only an alpha band")
+            rgb = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
             bands = tuple(
                 BandInfo(
                     path=path,
@@ -589,8 +599,9 @@ def inspect_file(path: str | os.PathLike, scale: float | None = None, offset: fl
                     grid=grid,
                     is_float=np.dtype(src.dtypes[i - 1]).kind == "f",
                     stamp=stat_stamp(stat),
+                    preview=src.dtypes[i - 1] == "uint8" and colour[i - 1] in rgb,
                 )
-                for i in range(1, src.count + 1)
+                for i in channels
                 for s, o in [_band_scaling(src, i, scale, offset)]
             )
             date = _date_of(path, src.tags())

@@ -418,3 +418,82 @@ def test_a_product_missing_a_band_file_does_not_outvote_complete_rasters(tmp_pat
     data = build_pretrain_data("satellite", root, DataConfig(image_size=32, cache=False))
     assert data.in_channels == 13
     assert any("wrong band count" in reason for reason in data.skipped)
+
+
+def _rgb_file(path, count=3, alpha_rows=0, size=32):
+    """An 8-bit RGB (RGBA with count=4) GeoTIFF tagged red, green, blue (and alpha), as a true-colour
+    preview such as Sentinel-2's _TCI_ is; alpha 0 on the first ``alpha_rows`` rows."""
+    import rasterio
+
+    data = np.full((count, size, size), 100, np.uint8)
+    data[:3] = np.array([60, 120, 180], np.uint8)[:, None, None]
+    if count == 4:
+        data[3] = 255
+        data[3, :alpha_rows] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=count, dtype="uint8",
+                       crs="EPSG:32632", transform=from_origin(300000, 5000000, 10, 10), photometric="RGB",
+                       **({"alpha": "YES"} if count == 4 else {})) as dst:
+        dst.write(data)
+    return path
+
+
+def test_true_colour_previews_do_not_outvote_the_spectral_product(tmp_path):
+    """A Sentinel-2 L2A folder: the R10m/R20m/R60m _TCI_ files (3-band, 8-bit RGB) outvoted its
+    one per-band product 3 to 1, so the folder trained on its previews and skipped every band
+    file (found by an audit). The product decides; the previews are skipped."""
+    import warnings
+
+    from domains.satellite.reader import band_file_key
+
+    root = tmp_path / "IMG_DATA"
+    scene = "T32TNS_20230601T103629"
+    for folder, res in (("R10m", 10), ("R20m", 20), ("R60m", 60)):
+        n = 960 // res
+        for band in {"R10m": ["B02", "B03", "B04", "B08"], "R20m": ["B05", "B8A"], "R60m": ["B01"]}[folder]:
+            write_raster(root / folder / f"{scene}_{band}_{res}m.tif", np.full((1, n, n), 1000, np.uint16),
+                         transform=from_origin(300000, 5000000, res, res), nodata=0)
+        _rgb_file(root / folder / f"{scene}_TCI_{res}m.tif", size=n)
+    assert band_file_key(root / "R10m" / f"{scene}_TCI_10m.tif") is None  # not a band file: a source of its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = build_pretrain_data(root, cfg())
+    assert data.in_channels == 7
+    assert data.skipped == Counter({"wrong band count": 3})
+    # a folder of RGB imagery alone still trains on it
+    assert build_pretrain_data(_rgb_file(tmp_path / "aerial" / "a.tif").parent, cfg()).in_channels == 3
+
+
+def test_an_alpha_band_is_a_mask_not_a_channel(tmp_path):
+    """An RGBA GeoTIFF was read as 4 channels, its alpha named 'nir' (NDVI computed from it) and
+    its transparent pixels taken as valid zeros (found by an audit)."""
+    from domains.satellite.reader import read_tile
+
+    path = _rgb_file(tmp_path / "rgba" / "a.tif", count=4, alpha_rows=2)
+    tile = read_tile(path)
+    assert tile.shape == (3, 32, 32)
+    assert tile.mask[:, :2].all() and not tile.mask[:, 2:].any()  # alpha 0: masked in every band
+    np.testing.assert_allclose(tile.data[:, 5, 5], np.array([60, 120, 180]) / 255, rtol=1e-6)
+    assert build_pretrain_data(path.parent, cfg()).in_channels == 3
+
+
+def test_rasters_with_the_same_bands_in_another_order_are_stacked_by_name(tmp_path, caplog):
+    """Without `bands`, a file described B08, B04, B03, B02 was stacked by position beside one
+    described B02, B03, B04, B08: NIR fed as blue, and NDVI's roles pointed at the wrong band
+    (found by an audit)."""
+    values = {"B02": 0.1, "B03": 0.2, "B04": 0.3, "B08": 0.4}
+    for name, order in (("a.tif", ["B02", "B03", "B04", "B08"]), ("b.tif", ["B08", "B04", "B03", "B02"])):
+        dn = np.stack([np.full((32, 32), round(values[b] * 1e4), np.uint16) for b in order])
+        write_raster(tmp_path / "d" / name, dn, transform=from_origin(0, 0, 10, 10), descriptions=order)
+    data = build_pretrain_data(tmp_path / "d", cfg(sampling="grid"))
+    reader = data.dataset.reader
+    for i in range(len(reader.sources)):
+        tile = reader.read(i, (0, 0, 32, 32))
+        np.testing.assert_allclose(tile.data[:, 0, 0], [0.1, 0.2, 0.3, 0.4], atol=1e-3)  # the float16 cache
+    np.testing.assert_allclose(data.normalization.mean, [0.1, 0.2, 0.3, 0.4], rtol=1e-5)
+    # other descriptions are stacked as they are, and said so
+    dn = np.stack([np.full((32, 32), 1000, np.uint16)] * 4)
+    write_raster(tmp_path / "d" / "c.tif", dn, transform=from_origin(0, 0, 10, 10), descriptions=["x", "y", "z", "w"])
+    with caplog.at_level(logging.WARNING):
+        build_pretrain_data(tmp_path / "d", cfg(sampling="grid"))
+    assert "c.tif: its band descriptions (X, Y, Z, W) differ from the first raster's (B02, B03, B04, B08)" in caplog.text
