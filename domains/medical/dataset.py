@@ -123,7 +123,15 @@ class _DicomSamples(Dataset):
         if image.modality == "CT":
             choice = self.opts.ct_window
             if choice in CT_PRESETS:
-                return CT_PRESETS[choice]
+                centre, width = CT_PRESETS[choice]
+                if image.photometric_interpretation == "MONOCHROME1":
+                    # The pixels were reflected to MONOCHROME2's convention, so are no longer HU: the
+                    # preset's centre is reflected with them, as a file's own window is. Unreflected,
+                    # every MONOCHROME1 CT came out blank (found by an audit).
+                    from .reader import _reflect  # pydicom's reader: imported where files are read
+
+                    centre = _reflect(centre, image.value_range)
+                return centre, width
             return own if choice == "file" else None
         return own if self.opts.window == "file" else None
 

@@ -72,6 +72,24 @@ def test_ct_window_through_the_dataset_by_hand(tmp_path, cache_dir, sample_cache
         assert got == pytest.approx((float(np.float16(1390 / 1500)) - 0.5) / 0.25, abs=1e-6)
 
 
+@pytest.mark.parametrize("sample_cache", [False, True])
+def test_a_monochrome1_ct_under_a_preset_is_the_inverted_image_not_a_blank_one(tmp_path, cache_dir, sample_cache):
+    """MONOCHROME1 pixels are reflected to MONOCHROME2's convention, so they are no longer HU; the
+    preset's centre was not reflected with them, and every such CT came out blank at 1.0 (found by
+    an audit). The soft-tissue preset (40, 400) on 40 / -160 / 240 HU: MONOCHROME2 gives 0.5 / 0 / 1,
+    MONOCHROME1 (bright = low value) 0.5 / 1 / 0."""
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        root = tmp_path / photometric
+        for s, value in enumerate([40, -160, 240]):
+            write_dicom(root / f"s{s}.dcm", np.full((16, 16), value + 1024, np.uint16), bits_stored=12,
+                        photometric=photometric, attributes={"Modality": "CT", "RescaleIntercept": -1024,
+                                                             "RescaleSlope": 1})
+        data = build_pretrain_data(root, replace(cfg(cache_dir, size=16, **QUIET), cache=sample_cache))
+        windowed = [float(unnormalise(data.dataset[i][0]).mean()) for i in range(3)]
+        want = [0.5, 0.0, 1.0] if photometric == "MONOCHROME2" else [0.5, 1.0, 0.0]
+        assert windowed == pytest.approx(want, abs=1e-3)
+
+
 def test_a_data_folder_whose_name_is_not_utf8_is_indexed_and_cached(tmp_path, cache_dir):
     """POSIX names are bytes: a folder named b"ct_\xff" (an export from an older system) crashed
     the index cache and the sample cache, which hashed its name as UTF-8, with a traceback."""
