@@ -853,14 +853,18 @@ def _decode(ds: Dataset, path, wanted: tuple[int, ...]) -> tuple[np.ndarray, str
         available = decoder.available_plugins
         plugins = [p for p in _PLUGIN_PREFERENCE if p in available and p != "gdcm"]
         plugins = plugins or (["gdcm"] if "gdcm" in available else [""])
+        # PS3.5 8.2: for the JPEG, JPEG-LS and JPEG 2000 syntaxes Planar Configuration "shall be
+        # ignored"; the decoders give interleaved samples, and pydicom reshaped them as planar
+        # where a file said 1: a colour mosaic (found by an audit; Cornerstone fixed the same).
+        extra = {"planar_configuration": 0} if tsyntax in _J2K_SYNTAXES | _JPEG_SYNTAXES else {}
         failures = []
         for plugin in plugins:
             try:
                 if whole:
-                    stack, props = decoder.as_array(ds, decoding_plugin=plugin)
+                    stack, props = decoder.as_array(ds, decoding_plugin=plugin, **extra)
                     stack = stack[None] if n_frames == 1 else stack
                 else:
-                    pairs = [decoder.as_array(ds, index=f, decoding_plugin=plugin) for f in wanted]
+                    pairs = [decoder.as_array(ds, index=f, decoding_plugin=plugin, **extra) for f in wanted]
                     stack, props = np.stack([a for a, _ in pairs]), pairs[0][1]
                 break
             except _NOT_OURS:

@@ -379,6 +379,20 @@ def test_rgb_and_ybr_become_rgb_channels(tmp_path):
     np.testing.assert_allclose(img.pixels[0, :, 0, 0], [200.0, 100.0, 50.0], atol=2)
 
 
+@pytest.mark.parametrize("name", ["SC_rgb_dcmtk_+eb+cr.dcm", "SC_rgb_gdcm_KY.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm"])
+def test_a_compressed_colour_file_ignores_its_planar_configuration(tmp_path, name):
+    """PS3.5 8.2: JPEG-family syntaxes ignore Planar Configuration. A file saying 1 was reshaped
+    as planar: a colour mosaic, off by up to 255 (found by an audit). pydicom's own test files,
+    with the attribute flipped, read as the untouched ones do."""
+    from pydicom.data import get_testdata_file
+
+    original = get_testdata_file(name)
+    ds = pydicom.dcmread(original)
+    ds.PlanarConfiguration = 1 - int(ds.get("PlanarConfiguration", 0))
+    ds.save_as(tmp_path / name)
+    np.testing.assert_array_equal(read_dicom(tmp_path / name).pixels, read_dicom(original).pixels)
+
+
 def test_no_patient_field_in_the_returned_object(tmp_path):
     img = read_dicom(ct(tmp_path / "p.dcm"))
     names = {f.name for f in dataclasses.fields(img)}
