@@ -30,7 +30,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
+from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
     UID,
@@ -455,6 +455,7 @@ def _validate(
         stored_range = (0, 2 ** _int_value(descriptor[2], path, "palette descriptor") - 1)
     if _uses_modality_lut(ds) and photometric in _GRAY:
         # The LUT's entries, not the stored values, become the pixels: their bit depth bounds them.
+        _modality_lut(ds, path)  # refused here, at index time, when its data cannot be read
         descriptor = ds.ModalityLUTSequence[0].get("LUTDescriptor") or [0, 0, 16]
         stored_range = (0, 2 ** _int_value(descriptor[2], path, "modality LUT descriptor") - 1)
         value_range = (float(stored_range[0]), float(stored_range[1]))
@@ -663,6 +664,48 @@ def _uses_modality_lut(ds: Dataset) -> bool:
     """Whether a Modality LUT Sequence, not a linear rescale, gives the output units (as in
     pydicom's ``apply_modality_lut``: a rescale present wins)."""
     return "ModalityLUTSequence" in ds and "RescaleSlope" not in ds and len(ds.ModalityLUTSequence) > 0
+
+
+def _modality_lut(ds: Dataset, path) -> tuple[np.ndarray, int]:
+    """(entries as int64, first stored value mapped) of the file's Modality LUT; DicomReadError
+    (inconsistent attributes) when its data does not hold the descriptor's entries.
+
+    Hand-written because pydicom's ``apply_modality_lut`` builds a ``uint{bits}`` dtype from the
+    descriptor, which fails for the 12-bit entries found in the wild (pydicom issue 2317), and
+    reads 8-bit entries packed in OW as 16-bit words: such files were indexed as usable, then
+    failed on every read (found by an audit). PS3.3 C.11.1.1: entries of 9-16 bits take one 16-bit
+    word, of 8 bits or fewer one byte each when the data holds exactly that many bytes."""
+    item = ds.ModalityLUTSequence[0]
+    descriptor = item.get("LUTDescriptor") or [0, 0, 16]
+    n = _int_value(descriptor[0], path, "modality LUT descriptor") or 65536  # 0 means 2**16 entries
+    first = _int_value(descriptor[1], path, "modality LUT descriptor")
+    bits = _int_value(descriptor[2], path, "modality LUT descriptor")
+    data = item.get("LUTData")
+    if isinstance(data, (bytes, bytearray)):
+        if bits <= 8 and len(data) in (n, n + 1):  # one byte each (odd counts are padded to even)
+            entries = np.frombuffer(data, np.uint8, n)
+        elif len(data) >= 2 * n:
+            big = _transfer_syntax(ds) == "1.2.840.10008.1.2.2"  # Explicit VR Big Endian (retired)
+            entries = np.frombuffer(data, ">u2" if big else "<u2", n)
+        else:
+            entries = None
+    elif data is not None:
+        entries = np.asarray(data if isinstance(data, (list, tuple, MultiValue)) else [data], dtype=np.int64)
+        entries = entries if len(entries) >= n else None
+    else:
+        entries = None
+    if entries is None or not 1 <= bits <= 16:
+        raise DicomReadError(path, INCONSISTENT, f"Modality LUT of {n} entries of {bits} bits does not match its "
+                                                 f"data ({len(data) if data is not None else 0} values or bytes)")
+    return np.asarray(entries[:n], dtype=np.int64) & (2**bits - 1), first
+
+
+def _apply_modality_lut(gray: np.ndarray, ds: Dataset, path) -> np.ndarray:
+    """Stored values -> the Modality LUT's entries as float32; values outside the table take its
+    first or last entry (PS3.3 C.11.1)."""
+    lut, first = _modality_lut(ds, path)
+    index = np.clip(gray.astype(np.int64) - first, 0, len(lut) - 1)
+    return lut[index].astype(np.float32)
 
 
 def _reflect(value: float, value_range: tuple[float, float] | None) -> float:
@@ -898,8 +941,8 @@ def _to_modality_units(
 
     gray = raw[..., 0]
     if _uses_modality_lut(ds):
-        # A lookup table instead of a linear rescale (some CR/XA): pydicom applies it.
-        out = np.asarray(apply_modality_lut(gray, ds), dtype=np.float32)
+        # A lookup table instead of a linear rescale (some CR/XA).
+        out = _apply_modality_lut(gray, ds, header.path)
     else:
         # np.asarray to float32 also turns big-endian ('>i2') data into native order.
         out = np.asarray(gray, dtype=np.float32)

@@ -154,6 +154,31 @@ def test_monochrome1_through_a_modality_lut_reflects_within_the_lut_output_range
     assert np.clip((a.pixels[0, 0, 0] - (c - w / 2)) / w, 0, 1).tolist() == [1.0, 1.0, 0.5, 0.0]
 
 
+def test_modality_luts_of_12_bit_and_of_8_bit_packed_entries_read_by_hand(tmp_path):
+    """pydicom's apply_modality_lut builds uint{bits}: 12-bit entries failed ('uint12' not
+    understood), and 8-bit entries packed one a byte in OW were read as 16-bit words. Both files
+    were indexed as usable and then failed on every read (found by an audit)."""
+    raw = np.array([[0, 5, 150, 4095]], np.uint16)
+    twelve = _item(LUTDescriptor=[256, 0, 12], ModalityLUTType="US",
+                   LUTData=(np.arange(256) * 16).astype("<u2").tobytes())
+    eight = _item(LUTDescriptor=[256, 0, 8], ModalityLUTType="US", LUTData=(255 - np.arange(256)).astype(np.uint8).tobytes())
+    for lut in (twelve, eight):
+        lut["LUTData"].VR = "OW"
+    for name, lut, want, value_range in (("12", twelve, [0, 80, 2400, 4080], (0.0, 4095.0)),
+                                         ("8", eight, [255, 250, 105, 0], (0.0, 255.0))):
+        path = write_dicom(tmp_path / f"{name}.dcm", raw, bits_stored=12, sop_class=ComputedRadiographyImageStorage,
+                           attributes={"Modality": "CR", "ModalityLUTSequence": DicomSequence([lut])})
+        assert read_header(path).value_range == value_range
+        img = read_dicom(path)  # beyond the table's 256 entries: its last entry (PS3.3 C.11.1)
+        assert img.pixels[0, 0, 0].tolist() == want
+    short = _item(LUTDescriptor=[256, 0, 16], ModalityLUTType="US", LUTData=b"\x00\x01" * 10)
+    short["LUTData"].VR = "OW"
+    path = write_dicom(tmp_path / "short.dcm", raw, bits_stored=12, sop_class=ComputedRadiographyImageStorage,
+                       attributes={"Modality": "CR", "ModalityLUTSequence": DicomSequence([short])})
+    with pytest.raises(DicomReadError, match="Modality LUT of 256 entries of 16 bits does not match its data"):
+        read_header(path)  # refused at index time, not on every read
+
+
 def test_enhanced_monochrome1_with_per_frame_rescale_keeps_each_frame_in_its_window(tmp_path):
     stored = np.stack([np.array([[0, 600, 700, 800, 4095]], np.uint16)] * 2)
     per_frame = [_item(PixelValueTransformationSequence=DicomSequence(
