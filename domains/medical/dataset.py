@@ -338,6 +338,8 @@ def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, op
     if not _caching(opts, cfg):
         return None, None
     options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size}
+    if opts.slices > 1:  # which slices stack changed (series keys with orientation): older stacks are stale
+        options["stacking"] = 2
     stamps = file_stamps(root, [root / r.path for r in records])
     cache = open_cache(root, "medical", len(samples), _base_shape(opts, cfg.image_size), "float16", options, stamps,
                        _cache_dir(opts, cfg))

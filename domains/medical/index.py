@@ -38,7 +38,7 @@ def read_header(path: Path, limits: DicomLimits = DEFAULT_LIMITS) -> DicomHeader
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: series keys include the image plane's orientation (reader._series_key)
 # Reasons that can change without the file changing (a plugin gets installed, a share
 # comes back): such files are re-read on every scan instead of being cached as skipped.
 _TRANSIENT = {NO_DECODER, UNREADABLE}

@@ -808,10 +808,22 @@ def _optional_int(value: Any) -> int | None:
 
 
 def _series_key(ds: Dataset) -> str | None:
+    """sha256 of the SeriesInstanceUID and the image plane's orientation (rounded to 1e-3): the
+    slices that may stack for 2.5D. One series can hold several planes (an MR 3-plane localizer),
+    and stacked by the UID alone a sample mixed axial, sagittal and coronal slices (found by an
+    audit)."""
     uid = ds.get("SeriesInstanceUID")
     if not uid:
         return None
-    return hashlib.sha256(str(uid).encode()).hexdigest()[:16]
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation is None:
+        item = _functional_item(ds, "PlaneOrientationSequence", 0)
+        orientation = item.get("ImageOrientationPatient") if item else None
+    try:
+        plane = ",".join(f"{round(float(v), 3):g}" for v in orientation) if orientation is not None else ""
+    except (TypeError, ValueError):
+        plane = ""
+    return hashlib.sha256(f"{uid}|{plane}".encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- decoding

@@ -112,6 +112,26 @@ def test_25d_channels_are_neighbouring_slices(tmp_path, cache_dir):
     assert unnormalise(q).mean(dim=(1, 2)).tolist() == pytest.approx([0.5, 0.75, 0.75])
 
 
+def test_25d_stacks_keep_to_one_image_plane_of_a_series(tmp_path, cache_dir):
+    """An MR 3-plane localizer is one series: stacked by the series alone, a sample mixed axial,
+    sagittal and coronal slices (found by an audit). Each plane now stacks on its own."""
+    planes = {"ax": ([1, 0, 0, 0, 1, 0], -160), "sag": ([0, 1, 0, 0, 0, -1], 40), "cor": ([1, 0, 0, 0, 0, -1], 240)}
+    root = tmp_path / "loc"
+    for name, (iop, hu) in planes.items():
+        normal = np.cross(iop[:3], iop[3:])
+        for j, offset in enumerate((-10.0, 0.0, 10.0)):
+            write_dicom(root / f"{name}{j}.dcm", np.full((16, 16), hu + 1024 + 10 * j, np.uint16), bits_stored=12,
+                        attributes={"Modality": "CT", "RescaleIntercept": -1024, "RescaleSlope": 1,
+                                    "SeriesInstanceUID": "1.2.3", "ImageOrientationPatient": iop,
+                                    "ImagePositionPatient": [float(v) for v in offset * normal]})
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, slices=3, **QUIET))
+    for i in range(len(data.dataset)):
+        q, _ = data.dataset[i]
+        hu = unnormalise(q).mean(dim=(1, 2)) * 400 + 40 - 200  # back to HU (soft-tissue window 40 / 400)
+        plane = min(planes, key=lambda p: abs(planes[p][1] + 10 - float(hu[1])))
+        assert all(abs(float(v) - planes[plane][1] - 10) <= 11 for v in hu), (i, hu.tolist())
+
+
 def test_rgb_becomes_luma_and_gray_can_be_replicated(tmp_path, cache_dir):
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[..., 0] = 255  # pure red: luma 0.299
