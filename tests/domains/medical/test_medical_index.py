@@ -112,7 +112,7 @@ def test_cache_holds_no_patient_identifier(demo_archive, cache_dir):
     path = cache_file(demo_archive, cache_dir)
     scan(demo_archive, list_files(demo_archive), path)
     text = path.read_text()
-    assert json.loads(text)["version"] == 1
+    assert json.loads(text)["version"] == 2
     for marker in ("Demo^Patient", "DEMO-0", "ACC-DEMO", "19500101", "PatientName"):
         assert marker not in text
 
