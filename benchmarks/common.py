@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,17 +54,35 @@ def machine_line(device: str = "cpu") -> str:
     return f"Machine: {m['cpu']}, {n} core{'s' * (n != 1)}, GPU {m['gpu']}; torch {m['torch']}; {m['date']}"
 
 
+def device_name(value: str) -> str:
+    """argparse type of ``--device``: cpu, cuda or cuda:N, whether or not a GPU is visible (the
+    scripts that use one also call :func:`check_device`)."""
+    import argparse
+
+    if re.fullmatch(r"cpu|cuda(:\d+)?", value) is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
 def add_device_arg(parser: Any, default: str = "cpu") -> None:
     """The suite's uniform ``--device`` option (cpu | cuda | cuda:N)."""
-    parser.add_argument("--device", default=default, help=f"cpu | cuda | cuda:N (default {default})")
+    parser.add_argument("--device", default=default, type=device_name, help=f"cpu | cuda | cuda:N (default {default})")
 
 
 def check_device(device: str) -> str:
-    """``device`` if usable; exits with one line (status 2) when CUDA is asked for but absent."""
+    """``device`` if usable; exits with one line (status 2) when it is not cpu, cuda or cuda:N
+    (``gpu`` gave torch's traceback in some scripts and ran on the CPU in others; an audit), or
+    when CUDA is asked for but absent."""
     import torch
 
+    if re.fullmatch(r"cpu|cuda(:\d+)?", str(device)) is None:
+        print(f"--device {device}: expected cpu, cuda or cuda:N", file=sys.stderr)
+        raise SystemExit(2)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {device}: no CUDA device is visible to torch", file=sys.stderr)
+        raise SystemExit(2)
+    if str(device).startswith("cuda:") and int(str(device)[5:]) >= torch.cuda.device_count():
+        print(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible", file=sys.stderr)
         raise SystemExit(2)
     return str(device)
 

@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # examples/ is not installed (it drives server/, which the core never imports): import it from the checkout
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from common import command_line, emit_json, machine_lines, write_report  # noqa: E402
+from common import command_line, device_name, emit_json, machine_lines, write_report  # noqa: E402
 
 from fedmoco.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from fedmoco.cli import main as cli  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--domain", choices=sorted(TASKS), default="satellite")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--device", default="cpu", help="accepted for the benchmark suite (benchmarks/run_all.py); "
+    p.add_argument("--device", default="cpu", type=device_name, help="accepted for the benchmark suite (benchmarks/run_all.py); "
                    "the probe runs on the CPU whatever it says")
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.2)

@@ -57,7 +57,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_json  # noqa: E402
+from common import device_name, emit_json  # noqa: E402
 
 #: Bumped whenever the generator changes, so cached task folders are not reused across versions.
 VERSION = 3
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="write the glyphs benchmark task")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help=f"smaller folders ({QUICK})")
-    p.add_argument("--device", default="cpu", help="accepted for the suite's uniform interface; unused")
+    p.add_argument("--device", default="cpu", type=device_name, help="accepted for the suite's uniform interface; unused")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     root = make_task(args.out, QUICK if args.quick else TaskSize())

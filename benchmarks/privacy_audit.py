@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import command_line, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
+from common import command_line, device_name, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
 from fedmoco.audit import auc_standard_error, membership_audit  # noqa: E402
 from fedmoco.privacy import seeded_centres  # noqa: E402
 from prototype_signal import DEFAULT_C, synthetic  # noqa: E402
@@ -41,7 +41,7 @@ DELTA = 1e-5
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1,000 images, 3 rounds, 200 trials")
-    p.add_argument("--device", default="cpu", help="accepted for the suite; the release maths runs on the CPU")
+    p.add_argument("--device", default="cpu", type=device_name, help="accepted for the suite; the release maths runs on the CPU")
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--trials", type=int, default=500)

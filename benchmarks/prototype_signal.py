@@ -58,7 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clients.task import RUN_DEFAULTS  # noqa: E402
-from common import command_line, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
+from common import command_line, device_name, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
 from fedmoco.privacy import (calibrate_noise, choose_centres, prototype_noise_schedule,  # noqa: E402
                              noisy_prototype_sums, poisson_sample, privatize_keys, select_prototypes)
 from server.queue import GlobalKeyQueue  # noqa: E402
@@ -209,7 +209,7 @@ def keys_cosine(emb: torch.Tensor, eps: float, rounds: int, q: float, seed: int)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small grid")
-    p.add_argument("--device", default="cpu", help="accepted for the suite; everything runs on the CPU")
+    p.add_argument("--device", default="cpu", type=device_name, help="accepted for the suite; everything runs on the CPU")
     p.add_argument("--rounds", type=int, default=10, help="releases the budget is planned for")
     p.add_argument("--release", type=int, default=5, help="server centres: which release of the measured site "
                    "(after release-1 rounds of merging)")

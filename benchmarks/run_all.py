@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from common import last_json_line, machine_line, markdown_table  # noqa: E402
+from common import device_name, last_json_line, machine_line, markdown_table  # noqa: E402
 
 from fedmoco.atomic import atomic_write_text  # noqa: E402
 
@@ -56,6 +57,7 @@ class Bench:
     name: str
     quick: list[str] = field(default_factory=lambda: ["--quick"])
     full: list[str] = field(default_factory=list)
+    full_cuda: list[str] | None = None  # the full arguments on a GPU, where they differ
     parallel: bool = False
     timeout_quick: int = 300
     timeout_full: int = 3 * 3600
@@ -65,7 +67,10 @@ class Bench:
 #: the script has that option) or with no arguments.
 REGISTRY = {b.name: b for b in [
     Bench("moco_step", quick=["--quick", "--image-size", "32", "--batch-size", "16"],
-          full=["--image-size", "224", "--batch-size", "32", "--steps", "10"]),
+          full=["--image-size", "224", "--batch-size", "32", "--steps", "10"],
+          # The GPU targets (11.3) are read at batch 256, as gpu_check.sh and moco_step_h200.md measure
+          # them: the full suite on a GPU timed batch 32 and overwrote those figures (found by an audit).
+          full_cuda=["--image-size", "224", "--batch-size", "256", "--steps", "15"]),
     Bench("medical_throughput"),
     Bench("satellite_throughput"),
     Bench("satellite_memory"),
@@ -112,7 +117,9 @@ def _prefix(prefix: str) -> Callable[[dict], float | None]:
     def value(record: dict) -> float | None:
         v = next((v for k, v in record.items() if k.startswith(prefix) and v is not None), None)
         if isinstance(v, dict):
-            v = min((float(x) for x in v.values() if x is not None), default=None)
+            # A setting without the figure (null: no bucket of >= 200 images) is a miss, not left
+            # out: dropped, a target read 'met' where one setting had nothing to show (an audit).
+            v = math.nan if any(x is None for x in v.values()) else min((float(x) for x in v.values()), default=None)
         return None if v is None else float(v)
     return value
 
@@ -140,11 +147,19 @@ def _first(*values: Callable[[dict], float | None]) -> Callable[[dict], float | 
     return value
 
 
-def _worst_release(record: dict) -> float | None:
-    """The lowest cosine of any release at eps 1.5 in the release-by-release trajectories."""
-    runs = [v for k, v in (record.get("trajectory_C8_n4000") or {}).items() if k.endswith("_eps1.5")]
-    values = [float(x) for run in runs for x in run if x is not None]
-    return min(values) if values else None
+def _releases_from(first: int) -> Callable[[dict], float | None]:
+    """The lowest cosine at eps 1.5 of the releases numbered ``first`` (1-based) and later, over
+    every embedding setting's release-by-release trajectory; nan where a release has none."""
+    def value(record: dict) -> float | None:
+        runs = [v for k, v in (record.get("trajectory_C8_n4000") or {}).items() if k.endswith("_eps1.5")]
+        values = [x for run in runs for x in run[first - 1:]]
+        if not values:
+            return None
+        return math.nan if any(x is None for x in values) else min(float(x) for x in values)
+    return value
+
+
+_worst_release = _releases_from(1)
 
 
 def _benefit(record: dict) -> float | None:
@@ -216,8 +231,8 @@ TARGETS = [
            why="see quality.md's recipe table"),
     Target("8.3", "DP prototypes at eps=1.5 over 10 rounds, 4,000 images: mean cosine >= 0.8 (buckets >= 200), "
            "from a site's 5th release on (server-merged centres), worst embedding setting",
-           "prototype_signal", _prefix("cos_big_eps1.5_n4000_C"),
-           lambda v: v >= 0.8, "{:.3f}", why="see prototype_signal.md"),
+           "prototype_signal", _first(_releases_from(5), _prefix("cos_big_eps1.5_n4000_C")),
+           lambda v: v >= 0.8, "{:.3f}", why="see prototype_signal.md (nan: a setting had no bucket of >= 200 images)"),
     Target("8.3", "the same at a site's first release (seeded centres: nothing public about the data yet)",
            "prototype_signal", _prefix("round1_cos_big_eps1.5_n4000_C"),
            lambda v: v >= 0.8, "{:.3f}",
@@ -225,7 +240,8 @@ TARGETS = [
                "(resultant 0.22); prototype-first-share gives the first release a larger share of the budget "
                "(prototype_signal.md)"),
     Target("8.3", "the same at every one of the 10 releases (C = 8), worst embedding setting",
-           "prototype_signal", _worst_release, lambda v: v >= 0.8, "{:.3f}", why="see prototype_signal.md"),
+           "prototype_signal", _worst_release, lambda v: v >= 0.8, "{:.3f}",
+           why="see prototype_signal.md (nan: a release had no bucket of >= 200 images)"),
     Target("8.8", "privacy audit: the canary attack's AUC stays within the (epsilon, delta) bound",
            "privacy_audit", _get("all_within_bound"), lambda v: v >= 1.0, "{:.0f} (1 = every setting within)",
            why="see privacy_audit.md"),
@@ -269,7 +285,8 @@ def bench_args(name: str, quick: bool, device: str, jobs: int, out: Path) -> lis
     if bench is None:
         bench = Bench(name, quick=["--quick"] if takes_option(text, "--quick") else [])
     # every script takes --device (the suite's convention); a report path only where it has one
-    args = list(bench.quick if quick else bench.full) + ["--device", device]
+    full = bench.full_cuda if device.startswith("cuda") and bench.full_cuda is not None else bench.full
+    args = list(bench.quick if quick else full) + ["--device", device]
     args += ["--out", str(out)] if takes_option(text, "--out") else []
     if bench.parallel and jobs > 1:
         args += ["--jobs", str(jobs)]
@@ -433,7 +450,7 @@ def run_benchmarks(names: list[str], args: argparse.Namespace, results: Path, ru
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small configurations (make bench)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, passed to every benchmark")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu | cuda | cuda:N, passed to every benchmark")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes for the benchmarks that take --jobs")
     p.add_argument("--only", help="comma-separated benchmark names")
     p.add_argument("--collect", action="store_true",

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import command_line, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
+from common import command_line, device_name, emit_json, machine_lines, markdown_table, write_report  # noqa: E402
 
 
 def norms_after(arch: str, data_path: Path, steps: list[int], image_size: int) -> tuple[dict[int, float], float]:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patients", type=int, default=20)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "update_norms.md")
-    p.add_argument("--device", default="cpu", help="accepted for the suite (benchmarks/run_all.py); the sites train on the CPU whatever it says")
+    p.add_argument("--device", default="cpu", type=device_name, help="accepted for the suite (benchmarks/run_all.py); the sites train on the CPU whatever it says")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     import torch

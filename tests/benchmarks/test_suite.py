@@ -138,6 +138,28 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2():
     assert proc.stderr.strip() == "--device cuda: no CUDA device is visible to torch"
 
 
+@pytest.mark.parametrize("script", ["moco_step.py", "round_overhead.py", "update_norms.py", "run_all.py"])
+def test_a_device_that_is_not_cpu_or_cuda_is_refused_in_one_line(script):
+    """--device gpu gave torch's traceback in some scripts and ran on the CPU, exit 0, in others;
+    run_all passed mps on to every script (found by an audit)."""
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--device", "gpu", "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("expected cpu, cuda or cuda:N, got 'gpu'") or \
+        proc.stderr.strip() == "--device gpu: expected cpu, cuda or cuda:N"
+
+
+def test_the_full_suite_on_a_gpu_times_moco_step_at_the_batch_its_targets_were_set_at(tmp_path):
+    """run_all's full arguments timed moco_step at batch 32 on every device, and would have
+    overwritten the batch-256 GPU figures the 11.3 targets are read from (found by an audit)."""
+    from run_all import bench_args
+
+    cuda = bench_args("moco_step", False, "cuda", 8, tmp_path / "o.md")
+    assert cuda[cuda.index("--batch-size") + 1] == "256" and cuda[cuda.index("--steps") + 1] == "15"
+    cpu = bench_args("moco_step", False, "cpu", 1, tmp_path / "o.md")
+    assert cpu[cpu.index("--batch-size") + 1] == "32"
+
+
 def test_timing_target_reads_the_side_by_side_pair_before_the_loaded_table():
     from run_all import TARGETS
 
@@ -148,6 +170,24 @@ def test_timing_target_reads_the_side_by_side_pair_before_the_loaded_table():
     paired = {**loaded, "pair_fedmoco_s_per_epoch": 5.8, "pair_lightly_s_per_epoch": 5.8}
     assert target.value(paired) == pytest.approx(1.0)
     assert target.ok(target.value(paired))
+
+
+def test_a_prototype_setting_without_a_big_bucket_misses_the_83_targets_not_meets_them():
+    """The 8.3 targets dropped a setting whose figure was null (no bucket of >= 200 images) and
+    read 'met' on the others (found by an audit); 'from the 5th release on' read release 5 alone."""
+    from run_all import TARGETS, check_targets
+
+    good = [0.9] * 10
+    record = {"bench": "prototype_signal", "cos_big_eps1.5_n4000_C8": {"rho0.5": None, "rho0.7": 0.9},
+              "round1_cos_big_eps1.5_n4000_C8": {"rho0.5": None, "rho0.7": 0.9},
+              "trajectory_C8_n4000": {"rho0.5_eps1.5": [0.9, 0.9, 0.9, 0.9, None, 0.9, 0.9, 0.9, 0.9, 0.9],
+                                      "rho0.7_eps1.5": good}}
+    rows = [r for r in check_targets({"prototype_signal": {"record": record, "status": "ok"}}, "cpu", False)
+            if r[0] == "8.3"]
+    assert [r[2] for r in rows] == ["MISSED"] * 3 and all(r[3].startswith("nan") for r in rows)
+    record["trajectory_C8_n4000"]["rho0.5_eps1.5"] = [0.9, 0.9, 0.9, 0.9, 0.85, 0.79, 0.9, 0.9, 0.9, 0.9]
+    fifth_on = next(t for t in TARGETS if t.issue == "8.3" and "5th release" in t.text)
+    assert fifth_on.value(record) == pytest.approx(0.79)  # release 6 counts, not release 5 alone
 
 
 def test_the_suite_passes_each_script_only_options_it_declares(tmp_path):
