@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import emit_json, machine_line, write_report  # noqa: E402
-from quality import LAST_ROUNDS, Job, run_jobs, seed_range, summary, table, task_args, task_setup  # noqa: E402
+from quality import (LAST_ROUNDS, Job, read_back_note, run_jobs, seed_range, summary, table, task_args,  # noqa: E402
+                     task_setup)
 
 DELTA = 1e-5
 #: --split -> how the report describes it
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{cmd}`",
         "",
-        machine_line(setup.device) + f"; {args.jobs} job(s) in parallel; total {time.perf_counter() - start:.0f} s",
+        machine_line(setup.device) + f"; {args.jobs} job(s) in parallel; total {time.perf_counter() - start:.0f} s"
+        + read_back_note(results),
         "",
         f"- Task: glyphs (benchmarks/labelled_task.py), 8 classes, pool {size.pool * 8} images split over 4 sites "
         f"by {SPLITS[args.split]} (a new split per seed); kNN/probe fitted on {size.eval_train * 8} and scored "

@@ -160,6 +160,24 @@ def test_the_full_suite_on_a_gpu_times_moco_step_at_the_batch_its_targets_were_s
     assert cpu[cpu.index("--batch-size") + 1] == "32"
 
 
+def test_the_timing_pair_is_trained_again_not_read_back_from_the_last_run(tmp_path):
+    """quality.py read the timing pair's result.json back from the last run's cache, so every full
+    suite after the first re-reported old timings (found by an audit). The pair's folder is
+    emptied first; run_jobs then finds no cached result and trains."""
+    import quality
+
+    folder = tmp_path / "timing" / "runs" / "full"
+    stale = folder / "fedmoco-0-abc" / "result.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"job": {}, "s_per_epoch": 0.335}')
+    assert quality.fresh_folder(folder) == folder and folder.is_dir() and not any(folder.iterdir())
+    assert "fresh_folder(args.timing_work" in (BENCH / "quality.py").read_text()  # the pair's folder, every run
+    # and a table whose rows came from the cache says so beside its total time
+    assert quality.read_back_note([{"read_back": True}, {}, {"read_back": True}]) == (
+        "; 2 of 3 runs read back from earlier runs' results (--work), not trained now")
+    assert quality.read_back_note([{}]) == ""
+
+
 def test_timing_target_reads_the_side_by_side_pair_before_the_loaded_table():
     from run_all import TARGETS
 
