@@ -475,8 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.budget is not None and not args.budget > 0:
         p.error(f"--budget must be > 0 seconds, got {args.budget:g}")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
-        p.error(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
     parent = next((d for d in args.docs.absolute().parents if d.exists()), Path("/"))
     if args.docs.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
         p.error(f"--docs {args.docs}: " + ("is a folder" if args.docs.is_dir() else
