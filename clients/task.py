@@ -412,17 +412,29 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
 
 
+#: Largest |value| a global model entry may hold: the server's bound on BatchNorm running
+#: statistics (server/validation.py MAX_RUNNING_STAT), far above any honest weight or statistic.
+#: A model of 1e30s is finite, passed the check, and diverged in training after the site's
+#: ledger had paid for the round's release (found by an audit).
+MAX_GLOBAL_VALUE = 1e8
+
+
 def _check_global_entry(name: str, got: torch.Tensor | None, mine: torch.Tensor) -> None:
     """ValueError unless ``got`` can stand for ``mine``: present, the exact shape, floating
-    point and finite. (A (1,)-shaped entry used to broadcast into a constant model.)"""
+    point, and finite and within :data:`MAX_GLOBAL_VALUE` in ``mine``'s dtype. (A (1,)-shaped
+    entry used to broadcast into a constant model; a float64 1e39 was finite as sent and inf
+    once cast to the model's float32.)"""
     if got is None:
         raise ValueError(f"it lacks {name!r}")
     if tuple(got.shape) != tuple(mine.shape):
         raise ValueError(f"{name!r} has shape {tuple(got.shape)}, expected {tuple(mine.shape)}")
     if not got.is_floating_point():
         raise ValueError(f"{name!r} holds {str(got.dtype).removeprefix('torch.')} values, expected floating point")
-    if not torch.isfinite(got).all():
-        raise ValueError(f"{name!r} holds NaN or infinite values")
+    cast = got.to(mine.dtype)
+    if not torch.isfinite(cast).all():
+        raise ValueError(f"{name!r} holds NaN or infinite values (as {str(mine.dtype).removeprefix('torch.')})")
+    if cast.numel() and float(cast.abs().max()) > MAX_GLOBAL_VALUE:
+        raise ValueError(f"{name!r} holds values beyond +-{MAX_GLOBAL_VALUE:g}")
 
 
 @torch.no_grad()

@@ -311,6 +311,9 @@ def test_a_server_round_outside_the_run_is_a_misconfiguration_not_hours_of_work(
     ("nan", "holds NaN or infinite values"),
     ("shape", "has shape (1,), expected"),
     ("int", "holds int64 values, expected floating point"),
+    # finite as sent (float64), inf as the model's float32: paid for, then diverged (an audit)
+    ("f64", "holds NaN or infinite values (as float32)"),
+    ("huge", "holds values beyond +-1e+08"),  # finite, and diverged in training after the ledger paid
 ])
 def test_an_unusable_global_model_is_refused_before_the_release_spends_anything(site, tmp_path, bad, reason):
     """NaN weights used to be found only after the round's release had paid its ledger, and
@@ -324,7 +327,8 @@ def test_an_unusable_global_model_is_refused_before_the_release_spends_anything(
     name = next(k for k in good.keys() if k.endswith("weight"))
     value = good[name].numpy()
     broken = {"nan": np.full_like(value, np.nan), "shape": np.ones((1,), np.float32),
-              "int": np.ones(value.shape, np.int64)}[bad]
+              "int": np.ones(value.shape, np.int64), "f64": np.full(value.shape, 1e39, np.float64),
+              "huge": np.full_like(value, 1e30)}[bad]
     arrays = ArrayRecord({k: (Array(broken) if k == name else a) for k, a in good.items()})
     ledger = tmp_path / "ledger.json"
     reply = train(train_message(arrays, 1), context(dp_node(site, ledger), run))
