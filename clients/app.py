@@ -118,7 +118,13 @@ def _global_negatives(msg: Message, dim: int, name: str = "queue", limit: int = 
     if len(shape) != 2 or shape[1] != dim or shape[0] > limit:
         log.warning("ignoring %s of shape %s (expected (M, %d), M <= %d)", what, shape, dim, limit)
         return None
-    keys = torch.from_numpy(np.array(array.numpy(), dtype=np.float32, copy=True))
+    try:  # bytes that are no array of that shape (a hostile or broken server): ignored, as documented
+        keys = torch.from_numpy(np.array(array.numpy(), dtype=np.float32, copy=True))
+    except (TypeError, ValueError, MemoryError) as exc:
+        # A record that failed to decode here failed the round, after the ledger had paid for a
+        # prototype release whose centres it was meant to give (found by an audit).
+        log.warning("ignoring %s: it does not decode (%s)", what, type(exc).__name__)
+        return None
     if tuple(keys.shape) != shape or not torch.isfinite(keys).all():
         log.warning("ignoring %s: its values are not finite, or not of the shape it declares %s", what, shape)
         return None

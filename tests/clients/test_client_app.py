@@ -339,6 +339,28 @@ def test_an_unusable_global_model_is_refused_before_the_release_spends_anything(
     assert not ok.has_error() and read_ledger(ledger).spent() > 0  # the same site, a usable model: it pays
 
 
+@pytest.mark.parametrize("record", ["queue", "centres"])
+def test_a_queue_or_centres_record_that_does_not_decode_is_ignored_not_a_failed_round(site, tmp_path, caplog, record):
+    """Bytes that are no array of the declared shape raised ValueError: a bad queue failed the
+    round; bad centres failed it after the ledger had paid for the prototype release (found by an
+    audit). Both are ignored with a warning, as docs/federation.md says."""
+    from flwr.app import Array, ArrayRecord
+
+    from clients.ledger import read_ledger
+
+    run = run_config(**{"key-release": "prototypes", "queue-sample": 64})
+    msg = train_message(shared_arrays(global_model(run)), 1)
+    msg.content[record] = ArrayRecord({"x": Array(dtype="float32", shape=(8, 16), stype="numpy.ndarray",
+                                                  data=b"garbage, not an array")})
+    ledger = tmp_path / "ledger.json"
+    with caplog.at_level(logging.WARNING):
+        reply = train(msg, context(dp_node(site, ledger), run))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    what = "global negatives" if record == "queue" else "the server's centres"
+    assert f"ignoring {what}: it does not decode (ValueError)" in caplog.text
+    assert read_ledger(ledger).spent() > 0 and "keys" in reply.content.array_records  # paid, and released
+
+
 def test_global_negatives_beyond_the_runs_sample_or_not_unit_are_ignored(site, captured, caplog):
     run = run_config(**{"queue-sample": 30})
     g = shared_arrays(global_model(run))
