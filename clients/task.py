@@ -267,11 +267,20 @@ RUN_RANGES: dict[str, tuple[str, Any]] = {
     "batch-size": ("in [2, 65536]", lambda v: 2 <= v <= 65536),
     "local-epochs": ("in [1, 10000]", lambda v: 1 <= v <= 10000),
     "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
+    "release-ema": ("in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    "warmup-epochs": (">= 0 and finite", lambda v: 0 <= v < math.inf),
 }
 
 
 def check_run_ranges(run_config: Mapping[str, Any]) -> None:
-    """ConfigError naming the first run_config value outside :data:`RUN_RANGES`."""
+    """ConfigError naming the first run_config value of the wrong type, outside
+    :data:`RUN_RANGES`, or at odds with another (queue sizes x dim, warm-up x rounds, input
+    mean/std x channels). The server checks this before a run starts; each site checks it again
+    before its ledger is touched, since a server that skipped it reached the sites: 'warmup-epochs
+    inf' and 'cancel-false-negatives maybe' failed a round after its release was paid for (found
+    by an audit)."""
+    for key in RUN_DEFAULTS:  # a wrong type names its key
+        run_value(run_config, key)
     for key, (rule, ok) in RUN_RANGES.items():
         if key in RUN_DEFAULTS:
             value = run_value(run_config, key)
@@ -286,6 +295,19 @@ def check_run_ranges(run_config: Mapping[str, Any]) -> None:
         if mib > cap_mib:
             raise ConfigError(f"run_config {key} x dim ({run_value(run_config, key)} x {dim} float32) would take "
                               f"{mib:,.0f} MiB; at most {cap_mib} MiB")
+    planned = run_value(run_config, "num-server-rounds") * run_value(run_config, "local-epochs")
+    warmup = run_value(run_config, "warmup-epochs")
+    if warmup > planned:
+        raise ConfigError(f"run_config warmup-epochs {warmup:g} is longer than the federation's "
+                          f"{planned} local epochs (num-server-rounds x local-epochs)")
+    for key in ("input-mean", "input-std"):
+        try:
+            parse_channels(run_value(run_config, key), run_value(run_config, "in-channels"), key)
+        except ConfigError:
+            raise
+        except ValueError:
+            raise ConfigError(f"run_config {key}: expected numbers separated by commas, "
+                              f"got {run_value(run_config, key)!r}") from None
 
 
 def prototype_rows(run_config: Mapping[str, Any]) -> int:

@@ -394,7 +394,17 @@ def test_a_row_that_is_not_unit_costs_the_site_that_row_only(site, captured, cap
     ({"local-epochs": 1_000_000}, "configuration: run_config local-epochs must be in [1, 10000], got 1000000"),
     ({"local-queue-size": 20_000_000}, "configuration: run_config local-queue-size must be in [1, 1048576], "
                                        "got 20000000"),
-    ({"release-ema": float("inf")}, "configuration: release-ema must be in [0, 1), got inf"),
+    ({"release-ema": float("inf")}, "configuration: run_config release-ema must be in [0, 1), got inf"),
+    # each of these failed the round with code 102 and no reason, the first two after the ledger
+    # had paid for the release (found by an audit): now 101 naming the key, the ledger untouched
+    ({"warmup-epochs": float("inf")}, "configuration: run_config warmup-epochs must be >= 0 and finite, got inf"),
+    ({"warmup-epochs": 100.0}, "configuration: run_config warmup-epochs 100 is longer than the federation's 3 local "
+                               "epochs (num-server-rounds x local-epochs)"),
+    ({"input-mean": "abc"}, "configuration: run_config input-mean: expected numbers separated by commas, got 'abc'"),
+    ({"input-mean": "0.5,0.5"}, "configuration: run_config input-mean: 2 values for 1 channels"),
+    ({"cancel-false-negatives": "maybe"}, "configuration: run_config cancel-false-negatives: expected bool, got "
+                                          "'maybe'"),
+    ({"personal-head": "x"}, "configuration: run_config personal-head: expected bool, got 'x'"),
     # was reported as dp-status 7, "the privacy ledger could not be read or written"
     ({"prototype-sample-rate": 5.0}, "configuration: run_config prototype-sample-rate must be in (0, 1], got 5.0"),
 ])
