@@ -156,8 +156,10 @@ def check_outside_data(path: Path | None, data_path: Path, label: str) -> None:
         return
     resolved, data = path.expanduser().resolve(), data_path.expanduser().resolve()
     if resolved == data or resolved.is_relative_to(data):
-        raise ConfigError(f"{label}: {path} is inside the data folder; keep the privacy ledger and the site's "
-                          "state outside it (docs/privacy.md)")
+        # Quoted: the reason the server sees scrubs a path under the site's folders to its closing
+        # quote; unquoted it ran to the end of the line and took the explanation with it (an audit).
+        raise ConfigError(f'{label}: "{path}" is inside the data folder; keep the privacy ledger and the state '
+                          "folder outside it (docs: privacy.md)")
 
 
 

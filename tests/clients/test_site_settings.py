@@ -146,8 +146,15 @@ def test_a_ledger_inside_the_data_folder_is_refused_wherever_it_is_set(site, sen
     node = {"data-path": str(site), "dp-epsilon": 8.0, "ledger-path": str(site / "sub" / "ledger.json")}
     reply = train(train_message(sent, 1), context(node, run_config()))
     assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
-    assert "node_config ledger-path: <path> is inside the data folder" in reply.error.reason
+    assert 'node_config ledger-path: "<path>" is inside the data folder' in reply.error.reason
     assert not (site / "sub").exists()
+    # a state-dir under the data folder kept only '<path>' of its reason: the explanation was scrubbed
+    node = {"data-path": str(site), "dp-epsilon": 8.0, "state-dir": str(site / "state")}
+    reply = train(train_message(sent, 1), context(node, run_config()))
+    assert reply.has_error() and reply.error.code == SITE_MISCONFIGURED
+    assert reply.error.reason.endswith("is inside the data folder; keep the privacy ledger and the state folder "
+                                       "outside it (docs: privacy.md)"), reply.error.reason
+    assert str(site) not in reply.error.reason
 
 
 def test_the_file_keys_are_the_site_owned_ones_only():

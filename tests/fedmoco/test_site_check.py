@@ -162,7 +162,7 @@ def test_a_removed_ledger_is_reported_as_the_round_will_refuse_it(images_site, c
 
 @pytest.mark.parametrize("text, message", [
     ('dp-epsilon = 8\nledger-path = "ledger.json"\n',
-     "{file}: ledger-path: {data}/ledger.json is inside the data folder"),
+     '{file}: ledger-path: "{data}/ledger.json" is inside the data folder'),
     ('dp-epsilon = 8\ndp-delta = 0.5\nstate-dir = "../s"\n', "{file}: dp-delta: must be in (0, 0.001], got 0.5"),
     ('dp-epsilon = -1\n', "{file}: dp-epsilon: must be > 0, got -1"),
     ('epsilon = 8\n', "{file}: epsilon: not a site setting"),
