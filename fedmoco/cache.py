@@ -208,11 +208,13 @@ class SampleCache:
         self._flags: np.ndarray | None = None
         self._data: np.ndarray | None = None
         self._lost = False  # the file went before this process mapped it: reads miss from then on
-        # Writes go through a descriptor of the file that was mapped, not a new open by path: a
-        # file replaced between a sample's pixels and its flag (pruned, then created again by
-        # another run) got the flag without the pixels, an all-zero sample served as filled to
-        # every later run (found by an audit).
-        self._fd: int | None = None
+        # Writes go only to the file that was mapped: a file replaced between a sample's pixels
+        # and its flag (pruned, then created again by another run) got the flag without the
+        # pixels, an all-zero sample served as filled to every later run (found by an audit). Each
+        # write opens the path and checks it is still that file (device, inode) rather than keep a
+        # descriptor: mmap already holds one per cache, and a second per raster exhausted a 1024
+        # descriptor limit at about 500 rasters (found by a review).
+        self._identity: tuple[int, int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "n": self.n, "shape": self.shape, "dtype": self.dtype, "access": self.access}
@@ -233,7 +235,8 @@ class SampleCache:
         if self._data is None:
             with open(self.path, "r+b") as fh:  # the mapping outlives the descriptor
                 mapped = mmap.mmap(fh.fileno(), self.nbytes)
-                self._fd = os.dup(fh.fileno())
+                st = os.fstat(fh.fileno())
+                self._identity = (st.st_dev, st.st_ino)
             if self.access == "random" and hasattr(mmap, "MADV_RANDOM"):  # no madvise on Windows
                 mapped.madvise(mmap.MADV_RANDOM)
             self._flags = np.frombuffer(mapped, np.uint8, self.n)
@@ -308,16 +311,16 @@ class SampleCache:
         asked). FileNotFoundError when the file was gone before this process mapped it."""
         if not self._mapped():
             raise FileNotFoundError(2, "sample cache gone", str(self.path))
-        while data:
-            done = os.pwrite(self._fd, data, at)
-            data, at = data[done:], at + done
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity:
+                raise FileNotFoundError(2, "sample cache replaced since this process mapped it", str(self.path))
+            while data:
+                done = os.pwrite(fd, data, at)
+                data, at = data[done:], at + done
+        finally:
+            os.close(fd)
 
     def filled(self) -> int:
         """How many samples are stored (0 when the file is gone)."""

@@ -36,8 +36,10 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: declares 256 x 256 and holds a 13000 x 13000 PNG cost 650 MB per read (found by an audit),
 #: and GIF or WebP content under an image suffix was trained on where the docs say it is not.
 #: (PIL's JPEG reader opens a camera's multi-picture JPEG itself, as MPO.)
-FORMATS = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".tif": ("TIFF",),
-           ".tiff": ("TIFF",), ".bmp": ("BMP", "DIB")}
+#: A PNG named .jpg (or the reverse) is common in scraped datasets and was read before: the four
+#: readers of the formats we take are admitted for every suffix; all of them read headers only.
+READERS = ("PNG", "JPEG", "TIFF", "BMP", "DIB")
+FORMATS = {suffix: READERS for suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")}
 #: What a malformed file can raise while PIL reads it. Its parsers raise TypeError (a FLOAT
 #: StripOffsets tag), OverflowError (a ColorMap typed SSHORT), struct.error, IndexError... as
 #: well as OSError: one such TIFF stopped pretrain, check-site and embed in a traceback (found by
@@ -157,6 +159,9 @@ def _sixteen_bit_colour(im: Image.Image) -> bool:
     raw mode of the first tile says so (PNG ``RGB;16B``, TIFF ``('RGB;16L', ...)``)."""
     if im.mode not in ("RGB", "RGBA", "LA") or not im.tile or im.format not in ("PNG", "TIFF"):
         return False
+    if im.format == "TIFF":  # BitsPerSample: a planar TIFF's raw modes ('R', 'G', 'B') do not say 16
+        bits = im.tag_v2.get(258, (8,))
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
     args = im.tile[0][3]  # (codec, extents, offset, args): a tuple before Pillow 11, a named one since
     raw = args[0] if isinstance(args, tuple) and args else args
     return isinstance(raw, str) and ";16" in raw

@@ -39,6 +39,11 @@ from .base import BASE_OPTIONS, IMAGE, WINDOW, base_size, from_base, to_base
 
 log = logging.getLogger(__name__)
 
+#: Version of the decoded bases (reader, windowing, 2.5D stacking); part of the sample cache's key.
+#: 2: MONOCHROME1 under CT presets, Planar Configuration of compressed colour, Modality LUTs,
+#: series keys with the image orientation.
+DECODE_VERSION = 2
+
 def read_dicom(path: Path, frames: list[int], limits) -> DicomImage:
     """:func:`.reader.read_dicom`, importing pydicom only when a sample is decoded (not when
     every sample comes from the sample cache)."""
@@ -337,9 +342,10 @@ def _sample_cache(root: Path, records: list[FileRecord], samples: np.ndarray, op
     medical option ``cache=false``) or when the cache cannot be created."""
     if not _caching(opts, cfg):
         return None, None
-    options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size}
-    if opts.slices > 1:  # which slices stack changed (series keys with orientation): older stacks are stale
-        options["stacking"] = 2
+    # "decode": bumped with every change to how a base is decoded, windowed or stacked, so a cache
+    # filled by an older fedmoco is not served (the MONOCHROME1 preset and Planar Configuration
+    # fixes left blank and mosaic bases in place until the cache was cleared; found by a review).
+    options = {k: getattr(opts, k) for k in BASE_OPTIONS} | {"image_size": cfg.image_size, "decode": DECODE_VERSION}
     stamps = file_stamps(root, [root / r.path for r in records])
     cache = open_cache(root, "medical", len(samples), _base_shape(opts, cfg.image_size), "float16", options, stamps,
                        _cache_dir(opts, cfg))

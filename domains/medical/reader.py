@@ -820,7 +820,8 @@ def _series_key(ds: Dataset) -> str | None:
         item = _functional_item(ds, "PlaneOrientationSequence", 0)
         orientation = item.get("ImageOrientationPatient") if item else None
     try:
-        plane = ",".join(f"{round(float(v), 3):g}" for v in orientation) if orientation is not None else ""
+        # + 0.0: -2e-10 rounds to -0.0, which printed '-0' and split one plane in two
+        plane = ",".join(f"{round(float(v), 3) + 0.0:g}" for v in orientation) if orientation is not None else ""
     except (TypeError, ValueError):
         plane = ""
     return hashlib.sha256(f"{uid}|{plane}".encode()).hexdigest()[:16]

@@ -637,14 +637,19 @@ def estimate_normalization(
 
 
 def _cached_statistics(root: Path, sources: Sequence[RasterSource], opts: SatelliteOptions, cfg: DataConfig,
-                       estimate, channels: int | None = None) -> Normalization:
+                       estimate, channels: int | None = None,
+                       positions: Sequence[Sequence[int]] | None = None) -> Normalization:
     """``estimate()``, or its earlier result for the same files (path, size, mtime, ctime), options,
     image size and seed: the estimate reads ``stats_tiles`` windows through GDAL (about a
     second per round on 2 cores), and it is deterministic given those. Only with the cache on."""
     if not (cfg.cache and opts.cache):
         return estimate()
+    # The band positions read from each source: the same files and options stack bands in another
+    # order since rasters with reordered descriptions are reconciled, and a memo from before kept
+    # the mixed statistics (found by a review).
     key = {"stamps": file_stamps(root, [p for s in sources for p in s.paths]),
-           "options": dataclasses.asdict(opts), "image_size": cfg.image_size, "seed": cfg.seed}
+           "options": dataclasses.asdict(opts), "image_size": cfg.image_size, "seed": cfg.seed,
+           "positions": [list(map(int, p)) for p in positions] if positions is not None else None}
     cache_dir = cfg.cache_dir or None
     found = read_memo(root, "satellite-stats", key, cache_dir)
     if found is not None:
@@ -996,7 +1001,7 @@ def build_pretrain_data(root: Path, cfg: DataConfig) -> PretrainData:
     normalization = cfg.run_normalization(reader.layout.in_channels, lambda: _cached_statistics(
         Path(root), scan.sources, opts, cfg,
         lambda: estimate_normalization(reader, candidates, opts.stats_tiles, opts.max_nodata),
-        reader.layout.in_channels))
+        reader.layout.in_channels, reader.layout.positions))
     plan = cache_plan(reader, opts)
     attach_cache(reader, Path(root), opts, cfg, plan)
     reader.fill = np.asarray(normalization.mean[: reader.layout.n_bands], np.float32)

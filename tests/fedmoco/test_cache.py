@@ -19,7 +19,7 @@ def _open(root, tmp_path, stamps, **options):
 def _one_file_folder(tmp_path):
     """A data folder holding one 10-byte file, and its stamps."""
     root = tmp_path / "data"
-    root.mkdir()
+    root.mkdir(parents=True)
     (root / "a.bin").write_bytes(b"x" * 10)
     return root, file_stamps(root, [root / "a.bin"])
 
@@ -207,7 +207,9 @@ def test_a_slot_filled_in_parts_reads_as_unfilled_until_marked(tmp_path):
 def test_a_file_replaced_between_a_samples_pixels_and_its_flag_never_gets_the_flag(tmp_path, monkeypatch):
     """Run A wrote sample 0's pixels, then the cache was pruned and created again by run B (same
     options), then A marked sample 0: the flag went to B's new, empty file by path, so B served
-    zeros as a filled sample (found by an audit). A's writes all go to the file A mapped."""
+    zeros as a filled sample (found by an audit). A write goes only to the file A mapped: the
+    flag's write finds another file at the path and raises, the sample left unfilled (put's
+    OSError, which its callers take as 'decode instead')."""
     from fedmoco.cache import prune_cache
 
     root, stamps = _one_file_folder(tmp_path)
@@ -221,9 +223,23 @@ def test_a_file_replaced_between_a_samples_pixels_and_its_flag_never_gets_the_fl
         real_mark(self, i, tag)
 
     monkeypatch.setattr(SampleCache, "mark", replaced_before_the_flag)
-    a.put(0, np.full((2, 3, 3), 4.0))
+    with pytest.raises(FileNotFoundError, match="sample cache replaced since this process mapped it"):
+        a.put(0, np.full((2, 3, 3), 4.0))
     assert fresh["b"].get(0) is None and fresh["b"].filled() == 0  # no flag without pixels
-    assert a.get(0)[0].tolist() == np.full((2, 3, 3), 4.0).tolist()  # A's own mapping holds both
+    monkeypatch.undo()
+    fresh["b"].put(0, np.full((2, 3, 3), 5.0))  # the new file's own process fills it as usual
+    assert fresh["b"].get(0)[0].tolist() == np.full((2, 3, 3), 5.0).tolist()
+
+
+def test_a_cache_holds_no_descriptor_of_its_own_beyond_the_mapping(tmp_path):
+    """A descriptor kept per cache (beside the one mmap holds) exhausted a 1024-descriptor limit at
+    about 500 satellite rasters, each with its own cache (found by a review)."""
+    folders = [_one_file_folder(tmp_path / f"site{i}") for i in range(5)]  # a cache per folder, as per raster
+    before = len(os.listdir("/proc/self/fd"))
+    caches = [_open(root, tmp_path, stamps) for root, stamps in folders]
+    for c in caches:
+        c.put(0, np.ones((2, 3, 3)))
+    assert len(os.listdir("/proc/self/fd")) - before <= 5  # one per mapping, no more
 
 
 def test_cache_usage_and_pruning_by_last_use(tmp_path):

@@ -28,7 +28,9 @@ def test_grayscale_and_16bit_tiff_are_read(tmp_path):
     assert data.dataset[1][0].shape == (1, 8, 8)
 
 
-@pytest.mark.parametrize("driver,name,extra", [("PNG", "c.png", {}), ("GTiff", "c.tif", {"photometric": "RGB"})])
+@pytest.mark.parametrize("driver,name,extra", [("PNG", "c.png", {}), ("GTiff", "c.tif", {"photometric": "RGB"}),
+                                               # planar: PIL's raw modes ('R', 'G', 'B') do not say 16 bits
+                                               ("GTiff", "p.tif", {"photometric": "RGB", "interleave": "band"})])
 def test_a_16_bit_colour_image_is_stretched_like_a_grayscale_one(tmp_path, driver, name, extra):
     """PIL reads 16-bit RGB PNG and TIFF as 8-bit RGB, keeping the high byte only: 12-bit values
     stored in 16 bits reached 15 of 255, almost black and 16 levels deep (found by an audit). They
@@ -235,6 +237,17 @@ def test_a_file_is_read_only_by_the_reader_its_suffix_names(tmp_path, demo_image
     skipped = Counter()
     source_sizes(data.dataset, skipped)
     assert skipped == Counter({"not an image": 3})
+
+
+def test_a_png_named_jpg_and_a_jpeg_named_png_are_still_read(tmp_path):
+    """Swapped suffixes are common in scraped datasets, and PNG / JPEG readers are lazy and safe:
+    only other formats (ICO, GIF, WebP) are refused by content (found by a review)."""
+    from domains.images.dataset import load_image
+
+    Image.new("RGB", (12, 10), (10, 200, 30)).save(tmp_path / "a.jpg", "PNG")
+    Image.new("RGB", (12, 10), (10, 200, 30)).save(tmp_path / "b.png", "JPEG", quality=100)
+    for name in ("a.jpg", "b.png"):
+        assert load_image(tmp_path / name, 3).shape == (3, 10, 12)
 
 
 def test_a_malformed_tiff_is_skipped_not_a_traceback(tmp_path, demo_images, caplog):

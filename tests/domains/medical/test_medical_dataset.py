@@ -132,6 +132,36 @@ def test_25d_stacks_keep_to_one_image_plane_of_a_series(tmp_path, cache_dir):
         assert all(abs(float(v) - planes[plane][1] - 10) <= 11 for v in hu), (i, hu.tolist())
 
 
+def test_orientation_noise_around_zero_keeps_one_stack(tmp_path, cache_dir):
+    """-2e-10 rounded to -0.0 and printed '-0': one axial series split into two stacks (found by
+    a review)."""
+    root = tmp_path / "ax"
+    for s, (hu, iop) in enumerate([(-160, [1, 0, 0, 0, 1, 0]), (40, [1, -2.05e-10, 0, 0, 1, 0]),
+                                    (240, [1, 0, 0, 0, 1, 0])]):
+        write_dicom(root / f"s{s}.dcm", np.full((16, 16), hu + 1024, np.uint16), bits_stored=12,
+                    attributes={"Modality": "CT", "RescaleIntercept": -1024, "RescaleSlope": 1,
+                                "SeriesInstanceUID": "1.2.3", "ImageOrientationPatient": iop,
+                                "ImagePositionPatient": [0, 0, 5.0 * s]})
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, slices=3, **QUIET))
+    q, _ = data.dataset[1]
+    assert unnormalise(q).mean(dim=(1, 2)).tolist() == pytest.approx([0.0, 0.5, 1.0])  # -160, 40, 240 HU
+
+
+def test_a_cache_filled_by_an_older_decoder_is_not_served(tmp_path, cache_dir, monkeypatch):
+    """The sample cache's key had no decode version: after the MONOCHROME1 and Planar
+    Configuration fixes a site kept serving the blank and mosaic bases it had cached (found by a
+    review). A new DECODE_VERSION keys a new, empty cache."""
+    import domains.medical.dataset as medical
+
+    root = ct_series(tmp_path / "ct", [40, -160])
+    data = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    data.dataset[0]
+    assert data.dataset.cache.filled() == 1
+    monkeypatch.setattr(medical, "DECODE_VERSION", medical.DECODE_VERSION + 1)
+    again = build_pretrain_data(root, cfg(cache_dir, size=16, **QUIET))
+    assert again.dataset.cache.filled() == 0 and again.dataset.cache.path != data.dataset.cache.path
+
+
 def test_rgb_becomes_luma_and_gray_can_be_replicated(tmp_path, cache_dir):
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[..., 0] = 255  # pure red: luma 0.299

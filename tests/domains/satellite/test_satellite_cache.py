@@ -248,6 +248,26 @@ def test_a_damaged_band_statistics_memo_is_computed_again(demo4, tmp_path, monke
     assert json.loads(memo.read_text()) == first.to_dict()  # written again, whole
 
 
+def test_the_band_statistics_memo_is_keyed_by_the_band_positions(demo4, tmp_path, monkeypatch):
+    """Same files and options, bands stacked in another order (rasters with reordered descriptions
+    are now reconciled): the memo of the old stacking was reused (found by a review)."""
+    import domains.satellite.dataset as sat
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
+    data = _data(root, tmp_path / "c")
+    sources = data.dataset.reader.sources
+    opts = sat.parse_options({})
+    calls = []
+    estimate = lambda: calls.append(1) or data.normalization  # noqa: E731
+    cfg = DataConfig(image_size=32, seed=0, cache_dir=str(tmp_path / "c"))
+    assert data.dataset.reader.layout.positions == [[0, 1, 2, 3]] * len(sources)
+    sat._cached_statistics(root, sources, opts, cfg, estimate, 4, [[0, 1, 2, 3]] * len(sources))
+    assert calls == []  # the build's own memo: read back
+    sat._cached_statistics(root, sources, opts, cfg, estimate, 4, [[3, 2, 1, 0]] * len(sources))
+    assert calls == [1]  # another stacking of the same files: estimated again
+
+
 def test_rasters_are_cached_while_they_fit_in_cache_max_gb(demo4, tmp_path):
     """Rasters are cached in order until cache_max_gb is spent; the others are read through GDAL,
     and every tile equals GDAL's read either way."""
