@@ -31,15 +31,15 @@ from fedmoco.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-#: The PIL readers a suffix admits. ``Image.open`` picks its reader from the content, and some
-#: decode the whole file while opening it, before any size check: an ICO named photo.png that
-#: declares 256 x 256 and holds a 13000 x 13000 PNG cost 650 MB per read (found by an audit),
-#: and GIF or WebP content under an image suffix was trained on where the docs say it is not.
-#: (PIL's JPEG reader opens a camera's multi-picture JPEG itself, as MPO.)
-#: A PNG named .jpg (or the reverse) is common in scraped datasets and was read before: the four
-#: readers of the formats we take are admitted for every suffix; all of them read headers only.
+#: The PIL readers an image file may be opened with. ``Image.open`` picks its reader from the
+#: content, and some decode the whole file while opening it, before any size check: an ICO named
+#: photo.png that declares 256 x 256 and holds a 13000 x 13000 PNG cost 650 MB per read (found by
+#: an audit), and GIF or WebP content under an image suffix was trained on where the docs say it
+#: is not. Each suffix admits all four formats we take (they read headers only): a PNG named .jpg
+#: is common in scraped datasets (a review). PIL's JPEG reader opens a camera's multi-picture JPEG
+#: itself, as MPO.
 READERS = ("PNG", "JPEG", "TIFF", "BMP", "DIB")
-FORMATS = {suffix: READERS for suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")}
+FORMATS = {suffix: READERS for suffix in SUFFIXES}
 #: What a malformed file can raise while PIL reads it. Its parsers raise TypeError (a FLOAT
 #: StripOffsets tag), OverflowError (a ColorMap typed SSHORT), struct.error, IndexError... as
 #: well as OSError: one such TIFF stopped pretrain, check-site and embed in a traceback (found by
