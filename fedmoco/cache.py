@@ -390,7 +390,10 @@ def read_memo(root: Path, kind: str, key: dict[str, Any], cache_dir: Path | str 
     path, _ = _memo_path(root, kind, key, cache_dir)
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # said, as a memo of the wrong content is (docs/engine.md)
+        log.warning("%s: ignoring an unreadable memo (%s); computing it again", path, type(exc).__name__)
         return None
 
 

@@ -168,12 +168,11 @@ def scan_folder(root: Path, opts: SatelliteOptions, exclude: Sequence[Path] = ()
 
 
 def _reference_names(sources: Sequence[RasterSource], common: int | None) -> list[str] | None:
-    """The band descriptions of the first source with the common band count, when every band of
-    it is described (upper-case), else None."""
-    first = next((s for s in sources if s.count == common), None)
-    if first is None or not all(first.names):
-        return None
-    return [str(n).strip().upper() for n in first.names]
+    """The band descriptions (upper-case) of the first source with the common band count whose
+    bands are all described, else None. (The first such source, not merely the first: an
+    undescribed raster ahead of the others left them all stacked by position; found by an audit.)"""
+    first = next((s for s in sources if s.count == common and all(s.names)), None)
+    return None if first is None else [str(n).strip().upper() for n in first.names]
 
 
 def _in_reference_order(source: RasterSource, reference: list[str], selected: list[int]) -> list[int]:
@@ -182,7 +181,7 @@ def _in_reference_order(source: RasterSource, reference: list[str], selected: li
     the NDVI role to the wrong band (found by an audit). Other descriptions: as they are, with a
     warning, since they may name the same bands differently."""
     names = [str(n or "").strip().upper() for n in source.names]
-    if names == reference:
+    if names == reference or not any(names):  # undescribed: nothing to reorder by
         return selected
     if sorted(names) == sorted(reference) and len(set(names)) == len(names):
         return [names.index(n) for n in reference]

@@ -225,7 +225,7 @@ def test_band_statistics_are_remembered_until_a_file_changes(demo4, tmp_path, mo
     assert len(list((tmp_path / "c" / "memo").glob("*.json"))) == 1  # older memos of the folder removed
 
 
-@pytest.mark.parametrize("damage", [{"meaN": [1.0]}, [1, 2], {"mean": [0.1] * 4, "std": [0.0] * 4},
+@pytest.mark.parametrize("damage", ["truncated", {"meaN": [1.0]}, [1, 2], {"mean": [0.1] * 4, "std": [0.0] * 4},
                                     {"mean": [0.1] * 3, "std": [0.2] * 3}, {"mean": ["x"] * 4, "std": [1] * 4}])
 def test_a_damaged_band_statistics_memo_is_computed_again(demo4, tmp_path, monkeypatch, caplog, damage):
     """A damaged or edited memo gave a KeyError / TypeError traceback, or "std must be > 0"
@@ -238,13 +238,14 @@ def test_a_damaged_band_statistics_memo_is_computed_again(demo4, tmp_path, monke
     shutil.copytree(demo4, root, ignore=shutil.ignore_patterns("broken", "timeseries"))
     first = _data(root, tmp_path / "c").normalization
     (memo,) = (tmp_path / "c" / "memo").glob("*.json")
-    memo.write_text(json.dumps(damage))
+    memo.write_text(memo.read_text()[:20] if damage == "truncated" else json.dumps(damage))
     calls = []
     original = sat.estimate_normalization
     monkeypatch.setattr(sat, "estimate_normalization", lambda *a, **k: calls.append(1) or original(*a, **k))
     with caplog.at_level(logging.WARNING):
         assert _data(root, tmp_path / "c").normalization == first and len(calls) == 1
-    assert "ignoring a damaged band-statistics memo in the cache" in caplog.text
+    assert ("ignoring an unreadable memo (JSONDecodeError)" if damage == "truncated"
+            else "ignoring a damaged band-statistics memo in the cache") in caplog.text
     assert json.loads(memo.read_text()) == first.to_dict()  # written again, whole
 
 

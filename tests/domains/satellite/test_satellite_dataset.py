@@ -491,6 +491,14 @@ def test_rasters_with_the_same_bands_in_another_order_are_stacked_by_name(tmp_pa
         tile = reader.read(i, (0, 0, 32, 32))
         np.testing.assert_allclose(tile.data[:, 0, 0], [0.1, 0.2, 0.3, 0.4], atol=1e-3)  # the float16 cache
     np.testing.assert_allclose(data.normalization.mean, [0.1, 0.2, 0.3, 0.4], rtol=1e-5)
+    # an undescribed raster ahead of them took the reference, and left them all stacked by position
+    dn = np.stack([np.full((32, 32), round(values[b] * 1e4), np.uint16) for b in ["B02", "B03", "B04", "B08"]])
+    write_raster(tmp_path / "u" / "0.tif", dn, transform=from_origin(0, 0, 10, 10))
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(tmp_path / "d" / name, tmp_path / "u" / name)
+    reader = build_pretrain_data(tmp_path / "u", cfg(sampling="grid")).dataset.reader
+    for i in range(len(reader.sources)):
+        np.testing.assert_allclose(reader.read(i, (0, 0, 32, 32)).data[:, 0, 0], [0.1, 0.2, 0.3, 0.4], atol=1e-3)
     # other descriptions are stacked as they are, and said so
     dn = np.stack([np.full((32, 32), 1000, np.uint16)] * 4)
     write_raster(tmp_path / "d" / "c.tif", dn, transform=from_origin(0, 0, 10, 10), descriptions=["x", "y", "z", "w"])
