@@ -149,8 +149,8 @@ def _pretrain(domain: str, data_dir: Path | str, out_dir: Path | str, *, moco_ov
     saved = None
     if resume:
         if not ckpt_path.exists() and out.is_dir():  # stopped in its first epoch: nothing to resume
-            raise ConfigError(f"{ckpt_path}: no epoch of the run in {out} has finished, so there is nothing to "
-                              "resume; run the same command without --resume")
+            raise CheckpointError(f"{ckpt_path}: no epoch of the run in {out} has finished, so there is nothing "
+                                  "to resume; run the same command without --resume")
         saved = load_checkpoint(ckpt_path)
         missing = [k for k in ("epoch", "train_config", "trainer", "rng") if k not in saved]
         if missing or not isinstance(saved["train_config"].get("epochs"), int):
