@@ -69,18 +69,23 @@ class FleetOnly:
     API reads a whole request into memory before it checks the node's signature, so without
     a bound any stranger could make the coordinator's internet-facing port buffer gigabytes.
     A body without a length (chunked) is cut off once it passes the bound. Requests being
-    served together may hold at most ``max_inflight`` bytes of bodies (declared lengths; a
-    chunked one counts as ``max_body``): one more is answered 503, which Flower's SuperNodes
-    retry with back-off, so honest uploads queue while N strangers' connections can no longer
-    make the coordinator hold N x ``max_body``.
+    served together may hold at most ``max_inflight`` bytes of bodies, counted as they arrive:
+    a request that would pass it is answered 503 (or, mid-body, dropped), which Flower's
+    SuperNodes retry with back-off, so honest uploads queue while N strangers' connections
+    cannot make the coordinator hold N x ``max_body``. Bytes received, not lengths declared:
+    counted by declared length, 8 idle connections each declaring 64 MiB and sending 2 bytes
+    held the whole bound and every site got 503 for as long as they stayed (found by an audit).
+    A body that stalls (no bytes for ``body_idle_s`` seconds) is dropped, so a stranger cannot
+    hold what it did send for longer either.
     """
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str], max_body: int | None = None,
-                 max_inflight: int | None = None) -> None:
+                 max_inflight: int | None = None, body_idle_s: float = 30.0) -> None:
         self.app, self.allowed = app, allowed
         self.max_body = max_fleet_body() if max_body is None else int(max_body)
         self.max_inflight = 8 * self.max_body if max_inflight is None else int(max_inflight)
-        self.inflight = 0  # one event loop serves the listener: no lock needed
+        self.body_idle_s = float(body_idle_s)
+        self.inflight = 0  # body bytes received by requests being served; one event loop: no lock
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -101,29 +106,43 @@ class FleetOnly:
             if need and self.inflight + need > self.max_inflight:
                 await _plain(send, 503, b"the fleet address is busy; retry\n")
                 return
-            self.inflight += need
+            counted = [0]  # this request's body bytes in self.inflight
             try:
-                await self.app(scope, self._bounded(receive), send)
+                await self.app(scope, self._bounded(receive, counted, bool(need)), send)
             finally:
-                self.inflight -= need
+                self.inflight -= counted[0]
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         await _plain(send, 404, b"not served on the fleet address\n")
 
-    def _bounded(self, receive):
-        """``receive`` that reports a disconnect once the body passes ``max_body`` bytes."""
-        seen = 0
+    def _bounded(self, receive, counted: list[int], has_body: bool):
+        """``receive`` that counts the body's bytes into ``self.inflight`` (and ``counted[0]``)
+        and reports a disconnect once the body passes ``max_body``, the bodies in flight pass
+        ``max_inflight``, or the body stalls for ``body_idle_s`` seconds."""
+        done = not has_body  # after the last body chunk receive() only waits for a disconnect: no deadline
 
         async def bounded():
-            nonlocal seen
-            message = await receive()
+            nonlocal done
+            try:
+                message = await (receive() if done else asyncio.wait_for(receive(), self.body_idle_s))
+            except asyncio.TimeoutError:
+                log.warning("fleet address: a request body stalled for %g s; the connection is dropped",
+                            self.body_idle_s)
+                return {"type": "http.disconnect"}
             if message.get("type") == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
+                n = len(message.get("body", b""))
+                counted[0] += n
+                self.inflight += n
+                done = done or not message.get("more_body", False)
+                if counted[0] > self.max_body:
                     log.warning("fleet address: a request body passed %d bytes; the connection is dropped",
                                 self.max_body)
+                    return {"type": "http.disconnect"}
+                if self.inflight > self.max_inflight:
+                    log.warning("fleet address: bodies in flight passed %d bytes; a request is dropped (its "
+                                "SuperNode retries)", self.max_inflight)
                     return {"type": "http.disconnect"}
             return message
 

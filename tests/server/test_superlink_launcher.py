@@ -207,24 +207,28 @@ def test_the_superlinks_own_processes_reach_it_past_a_web_proxy(tmp_path, monkey
 
 
 def test_bodies_served_together_are_bounded_and_one_more_is_asked_to_retry():
-    """Each body is capped, but N strangers' connections could hold N x the cap: past the budget
-    of bodies in flight a request gets 503, which Flower's SuperNodes retry with back-off."""
+    """Each body is capped, but N connections could hold N x the cap: past the budget of body
+    bytes in flight a request gets 503, which Flower's SuperNodes retry with back-off."""
     release = None
     served: list[str] = []
 
     async def inner(scope, receive, send):
         served.append(scope["path"])
+        while (await receive()).get("more_body"):  # Flower reads the whole body first
+            pass
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
 
     def request(length: int | None):
         headers = [] if length is None else [(b"content-length", str(length).encode())]
         return {"type": "http", "path": "/v1/fleet/push-object", "root_path": "", "method": "POST",
                 "headers": headers}
+
+    def body(length: int | None):
+        async def receive():
+            return {"type": "http.request", "body": b"x" * (length or 0), "more_body": False}
+        return receive
 
     async def main():
         nonlocal release
@@ -236,20 +240,90 @@ def test_bodies_served_together_are_bounded_and_one_more_is_asked_to_retry():
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
 
-        first = asyncio.create_task(guard(request(900), receive, send))
-        await asyncio.sleep(0)
-        await guard(request(900), receive, send)  # 1800 > 1500: busy
-        small = asyncio.create_task(guard(request(100), receive, send))  # fits beside the first
-        await asyncio.sleep(0)
+        first = asyncio.create_task(guard(request(900), body(900), send))
+        for _ in range(100):  # until its body has arrived (the read runs under a deadline: a few loop turns)
+            if guard.inflight:
+                break
+            await asyncio.sleep(0)
+        assert guard.inflight == 900  # its body arrived and is held while it is served
+        await guard(request(900), body(900), send)  # 1800 > 1500: busy
+        small = asyncio.create_task(guard(request(100), body(100), send))  # fits beside the first
+        for _ in range(100):
+            if guard.inflight == 1000:
+                break
+            await asyncio.sleep(0)
         release.set()
         await first
         await small
         assert statuses[0] == 503 and sorted(statuses[1:]) == [200, 200] and guard.inflight == 0
         statuses.clear()
-        release.set()
-        await guard(request(None), receive, send)  # no body (GET /health): never counted
-        await guard(request(900), receive, send)  # the first one's bytes were given back
+        await guard(request(None), body(None), send)  # no body (GET /health): never counted
+        await guard(request(900), body(900), send)  # the first one's bytes were given back
         assert statuses == [200, 200]
+
+    asyncio.run(main())
+
+
+def test_strangers_idle_connections_cannot_hold_the_fleet_address_and_stalled_bodies_are_dropped():
+    """8 connections each declaring 64 MiB and sending 2 bytes held the whole in-flight budget by
+    their declared lengths, and every site got 503 for as long as they stayed (found by an audit).
+    Bytes are counted as they arrive, and a body that stalls is dropped after body_idle_s."""
+    outcomes: list[str] = []
+
+    async def inner(scope, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                outcomes.append("dropped")
+                return
+            if not message.get("more_body"):
+                break
+        outcomes.append("read")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def request(length: int):
+        return {"type": "http", "path": "/v1/fleet/push-object", "root_path": "", "method": "POST",
+                "headers": [(b"content-length", str(length).encode())]}
+
+    def stalling():
+        sent = [False]
+
+        async def receive():
+            if not sent[0]:
+                sent[0] = True
+                return {"type": "http.request", "body": b"xx", "more_body": True}
+            await asyncio.sleep(3600)  # a stranger that never sends the rest
+        return receive
+
+    async def honest(length):
+        async def receive():
+            return {"type": "http.request", "body": b"x" * length, "more_body": False}
+        return receive
+
+    async def main():
+        guard = FleetOnly(inner, fleet_paths(), max_body=1000, max_inflight=8000, body_idle_s=0.2)
+        statuses: list[int] = []
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        strangers = [asyncio.create_task(guard(request(1000), stalling(), send)) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        assert guard.inflight == 16  # 8 x 2 bytes received, not 8 x 1000 declared
+        await guard(request(1000), await honest(1000), send)  # a site's upload is served meanwhile
+        assert statuses == [200] and outcomes == ["read"]
+        await asyncio.gather(*strangers)  # each stalled body is dropped after 0.2 s
+        assert outcomes.count("dropped") == 8 and guard.inflight == 0
+        # bodies that do arrive count: past the budget mid-body the request is dropped
+        small = FleetOnly(inner, fleet_paths(), max_body=1000, max_inflight=1500, body_idle_s=5)
+        small.inflight = 1200  # bytes other requests hold
+        outcomes.clear()
+        await small(request(200), await honest(200), send)
+        assert outcomes == ["read"]
+        await small(request(400), await honest(400), send)  # 1200 + 400 > 1500 at admission: 503
+        assert statuses[-1] == 503
 
     asyncio.run(main())
 
