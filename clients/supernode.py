@@ -190,8 +190,11 @@ def trusted_entities_problem(argv: list[str]) -> str | None:
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
     for key_id, line in entities.items():
+        if line != line.strip():  # Flower reads the value as it is: " ssh-ed25519 ..." ended in its traceback
+            return (f"{file}: trusted entity {key_id!r} has spaces or line breaks around its key line; remove them "
+                    "(the value must be exactly 'ssh-ed25519 AAAA...')")
         try:
-            key = load_ssh_public_key(line.strip().encode("utf-8"))
+            key = load_ssh_public_key(line.encode("utf-8"))
         except Exception:  # noqa: BLE001 cryptography raises ValueError, UnsupportedAlgorithm, ...
             key = None
         if not isinstance(key, ed25519.Ed25519PublicKey):

@@ -205,7 +205,9 @@ def parse_signed_after(text: str) -> int:
 
     text = text.strip()
     try:
-        value = int(text) if text.isdigit() else None
+        # Eight digits are an ISO 8601 basic date (20261129), not unix seconds in August 1970,
+        # which turned the replay protection off without a word (found by an audit).
+        value = int(text) if text.isdigit() and len(text) != 8 else None
         if value is None:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:

@@ -17,6 +17,7 @@ registered the old public key.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import stat
 from pathlib import Path
@@ -129,5 +130,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         public_line = public_path.read_text().strip()
         print(f"{verb} {public_path} (public: send this file to every site)")
         print(f"each site's trusted-entities YAML line (sign with --key-id {args.name}):")
-        print(f'{args.name}: "{public_line}"')
+        # The key id quoted: a name YAML reads as a number or a boolean (2026, yes, on) gave a line
+        # the SuperNode refuses (found by an audit).
+        print(f'{json.dumps(args.name)}: "{public_line}"')
     return 0

@@ -36,8 +36,33 @@ def test_a_trusted_entities_file_that_would_let_every_app_run_is_refused(tmp_pat
     yaml_file.write_text(text)
     assert problem in trusted_entities_problem(["--insecure", "--trusted-entities", str(yaml_file)])
     assert main([f"--trusted-entities={yaml_file}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"clients.supernode: error: {yaml_file}: ") and problem in err and err.count("\n") == 1
+    # the last line: another test in the same process may have left logging at INFO (alembic's lines)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"clients.supernode: error: {yaml_file}: ") and problem in err
+
+
+def test_a_key_line_with_spaces_around_it_is_one_line_not_flowers_traceback(tmp_path, capsys):
+    """fedmoco's check stripped the value, Flower reads it as it is: ' ssh-ed25519 ...' passed,
+    then Flower ended in ValueError: Invalid line format (found by an audit)."""
+    yaml_file = tmp_path / "trusted-entities.yaml"
+    yaml_file.write_text(f'coordinator: " {public_key_line()}"\n')
+    assert main([f"--trusted-entities={yaml_file}"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"clients.supernode: error: {yaml_file}: trusted entity 'coordinator' has spaces or line breaks "
+                   "around its key line; remove them (the value must be exactly 'ssh-ed25519 AAAA...')")
+
+
+def test_keygens_printed_line_is_a_trusted_entity_whatever_the_name(tmp_path, capsys):
+    """A name YAML reads as a number or a boolean (2026, yes) was printed unquoted, and the
+    SuperNode refused the very line keygen told the site to paste (found by an audit)."""
+    from fedmoco.cli import main as fedmoco
+
+    for name in ("2026", "yes", "coordinator"):
+        assert fedmoco(["keygen", "--type", "ed25519", "--out", str(tmp_path / name), "--name", name]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        yaml_file = tmp_path / f"{name}.yaml"
+        yaml_file.write_text(line + "\n")
+        assert trusted_entities_problem(["--trusted-entities", str(yaml_file)]) is None, line
 
 
 def test_a_file_naming_a_key_passes_the_launchers_check(tmp_path):

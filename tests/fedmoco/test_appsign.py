@@ -123,6 +123,8 @@ def test_an_older_signed_version_is_refused_where_the_site_asks_for_a_newer_one(
     ("2026-11-29T15:00:00+01:00", 1_795_960_800),
     ("2026-11-29 14:00", 1_795_960_800),  # no zone: UTC
     ("1795960800", 1_795_960_800),
+    # ISO 8601 basic: was read as 20,261,129 unix seconds (August 1970), replay protection off
+    ("20261129", 1_795_910_400),
 ])
 def test_app_signed_after_takes_a_date_a_time_or_unix_seconds(text, unix_s, monkeypatch):
     monkeypatch.setattr(time, "time", lambda: 1_796_000_000.0)
