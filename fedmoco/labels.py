@@ -85,6 +85,9 @@ class LabelledSet:
     # of them share a patient, whichever kind of key each side's groups were named by
     group_keys: frozenset
     skipped_files: Counter = field(default_factory=Counter)  # files under root not read, by reason
+    # domain keys (patient, scene) the CSV's groups split, which group nothing here (the CSV
+    # decides), but a separate test set showing one of them as a patient shares that patient
+    split_keys: frozenset = frozenset()
 
 
 def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
@@ -94,9 +97,19 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
     check_text_file(labels_csv, "labels CSV")  # exists, and no binary file reaches the csv module
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would join the first header
     with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
-        fh.seek(0)
-        header = next(csv.reader(fh), [])
+        reader = csv.reader(fh)
+        # stripped, and 'Group' read as 'group': 'path, label, group' kept ' group' as a label
+        # column, and the error's hint then named it (found by an audit)
+        header = [h.strip() for h in next(reader, [])]
+        header = [GROUP_COLUMN if h.lower() == GROUP_COLUMN else h for h in header]
+        rows = []
+        for line, cells in enumerate(reader, start=2):
+            if not any(c.strip() for c in cells):  # a blank line, as csv.DictReader skips it
+                continue
+            if len(cells) > len(header):  # DictReader filed the rest under None: a label cut at a comma
+                raise DataError(f"{labels_csv}: line {line} has {len(cells)} cells, the header {len(header)} "
+                                "(an unquoted comma in a label or path? quote the cell)")
+            rows.append({**dict.fromkeys(header, ""), **dict(zip(header, cells))})  # short rows: empty cells
     path_col = next((c for c in PATH_COLUMNS if c in header), None)
     if path_col is None:
         raise DataError(f"{labels_csv}: needs a header with a 'path' column and one or more label columns")
@@ -126,7 +139,8 @@ def read_label_table(root: Path, labels_csv: Path, *, multi_label: bool = False,
                 value = [float(parse_bool(v)) for v in cells]
             except ValueError:
                 hint = ("" if multi_label or label_columns else
-                        f"; with one label per file, name its column: --label-column {cols[-1]}")
+                        f"; with one label per file, name its column with --label-column (one of "
+                        f"{', '.join(cols)}), and put patients or sites in a column named '{GROUP_COLUMN}'")
                 raise DataError(f"{labels_csv}: line {line}: multi-label columns {cols} need 0/1 values, "
                                 f"got {cells} (labels are per file: several label columns mean multi-label"
                                 f"{hint})") from None
@@ -293,7 +307,7 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
     targets, names = table.targets[rows], table.names
     if not table.multi_label:
         targets, names = _drop_empty_classes(targets, names, table.source)
-    groups, source, group_keys = _groups(domain, table, rows)
+    groups, source, group_keys, split_keys = _groups(domain, table, rows)
     dataset = _RowDataset(data.dataset, keep, row_of_class)
     n_files = len({int(r) for r in rows})
     log.info("labelled: %d samples from %d files, %d groups (%s)", len(keep), n_files, len(set(groups)), source)
@@ -301,7 +315,7 @@ def build_labelled_set(domain: str, root: Path, table: LabelTable, cfg: DataConf
                        names=names, multi_label=table.multi_label, in_channels=data.in_channels,
                        normalization=data.normalization, group_source=source,
                        unlabelled_files=int((sample_labels < 0).sum()), skipped_files=Counter(data.skipped),
-                       group_keys=group_keys)
+                       group_keys=group_keys, split_keys=split_keys)
 
 
 def skipped_note(data: LabelledSet, root: Path) -> str | None:
@@ -374,7 +388,7 @@ def _groups(domain: str, table: LabelTable, rows: np.ndarray) -> tuple[list[str]
     # or a domain key groups it: a test CSV naming the training files under other (or no)
     # groups compared nothing with a training CSV whose groups were its only keys.
     every_key = frozenset(k for ks in keys.values() for k in ks) | set(file_key.values())
-    return [group[int(r)] for r in rows], " + ".join(used) or "file", every_key
+    return [group[int(r)] for r in rows], " + ".join(used) or "file", every_key, frozenset(overruled)
 
 
 class _RowDataset(Dataset):
@@ -425,5 +439,23 @@ def check_disjoint(train: LabelledSet, test: LabelledSet, train_root: Path, test
     so they compare; the message gives counts only."""
     shared = train.group_keys & test.group_keys
     if shared:
-        raise DataError(f"{test_root}: {len(shared)} group(s) ({test.group_source}) of the test set also occur in "
-                        f"{train_root}; a test set must hold other patients/scenes/files")
+        # keys, not groups: a CSV group, a patient and a file each count (128 'groups' were
+        # reported for 96 files in 32 groups; found by an audit)
+        raise DataError(f"{test_root}: {len(shared)} key(s) of the test set's groups ({test.group_source}; "
+                        f"each CSV group, patient/scene and file counts) also occur in {train_root}; a test set "
+                        "must hold other patients/scenes/files")
+    # A patient the training CSV split into several groups (one per series) groups nothing there,
+    # and was compared with nothing: the same patients copied into --test passed (found by an
+    # audit). One side showing it as a patient is enough; where both sides' CSVs split it (a
+    # de-identified PatientID made constant) it says nothing, and is only logged.
+    crossed = (train.split_keys & test.group_keys) | (test.split_keys & train.group_keys)
+    if crossed:
+        raise DataError(f"{test_root}: {len(crossed)} patient/scene key(s) of the test set also occur in "
+                        f"{train_root}, where the CSV's groups split them; a test set must hold other patients/"
+                        "scenes (if those keys are no real patient, e.g. a de-identified constant PatientID, "
+                        "give the test CSV a group column too)")
+    if train.split_keys & test.split_keys:
+        log.warning("%s: %d patient/scene key(s) occur in both sets, split by both CSVs' groups: the CSV groups "
+                    "decide, so they are not taken as shared patients", test_root,
+                    len(train.split_keys & test.split_keys))
+

@@ -185,7 +185,8 @@ def test_bad_labelled_input_gives_one_line(tmp_path, demo_images, checkpoint, ca
     assert err_of_quote(tmp_path, base, capsys).endswith("…', which spans lines: an unclosed quote (\") in the CSV?)\n")
     # a separate --test holding the training files
     rc, err = _run([*base, "--test", str(demo_images), "--out", str(tmp_path / "leak")], capsys)
-    assert rc == 2 and "48 group(s) (file) of the test set also occur in" in err and err.count("\n") == 1
+    assert rc == 2 and err.count("\n") == 1
+    assert "48 key(s) of the test set's groups (file; each CSV group, patient/scene and file counts) also occur in" in err
     # a class folder holding sub-folders: --data points at the wrong level
     nested = tmp_path / "nested" / "circle" / "patient1"
     nested.mkdir(parents=True)
@@ -401,7 +402,11 @@ def test_label_csv_errors_name_what_is_wrong(tmp_path, demo_images):
                       f"1 file(s) are listed more than once (first: {(root / 'a' / 'patch_00.png').resolve()})"),
         "windows.csv": ("path,window,label\na/patch_00.png,0-64,water\n",
                         "(labels are per file: several label columns mean multi-label; with one label per file, "
-                        "name its column: --label-column label)"),
+                        "name its column with --label-column (one of window, label), and put patients or sites in a "
+                        "column named 'group')"),
+        # the group column by any case or spacing; a label cut at an unquoted comma (found by an audit)
+        "spaced.csv": ("path, label, Group\na/patch_00.png,water,g1\na/patch_01.png,urban,x,y\n",
+                       "line 3 has 4 cells, the header 3 (an unquoted comma in a label or path? quote the cell)"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -567,8 +572,38 @@ def test_a_test_set_of_the_same_patients_is_refused_whatever_its_groups_are_name
                                               [[*r, f"SYN-{p.parts[-3]}"] for r, p in zip(rows, files)]), "medical")
     plain = load_label_table(root, _write_csv(tmp_path / "test.csv", ["path", "label"], rows), "medical")
     train, test = (build_labelled_set("medical", root, t, cfg, None) for t in (named, plain))
-    with pytest.raises(DataError, match="of the test set also occur in"):
+    with pytest.raises(DataError, match="of the test set.s groups .* also occur in"):
         check_disjoint(train, test, root, root)
+
+
+def test_a_test_set_of_patients_the_training_csv_split_into_groups_is_refused(tmp_path):
+    """Training CSV groups per series split each patient: their patient keys grouped nothing and
+    were compared with nothing, so the same patients copied into --test passed (found by an audit)."""
+    import shutil
+
+    from domains.medical import make_demo_archive
+    from fedmoco.data import DataConfig
+    from fedmoco.errors import DataError
+    from fedmoco.labels import build_labelled_set, check_disjoint, load_label_table
+
+    root = make_demo_archive(tmp_path / "hospital", n_patients=4, seed=1, image_size=32, n_slices=2, labelled=True)
+    files = sorted(p for p in root.rglob("*.dcm") if "unsorted" not in p.parts and p.parent.name == "ct")
+    rows = [[p.relative_to(root).as_posix(), p.parts[-4], f"{p.parts[-3]}-{p.name}"] for p in files]  # one a file
+    copies = tmp_path / "test copy"
+    for p in files[:4]:
+        target = copies / p.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, target)
+    cfg = DataConfig(image_size=32, options={"cache": False})
+    train_table = load_label_table(root, _write_csv(tmp_path / "train.csv", ["path", "label", "group"], rows), "medical")
+    test_rows = [[p.relative_to(root).as_posix(), p.parts[-4]] for p in files[:4]]
+    test_table = load_label_table(copies, _write_csv(tmp_path / "test.csv", ["path", "label"], test_rows), "medical")
+    train = build_labelled_set("medical", root, train_table, cfg, None)
+    test = build_labelled_set("medical", copies, test_table, cfg, None)
+    assert train.split_keys  # the per-file groups split every patient
+    with pytest.raises(DataError, match="patient/scene key.s. of the test set also occur in .*, where the CSV's "
+                                        "groups split them"):
+        check_disjoint(train, test, root, copies)
 
 
 def test_a_file_name_that_is_not_utf8_is_a_sample_like_any_other(tmp_path, demo_images):
@@ -620,7 +655,7 @@ def test_a_test_set_of_the_training_files_is_refused_when_the_training_csv_has_g
     train = build_labelled_set("images", demo_images, load_label_table(demo_images, grouped, "images"), cfg, None)
     for test_csv in (plain, renamed):
         test = build_labelled_set("images", demo_images, load_label_table(demo_images, test_csv, "images"), cfg, None)
-        with pytest.raises(DataError, match="of the test set also occur in"):
+        with pytest.raises(DataError, match="of the test set.s groups .* also occur in"):
             check_disjoint(train, test, demo_images, demo_images)
     others = sorted(demo_images.rglob("*.png"))[12:24]
     apart = _write_csv(tmp_path / "apart.csv", ["path", "label"],
