@@ -136,12 +136,18 @@ def test_bad_replies_are_rejected_with_a_reason_and_the_round_goes_on(tmp_path, 
     assert {s["node"]: s["status"] for s in record["sites"]}[105] == "error"
 
 
-def test_too_few_accepted_replies_keep_the_model_and_queue(grid3, tmp_path, caplog):
-    s = make_strategy(tmp_path, min_replies=2)
+def _round_of_one_reply_and_one_error(s: FedMoCo, grid3) -> tuple:
+    """(the global model, replies) of round 1 sent to grid3's three nodes: node 101 answers with
+    a good update, node 102 with an error, node 103 not at all."""
     ref = tiny_arrays()
     s.configure_train(1, ref, ConfigRecord(), grid3)
-    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2), good_metrics())),
-               reply_from(102, error="boom")]
+    return ref, [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2), good_metrics())),
+                 reply_from(102, error="boom")]
+
+
+def test_too_few_accepted_replies_keep_the_model_and_queue(grid3, tmp_path, caplog):
+    s = make_strategy(tmp_path, min_replies=2)
+    ref, replies = _round_of_one_reply_and_one_error(s, grid3)
     with caplog.at_level(logging.WARNING, logger="flwr.fedmoco.server"):
         arrays, metrics = s.aggregate_train(1, replies)
     assert arrays is None and metrics is None
@@ -159,10 +165,7 @@ def test_a_site_that_never_replies_is_named_counted_and_logged(grid3, tmp_path, 
     import json
 
     s = make_strategy(tmp_path, min_replies=1)
-    ref = tiny_arrays()
-    s.configure_train(1, ref, ConfigRecord(), grid3)
-    replies = [reply_from(101, reply_content(shifted(ref, 1.0), unit_keys(2), good_metrics())),
-               reply_from(102, error="boom")]
+    _, replies = _round_of_one_reply_and_one_error(s, grid3)
     with caplog.at_level(logging.INFO, logger="flwr.fedmoco.server"):
         s.aggregate_train(1, replies)
     line = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
