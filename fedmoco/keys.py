@@ -105,6 +105,19 @@ def keygen(out: Path, name: str = "supernode", key_type: str = "ecdsa-p384", for
     return public_path, True
 
 
+def _yaml_key(name: str) -> str:
+    """``name`` as a YAML mapping key that reads back as that string: as it is where it does
+    (coordinator), quoted where YAML would read a number, a boolean or null (2026, yes, on):
+    unquoted, keygen printed a trusted-entities line the SuperNode refused (found by an audit)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(f"{name}: x")
+    except yaml.YAMLError:
+        loaded = None
+    return name if isinstance(loaded, dict) and list(loaded) == [name] else json.dumps(name)
+
+
 def add_keygen_parser(sub) -> argparse.ArgumentParser:
     """Register ``fedmoco keygen`` on an argparse sub-parser collection."""
     p = sub.add_parser("keygen", help="make this site's key pair; only NAME.pub leaves the machine",
@@ -130,7 +143,5 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         public_line = public_path.read_text().strip()
         print(f"{verb} {public_path} (public: send this file to every site)")
         print(f"each site's trusted-entities YAML line (sign with --key-id {args.name}):")
-        # The key id quoted: a name YAML reads as a number or a boolean (2026, yes, on) gave a line
-        # the SuperNode refuses (found by an audit).
-        print(f'{json.dumps(args.name)}: "{public_line}"')
+        print(f'{_yaml_key(args.name)}: "{public_line}"')
     return 0
