@@ -51,23 +51,30 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return ckpt
 
 
-#: fedmoco's other files, by format tag: what each is, and the file to give instead.
-_OTHER_FILES = {
-    "fedmoco-server-state": "a federation's resume state; give encoder.pt beside it",
-    "fedmoco-finetuned": "a fine-tuned classifier (fedmoco finetune's model.pt); give the checkpoint it was "
-                         "fine-tuned from",
-    "fedmoco-linear-probe": "a linear probe (linear-probe.pt); give the checkpoint it was trained on",
-    "fedmoco-privacy-ledger/2": "a site's privacy ledger",
-    "fedmoco-key-ledger/1": "a site's privacy ledger",
-}
+def _other_files() -> dict[str, str]:
+    """fedmoco's other files by format tag (their owners' constants): what each is, and the file
+    to give instead. The server's tag is spelt here: the core never imports server/."""
+    from fedmoco.finetune import FINETUNED_FORMAT
+    from fedmoco.ledger import LEDGER_FORMAT
+    from fedmoco.privacy import LEDGER_FORMAT as KEY_LEDGER_FORMAT
+
+    return {
+        "fedmoco-server-state": "a federation's resume state; give encoder.pt beside it",
+        FINETUNED_FORMAT: "a fine-tuned classifier (fedmoco finetune's model.pt); give the checkpoint it was "
+                          "fine-tuned from",
+        "fedmoco-linear-probe": "a linear probe (linear-probe.pt); give the checkpoint it was trained on",
+        LEDGER_FORMAT: "a site's privacy ledger",
+        KEY_LEDGER_FORMAT: "a site's privacy ledger",
+    }
 
 
 def _what_else(obj: Any) -> str:
     """``: <what it is>`` for a file fedmoco wrote that is not a checkpoint (a user gave
     server-state.pt, model.pt or an export's backbone.pt: all were 'not a fedmoco checkpoint',
     with no pointer to the right file), else ``""``."""
-    if isinstance(obj, dict) and obj.get("format") in _OTHER_FILES:
-        return f": {_OTHER_FILES[obj['format']]}"
+    tag = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(tag, str) and tag in (known := _other_files()):
+        return f": {known[tag]}"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return (": a plain state_dict (an export's backbone.pt?); give the checkpoint it was exported from, "
                 "or load it into torchvision")

@@ -454,8 +454,8 @@ def check_disjoint(train: LabelledSet, test: LabelledSet, train_root: Path, test
                         f"{train_root}, where the CSV's groups split them; a test set must hold other patients/"
                         "scenes (if those keys are no real patient, e.g. a de-identified constant PatientID, "
                         "give the test CSV a group column too)")
-    if train.split_keys & test.split_keys:
+    both_split = train.split_keys & test.split_keys
+    if both_split:
         log.warning("%s: %d patient/scene key(s) occur in both sets, split by both CSVs' groups: the CSV groups "
-                    "decide, so they are not taken as shared patients", test_root,
-                    len(train.split_keys & test.split_keys))
+                    "decide, so they are not taken as shared patients", test_root, len(both_split))
 

@@ -39,7 +39,6 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: is common in scraped datasets (a review). PIL's JPEG reader opens a camera's multi-picture JPEG
 #: itself, as MPO.
 READERS = ("PNG", "JPEG", "TIFF", "BMP", "DIB")
-FORMATS = {suffix: READERS for suffix in SUFFIXES}
 #: What a malformed file can raise while PIL reads it. Its parsers raise TypeError (a FLOAT
 #: StripOffsets tag), OverflowError (a ColorMap typed SSHORT), struct.error, IndexError... as
 #: well as OSError: one such TIFF stopped pretrain, check-site and embed in a traceback (found by
@@ -103,8 +102,8 @@ def open_image(path: Path, max_pixels: int = OPTIONS["max_pixels"]) -> Image.Ima
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            # No suffix (a caller's own file): every reader PIL has, as Image.open would.
-            im = Image.open(path, formats=FORMATS.get(Path(path).suffix.lower()))
+            # Another suffix (a caller's own file): every reader PIL has, as Image.open would.
+            im = Image.open(path, formats=READERS if Path(path).suffix.lower() in SUFFIXES else None)
         except Image.DecompressionBombError:
             limit = 2 * Image.MAX_IMAGE_PIXELS
             raise ValueError(f"the header declares over {limit} pixels, PIL's decompression bomb limit"
@@ -181,7 +180,7 @@ def _stretched_colour(path: Path, im: Image.Image) -> Image.Image:
         # the driver PIL identified, and only that one, whatever else GDAL could make of the file
         with rasterio.open(path, driver="PNG" if im.format == "PNG" else "GTiff") as ds:
             arr = ds.read()  # (C, H, W) uint16
-    colour = _stretch(arr[:3] if arr.shape[0] >= 3 else arr[:1]).astype(np.uint8)  # (3 or 1, H, W)
+    colour = _stretch(arr[:3] if arr.shape[0] >= 3 else arr[:1])  # (3 or 1, H, W) uint8
     out = Image.fromarray(np.ascontiguousarray(colour[0] if len(colour) == 1 else np.moveaxis(colour, 0, -1)))
     orientation = im.getexif().get(0x0112)
     if orientation:

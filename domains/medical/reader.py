@@ -35,6 +35,7 @@ from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
@@ -685,7 +686,7 @@ def _modality_lut(ds: Dataset, path) -> tuple[np.ndarray, int]:
         if bits <= 8 and len(data) in (n, n + 1):  # one byte each (odd counts are padded to even)
             entries = np.frombuffer(data, np.uint8, n)
         elif len(data) >= 2 * n:
-            big = _transfer_syntax(ds) == "1.2.840.10008.1.2.2"  # Explicit VR Big Endian (retired)
+            big = _transfer_syntax(ds) == ExplicitVRBigEndian  # retired, but read
             entries = np.frombuffer(data, ">u2" if big else "<u2", n)
         else:
             entries = None
